@@ -1,0 +1,110 @@
+"""Configuration, read once from the environment into frozen objects and passed in.
+
+Nothing in the package reads ``os.environ`` at import time; `HubSettings.from_env` is the
+single place that applies the Hugging Face conventions (HF_ENDPOINT, HF_TOKEN and the
+token file, HF_HOME / HF_HUB_CACHE / XDG_CACHE_HOME), mirroring huggingface_hub's rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.errors import ConfigError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+REPO_TYPES = ("model", "dataset", "space")
+
+
+def _hf_home(env: Mapping[str, str]) -> Path:
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser()
+    xdg = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(xdg).expanduser() / "huggingface"
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """HF_HUB_CACHE, then the legacy HUGGINGFACE_HUB_CACHE, then HF_HOME/hub."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    return _hf_home(env) / "hub"
+
+
+def read_token(env: Mapping[str, str]) -> str | None:
+    """HF_TOKEN (or the legacy name), else the token file huggingface_hub writes on login."""
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = env.get(key, "").strip()
+        if value:
+            return value
+    path = Path(env["HF_TOKEN_PATH"]).expanduser() if env.get("HF_TOKEN_PATH") else None
+    path = path or _hf_home(env) / "token"
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def normalize_endpoint(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"mirror URL {url!r} is not an http(s) URL",
+            hint="pass something like --mirror http://10.0.0.5:8080",
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Where metadata and file bodies come from, and with which credentials."""
+
+    mirrors: tuple[str, ...]
+    token: str | None
+    cache_dir: Path
+    user_agent: str = "hfswarm/0.1"
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        mirrors: Sequence[str] = (),
+        token: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> HubSettings:
+        """Explicit arguments win over the environment, as with the `hf` CLI."""
+        env = os.environ if env is None else env
+        chosen = [normalize_endpoint(m) for m in mirrors] or [
+            normalize_endpoint(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
+        ]
+        return cls(
+            mirrors=tuple(dict.fromkeys(chosen)),
+            token=token or read_token(env),
+            cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(env),
+        )
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How the mirror downloader behaves; defaults suit a WAN mirror."""
+
+    connections: int = 8
+    max_files: int = 4
+    chunk_size: int = 16 * 1024 * 1024
+    max_attempts: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    quiet: bool = False
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.connections <= 64:
+            raise ConfigError("--connections must be between 1 and 64")
+        if self.max_files < 1:
+            raise ConfigError("--max-workers must be at least 1")

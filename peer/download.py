@@ -1,0 +1,161 @@
+"""One `hfswarm download` from the mirror: metadata -> transfer -> verification -> cache.
+
+This is the "first fetch goes to the mirror" path and the fallback of every other path:
+resolve the revision, reuse blobs the cache already holds (even from another repo),
+fetch the rest with parallel Range requests, check each whole-file hash, and only then
+rename the blob into ``blobs/`` and link it into ``snapshots/<commit>/``. A blob whose
+hash does not match is thrown away and fetched once more from scratch; a second
+mismatch is an `IntegrityError`, and nothing is linked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.aio import primary_error
+from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
+from peer.cache.partial import PartialBlob, PartialBusy
+from peer.config import DownloadOptions, HubSettings
+from peer.errors import IntegrityError
+from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+from peer.transfer.progress import Progress
+from peer.verification.hashing import hash_file
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    repo_id: str
+    repo_type: str = "model"
+    revision: str = "main"
+    selection: FileSelection = field(default_factory=FileSelection)
+    local_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    path: Path  # snapshot folder, or the local dir
+    commit: str
+    files: int
+    bytes_total: int
+    bytes_from_mirror: int
+    bytes_reused: int
+    seconds: float
+
+
+async def download(settings: HubSettings, options: DownloadOptions,
+                   request: DownloadRequest) -> DownloadResult:
+    t0 = time.monotonic()
+    snapshot = await resolve_snapshot(settings, request.repo_type, request.repo_id,
+                                      request.revision, request.selection)
+    repo = RepoCache(settings.cache_dir, snapshot.repo_type, snapshot.repo_id)
+    progress = Progress(snapshot.total_size, files=len(snapshot.files), quiet=options.quiet)
+    reused = 0
+    limit = asyncio.Semaphore(options.max_files)
+    # One task per blob id: the same content under two paths is fetched once.
+    by_blob: dict[str, list[RemoteFile]] = {}
+    for f in snapshot.files:
+        by_blob.setdefault(f.blob_id, []).append(f)
+
+    async with MirrorFetcher(settings, options, progress) as fetcher:
+
+        async def one(files: list[RemoteFile]) -> None:
+            nonlocal reused
+            async with limit:
+                got = await _obtain(fetcher, snapshot, repo, files[0], request.local_dir)
+            reused += files[0].size if got else 0
+            for f in files:
+                _place(snapshot, repo, f, request.local_dir)
+                progress.file_done()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for files in by_blob.values():
+                    tg.create_task(one(files))
+        except BaseExceptionGroup as group:
+            raise primary_error(group) from None
+        finally:
+            progress.close()
+
+    if request.local_dir is None:
+        repo.write_ref(snapshot.revision, snapshot.commit)
+        path = repo.snapshot_dir(snapshot.commit)
+        path.mkdir(parents=True, exist_ok=True)  # an empty selection still names a snapshot
+    else:
+        path = request.local_dir
+    return DownloadResult(path=path, commit=snapshot.commit, files=len(snapshot.files),
+                          bytes_total=snapshot.total_size, bytes_from_mirror=fetcher.bytes_fetched,
+                          bytes_reused=reused, seconds=time.monotonic() - t0)
+
+
+async def _obtain(fetcher: MirrorFetcher, snapshot: Snapshot, repo: RepoCache,
+                  file: RemoteFile, local_dir: Path | None) -> bool:
+    """Make sure the blob exists verified in the repo's ``blobs/`` (or is current in the
+    local dir). Returns True when nothing had to be fetched."""
+    if local_dir is not None:
+        target = LocalDir(local_dir)
+        if target.is_current(file.path, snapshot.commit, file.blob_id, file.size):
+            return True
+    elif repo.has_blob(file.blob_id, file.size):
+        return True
+    elsewhere = find_blob_anywhere(repo.root, file.blob_id, file.size)
+    if elsewhere is not None:
+        verdict = await asyncio.to_thread(hash_file, elsewhere, file.blob_id, file.size)
+        if verdict.ok:
+            if local_dir is None:
+                repo.adopt_blob(elsewhere, file.blob_id)
+            else:
+                LocalDir(local_dir).copy_in(elsewhere, file.path, snapshot.commit, file.blob_id)
+            return True
+    partial_dir = LocalDir(local_dir).partial_dir if local_dir else repo.partial_dir
+    for attempt in (1, 2):
+        partial = PartialBlob(partial_dir, file.blob_id, file.size, chunk_size_for(file.size))
+        while True:
+            try:
+                partial.open()
+                break
+            except PartialBusy:
+                # Another process fetches this blob: wait for it rather than race it.
+                await asyncio.sleep(0.5)
+                if local_dir is None and repo.has_blob(file.blob_id, file.size):
+                    return True
+        try:
+            verdict = await fetcher.fetch(snapshot, file, partial)
+        except BaseException:
+            partial.close()
+            raise
+        if verdict.ok:
+            finished = partial.take_finished()
+            if local_dir is None:
+                repo.install_blob(finished, file.blob_id)
+            else:
+                LocalDir(local_dir).install(finished, file.path, snapshot.commit, file.blob_id)
+            return False
+        partial.discard()
+        if attempt == 2:
+            raise IntegrityError(
+                f"{file.path}: content hash {verdict.actual} does not match the Hub's "
+                f"{file.blob_id}, twice", hint="the mirror serves corrupt data; nothing was "
+                "written to the cache. Try another --mirror")
+    raise AssertionError("unreachable")
+
+
+def _place(snapshot: Snapshot, repo: RepoCache, file: RemoteFile, local_dir: Path | None) -> None:
+    if local_dir is None:
+        repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
+    elif not LocalDir(local_dir).is_current(file.path, snapshot.commit, file.blob_id, file.size):
+        # a second path with the same content as one just written
+        source = next(p for p in [_first_copy(local_dir, snapshot, file)] if p)
+        LocalDir(local_dir).copy_in(source, file.path, snapshot.commit, file.blob_id)
+
+
+def _first_copy(local_dir: Path, snapshot: Snapshot, file: RemoteFile) -> Path:
+    ld = LocalDir(local_dir)
+    for other in snapshot.files:
+        if other.blob_id == file.blob_id and ld.is_current(other.path, snapshot.commit,
+                                                           other.blob_id, other.size):
+            return ld.file_path(other.path)
+    raise IntegrityError(f"{file.path}: no verified copy to duplicate")

@@ -1,0 +1,451 @@
+"""Fetch a blob from HF-style mirrors with parallel HTTP Range requests (aiohttp).
+
+One `MirrorFetcher` holds a connection pool for a whole download. For each blob it runs
+up to N workers that take chunks from a shared list; every byte goes straight to the
+partial file (nothing is buffered whole) and a hashing task follows the contiguous
+finished prefix, so the whole-file hash is ready moments after the last byte lands
+instead of costing a second pass.
+
+Failure handling, in the order a public mirror exercises it:
+- 3xx is followed by hand: Authorization is sent only to the mirror's own origin, and a
+  CDN location is remembered for later chunks (and forgotten if it starts failing).
+- 429 / 5xx / dropped connections / stalls (no byte for `read_timeout`) are retried from
+  the byte where they stopped, with exponential backoff and jitter; Retry-After wins.
+- A mirror that keeps failing is cooled down and the next `--mirror` takes over.
+- A mirror that ignores Range (200 with the whole body) is detected; the file is then
+  taken as one stream from that response instead of N copies of the whole file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from peer.aio import primary_error
+from peer.cache.partial import PartialBlob
+from peer.config import DownloadOptions, HubSettings
+from peer.errors import (
+    EntryNotFound,
+    GatedRepo,
+    HfswarmError,
+    MirrorFailed,
+    MirrorUnreachable,
+    PeerMisbehaved,
+    RepoNotFound,
+    RevisionNotFound,
+    UserError,
+)
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.transfer.progress import Progress
+from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+READ_CHUNK = 1 << 20
+
+
+def chunk_size_for(size: int) -> int:
+    """Fixed by the file size alone, so a resumed download finds its journal valid
+    whatever --connections says: ~64 chunks per file, 1-16 MiB each."""
+    target = max(1, size // 64)
+    chunk = 1 << 20
+    while chunk < target and chunk < 16 << 20:
+        chunk <<= 1
+    return chunk
+
+
+def origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
+
+
+class _Retry(Exception):
+    """A transient failure: try again (maybe on another mirror) after `delay`."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None,
+                 network: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.network = network
+
+
+class _SkipMirror(Exception):
+    """This mirror cannot serve this file (404, broken answers): use another one."""
+
+    def __init__(self, error: HfswarmError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _RangeIgnored(Exception):
+    """The mirror answered 200 to a Range request: take the whole body as one stream."""
+
+    def __init__(self, response: aiohttp.ClientResponse, mirror: str) -> None:
+        super().__init__("range ignored")
+        self.response = response
+        self.mirror = mirror
+
+
+class MirrorPool:
+    """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
+
+    def __init__(self, mirrors: tuple[str, ...]) -> None:
+        self.mirrors = mirrors
+        self._failures = dict.fromkeys(mirrors, 0)
+        self._cool_until = dict.fromkeys(mirrors, 0.0)
+
+    def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
+        usable = [m for m in self.mirrors if m not in exclude]
+        if not usable:
+            return None
+        ready = [m for m in usable if self._cool_until[m] <= now]
+        if ready:
+            return ready[0]
+        return min(usable, key=lambda m: self._cool_until[m])
+
+    def failed(self, mirror: str, now: float) -> None:
+        self._failures[mirror] += 1
+        if self._failures[mirror] >= 3:
+            self._cool_until[mirror] = now + min(30.0, 2.0 ** (self._failures[mirror] - 2))
+
+    def succeeded(self, mirror: str) -> None:
+        self._failures[mirror] = 0
+        self._cool_until[mirror] = 0.0
+
+
+def _error_from_status(status: int, headers: aiohttp.typedefs.LooseHeaders | None,
+                       what: str) -> HfswarmError:
+    get = getattr(headers, "get", lambda *_: None)
+    code = get("X-Error-Code")
+    msg = get("X-Error-Message") or f"HTTP {status}"
+    if code == "GatedRepo":
+        return GatedRepo(f"{what}: {msg}", hint="request access on the repo page and pass a "
+                         "token that has it (--token or HF_TOKEN)")
+    if code == "RepoNotFound" or status == 401:
+        return RepoNotFound(f"{what}: {msg}", hint="check the repo id; for a private repo pass "
+                            "--token or set HF_TOKEN")
+    if code == "RevisionNotFound":
+        return RevisionNotFound(f"{what}: {msg}", hint="check --revision")
+    if code == "EntryNotFound" or status == 404:
+        return EntryNotFound(f"{what}: {msg}", hint="the mirror lacks this file; try another "
+                             "--mirror")
+    if status == 403:
+        return RepoNotFound(f"{what}: access denied ({msg})", hint="use a token with access")
+    return MirrorFailed(f"{what}: HTTP {status} ({msg})", hint="retry later or add --mirror")
+
+
+@dataclass
+class _BlobJob:
+    snapshot: Snapshot
+    file: RemoteFile
+    partial: PartialBlob
+    pending: deque[int]
+    wake_hasher: asyncio.Event = field(default_factory=asyncio.Event)
+    cdn: dict[str, str] = field(default_factory=dict)  # mirror -> remembered redirect target
+    excluded: set[str] = field(default_factory=set)
+    skip_errors: list[HfswarmError] = field(default_factory=list)
+    single_stream: bool = False
+    fetched: int = 0
+
+
+class MirrorFetcher:
+    """Downloads blobs from the configured mirrors; an async context manager."""
+
+    def __init__(self, settings: HubSettings, options: DownloadOptions,
+                 progress: Progress | None = None, *, mirrors: tuple[str, ...] | None = None,
+                 ) -> None:
+        self.settings = settings
+        self.options = options
+        self.progress = progress
+        self.pool = MirrorPool(mirrors or settings.mirrors)
+        self._session: aiohttp.ClientSession | None = None
+        self.bytes_fetched = 0
+
+    async def __aenter__(self) -> MirrorFetcher:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout,
+                                        sock_read=self.options.read_timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, auto_decompress=False, read_bufsize=READ_CHUNK,
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"})
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- public ----------------------------------------------------------------------
+
+    async def fetch(self, snapshot: Snapshot, file: RemoteFile,
+                    partial: PartialBlob) -> Verdict:
+        """Fill `partial` from the mirrors and return the whole-file hash verdict."""
+        todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
+        job = _BlobJob(snapshot, file, partial, todo)
+        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
+        if self.progress is not None:
+            self.progress.add(partial.done_bytes(), fetched=False)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                hash_task = tg.create_task(self._hash_follower(job, hasher))
+                workers = [tg.create_task(self._worker(job))
+                           for _ in range(min(self.options.connections, max(1, len(todo))))]
+                await asyncio.gather(*workers)
+                job.wake_hasher.set()
+        except BaseExceptionGroup as group:
+            raise primary_error(group) from None
+        digest = hash_task.result()
+        return Verdict(ok=digest == file.blob_id, expected=file.blob_id, actual=digest,
+                       size=file.size)
+
+    # -- hashing ---------------------------------------------------------------------
+
+    async def _hash_follower(self, job: _BlobJob, hasher: BlobHasher) -> str:
+        """Hash the finished prefix as it grows; reads hit the page cache just written."""
+        p = job.partial
+        fd = os.open(p.data_path, os.O_RDONLY)
+        try:
+            next_chunk = 0
+            while next_chunk < p.n_chunks:
+                end_chunk = p.contiguous_end(next_chunk)
+                if end_chunk == next_chunk:
+                    job.wake_hasher.clear()
+                    if p.contiguous_end(next_chunk) == next_chunk:
+                        await job.wake_hasher.wait()
+                    continue
+                start = p.chunk_range(next_chunk)[0]
+                stop = p.chunk_range(end_chunk - 1)[1]
+                await asyncio.to_thread(_hash_range, fd, hasher, start, stop)
+                next_chunk = end_chunk
+        finally:
+            os.close(fd)
+        return hasher.hexdigest()
+
+    # -- workers ---------------------------------------------------------------------
+
+    async def _worker(self, job: _BlobJob) -> None:
+        while job.pending and not job.single_stream:
+            index = job.pending.popleft()
+            try:
+                await self._fetch_chunk(job, index)
+            except _RangeIgnored as ri:
+                if job.single_stream:  # another worker already took the whole stream
+                    ri.response.close()
+                    return
+                job.single_stream = True
+                job.pending.appendleft(index)
+                await self._single_stream(job, ri)
+                return
+
+    def _count(self, job: _BlobJob, n: int) -> None:
+        job.fetched += n
+        self.bytes_fetched += n
+        if self.progress is not None:
+            self.progress.add(n)
+
+    async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
+        start, end = job.partial.chunk_range(index)
+        pos = [start]
+        failures = 0
+        limit = self.options.max_attempts * len(self.pool.mirrors)
+        while pos[0] < end:
+            mirror = self.pool.pick(time.monotonic(), job.excluded)
+            if mirror is None:
+                raise job.skip_errors[-1] if job.skip_errors else MirrorFailed(
+                    f"no mirror could serve {job.file.path}")
+            try:
+                await self._stream_range(job, mirror, pos, end)
+                self.pool.succeeded(mirror)
+            except _SkipMirror as sm:
+                job.excluded.add(mirror)
+                job.skip_errors.append(sm.error)
+            except _Retry as r:
+                failures += 1
+                self.pool.failed(mirror, time.monotonic())
+                if failures >= limit:
+                    cls = MirrorUnreachable if r.network else MirrorFailed
+                    raise cls(f"gave up on {job.file.path} after {failures} attempts: "
+                              f"{r.reason}", hint="the mirror keeps failing; retry later (the "
+                              "download resumes) or add another --mirror") from None
+                await asyncio.sleep(self._delay(failures, r.retry_after))
+        job.partial.mark_done(index)
+        job.wake_hasher.set()
+
+    def _delay(self, failures: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.options.backoff_max)
+        base = min(self.options.backoff_max, self.options.backoff_base * 2 ** (failures - 1))
+        return base * (0.5 + random.random() / 2)  # jitter: herds do not retry in lockstep
+
+    async def _open(self, job: _BlobJob, mirror: str, headers: dict[str, str],
+                    method: str = "GET") -> aiohttp.ClientResponse:
+        """Request with redirects followed by hand; Authorization stays on the mirror."""
+        assert self._session is not None
+        url = job.cdn.get(mirror) or job.snapshot.resolve_url(mirror, job.file.path)
+        from_cdn = mirror in job.cdn
+        home = origin(mirror)
+        for _ in range(10):
+            h = dict(headers)
+            if self.settings.token and origin(url) == home:
+                h["Authorization"] = f"Bearer {self.settings.token}"
+            try:
+                resp = await self._session.request(method, url, headers=h,
+                                                   allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                job.cdn.pop(mirror, None)
+                raise _Retry(f"{mirror}: {exc.__class__.__name__}: {exc}", network=True) from exc
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                url = urljoin(url, resp.headers["Location"])
+                resp.release()
+                job.cdn[mirror] = url
+                continue
+            if from_cdn and resp.status in (401, 403, 404, 410):
+                resp.release()  # expired signed URL: go back to the mirror for a new one
+                job.cdn.pop(mirror, None)
+                raise _Retry(f"redirect target answered {resp.status}", retry_after=0)
+            return resp
+        raise _SkipMirror(MirrorFailed(f"{mirror}: too many redirects for {job.file.path}"))
+
+    async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
+        size = job.file.size
+        resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
+        try:
+            if resp.status == 200:
+                if pos[0] == 0 and end == size:
+                    await self._copy_body(job, resp, pos, end)
+                    return
+                raise _RangeIgnored(resp, mirror)
+            if resp.status == 206:
+                m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+                if not m or int(m.group(1)) != pos[0] or (
+                        m.group(3) != "*" and int(m.group(3)) != size):
+                    raise _SkipMirror(PeerMisbehaved(
+                        f"{mirror} answered a wrong Content-Range for {job.file.path}: "
+                        f"{resp.headers.get('Content-Range')!r} (expected bytes {pos[0]}-"
+                        f"{end - 1}/{size})", hint="the mirror serves another version of "
+                        "this file; try another --mirror"))
+                await self._copy_body(job, resp, pos, end)
+                return
+            if resp.status == 416:
+                raise _SkipMirror(PeerMisbehaved(
+                    f"{mirror} says {job.file.path} is shorter than its metadata ({size} B)",
+                    hint="the mirror's metadata and files disagree; try another --mirror"))
+            if resp.status in _RETRYABLE_STATUS:
+                raise _Retry(f"{mirror} answered HTTP {resp.status}",
+                             retry_after=_retry_after(resp.headers.get("Retry-After")))
+            err = _error_from_status(resp.status, resp.headers,
+                                     f"{job.snapshot.repo_id}/{job.file.path}")
+            if isinstance(err, (GatedRepo, RepoNotFound)) or len(self.pool.mirrors) == 1:
+                raise err
+            raise _SkipMirror(err)
+        except _RangeIgnored:
+            raise
+        finally:
+            if not resp.closed and resp.status != 200:
+                resp.release()
+
+    async def _copy_body(self, job: _BlobJob, resp: aiohttp.ClientResponse, pos: list[int],
+                         end: int) -> None:
+        try:
+            async for data in resp.content.iter_chunked(READ_CHUNK):
+                take = min(len(data), end - pos[0])
+                job.partial.write(pos[0], memoryview(data)[:take])
+                pos[0] += take
+                self._count(job, take)
+                if pos[0] >= end:
+                    break
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+                raise
+            raise _Retry(f"connection lost after byte {pos[0]}: {exc.__class__.__name__}",
+                         network=True) from exc
+        finally:
+            resp.release() if pos[0] >= end else resp.close()
+        if pos[0] < end:
+            raise _Retry(f"body ended early at byte {pos[0]} of {end}", network=True)
+
+    async def _single_stream(self, job: _BlobJob, first: _RangeIgnored) -> None:
+        """The mirror will only send whole files: read one body front to back, writing
+        only chunks we lack, and mark chunks as their last byte passes."""
+        p = job.partial
+        failures = 0
+        pending: _RangeIgnored | None = first
+        while len(p.done) < p.n_chunks:
+            if pending is None:
+                mirror = self.pool.pick(time.monotonic(), job.excluded) or first.mirror
+                try:
+                    resp = await self._open(job, mirror, {})
+                except _Retry as r:
+                    failures += 1
+                    if failures >= self.options.max_attempts:
+                        raise MirrorFailed(f"gave up on {job.file.path}: {r.reason}") from None
+                    await asyncio.sleep(self._delay(failures, r.retry_after))
+                    continue
+                if resp.status not in (200, 206):
+                    resp.release()
+                    failures += 1
+                    if failures >= self.options.max_attempts:
+                        raise _error_from_status(resp.status, resp.headers, job.file.path)
+                    await asyncio.sleep(self._delay(failures, None))
+                    continue
+                pending = _RangeIgnored(resp, mirror)
+            resp = pending.response
+            pending = None
+            offset = 0
+            try:
+                async for data in resp.content.iter_chunked(READ_CHUNK):
+                    view = memoryview(data)
+                    while view:
+                        index = offset // p.chunk_size
+                        stop = p.chunk_range(index)[1]
+                        take = min(len(view), stop - offset)
+                        if index not in p.done:
+                            p.write(offset, view[:take])
+                            self._count(job, take)
+                        offset += take
+                        view = view[take:]
+                        if offset == stop:
+                            p.mark_done(index)
+                            job.wake_hasher.set()
+                    if offset >= p.size:
+                        break
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                failures += 1
+                if failures >= self.options.max_attempts:
+                    raise MirrorFailed(f"gave up on {job.file.path}: {exc!r}") from exc
+                await asyncio.sleep(self._delay(failures, None))
+            finally:
+                resp.close()
+        job.pending.clear()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    return None
+
+
+def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
+    pos = start
+    while pos < stop:
+        data = os.pread(fd, min(READ_BLOCK, stop - pos), pos)
+        if not data:
+            raise OSError(f"partial file shorter than expected at {pos}")
+        hasher.update(data)
+        pos += len(data)
+
+
+__all__ = ["MirrorFetcher", "MirrorPool", "UserError", "chunk_size_for"]

@@ -1,0 +1,89 @@
+"""Content ids as the Hub names them, computed while data streams in.
+
+A blob is named by sha256 (LFS files) or by its git blob sha1 (regular files): the
+names of ``blobs/`` in the HF cache. Both are whole-file hashes, so they prove a
+finished file, never a single piece; pieces are checked by libtorrent's v2 merkle tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+SHA1_RE = re.compile(r"[0-9a-f]{40}")
+READ_BLOCK = 8 * 1024 * 1024
+
+
+class HashKind(Enum):
+    SHA256 = "sha256"
+    GIT_SHA1 = "git-sha1"
+
+    @classmethod
+    def of_blob_id(cls, blob_id: str) -> HashKind:
+        if SHA256_RE.fullmatch(blob_id):
+            return cls.SHA256
+        if SHA1_RE.fullmatch(blob_id):
+            return cls.GIT_SHA1
+        raise ValueError(f"not a blob id (sha256 or git sha1 hex): {blob_id!r}")
+
+
+def is_blob_id(value: str) -> bool:
+    return bool(SHA256_RE.fullmatch(value) or SHA1_RE.fullmatch(value))
+
+
+class BlobHasher:
+    """Incremental hasher for one blob; for git ids the header needs the size up front."""
+
+    def __init__(self, kind: HashKind, size: int) -> None:
+        self.kind = kind
+        self.size = size
+        self.fed = 0
+        self._h: Any
+        if kind is HashKind.SHA256:
+            self._h = hashlib.sha256()
+        else:
+            self._h = hashlib.sha1(usedforsecurity=False)
+            self._h.update(b"blob %d\0" % size)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+        self.fed += len(data)
+
+    def hexdigest(self) -> str:
+        return str(self._h.hexdigest())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    expected: str
+    actual: str
+    size: int
+
+
+def hash_file(path: Path, blob_id: str, size: int, *, start: int = 0,
+              hasher: BlobHasher | None = None) -> Verdict:
+    """Hash a file (blocking: run it in a thread) and compare with its blob id.
+
+    `hasher`/`start` let a caller finish a hash that already covers ``[0, start)``.
+    """
+    h = hasher or BlobHasher(HashKind.of_blob_id(blob_id), size)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        buf = bytearray(READ_BLOCK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    actual = h.hexdigest()
+    on_disk = os.stat(path).st_size
+    return Verdict(ok=actual == blob_id and on_disk == size, expected=blob_id, actual=actual,
+                   size=on_disk)

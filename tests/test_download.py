@@ -1,0 +1,326 @@
+"""`hfswarm download` against the project's mirror on 127.0.0.1: the foundation issue.
+
+Everything here goes through real sockets, the real CLI entry point, and the real
+huggingface_hub reading back what we wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_cache
+
+from peer.cli.main import main
+from peer.mirror_server import Fault, RepoSource, ThreadedMirror
+from peer.verification.hashing import BlobHasher, HashKind
+
+MiB = 1 << 20
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_repo(folder: Path, big: int = 8 * MiB, seed: int = 1) -> Path:
+    rnd = __import__("random").Random(seed)
+    write(folder / "config.json", b'{"model_type": "test", "seed": %d}' % seed)
+    write(folder / "model.safetensors", rnd.randbytes(big))
+    write(folder / "nested/deeper/notes.txt", b"hello from a nested path\n")
+    write(folder / "tokenizer.json", b'{"version": "1.0"}')
+    return folder
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def blob_of(data: bytes, lfs: bool) -> str:
+    h = BlobHasher(HashKind.SHA256 if lfs else HashKind.GIT_SHA1, len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "src")
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def test_download_is_read_back_by_huggingface_hub(repo_dir: Path, cache: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pr = make_repo(tmp_path / "pr", big=2 * MiB, seed=2)
+    src = RepoSource("model", "org/tiny", repo_dir, revisions={"refs/pr/1": pr})
+    with ThreadedMirror([src]) as m:
+        code, out, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
+                                 str(cache), capsys=capsys)
+        assert code == 0, err
+        snap = Path(out.strip().splitlines()[-1])
+        commit = m.commit_of("model", "org/tiny")
+        assert snap == cache / "models--org--tiny" / "snapshots" / commit
+        for rel in ("config.json", "model.safetensors", "nested/deeper/notes.txt"):
+            assert (snap / rel).read_bytes() == (repo_dir / rel).read_bytes()
+            assert (snap / rel).is_symlink() and not os.readlink(snap / rel).startswith("/")
+        ref = cache / "models--org--tiny" / "refs" / "main"
+        assert ref.read_bytes() == commit.encode()  # no trailing newline
+
+        code, out, err = run_cli("download", "org/tiny", "--revision", "refs/pr/1", "--mirror",
+                                 m.url, "--cache-dir", str(cache), "--quiet", capsys=capsys)
+        assert code == 0, err
+        assert out.strip() == str(cache / "models--org--tiny" / "snapshots" /
+                                  m.commit_of("model", "org/tiny", "refs/pr/1"))
+        assert (cache / "models--org--tiny/refs/refs/pr/1").exists()
+
+    # The real client, offline, finds everything we wrote.
+    got = snapshot_download("org/tiny", cache_dir=cache, local_files_only=True)
+    assert Path(got) == snap
+    found = try_to_load_from_cache("org/tiny", "nested/deeper/notes.txt", cache_dir=cache)
+    assert isinstance(found, str) and Path(found).read_bytes() == b"hello from a nested path\n"
+    info = scan_cache_dir(cache)
+    assert info.warnings == []
+    (repo,) = info.repos
+    assert repo.repo_id == "org/tiny" and len(repo.revisions) == 2
+    assert "main" in {r for rev in repo.revisions for r in rev.refs}
+
+
+def test_files_include_exclude_and_local_dir(repo_dir: Path, cache: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with ThreadedMirror([RepoSource("dataset", "org/data", repo_dir)]) as m:
+        common = ["--repo-type", "dataset", "--mirror", m.url, "--cache-dir", str(cache)]
+        code, out, _ = run_cli("download", "org/data", "config.json", *common, capsys=capsys)
+        snap = Path(out.strip().splitlines()[-1])
+        assert code == 0 and sorted(p.name for p in snap.iterdir()) == ["config.json"]
+
+        code, out, _ = run_cli("download", "org/data", "--include", "*.json", "--exclude",
+                               "tok*", *common, capsys=capsys)
+        assert code == 0 and sorted(p.name for p in snap.iterdir()) == ["config.json"]
+
+        code, _, err = run_cli("download", "org/data", "missing.bin", *common, capsys=capsys)
+        assert code == 2 and "missing.bin" in err
+
+        local = tmp_path / "local"
+        code, out, _ = run_cli("download", "org/data", *common, "--local-dir", str(local),
+                               capsys=capsys)
+        assert code == 0 and out.strip().splitlines()[-1] == str(local)
+        assert (local / "model.safetensors").read_bytes() == (
+            repo_dir / "model.safetensors").read_bytes()
+        assert not (local / "model.safetensors").is_symlink()
+        meta = local / ".cache/huggingface/download/model.safetensors.metadata"
+        assert meta.read_text().splitlines()[0] == m.commit_of("dataset", "org/data")
+        m.reset_stats()
+        code, _, _ = run_cli("download", "org/data", *common, "--local-dir", str(local),
+                             capsys=capsys)
+        assert code == 0 and m.stats().blob_bytes == 0  # up to date: nothing refetched
+
+
+def test_blob_shared_with_another_repo_is_not_refetched(repo_dir: Path, cache: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    srcs = [RepoSource("model", "org/a", repo_dir), RepoSource("model", "org/b", repo_dir)]
+    with ThreadedMirror(srcs) as m:
+        args = ["--mirror", m.url, "--cache-dir", str(cache), "--quiet"]
+        assert run_cli("download", "org/a", *args, capsys=capsys)[0] == 0
+        first = m.stats().blob_bytes
+        assert first >= 8 * MiB
+        assert run_cli("download", "org/b", *args, capsys=capsys)[0] == 0
+        assert m.stats().blob_bytes == first
+    blob = blob_of((repo_dir / "model.safetensors").read_bytes(), lfs=True)
+    assert (cache / "models--org--b/blobs" / blob).exists()
+
+
+@pytest.mark.parametrize("fault", [
+    Fault("drop_after", path_glob="model.safetensors", after_bytes=300_000, times=3),
+    Fault("status", status=429, retry_after=0.2, times=3),
+    Fault("status", status=500, times=2),
+    Fault("status", status=503, retry_after=0.1, times=4),
+    Fault("stall", path_glob="model.safetensors", stall_seconds=30, times=1),
+    Fault("corrupt", path_glob="model.safetensors", offset=5 * MiB + 7, times=1),
+    Fault("ignore_range", times=None),
+], ids=lambda f: f.kind + str(f.status if f.kind == "status" else ""))
+def test_recovers_from_mirror_faults(fault: Fault, repo_dir: Path, cache: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
+        m.add_fault(fault)
+        t0 = time.monotonic()
+        code, out, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
+                                 str(cache), "--connections", "4", capsys=capsys)
+        elapsed = time.monotonic() - t0
+        assert code == 0, err
+        data = (Path(out.strip().splitlines()[-1]) / "model.safetensors").read_bytes()
+        assert data == (repo_dir / "model.safetensors").read_bytes()
+        served = m.stats().blob_bytes
+    total = sum(p.stat().st_size for p in repo_dir.rglob("*") if p.is_file())
+    if fault.kind == "ignore_range":
+        assert served < 2 * total, "a mirror ignoring Range must not send the file N times"
+    elif fault.kind == "corrupt":
+        assert served >= 2 * 8 * MiB  # the bad blob was thrown away and fetched again
+    else:
+        assert served < total + 6 * MiB
+    if fault.kind == "stall":
+        assert elapsed < 25  # the stalled connection was abandoned, not waited out
+
+
+def test_corrupt_mirror_fails_cleanly_and_links_nothing(repo_dir: Path, cache: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
+        m.add_fault(Fault("corrupt", path_glob="model.safetensors", offset=123, times=None))
+        code, _, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
+                               str(cache), capsys=capsys)
+    assert code == 4 and "does not match" in err
+    blob = blob_of((repo_dir / "model.safetensors").read_bytes(), lfs=True)
+    blobs = cache / "models--org--tiny/blobs"
+    assert not (blobs / blob).exists()
+    assert all(p.name != "model.safetensors" for p in (cache / "models--org--tiny").rglob("*")
+               if "snapshots" in p.parts)
+
+
+def test_failover_to_second_mirror_and_unreachable_mirror(repo_dir: Path, cache: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    src = [RepoSource("model", "org/tiny", repo_dir)]
+    with ThreadedMirror(src) as bad, ThreadedMirror(src) as good:
+        bad.add_fault(Fault("status", status=503, times=None))
+        code, _, err = run_cli("download", "org/tiny", "--mirror", bad.url, "--mirror",
+                               good.url, "--cache-dir", str(cache), capsys=capsys)
+        assert code == 0, err
+        assert good.stats().blob_bytes >= 8 * MiB
+    code, _, err = run_cli("download", "org/tiny", "--mirror", "http://127.0.0.1:9",
+                           "--cache-dir", str(cache / "x"), capsys=capsys)
+    assert code == 3 and "cannot reach http://127.0.0.1:9" in err
+
+
+def test_gated_and_private_repos(repo_dir: Path, cache: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    srcs = [RepoSource("model", "org/gated", repo_dir, gated=True),
+            RepoSource("model", "org/private", repo_dir, private=True)]
+    with ThreadedMirror(srcs, tokens=["hf_good", "hf_nogate"], gated_tokens=["hf_good"]) as m:
+        base = ["--mirror", m.url, "--cache-dir", str(cache)]
+        code, _, err = run_cli("download", "org/gated", *base, capsys=capsys)
+        assert code == 2 and "gated" in err.lower() and "token" in err
+        code, _, err = run_cli("download", "org/gated", *base, "--token", "hf_nogate",
+                               capsys=capsys)
+        assert code == 2 and "gated" in err.lower()
+        code, _, err = run_cli("download", "org/gated", *base, "--token", "hf_good",
+                               capsys=capsys)
+        assert code == 0, err
+        code, _, err = run_cli("download", "org/private", *base, capsys=capsys)
+        assert code == 2 and "not found" in err and "token" in err
+        code, _, err = run_cli("download", "org/private", *base, "--token", "hf_good",
+                               capsys=capsys)
+        assert code == 0, err
+        code, _, err = run_cli("download", "org/nope", *base, capsys=capsys)
+        assert code == 2 and "org/nope" in err
+        code, _, err = run_cli("download", "org/gated", *base, "--revision", "v9", capsys=capsys)
+        assert code == 2 and "v9" in err
+
+
+def test_cross_origin_redirect_never_receives_the_token(repo_dir: Path, cache: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    src = [RepoSource("model", "org/private", repo_dir, private=True)]
+    with ThreadedMirror(src, tokens=["hf_secret"], redirect="cross-origin") as m:
+        code, _, err = run_cli("download", "org/private", "--mirror", m.url, "--token",
+                               "hf_secret", "--cache-dir", str(cache), capsys=capsys)
+        assert code == 0, err
+        stats = m.stats()
+        assert stats.cdn_authorization_seen == 0
+        assert stats.blob_bytes >= 8 * MiB  # bodies really came through the other origin
+
+
+def test_kill_9_mid_download_resumes_without_refetching(tmp_path: Path, cache: Path) -> None:
+    size = 48 * MiB
+    src = make_repo(tmp_path / "big", big=size)
+    with ThreadedMirror([RepoSource("model", "org/big", src)], rate_cap=4 * MiB) as m:
+        cmd = [sys.executable, "-m", "peer.cli.main", "download", "org/big", "--mirror", m.url,
+               "--cache-dir", str(cache), "--connections", "4", "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while m.stats().blob_bytes < 0.6 * size:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = m.stats().blob_bytes
+        m.reset_stats()
+        m.set_rate_cap(None)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        second = m.stats().blob_bytes
+    # the second run fetched what was missing plus at most the 4 chunks in flight (1 MiB each)
+    assert second <= size - first + 4 * MiB + 64 * 1024, (first, second)
+    snap = Path(done.stdout.strip().splitlines()[-1])
+    assert (snap / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_malicious_tree_entry_is_refused(tmp_path: Path, cache: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # A hostile mirror: a tiny server whose tree names a file outside the snapshot.
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    commit = "a" * 40
+    tree = [{"type": "file", "oid": "b" * 40, "size": 3, "path": "../../x"}]
+
+    async def revision(_: web.Request) -> web.Response:
+        return web.json_response({"id": "org/evil", "sha": commit, "siblings": []})
+
+    async def tree_(_: web.Request) -> web.Response:
+        return web.json_response(tree)
+
+    app = web.Application()
+    app.router.add_get("/api/models/org/evil/revision/{rev}", revision)
+    app.router.add_get("/api/models/org/evil/tree/{rev}", tree_)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        code, _, err = run_cli("download", "org/evil", "--mirror", f"http://127.0.0.1:{port}",
+                               "--cache-dir", str(cache), capsys=capsys)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+    assert code == 2 and "unsafe" in err
+    assert not (tmp_path / "x").exists() and not (cache.parent / "x").exists()
+
+
+def test_full_disk_is_a_clear_error_and_nothing_is_linked(tmp_path: Path, repo_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode:
+        pytest.skip("this machine does not allow mounting tmpfs")
+    try:
+        with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
+            code, _, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
+                                   str(small / "cache"), capsys=capsys)
+        assert code == 5 and "disk full" in err
+        assert not list((small / "cache").rglob("blobs/*"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
