@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peer.errors import ConfigError
 
@@ -92,16 +93,29 @@ class HubSettings:
 class DownloadOptions:
     """How the mirror downloader behaves; defaults suit a WAN mirror."""
 
-    connections: int = 8
+    connections: int = 16
     max_files: int = 4
     chunk_size: int = 16 * 1024 * 1024
     max_attempts: int = 6
     backoff_base: float = 0.5
     backoff_max: float = 20.0
     connect_timeout: float = 10.0
-    read_timeout: float = 30.0
+    read_timeout: float = 20.0
     quiet: bool = False
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> DownloadOptions:
+        """HF_HUB_DOWNLOAD_TIMEOUT (seconds without a byte before a connection counts as
+        stalled) as in huggingface_hub; explicit overrides win."""
+        env = os.environ if env is None else env
+        raw = env.get("HF_HUB_DOWNLOAD_TIMEOUT")
+        if raw and "read_timeout" not in overrides:
+            try:
+                overrides["read_timeout"] = float(raw)
+            except ValueError:
+                raise ConfigError(f"HF_HUB_DOWNLOAD_TIMEOUT={raw!r} is not a number") from None
+        return cls(**overrides)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= 64:

@@ -38,8 +38,9 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mirror", action="append", default=[], metavar="URL",
                    help="HF-style endpoint; repeat for failover, first preferred "
                    "(default: HF_ENDPOINT)")
-    p.add_argument("--connections", type=int, default=8,
-                   help="parallel Range connections per file (default 8)")
+    p.add_argument("--connections", type=int, default=16,
+                   help="parallel Range connections per file (default 16: public mirrors "
+                   "cap each connection)")
     p.add_argument("--max-workers", type=int, default=4, help="files at once (default 4)")
     p.add_argument("--quiet", action="store_true", help="print only the final path")
 
@@ -62,8 +63,8 @@ async def _run_download(args: argparse.Namespace) -> int:
 
     settings = HubSettings.from_env(mirrors=args.mirror, token=args.token,
                                     cache_dir=args.cache_dir)
-    options = DownloadOptions(connections=args.connections, max_files=args.max_workers,
-                              quiet=args.quiet)
+    options = DownloadOptions.from_env(connections=args.connections,
+                                       max_files=args.max_workers, quiet=args.quiet)
     request = DownloadRequest(
         repo_id=args.repo_id, repo_type=args.repo_type, revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
