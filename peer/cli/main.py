@@ -84,9 +84,9 @@ async def _run_download(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mirror"]:
-        from peer.mirror_server.__main__ import main as mirror_main
+        from peer.mirror_server.cli import main as mirror_main
 
-        return mirror_main(argv[1:])
+        return mirror_main(argv[1:], prog="hfswarm mirror")
     args = build_parser().parse_args(argv)
     if getattr(args, "local_dir", None):
         args.local_dir = Path(args.local_dir).expanduser()

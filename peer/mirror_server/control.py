@@ -1,0 +1,258 @@
+"""What tests steer and observe: injected faults, byte counters and the rate cap.
+
+All of it is shared between the event loop serving requests and whichever thread calls
+the control API (`ThreadedMirror` runs the loop in its own thread), so every mutable
+piece sits behind one `threading.Lock`. Critical sections are a few dict updates; the
+lock is taken once per written chunk (<= 1 MiB), which costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from peer.errors import ConfigError
+
+FaultKind = Literal["drop_after", "status", "stall", "corrupt", "ignore_range"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour for file bodies (resolve GET and CDN GET only).
+
+    kind:
+      drop_after    send `after_bytes` body bytes, then close the connection.
+      status        answer `status` (default 503) instead of the body; `retry_after`
+                    adds a Retry-After header.
+      stall         send headers and `after_bytes` body bytes, hang `stall_seconds`,
+                    then continue normally.
+      corrupt       flip (xor 0xFF) the byte at absolute file offset `offset`.
+      ignore_range  answer 200 with the whole file although Range was sent.
+
+    `path_glob` is an fnmatch pattern on the file's path inside the repo. `times` is
+    how many requests it affects (None = forever). A fault is used up only by a request
+    it actually changes: `corrupt` when the response covers `offset`, `ignore_range`
+    when Range was sent, `drop_after`/`stall` when the body is longer than `after_bytes`.
+    """
+
+    kind: FaultKind
+    path_glob: str = "*"
+    times: int | None = 1
+    after_bytes: int = 0
+    status: int = 503
+    retry_after: float | None = None
+    stall_seconds: float = 30.0
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(FaultKind):
+            raise ConfigError(
+                f"unknown fault kind {self.kind!r}",
+                hint=f"use one of: {', '.join(get_args(FaultKind))}",
+            )
+        if self.times is not None and self.times < 1:
+            raise ConfigError("Fault.times must be >= 1, or None for forever")
+        if self.after_bytes < 0 or self.offset < 0 or self.stall_seconds < 0:
+            raise ConfigError("Fault.after_bytes, offset and stall_seconds must be >= 0")
+        if not 100 <= self.status <= 599:
+            raise ConfigError(f"Fault.status {self.status} is not an HTTP status")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fault:
+        """Build from the JSON body of ``POST /_mirror/faults``; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown fault fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """What to do to one body response, decided once before the first byte is sent."""
+
+    status: Fault | None = None
+    ignore_range: bool = False
+    corrupt_offsets: frozenset[int] = frozenset()
+    stall_at: int | None = None  # body offset (relative to the response) to stall at
+    stall_seconds: float = 0.0
+    drop_at: int | None = None  # body offset after which the connection is closed
+
+
+class FaultBook:
+    """Active faults with their remaining counts. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[list[Any]] = []  # [Fault, remaining | None]
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append([fault, fault.times])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def active(self) -> list[Fault]:
+        with self._lock:
+            return [f for f, _ in self._faults]
+
+    def _take(
+        self,
+        kind: FaultKind,
+        paths: list[str],
+        pred: Callable[[Fault], bool] | None = None,
+        *,
+        first_only: bool = True,
+    ) -> list[Fault]:
+        """Use up matching faults of one kind (caller holds the lock); returns them."""
+        taken: list[Fault] = []
+        for slot in self._faults:
+            fault: Fault = slot[0]
+            if fault.kind != kind or not any(
+                fnmatch.fnmatchcase(p, fault.path_glob) for p in paths
+            ):
+                continue
+            if pred is not None and not pred(fault):
+                continue
+            taken.append(fault)
+            if slot[1] is not None:
+                slot[1] -= 1
+            if first_only:
+                break
+        self._faults = [s for s in self._faults if s[1] is None or s[1] > 0]
+        return taken
+
+    def plan(
+        self, paths: Iterable[str], *, size: int, start: int, end: int, ranged: bool
+    ) -> tuple[FaultPlan, int, int]:
+        """Decide the faults for a body covering file bytes [start, end) of `size`.
+
+        Returns the plan and the (possibly widened, by ignore_range) byte span.
+        """
+        paths = list(paths)
+        with self._lock:
+            status = self._take("status", paths)
+            if status:
+                return FaultPlan(status=status[0]), start, end
+            ignore = ranged and bool(self._take("ignore_range", paths))
+            if ignore:
+                start, end = 0, size
+            length = end - start
+            corrupt = self._take(
+                "corrupt", paths, lambda f: start <= f.offset < end, first_only=False
+            )
+            stall = self._take("stall", paths, lambda f: f.after_bytes < length)
+            drop = self._take("drop_after", paths, lambda f: f.after_bytes < length)
+        return (
+            FaultPlan(
+                ignore_range=ignore,
+                corrupt_offsets=frozenset(f.offset for f in corrupt),
+                stall_at=stall[0].after_bytes if stall else None,
+                stall_seconds=stall[0].stall_seconds if stall else 0.0,
+                drop_at=drop[0].after_bytes if drop else None,
+            ),
+            start,
+            end,
+        )
+
+
+@dataclass(frozen=True)
+class MirrorStats:
+    """A snapshot of the counters. Bytes are body bytes actually handed to the socket."""
+
+    total_bytes: int = 0
+    blob_bytes: int = 0  # file bodies: resolve GET and CDN GET
+    meta_bytes: int = 0  # everything else: /api JSON, error bodies
+    requests: int = 0
+    per_client: dict[str, int] = field(default_factory=dict)  # remote IP -> bytes
+    per_path: dict[str, int] = field(default_factory=dict)  # URL path (decoded) -> bytes
+    # Addition: file bytes by ``{url_prefix}{repo_id}/{path}`` whichever URL served them
+    # (resolve or CDN), so a test can ask "how much of shard 2 came from the mirror".
+    per_file: dict[str, int] = field(default_factory=dict)
+    cdn_authorization_seen: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MirrorStats:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class StatsRecorder:
+    """Mutable counters behind a lock; `snapshot()` hands out frozen copies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._blob = 0
+        self._meta = 0
+        self._requests = 0
+        self._cdn_auth = 0
+        self._per_client: dict[str, int] = {}
+        self._per_path: dict[str, int] = {}
+        self._per_file: dict[str, int] = {}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def request(self, *, cdn_with_authorization: bool = False) -> None:
+        with self._lock:
+            self._requests += 1
+            self._cdn_auth += cdn_with_authorization
+
+    def body(self, client: str, path: str, n: int, *, file_key: str | None = None) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            if file_key is None:
+                self._meta += n
+            else:
+                self._blob += n
+                self._per_file[file_key] = self._per_file.get(file_key, 0) + n
+            self._per_client[client] = self._per_client.get(client, 0) + n
+            self._per_path[path] = self._per_path.get(path, 0) + n
+
+    def snapshot(self) -> MirrorStats:
+        with self._lock:
+            return MirrorStats(
+                total_bytes=self._blob + self._meta,
+                blob_bytes=self._blob,
+                meta_bytes=self._meta,
+                requests=self._requests,
+                per_client=dict(self._per_client),
+                per_path=dict(self._per_path),
+                per_file=dict(self._per_file),
+                cdn_authorization_seen=self._cdn_auth,
+            )
+
+
+class RateCap:
+    """The per-connection body rate limit; read on every chunk so changes apply at once."""
+
+    def __init__(self, bytes_per_sec: int | None) -> None:
+        self._lock = threading.Lock()
+        self._value: int | None = None
+        self.set(bytes_per_sec)
+
+    def set(self, bytes_per_sec: int | None) -> None:
+        if bytes_per_sec is not None and bytes_per_sec <= 0:
+            raise ConfigError("rate cap must be a positive number of bytes per second, or None")
+        with self._lock:
+            self._value = bytes_per_sec
+
+    def get(self) -> int | None:
+        with self._lock:
+            return self._value
