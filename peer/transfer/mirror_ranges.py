@@ -25,6 +25,7 @@ import random
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from urllib.parse import urljoin, urlsplit
@@ -145,12 +146,17 @@ def _error_from_status(status: int, headers: aiohttp.typedefs.LooseHeaders | Non
     return MirrorFailed(f"{what}: HTTP {status} ({msg})", hint="retry later or add --mirror")
 
 
+class RangeUnsupported(MirrorFailed):
+    """Every mirror answered a piece request with the whole file (Range ignored)."""
+
+
 @dataclass
 class _BlobJob:
     snapshot: Snapshot
     file: RemoteFile
-    partial: PartialBlob
+    partial: PartialBlob | None
     pending: deque[int]
+    sink: Callable[[int, memoryview], None]
     wake_hasher: asyncio.Event = field(default_factory=asyncio.Event)
     cdn: dict[str, str] = field(default_factory=dict)  # mirror -> remembered redirect target
     excluded: set[str] = field(default_factory=set)
@@ -192,7 +198,7 @@ class MirrorFetcher:
                     partial: PartialBlob) -> Verdict:
         """Fill `partial` from the mirrors and return the whole-file hash verdict."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
-        job = _BlobJob(snapshot, file, partial, todo)
+        job = _BlobJob(snapshot, file, partial, todo, sink=partial.write)
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
         if self.progress is not None:
             self.progress.add(partial.done_bytes(), fetched=False)
@@ -209,11 +215,30 @@ class MirrorFetcher:
         return Verdict(ok=digest == file.blob_id, expected=file.blob_id, actual=digest,
                        size=file.size)
 
+    async def fetch_range(self, snapshot: Snapshot, file: RemoteFile, start: int,
+                          end: int) -> bytes:
+        """Bytes [start, end) of a file, into memory: a piece that no peer could give.
+        The caller verifies it (libtorrent hash-checks pieces fed with add_piece)."""
+        buf = bytearray(end - start)
+
+        def sink(offset: int, data: memoryview) -> None:
+            buf[offset - start: offset - start + len(data)] = data
+
+        job = _BlobJob(snapshot, file, None, deque(), sink=sink)
+        try:
+            await self._fetch_span(job, start, end)
+        except _RangeIgnored as ri:
+            ri.response.close()
+            raise RangeUnsupported(f"{ri.mirror} ignores Range requests",
+                                   hint="pieces cannot be fetched from it one by one") from None
+        return bytes(buf)
+
     # -- hashing ---------------------------------------------------------------------
 
     async def _hash_follower(self, job: _BlobJob, hasher: BlobHasher) -> str:
         """Hash the finished prefix as it grows; reads hit the page cache just written."""
         p = job.partial
+        assert p is not None
         fd = os.open(p.data_path, os.O_RDONLY)
         try:
             next_chunk = 0
@@ -259,7 +284,12 @@ class MirrorFetcher:
             self.progress.add(n)
 
     async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
-        start, end = job.partial.chunk_range(index)
+        assert job.partial is not None
+        await self._fetch_span(job, *job.partial.chunk_range(index))
+        job.partial.mark_done(index)
+        job.wake_hasher.set()
+
+    async def _fetch_span(self, job: _BlobJob, start: int, end: int) -> None:
         pos = [start]
         failures = 0
         limit = self.options.max_attempts * len(self.pool.mirrors)
@@ -283,8 +313,6 @@ class MirrorFetcher:
                               f"{r.reason}", hint="the mirror keeps failing; retry later (the "
                               "download resumes) or add another --mirror") from None
                 await asyncio.sleep(self._delay(failures, r.retry_after))
-        job.partial.mark_done(index)
-        job.wake_hasher.set()
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -364,7 +392,7 @@ class MirrorFetcher:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
                 take = min(len(data), end - pos[0])
-                job.partial.write(pos[0], memoryview(data)[:take])
+                job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
                 if pos[0] >= end:
@@ -383,6 +411,7 @@ class MirrorFetcher:
         """The mirror will only send whole files: read one body front to back, writing
         only chunks we lack, and mark chunks as their last byte passes."""
         p = job.partial
+        assert p is not None
         failures = 0
         pending: _RangeIgnored | None = first
         while len(p.done) < p.n_chunks:
@@ -452,4 +481,4 @@ def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
         pos += len(data)
 
 
-__all__ = ["MirrorFetcher", "MirrorPool", "UserError", "chunk_size_for"]
+__all__ = ["MirrorFetcher", "MirrorPool", "RangeUnsupported", "UserError", "chunk_size_for"]
