@@ -122,3 +122,46 @@ class DownloadOptions:
             raise ConfigError("--connections must be between 1 and 64")
         if self.max_files < 1:
             raise ConfigError("--max-workers must be at least 1")
+
+
+def parse_hostport(text: str, *, default_host: str = "0.0.0.0", what: str = "address"
+                   ) -> tuple[str, int]:
+    """HOST:PORT, [v6]:PORT, or :PORT (the default host)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT", hint="e.g. 0.0.0.0:7851")
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} has no port number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what} {text!r}: port out of range")
+    return host, number
+
+
+DEFAULT_LOCAL_LISTEN = ("127.0.0.1", 7850)
+DEFAULT_PEER_LISTEN = ("0.0.0.0", 7851)
+DEFAULT_BT_LISTEN = ("0.0.0.0", 7852)
+DEFAULT_AGENT_URL = "http://127.0.0.1:7850"
+
+
+def default_state_dir(cache_dir: Path) -> Path:
+    """Beside the hub cache: ~/.cache/huggingface/hub -> ~/.cache/huggingface/hfswarm."""
+    return cache_dir.parent / "hfswarm"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    hub: HubSettings
+    state_dir: Path
+    listen: tuple[str, int] = DEFAULT_PEER_LISTEN
+    local_listen: tuple[str, int] = DEFAULT_LOCAL_LISTEN
+    bt_listen: tuple[str, int] = DEFAULT_BT_LISTEN
+    peers: tuple[tuple[str, int], ...] = ()
+    mdns: bool = True
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    # Seconds a piece may make no progress from peers before the mirror is asked for it.
+    stall_timeout: float = 5.0
+    # Seconds given to peers to connect and announce their pieces before the mirror is used.
+    peer_grace: float = 2.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import random
 import re
@@ -157,6 +158,7 @@ class _BlobJob:
     partial: PartialBlob | None
     pending: deque[int]
     sink: Callable[[int, memoryview], None]
+    on_bytes: Callable[[int], None] | None = None
     wake_hasher: asyncio.Event = field(default_factory=asyncio.Event)
     cdn: dict[str, str] = field(default_factory=dict)  # mirror -> remembered redirect target
     excluded: set[str] = field(default_factory=set)
@@ -194,11 +196,12 @@ class MirrorFetcher:
 
     # -- public ----------------------------------------------------------------------
 
-    async def fetch(self, snapshot: Snapshot, file: RemoteFile,
-                    partial: PartialBlob) -> Verdict:
-        """Fill `partial` from the mirrors and return the whole-file hash verdict."""
+    async def fetch(self, snapshot: Snapshot, file: RemoteFile, partial: PartialBlob,
+                    on_bytes: Callable[[int], None] | None = None) -> Verdict:
+        """Fill `partial` from the mirrors and return the whole-file hash verdict.
+        `on_bytes` hears of every byte received for this blob."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
-        job = _BlobJob(snapshot, file, partial, todo, sink=partial.write)
+        job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
         if self.progress is not None:
             self.progress.add(partial.done_bytes(), fetched=False)
@@ -252,10 +255,6 @@ class MirrorFetcher:
                 start = p.chunk_range(next_chunk)[0]
                 stop = p.chunk_range(end_chunk - 1)[1]
                 await asyncio.to_thread(_hash_range, fd, hasher, start, stop)
-                # Hashed data is not needed in memory any more: start its writeback now and
-                # let the kernel drop it, so memory stays flat and the final fsync is short.
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
                 next_chunk = end_chunk
         finally:
             os.close(fd)
@@ -280,6 +279,8 @@ class MirrorFetcher:
     def _count(self, job: _BlobJob, n: int) -> None:
         job.fetched += n
         self.bytes_fetched += n
+        if job.on_bytes is not None:
+            job.on_bytes(n)
         if self.progress is not None:
             self.progress.add(n)
 
@@ -472,13 +473,27 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
-    pos = start
-    while pos < stop:
-        data = os.pread(fd, min(READ_BLOCK, stop - pos), pos)
-        if not data:
-            raise OSError(f"partial file shorter than expected at {pos}")
-        hasher.update(data)
-        pos += len(data)
+    """Hash [start, stop) of the partial file (blocking; runs in a worker thread).
+
+    mmap saves the copy a read would make (the bytes are in the page cache, just
+    written). Hashed bytes are not needed in memory any more: DONTNEED starts their
+    writeback now and lets the kernel drop them, so memory stays flat and the final
+    fsync has little left to do."""
+    if stop <= start:
+        return
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, stop - base, prot=mmap.PROT_READ, offset=base) as m:
+        view = memoryview(m)
+        try:
+            pos = start - base
+            while pos < stop - base:
+                step = min(READ_BLOCK, stop - base - pos)
+                hasher.update(view[pos:pos + step])
+                pos += step
+        finally:
+            view.release()
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
 
 
 __all__ = ["MirrorFetcher", "MirrorPool", "RangeUnsupported", "UserError", "chunk_size_for"]

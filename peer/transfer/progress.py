@@ -46,6 +46,12 @@ class Progress:
             self.fetched += n
         self._maybe_draw()
 
+    def set(self, done: int, *, fetched: int) -> None:
+        """Absolute figures (from an agent's progress events)."""
+        self.done = done
+        self.fetched = fetched
+        self._maybe_draw()
+
     def file_done(self) -> None:
         self.files_done += 1
         self._maybe_draw(force=True)
