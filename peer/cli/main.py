@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from peer.config import DownloadOptions, HubSettings
+if TYPE_CHECKING:
+    from peer.agent.client import AgentClient
+
+from peer.config import (
+    DEFAULT_AGENT_URL,
+    AgentConfig,
+    DownloadOptions,
+    HubSettings,
+    default_state_dir,
+    parse_hostport,
+)
 from peer.errors import HfswarmError
 from peer.hub.metadata import FileSelection
-from peer.transfer.progress import human_bytes
+from peer.serving.local_api import DownloadSpec
+from peer.transfer.progress import Progress, human_bytes
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +59,49 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
                    "cap each connection)")
     p.add_argument("--max-workers", type=int, default=4, help="files at once (default 4)")
     p.add_argument("--quiet", action="store_true", help="print only the final path")
+    p.add_argument("--agent", metavar="URL",
+                   help="the local agent to ask (default: HFSWARM_AGENT, else "
+                   f"{DEFAULT_AGENT_URL}); with none running, the download runs in this "
+                   "process")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="with no agent running: peers to ask (their --listen address)")
+
+
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run the agent: seed the cache, fetch for the CLI",
+                       description="Seed every verified blob of the HF cache to LAN peers "
+                       "and fetch what the CLI asks for: peers first, the mirror for the "
+                       "rest. Stops cleanly on SIGINT/SIGTERM.")
+    p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
+    p.add_argument("--state-dir", help="default: beside the cache (.../huggingface/hfswarm)")
+    p.add_argument("--listen", default="0.0.0.0:7851", metavar="HOST:PORT",
+                   help="peer-facing API (default 0.0.0.0:7851)")
+    p.add_argument("--local-listen", default="127.0.0.1:7850", metavar="HOST:PORT",
+                   help="API for the CLI on this machine (default 127.0.0.1:7850)")
+    p.add_argument("--bt-listen", default="0.0.0.0:7852", metavar="HOST:PORT",
+                   help="BitTorrent port (default 0.0.0.0:7852)")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="HF-style endpoint(s) for metadata and fallback (default HF_ENDPOINT)")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="static peer (its --listen address); repeatable")
+    p.add_argument("--token", help="token for the mirror (default: HF_TOKEN / token file)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="counters, peers and seeded blobs of the local agent")
+    p.add_argument("--agent", metavar="URL")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a local mirror, three agents, a model moving between "
+                       "them (no internet needed)")
+    p.add_argument("--size-mb", type=int, default=300, help="model size (default 300 MB)")
+    p.add_argument("--dir", help="work folder (default: a temp dir, removed afterwards)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
 
 
 def _add_mirror(sub: argparse._SubParsersAction) -> None:
@@ -54,17 +113,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfswarm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_download(sub)
+    _add_agent(sub)
+    _add_status(sub)
+    _add_demo(sub)
     _add_mirror(sub)
     return parser
 
 
+def _agent_url(args: argparse.Namespace) -> tuple[str, bool]:
+    """The agent to ask, and whether the user named one (then it must answer)."""
+    if args.agent:
+        return args.agent, True
+    env = os.environ.get("HFSWARM_AGENT")
+    return (env, True) if env else (DEFAULT_AGENT_URL, False)
+
+
 async def _run_download(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient, AgentUnavailable
     from peer.download import DownloadRequest, download
 
     settings = HubSettings.from_env(mirrors=args.mirror, token=args.token,
                                     cache_dir=args.cache_dir)
     options = DownloadOptions.from_env(connections=args.connections,
                                        max_files=args.max_workers, quiet=args.quiet)
+    url, named = _agent_url(args)
+    spec = DownloadSpec(repo_id=args.repo_id, repo_type=args.repo_type,
+                        revision=args.revision,
+                        selection=FileSelection(tuple(args.files), tuple(args.include),
+                                                tuple(args.exclude)),
+                        token=args.token, local_dir=args.local_dir)
+    client = AgentClient(url)
+    try:
+        if not args.peer:
+            return await _via_agent(client, spec, args.quiet)
+    except AgentUnavailable:
+        if named:
+            raise
+    if args.peer:
+        return await _embedded(args, settings, options, spec)
     request = DownloadRequest(
         repo_id=args.repo_id, repo_type=args.repo_type, revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
@@ -81,6 +167,124 @@ async def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _via_agent(client: AgentClient, spec: DownloadSpec, quiet: bool) -> int:
+    await client.status()  # raises AgentUnavailable at once if nobody is there
+    progress: Progress | None = None
+
+    def on_event(event: dict[str, Any]) -> None:
+        nonlocal progress
+        if event.get("event") == "started":
+            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=quiet)
+        elif event.get("event") == "progress" and progress is not None:
+            progress.set(int(event["done"]), fetched=int(event["from_peers"])
+                         + int(event["from_mirror"]))
+
+    try:
+        final = await client.download(spec, on_event)
+    finally:
+        if progress is not None:
+            progress.close()
+    _print_summary(final, quiet)
+    return 0
+
+
+def _print_summary(final: dict[str, Any], quiet: bool) -> None:
+    if not quiet:
+        print(f"{final['files']} files, {human_bytes(final['total'])} at commit "
+              f"{final['commit'][:12]} in {final['seconds']:.1f} s: "
+              f"{human_bytes(final['from_peers'])} from peers, "
+              f"{human_bytes(final['from_mirror'])} from the mirror, "
+              f"{human_bytes(final['reused'])} already local, "
+              f"{final['hash_failures']} pieces failed verification", file=sys.stderr)
+    print(final["path"])
+
+
+async def _embedded(args: argparse.Namespace, settings: HubSettings,
+                    options: DownloadOptions, spec: DownloadSpec) -> int:
+    """No agent running, but peers named: run an agent in this process for the download
+    (it seeds to those peers while it lives)."""
+    from peer.agent.daemon import Agent
+
+    config = AgentConfig(
+        hub=settings, state_dir=default_state_dir(settings.cache_dir),
+        listen=("127.0.0.1", 0), local_listen=("127.0.0.1", 0), bt_listen=("0.0.0.0", 0),
+        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer), mdns=False,
+        download=options)
+    stop = asyncio.Event()
+    async with Agent(config) as agent:
+        serve = asyncio.create_task(agent.serve(stop))
+        await agent.peers.check_all()
+        progress: Progress | None = None
+
+        async def emit(event: dict[str, Any]) -> None:
+            nonlocal progress
+            if event.get("event") == "started":
+                progress = Progress(int(event["total"]), files=int(event["files"]),
+                                    quiet=args.quiet)
+            elif event.get("event") == "progress" and progress is not None:
+                progress.set(int(event["done"]),
+                             fetched=int(event["from_peers"]) + int(event["from_mirror"]))
+
+        try:
+            final = await agent.run_download(spec, emit)
+        finally:
+            if progress is not None:
+                progress.close()
+            stop.set()
+            await serve
+    _print_summary(final, args.quiet)
+    return 0
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+
+    url, _ = _agent_url(args)
+    status = await AgentClient(url).status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"agent {status['agent_id']}")
+    for key in ("bytes_from_peers", "bytes_from_mirror", "bytes_uploaded"):
+        print(f"  {key.replace('_', ' '):18s} {human_bytes(status[key])}")
+    print(f"  {'hash failures':18s} {status['hash_failures']}")
+    print(f"  {'seeded blobs':18s} {status['seeded_blobs']}")
+    print(f"  peers ({len(status['peers'])}):")
+    for p in status["peers"]:
+        print(f"    {p['agent_id'][:12]}  {p['host']}:{p['api_port']} (bt {p['bt_port']})")
+    return 0
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    from peer.agent.daemon import Agent
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token,
+                                    cache_dir=args.cache_dir)
+    config = AgentConfig(
+        hub=settings,
+        state_dir=args.state_dir or default_state_dir(settings.cache_dir),
+        listen=parse_hostport(args.listen, what="--listen"),
+        local_listen=parse_hostport(args.local_listen, default_host="127.0.0.1",
+                                    what="--local-listen"),
+        bt_listen=parse_hostport(args.bt_listen, what="--bt-listen"),
+        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
+        mdns=not args.no_mdns,
+        download=DownloadOptions.from_env(connections=args.connections, quiet=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Agent(config) as agent:
+        # One line a supervisor (or a test) can wait for: where everything listens.
+        print(json.dumps({"ready": True, "agent_id": agent.agent_id,
+                          "peer_port": agent.peer_port, "local_port": agent.local_port,
+                          "bt_port": agent.swarm.listen_port}), flush=True)
+        await agent.serve(stop)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mirror"]:
@@ -88,11 +292,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return mirror_main(argv[1:], prog="hfswarm mirror")
     args = build_parser().parse_args(argv)
-    if getattr(args, "local_dir", None):
-        args.local_dir = Path(args.local_dir).expanduser()
+    for name in ("local_dir", "state_dir"):
+        if getattr(args, name, None):
+            setattr(args, name, Path(getattr(args, name)).expanduser())
     try:
         if args.command == "download":
             return asyncio.run(_run_download(args))
+        if args.command == "agent":
+            return asyncio.run(_run_agent(args))
+        if args.command == "status":
+            return asyncio.run(_run_status(args))
+        if args.command == "demo":
+            from peer.cli.demo import main as demo_main
+
+            return demo_main(args.dir, args.size_mb, args.keep)
     except HfswarmError as exc:
         print(f"hfswarm: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code

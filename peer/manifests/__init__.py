@@ -1,0 +1,19 @@
+"""Piece maps: the deterministic per-blob torrent, its piece-size rule, and manifests."""
+
+from peer.manifests.manifest import (
+    InvalidManifest,
+    VerifiedBlob,
+    canonical_info_hash,
+    check_manifest,
+    make_manifest,
+)
+from peer.manifests.piece_size import piece_size_for
+
+__all__ = [
+    "InvalidManifest",
+    "VerifiedBlob",
+    "canonical_info_hash",
+    "check_manifest",
+    "make_manifest",
+    "piece_size_for",
+]

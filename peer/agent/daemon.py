@@ -1,0 +1,231 @@
+"""The agent: one libtorrent session, the peer API, the local API, the peer table, the
+seed index, and the downloads it runs for the CLI.
+
+    async with Agent(config) as agent:
+        await agent.serve(stop_event)
+
+`Agent.__aenter__` binds every listener (so a port clash fails at once, with a clear
+error); `serve` runs the background work (liveness checks, the cache scan that seeds
+pre-existing blobs, periodic resume data) in one TaskGroup until `stop` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from peer import wire
+from peer.agent.fetch import BlobCounters, BlobFetcher
+from peer.agent.seeding import SeedIndex
+from peer.agent.state import StateDir
+from peer.aio import primary_error
+from peer.cache.hf_cache import LocalDir, RepoCache
+from peer.config import AgentConfig
+from peer.discovery.peer_table import PeerTable
+from peer.errors import LocalError
+from peer.hub.metadata import RemoteFile, resolve_snapshot
+from peer.serving.local_api import DownloadSpec, Emit, make_local_app
+from peer.serving.peer_api import make_peer_app
+from peer.transfer.mirror_ranges import MirrorFetcher
+from peer.transfer.swarm import SwarmSession, SwarmSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Totals:
+    bytes_from_peers: int = 0
+    bytes_from_mirror: int = 0
+    bytes_uploaded_http: int = 0
+    hash_failures: int = 0
+    downloads: int = 0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.agent_id = ""
+        self.totals = Totals()
+        self._stack = AsyncExitStack()
+        self.swarm: SwarmSession
+        self.peers: PeerTable
+        self.seeds: SeedIndex
+        self.blobs: BlobFetcher
+        self.peer_port = 0
+        self.local_port = 0
+        self._runners: list[web.AppRunner] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        try:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+            self.config.hub.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalError(f"cannot create {exc.filename}: {exc.strerror}",
+                             hint="pick writable --cache-dir/--state-dir") from exc
+        self.agent_id = self.state.agent_id()
+        try:
+            bt_host, bt_port = self.config.bt_listen
+            self.swarm = await self._stack.enter_async_context(
+                SwarmSession(SwarmSettings(listen_host=bt_host, listen_port=bt_port)))
+            self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
+            for host, port in self.config.peers:
+                self.peers.offer(host, port, "static")
+            self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm,
+                                   self.agent_id)
+            self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds,
+                                     self.state)
+            self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
+            self.local_port = await self._listen(make_local_app(self), self.config.local_listen)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info("agent %s: peers on %s:%d, local API on %s:%d, BitTorrent on %d",
+                 self.agent_id[:8], self.config.listen[0], self.peer_port,
+                 self.config.local_listen[0], self.local_port, self.swarm.listen_port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.blobs.save_all_resume_data()
+        await self._stack.aclose()
+
+    async def _listen(self, app: web.Application, where: tuple[str, int]) -> int:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, where[0], where[1], reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise LocalError(f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
+                             hint="choose another port, or stop the agent already using it"
+                             ) from exc
+        port: int = runner.addresses[0][1]
+        return port
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.peers.run()), tg.create_task(self.seeds.scan()),
+                         tg.create_task(self.blobs.save_resume_periodically())]
+                await stop.wait()
+                for t in tasks:
+                    t.cancel()
+        except BaseExceptionGroup as group:
+            raise primary_error(group) from None
+
+    # -- peer API backend ------------------------------------------------------------
+
+    def health(self) -> wire.Health:
+        return wire.Health(agent_id=self.agent_id, bt_port=self.swarm.listen_port,
+                           blobs=len(self.seeds.held))
+
+    def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        return self.seeds.manifests_for(blob_ids)
+
+    def verified_blob_path(self, blob_id: str) -> Path | None:
+        return self.seeds.path_of(blob_id)
+
+    def count_upload(self, n: int) -> None:
+        self.totals.bytes_uploaded_http += n
+
+    # -- local API backend -----------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        uploaded = self.totals.bytes_uploaded_http
+        for ih in self.swarm.torrents():
+            with contextlib.suppress(Exception):
+                uploaded += (await self.swarm.status(ih)).uploaded_payload_bytes
+        return {
+            "agent_id": self.agent_id,
+            "bytes_from_peers": self.totals.bytes_from_peers,
+            "bytes_from_mirror": self.totals.bytes_from_mirror,
+            "bytes_uploaded": uploaded + self.blobs.uploaded_by_removed,
+            "hash_failures": self.totals.hash_failures,
+            "downloads": self.totals.downloads,
+            "peers": [{"agent_id": p.agent_id, "host": p.host, "api_port": p.api_port,
+                       "bt_port": p.bt_port} for p in self.peers.live()],
+            "seeded_blobs": len(self.seeds.held),
+            "listen": {"peer_api": self.peer_port, "local_api": self.local_port,
+                       "bittorrent": self.swarm.listen_port},
+        }
+
+    async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
+        t0 = time.monotonic()
+        hub = self.config.hub
+        if spec.token:
+            hub = replace(hub, token=spec.token)
+        snapshot = await resolve_snapshot(hub, spec.repo_type, spec.repo_id, spec.revision,
+                                          spec.selection)
+        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
+        await emit({"event": "started", "commit": snapshot.commit,
+                    "files": len(snapshot.files), "total": snapshot.total_size})
+        counters: dict[str, BlobCounters] = {}
+        by_blob: dict[str, list[RemoteFile]] = {}
+        for f in snapshot.files:
+            by_blob.setdefault(f.blob_id, []).append(f)
+        limit = asyncio.Semaphore(self.config.download.max_files)
+
+        async with MirrorFetcher(hub, self.config.download) as mirror:
+
+            async def one(files: list[RemoteFile]) -> None:
+                c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
+                async with limit:
+                    path = await self.blobs.obtain(snapshot, files[0], mirror, c)
+                for f in files:
+                    if spec.local_dir is None:
+                        repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
+                    else:
+                        LocalDir(spec.local_dir).copy_in(path, f.path, snapshot.commit,
+                                                         f.blob_id)
+
+            async def report() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    await emit(_progress(counters, snapshot.total_size))
+
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    reporter = tg.create_task(report())
+                    async with asyncio.TaskGroup() as inner:
+                        for files in by_blob.values():
+                            inner.create_task(one(files))
+                    reporter.cancel()
+            except BaseExceptionGroup as group:
+                raise primary_error(group) from None
+        if spec.local_dir is None:
+            repo.write_ref(snapshot.revision, snapshot.commit)
+            path = repo.snapshot_dir(snapshot.commit)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path = spec.local_dir
+        result = _progress(counters, snapshot.total_size)
+        self.totals.downloads += 1
+        self.totals.bytes_from_peers += result["from_peers"]
+        self.totals.bytes_from_mirror += result["from_mirror"]
+        self.totals.hash_failures += result["hash_failures"]
+        result.update(event="done", path=str(path), commit=snapshot.commit,
+                      files=len(snapshot.files), seconds=time.monotonic() - t0)
+        return result
+
+
+def _progress(counters: dict[str, BlobCounters], total: int) -> dict[str, Any]:
+    return {
+        "event": "progress",
+        "total": total,
+        "done": sum(c.done for c in counters.values()),
+        "from_peers": sum(c.from_peers for c in counters.values()),
+        "from_mirror": sum(c.from_mirror for c in counters.values()),
+        "reused": sum(c.reused for c in counters.values()),
+        "hash_failures": sum(c.hash_failures for c in counters.values()),
+    }

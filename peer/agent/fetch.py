@@ -1,0 +1,405 @@
+"""Getting one blob: from the cache, from peers (small blobs over HTTP, the rest through
+the libtorrent swarm with the mirror filling in piece by piece), or from the mirror alone.
+
+The per-piece choice between peers and the mirror is made by the pure policy in
+`peer.scheduling.policy`; this module only carries its decisions out and feeds it what
+happened. Whatever the path, the whole blob is hashed against its Hub id before it is
+renamed into ``blobs/``; a blob that fails is fetched again cleanly from the mirror.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer import wire
+from peer.agent.seeding import SeedIndex
+from peer.agent.state import StateDir
+from peer.aio import primary_error
+from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
+from peer.cache.partial import PartialBlob, PartialBusy
+from peer.config import AgentConfig
+from peer.discovery.peer_table import Offer, PeerTable
+from peer.errors import HfswarmError, IntegrityError
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.manifests import check_manifest
+from peer.scheduling.policy import (
+    Availability,
+    BanPeer,
+    CancelMirror,
+    Decision,
+    Done,
+    DownloadPolicy,
+    Failed,
+    FetchFromMirror,
+    MirrorPieceFailed,
+    Origin,
+    PeerGone,
+    PieceDone,
+    PieceHashFailed,
+    PolicyConfig,
+    Tick,
+)
+from peer.transfer import events as ev
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
+from peer.verification.hashing import hash_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlobCounters:
+    size: int
+    done: int = 0
+    from_peers: int = 0
+    from_mirror: int = 0
+    reused: int = 0
+    hash_failures: int = 0
+
+
+class BlobFetcher:
+    """Runs blob fetches for the agent; concurrent requests for one blob share a task."""
+
+    def __init__(self, config: AgentConfig, swarm: SwarmSession, peers: PeerTable,
+                 seeds: SeedIndex, state: StateDir) -> None:
+        self.config = config
+        self.swarm = swarm
+        self.peers = peers
+        self.seeds = seeds
+        self.state = state
+        self.uploaded_by_removed = 0
+        self._inflight: dict[str, asyncio.Future[Path]] = {}
+        self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
+
+    # -- entry point -----------------------------------------------------------------
+
+    async def obtain(self, snapshot: Snapshot, file: RemoteFile, mirror: MirrorFetcher,
+                     counters: BlobCounters) -> Path:
+        repo = RepoCache(self.config.hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
+        if repo.has_blob(file.blob_id, file.size):
+            counters.reused = counters.done = file.size
+            return repo.blob_path(file.blob_id)
+        shared = self._inflight.get(file.blob_id)
+        if shared is not None:  # another download is fetching this very blob
+            source = await asyncio.shield(shared)
+            return await self._adopt(repo, source, file, counters)
+        fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._inflight[file.blob_id] = fut
+        try:
+            path = await self._obtain(repo, snapshot, file, mirror, counters)
+            fut.set_result(path)
+            return path
+        except BaseException as exc:
+            fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            fut.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
+            raise
+        finally:
+            self._inflight.pop(file.blob_id, None)
+
+    async def _adopt(self, repo: RepoCache, source: Path, file: RemoteFile,
+                     counters: BlobCounters) -> Path:
+        if source.parent != repo.blobs:
+            repo.adopt_blob(source, file.blob_id)
+        counters.reused = counters.done = file.size
+        return repo.blob_path(file.blob_id)
+
+    async def _obtain(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
+                      mirror: MirrorFetcher, counters: BlobCounters) -> Path:
+        # 1. Already verified somewhere in this cache (another repo): link it.
+        held = self.seeds.path_of(file.blob_id)
+        if held is None:
+            other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id,
+                                            file.size)
+            if other is not None and (await asyncio.to_thread(
+                    hash_file, other, file.blob_id, file.size)).ok:
+                held = other
+        if held is not None:
+            return await self._adopt(repo, held, file, counters)
+        # 2. Peers that hold it.
+        offers = await self._offers(file) if file.size > 0 else []
+        if offers:
+            piece_size = offers[0].manifest.piece_size
+            try:
+                if file.size <= piece_size:
+                    return await self._small_from_peers(repo, file, offers, counters)
+                return await self._swarm(repo, snapshot, file, offers, mirror, counters)
+            except HfswarmError as exc:
+                log.warning("%s: peers could not deliver (%s); fetching it from the mirror",
+                            file.path, exc.one_line())
+        # 3. The mirror alone (first fetch of a new model), then seed it at once.
+        path = await self._from_mirror(repo, snapshot, file, mirror, counters)
+        if file.size > 0:
+            try:
+                await self.seeds.add_verified(path, file.blob_id)
+            except (SwarmError, OSError) as exc:
+                log.warning("cannot seed %s: %s", file.blob_id, exc)
+        return path
+
+    async def _offers(self, file: RemoteFile) -> list[Offer]:
+        found = (await self.peers.find((file.blob_id,))).get(file.blob_id, [])
+        good: list[Offer] = []
+        for offer in found:
+            try:
+                meta = check_manifest(offer.manifest)
+            except HfswarmError as exc:
+                log.warning("peer %s sent a bad manifest for %s: %s", offer.peer.api_url,
+                            file.blob_id, exc.one_line())
+                continue
+            if offer.manifest.size != file.size or meta.total_size != file.size:
+                log.warning("peer %s has %s with another size; ignored", offer.peer.api_url,
+                            file.blob_id)
+                continue
+            good.append(offer)
+        # All honest peers compute one info-hash per blob; keep the most common one.
+        if good:
+            ihs = [o.manifest.info_hash for o in good]
+            best = max(set(ihs), key=ihs.count)
+            good = [o for o in good if o.manifest.info_hash == best]
+        return good
+
+    # -- mirror ----------------------------------------------------------------------
+
+    async def _from_mirror(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
+                           mirror: MirrorFetcher, counters: BlobCounters) -> Path:
+        for attempt in (1, 2):
+            partial = PartialBlob(repo.partial_dir, file.blob_id, file.size,
+                                  chunk_size_for(file.size))
+            while True:
+                try:
+                    partial.open()
+                    break
+                except PartialBusy:
+                    await asyncio.sleep(0.5)
+                    if repo.has_blob(file.blob_id, file.size):
+                        counters.reused = counters.done = file.size
+                        return repo.blob_path(file.blob_id)
+            counters.done = partial.done_bytes()
+
+            def got(n: int) -> None:
+                counters.from_mirror += n
+                counters.done += n
+
+            try:
+                verdict = await mirror.fetch(snapshot, file, partial, on_bytes=got)
+            except BaseException:
+                partial.close()
+                raise
+            if verdict.ok:
+                counters.done = file.size
+                return repo.install_blob(partial.take_finished(), file.blob_id)
+            partial.discard()
+            counters.hash_failures += 1
+            log.warning("%s from the mirror hashed to %s, not %s (attempt %d)", file.path,
+                        verdict.actual, file.blob_id, attempt)
+        raise IntegrityError(f"{file.path}: the mirror's bytes do not match the Hub id "
+                             f"{file.blob_id}, twice", hint="nothing was linked; try another "
+                             "--mirror")
+
+    # -- small blobs from peers ----------------------------------------------------------
+
+    async def _small_from_peers(self, repo: RepoCache, file: RemoteFile, offers: list[Offer],
+                                counters: BlobCounters) -> Path:
+        last: HfswarmError | None = None
+        for offer in offers:
+            try:
+                data = await self.peers.fetch_small_blob(offer.peer, file.blob_id, file.size)
+            except HfswarmError as exc:
+                last = exc
+                continue
+            except Exception as exc:  # network trouble with this peer: try the next
+                log.info("small blob from %s failed: %r", offer.peer.api_url, exc)
+                continue
+            tmp = repo.partial_dir / f"{file.blob_id}.peer.{os.getpid()}"
+            try:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)  # verified by fetch_small_blob already
+            except OSError as exc:
+                raise translate_os_error(exc, f"writing {file.path}") from exc
+            counters.from_peers += len(data)
+            counters.done = file.size
+            path = repo.install_blob(tmp, file.blob_id)
+            with contextlib.suppress(SwarmError, OSError):
+                await self.seeds.add_with_manifest(path, offer.manifest)
+            return path
+        raise last or IntegrityError(f"no peer delivered {file.path}")
+
+    # -- the swarm -------------------------------------------------------------------
+
+    async def _swarm(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
+                     offers: list[Offer], mirror: MirrorFetcher,
+                     counters: BlobCounters) -> Path:
+        manifest = offers[0].manifest
+        ih = manifest.info_hash
+        repo.partial_dir.mkdir(parents=True, exist_ok=True)
+        stream = self.swarm.subscribe(ih)
+        resume = self.state.load_resume(ih)
+        try:
+            try:
+                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir,
+                                             resume_data=resume)
+            except SwarmError:
+                if resume is None:
+                    raise
+                self.state.drop_resume(ih)  # stale resume data: let libtorrent re-check
+                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir)
+        except TorrentExists:
+            stream.close()
+            raise
+        self._downloading.add(ih)
+        try:
+            for o in offers:
+                self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+            await self._drive(ih, snapshot, file, offers, mirror, counters, stream)
+            await self.swarm.flush_cache(ih)
+            status = await self.swarm.status(ih)
+            counters.from_peers += status.peer_payload_bytes
+            self.uploaded_by_removed += status.uploaded_payload_bytes
+        finally:
+            stream.close()
+            self._downloading.discard(ih)
+            with contextlib.suppress(SwarmError):
+                await self.swarm.remove_torrent(ih)
+        data_path = repo.partial_dir / file.blob_id
+        verdict = await asyncio.to_thread(hash_file, data_path, file.blob_id, file.size)
+        self.state.drop_resume(ih)
+        if not verdict.ok:
+            # Every piece passed its merkle check, yet the whole does not match the Hub:
+            # the manifest itself was wrong. Never link it; take the mirror's copy.
+            counters.hash_failures += 1
+            with contextlib.suppress(OSError):
+                data_path.unlink()
+            raise IntegrityError(f"{file.path}: swarm result hashes to {verdict.actual}, "
+                                 f"not {file.blob_id}", hint="refetching from the mirror")
+        counters.done = file.size
+        path = repo.install_blob(data_path, file.blob_id)
+        await self.seeds.add_with_manifest(path, manifest)
+        return path
+
+    async def _drive(self, ih: str, snapshot: Snapshot, file: RemoteFile, offers: list[Offer],
+                     mirror: MirrorFetcher, counters: BlobCounters,
+                     stream: EventStream) -> None:
+        """Run the policy until every piece is had: libtorrent pulls from peers on its
+        own; the policy says which pieces to also take from the mirror, and whom to ban."""
+        meta = await self.swarm.torrent_meta(ih)
+        cfg = self.config
+        have = await self.swarm.have_pieces(ih)
+        loop = asyncio.get_running_loop()
+        policy = DownloadPolicy(meta.num_pieces, time.monotonic(), PolicyConfig(
+            grace_period=cfg.peer_grace, stall_timeout=cfg.stall_timeout,
+            mirror_parallel=max(2, cfg.download.connections // 2),
+            salt=int(self.peers.self_id[:8] or "0", 16)),
+            have=[i for i, h in enumerate(have) if h])
+        counters.done = sum(meta.piece_length(i) for i, h in enumerate(have) if h)
+        finished = asyncio.Event()
+        mirror_tasks: dict[int, asyncio.Task[None]] = {}
+        hashfails: dict[str, int] = {}  # peer endpoint -> hash failures seen so far
+
+        def apply(decisions: tuple[Decision, ...]) -> None:
+            for d in decisions:
+                if isinstance(d, FetchFromMirror):
+                    for i in d.pieces:
+                        if i not in mirror_tasks:
+                            mirror_tasks[i] = loop.create_task(mirror_piece(i))
+                elif isinstance(d, CancelMirror):
+                    for i in d.pieces:
+                        task = mirror_tasks.pop(i, None)
+                        if task is not None:
+                            task.cancel()
+                elif isinstance(d, BanPeer):
+                    host = d.peer.rsplit(":", 1)[0].strip("[]")
+                    log.warning("banning peer %s: %s", d.peer, d.reason)
+                    self.swarm.ban_peer(host)
+                elif isinstance(d, Done):
+                    finished.set()
+                elif isinstance(d, Failed):
+                    raise IntegrityError(f"{file.path}: {d.reason}",
+                                         hint="retry later, or add another --mirror")
+
+        async def mirror_piece(i: int) -> None:
+            start = i * meta.piece_size
+            try:
+                data = await mirror.fetch_range(snapshot, file, start,
+                                                start + meta.piece_length(i))
+                ok = await self.swarm.feed_piece(ih, i, data)
+            except HfswarmError as exc:
+                apply(policy.handle(MirrorPieceFailed(i, exc.one_line()), time.monotonic()))
+                return
+            finally:
+                mirror_tasks.pop(i, None)
+            if ok:
+                counters.from_mirror += len(data)
+
+        async def blame(piece: int) -> str | None:
+            """The peer whose hash-failure count just went up, if exactly one did."""
+            culprits = []
+            for p in await self.swarm.peers(ih):
+                key = str(p.endpoint)
+                if p.num_hashfails > hashfails.get(key, 0):
+                    hashfails[key] = p.num_hashfails
+                    culprits.append(key)
+            return culprits[0] if len(culprits) == 1 else None
+
+        async def events() -> None:
+            async for e in stream:
+                now = time.monotonic()
+                if isinstance(e, ev.PieceFinished):
+                    counters.done += meta.piece_length(e.piece)
+                    origin = Origin.MIRROR if e.fed_by_us else Origin.PEER
+                    apply(policy.handle(PieceDone(e.piece, origin), now))
+                elif isinstance(e, ev.HashFailed):
+                    if e.fed_by_us:
+                        apply(policy.handle(PieceHashFailed(e.piece, Origin.MIRROR), now))
+                    else:
+                        counters.hash_failures += 1
+                        peer = await blame(e.piece)
+                        apply(policy.handle(PieceHashFailed(e.piece, Origin.PEER, peer),
+                                            time.monotonic()))
+                elif isinstance(e, ev.PeerBanned):
+                    apply(policy.handle(PeerGone(str(e.endpoint), banned=True), now))
+                if finished.is_set():
+                    return
+
+        async def ticks() -> None:
+            while not finished.is_set():
+                avail = await self.swarm.piece_availability(ih)
+                now = time.monotonic()
+                if len(avail) == meta.num_pieces:
+                    apply(policy.handle(Availability(avail), now))
+                else:
+                    apply(policy.handle(Tick(), now))
+                if not finished.is_set() and (await self.swarm.status(ih)).is_finished:
+                    finished.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.25)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ev_task = tg.create_task(events())
+                await ticks()
+                ev_task.cancel()
+        except BaseExceptionGroup as group:
+            raise primary_error(group) from None
+        finally:
+            for t in list(mirror_tasks.values()):
+                t.cancel()
+
+    # -- resume ----------------------------------------------------------------------
+
+    async def save_all_resume_data(self) -> None:
+        for ih in list(self._downloading):
+            with contextlib.suppress(Exception):
+                self.state.save_resume(ih, await self.swarm.save_resume_data(ih))
+
+    async def save_resume_periodically(self, every: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self.save_all_resume_data()
+
+
+__all__ = ["BlobCounters", "BlobFetcher", "wire"]

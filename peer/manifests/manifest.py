@@ -1,0 +1,187 @@
+"""Building and checking blob manifests (a blob's piece map plus who made it).
+
+A blob's torrent is the deterministic single-file BitTorrent v2 torrent whose one file
+is named by the blob id, with pieces per `piece_size_for`. Because the name is the blob
+id (not the repo path) and nothing else varies (no date, no creator, no trackers), two
+agents holding the same blob at any path compute the same info-hash and join one swarm.
+
+Trust: `make_manifest` only accepts a `VerifiedBlob`, the value the verification stage
+produces after hashing the WHOLE blob against its Hub id. A piece map made from
+unverified bytes would make libtorrent accept (and spread) wrong pieces as valid, so
+there is deliberately no entry point taking a bare path.
+
+`check_manifest` is what an agent runs on a manifest received from a peer, before
+using its torrent: the torrent must be exactly the canonical one for the stated blob
+id, size and piece size (only the file's merkle root is free), so a hostile manifest
+cannot smuggle trackers, web seeds, extra files, symlinks or another piece size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peer import wire
+from peer.errors import IntegrityError, PeerMisbehaved
+from peer.manifests.piece_size import piece_size_for
+from peer.transfer.swarm import (
+    InvalidTorrent,
+    TorrentMeta,
+    create_v2_torrent_blocking,
+    parse_torrent,
+)
+
+_BLOB_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")
+# The only keys a canonical torrent has: the info dict and the v2 piece layers
+# (libtorrent checks the layers against the file's pieces root when parsing).
+_TOP_LEVEL_KEYS = frozenset({"info", "piece layers"})
+
+
+class InvalidManifest(PeerMisbehaved):
+    """A manifest whose torrent does not match what it claims."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, hint="the manifest was ignored; ask another peer")
+
+
+@dataclass(frozen=True)
+class VerifiedBlob:
+    """Proof that the file at ``path`` was hashed whole and matched ``blob_id``.
+
+    Only the verification stage should construct it, right after that check; holding
+    one is the precondition for building a piece map."""
+
+    blob_id: str
+    size: int
+    path: Path
+
+    def __post_init__(self) -> None:
+        if type(self.blob_id) is not str or not _BLOB_ID.fullmatch(self.blob_id):
+            raise ValueError(f"{self.blob_id!r} is not a blob id (sha256 or git sha1 hex)")
+        if type(self.size) is not int or self.size < 0:
+            raise ValueError(f"blob size {self.size!r} is not a non-negative int")
+
+
+def _build_torrent(blob: VerifiedBlob, piece_size: int) -> bytes:
+    path = Path(blob.path)
+    if path.name == blob.blob_id:
+        return create_v2_torrent_blocking(path, piece_size)
+    # The torrent's file name is the basename of what we hash, and it must be the
+    # blob id. A symlink under that name in a private temporary directory gives it
+    # without copying the blob (libtorrent follows the link).
+    with tempfile.TemporaryDirectory(prefix="hfswarm-manifest-") as tmp:
+        link = Path(tmp) / blob.blob_id
+        os.symlink(path.resolve(), link)
+        return create_v2_torrent_blocking(link, piece_size)
+
+
+async def make_manifest(blob: VerifiedBlob, made_by: str) -> wire.Manifest:
+    """The manifest of a verified blob, made by agent ``made_by`` (unsigned for now).
+
+    The blob may live at any path (e.g. ``blobs/<id>`` in an HF cache, or a file with
+    another name). Hashing runs in a worker thread. Raises ``ValueError`` for an empty
+    blob (nothing to swarm: fetch it directly) and `IntegrityError` if the file no
+    longer has the verified size."""
+    if blob.size == 0:
+        raise ValueError("an empty blob has no piece map; fetch or copy it directly")
+    piece_size = piece_size_for(blob.size)
+    torrent = await asyncio.to_thread(_build_torrent, blob, piece_size)
+    meta = parse_torrent(torrent)
+    if meta.total_size != blob.size:
+        raise IntegrityError(
+            f"blob {blob.blob_id} at {blob.path} has {meta.total_size} bytes, "
+            f"but {blob.size} were verified",
+            hint="the file changed after verification; verify it again before sharing",
+        )
+    manifest = wire.Manifest(
+        blob_id=blob.blob_id,
+        size=blob.size,
+        piece_size=piece_size,
+        info_hash=meta.info_hash,
+        torrent=torrent,
+        made_by=made_by,
+    )
+    check_manifest(manifest)  # our own output must pass the rules we apply to peers
+    return manifest
+
+
+def canonical_info_hash(blob_id: str, size: int, piece_size: int, pieces_root: bytes) -> str:
+    """The v2 info-hash of the canonical torrent for this blob, given its merkle root."""
+    info = {
+        b"file tree": {blob_id.encode(): {b"": {b"length": size, b"pieces root": pieces_root}}},
+        b"meta version": 2,
+        b"name": blob_id.encode(),
+        b"piece length": piece_size,
+    }
+    return hashlib.sha256(_bencode(info)).hexdigest()
+
+
+def check_manifest(m: wire.Manifest) -> TorrentMeta:
+    """Check that a manifest's torrent is the canonical torrent of the blob it names.
+
+    Raises `InvalidManifest` (a `PeerMisbehaved`) on any mismatch; returns the parsed
+    torrent on success. Does not check the signature (cluster signing comes later)."""
+    expected_piece = piece_size_for(m.size)
+    if m.piece_size != expected_piece:
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: piece size {m.piece_size} breaks the piece-size "
+            f"rule ({expected_piece} for {m.size} bytes)"
+        )
+    try:
+        meta = parse_torrent(m.torrent)
+    except InvalidTorrent as e:
+        raise InvalidManifest(f"manifest of {m.blob_id}: {e.message}") from e
+    if meta.info_hash != m.info_hash:
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: the torrent's info-hash is {meta.info_hash}, "
+            f"not {m.info_hash}"
+        )
+    extra = meta.top_level_keys - _TOP_LEVEL_KEYS
+    if extra or "info" not in meta.top_level_keys:
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: unexpected torrent keys {sorted(extra)} "
+            "(trackers, web seeds and comments are not allowed)"
+        )
+    if meta.has_v1 or len(meta.files) != 1:
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: the torrent must be v2-only with exactly one file"
+        )
+    (f,) = meta.files
+    if (meta.name, f.path, f.size, meta.piece_size) != (
+        m.blob_id,
+        m.blob_id,
+        m.size,
+        m.piece_size,
+    ):
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: the torrent describes {f.path!r} of {f.size} bytes "
+            f"in {meta.piece_size}-byte pieces"
+        )
+    # Everything above could still hide odd attributes or keys inside the info dict;
+    # rebuilding the canonical info dict and hashing it rules all of that out.
+    if canonical_info_hash(m.blob_id, m.size, m.piece_size, f.pieces_root) != m.info_hash:
+        raise InvalidManifest(
+            f"manifest of {m.blob_id}: the info dict is not the canonical one "
+            "(extra keys or file attributes)"
+        )
+    return meta
+
+
+def _bencode(obj: Any) -> bytes:
+    """Canonical bencoding (sorted byte-string keys), enough for an info dict."""
+    if type(obj) is int:
+        return b"i%de" % obj
+    if isinstance(obj, bytes):
+        return b"%d:%s" % (len(obj), obj)
+    if isinstance(obj, dict):
+        items = sorted(obj.items())
+        return b"d" + b"".join(_bencode(k) + _bencode(v) for k, v in items) + b"e"
+    if isinstance(obj, list):
+        return b"l" + b"".join(_bencode(x) for x in obj) + b"e"
+    raise TypeError(f"cannot bencode {type(obj).__name__}")

@@ -1,0 +1,603 @@
+"""The scheduling policy of one blob download: peers first, mirror fallback.
+
+Pure: no sockets, no libtorrent, no asyncio, no clock. The driver feeds it events
+together with ``now`` (any monotonic float, in seconds) and carries out the decisions
+it returns; `DownloadPolicy.next_wakeup` says when to send a `Tick` if nothing else
+happens. Tests script events against a fake clock.
+
+Who fetches what: libtorrent downloads from peers on its own (it picks pieces and
+peers itself). This policy decides which pieces to ALSO fetch from the mirror by HTTP
+Range (fed back through ``add_piece``), when to give up on peers for a piece, whom to
+ban and when the download has failed.
+
+"Peers first, mirror fallback" is the single ranking function `rank_sources`. It
+mirrors kraken's completeness policy (complete peers, then origin, then incomplete
+peers), applied per piece: a peer that holds the piece is as good a source for it as a
+complete one, so the order is
+
+    complete peers > incomplete peers holding the piece > mirror > peers that may
+    announce the piece later
+
+with one twist: during the start-up grace period, "peers may announce it" ranks above
+the mirror, since peers are still connecting and sending their bitfields.
+Peers holding a piece drop out of the ranking when they stalled (no progress for
+``stall_timeout``) or after repeated hash failures on that piece; the mirror drops
+out while the piece waits for its retry backoff.
+
+Pieces sent to the mirror are picked "nobody has it" first, then stalled ones, each
+in an order scrambled by ``config.salt``, so that agents starting together fetch
+different pieces from the mirror and then trade them over the LAN instead of all
+pulling the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+# --- configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # Time after the start during which a piece nobody has is not yet mirrored.
+    grace_period: float = 2.0
+    # A piece whose peer download shows no sign of life this long goes to the mirror.
+    stall_timeout: float = 10.0
+    # Mirror pieces in flight at once.
+    mirror_parallel: int = 4
+    # A mirror fetch with no verdict after this long counts as failed (safety net;
+    # the fetcher has its own socket timeouts).
+    mirror_timeout: float = 120.0
+    # Failures of one piece from the mirror (errors or bad data) before giving up.
+    mirror_max_failures: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    # Hash failures of one piece from peers before the mirror takes that piece over.
+    peer_hash_failures_max: int = 2
+    # False when the blob has no mirror (e.g. a private checkpoint shared peer to peer).
+    mirror_enabled: bool = True
+    # Per-agent value that scrambles the mirror piece order (e.g. hash of the agent id).
+    salt: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mirror_parallel < 1 or self.mirror_max_failures < 1:
+            raise ValueError("mirror_parallel and mirror_max_failures must be >= 1")
+        if self.peer_hash_failures_max < 1:
+            raise ValueError("peer_hash_failures_max must be >= 1")
+        for name in ("grace_period", "stall_timeout", "mirror_timeout", "backoff_base"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must be >= backoff_base")
+
+    def backoff(self, failures: int) -> float:
+        """Delay before retrying a piece from the mirror after ``failures`` failures."""
+        return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, failures - 1)))
+
+
+# --- the ranking ----------------------------------------------------------------------------
+
+
+class Source(IntEnum):
+    """Where a piece can come from, in order of preference."""
+
+    COMPLETE_PEER = 0
+    PARTIAL_PEER = 1
+    MIRROR = 2
+    AWAIT_PEERS = 3  # nobody has it yet; a peer may announce it
+
+
+@dataclass(frozen=True)
+class PieceView:
+    """What the ranking needs to know about one missing piece, at one instant."""
+
+    complete_holders: int  # connected complete peers (seeds)
+    partial_holders: int  # connected incomplete peers that have this piece
+    peers_stalled: bool  # holders exist but gave no sign of life for stall_timeout
+    peers_untrusted: bool  # peers sent bad data for this piece too often
+    in_grace: bool  # the download is younger than the grace period
+    mirror_usable: bool  # mirror configured, not waiting for a retry, not exhausted
+
+
+def rank_sources(view: PieceView) -> tuple[Source, ...]:
+    """The sources able to serve a piece now, best first. Never empty: waiting for
+    peers (`Source.AWAIT_PEERS`) is always possible and always listed."""
+    ranked: list[Source] = []
+    if not (view.peers_stalled or view.peers_untrusted):
+        if view.complete_holders > 0:
+            ranked.append(Source.COMPLETE_PEER)
+        if view.partial_holders > 0:
+            ranked.append(Source.PARTIAL_PEER)
+    if view.in_grace and not ranked:
+        ranked.append(Source.AWAIT_PEERS)
+    if view.mirror_usable:
+        ranked.append(Source.MIRROR)
+    if Source.AWAIT_PEERS not in ranked:
+        ranked.append(Source.AWAIT_PEERS)
+    return tuple(ranked)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+class Origin(Enum):
+    PEER = "peer"
+    MIRROR = "mirror"  # data we fed with add_piece
+
+
+@dataclass(frozen=True)
+class PieceDone:
+    """A piece passed its hash check."""
+
+    piece: int
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class PieceHashFailed:
+    """A piece failed its hash check; ``peer`` when the sender is known."""
+
+    piece: int
+    origin: Origin
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class PieceProgress:
+    """Some blocks of a piece arrived from peers (a sign of life)."""
+
+    piece: int
+
+
+@dataclass(frozen=True)
+class PeerBitfield:
+    """The full set of pieces a peer has (replaces what was known about it)."""
+
+    peer: str
+    pieces: frozenset[int]
+
+
+@dataclass(frozen=True)
+class PeerHave:
+    peer: str
+    piece: int
+
+
+@dataclass(frozen=True)
+class PeerGone:
+    peer: str
+    banned: bool = False
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Per-piece count of connected peers having each piece, when peers are not known
+    by name (libtorrent's piece_availability). Use it or per-peer events, not both."""
+
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MirrorPieceFailed:
+    """A mirror fetch of the piece failed (HTTP error, short body, timeout...)."""
+
+    piece: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; sent at `DownloadPolicy.next_wakeup`."""
+
+
+Event = (
+    PieceDone
+    | PieceHashFailed
+    | PieceProgress
+    | PeerBitfield
+    | PeerHave
+    | PeerGone
+    | Availability
+    | MirrorPieceFailed
+    | Tick
+)
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchFromMirror:
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CancelMirror:
+    """Stop these mirror fetches: the pieces came from elsewhere or the download ended."""
+
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BanPeer:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    piece: int | None = None
+
+
+Decision = FetchFromMirror | CancelMirror | BanPeer | Done | Failed
+
+
+# --- the policy -----------------------------------------------------------------------------
+
+
+def _scramble(piece: int, salt: int) -> int:
+    """splitmix64 of (salt, piece): a cheap, deterministic, salt-dependent order."""
+    mask = (1 << 64) - 1
+    z = (salt * 0x9E3779B97F4A7C15 + piece + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+class DownloadPolicy:
+    """State and decisions for one blob download of ``num_pieces`` pieces.
+
+    Send ``Tick()`` right after creating it (and whenever `next_wakeup` comes), feed
+    every event as it happens, and carry out the returned decisions in order. After
+    `Done` or `Failed`, further events are ignored."""
+
+    def __init__(
+        self,
+        num_pieces: int,
+        now: float,
+        config: PolicyConfig | None = None,
+        *,
+        have: Iterable[int] = (),
+    ) -> None:
+        if num_pieces < 1:
+            raise ValueError("a download has at least one piece")
+        self.config = config or PolicyConfig()
+        self.num_pieces = num_pieces
+        self.start = now
+        self._done: set[int] = set()
+        for p in have:
+            self._check_piece(p)
+            self._done.add(p)
+        self._order = sorted(range(num_pieces), key=lambda p: _scramble(p, self.config.salt))
+        # Peers: named bitfields, counts per piece, and anonymous counts.
+        self._peers: dict[str, frozenset[int]] = {}
+        self._named = [0] * num_pieces
+        self._anon = [0] * num_pieces
+        self._complete_peers = 0
+        self._banned: set[str] = set()
+        self._available_since: dict[int, float] = {}
+        self._last_progress: dict[int, float] = {}
+        self._last_peer_activity = now
+        self._peer_hash_failures: dict[int, int] = {}
+        # Mirror.
+        self._inflight: dict[int, float] = {}
+        self._mirror_failures: dict[int, int] = {}
+        self._retry_at: dict[int, float] = {}
+        # Evaluation bookkeeping: a full look at the pieces happens only when something
+        # may have created a mirror candidate (dirty) or a deadline passed.
+        self._dirty = True
+        self._next_check = now
+        self._finished = False
+        self._failed: Failed | None = None
+
+    # -- introspection --
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def failure(self) -> Failed | None:
+        return self._failed
+
+    @property
+    def done_pieces(self) -> frozenset[int]:
+        return frozenset(self._done)
+
+    @property
+    def mirror_in_flight(self) -> frozenset[int]:
+        return frozenset(self._inflight)
+
+    @property
+    def banned(self) -> frozenset[str]:
+        return frozenset(self._banned)
+
+    def next_wakeup(self) -> float | None:
+        """When to send a `Tick` if no other event comes (None: only events matter)."""
+        if self._finished or self._failed:
+            return None
+        deadlines = [self._next_check]
+        deadlines += [t + self.config.mirror_timeout for t in self._inflight.values()]
+        soonest = min(deadlines)
+        return None if math.isinf(soonest) else soonest
+
+    def view(self, piece: int, now: float) -> PieceView:
+        """The ranking input for ``piece`` at ``now`` (public for tests and debugging)."""
+        self._check_piece(piece)
+        return self._view(piece, now)[0]
+
+    def best_source(self, piece: int, now: float) -> Source | None:
+        if piece in self._done:
+            return None
+        return rank_sources(self.view(piece, now))[0]
+
+    # -- events --
+
+    def handle(self, event: Event, now: float) -> tuple[Decision, ...]:
+        """Apply one event at time ``now``; returns what to do, in order."""
+        if self._finished or self._failed:
+            return ()
+        out: list[Decision] = []
+        match event:
+            case PieceDone(piece=piece, origin=origin):
+                self._on_done(piece, origin, now, out)
+            case PieceHashFailed(piece=piece, origin=origin, peer=peer):
+                self._check_piece(piece)
+                if origin is Origin.MIRROR:
+                    self._mirror_failed(
+                        piece, "the mirror sent data that failed the hash", now, out
+                    )
+                else:
+                    self._peer_hash_failed(piece, peer, now, out)
+            case PieceProgress(piece=piece):
+                self._check_piece(piece)
+                if piece not in self._done:
+                    self._last_progress[piece] = now
+                    self._last_peer_activity = now
+            case PeerBitfield(peer=peer, pieces=pieces):
+                if peer not in self._banned:
+                    for p in pieces:
+                        self._check_piece(p)
+                    self._set_peer(peer, frozenset(pieces), now)
+            case PeerHave(peer=peer, piece=piece):
+                self._check_piece(piece)
+                if peer not in self._banned:
+                    self._set_peer(peer, self._peers.get(peer, frozenset()) | {piece}, now)
+            case PeerGone(peer=peer, banned=banned):
+                self._drop_peer(peer, now)
+                if banned:
+                    self._banned.add(peer)
+            case Availability(counts=counts):
+                if len(counts) != self.num_pieces:
+                    raise ValueError(f"{len(counts)} availability counts, want {self.num_pieces}")
+                for p, c in enumerate(counts):
+                    before = self._holders(p)
+                    self._anon[p] = max(0, int(c))
+                    self._availability_changed(p, before, now)
+            case MirrorPieceFailed(piece=piece, reason=reason):
+                self._check_piece(piece)
+                if piece in self._inflight:
+                    self._mirror_failed(piece, reason, now, out)
+            case Tick():
+                pass
+            case _:
+                raise TypeError(f"not a policy event: {event!r}")
+        if not (self._finished or self._failed):
+            self._expire_mirror(now, out)
+        if not (self._finished or self._failed) and (self._dirty or now >= self._next_check):
+            self._evaluate(now, out)
+        return tuple(out)
+
+    # -- event helpers --
+
+    def _check_piece(self, piece: int) -> None:
+        if type(piece) is not int or not 0 <= piece < self.num_pieces:
+            raise ValueError(f"piece {piece!r} is out of range 0-{self.num_pieces - 1}")
+
+    def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
+        self._check_piece(piece)
+        if piece in self._done:
+            return
+        self._done.add(piece)
+        self._last_progress.pop(piece, None)
+        if origin is Origin.PEER:
+            self._last_peer_activity = now
+        if piece in self._inflight:
+            del self._inflight[piece]
+            self._dirty = True  # a mirror slot is free
+            if origin is Origin.PEER:
+                out.append(CancelMirror((piece,)))
+        if len(self._done) == self.num_pieces:
+            self._finished = True
+            if self._inflight:
+                out.append(CancelMirror(tuple(sorted(self._inflight))))
+                self._inflight.clear()
+            out.append(Done())
+
+    def _peer_hash_failed(
+        self, piece: int, peer: str | None, now: float, out: list[Decision]
+    ) -> None:
+        if piece in self._done:
+            return
+        self._peer_hash_failures[piece] = self._peer_hash_failures.get(piece, 0) + 1
+        self._last_progress.pop(piece, None)  # the partial piece was thrown away
+        self._dirty = True
+        if peer is not None and peer not in self._banned:
+            self._banned.add(peer)
+            self._drop_peer(peer, now)
+            out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
+
+    def _mirror_failed(self, piece: int, reason: str, now: float, out: list[Decision]) -> None:
+        self._inflight.pop(piece, None)
+        if piece in self._done:
+            return
+        failures = self._mirror_failures.get(piece, 0) + 1
+        self._mirror_failures[piece] = failures
+        self._dirty = True
+        if failures >= self.config.mirror_max_failures:
+            self._fail(
+                f"piece {piece} failed {failures} times from the mirror (last: {reason})",
+                piece,
+                out,
+            )
+        else:
+            self._retry_at[piece] = now + self.config.backoff(failures)
+
+    def _expire_mirror(self, now: float, out: list[Decision]) -> None:
+        limit = self.config.mirror_timeout
+        for piece, started in list(self._inflight.items()):
+            if now - started >= limit and not self._failed:
+                out.append(CancelMirror((piece,)))
+                self._mirror_failed(piece, f"no answer after {limit:g} s", now, out)
+
+    def _fail(self, reason: str, piece: int | None, out: list[Decision]) -> None:
+        if self._inflight:
+            out.append(CancelMirror(tuple(sorted(self._inflight))))
+            self._inflight.clear()
+        self._failed = Failed(reason, piece)
+        out.append(self._failed)
+
+    def _holders(self, piece: int) -> int:
+        # Named and anonymous counts describe the same peers when both are fed; the
+        # larger one is the better estimate, their sum would double count.
+        return max(self._named[piece], self._anon[piece])
+
+    def _availability_changed(self, piece: int, before: int, now: float) -> None:
+        after = self._holders(piece)
+        if before == 0 and after > 0:
+            self._available_since[piece] = now
+        elif before > 0 and after == 0:
+            self._available_since.pop(piece, None)
+            self._dirty = True  # the piece may have just become a mirror candidate
+
+    def _set_peer(self, peer: str, pieces: frozenset[int], now: float) -> None:
+        old = self._peers.get(peer, frozenset())
+        if len(old) == self.num_pieces:
+            self._complete_peers -= 1
+        for p in old - pieces:
+            before = self._holders(p)
+            self._named[p] -= 1
+            self._availability_changed(p, before, now)
+        for p in pieces - old:
+            before = self._holders(p)
+            self._named[p] += 1
+            self._availability_changed(p, before, now)
+        self._peers[peer] = pieces
+        if len(pieces) == self.num_pieces:
+            self._complete_peers += 1
+
+    def _drop_peer(self, peer: str, now: float) -> None:
+        old = self._peers.pop(peer, None)
+        if old is None:
+            return
+        if len(old) == self.num_pieces:
+            self._complete_peers -= 1
+        for p in old:
+            before = self._holders(p)
+            self._named[p] -= 1
+            self._availability_changed(p, before, now)
+        self._dirty = True
+
+    # -- evaluation --
+
+    def _view(self, piece: int, now: float) -> tuple[PieceView, float]:
+        """The piece's ranking input, and the earliest time it could rank the mirror
+        first if nothing else happened."""
+        cfg = self.config
+        holders = self._holders(piece)
+        complete = min(self._complete_peers, holders)
+        grace_end = self.start + cfg.grace_period
+        if piece in self._last_progress:
+            alive = self._last_progress[piece]
+        else:
+            since = self._available_since.get(piece, self.start)
+            alive = max(since, self._last_peer_activity, self.start)
+        stall_at = alive + cfg.stall_timeout
+        untrusted = self._peer_hash_failures.get(piece, 0) >= cfg.peer_hash_failures_max
+        retry_at = self._retry_at.get(piece, -math.inf)
+        exhausted = self._mirror_failures.get(piece, 0) >= cfg.mirror_max_failures
+        view = PieceView(
+            complete_holders=complete,
+            partial_holders=holders - complete,
+            peers_stalled=holders > 0 and now >= stall_at,
+            peers_untrusted=untrusted,
+            in_grace=now < grace_end,
+            mirror_usable=cfg.mirror_enabled and not exhausted and now >= retry_at,
+        )
+        if not cfg.mirror_enabled:
+            mirror_at = math.inf
+        elif holders > 0 and not untrusted:
+            mirror_at = max(stall_at, retry_at)
+        else:
+            mirror_at = max(grace_end, retry_at)
+        return view, mirror_at
+
+    def _evaluate(self, now: float, out: list[Decision]) -> None:
+        self._dirty = False
+        cfg = self.config
+        if not cfg.mirror_enabled:
+            self._check_peer_only(now, out)
+            return
+        free = cfg.mirror_parallel - len(self._inflight)
+        if free <= 0:
+            self._next_check = math.inf  # a freed slot marks us dirty
+            return
+        if len(self._order) > 2 * (self.num_pieces - len(self._done)):
+            # Drop finished pieces from the scan order now and then (amortized O(n)),
+            # so scans stay proportional to what is still missing.
+            self._order = [p for p in self._order if p not in self._done]
+        nobody_has: list[int] = []
+        stalled: list[int] = []
+        next_check = math.inf
+        for piece in self._order:
+            if piece in self._done or piece in self._inflight:
+                continue
+            view, mirror_at = self._view(piece, now)
+            if rank_sources(view)[0] is Source.MIRROR:
+                has_holders = view.complete_holders + view.partial_holders > 0
+                (stalled if has_holders else nobody_has).append(piece)
+                if len(nobody_has) >= free:
+                    break  # the best class alone fills the free slots
+            else:
+                next_check = min(next_check, mirror_at)
+        chosen = (nobody_has + stalled)[:free]
+        for piece in chosen:
+            self._inflight[piece] = now
+        if chosen:
+            out.append(FetchFromMirror(tuple(chosen)))
+        # Slots still free: the scan was complete, so next_check is exact.
+        self._next_check = math.inf if len(chosen) >= free else next_check
+
+    def _check_peer_only(self, now: float, out: list[Decision]) -> None:
+        """Without a mirror, a piece nobody has fails the download once peers had the
+        grace period plus a stall timeout to show up and went quiet."""
+        cfg = self.config
+        deadline = max(self.start + cfg.grace_period, self._last_peer_activity) + cfg.stall_timeout
+        orphans = [
+            p
+            for p in range(self.num_pieces)
+            if p not in self._done
+            and (
+                self._holders(p) == 0
+                or self._peer_hash_failures.get(p, 0) >= cfg.peer_hash_failures_max
+            )
+        ]
+        if not orphans:
+            self._next_check = math.inf
+        elif now >= deadline:
+            self._fail(
+                f"no peer has piece {orphans[0]} (and {len(orphans) - 1} more) and this "
+                "download has no mirror",
+                orphans[0],
+                out,
+            )
+        else:
+            self._next_check = deadline

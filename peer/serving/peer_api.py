@@ -1,0 +1,93 @@
+"""The peer-facing API (``--listen``): what other agents may ask of this one.
+
+    GET  /v1/health           Health (agent id, BitTorrent port, protocol version)
+    POST /v1/have             HaveRequest -> HaveResponse: manifests of the blobs we hold
+    GET  /v1/blobs/{blob id}  a small blob (below one piece), Range allowed; the receiver
+                              verifies its hash before using it
+
+Bodies are msgpack wire messages (`peer.wire`). Only verified blobs are ever offered or
+served; everything else is 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Protocol
+
+from aiohttp import web
+
+from peer import wire
+from peer.verification.hashing import is_blob_id
+
+MSGPACK = "application/msgpack"
+MAX_REQUEST = 1 << 20
+SMALL_BLOB_LIMIT = 16 << 20  # larger blobs go through the swarm, never over this API
+
+
+class PeerBackend(Protocol):
+    def health(self) -> wire.Health: ...
+
+    def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]: ...
+
+    def verified_blob_path(self, blob_id: str) -> Path | None: ...
+
+    def count_upload(self, n: int) -> None: ...
+
+
+def _read(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def make_peer_app(backend: PeerBackend) -> web.Application:
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(body=wire.encode(backend.health()), content_type=MSGPACK)
+
+    async def have(request: web.Request) -> web.Response:
+        body = await request.content.read(MAX_REQUEST + 1)
+        try:
+            if len(body) > MAX_REQUEST:
+                raise wire.WireError("request too large")
+            msg = wire.decode_as(body, wire.HaveRequest)
+        except wire.WireError as exc:
+            return web.Response(status=400, text=exc.one_line())
+        manifests = backend.manifests_for(tuple(msg.blob_ids))
+        return web.Response(body=wire.encode(wire.HaveResponse(manifests=tuple(manifests))),
+                            content_type=MSGPACK)
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        blob_id = request.match_info["blob_id"]
+        path = backend.verified_blob_path(blob_id) if is_blob_id(blob_id) else None
+        if path is None:
+            return web.Response(status=404, text="not held here")
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return web.Response(status=404, text="not held here")
+        if size > SMALL_BLOB_LIMIT:
+            return web.Response(status=413, text="large blobs are served through the swarm")
+        start, end = 0, size
+        rng = request.http_range
+        status = 200
+        if rng.start is not None or rng.stop is not None:
+            start, stop, _ = rng.indices(size)
+            end = stop
+            if start >= end:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+        data = await asyncio.to_thread(_read, path, start, end)
+        headers = {"Accept-Ranges": "bytes"}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        backend.count_upload(len(data))
+        return web.Response(status=status, body=data, headers=headers,
+                            content_type="application/octet-stream")
+
+    app = web.Application(client_max_size=MAX_REQUEST)
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/blobs/{blob_id}", blob)
+    return app

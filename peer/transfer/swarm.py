@@ -1,0 +1,1287 @@
+"""The libtorrent adapter: the ONLY module of hfswarm that imports libtorrent.
+
+Everything else talks to the swarm through `SwarmSession` (an async context manager),
+a few pure helpers (`create_v2_torrent`, `parse_torrent`, `info_hash_of`) and the typed
+events of `peer.transfer.events`. libtorrent errors (``RuntimeError`` from the binding)
+are translated into `SwarmError` here, at the edge.
+
+How the pieces fit:
+
+- Alerts reach asyncio through ``set_alert_fd`` on a non-blocking pipe watched with
+  ``loop.add_reader``. On every wake-up the pipe is emptied and ``pop_alerts()`` is
+  drained until it returns nothing; each alert is copied at once into a frozen event
+  (an alert object dies at the next ``pop_alerts``). ``set_alert_notify`` is avoided:
+  it runs a Python callback on libtorrent's thread, which must take the GIL there.
+- Events fan out to subscribers (`SwarmSession.subscribe`, one bounded queue each) and
+  to one-shot waiters (`SwarmSession.expect`), which the adapter also uses itself for
+  ``flush_cache`` and ``save_resume_data``.
+- Calls that wait for libtorrent's network thread (``add_torrent``, ``status``,
+  ``get_peer_info``, ...) run in a worker thread; calls that only post a message
+  (``connect_peer``, ``add_piece``, ``flush_cache``, ...) run inline.
+
+libtorrent behaviours measured with the 2.1.1 wheel that this module relies on:
+
+- ``torrent_finished`` fires before the data is written: ``await flush_cache(ih)``
+  (which waits for ``cache_flushed``) before hashing, linking or copying the file.
+- ``save_resume_data`` only lists pieces that reached the disk: `save_resume_data`
+  therefore flushes first.
+- ``add_piece`` silently ignores data of the wrong length (no alert at all) and a
+  negative piece index crashes the process (segfault): both are checked here. The
+  last piece of a file is its real length, without the v2 tail padding.
+- In ``seed_mode`` libtorrent hashes each piece the first time a peer asks for it; a
+  corrupt piece makes the seeder fail that hash, leave seed mode and re-check the
+  whole file, so it never reaches the peer.
+- When one peer alone sent a piece that fails its hash, libtorrent bans that peer by
+  itself (``peer_ban_alert``, just before ``hash_failed_alert``).
+- Adding a torrent whose info-hash is already in the session silently returns the
+  existing handle (even with another save path) unless ``duplicate_is_error`` is set.
+- ``load_torrent_buffer`` moves a torrent's trackers, web seeds and DHT nodes into the
+  add-torrent params: they are cleared here, so a hostile torrent cannot make the agent
+  contact outside hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import libtorrent as lt
+
+from peer.errors import ConfigError, HfswarmError
+from peer.transfer import events as ev
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E", bound=ev.SwarmEvent)
+
+BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class SwarmError(HfswarmError):
+    """libtorrent refused or failed an operation."""
+
+
+class InvalidTorrent(SwarmError):
+    """Bytes that are not a well-formed BitTorrent v2 torrent."""
+
+
+class UnknownTorrent(SwarmError):
+    """An info-hash this session does not hold."""
+
+
+class TorrentExists(SwarmError):
+    """The info-hash is already in the session."""
+
+
+class SwarmClosed(SwarmError):
+    """The session was closed while an operation waited on it."""
+
+
+def _translate(what: str, exc: BaseException) -> SwarmError:
+    return SwarmError(f"{what}: {exc}", hint="see the agent log for the libtorrent error")
+
+
+# --- settings ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwarmSettings:
+    """Session settings; defaults suit a LAN (see DESIGN.md, libtorrent facts)."""
+
+    listen_host: str = "0.0.0.0"
+    # 0 picks a free port; `SwarmSession.listen_port` tells which one was bound.
+    listen_port: int = 0
+    # Start of the 20-byte peer id (libtorrent's peer_fingerprint); the rest is random.
+    peer_id_prefix: str = "-HS0010-"
+    # libtorrent's default (500) starves a fast LAN link; ~1500 keeps it busy.
+    max_out_request_queue: int = 1500
+    # Alerts are drained on every wake-up; the queue only needs to absorb bursts.
+    alert_queue_size: int = 10_000
+    connections_limit: int = 200
+    # Peers served at once; LAN fan-out wants more than libtorrent's default of 8.
+    upload_slots: int = 32
+    upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
+    download_rate_limit: int = 0  # bytes/s, 0 = unlimited
+    # libtorrent exempts peers on the local network from rate limits unless told not to.
+    limit_local_peers: bool = False
+    user_agent: str = "hfswarm/0.1"
+    start_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"BitTorrent port {self.listen_port} is out of range 0-65535")
+        if not self.listen_host or any(c.isspace() or c == "," for c in self.listen_host):
+            raise ConfigError(f"BitTorrent listen host {self.listen_host!r} is not an address")
+        if not (self.peer_id_prefix.isascii() and 0 < len(self.peer_id_prefix) <= 20):
+            raise ConfigError("the peer-id prefix must be 1-20 ASCII characters")
+        for name in ("max_out_request_queue", "alert_queue_size", "connections_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"swarm setting {name} must be at least 1")
+        if self.upload_slots < 1 or self.upload_rate_limit < 0 or self.download_rate_limit < 0:
+            raise ConfigError("swarm upload slots must be >= 1 and rate limits >= 0")
+
+    @property
+    def listen_interface(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+    def to_libtorrent(self) -> lt.settings_pack:
+        cat = lt.alert.category_t
+        alert_mask = (
+            cat.status_notification  # state changes, finished, metadata, listen, hash failed
+            | cat.error_notification  # torrent/file errors, dropped alerts
+            | cat.storage_notification  # cache flushed, resume data, files deleted
+            | cat.piece_progress_notification  # piece finished (not per-block alerts)
+            | cat.peer_notification  # peer banned, peer errors
+            | cat.connect_notification  # peer connected / disconnected
+            | cat.ip_block_notification  # connections refused by our ban filter
+            | cat.performance_warning
+        )
+        return {
+            "listen_interfaces": self.listen_interface,
+            # A taken port must fail loudly: falling back to a random port would leave
+            # the agent advertising a port nobody listens on.
+            "listen_system_port_fallback": False,
+            "max_retry_port_bind": 0,  # nor trying the next ports silently
+            # LAN only: peers come from hfswarm's own discovery, never from the
+            # internet, and uTP runs ~30x slower than TCP on loopback/LAN.
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+            "enable_outgoing_tcp": True,
+            "enable_incoming_tcp": True,
+            "dht_bootstrap_nodes": "",
+            # Several agents behind one address (containers, NAT, tests on loopback)
+            # otherwise break the swarm with "duplicate peer-id".
+            "allow_multiple_connections_per_ip": True,
+            "max_out_request_queue": self.max_out_request_queue,
+            "alert_mask": int(alert_mask),
+            "alert_queue_size": self.alert_queue_size,
+            "peer_fingerprint": self.peer_id_prefix,
+            "user_agent": self.user_agent,
+            "connections_limit": self.connections_limit,
+            "unchoke_slots_limit": self.upload_slots,
+            "upload_rate_limit": self.upload_rate_limit,
+            "download_rate_limit": self.download_rate_limit,
+            "ignore_limits_on_local_network": not self.limit_local_peers,
+        }
+
+
+# --- torrents without a session ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorrentFile:
+    path: str
+    size: int
+    offset: int
+    # v2 merkle root over the file's 16 KiB blocks (not sha256 of the file); 32 bytes.
+    pieces_root: bytes
+    # BEP 47 attributes libtorrent understood: "x" executable, "h" hidden, "l" symlink.
+    attributes: str = ""
+
+
+@dataclass(frozen=True)
+class TorrentMeta:
+    """What a torrent says about itself; pad files are left out of ``files``."""
+
+    info_hash: str  # v2 info-hash, 64 hex
+    has_v1: bool
+    name: str
+    piece_size: int
+    num_pieces: int
+    files: tuple[TorrentFile, ...]
+    # Keys of the bencoded dicts, for callers that insist on a canonical shape
+    # (only filled by `parse_torrent`, empty when read from a live handle).
+    top_level_keys: frozenset[str] = frozenset()
+    info_keys: frozenset[str] = frozenset()
+    _offsets: tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def piece_length(self, piece: int) -> int:
+        """Bytes of real file data in ``piece``: what `add_piece` must be given.
+
+        v2 pieces never span files and the tail padding after a file is not data, so
+        the last piece of a file is shorter than ``piece_size``."""
+        if not 0 <= piece < self.num_pieces:
+            raise SwarmError(f"piece {piece} is out of range 0-{self.num_pieces - 1}")
+        start = piece * self.piece_size
+        i = bisect.bisect_right(self._offsets, start) - 1
+        if i < 0:
+            return 0
+        f = self.files[i]
+        return max(0, min(self.piece_size, f.offset + f.size - start))
+
+
+def _hex_v2(ihs: Any) -> str | None:
+    if ihs is None or not ihs.has_v2():
+        return None
+    value = bytes(ihs.v2.to_bytes()).hex()
+    return None if value == "0" * 64 else value
+
+
+def _meta_from_ti(ti: Any, top: frozenset[str], info: frozenset[str]) -> TorrentMeta:
+    ih = _hex_v2(ti.info_hashes())
+    if ih is None:
+        raise InvalidTorrent("the torrent is not a BitTorrent v2 torrent (no v2 info-hash)")
+    layout = ti.layout()
+    attr_bits = (
+        (int(layout.flag_executable), "x"),
+        (int(layout.flag_hidden), "h"),
+        (int(layout.flag_symlink), "l"),
+    )
+    files = []
+    for i in range(layout.num_files()):
+        flags = int(layout.file_flags(i))
+        if flags & int(layout.flag_pad_file):
+            continue
+        files.append(
+            TorrentFile(
+                path=layout.file_path(i),
+                size=int(layout.file_size(i)),
+                offset=int(layout.file_offset(i)),
+                pieces_root=bytes(layout.root(i).to_bytes()),
+                attributes="".join(c for bit, c in attr_bits if flags & bit),
+            )
+        )
+    return TorrentMeta(
+        info_hash=ih,
+        has_v1=bool(ti.info_hashes().has_v1()),
+        name=ti.name(),
+        piece_size=int(ti.piece_length()),
+        num_pieces=int(ti.num_pieces()),
+        files=tuple(files),
+        top_level_keys=top,
+        info_keys=info,
+        _offsets=tuple(f.offset for f in files),
+    )
+
+
+def _keys(d: Any) -> frozenset[str]:
+    return frozenset(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in d)
+
+
+def parse_torrent(torrent: bytes) -> TorrentMeta:
+    """Parse and validate .torrent bytes (libtorrent also checks the v2 piece layers
+    against each file's pieces root). Raises `InvalidTorrent`. Cheap: no I/O."""
+    if not isinstance(torrent, bytes | bytearray | memoryview):
+        raise InvalidTorrent(f"a torrent must be bytes, not {type(torrent).__name__}")
+    data = bytes(torrent)
+    try:
+        decoded: Any = lt.bdecode(data)
+        ti = lt.torrent_info(data)
+    except RuntimeError as e:
+        raise InvalidTorrent(f"not a valid torrent: {e}") from e
+    if not isinstance(decoded, dict) or not isinstance(decoded.get(b"info"), dict):
+        raise InvalidTorrent("not a valid torrent: no info dictionary")
+    return _meta_from_ti(ti, _keys(decoded), _keys(decoded[b"info"]))
+
+
+def info_hash_of(torrent: bytes) -> str:
+    """The v2 info-hash (64 hex) of .torrent bytes. Raises `InvalidTorrent`."""
+    return parse_torrent(torrent).info_hash
+
+
+def _check_piece_size(piece_size: int) -> None:
+    if piece_size < BLOCK_SIZE or piece_size & (piece_size - 1):
+        raise SwarmError(f"piece size {piece_size} is not a power of two >= 16 KiB")
+
+
+def create_v2_torrent_blocking(file_path: str | os.PathLike[str], piece_size: int) -> bytes:
+    """Blocking body of `create_v2_torrent` (hashes the whole file)."""
+    _check_piece_size(piece_size)
+    path = Path(file_path)
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            raise SwarmError(f"{path} is not a non-empty regular file; cannot make a torrent")
+        # no_attributes: list_files records the executable bit ("attr": "x") in the
+        # info dict, which would split the swarm between machines that store the same
+        # blob with different modes. The flags must go to list_files, by keyword (a
+        # positional int is taken for the predicate overload).
+        flags = lt.create_torrent.v2_only | lt.create_torrent.no_attributes
+        files = lt.list_files(str(path), flags=flags)
+        ct = lt.create_torrent(files, piece_size, flags)
+        # No date, no creator: the bytes must be identical on every machine.
+        ct.set_creation_date(0)
+        ct.set_creator("")
+        lt.set_piece_hashes(ct, str(path.parent))
+        return bytes(lt.bencode(ct.generate()))
+    except (RuntimeError, OSError) as e:
+        raise _translate(f"cannot create a torrent for {path}", e) from e
+
+
+async def create_v2_torrent(file_path: str | os.PathLike[str], piece_size: int) -> bytes:
+    """Deterministic single-file BitTorrent v2 torrent of ``file_path``.
+
+    The torrent's file name is the basename of ``file_path`` (symlinks are followed),
+    and the bytes are identical across runs and machines for the same name, content and
+    piece size. Hashing runs in a worker thread."""
+    return await asyncio.to_thread(create_v2_torrent_blocking, file_path, piece_size)
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorrentStatus:
+    info_hash: str
+    name: str
+    state: str
+    paused: bool
+    has_metadata: bool
+    is_seeding: bool
+    is_finished: bool
+    progress: float
+    num_pieces: int
+    pieces_done: int
+    # Payload bytes received from peers since the torrent was added to this session.
+    peer_payload_bytes: int
+    uploaded_payload_bytes: int
+    # Bytes given to `add_piece` that passed / failed the hash check.
+    fed_bytes: int
+    fed_failed_bytes: int
+    failed_bytes: int  # libtorrent's total_failed_bytes (peers' bad data)
+    num_peers: int
+    num_seeds: int
+    download_rate: int
+    upload_rate: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    endpoint: ev.Endpoint
+    is_seed: bool
+    pieces: tuple[bool, ...]
+    downloaded_bytes: int  # from this peer, this connection
+    uploaded_bytes: int
+    download_rate: int
+    num_hashfails: int
+    client: str
+
+
+@dataclass(frozen=True)
+class PartialPiece:
+    """A piece libtorrent is downloading from peers (its download queue)."""
+
+    piece: int
+    blocks_total: int
+    blocks_requested: int  # asked for, nothing back yet
+    blocks_received: int  # arrived (being written or written)
+
+
+# --- event delivery ---------------------------------------------------------------------
+
+
+class _Closed:
+    pass
+
+
+_CLOSED = _Closed()
+
+
+class EventStream:
+    """One subscriber's view of the events: ``async for event in stream``.
+
+    Bounded: when the consumer falls ``maxsize`` events behind, further events are
+    dropped for it and an `EventsDropped` is delivered before the next one. The stream
+    ends when the session closes or `close` is called."""
+
+    def __init__(self, owner: SwarmSession, info_hash: str | None, maxsize: int) -> None:
+        self._owner = owner
+        self.info_hash = info_hash
+        self._maxsize = maxsize
+        self._queue: asyncio.Queue[ev.SwarmEvent | _Closed] = asyncio.Queue()
+        self._dropped = 0
+        self._closed = False
+
+    def _wants(self, event: ev.SwarmEvent) -> bool:
+        if self.info_hash is None or not isinstance(event, ev.TorrentEvent):
+            return True
+        return event.info_hash == self.info_hash
+
+    def _push(self, event: ev.SwarmEvent) -> None:
+        if self._closed or not self._wants(event):
+            return
+        if self._queue.qsize() >= self._maxsize:
+            self._dropped += 1
+            return
+        self._queue.put_nowait(event)
+
+    def _end(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait(_CLOSED)
+
+    def close(self) -> None:
+        self._owner._unsubscribe(self)
+        self._end()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ev.SwarmEvent:
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            return ev.EventsDropped(dropped)
+        item = await self._queue.get()
+        if isinstance(item, _Closed):
+            self._queue.put_nowait(item)  # stay ended for later calls
+            raise StopAsyncIteration
+        return item
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the session ------------------------------------------------------------------------
+
+
+@dataclass
+class _Torrent:
+    info_hash: str
+    handle: Any  # None while libtorrent is still adding it
+    meta: TorrentMeta | None
+    # libtorrent silently drops add_piece data while it checks files: until the
+    # torrent is checked, fed pieces wait here (piece index -> data).
+    checked: bool = False
+    queued: dict[int, bytes] = field(default_factory=dict)
+    # add_piece data not yet judged by the hash check, by piece index -> length.
+    fed_pending: dict[int, int] = field(default_factory=dict)
+    fed_bytes: int = 0
+    fed_failed_bytes: int = 0
+
+
+# States in which libtorrent has no piece picker and ignores add_piece.
+_NOT_READY_STATES = frozenset(
+    {
+        "queued_for_checking",
+        "checking_files",
+        "checking_resume_data",
+        "downloading_metadata",
+        "allocating",
+    }
+)
+
+
+class SwarmSession:
+    """One libtorrent session, as an async context manager.
+
+    ``async with SwarmSession(settings) as swarm:`` binds the listen port (raising
+    `SwarmError` if it cannot), and tears everything down on exit (libtorrent's
+    threads are joined in a worker thread, then the alert pipe is closed).
+
+    Torrents are named by their v2 info-hash (64 hex) everywhere in this API.
+    """
+
+    def __init__(self, settings: SwarmSettings) -> None:
+        self.settings = settings
+        self._ses: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._port: int | None = None
+        self._torrents: dict[str, _Torrent] = {}
+        self._by_handle: dict[Any, _Torrent] = {}
+        self._streams: list[EventStream] = []
+        self._waiters: list[tuple[Callable[[ev.SwarmEvent], bool], asyncio.Future[Any]]] = []
+        self._banned: set[str] = set()
+        self._handlers: dict[type, Callable[[Any], Iterable[ev.SwarmEvent]]] = {
+            lt.listen_succeeded_alert: self._a_listen,
+            lt.listen_failed_alert: self._a_listen_failed,
+            lt.alerts_dropped_alert: self._a_dropped,
+            lt.add_torrent_alert: self._a_added,
+            lt.torrent_checked_alert: self._simple(ev.TorrentChecked),
+            lt.metadata_received_alert: self._a_metadata,
+            lt.metadata_failed_alert: self._with_error(ev.MetadataFailed),
+            lt.state_changed_alert: self._a_state,
+            lt.piece_finished_alert: self._a_piece_finished,
+            lt.hash_failed_alert: self._a_hash_failed,
+            lt.torrent_finished_alert: self._simple(ev.TorrentFinished),
+            lt.cache_flushed_alert: self._simple(ev.CacheFlushed),
+            lt.save_resume_data_alert: self._a_resume,
+            lt.save_resume_data_failed_alert: self._with_error(ev.ResumeDataFailed),
+            lt.fastresume_rejected_alert: self._with_error(ev.FastresumeRejected),
+            lt.torrent_error_alert: self._with_error(ev.TorrentError),
+            lt.file_error_alert: self._a_file_error,
+            lt.torrent_paused_alert: self._simple(ev.TorrentPaused),
+            lt.torrent_resumed_alert: self._simple(ev.TorrentResumed),
+            lt.torrent_removed_alert: self._a_removed,
+            lt.torrent_deleted_alert: self._simple(ev.FilesDeleted),
+            lt.torrent_delete_failed_alert: self._with_error(ev.FilesDeleteFailed),
+            lt.performance_alert: self._a_performance,
+            lt.peer_connect_alert: self._peer(ev.PeerConnected),
+            lt.peer_disconnected_alert: self._peer(ev.PeerDisconnected, with_error=True),
+            lt.peer_ban_alert: self._peer(ev.PeerBanned),
+            lt.peer_blocked_alert: self._peer(ev.PeerBlocked),
+            lt.peer_error_alert: self._peer(ev.PeerError, with_error=True),
+        }
+
+    # -- lifecycle --
+
+    async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            self._ses = await asyncio.to_thread(_new_session, self.settings.to_libtorrent())
+        except RuntimeError as e:
+            raise _translate("cannot start the BitTorrent session", e) from e
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)  # libtorrent must never block on a full pipe
+        self._pipe = (r, w)
+        started = self.expect(lambda e: isinstance(e, ev.Listening | ev.ListenFailed))
+        self._ses.set_alert_fd(w)
+        loop.add_reader(r, self._on_alert_fd)
+        # Alerts queued before the fd was set never trigger a write: drain them now.
+        self._drain()
+        try:
+            first = await asyncio.wait_for(started, self.settings.start_timeout)
+        except BaseException:
+            await self._teardown()
+            raise
+        if isinstance(first, ev.ListenFailed):
+            await self._teardown()
+            raise SwarmError(
+                f"cannot listen for BitTorrent on {self.settings.listen_interface}: "
+                f"{first.message}",
+                hint="choose another --bt-port or stop the program using it",
+            )
+        self._port = first.port
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        loop, pipe, ses = self._loop, self._pipe, self._ses
+        self._ses = None
+        if loop is not None and pipe is not None:
+            loop.remove_reader(pipe[0])
+        for stream in self._streams:
+            stream._end()
+        self._streams.clear()
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(SwarmClosed("the BitTorrent session was closed"))
+        self._waiters.clear()
+        self._torrents.clear()
+        self._by_handle.clear()
+        box = [ses]
+        del ses
+
+        def release() -> None:
+            # The last reference dies here, so libtorrent's destructor (which joins its
+            # network and disk threads) blocks this worker, not the event loop.
+            box.clear()
+
+        def close_pipe(_: object = None) -> None:
+            if pipe is not None:
+                for fd in pipe:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+        if loop is None:
+            close_pipe()
+            return
+        done = loop.run_in_executor(None, release)
+        try:
+            await asyncio.shield(done)
+        finally:
+            # libtorrent may write to the pipe until it is destroyed: close only after.
+            if done.done():
+                close_pipe()
+            else:
+                done.add_done_callback(close_pipe)
+        self._pipe = None
+
+    @property
+    def listen_port(self) -> int:
+        """The TCP port actually bound (meaningful when the settings asked for 0)."""
+        if self._port is None:
+            raise SwarmError("the BitTorrent session is not started")
+        return self._port
+
+    # -- events --
+
+    def subscribe(self, info_hash: str | None = None, *, maxsize: int = 10_000) -> EventStream:
+        """A new event stream: every event, or one torrent's plus session-wide ones."""
+        stream = EventStream(self, info_hash, maxsize)
+        if self._ses is None:
+            stream._end()
+        else:
+            self._streams.append(stream)
+        return stream
+
+    def events(self) -> EventStream:
+        return self.subscribe()
+
+    def _unsubscribe(self, stream: EventStream) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
+
+    def expect(self, predicate: Callable[[ev.SwarmEvent], bool]) -> asyncio.Future[Any]:
+        """A future resolved with the first later event matching ``predicate``.
+
+        Register it BEFORE the action that triggers the event. Cancel it (or let
+        ``asyncio.wait_for`` do so) when no longer needed."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._ses is None:
+            fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
+        else:
+            self._waiters.append((predicate, fut))
+        return fut
+
+    async def _await(self, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await fut
+        finally:
+            fut.cancel()  # no-op when resolved; drops it when our caller gave up
+            self._waiters = [(p, f) for p, f in self._waiters if f is not fut]
+
+    def _on_alert_fd(self) -> None:
+        if self._pipe is None:
+            return
+        # Empty the pipe first: libtorrent writes again once the queue goes from
+        # empty to non-empty, so nothing posted after the drain below is lost.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._pipe[0], 4096):
+                pass
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._ses is not None:
+            alerts = self._ses.pop_alerts()
+            if not alerts:
+                return
+            for alert in alerts:
+                handler = self._handlers.get(type(alert))
+                if handler is None:
+                    continue
+                try:
+                    produced = list(handler(alert))
+                except Exception:
+                    # A binding quirk in one alert must not stop the rest.
+                    log.exception("could not translate libtorrent %s", type(alert).__name__)
+                    continue
+                for event in produced:
+                    self._dispatch(event)
+
+    def _dispatch(self, event: ev.SwarmEvent) -> None:
+        if isinstance(event, ev.TorrentChecked | ev.StateChanged):
+            self._track_readiness(event)
+        for stream in self._streams:
+            stream._push(event)
+        if self._waiters:
+            keep = []
+            for predicate, fut in self._waiters:
+                if fut.done():
+                    continue
+                if predicate(event):
+                    fut.set_result(event)
+                else:
+                    keep.append((predicate, fut))
+            self._waiters = keep
+
+    def _track_readiness(self, event: ev.TorrentChecked | ev.StateChanged) -> None:
+        t = self._torrents.get(event.info_hash)
+        if t is None:
+            return
+        if isinstance(event, ev.StateChanged) and event.state in _NOT_READY_STATES:
+            t.checked = False
+            return
+        if isinstance(event, ev.TorrentChecked):
+            t.checked = True
+        if t.checked and t.handle is not None and t.queued:
+            queued, t.queued = t.queued, {}
+            for piece, data in queued.items():
+                self._add_piece_now(t, piece, data)
+
+    # -- alert translation (runs on the event loop, inside _drain) --
+
+    def _ih(self, alert: Any) -> str | None:
+        handle = alert.handle
+        t = self._by_handle.get(handle)
+        if t is not None:
+            return t.info_hash
+        ihs = getattr(alert, "info_hashes", None)  # removal alerts: the handle is gone
+        if ihs is not None and not callable(ihs):
+            return _hex_v2(ihs)
+        try:
+            return _hex_v2(handle.info_hashes())
+        except RuntimeError:
+            return None
+
+    def _simple(self, cls: Callable[[str], ev.SwarmEvent]) -> Callable[[Any], list[ev.SwarmEvent]]:
+        def handler(alert: Any) -> list[ev.SwarmEvent]:
+            ih = self._ih(alert)
+            return [cls(ih)] if ih else []
+
+        return handler
+
+    def _with_error(
+        self, cls: Callable[[str, str], ev.SwarmEvent]
+    ) -> Callable[[Any], list[ev.SwarmEvent]]:
+        def handler(alert: Any) -> list[ev.SwarmEvent]:
+            ih = self._ih(alert)
+            return [cls(ih, _error_text(alert))] if ih else []
+
+        return handler
+
+    def _peer(self, cls: Any, *, with_error: bool = False) -> Callable[[Any], list[ev.SwarmEvent]]:
+        def handler(alert: Any) -> list[ev.SwarmEvent]:
+            ih = self._ih(alert)
+            if not ih:
+                return []
+            host, port = alert.ip
+            endpoint = ev.Endpoint(str(host), int(port))
+            if with_error:
+                return [cls(ih, endpoint, _error_text(alert))]
+            return [cls(ih, endpoint)]
+
+        return handler
+
+    def _a_listen(self, alert: Any) -> list[ev.SwarmEvent]:
+        if _enum_name(alert.socket_type) != "tcp":
+            return []  # the UDP socket exists for uTP/DHT, both off
+        return [ev.Listening(str(alert.address), int(alert.port))]
+
+    def _a_listen_failed(self, alert: Any) -> list[ev.SwarmEvent]:
+        if _enum_name(alert.socket_type) != "tcp":
+            return []
+        return [ev.ListenFailed(str(alert.address), int(alert.port), _error_text(alert))]
+
+    def _a_dropped(self, alert: Any) -> list[ev.SwarmEvent]:
+        dropped = alert.dropped_alerts
+        count = sum(1 for x in dropped if x) if isinstance(dropped, list | tuple) else 1
+        return [ev.AlertsDropped(count)]
+
+    def _a_added(self, alert: Any) -> list[ev.SwarmEvent]:
+        if alert.error.value():
+            return []  # `add_torrent` raises synchronously; nothing to announce
+        ih = self._ih(alert)
+        return [ev.TorrentAdded(ih, str(alert.torrent_name))] if ih else []
+
+    def _a_metadata(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        return [ev.MetadataReceived(ih)] if ih else []
+
+    def _a_state(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        if not ih:
+            return []
+        return [ev.StateChanged(ih, _enum_name(alert.state), _enum_name(alert.prev_state))]
+
+    def _a_piece_finished(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        if not ih:
+            return []
+        piece = int(alert.piece_index)
+        t = self._torrents.get(ih)
+        fed = False
+        if t is not None and piece in t.fed_pending:
+            t.fed_bytes += t.fed_pending.pop(piece)
+            fed = True
+        return [ev.PieceFinished(ih, piece, fed)]
+
+    def _a_hash_failed(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        if not ih:
+            return []
+        piece = int(alert.piece_index)
+        t = self._torrents.get(ih)
+        fed = False
+        if t is not None and piece in t.fed_pending:
+            t.fed_failed_bytes += t.fed_pending.pop(piece)
+            fed = True
+        return [ev.HashFailed(ih, piece, fed)]
+
+    def _a_resume(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        if not ih:
+            return []
+        # The params object dies with the alert: serialize it right here.
+        return [ev.ResumeDataSaved(ih, bytes(lt.write_resume_data_buf(alert.params)))]
+
+    def _a_file_error(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        if not ih:
+            return []
+        name = alert.filename()
+        return [ev.FileError(ih, str(name), _error_text(alert))]
+
+    def _a_removed(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        return [ev.TorrentRemoved(ih)] if ih else []
+
+    def _a_performance(self, alert: Any) -> list[ev.SwarmEvent]:
+        ih = self._ih(alert)
+        return [ev.PerformanceWarning(ih, _enum_name(alert.warning_code))] if ih else []
+
+    # -- torrents --
+
+    def _session(self) -> Any:
+        if self._ses is None:
+            raise SwarmClosed("the BitTorrent session is not running")
+        return self._ses
+
+    def _get(self, info_hash: str) -> _Torrent:
+        t = self._torrents.get(info_hash)
+        if t is None or t.handle is None:
+            raise UnknownTorrent(f"torrent {info_hash} is not in this session")
+        return t
+
+    def _meta(self, t: _Torrent) -> TorrentMeta:
+        """The torrent's layout, read once from libtorrent after metadata arrived."""
+        if t.meta is None:
+            ti = t.handle.torrent_file()
+            if ti is None:
+                raise SwarmError(
+                    f"torrent {t.info_hash} has no metadata yet",
+                    hint="wait for MetadataReceived before using piece-level calls",
+                )
+            t.meta = _meta_from_ti(ti, frozenset(), frozenset())
+        return t.meta
+
+    def torrents(self) -> tuple[str, ...]:
+        return tuple(self._torrents)
+
+    async def _add(self, atp: Any, info_hash: str, meta: TorrentMeta | None, what: str) -> str:
+        ses = self._session()
+        if info_hash in self._torrents:
+            raise TorrentExists(f"torrent {info_hash} is already in this session")
+        # Whatever the torrent or resume data said, talk to no tracker, web seed or DHT
+        # node: peers come only from hfswarm's discovery.
+        atp.trackers = []
+        atp.url_seeds = []
+        atp.dht_nodes = []
+        flags = atp.flags
+        # Not auto-managed: libtorrent would otherwise queue (pause) everything past
+        # its active_downloads/active_seeds limits, and an agent seeds many blobs.
+        flags &= ~lt.torrent_flags.auto_managed
+        flags |= lt.torrent_flags.duplicate_is_error
+        flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+        # Peer exchange would hand us peers we did not authenticate.
+        flags |= lt.torrent_flags.disable_pex
+        atp.flags = flags
+        # Registered before libtorrent sees it, so that alerts dispatched while the
+        # add runs in its thread (TorrentChecked above all) find the record.
+        t = _Torrent(info_hash, None, meta)
+        self._torrents[info_hash] = t
+        try:
+            handle = await asyncio.to_thread(ses.add_torrent, atp)
+        except BaseException as e:
+            self._torrents.pop(info_hash, None)
+            if isinstance(e, RuntimeError):
+                if "already exists" in str(e):
+                    raise TorrentExists(f"torrent {info_hash} is already in this session") from e
+                raise _translate(what, e) from e
+            raise
+        t.handle = handle
+        self._by_handle[handle] = t
+        return info_hash
+
+    async def add_torrent(
+        self,
+        torrent: bytes,
+        save_path: str | os.PathLike[str],
+        *,
+        seed_mode: bool = False,
+        resume_data: bytes | None = None,
+        paused: bool = False,
+    ) -> str:
+        """Add a torrent; returns its info-hash.
+
+        ``save_path`` is the directory that holds (or will hold) the torrent's file,
+        named as in the torrent: for hfswarm's per-blob torrents, the file is
+        ``save_path/<blob id>``, so a blob in an HF cache seeds straight from
+        ``blobs/`` with ``seed_mode=True`` and no copy. Use ``seed_mode`` only for a
+        file already verified whole; libtorrent then skips the initial check (it still
+        hashes each piece the first time a peer asks for it).
+
+        ``resume_data`` (from `save_resume_data`) restores the verified pieces without
+        re-hashing the file."""
+        meta = parse_torrent(torrent)
+        save = Path(save_path)
+        if seed_mode:
+            await asyncio.to_thread(_check_files_present, meta, save)
+        try:
+            if resume_data is not None:
+                atp = lt.read_resume_data(bytes(resume_data))
+                if _hex_v2(atp.info_hashes) != meta.info_hash:
+                    raise SwarmError(
+                        "the resume data belongs to another torrent",
+                        hint="drop the stale resume file; the data will be re-checked",
+                    )
+                atp.ti = lt.torrent_info(bytes(torrent))
+            else:
+                atp = lt.load_torrent_buffer(bytes(torrent))
+        except RuntimeError as e:
+            raise _translate("cannot read the torrent or its resume data", e) from e
+        atp.save_path = str(save)
+        flags = atp.flags
+        if seed_mode:
+            flags |= lt.torrent_flags.seed_mode
+        flags = flags | lt.torrent_flags.paused if paused else flags & ~lt.torrent_flags.paused
+        atp.flags = flags
+        return await self._add(atp, meta.info_hash, meta, f"cannot add torrent {meta.info_hash}")
+
+    async def add_by_info_hash(
+        self, info_hash: str, save_path: str | os.PathLike[str], *, paused: bool = False
+    ) -> str:
+        """Add a torrent known only by its v2 info-hash; the info dict comes from the
+        first peer given with `connect_peer` (a `MetadataReceived` event follows)."""
+        if not isinstance(info_hash, str) or not _SHA256_HEX.fullmatch(info_hash):
+            raise SwarmError(f"{info_hash!r} is not a v2 info-hash (64 lowercase hex)")
+        atp = lt.add_torrent_params()
+        atp.info_hashes = lt.info_hash_t(lt.sha256_hash(bytes.fromhex(info_hash)))
+        atp.save_path = str(Path(save_path))
+        flags = atp.flags
+        atp.flags = flags | lt.torrent_flags.paused if paused else flags & ~lt.torrent_flags.paused
+        return await self._add(atp, info_hash, None, f"cannot add torrent {info_hash}")
+
+    async def remove_torrent(self, info_hash: str, *, delete_files: bool = False) -> None:
+        """Remove a torrent (and its files if asked) and wait until libtorrent did."""
+        t = self._get(info_hash)
+        ses = self._session()
+        self._drain()
+        if delete_files:
+            done = self.expect(
+                lambda e: (
+                    isinstance(e, ev.FilesDeleted | ev.FilesDeleteFailed)
+                    and e.info_hash == info_hash
+                )
+            )
+        else:
+            done = self.expect(
+                lambda e: isinstance(e, ev.TorrentRemoved) and e.info_hash == info_hash
+            )
+        try:
+            ses.remove_torrent(t.handle, lt.session.delete_files if delete_files else 0)
+        except RuntimeError as e:
+            done.cancel()
+            raise _translate(f"cannot remove torrent {info_hash}", e) from e
+        del self._torrents[info_hash]
+        self._by_handle.pop(t.handle, None)
+        result = await self._await(done)
+        if isinstance(result, ev.FilesDeleteFailed):
+            raise SwarmError(
+                f"torrent {info_hash} was removed but its files were not: {result.message}",
+                hint="delete them by hand",
+            )
+
+    def pause(self, info_hash: str) -> None:
+        self._get(info_hash).handle.pause()
+
+    def resume(self, info_hash: str) -> None:
+        self._get(info_hash).handle.resume()
+
+    def connect_peer(self, info_hash: str, host: str, port: int) -> None:
+        """Ask libtorrent to connect to a peer for this torrent (non-blocking; a
+        `PeerConnected` or `PeerDisconnected` event tells how it went)."""
+        t = self._get(info_hash)
+        if not 0 < port <= 65535:
+            raise SwarmError(f"peer port {port} is out of range 1-65535")
+        try:
+            t.handle.connect_peer((host, int(port)))
+        except RuntimeError as e:
+            raise _translate(f"cannot connect to peer {host}:{port}", e) from e
+
+    def add_piece(self, info_hash: str, piece: int, data: bytes) -> None:
+        """Feed a piece fetched elsewhere (mirror Range request). Non-blocking.
+
+        libtorrent hash-checks it: `PieceFinished` (``fed_by_us=True``) if good,
+        `HashFailed` (``fed_by_us=True``) if not; then it is served to peers like any
+        other piece. ``data`` must be exactly `TorrentMeta.piece_length(piece)` bytes.
+        Feeding a piece the torrent already has does nothing (no event). Data fed
+        while libtorrent still checks the files is held here until `TorrentChecked`
+        (libtorrent itself would drop it without a word)."""
+        t = self._get(info_hash)
+        meta = self._meta(t)
+        expected = meta.piece_length(piece)  # also rejects bad indexes (they segfault)
+        if len(data) != expected:
+            raise SwarmError(
+                f"piece {piece} of {info_hash} must be {expected} bytes, got {len(data)}",
+                hint="this is a bug in the caller's Range arithmetic",
+            )
+        if t.checked:
+            self._add_piece_now(t, piece, bytes(data))
+        else:
+            t.queued[piece] = bytes(data)
+
+    def _add_piece_now(self, t: _Torrent, piece: int, data: bytes) -> None:
+        try:
+            t.handle.add_piece(piece, data, 0)
+        except RuntimeError as e:
+            raise _translate(f"cannot add piece {piece} of {t.info_hash}", e) from e
+        t.fed_pending[piece] = len(data)
+
+    async def feed_piece(self, info_hash: str, piece: int, data: bytes) -> bool:
+        """`add_piece` and wait for the verdict: True if the piece is now had (from
+        this data or from a peer), False if this data failed the hash check."""
+        t = self._get(info_hash)
+        self._meta(t).piece_length(piece)  # a bad index must never reach libtorrent
+        # Listen before looking: a peer completing the piece after the check below
+        # makes libtorrent drop our data without a word, but its PieceFinished still
+        # reaches this waiter.
+        verdict = self.expect(
+            lambda e: (
+                isinstance(e, ev.PieceFinished | ev.HashFailed)
+                and e.info_hash == info_hash
+                and e.piece == piece
+            )
+        )
+        try:
+            if await self._call(lambda: t.handle.have_piece(piece), "reading piece state"):
+                return True
+            self.add_piece(info_hash, piece, data)
+            result = await self._await(verdict)
+        finally:
+            verdict.cancel()
+        return isinstance(result, ev.PieceFinished) or not result.fed_by_us
+
+    async def have_pieces(self, info_hash: str) -> tuple[bool, ...]:
+        """Which pieces passed their hash check (they may still be in the write cache)."""
+        t = self._get(info_hash)
+        st = await self._call(t.handle.status, "reading torrent status")
+        return tuple(bool(x) for x in st.pieces)
+
+    async def piece_availability(self, info_hash: str) -> tuple[int, ...]:
+        """Per piece, how many connected peers have it. Empty while we are a seed or
+        have no metadata (libtorrent keeps no piece picker then)."""
+        t = self._get(info_hash)
+        avail = await self._call(t.handle.piece_availability, "reading piece availability")
+        return tuple(int(x) for x in avail)
+
+    async def peers(self, info_hash: str) -> tuple[PeerSnapshot, ...]:
+        t = self._get(info_hash)
+        infos = await self._call(t.handle.get_peer_info, "reading peer list")
+        seed_flag = int(lt.peer_info.seed)
+        out = []
+        for p in infos:
+            host, port = p.ip
+            client = p.client
+            out.append(
+                PeerSnapshot(
+                    endpoint=ev.Endpoint(str(host), int(port)),
+                    is_seed=bool(int(p.flags) & seed_flag),
+                    pieces=tuple(bool(x) for x in p.pieces),
+                    downloaded_bytes=int(p.total_download),
+                    uploaded_bytes=int(p.total_upload),
+                    download_rate=int(p.payload_down_speed),
+                    num_hashfails=int(p.num_hashfails),
+                    client=client.decode("utf-8", "replace")
+                    if isinstance(client, bytes)
+                    else str(client),
+                )
+            )
+        return tuple(out)
+
+    async def partial_pieces(self, info_hash: str) -> tuple[PartialPiece, ...]:
+        """Pieces in flight from peers and how far along they are. Poll it to tell a
+        slow piece from a stalled one (the scheduler's PieceProgress)."""
+        t = self._get(info_hash)
+        queue = await self._call(t.handle.get_download_queue, "reading the download queue")
+        out = []
+        for entry in queue:
+            states = [int(b["state"]) for b in entry["blocks"]]
+            out.append(
+                PartialPiece(
+                    piece=int(entry["piece_index"]),
+                    blocks_total=int(entry["blocks_in_piece"]),
+                    # libtorrent block states: 0 none, 1 requested, 2 writing, 3 finished
+                    blocks_requested=sum(1 for x in states if x == 1),
+                    blocks_received=sum(1 for x in states if x >= 2),
+                )
+            )
+        return tuple(out)
+
+    async def status(self, info_hash: str) -> TorrentStatus:
+        t = self._get(info_hash)
+        st = await self._call(t.handle.status, "reading torrent status")
+        errc = st.errc
+        return TorrentStatus(
+            info_hash=info_hash,
+            name=str(st.name),
+            state=_enum_name(st.state),
+            paused=bool(int(st.flags) & int(lt.torrent_flags.paused)),
+            has_metadata=bool(st.has_metadata),
+            is_seeding=bool(st.is_seeding),
+            is_finished=bool(st.is_finished),
+            progress=float(st.progress),
+            num_pieces=len(st.pieces),
+            pieces_done=int(st.num_pieces),
+            peer_payload_bytes=int(st.total_payload_download),
+            uploaded_payload_bytes=int(st.total_payload_upload),
+            fed_bytes=t.fed_bytes,
+            fed_failed_bytes=t.fed_failed_bytes,
+            failed_bytes=int(st.total_failed_bytes),
+            num_peers=int(st.num_peers),
+            num_seeds=int(st.num_seeds),
+            download_rate=int(st.download_payload_rate),
+            upload_rate=int(st.upload_payload_rate),
+            error=errc.message() if errc.value() else None,
+        )
+
+    async def torrent_meta(self, info_hash: str) -> TorrentMeta:
+        """The torrent's layout (after `MetadataReceived` for torrents added by hash)."""
+        t = self._get(info_hash)
+        if t.meta is None:
+            await asyncio.to_thread(self._meta, t)
+        return self._meta(t)
+
+    async def flush_cache(self, info_hash: str) -> None:
+        """Write this torrent's cached pieces to its file and wait until that is done.
+
+        Call it after `TorrentFinished` (or after feeding pieces) and before hashing,
+        linking or copying the file: libtorrent reports pieces finished before it has
+        written them."""
+        t = self._get(info_hash)
+        # Dispatch what is already queued first, so an older CacheFlushed (libtorrent
+        # sends one by itself when a torrent finishes) cannot answer this request.
+        self._drain()
+        done = self.expect(lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash)
+        try:
+            t.handle.flush_cache()
+        except RuntimeError as e:
+            done.cancel()
+            raise _translate(f"cannot flush torrent {info_hash}", e) from e
+        await self._await(done)
+
+    async def save_resume_data(self, info_hash: str) -> bytes:
+        """Bencoded resume data (with the info dict) for `add_torrent(resume_data=)`.
+
+        Flushes first: libtorrent leaves pieces still in the write cache out of the
+        resume data."""
+        t = self._get(info_hash)
+        await self.flush_cache(info_hash)
+        done = self.expect(
+            lambda e: (
+                isinstance(e, ev.ResumeDataSaved | ev.ResumeDataFailed) and e.info_hash == info_hash
+            )
+        )
+        try:
+            t.handle.save_resume_data(lt.torrent_handle.save_info_dict)
+        except RuntimeError as e:
+            done.cancel()
+            raise _translate(f"cannot save resume data of {info_hash}", e) from e
+        result = await self._await(done)
+        if isinstance(result, ev.ResumeDataFailed):
+            raise SwarmError(f"cannot save resume data of {info_hash}: {result.message}")
+        data: bytes = result.data
+        return data
+
+    # -- piece scheduling hooks --
+
+    def set_piece_deadline(self, info_hash: str, piece: int, deadline_ms: int) -> None:
+        """Ask libtorrent to fetch ``piece`` from peers within ``deadline_ms`` (time-
+        critical mode, for streaming reads)."""
+        t = self._get(info_hash)
+        self._meta(t).piece_length(piece)
+        t.handle.set_piece_deadline(piece, max(0, int(deadline_ms)))
+
+    def reset_piece_deadline(self, info_hash: str, piece: int) -> None:
+        t = self._get(info_hash)
+        self._meta(t).piece_length(piece)
+        t.handle.reset_piece_deadline(piece)
+
+    def set_piece_priority(self, info_hash: str, piece: int, priority: int) -> None:
+        """0 = never fetch from peers, 1-7 = higher is sooner (4 is libtorrent's default)."""
+        t = self._get(info_hash)
+        self._meta(t).piece_length(piece)
+        if not 0 <= priority <= 7:
+            raise SwarmError(f"piece priority {priority} is out of range 0-7")
+        t.handle.piece_priority(piece, priority)
+
+    # -- peers --
+
+    def ban_peer(self, host: str) -> None:
+        """Refuse and drop every connection from/to ``host`` (all ports, all torrents).
+
+        libtorrent's Python binding cannot disconnect a single peer connection, so the
+        ban is per IP address through the session's IP filter."""
+        self._banned.add(host)
+        self._apply_filter()
+
+    def unban_peer(self, host: str) -> None:
+        self._banned.discard(host)
+        self._apply_filter()
+
+    def banned_peers(self) -> frozenset[str]:
+        return frozenset(self._banned)
+
+    def _apply_filter(self) -> None:
+        ses = self._session()
+        f = lt.ip_filter()
+        try:
+            for host in sorted(self._banned):
+                f.add_rule(host, host, 1)  # 1 = blocked
+            ses.set_ip_filter(f)
+        except RuntimeError as e:
+            raise _translate("cannot update the peer ban list", e) from e
+
+    async def _call(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except RuntimeError as e:
+            raise _translate(what, e) from e
+
+
+def _new_session(settings: lt.settings_pack) -> Any:
+    return lt.session(settings)
+
+
+def _check_files_present(meta: TorrentMeta, save: Path) -> None:
+    for f in meta.files:
+        path = save / f.path
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise SwarmError(
+                f"cannot seed {meta.info_hash}: {path} is missing ({e.strerror})",
+                hint="seed_mode needs the verified file at save_path/<name in the torrent>",
+            ) from e
+        if size != f.size:
+            raise SwarmError(
+                f"cannot seed {meta.info_hash}: {path} has {size} bytes, the torrent says {f.size}",
+                hint="the file changed after it was verified; verify it again",
+            )
+
+
+def _enum_name(value: Any) -> str:
+    name = getattr(value, "name", None)
+    return str(name) if name is not None else str(value)
+
+
+def _error_text(alert: Any) -> str:
+    err = getattr(alert, "error", None)
+    try:
+        if err is not None and err.value():
+            return str(err.message())
+    except (AttributeError, RuntimeError):
+        pass
+    return str(alert.message())

@@ -1,0 +1,364 @@
+"""The pure scheduling policy, driven by scripted events and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.scheduling.policy import (
+    Availability,
+    BanPeer,
+    CancelMirror,
+    Decision,
+    Done,
+    DownloadPolicy,
+    Event,
+    Failed,
+    FetchFromMirror,
+    MirrorPieceFailed,
+    Origin,
+    PeerBitfield,
+    PeerGone,
+    PeerHave,
+    PieceDone,
+    PieceHashFailed,
+    PieceProgress,
+    PieceView,
+    PolicyConfig,
+    Source,
+    Tick,
+    rank_sources,
+)
+
+PEER, MIRROR = Origin.PEER, Origin.MIRROR
+T0 = 1000.0  # the clock does not start at zero
+
+
+class Run:
+    """A policy plus a fake clock; records every decision."""
+
+    def __init__(self, num_pieces: int, **cfg: object) -> None:
+        self.now = T0
+        self.config = PolicyConfig(**cfg)  # type: ignore[arg-type]
+        self.policy = DownloadPolicy(num_pieces, self.now, self.config)
+        self.log: list[tuple[float, Decision]] = []
+
+    def at(self, t: float, event: Event | None = None) -> tuple[Decision, ...]:
+        """Advance to T0 + t and deliver ``event`` (a Tick by default)."""
+        assert T0 + t >= self.now, "the fake clock only moves forward"
+        self.now = T0 + t
+        out = self.policy.handle(event or Tick(), self.now)
+        self.log += [(self.now, d) for d in out]
+        return out
+
+    def mirrored(self, out: tuple[Decision, ...]) -> list[int]:
+        return [p for d in out if isinstance(d, FetchFromMirror) for p in d.pieces]
+
+
+def everything(n: int) -> frozenset[int]:
+    return frozenset(range(n))
+
+
+# --- the ranking function --------------------------------------------------------------------
+
+
+def view(**kw: object) -> PieceView:
+    base: dict[str, object] = dict(
+        complete_holders=0,
+        partial_holders=0,
+        peers_stalled=False,
+        peers_untrusted=False,
+        in_grace=False,
+        mirror_usable=True,
+    )
+    return PieceView(**(base | kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        (
+            dict(complete_holders=1, partial_holders=2),
+            (Source.COMPLETE_PEER, Source.PARTIAL_PEER, Source.MIRROR, Source.AWAIT_PEERS),
+        ),
+        (dict(partial_holders=1), (Source.PARTIAL_PEER, Source.MIRROR, Source.AWAIT_PEERS)),
+        ({}, (Source.MIRROR, Source.AWAIT_PEERS)),
+        (dict(in_grace=True), (Source.AWAIT_PEERS, Source.MIRROR)),
+        (
+            dict(in_grace=True, complete_holders=1),
+            (Source.COMPLETE_PEER, Source.MIRROR, Source.AWAIT_PEERS),
+        ),
+        (dict(complete_holders=1, peers_stalled=True), (Source.MIRROR, Source.AWAIT_PEERS)),
+        (dict(partial_holders=3, peers_untrusted=True), (Source.MIRROR, Source.AWAIT_PEERS)),
+        (dict(mirror_usable=False), (Source.AWAIT_PEERS,)),
+        (
+            dict(complete_holders=1, mirror_usable=False),
+            (Source.COMPLETE_PEER, Source.AWAIT_PEERS),
+        ),
+    ],
+)
+def test_rank_sources(kw: dict[str, object], expected: tuple[Source, ...]) -> None:
+    assert rank_sources(view(**kw)) == expected
+
+
+# --- grace period and the basic fallback -------------------------------------------------------
+
+
+def test_nothing_goes_to_the_mirror_during_the_grace_period() -> None:
+    r = Run(8, grace_period=2.0, mirror_parallel=3)
+    assert r.at(0) == ()
+    assert r.policy.next_wakeup() == T0 + 2.0
+    assert r.at(1.9) == ()
+    out = r.at(2.0)
+    assert len(r.mirrored(out)) == 3
+    assert r.policy.mirror_in_flight == set(r.mirrored(out))
+
+
+def test_pieces_peers_announce_during_grace_stay_with_peers() -> None:
+    r = Run(6, grace_period=2.0, mirror_parallel=6)
+    r.at(0)
+    r.at(0.5, PeerBitfield("10.0.0.2:6881", frozenset({0, 1, 2})))
+    r.at(1.0, PeerHave("10.0.0.3:6881", 5))
+    out = r.at(2.0)
+    assert sorted(r.mirrored(out)) == [3, 4]
+    assert r.policy.best_source(0, r.now) is Source.PARTIAL_PEER
+    assert r.policy.best_source(5, r.now) is Source.PARTIAL_PEER
+
+
+def test_a_complete_peer_is_the_best_source() -> None:
+    r = Run(4)
+    r.at(0, PeerBitfield("seed", everything(4)))
+    assert r.policy.best_source(2, r.now) is Source.COMPLETE_PEER
+    assert r.mirrored(r.at(5)) == []
+
+
+def test_mirror_in_flight_is_limited() -> None:
+    r = Run(20, grace_period=0.0, mirror_parallel=4)
+    out = r.at(0)
+    first = r.mirrored(out)
+    assert len(first) == 4
+    # Each verdict frees exactly one slot.
+    out = r.at(1, PieceDone(first[0], MIRROR))
+    assert len(r.mirrored(out)) == 1
+    out = r.at(2, MirrorPieceFailed(first[1], "HTTP 503"))
+    assert len(r.mirrored(out)) == 1
+    assert first[1] not in r.mirrored(out)  # it waits for its backoff
+    # Never more than 4 in flight over a whole scripted run.
+    t = 3.0
+    while not r.policy.finished:
+        inflight = sorted(r.policy.mirror_in_flight)
+        assert 0 < len(inflight) <= 4
+        r.at(t, PieceDone(inflight[0], MIRROR))
+        t += 0.1
+    assert isinstance(r.log[-1][1], Done)
+
+
+def test_salt_spreads_agents_over_different_pieces() -> None:
+    picks = []
+    for salt in range(4):
+        a = Run(64, grace_period=0.0, mirror_parallel=4, salt=salt)
+        b = Run(64, grace_period=0.0, mirror_parallel=4, salt=salt)
+        first = a.mirrored(a.at(0))
+        assert first == b.mirrored(b.at(0))  # deterministic for one salt
+        picks.append(frozenset(first))
+    assert len(set(picks)) == 4
+
+
+def test_pieces_nobody_has_go_to_the_mirror_before_stalled_ones() -> None:
+    r = Run(6, grace_period=0.0, stall_timeout=5.0, mirror_parallel=2)
+    out = r.at(0, PeerBitfield("p", frozenset({0, 1, 2, 3})))
+    assert sorted(r.mirrored(out)) == [4, 5]
+    # Later the peer stalls: its pieces become candidates too.
+    r.at(1, PieceDone(4, MIRROR))
+    r.at(2, PieceDone(5, MIRROR))
+    assert r.policy.mirror_in_flight == set()
+    assert r.policy.next_wakeup() == T0 + 5.0
+    out = r.at(5.0)
+    assert len(r.mirrored(out)) == 2 and set(r.mirrored(out)) <= {0, 1, 2, 3}
+
+
+# --- stalls ---------------------------------------------------------------------------------
+
+
+def test_a_stalled_piece_goes_to_the_mirror_while_others_flow() -> None:
+    r = Run(10, grace_period=1.0, stall_timeout=10.0)
+    r.at(0, PeerBitfield("seed", everything(10)))
+    r.at(1, PieceProgress(3))
+    # The peer keeps delivering other pieces, but piece 3 never progresses again.
+    for i, p in enumerate([0, 1, 2, 4, 5, 6, 7, 8]):
+        out = r.at(2 + i, PieceDone(p, PEER))
+        assert r.mirrored(out) == []
+    assert r.at(10.9) == ()
+    out = r.at(11.0)
+    assert r.mirrored(out) == [3]
+    # Piece 9 (never started, peer active recently) stays with the peer.
+    assert r.policy.best_source(9, r.now) is Source.COMPLETE_PEER
+
+
+def test_progress_keeps_a_slow_piece_with_peers() -> None:
+    r = Run(2, grace_period=0.0, stall_timeout=5.0)
+    r.at(0, PeerBitfield("seed", everything(2)))
+    for t in range(1, 30, 2):
+        assert r.mirrored(r.at(t, PieceProgress(0))) == []
+        assert r.mirrored(r.at(t + 0.5, PieceProgress(1))) == []
+
+
+def test_silent_peers_lose_everything_to_the_mirror() -> None:
+    # Peers announce pieces but never deliver (e.g. they keep us choked).
+    r = Run(3, grace_period=2.0, stall_timeout=10.0, mirror_parallel=8)
+    r.at(0)
+    r.at(4, PeerBitfield("mute", everything(3)))
+    assert r.policy.next_wakeup() == T0 + 14.0  # 10 s after the pieces appeared
+    assert r.mirrored(r.at(13.9)) == []
+    assert sorted(r.mirrored(r.at(14.0))) == [0, 1, 2]
+
+
+def test_peer_finishing_a_mirrored_piece_cancels_the_fetch() -> None:
+    r = Run(3, grace_period=0.0, stall_timeout=1.0, mirror_parallel=1)
+    r.at(0, PeerBitfield("seed", everything(3)))
+    out = r.at(1.5)
+    (p,) = r.mirrored(out)
+    out = r.at(1.6, PieceDone(p, PEER))
+    assert CancelMirror((p,)) in out
+    assert p not in r.policy.mirror_in_flight
+    # A late failure report for the cancelled fetch is ignored.
+    assert not any(isinstance(d, Failed) for d in r.at(1.7, MirrorPieceFailed(p, "cancelled")))
+
+
+# --- bad data ---------------------------------------------------------------------------------
+
+
+def test_peer_sending_a_bad_piece_is_banned_and_the_piece_reopens() -> None:
+    r = Run(4, grace_period=1.0, mirror_parallel=4)
+    r.at(0, PeerBitfield("liar", everything(4)))
+    r.at(0.5, PieceProgress(2))
+    out = r.at(2, PieceHashFailed(2, PEER, peer="liar"))
+    assert out[0] == BanPeer("liar", "sent piece 2, which failed its hash check")
+    # Its pieces are gone with it, and nobody else has them: the mirror takes over.
+    assert sorted(r.mirrored(out)) == [0, 1, 2, 3]
+    assert r.policy.banned == {"liar"}
+    # A banned peer's later announcements are ignored.
+    r.at(3, PeerBitfield("liar", everything(4)))
+    assert r.policy.view(0, r.now).complete_holders == 0
+
+
+def test_anonymous_hash_failures_make_peers_untrusted_for_that_piece() -> None:
+    r = Run(4, grace_period=0.0, peer_hash_failures_max=2)
+    r.at(0, PeerBitfield("a", everything(4)))
+    out = r.at(1, PieceHashFailed(1, PEER))  # libtorrent did not say who
+    assert not any(isinstance(d, BanPeer) for d in out)
+    assert r.mirrored(out) == []
+    out = r.at(2, PieceHashFailed(1, PEER))
+    assert r.mirrored(out) == [1]
+    assert r.policy.best_source(0, r.now) is Source.COMPLETE_PEER
+
+
+def test_mirror_failures_back_off_then_fail_the_download() -> None:
+    r = Run(3, grace_period=0.0, mirror_parallel=3, mirror_max_failures=3, backoff_base=1.0)
+    first = r.mirrored(r.at(0))
+    assert sorted(first) == [0, 1, 2]
+    assert r.mirrored(r.at(1, MirrorPieceFailed(1, "HTTP 500"))) == []
+    assert r.policy.next_wakeup() == T0 + 2.0  # backoff 1 s
+    assert r.mirrored(r.at(1.99)) == []
+    assert r.mirrored(r.at(2.0)) == [1]
+    # Bad data from the mirror counts as a failure too; backoff doubles.
+    assert r.mirrored(r.at(2.5, PieceHashFailed(1, MIRROR))) == []
+    assert r.mirrored(r.at(4.49)) == []
+    assert r.mirrored(r.at(4.5)) == [1]
+    out = r.at(5, MirrorPieceFailed(1, "connection reset"))
+    failed = [d for d in out if isinstance(d, Failed)]
+    assert failed and failed[0].piece == 1 and "connection reset" in failed[0].reason
+    assert CancelMirror((0, 2)) in out  # the other fetches stop
+    assert r.policy.failure == failed[0]
+    assert r.at(6, PieceDone(0, MIRROR)) == ()  # terminal
+    assert r.policy.next_wakeup() is None
+
+
+def test_backoff_schedule() -> None:
+    cfg = PolicyConfig(backoff_base=0.5, backoff_max=4.0)
+    assert [cfg.backoff(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_a_mirror_fetch_without_answer_times_out() -> None:
+    r = Run(1, grace_period=0.0, mirror_timeout=30.0, backoff_base=1.0)
+    assert r.mirrored(r.at(0)) == [0]
+    assert r.policy.next_wakeup() == T0 + 30.0
+    out = r.at(30.0)
+    assert CancelMirror((0,)) in out
+    assert r.mirrored(out) == []
+    assert r.mirrored(r.at(31.0)) == [0]
+
+
+# --- peers coming and going ------------------------------------------------------------------
+
+
+def test_losing_the_only_holder_sends_its_pieces_to_the_mirror() -> None:
+    r = Run(4, grace_period=1.0, mirror_parallel=4)
+    r.at(0, PeerBitfield("a", frozenset({0, 1})))
+    r.at(0, PeerBitfield("b", frozenset({1, 2, 3})))
+    assert r.mirrored(r.at(1.0)) == []
+    out = r.at(2.0, PeerGone("a"))
+    assert r.mirrored(out) == [0]  # piece 1 still has b
+    out = r.at(3.0, PeerGone("b", banned=True))
+    assert sorted(r.mirrored(out)) == [1, 2, 3]
+    assert r.policy.banned == {"b"}
+
+
+def test_anonymous_availability_counts() -> None:
+    r = Run(3, grace_period=0.0)
+    r.at(0, Availability((1, 1, 0)))
+    assert r.policy.mirror_in_flight == {2}
+    out = r.at(1, Availability((0, 1, 0)))
+    assert r.mirrored(out) == [0]
+    with pytest.raises(ValueError):
+        r.at(2, Availability((1, 1)))
+
+
+# --- completion and peer-only downloads ------------------------------------------------------
+
+
+def test_done_once_when_every_piece_is_there() -> None:
+    policy = DownloadPolicy(3, T0, PolicyConfig(), have=[0, 2])
+    assert policy.handle(Tick(), T0) == ()
+    assert policy.handle(PieceDone(1, PEER), T0 + 1) == (Done(),)
+    assert policy.finished
+    assert policy.handle(PieceDone(1, PEER), T0 + 2) == ()
+    assert policy.handle(Tick(), T0 + 99) == ()
+
+
+def test_without_a_mirror_a_piece_nobody_has_fails_the_download() -> None:
+    r = Run(3, mirror_enabled=False, grace_period=2.0, stall_timeout=5.0)
+    r.at(0, PeerBitfield("a", frozenset({0, 1})))
+    assert r.policy.next_wakeup() == T0 + 7.0
+    assert r.at(5.0, PieceDone(0, PEER)) == ()
+    # Deadlines may come early, never late: at 7 the policy sees the peer activity
+    # of t=5 and moves its deadline out.
+    assert r.at(7.0) == ()
+    assert r.policy.next_wakeup() == T0 + 10.0
+    out = r.at(10.0)
+    assert len(out) == 1 and isinstance(out[0], Failed) and out[0].piece == 2
+    assert "no mirror" in out[0].reason
+
+
+def test_without_a_mirror_peers_that_have_everything_are_enough() -> None:
+    r = Run(2, mirror_enabled=False)
+    r.at(0, PeerBitfield("a", everything(2)))
+    assert r.at(100) == ()
+    assert r.policy.next_wakeup() is None
+    assert r.at(101, PieceDone(0, PEER)) == ()
+    assert r.at(102, PieceDone(1, PEER)) == (Done(),)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_input_is_refused() -> None:
+    r = Run(3)
+    for event in (PieceDone(3, PEER), PieceProgress(-1), PeerHave("x", 7)):
+        with pytest.raises(ValueError):
+            r.at(0, event)
+    with pytest.raises(ValueError):
+        DownloadPolicy(0, T0)
+    with pytest.raises(ValueError):
+        PolicyConfig(mirror_parallel=0)
+    with pytest.raises(TypeError):
+        r.policy.handle("tick", T0)  # type: ignore[arg-type]
