@@ -56,8 +56,17 @@ NOVERIFY = textwrap.dedent("""
 
 def parse_size(text: str) -> int:
     text = text.strip().upper().replace("IB", "I")
-    units = {"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9}
+    units = {
+        "KI": 1 << 10,
+        "MI": 1 << 20,
+        "GI": 1 << 30,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+    }
     for suffix in sorted(units, key=len, reverse=True):
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * units[suffix])
@@ -83,15 +92,22 @@ def make_repo(folder: Path, size: int) -> None:
 
 
 def start_mirror(folder: Path, cap: int | None) -> tuple[subprocess.Popen[bytes], str]:
-    cmd = [sys.executable, "-m", "peer.mirror_server", "serve", "--listen", "127.0.0.1:0",
-           f"model:{REPO}={folder}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peer.mirror_server",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        f"model:{REPO}={folder}",
+    ]
     if cap:
         cmd += ["--rate-cap", str(cap)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if "http://" in line:
-            url = line[line.index("http://"):].split()[0].rstrip("/")
+            url = line[line.index("http://") :].split()[0].rstrip("/")
             return proc, url
     raise RuntimeError("mirror did not start")
 
@@ -102,8 +118,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     with tempfile.NamedTemporaryFile("r") as rss:
         wrapped = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd]
         t0 = time.perf_counter()
-        proc = subprocess.run(wrapped, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+        proc = subprocess.run(wrapped, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-500:]!r}")
@@ -112,13 +127,33 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def tools(url: str, out: Path, file_url: str) -> dict[str, list[str]]:
     table = {
-        "hfswarm": ["hfswarm", "download", REPO, "model.safetensors", "--mirror", url,
-                    "--cache-dir", str(out), "--quiet"],
+        "hfswarm": [
+            "hfswarm",
+            "download",
+            REPO,
+            "model.safetensors",
+            "--mirror",
+            url,
+            "--cache-dir",
+            str(out),
+            "--quiet",
+        ],
         "hfswarm (no verify)": [sys.executable, "-c", NOVERIFY, url, str(out), REPO],
         "hf download": ["hf", "download", REPO, "model.safetensors", "--cache-dir", str(out)],
-        "aria2c -x16 -s16": ["aria2c", "-x16", "-s16", "-k1M", "--file-allocation=none",
-                             "--console-log-level=warn", "--summary-interval=0", "-d", str(out),
-                             "-o", "model.safetensors", file_url],
+        "aria2c -x16 -s16": [
+            "aria2c",
+            "-x16",
+            "-s16",
+            "-k1M",
+            "--file-allocation=none",
+            "--console-log-level=warn",
+            "--summary-interval=0",
+            "-d",
+            str(out),
+            "-o",
+            "model.safetensors",
+            file_url,
+        ],
         "curl": ["curl", "-sSf", "-o", str(out / "model.safetensors"), file_url],
     }
     return {k: v for k, v in table.items() if shutil.which(v[0])}
@@ -129,12 +164,17 @@ def scenario(folder: Path, size: int, runs: int, cap: int | None, work: Path) ->
     try:
         meta = json.load(urllib.request.urlopen(f"{url}/api/models/{REPO}/revision/main"))
         file_url = f"{url}/{REPO}/resolve/{meta['sha']}/model.safetensors"
-        env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_XET_HIGH_PERFORMANCE": "0"}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": url,
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_XET_HIGH_PERFORMANCE": "0",
+        }
         names = list(tools(url, work / "probe", file_url))
         results: dict[str, list[tuple[float, int]]] = {n: [] for n in names}
         for r in range(runs):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 out = work / f"run-{r}-{name.split()[0]}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -149,9 +189,12 @@ def scenario(folder: Path, size: int, runs: int, cap: int | None, work: Path) ->
     summary = {}
     for name, vals in results.items():
         med = statistics.median(v[0] for v in vals)
-        summary[name] = {"median_s": med, "MBps": size / med / 1e6,
-                         "peak_rss_MB": max(v[1] for v in vals) / 1024,
-                         "runs_s": [round(v[0], 3) for v in vals]}
+        summary[name] = {
+            "median_s": med,
+            "MBps": size / med / 1e6,
+            "peak_rss_MB": max(v[1] for v in vals) / 1024,
+            "runs_s": [round(v[0], 3) for v in vals],
+        }
     return summary
 
 
@@ -162,8 +205,10 @@ def print_table(title: str, summary: dict) -> None:
     print("|---|---|---|---|---|---|")
     for name, s in summary.items():
         ratio = f"{s['median_s'] / ref:.2f}x" if ref else "-"
-        print(f"| {name} | {s['median_s']:.2f} | {s['MBps']:.0f} | {ratio} | "
-              f"{s['peak_rss_MB']:.0f} | {', '.join(map(str, s['runs_s']))} |")
+        print(
+            f"| {name} | {s['median_s']:.2f} | {s['MBps']:.0f} | {ratio} | "
+            f"{s['peak_rss_MB']:.0f} | {', '.join(map(str, s['runs_s']))} |"
+        )
     if "hfswarm" in summary and "hfswarm (no verify)" in summary:
         v, nv = summary["hfswarm"]["median_s"], summary["hfswarm (no verify)"]["median_s"]
         print(f"\nverification overhead: {100 * (v - nv) / nv:+.1f}% of wall time")
@@ -187,8 +232,7 @@ def main() -> None:
     print(f"\nmirror capping each connection at {cap / 1e6:.0f} MB/s")
     b = scenario(folder, size, args.runs, cap, work)
     print_table(f"Unshaped loopback, {size / (1 << 30):.2f} GiB, median of {args.runs}", a)
-    print_table(f"Mirror capped at {cap / 1e6:.0f} MB/s per connection, median of {args.runs}",
-                b)
+    print_table(f"Mirror capped at {cap / 1e6:.0f} MB/s per connection, median of {args.runs}", b)
 
 
 if __name__ == "__main__":

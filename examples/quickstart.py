@@ -25,21 +25,34 @@ def main() -> int:
         print(f"mirror serving demo/model at {mirror.url}")
         t0 = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "peer.cli.main", "download", "demo/model", "--mirror",
-             mirror.url, "--cache-dir", str(cache)], check=False, stdout=subprocess.PIPE,
-            text=True)
+            [
+                sys.executable,
+                "-m",
+                "peer.cli.main",
+                "download",
+                "demo/model",
+                "--mirror",
+                mirror.url,
+                "--cache-dir",
+                str(cache),
+            ],
+            check=False,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if out.returncode != 0:
             return out.returncode
         elapsed = time.monotonic() - t0
         snapshot = Path(out.stdout.strip().splitlines()[-1])
         served = mirror.stats().blob_bytes
     again = snapshot_download("demo/model", cache_dir=cache, local_files_only=True)
-    files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
-                   if p.is_file())
+    files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
     print(f"\nsnapshot: {snapshot}\nfiles: {', '.join(files)}")
     print(f"huggingface_hub (offline) finds the same snapshot: {Path(again) == snapshot}")
-    print(f"bytes from the mirror: {human_bytes(served)} in {elapsed:.1f} s; "
-          f"bytes from peers: 0 B (no agents running; see `hfswarm demo` for the swarm)")
+    print(
+        f"bytes from the mirror: {human_bytes(served)} in {elapsed:.1f} s; "
+        f"bytes from peers: 0 B (no agents running; see `hfswarm demo` for the swarm)"
+    )
     return 0
 
 

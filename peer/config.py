@@ -124,8 +124,9 @@ class DownloadOptions:
             raise ConfigError("--max-workers must be at least 1")
 
 
-def parse_hostport(text: str, *, default_host: str = "0.0.0.0", what: str = "address"
-                   ) -> tuple[str, int]:
+def parse_hostport(
+    text: str, *, default_host: str = "0.0.0.0", what: str = "address"
+) -> tuple[str, int]:
     """HOST:PORT, [v6]:PORT, or :PORT (the default host)."""
     host, sep, port = text.rpartition(":")
     if not sep:
@@ -165,3 +166,5 @@ class AgentConfig:
     stall_timeout: float = 5.0
     # Seconds given to peers to connect and announce their pieces before the mirror is used.
     peer_grace: float = 2.0
+    # BitTorrent upload cap in bytes/s (0: none), applied to LAN peers too.
+    max_upload_rate: int = 0

@@ -46,11 +46,13 @@ class DownloadResult:
     seconds: float
 
 
-async def download(settings: HubSettings, options: DownloadOptions,
-                   request: DownloadRequest) -> DownloadResult:
+async def download(
+    settings: HubSettings, options: DownloadOptions, request: DownloadRequest
+) -> DownloadResult:
     t0 = time.monotonic()
-    snapshot = await resolve_snapshot(settings, request.repo_type, request.repo_id,
-                                      request.revision, request.selection)
+    snapshot = await resolve_snapshot(
+        settings, request.repo_type, request.repo_id, request.revision, request.selection
+    )
     repo = RepoCache(settings.cache_dir, snapshot.repo_type, snapshot.repo_id)
     progress = Progress(snapshot.total_size, files=len(snapshot.files), quiet=options.quiet)
     reused = 0
@@ -86,13 +88,24 @@ async def download(settings: HubSettings, options: DownloadOptions,
         path.mkdir(parents=True, exist_ok=True)  # an empty selection still names a snapshot
     else:
         path = request.local_dir
-    return DownloadResult(path=path, commit=snapshot.commit, files=len(snapshot.files),
-                          bytes_total=snapshot.total_size, bytes_from_mirror=fetcher.bytes_fetched,
-                          bytes_reused=reused, seconds=time.monotonic() - t0)
+    return DownloadResult(
+        path=path,
+        commit=snapshot.commit,
+        files=len(snapshot.files),
+        bytes_total=snapshot.total_size,
+        bytes_from_mirror=fetcher.bytes_fetched,
+        bytes_reused=reused,
+        seconds=time.monotonic() - t0,
+    )
 
 
-async def _obtain(fetcher: MirrorFetcher, snapshot: Snapshot, repo: RepoCache,
-                  file: RemoteFile, local_dir: Path | None) -> bool:
+async def _obtain(
+    fetcher: MirrorFetcher,
+    snapshot: Snapshot,
+    repo: RepoCache,
+    file: RemoteFile,
+    local_dir: Path | None,
+) -> bool:
     """Make sure the blob exists verified in the repo's ``blobs/`` (or is current in the
     local dir). Returns True when nothing had to be fetched."""
     if local_dir is not None:
@@ -138,8 +151,10 @@ async def _obtain(fetcher: MirrorFetcher, snapshot: Snapshot, repo: RepoCache,
         if attempt == 2:
             raise IntegrityError(
                 f"{file.path}: content hash {verdict.actual} does not match the Hub's "
-                f"{file.blob_id}, twice", hint="the mirror serves corrupt data; nothing was "
-                "written to the cache. Try another --mirror")
+                f"{file.blob_id}, twice",
+                hint="the mirror serves corrupt data; nothing was "
+                "written to the cache. Try another --mirror",
+            )
     raise AssertionError("unreachable")
 
 
@@ -155,7 +170,8 @@ def _place(snapshot: Snapshot, repo: RepoCache, file: RemoteFile, local_dir: Pat
 def _first_copy(local_dir: Path, snapshot: Snapshot, file: RemoteFile) -> Path:
     ld = LocalDir(local_dir)
     for other in snapshot.files:
-        if other.blob_id == file.blob_id and ld.is_current(other.path, snapshot.commit,
-                                                           other.blob_id, other.size):
+        if other.blob_id == file.blob_id and ld.is_current(
+            other.path, snapshot.commit, other.blob_id, other.size
+        ):
             return ld.file_path(other.path)
     raise IntegrityError(f"{file.path}: no verified copy to duplicate")

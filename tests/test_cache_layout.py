@@ -16,8 +16,9 @@ from peer.transfer.mirror_ranges import MirrorPool, chunk_size_for
 SHA = "ab" * 32
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\0b", "", ".",
-                                 "a/./b", "a\\..\\b"])
+@pytest.mark.parametrize(
+    "bad", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\0b", "", ".", "a/./b", "a\\..\\b"]
+)
 def test_unsafe_names_are_refused(bad: str) -> None:
     with pytest.raises(UnsafePath):
         safe_relpath(bad)

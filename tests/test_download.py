@@ -60,13 +60,15 @@ def cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def test_download_is_read_back_by_huggingface_hub(repo_dir: Path, cache: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_is_read_back_by_huggingface_hub(
+    repo_dir: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pr = make_repo(tmp_path / "pr", big=2 * MiB, seed=2)
     src = RepoSource("model", "org/tiny", repo_dir, revisions={"refs/pr/1": pr})
     with ThreadedMirror([src]) as m:
-        code, out, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
-                                 str(cache), capsys=capsys)
+        code, out, err = run_cli(
+            "download", "org/tiny", "--mirror", m.url, "--cache-dir", str(cache), capsys=capsys
+        )
         assert code == 0, err
         snap = Path(out.strip().splitlines()[-1])
         commit = m.commit_of("model", "org/tiny")
@@ -77,11 +79,25 @@ def test_download_is_read_back_by_huggingface_hub(repo_dir: Path, cache: Path, t
         ref = cache / "models--org--tiny" / "refs" / "main"
         assert ref.read_bytes() == commit.encode()  # no trailing newline
 
-        code, out, err = run_cli("download", "org/tiny", "--revision", "refs/pr/1", "--mirror",
-                                 m.url, "--cache-dir", str(cache), "--quiet", capsys=capsys)
+        code, out, err = run_cli(
+            "download",
+            "org/tiny",
+            "--revision",
+            "refs/pr/1",
+            "--mirror",
+            m.url,
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+            capsys=capsys,
+        )
         assert code == 0, err
-        assert out.strip() == str(cache / "models--org--tiny" / "snapshots" /
-                                  m.commit_of("model", "org/tiny", "refs/pr/1"))
+        assert out.strip() == str(
+            cache
+            / "models--org--tiny"
+            / "snapshots"
+            / m.commit_of("model", "org/tiny", "refs/pr/1")
+        )
         assert (cache / "models--org--tiny/refs/refs/pr/1").exists()
 
     # The real client, offline, finds everything we wrote.
@@ -96,39 +112,51 @@ def test_download_is_read_back_by_huggingface_hub(repo_dir: Path, cache: Path, t
     assert "main" in {r for rev in repo.revisions for r in rev.refs}
 
 
-def test_files_include_exclude_and_local_dir(repo_dir: Path, cache: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_files_include_exclude_and_local_dir(
+    repo_dir: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with ThreadedMirror([RepoSource("dataset", "org/data", repo_dir)]) as m:
         common = ["--repo-type", "dataset", "--mirror", m.url, "--cache-dir", str(cache)]
         code, out, _ = run_cli("download", "org/data", "config.json", *common, capsys=capsys)
         snap = Path(out.strip().splitlines()[-1])
         assert code == 0 and sorted(p.name for p in snap.iterdir()) == ["config.json"]
 
-        code, out, _ = run_cli("download", "org/data", "--include", "*.json", "--exclude",
-                               "tok*", *common, capsys=capsys)
+        code, out, _ = run_cli(
+            "download",
+            "org/data",
+            "--include",
+            "*.json",
+            "--exclude",
+            "tok*",
+            *common,
+            capsys=capsys,
+        )
         assert code == 0 and sorted(p.name for p in snap.iterdir()) == ["config.json"]
 
         code, _, err = run_cli("download", "org/data", "missing.bin", *common, capsys=capsys)
         assert code == 2 and "missing.bin" in err
 
         local = tmp_path / "local"
-        code, out, _ = run_cli("download", "org/data", *common, "--local-dir", str(local),
-                               capsys=capsys)
+        code, out, _ = run_cli(
+            "download", "org/data", *common, "--local-dir", str(local), capsys=capsys
+        )
         assert code == 0 and out.strip().splitlines()[-1] == str(local)
         assert (local / "model.safetensors").read_bytes() == (
-            repo_dir / "model.safetensors").read_bytes()
+            repo_dir / "model.safetensors"
+        ).read_bytes()
         assert not (local / "model.safetensors").is_symlink()
         meta = local / ".cache/huggingface/download/model.safetensors.metadata"
         assert meta.read_text().splitlines()[0] == m.commit_of("dataset", "org/data")
         m.reset_stats()
-        code, _, _ = run_cli("download", "org/data", *common, "--local-dir", str(local),
-                             capsys=capsys)
+        code, _, _ = run_cli(
+            "download", "org/data", *common, "--local-dir", str(local), capsys=capsys
+        )
         assert code == 0 and m.stats().blob_bytes == 0  # up to date: nothing refetched
 
 
-def test_blob_shared_with_another_repo_is_not_refetched(repo_dir: Path, cache: Path,
-                                                         capsys: pytest.CaptureFixture[str]
-                                                         ) -> None:
+def test_blob_shared_with_another_repo_is_not_refetched(
+    repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     srcs = [RepoSource("model", "org/a", repo_dir), RepoSource("model", "org/b", repo_dir)]
     with ThreadedMirror(srcs) as m:
         args = ["--mirror", m.url, "--cache-dir", str(cache), "--quiet"]
@@ -141,18 +169,26 @@ def test_blob_shared_with_another_repo_is_not_refetched(repo_dir: Path, cache: P
     assert (cache / "models--org--b/blobs" / blob).exists()
 
 
-@pytest.mark.parametrize("fault", [
-    Fault("drop_after", path_glob="model.safetensors", after_bytes=300_000, times=3),
-    Fault("status", status=429, retry_after=0.2, times=3),
-    Fault("status", status=500, times=2),
-    Fault("status", status=503, retry_after=0.1, times=4),
-    Fault("stall", path_glob="model.safetensors", stall_seconds=30, times=1),
-    Fault("corrupt", path_glob="model.safetensors", offset=5 * MiB + 7, times=1),
-    Fault("ignore_range", times=None),
-], ids=lambda f: f.kind + str(f.status if f.kind == "status" else ""))
-def test_recovers_from_mirror_faults(fault: Fault, tmp_path: Path, cache: Path,
-                                     capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("drop_after", path_glob="model.safetensors", after_bytes=300_000, times=3),
+        Fault("status", status=429, retry_after=0.2, times=3),
+        Fault("status", status=500, times=2),
+        Fault("status", status=503, retry_after=0.1, times=4),
+        Fault("stall", path_glob="model.safetensors", stall_seconds=30, times=1),
+        Fault("corrupt", path_glob="model.safetensors", offset=5 * MiB + 7, times=1),
+        Fault("ignore_range", times=None),
+    ],
+    ids=lambda f: f.kind + str(f.status if f.kind == "status" else ""),
+)
+def test_recovers_from_mirror_faults(
+    fault: Fault,
+    tmp_path: Path,
+    cache: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
     # 24 MiB: big enough that "the whole file once per connection" (what a downloader
     # that misses an ignored Range does) stands far above what closing sockets waste.
@@ -160,8 +196,17 @@ def test_recovers_from_mirror_faults(fault: Fault, tmp_path: Path, cache: Path,
     with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
         m.add_fault(fault)
         t0 = time.monotonic()
-        code, out, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
-                                 str(cache), "--connections", "4", capsys=capsys)
+        code, out, err = run_cli(
+            "download",
+            "org/tiny",
+            "--mirror",
+            m.url,
+            "--cache-dir",
+            str(cache),
+            "--connections",
+            "4",
+            capsys=capsys,
+        )
         elapsed = time.monotonic() - t0
         assert code == 0, err
         data = (Path(out.strip().splitlines()[-1]) / "model.safetensors").read_bytes()
@@ -178,54 +223,78 @@ def test_recovers_from_mirror_faults(fault: Fault, tmp_path: Path, cache: Path,
         assert elapsed < 25  # the stalled connection was abandoned, not waited out
 
 
-def test_corrupt_mirror_fails_cleanly_and_links_nothing(repo_dir: Path, cache: Path,
-                                                        capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_corrupt_mirror_fails_cleanly_and_links_nothing(
+    repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
         m.add_fault(Fault("corrupt", path_glob="model.safetensors", offset=123, times=None))
-        code, _, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
-                               str(cache), capsys=capsys)
+        code, _, err = run_cli(
+            "download", "org/tiny", "--mirror", m.url, "--cache-dir", str(cache), capsys=capsys
+        )
     assert code == 4 and "does not match" in err
     blob = blob_of((repo_dir / "model.safetensors").read_bytes(), lfs=True)
     blobs = cache / "models--org--tiny/blobs"
     assert not (blobs / blob).exists()
-    assert all(p.name != "model.safetensors" for p in (cache / "models--org--tiny").rglob("*")
-               if "snapshots" in p.parts)
+    assert all(
+        p.name != "model.safetensors"
+        for p in (cache / "models--org--tiny").rglob("*")
+        if "snapshots" in p.parts
+    )
 
 
-def test_failover_to_second_mirror_and_unreachable_mirror(repo_dir: Path, cache: Path,
-                                                          capsys: pytest.CaptureFixture[str]
-                                                          ) -> None:
+def test_failover_to_second_mirror_and_unreachable_mirror(
+    repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = [RepoSource("model", "org/tiny", repo_dir)]
     with ThreadedMirror(src) as bad, ThreadedMirror(src) as good:
         bad.add_fault(Fault("status", status=503, times=None))
-        code, _, err = run_cli("download", "org/tiny", "--mirror", bad.url, "--mirror",
-                               good.url, "--cache-dir", str(cache), capsys=capsys)
+        code, _, err = run_cli(
+            "download",
+            "org/tiny",
+            "--mirror",
+            bad.url,
+            "--mirror",
+            good.url,
+            "--cache-dir",
+            str(cache),
+            capsys=capsys,
+        )
         assert code == 0, err
         assert good.stats().blob_bytes >= 8 * MiB
-    code, _, err = run_cli("download", "org/tiny", "--mirror", "http://127.0.0.1:9",
-                           "--cache-dir", str(cache / "x"), capsys=capsys)
+    code, _, err = run_cli(
+        "download",
+        "org/tiny",
+        "--mirror",
+        "http://127.0.0.1:9",
+        "--cache-dir",
+        str(cache / "x"),
+        capsys=capsys,
+    )
     assert code == 3 and "cannot reach http://127.0.0.1:9" in err
 
 
-def test_gated_and_private_repos(repo_dir: Path, cache: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    srcs = [RepoSource("model", "org/gated", repo_dir, gated=True),
-            RepoSource("model", "org/private", repo_dir, private=True)]
+def test_gated_and_private_repos(
+    repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srcs = [
+        RepoSource("model", "org/gated", repo_dir, gated=True),
+        RepoSource("model", "org/private", repo_dir, private=True),
+    ]
     with ThreadedMirror(srcs, tokens=["hf_good", "hf_nogate"], gated_tokens=["hf_good"]) as m:
         base = ["--mirror", m.url, "--cache-dir", str(cache)]
         code, _, err = run_cli("download", "org/gated", *base, capsys=capsys)
         assert code == 2 and "gated" in err.lower() and "token" in err
-        code, _, err = run_cli("download", "org/gated", *base, "--token", "hf_nogate",
-                               capsys=capsys)
+        code, _, err = run_cli(
+            "download", "org/gated", *base, "--token", "hf_nogate", capsys=capsys
+        )
         assert code == 2 and "gated" in err.lower()
-        code, _, err = run_cli("download", "org/gated", *base, "--token", "hf_good",
-                               capsys=capsys)
+        code, _, err = run_cli("download", "org/gated", *base, "--token", "hf_good", capsys=capsys)
         assert code == 0, err
         code, _, err = run_cli("download", "org/private", *base, capsys=capsys)
         assert code == 2 and "not found" in err and "token" in err
-        code, _, err = run_cli("download", "org/private", *base, "--token", "hf_good",
-                               capsys=capsys)
+        code, _, err = run_cli(
+            "download", "org/private", *base, "--token", "hf_good", capsys=capsys
+        )
         assert code == 0, err
         code, _, err = run_cli("download", "org/nope", *base, capsys=capsys)
         assert code == 2 and "org/nope" in err
@@ -233,13 +302,22 @@ def test_gated_and_private_repos(repo_dir: Path, cache: Path,
         assert code == 2 and "v9" in err
 
 
-def test_cross_origin_redirect_never_receives_the_token(repo_dir: Path, cache: Path,
-                                                        capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_cross_origin_redirect_never_receives_the_token(
+    repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = [RepoSource("model", "org/private", repo_dir, private=True)]
     with ThreadedMirror(src, tokens=["hf_secret"], redirect="cross-origin") as m:
-        code, _, err = run_cli("download", "org/private", "--mirror", m.url, "--token",
-                               "hf_secret", "--cache-dir", str(cache), capsys=capsys)
+        code, _, err = run_cli(
+            "download",
+            "org/private",
+            "--mirror",
+            m.url,
+            "--token",
+            "hf_secret",
+            "--cache-dir",
+            str(cache),
+            capsys=capsys,
+        )
         assert code == 0, err
         stats = m.stats()
         assert stats.cdn_authorization_seen == 0
@@ -250,8 +328,20 @@ def test_kill_9_mid_download_resumes_without_refetching(tmp_path: Path, cache: P
     size = 48 * MiB
     src = make_repo(tmp_path / "big", big=size)
     with ThreadedMirror([RepoSource("model", "org/big", src)], rate_cap=4 * MiB) as m:
-        cmd = [sys.executable, "-m", "peer.cli.main", "download", "org/big", "--mirror", m.url,
-               "--cache-dir", str(cache), "--connections", "4", "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "peer.cli.main",
+            "download",
+            "org/big",
+            "--mirror",
+            m.url,
+            "--cache-dir",
+            str(cache),
+            "--connections",
+            "4",
+            "--quiet",
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while m.stats().blob_bytes < 0.6 * size:
@@ -273,8 +363,9 @@ def test_kill_9_mid_download_resumes_without_refetching(tmp_path: Path, cache: P
     assert (snap / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
-def test_malicious_tree_entry_is_refused(tmp_path: Path, cache: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_malicious_tree_entry_is_refused(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A hostile mirror: a tiny server whose tree names a file outside the snapshot.
     import asyncio
     import threading
@@ -302,8 +393,15 @@ def test_malicious_tree_entry_is_refused(tmp_path: Path, cache: Path,
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        code, _, err = run_cli("download", "org/evil", "--mirror", f"http://127.0.0.1:{port}",
-                               "--cache-dir", str(cache), capsys=capsys)
+        code, _, err = run_cli(
+            "download",
+            "org/evil",
+            "--mirror",
+            f"http://127.0.0.1:{port}",
+            "--cache-dir",
+            str(cache),
+            capsys=capsys,
+        )
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
@@ -313,9 +411,9 @@ def test_malicious_tree_entry_is_refused(tmp_path: Path, cache: Path,
     assert not (tmp_path / "x").exists() and not (cache.parent / "x").exists()
 
 
-def test_full_disk_is_a_clear_error_and_nothing_is_linked(tmp_path: Path, repo_dir: Path,
-                                                          capsys: pytest.CaptureFixture[str]
-                                                          ) -> None:
+def test_full_disk_is_a_clear_error_and_nothing_is_linked(
+    tmp_path: Path, repo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root (CI runs as root)")
     small = tmp_path / "small"
@@ -324,8 +422,15 @@ def test_full_disk_is_a_clear_error_and_nothing_is_linked(tmp_path: Path, repo_d
         pytest.skip("this machine does not allow mounting tmpfs")
     try:
         with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
-            code, _, err = run_cli("download", "org/tiny", "--mirror", m.url, "--cache-dir",
-                                   str(small / "cache"), capsys=capsys)
+            code, _, err = run_cli(
+                "download",
+                "org/tiny",
+                "--mirror",
+                m.url,
+                "--cache-dir",
+                str(small / "cache"),
+                capsys=capsys,
+            )
         assert code == 5 and "disk full" in err
         assert not list((small / "cache").rglob("blobs/*"))
     finally:

@@ -20,6 +20,7 @@ from peer.transfer.swarm import (
     SwarmSession,
     SwarmSettings,
     TorrentExists,
+    UnknownTorrent,
     create_v2_torrent,
     info_hash_of,
     parse_torrent,
@@ -278,6 +279,27 @@ async def test_add_piece_while_files_are_checked(blob: Blob, tmp_path: Path) -> 
         assert any(isinstance(e, ev.TorrentChecked) for e in seen)
         have = await s.have_pieces(ih)
         assert [i for i, h in enumerate(have) if h] == [2, 4]
+
+
+async def test_waiters_fail_when_their_torrent_is_removed(blob: Blob, tmp_path: Path) -> None:
+    async with session() as s:
+        ih = await s.add_torrent(blob.torrent, tmp_path / "gone")
+        tied = s.expect(lambda e: False, info_hash=ih)  # e.g. a feed_piece verdict
+        free = s.expect(lambda e: False)
+        await s.remove_torrent(ih)
+        with pytest.raises(UnknownTorrent):
+            await tied
+        assert not free.done()
+        free.cancel()
+
+
+async def test_paused_torrents_take_fed_pieces(blob: Blob, tmp_path: Path) -> None:
+    async with session() as s:
+        ih = await s.add_torrent(blob.torrent, tmp_path / "paused", paused=True)
+        async with asyncio.timeout(WAIT):
+            assert await s.feed_piece(ih, 0, blob.piece(0))
+        status = await s.status(ih)
+        assert status.paused and status.pieces_done == 1
 
 
 async def test_add_piece_validates_before_libtorrent(blob: Blob, tmp_path: Path) -> None:

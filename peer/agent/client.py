@@ -30,8 +30,12 @@ class AgentReportedError(HfswarmError):
         self.exit_code = exit_code
 
 
-_KIND_BASE: dict[int, type[HfswarmError]] = {2: UserError, 3: NetworkError,
-                                             4: IntegrityError, 5: LocalError}
+_KIND_BASE: dict[int, type[HfswarmError]] = {
+    2: UserError,
+    3: NetworkError,
+    4: IntegrityError,
+    5: LocalError,
+}
 
 
 class AgentClient:
@@ -40,22 +44,28 @@ class AgentClient:
 
     async def status(self) -> dict[str, Any]:
         try:
-            async with aiohttp.ClientSession() as s, s.get(
-                    f"{self.url}/v1/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"{self.url}/v1/status", timeout=aiohttp.ClientTimeout(total=5)) as r,
+            ):
                 r.raise_for_status()
                 data: dict[str, Any] = await r.json()
                 return data
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentUnavailable(f"no hfswarm agent answers at {self.url}",
-                                   hint="start one with `hfswarm agent`, or pass --agent URL"
-                                   ) from exc
+            raise AgentUnavailable(
+                f"no hfswarm agent answers at {self.url}",
+                hint="start one with `hfswarm agent`, or pass --agent URL",
+            ) from exc
 
-    async def download(self, spec: DownloadSpec,
-                       on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    async def download(
+        self, spec: DownloadSpec, on_event: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as s, s.post(
-                    f"{self.url}/v1/downloads", json=spec.to_json()) as r:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as s,
+                s.post(f"{self.url}/v1/downloads", json=spec.to_json()) as r,
+            ):
                 async for event in iter_ndjson(r.content):
                     kind = event.get("event")
                     if kind == "error":
@@ -65,12 +75,15 @@ class AgentClient:
                         return event
                     on_event(event)
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            raise AgentUnavailable(f"no hfswarm agent answers at {self.url}",
-                                   hint="start one with `hfswarm agent`, or pass --agent URL"
-                                   ) from exc
+            raise AgentUnavailable(
+                f"no hfswarm agent answers at {self.url}",
+                hint="start one with `hfswarm agent`, or pass --agent URL",
+            ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AgentUnavailable(f"lost the connection to the agent at {self.url}: {exc}",
-                                   hint="the agent keeps downloading; run the command again "
-                                   "to follow it") from exc
-        raise ConfigError("the agent ended the download without a result",
-                          hint="see the agent's log")
+            raise AgentUnavailable(
+                f"lost the connection to the agent at {self.url}: {exc}",
+                hint="the agent keeps downloading; run the command again to follow it",
+            ) from exc
+        raise ConfigError(
+            "the agent ended the download without a result", hint="see the agent's log"
+        )

@@ -71,28 +71,45 @@ class Agent:
             self.config.state_dir.mkdir(parents=True, exist_ok=True)
             self.config.hub.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LocalError(f"cannot create {exc.filename}: {exc.strerror}",
-                             hint="pick writable --cache-dir/--state-dir") from exc
+            raise LocalError(
+                f"cannot create {exc.filename}: {exc.strerror}",
+                hint="pick writable --cache-dir/--state-dir",
+            ) from exc
         self.agent_id = self.state.agent_id()
         try:
             bt_host, bt_port = self.config.bt_listen
             self.swarm = await self._stack.enter_async_context(
-                SwarmSession(SwarmSettings(listen_host=bt_host, listen_port=bt_port)))
+                SwarmSession(
+                    SwarmSettings(
+                        listen_host=bt_host,
+                        listen_port=bt_port,
+                        upload_rate_limit=self.config.max_upload_rate,
+                        # a cap is meant for the LAN too
+                        limit_local_peers=self.config.max_upload_rate > 0,
+                    )
+                )
+            )
             self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
-            self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm,
-                                   self.agent_id)
-            self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds,
-                                     self.state)
+            self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm, self.agent_id)
+            self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
             self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
             self.local_port = await self._listen(make_local_app(self), self.config.local_listen)
+            # Know the configured peers before the first request can arrive.
+            await self.peers.check_all()
         except BaseException:
             await self._stack.aclose()
             raise
-        log.info("agent %s: peers on %s:%d, local API on %s:%d, BitTorrent on %d",
-                 self.agent_id[:8], self.config.listen[0], self.peer_port,
-                 self.config.local_listen[0], self.local_port, self.swarm.listen_port)
+        log.info(
+            "agent %s: peers on %s:%d, local API on %s:%d, BitTorrent on %d",
+            self.agent_id[:8],
+            self.config.listen[0],
+            self.peer_port,
+            self.config.local_listen[0],
+            self.local_port,
+            self.swarm.listen_port,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -107,17 +124,21 @@ class Agent:
         try:
             await site.start()
         except OSError as exc:
-            raise LocalError(f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
-                             hint="choose another port, or stop the agent already using it"
-                             ) from exc
+            raise LocalError(
+                f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
+                hint="choose another port, or stop the agent already using it",
+            ) from exc
         port: int = runner.addresses[0][1]
         return port
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.peers.run()), tg.create_task(self.seeds.scan()),
-                         tg.create_task(self.blobs.save_resume_periodically())]
+                tasks = [
+                    tg.create_task(self.peers.run()),
+                    tg.create_task(self.seeds.scan()),
+                    tg.create_task(self.blobs.save_resume_periodically()),
+                ]
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -127,8 +148,9 @@ class Agent:
     # -- peer API backend ------------------------------------------------------------
 
     def health(self) -> wire.Health:
-        return wire.Health(agent_id=self.agent_id, bt_port=self.swarm.listen_port,
-                           blobs=len(self.seeds.held))
+        return wire.Health(
+            agent_id=self.agent_id, bt_port=self.swarm.listen_port, blobs=len(self.seeds.held)
+        )
 
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return self.seeds.manifests_for(blob_ids)
@@ -153,11 +175,21 @@ class Agent:
             "bytes_uploaded": uploaded + self.blobs.uploaded_by_removed,
             "hash_failures": self.totals.hash_failures,
             "downloads": self.totals.downloads,
-            "peers": [{"agent_id": p.agent_id, "host": p.host, "api_port": p.api_port,
-                       "bt_port": p.bt_port} for p in self.peers.live()],
+            "peers": [
+                {
+                    "agent_id": p.agent_id,
+                    "host": p.host,
+                    "api_port": p.api_port,
+                    "bt_port": p.bt_port,
+                }
+                for p in self.peers.live()
+            ],
             "seeded_blobs": len(self.seeds.held),
-            "listen": {"peer_api": self.peer_port, "local_api": self.local_port,
-                       "bittorrent": self.swarm.listen_port},
+            "listen": {
+                "peer_api": self.peer_port,
+                "local_api": self.local_port,
+                "bittorrent": self.swarm.listen_port,
+            },
         }
 
     async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
@@ -165,11 +197,18 @@ class Agent:
         hub = self.config.hub
         if spec.token:
             hub = replace(hub, token=spec.token)
-        snapshot = await resolve_snapshot(hub, spec.repo_type, spec.repo_id, spec.revision,
-                                          spec.selection)
+        snapshot = await resolve_snapshot(
+            hub, spec.repo_type, spec.repo_id, spec.revision, spec.selection
+        )
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        await emit({"event": "started", "commit": snapshot.commit,
-                    "files": len(snapshot.files), "total": snapshot.total_size})
+        await emit(
+            {
+                "event": "started",
+                "commit": snapshot.commit,
+                "files": len(snapshot.files),
+                "total": snapshot.total_size,
+            }
+        )
         counters: dict[str, BlobCounters] = {}
         by_blob: dict[str, list[RemoteFile]] = {}
         for f in snapshot.files:
@@ -186,8 +225,7 @@ class Agent:
                     if spec.local_dir is None:
                         repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
                     else:
-                        LocalDir(spec.local_dir).copy_in(path, f.path, snapshot.commit,
-                                                         f.blob_id)
+                        LocalDir(spec.local_dir).copy_in(path, f.path, snapshot.commit, f.blob_id)
 
             async def report() -> None:
                 while True:
@@ -214,8 +252,13 @@ class Agent:
         self.totals.bytes_from_peers += result["from_peers"]
         self.totals.bytes_from_mirror += result["from_mirror"]
         self.totals.hash_failures += result["hash_failures"]
-        result.update(event="done", path=str(path), commit=snapshot.commit,
-                      files=len(snapshot.files), seconds=time.monotonic() - t0)
+        result.update(
+            event="done",
+            path=str(path),
+            commit=snapshot.commit,
+            files=len(snapshot.files),
+            seconds=time.monotonic() - t0,
+        )
         return result
 
 

@@ -42,6 +42,7 @@ from peer.scheduling.policy import (
     PeerGone,
     PieceDone,
     PieceHashFailed,
+    PieceProgress,
     PolicyConfig,
     Tick,
 )
@@ -66,8 +67,14 @@ class BlobCounters:
 class BlobFetcher:
     """Runs blob fetches for the agent; concurrent requests for one blob share a task."""
 
-    def __init__(self, config: AgentConfig, swarm: SwarmSession, peers: PeerTable,
-                 seeds: SeedIndex, state: StateDir) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        swarm: SwarmSession,
+        peers: PeerTable,
+        seeds: SeedIndex,
+        state: StateDir,
+    ) -> None:
         self.config = config
         self.swarm = swarm
         self.peers = peers
@@ -79,8 +86,9 @@ class BlobFetcher:
 
     # -- entry point -----------------------------------------------------------------
 
-    async def obtain(self, snapshot: Snapshot, file: RemoteFile, mirror: MirrorFetcher,
-                     counters: BlobCounters) -> Path:
+    async def obtain(
+        self, snapshot: Snapshot, file: RemoteFile, mirror: MirrorFetcher, counters: BlobCounters
+    ) -> Path:
         repo = RepoCache(self.config.hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
         if repo.has_blob(file.blob_id, file.size):
             counters.reused = counters.done = file.size
@@ -102,22 +110,30 @@ class BlobFetcher:
         finally:
             self._inflight.pop(file.blob_id, None)
 
-    async def _adopt(self, repo: RepoCache, source: Path, file: RemoteFile,
-                     counters: BlobCounters) -> Path:
+    async def _adopt(
+        self, repo: RepoCache, source: Path, file: RemoteFile, counters: BlobCounters
+    ) -> Path:
         if source.parent != repo.blobs:
             repo.adopt_blob(source, file.blob_id)
         counters.reused = counters.done = file.size
         return repo.blob_path(file.blob_id)
 
-    async def _obtain(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
-                      mirror: MirrorFetcher, counters: BlobCounters) -> Path:
+    async def _obtain(
+        self,
+        repo: RepoCache,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+    ) -> Path:
         # 1. Already verified somewhere in this cache (another repo): link it.
         held = self.seeds.path_of(file.blob_id)
         if held is None:
-            other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id,
-                                            file.size)
-            if other is not None and (await asyncio.to_thread(
-                    hash_file, other, file.blob_id, file.size)).ok:
+            other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id, file.size)
+            if (
+                other is not None
+                and (await asyncio.to_thread(hash_file, other, file.blob_id, file.size)).ok
+            ):
                 held = other
         if held is not None:
             return await self._adopt(repo, held, file, counters)
@@ -130,8 +146,11 @@ class BlobFetcher:
                     return await self._small_from_peers(repo, file, offers, counters)
                 return await self._swarm(repo, snapshot, file, offers, mirror, counters)
             except HfswarmError as exc:
-                log.warning("%s: peers could not deliver (%s); fetching it from the mirror",
-                            file.path, exc.one_line())
+                log.warning(
+                    "%s: peers could not deliver (%s); fetching it from the mirror",
+                    file.path,
+                    exc.one_line(),
+                )
         # 3. The mirror alone (first fetch of a new model), then seed it at once.
         path = await self._from_mirror(repo, snapshot, file, mirror, counters)
         if file.size > 0:
@@ -148,12 +167,17 @@ class BlobFetcher:
             try:
                 meta = check_manifest(offer.manifest)
             except HfswarmError as exc:
-                log.warning("peer %s sent a bad manifest for %s: %s", offer.peer.api_url,
-                            file.blob_id, exc.one_line())
+                log.warning(
+                    "peer %s sent a bad manifest for %s: %s",
+                    offer.peer.api_url,
+                    file.blob_id,
+                    exc.one_line(),
+                )
                 continue
             if offer.manifest.size != file.size or meta.total_size != file.size:
-                log.warning("peer %s has %s with another size; ignored", offer.peer.api_url,
-                            file.blob_id)
+                log.warning(
+                    "peer %s has %s with another size; ignored", offer.peer.api_url, file.blob_id
+                )
                 continue
             good.append(offer)
         # All honest peers compute one info-hash per blob; keep the most common one.
@@ -165,11 +189,18 @@ class BlobFetcher:
 
     # -- mirror ----------------------------------------------------------------------
 
-    async def _from_mirror(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
-                           mirror: MirrorFetcher, counters: BlobCounters) -> Path:
+    async def _from_mirror(
+        self,
+        repo: RepoCache,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+    ) -> Path:
         for attempt in (1, 2):
-            partial = PartialBlob(repo.partial_dir, file.blob_id, file.size,
-                                  chunk_size_for(file.size))
+            partial = PartialBlob(
+                repo.partial_dir, file.blob_id, file.size, chunk_size_for(file.size)
+            )
             while True:
                 try:
                     partial.open()
@@ -195,16 +226,23 @@ class BlobFetcher:
                 return repo.install_blob(partial.take_finished(), file.blob_id)
             partial.discard()
             counters.hash_failures += 1
-            log.warning("%s from the mirror hashed to %s, not %s (attempt %d)", file.path,
-                        verdict.actual, file.blob_id, attempt)
-        raise IntegrityError(f"{file.path}: the mirror's bytes do not match the Hub id "
-                             f"{file.blob_id}, twice", hint="nothing was linked; try another "
-                             "--mirror")
+            log.warning(
+                "%s from the mirror hashed to %s, not %s (attempt %d)",
+                file.path,
+                verdict.actual,
+                file.blob_id,
+                attempt,
+            )
+        raise IntegrityError(
+            f"{file.path}: the mirror's bytes do not match the Hub id {file.blob_id}, twice",
+            hint="nothing was linked; try another --mirror",
+        )
 
     # -- small blobs from peers ----------------------------------------------------------
 
-    async def _small_from_peers(self, repo: RepoCache, file: RemoteFile, offers: list[Offer],
-                                counters: BlobCounters) -> Path:
+    async def _small_from_peers(
+        self, repo: RepoCache, file: RemoteFile, offers: list[Offer], counters: BlobCounters
+    ) -> Path:
         last: HfswarmError | None = None
         for offer in offers:
             try:
@@ -231,9 +269,15 @@ class BlobFetcher:
 
     # -- the swarm -------------------------------------------------------------------
 
-    async def _swarm(self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile,
-                     offers: list[Offer], mirror: MirrorFetcher,
-                     counters: BlobCounters) -> Path:
+    async def _swarm(
+        self,
+        repo: RepoCache,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        offers: list[Offer],
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+    ) -> Path:
         manifest = offers[0].manifest
         ih = manifest.info_hash
         repo.partial_dir.mkdir(parents=True, exist_ok=True)
@@ -241,8 +285,7 @@ class BlobFetcher:
         resume = self.state.load_resume(ih)
         try:
             try:
-                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir,
-                                             resume_data=resume)
+                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir, resume_data=resume)
             except SwarmError:
                 if resume is None:
                     raise
@@ -274,27 +317,42 @@ class BlobFetcher:
             counters.hash_failures += 1
             with contextlib.suppress(OSError):
                 data_path.unlink()
-            raise IntegrityError(f"{file.path}: swarm result hashes to {verdict.actual}, "
-                                 f"not {file.blob_id}", hint="refetching from the mirror")
+            raise IntegrityError(
+                f"{file.path}: swarm result hashes to {verdict.actual}, not {file.blob_id}",
+                hint="refetching from the mirror",
+            )
         counters.done = file.size
         path = repo.install_blob(data_path, file.blob_id)
         await self.seeds.add_with_manifest(path, manifest)
         return path
 
-    async def _drive(self, ih: str, snapshot: Snapshot, file: RemoteFile, offers: list[Offer],
-                     mirror: MirrorFetcher, counters: BlobCounters,
-                     stream: EventStream) -> None:
+    async def _drive(
+        self,
+        ih: str,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        offers: list[Offer],
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+        stream: EventStream,
+    ) -> None:
         """Run the policy until every piece is had: libtorrent pulls from peers on its
         own; the policy says which pieces to also take from the mirror, and whom to ban."""
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
         have = await self.swarm.have_pieces(ih)
         loop = asyncio.get_running_loop()
-        policy = DownloadPolicy(meta.num_pieces, time.monotonic(), PolicyConfig(
-            grace_period=cfg.peer_grace, stall_timeout=cfg.stall_timeout,
-            mirror_parallel=max(2, cfg.download.connections // 2),
-            salt=int(self.peers.self_id[:8] or "0", 16)),
-            have=[i for i, h in enumerate(have) if h])
+        policy = DownloadPolicy(
+            meta.num_pieces,
+            time.monotonic(),
+            PolicyConfig(
+                grace_period=cfg.peer_grace,
+                stall_timeout=cfg.stall_timeout,
+                mirror_parallel=max(2, cfg.download.connections // 2),
+                salt=int(self.peers.self_id[:8] or "0", 16),
+            ),
+            have=[i for i, h in enumerate(have) if h],
+        )
         counters.done = sum(meta.piece_length(i) for i, h in enumerate(have) if h)
         finished = asyncio.Event()
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
@@ -318,14 +376,14 @@ class BlobFetcher:
                 elif isinstance(d, Done):
                     finished.set()
                 elif isinstance(d, Failed):
-                    raise IntegrityError(f"{file.path}: {d.reason}",
-                                         hint="retry later, or add another --mirror")
+                    raise IntegrityError(
+                        f"{file.path}: {d.reason}", hint="retry later, or add another --mirror"
+                    )
 
         async def mirror_piece(i: int) -> None:
             start = i * meta.piece_size
             try:
-                data = await mirror.fetch_range(snapshot, file, start,
-                                                start + meta.piece_length(i))
+                data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
                 ok = await self.swarm.feed_piece(ih, i, data)
             except HfswarmError as exc:
                 apply(policy.handle(MirrorPieceFailed(i, exc.one_line()), time.monotonic()))
@@ -358,17 +416,31 @@ class BlobFetcher:
                     else:
                         counters.hash_failures += 1
                         peer = await blame(e.piece)
-                        apply(policy.handle(PieceHashFailed(e.piece, Origin.PEER, peer),
-                                            time.monotonic()))
+                        apply(
+                            policy.handle(
+                                PieceHashFailed(e.piece, Origin.PEER, peer), time.monotonic()
+                            )
+                        )
                 elif isinstance(e, ev.PeerBanned):
+                    # libtorrent banned it for this torrent (it alone sent a bad piece);
+                    # make that session-wide: no blob should come from that host now.
+                    log.warning("peer %s sent corrupt data; banned", e.endpoint)
+                    self.swarm.ban_peer(e.endpoint.host)
                     apply(policy.handle(PeerGone(str(e.endpoint), banned=True), now))
                 if finished.is_set():
                     return
 
+        received: dict[int, int] = {}  # piece -> blocks received, to see progress
+
         async def ticks() -> None:
             while not finished.is_set():
                 avail = await self.swarm.piece_availability(ih)
+                partial = await self.swarm.partial_pieces(ih)
                 now = time.monotonic()
+                for pp in partial:
+                    if pp.blocks_received > received.get(pp.piece, 0):
+                        received[pp.piece] = pp.blocks_received
+                        apply(policy.handle(PieceProgress(pp.piece), now))
                 if len(avail) == meta.num_pieces:
                     apply(policy.handle(Availability(avail), now))
                 else:

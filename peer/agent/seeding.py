@@ -32,8 +32,9 @@ class HeldBlob:
 
 
 class SeedIndex:
-    def __init__(self, cache_root: Path, state: StateDir, swarm: SwarmSession,
-                 agent_id: str) -> None:
+    def __init__(
+        self, cache_root: Path, state: StateDir, swarm: SwarmSession, agent_id: str
+    ) -> None:
         self.cache_root = cache_root
         self.state = state
         self.swarm = swarm
@@ -57,8 +58,9 @@ class SeedIndex:
             fp = await asyncio.to_thread(Fingerprint.of, path)
             if fp.size == 0:
                 raise OSError(f"{blob_id} is empty: nothing to seed")
-            manifest = await make_manifest(VerifiedBlob(blob_id, fp.size, path),
-                                           made_by=self.agent_id)
+            manifest = await make_manifest(
+                VerifiedBlob(blob_id, fp.size, path), made_by=self.agent_id
+            )
             self.state.remember_verified(VerifiedRecord(blob_id, fp, wire.encode(manifest)))
             return await self._seed(path, manifest)
 
@@ -70,8 +72,9 @@ class SeedIndex:
             if manifest.blob_id in self.held:
                 return self.held[manifest.blob_id]
             fp = await asyncio.to_thread(Fingerprint.of, path)
-            self.state.remember_verified(VerifiedRecord(manifest.blob_id, fp,
-                                                        wire.encode(manifest)))
+            self.state.remember_verified(
+                VerifiedRecord(manifest.blob_id, fp, wire.encode(manifest))
+            )
             return await self._seed(path, manifest)
 
     async def _seed(self, path: Path, manifest: wire.Manifest) -> HeldBlob:
@@ -104,12 +107,16 @@ class SeedIndex:
                         await self._seed(path, manifest)
                     continue
                 except (wire.WireError, SwarmError) as exc:
-                    log.warning("stored manifest of %s unusable (%s); verifying again",
-                                blob_id, exc)
+                    log.warning(
+                        "stored manifest of %s unusable (%s); verifying again", blob_id, exc
+                    )
             verdict = await asyncio.to_thread(hash_file, path, blob_id, fp.size)
             if not verdict.ok:
-                log.warning("cache blob %s does not match its id (hash %s); not seeding it",
-                            path, verdict.actual)
+                log.warning(
+                    "cache blob %s does not match its id (hash %s); not seeding it",
+                    path,
+                    verdict.actual,
+                )
                 self.rejected.add(path)
                 self.state.forget_verified(blob_id)
                 continue

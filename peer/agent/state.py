@@ -73,8 +73,15 @@ class StateDir:
 
     def remember_verified(self, record: VerifiedRecord) -> None:
         fp = record.fingerprint
-        payload = msgpack.packb({"v": 1, "size": fp.size, "mtime_ns": fp.mtime_ns,
-                                 "inode": fp.inode, "manifest": record.manifest})
+        payload = msgpack.packb(
+            {
+                "v": 1,
+                "size": fp.size,
+                "mtime_ns": fp.mtime_ns,
+                "inode": fp.inode,
+                "manifest": record.manifest,
+            }
+        )
         _atomic_write(self.root / "verified" / record.blob_id, payload)
 
     def verified(self, blob_id: str, current: Fingerprint) -> VerifiedRecord | None:

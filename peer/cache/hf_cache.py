@@ -28,24 +28,30 @@ REPO_TYPE_PREFIX = {"model": "models", "dataset": "datasets", "space": "spaces"}
 def safe_relpath(path: str) -> PurePosixPath:
     """Refuse names that could escape the snapshot folder (from a hostile or broken mirror)."""
     if not path or "\0" in path or "\\" in path or path.startswith("/"):
-        raise UnsafePath(f"refusing unsafe file name from the mirror: {path!r}",
-                         hint="the mirror sent a path that is absolute or malformed; "
-                         "report it to the mirror's operator")
+        raise UnsafePath(
+            f"refusing unsafe file name from the mirror: {path!r}",
+            hint="the mirror sent a path that is absolute or malformed; "
+            "report it to the mirror's operator",
+        )
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePath(f"refusing unsafe file name from the mirror: {path!r}",
-                         hint="the path has '..', '.' or empty parts; report it to the "
-                         "mirror's operator")
+        raise UnsafePath(
+            f"refusing unsafe file name from the mirror: {path!r}",
+            hint="the path has '..', '.' or empty parts; report it to the mirror's operator",
+        )
     return PurePosixPath(path)
 
 
 def translate_os_error(exc: OSError, what: str) -> LocalError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"disk full while {what}",
-                        hint="free some space (or pick another --cache-dir) and run the same "
-                        "command again: finished pieces are kept")
-    return LocalError(f"{what} failed: {exc.strerror or exc}",
-                      hint="check that the folder exists and is writable")
+        return DiskFull(
+            f"disk full while {what}",
+            hint="free some space (or pick another --cache-dir) and run the same "
+            "command again: finished pieces are kept",
+        )
+    return LocalError(
+        f"{what} failed: {exc.strerror or exc}", hint="check that the folder exists and is writable"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,8 +194,9 @@ class LocalDir:
 
     def _metadata_path(self, path: str) -> Path:
         rel = safe_relpath(path)
-        return self.root.joinpath(".cache", "huggingface", "download", *rel.parts[:-1],
-                                  rel.parts[-1] + ".metadata")
+        return self.root.joinpath(
+            ".cache", "huggingface", "download", *rel.parts[:-1], rel.parts[-1] + ".metadata"
+        )
 
     def is_current(self, path: str, commit: str, blob_id: str, size: int) -> bool:
         try:

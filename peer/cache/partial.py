@@ -105,7 +105,7 @@ class PartialBlob:
         magic, size, chunk = _HEADER.unpack_from(raw)
         if magic != _MAGIC or size != self.size or chunk != self.chunk_size:
             return set()
-        body = raw[_HEADER.size:]
+        body = raw[_HEADER.size :]
         usable = len(body) - len(body) % _RECORD.size
         if usable != len(body):  # a torn last record (killed mid-append) is dropped
             os.ftruncate(self._jfd, _HEADER.size + usable)

@@ -39,8 +39,7 @@ class Proc:
 
 async def _start(name: str, cmd: list[str], log: Path, ready: str) -> Proc:
     out = await asyncio.to_thread(open, log, "wb")  # the child keeps it open
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=out)
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=out)
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -75,15 +74,22 @@ async def _get_json(url: str) -> dict[str, Any]:
 async def _download(exe: list[str], agent: Proc, cache: Path) -> tuple[float, dict[str, Any]]:
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        *exe, "download", REPO, "--agent", f"http://{agent.info['host']}:"
-        f"{agent.info['local_port']}", "--cache-dir", str(cache), "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *exe,
+        "download",
+        REPO,
+        "--agent",
+        f"http://{agent.info['host']}:{agent.info['local_port']}",
+        "--cache-dir",
+        str(cache),
+        "--quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     elapsed = time.monotonic() - t0
     if proc.returncode != 0:
         raise LocalError(f"download on {agent.name} failed: {err.decode().strip()}")
-    status = await _get_json(f"http://{agent.info['host']}:{agent.info['local_port']}"
-                             "/v1/status")
+    status = await _get_json(f"http://{agent.info['host']}:{agent.info['local_port']}/v1/status")
     status["snapshot"] = out.decode().strip().splitlines()[-1]
     return elapsed, status
 
@@ -93,21 +99,40 @@ async def run_demo(workdir: Path | None, size_mb: int, keep: bool) -> int:
     exe = [sys.executable, "-m", "peer.cli.main"]
     print(f"hfswarm demo in {work}")
     print(f"generating a {size_mb} MB model (3 safetensors shards) ...", flush=True)
-    model = await asyncio.to_thread(generate_model_repo, work / "model",
-                                    total_size=size_mb * 1_000_000, shards=3, seed=1)
+    model = await asyncio.to_thread(
+        generate_model_repo, work / "model", total_size=size_mb * 1_000_000, shards=3, seed=1
+    )
     procs: list[Proc] = []
     try:
-        mirror = await _start("mirror", [*exe, "mirror", "serve", "--listen", "127.0.0.1:0",
-                                         f"model:{REPO}={model}"], work / "mirror.log", "http")
+        mirror = await _start(
+            "mirror",
+            [*exe, "mirror", "serve", "--listen", "127.0.0.1:0", f"model:{REPO}={model}"],
+            work / "mirror.log",
+            "http",
+        )
         procs.append(mirror)
         url = mirror.info["url"]
         agents: list[Proc] = []
         for i in (1, 2, 3):
             host = f"127.0.0.{i + 1}"
             root = work / f"agent{i}"
-            cmd = [*exe, "agent", "--cache-dir", str(root / "cache"), "--state-dir",
-                   str(root / "state"), "--listen", f"{host}:0", "--local-listen", f"{host}:0",
-                   "--bt-listen", f"{host}:0", "--mirror", url, "--no-mdns"]
+            cmd = [
+                *exe,
+                "agent",
+                "--cache-dir",
+                str(root / "cache"),
+                "--state-dir",
+                str(root / "state"),
+                "--listen",
+                f"{host}:0",
+                "--local-listen",
+                f"{host}:0",
+                "--bt-listen",
+                f"{host}:0",
+                "--mirror",
+                url,
+                "--no-mdns",
+            ]
             for other in agents:
                 cmd += ["--peer", f"{other.info['host']}:{other.info['peer_port']}"]
             agent = await _start(f"agent {i}", cmd, work / f"agent{i}.log", "ready")
@@ -118,28 +143,38 @@ async def run_demo(workdir: Path | None, size_mb: int, keep: bool) -> int:
         print("agent 1 fetches the model (nobody has it yet: from the mirror) ...", flush=True)
         results = {1: await _download(exe, agents[0], work / "agent1" / "cache")}
         print("agents 2 and 3 fetch it at the same time ...", flush=True)
-        both = await asyncio.gather(_download(exe, agents[1], work / "agent2" / "cache"),
-                                    _download(exe, agents[2], work / "agent3" / "cache"))
+        both = await asyncio.gather(
+            _download(exe, agents[1], work / "agent2" / "cache"),
+            _download(exe, agents[2], work / "agent3" / "cache"),
+        )
         results.update({2: both[0], 3: both[1]})
         served = (await _get_json(f"{url}/_mirror/stats"))["blob_bytes"]
         # Uploads happen after an agent's own download: read them at the very end.
         for i, agent in enumerate(agents, start=1):
-            final = await _get_json(f"http://{agent.info['host']}:{agent.info['local_port']}"
-                                    "/v1/status")
+            final = await _get_json(
+                f"http://{agent.info['host']}:{agent.info['local_port']}/v1/status"
+            )
             results[i][1]["bytes_uploaded"] = final["bytes_uploaded"]
     finally:
         await asyncio.gather(*(_stop(p) for p in reversed(procs)))
-    total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()
-                and not p.name.startswith(".hfswarm"))
+    total = sum(
+        p.stat().st_size
+        for p in model.rglob("*")
+        if p.is_file() and not p.name.startswith(".hfswarm")
+    )
     print(f"\nmodel {REPO}: {human_bytes(total)}\n")
     print(f"{'agent':8s}{'time':>9s}{'from peers':>14s}{'from mirror':>14s}{'uploaded':>12s}")
     for i, (elapsed, st) in results.items():
-        print(f"{'agent ' + str(i):8s}{elapsed:8.1f}s{human_bytes(st['bytes_from_peers']):>14s}"
-              f"{human_bytes(st['bytes_from_mirror']):>14s}"
-              f"{human_bytes(st['bytes_uploaded']):>12s}")
+        print(
+            f"{'agent ' + str(i):8s}{elapsed:8.1f}s{human_bytes(st['bytes_from_peers']):>14s}"
+            f"{human_bytes(st['bytes_from_mirror']):>14s}"
+            f"{human_bytes(st['bytes_uploaded']):>12s}"
+        )
     peers = sum(st["bytes_from_peers"] for _, st in results.values())
-    print(f"\nthe mirror served {human_bytes(served)} of file bytes for 3 copies of the model "
-          f"({served / total:.2f}x its size); peers moved {human_bytes(peers)}.")
+    print(
+        f"\nthe mirror served {human_bytes(served)} of file bytes for 3 copies of the model "
+        f"({served / total:.2f}x its size); peers moved {human_bytes(peers)}."
+    )
     if not keep and workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     else:

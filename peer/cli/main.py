@@ -38,10 +38,13 @@ from peer.transfer.progress import Progress, human_bytes
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download", help="download a repo (or some files) into the HF cache",
-                       description="Download a Hugging Face repo into the standard cache "
-                       "(or --local-dir), verified and resumable. The last line printed is "
-                       "the snapshot folder.")
+    p = sub.add_parser(
+        "download",
+        help="download a repo (or some files) into the HF cache",
+        description="Download a Hugging Face repo into the standard cache "
+        "(or --local-dir), verified and resumable. The last line printed is "
+        "the snapshot folder.",
+    )
     p.add_argument("repo_id", help="org/name")
     p.add_argument("files", nargs="*", help="only these files (paths in the repo)")
     p.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"])
@@ -51,42 +54,96 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
     p.add_argument("--local-dir", help="write plain files here instead of the cache")
     p.add_argument("--token", help="default: HF_TOKEN, else the saved token file")
-    p.add_argument("--mirror", action="append", default=[], metavar="URL",
-                   help="HF-style endpoint; repeat for failover, first preferred "
-                   "(default: HF_ENDPOINT)")
-    p.add_argument("--connections", type=int, default=16,
-                   help="parallel Range connections per file (default 16: public mirrors "
-                   "cap each connection)")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="HF-style endpoint; repeat for failover, first preferred (default: HF_ENDPOINT)",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=16,
+        help="parallel Range connections per file (default 16: public mirrors cap each connection)",
+    )
     p.add_argument("--max-workers", type=int, default=4, help="files at once (default 4)")
     p.add_argument("--quiet", action="store_true", help="print only the final path")
-    p.add_argument("--agent", metavar="URL",
-                   help="the local agent to ask (default: HFSWARM_AGENT, else "
-                   f"{DEFAULT_AGENT_URL}); with none running, the download runs in this "
-                   "process")
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                   help="with no agent running: peers to ask (their --listen address)")
+    p.add_argument(
+        "--agent",
+        metavar="URL",
+        help="the local agent to ask (default: HFSWARM_AGENT, else "
+        f"{DEFAULT_AGENT_URL}); with none running, the download runs in this "
+        "process",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="with no agent running: peers to ask (their --listen address)",
+    )
 
 
 def _add_agent(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("agent", help="run the agent: seed the cache, fetch for the CLI",
-                       description="Seed every verified blob of the HF cache to LAN peers "
-                       "and fetch what the CLI asks for: peers first, the mirror for the "
-                       "rest. Stops cleanly on SIGINT/SIGTERM.")
+    p = sub.add_parser(
+        "agent",
+        help="run the agent: seed the cache, fetch for the CLI",
+        description="Seed every verified blob of the HF cache to LAN peers "
+        "and fetch what the CLI asks for: peers first, the mirror for the "
+        "rest. Stops cleanly on SIGINT/SIGTERM.",
+    )
     p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
     p.add_argument("--state-dir", help="default: beside the cache (.../huggingface/hfswarm)")
-    p.add_argument("--listen", default="0.0.0.0:7851", metavar="HOST:PORT",
-                   help="peer-facing API (default 0.0.0.0:7851)")
-    p.add_argument("--local-listen", default="127.0.0.1:7850", metavar="HOST:PORT",
-                   help="API for the CLI on this machine (default 127.0.0.1:7850)")
-    p.add_argument("--bt-listen", default="0.0.0.0:7852", metavar="HOST:PORT",
-                   help="BitTorrent port (default 0.0.0.0:7852)")
-    p.add_argument("--mirror", action="append", default=[], metavar="URL",
-                   help="HF-style endpoint(s) for metadata and fallback (default HF_ENDPOINT)")
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                   help="static peer (its --listen address); repeatable")
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:7851",
+        metavar="HOST:PORT",
+        help="peer-facing API (default 0.0.0.0:7851)",
+    )
+    p.add_argument(
+        "--local-listen",
+        default="127.0.0.1:7850",
+        metavar="HOST:PORT",
+        help="API for the CLI on this machine (default 127.0.0.1:7850)",
+    )
+    p.add_argument(
+        "--bt-listen",
+        default="0.0.0.0:7852",
+        metavar="HOST:PORT",
+        help="BitTorrent port (default 0.0.0.0:7852)",
+    )
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="HF-style endpoint(s) for metadata and fallback (default HF_ENDPOINT)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="static peer (its --listen address); repeatable",
+    )
     p.add_argument("--token", help="token for the mirror (default: HF_TOKEN / token file)")
     p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument(
+        "--max-upload-rate",
+        type=int,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="cap what this agent uploads to peers (default: no cap)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a piece peers do not deliver for this long goes to the mirror",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -97,16 +154,19 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="a local mirror, three agents, a model moving between "
-                       "them (no internet needed)")
+    p = sub.add_parser(
+        "demo",
+        help="a local mirror, three agents, a model moving between them (no internet needed)",
+    )
     p.add_argument("--size-mb", type=int, default=300, help="model size (default 300 MB)")
     p.add_argument("--dir", help="work folder (default: a temp dir, removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
 
 
 def _add_mirror(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("mirror", add_help=False,
-                   help="run the project's local HF-compatible mirror (tests, demos)")
+    sub.add_parser(
+        "mirror", add_help=False, help="run the project's local HF-compatible mirror (tests, demos)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,16 +192,19 @@ async def _run_download(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient, AgentUnavailable
     from peer.download import DownloadRequest, download
 
-    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token,
-                                    cache_dir=args.cache_dir)
-    options = DownloadOptions.from_env(connections=args.connections,
-                                       max_files=args.max_workers, quiet=args.quiet)
+    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token, cache_dir=args.cache_dir)
+    options = DownloadOptions.from_env(
+        connections=args.connections, max_files=args.max_workers, quiet=args.quiet
+    )
     url, named = _agent_url(args)
-    spec = DownloadSpec(repo_id=args.repo_id, repo_type=args.repo_type,
-                        revision=args.revision,
-                        selection=FileSelection(tuple(args.files), tuple(args.include),
-                                                tuple(args.exclude)),
-                        token=args.token, local_dir=args.local_dir)
+    spec = DownloadSpec(
+        repo_id=args.repo_id,
+        repo_type=args.repo_type,
+        revision=args.revision,
+        selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
+        token=args.token,
+        local_dir=args.local_dir,
+    )
     client = AgentClient(url)
     try:
         if not args.peer:
@@ -152,17 +215,22 @@ async def _run_download(args: argparse.Namespace) -> int:
     if args.peer:
         return await _embedded(args, settings, options, spec)
     request = DownloadRequest(
-        repo_id=args.repo_id, repo_type=args.repo_type, revision=args.revision,
+        repo_id=args.repo_id,
+        repo_type=args.repo_type,
+        revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
-        local_dir=args.local_dir)
+        local_dir=args.local_dir,
+    )
     result = await download(settings, options, request)
     if not args.quiet:
         rate = result.bytes_from_mirror / result.seconds if result.seconds > 0 else 0
-        print(f"{result.files} files, {human_bytes(result.bytes_total)} at commit "
-              f"{result.commit[:12]} in {result.seconds:.1f} s: "
-              f"{human_bytes(result.bytes_from_mirror)} from the mirror "
-              f"({human_bytes(rate)}/s), {human_bytes(result.bytes_reused)} already local",
-              file=sys.stderr)
+        print(
+            f"{result.files} files, {human_bytes(result.bytes_total)} at commit "
+            f"{result.commit[:12]} in {result.seconds:.1f} s: "
+            f"{human_bytes(result.bytes_from_mirror)} from the mirror "
+            f"({human_bytes(rate)}/s), {human_bytes(result.bytes_reused)} already local",
+            file=sys.stderr,
+        )
     print(result.path)
     return 0
 
@@ -176,8 +244,9 @@ async def _via_agent(client: AgentClient, spec: DownloadSpec, quiet: bool) -> in
         if event.get("event") == "started":
             progress = Progress(int(event["total"]), files=int(event["files"]), quiet=quiet)
         elif event.get("event") == "progress" and progress is not None:
-            progress.set(int(event["done"]), fetched=int(event["from_peers"])
-                         + int(event["from_mirror"]))
+            progress.set(
+                int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
+            )
 
     try:
         final = await client.download(spec, on_event)
@@ -190,26 +259,35 @@ async def _via_agent(client: AgentClient, spec: DownloadSpec, quiet: bool) -> in
 
 def _print_summary(final: dict[str, Any], quiet: bool) -> None:
     if not quiet:
-        print(f"{final['files']} files, {human_bytes(final['total'])} at commit "
-              f"{final['commit'][:12]} in {final['seconds']:.1f} s: "
-              f"{human_bytes(final['from_peers'])} from peers, "
-              f"{human_bytes(final['from_mirror'])} from the mirror, "
-              f"{human_bytes(final['reused'])} already local, "
-              f"{final['hash_failures']} pieces failed verification", file=sys.stderr)
+        print(
+            f"{final['files']} files, {human_bytes(final['total'])} at commit "
+            f"{final['commit'][:12]} in {final['seconds']:.1f} s: "
+            f"{human_bytes(final['from_peers'])} from peers, "
+            f"{human_bytes(final['from_mirror'])} from the mirror, "
+            f"{human_bytes(final['reused'])} already local, "
+            f"{final['hash_failures']} pieces failed verification",
+            file=sys.stderr,
+        )
     print(final["path"])
 
 
-async def _embedded(args: argparse.Namespace, settings: HubSettings,
-                    options: DownloadOptions, spec: DownloadSpec) -> int:
+async def _embedded(
+    args: argparse.Namespace, settings: HubSettings, options: DownloadOptions, spec: DownloadSpec
+) -> int:
     """No agent running, but peers named: run an agent in this process for the download
     (it seeds to those peers while it lives)."""
     from peer.agent.daemon import Agent
 
     config = AgentConfig(
-        hub=settings, state_dir=default_state_dir(settings.cache_dir),
-        listen=("127.0.0.1", 0), local_listen=("127.0.0.1", 0), bt_listen=("0.0.0.0", 0),
-        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer), mdns=False,
-        download=options)
+        hub=settings,
+        state_dir=default_state_dir(settings.cache_dir),
+        listen=("127.0.0.1", 0),
+        local_listen=("127.0.0.1", 0),
+        bt_listen=("0.0.0.0", 0),
+        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
+        mdns=False,
+        download=options,
+    )
     stop = asyncio.Event()
     async with Agent(config) as agent:
         serve = asyncio.create_task(agent.serve(stop))
@@ -219,11 +297,13 @@ async def _embedded(args: argparse.Namespace, settings: HubSettings,
         async def emit(event: dict[str, Any]) -> None:
             nonlocal progress
             if event.get("event") == "started":
-                progress = Progress(int(event["total"]), files=int(event["files"]),
-                                    quiet=args.quiet)
+                progress = Progress(
+                    int(event["total"]), files=int(event["files"]), quiet=args.quiet
+                )
             elif event.get("event") == "progress" and progress is not None:
-                progress.set(int(event["done"]),
-                             fetched=int(event["from_peers"]) + int(event["from_mirror"]))
+                progress.set(
+                    int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
+                )
 
         try:
             final = await agent.run_download(spec, emit)
@@ -258,29 +338,43 @@ async def _run_status(args: argparse.Namespace) -> int:
 async def _run_agent(args: argparse.Namespace) -> int:
     from peer.agent.daemon import Agent
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token,
-                                    cache_dir=args.cache_dir)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token, cache_dir=args.cache_dir)
     config = AgentConfig(
         hub=settings,
         state_dir=args.state_dir or default_state_dir(settings.cache_dir),
         listen=parse_hostport(args.listen, what="--listen"),
-        local_listen=parse_hostport(args.local_listen, default_host="127.0.0.1",
-                                    what="--local-listen"),
+        local_listen=parse_hostport(
+            args.local_listen, default_host="127.0.0.1", what="--local-listen"
+        ),
         bt_listen=parse_hostport(args.bt_listen, what="--bt-listen"),
         peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
         mdns=not args.no_mdns,
-        download=DownloadOptions.from_env(connections=args.connections, quiet=True))
+        download=DownloadOptions.from_env(connections=args.connections, quiet=True),
+        max_upload_rate=args.max_upload_rate,
+        stall_timeout=args.stall_timeout,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Agent(config) as agent:
         # One line a supervisor (or a test) can wait for: where everything listens.
-        print(json.dumps({"ready": True, "agent_id": agent.agent_id,
-                          "peer_port": agent.peer_port, "local_port": agent.local_port,
-                          "bt_port": agent.swarm.listen_port}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "agent_id": agent.agent_id,
+                    "peer_port": agent.peer_port,
+                    "local_port": agent.local_port,
+                    "bt_port": agent.swarm.listen_port,
+                }
+            ),
+            flush=True,
+        )
         await agent.serve(stop)
     return 0
 
@@ -314,8 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception:
         traceback.print_exc()
-        print("hfswarm: internal error (a bug in hfswarm); please report it with the "
-              "traceback above", file=sys.stderr)
+        print(
+            "hfswarm: internal error (a bug in hfswarm); please report it with the traceback above",
+            file=sys.stderr,
+        )
         return 1
     return 2
 

@@ -47,8 +47,9 @@ class Offer:
 class PeerTable:
     """Candidate addresses -> live peers, with liveness checks every `interval` s."""
 
-    def __init__(self, self_id: str, *, interval: float = 5.0, timeout: float = 3.0,
-                 misses_allowed: int = 2) -> None:
+    def __init__(
+        self, self_id: str, *, interval: float = 5.0, timeout: float = 3.0, misses_allowed: int = 2
+    ) -> None:
         self.self_id = self_id
         self.interval = interval
         self.timeout = timeout
@@ -60,8 +61,7 @@ class PeerTable:
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> PeerTable:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -144,8 +144,9 @@ class PeerTable:
         assert self._session is not None
         body = wire.encode(wire.HaveRequest(blob_ids=blob_ids))
         try:
-            async with self._session.post(f"{peer.api_url}/v1/have", data=body,
-                                          headers={"Content-Type": MSGPACK}) as r:
+            async with self._session.post(
+                f"{peer.api_url}/v1/have", data=body, headers={"Content-Type": MSGPACK}
+            ) as r:
                 if r.status != 200:
                     return []
                 msg = wire.decode_as(await r.read(), wire.HaveResponse)
@@ -163,10 +164,11 @@ class PeerTable:
         async with self._session.get(f"{peer.api_url}/v1/blobs/{blob_id}") as r:
             if r.status != 200:
                 raise PeerMisbehaved(f"peer {peer.api_url} answered {r.status} for {blob_id}")
-            data = await r.content.read(size + 1)
+            if (r.content_length or 0) > size:
+                raise PeerMisbehaved(f"peer {peer.api_url} offers too many bytes for {blob_id}")
+            data = await r.read()
         hasher = BlobHasher(HashKind.of_blob_id(blob_id), len(data))
         hasher.update(data)
         if len(data) != size or hasher.hexdigest() != blob_id:
             raise PeerMisbehaved(f"peer {peer.api_url} sent wrong bytes for {blob_id}")
         return data
-

@@ -65,8 +65,10 @@ class Snapshot:
     def resolve_url(self, mirror: str, path: str) -> str:
         from urllib.parse import quote
 
-        return (f"{mirror}/{URL_PREFIX[self.repo_type]}{self.repo_id}/resolve/"
-                f"{self.commit}/{quote(path, safe='/')}")
+        return (
+            f"{mirror}/{URL_PREFIX[self.repo_type]}{self.repo_id}/resolve/"
+            f"{self.commit}/{quote(path, safe='/')}"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,14 @@ class FileSelection:
 
 def check_repo_args(repo_type: str, repo_id: str) -> None:
     if repo_type not in REPO_TYPES:
-        raise ConfigError(f"unknown repo type {repo_type!r}",
-                          hint="use --repo-type model, dataset or space")
+        raise ConfigError(
+            f"unknown repo type {repo_type!r}", hint="use --repo-type model, dataset or space"
+        )
     parts = repo_id.split("/")
     if not 1 <= len(parts) <= 2 or any(not p or p in (".", "..") for p in parts):
-        raise ConfigError(f"{repo_id!r} is not a repo id",
-                          hint="repo ids look like org/name (or name)")
+        raise ConfigError(
+            f"{repo_id!r} is not a repo id", hint="repo ids look like org/name (or name)"
+        )
 
 
 def _error_code(exc: hf_errors.HfHubHTTPError) -> str | None:
@@ -99,43 +103,59 @@ def _status(exc: hf_errors.HfHubHTTPError) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def translate_hub_error(exc: Exception, *, repo: str, revision: str, mirror: str,
-                        token: str | None) -> HfswarmError:
+def translate_hub_error(
+    exc: Exception, *, repo: str, revision: str, mirror: str, token: str | None
+) -> HfswarmError:
     """Map a huggingface_hub / transport exception to one clear, actionable error."""
     if isinstance(exc, hf_errors.GatedRepoError):
         return GatedRepo(
             f"{repo} is gated: your token has no access" if token else f"{repo} is gated",
             hint="accept its conditions on the Hub, then pass a token with --token or HF_TOKEN"
-            if not token else "ask for access on the repo page, or use a token that has it")
+            if not token
+            else "ask for access on the repo page, or use a token that has it",
+        )
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return RepoNotFound(
             f"repository {repo} not found on {mirror}",
             hint="check the name and --repo-type; if it is private, pass --token or set HF_TOKEN"
-            if not token else "check the name and --repo-type, and that your token can read it")
+            if not token
+            else "check the name and --repo-type, and that your token can read it",
+        )
     if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return RevisionNotFound(f"revision {revision!r} not found in {repo}",
-                                hint="use a branch, tag, commit or refs/pr/N that exists")
+        return RevisionNotFound(
+            f"revision {revision!r} not found in {repo}",
+            hint="use a branch, tag, commit or refs/pr/N that exists",
+        )
     if isinstance(exc, hf_errors.EntryNotFoundError):
-        return EntryNotFound(f"file not found in {repo}@{revision}: {exc}",
-                             hint="list the repo's files and check the path")
+        return EntryNotFound(
+            f"file not found in {repo}@{revision}: {exc}",
+            hint="list the repo's files and check the path",
+        )
     if isinstance(exc, hf_errors.HfHubHTTPError):
         status = _status(exc)
         if status == 429 or (status or 0) >= 500:
-            return MirrorFailed(f"{mirror} answered HTTP {status} for {repo}",
-                                hint="the mirror is overloaded or failing; retry later or add "
-                                "another --mirror")
+            return MirrorFailed(
+                f"{mirror} answered HTTP {status} for {repo}",
+                hint="the mirror is overloaded or failing; retry later or add another --mirror",
+            )
         if status == 401 or status == 403:
-            return RepoNotFound(f"{mirror} refused access to {repo} (HTTP {status})",
-                                hint="pass a token with --token or HF_TOKEN")
-        return MirrorFailed(f"{mirror} answered HTTP {status} for {repo}: {exc}",
-                            hint="check that --mirror/HF_ENDPOINT is a Hugging Face-style "
-                            "endpoint")
+            return RepoNotFound(
+                f"{mirror} refused access to {repo} (HTTP {status})",
+                hint="pass a token with --token or HF_TOKEN",
+            )
+        return MirrorFailed(
+            f"{mirror} answered HTTP {status} for {repo}: {exc}",
+            hint="check that --mirror/HF_ENDPOINT is a Hugging Face-style endpoint",
+        )
     if isinstance(exc, (KeyError, TypeError, ValueError)):
-        return PeerMisbehaved(f"{mirror} sent metadata hfswarm cannot read: {exc!r}",
-                              hint="check that --mirror/HF_ENDPOINT is a Hugging Face-style "
-                              "endpoint")
-    return MirrorUnreachable(f"cannot reach {mirror}: {exc}",
-                             hint="check the network and the --mirror/HF_ENDPOINT address")
+        return PeerMisbehaved(
+            f"{mirror} sent metadata hfswarm cannot read: {exc!r}",
+            hint="check that --mirror/HF_ENDPOINT is a Hugging Face-style endpoint",
+        )
+    return MirrorUnreachable(
+        f"cannot reach {mirror}: {exc}",
+        hint="check the network and the --mirror/HF_ENDPOINT address",
+    )
 
 
 def _remote_file(entry: Any) -> RemoteFile:
@@ -157,55 +177,72 @@ def _remote_file(entry: Any) -> RemoteFile:
     return RemoteFile(path=path, size=size, blob_id=blob_id, is_lfs=lfs is not None)
 
 
-def _fetch_blocking(api: HfApi, repo_type: str, repo_id: str, revision: str,
-                    token: str | bool) -> tuple[str, list[RemoteFile], bool, bool]:
+def _fetch_blocking(
+    api: HfApi, repo_type: str, repo_id: str, revision: str, token: str | bool
+) -> tuple[str, list[RemoteFile], bool, bool]:
     info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, token=token)
     commit = info.sha
     if not commit or not SHA1_RE.fullmatch(commit):
         raise PeerMisbehaved(f"mirror gave no usable commit for {repo_id}@{revision}")
-    entries = api.list_repo_tree(repo_id, repo_type=repo_type, revision=commit,
-                                 recursive=True, expand=False, token=token)
+    entries = api.list_repo_tree(
+        repo_id, repo_type=repo_type, revision=commit, recursive=True, expand=False, token=token
+    )
     files = [_remote_file(e) for e in entries if e.__class__.__name__ == "RepoFile"]
     gated = bool(getattr(info, "gated", False))
     return commit, files, bool(getattr(info, "private", False)), gated
 
 
-def select_files(files: Sequence[RemoteFile], selection: FileSelection, *, repo: str,
-                 revision: str) -> tuple[RemoteFile, ...]:
+def select_files(
+    files: Sequence[RemoteFile], selection: FileSelection, *, repo: str, revision: str
+) -> tuple[RemoteFile, ...]:
     if selection.files:
         by_path = {f.path: f for f in files}
         missing = [p for p in selection.files if p not in by_path]
         if missing:
-            raise EntryNotFound(f"not in {repo}@{revision}: {', '.join(missing)}",
-                                hint="check the file names (paths are relative to the repo root)")
+            raise EntryNotFound(
+                f"not in {repo}@{revision}: {', '.join(missing)}",
+                hint="check the file names (paths are relative to the repo root)",
+            )
         chosen: list[RemoteFile] = [by_path[p] for p in dict.fromkeys(selection.files)]
     else:
-        chosen = list(filter_repo_objects(
-            files, allow_patterns=list(selection.include) or None,
-            ignore_patterns=list(selection.exclude) or None, key=lambda f: f.path))
+        chosen = list(
+            filter_repo_objects(
+                files,
+                allow_patterns=list(selection.include) or None,
+                ignore_patterns=list(selection.exclude) or None,
+                key=lambda f: f.path,
+            )
+        )
     return tuple(chosen)
 
 
-async def resolve_snapshot(settings: HubSettings, repo_type: str, repo_id: str,
-                           revision: str, selection: FileSelection = FileSelection(),
-                           *, attempts: int = 3) -> Snapshot:
+async def resolve_snapshot(
+    settings: HubSettings,
+    repo_type: str,
+    repo_id: str,
+    revision: str,
+    selection: FileSelection = FileSelection(),
+    *,
+    attempts: int = 3,
+) -> Snapshot:
     """Ask the mirrors, in order, for a revision's commit and file list."""
     check_repo_args(repo_type, repo_id)
     token: str | bool = settings.token or False
     last: HfswarmError | None = None
     for mirror in settings.mirrors:
-        api = HfApi(endpoint=mirror, token=token, library_name="hfswarm",
-                    library_version="0.1")
+        api = HfApi(endpoint=mirror, token=token, library_name="hfswarm", library_version="0.1")
         for attempt in range(attempts):
             try:
                 commit, files, private, gated = await asyncio.to_thread(
-                    _fetch_blocking, api, repo_type, repo_id, revision, token)
+                    _fetch_blocking, api, repo_type, repo_id, revision, token
+                )
             except HfswarmError as exc:
                 last = exc
                 break
             except Exception as exc:
-                err = translate_hub_error(exc, repo=repo_id, revision=revision, mirror=mirror,
-                                          token=settings.token)
+                err = translate_hub_error(
+                    exc, repo=repo_id, revision=revision, mirror=mirror, token=settings.token
+                )
                 if isinstance(err, UserError):
                     raise err from exc
                 last = err
@@ -213,8 +250,15 @@ async def resolve_snapshot(settings: HubSettings, repo_type: str, repo_id: str,
                     await asyncio.sleep(min(4.0, 0.3 * 2**attempt) * (0.5 + random.random()))
                 continue
             chosen = select_files(files, selection, repo=repo_id, revision=revision)
-            return Snapshot(repo_type=repo_type, repo_id=repo_id, revision=revision,
-                            commit=commit, files=chosen, mirror=mirror, private=private,
-                            gated=gated)
+            return Snapshot(
+                repo_type=repo_type,
+                repo_id=repo_id,
+                revision=revision,
+                commit=commit,
+                files=chosen,
+                mirror=mirror,
+                private=private,
+                gated=gated,
+            )
     assert last is not None
     raise last

@@ -51,18 +51,26 @@ class DownloadSpec:
             return tuple(value)
 
         local = d.get("local_dir")
-        return cls(repo_id=d["repo_id"], repo_type=str(d.get("repo_type") or "model"),
-                   revision=str(d.get("revision") or "main"),
-                   selection=FileSelection(strs("files"), strs("include"), strs("exclude")),
-                   token=d.get("token") if isinstance(d.get("token"), str) else None,
-                   local_dir=Path(local) if isinstance(local, str) and local else None)
+        return cls(
+            repo_id=d["repo_id"],
+            repo_type=str(d.get("repo_type") or "model"),
+            revision=str(d.get("revision") or "main"),
+            selection=FileSelection(strs("files"), strs("include"), strs("exclude")),
+            token=d.get("token") if isinstance(d.get("token"), str) else None,
+            local_dir=Path(local) if isinstance(local, str) and local else None,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "repo_type": self.repo_type,
-                "revision": self.revision, "files": list(self.selection.files),
-                "include": list(self.selection.include),
-                "exclude": list(self.selection.exclude), "token": self.token,
-                "local_dir": str(self.local_dir) if self.local_dir else None}
+        return {
+            "repo_id": self.repo_id,
+            "repo_type": self.repo_type,
+            "revision": self.revision,
+            "files": list(self.selection.files),
+            "include": list(self.selection.include),
+            "exclude": list(self.selection.exclude),
+            "token": self.token,
+            "local_dir": str(self.local_dir) if self.local_dir else None,
+        }
 
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -76,10 +84,18 @@ class LocalBackend(Protocol):
 
 def error_event(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, HfswarmError):
-        return {"event": "error", "kind": type(exc).__name__, "exit_code": exc.exit_code,
-                "message": exc.one_line()}
-    return {"event": "error", "kind": "InternalError", "exit_code": 1,
-            "message": f"internal error in the agent: {exc!r} (a bug; see the agent's log)"}
+        return {
+            "event": "error",
+            "kind": type(exc).__name__,
+            "exit_code": exc.exit_code,
+            "message": exc.one_line(),
+        }
+    return {
+        "event": "error",
+        "kind": "InternalError",
+        "exit_code": 1,
+        "message": f"internal error in the agent: {exc!r} (a bug; see the agent's log)",
+    }
 
 
 def make_local_app(backend: LocalBackend) -> web.Application:
@@ -91,8 +107,10 @@ def make_local_app(backend: LocalBackend) -> web.Application:
             spec = DownloadSpec.from_json(await request.json())
         except (ValueError, HfswarmError) as exc:
             msg = exc.one_line() if isinstance(exc, HfswarmError) else f"bad JSON: {exc}"
-            return web.json_response({"event": "error", "kind": "ConfigError",
-                                      "exit_code": 2, "message": msg}, status=400)
+            return web.json_response(
+                {"event": "error", "kind": "ConfigError", "exit_code": 2, "message": msg},
+                status=400,
+            )
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

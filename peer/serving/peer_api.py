@@ -55,8 +55,9 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         except wire.WireError as exc:
             return web.Response(status=400, text=exc.one_line())
         manifests = backend.manifests_for(tuple(msg.blob_ids))
-        return web.Response(body=wire.encode(wire.HaveResponse(manifests=tuple(manifests))),
-                            content_type=MSGPACK)
+        return web.Response(
+            body=wire.encode(wire.HaveResponse(manifests=tuple(manifests))), content_type=MSGPACK
+        )
 
     async def blob(request: web.Request) -> web.StreamResponse:
         blob_id = request.match_info["blob_id"]
@@ -83,8 +84,9 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         backend.count_upload(len(data))
-        return web.Response(status=status, body=data, headers=headers,
-                            content_type="application/octet-stream")
+        return web.Response(
+            status=status, body=data, headers=headers, content_type="application/octet-stream"
+        )
 
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)

@@ -74,8 +74,9 @@ def origin(url: str) -> tuple[str, str]:
 class _Retry(Exception):
     """A transient failure: try again (maybe on another mirror) after `delay`."""
 
-    def __init__(self, reason: str, *, retry_after: float | None = None,
-                 network: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, retry_after: float | None = None, network: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
@@ -126,22 +127,29 @@ class MirrorPool:
         self._cool_until[mirror] = 0.0
 
 
-def _error_from_status(status: int, headers: aiohttp.typedefs.LooseHeaders | None,
-                       what: str) -> HfswarmError:
+def _error_from_status(
+    status: int, headers: aiohttp.typedefs.LooseHeaders | None, what: str
+) -> HfswarmError:
     get = getattr(headers, "get", lambda *_: None)
     code = get("X-Error-Code")
     msg = get("X-Error-Message") or f"HTTP {status}"
     if code == "GatedRepo":
-        return GatedRepo(f"{what}: {msg}", hint="request access on the repo page and pass a "
-                         "token that has it (--token or HF_TOKEN)")
+        return GatedRepo(
+            f"{what}: {msg}",
+            hint="request access on the repo page and pass a "
+            "token that has it (--token or HF_TOKEN)",
+        )
     if code == "RepoNotFound" or status == 401:
-        return RepoNotFound(f"{what}: {msg}", hint="check the repo id; for a private repo pass "
-                            "--token or set HF_TOKEN")
+        return RepoNotFound(
+            f"{what}: {msg}",
+            hint="check the repo id; for a private repo pass --token or set HF_TOKEN",
+        )
     if code == "RevisionNotFound":
         return RevisionNotFound(f"{what}: {msg}", hint="check --revision")
     if code == "EntryNotFound" or status == 404:
-        return EntryNotFound(f"{what}: {msg}", hint="the mirror lacks this file; try another "
-                             "--mirror")
+        return EntryNotFound(
+            f"{what}: {msg}", hint="the mirror lacks this file; try another --mirror"
+        )
     if status == 403:
         return RepoNotFound(f"{what}: access denied ({msg})", hint="use a token with access")
     return MirrorFailed(f"{what}: HTTP {status} ({msg})", hint="retry later or add --mirror")
@@ -170,9 +178,14 @@ class _BlobJob:
 class MirrorFetcher:
     """Downloads blobs from the configured mirrors; an async context manager."""
 
-    def __init__(self, settings: HubSettings, options: DownloadOptions,
-                 progress: Progress | None = None, *, mirrors: tuple[str, ...] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        settings: HubSettings,
+        options: DownloadOptions,
+        progress: Progress | None = None,
+        *,
+        mirrors: tuple[str, ...] | None = None,
+    ) -> None:
         self.settings = settings
         self.options = options
         self.progress = progress
@@ -181,23 +194,35 @@ class MirrorFetcher:
         self.bytes_fetched = 0
 
     async def __aenter__(self) -> MirrorFetcher:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout,
-                                        sock_read=self.options.read_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.options.connect_timeout,
+            sock_read=self.options.read_timeout,
+        )
         self._session = aiohttp.ClientSession(
-            timeout=timeout, auto_decompress=False, read_bufsize=READ_CHUNK,
+            timeout=timeout,
+            auto_decompress=False,
+            read_bufsize=READ_CHUNK,
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"})
+            headers={"User-Agent": self.settings.user_agent, "Accept-Encoding": "identity"},
+        )
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._session is not None:
             await self._session.close()
 
     # -- public ----------------------------------------------------------------------
 
-    async def fetch(self, snapshot: Snapshot, file: RemoteFile, partial: PartialBlob,
-                    on_bytes: Callable[[int], None] | None = None) -> Verdict:
+    async def fetch(
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        partial: PartialBlob,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> Verdict:
         """Fill `partial` from the mirrors and return the whole-file hash verdict.
         `on_bytes` hears of every byte received for this blob."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
@@ -208,32 +233,38 @@ class MirrorFetcher:
         try:
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher))
-                workers = [tg.create_task(self._worker(job))
-                           for _ in range(min(self.options.connections, max(1, len(todo))))]
+                workers = [
+                    tg.create_task(self._worker(job))
+                    for _ in range(min(self.options.connections, max(1, len(todo))))
+                ]
                 await asyncio.gather(*workers)
                 job.wake_hasher.set()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         digest = hash_task.result()
-        return Verdict(ok=digest == file.blob_id, expected=file.blob_id, actual=digest,
-                       size=file.size)
+        return Verdict(
+            ok=digest == file.blob_id, expected=file.blob_id, actual=digest, size=file.size
+        )
 
-    async def fetch_range(self, snapshot: Snapshot, file: RemoteFile, start: int,
-                          end: int) -> bytes:
+    async def fetch_range(
+        self, snapshot: Snapshot, file: RemoteFile, start: int, end: int
+    ) -> bytes:
         """Bytes [start, end) of a file, into memory: a piece that no peer could give.
         The caller verifies it (libtorrent hash-checks pieces fed with add_piece)."""
         buf = bytearray(end - start)
 
         def sink(offset: int, data: memoryview) -> None:
-            buf[offset - start: offset - start + len(data)] = data
+            buf[offset - start : offset - start + len(data)] = data
 
         job = _BlobJob(snapshot, file, None, deque(), sink=sink)
         try:
             await self._fetch_span(job, start, end)
         except _RangeIgnored as ri:
             ri.response.close()
-            raise RangeUnsupported(f"{ri.mirror} ignores Range requests",
-                                   hint="pieces cannot be fetched from it one by one") from None
+            raise RangeUnsupported(
+                f"{ri.mirror} ignores Range requests",
+                hint="pieces cannot be fetched from it one by one",
+            ) from None
         return bytes(buf)
 
     # -- hashing ---------------------------------------------------------------------
@@ -297,8 +328,11 @@ class MirrorFetcher:
         while pos[0] < end:
             mirror = self.pool.pick(time.monotonic(), job.excluded)
             if mirror is None:
-                raise job.skip_errors[-1] if job.skip_errors else MirrorFailed(
-                    f"no mirror could serve {job.file.path}")
+                raise (
+                    job.skip_errors[-1]
+                    if job.skip_errors
+                    else MirrorFailed(f"no mirror could serve {job.file.path}")
+                )
             try:
                 await self._stream_range(job, mirror, pos, end)
                 self.pool.succeeded(mirror)
@@ -310,9 +344,11 @@ class MirrorFetcher:
                 self.pool.failed(mirror, time.monotonic())
                 if failures >= limit:
                     cls = MirrorUnreachable if r.network else MirrorFailed
-                    raise cls(f"gave up on {job.file.path} after {failures} attempts: "
-                              f"{r.reason}", hint="the mirror keeps failing; retry later (the "
-                              "download resumes) or add another --mirror") from None
+                    raise cls(
+                        f"gave up on {job.file.path} after {failures} attempts: {r.reason}",
+                        hint="the mirror keeps failing; retry later (the "
+                        "download resumes) or add another --mirror",
+                    ) from None
                 await asyncio.sleep(self._delay(failures, r.retry_after))
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
@@ -321,8 +357,9 @@ class MirrorFetcher:
         base = min(self.options.backoff_max, self.options.backoff_base * 2 ** (failures - 1))
         return base * (0.5 + random.random() / 2)  # jitter: herds do not retry in lockstep
 
-    async def _open(self, job: _BlobJob, mirror: str, headers: dict[str, str],
-                    method: str = "GET") -> aiohttp.ClientResponse:
+    async def _open(
+        self, job: _BlobJob, mirror: str, headers: dict[str, str], method: str = "GET"
+    ) -> aiohttp.ClientResponse:
         """Request with redirects followed by hand; Authorization stays on the mirror."""
         assert self._session is not None
         url = job.cdn.get(mirror) or job.snapshot.resolve_url(mirror, job.file.path)
@@ -333,8 +370,7 @@ class MirrorFetcher:
             if self.settings.token and origin(url) == home:
                 h["Authorization"] = f"Bearer {self.settings.token}"
             try:
-                resp = await self._session.request(method, url, headers=h,
-                                                   allow_redirects=False)
+                resp = await self._session.request(method, url, headers=h, allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 job.cdn.pop(mirror, None)
                 raise _Retry(f"{mirror}: {exc.__class__.__name__}: {exc}", network=True) from exc
@@ -361,24 +397,37 @@ class MirrorFetcher:
                 raise _RangeIgnored(resp, mirror)
             if resp.status == 206:
                 m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-                if not m or int(m.group(1)) != pos[0] or (
-                        m.group(3) != "*" and int(m.group(3)) != size):
-                    raise _SkipMirror(PeerMisbehaved(
-                        f"{mirror} answered a wrong Content-Range for {job.file.path}: "
-                        f"{resp.headers.get('Content-Range')!r} (expected bytes {pos[0]}-"
-                        f"{end - 1}/{size})", hint="the mirror serves another version of "
-                        "this file; try another --mirror"))
+                if (
+                    not m
+                    or int(m.group(1)) != pos[0]
+                    or (m.group(3) != "*" and int(m.group(3)) != size)
+                ):
+                    raise _SkipMirror(
+                        PeerMisbehaved(
+                            f"{mirror} answered a wrong Content-Range for {job.file.path}: "
+                            f"{resp.headers.get('Content-Range')!r} (expected bytes {pos[0]}-"
+                            f"{end - 1}/{size})",
+                            hint="the mirror serves another version of "
+                            "this file; try another --mirror",
+                        )
+                    )
                 await self._copy_body(job, resp, pos, end)
                 return
             if resp.status == 416:
-                raise _SkipMirror(PeerMisbehaved(
-                    f"{mirror} says {job.file.path} is shorter than its metadata ({size} B)",
-                    hint="the mirror's metadata and files disagree; try another --mirror"))
+                raise _SkipMirror(
+                    PeerMisbehaved(
+                        f"{mirror} says {job.file.path} is shorter than its metadata ({size} B)",
+                        hint="the mirror's metadata and files disagree; try another --mirror",
+                    )
+                )
             if resp.status in _RETRYABLE_STATUS:
-                raise _Retry(f"{mirror} answered HTTP {resp.status}",
-                             retry_after=_retry_after(resp.headers.get("Retry-After")))
-            err = _error_from_status(resp.status, resp.headers,
-                                     f"{job.snapshot.repo_id}/{job.file.path}")
+                raise _Retry(
+                    f"{mirror} answered HTTP {resp.status}",
+                    retry_after=_retry_after(resp.headers.get("Retry-After")),
+                )
+            err = _error_from_status(
+                resp.status, resp.headers, f"{job.snapshot.repo_id}/{job.file.path}"
+            )
             if isinstance(err, (GatedRepo, RepoNotFound)) or len(self.pool.mirrors) == 1:
                 raise err
             raise _SkipMirror(err)
@@ -388,8 +437,9 @@ class MirrorFetcher:
             if not resp.closed and resp.status != 200:
                 resp.release()
 
-    async def _copy_body(self, job: _BlobJob, resp: aiohttp.ClientResponse, pos: list[int],
-                         end: int) -> None:
+    async def _copy_body(
+        self, job: _BlobJob, resp: aiohttp.ClientResponse, pos: list[int], end: int
+    ) -> None:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
                 take = min(len(data), end - pos[0])
@@ -401,8 +451,9 @@ class MirrorFetcher:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
                 raise
-            raise _Retry(f"connection lost after byte {pos[0]}: {exc.__class__.__name__}",
-                         network=True) from exc
+            raise _Retry(
+                f"connection lost after byte {pos[0]}: {exc.__class__.__name__}", network=True
+            ) from exc
         finally:
             resp.release() if pos[0] >= end else resp.close()
         if pos[0] < end:
@@ -488,7 +539,7 @@ def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
             pos = start - base
             while pos < stop - base:
                 step = min(READ_BLOCK, stop - base - pos)
-                hasher.update(view[pos:pos + step])
+                hasher.update(view[pos : pos + step])
                 pos += step
         finally:
             view.release()

@@ -25,8 +25,9 @@ def human_seconds(s: float) -> str:
 class Progress:
     """Counts bytes as they arrive; draws one line at most a few times a second."""
 
-    def __init__(self, total: int, *, files: int, quiet: bool = False,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, *, files: int, quiet: bool = False, stream: TextIO | None = None
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = not quiet and self.stream.isatty()
         self.total = total
@@ -71,9 +72,11 @@ class Progress:
         self._last_draw = now
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = (self.total - self.done) / self._rate if self._rate > 0 else 0
-        line = (f"{human_bytes(self.done)} / {human_bytes(self.total)} ({pct:4.1f}%)  "
-                f"{human_bytes(self._rate)}/s  ETA {human_seconds(eta)}  "
-                f"files {self.files_done}/{self.files_total}")
+        line = (
+            f"{human_bytes(self.done)} / {human_bytes(self.total)} ({pct:4.1f}%)  "
+            f"{human_bytes(self._rate)}/s  ETA {human_seconds(eta)}  "
+            f"files {self.files_done}/{self.files_total}"
+        )
         pad = max(0, self._width - len(line))
         self._width = len(line)
         self.stream.write("\r" + line + " " * pad)

@@ -28,6 +28,13 @@ libtorrent behaviours measured with the 2.1.1 wheel that this module relies on:
 - ``add_piece`` silently ignores data of the wrong length (no alert at all) and a
   negative piece index crashes the process (segfault): both are checked here. The
   last piece of a file is its real length, without the v2 tail padding.
+- ``add_piece`` data given while the torrent checks its files (right after an add,
+  after metadata arrives, during a re-check) is dropped without a word: the adapter
+  holds it until ``torrent_checked``. Paused torrents do take fed pieces.
+- ``list_files`` records the executable bit as a file attribute inside the info dict,
+  which would give the same blob different info-hashes on different machines:
+  torrents are created with ``no_attributes``. A listen port in use makes libtorrent
+  try the next ports (``max_retry_port_bind``) and then any port: both are turned off.
 - In ``seed_mode`` libtorrent hashes each piece the first time a peer asks for it; a
   corrupt piece makes the seeder fail that hash, leave seed mode and re-check the
   whole file, so it never reaches the peer.
@@ -62,7 +69,6 @@ from peer.transfer import events as ev
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-E = TypeVar("E", bound=ev.SwarmEvent)
 
 BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -178,6 +184,17 @@ class SwarmSettings:
             "upload_rate_limit": self.upload_rate_limit,
             "download_rate_limit": self.download_rate_limit,
             "ignore_limits_on_local_network": not self.limit_local_peers,
+            # LAN timing: libtorrent's defaults are tuned for the internet. A 500 ms
+            # tick delays the first connection to a peer by up to half a second, and a
+            # peer that dropped is not retried for a minute.
+            "tick_interval": 100,
+            "smooth_connects": False,
+            "min_reconnect_time": 2,
+            "peer_connect_timeout": 5,
+            # Two hashing threads: piece checks of a fast LAN download keep one busy.
+            "hashing_threads": 2,
+            # Keep more queued for a peer that drains a 1-10 Gbit link.
+            "send_buffer_watermark": 4 * 1024 * 1024,
         }
 
 
@@ -472,6 +489,13 @@ class _Torrent:
     fed_failed_bytes: int = 0
 
 
+@dataclass
+class _Waiter:
+    predicate: Callable[[ev.SwarmEvent], bool]
+    fut: asyncio.Future[Any]
+    info_hash: str | None  # fail it if this torrent goes away
+
+
 # States in which libtorrent has no piece picker and ignores add_piece.
 _NOT_READY_STATES = frozenset(
     {
@@ -503,7 +527,7 @@ class SwarmSession:
         self._torrents: dict[str, _Torrent] = {}
         self._by_handle: dict[Any, _Torrent] = {}
         self._streams: list[EventStream] = []
-        self._waiters: list[tuple[Callable[[ev.SwarmEvent], bool], asyncio.Future[Any]]] = []
+        self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
         self._handlers: dict[type, Callable[[Any], Iterable[ev.SwarmEvent]]] = {
             lt.listen_succeeded_alert: self._a_listen,
@@ -585,9 +609,9 @@ class SwarmSession:
         for stream in self._streams:
             stream._end()
         self._streams.clear()
-        for _, fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(SwarmClosed("the BitTorrent session was closed"))
+        for w in self._waiters:
+            if not w.fut.done():
+                w.fut.set_exception(SwarmClosed("the BitTorrent session was closed"))
         self._waiters.clear()
         self._torrents.clear()
         self._by_handle.clear()
@@ -644,16 +668,20 @@ class SwarmSession:
         with contextlib.suppress(ValueError):
             self._streams.remove(stream)
 
-    def expect(self, predicate: Callable[[ev.SwarmEvent], bool]) -> asyncio.Future[Any]:
+    def expect(
+        self, predicate: Callable[[ev.SwarmEvent], bool], *, info_hash: str | None = None
+    ) -> asyncio.Future[Any]:
         """A future resolved with the first later event matching ``predicate``.
 
         Register it BEFORE the action that triggers the event. Cancel it (or let
-        ``asyncio.wait_for`` do so) when no longer needed."""
+        ``asyncio.wait_for`` do so) when no longer needed. With ``info_hash``, it fails
+        with `UnknownTorrent` if that torrent is removed first (instead of waiting
+        forever); it fails with `SwarmClosed` when the session closes."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._ses is None:
             fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
         else:
-            self._waiters.append((predicate, fut))
+            self._waiters.append(_Waiter(predicate, fut, info_hash))
         return fut
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
@@ -661,7 +689,7 @@ class SwarmSession:
             return await fut
         finally:
             fut.cancel()  # no-op when resolved; drops it when our caller gave up
-            self._waiters = [(p, f) for p, f in self._waiters if f is not fut]
+            self._waiters = [w for w in self._waiters if w.fut is not fut]
 
     def _on_alert_fd(self) -> None:
         if self._pipe is None:
@@ -697,14 +725,19 @@ class SwarmSession:
         for stream in self._streams:
             stream._push(event)
         if self._waiters:
+            removed = event.info_hash if isinstance(event, ev.TorrentRemoved) else None
             keep = []
-            for predicate, fut in self._waiters:
-                if fut.done():
+            for w in self._waiters:
+                if w.fut.done():
                     continue
-                if predicate(event):
-                    fut.set_result(event)
+                if w.predicate(event):
+                    w.fut.set_result(event)
+                elif removed is not None and w.info_hash == removed:
+                    w.fut.set_exception(
+                        UnknownTorrent(f"torrent {removed} was removed during the operation")
+                    )
                 else:
-                    keep.append((predicate, fut))
+                    keep.append(w)
             self._waiters = keep
 
     def _track_readiness(self, event: ev.TorrentChecked | ev.StateChanged) -> None:
@@ -1053,7 +1086,8 @@ class SwarmSession:
                 isinstance(e, ev.PieceFinished | ev.HashFailed)
                 and e.info_hash == info_hash
                 and e.piece == piece
-            )
+            ),
+            info_hash=info_hash,
         )
         try:
             if await self._call(lambda: t.handle.have_piece(piece), "reading piece state"):
@@ -1164,7 +1198,10 @@ class SwarmSession:
         # Dispatch what is already queued first, so an older CacheFlushed (libtorrent
         # sends one by itself when a torrent finishes) cannot answer this request.
         self._drain()
-        done = self.expect(lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash)
+        done = self.expect(
+            lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash,
+            info_hash=info_hash,
+        )
         try:
             t.handle.flush_cache()
         except RuntimeError as e:
@@ -1182,7 +1219,8 @@ class SwarmSession:
         done = self.expect(
             lambda e: (
                 isinstance(e, ev.ResumeDataSaved | ev.ResumeDataFailed) and e.info_hash == info_hash
-            )
+            ),
+            info_hash=info_hash,
         )
         try:
             t.handle.save_resume_data(lt.torrent_handle.save_info_dict)

@@ -67,8 +67,9 @@ class Verdict:
     size: int
 
 
-def hash_file(path: Path, blob_id: str, size: int, *, start: int = 0,
-              hasher: BlobHasher | None = None) -> Verdict:
+def hash_file(
+    path: Path, blob_id: str, size: int, *, start: int = 0, hasher: BlobHasher | None = None
+) -> Verdict:
     """Hash a file (blocking: run it in a thread) and compare with its blob id.
 
     `hasher`/`start` let a caller finish a hash that already covers ``[0, start)``.
@@ -85,5 +86,6 @@ def hash_file(path: Path, blob_id: str, size: int, *, start: int = 0,
             h.update(view[:n])
     actual = h.hexdigest()
     on_disk = os.stat(path).st_size
-    return Verdict(ok=actual == blob_id and on_disk == size, expected=blob_id, actual=actual,
-                   size=on_disk)
+    return Verdict(
+        ok=actual == blob_id and on_disk == size, expected=blob_id, actual=actual, size=on_disk
+    )

@@ -1,0 +1,373 @@
+"""Real agents on loopback (each on its own 127.0.0.x), a real libtorrent swarm between
+them, and the project's mirror counting every byte it serves: the swarm issue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import scan_cache_dir, snapshot_download
+
+from peer import wire
+from peer.agent.daemon import Agent
+from peer.config import AgentConfig, DownloadOptions, HubSettings
+from peer.manifests import VerifiedBlob, make_manifest
+from peer.mirror_server import MirrorServer, RepoSource
+from peer.serving.local_api import DownloadSpec
+from peer.serving.peer_api import make_peer_app
+from peer.transfer.swarm import SwarmSession, SwarmSettings
+from peer.verification.hashing import BlobHasher, HashKind, hash_file
+
+MiB = 1 << 20
+BIG = 24 * MiB  # 24 one-MiB pieces
+
+
+def sha256(data: bytes) -> str:
+    h = BlobHasher(HashKind.SHA256, len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+def make_repo(folder: Path, big: int = BIG, seed: int = 3) -> Path:
+    rnd = random.Random(seed)
+    (folder / "nested/dir").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "swarm-test"}')
+    (folder / "model.safetensors").write_bytes(rnd.randbytes(big))
+    (folder / "small.bin").write_bytes(rnd.randbytes(300_000))  # LFS, below one piece
+    (folder / "nested/dir/readme.txt").write_text("nested\n")
+    return folder
+
+
+def rot(path: Path, offsets: range) -> None:
+    """Overwrite 4 KiB at each offset: the file keeps its size, its content is wrong."""
+    with open(path, "r+b") as f:
+        for off in offsets:
+            f.seek(off + 1000)
+            f.write(b"\xff" * 4096)
+
+
+def repo_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def config(
+    root: Path, ip: str, mirror: str, peers: tuple[tuple[str, int], ...] = (), **kw: Any
+) -> AgentConfig:
+    return AgentConfig(
+        hub=HubSettings(mirrors=(mirror,), token=None, cache_dir=root / "cache"),
+        state_dir=root / "state",
+        listen=(ip, 0),
+        local_listen=(ip, 0),
+        bt_listen=(ip, 0),
+        peers=peers,
+        mdns=False,
+        stall_timeout=kw.pop("stall_timeout", 1.5),
+        peer_grace=kw.pop("peer_grace", 2.0),
+        download=DownloadOptions(quiet=True, read_timeout=3.0),
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def agent(cfg: AgentConfig) -> AsyncIterator[Agent]:
+    async with Agent(cfg) as a:
+        stop = asyncio.Event()
+        task = asyncio.create_task(a.serve(stop))
+        await a.peers.check_all()
+        try:
+            yield a
+        finally:
+            stop.set()
+            await task
+
+
+def peer_of(a: Agent) -> tuple[str, int]:
+    return (a.config.listen[0], a.peer_port)
+
+
+async def fetch(a: Agent, repo_id: str = "org/m") -> dict[str, Any]:
+    async def emit(_: dict[str, Any]) -> None:
+        return None
+
+    return await a.run_download(DownloadSpec(repo_id=repo_id), emit)
+
+
+@pytest.fixture
+async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
+    src = make_repo(tmp_path / "src")
+    async with MirrorServer([RepoSource("model", "org/m", src)]) as m:
+        yield m
+
+
+async def test_second_agent_takes_everything_from_the_first(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    total = repo_bytes(tmp_path / "src")
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
+        first = await fetch(a)
+        assert first["from_mirror"] == total and first["from_peers"] == 0
+        assert mirror.stats().blob_bytes == total
+        mirror.reset_stats()
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
+            second = await fetch(b)
+            assert mirror.stats().blob_bytes == 0, "the mirror must serve metadata only"
+            assert mirror.stats().meta_bytes > 0
+            assert second["from_peers"] == total and second["from_mirror"] == 0
+            status = await b.status()
+            assert status["bytes_from_peers"] == total and len(status["peers"]) == 1
+            assert (await a.status())["bytes_uploaded"] >= BIG
+    cache = tmp_path / "b" / "cache"
+    snap = Path(snapshot_download("org/m", cache_dir=cache, local_files_only=True))
+    for rel in ("model.safetensors", "small.bin", "nested/dir/readme.txt"):
+        assert (snap / rel).read_bytes() == (tmp_path / "src" / rel).read_bytes()
+    assert scan_cache_dir(cache).warnings == []
+
+
+async def test_two_agents_make_the_same_manifest_independently(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    async with (
+        agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a,
+        agent(config(tmp_path / "b", "127.0.0.3", mirror.url)) as b,
+    ):
+        await asyncio.gather(fetch(a), fetch(b))  # no peers: each from the mirror
+        blob = sha256((tmp_path / "src" / "model.safetensors").read_bytes())
+        (ma,) = a.manifests_for((blob,))
+        (mb,) = b.manifests_for((blob,))
+        assert ma.made_by != mb.made_by
+        assert ma.info_hash == mb.info_hash and ma.torrent == mb.torrent
+
+
+async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    blob = sha256(data)
+    src_dir = tmp_path / "full"
+    src_dir.mkdir()
+    (src_dir / blob).write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob, len(data), src_dir / blob), "half-peer")
+    n = len(data) // manifest.piece_size
+
+    class HalfPeer:  # a peer agent that has fetched the first half of the blob so far
+        def __init__(self, bt_port: int) -> None:
+            self.bt_port = bt_port
+
+        def health(self) -> wire.Health:
+            return wire.Health(agent_id="f" * 32, bt_port=self.bt_port, blobs=0)
+
+        def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return [manifest] if blob in ids else []
+
+        def verified_blob_path(self, blob_id: str) -> Path | None:
+            return None
+
+        def count_upload(self, n: int) -> None:
+            return None
+
+    from aiohttp import web
+
+    async with SwarmSession(SwarmSettings(listen_host="127.0.0.5", listen_port=0)) as half:
+        (tmp_path / "half").mkdir()
+        ih = await half.add_torrent(manifest.torrent, tmp_path / "half")
+        for i in range(n // 2):
+            piece = data[i * manifest.piece_size : (i + 1) * manifest.piece_size]
+            assert await half.feed_piece(ih, i, piece)
+        runner = web.AppRunner(make_peer_app(HalfPeer(half.listen_port)))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.5", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with agent(
+                config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(("127.0.0.5", port),))
+            ) as b:
+                result = await fetch(b)
+        finally:
+            await runner.cleanup()
+    half_bytes = (n // 2) * manifest.piece_size
+    assert result["from_peers"] + result["from_mirror"] - 300_000 - 50 <= len(data) + 2 * MiB
+    assert half_bytes - 2 * MiB <= result["from_peers"] <= half_bytes
+    assert mirror.stats().per_file["org/m/model.safetensors"] <= len(data) - half_bytes + 2 * MiB
+    got = tmp_path / "b/cache/models--org--m/blobs" / blob
+    assert hash_file(got, blob, len(data)).ok
+
+
+async def test_three_agents_swarm_and_the_mirror_sends_each_blob_once(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    total = repo_bytes(tmp_path / "src")
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
+        await fetch(a)
+        async with (
+            agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b,
+            agent(
+                config(tmp_path / "c", "127.0.0.4", mirror.url, peers=(peer_of(a), peer_of(b)))
+            ) as c,
+        ):
+            rb, rc = await asyncio.gather(fetch(b), fetch(c))
+    assert mirror.stats().blob_bytes == total
+    assert rb["from_mirror"] == rc["from_mirror"] == 0
+    assert rb["from_peers"] == rc["from_peers"] == total
+
+
+async def test_corrupt_seeder_is_banned_and_nothing_bad_is_linked(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    blob = sha256(data)
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
+        await fetch(a)
+        # B pulls once, so A's seed-mode check has vouched for every piece ...
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
+            await fetch(b)
+        # ... then A's file rots on disk while A keeps seeding it.
+        held = tmp_path / "a/cache/models--org--m/blobs" / blob
+        await asyncio.to_thread(rot, held, range(2 * MiB, 6 * MiB, MiB))
+        mirror.reset_stats()
+        async with agent(config(tmp_path / "c", "127.0.0.4", mirror.url, peers=(peer_of(a),))) as c:
+            result = await fetch(c)
+            assert "127.0.0.2" in c.swarm.banned_peers()
+    assert result["hash_failures"] >= 1
+    got = tmp_path / "c/cache/models--org--m/blobs" / blob
+    assert got.read_bytes() == data
+    assert mirror.stats().blob_bytes > 0  # the bad pieces came from the mirror instead
+
+
+async def run_agent_process(
+    root: Path, ip: str, mirror: str, *extra: str
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "peer.cli.main",
+        "agent",
+        "--cache-dir",
+        str(root / "cache"),
+        "--state-dir",
+        str(root / "state"),
+        "--listen",
+        f"{ip}:0",
+        "--local-listen",
+        f"{ip}:0",
+        "--bt-listen",
+        f"{ip}:0",
+        "--mirror",
+        mirror,
+        "--no-mdns",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    return proc, json.loads(line)
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "peer.cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_seeder_killed_mid_transfer_download_finishes_from_mirror(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    seeder, info = await run_agent_process(
+        tmp_path / "a", "127.0.0.2", mirror.url, "--max-upload-rate", str(4 * MiB)
+    )
+    try:
+        code, _, err = await cli(
+            "download", "org/m", "--agent", f"http://127.0.0.2:{info['local_port']}", "--quiet"
+        )
+        assert code == 0, err
+        mirror.reset_stats()
+        async with agent(
+            config(
+                tmp_path / "b", "127.0.0.3", mirror.url, peers=(("127.0.0.2", info["peer_port"]),)
+            )
+        ) as b:
+            task = asyncio.create_task(fetch(b))
+            while b.totals.bytes_from_peers == 0 and not task.done():
+                st = [await b.swarm.status(ih) for ih in b.swarm.torrents()]
+                if any(s.peer_payload_bytes > 4 * MiB for s in st if not s.is_seeding):
+                    break
+                await asyncio.sleep(0.05)
+            seeder.send_signal(signal.SIGKILL)
+            result = await asyncio.wait_for(task, 60)
+    finally:
+        if seeder.returncode is None:
+            seeder.kill()
+        await seeder.wait()
+    assert result["from_peers"] >= 4 * MiB and result["from_mirror"] >= 4 * MiB
+    blob = sha256(data)
+    assert (tmp_path / "b/cache/models--org--m/blobs" / blob).read_bytes() == data
+
+
+async def test_killed_agent_resumes_from_its_verified_pieces(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, max_upload_rate=6 * MiB)) as a:
+        await fetch(a)
+        mirror.reset_stats()
+        peer = f"127.0.0.2:{a.peer_port}"
+        b, info = await run_agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "--peer", peer, "--stall-timeout", "30"
+        )
+        url = f"http://127.0.0.3:{info['local_port']}"
+        dl = asyncio.create_task(cli("download", "org/m", "--agent", url, "--quiet"))
+        partial = tmp_path / "b/cache/models--org--m/.hfswarm/partial" / sha256(data)
+        while not (partial.exists() and partial.stat().st_blocks * 512 >= 10 * MiB):
+            assert not dl.done(), await dl
+            await asyncio.sleep(0.05)
+        b.send_signal(signal.SIGKILL)
+        await b.wait()
+        await dl
+        b, info = await run_agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "--peer", peer, "--stall-timeout", "30"
+        )
+        try:
+            code, out, err = await cli(
+                "download", "org/m", "--agent", f"http://127.0.0.3:{info['local_port']}"
+            )
+            assert code == 0, err
+            code, st, _ = await cli(
+                "status", "--agent", f"http://127.0.0.3:{info['local_port']}", "--json"
+            )
+        finally:
+            b.send_signal(signal.SIGTERM)
+            await b.wait()
+    status = json.loads(st)
+    assert {
+        "bytes_from_peers",
+        "bytes_from_mirror",
+        "bytes_uploaded",
+        "hash_failures",
+        "peers",
+        "seeded_blobs",
+    } <= status.keys()
+    # The restarted agent fetched what was missing, not the whole blob again.
+    assert status["bytes_from_peers"] <= len(data) - 8 * MiB, status
+    assert mirror.stats().blob_bytes == 0
+    snap = Path(out.strip().splitlines()[-1])
+    assert (snap / "model.safetensors").read_bytes() == data
+    assert b.returncode == 0  # SIGTERM is a clean exit
+    assert (tmp_path / "b/state/agent_id").read_text()
