@@ -186,11 +186,13 @@ class HaveRequest(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class HaveResponse(Message):
-    """The manifests of the requested blobs the peer has and will share."""
+    """The manifests of the requested blobs the peer has and will share, and of those
+    it is fetching right now (its swarm serves the pieces it has verified so far)."""
 
     TYPE: ClassVar[str] = "have_response"
 
     manifests: tuple[Manifest, ...]
+    fetching: tuple[Manifest, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +225,10 @@ Manifest.SCHEMA = {
     "signature": _bytes(MAX_SIGNATURE_BYTES),
 }
 HaveRequest.SCHEMA = {"blob_ids": _list_of(_blob_id, MAX_BLOB_IDS, unique=True)}
-HaveResponse.SCHEMA = {"manifests": _list_of(_nested_manifest, MAX_MANIFESTS)}
+HaveResponse.SCHEMA = {
+    "manifests": _list_of(_nested_manifest, MAX_MANIFESTS),
+    "fetching": _list_of(_nested_manifest, MAX_MANIFESTS),
+}
 Health.SCHEMA = {
     "agent_id": _agent_id,
     "bt_port": _exact_int(0, 65535),

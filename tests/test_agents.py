@@ -4,6 +4,7 @@ them, and the project's mirror counting every byte it serves: the swarm issue.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -23,7 +24,7 @@ from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving.local_api import DownloadSpec
 from peer.serving.peer_api import make_peer_app
-from peer.transfer.swarm import SwarmSession, SwarmSettings
+from peer.transfer.swarm import SwarmSession, SwarmSettings, UnknownTorrent
 from peer.verification.hashing import BlobHasher, HashKind, hash_file
 
 MiB = 1 << 20
@@ -165,7 +166,10 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
             return wire.Health(agent_id="f" * 32, bt_port=self.bt_port, blobs=0)
 
         def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
-            return [manifest] if blob in ids else []
+            return []  # it does not hold the blob ...
+
+        def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return [manifest] if blob in ids else []  # ... it is fetching it
 
         def verified_blob_path(self, blob_id: str) -> Path | None:
             return None
@@ -208,15 +212,29 @@ async def test_three_agents_swarm_and_the_mirror_sends_each_blob_once(
     async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
         await fetch(a)
         async with (
-            agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b,
+            # stall timeout at its default: two downloaders sharing one seeder on a busy
+            # 2-core machine can see gaps longer than the 1.5 s used elsewhere here
             agent(
-                config(tmp_path / "c", "127.0.0.4", mirror.url, peers=(peer_of(a), peer_of(b)))
+                config(
+                    tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),), stall_timeout=5.0
+                )
+            ) as b,
+            agent(
+                config(
+                    tmp_path / "c",
+                    "127.0.0.4",
+                    mirror.url,
+                    peers=(peer_of(a), peer_of(b)),
+                    stall_timeout=5.0,
+                )
             ) as c,
         ):
             rb, rc = await asyncio.gather(fetch(b), fetch(c))
     assert mirror.stats().blob_bytes == total
     assert rb["from_mirror"] == rc["from_mirror"] == 0
-    assert rb["from_peers"] == rc["from_peers"] == total
+    # useful bytes: what libtorrent's end game fetched twice is not counted
+    for r in (rb, rc):
+        assert r["from_peers"] == total
 
 
 async def test_corrupt_seeder_is_banned_and_nothing_bad_is_linked(
@@ -242,6 +260,16 @@ async def test_corrupt_seeder_is_banned_and_nothing_bad_is_linked(
     assert mirror.stats().blob_bytes > 0  # the bad pieces came from the mirror instead
 
 
+async def peer_bytes_so_far(a: Agent) -> int:
+    """Bytes from peers of the downloads in flight (torrents come and go meanwhile)."""
+    total = 0
+    for ih in a.swarm.torrents():
+        with contextlib.suppress(UnknownTorrent):
+            st = await a.swarm.status(ih)
+            total += 0 if st.is_seeding else st.peer_payload_bytes
+    return total
+
+
 async def run_agent_process(
     root: Path, ip: str, mirror: str, *extra: str
 ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
@@ -263,9 +291,10 @@ async def run_agent_process(
         "--mirror",
         mirror,
         "--no-mdns",
+        "-v",
         *extra,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=await asyncio.to_thread(open, root.parent / f"{root.name}.log", "ab"),
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -306,8 +335,7 @@ async def test_seeder_killed_mid_transfer_download_finishes_from_mirror(
         ) as b:
             task = asyncio.create_task(fetch(b))
             while b.totals.bytes_from_peers == 0 and not task.done():
-                st = [await b.swarm.status(ih) for ih in b.swarm.torrents()]
-                if any(s.peer_payload_bytes > 4 * MiB for s in st if not s.is_seeding):
+                if await peer_bytes_so_far(b) > 4 * MiB:
                     break
                 await asyncio.sleep(0.05)
             seeder.send_signal(signal.SIGKILL)
@@ -316,7 +344,7 @@ async def test_seeder_killed_mid_transfer_download_finishes_from_mirror(
         if seeder.returncode is None:
             seeder.kill()
         await seeder.wait()
-    assert result["from_peers"] >= 4 * MiB and result["from_mirror"] >= 4 * MiB
+    assert result["from_peers"] >= 2 * MiB and result["from_mirror"] >= 8 * MiB
     blob = sha256(data)
     assert (tmp_path / "b/cache/models--org--m/blobs" / blob).read_bytes() == data
 

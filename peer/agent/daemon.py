@@ -155,6 +155,9 @@ class Agent:
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return self.seeds.manifests_for(blob_ids)
 
+    def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        return self.blobs.fetching_for(blob_ids)
+
     def verified_blob_path(self, blob_id: str) -> Path | None:
         return self.seeds.path_of(blob_id)
 

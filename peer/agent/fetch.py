@@ -61,6 +61,7 @@ class BlobCounters:
     from_peers: int = 0
     from_mirror: int = 0
     reused: int = 0
+    resumed: int = 0  # verified pieces found on disk when a swarm download started
     hash_failures: int = 0
 
 
@@ -83,6 +84,11 @@ class BlobFetcher:
         self.uploaded_by_removed = 0
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
+        self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
+
+    def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        """Blobs this agent is swarming now: peers may join and take verified pieces."""
+        return [self._swarming[b] for b in blob_ids if b in self._swarming]
 
     # -- entry point -----------------------------------------------------------------
 
@@ -141,9 +147,12 @@ class BlobFetcher:
         offers = await self._offers(file) if file.size > 0 else []
         if offers:
             piece_size = offers[0].manifest.piece_size
+            complete = [o for o in offers if o.complete]
             try:
                 if file.size <= piece_size:
-                    return await self._small_from_peers(repo, file, offers, counters)
+                    if complete:
+                        return await self._small_from_peers(repo, file, complete, counters)
+                    raise IntegrityError("only peers still fetching it have it")
                 return await self._swarm(repo, snapshot, file, offers, mirror, counters)
             except HfswarmError as exc:
                 log.warning(
@@ -295,20 +304,35 @@ class BlobFetcher:
             stream.close()
             raise
         self._downloading.add(ih)
+        self._swarming[file.blob_id] = manifest
         try:
+            # What a killed earlier run left verified on disk counts as resumed, not as
+            # fetched: look before any peer is connected.
+            meta = await self.swarm.torrent_meta(ih)
+            await self._checked(ih)
+            counters.resumed = sum(
+                meta.piece_length(i) for i, h in enumerate(await self.swarm.have_pieces(ih)) if h
+            )
             for o in offers:
                 self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
             await self._drive(ih, snapshot, file, offers, mirror, counters, stream)
             await self.swarm.flush_cache(ih)
             status = await self.swarm.status(ih)
-            counters.from_peers += status.peer_payload_bytes
+            # Useful bytes: what the blob needed minus what was on disk already and what
+            # the mirror supplied. (libtorrent's payload counter also holds the blocks
+            # its end game asked of two peers at once.)
+            counters.from_peers += max(0, file.size - counters.resumed - status.fed_bytes)
             self.uploaded_by_removed += status.uploaded_payload_bytes
         finally:
             stream.close()
             self._downloading.discard(ih)
+            self._swarming.pop(file.blob_id, None)
             with contextlib.suppress(SwarmError):
                 await self.swarm.remove_torrent(ih)
         data_path = repo.partial_dir / file.blob_id
+        # libtorrent reports a piece finished before its bytes reach the file (measured:
+        # a hash of the finished prefix taken as pieces land did not match), so the
+        # whole-file check runs here, after flush_cache.
         verdict = await asyncio.to_thread(hash_file, data_path, file.blob_id, file.size)
         self.state.drop_resume(ih)
         if not verdict.ok:
@@ -340,6 +364,7 @@ class BlobFetcher:
         own; the policy says which pieces to also take from the mirror, and whom to ban."""
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
+        await self._settle(ih, offers)
         have = await self.swarm.have_pieces(ih)
         loop = asyncio.get_running_loop()
         policy = DownloadPolicy(
@@ -356,6 +381,7 @@ class BlobFetcher:
         counters.done = sum(meta.piece_length(i) for i, h in enumerate(have) if h)
         finished = asyncio.Event()
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
+
         hashfails: dict[str, int] = {}  # peer endpoint -> hash failures seen so far
 
         def apply(decisions: tuple[Decision, ...]) -> None:
@@ -460,6 +486,34 @@ class BlobFetcher:
         finally:
             for t in list(mirror_tasks.values()):
                 t.cancel()
+
+    async def _checked(self, ih: str, limit: float = 600.0) -> None:
+        """Wait for libtorrent's check of the file on disk (a resumed download)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            st = await self.swarm.status(ih)
+            if st.state not in ("checking_files", "checking_resume_data", "queued_for_checking"):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _settle(self, ih: str, offers: list[Offer], limit: float = 5.0) -> None:
+        """Wait until libtorrent has checked what is on disk and reached the peers that
+        hold the whole blob (or any peer, if none does), at most `limit` s: the policy's
+        grace period must not be spent on libtorrent's own start-up (a file check, a
+        connect on its 500 ms tick), or every piece would look like one nobody has."""
+        deadline = time.monotonic() + limit
+        holders = {(o.peer.host, o.peer.bt_port) for o in offers if o.complete}
+        checking = ("checking_files", "checking_resume_data", "queued_for_checking")
+        while time.monotonic() < deadline:
+            st = await self.swarm.status(ih)
+            if st.is_finished:
+                return
+            if st.state not in checking:
+                peers = await self.swarm.peers(ih)
+                connected = {(p.endpoint.host, p.endpoint.port) for p in peers}
+                if (holders & connected) if holders else connected:
+                    return
+            await asyncio.sleep(0.05)
 
     # -- resume ----------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class PeerInfo:
 class Offer:
     peer: PeerInfo
     manifest: wire.Manifest
+    complete: bool = True  # False: the peer is fetching it and serves what it verified
 
 
 class PeerTable:
@@ -134,13 +135,17 @@ class PeerTable:
         peers = self.live()
         answers = await asyncio.gather(*(self._have(p, blob_ids) for p in peers))
         offers: dict[str, list[Offer]] = {}
-        for peer, manifests in zip(peers, answers, strict=True):
-            for m in manifests:
+        for peer, answer in zip(peers, answers, strict=True):
+            if answer is None:
+                continue
+            for m, complete in [(m, True) for m in answer.manifests] + [
+                (m, False) for m in answer.fetching
+            ]:
                 if m.blob_id in blob_ids:
-                    offers.setdefault(m.blob_id, []).append(Offer(peer, m))
+                    offers.setdefault(m.blob_id, []).append(Offer(peer, m, complete))
         return offers
 
-    async def _have(self, peer: PeerInfo, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+    async def _have(self, peer: PeerInfo, blob_ids: tuple[str, ...]) -> wire.HaveResponse | None:
         assert self._session is not None
         body = wire.encode(wire.HaveRequest(blob_ids=blob_ids))
         try:
@@ -148,15 +153,15 @@ class PeerTable:
                 f"{peer.api_url}/v1/have", data=body, headers={"Content-Type": MSGPACK}
             ) as r:
                 if r.status != 200:
-                    return []
+                    return None
                 msg = wire.decode_as(await r.read(), wire.HaveResponse)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("peer %s did not answer /v1/have: %s", peer.api_url, exc)
-            return []
+            return None
         except wire.WireError as exc:
             log.warning("peer %s sent a bad /v1/have answer: %s", peer.api_url, exc)
-            return []
-        return list(msg.manifests)
+            return None
+        return msg
 
     async def fetch_small_blob(self, peer: PeerInfo, blob_id: str, size: int) -> bytes:
         """A whole small blob over HTTP, checked against its id before it is returned."""

@@ -12,11 +12,13 @@ import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi
-from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import filter_repo_objects
+# huggingface_hub is imported where it is used: it costs ~0.3 s at start-up, and a CLI
+# that only talks to a running agent never needs it.
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
 
 from peer.cache.hf_cache import safe_relpath
 from peer.config import REPO_TYPES, HubSettings
@@ -107,6 +109,8 @@ def translate_hub_error(
     exc: Exception, *, repo: str, revision: str, mirror: str, token: str | None
 ) -> HfswarmError:
     """Map a huggingface_hub / transport exception to one clear, actionable error."""
+    from huggingface_hub import errors as hf_errors
+
     if isinstance(exc, hf_errors.GatedRepoError):
         return GatedRepo(
             f"{repo} is gated: your token has no access" if token else f"{repo} is gated",
@@ -192,6 +196,12 @@ def _fetch_blocking(
     return commit, files, bool(getattr(info, "private", False)), gated
 
 
+def _filter_repo_objects() -> Any:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return filter_repo_objects
+
+
 def select_files(
     files: Sequence[RemoteFile], selection: FileSelection, *, repo: str, revision: str
 ) -> tuple[RemoteFile, ...]:
@@ -206,7 +216,7 @@ def select_files(
         chosen: list[RemoteFile] = [by_path[p] for p in dict.fromkeys(selection.files)]
     else:
         chosen = list(
-            filter_repo_objects(
+            _filter_repo_objects()(
                 files,
                 allow_patterns=list(selection.include) or None,
                 ignore_patterns=list(selection.exclude) or None,
@@ -230,6 +240,8 @@ async def resolve_snapshot(
     token: str | bool = settings.token or False
     last: HfswarmError | None = None
     for mirror in settings.mirrors:
+        from huggingface_hub import HfApi
+
         api = HfApi(endpoint=mirror, token=token, library_name="hfswarm", library_version="0.1")
         for attempt in range(attempts):
             try:

@@ -31,6 +31,8 @@ class PeerBackend(Protocol):
 
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]: ...
 
+    def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]: ...
+
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
 
     def count_upload(self, n: int) -> None: ...
@@ -54,10 +56,12 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
             msg = wire.decode_as(body, wire.HaveRequest)
         except wire.WireError as exc:
             return web.Response(status=400, text=exc.one_line())
-        manifests = backend.manifests_for(tuple(msg.blob_ids))
-        return web.Response(
-            body=wire.encode(wire.HaveResponse(manifests=tuple(manifests))), content_type=MSGPACK
+        ids = tuple(msg.blob_ids)
+        answer = wire.HaveResponse(
+            manifests=tuple(backend.manifests_for(ids)),
+            fetching=tuple(backend.fetching_for(ids)),
         )
+        return web.Response(body=wire.encode(answer), content_type=MSGPACK)
 
     async def blob(request: web.Request) -> web.StreamResponse:
         blob_id = request.match_info["blob_id"]

@@ -285,7 +285,7 @@ class MirrorFetcher:
                     continue
                 start = p.chunk_range(next_chunk)[0]
                 stop = p.chunk_range(end_chunk - 1)[1]
-                await asyncio.to_thread(_hash_range, fd, hasher, start, stop)
+                await asyncio.to_thread(hash_range, fd, hasher, start, stop)
                 next_chunk = end_chunk
         finally:
             os.close(fd)
@@ -523,7 +523,7 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
-def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
+def hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
     """Hash [start, stop) of the partial file (blocking; runs in a worker thread).
 
     mmap saves the copy a read would make (the bytes are in the page cache, just
@@ -532,6 +532,8 @@ def _hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
     fsync has little left to do."""
     if stop <= start:
         return
+    if os.fstat(fd).st_size < stop:  # mapping past the end would be SIGBUS, not an error
+        raise OSError(f"file shorter than {stop} bytes")
     base = start - start % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, stop - base, prot=mmap.PROT_READ, offset=base) as m:
         view = memoryview(m)

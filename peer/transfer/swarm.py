@@ -184,10 +184,9 @@ class SwarmSettings:
             "upload_rate_limit": self.upload_rate_limit,
             "download_rate_limit": self.download_rate_limit,
             "ignore_limits_on_local_network": not self.limit_local_peers,
-            # LAN timing: libtorrent's defaults are tuned for the internet. A 500 ms
-            # tick delays the first connection to a peer by up to half a second, and a
-            # peer that dropped is not retried for a minute.
-            "tick_interval": 100,
+            # LAN timing: libtorrent's defaults are tuned for the internet; a peer that
+            # dropped is not retried for a minute. (A shorter tick_interval connects
+            # faster but cost ~20% of loopback throughput here, so it stays at 500 ms.)
             "smooth_connects": False,
             "min_reconnect_time": 2,
             "peer_connect_timeout": 5,
