@@ -244,15 +244,18 @@ def test_duplicate_and_bad_blob_ids_in_requests() -> None:
 
 def test_nested_manifests_are_checked_too() -> None:
     bad = as_map(manifest()) | {"size": -5}
-    rejected(pack({"type": "have_response", "version": 1, "manifests": [bad]}), match="size")
+    rejected(
+        pack({"type": "have_response", "version": 1, "manifests": [bad], "fetching": []}),
+        match="size",
+    )
     health = as_map(Health(agent_id="h", bt_port=1, blobs=0))
     rejected(
-        pack({"type": "have_response", "version": 1, "manifests": [health]}),
+        pack({"type": "have_response", "version": 1, "manifests": [health], "fetching": []}),
         match="expected a manifest",
     )
     future = as_map(manifest()) | {"version": 9}
     with pytest.raises(UnsupportedVersion):
-        decode(pack({"type": "have_response", "version": 1, "manifests": [future]}))
+        decode(pack({"type": "have_response", "version": 1, "manifests": [future], "fetching": []}))
 
 
 def test_non_string_keys_ext_types_and_bad_utf8() -> None:
@@ -261,3 +264,11 @@ def test_non_string_keys_ext_types_and_bad_utf8() -> None:
     rejected(b"\x81\xa4type\xa2\xff\xfe")  # str with invalid UTF-8
     m = as_map(manifest())
     rejected(pack(m | {"size": msgpack.Timestamp(1)}))
+
+
+def test_fetching_manifests_are_checked_like_held_ones() -> None:
+    good = manifest()
+    msg = HaveResponse(manifests=(), fetching=(good,))
+    assert decode_as(encode(msg), HaveResponse).fetching == (good,)
+    bad = as_map(good) | {"info_hash": "zz"}
+    rejected(pack({"type": "have_response", "version": 1, "manifests": [], "fetching": [bad]}))
