@@ -14,6 +14,7 @@ Every process listens on 127.0.0.x; nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -80,10 +82,18 @@ class Agent:
         return time.perf_counter() - t0
 
     def peak_rss_mb(self) -> float:
+        return self.mem()["VmHWM"]
+
+    def mem(self) -> dict[str, float]:
+        """VmHWM (peak RSS), and RssAnon / RssFile now, in MB. libtorrent maps the
+        files it serves, so RSS counts page-cache pages of the blob (RssFile, the
+        kernel reclaims them); RssAnon is the agent's own heap."""
+        out = {}
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) / 1024
+        return out
 
     def status(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/v1/status") as r:
@@ -96,6 +106,28 @@ class Agent:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+class MemSampler:
+    """Samples the agents' RssAnon every 50 ms in a thread; `stop` gives the peak (MB)."""
+
+    def __init__(self, agents: list[Agent]) -> None:
+        self.agents = agents
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for a in self.agents:
+                with contextlib.suppress(OSError):
+                    self.peak = max(self.peak, a.mem().get("RssAnon", 0.0))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def start_mirror(folder: Path) -> tuple[subprocess.Popen[str], str]:
@@ -128,12 +160,15 @@ def run(size: int, runs: int, work: Path, fanout: int) -> dict:
         seeder.download()  # the seeder takes the model from the mirror once
         res: dict[str, list[float]] = {"curl": [], "1->1": [], f"1->{fanout}": []}
         rss: list[float] = []
+        anon: list[float] = []
         for r in range(runs):
             out = work / "curl.out"
             res["curl"].append(curl(url, out))
             out.unlink()
             d = Agent(work / f"d-{r}", "127.0.0.3", url, [seeder.peer])
+            sampler = MemSampler([d, seeder])
             res["1->1"].append(d.download())
+            anon.append(sampler.stop())
             assert d.status()["bytes_from_mirror"] == 0, "a peer download touched the mirror"
             rss.append(d.peak_rss_mb())
             d.stop()
@@ -171,6 +206,7 @@ def run(size: int, runs: int, work: Path, fanout: int) -> dict:
         "median_s": med,
         "runs_s": res,
         "peak_rss_mb": max(rss),
+        "peak_anon_mb": max(anon),
         "rate_vs_curl": med["curl"] / med["1->1"],
         "fanout_vs_single": med[f"1->{fanout}"] / med["1->1"],
     }
@@ -196,7 +232,7 @@ def main() -> None:
     print(
         f"\nswarm 1->1 rate / curl rate: {a['rate_vs_curl']:.2f}; "
         f"1->{args.fanout} time / 1->1 time: {a['fanout_vs_single']:.2f}; "
-        f"peak agent RSS {a['peak_rss_mb']:.0f} MB"
+        f"peak agent RSS {a['peak_rss_mb']:.0f} MB (anonymous {a['peak_anon_mb']:.0f} MB)"
     )
     if args.rss_size and parse_size(args.rss_size) != size:
         big = parse_size(args.rss_size)
@@ -204,7 +240,7 @@ def main() -> None:
         print(
             f"\n{big / (1 << 30):.1f} GiB run: 1->1 {b['median_s']['1->1']:.1f} s, "
             f"1->{args.fanout} {b['median_s'][f'1->{args.fanout}']:.1f} s, "
-            f"peak agent RSS {b['peak_rss_mb']:.0f} MB"
+            f"peak agent RSS {b['peak_rss_mb']:.0f} MB (anonymous {b['peak_anon_mb']:.0f} MB)"
         )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
