@@ -399,3 +399,47 @@ async def test_killed_agent_resumes_from_its_verified_pieces(
     assert (snap / "model.safetensors").read_bytes() == data
     assert b.returncode == 0  # SIGTERM is a clean exit
     assert (tmp_path / "b/state/agent_id").read_text()
+
+
+async def test_blobs_already_in_the_cache_are_verified_once_then_seeded(
+    tmp_path: Path, mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "a" / "cache"
+    # The cache was filled by huggingface_hub before any agent ran ...
+    await asyncio.to_thread(
+        snapshot_download, "org/m", cache_dir=cache, endpoint=mirror.url, token=False
+    )
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    blob = sha256(data)
+    # ... and one of its blobs rotted on disk since.
+    small = (tmp_path / "src" / "small.bin").read_bytes()
+    rotten = cache / "models--org--m" / "blobs" / sha256(small)
+    rotten.write_bytes(b"\0" * len(small))
+    cfg = config(tmp_path / "a", "127.0.0.2", mirror.url)
+    async with agent(cfg) as a:
+        for _ in range(200):
+            if blob in a.seeds.held and a.seeds.rejected:
+                break
+            await asyncio.sleep(0.05)
+        assert blob in a.seeds.held  # verified in the background, now seeded
+        assert sha256(small) not in a.seeds.held  # a blob that fails its id is never offered
+        assert a.manifests_for((sha256(small),)) == []
+    assert (tmp_path / "a/state/verified" / blob).exists()
+    # A restart trusts the record (same size, mtime, inode): seeded without re-hashing.
+    calls: list[str] = []
+    import peer.agent.seeding as seeding
+
+    real = seeding.hash_file
+
+    def counting(path: Path, blob_id: str, size: int) -> Any:
+        calls.append(blob_id)
+        return real(path, blob_id, size)
+
+    monkeypatch.setattr(seeding, "hash_file", counting)
+    async with agent(cfg) as a:
+        for _ in range(200):
+            if blob in a.seeds.held:
+                break
+            await asyncio.sleep(0.05)
+        assert blob in a.seeds.held
+    assert blob not in calls
