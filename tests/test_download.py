@@ -435,3 +435,24 @@ def test_full_disk_is_a_clear_error_and_nothing_is_linked(
         assert not list((small / "cache").rglob("blobs/*"))
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_revision_by_tag_and_by_commit(
+    repo_dir: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v1 = make_repo(tmp_path / "v1", big=1 * MiB, seed=9)
+    with ThreadedMirror([RepoSource("model", "org/t", repo_dir, revisions={"v1.0": v1})]) as m:
+        args = ["--mirror", m.url, "--cache-dir", str(cache), "--quiet"]
+        code, out, err = run_cli("download", "org/t", "--revision", "v1.0", *args, capsys=capsys)
+        assert code == 0, err
+        tag_commit = m.commit_of("model", "org/t", "v1.0")
+        assert out.strip().endswith(tag_commit)
+        assert (cache / "models--org--t/refs/v1.0").read_text() == tag_commit
+        main_commit = m.commit_of("model", "org/t")
+        code, out, err = run_cli(
+            "download", "org/t", "--revision", main_commit, *args, capsys=capsys
+        )
+        assert code == 0, err
+        assert out.strip().endswith(main_commit)
+        # a commit is not a ref: nothing is written under refs/ for it
+        assert sorted(p.name for p in (cache / "models--org--t/refs").iterdir()) == ["v1.0"]
