@@ -11,7 +11,9 @@ mismatch is an `IntegrityError`, and nothing is linked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,9 @@ from peer.errors import IntegrityError
 from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.progress import Progress
-from peer.verification.hashing import hash_file
+from peer.verification.hashing import Verdict, hash_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,36 @@ async def _obtain(
                 LocalDir(local_dir).copy_in(elsewhere, file.path, snapshot.commit, file.blob_id)
             return True
     partial_dir = LocalDir(local_dir).partial_dir if local_dir else repo.partial_dir
+    finished = await fetch_verified(
+        fetcher,
+        snapshot,
+        file,
+        partial_dir,
+        done_elsewhere=lambda: local_dir is None and repo.has_blob(file.blob_id, file.size),
+    )
+    if finished is None:
+        return True
+    if local_dir is None:
+        repo.install_blob(finished, file.blob_id)
+    else:
+        LocalDir(local_dir).install(finished, file.path, snapshot.commit, file.blob_id)
+    return False
+
+
+async def fetch_verified(
+    fetcher: MirrorFetcher,
+    snapshot: Snapshot,
+    file: RemoteFile,
+    partial_dir: Path,
+    *,
+    done_elsewhere: Callable[[], bool],
+    on_bytes: Callable[[int], None] | None = None,
+    on_mismatch: Callable[[Verdict], None] | None = None,
+) -> Path | None:
+    """Fetch a blob from the mirror into its journaled partial until its whole-file hash
+    matches (a mismatch is thrown away and fetched once more from scratch). Returns the
+    verified file for the caller to rename into place, or None when another process
+    finished the same blob meanwhile (`done_elsewhere`)."""
     for attempt in (1, 2):
         partial = PartialBlob(partial_dir, file.blob_id, file.size, chunk_size_for(file.size))
         while True:
@@ -133,29 +167,31 @@ async def _obtain(
             except PartialBusy:
                 # Another process fetches this blob: wait for it rather than race it.
                 await asyncio.sleep(0.5)
-                if local_dir is None and repo.has_blob(file.blob_id, file.size):
-                    return True
+                if done_elsewhere():
+                    return None
         try:
-            verdict = await fetcher.fetch(snapshot, file, partial)
+            verdict = await fetcher.fetch(snapshot, file, partial, on_bytes=on_bytes)
         except BaseException:
             partial.close()
             raise
         if verdict.ok:
-            finished = partial.take_finished()
-            if local_dir is None:
-                repo.install_blob(finished, file.blob_id)
-            else:
-                LocalDir(local_dir).install(finished, file.path, snapshot.commit, file.blob_id)
-            return False
+            return partial.take_finished()
         partial.discard()
-        if attempt == 2:
-            raise IntegrityError(
-                f"{file.path}: content hash {verdict.actual} does not match the Hub's "
-                f"{file.blob_id}, twice",
-                hint="the mirror serves corrupt data; nothing was "
-                "written to the cache. Try another --mirror",
-            )
-    raise AssertionError("unreachable")
+        if on_mismatch is not None:
+            on_mismatch(verdict)
+        log.warning(
+            "%s from the mirror hashed to %s, not %s (attempt %d)",
+            file.path,
+            verdict.actual,
+            file.blob_id,
+            attempt,
+        )
+    raise IntegrityError(
+        f"{file.path}: content hash {verdict.actual} does not match the Hub's "
+        f"{file.blob_id}, twice",
+        hint="the mirror serves corrupt data; nothing was written to the cache. "
+        "Try another --mirror",
+    )
 
 
 def _place(snapshot: Snapshot, repo: RepoCache, file: RemoteFile, local_dir: Path | None) -> None:

@@ -22,9 +22,9 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
-from peer.cache.partial import PartialBlob, PartialBusy
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
+from peer.download import fetch_verified
 from peer.errors import HfswarmError, IntegrityError
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
@@ -47,9 +47,9 @@ from peer.scheduling.policy import (
     Tick,
 )
 from peer.transfer import events as ev
-from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
-from peer.verification.hashing import hash_file
+from peer.verification.hashing import Verdict, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -206,46 +206,30 @@ class BlobFetcher:
         mirror: MirrorFetcher,
         counters: BlobCounters,
     ) -> Path:
-        for attempt in (1, 2):
-            partial = PartialBlob(
-                repo.partial_dir, file.blob_id, file.size, chunk_size_for(file.size)
-            )
-            while True:
-                try:
-                    partial.open()
-                    break
-                except PartialBusy:
-                    await asyncio.sleep(0.5)
-                    if repo.has_blob(file.blob_id, file.size):
-                        counters.reused = counters.done = file.size
-                        return repo.blob_path(file.blob_id)
-            counters.done = partial.done_bytes()
+        counters.done = 0
 
-            def got(n: int) -> None:
-                counters.from_mirror += n
-                counters.done += n
+        def got(n: int) -> None:
+            counters.from_mirror += n
+            counters.done += n
 
-            try:
-                verdict = await mirror.fetch(snapshot, file, partial, on_bytes=got)
-            except BaseException:
-                partial.close()
-                raise
-            if verdict.ok:
-                counters.done = file.size
-                return repo.install_blob(partial.take_finished(), file.blob_id)
-            partial.discard()
+        def mismatch(_: Verdict) -> None:
             counters.hash_failures += 1
-            log.warning(
-                "%s from the mirror hashed to %s, not %s (attempt %d)",
-                file.path,
-                verdict.actual,
-                file.blob_id,
-                attempt,
-            )
-        raise IntegrityError(
-            f"{file.path}: the mirror's bytes do not match the Hub id {file.blob_id}, twice",
-            hint="nothing was linked; try another --mirror",
+            counters.done = 0
+
+        finished = await fetch_verified(
+            mirror,
+            snapshot,
+            file,
+            repo.partial_dir,
+            done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
+            on_bytes=got,
+            on_mismatch=mismatch,
         )
+        if finished is None:
+            counters.reused = counters.done = file.size
+            return repo.blob_path(file.blob_id)
+        counters.done = file.size
+        return repo.install_blob(finished, file.blob_id)
 
     # -- small blobs from peers ----------------------------------------------------------
 
