@@ -161,6 +161,8 @@ class AgentConfig:
     bt_listen: tuple[str, int] = DEFAULT_BT_LISTEN
     peers: tuple[tuple[str, int], ...] = ()
     mdns: bool = True
+    # mDNS only on these interfaces (IPv4 addresses or names); empty: all of them.
+    mdns_interfaces: tuple[str, ...] = ()
     download: DownloadOptions = field(default_factory=DownloadOptions)
     # Seconds a piece may make no progress from peers before the mirror is asked for it.
     stall_timeout: float = 5.0

@@ -69,7 +69,7 @@ def config(
         local_listen=(ip, 0),
         bt_listen=(ip, 0),
         peers=peers,
-        mdns=False,
+        mdns=kw.pop("mdns", False),
         stall_timeout=kw.pop("stall_timeout", 1.5),
         peer_grace=kw.pop("peer_grace", 2.0),
         download=DownloadOptions(quiet=True, read_timeout=3.0),
@@ -443,3 +443,21 @@ async def test_blobs_already_in_the_cache_are_verified_once_then_seeded(
             await asyncio.sleep(0.05)
         assert blob in a.seeds.held
     assert blob not in calls
+
+
+async def test_agents_find_each_other_over_mdns_with_no_configuration(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    loop_only = {"mdns": True, "mdns_interfaces": ("127.0.0.1",)}  # multicast stays on lo
+    total = repo_bytes(tmp_path / "src")
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, **loop_only)) as a:
+        await fetch(a)
+        mirror.reset_stats()
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, **loop_only)) as b:
+            for _ in range(100):  # no --peer given: only mDNS can introduce them
+                if b.peers.live():
+                    break
+                await asyncio.sleep(0.05)
+            assert [p.agent_id for p in b.peers.live()] == [a.agent_id]
+            result = await fetch(b)
+    assert result["from_peers"] == total and mirror.stats().blob_bytes == 0

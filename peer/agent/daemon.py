@@ -30,6 +30,7 @@ from peer.agent.state import StateDir
 from peer.aio import primary_error
 from peer.cache.hf_cache import LocalDir, RepoCache
 from peer.config import AgentConfig
+from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.errors import LocalError
 from peer.hub.metadata import RemoteFile, resolve_snapshot
@@ -97,6 +98,19 @@ class Agent:
             self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
             self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
             self.local_port = await self._listen(make_local_app(self), self.config.local_listen)
+            if self.config.mdns:
+                # Goodbyes go out on exit while the peer API is still up (exit stack order).
+                await self._stack.enter_async_context(
+                    MdnsDiscovery(
+                        self.agent_id,
+                        self.config.listen[0],
+                        self.peer_port,
+                        self.swarm.listen_port,
+                        on_found=lambda host, port, _id: self.peers.offer(host, port, "mdns"),
+                        on_lost=self.peers.withdraw,
+                        interfaces=self.config.mdns_interfaces or None,
+                    )
+                )
             # Know the configured peers before the first request can arrive, and load
             # huggingface_hub now (~0.3 s) rather than during the first download.
             await asyncio.gather(

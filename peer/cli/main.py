@@ -129,6 +129,13 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--token", help="token for the mirror (default: HF_TOKEN / token file)")
     p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
+    p.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="ADDRESS|NAME",
+        help="run mDNS only on this interface (IPv4 address or name, e.g. eth0); repeatable",
+    )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument(
         "--max-upload-rate",
@@ -353,6 +360,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         bt_listen=parse_hostport(args.bt_listen, what="--bt-listen"),
         peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
         mdns=not args.no_mdns,
+        mdns_interfaces=tuple(args.interface),
         download=DownloadOptions.from_env(connections=args.connections, quiet=True),
         max_upload_rate=args.max_upload_rate,
         stall_timeout=args.stall_timeout,
