@@ -363,12 +363,14 @@ async def test_killed_agent_resumes_from_its_verified_pieces(
         url = f"http://127.0.0.3:{info['local_port']}"
         dl = asyncio.create_task(cli("download", "org/m", "--agent", url, "--quiet"))
         partial = tmp_path / "b/cache/models--org--m/.hfswarm/partial" / sha256(data)
-        while not (partial.exists() and partial.stat().st_blocks * 512 >= 10 * MiB):
-            assert not dl.done(), await dl
-            await asyncio.sleep(0.05)
-        b.send_signal(signal.SIGKILL)
-        await b.wait()
-        await dl
+        try:
+            while not (partial.exists() and partial.stat().st_blocks * 512 >= 10 * MiB):
+                assert not dl.done(), await dl
+                await asyncio.sleep(0.05)
+        finally:  # killed mid-way (or, if the test fails here, not left behind)
+            b.send_signal(signal.SIGKILL)
+            await b.wait()
+            await dl
         b, info = await run_agent_process(
             tmp_path / "b", "127.0.0.3", mirror.url, "--peer", peer, "--stall-timeout", "30"
         )
