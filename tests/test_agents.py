@@ -463,3 +463,15 @@ async def test_agents_find_each_other_over_mdns_with_no_configuration(
             assert [p.agent_id for p in b.peers.live()] == [a.agent_id]
             result = await fetch(b)
     assert result["from_peers"] == total and mirror.stats().blob_bytes == 0
+
+
+async def test_have_request_with_thousands_of_ids_is_read_whole(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    ids = tuple(f"{i:064x}" for i in range(4000))  # ~270 KB: arrives in several reads
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
+        await fetch(a)
+        blob = sha256((tmp_path / "src" / "model.safetensors").read_bytes())
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
+            found = await b.peers.find((*ids[:-1], blob))
+    assert [o.manifest.blob_id for o in found[blob]] == [blob]

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_demo(sub)
     _add_mirror(sub)
+    sub.add_parser(
+        "tracker", add_help=False, help="run the LAN tracker for networks mDNS does not reach"
+    )
     return parser
 
 
@@ -389,6 +392,10 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tracker"]:
+        from tracker.cli import main as tracker_main
+
+        return tracker_main(argv[1:], prog="hfswarm tracker")
     if argv[:1] == ["mirror"]:
         from peer.mirror_server.cli import main as mirror_main
 

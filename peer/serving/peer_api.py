@@ -49,10 +49,10 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         return web.Response(body=wire.encode(backend.health()), content_type=MSGPACK)
 
     async def have(request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_REQUEST + 1)
         try:
-            if len(body) > MAX_REQUEST:
-                raise wire.WireError("request too large")
+            # read() takes the whole body (content.read(n) may stop short); the app's
+            # client_max_size refuses anything larger with 413.
+            body = await request.read()
             msg = wire.decode_as(body, wire.HaveRequest)
         except wire.WireError as exc:
             return web.Response(status=400, text=exc.one_line())
