@@ -163,6 +163,8 @@ class AgentConfig:
     mdns: bool = True
     # mDNS only on these interfaces (IPv4 addresses or names); empty: all of them.
     mdns_interfaces: tuple[str, ...] = ()
+    # LAN trackers (their base URLs), for peers mDNS cannot reach.
+    trackers: tuple[str, ...] = ()
     download: DownloadOptions = field(default_factory=DownloadOptions)
     # Seconds a piece may make no progress from peers before the mirror is asked for it.
     stall_timeout: float = 5.0

@@ -475,3 +475,30 @@ async def test_have_request_with_thousands_of_ids_is_read_whole(
         async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
             found = await b.peers.find((*ids[:-1], blob))
     assert [o.manifest.blob_id for o in found[blob]] == [blob]
+
+
+async def test_agents_find_each_other_through_the_tracker_alone(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    from tracker.client import TrackerClient
+    from tracker.service import TrackerServer
+
+    total = repo_bytes(tmp_path / "src")
+    async with TrackerServer(host="127.0.0.1", port=0, ttl=30.0) as t:
+        via = {"trackers": (t.url,)}  # no mDNS, no --peer: the tracker is the only way
+        async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, **via)) as a:
+            await fetch(a)
+            mirror.reset_stats()
+            async with (
+                agent(config(tmp_path / "b", "127.0.0.3", mirror.url, **via)) as b,
+                TrackerClient(t.url) as probe,
+            ):
+                assert b.peers.live() == []
+                for _ in range(100):  # A announces what it holds within a second or two
+                    who = await probe.who(tuple(a.seeds.held))
+                    if len(who) == len(a.seeds.held):
+                        break
+                    await asyncio.sleep(0.1)
+                result = await fetch(b)
+                assert [p.agent_id for p in b.peers.live()] == [a.agent_id]
+    assert result["from_peers"] == total and mirror.stats().blob_bytes == 0

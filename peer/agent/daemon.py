@@ -32,6 +32,7 @@ from peer.cache.hf_cache import LocalDir, RepoCache
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
+from peer.discovery.tracker_source import TrackerSource
 from peer.errors import LocalError
 from peer.hub.metadata import RemoteFile, resolve_snapshot
 from peer.serving.local_api import DownloadSpec, Emit, make_local_app
@@ -65,6 +66,7 @@ class Agent:
         self.peer_port = 0
         self.local_port = 0
         self._runners: list[web.AppRunner] = []
+        self.trackers: list[TrackerSource] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -111,6 +113,21 @@ class Agent:
                         interfaces=self.config.mdns_interfaces or None,
                     )
                 )
+            self.trackers = [
+                await self._stack.enter_async_context(
+                    TrackerSource(
+                        url,
+                        agent_id=self.agent_id,
+                        api_host=self.config.listen[0],
+                        api_port=self.peer_port,
+                        bt_port=self.swarm.listen_port,
+                        peers=self.peers,
+                        holdings=lambda: (self.seeds.held.keys(), self.blobs.fetching_ids()),
+                    )
+                )
+                for url in self.config.trackers
+            ]
+            self.blobs.lookups = [t.lookup for t in self.trackers]
             # Know the configured peers before the first request can arrive, and load
             # huggingface_hub now (~0.3 s) rather than during the first download.
             await asyncio.gather(
@@ -157,6 +174,7 @@ class Agent:
                     tg.create_task(self.peers.run()),
                     tg.create_task(self.seeds.scan()),
                     tg.create_task(self.blobs.save_resume_periodically()),
+                    *(tg.create_task(t.run()) for t in self.trackers),
                 ]
                 await stop.wait()
                 for t in tasks:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,11 @@ class BlobFetcher:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
+        # Extra discovery before asking peers (trackers): called with the blob ids.
+        self.lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]] = []
+
+    def fetching_ids(self) -> list[str]:
+        return list(self._swarming)
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
@@ -170,6 +176,7 @@ class BlobFetcher:
         return path
 
     async def _offers(self, file: RemoteFile) -> list[Offer]:
+        await asyncio.gather(*(lookup((file.blob_id,)) for lookup in self.lookups))
         found = (await self.peers.find((file.blob_id,))).get(file.blob_id, [])
         good: list[Offer] = []
         for offer in found:

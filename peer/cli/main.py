@@ -29,6 +29,7 @@ from peer.config import (
     DownloadOptions,
     HubSettings,
     default_state_dir,
+    normalize_endpoint,
     parse_hostport,
 )
 from peer.errors import HfswarmError
@@ -129,6 +130,13 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--token", help="token for the mirror (default: HF_TOKEN / token file)")
     p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
+    p.add_argument(
+        "--tracker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="LAN tracker (`hfswarm tracker`) for peers mDNS cannot reach; repeatable",
+    )
     p.add_argument(
         "--interface",
         action="append",
@@ -364,6 +372,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.interface),
+        trackers=tuple(normalize_endpoint(u) for u in args.tracker),
         download=DownloadOptions.from_env(connections=args.connections, quiet=True),
         max_upload_rate=args.max_upload_rate,
         stall_timeout=args.stall_timeout,
