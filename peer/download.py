@@ -199,7 +199,7 @@ def _place(snapshot: Snapshot, repo: RepoCache, file: RemoteFile, local_dir: Pat
         repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
     elif not LocalDir(local_dir).is_current(file.path, snapshot.commit, file.blob_id, file.size):
         # a second path with the same content as one just written
-        source = next(p for p in [_first_copy(local_dir, snapshot, file)] if p)
+        source = _first_copy(local_dir, snapshot, file)
         LocalDir(local_dir).copy_in(source, file.path, snapshot.commit, file.blob_id)
 
 

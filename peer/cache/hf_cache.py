@@ -123,7 +123,10 @@ class RepoCache:
                 shutil.copyfile(source, tmp)
         except OSError as exc:
             raise translate_os_error(exc, f"reusing blob {blob_id}") from exc
-        return self.install_blob(tmp, blob_id) if not target.exists() else target
+        if target.exists():  # someone installed it meanwhile: drop our link
+            tmp.unlink(missing_ok=True)
+            return target
+        return self.install_blob(tmp, blob_id)
 
     def link_snapshot(self, commit: str, path: str, blob_id: str) -> Path:
         rel = safe_relpath(path)
