@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
 
+from peer.cli.demo import loopback_agent_command
+
 REPO = "bench/one-file"
 EXE = [sys.executable, "-m", "peer.cli.main"]
 
@@ -38,25 +40,7 @@ EXE = [sys.executable, "-m", "peer.cli.main"]
 class Agent:
     def __init__(self, root: Path, ip: str, mirror: str, peers: list[str]) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            *EXE,
-            "agent",
-            "--cache-dir",
-            str(root / "cache"),
-            "--state-dir",
-            str(root / "state"),
-            "--listen",
-            f"{ip}:0",
-            "--local-listen",
-            f"{ip}:0",
-            "--bt-listen",
-            f"{ip}:0",
-            "--mirror",
-            mirror,
-            "--no-mdns",
-        ]
-        for p in peers:
-            cmd += ["--peer", p]
+        cmd = loopback_agent_command(root, ip, mirror, peers)
         self.root = root
         self.ip = ip
         self.log = open(root / "agent.log", "wb")

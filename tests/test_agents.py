@@ -19,6 +19,7 @@ from huggingface_hub import scan_cache_dir, snapshot_download
 
 from peer import wire
 from peer.agent.daemon import Agent
+from peer.cli.demo import loopback_agent_command
 from peer.config import AgentConfig, DownloadOptions, HubSettings
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
@@ -274,25 +275,7 @@ async def run_agent_process(
     root: Path, ip: str, mirror: str, *extra: str
 ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "peer.cli.main",
-        "agent",
-        "--cache-dir",
-        str(root / "cache"),
-        "--state-dir",
-        str(root / "state"),
-        "--listen",
-        f"{ip}:0",
-        "--local-listen",
-        f"{ip}:0",
-        "--bt-listen",
-        f"{ip}:0",
-        "--mirror",
-        mirror,
-        "--no-mdns",
-        "-v",
-        *extra,
+        *loopback_agent_command(root, ip, mirror, (), "-v", *extra),
         stdout=asyncio.subprocess.PIPE,
         stderr=await asyncio.to_thread(open, root.parent / f"{root.name}.log", "ab"),
     )

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,22 @@ from peer.mirror_server.generate import generate_model_repo
 from peer.transfer.progress import human_bytes
 
 REPO = "demo/model"
+
+
+def loopback_agent_command(
+    root: Path, ip: str, mirror: str, peers: Sequence[str] = (), *extra: str
+) -> list[str]:
+    """`hfswarm agent` on one loopback address with every port picked by the kernel,
+    state under `root`, mDNS off (multicast must not leave the machine), and static
+    peers. The demo, the swarm benchmark and the agent tests all start agents this way;
+    the agent prints one JSON line with its ports when it is ready."""
+    cmd = [sys.executable, "-m", "peer.cli.main", "agent",
+           "--cache-dir", str(root / "cache"), "--state-dir", str(root / "state"),
+           "--listen", f"{ip}:0", "--local-listen", f"{ip}:0", "--bt-listen", f"{ip}:0",
+           "--mirror", mirror, "--no-mdns"]  # fmt: skip
+    for p in peers:
+        cmd += ["--peer", p]
+    return [*cmd, *extra]
 
 
 @dataclass
@@ -116,25 +133,8 @@ async def run_demo(workdir: Path | None, size_mb: int, keep: bool) -> int:
         for i in (1, 2, 3):
             host = f"127.0.0.{i + 1}"
             root = work / f"agent{i}"
-            cmd = [
-                *exe,
-                "agent",
-                "--cache-dir",
-                str(root / "cache"),
-                "--state-dir",
-                str(root / "state"),
-                "--listen",
-                f"{host}:0",
-                "--local-listen",
-                f"{host}:0",
-                "--bt-listen",
-                f"{host}:0",
-                "--mirror",
-                url,
-                "--no-mdns",
-            ]
-            for other in agents:
-                cmd += ["--peer", f"{other.info['host']}:{other.info['peer_port']}"]
+            peers = [f"{o.info['host']}:{o.info['peer_port']}" for o in agents]
+            cmd = loopback_agent_command(root, host, url, peers)
             agent = await _start(f"agent {i}", cmd, work / f"agent{i}.log", "ready")
             agent.info["host"] = host
             agents.append(agent)
