@@ -172,3 +172,8 @@ class AgentConfig:
     peer_grace: float = 2.0
     # BitTorrent upload cap in bytes/s (0: none), applied to LAN peers too.
     max_upload_rate: int = 0
+    # Herd: seconds for the claims of agents wanting the same new blob to meet before
+    # one is elected to fetch it from the mirror, and how long a leader may make no
+    # progress (or stay unseen) before another agent replaces it.
+    herd_settle: float = 1.0
+    herd_leader_timeout: float = 15.0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, Field, dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -193,6 +193,21 @@ class HaveResponse(Message):
 
     manifests: tuple[Manifest, ...]
     fetching: tuple[Manifest, ...] = ()
+    claims: tuple[Claim, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim(Message):
+    """The peer wants a blob nobody holds yet and stands in the herd election for who
+    fetches it from the mirror (`peer.scheduling.herd`). ``leading``: it is that fetcher
+    now, ``done`` bytes so far (followers watch it advance to see the leader is alive)."""
+
+    TYPE: ClassVar[str] = "claim"
+
+    blob_id: str
+    size: int
+    leading: bool = False
+    done: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +219,27 @@ class Health(Message):
     agent_id: str
     bt_port: int
     blobs: int
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Invalid(f"expected true or false, got {type(v).__name__}")
+    return v
+
+
+def _nested(kind: type[M]) -> Check:
+    def check(v: Any) -> M:
+        if type(v) is not dict:
+            raise _Invalid(f"expected a {kind.TYPE} map, got {type(v).__name__}")
+        msg = _from_map(v)
+        if not isinstance(msg, kind):
+            raise _Invalid(f"expected a {kind.TYPE}, got a {msg.TYPE}")
+        return msg
+
+    return check
 
 
 def _nested_manifest(v: Any) -> Manifest:
@@ -228,6 +264,13 @@ HaveRequest.SCHEMA = {"blob_ids": _list_of(_blob_id, MAX_BLOB_IDS, unique=True)}
 HaveResponse.SCHEMA = {
     "manifests": _list_of(_nested_manifest, MAX_MANIFESTS),
     "fetching": _list_of(_nested_manifest, MAX_MANIFESTS),
+    "claims": _list_of(_nested(Claim), MAX_BLOB_IDS),
+}
+Claim.SCHEMA = {
+    "blob_id": _blob_id,
+    "size": _exact_int(0, MAX_BLOB_SIZE),
+    "leading": _bool,
+    "done": _exact_int(0, MAX_BLOB_SIZE),
 }
 Health.SCHEMA = {
     "agent_id": _agent_id,
@@ -236,10 +279,8 @@ Health.SCHEMA = {
 }
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Manifest, HaveRequest, HaveResponse, Health)
+    cls.TYPE: cls for cls in (Manifest, HaveRequest, HaveResponse, Claim, Health)
 }
-
-M = TypeVar("M", bound=Message)
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -260,17 +301,25 @@ def _from_map(obj: dict[Any, Any]) -> Message:
             hint="run the same hfswarm version on every machine (upgrade the older one)",
         )
     expected = {"type", "version", *cls.SCHEMA}
-    if set(obj) != expected:
-        missing = sorted(expected - set(obj))
+    # Fields with a default may be absent: an older agent does not send what it lacks.
+    required = {"type", "version", *(f.name for f in fields(cls) if _is_required(f))}
+    if not required <= set(obj) <= expected:
+        missing = sorted(required - set(obj))
         extra = sorted(str(k)[:40] for k in set(obj) - expected)
         raise _Invalid(f"{cls.TYPE}: missing fields {missing}, unexpected fields {extra}")
     values = {}
     for name, check in cls.SCHEMA.items():
+        if name not in obj:
+            continue
         try:
             values[name] = check(obj[name])
         except _Invalid as e:
             raise _Invalid(f"{cls.TYPE}.{name}: {e}") from None
     return cls(version=version, **values)
+
+
+def _is_required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 def decode(data: bytes) -> Message:

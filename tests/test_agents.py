@@ -172,6 +172,9 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
         def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
             return [manifest] if blob in ids else []  # ... it is fetching it
 
+        def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
+            return []
+
         def verified_blob_path(self, blob_id: str) -> Path | None:
             return None
 

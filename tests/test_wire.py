@@ -11,6 +11,7 @@ import pytest
 from peer import wire
 from peer.errors import PeerMisbehaved
 from peer.wire import (
+    Claim,
     HaveRequest,
     HaveResponse,
     Health,
@@ -162,8 +163,26 @@ def test_unknown_version_says_what_to_do() -> None:
 
 def test_missing_and_extra_fields_are_rejected() -> None:
     m = as_map(manifest())
-    rejected(pack({k: v for k, v in m.items() if k != "signature"}), match="missing")
+    rejected(pack({k: v for k, v in m.items() if k != "made_by"}), match="missing")
     rejected(pack(m | {"comment": "hi"}), match="unexpected")
+
+
+def test_fields_with_a_default_may_be_absent() -> None:
+    # An older agent sends no "claims" (and no signature): still understood.
+    m = as_map(manifest())
+    assert decode(pack({k: v for k, v in m.items() if k != "signature"})) == manifest()
+    answer = HaveResponse(manifests=(manifest(),))
+    legacy = {k: v for k, v in as_map(answer).items() if k != "claims"}
+    assert decode(pack(legacy)) == answer
+
+
+def test_claims_round_trip_and_are_checked() -> None:
+    claim = Claim(blob_id="c" * 64, size=10, leading=True, done=4)
+    answer = HaveResponse(manifests=(), claims=(claim,))
+    assert decode(encode(answer)) == answer
+    bad = as_map(answer)
+    bad["claims"][0]["leading"] = 1  # an int is not a bool
+    rejected(pack(bad), match="leading")
 
 
 @pytest.mark.parametrize(

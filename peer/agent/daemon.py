@@ -34,11 +34,12 @@ from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import TrackerSource
 from peer.errors import LocalError
-from peer.hub.metadata import RemoteFile, resolve_snapshot
+from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot
 from peer.serving.local_api import DownloadSpec, Emit, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.transfer.mirror_ranges import MirrorFetcher
-from peer.transfer.swarm import SwarmSession, SwarmSettings
+from peer.transfer.swarm import SwarmError, SwarmSession, SwarmSettings
+from peer.verification.hashing import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ class Agent:
             self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm, self.agent_id)
             self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
             self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
-            self.local_port = await self._listen(make_local_app(self), self.config.local_listen)
+            self.local_port = await self._listen(
+                make_local_app(self, hub=self), self.config.local_listen
+            )
             if self.config.mdns:
                 # Goodbyes go out on exit while the peer API is still up (exit stack order).
                 await self._stack.enter_async_context(
@@ -127,7 +130,8 @@ class Agent:
                 )
                 for url in self.config.trackers
             ]
-            self.blobs.lookups = [t.lookup for t in self.trackers]
+            self.blobs.set_lookups([t.lookup for t in self.trackers])
+            self.blobs.herd.on_change = self._claims_changed
             # Know the configured peers before the first request can arrive, and load
             # huggingface_hub now (~0.3 s) rather than during the first download.
             await asyncio.gather(
@@ -149,6 +153,7 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.blobs.herd.close()
         await self.blobs.save_all_resume_data()
         await self._stack.aclose()
 
@@ -194,6 +199,13 @@ class Agent:
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return self.blobs.fetching_for(blob_ids)
+
+    def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
+        return self.blobs.herd.claims_for(blob_ids)
+
+    def _claims_changed(self) -> None:
+        for t in self.trackers:
+            t.nudge()
 
     def verified_blob_path(self, blob_id: str) -> Path | None:
         return self.seeds.path_of(blob_id)
@@ -253,14 +265,12 @@ class Agent:
         by_blob: dict[str, list[RemoteFile]] = {}
         for f in snapshot.files:
             by_blob.setdefault(f.blob_id, []).append(f)
-        limit = asyncio.Semaphore(self.config.download.max_files)
 
         async with MirrorFetcher(hub, self.config.download) as mirror:
 
             async def one(files: list[RemoteFile]) -> None:
                 c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
-                async with limit:
-                    path = await self.blobs.obtain(snapshot, files[0], mirror, c)
+                path = await self.blobs.obtain(snapshot, files[0], mirror, c)
                 for f in files:
                     if spec.local_dir is None:
                         repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
@@ -300,6 +310,55 @@ class Agent:
             seconds=time.monotonic() - t0,
         )
         return result
+
+    # -- HF_ENDPOINT mode backend (peer/serving/hub_api.py) ----------------------------
+
+    async def blob_for_client(
+        self, snapshot: Snapshot, file: RemoteFile, token: str | None, ref: str | None
+    ) -> Path:
+        """A verified copy of one file for a Hub client, in this agent's cache: taken as
+        it is if this agent verified it, else obtained like any download (cache, peers,
+        then the mirror with the CLIENT's token, never the agent's), then linked into
+        snapshots/<commit>/ (and refs/<ref>) and seeded."""
+        hub = replace(self.config.hub, token=token)
+        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
+        path = await self._verified_in_repo(repo, file)
+        if path is None:
+            counters = BlobCounters(file.size)
+            async with MirrorFetcher(hub, self.config.download) as mirror:
+                path = await self.blobs.obtain(snapshot, file, mirror, counters)
+            self.totals.bytes_from_peers += counters.from_peers
+            self.totals.bytes_from_mirror += counters.from_mirror
+            self.totals.hash_failures += counters.hash_failures
+        repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
+        if ref:
+            repo.write_ref(ref, snapshot.commit)
+        return path
+
+    async def _verified_in_repo(self, repo: RepoCache, file: RemoteFile) -> Path | None:
+        """The blob in this repo's blobs/ if it is known good. One that another tool put
+        there (not verified by this agent yet) is hashed first; a bad one is removed, so
+        that the fetch replaces it instead of reusing it."""
+        held = self.seeds.path_of(file.blob_id)
+        if held is not None and held == repo.blob_path(file.blob_id):
+            return held
+        if not repo.has_blob(file.blob_id, file.size):
+            return None
+        path = repo.blob_path(file.blob_id)
+        verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
+        if verdict.ok:
+            if file.size > 0:
+                try:
+                    await self.seeds.add_verified(path, file.blob_id)
+                except (SwarmError, OSError) as exc:
+                    log.warning("cannot seed %s: %s", file.blob_id, exc)
+            return path
+        log.warning(
+            "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual
+        )
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
 
 def _progress(counters: dict[str, BlobCounters], total: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peer import wire
+from peer.agent.herd import Herd
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
@@ -29,6 +30,7 @@ from peer.download import fetch_verified
 from peer.errors import HfswarmError, IntegrityError
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
+from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import (
     Availability,
     BanPeer,
@@ -88,9 +90,21 @@ class BlobFetcher:
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
         # Extra discovery before asking peers (trackers): called with the blob ids.
         self.lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]] = []
+        self.herd = Herd(
+            peers.self_id,
+            peers,
+            config=HerdConfig(settle=config.herd_settle, leader_timeout=config.herd_leader_timeout),
+        )
+        # At most this many blobs move at once (a herd wait takes no slot).
+        self._transfers = asyncio.Semaphore(config.download.max_files)
+
+    def set_lookups(self, lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]]) -> None:
+        self.lookups = lookups
+        self.herd.lookups = lookups
 
     def fetching_ids(self) -> list[str]:
-        return list(self._swarming)
+        """Blobs we swarm, or claim in a herd (announced to trackers as fetching)."""
+        return list(dict.fromkeys([*self._swarming, *self.herd.claimed_ids()]))
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
@@ -152,32 +166,61 @@ class BlobFetcher:
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
         if offers:
-            piece_size = offers[0].manifest.piece_size
-            complete = [o for o in offers if o.complete]
-            try:
+            path = await self._from_peers(repo, snapshot, file, offers, mirror, counters)
+            if path is not None:
+                return path
+        # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
+        # wait for that leader's manifest and swarm it.
+        async with self.herd.turn(file, self._valid, lambda: counters.from_mirror) as turn:
+            if turn.offers:
+                path = await self._from_peers(repo, snapshot, file, turn.offers, mirror, counters)
+                if path is not None:
+                    return path
+            # 4. The mirror (first fetch of a new model), then seed it at once.
+            turn.lead()
+            async with self._transfers:
+                path = await self._from_mirror(repo, snapshot, file, mirror, counters)
+            if file.size > 0:
+                try:
+                    await self.seeds.add_verified(path, file.blob_id)
+                except (SwarmError, OSError) as exc:
+                    log.warning("cannot seed %s: %s", file.blob_id, exc)
+            return path
+
+    async def _from_peers(
+        self,
+        repo: RepoCache,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        offers: list[Offer],
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+    ) -> Path | None:
+        """The blob from peers (None: they could not deliver; the mirror must)."""
+        piece_size = offers[0].manifest.piece_size
+        complete = [o for o in offers if o.complete]
+        try:
+            async with self._transfers:
                 if file.size <= piece_size:
                     if complete:
                         return await self._small_from_peers(repo, file, complete, counters)
                     raise IntegrityError("only peers still fetching it have it")
                 return await self._swarm(repo, snapshot, file, offers, mirror, counters)
-            except HfswarmError as exc:
-                log.warning(
-                    "%s: peers could not deliver (%s); fetching it from the mirror",
-                    file.path,
-                    exc.one_line(),
-                )
-        # 3. The mirror alone (first fetch of a new model), then seed it at once.
-        path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-        if file.size > 0:
-            try:
-                await self.seeds.add_verified(path, file.blob_id)
-            except (SwarmError, OSError) as exc:
-                log.warning("cannot seed %s: %s", file.blob_id, exc)
-        return path
+        except HfswarmError as exc:
+            log.warning(
+                "%s: peers could not deliver (%s); fetching it from the mirror",
+                file.path,
+                exc.one_line(),
+            )
+            return None
 
     async def _offers(self, file: RemoteFile) -> list[Offer]:
         await asyncio.gather(*(lookup((file.blob_id,)) for lookup in self.lookups))
         found = (await self.peers.find((file.blob_id,))).get(file.blob_id, [])
+        return self._valid(file, found)
+
+    def _valid(self, file: RemoteFile, found: list[Offer]) -> list[Offer]:
+        """The offers whose manifests check out for this blob, of its majority swarm."""
         good: list[Offer] = []
         for offer in found:
             try:

@@ -159,6 +159,21 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="a piece peers do not deliver for this long goes to the mirror",
     )
+    p.add_argument(
+        "--herd-settle",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="when several agents want a blob nobody has, how long their claims get to "
+        "meet before one is elected to fetch it from the mirror (default: 1)",
+    )
+    p.add_argument(
+        "--leader-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="replace a herd leader that makes no progress (or is gone) this long",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -376,6 +391,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
         download=DownloadOptions.from_env(connections=args.connections, quiet=True),
         max_upload_rate=args.max_upload_rate,
         stall_timeout=args.stall_timeout,
+        herd_settle=args.herd_settle,
+        herd_leader_timeout=args.leader_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

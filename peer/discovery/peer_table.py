@@ -98,6 +98,11 @@ class PeerTable:
         keys = list(self._candidates)
         await asyncio.gather(*(self._check(k) for k in keys))
 
+    async def check_new(self) -> None:
+        """Check only the candidates not yet live (a lookup just offered them)."""
+        keys = [k for k in self._candidates if k not in self._live]
+        await asyncio.gather(*(self._check(k) for k in keys))
+
     async def _check(self, key: tuple[str, int]) -> None:
         try:
             health = await self._health(*key)
@@ -132,18 +137,31 @@ class PeerTable:
 
     async def find(self, blob_ids: tuple[str, ...]) -> dict[str, list[Offer]]:
         """Ask every live peer which of these blobs it holds; offers per blob id."""
+        offers, _ = await self.survey(blob_ids)
+        return offers
+
+    async def survey(
+        self, blob_ids: tuple[str, ...]
+    ) -> tuple[dict[str, list[Offer]], dict[str, list[tuple[PeerInfo, wire.Claim]]]]:
+        """`find`, plus the herd claims peers hold on these blobs (peers that want one
+        nobody has yet, and which of them fetches it from the mirror)."""
         peers = self.live()
         answers = await asyncio.gather(*(self._have(p, blob_ids) for p in peers))
         offers: dict[str, list[Offer]] = {}
+        claims: dict[str, list[tuple[PeerInfo, wire.Claim]]] = {}
+        wanted = set(blob_ids)
         for peer, answer in zip(peers, answers, strict=True):
             if answer is None:
                 continue
             for m, complete in [(m, True) for m in answer.manifests] + [
                 (m, False) for m in answer.fetching
             ]:
-                if m.blob_id in blob_ids:
+                if m.blob_id in wanted:
                     offers.setdefault(m.blob_id, []).append(Offer(peer, m, complete))
-        return offers
+            for c in answer.claims:
+                if c.blob_id in wanted:
+                    claims.setdefault(c.blob_id, []).append((peer, c))
+        return offers, claims
 
     async def _have(self, peer: PeerInfo, blob_ids: tuple[str, ...]) -> wire.HaveResponse | None:
         assert self._session is not None

@@ -84,4 +84,11 @@ class TrackerSource:
                     fresh.append((a.host, a.api_port))
         for host, port in fresh:
             self.peers.offer(host, port, "tracker")
-        await self.peers.check_all()
+        await self.peers.check_new()
+
+    def nudge(self) -> None:
+        """What we hold or fetch changed in a way others wait on (a herd claim):
+        announce now rather than on the next look."""
+        held, fetching = self._holdings()
+        self._last = (frozenset(held), frozenset(fetching))
+        self.presence.changed()

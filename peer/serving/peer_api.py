@@ -2,6 +2,7 @@
 
     GET  /v1/health           Health (agent id, BitTorrent port, protocol version)
     POST /v1/have             HaveRequest -> HaveResponse: manifests of the blobs we hold
+                              (and swarm now), and our herd claims on blobs nobody holds
     GET  /v1/blobs/{blob id}  a small blob (below one piece), Range allowed; the receiver
                               verifies its hash before using it
 
@@ -33,6 +34,8 @@ class PeerBackend(Protocol):
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]: ...
 
+    def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]: ...
+
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
 
     def count_upload(self, n: int) -> None: ...
@@ -60,6 +63,7 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         answer = wire.HaveResponse(
             manifests=tuple(backend.manifests_for(ids)),
             fetching=tuple(backend.fetching_for(ids)),
+            claims=tuple(backend.claims_for(ids)),
         )
         return web.Response(body=wire.encode(answer), content_type=MSGPACK)
 

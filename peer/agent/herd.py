@@ -1,0 +1,181 @@
+"""Herd coordination: one mirror fetch per new blob for a whole herd of agents.
+
+An agent that wants a blob no peer holds *claims* it: the claim shows in its
+``/v1/have`` answers (`wire.Claim`) and in its tracker announcements (as "fetching"),
+so peers found by mDNS or through a tracker alike see it. While claims are open, one
+poll loop surveys the peers for every waiting blob at once and feeds what it saw to
+the pure `HerdElection`, which says per blob: wait (someone leads) or lead. A waiter
+ends as soon as any peer offers the blob's manifest (the leader finished, or a follower
+already swarms it) and the caller swarms it; or when it is our turn to lead, and the
+caller fetches the blob from the mirror inside `leading(...)`, which shows the claim as
+``leading`` with the bytes done so followers can tell a working leader from a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from peer import wire
+from peer.discovery.peer_table import Offer, PeerTable
+from peer.hub.metadata import RemoteFile
+from peer.scheduling.herd import Bid, HerdConfig, HerdElection, Turn
+
+log = logging.getLogger(__name__)
+
+Validate = Callable[[RemoteFile, list[Offer]], list[Offer]]
+Lookup = Callable[[tuple[str, ...]], Awaitable[None]]
+
+
+@dataclass
+class _Lead:
+    size: int
+    done: Callable[[], int]
+
+
+class HerdTurn:
+    def __init__(self, herd: Herd, file: RemoteFile, done: Callable[[], int]) -> None:
+        self.offers: list[Offer] = []
+        self._herd = herd
+        self._file = file
+        self._done = done
+
+    def lead(self) -> None:
+        """We fetch it from the mirror now: say so (with progress) to the herd."""
+        self._herd._lead(self._file, self._done)
+        self._herd.on_change()
+
+
+class Herd:
+    def __init__(
+        self,
+        self_id: str,
+        peers: PeerTable,
+        *,
+        config: HerdConfig | None = None,
+        poll: float = 0.25,
+    ) -> None:
+        self.peers = peers
+        self.poll = poll
+        self.election = HerdElection(self_id, config)
+        self.lookups: list[Lookup] = []  # trackers: who else claims or holds these blobs
+        self.on_change: Callable[[], None] = lambda: None  # our claims changed
+        self._waiters: dict[
+            str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
+        ] = {}
+        self._leading: dict[str, _Lead] = {}
+        self._validate: Validate = lambda _f, offers: offers
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Stop surveying (the agent is shutting down; its peer table closes next)."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- what peers see --------------------------------------------------------------
+
+    def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
+        out = []
+        for b in blob_ids:
+            if b in self._leading:
+                lead = self._leading[b]
+                out.append(wire.Claim(blob_id=b, size=lead.size, leading=True, done=lead.done()))
+            elif b in self._waiters:
+                out.append(wire.Claim(blob_id=b, size=self._waiters[b][0].size))
+        return out
+
+    def claimed_ids(self) -> list[str]:
+        return [*self._leading, *(b for b in self._waiters if b not in self._leading)]
+
+    def has_company(self) -> bool:
+        return bool(self.lookups) or bool(self.peers.live())
+
+    # -- the fetcher's side ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, file: RemoteFile, validate: Validate, done: Callable[[], int]
+    ) -> AsyncIterator[HerdTurn]:
+        """Wait for our turn on a blob nobody holds. ``turn.offers``: peers that have its
+        manifest now (swarm it); empty: fetch it from the mirror, after `turn.lead()`,
+        which shows the claim as leading (with ``done()`` bytes) until the block ends."""
+        turn = HerdTurn(self, file, done)
+        try:
+            turn.offers = await self._wait(file, validate, done)
+            yield turn
+        finally:
+            self._leading.pop(file.blob_id, None)
+            self.on_change()
+
+    async def _wait(
+        self, file: RemoteFile, validate: Validate, done: Callable[[], int]
+    ) -> list[Offer]:
+        if not self.has_company():
+            return []
+        self._validate = validate
+        existing = self._waiters.get(file.blob_id)
+        if existing is not None:
+            return await asyncio.shield(existing[1])
+        fut: asyncio.Future[list[Offer]] = asyncio.get_running_loop().create_future()
+        self._waiters[file.blob_id] = (file, fut, done)
+        self.election.want(file.blob_id, file.size, time.monotonic())
+        self.on_change()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if self._waiters.get(file.blob_id, (None, None, None))[1] is fut:
+                self._finish(file.blob_id)
+                self.on_change()
+
+    def _lead(self, file: RemoteFile, done: Callable[[], int]) -> None:
+        self._leading[file.blob_id] = _Lead(file.size, done)
+
+    # -- the poll loop ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while self._waiters:
+            try:
+                await self._step()
+            except Exception:  # never leave waiters hanging on a bug in one survey
+                log.exception("herd survey failed")
+            await asyncio.sleep(self.poll)
+
+    async def _step(self) -> None:
+        ids = tuple(dict.fromkeys([*self._waiters, *self._leading]))
+        await asyncio.gather(*(lookup(ids) for lookup in self.lookups))
+        found, claims = await self.peers.survey(ids)
+        now = time.monotonic()
+        for blob_id, (file, fut, _) in list(self._waiters.items()):
+            good = self._validate(file, found.get(blob_id, []))
+            if good and not fut.done():
+                fut.set_result(good)
+                self._finish(blob_id)
+        view = {
+            blob_id: [Bid(p.agent_id, c.size, c.leading, c.done) for p, c in seen]
+            for blob_id, seen in claims.items()
+        }
+        turns = self.election.observe(
+            view, now, leading={b: lead.size for b, lead in self._leading.items()}
+        )
+        for blob_id, turn in turns.items():
+            entry = self._waiters.get(blob_id)
+            if turn is Turn.LEAD and entry is not None and not entry[1].done():
+                log.info("herd: leading %s (%s)", entry[0].path, blob_id[:12])
+                # Leading from this instant: our claim must never vanish in between,
+                # or peers would elect someone else.
+                self._lead(entry[0], entry[2])
+                entry[1].set_result([])
+                self._finish(blob_id)
+
+    def _finish(self, blob_id: str) -> None:
+        self._waiters.pop(blob_id, None)
+        self.election.drop(blob_id)

@@ -1,0 +1,180 @@
+"""Who fetches a new blob from the mirror when several agents want it at once.
+
+Pure: `HerdElection.observe(view, now)` takes what the agent saw of its peers' claims
+(`Bid`s per blob) and the time, and says, per blob this agent waits for, whether it
+should lead (fetch it from the mirror) or keep waiting for the leader's manifest.
+
+The rules, which every agent applies to the same view and so agrees on:
+
+* A blob with a live leader (a bid with ``leading`` whose ``done`` keeps advancing) is
+  followed. A leader that makes no progress for ``leader_timeout`` s, or has not been
+  seen for that long, is suspected and ignored from then on: it is replaced.
+* Otherwise, once our own claim is ``settle`` s old (time for the herd's claims to meet),
+  leaders are chosen for all blobs without one at once: largest blob first, each to the
+  candidate with the fewest bytes led so far, ties broken by a hash of (agent, blob).
+  So a repo of four shards wanted by four agents gets four different leaders, and every
+  agent computes the same assignment.
+* An assigned winner that does not start leading within ``start_timeout`` s is
+  suspected too (it crashed before it began, or sees the herd differently).
+
+Views can differ for a moment (a claim not yet seen everywhere); the cost is a blob
+fetched twice or a short wait, never a blob not fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Bid:
+    """One agent's claim on one blob, as seen in a survey (or our own)."""
+
+    agent_id: str
+    size: int
+    leading: bool = False
+    done: int = 0
+
+
+class Turn(Enum):
+    WAIT = "wait"  # someone else leads (or will): wait for its manifest
+    LEAD = "lead"  # fetch it from the mirror now
+
+
+@dataclass(frozen=True)
+class HerdConfig:
+    settle: float = 1.0
+    leader_timeout: float = 15.0
+    start_timeout: float = 4.0
+
+
+def rank(agent_id: str, blob_id: str) -> bytes:
+    return hashlib.sha256(f"{agent_id}\0{blob_id}".encode()).digest()
+
+
+@dataclass
+class _Blob:
+    size: int
+    since: float  # when our claim began
+    seen: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    # leader agent id -> (done, when done last advanced, when last seen)
+    suspects: set[str] = field(default_factory=set)
+    assigned: tuple[str, float] | None = None  # winner we expect, since when
+
+
+class HerdElection:
+    def __init__(self, self_id: str, config: HerdConfig | None = None) -> None:
+        self.self_id = self_id
+        self.config = config or HerdConfig()
+        self._blobs: dict[str, _Blob] = {}
+
+    def want(self, blob_id: str, size: int, now: float) -> None:
+        self._blobs.setdefault(blob_id, _Blob(size, now))
+
+    def drop(self, blob_id: str) -> None:
+        self._blobs.pop(blob_id, None)
+
+    def waiting(self) -> list[str]:
+        return list(self._blobs)
+
+    def leader_of(self, blob_id: str) -> str | None:
+        """The leader we currently follow for this blob, if any."""
+        b = self._blobs.get(blob_id)
+        if b is None:
+            return None
+        live = [a for a in b.seen if a not in b.suspects]
+        return min(live) if live else None
+
+    def observe(
+        self,
+        view: Mapping[str, Iterable[Bid]],
+        now: float,
+        *,
+        leading: Mapping[str, int] | None = None,
+    ) -> dict[str, Turn]:
+        """`view`: peers' bids per blob id (our own waiting claims are added here);
+        `leading`: blob id -> size of blobs we lead now (they count in the spread)."""
+        cfg = self.config
+        bids: dict[str, list[Bid]] = {k: list(v) for k, v in view.items()}
+        for blob_id, size in (leading or {}).items():
+            bids.setdefault(blob_id, []).append(Bid(self.self_id, size, leading=True))
+        # 1. Leaders: remember progress, suspect the stalled and the long unseen.
+        load: dict[str, int] = {}
+        led: set[str] = set()
+        for blob_id in set(bids) | set(self._blobs):
+            b = self._blobs.get(blob_id)
+            current = [x for x in bids.get(blob_id, []) if x.leading]
+            if b is None:
+                for x in current:  # a blob we do not wait for: counts for the spread only
+                    load[x.agent_id] = load.get(x.agent_id, 0) + x.size
+                    led.add(blob_id)
+                continue
+            for x in current:
+                done, advanced, _ = b.seen.get(x.agent_id, (-1, now, now))
+                b.seen[x.agent_id] = (x.done, now if x.done > done else advanced, now)
+            for agent, (_, advanced, last_seen) in b.seen.items():
+                if now - advanced > cfg.leader_timeout or now - last_seen > cfg.leader_timeout:
+                    b.suspects.add(agent)
+            live = [a for a in b.seen if a not in b.suspects]
+            if live:
+                led.add(blob_id)
+                agent = min(live)
+                load[agent] = load.get(agent, 0) + b.size
+        # 2. Blobs without a leader: assign them all at once, largest first. A winner
+        # that does not start in time is suspected, and the assignment made again.
+        while True:
+            winners = self._assign(bids, led, dict(load))
+            stale = False
+            for blob_id, b in self._blobs.items():
+                winner = winners.get(blob_id)
+                if blob_id in led or now - b.since < cfg.settle or winner is None:
+                    b.assigned = None
+                elif winner != self.self_id:
+                    if b.assigned is None or b.assigned[0] != winner:
+                        b.assigned = (winner, now)
+                    elif now - b.assigned[1] > cfg.start_timeout:
+                        b.suspects.add(winner)  # never started: count it out
+                        b.assigned = None
+                        stale = True
+            if not stale:
+                break
+        # 3. Our turns.
+        return {
+            blob_id: Turn.LEAD
+            if blob_id not in led
+            and now - b.since >= cfg.settle
+            and winners.get(blob_id) == self.self_id
+            else Turn.WAIT
+            for blob_id, b in self._blobs.items()
+        }
+
+    def _assign(
+        self, bids: Mapping[str, list[Bid]], led: set[str], load: dict[str, int]
+    ) -> dict[str, str]:
+        open_blobs = sorted(
+            (k for k in set(bids) | set(self._blobs) if k not in led),
+            key=lambda k: (-self._size(k, bids), k),
+        )
+        winners: dict[str, str] = {}
+        for blob_id in open_blobs:
+            b = self._blobs.get(blob_id)
+            suspects = b.suspects if b is not None else set()
+            candidates = {x.agent_id for x in bids.get(blob_id, []) if not x.leading}
+            if b is not None:
+                candidates.add(self.self_id)
+            candidates -= suspects
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda a: (load.get(a, 0), rank(a, blob_id)))
+            winners[blob_id] = best
+            load[best] = load.get(best, 0) + self._size(blob_id, bids)
+        return winners
+
+    def _size(self, blob_id: str, bids: Mapping[str, list[Bid]]) -> int:
+        b = self._blobs.get(blob_id)
+        if b is not None:
+            return b.size
+        return max((x.size for x in bids.get(blob_id, [])), default=0)

@@ -1,0 +1,190 @@
+"""The herd election (peer.scheduling.herd), pure: several electors fed the same view
+with a fake clock must agree on exactly one leader per blob, spread over the herd."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from peer.scheduling.herd import Bid, HerdConfig, HerdElection, Turn
+
+CFG = HerdConfig(settle=1.0, leader_timeout=10.0, start_timeout=3.0)
+AGENTS = ("agent-a", "agent-b", "agent-c", "agent-d")
+
+
+def blob(i: int) -> str:
+    return f"{i:064x}"
+
+
+def herd(
+    agents: Sequence[str], blobs: Mapping[str, int], now: float = 0.0
+) -> dict[str, HerdElection]:
+    out = {}
+    for a in agents:
+        e = HerdElection(a, CFG)
+        for b, size in blobs.items():
+            e.want(b, size, now)
+        out[a] = e
+    return out
+
+
+def views(
+    electors: Mapping[str, HerdElection],
+    blobs: Mapping[str, int],
+    leading: Mapping[str, tuple[str, int]] | None = None,
+) -> dict[str, dict[str, list[Bid]]]:
+    """What each agent sees of the others: a waiting claim on every blob it still
+    wants, and a leading claim (with bytes done) where `leading` says so."""
+    leading = leading or {}
+    out: dict[str, dict[str, list[Bid]]] = {}
+    for me in electors:
+        view: dict[str, list[Bid]] = {}
+        for other, e in electors.items():
+            if other == me:
+                continue
+            for b in e.waiting():
+                view.setdefault(b, []).append(Bid(other, blobs[b]))
+        for b, (who, done) in leading.items():
+            if who != me:
+                view.setdefault(b, []).append(Bid(who, blobs[b], leading=True, done=done))
+        out[me] = view
+    return out
+
+
+def leaders(turns: Mapping[str, Mapping[str, Turn]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for agent, per_blob in turns.items():
+        for b, t in per_blob.items():
+            if t is Turn.LEAD:
+                out.setdefault(b, []).append(agent)
+    return out
+
+
+def step(
+    electors: Mapping[str, HerdElection],
+    blobs: Mapping[str, int],
+    now: float,
+    leading: Mapping[str, tuple[str, int]] | None = None,
+) -> dict[str, dict[str, Turn]]:
+    seen = views(electors, blobs, leading)
+    return {a: e.observe(seen[a], now) for a, e in electors.items()}
+
+
+def test_alone_it_leads_once_the_claim_has_settled() -> None:
+    e = HerdElection("solo", CFG)
+    e.want(blob(1), 100, now=0.0)
+    assert e.observe({}, 0.5) == {blob(1): Turn.WAIT}
+    assert e.observe({}, 1.1) == {blob(1): Turn.LEAD}
+
+
+def test_four_agents_four_shards_one_leader_each_and_all_different() -> None:
+    blobs = {blob(i): 250 for i in range(4)}
+    electors = herd(AGENTS, blobs)
+    assert leaders(step(electors, blobs, 0.5)) == {}  # still settling
+    won = leaders(step(electors, blobs, 1.2))
+    assert sorted(won) == sorted(blobs)
+    assert all(len(w) == 1 for w in won.values()), won
+    assert len({w[0] for w in won.values()}) == 4, "leadership must be spread"
+
+
+def test_largest_blobs_are_spread_first() -> None:
+    # Two agents, two big shards and two small files: each agent leads one big shard.
+    blobs = {blob(1): 10, blob(2): 1000, blob(3): 1000, blob(4): 12}
+    electors = herd(AGENTS[:2], blobs)
+    won = leaders(step(electors, blobs, 2.0))
+    assert all(len(w) == 1 for w in won.values())
+    assert won[blob(2)] != won[blob(3)]
+
+
+def test_spread_holds_for_many_herds() -> None:
+    # Not luck of one set of names: 50 herds of 4 with 4 equal shards each.
+    for n in range(50):
+        agents = [f"h{n}-agent-{i}" for i in range(4)]
+        blobs = {f"{n:08x}{i:056x}": 100 for i in range(4)}
+        won = leaders(step(herd(agents, blobs), blobs, 1.5))
+        assert sorted(won) == sorted(blobs)
+        assert len({w[0] for w in won.values()}) == 4
+
+
+def test_a_live_leader_is_followed_by_everyone() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[1:], blobs)  # a leads; b, c, d wait
+    for t in (0.5, 2.0, 5.0, 9.0):
+        turns = step(electors, blobs, t, leading={blob(1): ("agent-a", int(t * 10))})
+        assert leaders(turns) == {}
+        assert electors["agent-b"].leader_of(blob(1)) == "agent-a"
+
+
+def test_a_stalled_leader_is_replaced_by_exactly_one() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[1:], blobs)
+    step(electors, blobs, 0.5, leading={blob(1): ("agent-a", 40)})
+    # Progress stops at 40 bytes: followers keep waiting up to the leader timeout ...
+    assert leaders(step(electors, blobs, 10.0, leading={blob(1): ("agent-a", 40)})) == {}
+    # ... then exactly one of them takes over.
+    won = leaders(step(electors, blobs, 10.6, leading={blob(1): ("agent-a", 40)}))
+    assert len(won[blob(1)]) == 1 and won[blob(1)][0] != "agent-a"
+
+
+def test_progress_keeps_a_slow_leader() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[1:], blobs)
+    for i, t in enumerate((0.5, 8.0, 16.0, 24.0, 32.0)):
+        turns = step(electors, blobs, t, leading={blob(1): ("agent-a", i + 1)})
+        assert leaders(turns) == {}, f"replaced at {t} although it advanced"
+
+
+def test_a_leader_that_vanished_is_replaced_after_the_timeout() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[1:], blobs)
+    step(electors, blobs, 0.5, leading={blob(1): ("agent-a", 10)})
+    # a is gone (SIGKILL): no bid from it any more. A blip is not enough to replace it.
+    assert leaders(step(electors, blobs, 1.0)) == {}
+    assert leaders(step(electors, blobs, 5.0)) == {}
+    won = leaders(step(electors, blobs, 10.6))
+    assert len(won[blob(1)]) == 1
+
+
+def test_a_winner_that_never_starts_is_counted_out() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS, blobs)
+    won = leaders(step(electors, blobs, 1.5))
+    (first,) = won[blob(1)]
+    # The winner crashed before it could start and its claim is gone from every view:
+    # the others re-elect among themselves at once, exactly one of them.
+    rest = {a: e for a, e in electors.items() if a != first}
+    again = leaders(step(rest, blobs, 2.0))
+    assert len(again[blob(1)]) == 1 and again[blob(1)][0] != first
+
+
+def test_a_winner_seen_waiting_but_not_starting_is_suspected() -> None:
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[:3], blobs)
+    won = leaders(step(electors, blobs, 1.5))
+    (first,) = won[blob(1)]
+    stuck = electors.pop(first)  # still claims (its bid stays in views) but never leads
+    seen_by = {
+        a: {blob(1): [Bid(first, 100)] + [Bid(o, 100) for o in electors if o != a]}
+        for a in electors
+    }
+    for t in (2.0, 4.0):
+        turns = {a: e.observe(seen_by[a], t) for a, e in electors.items()}
+        assert leaders(turns) == {}
+    turns = {a: e.observe(seen_by[a], 5.0) for a, e in electors.items()}
+    assert len(leaders(turns)[blob(1)]) == 1
+    assert stuck.waiting() == [blob(1)]
+
+
+def test_blobs_led_for_other_repos_count_in_the_spread() -> None:
+    # b already leads a big blob x (that a does not want); for the new blob y, the
+    # idle agent a is preferred whatever the hash says.
+    x, y = blob(10), blob(11)
+    a = HerdElection("agent-a", CFG)
+    a.want(y, 100, 0.0)
+    turns = a.observe(
+        {x: [Bid("agent-b", 1000, leading=True, done=5)], y: [Bid("agent-b", 100)]}, 1.5
+    )
+    assert turns == {y: Turn.LEAD}
+    b = HerdElection("agent-b", CFG)
+    b.want(y, 100, 0.0)
+    turns = b.observe({y: [Bid("agent-a", 100)]}, 1.5, leading={x: 1000})
+    assert turns == {y: Turn.WAIT}
