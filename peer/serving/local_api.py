@@ -10,6 +10,9 @@ peer-facing listener).
 
 The download keeps running in the agent if the client goes away; a new request for the
 same repo joins the blobs already in flight instead of fetching them twice.
+
+The agent also mounts the Hub API of HF_ENDPOINT mode here (`peer.serving.hub_api`:
+``/api/...`` and ``/{repo}/resolve/...``), after these routes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from aiohttp import web
 
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
+from peer.serving.hub_api import HubApi, HubBackend
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,10 @@ def error_event(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def make_local_app(backend: LocalBackend) -> web.Application:
+def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.Application:
+    """The CLI's API; with `hub`, also the Hub API of HF_ENDPOINT mode
+    (`peer.serving.hub_api`), mounted after the /v1 routes."""
+
     async def status(_: web.Request) -> web.Response:
         return web.json_response(await backend.status())
 
@@ -152,6 +159,8 @@ def make_local_app(backend: LocalBackend) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/downloads", downloads)
     app.on_shutdown.append(cancel_jobs)
+    if hub is not None:
+        HubApi(hub).mount(app)
     return app
 
 
