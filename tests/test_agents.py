@@ -487,4 +487,15 @@ async def test_agents_find_each_other_through_the_tracker_alone(
                     await asyncio.sleep(0.1)
                 result = await fetch(b)
                 assert [p.agent_id for p in b.peers.live()] == [a.agent_id]
+                # libtorrent announced A's torrents to the tracker itself (BitTorrent
+                # /announce; v2 info-hashes truncated to 20 bytes), so plain BitTorrent
+                # clients find the swarm there too.
+                (big,) = [m for m in a.seeds.manifests_for(tuple(a.seeds.held)) if m.size > MiB]
+                key = bytes.fromhex(big.info_hash)[:20]
+                for _ in range(50):
+                    seeds = t.registry.bt_peers(key, t.clock())
+                    if any(port == a.swarm.listen_port for _, port, _ in seeds):
+                        break
+                    await asyncio.sleep(0.1)
+                assert any(port == a.swarm.listen_port for _, port, _ in seeds), seeds
     assert result["from_peers"] == total and mirror.stats().blob_bytes == 0

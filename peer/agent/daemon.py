@@ -91,6 +91,7 @@ class Agent:
                         upload_rate_limit=self.config.max_upload_rate,
                         # a cap is meant for the LAN too
                         limit_local_peers=self.config.max_upload_rate > 0,
+                        trackers=tuple(f"{u}/announce" for u in self.config.trackers),
                     )
                 )
             )

@@ -123,6 +123,9 @@ class SwarmSettings:
     limit_local_peers: bool = False
     user_agent: str = "hfswarm/0.1"
     start_timeout: float = 10.0
+    # BitTorrent announce URLs put on every torrent (LAN trackers' /announce), so
+    # libtorrent finds swarm peers through them directly as well.
+    trackers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -907,8 +910,8 @@ class SwarmSession:
         if info_hash in self._torrents:
             raise TorrentExists(f"torrent {info_hash} is already in this session")
         # Whatever the torrent or resume data said, talk to no tracker, web seed or DHT
-        # node: peers come only from hfswarm's discovery.
-        atp.trackers = []
+        # node: peers come only from hfswarm's discovery (and its LAN trackers).
+        atp.trackers = list(self.settings.trackers)
         atp.url_seeds = []
         atp.dht_nodes = []
         flags = atp.flags
