@@ -153,6 +153,7 @@ async def fetch_verified(
     done_elsewhere: Callable[[], bool],
     on_bytes: Callable[[int], None] | None = None,
     on_mismatch: Callable[[Verdict], None] | None = None,
+    on_prefix: Callable[[Path, int], None] | None = None,
 ) -> Path | None:
     """Fetch a blob from the mirror into its journaled partial until its whole-file hash
     matches (a mismatch is thrown away and fetched once more from scratch). Returns the
@@ -170,7 +171,13 @@ async def fetch_verified(
                 if done_elsewhere():
                     return None
         try:
-            verdict = await fetcher.fetch(snapshot, file, partial, on_bytes=on_bytes)
+            verdict = await fetcher.fetch(
+                snapshot,
+                file,
+                partial,
+                on_bytes=on_bytes,
+                on_prefix=None if on_prefix is None else partial_prefix(on_prefix, partial),
+            )
         except BaseException:
             partial.close()
             raise
@@ -192,6 +199,12 @@ async def fetch_verified(
         hint="the mirror serves corrupt data; nothing was written to the cache. "
         "Try another --mirror",
     )
+
+
+def partial_prefix(
+    on_prefix: Callable[[Path, int], None], partial: PartialBlob
+) -> Callable[[int], None]:
+    return lambda n: on_prefix(partial.data_path, n)
 
 
 def _place(snapshot: Snapshot, repo: RepoCache, file: RemoteFile, local_dir: Path | None) -> None:

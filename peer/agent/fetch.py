@@ -20,6 +20,7 @@ from pathlib import Path
 
 from peer import wire
 from peer.agent.herd import Herd
+from peer.agent.inflight import InFlightBlob
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
@@ -95,12 +96,17 @@ class BlobFetcher:
             peers,
             config=HerdConfig(settle=config.herd_settle, leader_timeout=config.herd_leader_timeout),
         )
+        # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
+        self._flights: dict[str, InFlightBlob] = {}
         # At most this many blobs move at once (a herd wait takes no slot).
         self._transfers = asyncio.Semaphore(config.download.max_files)
 
     def set_lookups(self, lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]]) -> None:
         self.lookups = lookups
         self.herd.lookups = lookups
+
+    def stream_of(self, blob_id: str) -> InFlightBlob | None:
+        return self._flights.get(blob_id)
 
     def fetching_ids(self) -> list[str]:
         """Blobs we swarm, or claim in a herd (announced to trackers as fetching)."""
@@ -125,6 +131,7 @@ class BlobFetcher:
             return await self._adopt(repo, source, file, counters)
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
+        self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
         try:
             path = await self._obtain(repo, snapshot, file, mirror, counters)
             fut.set_result(path)
@@ -135,6 +142,7 @@ class BlobFetcher:
             raise
         finally:
             self._inflight.pop(file.blob_id, None)
+            self._flights.pop(file.blob_id, None)
 
     async def _adopt(
         self, repo: RepoCache, source: Path, file: RemoteFile, counters: BlobCounters
@@ -262,10 +270,22 @@ class BlobFetcher:
             counters.from_mirror += n
             counters.done += n
 
+        flight = self._flights.get(file.blob_id)
+
         def mismatch(_: Verdict) -> None:
             counters.hash_failures += 1
             counters.done = 0
+            if flight is not None:
+                flight.reset()  # what a reader got is void: it must cut
 
+        def prefix(path: Path, n: int) -> None:
+            if flight is not None:
+                if flight.path != path:
+                    flight.start(path)
+                flight.advance(n)
+
+        if flight is not None:
+            flight.reset()  # a swarm attempt may have gone before: its readers must cut
         finished = await fetch_verified(
             mirror,
             snapshot,
@@ -274,6 +294,7 @@ class BlobFetcher:
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
             on_bytes=got,
             on_mismatch=mismatch,
+            on_prefix=prefix,
         )
         if finished is None:
             counters.reused = counters.done = file.size
@@ -339,6 +360,10 @@ class BlobFetcher:
             raise
         self._downloading.add(ih)
         self._swarming[file.blob_id] = manifest
+        flight = self._flights.get(file.blob_id)
+        if flight is not None:
+            flight.reset()
+            flight.start(repo.partial_dir / file.blob_id)
         try:
             # What a killed earlier run left verified on disk counts as resumed, not as
             # fetched: look before any peer is connected.
@@ -351,6 +376,8 @@ class BlobFetcher:
                 self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
             await self._drive(ih, snapshot, file, offers, mirror, counters, stream)
             await self.swarm.flush_cache(ih)
+            if flight is not None:
+                flight.advance(file.size)  # all pieces checked and on disk
             status = await self.swarm.status(ih)
             # Useful bytes: what the blob needed minus what was on disk already and what
             # the mirror supplied. (libtorrent's payload counter also holds the blocks
@@ -510,11 +537,37 @@ class BlobFetcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(finished.wait(), 0.25)
 
+        async def feed_readers() -> None:
+            """For a reader streaming this blob (HF_ENDPOINT mode): make the checked
+            prefix readable (flushed to the file), and ask peers for the pieces just
+            after where the reader is, in order."""
+            flight = self._flights.get(file.blob_id)
+            if flight is None:
+                return
+            asked: set[int] = set()
+            while not finished.is_set():
+                if flight.readers > 0:
+                    have = await self.swarm.have_pieces(ih)
+                    n = next((i for i, h in enumerate(have) if not h), len(have))
+                    ready = min(file.size, n * meta.piece_size)
+                    if ready > flight.ready:
+                        await self.swarm.flush_cache(ih)
+                        flight.advance(ready)
+                    first = flight.read_pos // meta.piece_size
+                    for k, i in enumerate(range(first, min(meta.num_pieces, first + 16))):
+                        if not have[i] and i not in asked:
+                            asked.add(i)
+                            self.swarm.set_piece_deadline(ih, i, 100 * (k + 1))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.1)
+
         try:
             async with asyncio.TaskGroup() as tg:
                 ev_task = tg.create_task(events())
+                readers_task = tg.create_task(feed_readers())
                 await ticks()
                 ev_task.cancel()
+                readers_task.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         finally:

@@ -221,9 +221,11 @@ class MirrorFetcher:
         file: RemoteFile,
         partial: PartialBlob,
         on_bytes: Callable[[int], None] | None = None,
+        on_prefix: Callable[[int], None] | None = None,
     ) -> Verdict:
         """Fill `partial` from the mirrors and return the whole-file hash verdict.
-        `on_bytes` hears of every byte received for this blob."""
+        `on_bytes` hears of every byte received for this blob; `on_prefix` of the
+        length of the prefix on disk and hashed so far (a reader may stream it)."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
@@ -231,7 +233,7 @@ class MirrorFetcher:
             self.progress.add(partial.done_bytes(), fetched=False)
         try:
             async with asyncio.TaskGroup() as tg:
-                hash_task = tg.create_task(self._hash_follower(job, hasher))
+                hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))
                 workers = [
                     tg.create_task(self._worker(job))
                     for _ in range(min(self.options.connections, max(1, len(todo))))
@@ -268,7 +270,9 @@ class MirrorFetcher:
 
     # -- hashing ---------------------------------------------------------------------
 
-    async def _hash_follower(self, job: _BlobJob, hasher: BlobHasher) -> str:
+    async def _hash_follower(
+        self, job: _BlobJob, hasher: BlobHasher, on_prefix: Callable[[int], None] | None
+    ) -> str:
         """Hash the finished prefix as it grows; reads hit the page cache just written."""
         p = job.partial
         assert p is not None
@@ -286,6 +290,8 @@ class MirrorFetcher:
                 stop = p.chunk_range(end_chunk - 1)[1]
                 await asyncio.to_thread(hash_range, fd, hasher, start, stop)
                 next_chunk = end_chunk
+                if on_prefix is not None:
+                    on_prefix(stop)
         finally:
             os.close(fd)
         return hasher.hexdigest()
