@@ -1,0 +1,138 @@
+"""HF_ENDPOINT mode benchmark on loopback.
+
+Side by side in one run, N rounds (interleaved), median reported:
+  1. `snapshot_download` of the repo straight from the project's mirror;
+  2. the same call with the endpoint at a fresh agent whose one peer holds the repo
+     (the bytes come from the peer; the mirror answers metadata only);
+then the time to first byte of a large shard through the endpoint when only a peer
+holds it (a plain GET; the agent starts the swarm and streams what is verified).
+
+    python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
+
+Every process listens on 127.0.0.x; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mirror_download import make_repo, parse_size
+from swarm_loopback import REPO, Agent, start_mirror
+
+CLIENT = """
+import sys, time
+from huggingface_hub import snapshot_download
+t0 = time.perf_counter()
+snapshot_download(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3], token=False)
+print(time.perf_counter() - t0)
+"""
+
+
+def snapshot(endpoint: str, cache: Path) -> float:
+    """Seconds spent in snapshot_download (a fresh client process and cache)."""
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    shutil.rmtree(cache, ignore_errors=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def ttfb(endpoint: str, mirror: str) -> float:
+    """Seconds from sending a GET of the shard to holding its first body byte."""
+    meta = json.load(urllib.request.urlopen(f"{mirror}/api/models/{REPO}/revision/main"))
+    url = f"{endpoint}/{REPO}/resolve/{meta['sha']}/model.safetensors"
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=120) as r:
+        first = r.read(1)
+        took = time.perf_counter() - t0
+    assert first, "no body"
+    return took
+
+
+def setup(size: int, work: Path) -> tuple[subprocess.Popen[str], str, Agent]:
+    folder = work / f"repo-{size}"
+    make_repo(folder, size)
+    mirror, url = start_mirror(folder)
+    seeder = Agent(work / f"seeder-{size}", "127.0.0.2", url, [])
+    seeder.download()  # the peer takes the model from the mirror once
+    return mirror, url, seeder
+
+
+def teardown(mirror: subprocess.Popen[str], seeder: Agent) -> None:
+    seeder.stop()
+    shutil.rmtree(seeder.root, ignore_errors=True)
+    mirror.send_signal(signal.SIGTERM)
+    mirror.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ttfb-size", default="4GiB")
+    ap.add_argument("--ttfb-runs", type=int, default=3)
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
+    size = parse_size(args.size)
+    print(f"repo {size} bytes, {args.runs} runs, work {work}", flush=True)
+
+    mirror, url, seeder = setup(size, work)
+    res: dict[str, list[float]] = {"mirror": [], "agent (from a peer)": []}
+    try:
+        for r in range(args.runs):
+            res["mirror"].append(snapshot(url, work / "client"))
+            b = Agent(work / f"b-{r}", "127.0.0.3", url, [seeder.peer])
+            res["agent (from a peer)"].append(snapshot(b.url, work / "client"))
+            status = b.status()
+            b.stop()
+            shutil.rmtree(b.root)
+            assert status["bytes_from_mirror"] == 0, "the agent took bytes from the mirror"
+            print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items()))
+    finally:
+        teardown(mirror, seeder)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(json.dumps({"runs_s": res, "median_s": med}, indent=1))
+    print(f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} | s | MB/s |")
+    print("|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} |")
+    print(f"\nagent / mirror time: {med['agent (from a peer)'] / med['mirror']:.2f}")
+
+    if args.ttfb_runs:
+        big = parse_size(args.ttfb_size)
+        mirror, url, seeder = setup(big, work)
+        firsts = []
+        try:
+            for r in range(args.ttfb_runs):
+                b = Agent(work / f"t-{r}", "127.0.0.3", url, [seeder.peer])
+                firsts.append(ttfb(b.url, url))
+                b.stop()
+                shutil.rmtree(b.root)
+                print(f"  ttfb run {r + 1}: {firsts[-1]:.2f} s", flush=True)
+        finally:
+            teardown(mirror, seeder)
+        print(
+            f"\ntime to first byte, {big / (1 << 30):.1f} GiB shard only a peer holds: "
+            f"median {statistics.median(firsts):.2f} s of {firsts}"
+        )
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
