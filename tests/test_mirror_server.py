@@ -2,11 +2,12 @@
 
 huggingface_hub (the real client, with an explicit ``endpoint=``) must download from it
 and raise its own error types; a raw aiohttp client observes Range handling, every
-fault kind, the rate cap and the byte counters.
+fault kind, the rate caps and the byte counters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url
 from peer.mirror_server import Fault, MirrorServer, MirrorStats, RepoSource, ThreadedMirror
 from peer.mirror_server.cli import main as mirror_main
 from peer.mirror_server.cli import parse_size
+from peer.mirror_server.control import ClientRate
 from peer.mirror_server.generate import generate_model_repo
 
 MiB = 1 << 20
@@ -425,6 +428,57 @@ async def test_rate_cap(mirror: MirrorServer, http: aiohttp.ClientSession) -> No
     assert time.monotonic() - t0 < 0.5
 
 
+def test_client_rate_is_one_bucket_per_client() -> None:
+    rate = ClientRate(1000, burst=100)
+    assert rate.reserve("10.0.0.1", 100, now=0.0) == 0.0  # a fresh client: its burst
+    # more of the same client, at the same moment (e.g. its second connection): queued
+    assert rate.reserve("10.0.0.1", 100, now=0.0) == pytest.approx(0.1)
+    assert rate.reserve("10.0.0.1", 100, now=0.0) == pytest.approx(0.2)
+    assert rate.reserve("10.0.0.2", 100, now=0.0) == 0.0  # another client: its own bucket
+    assert rate.reserve("10.0.0.1", 50, now=0.1) == pytest.approx(0.15)  # still in debt
+    # Idle for long: the bucket refills to one burst, never more.
+    assert rate.reserve("10.0.0.1", 100, now=10.0) == 0.0
+    assert rate.reserve("10.0.0.1", 100, now=10.0) == pytest.approx(0.1)
+    assert rate.charged() == {"10.0.0.1": 550, "10.0.0.2": 100}
+    rate.set(None)  # off: no waiting, accounting starts over
+    assert rate.reserve("10.0.0.1", 10**9, now=11.0) == 0.0 and rate.charged() == {}
+
+
+async def test_client_rate_is_shared_by_all_connections_of_a_client(
+    mirror: MirrorServer, blob_dir: Path
+) -> None:
+    data = (blob_dir / "blob.bin").read_bytes()
+    url = f"{mirror.url}/org/blob/resolve/main/blob.bin"
+    half = MiB // 2
+    mirror.set_client_rate(MiB)
+
+    async def get(session: aiohttp.ClientSession, start: int) -> tuple[bytes, float]:
+        t0 = time.monotonic()
+        headers = {"Range": f"bytes={start}-{start + half - 1}"}
+        async with session.get(url, headers=headers) as r:
+            assert r.status == 206
+            body = await r.read()
+        return body, time.monotonic() - t0
+
+    other_ip = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession() as one, aiohttp.ClientSession(connector=other_ip) as two:
+        (a, ta), (b, tb), (c, tc) = await asyncio.gather(get(one, 0), get(one, half), get(two, 0))
+    assert a + b == data[:MiB] and c == data[:half]
+    # Every body byte was charged to the bucket of the address it went to.
+    assert mirror.client_rate_charged() == {"127.0.0.1": MiB, "127.0.0.2": half}
+    assert mirror.stats().per_client == {"127.0.0.1": MiB, "127.0.0.2": half}
+    # 127.0.0.1's two connections shared 1 MiB/s: about (1 MiB - burst) / rate = 0.9 s
+    # for both (a cap per connection would have let each finish in about 0.45 s), while
+    # 127.0.0.2 had a bucket of its own.
+    assert max(ta, tb) >= 0.75, (ta, tb)
+    assert tc < max(ta, tb), (tc, ta, tb)
+    mirror.set_client_rate(None)
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as one:
+        await asyncio.gather(get(one, 0), get(one, half))
+    assert time.monotonic() - t0 < 0.5
+
+
 async def test_cdn_url_is_signed(blob_dir: Path, http: aiohttp.ClientSession) -> None:
     src = [RepoSource("model", "org/blob", blob_dir)]
     async with MirrorServer(src, redirect="cross-origin") as m:
@@ -463,6 +517,14 @@ async def test_http_control_endpoints(mirror: MirrorServer, http: aiohttp.Client
     async with http.post(f"{ctl}/rate_cap", json={"bytes_per_sec": 12345}) as r:
         assert r.status == 200
     async with http.post(f"{ctl}/rate_cap", json={"bytes_per_sec": None}) as r:
+        assert r.status == 200
+    async with http.post(f"{ctl}/client_rate", json={"bytes_per_sec": 4 * MiB}) as r:
+        assert r.status == 200
+    async with http.get(f"{ctl}/client_rate") as r:
+        assert await r.json() == {"bytes_per_sec": 4 * MiB, "charged": {}}
+    async with http.post(f"{ctl}/client_rate", json={"bytes_per_sec": "fast"}) as r:
+        assert r.status == 400
+    async with http.post(f"{ctl}/client_rate", json={"bytes_per_sec": None}) as r:
         assert r.status == 200
     async with http.get(f"{ctl}/stats") as r:
         remote = MirrorStats.from_json(await r.json())
@@ -520,7 +582,8 @@ def test_cli_generate_and_serve(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     cmd = [
         sys.executable, "-m", "peer.mirror_server", "serve", "--listen", "127.0.0.1:0",
-        "--token", "hf_t", "--private", "org/gen", f"model:org/gen={folder}",
+        "--token", "hf_t", "--private", "org/gen", "--client-rate", "64M",
+        f"model:org/gen={folder}",
         f"model:org/gen@v1={folder}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -533,6 +596,8 @@ def test_cli_generate_and_serve(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert api.model_info("org/gen", revision="v1", token="hf_t").sha
         with pytest.raises(RepositoryNotFoundError):
             api.model_info("org/gen", token=False)
+        with urllib.request.urlopen(f"{url}/_mirror/client_rate") as r:
+            assert json.load(r)["bytes_per_sec"] == 64 * MiB
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -682,3 +682,27 @@ def test_limits_are_validated() -> None:
     with pytest.raises(ValueError):
         Limits(max_answer_peers=m.MAX_ANSWER_PEERS + 1)
     assert dataclasses.replace(Limits(), max_agents=5).max_agents == 5
+
+
+async def test_agent_swarm_sessions_announce_to_the_lan_tracker_when_told(tmp_path: Path) -> None:
+    """SwarmSettings.trackers go on every torrent; a torrent added with announce=False
+    reaches the tracker only after `announce` (a download counts what it resumed first)."""
+    from peer.manifests import VerifiedBlob, make_manifest
+    from peer.transfer.swarm import SwarmSession, SwarmSettings
+
+    data = os.urandom(3 * 1024 * 1024)
+    blob = hashlib.sha256(data).hexdigest()
+    (tmp_path / blob).write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob, len(data), tmp_path / blob), "t")
+    async with TrackerServer(host="127.0.0.1", port=0, ttl=TTL) as t:
+        settings = SwarmSettings(
+            listen_host="127.0.0.1", listen_port=0, trackers=(f"{t.url}/announce",)
+        )
+        async with SwarmSession(settings) as s:
+            ih = await s.add_torrent(manifest.torrent, tmp_path, seed_mode=True, announce=False)
+            key = bytes.fromhex(ih)[:20]
+            await asyncio.sleep(1.5)  # libtorrent announces at once when it has a tracker
+            assert t.registry.bt_peers(key, t.clock()) == []
+            s.announce(ih)
+            await eventually(lambda: bool(t.registry.bt_peers(key, t.clock())), "an announce")
+            assert t.registry.bt_peers(key, t.clock()) == [("127.0.0.1", s.listen_port, True)]

@@ -349,12 +349,14 @@ class BlobFetcher:
         resume = self.state.load_resume(ih)
         try:
             try:
-                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir, resume_data=resume)
+                await self.swarm.add_torrent(
+                    manifest.torrent, repo.partial_dir, resume_data=resume, announce=False
+                )
             except SwarmError:
                 if resume is None:
                     raise
                 self.state.drop_resume(ih)  # stale resume data: let libtorrent re-check
-                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir)
+                await self.swarm.add_torrent(manifest.torrent, repo.partial_dir, announce=False)
         except TorrentExists:
             stream.close()
             raise
@@ -372,6 +374,8 @@ class BlobFetcher:
             counters.resumed = sum(
                 meta.piece_length(i) for i, h in enumerate(await self.swarm.have_pieces(ih)) if h
             )
+            # Only now may peers arrive through the trackers: what came before was ours.
+            self.swarm.announce(ih)
             for o in offers:
                 self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
             await self._drive(ih, snapshot, file, offers, mirror, counters, stream)

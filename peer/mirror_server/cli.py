@@ -125,6 +125,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="BYTES",
         help="per-connection body rate in bytes/s, e.g. 10M",
     )
+    serve.add_argument(
+        "--client-rate",
+        type=parse_size,
+        default=None,
+        metavar="BYTES",
+        help="per-client body rate in bytes/s, shared by all connections from one IP, e.g. 10M",
+    )
     serve.add_argument("--page-size", type=int, default=50, help="tree entries per page")
     serve.add_argument("--token", action="append", default=[], help="a valid token (repeatable)")
     serve.add_argument(
@@ -164,6 +171,7 @@ async def _serve(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         redirect=redirect,
         rate_cap=args.rate_cap,
+        client_rate=args.client_rate,
         cdn_port=args.cdn_port,
     ) as m:
         # First stdout line is the endpoint, so a parent process can read it and go.

@@ -1,4 +1,4 @@
-"""What tests steer and observe: injected faults, byte counters and the rate cap.
+"""What tests steer and observe: injected faults, byte counters and the rate caps.
 
 All of it is shared between the event loop serving requests and whichever thread calls
 the control API (`ThreadedMirror` runs the loop in its own thread), so every mutable
@@ -256,3 +256,81 @@ class RateCap:
     def get(self) -> int | None:
         with self._lock:
             return self._value
+
+
+class ClientRate:
+    """The per-client body rate limit: one token bucket per remote IP, shared by every
+    connection of that client (public mirrors cap each client, so opening more
+    connections does not buy more bandwidth).
+
+    `reserve` takes `n` bytes from the client's bucket at time `now` and says how long
+    to wait before sending them. The bucket may go into debt: a reservation that finds
+    it empty waits until its bytes have been paid for, and later reservations queue
+    behind it, so parallel connections share the rate in the order they asked. `now`
+    is passed in (the event loop's clock in the server; a fake clock in tests).
+    Thread-safe, like the rest of the control state.
+    """
+
+    MAX_IDLE_BUCKETS = 1024
+
+    def __init__(self, bytes_per_sec: int | None, burst: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self._rate: int | None = None
+        self._burst = 0
+        self._buckets: dict[str, list[float]] = {}  # client -> [tokens, last update]
+        self._charged: dict[str, int] = {}
+        self.set(bytes_per_sec, burst)
+
+    def set(self, bytes_per_sec: int | None, burst: int | None = None) -> None:
+        """A new rate (None: no cap); buckets and accounting start over. `burst`
+        (bytes a fresh or idle client may send at once) defaults to 1/10 s worth,
+        at least 16 KiB."""
+        if bytes_per_sec is not None and bytes_per_sec <= 0:
+            raise ConfigError("client rate must be a positive number of bytes per second, or None")
+        if burst is not None and burst <= 0:
+            raise ConfigError("client rate burst must be a positive number of bytes")
+        with self._lock:
+            self._rate = bytes_per_sec
+            self._burst = burst or max(16 * 1024, (bytes_per_sec or 0) // 10)
+            self._buckets.clear()
+            self._charged.clear()
+
+    def get(self) -> int | None:
+        with self._lock:
+            return self._rate
+
+    @property
+    def burst(self) -> int:
+        with self._lock:
+            return self._burst
+
+    def reserve(self, client: str, n: int, now: float) -> float:
+        """Charge `n` bytes to `client` at `now`; seconds to wait before sending them."""
+        with self._lock:
+            rate = self._rate
+            if rate is None or n <= 0:
+                return 0.0
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                if len(self._buckets) >= self.MAX_IDLE_BUCKETS:
+                    self._forget_full(now, rate)
+                bucket = self._buckets[client] = [float(self._burst), now]
+            tokens, last = bucket
+            tokens = min(float(self._burst), tokens + max(0.0, now - last) * rate) - n
+            bucket[0], bucket[1] = tokens, max(now, last)
+            self._charged[client] = self._charged.get(client, 0) + n
+            return -tokens / rate if tokens < 0 else 0.0
+
+    def charged(self) -> dict[str, int]:
+        """Bytes charged per client since the rate was last set."""
+        with self._lock:
+            return dict(self._charged)
+
+    def _forget_full(self, now: float, rate: int) -> None:
+        # A bucket that has refilled is the same as no bucket (caller holds the lock).
+        full = [
+            c for c, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * rate >= self._burst
+        ]  # fmt: skip
+        for c in full:
+            del self._buckets[c]

@@ -2,7 +2,8 @@
 
 It speaks the subset of the Hub protocol huggingface_hub uses to download (repo info,
 paginated tree, HEAD/GET resolve with Range, LFS redirects to a CDN origin, error codes)
-and adds what a test needs: byte counters, injected faults and a rate cap.
+and adds what a test needs: byte counters, injected faults and rate caps (per
+connection, and per client IP across all its connections).
 
 Routing parses ``request.raw_path`` by hand: revisions arrive URL-encoded
 (``refs%2Fpr%2F1``) and repo ids contain ``/``, which a pattern router would mangle.
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from peer.errors import ConfigError, HfswarmError
 from peer.mirror_server.control import (
+    ClientRate,
     Fault,
     FaultBook,
     FaultPlan,
@@ -95,6 +97,11 @@ def _flip(chunk: bytes, chunk_start: int, offsets: Iterable[int]) -> bytes:
     return bytes(buf)
 
 
+def _xet_hash(sha256: str) -> str:
+    """A well-formed (64 hex) Xet hash for the fake Xet signals; no Xet server knows it."""
+    return hashlib.sha256(b"xet\0" + sha256.encode()).hexdigest()
+
+
 def _display_host(host: str) -> str:
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
@@ -122,8 +129,10 @@ class MirrorServer:
         page_size: int = 50,
         redirect: RedirectMode = "none",
         rate_cap: int | None = None,
+        client_rate: int | None = None,
         cdn_port: int = 0,
         url_ttl: float = 24 * 3600,
+        xet_signals: bool = False,
     ) -> None:
         if redirect not in get_args(RedirectMode):
             raise ConfigError(
@@ -142,7 +151,12 @@ class MirrorServer:
         self._page_size = page_size
         self._redirect: RedirectMode = redirect
         self._url_ttl = url_ttl
+        # Answer like a Xet-backed Hub repo (X-Xet-* headers, `xetHash` in trees) without
+        # serving Xet: a client that believes them fails, so a test can prove that a
+        # proxy in front of this mirror (the agent's HF_ENDPOINT mode) strips them.
+        self._xet_signals = xet_signals
         self._rate = RateCap(rate_cap)
+        self._client_rate = ClientRate(client_rate)
         self._stats = StatsRecorder()
         self._faults = FaultBook()
         # Signs CDN URLs so they behave like the Hub's expiring signed URLs.
@@ -253,7 +267,17 @@ class MirrorServer:
         return self._faults.active()
 
     def set_rate_cap(self, bytes_per_sec: int | None) -> None:
+        """Per connection: each connection's file body at most this many bytes/s."""
         self._rate.set(bytes_per_sec)
+
+    def set_client_rate(self, bytes_per_sec: int | None, burst: int | None = None) -> None:
+        """Per client IP: all of one client's file bodies together at most this many
+        bytes/s (one token bucket per remote address). Resets the accounting."""
+        self._client_rate.set(bytes_per_sec, burst)
+
+    def client_rate_charged(self) -> dict[str, int]:
+        """Body bytes each client was charged under the client rate since it was set."""
+        return self._client_rate.charged()
 
     def commit_of(self, repo_type: str, repo_id: str, revision: str = "main") -> str:
         repo = self._repos.get((repo_type, repo_id))
@@ -427,6 +451,8 @@ class MirrorServer:
             "siblings": siblings,
             "usedStorage": sum(f.size for f in snap.files),
         }
+        if self._xet_signals:
+            info["xetEnabled"] = True
         if src.repo_type == "model":
             info["modelId"] = src.repo_id
         elif src.repo_type == "space":
@@ -505,6 +531,8 @@ class MirrorServer:
         if request.query.get("expand", "") in _TRUE:
             last = {"id": snap.commit, "title": "mirror snapshot", "date": snap.last_modified}
             page = [{**e, "lastCommit": last} for e in page]
+        if self._xet_signals:
+            page = [{**e, "xetHash": _xet_hash(e["lfs"]["oid"])} if "lfs" in e else e for e in page]
         headers: dict[str, str] = {}
         if offset + self._page_size < len(entries):
             query = [(k, v) for k, v in request.query.items() if k != "cursor"]
@@ -570,6 +598,13 @@ class MirrorServer:
         if entry.sha256 is not None:
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
             headers["X-Linked-Size"] = str(entry.size)
+            if self._xet_signals:
+                route = f"/api/{repo.source.repo_type}s/{repo.source.repo_id}/xet-read-token/"
+                headers["X-Xet-Hash"] = _xet_hash(entry.sha256)
+                headers["X-Xet-Refresh-Route"] = route + snap.commit
+                headers["Link"] = (
+                    f'<{request.scheme}://{request.host}{route}{snap.commit}>; rel="xet-auth"'
+                )
             if self._redirect != "none":
                 # huggingface_hub reads commit, etag and size from the 3xx itself when the
                 # target is another origin, so they travel on the redirect.
@@ -692,7 +727,7 @@ class MirrorServer:
         file_key: str,
     ) -> None:
         """Send file bytes [start, end): 1 MiB reads prefetched one ahead, written as
-        they come, split only where a fault or the rate cap needs a boundary."""
+        they come, split only where a fault or a rate cap needs a boundary."""
         loop = asyncio.get_running_loop()
         client, url_path = _client(request), _url_path(request)
         stall_at, drop_at = plan.stall_at, plan.drop_at
@@ -731,14 +766,21 @@ class MirrorServer:
                     for stop in (stall_at, drop_at):
                         if stop is not None and rel < stop < rel + n:
                             n = stop - rel
-                    cap = self._rate.get()
-                    if cap is not None:
-                        n = min(n, max(_MIN_PACED_PIECE, cap // 20))
+                    cap, client_cap = self._rate.get(), self._client_rate.get()
+                    if cap is not None or client_cap is not None:
+                        # Pieces of about 1/20 s, so pacing stays smooth.
+                        for c in (cap, client_cap):
+                            if c is not None:
+                                n = min(n, max(_MIN_PACED_PIECE, c // 20))
                         now = loop.time()
-                        if ready_at > now:
-                            await asyncio.sleep(ready_at - now)
-                            now = ready_at
-                        ready_at = now + n / cap
+                        wait = max(0.0, ready_at - now) if cap is not None else 0.0
+                        if client_cap is not None:
+                            wait = max(wait, self._client_rate.reserve(client, n, now))
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                            now += wait
+                        if cap is not None:
+                            ready_at = now + n / cap
                     await resp.write(view[:n])
                     view = view[n:]
                     pos += n
@@ -778,6 +820,22 @@ class MirrorServer:
                     raise ConfigError("bytes_per_sec must be an integer or null")
                 self.set_rate_cap(value)
                 return web.json_response({"bytes_per_sec": value})
+            if route == ("POST", "client_rate"):
+                body = await request.json()
+                value = body.get("bytes_per_sec") if isinstance(body, dict) else None
+                burst = body.get("burst") if isinstance(body, dict) else None
+                for v in (value, burst):
+                    if v is not None and not isinstance(v, int):
+                        raise ConfigError("bytes_per_sec and burst must be integers or null")
+                self.set_client_rate(value, burst)
+                return web.json_response({"bytes_per_sec": value, "burst": burst})
+            if route == ("GET", "client_rate"):
+                return web.json_response(
+                    {
+                        "bytes_per_sec": self._client_rate.get(),
+                        "charged": self.client_rate_charged(),
+                    }
+                )
             if route == ("GET", "repos"):
                 return web.json_response(self.repos_json())
         except (HfswarmError, TypeError, json.JSONDecodeError) as e:

@@ -34,6 +34,7 @@ class ThreadedMirror:
         page_size: int = 50,
         redirect: RedirectMode = "none",
         rate_cap: int | None = None,
+        client_rate: int | None = None,
         cdn_port: int = 0,
         url_ttl: float = 24 * 3600,
     ) -> None:
@@ -46,6 +47,7 @@ class ThreadedMirror:
             page_size=page_size,
             redirect=redirect,
             rate_cap=rate_cap,
+            client_rate=client_rate,
             cdn_port=cdn_port,
             url_ttl=url_ttl,
         )
@@ -126,6 +128,12 @@ class ThreadedMirror:
 
     def set_rate_cap(self, bytes_per_sec: int | None) -> None:
         self._server.set_rate_cap(bytes_per_sec)
+
+    def set_client_rate(self, bytes_per_sec: int | None, burst: int | None = None) -> None:
+        self._server.set_client_rate(bytes_per_sec, burst)
+
+    def client_rate_charged(self) -> dict[str, int]:
+        return self._server.client_rate_charged()
 
     def commit_of(self, repo_type: str, repo_id: str, revision: str = "main") -> str:
         return self._server.commit_of(repo_type, repo_id, revision)

@@ -905,13 +905,21 @@ class SwarmSession:
     def torrents(self) -> tuple[str, ...]:
         return tuple(self._torrents)
 
-    async def _add(self, atp: Any, info_hash: str, meta: TorrentMeta | None, what: str) -> str:
+    async def _add(
+        self,
+        atp: Any,
+        info_hash: str,
+        meta: TorrentMeta | None,
+        what: str,
+        *,
+        announce: bool = True,
+    ) -> str:
         ses = self._session()
         if info_hash in self._torrents:
             raise TorrentExists(f"torrent {info_hash} is already in this session")
         # Whatever the torrent or resume data said, talk to no tracker, web seed or DHT
         # node: peers come only from hfswarm's discovery (and its LAN trackers).
-        atp.trackers = list(self.settings.trackers)
+        atp.trackers = list(self.settings.trackers) if announce else []
         atp.url_seeds = []
         atp.dht_nodes = []
         flags = atp.flags
@@ -948,8 +956,10 @@ class SwarmSession:
         seed_mode: bool = False,
         resume_data: bytes | None = None,
         paused: bool = False,
+        announce: bool = True,
     ) -> str:
-        """Add a torrent; returns its info-hash.
+        """Add a torrent; returns its info-hash. ``announce=False``: not to the session's
+        trackers yet (`announce` later), so no peer arrives before the caller is ready.
 
         ``save_path`` is the directory that holds (or will hold) the torrent's file,
         named as in the torrent: for hfswarm's per-blob torrents, the file is
@@ -983,7 +993,9 @@ class SwarmSession:
             flags |= lt.torrent_flags.seed_mode
         flags = flags | lt.torrent_flags.paused if paused else flags & ~lt.torrent_flags.paused
         atp.flags = flags
-        return await self._add(atp, meta.info_hash, meta, f"cannot add torrent {meta.info_hash}")
+        return await self._add(
+            atp, meta.info_hash, meta, f"cannot add torrent {meta.info_hash}", announce=announce
+        )
 
     async def add_by_info_hash(
         self, info_hash: str, save_path: str | os.PathLike[str], *, paused: bool = False
@@ -1028,6 +1040,12 @@ class SwarmSession:
                 f"torrent {info_hash} was removed but its files were not: {result.message}",
                 hint="delete them by hand",
             )
+
+    def announce(self, info_hash: str) -> None:
+        """Start announcing to the session's trackers (a torrent added without)."""
+        handle = self._get(info_hash).handle
+        for i, url in enumerate(self.settings.trackers):
+            handle.add_tracker({"url": url, "tier": i})  # the binding takes a dict
 
     def pause(self, info_hash: str) -> None:
         self._get(info_hash).handle.pause()
