@@ -188,3 +188,13 @@ def test_blobs_led_for_other_repos_count_in_the_spread() -> None:
     b.want(y, 100, 0.0)
     turns = b.observe({y: [Bid("agent-a", 100)]}, 1.5, leading={x: 1000})
     assert turns == {y: Turn.WAIT}
+
+
+def test_a_leader_with_every_byte_is_not_replaced_while_it_finishes() -> None:
+    # Hashing and building the manifest of a big blob takes a while after the last
+    # byte: no progress then, yet the leader is alive and answering.
+    blobs = {blob(1): 100}
+    electors = herd(AGENTS[1:], blobs)
+    for t in (0.5, 12.0, 30.0, 60.0):
+        turns = step(electors, blobs, t, leading={blob(1): ("agent-a", 100)})
+        assert leaders(turns) == {}, f"replaced at {t}"

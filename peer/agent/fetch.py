@@ -179,7 +179,7 @@ class BlobFetcher:
                 return path
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
         # wait for that leader's manifest and swarm it.
-        async with self.herd.turn(file, self._valid, lambda: counters.from_mirror) as turn:
+        async with self.herd.turn(file, self._valid, lambda: counters.done) as turn:
             if turn.offers:
                 path = await self._from_peers(repo, snapshot, file, turn.offers, mirror, counters)
                 if path is not None:

@@ -6,9 +6,10 @@ should lead (fetch it from the mirror) or keep waiting for the leader's manifest
 
 The rules, which every agent applies to the same view and so agrees on:
 
-* A blob with a live leader (a bid with ``leading`` whose ``done`` keeps advancing) is
-  followed. A leader that makes no progress for ``leader_timeout`` s, or has not been
-  seen for that long, is suspected and ignored from then on: it is replaced.
+* A blob with a live leader (a bid with ``leading`` whose ``done`` keeps advancing, or
+  has reached the size) is followed. A leader that makes no progress for
+  ``leader_timeout`` s, or has not been seen for that long, is suspected and ignored
+  from then on: it is replaced.
 * Otherwise, once our own claim is ``settle`` s old (time for the herd's claims to meet),
   leaders are chosen for all blobs without one at once: largest blob first, each to the
   candidate with the fewest bytes led so far, ties broken by a hash of (agent, blob).
@@ -114,7 +115,10 @@ class HerdElection:
                 continue
             for x in current:
                 done, advanced, _ = b.seen.get(x.agent_id, (-1, now, now))
-                b.seen[x.agent_id] = (x.done, now if x.done > done else advanced, now)
+                # A leader with every byte is finishing (hashing, building its manifest:
+                # a minute for a 50 GB blob): only its silence counts against it then.
+                moved = x.done > done or x.done >= b.size
+                b.seen[x.agent_id] = (x.done, now if moved else advanced, now)
             for agent, (_, advanced, last_seen) in b.seen.items():
                 if now - advanced > cfg.leader_timeout or now - last_seen > cfg.leader_timeout:
                     b.suspects.add(agent)
