@@ -93,6 +93,11 @@ class MirrorFailed(NetworkError):
     """The mirror answered, but kept failing (5xx, 429, dropped connections) past retries."""
 
 
+class MirrorDown(MirrorFailed):
+    """The mirror answered 5xx past retries: it is failing, not refusing (agents may use
+    what their peers know of the revision instead)."""
+
+
 # --- local errors -----------------------------------------------------------------
 
 

@@ -39,6 +39,9 @@ MAX_SIGNATURE_BYTES = 1024
 MAX_BLOB_IDS = 4096  # per HaveRequest
 MAX_MANIFESTS = 256  # per HaveResponse (the total size limit usually binds first)
 MAX_AGENT_ID_CHARS = 128
+MAX_REVISION_FILES = 4096  # per RevisionManifest (the parser's array limit)
+MAX_PATH_BYTES = 255  # a file path in a revision, UTF-8 (the parser's string limit: 256)
+MAX_TIMESTAMP_MS = 1 << 53  # published_at: milliseconds since the Unix epoch
 MAX_BLOB_SIZE = 1 << 50  # 1 PiB: far above any model file, far below int64 overflow
 MIN_PIECE_SIZE = 16 * 1024  # BitTorrent v2 block size
 MAX_PIECE_SIZE = 1 << 30
@@ -48,6 +51,11 @@ _MAX_MAP = 16  # most keys in any message map
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _AGENT_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_AGENT_ID_CHARS - 1}}}")
+_REPO_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"(?:{_REPO_NAME}/)?{_REPO_NAME}")
+# Branch and tag names, refs/pr/N, commit ids: what becomes refs/<revision> in the cache.
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]{0,199}")
+REPO_TYPES = ("model", "dataset", "space")
 
 
 class WireError(PeerMisbehaved):
@@ -221,6 +229,55 @@ class Health(Message):
     blobs: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class RevisionRequest(Message):
+    """ "Which commit and files does this revision of this repo name, as you know it?"
+    (answered by a `RevisionManifest`, or HTTP 404). ``revision``: a branch, tag,
+    ``refs/pr/N`` or a commit id."""
+
+    TYPE: ClassVar[str] = "revision_request"
+
+    repo_type: str
+    repo_id: str
+    revision: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevisionFile(Message):
+    """One file of a revision: its path in the repo, its blob id (sha256 for LFS files,
+    git blob sha1 otherwise; the name of its blob in the HF cache) and its size."""
+
+    TYPE: ClassVar[str] = "revision_file"
+
+    path: str
+    blob_id: str
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevisionManifest(Message):
+    """What one revision of a repo holds, as an agent knows it: from the mirror (it
+    downloaded that revision) or from a publish (``local/*`` repos, whose commit is
+    derived from the files: `peer.manifests.revisions.content_commit`).
+
+    ``published_at`` (ms since the Unix epoch, the maker's clock) with ``made_by``
+    breaks ties: of two manifests for one revision name, the one with the larger
+    ``(published_at, made_by)`` is newer. Files are sorted by path, paths unique.
+    ``signature`` covers `revision_signing_bytes` (empty until cluster signing lands).
+    Received ones are checked in `peer.manifests.revisions.accept_revision_manifest`."""
+
+    TYPE: ClassVar[str] = "revision_manifest"
+
+    repo_type: str
+    repo_id: str
+    revision: str
+    commit: str
+    files: tuple[RevisionFile, ...]
+    made_by: str
+    published_at: int
+    signature: bytes = b""
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -278,8 +335,87 @@ Health.SCHEMA = {
     "blobs": _exact_int(0, 1 << 40),
 }
 
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(v: Any) -> str:
+        if type(v) is not str or v not in choices:
+            shown = repr(v[:40]) if isinstance(v, str) else type(v).__name__
+            raise _Invalid(f"{shown} is not one of {', '.join(choices)}")
+        return v
+
+    return check
+
+
+def _repo_id(v: Any) -> str:
+    v = _text(_REPO_ID, "a repo id (org/name or name)")(v)
+    if ".." in v or "--" in v:
+        raise _Invalid(f"{v!r} is not a repo id ('..' and '--' are not allowed)")
+    return v
+
+
+def _revision(v: Any) -> str:
+    v = _text(_REVISION, "a revision name")(v)
+    if ".." in v or "//" in v or v.endswith("/"):
+        raise _Invalid(f"{v[:80]!r} is not a revision name")
+    return v
+
+
+def _repo_path(v: Any) -> str:
+    """A relative POSIX path that stays inside its snapshot folder."""
+    if type(v) is not str:
+        raise _Invalid(f"expected a path, got {type(v).__name__}")
+    try:
+        size = len(v.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _Invalid(f"{v[:80]!r} is not valid UTF-8") from None
+    if not 1 <= size <= MAX_PATH_BYTES:
+        raise _Invalid(f"a path of {size} bytes is outside 1..{MAX_PATH_BYTES}")
+    if "\0" in v or "\\" in v or any(p in ("", ".", "..") for p in v.split("/")):
+        raise _Invalid(f"{v[:80]!r} is not a safe relative path")
+    return v
+
+
+def _revision_files(v: Any) -> tuple[RevisionFile, ...]:
+    files: tuple[RevisionFile, ...] = _list_of(_nested(RevisionFile), MAX_REVISION_FILES)(v)
+    paths = [f.path for f in files]
+    if paths != sorted(paths) or len(set(paths)) != len(paths):
+        raise _Invalid("the files are not sorted by path, or a path repeats")
+    return files
+
+
+RevisionRequest.SCHEMA = {
+    "repo_type": _one_of(REPO_TYPES),
+    "repo_id": _repo_id,
+    "revision": _revision,
+}
+RevisionFile.SCHEMA = {
+    "path": _repo_path,
+    "blob_id": _blob_id,
+    "size": _exact_int(0, MAX_BLOB_SIZE),
+}
+RevisionManifest.SCHEMA = {
+    "repo_type": _one_of(REPO_TYPES),
+    "repo_id": _repo_id,
+    "revision": _revision,
+    "commit": _text(_SHA1, "a commit id (40 lowercase hex)"),
+    "files": _revision_files,
+    "made_by": _agent_id,
+    "published_at": _exact_int(0, MAX_TIMESTAMP_MS),
+    "signature": _bytes(MAX_SIGNATURE_BYTES),
+}
+
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Manifest, HaveRequest, HaveResponse, Claim, Health)
+    cls.TYPE: cls
+    for cls in (
+        Manifest,
+        HaveRequest,
+        HaveResponse,
+        Claim,
+        Health,
+        RevisionRequest,
+        RevisionFile,
+        RevisionManifest,
+    )
 }
 
 
@@ -413,4 +549,10 @@ def encode(msg: Message) -> bytes:
 def manifest_signing_bytes(m: Manifest) -> bytes:
     """The bytes a manifest signature covers: its encoding with an empty signature.
     Deterministic (fixed field order, canonical msgpack)."""
+    return encode(replace(m, signature=b""))
+
+
+def revision_signing_bytes(m: RevisionManifest) -> bytes:
+    """The bytes a revision manifest's signature covers: its encoding with an empty
+    signature (deterministic, like `manifest_signing_bytes`)."""
     return encode(replace(m, signature=b""))

@@ -15,7 +15,7 @@ from peer.errors import (
     NetworkError,
     UserError,
 )
-from peer.serving.local_api import DownloadSpec, iter_ndjson
+from peer.serving.local_api import DownloadSpec, PublishSpec, iter_ndjson
 
 
 class AgentUnavailable(NetworkError):
@@ -60,11 +60,26 @@ class AgentClient:
     async def download(
         self, spec: DownloadSpec, on_event: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
+        return await self._job("/v1/downloads", spec.to_json(), on_event, "download")
+
+    async def publish(
+        self, spec: PublishSpec, on_event: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        return await self._job("/v1/publish", spec.to_json(), on_event, "publish")
+
+    async def _job(
+        self,
+        route: str,
+        body: dict[str, Any],
+        on_event: Callable[[dict[str, Any]], None],
+        what: str,
+    ) -> dict[str, Any]:
+        """POST a job and follow its NDJSON events to the final one."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as s,
-                s.post(f"{self.url}/v1/downloads", json=spec.to_json()) as r,
+                s.post(f"{self.url}{route}", json=body) as r,
             ):
                 async for event in iter_ndjson(r.content):
                     kind = event.get("event")
@@ -82,8 +97,8 @@ class AgentClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AgentUnavailable(
                 f"lost the connection to the agent at {self.url}: {exc}",
-                hint="the agent keeps downloading; run the command again to follow it",
+                hint=f"the agent keeps going; run the {what} again to follow it",
             ) from exc
         raise ConfigError(
-            "the agent ended the download without a result", hint="see the agent's log"
+            f"the agent ended the {what} without a result", hint="see the agent's log"
         )

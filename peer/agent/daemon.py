@@ -25,6 +25,9 @@ from aiohttp import web
 
 from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
+from peer.agent.inflight import InFlightBlob
+from peer.agent.publish import Publisher
+from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
@@ -33,9 +36,10 @@ from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import TrackerSource
-from peer.errors import LocalError
-from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot
-from peer.serving.local_api import DownloadSpec, Emit, make_local_app
+from peer.errors import LocalError, NetworkError
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.manifests.revisions import is_local_repo
+from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import SwarmError, SwarmSession, SwarmSettings
@@ -64,6 +68,8 @@ class Agent:
         self.peers: PeerTable
         self.seeds: SeedIndex
         self.blobs: BlobFetcher
+        self.revisions: Revisions
+        self.publisher: Publisher
         self.peer_port = 0
         self.local_port = 0
         self._runners: list[web.AppRunner] = []
@@ -100,6 +106,11 @@ class Agent:
                 self.peers.offer(host, port, "static")
             self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm, self.agent_id)
             self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
+            self.revisions = Revisions(self.state, self.peers, self.agent_id)
+            await asyncio.to_thread(self.revisions.load)
+            self.publisher = Publisher(
+                self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
+            )
             self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
             self.local_port = await self._listen(
                 make_local_app(self, hub=self), self.config.local_listen
@@ -154,6 +165,7 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.revisions.close()
         await self.blobs.herd.close()
         await self.blobs.save_all_resume_data()
         await self._stack.aclose()
@@ -201,6 +213,9 @@ class Agent:
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return self.blobs.fetching_for(blob_ids)
 
+    def stream_of(self, blob_id: str) -> InFlightBlob | None:
+        return self.blobs.stream_of(blob_id)
+
     def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
         return self.blobs.herd.claims_for(blob_ids)
 
@@ -213,6 +228,9 @@ class Agent:
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
+
+    def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
+        return self.revisions.shared(request)
 
     # -- local API backend -----------------------------------------------------------
 
@@ -250,9 +268,13 @@ class Agent:
         hub = self.config.hub
         if spec.token:
             hub = replace(hub, token=spec.token)
-        snapshot = await resolve_snapshot(
+        # The mirror first; peers' revision manifests if it is down; peers only for local/*.
+        snapshot, learned = await self.revisions.resolve(
             hub, spec.repo_type, spec.repo_id, spec.revision, spec.selection
         )
+        local = is_local_repo(snapshot.repo_id)
+        if local:  # no mirror has it: never send its name to one
+            hub = replace(hub, mirrors=())
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
         await emit(
             {
@@ -271,7 +293,17 @@ class Agent:
 
             async def one(files: list[RemoteFile]) -> None:
                 c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
-                path = await self.blobs.obtain(snapshot, files[0], mirror, c)
+                try:
+                    path = await self.blobs.obtain(snapshot, files[0], mirror, c)
+                except NetworkError as exc:
+                    if not local:
+                        raise
+                    raise NetworkError(
+                        f"no peer could deliver {files[0].path} of {snapshot.repo_id} "
+                        f"({exc.one_line()})",
+                        hint="the agent that published it, or one that downloaded it, must "
+                        "be running and reachable (`hfswarm status` lists the peers)",
+                    ) from exc
                 for f in files:
                     if spec.local_dir is None:
                         repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
@@ -298,6 +330,8 @@ class Agent:
             path.mkdir(parents=True, exist_ok=True)
         else:
             path = spec.local_dir
+        if learned is not None:  # a public revision from the mirror: peers may use it
+            self.revisions.record(learned)
         result = _progress(counters, snapshot.total_size)
         self.totals.downloads += 1
         self.totals.bytes_from_peers += result["from_peers"]
@@ -312,7 +346,26 @@ class Agent:
         )
         return result
 
+    async def publish(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]:
+        """`hfswarm publish`: a folder into this cache as local/NAME, seeded and shared."""
+        return await self.publisher.run(spec, emit)
+
     # -- HF_ENDPOINT mode backend (peer/serving/hub_api.py) ----------------------------
+
+    async def revision_manifest(
+        self, repo_type: str, repo_id: str, revision: str
+    ) -> wire.RevisionManifest | None:
+        """What this agent and its peers know of a revision (local/* repos, or any repo
+        while the mirror is down): the newest manifest, or None."""
+        return await self.revisions.find(repo_type, repo_id, revision)
+
+    def mirror_said(
+        self, repo_type: str, repo_id: str, revision: str, commit: str, private: bool, gated: bool
+    ) -> None:
+        """A client resolved a revision through the mirror: remember public ones."""
+        self.revisions.mirror_said(
+            self.config.hub, repo_type, repo_id, revision, commit, private=private, gated=gated
+        )
 
     async def blob_for_client(
         self, snapshot: Snapshot, file: RemoteFile, token: str | None, ref: str | None
@@ -322,6 +375,8 @@ class Agent:
         then the mirror with the CLIENT's token, never the agent's), then linked into
         snapshots/<commit>/ (and refs/<ref>) and seeded."""
         hub = replace(self.config.hub, token=token)
+        if is_local_repo(snapshot.repo_id):  # no mirror has it: never send its name to one
+            hub = replace(hub, mirrors=())
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
         path = await self._verified_in_repo(repo, file)
         if path is None:

@@ -300,7 +300,10 @@ class BlobFetcher:
             counters.reused = counters.done = file.size
             return repo.blob_path(file.blob_id)
         counters.done = file.size
-        return repo.install_blob(finished, file.blob_id)
+        path = repo.install_blob(finished, file.blob_id)
+        if flight is not None:
+            flight.moved(path)
+        return path
 
     # -- small blobs from peers ----------------------------------------------------------
 
@@ -412,6 +415,8 @@ class BlobFetcher:
             )
         counters.done = file.size
         path = repo.install_blob(data_path, file.blob_id)
+        if flight is not None:
+            flight.moved(path)
         await self.seeds.add_with_manifest(path, manifest)
         return path
 

@@ -37,6 +37,12 @@ class InFlightBlob:
         self.ready = 0
         self._changed.set()
 
+    def moved(self, path: Path) -> None:
+        """The same checked bytes now live at `path` (renamed into ``blobs/``)."""
+        if self.path is not None:
+            self.path = path
+            self._changed.set()
+
     def reset(self) -> None:
         """What was ready is void (the source failed): readers that sent some must cut."""
         if self.path is not None:

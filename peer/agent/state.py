@@ -4,6 +4,8 @@
     <state>/verified/<blob id>       msgpack: the file's fingerprint when it was verified,
                                      and its manifest (so a restart re-hashes nothing)
     <state>/resume/<info hash>       libtorrent resume data of unfinished downloads
+    <state>/revisions/<key>          a revision manifest this agent shares (wire bytes;
+                                     key: sha256 of repo type, repo id, revision, commit)
 
 Every write is temp file + rename, so a kill -9 leaves the old or the new record, never a
 torn one. A record only says "this file, with this size/mtime/inode, hashed to its id":
@@ -122,3 +124,24 @@ class StateDir:
         if SHA256_RE.fullmatch(info_hash):
             with contextlib.suppress(OSError):
                 (self.root / "resume" / info_hash).unlink()
+
+    # -- revision manifests ----------------------------------------------------------
+
+    def save_revision(self, key: str, data: bytes) -> None:
+        if SHA256_RE.fullmatch(key):
+            _atomic_write(self.root / "revisions" / key, data)
+
+    def revision_records(self) -> list[tuple[str, bytes]]:
+        """Every stored revision manifest, as (key, wire bytes)."""
+        out: list[tuple[str, bytes]] = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root / "revisions"):
+                if SHA256_RE.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        out.append((entry.name, Path(entry.path).read_bytes()))
+        return out
+
+    def drop_revision(self, key: str) -> None:
+        if SHA256_RE.fullmatch(key):
+            with contextlib.suppress(OSError):
+                (self.root / "revisions" / key).unlink()

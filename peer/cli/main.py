@@ -177,6 +177,27 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", "-v", action="store_true")
 
 
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="share a folder on the LAN as repo local/NAME (through the local agent)",
+        description="Share a folder (a training checkpoint, say) with the agents of the LAN "
+        "as repo local/NAME: the local agent copies it into its HF cache, hashing each file "
+        "as the Hub would, seeds it, and moves the repo's main to a commit derived from the "
+        "files. Others get it with `hfswarm download local/NAME`, or with any HF tool "
+        "through HF_ENDPOINT mode. The last line printed is the commit.",
+    )
+    p.add_argument("path", help="the folder to share")
+    p.add_argument("--repo", required=True, metavar="local/NAME", help="the repo to publish as")
+    p.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"])
+    p.add_argument(
+        "--agent",
+        metavar="URL",
+        help=f"the local agent (default: HFSWARM_AGENT, else {DEFAULT_AGENT_URL})",
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the commit")
+
+
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="counters, peers and seeded blobs of the local agent")
     p.add_argument("--agent", metavar="URL")
@@ -204,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_download(sub)
     _add_agent(sub)
+    _add_publish(sub)
     _add_status(sub)
     _add_demo(sub)
     _add_mirror(sub)
@@ -247,6 +269,11 @@ async def _run_download(args: argparse.Namespace) -> int:
             raise
     if args.peer:
         return await _embedded(args, settings, options, spec)
+    if args.repo_id.startswith("local/"):  # published on the LAN: no mirror has it
+        raise AgentUnavailable(
+            f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
+            hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
+        )
     request = DownloadRequest(
         repo_id=args.repo_id,
         repo_type=args.repo_type,
@@ -349,6 +376,40 @@ async def _embedded(
     return 0
 
 
+async def _run_publish(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+    from peer.serving.local_api import PublishSpec
+
+    url, _ = _agent_url(args)
+    client = AgentClient(url)
+    await client.status()  # raises AgentUnavailable at once if nobody is there
+    spec = PublishSpec(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
+    progress: Progress | None = None
+
+    def on_event(event: dict[str, Any]) -> None:
+        nonlocal progress
+        if event.get("event") == "started":
+            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=args.quiet)
+        elif event.get("event") == "progress" and progress is not None:
+            progress.set(int(event["done"]), fetched=int(event["done"]))
+
+    try:
+        final = await client.publish(spec, on_event)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not args.quiet:
+        what = "published" if final["changed"] else "unchanged, main already holds these files"
+        print(
+            f"{final['repo_id']}: {final['files']} files, {human_bytes(final['total'])} at "
+            f"commit {final['commit'][:12]} ({what}) in {final['seconds']:.1f} s; get it "
+            f"elsewhere with `hfswarm download {final['repo_id']}`",
+            file=sys.stderr,
+        )
+    print(final["commit"])
+    return 0
+
+
 async def _run_status(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient
 
@@ -430,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("local_dir", "state_dir"):
         if getattr(args, name, None):
             setattr(args, name, Path(getattr(args, name)).expanduser())
+    if args.command == "publish":
+        args.path = Path(args.path).expanduser().resolve()  # the agent reads it
     try:
         if args.command == "download":
             return asyncio.run(_run_download(args))
@@ -437,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_agent(args))
         if args.command == "status":
             return asyncio.run(_run_status(args))
+        if args.command == "publish":
+            return asyncio.run(_run_publish(args))
         if args.command == "demo":
             from peer.cli.demo import main as demo_main
 

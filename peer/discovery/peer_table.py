@@ -181,6 +181,32 @@ class PeerTable:
             return None
         return msg
 
+    async def revisions(
+        self, request: wire.RevisionRequest
+    ) -> list[tuple[PeerInfo, wire.RevisionManifest]]:
+        """Ask every live peer for its revision manifest of one repo revision. The
+        answers are only well-formed: `peer.manifests.revisions.accept_revision_manifest`
+        decides whether one may be used."""
+        peers = self.live()
+        body = wire.encode(request)
+        answers = await asyncio.gather(*(self._revision(p, body) for p in peers))
+        return [(p, m) for p, m in zip(peers, answers, strict=True) if m is not None]
+
+    async def _revision(self, peer: PeerInfo, body: bytes) -> wire.RevisionManifest | None:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                f"{peer.api_url}/v1/revisions", data=body, headers={"Content-Type": MSGPACK}
+            ) as r:
+                if r.status != 200:
+                    return None
+                return wire.decode_as(await r.read(), wire.RevisionManifest)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.info("peer %s did not answer /v1/revisions: %s", peer.api_url, exc)
+        except wire.WireError as exc:
+            log.warning("peer %s sent a bad /v1/revisions answer: %s", peer.api_url, exc)
+        return None
+
     async def fetch_small_blob(self, peer: PeerInfo, blob_id: str, size: int) -> bytes:
         """A whole small blob over HTTP, checked against its id before it is returned."""
         assert self._session is not None

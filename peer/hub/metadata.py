@@ -27,6 +27,7 @@ from peer.errors import (
     EntryNotFound,
     GatedRepo,
     HfswarmError,
+    MirrorDown,
     MirrorFailed,
     MirrorUnreachable,
     PeerMisbehaved,
@@ -138,7 +139,7 @@ def translate_hub_error(
     if isinstance(exc, hf_errors.HfHubHTTPError):
         status = _status(exc)
         if status == 429 or (status or 0) >= 500:
-            return MirrorFailed(
+            return (MirrorDown if status != 429 else MirrorFailed)(
                 f"{mirror} answered HTTP {status} for {repo}",
                 hint="the mirror is overloaded or failing; retry later or add another --mirror",
             )

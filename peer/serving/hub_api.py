@@ -17,6 +17,13 @@ the agent unchanged, and the agent takes the bytes from its peers first:
 (``prefix``: "" for models, "datasets/", "spaces/"; revisions arrive URL-encoded, as
 ``refs%2Fpr%2F1``.) It is mounted on the local app only, never on the peer-facing one.
 
+Without the mirror (revision, tree, paths-info and resolve metadata answered here from
+revision manifests: `Agent.revision_manifest`, the agent's and its peers' newest):
+- ``local/*`` repos (`hfswarm publish`) always: no mirror has them, none is asked;
+- other repos only when no mirror answers (unreachable, or a 5xx): a 401, 403 or 404
+  is the mirror's final word, and any answer of the mirror wins over the peers'. Peers
+  share manifests of public repos only, so nothing gated or private is served this way.
+
 Credentials and access (fail closed):
 - The client's own ``Authorization`` goes to the mirror, for the metadata and for the
   bytes the agent fetches on its behalf. The agent's own token is never lent to a
@@ -35,11 +42,15 @@ Credentials and access (fail closed):
 - Only verified bytes are sent: a blob is served from ``blobs/`` once its whole-file hash
   matched its Hub id (checked by the fetch, or here for a blob some other tool put there).
 
-Not yet: streaming while the swarm fetches. A GET for a blob the agent does not hold yet
-answers when the whole blob is verified, so a client waits for the whole fetch before
-its first byte; huggingface_hub gives up after HF_HUB_DOWNLOAD_TIMEOUT (10 s) without a
-byte (then retries a few times, while the agent keeps fetching): raise it for big files
-the LAN does not hold yet.
+Streaming: a GET for a blob the agent does not hold yet starts the fetch and streams
+the file in order as it becomes checked (`peer.agent.inflight`): swarm pieces that
+passed libtorrent's merkle check against the manifest (the swarm is asked for the pieces
+right after the reader first), mirror bytes as they are hashed in order. The body's last
+byte goes out only once the whole-file hash matched the Hub's blob id; a fetch that fails
+or starts over from another source after bytes went out cuts the connection, so a client
+never holds a whole body that was not verified. (A Range that ends before the last byte
+is answered from checked pieces before the whole-file check; those bytes are what the
+manifest's merkle tree, or the mirror itself, vouches for.)
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -63,6 +75,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from peer import wire
+from peer.agent.inflight import InFlightBlob
 from peer.cache.hf_cache import safe_relpath
 from peer.config import REPO_TYPES, AgentConfig
 from peer.errors import (
@@ -76,6 +90,7 @@ from peer.errors import (
     UserError,
 )
 from peer.hub.metadata import URL_PREFIX, RemoteFile, Snapshot
+from peer.manifests.revisions import is_local_repo
 from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
@@ -106,6 +121,27 @@ class HubBackend(Protocol):
         """A verified copy of the file in the agent's cache (obtained if need be), linked
         into the snapshot of `snapshot.commit`; `ref` names the revision, if known."""
         ...
+
+    async def revision_manifest(
+        self, repo_type: str, repo_id: str, revision: str
+    ) -> wire.RevisionManifest | None:
+        """The newest manifest the agent or its peers hold for a revision, or None."""
+        ...
+
+    def mirror_said(
+        self, repo_type: str, repo_id: str, revision: str, commit: str, private: bool, gated: bool
+    ) -> None:
+        """A revision a client resolved through the mirror (the agent records public ones)."""
+        ...
+
+    def stream_of(self, blob_id: str) -> InFlightBlob | None:
+        """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
+        ...
+
+
+def _readable(flight: InFlightBlob, start: int, end: int) -> bool:
+    """Whether a first byte of [start, end) can be sent while the fetch runs."""
+    return min(end, flight.ready, flight.size - 1) > start
 
 
 # -- requests ----------------------------------------------------------------------
@@ -173,6 +209,175 @@ def _revision_route(raw_path: str) -> tuple[str, str, str] | None:
         return None
     rev, _ = _split_revision(split[1])
     return API_TYPES[segs[0]], split[0], rev
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    """An /api route answerable from a revision manifest."""
+
+    repo_type: str
+    repo_id: str
+    action: str  # "revision", "tree" or "paths-info"
+    revision: str
+    subpath: str = ""
+
+
+_MANIFEST_ACTIONS = ("revision", "tree", "paths-info")
+
+
+def _api_route(raw_path: str) -> ApiRoute | None:
+    """``/api/{type}s/{repo_id}[/revision|tree|paths-info/{rev}[/{path}]]`` -> route."""
+    segs = raw_path.partition("?")[0].split("/")[2:]
+    if not segs or segs[0] not in API_TYPES:
+        return None
+    repo_type, rest = API_TYPES[segs[0]], segs[1:]
+    for action in _MANIFEST_ACTIONS:
+        split = _split_repo(rest, action)
+        if split is None:
+            continue
+        repo_id, tail = split
+        rev, after = _split_revision(tail) if tail and tail[0] else ("main", [])
+        subpath = "/".join(unquote(s) for s in after).strip("/")
+        return ApiRoute(repo_type, repo_id, action, rev, subpath)
+    if 1 <= len(rest) <= 2 and all(rest):  # repo_info without a revision: main
+        return ApiRoute(repo_type, "/".join(unquote(s) for s in rest), "revision", "main")
+    return None
+
+
+def _is_local_api(raw_path: str) -> bool:
+    segs = raw_path.partition("?")[0].split("/")[2:]
+    return len(segs) >= 3 and segs[0] in API_TYPES and unquote(segs[1]) == "local"
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _lfs_pointer(f: wire.RevisionFile) -> bytes:
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{f.blob_id}\nsize {f.size}\n"
+    ).encode()
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def _file_entry(f: wire.RevisionFile) -> dict[str, Any]:
+    """A tree entry as the Hub lists it: ``oid`` is the git blob id (of the LFS pointer
+    for LFS files), ``lfs.oid`` the sha256 the HF cache names the blob by."""
+    if len(f.blob_id) == 64:
+        pointer = _lfs_pointer(f)
+        return {
+            "type": "file",
+            "oid": _git_oid(pointer),
+            "size": f.size,
+            "path": f.path,
+            "lfs": {"oid": f.blob_id, "size": f.size, "pointerSize": len(pointer)},
+        }
+    return {"type": "file", "oid": f.blob_id, "size": f.size, "path": f.path}
+
+
+def _directories(m: wire.RevisionManifest) -> dict[str, str]:
+    """Every folder of a revision, with a deterministic tree id."""
+    kids: dict[str, list[str]] = {}
+    for f in m.files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            kids.setdefault("/".join(parts[:i]), []).append(f"{f.path}\0{f.blob_id}")
+    return {
+        d: hashlib.sha1("\n".join(sorted(k)).encode(), usedforsecurity=False).hexdigest()
+        for d, k in kids.items()
+    }
+
+
+def _info_json(m: wire.RevisionManifest, *, blobs: bool) -> dict[str, Any]:
+    siblings: list[dict[str, Any]] = []
+    for f in m.files:
+        sib: dict[str, Any] = {"rfilename": f.path}
+        if blobs:
+            entry = _file_entry(f)
+            sib.update(size=f.size, blobId=entry["oid"])
+            if "lfs" in entry:
+                sib["lfs"] = {
+                    "sha256": f.blob_id,
+                    "size": f.size,
+                    "pointerSize": entry["lfs"]["pointerSize"],
+                }
+        siblings.append(sib)
+    info: dict[str, Any] = {
+        "_id": hashlib.sha1(f"{m.repo_type}/{m.repo_id}".encode()).hexdigest()[:24],
+        "id": m.repo_id,
+        "author": m.repo_id.split("/")[0] if "/" in m.repo_id else None,
+        "sha": m.commit,
+        "lastModified": _iso_ms(m.published_at),
+        "createdAt": _iso_ms(m.published_at),
+        "private": False,
+        "gated": False,
+        "disabled": False,
+        "tags": [],
+        "downloads": 0,
+        "likes": 0,
+        "siblings": siblings,
+        "usedStorage": sum(f.size for f in m.files),
+    }
+    if m.repo_type == "model":
+        info["modelId"] = m.repo_id
+    elif m.repo_type == "space":
+        info["sdk"] = "static"
+    return info
+
+
+def _tree_json(
+    m: wire.RevisionManifest, subpath: str, *, recursive: bool, expand: bool
+) -> list[dict[str, Any]] | None:
+    """The entries under `subpath`, sorted by path (one page); None: no such folder."""
+    dirs = _directories(m)
+    if subpath and subpath not in dirs:
+        return None
+    prefix = f"{subpath}/" if subpath else ""
+
+    def wanted(path: str) -> bool:
+        return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
+
+    entries = [_file_entry(f) for f in m.files if wanted(f.path)]
+    entries += [
+        {"type": "directory", "oid": oid, "size": 0, "path": d}
+        for d, oid in dirs.items()
+        if wanted(d)
+    ]
+    entries.sort(key=lambda e: str(e["path"]))
+    if expand:
+        last = {"id": m.commit, "title": "published on the LAN", "date": _iso_ms(m.published_at)}
+        entries = [{**e, "lastCommit": last} for e in entries]
+    return entries
+
+
+def _paths_info_json(m: wire.RevisionManifest, paths: list[str]) -> list[dict[str, Any]]:
+    by_path = {f.path: f for f in m.files}
+    dirs = _directories(m)
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        p = p.strip("/")
+        if p in by_path:
+            out.append(_file_entry(by_path[p]))
+        elif p in dirs:
+            out.append({"type": "directory", "oid": dirs[p], "size": 0, "path": p})
+    return out
+
+
+def _unknown_revision(repo_type: str, repo_id: str, revision: str) -> web.Response:
+    if is_local_repo(repo_id):
+        hint = "publish it with `hfswarm publish PATH --repo NAME` on an agent this one reaches"
+    else:
+        hint = "the mirror cannot be reached, and no peer knows this revision"
+    if revision == "main":
+        return hub_error(
+            404, "RepoNotFound", f"hfswarm agent: no agent knows {repo_type} {repo_id} ({hint})"
+        )
+    return hub_error(
+        404, "RevisionNotFound", f"hfswarm agent: no agent knows {repo_id}@{revision} ({hint})"
+    )
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -451,6 +656,21 @@ class HubApi:
         if any(unquote(seg) in (".", "..") for seg in path.split("/")):
             # forwarded as they are, they could reach other routes of the mirror
             return hub_error(400, None, "hfswarm agent: '.' and '..' are not allowed in paths")
+        route = _api_route(raw)
+        if route is not None and route.action == "paths-info" and request.method != "POST":
+            route = None
+        if _is_local_api(raw):
+            # local/* repos live on the LAN only: their names never go to a mirror
+            wanted = (
+                ("POST",) if route is not None and route.action == "paths-info" else ("GET", "HEAD")
+            )
+            if route is None or request.method not in wanted:
+                return hub_error(
+                    404,
+                    None,
+                    "hfswarm agent: local/* repos answer revision, tree and paths-info only",
+                )
+            return await self._from_manifest(request, route, None)
         body: bytes | None = None
         extra: dict[str, str] = {}
         if request.method == "POST" and "/paths-info/" in path:
@@ -470,8 +690,17 @@ class HubApi:
             up = await self._failover(
                 lambda m: self._send(m, request.method, m + raw, headers, body)
             )
-        except _Answer as a:
+        except _Answer as a:  # no mirror reachable: what the agent and its peers know
+            if route is not None:
+                return await self._from_manifest(request, route, a.response)
             return a.response
+        if route is not None and up.status >= 500:  # the mirror is failing, not refusing
+            return await self._from_manifest(request, route, self._proxied(request, up))
+        return self._proxied(request, up, raw)
+
+    def _proxied(self, request: web.Request, up: Upstream, raw: str | None = None) -> web.Response:
+        """The mirror's answer for the client: Link and Location pointing here, Xet keys
+        removed; `raw` (the request path) set: a 200 revision answer is remembered."""
         base = f"{request.scheme}://{request.host}"
         out = _passed(up)
         if up.status in REDIRECTS and "Location" in up.headers:
@@ -490,7 +719,7 @@ class HubApi:
             if parsed is not None:
                 parsed = _strip_xet(parsed)
                 data = json.dumps(parsed).encode()
-                if up.status == 200 and isinstance(parsed, dict):
+                if up.status == 200 and isinstance(parsed, dict) and raw is not None:
                     self._remember(raw, parsed)
         out["Content-Type"] = content_type
         return web.Response(status=up.status, body=data, headers=out)
@@ -511,10 +740,95 @@ class HubApi:
         commit = info.get("sha")
         if isinstance(commit, str) and SHA1_RE.fullmatch(commit) and rev != commit:
             _bounded_put(self._refs, (repo_type, repo_id, commit), rev, REF_ENTRIES)
+        if isinstance(commit, str) and SHA1_RE.fullmatch(commit):
+            self.backend.mirror_said(
+                repo_type,
+                repo_id,
+                rev,
+                commit,
+                bool(info.get("private")),
+                bool(info.get("gated")),
+            )
+
+    # -- answers from revision manifests (local/*, or no mirror answering) ---------------
+
+    async def _manifest(
+        self, repo_type: str, repo_id: str, revision: str, fallback: web.Response | None
+    ) -> wire.RevisionManifest:
+        """The newest manifest the agent and its peers hold, else `fallback` (what the
+        mirror's failure looked like) or a 404, as an `_Answer`."""
+        try:
+            m = await self.backend.revision_manifest(repo_type, repo_id, revision)
+        except HfswarmError as exc:
+            raise _Answer(_error_response(exc, f"{repo_id}@{revision}")) from exc
+        if m is None:
+            raise _Answer(fallback or _unknown_revision(repo_type, repo_id, revision))
+        # What huggingface_hub would do with it: refs/<name> for the commit; and the repo
+        # is public (only public repos' manifests are shared).
+        _bounded_put(self._flags, (repo_type, repo_id), (False, False), REF_ENTRIES)
+        if revision != m.commit:
+            _bounded_put(self._refs, (repo_type, repo_id, m.commit), revision, REF_ENTRIES)
+        return m
+
+    async def _from_manifest(
+        self, request: web.Request, route: ApiRoute, fallback: web.Response | None
+    ) -> web.Response:
+        try:
+            m = await self._manifest(route.repo_type, route.repo_id, route.revision, fallback)
+        except _Answer as a:
+            return a.response
+        if route.action == "revision":
+            blobs = request.query.get("blobs", "").lower() in ("1", "true")
+            return web.json_response(_info_json(m, blobs=blobs))
+        if route.action == "tree":
+            flag = ("1", "true")
+            entries = _tree_json(
+                m,
+                route.subpath,
+                recursive=request.query.get("recursive", "").lower() in flag,
+                expand=request.query.get("expand", "").lower() in flag,
+            )
+            if entries is None:
+                return hub_error(
+                    404,
+                    "EntryNotFound",
+                    f"{route.subpath} does not exist on {route.revision!r}",
+                    {"X-Repo-Commit": m.commit},
+                )
+            return web.json_response(entries)
+        try:
+            if request.content_type == "application/json":
+                body = await request.json()
+                paths = [str(p) for p in body.get("paths", [])]
+            else:
+                paths = [str(p) for p in (await request.post()).getall("paths", [])]
+        except (ValueError, AttributeError):
+            return hub_error(
+                400, None, "paths-info takes form field(s) `paths` or JSON {paths: [...]}"
+            )
+        return web.json_response(_paths_info_json(m, paths))
+
+    async def _manifest_meta(
+        self, target: ResolveTarget, fallback: web.Response | None
+    ) -> FileMeta:
+        m = await self._manifest(target.repo_type, target.repo_id, target.revision, fallback)
+        entry = next((f for f in m.files if f.path == target.path), None)
+        if entry is None:
+            raise _Answer(
+                hub_error(
+                    404,
+                    "EntryNotFound",
+                    f"{target.path} does not exist on {target.revision!r}",
+                    {"X-Repo-Commit": m.commit},
+                )
+            )
+        return FileMeta(commit=m.commit, blob_id=entry.blob_id, size=entry.size, mirror="")
 
     # -- resolve -----------------------------------------------------------------------
 
     async def _metadata(self, target: ResolveTarget, request: web.Request) -> FileMeta:
+        if is_local_repo(target.repo_id):  # on the LAN only: no mirror is asked
+            return await self._manifest_meta(target, None)
         auth = request.headers.get("Authorization")
         key = (target, hashlib.sha256((auth or "").encode()).hexdigest())
         now = time.monotonic()
@@ -540,7 +854,12 @@ class HubApi:
                 return up
             raise aiohttp.ClientError(f"too many redirects, last to {url}")
 
-        up = await self._failover(attempt)
+        try:
+            up = await self._failover(attempt)
+        except _Answer as a:  # no mirror reachable: what the agent and its peers know
+            return await self._manifest_meta(target, a.response)
+        if up.status >= 500:  # the mirror is failing, not refusing
+            return await self._manifest_meta(target, _refusal(up))
         if up.status >= 400 or (up.status >= 300 and "X-Repo-Commit" not in up.headers):
             raise _Answer(_refusal(up))
         meta = _file_meta(up, target)
@@ -583,13 +902,12 @@ class HubApi:
                 "range not satisfiable",
                 {**headers, "Content-Range": f"bytes */{meta.size}"},
             )
-        try:
-            path = await self._obtain(target, meta, _bearer(request.headers.get("Authorization")))
-        except _Answer as a:
-            return a.response
-        return await self._stream(request, path, meta.size, span, headers)
+        task = self._start_fetch(target, meta, _bearer(request.headers.get("Authorization")))
+        return await self._serve(request, target, task, meta, span, headers)
 
-    async def _obtain(self, target: ResolveTarget, meta: FileMeta, token: str | None) -> Path:
+    def _start_fetch(
+        self, target: ResolveTarget, meta: FileMeta, token: str | None
+    ) -> asyncio.Task[Path]:
         file = RemoteFile(
             path=target.path, size=meta.size, blob_id=meta.blob_id, is_lfs=meta.is_lfs
         )
@@ -624,10 +942,116 @@ class HubApi:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _serve(
+        self,
+        request: web.Request,
+        target: ResolveTarget,
+        task: asyncio.Task[Path],
+        meta: FileMeta,
+        span: tuple[int, int] | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """The file for a GET: from the finished blob, or streamed in order while the
+        fetch runs (see `peer.agent.inflight`). Until the first byte can go out, a
+        failing fetch still gets a proper Hub error answer."""
+        start, end = span if span is not None else (0, meta.size)
+        flight: InFlightBlob | None = None
         try:
-            return await asyncio.shield(task)
+            while not task.done():
+                if flight is None:
+                    flight = self.backend.stream_of(meta.blob_id)
+                    if flight is None:
+                        await asyncio.wait({task}, timeout=0.02)
+                        continue
+                    flight.readers += 1  # the fetch makes its prefix readable for us
+                if flight.path is not None and _readable(flight, start, end):
+                    return await self._stream_in_flight(request, task, flight, span, headers)
+                flight.read_pos = max(flight.read_pos, start)
+                await flight.wait(0.05)
+        finally:
+            if flight is not None:
+                flight.readers -= 1
+        try:
+            path = await task
         except Exception as exc:
-            raise _Answer(_error_response(exc, f"{target.repo_id}/{target.path}")) from exc
+            return _error_response(exc, f"{target.repo_id}/{target.path}")
+        return await self._stream(request, path, meta.size, span, headers)
+
+    async def _stream_in_flight(
+        self,
+        request: web.Request,
+        task: asyncio.Task[Path],
+        flight: InFlightBlob,
+        span: tuple[int, int] | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Send [start, end) as the fetch makes it ready; the blob's last byte only once
+        the fetch returned (its whole-file hash matched). A fetch that fails, or starts
+        over from another source after bytes went out, cuts the connection: the client
+        never sees a whole body that was not verified."""
+        size = flight.size
+        start, end = span if span is not None else (0, size)
+        resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = end - start
+        if span is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        loop = asyncio.get_running_loop()
+        generation = flight.generation
+        fd: int | None = None
+        fd_path: Path | None = None
+        pos = start
+        try:
+            await resp.prepare(request)
+            while pos < end:
+                if task.done():
+                    path = task.result()  # raises if the fetch failed: cut below
+                    if fd is None or fd_path != path:
+                        if fd is not None:
+                            os.close(fd)
+                        fd, fd_path = os.open(path, os.O_RDONLY), path
+                    limit = end
+                elif flight.generation != generation or flight.path is None:
+                    raise ConnectionResetError("the fetch started over from another source")
+                else:
+                    limit = min(end, flight.ready, size - 1)  # hold back the last byte
+                    if limit <= pos:
+                        flight.read_pos = max(flight.read_pos, pos)
+                        await flight.wait(0.1)
+                        continue
+                    if fd is None or fd_path != flight.path:
+                        try:
+                            new_fd = os.open(flight.path, os.O_RDONLY)
+                        except FileNotFoundError:  # renamed into blobs/ just now
+                            await flight.wait(0.05)
+                            continue
+                        if fd is not None:
+                            os.close(fd)
+                        fd, fd_path = new_fd, flight.path
+                n = min(READ_CHUNK, limit - pos)
+                chunk = await loop.run_in_executor(None, os.pread, fd, n, pos)
+                if len(chunk) != n:
+                    raise ConnectionResetError("short read of a checked range")
+                if not task.done() and flight.generation != generation:
+                    raise ConnectionResetError("the fetch started over from another source")
+                await resp.write(chunk)
+                pos += n
+                flight.read_pos = max(flight.read_pos, pos)
+            await resp.write_eof()
+        except (Exception, asyncio.CancelledError) as exc:
+            # End the connection: a short body is never taken for a whole one.
+            if not isinstance(exc, ConnectionResetError | asyncio.CancelledError):
+                log.warning("streaming %s stopped: %s", flight.blob_id[:12], exc)
+            if request.transport is not None:
+                request.transport.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return resp
 
     async def _stream(
         self,

@@ -7,6 +7,11 @@ peer-facing listener).
                           {"event": "progress", "done", "total", "from_peers", "from_mirror"}
                           {"event": "done", "path", "commit", ...counters}
                           {"event": "error", "kind", "exit_code", "message"}
+    POST /v1/publish      share a folder as repo local/NAME ({"path", "repo_id",
+                          "repo_type"}); NDJSON events as above, "done" with the commit.
+                          Only for the agent's own user (or root): the agent reads the
+                          folder, so another local user could otherwise publish files
+                          only the agent's user may read (`peer.serving.caller`)
 
 The download keeps running in the agent if the client goes away; a new request for the
 same repo joins the blobs already in flight instead of fetching them twice.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,7 @@ from aiohttp import web
 
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
+from peer.serving.caller import caller_uid
 from peer.serving.hub_api import HubApi, HubBackend
 
 
@@ -77,6 +84,30 @@ class DownloadSpec:
         }
 
 
+@dataclass(frozen=True)
+class PublishSpec:
+    """What `hfswarm publish` asks for: a folder (absolute: the agent reads it) to share
+    as ``local/NAME``."""
+
+    path: Path
+    repo_id: str
+    repo_type: str = "model"
+
+    @classmethod
+    def from_json(cls, d: Any) -> PublishSpec:
+        if not isinstance(d, dict) or not all(
+            isinstance(d.get(k), str) for k in ("path", "repo_id")
+        ):
+            raise ConfigError("publish request needs a path and a repo_id")
+        path = Path(d["path"])
+        if not path.is_absolute():
+            raise ConfigError(f"publish: {path} is not an absolute path")
+        return cls(path=path, repo_id=d["repo_id"], repo_type=str(d.get("repo_type") or "model"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "repo_id": self.repo_id, "repo_type": self.repo_type}
+
+
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -84,6 +115,8 @@ class LocalBackend(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
     async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]: ...
+
+    async def publish(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]: ...
 
 
 def error_event(exc: BaseException) -> dict[str, Any]:
@@ -109,15 +142,42 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
     async def status(_: web.Request) -> web.Response:
         return web.json_response(await backend.status())
 
+    def bad_request(exc: Exception, status: int = 400) -> web.Response:
+        msg = exc.one_line() if isinstance(exc, HfswarmError) else f"bad JSON: {exc}"
+        return web.json_response(
+            {"event": "error", "kind": "ConfigError", "exit_code": 2, "message": msg},
+            status=status,
+        )
+
     async def downloads(request: web.Request) -> web.StreamResponse:
         try:
             spec = DownloadSpec.from_json(await request.json())
         except (ValueError, HfswarmError) as exc:
-            msg = exc.one_line() if isinstance(exc, HfswarmError) else f"bad JSON: {exc}"
-            return web.json_response(
-                {"event": "error", "kind": "ConfigError", "exit_code": 2, "message": msg},
-                status=400,
+            return bad_request(exc)
+        return await run_job(request, lambda emit: backend.run_download(spec, emit))
+
+    async def publish(request: web.Request) -> web.StreamResponse:
+        uid = caller_uid(request.transport)
+        if uid is None or uid not in (0, os.geteuid()):
+            who = "an unidentified caller" if uid is None else f"uid {uid}"
+            return bad_request(
+                ConfigError(
+                    f"the agent publishes only for its own user (uid {os.geteuid()}), "
+                    f"not for {who}",
+                    hint="run `hfswarm publish` as the agent's user, on the agent's machine "
+                    "over loopback",
+                ),
+                status=403,
             )
+        try:
+            spec = PublishSpec.from_json(await request.json())
+        except (ValueError, HfswarmError) as exc:
+            return bad_request(exc)
+        return await run_job(request, lambda emit: backend.publish(spec, emit))
+
+    async def run_job(
+        request: web.Request, start: Callable[[Emit], Awaitable[dict[str, Any]]]
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -127,8 +187,8 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
 
         async def job() -> None:
             try:
-                final = await backend.run_download(spec, emit)
-                queue.put_nowait({"event": "done", **final})
+                final = await start(emit)
+                queue.put_nowait({**final, "event": "done"})
             except Exception as exc:
                 queue.put_nowait(error_event(exc))
             finally:
@@ -158,6 +218,7 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
     app = web.Application()
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/downloads", downloads)
+    app.router.add_post("/v1/publish", publish)
     app.on_shutdown.append(cancel_jobs)
     if hub is not None:
         HubApi(hub).mount(app)

@@ -5,6 +5,10 @@
                               (and swarm now), and our herd claims on blobs nobody holds
     GET  /v1/blobs/{blob id}  a small blob (below one piece), Range allowed; the receiver
                               verifies its hash before using it
+    POST /v1/revisions        RevisionRequest -> RevisionManifest (404: not known here):
+                              what a revision of a repo holds, for ``local/*`` publishes
+                              and public repos this agent downloaded (never private or
+                              gated ones); the receiver checks it before using it
 
 Bodies are msgpack wire messages (`peer.wire`). Only verified blobs are ever offered or
 served; everything else is 404.
@@ -39,6 +43,8 @@ class PeerBackend(Protocol):
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
 
     def count_upload(self, n: int) -> None: ...
+
+    def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None: ...
 
 
 def _read(path: Path, start: int, end: int) -> bytes:
@@ -96,8 +102,19 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
             status=status, body=data, headers=headers, content_type="application/octet-stream"
         )
 
+    async def revisions(request: web.Request) -> web.Response:
+        try:
+            msg = wire.decode_as(await request.read(), wire.RevisionRequest)
+        except wire.WireError as exc:
+            return web.Response(status=400, text=exc.one_line())
+        manifest = backend.revision_for(msg)
+        if manifest is None:
+            return web.Response(status=404, text="revision not known here")
+        return web.Response(body=wire.encode(manifest), content_type=MSGPACK)
+
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/have", have)
     app.router.add_get("/v1/blobs/{blob_id}", blob)
+    app.router.add_post("/v1/revisions", revisions)
     return app
