@@ -171,6 +171,70 @@ class StatsSampler:
         return self.samples
 
 
+class NicSampler:
+    """Every `interval` s, the eth0 byte counters (rx, tx) of each host, read from
+    /proc/PID/net/dev of a process living in that host's namespace (its agent)."""
+
+    def __init__(self, pids: dict[str, int], t0: float, interval: float = 0.5) -> None:
+        self.samples: dict[str, list[tuple[float, int, int]]] = {h: [] for h in pids}
+        self.cpu: list[tuple[float, int, int]] = []  # (t, busy, total) of the machine
+        self._pids = pids
+        self._t0 = t0
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            t = time.monotonic() - self._t0
+            self.cpu.append((t, *cpu_times()))
+            for host, pid in self._pids.items():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines():
+                        name, _, rest = line.partition(":")
+                        if name.strip() == "eth0":
+                            f = rest.split()
+                            self.samples[host].append((t, int(f[0]), int(f[8])))
+            if stopping:
+                return
+            self._stop.wait(self._interval)
+
+    def stop(self) -> dict[str, list[tuple[float, int, int]]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def nic_figures(
+    nic: dict[str, list[tuple[float, int, int]]], mirror_done: float | None
+) -> dict[str, Any]:
+    """Per host: MB received/sent on eth0 during the run, and what it had received by
+    the time the mirror had sent its last file byte (when the herd's LAN tail starts);
+    plus a coarse timeline [s, rx MB, tx MB] (about one point per second)."""
+    out: dict[str, Any] = {}
+    for host, rows in nic.items():
+        if not rows:
+            continue
+        _, rx0, tx0 = rows[0]
+        fig: dict[str, Any] = {
+            "rx_MB": round((rows[-1][1] - rx0) / MB, 1),
+            "tx_MB": round((rows[-1][2] - tx0) / MB, 1),
+        }
+        if mirror_done is not None:
+            before = [r for r in rows if r[0] <= mirror_done]
+            if before:
+                fig["rx_MB_at_mirror_done"] = round((before[-1][1] - rx0) / MB, 1)
+        timeline: list[list[float]] = []
+        for t, rx, tx in rows:
+            if not timeline or t - timeline[-1][0] >= 0.95 or t == rows[-1][0]:
+                timeline.append([round(t, 2), round((rx - rx0) / MB, 1), round((tx - tx0) / MB, 1)])
+        fig["timeline"] = timeline
+        out[host] = fig
+    return out
+
+
 def file_done_times(
     samples: list[tuple[float, int, dict[str, int]]], sizes: dict[str, int]
 ) -> dict[str, float | None]:
@@ -285,6 +349,19 @@ def leader_lines(log: Path, t0_wall: float) -> list[tuple[float, str]]:
     return out
 
 
+def keep_logs(work: Path, dest: Path, hosts: Sequence[int]) -> None:
+    """Agent and download logs of a run, kept (numbered per run) after its caches go."""
+    n = 1
+    while (dest / f"run{n}").exists():
+        n += 1
+    for i in hosts:
+        for name in ("agent.log", "download.log"):
+            src = work / f"h{i}" / name
+            if src.exists():
+                (dest / f"run{n}").mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dest / f"run{n}" / f"h{i}-{name}")
+
+
 # -- one run ----------------------------------------------------------------------------
 
 
@@ -301,6 +378,7 @@ class Section:
         self.work = work
         self.sizes = {f"{repo_id}/{p}": n for p, n in netlab.repo_file_sizes(src).items()}
         self.repo_bytes = sum(self.sizes.values())
+        self.mirror_bytes_expected = True  # False: the file bytes come from a LAN seeder
 
     def verify(self, caches: dict[int, Path]) -> dict[str, list[str]]:
         def check(item: tuple[int, Path]) -> tuple[str, list[str]]:
@@ -331,6 +409,7 @@ def run_hfswarm(
     cpu_agents0 = {a.index: proc_cpu_s(a.proc.pid) or 0.0 for a in agents}
     t0_wall, t0 = time.time(), time.monotonic()
     sampler = StatsSampler(mirror.lan.mirror_ns.name, mirror.url, t0)
+    nic = NicSampler({f"h{a.index}": a.proc.pid for a in [*agents, *others]}, t0)
     procs = {}
     for a in agents:
         with open(work / f"h{a.index}" / "download.log", "wb") as out:
@@ -341,9 +420,12 @@ def run_hfswarm(
         times = wait_all(procs, t0, timeout)
     except RuntimeError as exc:
         sampler.stop()
+        nic.stop()
         tails = "\n".join(a.log_tail(15) for a in agents)
         raise RuntimeError(f"{tag}: {exc}\n{tails}") from None
     samples = sampler.stop()
+    nic_samples = nic.stop()
+    cpu_rows = nic.cpu
     cpu1 = cpu_times()
     failed = {i: p.returncode for i, p in procs.items() if p.returncode != 0}
     stats = mirror.stats()
@@ -364,6 +446,9 @@ def run_hfswarm(
     for i, rc in failed.items():
         problems.setdefault(f"h{i}", []).append(f"exit {rc}: {(work / f'h{i}' / 'download.log')}")
     done = file_done_times(samples, sec.sizes) if samples else {}
+    ends = [t for k, t in done.items() if t is not None and sec.sizes[k] > 1 << 20]
+    mirror_done = max(ends) if ends and sec.mirror_bytes_expected else None
+    keep_logs(work, sec.work.parent / "logs" / tag, [a.index for a in agents])
     shutil.rmtree(work, ignore_errors=True)
     return {
         "all_done_s": round(max(times.values()), 2),
@@ -372,9 +457,22 @@ def run_hfswarm(
         **mirror_figures(stats, sec),
         "mirror_file_done_s": {k.rsplit("/", 1)[1]: v for k, v in done.items()},
         "mirror_egress_timeline": egress_timeline(samples),
+        "mirror_done_s": mirror_done,
+        "nic": nic_figures(nic_samples, mirror_done),
         "cpu_busy": round((cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]), 3),
+        "cpu_busy_after_mirror_done": busy_between(cpu_rows, mirror_done),
         "problems": problems,
     }
+
+
+def busy_between(rows: list[tuple[float, int, int]], start: float | None) -> float | None:
+    """The machine's CPU use (fraction of all cores) from `start` to the last sample."""
+    if start is None:
+        return None
+    after = [r for r in rows if r[0] >= start]
+    if len(after) < 2:
+        return None
+    return round((after[-1][1] - after[0][1]) / max(1, after[-1][2] - after[0][2]), 3)
 
 
 def run_hf(
@@ -580,6 +678,7 @@ class Bench:
         with netlab.Lan(hosts=9, lan_rate="1gbit", wan_rate="100mbit", wan_rtt_ms=40) as lan:
             mirror = netlab.start_mirror(lan, [f"model:{repo_id}={src}"], self.work / "mC")
             sec = Section(lan, mirror, repo_id, src, self.work / "runs")
+            sec.mirror_bytes_expected = False
             t1 = wan_seconds(sec.repo_bytes) * 3 + 180
             print(f"C: {sec.repo_bytes / MB:.1f} MB repo, 9 hosts")
             seeder = netlab.start_agent(lan, 9, self.work / "seeder", mirror.url)
@@ -759,17 +858,20 @@ def herd_detail(runs: dict[str, list[dict[str, Any]]], names: list[str]) -> str:
     its agent's CPU, which files it led and when; when each file left the mirror."""
     out = [
         "| scenario | run | host | done s | from mirror MB | from peers MB | uploaded MB "
-        "| agent CPU s | led (s after start: file) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| agent CPU s | eth0 rx MB when the mirror was done | led (s after start: file) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in names:
         for k, r in enumerate(runs.get(s, []), 1):
             for h, v in r["hosts"].items():
                 led = "; ".join(f"{t:.1f}: {f}" for t, f in v.get("led", [])) or "-"
+                nic = r.get("nic", {}).get(h, {})
+                at = nic.get("rx_MB_at_mirror_done")
+                at_text = "-" if at is None else f"{at:.0f} of {nic['rx_MB']:.0f}"
                 out.append(
                     f"| {s} | {k} | {h} | {v['s']:.1f} | {v['from_mirror'] / MB:.1f} "
                     f"| {v['from_peers'] / MB:.1f} | {v['uploaded'] / MB:.1f} "
-                    f"| {v['agent_cpu_s']} | {led} |"
+                    f"| {v['agent_cpu_s']} | {at_text} | {led} |"
                 )
     out.append("\nWhen each file had fully left the mirror (s after the downloads started):\n")
     for s in names:
@@ -777,7 +879,12 @@ def herd_detail(runs: dict[str, list[dict[str, Any]]], names: list[str]) -> str:
             d = r.get("mirror_file_done_s", {})
             big = {f: t for f, t in d.items() if f.endswith(".safetensors")}
             text = ", ".join(f"{f.split('-')[1] if '-' in f else f}: {t}" for f, t in big.items())
-            out.append(f"- {s} run {k}: {text}; all done {r['all_done_s']:.1f} s")
+            ends = [t for t in big.values() if t is not None]
+            tail = f" (tail {r['all_done_s'] - max(ends):.1f} s)" if ends else ""
+            busy = r.get("cpu_busy_after_mirror_done")
+            if busy is not None:
+                tail += f", CPU busy {busy * 100:.0f}% of 2 cores in the tail"
+            out.append(f"- {s} run {k}: shards {text}; all done {r['all_done_s']:.1f} s{tail}")
     return "\n".join(out)
 
 
