@@ -18,9 +18,11 @@ use, and afterwards checks every host's snapshot against the source files.
        cap-hf4    `hf download` on h1..h4 at once (not in the default set)
   C. swarm scaling, 9 hosts (--scale-size, default 512MB): an agent on h9 takes the repo
      from the mirror once (the seeder), then per run
-       swarm8     `hfswarm download` on h1..h8 at once (every file byte from the LAN)
+       swarm8     `hfswarm download` on h1..h8 at once (file bytes from the LAN; the
+                  mirror behind the WAN still serves metadata, and pieces that stall)
        http8      `hf download` on h1..h8 at once from the project's mirror server
                   running on h9 (a LAN host with a 1 Gbit/s port like everyone's)
+       swarm8-tracker  swarm8 with a LAN tracker on h9 as well (not in the default set)
 
 Runs are interleaved round-robin within a section; medians over --runs (hf4 and
 cap-hf4: --runs-hf4, default 1, as 4 copies over the WAN take minutes).
@@ -67,7 +69,7 @@ MB = 10**6
 HF = [sys.executable, "-m", "huggingface_hub.cli.hf"]
 SECTION_A = ["herd", "hf4", "alone", "hf1"]
 SECTION_B = ["cap-herd", "cap-alone", "cap-hf4"]
-SECTION_C = ["swarm8", "http8"]
+SECTION_C = ["swarm8", "http8", "swarm8-tracker"]
 DEFAULT = ["herd", "hf4", "alone", "hf1", "cap-herd", "cap-alone", "swarm8", "http8"]
 SLOW = {"hf4", "cap-hf4"}
 LABELS = {
@@ -80,6 +82,7 @@ LABELS = {
     "cap-hf4": "hf download, 4 hosts",
     "swarm8": "hfswarm, 1 seeder -> 8 hosts",
     "http8": "hf download, 8 hosts <- 1 HTTP server",
+    "swarm8-tracker": "hfswarm + LAN tracker, 1 seeder -> 8 hosts",
 }
 HTTP_PORT = 8080  # the LAN HTTP server on h9
 
@@ -295,8 +298,11 @@ def start_agents(
     work: Path,
     mirror_url: str,
     others: Sequence[netlab.AgentProc] = (),
+    trackers: Sequence[str] = (),
 ) -> list[netlab.AgentProc]:
-    agents = [netlab.start_agent(lan, i, work / f"h{i}", mirror_url) for i in hosts]
+    agents = [
+        netlab.start_agent(lan, i, work / f"h{i}", mirror_url, trackers=trackers) for i in hosts
+    ]
     everyone = [*agents, *others]
     if len(everyone) > 1:
         netlab.wait_until(
@@ -395,6 +401,7 @@ def run_hfswarm(
     tag: str,
     timeout: float,
     others: Sequence[netlab.AgentProc] = (),
+    trackers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`hfswarm download` on `hosts` at once, each with a fresh agent (mDNS); the
     runs start once every agent lists all the others (and `others`) as peers."""
@@ -402,7 +409,7 @@ def run_hfswarm(
     shutil.rmtree(work, ignore_errors=True)
     mirror = sec.mirror
     t_start = time.monotonic()
-    agents = start_agents(sec.lan, hosts, work, sec.mirror.url, others)
+    agents = start_agents(sec.lan, hosts, work, sec.mirror.url, others, trackers)
     ready_s = time.monotonic() - t_start
     mirror.reset_stats()
     cpu0 = cpu_times()
@@ -681,7 +688,11 @@ class Bench:
             sec.mirror_bytes_expected = False
             t1 = wan_seconds(sec.repo_bytes) * 3 + 180
             print(f"C: {sec.repo_bytes / MB:.1f} MB repo, 9 hosts")
-            seeder = netlab.start_agent(lan, 9, self.work / "seeder", mirror.url)
+            trackers = []
+            if "swarm8-tracker" in self.scenarios:  # a LAN tracker on h9, the seeder uses it
+                tracker = netlab.start_tracker(lan, 9, self.work / "tracker")
+                trackers = [tracker.url]
+            seeder = netlab.start_agent(lan, 9, self.work / "seeder", mirror.url, trackers=trackers)
             t0 = time.monotonic()
             seeder.download(repo_id, timeout=t1)
             seed_s = time.monotonic() - t0
@@ -694,15 +705,23 @@ class Bench:
             print(f"  seeder h9 took the repo from the mirror in {seed_s:.1f} s {bad or ''}")
             server = LanHttpServer(lan, 9, f"model:{repo_id}={src}", self.work / "h9-http")
             for r, s in c:
-                if s == "swarm8":
-                    # fresh agents on h1..h8 find the seeder (and each other) by mDNS;
-                    # the mirror behind the WAN must send no file byte
-                    res = run_hfswarm(sec, range(1, 9), s, t1, others=[seeder])
+                if s.startswith("swarm8"):
+                    # fresh agents on h1..h8 find the seeder (and each other) by mDNS,
+                    # and with "-tracker" also through the LAN tracker
+                    res = run_hfswarm(
+                        sec,
+                        range(1, 9),
+                        s,
+                        t1,
+                        others=[seeder],
+                        trackers=trackers if s == "swarm8-tracker" else (),
+                    )
                     res["seeder_uploaded"] = agent_status(seeder)["bytes_uploaded"]
                 else:
                     res = run_hf(sec, range(1, 9), s, t1, server.url, stats_from=server)
                 self.record(s, r, res)
             stop_all([server.proc, seeder.proc, mirror.proc])
+            shutil.rmtree(seeder.cache, ignore_errors=True)  # its log stays
 
 
 def machine() -> dict[str, Any]:
@@ -831,9 +850,7 @@ def report(results: dict[str, Any]) -> str:
         scen_table(SECTION_C, "http8", "8 x hf download from h9")
         out.append("")
         per_run(SECTION_C, 8)
-        if "swarm8" in runs:
-            up = [r.get("seeder_uploaded") for r in runs["swarm8"]]
-            out.append(f"\nSeeder's bytes_uploaded after each swarm8 run (cumulative): {up}")
+        out.append(seeder_share(runs, rb))
         if "swarm8" in runs and "http8" in runs:
             s, h = med(runs["swarm8"], "all_done_s"), med(runs["http8"], "all_done_s")
             out.append(f"\nhttp8 / swarm8 all-done time: **{h / s:.2f}x**")
@@ -851,6 +868,22 @@ def report(results: dict[str, Any]) -> str:
         )
     )
     return "\n".join(out)
+
+
+def seeder_share(runs: dict[str, list[dict[str, Any]]], repo_bytes: int) -> str:
+    """How much of the 8 copies the seeder itself sent, per swarm run: its eth0 tx (or,
+    in results without NIC samples, the growth of its cumulative upload counter)."""
+    out = ["\n| scenario | run | seeder (h9) sent MB | share of the 8 copies |"]
+    out.append("|---|---|---|---|")
+    last = 0
+    for s in ("swarm8", "swarm8-tracker"):
+        for k, r in enumerate(runs.get(s, []), 1):
+            sent = r.get("nic", {}).get("h9", {}).get("tx_MB")
+            if sent is None and r.get("seeder_uploaded") is not None and s == "swarm8":
+                sent, last = (r["seeder_uploaded"] - last) / MB, r["seeder_uploaded"]
+            if sent is not None:
+                out.append(f"| {s} | {k} | {sent:.0f} | {sent * MB / (8 * repo_bytes):.0%} |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def herd_detail(runs: dict[str, list[dict[str, Any]]], names: list[str]) -> str:
@@ -897,7 +930,7 @@ def svg_panels(title: str, panels: list[dict[str, Any]], width: int = 820) -> st
     """Horizontal bar charts stacked vertically. Each panel: title, unit, rows of
     (label, median, [runs], colour), optional target (value, label). Bars are medians,
     black ticks the single runs."""
-    label_w, right = 250, 90
+    label_w, right = 280, 90
     bar_h, gap, head = 22, 8, 34
     plot_w = width - label_w - right
     parts: list[str] = []
@@ -911,6 +944,18 @@ def svg_panels(title: str, panels: list[dict[str, Any]], width: int = 820) -> st
             f"{escape(panel['title'])}</text>"
         )
         y0 = y + head
+        y_end = y0 + len(rows) * (bar_h + gap)
+        if "target" in panel:
+            tv, tl = panel["target"]
+            x = label_w + plot_w * tv / vmax
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{y0 - 6}" x2="{x:.1f}" y2="{y_end}" stroke="#c0392b" '
+                'stroke-width="1.5" stroke-dasharray="5,3"/>'
+            )
+            parts.append(
+                f'<text x="{x + 4:.1f}" y="{y0 - 8}" font-size="11" fill="#c0392b">'
+                f"{escape(tl)}</text>"
+            )
         for j, (label, value, singles, color) in enumerate(rows):
             yy = y0 + j * (bar_h + gap)
             w = plot_w * value / vmax
@@ -927,21 +972,11 @@ def svg_panels(title: str, panels: list[dict[str, Any]], width: int = 820) -> st
                     f'<line x1="{x:.1f}" y1="{yy + 3}" x2="{x:.1f}" y2="{yy + bar_h - 3}" '
                     'stroke="black" stroke-width="1.5"/>'
                 )
+            x_text = label_w + plot_w * max([value, *singles]) / vmax + 6
             parts.append(
-                f'<text x="{label_w + w + 6:.1f}" y="{yy + bar_h * 0.7:.1f}" font-size="12">'
+                f'<text x="{x_text:.1f}" y="{yy + bar_h * 0.7:.1f}" font-size="12" '
+                'stroke="white" stroke-width="3" paint-order="stroke">'
                 f"{escape(panel['fmt'].format(value))}</text>"
-            )
-        y_end = y0 + len(rows) * (bar_h + gap)
-        if "target" in panel:
-            tv, tl = panel["target"]
-            x = label_w + plot_w * tv / vmax
-            parts.append(
-                f'<line x1="{x:.1f}" y1="{y0 - 6}" x2="{x:.1f}" y2="{y_end}" stroke="#c0392b" '
-                'stroke-width="1.5" stroke-dasharray="5,3"/>'
-            )
-            parts.append(
-                f'<text x="{x + 4:.1f}" y="{y0 - 8}" font-size="11" fill="#c0392b">'
-                f"{escape(tl)}</text>"
             )
         parts.append(
             f'<line x1="{label_w}" y1="{y0 - 4}" x2="{label_w}" y2="{y_end}" stroke="#555"/>'
