@@ -10,20 +10,18 @@ import random
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkit import agent, config, fetch, peer_of
 from huggingface_hub import scan_cache_dir, snapshot_download
 
 from peer import wire
 from peer.agent.daemon import Agent
 from peer.cli.demo import loopback_agent_command
-from peer.config import AgentConfig, DownloadOptions, HubSettings
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.serving.local_api import DownloadSpec
 from peer.serving.peer_api import make_peer_app
 from peer.transfer.swarm import SwarmSession, SwarmSettings, UnknownTorrent
 from peer.verification.hashing import BlobHasher, HashKind, hash_file
@@ -58,48 +56,6 @@ def rot(path: Path, offsets: range) -> None:
 
 def repo_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def config(
-    root: Path, ip: str, mirror: str, peers: tuple[tuple[str, int], ...] = (), **kw: Any
-) -> AgentConfig:
-    return AgentConfig(
-        hub=HubSettings(mirrors=(mirror,), token=None, cache_dir=root / "cache"),
-        state_dir=root / "state",
-        listen=(ip, 0),
-        local_listen=(ip, 0),
-        bt_listen=(ip, 0),
-        peers=peers,
-        mdns=kw.pop("mdns", False),
-        stall_timeout=kw.pop("stall_timeout", 1.5),
-        peer_grace=kw.pop("peer_grace", 2.0),
-        download=DownloadOptions(quiet=True, read_timeout=3.0),
-        **kw,
-    )
-
-
-@asynccontextmanager
-async def agent(cfg: AgentConfig) -> AsyncIterator[Agent]:
-    async with Agent(cfg) as a:
-        stop = asyncio.Event()
-        task = asyncio.create_task(a.serve(stop))
-        await a.peers.check_all()
-        try:
-            yield a
-        finally:
-            stop.set()
-            await task
-
-
-def peer_of(a: Agent) -> tuple[str, int]:
-    return (a.config.listen[0], a.peer_port)
-
-
-async def fetch(a: Agent, repo_id: str = "org/m") -> dict[str, Any]:
-    async def emit(_: dict[str, Any]) -> None:
-        return None
-
-    return await a.run_download(DownloadSpec(repo_id=repo_id), emit)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agents import MiB, agent, cli, config, fetch, peer_of, run_agent_process, sha256
+from agentkit import agent, config, fetch, peer_of
+from test_agents import MiB, cli, run_agent_process, sha256
 
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.mirror_server.repo import git_blob_sha1, is_lfs_path

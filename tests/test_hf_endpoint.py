@@ -13,12 +13,14 @@ import os
 import random
 import shutil
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from agentkit import agent, endpoint, snapshot, tree_of, write_tree
+from agentkit import config as agentkit_config
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -30,7 +32,7 @@ from huggingface_hub.file_download import http_get
 from yarl import URL
 
 from peer.agent.daemon import Agent
-from peer.config import AgentConfig, DownloadOptions, HubSettings
+from peer.config import DownloadOptions
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving.local_api import DownloadSpec
 
@@ -38,21 +40,6 @@ MiB = 1 << 20
 BIG = 24 * MiB
 READER = "hf_reader_token"  # a valid token, without access to the gated repo
 GATED_OK = "hf_gated_access_token"  # a token that was granted access to the gated repo
-
-
-def write_tree(folder: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    return folder
-
-
-def tree_of(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and ".cache" not in p.relative_to(folder).parts
-    }
 
 
 @pytest.fixture
@@ -108,49 +95,10 @@ async def mirror(sources: dict[str, Path]) -> AsyncIterator[MirrorServer]:
         yield m
 
 
-def config(
-    root: Path,
-    ip: str,
-    mirrors: tuple[str, ...],
-    peers: tuple[tuple[str, int], ...] = (),
-    token: str | None = None,
-) -> AgentConfig:
-    return AgentConfig(
-        hub=HubSettings(mirrors=mirrors, token=token, cache_dir=root / "cache"),
-        state_dir=root / "state",
-        listen=(ip, 0),
-        local_listen=(ip, 0),
-        bt_listen=(ip, 0),
-        peers=peers,
-        mdns=False,
-        stall_timeout=1.5,
-        download=DownloadOptions(quiet=True, read_timeout=3.0, connect_timeout=2.0),
-    )
-
-
-@asynccontextmanager
-async def agent(cfg: AgentConfig) -> AsyncIterator[Agent]:
-    async with Agent(cfg) as a:
-        stop = asyncio.Event()
-        task = asyncio.create_task(a.serve(stop))
-        await a.peers.check_all()
-        try:
-            yield a
-        finally:
-            stop.set()
-            await task
-
-
-def endpoint(a: Agent) -> str:
-    return f"http://{a.config.local_listen[0]}:{a.local_port}"
-
-
-async def snapshot(a: Agent, repo_id: str, cache: Path, **kw: Any) -> Path:
-    kw.setdefault("token", False)
-    path = await asyncio.to_thread(
-        snapshot_download, repo_id, endpoint=endpoint(a), cache_dir=cache, **kw
-    )
-    return Path(path)
+# Fewer retries against a dead mirror than the default: these tests wait for them.
+config = partial(
+    agentkit_config, download=DownloadOptions(quiet=True, read_timeout=3.0, connect_timeout=2.0)
+)
 
 
 async def download(a: Agent, repo_id: str, filename: str, cache: Path, **kw: Any) -> Path:

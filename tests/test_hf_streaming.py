@@ -10,8 +10,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from agentkit import agent, config, fetch, peer_of
 from huggingface_hub import hf_hub_download
-from test_agents import MiB, agent, config, fetch, peer_of, sha256
+from test_agents import MiB, sha256
 
 from peer.mirror_server import Fault, MirrorServer, RepoSource
 

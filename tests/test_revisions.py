@@ -14,14 +14,15 @@ import random
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgpack
 import pytest
+from agentkit import agent, endpoint, fetch, peer_of, snapshot, tree_of, write_tree
+from agentkit import config as agentkit_config
 from aiohttp import web
 from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
@@ -31,10 +32,9 @@ from huggingface_hub.errors import (
 )
 
 from peer import wire
-from peer.agent.daemon import Agent
 from peer.agent.revisions import Revisions
 from peer.agent.state import StateDir
-from peer.config import AgentConfig, DownloadOptions, HubSettings
+from peer.config import DownloadOptions, HubSettings
 from peer.errors import HfswarmError, NetworkError, RepoNotFound
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.revisions import (
@@ -46,7 +46,6 @@ from peer.manifests.revisions import (
 )
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving.caller import caller_uid
-from peer.serving.local_api import DownloadSpec
 from peer.serving.peer_api import make_peer_app
 from peer.verification.hashing import hash_file
 
@@ -55,21 +54,6 @@ GATED_OK = "hf_gated_access_token"
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def write_tree(folder: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    return folder
-
-
-def tree_of(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not {".cache", ".git"} & set(p.relative_to(folder).parts)
-    }
 
 
 def hub_blob_id(path: str, data: bytes) -> str:
@@ -88,58 +72,13 @@ def expected_commit(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def config(
-    root: Path, ip: str, mirrors: tuple[str, ...], peers: tuple[tuple[str, int], ...] = ()
-) -> AgentConfig:
-    return AgentConfig(
-        hub=HubSettings(mirrors=mirrors, token=None, cache_dir=root / "cache"),
-        state_dir=root / "state",
-        listen=(ip, 0),
-        local_listen=(ip, 0),
-        bt_listen=(ip, 0),
-        peers=peers,
-        mdns=False,
-        stall_timeout=1.5,
-        download=DownloadOptions(
-            quiet=True, read_timeout=3.0, connect_timeout=2.0, max_attempts=2, backoff_base=0.05
-        ),
-    )
-
-
-@asynccontextmanager
-async def agent(cfg: AgentConfig) -> AsyncIterator[Agent]:
-    async with Agent(cfg) as a:
-        stop = asyncio.Event()
-        task = asyncio.create_task(a.serve(stop))
-        await a.peers.check_all()
-        try:
-            yield a
-        finally:
-            stop.set()
-            await task
-
-
-def peer_of(a: Agent) -> tuple[str, int]:
-    return (a.config.listen[0], a.peer_port)
-
-
-def endpoint(a: Agent) -> str:
-    return f"http://{a.config.local_listen[0]}:{a.local_port}"
-
-
-async def fetch(a: Agent, repo_id: str, **kw: Any) -> dict[str, Any]:
-    async def emit(_: dict[str, Any]) -> None:
-        return None
-
-    return await a.run_download(DownloadSpec(repo_id=repo_id, **kw), emit)
-
-
-async def snapshot(a: Agent, repo_id: str, cache: Path, **kw: Any) -> Path:
-    kw.setdefault("token", False)
-    path = await asyncio.to_thread(
-        snapshot_download, repo_id, endpoint=endpoint(a), cache_dir=cache, **kw
-    )
-    return Path(path)
+# Few retries: several tests wait for a dead mirror to be given up on.
+config = partial(
+    agentkit_config,
+    download=DownloadOptions(
+        quiet=True, read_timeout=3.0, connect_timeout=2.0, max_attempts=2, backoff_base=0.05
+    ),
+)
 
 
 async def hfswarm(*args: str, user: int | None = None) -> tuple[int, str, str]:

@@ -42,7 +42,7 @@ from peer.manifests.revisions import is_local_repo
 from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.transfer.mirror_ranges import MirrorFetcher
-from peer.transfer.swarm import SwarmError, SwarmSession, SwarmSettings
+from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import hash_file
 
 log = logging.getLogger(__name__)
@@ -403,11 +403,7 @@ class Agent:
         path = repo.blob_path(file.blob_id)
         verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
         if verdict.ok:
-            if file.size > 0:
-                try:
-                    await self.seeds.add_verified(path, file.blob_id)
-                except (SwarmError, OSError) as exc:
-                    log.warning("cannot seed %s: %s", file.blob_id, exc)
+            await self.seeds.offer_verified(path, file.blob_id, file.size)
             return path
         log.warning(
             "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual

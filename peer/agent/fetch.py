@@ -90,10 +90,10 @@ class BlobFetcher:
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
         # Extra discovery before asking peers (trackers): called with the blob ids.
-        self.lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]] = []
         self.herd = Herd(
             peers.self_id,
             peers,
+            self._valid,
             config=HerdConfig(settle=config.herd_settle, leader_timeout=config.herd_leader_timeout),
         )
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
@@ -102,7 +102,7 @@ class BlobFetcher:
         self._transfers = asyncio.Semaphore(config.download.max_files)
 
     def set_lookups(self, lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]]) -> None:
-        self.lookups = lookups
+        """Extra discovery (trackers) asked before peers, by the fetcher and the herd."""
         self.herd.lookups = lookups
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
@@ -179,7 +179,7 @@ class BlobFetcher:
                 return path
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
         # wait for that leader's manifest and swarm it.
-        async with self.herd.turn(file, self._valid, lambda: counters.done) as turn:
+        async with self.herd.turn(file, lambda: counters.done) as turn:
             if turn.offers:
                 path = await self._from_peers(repo, snapshot, file, turn.offers, mirror, counters)
                 if path is not None:
@@ -188,11 +188,7 @@ class BlobFetcher:
             turn.lead()
             async with self._transfers:
                 path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            if file.size > 0:
-                try:
-                    await self.seeds.add_verified(path, file.blob_id)
-                except (SwarmError, OSError) as exc:
-                    log.warning("cannot seed %s: %s", file.blob_id, exc)
+            await self.seeds.offer_verified(path, file.blob_id, file.size)
             return path
 
     async def _from_peers(
@@ -223,7 +219,7 @@ class BlobFetcher:
             return None
 
     async def _offers(self, file: RemoteFile) -> list[Offer]:
-        await asyncio.gather(*(lookup((file.blob_id,)) for lookup in self.lookups))
+        await asyncio.gather(*(lookup((file.blob_id,)) for lookup in self.herd.lookups))
         found = (await self.peers.find((file.blob_id,))).get(file.blob_id, [])
         return self._valid(file, found)
 

@@ -55,6 +55,7 @@ class Herd:
         self,
         self_id: str,
         peers: PeerTable,
+        validate: Validate,
         *,
         config: HerdConfig | None = None,
         poll: float = 0.25,
@@ -68,7 +69,7 @@ class Herd:
             str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
         ] = {}
         self._leading: dict[str, _Lead] = {}
-        self._validate: Validate = lambda _f, offers: offers
+        self._validate = validate  # which offers of a blob to trust (the fetcher's rule)
         self._loop_task: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -100,26 +101,21 @@ class Herd:
     # -- the fetcher's side ----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def turn(
-        self, file: RemoteFile, validate: Validate, done: Callable[[], int]
-    ) -> AsyncIterator[HerdTurn]:
+    async def turn(self, file: RemoteFile, done: Callable[[], int]) -> AsyncIterator[HerdTurn]:
         """Wait for our turn on a blob nobody holds. ``turn.offers``: peers that have its
         manifest now (swarm it); empty: fetch it from the mirror, after `turn.lead()`,
         which shows the claim as leading (with ``done()`` bytes) until the block ends."""
         turn = HerdTurn(self, file, done)
         try:
-            turn.offers = await self._wait(file, validate, done)
+            turn.offers = await self._wait(file, done)
             yield turn
         finally:
             self._leading.pop(file.blob_id, None)
             self.on_change()
 
-    async def _wait(
-        self, file: RemoteFile, validate: Validate, done: Callable[[], int]
-    ) -> list[Offer]:
+    async def _wait(self, file: RemoteFile, done: Callable[[], int]) -> list[Offer]:
         if not self.has_company():
             return []
-        self._validate = validate
         existing = self._waiters.get(file.blob_id)
         if existing is not None:
             return await asyncio.shield(existing[1])

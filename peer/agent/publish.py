@@ -36,7 +36,6 @@ from peer.config import REPO_TYPES
 from peer.errors import ConfigError, LocalError
 from peer.manifests.revisions import content_commit, is_local_repo
 from peer.serving.local_api import Emit, PublishSpec
-from peer.transfer.swarm import SwarmError
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind
 
 log = logging.getLogger(__name__)
@@ -240,9 +239,5 @@ class Publisher:
             tmp.unlink(missing_ok=True)  # this very blob is here, verified and seeded
         else:
             repo.install_blob(tmp, f.blob_id)  # our copy, verified by construction
-        if f.size > 0:
-            try:
-                await self.seeds.add_verified(target, f.blob_id)
-            except (SwarmError, OSError) as exc:
-                log.warning("cannot seed %s: %s", f.blob_id, exc)
+        await self.seeds.offer_verified(target, f.blob_id, f.size)
         return f

@@ -64,6 +64,16 @@ class SeedIndex:
             self.state.remember_verified(VerifiedRecord(blob_id, fp, wire.encode(manifest)))
             return await self._seed(path, manifest)
 
+    async def offer_verified(self, path: Path, blob_id: str, size: int) -> None:
+        """`add_verified` for a blob just put in the cache: an empty blob has nothing to
+        seed, and a blob that cannot be seeded is still good to use (logged, not raised)."""
+        if size == 0:
+            return
+        try:
+            await self.add_verified(path, blob_id)
+        except (SwarmError, OSError) as exc:
+            log.warning("cannot seed %s: %s", blob_id, exc)
+
     async def add_with_manifest(self, path: Path, manifest: wire.Manifest) -> HeldBlob:
         """Seed a blob just verified whole, whose manifest came with it (from the peers
         it was fetched from: every piece passed that merkle tree and the whole file

@@ -1,9 +1,27 @@
-"""Parsing of the single-range ``Range`` header forms the Hub's clients send."""
+"""HTTP pieces of the Hub protocol shared by the project's mirror and the agent's Hub
+API (HF_ENDPOINT mode): the single-range ``Range`` forms the Hub's clients send, and
+errors the way the Hub sends them."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Final, Literal
+
+from aiohttp import web
+
+
+def hub_error(
+    status: int, code: str | None, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An error the way the Hub sends it: huggingface_hub keys on X-Error-Code."""
+    # Headers are latin-1 on the wire; a path in the message may not be.
+    header_safe = message.encode("ascii", "backslashreplace").decode("ascii")
+    h = {"X-Error-Message": header_safe, **(headers or {})}
+    if code is not None:
+        h["X-Error-Code"] = code
+    return web.json_response({"error": message}, status=status, headers=h)
+
 
 UNSATISFIABLE: Final = "unsatisfiable"
 

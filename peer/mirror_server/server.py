@@ -37,6 +37,7 @@ from peer.mirror_server.control import (
     StatsRecorder,
 )
 from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
+from peer.mirror_server.http_range import hub_error as _error
 from peer.mirror_server.repo import (
     REPO_TYPES,
     FileEntry,
@@ -54,18 +55,6 @@ _MIN_PACED_PIECE = 16 * 1024
 _API_TYPES: Mapping[str, RepoType] = {f"{t}s": t for t in REPO_TYPES}
 _URL_PREFIXES: Mapping[str, RepoType] = {"datasets": "dataset", "spaces": "space"}
 _TRUE = frozenset({"1", "true", "True", "yes"})
-
-
-def _error(
-    status: int, code: str | None, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """An error the way the Hub sends it: huggingface_hub keys on X-Error-Code."""
-    # Headers are latin-1 on the wire; a path in the message may not be.
-    header_safe = message.encode("ascii", "backslashreplace").decode("ascii")
-    h = {"X-Error-Message": header_safe, **(headers or {})}
-    if code is not None:
-        h["X-Error-Code"] = code
-    return web.json_response({"error": message}, status=status, headers=h)
 
 
 def _bearer(request: web.BaseRequest) -> str | None:

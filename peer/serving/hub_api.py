@@ -91,7 +91,7 @@ from peer.errors import (
 )
 from peer.hub.metadata import URL_PREFIX, RemoteFile, Snapshot
 from peer.manifests.revisions import is_local_repo
-from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
+from peer.mirror_server.http_range import UNSATISFIABLE, hub_error, parse_range
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
 log = logging.getLogger(__name__)
@@ -392,17 +392,6 @@ def _origin(url: str) -> tuple[str, str]:
 
 
 # -- answers -----------------------------------------------------------------------
-
-
-def hub_error(
-    status: int, code: str | None, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """An error the way the Hub sends it (huggingface_hub keys on X-Error-Code)."""
-    header_safe = message.encode("ascii", "backslashreplace").decode("ascii")
-    h = {"X-Error-Message": header_safe, **(headers or {})}
-    if code is not None:
-        h["X-Error-Code"] = code
-    return web.json_response({"error": message}, status=status, headers=h)
 
 
 class _Answer(Exception):
