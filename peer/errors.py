@@ -72,6 +72,11 @@ class EntryNotFound(UserError):
     pass
 
 
+class NotShared(UserError):
+    """A request that stands on the LAN's word (a ``local/*`` name, a revision told by
+    peers) names a blob this agent holds only for a private or gated repo."""
+
+
 class UnsafePath(PeerMisbehaved):
     """A file name from the mirror tries to escape the target folder."""
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.inflight import InFlightBlob
-from peer.agent.publish import Publisher
+from peer.agent.publish import Publisher, clean_debris
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -37,10 +37,11 @@ from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import TrackerSource
 from peer.errors import LocalError, NetworkError
-from peer.hub.metadata import RemoteFile, Snapshot
+from peer.hub.metadata import RemoteFile, Snapshot, anonymous_flags
 from peer.manifests.revisions import is_local_repo
 from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
 from peer.serving.peer_api import make_peer_app
+from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import hash_file
@@ -87,6 +88,8 @@ class Agent:
                 hint="pick writable --cache-dir/--state-dir",
             ) from exc
         self.agent_id = self.state.agent_id()
+        if removed := await asyncio.to_thread(clean_debris, self.config.hub.cache_dir):
+            log.info("removed %d temp file(s) of interrupted publishes", removed)
         try:
             bt_host, bt_port = self.config.bt_listen
             self.swarm = await self._stack.enter_async_context(
@@ -104,7 +107,13 @@ class Agent:
             self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
-            self.seeds = SeedIndex(self.config.hub.cache_dir, self.state, self.swarm, self.agent_id)
+            self.seeds = SeedIndex(
+                self.config.hub.cache_dir,
+                self.state,
+                self.swarm,
+                self.agent_id,
+                confirm=self._anonymous_visibility,
+            )
             self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
             self.revisions = Revisions(self.state, self.peers, self.agent_id)
             await asyncio.to_thread(self.revisions.load)
@@ -224,7 +233,7 @@ class Agent:
             t.nudge()
 
     def verified_blob_path(self, blob_id: str) -> Path | None:
-        return self.seeds.path_of(blob_id)
+        return self.seeds.shared_path(blob_id)
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
@@ -263,6 +272,26 @@ class Agent:
             },
         }
 
+    async def _anonymous_visibility(self, repo_type: str, repo_id: str) -> Visibility | None:
+        flags = await anonymous_flags(replace(self.config.hub, token=None), repo_type, repo_id)
+        return (
+            None if flags is None else Visibility.of_mirror_answer(private=flags[0], gated=flags[1])
+        )
+
+    async def _access(self, snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
+        """On whose word a download stands (`peer.serving.sharing.Access`). A snapshot
+        listed by the mirror with the caller's token: the mirror's word; a private or
+        gated one is checked once more with a 1-byte read of one of its files (a gated
+        repo lists its files to anyone), before a blob held here is reused for it."""
+        key = repo_key(snapshot.repo_type, snapshot.repo_id)
+        if not snapshot.mirror or is_local_repo(snapshot.repo_id):
+            return Access(key, None, mirror_allowed=False)
+        visibility = Visibility.of_mirror_answer(private=snapshot.private, gated=snapshot.gated)
+        probe = next((f for f in snapshot.files if f.size > 0), None)
+        if visibility is not Visibility.PUBLIC and probe is not None:
+            await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
+        return Access(key, visibility, mirror_allowed=True)
+
     async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
         t0 = time.monotonic()
         hub = self.config.hub
@@ -290,11 +319,12 @@ class Agent:
             by_blob.setdefault(f.blob_id, []).append(f)
 
         async with MirrorFetcher(hub, self.config.download) as mirror:
+            access = await self._access(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
                 c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
                 try:
-                    path = await self.blobs.obtain(snapshot, files[0], mirror, c)
+                    path = await self.blobs.obtain(snapshot, files[0], mirror, c, access)
                 except NetworkError as exc:
                     if not local:
                         raise
@@ -368,21 +398,27 @@ class Agent:
         )
 
     async def blob_for_client(
-        self, snapshot: Snapshot, file: RemoteFile, token: str | None, ref: str | None
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        token: str | None,
+        ref: str | None,
+        access: Access,
     ) -> Path:
         """A verified copy of one file for a Hub client, in this agent's cache: taken as
-        it is if this agent verified it, else obtained like any download (cache, peers,
-        then the mirror with the CLIENT's token, never the agent's), then linked into
-        snapshots/<commit>/ (and refs/<ref>) and seeded."""
+        it is if this agent verified it (and `access` may have it), else obtained like
+        any download (cache, peers, then the mirror with the CLIENT's token, never the
+        agent's), then linked into snapshots/<commit>/ (and refs/<ref>) and seeded if
+        shared."""
         hub = replace(self.config.hub, token=token)
         if is_local_repo(snapshot.repo_id):  # no mirror has it: never send its name to one
             hub = replace(hub, mirrors=())
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        path = await self._verified_in_repo(repo, file)
+        path = await self._verified_in_repo(repo, file, access)
         if path is None:
             counters = BlobCounters(file.size)
             async with MirrorFetcher(hub, self.config.download) as mirror:
-                path = await self.blobs.obtain(snapshot, file, mirror, counters)
+                path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
             self.totals.bytes_from_peers += counters.from_peers
             self.totals.bytes_from_mirror += counters.from_mirror
             self.totals.hash_failures += counters.hash_failures
@@ -391,19 +427,25 @@ class Agent:
             repo.write_ref(ref, snapshot.commit)
         return path
 
-    async def _verified_in_repo(self, repo: RepoCache, file: RemoteFile) -> Path | None:
-        """The blob in this repo's blobs/ if it is known good. One that another tool put
-        there (not verified by this agent yet) is hashed first; a bad one is removed, so
-        that the fetch replaces it instead of reusing it."""
+    async def _verified_in_repo(
+        self, repo: RepoCache, file: RemoteFile, access: Access
+    ) -> Path | None:
+        """The blob in this repo's blobs/ if it is known good and `access` may have it.
+        One that another tool put there (not verified by this agent yet) is hashed
+        first; a bad one is removed, so that the fetch replaces it instead of reusing it."""
+        if not access.mirror_allowed:
+            return None  # BlobFetcher.obtain decides, by the blob's provenance
         held = self.seeds.path_of(file.blob_id)
         if held is not None and held == repo.blob_path(file.blob_id):
+            await self.blobs.note(file, access)
             return held
         if not repo.has_blob(file.blob_id, file.size):
             return None
         path = repo.blob_path(file.blob_id)
         verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
         if verdict.ok:
-            await self.seeds.offer_verified(path, file.blob_id, file.size)
+            origin = (access.repo, access.visibility) if access.visibility else None
+            await self.seeds.offer_verified(path, file.blob_id, file.size, origin)
             return path
         log.warning(
             "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual

@@ -28,7 +28,7 @@ from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_erro
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
 from peer.download import fetch_verified
-from peer.errors import HfswarmError, IntegrityError
+from peer.errors import HfswarmError, IntegrityError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
 from peer.scheduling.herd import HerdConfig
@@ -50,6 +50,7 @@ from peer.scheduling.policy import (
     PolicyConfig,
     Tick,
 )
+from peer.serving.sharing import Access, Visibility, may_serve
 from peer.transfer import events as ev
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
@@ -119,21 +120,31 @@ class BlobFetcher:
     # -- entry point -----------------------------------------------------------------
 
     async def obtain(
-        self, snapshot: Snapshot, file: RemoteFile, mirror: MirrorFetcher, counters: BlobCounters
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+        access: Access,
     ) -> Path:
+        """The verified blob in this repo's ``blobs/``. `access` says on whose word the
+        request stands: a blob this agent holds for a private or gated repo is reused
+        only for a request the mirror allowed (`peer.serving.sharing.may_serve`)."""
         repo = RepoCache(self.config.hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        if repo.has_blob(file.blob_id, file.size):
+        if repo.has_blob(file.blob_id, file.size) and self._may_reuse(file, access):
             counters.reused = counters.done = file.size
+            await self.note(file, access)
             return repo.blob_path(file.blob_id)
         shared = self._inflight.get(file.blob_id)
         if shared is not None:  # another download is fetching this very blob
             source = await asyncio.shield(shared)
-            return await self._adopt(repo, source, file, counters)
+            self._check_reuse(file, access)
+            return await self._adopt(repo, source, file, counters, access)
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
         self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
         try:
-            path = await self._obtain(repo, snapshot, file, mirror, counters)
+            path = await self._obtain(repo, snapshot, file, mirror, counters, access)
             fut.set_result(path)
             return path
         except BaseException as exc:
@@ -144,12 +155,34 @@ class BlobFetcher:
             self._inflight.pop(file.blob_id, None)
             self._flights.pop(file.blob_id, None)
 
+    def _may_reuse(self, file: RemoteFile, access: Access) -> bool:
+        return file.size == 0 or may_serve(self.seeds.provenance(file.blob_id), access)
+
+    def _check_reuse(self, file: RemoteFile, access: Access) -> None:
+        if not self._may_reuse(file, access):
+            raise NotShared(
+                f"{file.path} of {access.repo} names a blob this agent holds for a private "
+                "or gated repo; it is not served on the LAN's word",
+                hint="download it from its own repo, with a token that may read it",
+            )
+
+    async def note(self, file: RemoteFile, access: Access) -> None:
+        """What the mirror said of this request's repo now holds for the blob too."""
+        if file.size > 0 and access.visibility is not None:
+            await self.seeds.note(file.blob_id, access.repo, access.visibility)
+
     async def _adopt(
-        self, repo: RepoCache, source: Path, file: RemoteFile, counters: BlobCounters
+        self,
+        repo: RepoCache,
+        source: Path,
+        file: RemoteFile,
+        counters: BlobCounters,
+        access: Access,
     ) -> Path:
         if source.parent != repo.blobs:
             repo.adopt_blob(source, file.blob_id)
         counters.reused = counters.done = file.size
+        await self.note(file, access)
         return repo.blob_path(file.blob_id)
 
     async def _obtain(
@@ -159,10 +192,12 @@ class BlobFetcher:
         file: RemoteFile,
         mirror: MirrorFetcher,
         counters: BlobCounters,
+        access: Access,
     ) -> Path:
-        # 1. Already verified somewhere in this cache (another repo): link it.
+        # 1. Already verified somewhere in this cache (another repo): link it, if this
+        # request may have it.
         held = self.seeds.path_of(file.blob_id)
-        if held is None:
+        if held is None and access.mirror_allowed:
             other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id, file.size)
             if (
                 other is not None
@@ -170,26 +205,45 @@ class BlobFetcher:
             ):
                 held = other
         if held is not None:
-            return await self._adopt(repo, held, file, counters)
+            self._check_reuse(file, access)
+            return await self._adopt(repo, held, file, counters, access)
+        # A private or gated repo's blob: only the mirror, with the caller's token (no
+        # peer offers one, and a herd would wait for a leader that never shares it).
+        if access.mirror_only:
+            async with self._transfers:
+                fetched = await self._from_mirror(repo, snapshot, file, mirror, counters)
+            await self.seeds.offer_verified(fetched, file.blob_id, file.size, self._origin(access))
+            return fetched
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
         if offers:
-            path = await self._from_peers(repo, snapshot, file, offers, mirror, counters)
-            if path is not None:
-                return path
+            got = await self._from_peers(repo, snapshot, file, offers, mirror, counters, access)
+            if got is not None:
+                return got
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
         # wait for that leader's manifest and swarm it.
         async with self.herd.turn(file, lambda: counters.done) as turn:
             if turn.offers:
-                path = await self._from_peers(repo, snapshot, file, turn.offers, mirror, counters)
-                if path is not None:
-                    return path
+                got = await self._from_peers(
+                    repo, snapshot, file, turn.offers, mirror, counters, access
+                )
+                if got is not None:
+                    return got
             # 4. The mirror (first fetch of a new model), then seed it at once.
             turn.lead()
             async with self._transfers:
                 path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(path, file.blob_id, file.size)
+            await self.seeds.offer_verified(path, file.blob_id, file.size, self._origin(access))
             return path
+
+    @staticmethod
+    def _origin(access: Access, *, from_peers: bool = False) -> tuple[str, Visibility] | None:
+        """What to record for a blob fetched for `access`: what the mirror said of the
+        repo; bytes all from peers who offered them openly: shared as they were; else
+        nothing (a revision known from peers only, its bytes from the mirror)."""
+        if access.visibility is not None:
+            return access.repo, access.visibility
+        return (access.repo, Visibility.PEERS) if from_peers else None
 
     async def _from_peers(
         self,
@@ -199,6 +253,7 @@ class BlobFetcher:
         offers: list[Offer],
         mirror: MirrorFetcher,
         counters: BlobCounters,
+        access: Access,
     ) -> Path | None:
         """The blob from peers (None: they could not deliver; the mirror must)."""
         piece_size = offers[0].manifest.piece_size
@@ -207,9 +262,9 @@ class BlobFetcher:
             async with self._transfers:
                 if file.size <= piece_size:
                     if complete:
-                        return await self._small_from_peers(repo, file, complete, counters)
+                        return await self._small_from_peers(repo, file, complete, counters, access)
                     raise IntegrityError("only peers still fetching it have it")
-                return await self._swarm(repo, snapshot, file, offers, mirror, counters)
+                return await self._swarm(repo, snapshot, file, offers, mirror, counters, access)
         except HfswarmError as exc:
             log.warning(
                 "%s: peers could not deliver (%s); fetching it from the mirror",
@@ -304,7 +359,12 @@ class BlobFetcher:
     # -- small blobs from peers ----------------------------------------------------------
 
     async def _small_from_peers(
-        self, repo: RepoCache, file: RemoteFile, offers: list[Offer], counters: BlobCounters
+        self,
+        repo: RepoCache,
+        file: RemoteFile,
+        offers: list[Offer],
+        counters: BlobCounters,
+        access: Access,
     ) -> Path:
         last: HfswarmError | None = None
         for offer in offers:
@@ -326,7 +386,9 @@ class BlobFetcher:
             counters.done = file.size
             path = repo.install_blob(tmp, file.blob_id)
             with contextlib.suppress(SwarmError, OSError):
-                await self.seeds.add_with_manifest(path, offer.manifest)
+                await self.seeds.add_with_manifest(
+                    path, offer.manifest, self._origin(access, from_peers=True)
+                )
             return path
         raise last or IntegrityError(f"no peer delivered {file.path}")
 
@@ -340,6 +402,7 @@ class BlobFetcher:
         offers: list[Offer],
         mirror: MirrorFetcher,
         counters: BlobCounters,
+        access: Access,
     ) -> Path:
         manifest = offers[0].manifest
         ih = manifest.info_hash
@@ -413,7 +476,9 @@ class BlobFetcher:
         path = repo.install_blob(data_path, file.blob_id)
         if flight is not None:
             flight.moved(path)
-        await self.seeds.add_with_manifest(path, manifest)
+        await self.seeds.add_with_manifest(
+            path, manifest, self._origin(access, from_peers=counters.from_mirror == 0)
+        )
         return path
 
     async def _drive(

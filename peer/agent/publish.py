@@ -36,6 +36,7 @@ from peer.config import REPO_TYPES
 from peer.errors import ConfigError, LocalError
 from peer.manifests.revisions import content_commit, is_local_repo
 from peer.serving.local_api import Emit, PublishSpec
+from peer.serving.sharing import Visibility, repo_key
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind
 
 log = logging.getLogger(__name__)
@@ -239,5 +240,23 @@ class Publisher:
             tmp.unlink(missing_ok=True)  # this very blob is here, verified and seeded
         else:
             repo.install_blob(tmp, f.blob_id)  # our copy, verified by construction
-        await self.seeds.offer_verified(target, f.blob_id, f.size)
+        # Published by this machine's own user: shared on the LAN, whatever else holds it.
+        origin = (repo_key(repo.repo_type, repo.repo_id), Visibility.LOCAL)
+        await self.seeds.offer_verified(target, f.blob_id, f.size, origin)
         return f
+
+
+def clean_debris(cache_dir: Path) -> int:
+    """Remove the temp copies of publishes a killed agent left in ``partial/`` (a
+    publish's copy is never resumed). Run at start, before any publish can begin."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(cache_dir):
+            if "--" not in entry.name:
+                continue
+            with contextlib.suppress(OSError):
+                for tmp in Path(entry.path, ".hfswarm", "partial").glob("publish.*"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                        removed += 1
+    return removed

@@ -1,10 +1,18 @@
-"""What this agent holds and seeds: every verified blob of its HF cache, straight from
-``blobs/`` (no second copy).
+"""What this agent holds, and what of it the LAN may have: every verified blob of its HF
+cache, seeded straight from ``blobs/`` (no second copy) when the sharing policy allows.
+
+Each blob has a provenance (`peer.serving.sharing`): the repos it is held for and what
+the mirror said of each. Only shared blobs (one of their repos public, published here,
+or taken openly from peers) are seeded and offered; the others are kept for this
+machine's own callers. A repo the mirror later calls private or gated stops sharing its
+blobs at once (its torrents are removed from the session).
 
 Blobs that were in the cache before the agent first ran (written by `hf download`, say)
 are verified once, in the background, against their id; the result and the blob's
 manifest are remembered in the state dir, keyed by the file's fingerprint, so a restart
-re-hashes nothing that did not change. A blob that fails verification is never offered.
+re-hashes nothing that did not change. Their repos are then checked with the mirror
+anonymously (`confirm`): only a repo any client may read makes them shared. A blob that
+fails verification is never offered.
 """
 
 from __future__ import annotations
@@ -12,16 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from peer import wire
 from peer.agent.state import Fingerprint, StateDir, VerifiedRecord
+from peer.cache.hf_cache import repo_of_folder
 from peer.manifests import VerifiedBlob, make_manifest
+from peer.manifests.revisions import is_local_repo
+from peer.serving.sharing import Provenance, RepoKey, Visibility, repo_key
 from peer.transfer.swarm import SwarmError, SwarmSession, TorrentExists
 from peer.verification.hashing import hash_file, is_blob_id
 
 log = logging.getLogger(__name__)
+
+# (repo type, repo id) -> what an anonymous client gets from the mirror (None: no answer)
+Confirm = Callable[[str, str], Awaitable[Visibility | None]]
+# (repo key, what is known of it) recorded with a blob as it enters the cache
+Origin = tuple[RepoKey, Visibility] | None
 
 
 @dataclass(frozen=True)
@@ -33,59 +50,127 @@ class HeldBlob:
 
 class SeedIndex:
     def __init__(
-        self, cache_root: Path, state: StateDir, swarm: SwarmSession, agent_id: str
+        self,
+        cache_root: Path,
+        state: StateDir,
+        swarm: SwarmSession,
+        agent_id: str,
+        confirm: Confirm | None = None,
     ) -> None:
         self.cache_root = cache_root
         self.state = state
         self.swarm = swarm
         self.agent_id = agent_id
-        self.held: dict[str, HeldBlob] = {}
+        self.confirm = confirm
+        self.held: dict[str, HeldBlob] = {}  # shared: seeded and offered to the LAN
+        self.kept: dict[str, Path] = {}  # verified, for this machine's callers only
         self.rejected: set[Path] = set()
+        self._provenance: dict[str, Provenance] = {}
         self._lock = asyncio.Lock()
+
+    # -- what the LAN may have -----------------------------------------------------------
 
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return [self.held[b].manifest for b in blob_ids if b in self.held]
 
-    def path_of(self, blob_id: str) -> Path | None:
+    def shared_path(self, blob_id: str) -> Path | None:
+        """The blob for a peer: only a shared one."""
         held = self.held.get(blob_id)
         return held.path if held else None
 
-    async def add_verified(self, path: Path, blob_id: str) -> HeldBlob:
-        """Seed a blob whose whole hash was just checked (the caller's proof)."""
+    # -- what this agent holds -------------------------------------------------------------
+
+    def path_of(self, blob_id: str) -> Path | None:
+        """A blob this agent verified, shared or not (for its own callers; see
+        `peer.serving.sharing.may_serve` before serving it)."""
+        held = self.held.get(blob_id)
+        return held.path if held else self.kept.get(blob_id)
+
+    def provenance(self, blob_id: str) -> Provenance:
+        known = self._provenance.get(blob_id)
+        if known is None:
+            known = self._provenance[blob_id] = self.state.provenance(blob_id)
+        return known
+
+    async def note(self, blob_id: str, key: RepoKey, visibility: Visibility) -> None:
+        """Record what is now known of one repo holding the blob; start or stop sharing
+        it if that changed the verdict."""
+        async with self._lock:
+            await self._note(blob_id, (key, visibility))
+
+    async def _note(self, blob_id: str, origin: Origin) -> None:
+        before = self.provenance(blob_id)
+        after = before if origin is None else before.with_repo(*origin)
+        if after != before:
+            self._provenance[blob_id] = after
+            await asyncio.to_thread(self.state.save_provenance, blob_id, after)
+        if after.shared and blob_id in self.kept:
+            path = self.kept[blob_id]
+            fp = await asyncio.to_thread(Fingerprint.of, path)
+            record = self.state.verified(blob_id, fp)
+            manifest = _decoded(record.manifest) if record is not None else None
+            if manifest is None:
+                manifest = await self._make_manifest(path, blob_id, fp)
+            del self.kept[blob_id]
+            await self._seed(path, manifest)
+        elif not after.shared and blob_id in self.held:
+            held = self.held.pop(blob_id)
+            self.kept[blob_id] = held.path
+            log.info("%s is no longer shared: its repos are private or gated", blob_id[:12])
+            try:
+                await self.swarm.remove_torrent(held.manifest.info_hash)
+            except SwarmError as exc:
+                log.warning("cannot stop seeding %s: %s", blob_id[:12], exc)
+
+    # -- blobs entering the cache ----------------------------------------------------------
+
+    async def add_verified(self, path: Path, blob_id: str, origin: Origin = None) -> None:
+        """Hold a blob whose whole hash was just checked (the caller's proof); seed it if
+        it is shared (its manifest is made then)."""
         async with self._lock:
             if blob_id in self.held:
-                return self.held[blob_id]
+                await self._note(blob_id, origin)
+                return
             fp = await asyncio.to_thread(Fingerprint.of, path)
             if fp.size == 0:
                 raise OSError(f"{blob_id} is empty: nothing to seed")
-            manifest = await make_manifest(
-                VerifiedBlob(blob_id, fp.size, path), made_by=self.agent_id
-            )
-            self.state.remember_verified(VerifiedRecord(blob_id, fp, wire.encode(manifest)))
-            return await self._seed(path, manifest)
+            self.kept[blob_id] = path
+            if origin is None or not self.provenance(blob_id).with_repo(*origin).shared:
+                # kept only: no manifest (a hash pass) for what is never offered
+                self.state.remember_verified(VerifiedRecord(blob_id, fp, b""))
+            await self._note(blob_id, origin)
 
-    async def offer_verified(self, path: Path, blob_id: str, size: int) -> None:
+    async def offer_verified(
+        self, path: Path, blob_id: str, size: int, origin: Origin = None
+    ) -> None:
         """`add_verified` for a blob just put in the cache: an empty blob has nothing to
         seed, and a blob that cannot be seeded is still good to use (logged, not raised)."""
         if size == 0:
             return
         try:
-            await self.add_verified(path, blob_id)
+            await self.add_verified(path, blob_id, origin)
         except (SwarmError, OSError) as exc:
             log.warning("cannot seed %s: %s", blob_id, exc)
 
-    async def add_with_manifest(self, path: Path, manifest: wire.Manifest) -> HeldBlob:
-        """Seed a blob just verified whole, whose manifest came with it (from the peers
+    async def add_with_manifest(
+        self, path: Path, manifest: wire.Manifest, origin: Origin = None
+    ) -> None:
+        """Hold a blob just verified whole, whose manifest came with it (from the peers
         it was fetched from: every piece passed that merkle tree and the whole file
         matched its id, so the manifest is right for it, and no re-hash is needed)."""
         async with self._lock:
-            if manifest.blob_id in self.held:
-                return self.held[manifest.blob_id]
-            fp = await asyncio.to_thread(Fingerprint.of, path)
-            self.state.remember_verified(
-                VerifiedRecord(manifest.blob_id, fp, wire.encode(manifest))
-            )
-            return await self._seed(path, manifest)
+            if manifest.blob_id not in self.held:
+                fp = await asyncio.to_thread(Fingerprint.of, path)
+                self.state.remember_verified(
+                    VerifiedRecord(manifest.blob_id, fp, wire.encode(manifest))
+                )
+                self.kept[manifest.blob_id] = path
+            await self._note(manifest.blob_id, origin)
+
+    async def _make_manifest(self, path: Path, blob_id: str, fp: Fingerprint) -> wire.Manifest:
+        manifest = await make_manifest(VerifiedBlob(blob_id, fp.size, path), made_by=self.agent_id)
+        self.state.remember_verified(VerifiedRecord(blob_id, fp, wire.encode(manifest)))
+        return manifest
 
     async def _seed(self, path: Path, manifest: wire.Manifest) -> HeldBlob:
         held = HeldBlob(manifest.blob_id, path, manifest)
@@ -96,12 +181,16 @@ class SeedIndex:
         self.held[manifest.blob_id] = held
         return held
 
+    # -- the cache as found at start ------------------------------------------------------
+
     async def scan(self) -> None:
-        """Seed every verified blob of the cache; verify the unknown ones (slowly: one
-        at a time, in a thread, so a downloading agent is not starved)."""
+        """Hold every verified blob of the cache and seed the shared ones; verify the
+        unknown ones (slowly: one at a time, in a thread, so a downloading agent is not
+        starved); then ask the mirror, anonymously, about repos never confirmed."""
+        unconfirmed: dict[tuple[str, str], list[str]] = {}
         for path in await asyncio.to_thread(_cache_blobs, self.cache_root):
             blob_id = path.name
-            if blob_id in self.held or path in self.rejected:
+            if blob_id in self.held or blob_id in self.kept or path in self.rejected:
                 continue
             try:
                 fp = await asyncio.to_thread(Fingerprint.of, path)
@@ -110,30 +199,57 @@ class SeedIndex:
             if fp.size == 0:
                 continue  # an empty blob needs no seeding: anyone can make it
             record = self.state.verified(blob_id, fp)
-            if record is not None:
-                try:
-                    manifest = wire.decode_as(record.manifest, wire.Manifest)
-                    async with self._lock:
-                        await self._seed(path, manifest)
-                    continue
-                except (wire.WireError, SwarmError) as exc:
+            if record is None:
+                verdict = await asyncio.to_thread(hash_file, path, blob_id, fp.size)
+                if not verdict.ok:
                     log.warning(
-                        "stored manifest of %s unusable (%s); verifying again", blob_id, exc
+                        "cache blob %s does not match its id (hash %s); not seeding it",
+                        path,
+                        verdict.actual,
                     )
-            verdict = await asyncio.to_thread(hash_file, path, blob_id, fp.size)
-            if not verdict.ok:
-                log.warning(
-                    "cache blob %s does not match its id (hash %s); not seeding it",
-                    path,
-                    verdict.actual,
-                )
-                self.rejected.add(path)
-                self.state.forget_verified(blob_id)
-                continue
+                    self.rejected.add(path)
+                    self.state.forget_verified(blob_id)
+                    continue
+                self.state.remember_verified(VerifiedRecord(blob_id, fp, b""))
+            repo = repo_of_folder(path.parent.parent.name)
+            async with self._lock:
+                if blob_id in self.held or blob_id in self.kept:
+                    continue
+                self.kept[blob_id] = path
+                try:
+                    await self._note(blob_id, None)
+                except SwarmError as exc:
+                    log.warning("cannot seed %s: %s", path, exc)
+            if repo is not None and self.provenance(blob_id).visibility(repo_key(*repo)) is None:
+                unconfirmed.setdefault(repo, []).append(blob_id)
+        for (repo_type, repo_id), blob_ids in unconfirmed.items():
+            await self._confirm(repo_type, repo_id, blob_ids)
+
+    async def _confirm(self, repo_type: str, repo_id: str, blob_ids: list[str]) -> None:
+        """Blobs found in a repo's folder, its visibility never recorded: what the mirror
+        tells an anonymous client decides (local/* names are never sent to a mirror:
+        those stay unshared until published or fetched again)."""
+        if self.confirm is None or is_local_repo(repo_id):
+            return
+        visibility = await self.confirm(repo_type, repo_id)
+        if visibility is None:
+            log.info("%s %s: mirror did not answer; its blobs stay unshared", repo_type, repo_id)
+            return
+        for blob_id in blob_ids:
             try:
-                await self.add_verified(path, blob_id)
-            except SwarmError as exc:
-                log.warning("cannot seed %s: %s", path, exc)
+                await self.note(blob_id, repo_key(repo_type, repo_id), visibility)
+            except (SwarmError, OSError) as exc:
+                log.warning("cannot seed %s: %s", blob_id, exc)
+
+
+def _decoded(raw: bytes) -> wire.Manifest | None:
+    if not raw:
+        return None
+    try:
+        return wire.decode_as(raw, wire.Manifest)
+    except wire.WireError as exc:
+        log.warning("stored manifest unusable (%s); making it again", exc)
+        return None
 
 
 def _cache_blobs(root: Path) -> list[Path]:

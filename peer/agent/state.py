@@ -6,6 +6,8 @@
     <state>/resume/<info hash>       libtorrent resume data of unfinished downloads
     <state>/revisions/<key>          a revision manifest this agent shares (wire bytes;
                                      key: sha256 of repo type, repo id, revision, commit)
+    <state>/provenance/<blob id>     msgpack: the repos the blob is held for and what is
+                                     known of each (`peer.serving.sharing.Provenance`)
 
 Every write is temp file + rename, so a kill -9 leaves the old or the new record, never a
 torn one. A record only says "this file, with this size/mtime/inode, hashed to its id":
@@ -23,6 +25,7 @@ from pathlib import Path
 import msgpack
 
 from peer.cache.hf_cache import translate_os_error
+from peer.serving.sharing import MAX_REPOS, Provenance, Visibility
 from peer.verification.hashing import SHA256_RE, is_blob_id
 
 
@@ -105,6 +108,24 @@ class StateDir:
         if is_blob_id(blob_id):
             with contextlib.suppress(OSError):
                 (self.root / "verified" / blob_id).unlink()
+
+    # -- provenance ------------------------------------------------------------------
+
+    def save_provenance(self, blob_id: str, provenance: Provenance) -> None:
+        if is_blob_id(blob_id):
+            payload = msgpack.packb({"v": 1, "repos": [[k, v.value] for k, v in provenance.repos]})
+            _atomic_write(self.root / "provenance" / blob_id, payload)
+
+    def provenance(self, blob_id: str) -> Provenance:
+        """What was recorded; nothing (not shared) if the record is missing or unreadable."""
+        if not is_blob_id(blob_id):
+            return Provenance()
+        try:
+            d = msgpack.unpackb((self.root / "provenance" / blob_id).read_bytes(), raw=False)
+            repos = tuple((str(k), Visibility(v)) for k, v in d["repos"][:MAX_REPOS])
+        except (OSError, ValueError, KeyError, TypeError, msgpack.ExtraData):
+            return Provenance()
+        return Provenance(repos)
 
     # -- resume data -----------------------------------------------------------------
 

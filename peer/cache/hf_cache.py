@@ -20,9 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from peer.errors import DiskFull, LocalError, UnsafePath
-from peer.verification.hashing import is_blob_id
+from peer.verification.hashing import SHA1_RE, is_blob_id
 
 REPO_TYPE_PREFIX = {"model": "models", "dataset": "datasets", "space": "spaces"}
+_PREFIX_TYPE = {v: k for k, v in REPO_TYPE_PREFIX.items()}
+
+
+def repo_of_folder(name: str) -> tuple[str, str] | None:
+    """``models--org--name`` -> ("model", "org/name"); None for anything else."""
+    prefix, sep, rest = name.partition("--")
+    parts = rest.split("--")
+    if not sep or prefix not in _PREFIX_TYPE or not 1 <= len(parts) <= 2 or not all(parts):
+        return None
+    return _PREFIX_TYPE[prefix], "/".join(parts)
+
+
+def _check_commit(commit: str) -> str:
+    """Commits name folders: only a 40-hex id may (a hostile mirror could send a path)."""
+    if not SHA1_RE.fullmatch(commit):
+        raise UnsafePath(
+            f"refusing commit id {commit[:80]!r}: not 40 hex digits",
+            hint="the mirror or a peer sent a malformed commit; report it to its operator",
+        )
+    return commit
 
 
 def safe_relpath(path: str) -> PurePosixPath:
@@ -91,7 +111,7 @@ class RepoCache:
         return self.blobs / blob_id
 
     def snapshot_dir(self, commit: str) -> Path:
-        return self.folder / "snapshots" / commit
+        return self.folder / "snapshots" / _check_commit(commit)
 
     def has_blob(self, blob_id: str, size: int) -> bool:
         try:
@@ -147,11 +167,17 @@ class RepoCache:
 
     def write_ref(self, revision: str, commit: str) -> None:
         """refs/<revision> holds the commit with no newline (a newline breaks huggingface_hub)."""
+        _check_commit(commit)
         if revision == commit:
             return
-        ref = self.folder / "refs" / revision
-        if ".." in PurePosixPath(revision).parts:
-            raise UnsafePath(f"refusing revision name {revision!r}")
+        try:
+            rel = safe_relpath(revision)
+        except UnsafePath:
+            raise UnsafePath(
+                f"refusing revision name {revision[:80]!r}",
+                hint="a revision is a branch, tag, commit or refs/pr/N",
+            ) from None
+        ref = self.folder.joinpath("refs", *rel.parts)
         try:
             ref.parent.mkdir(parents=True, exist_ok=True)
             tmp = ref.with_name(f".{ref.name}.hfswarm-tmp")

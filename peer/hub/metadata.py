@@ -275,3 +275,29 @@ async def resolve_snapshot(
             )
     assert last is not None
     raise last
+
+
+async def anonymous_flags(
+    settings: HubSettings, repo_type: str, repo_id: str
+) -> tuple[bool, bool] | None:
+    """(private, gated) as the mirrors tell a client with NO token: what anyone may read.
+    A repo they refuse to show counts as private. None: no mirror answered."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
+
+    check_repo_args(repo_type, repo_id)
+    for mirror in settings.mirrors:
+        api = HfApi(endpoint=mirror, token=False, library_name="hfswarm", library_version="0.1")
+        try:
+            info = await asyncio.to_thread(api.repo_info, repo_id, repo_type=repo_type, token=False)
+        except hf_errors.GatedRepoError:
+            return False, True
+        except hf_errors.RepositoryNotFoundError:
+            return True, False
+        except Exception as exc:
+            err = translate_hub_error(exc, repo=repo_id, revision="main", mirror=mirror, token=None)
+            if isinstance(err, UserError):
+                return True, False  # refused: not for anyone
+            continue
+        return bool(getattr(info, "private", False)), bool(getattr(info, "gated", False))
+    return None

@@ -85,6 +85,7 @@ from peer.errors import (
     GatedRepo,
     HfswarmError,
     LocalError,
+    NotShared,
     RepoNotFound,
     RevisionNotFound,
     UserError,
@@ -92,6 +93,7 @@ from peer.errors import (
 from peer.hub.metadata import URL_PREFIX, RemoteFile, Snapshot
 from peer.manifests.revisions import is_local_repo
 from peer.mirror_server.http_range import UNSATISFIABLE, hub_error, parse_range
+from peer.serving.sharing import Access, Visibility, repo_key
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
 log = logging.getLogger(__name__)
@@ -116,10 +118,16 @@ class HubBackend(Protocol):
     config: AgentConfig
 
     async def blob_for_client(
-        self, snapshot: Snapshot, file: RemoteFile, token: str | None, ref: str | None
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        token: str | None,
+        ref: str | None,
+        access: Access,
     ) -> Path:
         """A verified copy of the file in the agent's cache (obtained if need be), linked
-        into the snapshot of `snapshot.commit`; `ref` names the revision, if known."""
+        into the snapshot of `snapshot.commit`; `ref` names the revision, if known;
+        `access`: on whose word the request stands (`peer.serving.sharing`)."""
         ...
 
     async def revision_manifest(
@@ -380,6 +388,10 @@ def _unknown_revision(repo_type: str, repo_id: str, revision: str) -> web.Respon
     )
 
 
+def key_of(target: ResolveTarget) -> tuple[str, str]:
+    return target.repo_type, target.repo_id
+
+
 def _bearer(authorization: str | None) -> str | None:
     scheme, _, value = (authorization or "").partition(" ")
     value = value.strip()
@@ -512,6 +524,8 @@ def _error_response(exc: BaseException, what: str) -> web.Response:
         msg = f"hfswarm agent: {exc.one_line()}"
         if isinstance(exc, GatedRepo):
             return hub_error(403, "GatedRepo", msg)
+        if isinstance(exc, NotShared):
+            return hub_error(403, None, msg)
         if isinstance(exc, RepoNotFound):
             return hub_error(404, "RepoNotFound", msg)
         if isinstance(exc, RevisionNotFound):
@@ -897,17 +911,19 @@ class HubApi:
     def _start_fetch(
         self, target: ResolveTarget, meta: FileMeta, token: str | None
     ) -> asyncio.Task[Path]:
+        # Not tied to this connection: a client that goes away (Ctrl-C, a read timeout)
+        # leaves the agent finishing, verifying and seeding the blob; its retry joins.
+        task = asyncio.get_running_loop().create_task(self._fetch(target, meta, token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _fetch(self, target: ResolveTarget, meta: FileMeta, token: str | None) -> Path:
         file = RemoteFile(
             path=target.path, size=meta.size, blob_id=meta.blob_id, is_lfs=meta.is_lfs
         )
-        # The mirror let an anonymous client read it: public and not gated. With a token
-        # it may be either, and a resolve does not say: what the revision API said, else
-        # assume both (fail closed).
-        private, gated = (
-            (False, False)
-            if token is None
-            else self._flags.get((target.repo_type, target.repo_id), (True, True))
-        )
+        access = await self._access(target, meta, token)
         snapshot = Snapshot(
             repo_type=target.repo_type,
             repo_id=target.repo_id,
@@ -915,23 +931,40 @@ class HubApi:
             commit=meta.commit,
             files=(file,),
             mirror=meta.mirror,
-            private=private,
-            gated=gated,
+            private=access.visibility is Visibility.PRIVATE,
+            gated=access.visibility is Visibility.GATED,
         )
         ref = (
             target.revision
             if target.revision != meta.commit
             else self._refs.get((target.repo_type, target.repo_id, meta.commit))
         )
-        # Not tied to this connection: a client that goes away (Ctrl-C, a read timeout)
-        # leaves the agent finishing, verifying and seeding the blob; its retry joins.
-        task = asyncio.get_running_loop().create_task(
-            self.backend.blob_for_client(snapshot, file, token, ref)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
+        return await self.backend.blob_for_client(snapshot, file, token, ref, access)
+
+    async def _access(self, target: ResolveTarget, meta: FileMeta, token: str | None) -> Access:
+        """The mirror just allowed this client this file (its resolve HEAD, with the
+        client's token): that is the request's standing. Whether the repo is public
+        decides what the agent may share of it: anonymous clients only reach public
+        repos; for a client with a token, what the revision API said, else a HEAD of
+        the same file without the token (what anyone may read)."""
+        key = repo_key(target.repo_type, target.repo_id)
+        if not meta.mirror:  # from revision manifests: the LAN's word only
+            return Access(key, None, mirror_allowed=False)
+        flags = (False, False) if token is None else self._flags.get(key_of(target))
+        if flags is None:
+            flags = (False, False) if await self._anonymous_ok(target, meta) else (False, True)
+            _bounded_put(self._flags, key_of(target), flags, REF_ENTRIES)
+        private, gated = flags
+        return Access(key, Visibility.of_mirror_answer(private=private, gated=gated), True)
+
+    async def _anonymous_ok(self, target: ResolveTarget, meta: FileMeta) -> bool:
+        url = meta.mirror + target.url_path()
+        headers = {"User-Agent": self.backend.config.hub.user_agent}
+        try:
+            up = await self._send(meta.mirror, "HEAD", url, headers, None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return False  # unknown: not shared (fail closed)
+        return up.status < 300 or (up.status in REDIRECTS and "X-Repo-Commit" in up.headers)
 
     async def _serve(
         self,
