@@ -337,3 +337,20 @@ def test_token_on_the_command_line_warns_and_token_file_is_checked(setup: Setup)
         )
         assert done.returncode == 2, done.stderr
         assert f"cannot read the token file {missing}" in done.stderr
+
+
+def test_nested_json_to_the_hub_api_is_a_bad_request(setup: Setup) -> None:
+    folder = setup.work / "tiny"
+    folder.mkdir()
+    (folder / "a.txt").write_text("tiny")
+    own = f"{IP}:{setup.local_port}"
+    json_type = {"Content-Type": "application/json"}
+    spec = json.dumps({"path": str(folder), "repo_id": "local/tiny"}).encode()
+    assert setup.local("POST", "/v1/publish", spec, Host=own, **json_type)[0] == 200
+    # paths-info of a local/* repo is answered by the agent itself, which parses the body.
+    route = "/api/models/local/tiny/paths-info/main"
+    status, answer = setup.local("POST", route, b"[" * 100_000, Host=own, **json_type)
+    assert status == 400 and answer["event"] == "error", answer
+    status, answer = setup.local("POST", route, b'{"paths": ["a.txt"]}', Host=own, **json_type)
+    assert status == 200 and [e["path"] for e in answer] == ["a.txt"], answer
+    setup.health_within_1s()

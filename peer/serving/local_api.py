@@ -220,7 +220,12 @@ async def guard(
             f"{request.path} takes a JSON body, not {request.content_type!r}",
             "send Content-Type: application/json (the hfswarm CLI does)",
         )
-    return await handler(request)
+    try:
+        return await handler(request)
+    except RecursionError:
+        # json.loads on a body nested too deeply (the Hub API's paths-info parses too):
+        # the caller's fault, not a 500.
+        return refusal(400, "request JSON is nested too deeply", "send a flat JSON body")
 
 
 def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.Application:
