@@ -86,11 +86,13 @@ def endpoint(a: Agent) -> str:
 
 
 async def fetch(a: Agent, repo_id: str = "org/m", **kw: Any) -> dict[str, Any]:
-    """A download run by the agent, as `hfswarm download --agent` asks for it."""
+    """A download run by the agent, as `hfswarm download --agent` asks for it as the
+    agent's own user (who may have the agent use its token)."""
 
     async def emit(_: dict[str, Any]) -> None:
         return None
 
+    kw.setdefault("agent_token", True)
     return await a.run_download(DownloadSpec(repo_id=repo_id, **kw), emit)
 
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from peer.cache.hf_cache import LocalDir, safe_relpath
 from peer.errors import (
     ConfigError,
     HfswarmError,
     IntegrityError,
     LocalError,
     NetworkError,
+    PeerMisbehaved,
     UserError,
 )
 from peer.serving.local_api import DownloadSpec, PublishSpec, iter_ndjson
+from peer.verification.hashing import is_blob_id
 
 
 class AgentUnavailable(NetworkError):
@@ -102,3 +106,47 @@ class AgentClient:
         raise ConfigError(
             f"the agent ended the {what} without a result", hint="see the agent's log"
         )
+
+
+def fill_local_dir(local_dir: Path, final: dict[str, Any]) -> int:
+    """Copy a finished download from the agent's snapshot into `local_dir`, in THIS
+    process (as the user who asked, with their rights: the agent never writes a caller's
+    folder), with huggingface_hub's local-dir metadata. Files already current there are
+    left alone. Returns how many files were copied."""
+    snapshot, commit, entries = Path(str(final["path"])), str(final["commit"]), final["entries"]
+    target = LocalDir(local_dir)
+    copied = 0
+    for entry in entries:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], str)
+            and is_blob_id(entry[1])
+            and isinstance(entry[2], int)
+        ):
+            raise PeerMisbehaved(
+                f"the agent listed a malformed file {entry!r}", hint="see the agent's log"
+            )
+        path, blob_id, size = entry
+        if target.is_current(path, commit, blob_id, size):
+            continue
+        source = snapshot.joinpath(*safe_relpath(path).parts)
+        try:
+            with source.open("rb"):
+                pass
+            ok = source.stat().st_size == size
+        except OSError as exc:
+            raise LocalError(
+                f"cannot read {source} from the agent's cache: {exc.strerror}",
+                hint="--local-dir is copied from the agent's cache by you, so that cache "
+                "must be readable by you: ask the agent's operator to make it so",
+            ) from exc
+        if not ok:
+            raise IntegrityError(
+                f"{source} in the agent's cache is not {size} bytes",
+                hint="run the download again; the agent re-checks its cache",
+            )
+        target.copy_in(source, path, commit, blob_id)
+        copied += 1
+    return copied

@@ -31,7 +31,7 @@ from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
-from peer.cache.hf_cache import LocalDir, RepoCache
+from peer.cache.hf_cache import RepoCache
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
@@ -294,8 +294,9 @@ class Agent:
 
     async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
         t0 = time.monotonic()
+        # The caller's own token; the agent's only for its own user (`spec.agent_token`).
         hub = self.config.hub
-        if spec.token:
+        if spec.token or not spec.agent_token:
             hub = replace(hub, token=spec.token)
         # The mirror first; peers' revision manifests if it is down; peers only for local/*.
         snapshot, learned = await self.revisions.resolve(
@@ -324,7 +325,7 @@ class Agent:
             async def one(files: list[RemoteFile]) -> None:
                 c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
                 try:
-                    path = await self.blobs.obtain(snapshot, files[0], mirror, c, access)
+                    await self.blobs.obtain(snapshot, files[0], mirror, c, access)
                 except NetworkError as exc:
                     if not local:
                         raise
@@ -335,10 +336,7 @@ class Agent:
                         "be running and reachable (`hfswarm status` lists the peers)",
                     ) from exc
                 for f in files:
-                    if spec.local_dir is None:
-                        repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
-                    else:
-                        LocalDir(spec.local_dir).copy_in(path, f.path, snapshot.commit, f.blob_id)
+                    repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
 
             async def report() -> None:
                 while True:
@@ -354,12 +352,10 @@ class Agent:
                     reporter.cancel()
             except BaseExceptionGroup as group:
                 raise primary_error(group) from None
-        if spec.local_dir is None:
-            repo.write_ref(snapshot.revision, snapshot.commit)
-            path = repo.snapshot_dir(snapshot.commit)
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path = spec.local_dir
+        # Never a caller's folder: the CLI copies the snapshot into --local-dir itself.
+        repo.write_ref(snapshot.revision, snapshot.commit)
+        path = repo.snapshot_dir(snapshot.commit)
+        path.mkdir(parents=True, exist_ok=True)
         if learned is not None:  # a public revision from the mirror: peers may use it
             self.revisions.record(learned)
         result = _progress(counters, snapshot.total_size)
@@ -372,6 +368,7 @@ class Agent:
             path=str(path),
             commit=snapshot.commit,
             files=len(snapshot.files),
+            entries=[[f.path, f.blob_id, f.size] for f in snapshot.files],
             seconds=time.monotonic() - t0,
         )
         return result

@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,48 @@ from peer.config import (
     normalize_endpoint,
     parse_hostport,
 )
-from peer.errors import HfswarmError
+from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
 from peer.serving.local_api import DownloadSpec
 from peer.transfer.progress import Progress, human_bytes
+
+
+def _add_token(p: argparse.ArgumentParser, default: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"read the Hugging Face token from this file; {default}",
+    )
+    group.add_argument(
+        "--token", help="the token itself (every user sees it in `ps`: prefer --token-file)"
+    )
+
+
+def _explicit_token(args: argparse.Namespace) -> str | None:
+    """--token-file or --token; None leaves HF_TOKEN and the token file to HubSettings."""
+    if args.token_file:
+        path = Path(args.token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}",
+                hint="pass a readable file holding only the token to --token-file",
+            ) from None
+        if not token:
+            raise ConfigError(
+                f"the token file {path} is empty",
+                hint="put the token in it (e.g. from https://huggingface.co/settings/tokens)",
+            )
+        return token
+    if args.token:
+        print(
+            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
+            "use --token-file PATH or the HF_TOKEN environment variable instead",
+            file=sys.stderr,
+        )
+    return args.token or None
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +93,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
     p.add_argument("--local-dir", help="write plain files here instead of the cache")
-    p.add_argument("--token", help="default: HF_TOKEN, else the saved token file")
+    _add_token(p, "default: HF_TOKEN, else the token file `hf auth login` saved")
     p.add_argument(
         "--mirror",
         action="append",
@@ -128,7 +167,7 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="static peer (its --listen address); repeatable",
     )
-    p.add_argument("--token", help="token for the mirror (default: HF_TOKEN / token file)")
+    _add_token(p, "the agent's token for the mirror (default: HF_TOKEN / token file)")
     p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
     p.add_argument(
         "--tracker",
@@ -247,23 +286,26 @@ async def _run_download(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient, AgentUnavailable
     from peer.download import DownloadRequest, download
 
-    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token, cache_dir=args.cache_dir)
+    settings = HubSettings.from_env(
+        mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
+    )
     options = DownloadOptions.from_env(
         connections=args.connections, max_files=args.max_workers, quiet=args.quiet
     )
     url, named = _agent_url(args)
+    # Always the user's own token (none: anonymous): the agent lends its own only to its
+    # own user, and then only when the request carries none.
     spec = DownloadSpec(
         repo_id=args.repo_id,
         repo_type=args.repo_type,
         revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
-        token=args.token,
-        local_dir=args.local_dir,
+        token=settings.token,
     )
     client = AgentClient(url)
     try:
         if not args.peer:
-            return await _via_agent(client, spec, args.quiet)
+            return await _via_agent(client, spec, args.quiet, args.local_dir)
     except AgentUnavailable:
         if named:
             raise
@@ -295,7 +337,9 @@ async def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _via_agent(client: AgentClient, spec: DownloadSpec, quiet: bool) -> int:
+async def _via_agent(
+    client: AgentClient, spec: DownloadSpec, quiet: bool, local_dir: Path | None
+) -> int:
     await client.status()  # raises AgentUnavailable at once if nobody is there
     progress: Progress | None = None
 
@@ -313,11 +357,17 @@ async def _via_agent(client: AgentClient, spec: DownloadSpec, quiet: bool) -> in
     finally:
         if progress is not None:
             progress.close()
-    _print_summary(final, quiet)
+    await _print_summary(final, quiet, local_dir)
     return 0
 
 
-def _print_summary(final: dict[str, Any], quiet: bool) -> None:
+async def _print_summary(final: dict[str, Any], quiet: bool, local_dir: Path | None) -> None:
+    """Summary on stderr, then the path on stdout: the snapshot in the agent's cache, or
+    `local_dir` after this process copied the snapshot into it."""
+    from peer.agent.client import fill_local_dir
+
+    if local_dir is not None:
+        await asyncio.to_thread(fill_local_dir, local_dir, final)
     if not quiet:
         print(
             f"{final['files']} files, {human_bytes(final['total'])} at commit "
@@ -328,7 +378,7 @@ def _print_summary(final: dict[str, Any], quiet: bool) -> None:
             f"{final['hash_failures']} pieces failed verification",
             file=sys.stderr,
         )
-    print(final["path"])
+    print(local_dir if local_dir is not None else final["path"])
 
 
 async def _embedded(
@@ -366,13 +416,13 @@ async def _embedded(
                 )
 
         try:
-            final = await agent.run_download(spec, emit)
+            final = await agent.run_download(replace(spec, agent_token=True), emit)
         finally:
             if progress is not None:
                 progress.close()
             stop.set()
             await serve
-    _print_summary(final, args.quiet)
+    await _print_summary(final, args.quiet, args.local_dir)
     return 0
 
 
@@ -436,7 +486,9 @@ async def _run_agent(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    settings = HubSettings.from_env(mirrors=args.mirror, token=args.token, cache_dir=args.cache_dir)
+    settings = HubSettings.from_env(
+        mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
+    )
     config = AgentConfig(
         hub=settings,
         state_dir=args.state_dir or default_state_dir(settings.cache_dir),

@@ -2,11 +2,16 @@
 peer-facing listener).
 
     GET  /v1/status       counters, peers and seeded blobs (JSON)
-    POST /v1/downloads    start a download; the answer streams NDJSON events until it ends:
+    POST /v1/downloads    start a download into the agent's cache; the answer streams
+                          NDJSON events until it ends:
                           {"event": "started", "commit", "files", "total"}
                           {"event": "progress", "done", "total", "from_peers", "from_mirror"}
-                          {"event": "done", "path", "commit", ...counters}
+                          {"event": "done", "path", "commit", "entries", ...counters}
                           {"event": "error", "kind", "exit_code", "message"}
+                          The mirror is asked with the token in the request; only the
+                          agent's own user (or root) gets the agent's token when it sends
+                          none. The agent never writes outside its cache on request:
+                          `--local-dir` is filled by the CLI from the snapshot ("entries")
     POST /v1/publish      share a folder as repo local/NAME ({"path", "repo_id",
                           "repo_type"}); NDJSON events as above, "done" with the commit.
                           Only for the agent's own user (or root): the agent reads the
@@ -18,37 +23,55 @@ same repo joins the blobs already in flight instead of fetching them twice.
 
 The agent also mounts the Hub API of HF_ENDPOINT mode here (`peer.serving.hub_api`:
 ``/api/...`` and ``/{repo}/resolve/...``), after these routes.
+
+Every user of the machine, and every web page its browsers show, can reach a loopback
+port, so `guard` checks each request before any route: a ``Host`` that is not the
+listener's own address or a loopback name (DNS rebinding), an ``Origin`` (a browser
+sent it: cross-site) other than our own -> 403; the JSON routes take only
+``application/json`` (a form or text/plain POST needs no CORS preflight) -> 415.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from peer.errors import ConfigError, HfswarmError
+from peer.errors import ConfigError, HfswarmError, UserError
 from peer.hub.metadata import FileSelection
 from peer.serving.caller import caller_uid
 from peer.serving.hub_api import HubApi, HubBackend
 
+# Requests are small JSON or a paths-info list; a cap keeps one from filling memory.
+MAX_REQUEST_BYTES = 1024 * 1024
+JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish"})
+
+
+class RequestRefused(UserError):
+    """A request the local API does not take from this caller (HTTP 403/415)."""
+
 
 @dataclass(frozen=True)
 class DownloadSpec:
-    """What the CLI asks for; the token is the user's, used for this download only."""
+    """What the CLI asks for; the token is the user's, used for this download only.
+
+    `agent_token` is never read from the request: the local API sets it when the caller
+    is the agent's own user (or root), who may have the agent use its own token."""
 
     repo_id: str
     repo_type: str = "model"
     revision: str = "main"
     selection: FileSelection = field(default_factory=FileSelection)
     token: str | None = None
-    local_dir: Path | None = None
+    agent_token: bool = False
 
     @classmethod
     def from_json(cls, d: Any) -> DownloadSpec:
@@ -61,14 +84,17 @@ class DownloadSpec:
                 raise ConfigError(f"download request: {key} must be a list of strings")
             return tuple(value)
 
-        local = d.get("local_dir")
+        if d.get("local_dir"):
+            raise ConfigError(
+                "the agent does not write into a local dir: it downloads into its cache",
+                hint="update hfswarm: `hfswarm download --local-dir` copies the files itself",
+            )
         return cls(
             repo_id=d["repo_id"],
             repo_type=str(d.get("repo_type") or "model"),
             revision=str(d.get("revision") or "main"),
             selection=FileSelection(strs("files"), strs("include"), strs("exclude")),
-            token=d.get("token") if isinstance(d.get("token"), str) else None,
-            local_dir=Path(local) if isinstance(local, str) and local else None,
+            token=d.get("token") if isinstance(d.get("token"), str) and d["token"] else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -80,7 +106,6 @@ class DownloadSpec:
             "include": list(self.selection.include),
             "exclude": list(self.selection.exclude),
             "token": self.token,
-            "local_dir": str(self.local_dir) if self.local_dir else None,
         }
 
 
@@ -135,6 +160,74 @@ def error_event(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _split_host(value: str) -> tuple[str, str | None]:
+    """``name``, ``name:port``, ``[v6]`` or ``[v6]:port`` -> (name, port or None)."""
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return "", None
+        return name, rest[1:] if rest else None
+    name, sep, port = value.partition(":")
+    return name, port if sep else None
+
+
+def host_allowed(value: str | None, sockname: Any) -> bool:
+    """The Host header names this listener: a loopback name or address, or the exact
+    address the connection came in on, and our port if it has one. Anything else is a
+    name some DNS resolved to us (rebinding), so a web page could read the answers."""
+    if not value or not sockname:
+        return False
+    name, port = _split_host(value.strip().lower())
+    if port is not None and port != str(sockname[1]):
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+        ours = ipaddress.ip_address(str(sockname[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip == ours
+
+
+def refusal(status: int, message: str, hint: str) -> web.Response:
+    return web.json_response(error_event(RequestRefused(message, hint=hint)), status=status)
+
+
+@web.middleware
+async def guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Before any route (the /v1 API and the Hub API alike): see the module docstring."""
+    host = request.headers.get("Host")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not host_allowed(host, sockname):
+        return refusal(
+            403,
+            f"the agent's local API answers only requests for its own address, not {host!r}",
+            "use http://127.0.0.1:PORT (or localhost) as the agent's URL or HF_ENDPOINT",
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != f"http://{host}".lower():
+        return refusal(
+            403,
+            f"the agent's local API does not answer web pages (Origin {origin!r})",
+            "call it from the hfswarm CLI or a Hub client, not from a browser",
+        )
+    if request.path in JSON_ROUTES and request.content_type != "application/json":
+        return refusal(
+            415,
+            f"{request.path} takes a JSON body, not {request.content_type!r}",
+            "send Content-Type: application/json (the hfswarm CLI does)",
+        )
+    try:
+        return await handler(request)
+    except RecursionError:
+        # json.loads on a body nested too deeply (the Hub API's paths-info parses too):
+        # the caller's fault, not a 500.
+        return refusal(400, "request JSON is nested too deeply", "send a flat JSON body")
+
+
 def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.Application:
     """The CLI's API; with `hub`, also the Hub API of HF_ENDPOINT mode
     (`peer.serving.hub_api`), mounted after the /v1 routes."""
@@ -149,16 +242,35 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             status=status,
         )
 
+    async def body(request: web.Request) -> Any:
+        """The JSON body; nesting too deep for the parser is a bad request, not a 500."""
+        try:
+            return await request.json()
+        except RecursionError:
+            raise ConfigError("request JSON is nested too deeply") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise ConfigError(
+                f"request larger than {MAX_REQUEST_BYTES} bytes",
+                hint="a download or publish request is a few hundred bytes; "
+                "list many files with --include globs instead",
+            ) from None
+
+    def own_user(uid: int | None) -> bool:
+        return uid is not None and uid in (0, os.geteuid())
+
     async def downloads(request: web.Request) -> web.StreamResponse:
         try:
-            spec = DownloadSpec.from_json(await request.json())
+            spec = DownloadSpec.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        # Any local user reaches this port: the agent's token (its reach to private and
+        # gated repos) is lent only to the agent's own user; others bring their own.
+        spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
         return await run_job(request, lambda emit: backend.run_download(spec, emit))
 
     async def publish(request: web.Request) -> web.StreamResponse:
         uid = caller_uid(request.transport)
-        if uid is None or uid not in (0, os.geteuid()):
+        if not own_user(uid):
             who = "an unidentified caller" if uid is None else f"uid {uid}"
             return bad_request(
                 ConfigError(
@@ -170,7 +282,7 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
                 status=403,
             )
         try:
-            spec = PublishSpec.from_json(await request.json())
+            spec = PublishSpec.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
         return await run_job(request, lambda emit: backend.publish(spec, emit))
@@ -215,7 +327,7 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             with contextlib.suppress(BaseException):
                 await task
 
-    app = web.Application()
+    app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/downloads", downloads)
     app.router.add_post("/v1/publish", publish)
