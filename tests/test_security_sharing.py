@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,15 +18,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from peer import wire
 from peer.cli.demo import Proc, _start, _stop, loopback_agent_command
 from peer.manifests import VerifiedBlob, make_manifest
-from peer.manifests.revisions import content_commit
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import BlobHasher, HashKind
+from tracker.client import TrackerClient
 
 MiB = 1 << 20
 TOKEN = "hf_agent_owner_token"  # the agent's own token: reads the private and gated repos
@@ -78,7 +75,7 @@ async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def agent_proc(root: Path, ip: str, mirror: str, *extra: str) -> AsyncIterator[Proc]:
-    root.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     cmd = loopback_agent_command(root, ip, mirror, (), "-v", *extra)
     p = await _start(f"agent {ip}", cmd, root / "agent.log", "ready")
     try:
@@ -139,7 +136,7 @@ async def bytes_over_swarm(blob: bytes, host: str, bt_port: int, seconds: float)
             deadline = time.monotonic() + seconds
             got = 0
             while time.monotonic() < deadline:
-                got = (await ses.status(ih)).total_payload_download
+                got = (await ses.status(ih)).peer_payload_bytes
                 if got >= len(blob):
                     break
                 await asyncio.sleep(0.2)
@@ -175,8 +172,16 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
     )
     try:
         turl = tracker.info["url"]
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
         async with agent_proc(
-            tmp_path / "a", "127.0.0.2", mirror.url, "--token", TOKEN, "--tracker", turl
+            tmp_path / "a",
+            "127.0.0.2",
+            mirror.url,
+            "--token-file",
+            str(token_file),
+            "--tracker",
+            turl,
         ) as a:
             for repo in ("org/pub", "org/priv", "org/gated"):
                 done = await download(a, "127.0.0.2", repo)
@@ -198,12 +203,10 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
                 offered = {m.blob_id for m in (*have.manifests, *have.fetching)}
                 offered |= {c.blob_id for c in have.claims}
                 assert offered == set(pub.ids)
-                # the tracker names the agent for public blobs only
-                async with s.post(
-                    f"{turl}/v1/who", data=_who(all_ids), headers={"Content-Type": _MSGPACK}
-                ) as r:
-                    who = _decode_who(await r.read())
-                assert set(who) == set(pub.ids)
+            # the tracker names the agent for public blobs only
+            async with TrackerClient(turl) as t:
+                who = await t.who(all_ids)
+            assert set(who) == set(pub.ids)
             # the swarm: a client that knows the torrent gets the public shard, and not
             # one byte of the private or gated ones
             bt = a.info["bt_port"]
@@ -213,9 +216,8 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             # another agent, with no token: the gated repo fails as against the mirror, and
             # no byte of it comes from A; the public repo comes from A
             mirror.reset_stats()
-            async with agent_proc(
-                tmp_path / "b", "127.0.0.3", mirror.url, "--peer", f"127.0.0.2:{a.info['peer_port']}"
-            ) as b:
+            a_peer = f"127.0.0.2:{a.info['peer_port']}"
+            async with agent_proc(tmp_path / "b", "127.0.0.3", mirror.url, "--peer", a_peer) as b:
                 refused = await download(b, "127.0.0.3", "org/gated")
                 assert refused["event"] == "error" and refused["kind"] == "GatedRepo", refused
                 ok = await download(b, "127.0.0.3", "org/pub")
@@ -225,19 +227,3 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             await assert_healthy(a, "127.0.0.2")
     finally:
         await _stop(tracker)
-
-
-_MSGPACK = "application/msgpack"
-
-
-def _who(ids: list[str]) -> bytes:
-    from tracker import messages as tm
-
-    return tm.encode(tm.Who(blob_ids=tuple(ids)))
-
-
-def _decode_who(data: bytes) -> dict[str, Any]:
-    from tracker import messages as tm
-
-    answer = tm.decode_as(data, tm.WhoAnswer)
-    return {s.blob_id: s for s in answer.sources if s.holders_total or s.fetchers_total}
