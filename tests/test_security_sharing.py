@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +20,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from peer import wire
 from peer.cli.demo import Proc, _start, _stop, loopback_agent_command
 from peer.manifests import VerifiedBlob, make_manifest
+from peer.manifests.revisions import content_commit
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import BlobHasher, HashKind
@@ -227,3 +231,184 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             await assert_healthy(a, "127.0.0.2")
     finally:
         await _stop(tracker)
+
+
+# -- finding 3: a LAN-only name (or a revision told by peers) cannot launder a gated blob --
+
+
+def hostile_peer_app(files: tuple[wire.RevisionFile, ...]) -> web.Application:
+    """Looks like an agent; answers every revision request with a manifest naming
+    `files` (the ids of blobs it does not hold: another agent's gated ones)."""
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="e" * 32, bt_port=1, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(_: web.Request) -> web.Response:
+        return web.Response(
+            body=wire.encode(wire.HaveResponse()), content_type="application/msgpack"
+        )
+
+    async def revisions(request: web.Request) -> web.Response:
+        ask = wire.decode_as(await request.read(), wire.RevisionRequest)
+        commit = content_commit(files) if ask.repo_id.startswith("local/") else "c" * 40
+        m = wire.RevisionManifest(
+            repo_type=ask.repo_type,
+            repo_id=ask.repo_id,
+            revision=ask.revision,
+            commit=commit,
+            files=files,
+            made_by="e" * 32,
+            published_at=int(time.time() * 1000),
+        )
+        return web.Response(body=wire.encode(m), content_type="application/msgpack")
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_post("/v1/revisions", revisions)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, host: str) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    try:
+        yield f"{host}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_lan_name_cannot_launder_a_gated_blob(tmp_path: Path) -> None:
+    gated = make_repo(tmp_path / "gated", "org/gated", 3)
+    files = (
+        wire.RevisionFile(path="model.safetensors", blob_id=gated.ids[0], size=len(gated.shard)),
+        wire.RevisionFile(path="small.bin", blob_id=gated.ids[1], size=len(gated.small)),
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    async with contextlib.AsyncExitStack() as stack:
+        mirror = await stack.enter_async_context(
+            MirrorServer(
+                [RepoSource("model", "org/gated", tmp_path / "gated", gated=True)],
+                gated_tokens=[TOKEN],
+            )
+        )
+        hostile = await stack.enter_async_context(serve(hostile_peer_app(files), "127.0.0.30"))
+        a = await stack.enter_async_context(
+            agent_proc(
+                tmp_path / "a",
+                "127.0.0.2",
+                mirror.url,
+                "--token-file",
+                str(token_file),
+                "--peer",
+                hostile,
+            )
+        )
+        assert (await download(a, "127.0.0.2", "org/gated"))["event"] == "done"
+        endpoint = local_url(a, "127.0.0.2")
+        async with aiohttp.ClientSession() as s:
+            # the mirror's word, without a token: gated, as against the Hub
+            async with s.get(f"{endpoint}/org/gated/resolve/main/small.bin") as r:
+                assert r.status in (401, 403) and r.headers.get("X-Error-Code") == "GatedRepo"
+            # the hostile peer's word: local/alias names the gated blobs
+            for path, blob in (("small.bin", gated.small), ("model.safetensors", gated.shard)):
+                async with s.get(f"{endpoint}/local/alias/resolve/main/{path}") as r:
+                    body = await r.read()
+                    assert r.status == 403, (path, r.status, body[:200])
+                    assert blob[:4096] not in body
+            # the mirror goes down: the peer's word on org/gated itself is not enough either
+            await mirror.__aexit__(None, None, None)
+            for path, blob in (("small.bin", gated.small), ("model.safetensors", gated.shard)):
+                async with s.get(f"{endpoint}/org/gated/resolve/main/{path}") as r:
+                    body = await r.read()
+                    assert r.status != 200 and blob[:4096] not in body, (path, r.status)
+        await assert_healthy(a, "127.0.0.2")
+
+
+# -- finding 9: a hostile mirror's answers are checked before they touch the disk ---------
+
+
+def hostile_mirror_app(content: bytes) -> web.Application:
+    """Answers any revision of org/x (even one that is a path) with one file."""
+    oid = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+    commit = "a" * 40
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response({"id": "org/x", "sha": commit, "private": False})
+
+    async def tree(_: web.Request) -> web.Response:
+        return web.json_response(
+            [{"type": "file", "oid": oid, "size": len(content), "path": "config.json"}]
+        )
+
+    async def resolve(request: web.Request) -> web.StreamResponse:
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{oid}"', "Accept-Ranges": "bytes"}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(content))
+            return web.Response(headers=headers)
+        return web.Response(body=content, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/api/models/org/x/revision/{rev:.*}", info)
+    app.router.add_get("/api/models/org/x/tree/{rev:.*}", tree)
+    app.router.add_route("*", "/org/x/resolve/{rest:.*}", resolve)
+    return app
+
+
+async def test_a_hostile_mirror_cannot_write_outside_the_cache(tmp_path: Path) -> None:
+    content = b'{"hostile": true}'
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with (
+        serve(hostile_mirror_app(content), "127.0.0.40") as mirror,
+        agent_proc(tmp_path / "a", "127.0.0.2", f"http://{mirror}") as a,
+    ):
+        # a revision that is an absolute path, through HF_ENDPOINT and through a download
+        target = outside / "ref-from-resolve"
+        rev = str(target).replace("/", "%2F")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{local_url(a, '127.0.0.2')}/org/x/resolve/{rev}/config.json") as r,
+        ):
+            await r.read()
+        target2 = outside / "ref-from-download"
+        done = await download(a, "127.0.0.2", "org/x", revision=str(target2))
+        assert done["event"] == "error", done
+        assert not target.exists() and not target2.exists()
+        assert list(outside.iterdir()) == []
+        await assert_healthy(a, "127.0.0.2")
+
+
+# -- finding 10: a publish killed mid-copy leaves nothing behind once the agent restarts --
+
+
+async def test_publish_temp_file_is_removed_after_a_kill(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    # sparse: cheap to make, slow enough to copy
+    (folder / "model.safetensors").touch()
+    await asyncio.to_thread(os.truncate, folder / "model.safetensors", 768 * MiB)
+    partial = tmp_path / "a/cache/models--local--run/.hfswarm/partial"
+    async with MirrorServer([]) as mirror:
+        async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+            url = f"{local_url(a, '127.0.0.2')}/v1/publish"
+            body = {"path": str(folder), "repo_id": "local/run"}
+            async with aiohttp.ClientSession() as s:
+                pub = asyncio.create_task(s.post(url, json=body))
+                deadline = time.monotonic() + 20
+                while not list(partial.glob("publish.*")) and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                a.proc.send_signal(signal.SIGKILL)
+                await a.proc.wait()
+                with contextlib.suppress(aiohttp.ClientError):
+                    (await pub).close()
+        left = list(partial.glob("publish.*"))
+        assert left, "the kill came too late to leave a temp file"
+        async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+            assert list(partial.glob("publish.*")) == []
+            await assert_healthy(a, "127.0.0.2")
