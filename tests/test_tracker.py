@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ from tracker.errors import (
     TrackerWireError,
     UnknownAgent,
 )
+from tracker.limits import ConnectionBook, RepeatFilter
 from tracker.registry import Limits, Registry
 from tracker.service import TrackerServer
 
@@ -766,3 +768,39 @@ async def test_agent_swarm_sessions_announce_to_the_lan_tracker_when_told(tmp_pa
             s.announce(ih)
             await eventually(lambda: bool(t.registry.bt_peers(key, t.clock())), "an announce")
             assert t.registry.bt_peers(key, t.clock()) == [("127.0.0.1", s.listen_port, True)]
+
+
+# --- listener limits (pure) ----------------------------------------------------------------
+
+
+def test_connection_book_caps_each_address_and_makes_room_from_the_greediest() -> None:
+    book = ConnectionBook(max_total=4, max_per_ip=3)
+    assert book.admit("a1", "A") == (True, None)
+    assert book.admit("a2", "A") == (True, None)
+    assert book.admit("a3", "A") == (True, None)
+    assert book.admit("a4", "A") == (False, None)  # the per-address cap
+    assert book.admit("b1", "B") == (True, None)  # total now 4: full
+    assert book.admit("c1", "C") == (True, "a1")  # full: A's oldest makes room
+    assert book.admit("d1", "D") == (True, "a2")  # A still holds the most
+    assert book.admit("e1", "E") == (False, None)  # one each now: nobody is greedy
+    assert book.admit("b2", "B") == (False, None)  # and B may not become so
+    book.release("c1")
+    assert book.admit("e1", "E") == (True, None)
+    assert len(book) == 4 and [book.count(ip) for ip in "ABCDE"] == [1, 1, 0, 1, 1]
+
+
+def test_repeated_log_records_are_held_back_and_counted() -> None:
+    now = [0.0]
+    f = RepeatFilter(60.0, lambda: now[0])
+
+    def record(msg: str, exc: type[BaseException] | None = None) -> logging.LogRecord:
+        exc_info = (exc, exc(), None) if exc is not None else None
+        return logging.LogRecord("t", logging.ERROR, __file__, 1, msg, None, exc_info)
+
+    assert f.filter(record("accept failed", OSError))
+    assert not any(f.filter(record("accept failed", OSError)) for _ in range(1000))
+    assert f.filter(record("accept failed", ValueError))  # another kind of trouble
+    assert f.filter(record("other"))
+    now[0] = 61.0
+    again = record("accept failed", OSError)
+    assert f.filter(again) and "1000 more like this" in again.getMessage()

@@ -79,6 +79,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help=f"open connections per source address (default "
         f"{ListenerLimits.max_connections_per_ip})",
     )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=ListenerLimits.header_timeout,
+        metavar="SECONDS",
+        help=f"a request's headers, and then its body, must arrive within this time "
+        f"(default {ListenerLimits.header_timeout:g}); idle connections close after it too",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 
@@ -111,9 +119,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "hfswarm tracker") -> in
         args.listener = ListenerLimits(
             max_connections=args.max_connections,
             max_connections_per_ip=args.max_connections_per_ip,
+            header_timeout=args.request_timeout,
+            body_timeout=args.request_timeout,
         )
     except ValueError as e:
-        print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
+        print(f"{prog}: error: {e} (check --max-connections*, --request-timeout)", file=sys.stderr)
         return TrackerConfigError.exit_code
     # One line per kind of trouble per interval: a flood of refused or broken
     # connections must not turn into a flood of tracebacks on stderr.
