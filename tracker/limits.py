@@ -35,9 +35,12 @@ from tracker import messages as m
 
 log = logging.getLogger(__name__)
 
-# File descriptors the tracker keeps for itself beyond its connections (listening
-# sockets, the event loop, logs, libraries).
-_FD_RESERVE = 64
+# The listen backlog, which is also how many connections asyncio accepts in one go
+# before any of them is admitted or refused (and closed).
+BACKLOG = 64
+# File descriptors kept free beyond the admitted connections: two accept bursts not yet
+# refused, plus the tracker's own (listening sockets, the event loop, logs, libraries).
+_FD_RESERVE = 2 * BACKLOG + 32
 
 
 @dataclass(frozen=True)

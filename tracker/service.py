@@ -48,7 +48,7 @@ from tracker.errors import (
     TrackerWireError,
     UnknownAgent,
 )
-from tracker.limits import ConnectionGuard, ListenerLimits
+from tracker.limits import BACKLOG, ConnectionGuard, ListenerLimits
 from tracker.registry import AgentInfo, Limits, Registry
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,11 @@ class _GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._guard.wrap(server), self._host, self._port, reuse_address=True
+            self._guard.wrap(server),
+            self._host,
+            self._port,
+            reuse_address=True,
+            backlog=BACKLOG,
         )
 
 
