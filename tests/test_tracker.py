@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import signal
@@ -34,12 +35,14 @@ from tracker.announce import (
 from tracker.bencode import bencode
 from tracker.client import TrackerClient, TrackerPresence
 from tracker.errors import (
+    AgentIdTaken,
     RegisterFirst,
     TrackerFull,
     TrackerUnavailable,
     TrackerWireError,
     UnknownAgent,
 )
+from tracker.limits import ConnectionBook, RepeatFilter
 from tracker.registry import Limits, Registry
 from tracker.service import TrackerServer
 
@@ -76,7 +79,7 @@ def ids_of(sources: Any) -> set[str]:
 def test_agent_expires_after_ttl_without_heartbeat_and_its_blobs_with_it() -> None:
     r = registry()
     assert r.register("a", "10.0.0.1", 7851, 7852, now=0.0).new
-    r.announce("a", [blob(1)], [blob(2)], now=0.0)
+    r.announce("a", [blob(1)], [blob(2)], now=0.0, source="10.0.0.1")
     assert r.agent("a", now=TTL - 0.01) is not None
     assert [s.blob_id for s in r.who([blob(1), blob(2)], now=TTL - 0.01)] == [blob(1), blob(2)]
     assert r.agent("a", now=TTL) is None  # the ttl is up exactly ttl after the last word
@@ -88,9 +91,9 @@ def test_agent_expires_after_ttl_without_heartbeat_and_its_blobs_with_it() -> No
 def test_heartbeat_and_announce_keep_an_agent_alive() -> None:
     r = registry()
     r.register("a", "10.0.0.1", 7851, 7852, now=0.0)
-    r.announce("a", [blob(1)], [], now=0.0)
+    r.announce("a", [blob(1)], [], now=0.0, source="10.0.0.1")
     assert not r.register("a", "10.0.0.1", 7851, 7852, now=20.0).new  # heartbeat
-    r.announce("a", [blob(1)], [], now=45.0)  # an announce is a heartbeat too
+    r.announce("a", [blob(1)], [], now=45.0, source="10.0.0.1")  # an announce is a heartbeat too
     assert r.agent("a", now=74.0) is not None
     assert r.agent("a", now=75.0) is None
     # Back after expiry: a fresh record, flagged new so the agent announces again.
@@ -99,26 +102,70 @@ def test_heartbeat_and_announce_keep_an_agent_alive() -> None:
     assert r.who([blob(1)], now=80.0) == []
 
 
-def test_register_updates_a_moved_agent() -> None:
+def test_register_updates_the_ports_and_host_an_agent_gives_from_its_own_address() -> None:
     r = registry()
     r.register("a", "10.0.0.1", 7851, 7852, now=0.0)
-    r.announce("a", [blob(1)], [], now=0.0)
-    r.register("a", "10.0.0.2", 9000, 9001, now=1.0)
+    r.announce("a", [blob(1)], [], now=0.0, source="10.0.0.1")
+    r.register("a", "a.lab", 9000, 9001, now=1.0, source="10.0.0.1")  # restarted, named
     (src,) = r.who([blob(1)], now=1.0)
-    assert [(h.host, h.api_port, h.bt_port) for h in src.holders] == [("10.0.0.2", 9000, 9001)]
+    assert [(h.host, h.api_port, h.bt_port) for h in src.holders] == [("a.lab", 9000, 9001)]
+
+
+def test_an_agent_id_is_bound_to_the_address_that_registered_it_for_its_ttl() -> None:
+    r = registry()
+    r.register("victim", "10.0.0.1", 7851, 7852, now=0.0, source="10.0.0.1")
+    r.announce("victim", [blob(1)], [], now=0.0, source="10.0.0.1")
+    with pytest.raises(AgentIdTaken) as e:  # the hijack: the id, moved to the attacker
+        r.register("victim", "10.0.0.66", 1, 1, now=1.0, source="10.0.0.66")
+    assert "registered from another address" in e.value.one_line()
+    assert "10.0.0.1" not in e.value.one_line()  # the bound address is not disclosed
+    with pytest.raises(AgentIdTaken):  # naming the victim's host from elsewhere: the same
+        r.register("victim", "10.0.0.1", 1, 1, now=1.0, source="10.0.0.66")
+    with pytest.raises(AgentIdTaken):  # nor can it empty the victim's sets
+        r.announce("victim", [], [], now=1.0, source="10.0.0.66")
+    (src,) = r.who([blob(1)], now=1.0)
+    assert [(h.agent_id, h.host, h.api_port) for h in src.holders] == [("victim", "10.0.0.1", 7851)]
+    # The victim heartbeats; the binding lives as long as the record.
+    assert not r.register("victim", "10.0.0.1", 7851, 7852, now=25.0, source="10.0.0.1").new
+    with pytest.raises(AgentIdTaken):
+        r.register("victim", "10.0.0.66", 1, 1, now=54.9, source="10.0.0.66")
+    # TTL without a heartbeat: the id is free, for anyone (open mode has no keys).
+    assert r.register("victim", "10.0.0.2", 1, 1, now=55.0, source="10.0.0.2").new
+
+
+def test_an_agent_restarting_on_its_host_gets_its_id_back_at_once() -> None:
+    r = registry()
+    r.register("a", "10.0.0.1", 7851, 7852, now=0.0, source="10.0.0.1")
+    r.announce("a", [blob(1)], [], now=0.0, source="10.0.0.1")
+    # Restarted with other ports (and counts it never announced to this record).
+    reg = r.register("a", "10.0.0.1", 9000, 9001, now=1.0, source="10.0.0.1", announced=(0, 0))
+    assert reg.new  # its counts are not the record's: it must announce everything again
+    r.announce("a", [blob(2)], [], now=1.0, source="10.0.0.1")
+    assert r.who([blob(1)], now=1.0) == []
+    assert ids_of(r.who([blob(2)], now=1.0)[0].holders) == {"a"}
+
+
+def test_a_heartbeat_whose_counts_differ_from_the_record_says_announce_again() -> None:
+    r = registry()
+    r.register("a", "10.0.0.1", 1, 1, now=0.0)
+    r.announce("a", [blob(1), blob(2)], [blob(3)], now=0.0, source="10.0.0.1")
+    assert not r.register("a", "10.0.0.1", 1, 1, now=1.0, announced=(2, 1)).new
+    assert not r.register("a", "10.0.0.1", 1, 1, now=1.0).new  # an older agent: no counts
+    r.announce("a", [], [], now=2.0, source="10.0.0.1")  # say the record lost its sets
+    assert r.register("a", "10.0.0.1", 1, 1, now=3.0, announced=(2, 1)).new
 
 
 def test_announce_replaces_the_agents_sets() -> None:
     r = registry()
     r.register("a", "10.0.0.1", 7851, 7852, now=0.0)
-    r.announce("a", [blob(1), blob(2)], [blob(3)], now=0.0)
-    r.announce("a", [blob(2), blob(3)], [blob(4)], now=1.0)  # blob 3 finished
+    r.announce("a", [blob(1), blob(2)], [blob(3)], now=0.0, source="10.0.0.1")
+    r.announce("a", [blob(2), blob(3)], [blob(4)], now=1.0, source="10.0.0.1")  # blob 3 finished
     got = {s.blob_id: s for s in r.who([blob(i) for i in range(1, 5)], now=1.0)}
     assert set(got) == {blob(2), blob(3), blob(4)}
     assert ids_of(got[blob(3)].holders) == {"a"} and got[blob(3)].fetchers == ()
     assert got[blob(4)].holders == () and ids_of(got[blob(4)].fetchers) == {"a"}
     assert r.stats(now=1.0).holdings == 3
-    r.announce("a", [], [], now=2.0)
+    r.announce("a", [], [], now=2.0, source="10.0.0.1")
     assert r.who([blob(i) for i in range(1, 5)], now=2.0) == []
     assert (r.stats(now=2.0).blobs, r.stats(now=2.0).holdings) == (0, 0)
 
@@ -127,20 +174,20 @@ def test_who_answers_only_live_agents() -> None:
     r = registry()
     r.register("old", "10.0.0.1", 1, 1, now=0.0)
     r.register("young", "10.0.0.2", 2, 2, now=0.0)
-    r.announce("old", [blob(1)], [], now=0.0)
-    r.announce("young", [], [blob(1)], now=20.0)
+    r.announce("old", [blob(1)], [], now=0.0, source="10.0.0.1")
+    r.announce("young", [], [blob(1)], now=20.0, source="10.0.0.2")
     (src,) = r.who([blob(1)], now=35.0)
     assert src.holders == () and ids_of(src.fetchers) == {"young"}
     assert (src.holders_total, src.fetchers_total) == (0, 1)
     with pytest.raises(UnknownAgent):
-        r.announce("old", [blob(1)], [], now=35.0)
+        r.announce("old", [blob(1)], [], now=35.0, source="10.0.0.1")
 
 
 def test_a_clock_stepping_back_reads_as_no_time_passed() -> None:
     r = registry()
     r.register("a", "10.0.0.1", 1, 1, now=100.0)
     r.register("b", "10.0.0.2", 1, 1, now=50.0)  # recorded at 100: order stays sorted
-    r.announce("a", [blob(1)], [], now=10.0)
+    r.announce("a", [blob(1)], [], now=10.0, source="10.0.0.1")
     assert ids_of(r.who([blob(1)], now=129.9)[0].holders) == {"a"}
     assert r.agent("b", now=129.9) is not None
     assert r.who([blob(1)], now=130.0) == [] and r.stats(now=130.0).agents == 0
@@ -149,7 +196,7 @@ def test_a_clock_stepping_back_reads_as_no_time_passed() -> None:
 def test_announce_from_an_unknown_agent_is_refused() -> None:
     r = registry()
     with pytest.raises(UnknownAgent) as e:
-        r.announce("ghost", [blob(1)], [], now=0.0)
+        r.announce("ghost", [blob(1)], [], now=0.0, source="10.0.0.1")
     assert "register again" in e.value.one_line()
     assert r.who([blob(1)], now=0.0) == []
 
@@ -170,15 +217,15 @@ def test_holdings_are_bounded_per_agent_and_in_total() -> None:
     r.register("a", "10.0.0.1", 1, 1, now=0.0)
     r.register("b", "10.0.0.2", 1, 1, now=0.0)
     with pytest.raises(TrackerFull, match="per-agent"):
-        r.announce("a", [blob(i) for i in range(4)], [], now=0.0)
+        r.announce("a", [blob(i) for i in range(4)], [], now=0.0, source="10.0.0.1")
     with pytest.raises(TrackerFull, match="per-agent"):
-        r.announce("a", [], [blob(1), blob(2)], now=0.0)
-    r.announce("a", [blob(1), blob(2), blob(3)], [], now=0.0)
+        r.announce("a", [], [blob(1), blob(2)], now=0.0, source="10.0.0.1")
+    r.announce("a", [blob(1), blob(2), blob(3)], [], now=0.0, source="10.0.0.1")
     with pytest.raises(TrackerFull, match="index is full"):
-        r.announce("b", [blob(1), blob(2), blob(3)], [], now=0.0)
+        r.announce("b", [blob(1), blob(2), blob(3)], [], now=0.0, source="10.0.0.2")
     assert r.who([blob(1)], now=0.0)[0].holders_total == 1  # the refused one left no trace
-    r.announce("a", [blob(1)], [], now=1.0)  # shrinking frees room
-    r.announce("b", [blob(1), blob(2), blob(3)], [blob(4)], now=1.0)
+    r.announce("a", [blob(1)], [], now=1.0, source="10.0.0.1")  # shrinking frees room
+    r.announce("b", [blob(1), blob(2), blob(3)], [blob(4)], now=1.0, source="10.0.0.2")
     assert r.stats(now=1.0).holdings == 5
 
 
@@ -186,7 +233,7 @@ def test_who_lists_a_bounded_random_sample_with_true_totals() -> None:
     r = registry(max_answer_peers=4)
     for i in range(10):
         r.register(f"a{i}", f"10.0.0.{i + 1}", 7851, 7852, now=0.0)
-        r.announce(f"a{i}", [blob(1)], [], now=0.0)
+        r.announce(f"a{i}", [blob(1)], [], now=0.0, source=f"10.0.0.{i + 1}")
     first = r.who([blob(1)], now=0.0)[0]
     assert len(first.holders) == 4 and first.holders_total == 10
     seen = set()
@@ -280,6 +327,20 @@ def test_messages_round_trip() -> None:
         assert m.decode(m.encode(msg)) == msg
 
 
+def test_optional_fields_keep_older_and_newer_sides_talking() -> None:
+    # An older agent's register (no host, no counts) decodes; the defaults stand.
+    old = m.decode_as(raw(REGISTER), m.Register)
+    assert (old.host, old.held, old.fetching) == ("", -1, -1)
+    # Ours leaves the counts out until there are some, so older trackers decode it...
+    assert set(msgpack.unpackb(m.encode(m.Register(agent_id="a", api_port=1, bt_port=0)))) == {
+        *REGISTER,
+        "host",
+    }
+    # ...and sends them once there are.
+    counted = m.Register(agent_id="a", api_port=1, bt_port=0, held=3, fetching=0)
+    assert m.decode(m.encode(counted)) == counted
+
+
 def test_every_message_schema_names_exactly_its_fields() -> None:
     for cls in m.MESSAGE_TYPES.values():
         names = {f.name for f in dataclasses.fields(cls)} - {"version"}
@@ -314,7 +375,7 @@ def test_decode_is_strict_about_versions_sizes_and_shapes() -> None:
     with pytest.raises(m.UnsupportedVersion, match="version 2"):
         m.decode(raw({**REGISTER, "host": "", "version": 2}))
     with pytest.raises(TrackerWireError, match="missing fields"):
-        m.decode(raw(REGISTER))
+        m.decode(raw({k: v for k, v in REGISTER.items() if k != "agent_id"}))
     too_many = [blob(i) for i in range(m.MAX_HELD + 1)]
     with pytest.raises(TrackerWireError):
         m.decode(
@@ -393,7 +454,9 @@ def test_parse_announce_reads_raw_bytes() -> None:
     ann = parse_announce(query(info_hash="%DB%81+" + "a" * 17, left="0"), "::ffff:10.0.0.7")
     assert ann.info_hash == b"\xdb\x81+" + b"a" * 17  # not UTF-8, "+" is not a space
     assert (ann.ip, ann.port, ann.seed, ann.event) == ("10.0.0.7", 6881, True, "")
-    assert parse_announce(query(ip="10.9.9.9"), "10.0.0.7").ip == "10.9.9.9"
+    # ip= is ignored, like opentracker: a peer is listed at the address it sent from.
+    for forged in ("10.9.9.9", "10.0.0.7", "0.0.0.0", "nonsense"):
+        assert parse_announce(query(ip=forged), "10.0.0.7").ip == "10.0.0.7"
 
 
 @pytest.mark.parametrize(
@@ -405,7 +468,6 @@ def test_parse_announce_reads_raw_bytes() -> None:
         ({"port": "0"}, "port"),
         ({"port": "x"}, "not a non-negative integer"),
         ({"event": "exploded"}, "unknown event"),
-        ({"ip": "0.0.0.0"}, "not an address"),
         ({"info_hash": "%G0"}, "malformed"),
     ],
 )
@@ -706,3 +768,39 @@ async def test_agent_swarm_sessions_announce_to_the_lan_tracker_when_told(tmp_pa
             s.announce(ih)
             await eventually(lambda: bool(t.registry.bt_peers(key, t.clock())), "an announce")
             assert t.registry.bt_peers(key, t.clock()) == [("127.0.0.1", s.listen_port, True)]
+
+
+# --- listener limits (pure) ----------------------------------------------------------------
+
+
+def test_connection_book_caps_each_address_and_makes_room_from_the_greediest() -> None:
+    book = ConnectionBook(max_total=4, max_per_ip=3)
+    assert book.admit("a1", "A") == (True, None)
+    assert book.admit("a2", "A") == (True, None)
+    assert book.admit("a3", "A") == (True, None)
+    assert book.admit("a4", "A") == (False, None)  # the per-address cap
+    assert book.admit("b1", "B") == (True, None)  # total now 4: full
+    assert book.admit("c1", "C") == (True, "a1")  # full: A's oldest makes room
+    assert book.admit("d1", "D") == (True, "a2")  # A still holds the most
+    assert book.admit("e1", "E") == (False, None)  # one each now: nobody is greedy
+    assert book.admit("b2", "B") == (False, None)  # and B may not become so
+    book.release("c1")
+    assert book.admit("e1", "E") == (True, None)
+    assert len(book) == 4 and [book.count(ip) for ip in "ABCDE"] == [1, 1, 0, 1, 1]
+
+
+def test_repeated_log_records_are_held_back_and_counted() -> None:
+    now = [0.0]
+    f = RepeatFilter(60.0, lambda: now[0])
+
+    def record(msg: str, exc: type[BaseException] | None = None) -> logging.LogRecord:
+        exc_info = (exc, exc(), None) if exc is not None else None
+        return logging.LogRecord("t", logging.ERROR, __file__, 1, msg, None, exc_info)
+
+    assert f.filter(record("accept failed", OSError))
+    assert not any(f.filter(record("accept failed", OSError)) for _ in range(1000))
+    assert f.filter(record("accept failed", ValueError))  # another kind of trouble
+    assert f.filter(record("other"))
+    now[0] = 61.0
+    again = record("accept failed", OSError)
+    assert f.filter(again) and "1000 more like this" in again.getMessage()

@@ -120,24 +120,14 @@ def parse_announce(raw_query: str, remote_ip: str) -> BtAnnounce:
     left = _number(params, "left")
     numwant = _number(params, "numwant")
 
-    ip = remote_ip
-    explicit = params.get("ip")
-    if explicit is not None:
-        # Honoured (libtorrent's announce_ip): an agent with several interfaces names
-        # the one peers should use. Only IP literals: a name would need a DNS lookup
-        # here, and the tracker hands addresses out to every peer of the swarm.
-        text = explicit.decode("ascii", "replace")
-        try:
-            parsed = ipaddress.ip_address(text)
-        except ValueError:
-            raise BadAnnounce(f"ip={text[:40]!r} is not an IP address") from None
-        if parsed.is_unspecified or parsed.is_multicast:
-            raise BadAnnounce(f"ip={text!r} is not an address peers can connect to")
-        ip = text
+    # ``ip=`` is ignored: the peer is listed at the address its request came from. A
+    # tracker hands the address to every peer of the swarm, so honouring ip= would let
+    # anyone point a swarm at a third host (or list itself under another's address).
+    # opentracker does the same by default (ip= only with WANT_IP_FROM_QUERY_STRING).
     try:
-        ip = normalise_ip(ip)
+        ip = normalise_ip(remote_ip)
     except ValueError:
-        raise BadAnnounce(f"cannot tell the peer's address from {ip[:40]!r}") from None
+        raise BadAnnounce(f"cannot tell the peer's address from {remote_ip[:40]!r}") from None
     return BtAnnounce(
         info_hash=info_hash,
         peer_id=peer_id,

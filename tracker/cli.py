@@ -14,9 +14,11 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from tracker.errors import TrackerConfigError, TrackerError
+from tracker.limits import ListenerLimits, RepeatFilter
 from tracker.registry import Limits
 from tracker.service import DEFAULT_PORT, TrackerServer
 
@@ -63,6 +65,28 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "never re-announces sooner unless its min_announce_interval is lowered)",
     )
     p.add_argument("--max-agents", type=int, default=10_000, help="default 10000")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=ListenerLimits.max_connections,
+        help=f"open connections in total (default {ListenerLimits.max_connections}; cut to "
+        "what the file descriptor limit allows)",
+    )
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=ListenerLimits.max_connections_per_ip,
+        help=f"open connections per source address (default "
+        f"{ListenerLimits.max_connections_per_ip})",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=ListenerLimits.header_timeout,
+        metavar="SECONDS",
+        help=f"a request's headers, and then its body, must arrive within this time "
+        f"(default {ListenerLimits.header_timeout:g}); idle connections close after it too",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 
@@ -78,6 +102,7 @@ async def _serve(host: str, port: int, args: argparse.Namespace) -> int:
         ttl=args.ttl,
         announce_interval=args.announce_interval,
         limits=Limits(max_agents=args.max_agents),
+        listener=args.listener,
     ) as server:
         print(server.url, flush=True)
         await stop.wait()
@@ -90,6 +115,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "hfswarm tracker") -> in
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        args.listener = ListenerLimits(
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip,
+            header_timeout=args.request_timeout,
+            body_timeout=args.request_timeout,
+        )
+    except ValueError as e:
+        print(f"{prog}: error: {e} (check --max-connections*, --request-timeout)", file=sys.stderr)
+        return TrackerConfigError.exit_code
+    # One line per kind of trouble per interval: a flood of refused or broken
+    # connections must not turn into a flood of tracebacks on stderr.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter(args.listener.log_interval, time.monotonic))
     try:
         host, port = parse_listen(args.listen)
         if not 0 < args.ttl <= 86_400:

@@ -3,9 +3,10 @@
 restarts).
 
 Errors are `tracker.errors` classes: `TrackerUnavailable` (no answer), `RegisterFirst`
-(409: the tracker does not know us; register, then announce again), `TrackerFull`
-(503), `TrackerRefused` (anything else), `TrackerWireError` (a malformed answer). An
-agent translates them at its edge.
+(409: the tracker does not know us; register, then announce again), `AgentIdTaken`
+(403: another address holds our id for now), `TrackerFull` (503), `TrackerRefused`
+(anything else), `TrackerWireError` (a malformed answer). An agent translates them at
+its edge.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import aiohttp
 
 from tracker import messages as m
 from tracker.errors import (
+    AgentIdTaken,
     RegisterFirst,
     TrackerError,
     TrackerFull,
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
 M = TypeVar("M", bound=m.Message)
+
+# Idle pooled connections are closed well before the tracker's own header timeout
+# (10 s by default) closes them, so a heartbeat is never sent on a connection the
+# tracker is closing at that moment.
+POOL_KEEPALIVE = 4.0
 
 
 class TrackerClient:
@@ -50,7 +57,8 @@ class TrackerClient:
     async def __aenter__(self) -> Self:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout)
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                connector=aiohttp.TCPConnector(keepalive_timeout=POOL_KEEPALIVE),
             )
         return self
 
@@ -67,10 +75,25 @@ class TrackerClient:
     # -- endpoints -----------------------------------------------------------------------
 
     async def register(
-        self, agent_id: str, api_port: int, bt_port: int, host: str = ""
+        self,
+        agent_id: str,
+        api_port: int,
+        bt_port: int,
+        host: str = "",
+        announced: tuple[int, int] | None = None,
     ) -> m.Registered:
-        """Register or heartbeat. ``host`` "": the tracker records our source address."""
-        msg = m.Register(agent_id=agent_id, api_port=api_port, bt_port=bt_port, host=host)
+        """Register or heartbeat. ``host`` "": the tracker records our source address.
+        ``announced``: the counts of our last accepted announce; the answer is ``new``
+        when the tracker holds other counts (it forgot something: announce again)."""
+        held, fetching = announced if announced is not None else (-1, -1)
+        msg = m.Register(
+            agent_id=agent_id,
+            api_port=api_port,
+            bt_port=bt_port,
+            host=host,
+            held=held,
+            fetching=fetching,
+        )
         return await self._call("POST", "/v1/register", msg, m.Registered)
 
     async def announce(
@@ -151,6 +174,8 @@ def _refusal(url: str, path: str, status: int, data: bytes) -> TrackerError:
     text = problem.message if problem else data[:200].decode("utf-8", "replace")
     if status == 409 and problem and problem.code == "register_first":
         return RegisterFirst(f"the tracker {url} does not know this agent: {text}")
+    if status == 403 and problem and problem.code == "agent_id_taken":
+        return AgentIdTaken(f"the tracker {url} refused this agent's id: {text}")
     if status == 503 and problem and problem.code == "full":
         return TrackerFull(f"the tracker {url} is full: {text}", hint="retrying later")
     return TrackerRefused(
@@ -168,10 +193,12 @@ class TrackerPresence:
     """Keeps one agent registered and its announce current.
 
     Each `step` heartbeats (register); it announces when the tracker says the record is
-    ``new`` (first contact, expiry, tracker restart) or when `changed` was called. An
-    announce answered 409 (the tracker restarted between the two calls) is retried once
-    in the same step. `run` loops `step` forever, backing off while the tracker is
-    unreachable; it never raises tracker errors (the agent works without a tracker).
+    ``new`` (first contact, expiry, tracker restart, or counts other than those of our
+    last accepted announce, which every heartbeat carries) or when `changed` was called.
+    An announce answered 409 (the tracker restarted between the two calls) is retried
+    once in the same step. `run` loops `step` forever, backing off while the tracker is
+    unreachable or refuses us; it never raises tracker errors (the agent works without a
+    tracker).
     """
 
     def __init__(
@@ -195,6 +222,11 @@ class TrackerPresence:
         self._wake = asyncio.Event()
         self._max_backoff = max_backoff
         self.registered: m.Registered | None = None  # the last answer, for status displays
+        # The counts of our last accepted announce, sent with each heartbeat so that a
+        # tracker that lost them says so. None: nothing accepted yet, or a tracker that
+        # predates the field (it refused a register carrying it).
+        self._announced: tuple[int, int] | None = None
+        self._counts_understood = True
 
     def changed(self) -> None:
         """The held or fetching set changed: announce at the next step, soon."""
@@ -204,14 +236,16 @@ class TrackerPresence:
     async def step(self) -> float:
         """One heartbeat (and announce if needed); returns seconds until the next."""
         for _ in range(2):
-            reg = await self.client.register(self.agent_id, self.api_port, self.bt_port, self.host)
+            reg = await self._register()
             self.registered = reg
             if not (reg.new or self._dirty):
                 return reg.heartbeat
             self._dirty = False
+            self._announced = None  # until the tracker accepts the new sets
             held, fetching = self._holdings()
             try:
-                await self.client.announce(self.agent_id, held, fetching)
+                answer = await self.client.announce(self.agent_id, held, fetching)
+                self._announced = (answer.held, answer.fetching)
             except RegisterFirst:
                 self._dirty = True  # it restarted between the two calls: once more
                 continue
@@ -223,6 +257,19 @@ class TrackerPresence:
             f"the tracker {self.client.url} forgot this agent right after registering it, twice",
             hint="check that only one tracker answers at this URL",
         )
+
+    async def _register(self) -> m.Registered:
+        announced = self._announced if self._counts_understood else None
+        try:
+            return await self.client.register(
+                self.agent_id, self.api_port, self.bt_port, self.host, announced
+            )
+        except TrackerRefused:
+            if announced is None:
+                raise
+            # An older tracker refuses the counts it does not know: heartbeat without.
+            self._counts_understood = False
+            return await self.client.register(self.agent_id, self.api_port, self.bt_port, self.host)
 
     async def run(self) -> None:
         backoff = 1.0

@@ -12,6 +12,7 @@ Who is at fault decides the class, as in `peer.errors`:
 - `TrackerWireError`    the other side sent a message that breaks the protocol
 - `RegisterFirst`       the tracker does not know this agent (restart, expiry): register
                         again now, then announce again; not an error worth logging
+- `AgentIdTaken`        the agent id is bound to another address until its record lapses
 - `TrackerFull`         a configured bound was reached; retry later or raise the limit
 - `TrackerUnavailable`  no answer (connection refused, timeout); retry later
 - `TrackerRefused`      any other refusal, with the tracker's own message
@@ -57,6 +58,13 @@ class UnknownAgent(TrackerError):
 
 class RegisterFirst(UnknownAgent):
     """Client level: the tracker answered 409; register again, then announce again."""
+
+
+class AgentIdTaken(TrackerError):
+    """Another address registered this agent id and its record is live (403): the id is
+    bound to that address until ``ttl`` passes without its heartbeat."""
+
+    exit_code = 3
 
 
 class TrackerFull(TrackerError):

@@ -13,10 +13,13 @@ a list of messages nests the same maps.
 `decode` treats its input as hostile (a server decodes what any LAN host sent; a client
 decodes what a possibly wrong server sent): a total size, per-string/array/map limits
 inside the msgpack parser (a small message cannot claim a huge allocation), exact types
-(``True`` is not an int, an int is not a float), exact key sets (a new field comes with
-a new version), id formats and ranges. Anything wrong raises `TrackerWireError`; an
-unknown version raises `UnsupportedVersion` (also a `TrackerWireError`). `encode` runs
-the same checks on our own messages and raises ``ValueError`` (our bug, not the peer's).
+(``True`` is not an int, an int is not a float), exact key sets (no unknown field; a
+field that has a default may be absent, so messages of older peers that lack a newer
+optional field still decode, and `encode` leaves an optional field out while it holds
+its default, so older peers still decode ours), id formats and ranges. Anything wrong
+raises `TrackerWireError`; an unknown version raises `UnsupportedVersion` (also a
+`TrackerWireError`). `encode` runs the same checks on our own messages and raises
+``ValueError`` (our bug, not the peer's).
 
 This module does not import `peer`; the agent-id and blob-id formats are the same as in
 `peer.wire` (a test checks that they agree).
@@ -24,6 +27,7 @@ This module does not import `peer`; the agent-id and blob-id formats are the sam
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -74,6 +78,8 @@ PROBLEM_CODES = frozenset(
         "too_large",  # body over MAX_REQUEST_BYTES (413)
         "register_first",  # unknown agent: register again, then announce again (409)
         "full",  # a configured bound is reached (503)
+        "agent_id_taken",  # the agent id is bound to another address for now (403)
+        "too_slow",  # the body did not arrive in time (408)
     }
 )
 
@@ -202,6 +208,9 @@ def _list_of(item: Check, max_items: int, *, unique: bool = False, min_items: in
 class Message:
     TYPE: ClassVar[str] = ""
     SCHEMA: ClassVar[Mapping[str, Check]] = {}
+    # Fields added after a message type shipped: left out of the encoding while they hold
+    # their default, so a peer that predates them still decodes the message.
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     version: int = VERSION
 
@@ -213,11 +222,17 @@ class Register(Message):
     ``bt_port`` 0: the agent does not seed."""
 
     TYPE: ClassVar[str] = "register"
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"held", "fetching"})
 
     agent_id: str
     api_port: int
     bt_port: int
     host: str = ""
+    # The counts of the agent's last accepted `Announced` (-1: not told, e.g. an older
+    # agent, or none yet). Other counts at the tracker mean it forgot something: it
+    # answers ``new`` and the agent announces everything again.
+    held: int = -1
+    fetching: int = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +358,8 @@ Register.SCHEMA = {
     "api_port": _port,
     "bt_port": _int(0, 65535),
     "host": _host_or_empty,
+    "held": _int(-1, MAX_HELD),
+    "fetching": _int(-1, MAX_FETCHING),
 }
 Registered.SCHEMA = {
     "agent_id": _agent_id,
@@ -398,6 +415,24 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = {
     )
 }
 
+# Per message type: the fields that may be absent on the wire (they have a default).
+_DEFAULTED: Mapping[type[Message], frozenset[str]] = {
+    cls: frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name != "version"
+        and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    )
+    for cls in MESSAGE_TYPES.values()
+}
+
+_FIELD_DEFAULTS: Mapping[tuple[type[Message], str], Any] = {
+    (cls, f.name): f.default
+    for cls in MESSAGE_TYPES.values()
+    for f in dataclasses.fields(cls)
+    if f.default is not dataclasses.MISSING
+}
+
 M = TypeVar("M", bound=Message)
 
 
@@ -429,12 +464,14 @@ def _from_map(obj: dict[Any, Any]) -> Message:
             hint="run the same hfswarm version on the tracker and the agents",
         )
     expected = {"type", "version", *cls.SCHEMA}
-    if set(obj) != expected:
-        missing = sorted(expected - set(obj))
-        extra = sorted(str(k)[:40] for k in set(obj) - expected)
+    missing = sorted(expected - set(obj) - _DEFAULTED[cls])
+    extra = sorted(str(k)[:40] for k in set(obj) - expected)
+    if missing or extra:
         raise _Invalid(f"{cls.TYPE}: missing fields {missing}, unexpected fields {extra}")
     values = {}
     for name, check in cls.SCHEMA.items():
+        if name not in obj:
+            continue  # a defaulted field an older peer did not send: the default stands
         try:
             values[name] = check(obj[name])
         except _Invalid as e:
@@ -498,6 +535,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
             check(value)
         except _Invalid as e:
             raise ValueError(f"refusing to send an invalid {cls.TYPE}.{name}: {e}") from None
+        if name in cls.OMIT_IF_DEFAULT and value == _FIELD_DEFAULTS[cls, name]:
+            continue
         out[name] = _plain(value)
     try:
         _cross_checks(msg)

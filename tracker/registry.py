@@ -13,6 +13,15 @@ Nothing here is worth persisting: agents heartbeat every few seconds and announc
 when `register` says ``new`` (or an announce raises `UnknownAgent`), and BitTorrent
 clients re-announce on their interval, so a restarted tracker refills itself.
 
+An agent id belongs to the address (``source``: the connection's IP, as the service
+sees it) that registered it, for as long as its record lives: a register or announce
+for that id from anywhere else raises `AgentIdTaken`, so nobody can move another
+agent's record to their own address or empty its sets. The binding lapses with the
+record (``ttl`` without a heartbeat); an agent restarting on the same host gets its id
+back at once. A heartbeat may carry the counts the agent last announced: if the
+tracker holds other counts (anything made it forget), the answer says ``new`` and the
+agent announces everything again.
+
 Expiry is driven by the calls themselves: every call first drops what expired. Records
 sit in insertion-ordered maps, refreshed by moving to the end, so they stay sorted by
 last contact and a sweep costs O(expired) (O(1) when nothing expired), not O(all).
@@ -34,7 +43,7 @@ from dataclasses import dataclass, field
 
 from tracker import messages as m
 from tracker.announce import BtAnnounce, compact_peer
-from tracker.errors import TrackerFull, UnknownAgent
+from tracker.errors import AgentIdTaken, TrackerFull, UnknownAgent
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,9 @@ class AgentInfo:
 @dataclass(frozen=True)
 class Registration:
     info: AgentInfo
-    new: bool  # the tracker had no live record: the agent must announce again
+    # The agent must announce again: the tracker had no live record of it, or its
+    # record's counts are not the ones the agent says it announced.
+    new: bool
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ class Stats:
 @dataclass(slots=True)
 class _Agent:
     info: AgentInfo
+    source: str  # the address the id is bound to while the record lives
     last_seen: float
     held: frozenset[str] = frozenset()
     fetching: frozenset[str] = frozenset()
@@ -157,10 +169,22 @@ class Registry:
     # -- agents ------------------------------------------------------------------------
 
     def register(
-        self, agent_id: str, host: str, api_port: int, bt_port: int, now: float
+        self,
+        agent_id: str,
+        host: str,
+        api_port: int,
+        bt_port: int,
+        now: float,
+        *,
+        source: str | None = None,
+        announced: tuple[int, int] | None = None,
     ) -> Registration:
-        """Register or heartbeat; a known agent's address is updated (it may have moved)."""
+        """Register or heartbeat from ``source`` (default: ``host``). A known agent's
+        ports and host are updated, but only from the address its id is bound to (else
+        `AgentIdTaken`). ``announced``: the (held, fetching) counts the agent last had
+        accepted; other counts here make the answer ``new``."""
         now = self._advance(now)
+        src = host if source is None else source
         info = AgentInfo(agent_id, host, api_port, bt_port)
         agent = self._agents.get(agent_id)
         if agent is None:
@@ -169,18 +193,30 @@ class Registry:
                     f"the tracker already tracks {self.limits.max_agents} agents",
                     hint="retry later, or start the tracker with a higher agent limit",
                 )
-            self._agents[agent_id] = _Agent(info, now)
+            self._agents[agent_id] = _Agent(info, src, now)
             return Registration(info, new=True)
+        self._check_bound(agent_id, agent, src)
         agent.info = info
         self._touch(agent_id, agent, now)
-        return Registration(info, new=False)
+        forgotten = announced is not None and announced != (
+            len(agent.held),
+            len(agent.fetching),
+        )
+        return Registration(info, new=forgotten)
 
     def announce(
-        self, agent_id: str, held: Iterable[str], fetching: Iterable[str], now: float
+        self,
+        agent_id: str,
+        held: Iterable[str],
+        fetching: Iterable[str],
+        now: float,
+        *,
+        source: str,
     ) -> tuple[int, int]:
         """Replace the agent's held and fetching sets; returns their sizes. Raises
-        `UnknownAgent` (register first) or `TrackerFull`. A blob in both sets counts as
-        held (it is verified, so the fetch is over)."""
+        `UnknownAgent` (register first), `AgentIdTaken` (``source`` is not the address
+        the id is bound to) or `TrackerFull`. A blob in both sets counts as held (it is
+        verified, so the fetch is over)."""
         now = self._advance(now)
         agent = self._agents.get(agent_id)
         if agent is None:
@@ -189,6 +225,7 @@ class Registry:
                 hint="register again, then announce again (the tracker restarted or the "
                 "agent missed its heartbeats)",
             )
+        self._check_bound(agent_id, agent, source)
         new_held = frozenset(held)
         new_fetching = frozenset(fetching) - new_held
         lim = self.limits
@@ -313,6 +350,16 @@ class Registry:
     def _advance(self, now: float) -> float:
         self.expire(now)
         return self._now
+
+    def _check_bound(self, agent_id: str, agent: _Agent, source: str) -> None:
+        if agent.source != source:
+            # The bound address is not named: it is no business of the refused caller.
+            raise AgentIdTaken(
+                f"agent id {agent_id[:40]} is registered from another address",
+                hint=f"it is freed {self.ttl:g} s after that agent's last heartbeat; if this "
+                "is a copy of another agent's state dir, delete its agent id file so this "
+                "agent makes its own",
+            )
 
     def _is_live(self, agent: _Agent, now: float) -> bool:
         return now < agent.last_seen + self.ttl

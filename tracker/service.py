@@ -12,14 +12,22 @@ HTTP and registry calls. Registry calls are short and CPU-only, so they run on t
 event loop (no locks, no threads).
 
 Errors answer a msgpack `Problem` (code for programs, message for people) with the HTTP
-status that says who must act: 400 bad message, 409 "register_first" (a restarted
-tracker; the client re-registers and announces again), 413 too large, 415 not
-msgpack, 503 a table is full. A BitTorrent announce it cannot use answers 200 with a
-bencoded ``failure reason``, as clients expect.
+status that says who must act: 400 bad message, 403 "agent_id_taken" (the id is bound
+to another address while its record lives), 408 "too_slow" (the body did not arrive in
+time), 409 "register_first" (a restarted tracker; the client re-registers and announces
+again), 413 too large, 415 not msgpack, 503 a table (or the connection table) is full.
+A BitTorrent announce it cannot use answers 200 with a bencoded ``failure reason``, as
+clients expect.
+
+Every request is tied to its connection's source address: an agent id is bound to the
+address that registered it (see `tracker.registry`), and a BitTorrent announce lists
+the sender's address whatever its ``ip=`` says. The listener is bounded as
+`tracker.limits` describes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -33,7 +41,14 @@ from aiohttp.typedefs import Handler
 from tracker import messages as m
 from tracker.announce import BadAnnounce, encode_answer, encode_failure, normalise_ip
 from tracker.announce import parse_announce as parse_bt_announce
-from tracker.errors import TrackerConfigError, TrackerFull, TrackerWireError, UnknownAgent
+from tracker.errors import (
+    AgentIdTaken,
+    TrackerConfigError,
+    TrackerFull,
+    TrackerWireError,
+    UnknownAgent,
+)
+from tracker.limits import BACKLOG, ConnectionGuard, ListenerLimits
 from tracker.registry import AgentInfo, Limits, Registry
 
 log = logging.getLogger(__name__)
@@ -62,7 +77,7 @@ def _ok(msg: m.Message) -> web.Response:
     return web.Response(body=m.encode(msg), content_type=MSGPACK)
 
 
-async def _read_message(request: web.Request, kind: type[M]) -> M:
+async def _read_message(request: web.Request, kind: type[M], body_timeout: float) -> M:
     # Insisting on the msgpack content type is not pedantry: a web page in a LAN
     # browser may POST text/plain cross-origin without a CORS preflight, but not
     # application/msgpack. So no drive-by page can register or announce for anyone.
@@ -73,10 +88,15 @@ async def _read_message(request: web.Request, kind: type[M]) -> M:
     if (request.content_length or 0) > m.MAX_REQUEST_BYTES:
         raise _Refused(413, "too_large", f"bodies are limited to {m.MAX_REQUEST_BYTES} bytes")
     try:
-        body = await request.read()  # client_max_size also bounds a chunked body
+        async with asyncio.timeout(body_timeout):  # a body sent a byte at a time
+            body = await request.read()  # client_max_size also bounds a chunked body
     except web.HTTPRequestEntityTooLarge:
         raise _Refused(
             413, "too_large", f"bodies are limited to {m.MAX_REQUEST_BYTES} bytes"
+        ) from None
+    except TimeoutError:
+        raise _Refused(
+            408, "too_slow", f"the body did not arrive within {body_timeout:g} s; send it at once"
         ) from None
     try:
         return m.decode_as(body, kind)
@@ -101,13 +121,27 @@ def _address(info: AgentInfo) -> m.AgentAddress:
     )
 
 
-def make_app(registry: Registry, clock: Clock) -> web.Application:
+def make_app(
+    registry: Registry, clock: Clock, limits: ListenerLimits | None = None
+) -> web.Application:
+    body_timeout = (limits or ListenerLimits()).body_timeout
+
     async def register(request: web.Request) -> web.Response:
-        msg = await _read_message(request, m.Register)
+        msg = await _read_message(request, m.Register, body_timeout)
+        source = _remote_ip(request)
         # The default: the address the request came from. A LAN agent often cannot
         # tell which of its addresses others reach; the tracker sees the one that works.
-        host = msg.host or _remote_ip(request)
-        reg = registry.register(msg.agent_id, host, msg.api_port, msg.bt_port, clock())
+        host = msg.host or source
+        announced = (msg.held, msg.fetching) if msg.held >= 0 and msg.fetching >= 0 else None
+        reg = registry.register(
+            msg.agent_id,
+            host,
+            msg.api_port,
+            msg.bt_port,
+            clock(),
+            source=source,
+            announced=announced,
+        )
         return _ok(
             m.Registered(
                 agent_id=msg.agent_id,
@@ -119,15 +153,18 @@ def make_app(registry: Registry, clock: Clock) -> web.Application:
         )
 
     async def announce(request: web.Request) -> web.Response:
-        msg = await _read_message(request, m.Announce)
+        msg = await _read_message(request, m.Announce, body_timeout)
+        source = _remote_ip(request)
         try:
-            held, fetching = registry.announce(msg.agent_id, msg.held, msg.fetching, clock())
+            held, fetching = registry.announce(
+                msg.agent_id, msg.held, msg.fetching, clock(), source=source
+            )
         except UnknownAgent as e:
             raise _Refused(409, "register_first", e.one_line()) from None
         return _ok(m.Announced(held=held, fetching=fetching))
 
     async def who(request: web.Request) -> web.Response:
-        msg = await _read_message(request, m.Who)
+        msg = await _read_message(request, m.Who, body_timeout)
         if len(msg.blob_ids) > registry.limits.max_who_blobs:
             raise _Refused(
                 400, "bad_message", f"ask about at most {registry.limits.max_who_blobs} blobs"
@@ -186,6 +223,8 @@ def make_app(registry: Registry, clock: Clock) -> web.Application:
             return await handler(request)
         except _Refused as r:
             return _problem(r.status, r.code, r.message)
+        except AgentIdTaken as e:
+            return _problem(403, "agent_id_taken", e.one_line())
         except TrackerFull as e:
             return _problem(503, "full", e.one_line())
 
@@ -198,6 +237,30 @@ def make_app(registry: Registry, clock: Clock) -> web.Application:
     # does not start with /announce: keep this path exactly.
     app.router.add_get("/announce", bt_announce)
     return app
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP site whose connections go through a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard):
+        super().__init__(runner)
+        self._host, self._port, self._guard = host, port, guard
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.wrap(server),
+            self._host,
+            self._port,
+            reuse_address=True,
+            backlog=BACKLOG,
+        )
 
 
 class TrackerServer:
@@ -213,8 +276,11 @@ class TrackerServer:
         announce_interval: int = 300,
         limits: Limits | None = None,
         rng: random.Random | None = None,
+        listener: ListenerLimits | None = None,
     ) -> None:
         self.host = host
+        self.listener = (listener or ListenerLimits()).fitted_to_fd_limit()
+        self.guard = ConnectionGuard(self.listener)
         self._want_port = port
         self.clock = clock
         self.registry = Registry(
@@ -235,10 +301,17 @@ class TrackerServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> Self:
-        app = make_app(self.registry, self.clock)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        app = make_app(self.registry, self.clock, self.listener)
+        # aiohttp's keep-alive timer runs from a connection's start and from each answer
+        # until the next request's headers are complete: it is the header timeout.
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=self.listener.header_timeout,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._want_port, reuse_address=True)
+        site = _GuardedSite(runner, self.host, self._want_port, self.guard)
         try:
             await site.start()
         except OSError as e:
