@@ -977,11 +977,13 @@ class HubApi:
     ) -> web.StreamResponse:
         """The file for a GET: from the finished blob, or streamed in order while the
         fetch runs (see `peer.agent.inflight`). Until the first byte can go out, a
-        failing fetch still gets a proper Hub error answer."""
+        failing fetch still gets a proper Hub error answer. Only a request the mirror
+        allowed may stream a fetch in progress: one on the LAN's word alone (no mirror
+        behind `meta`) waits for the fetch, which checks that the blob is shared."""
         start, end = span if span is not None else (0, meta.size)
         flight: InFlightBlob | None = None
         try:
-            while not task.done():
+            while meta.mirror and not task.done():
                 if flight is None:
                     flight = self.backend.stream_of(meta.blob_id)
                     if flight is None:
