@@ -6,10 +6,26 @@ mirror serving a generated repo, and the attacker as a server or mDNS responder 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import pytest
+from aiohttp import web
+from test_agents import MiB, cli, make_repo, sha256
+
+from peer import wire
+from peer.cli.demo import loopback_agent_command
 from peer.discovery.peer_table import RetryPolicy, Schedule
+from peer.mirror_server import MirrorServer, RepoSource
+from peer.mirror_server.repo import git_blob_sha1, is_lfs_path
 
 A = ("127.0.0.9", 7851)
 POLICY = RetryPolicy()
@@ -101,3 +117,154 @@ def test_a_static_peer_that_says_goodbye_and_is_gone_is_kept_as_a_candidate() ->
     s.offer(A, "static", 0.0)
     s.goodbye(A, 1.0)
     assert s.failed(A, 1.0) == "goodbye" and A in s
+
+
+# -- real agents ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def agent_process(
+    root: Path, ip: str, mirror: str, peers: tuple[str, ...] = (), *extra: str
+) -> AsyncIterator[dict[str, Any]]:
+    """`hfswarm agent` as a separate process (the demo's command line); its ports."""
+    log = await asyncio.to_thread(open, root.parent / f"{root.name}.log", "ab")
+    proc = await asyncio.create_subprocess_exec(
+        *loopback_agent_command(root, ip, mirror, peers, "-v", *extra),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+    )
+    try:
+        assert proc.stdout is not None
+        info: dict[str, Any] = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        info["ip"] = ip
+        yield info
+        assert proc.returncode is None, "the agent died under attack"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+async def health_within_1s(info: dict[str, Any]) -> None:
+    t0 = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as s,
+        s.get(f"http://{info['ip']}:{info['peer_port']}/v1/health") as r,
+    ):
+        assert r.status == 200
+        wire.decode_as(await r.read(), wire.Health)
+    assert time.monotonic() - t0 < 1.0
+
+
+async def status(info: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://{info['ip']}:{info['local_port']}/v1/status") as r,
+    ):
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+def blob_ids(src: Path) -> dict[str, int]:
+    out = {}
+    for p in src.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            rel = p.relative_to(src).as_posix()
+            out[sha256(data) if is_lfs_path(rel, len(data)) else git_blob_sha1(data)] = len(data)
+    return out
+
+
+@pytest.fixture
+async def repo_mirror(tmp_path: Path) -> AsyncIterator[tuple[MirrorServer, Path]]:
+    src = make_repo(tmp_path / "src", big=6 * MiB)
+    async with MirrorServer([RepoSource("model", "org/m", src)]) as m:
+        yield m, src
+
+
+Lie = Callable[[str, int, float], wire.Claim]
+
+LIES: dict[str, Lie] = {
+    # "Leading, 2**50 bytes done": taken as progress forever by the old election.
+    "done_past_size": lambda b, size, _t: wire.Claim(
+        blob_id=b, size=size, leading=True, done=2**50
+    ),
+    # Another size than the blob's, with bytes "done" racing ahead.
+    "size_lie": lambda b, _size, t: wire.Claim(
+        blob_id=b, size=2**40, leading=True, done=int(t * 100 * MiB)
+    ),
+    # A real size and a done that creeps forward by 5 bytes a second: always "moving".
+    "creep": lambda b, size, t: wire.Claim(
+        blob_id=b, size=size, leading=True, done=min(size - 1, int(t * 5))
+    ),
+}
+
+
+@asynccontextmanager
+async def fake_peer(ip: str, lie: Lie, sizes: dict[str, int]) -> AsyncIterator[int]:
+    """Answers like an agent: a health record, and a leading claim for every blob."""
+    t0 = time.monotonic()
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="fake-leader-0000", bt_port=0, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(request: web.Request) -> web.Response:
+        ask = wire.decode_as(await request.read(), wire.HaveRequest)
+        claims = tuple(lie(b, sizes.get(b, 1), time.monotonic() - t0) for b in ask.blob_ids)
+        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, ip, 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+async def test_a_lying_herd_leader_cannot_freeze_a_download(
+    tmp_path: Path, repo_mirror: tuple[MirrorServer, Path], lie: str
+) -> None:
+    mirror, src = repo_mirror
+    ids = blob_ids(src)
+    async with fake_peer("127.0.0.21", LIES[lie], ids) as port:
+        async with agent_process(
+            tmp_path / "a",
+            "127.0.0.22",
+            mirror.url,
+            (f"127.0.0.21:{port}",),
+            "--leader-timeout",
+            "3",
+        ) as a:
+            assert [p["agent_id"] for p in (await status(a))["peers"]] == ["fake-leader-0000"]
+            t0 = time.monotonic()
+            code, _, err = await asyncio.wait_for(
+                cli("download", "org/m", "--agent", f"http://127.0.0.22:{a['local_port']}"),
+                60,
+            )
+            took = time.monotonic() - t0
+            assert code == 0, err
+            await health_within_1s(a)
+    print(f"{lie}: download done in {took:.1f} s despite the fake leader")
+    # Before: the wait never ended. Now: the lie is seen at once (or within one
+    # leader-timeout window for the creep), far inside the 60 s herd deadline.
+    assert took < 20, took
+    blobs = tmp_path / "a/cache/models--org--m/blobs"
+    for blob, size in ids.items():
+        assert (blobs / blob).stat().st_size == size
+    big = (src / "model.safetensors").read_bytes()
+    assert (blobs / sha256(big)).read_bytes() == big
+    assert mirror.stats().blob_bytes == sum(ids.values())
