@@ -7,9 +7,14 @@ mirror serving a generated repo, and the attacker as a server or mDNS responder 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import random
+import socket
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -127,16 +132,19 @@ async def agent_process(
     root: Path, ip: str, mirror: str, peers: tuple[str, ...] = (), *extra: str
 ) -> AsyncIterator[dict[str, Any]]:
     """`hfswarm agent` as a separate process (the demo's command line); its ports."""
+    cmd = loopback_agent_command(root, ip, mirror, peers, "-v", *extra)
+    async with agent_process_cmd(root, cmd) as info:
+        yield info
+
+
+@asynccontextmanager
+async def agent_process_cmd(root: Path, cmd: list[str]) -> AsyncIterator[dict[str, Any]]:
     log = await asyncio.to_thread(open, root.parent / f"{root.name}.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        *loopback_agent_command(root, ip, mirror, peers, "-v", *extra),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
-    )
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=log)
     try:
         assert proc.stdout is not None
         info: dict[str, Any] = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-        info["ip"] = ip
+        info["ip"] = cmd[cmd.index("--listen") + 1].rpartition(":")[0]
         yield info
         assert proc.returncode is None, "the agent died under attack"
     finally:
@@ -268,3 +276,241 @@ async def test_a_lying_herd_leader_cannot_freeze_a_download(
     big = (src / "model.safetensors").read_bytes()
     assert (blobs / sha256(big)).read_bytes() == big
     assert mirror.stats().blob_bytes == sum(ids.values())
+
+
+# -- candidates that never answer -----------------------------------------------------
+
+
+class SynCounter:
+    """Connection attempts (TCP SYNs) to one address on lo, seen with a packet socket:
+    the only way to count tries at a closed port. Needs root (CAP_NET_RAW)."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.dst = socket.inet_aton(ip) + port.to_bytes(2, "big")
+        self.ports: set[int] = set()
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self._sock.bind(("lo", 0))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, addr = self._sock.recvfrom(256)
+            except TimeoutError:
+                continue
+            # lo shows each packet twice (outgoing, then received): count one of them.
+            if addr[2] != socket.PACKET_HOST or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue
+            tcp = 14 + (frame[14] & 0x0F) * 4
+            if frame[30:34] + frame[tcp + 2 : tcp + 4] != self.dst:
+                continue
+            if frame[tcp + 13] & 0x12 == 0x02:  # SYN without ACK: a new connection
+                self.ports.add(int.from_bytes(frame[tcp : tcp + 2], "big"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
+@asynccontextmanager
+async def silent_listener(ip: str) -> AsyncIterator[tuple[int, list[float]]]:
+    """Accepts connections and never answers a byte; the times it accepted."""
+    accepted: list[float] = []
+    held: list[asyncio.StreamWriter] = []
+
+    async def on_conn(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        held.append(w)
+
+    server = await asyncio.start_server(on_conn, ip, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+
+
+def closed_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@asynccontextmanager
+async def tracker_process(tmp_path: Path, ip: str) -> AsyncIterator[str]:
+    log = await asyncio.to_thread(open, tmp_path / "tracker.log", "ab")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.cli.main", "tracker", "--listen", f"{ip}:0",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+
+
+async def register_bogus(
+    url: str, ip: str, port: int, held: list[str], stop: asyncio.Event
+) -> None:
+    """A fake agent registered at the tracker from `ip` (its source address), as holder
+    of `held`, whose peer API at ip:port never answers. Heartbeats until `stop`."""
+    from tracker.client import TrackerClient
+
+    connector = aiohttp.TCPConnector(local_addr=(ip, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        TrackerClient(url, session=session) as t,
+    ):
+        while not stop.is_set():
+            await t.register(f"bogus-{ip.replace('.', '-')}", port, 0)
+            await t.announce(f"bogus-{ip.replace('.', '-')}", held)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="counting SYNs to a closed port needs root")
+async def test_addresses_that_never_answer_are_backed_off(tmp_path: Path) -> None:
+    # Twelve small repos, downloaded one after the other for ~20 s: every download asks
+    # the tracker, which names two bogus holders of every blob.
+    srcs = [make_repo(tmp_path / f"src{i}", big=2 * MiB, seed=100 + i) for i in range(12)]
+    held = sorted({b for s in srcs for b in blob_ids(s)})
+    repos = [RepoSource("model", f"org/m{i}", s) for i, s in enumerate(srcs)]
+    silent_ip, closed_ip = "127.0.0.41", "127.0.0.42"
+    stop = asyncio.Event()
+    async with (
+        MirrorServer(repos) as mirror,
+        tracker_process(tmp_path, "127.0.0.40") as url,
+        silent_listener(silent_ip) as (silent_port, accepted),
+    ):
+        dead_port = closed_port(closed_ip)
+        syns = SynCounter(closed_ip, dead_port)
+        bogus = [
+            asyncio.create_task(register_bogus(url, silent_ip, silent_port, held, stop)),
+            asyncio.create_task(register_bogus(url, closed_ip, dead_port, held, stop)),
+        ]
+        try:
+            await asyncio.sleep(0.5)
+            async with agent_process(
+                tmp_path / "a", "127.0.0.43", mirror.url, (), "--tracker", url
+            ) as a:
+                t0 = time.monotonic()
+                done = 0
+                while time.monotonic() - t0 < 20 and done < len(repos):
+                    code, _, err = await cli(
+                        "download", f"org/m{done}", "--agent",
+                        f"http://127.0.0.43:{a['local_port']}", "--quiet",
+                    )  # fmt: skip
+                    assert code == 0, err
+                    done += 1
+                await asyncio.sleep(max(0.0, 20 - (time.monotonic() - t0)))
+                await health_within_1s(a)
+                assert (await status(a))["peers"] == []
+        finally:
+            stop.set()
+            await asyncio.gather(*bogus)
+            syns.close()
+    tries_silent, tries_closed = len(accepted), len(syns.ports)
+    print(f"{done} downloads in 20 s; tries: silent {tries_silent}, closed {tries_closed}")
+    assert done >= 4
+    assert tries_closed >= 1  # the counter works: it was tried once at least
+    # Backed off: 0, ~5, ~15 s, where every 5 s would be 5 and every lookup dozens.
+    assert tries_silent <= 3 and tries_closed <= 3, (tries_silent, tries_closed)
+
+
+# -- spoofed mDNS goodbye -------------------------------------------------------------
+
+
+def with_mdns(cmd: list[str]) -> list[str]:
+    """The demo's agent command with mDNS on, on loopback only (multicast stays on lo)."""
+    return [*(c for c in cmd if c != "--no-mdns"), "--interface", "127.0.0.1"]
+
+
+async def peer_ids(info: dict[str, Any]) -> list[str]:
+    return [p["agent_id"] for p in (await status(info))["peers"]]
+
+
+async def test_a_spoofed_mdns_goodbye_does_not_remove_a_live_peer(
+    tmp_path: Path, repo_mirror: tuple[MirrorServer, Path]
+) -> None:
+    from test_mdns import _loopback_multicast_works
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    from peer.discovery.mdns import SERVICE_TYPE, txt_properties
+
+    if not _loopback_multicast_works():
+        pytest.skip("multicast over loopback does not work here (see tests/test_mdns.py)")
+    mirror, src = repo_mirror
+    ids = blob_ids(src)
+    a_ip, b_ip = "127.0.0.51", "127.0.0.52"
+    async with (
+        agent_process(tmp_path / "b", b_ip, mirror.url, (), "--no-mdns") as b,
+    ):
+        code, _, err = await cli("download", "org/m", "--agent", f"http://{b_ip}:{b['local_port']}")
+        assert code == 0, err
+    # B holds the repo; now B and A with mDNS, nothing else telling them of each other.
+    mirror.reset_stats()
+    cmd = with_mdns(loopback_agent_command(tmp_path / "b", b_ip, mirror.url, ()))
+    async with (
+        agent_process_cmd(tmp_path / "b2", cmd) as b,
+        agent_process_cmd(
+            tmp_path / "a", with_mdns(loopback_agent_command(tmp_path / "a", a_ip, mirror.url, ()))
+        ) as a,
+    ):
+        b_status = await status(b)
+        b_id = b_status["agent_id"]
+        for _ in range(100):
+            if b_id in await peer_ids(a):
+                break
+            await asyncio.sleep(0.1)
+        assert b_id in await peer_ids(a), "A did not find B over mDNS"
+        # The attacker: another responder on the link says B's service is gone (TTL 0).
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"hfswarm-{b_id}.{SERVICE_TYPE}",
+            port=b["peer_port"],
+            properties=txt_properties(b_id, b_status["listen"]["bittorrent"]),
+            server=f"hfswarm-{b_id}.local.",
+            parsed_addresses=[b_ip],
+        )
+        azc = AsyncZeroconf(interfaces=["127.0.0.1"])
+
+        async def spoof() -> None:
+            # Again and again: zeroconf may hear B again in between, a stream of
+            # goodbyes keeps knocking it out (it did, before: A's peer list flapped).
+            while True:
+                azc.zeroconf.async_send(azc.zeroconf.generate_service_broadcast(info, 0))
+                await asyncio.sleep(0.2)
+
+        spoofing: asyncio.Task[None] | None = None
+        try:
+            await azc.zeroconf.async_wait_for_start()
+            spoofing = asyncio.create_task(spoof())
+            seen = []
+            for _ in range(25):
+                await asyncio.sleep(0.2)
+                seen.append(b_id in await peer_ids(a))
+            assert all(seen), f"B vanished from A's peers after spoofed goodbyes: {seen}"
+            await health_within_1s(a)
+            code, _, err = await cli(
+                "download", "org/m", "--agent", f"http://{a_ip}:{a['local_port']}"
+            )
+            assert code == 0, err
+            assert b_id in await peer_ids(a)
+        finally:
+            if spoofing is not None:
+                spoofing.cancel()
+            await azc.async_close()
+    # Every byte came from B: the mirror sent none.
+    assert mirror.stats().blob_bytes == 0, mirror.stats()
+    blobs = tmp_path / "a/cache/models--org--m/blobs"
+    for blob, size in ids.items():
+        assert (blobs / blob).stat().st_size == size

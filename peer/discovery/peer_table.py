@@ -209,6 +209,7 @@ class PeerTable:
         self.schedule = Schedule(policy or RetryPolicy(interval=interval))
         self.interval = self.schedule.policy.interval
         self._live: dict[Key, PeerInfo] = {}
+        self._inflight: dict[Key, asyncio.Future[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
 
@@ -264,6 +265,14 @@ class PeerTable:
         await asyncio.gather(*(self._check(k) for k in keys))
 
     async def _check(self, key: Key) -> None:
+        # Lookups run concurrently (one per blob): one check per address at a time.
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._inflight[key] = asyncio.ensure_future(self._check_once(key))
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _check_once(self, key: Key) -> None:
         try:
             health = await self._health(*key)
         except (aiohttp.ClientError, TimeoutError, OSError, wire.WireError) as exc:
