@@ -126,11 +126,83 @@ def test_a_stalled_leader_is_replaced_by_exactly_one() -> None:
 
 
 def test_progress_keeps_a_slow_leader() -> None:
-    blobs = {blob(1): 100}
+    # Slow (twice the floor rate) but real progress: never replaced.
+    size = 100 * 2**20
+    blobs = {blob(1): size}
     electors = herd(AGENTS[1:], blobs)
-    for i, t in enumerate((0.5, 8.0, 16.0, 24.0, 32.0)):
-        turns = step(electors, blobs, t, leading={blob(1): ("agent-a", i + 1)})
+    for t in (0.5, 8.0, 16.0, 24.0, 32.0, 47.0):
+        done = int(t * 2 * CFG.min_rate)
+        turns = step(electors, blobs, t, leading={blob(1): ("agent-a", done)})
         assert leaders(turns) == {}, f"replaced at {t} although it advanced"
+
+
+def test_a_leader_creeping_below_the_floor_rate_is_replaced() -> None:
+    # A liar adding a few bytes a second looks alive to a "did it move" check; over a
+    # leader_timeout window it must have gained min_rate bytes/s.
+    size = 100 * 2**20
+    blobs = {blob(1): size}
+    electors = herd(AGENTS[1:], blobs)
+    for t in (0.5, 3.0, 6.0, 9.0, 10.0):
+        assert leaders(step(electors, blobs, t, leading={blob(1): ("agent-a", int(t * 5))})) == {}
+    won = leaders(step(electors, blobs, 10.6, leading={blob(1): ("agent-a", 53)}))
+    assert len(won[blob(1)]) == 1 and won[blob(1)][0] != "agent-a"
+    assert electors["agent-b"].suspects(blob(1)) == {"agent-a"}
+
+
+def _alone_with(bids: list[Bid], now: float, size: int = 100) -> tuple[HerdElection, Turn]:
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), size, 0.0)
+    return e, e.observe({blob(1): bids}, now)[blob(1)]
+
+
+def test_impossible_claims_are_ignored_and_their_agent_distrusted() -> None:
+    for bad in (
+        Bid("liar", 100, leading=True, done=2**50),  # past the size
+        Bid("liar", 100, leading=True, done=-1),
+        Bid("liar", 2**40, leading=True, done=2**39),  # another size than the blob's
+        Bid("liar", 2**40),  # a waiting claim of another size is no candidate either
+    ):
+        e, turn = _alone_with([bad], 1.5)
+        assert turn is Turn.LEAD, bad  # as if alone: the liar neither leads nor wins
+        assert e.leader_of(blob(1)) is None
+        assert e.suspects(blob(1)) == {"liar"}
+
+
+def test_two_claims_of_one_agent_on_one_blob_distrust_it() -> None:
+    e, turn = _alone_with(
+        [Bid("liar", 100, leading=True, done=10), Bid("liar", 100, leading=True, done=90)], 1.5
+    )
+    assert turn is Turn.LEAD and e.suspects(blob(1)) == {"liar"}
+
+
+def test_a_leader_whose_done_goes_backwards_is_distrusted() -> None:
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), 100, 0.0)
+    assert e.observe({blob(1): [Bid("agent-a", 100, leading=True, done=60)]}, 0.5) == {
+        blob(1): Turn.WAIT
+    }
+    assert e.leader_of(blob(1)) == "agent-a"
+    turns = e.observe({blob(1): [Bid("agent-a", 100, leading=True, done=20)]}, 1.5)
+    assert turns == {blob(1): Turn.LEAD}
+    assert e.suspects(blob(1)) == {"agent-a"}
+
+
+def test_every_wait_ends_at_the_deadline_whatever_the_claims() -> None:
+    # A "leader" that claims every byte forever (finishing, never offering a manifest):
+    # waited for up to max_wait + size / min_rate, then we fetch it ourselves.
+    cfg = HerdConfig(settle=1.0, leader_timeout=10.0, start_timeout=3.0, max_wait=60.0)
+    size = 10 * 2**20
+    deadline = cfg.deadline(size)
+    assert deadline == 60.0 + size / cfg.min_rate
+    e = HerdElection("agent-b", cfg)
+    e.want(blob(1), size, 0.0)
+    t = 0.5
+    while t < deadline:
+        turns = e.observe({blob(1): [Bid("agent-a", size, leading=True, done=size)]}, t)
+        assert turns == {blob(1): Turn.WAIT}, t
+        t += 5.0
+    turns = e.observe({blob(1): [Bid("agent-a", size, leading=True, done=size)]}, deadline)
+    assert turns == {blob(1): Turn.LEAD}
 
 
 def test_a_leader_that_vanished_is_replaced_after_the_timeout() -> None:

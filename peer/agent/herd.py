@@ -125,8 +125,18 @@ class Herd:
         self.on_change()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
+        # The election ends every wait by its deadline; this bound also holds if the
+        # survey loop itself got stuck (a bug, a peer table that never answers).
+        bound = self.election.config.deadline(file.size) + 4 * self.poll + 10.0
         try:
-            return await asyncio.shield(fut)
+            async with asyncio.timeout(bound):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            if fut.done():
+                return fut.result()
+            log.warning("herd: no manifest of %s after %.0f s; fetching it", file.path, bound)
+            self._lead(file, done)
+            return []
         finally:
             if self._waiters.get(file.blob_id, (None, None, None))[1] is fut:
                 self._finish(file.blob_id)
@@ -159,9 +169,18 @@ class Herd:
             blob_id: [Bid(p.agent_id, c.size, c.leading, c.done) for p, c in seen]
             for blob_id, seen in claims.items()
         }
+        before = {b: self.election.suspects(b) for b in self._waiters}
         turns = self.election.observe(
             view, now, leading={b: lead.size for b, lead in self._leading.items()}
         )
+        for blob_id, was in before.items():
+            for agent in self.election.suspects(blob_id) - was:
+                log.info(
+                    "herd: not waiting for %s on %s any more (stalled, too slow, gone, or "
+                    "its claims are impossible)",
+                    agent[:8],
+                    blob_id[:12],
+                )
         for blob_id, turn in turns.items():
             entry = self._waiters.get(blob_id)
             if turn is Turn.LEAD and entry is not None and not entry[1].done():

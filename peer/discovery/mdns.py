@@ -12,11 +12,14 @@ Each resolved peer is handed to the peer table as ``on_found(host, api_port, age
 so nothing read from the network is trusted here beyond "worth a try".
 
 What mDNS cannot tell: that a peer died. An agent that exits cleanly sends goodbye
-packets (TTL 0) and the others call ``on_lost`` at once. An agent killed with SIGKILL, or
-whose machine lost power or network, sends nothing, and its records stay in every cache
-for a long time (the PTR lives for minutes to over an hour). That case belongs to the
-peer table's liveness checks, which drop a candidate that stops answering; this module
-never guesses liveness from timers.
+packets (TTL 0) and the others call ``on_lost`` at once. Anyone on the link can send
+a goodbye for any name, so ``on_lost`` only means "check it now" (the peer table drops
+the peer only if its health check fails), and the name is asked for again once the
+cache has let its records go: a peer still there answers and is reported found again.
+An agent killed with SIGKILL, or whose machine lost power or network, sends nothing,
+and its records stay in every cache for a long time (the PTR lives for minutes to over
+an hour). That case belongs to the peer table's liveness checks, which drop a candidate
+that stops answering; this module never guesses liveness from timers.
 
 Limits: mDNS stays within one subnet (routers do not forward 224.0.0.251), so networks
 of several subnets need the tracker or ``--peer``. Names are not probed for uniqueness
@@ -414,15 +417,16 @@ class MdnsDiscovery:
         if state_change is ServiceStateChange.Removed:
             self._stop_resolving(name)
             self._forget(name)
+            self._start_resolving(name, look_again=False, delay=_FLUSH_GRACE)
             return
         # Updated fires for new records only, while the ones they replace expire a
         # second later: look again after that second to withdraw what is gone.
         self._start_resolving(name, look_again=state_change is ServiceStateChange.Updated)
 
-    def _start_resolving(self, name: str, *, look_again: bool) -> None:
+    def _start_resolving(self, name: str, *, look_again: bool, delay: float = 0.0) -> None:
         self._stop_resolving(name)
         task = asyncio.get_running_loop().create_task(
-            self._resolve(name, look_again), name=f"mdns-resolve {name}"
+            self._resolve(name, look_again, delay), name=f"mdns-resolve {name}"
         )
         self._resolving[name] = task
 
@@ -439,7 +443,9 @@ class MdnsDiscovery:
         if task is not None:
             task.cancel()
 
-    async def _resolve(self, name: str, look_again: bool) -> None:
+    async def _resolve(self, name: str, look_again: bool, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         await self._refresh(name)
         if look_again:
             await asyncio.sleep(_FLUSH_GRACE)

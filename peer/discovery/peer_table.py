@@ -5,6 +5,13 @@ through `offer`). A candidate becomes a peer once its ``/v1/health`` answers, an
 one while it keeps answering: the table runs its own liveness checks, because a peer
 killed with SIGKILL sends no goodbye. Our own address is recognised by agent id and
 skipped.
+
+Addresses come from the network, so anyone can name any host:port. A candidate that
+fails its check is retried later and later (`Schedule`: exponential, capped, jittered);
+one from mDNS or a tracker that kept failing for `RetryPolicy.drop_after` s is dropped,
+and remembered for a while so that offering it again does not restart the retries.
+Static peers are retried forever. A goodbye (mDNS) is only a reason to check at once:
+anyone can send one, so only a failed check removes the peer.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -45,19 +54,162 @@ class Offer:
     complete: bool = True  # False: the peer is fetching it and serves what it verified
 
 
+Key = tuple[str, int]
+
+# Sources whose addresses anyone on the LAN can inject: dropped when they keep failing.
+DISCOVERED = frozenset({"mdns", "tracker"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When candidates are checked. Healthy ones every `interval` s; a failing one after
+    `first_retry` * 2^(failures-1) s, at most `max_backoff`, each delay times a random
+    factor in 1 +- `jitter` (so a herd does not retry in step). A discovered candidate
+    failing for `drop_after` s (and at least `drop_failures` checks) is dropped; offered
+    again within `forget_after` s it resumes its backoff where it was."""
+
+    interval: float = 5.0
+    first_retry: float = 5.0
+    max_backoff: float = 300.0
+    jitter: float = 0.2
+    drop_after: float = 300.0
+    drop_failures: int = 4
+    forget_after: float = 3600.0
+    forget_max: int = 4096  # dropped candidates remembered at most
+    # After a goodbye: checks this many seconds after it; any failure removes the peer.
+    goodbye_checks: tuple[float, ...] = (0.0, 1.0, 3.0)
+
+
+@dataclass
+class _Entry:
+    source: str
+    due: float
+    failures: int = 0
+    failing_since: float | None = None
+    goodbye: list[float] = field(default_factory=list)  # pending re-checks after a goodbye
+
+
+class Schedule:
+    """Pure: which candidates to check when, who backs off, who is dropped.
+
+    Fed with results and `now`; the table does the checking."""
+
+    def __init__(self, policy: RetryPolicy | None = None, rng: random.Random | None = None):
+        self.policy = policy or RetryPolicy()
+        self._rng = rng or random.Random()
+        self._entries: dict[Key, _Entry] = {}
+        self._dropped: dict[Key, tuple[_Entry, float]] = {}  # key -> (entry, dropped at)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[Key]:
+        return list(self._entries)
+
+    def source(self, key: Key) -> str | None:
+        e = self._entries.get(key)
+        return e.source if e is not None else None
+
+    def failures(self, key: Key) -> int:
+        e = self._entries.get(key) or self._dropped.get(key, (None, 0.0))[0]
+        return e.failures if e is not None else 0
+
+    def offer(self, key: Key, source: str, now: float) -> bool:
+        """A source names this address. True: it is new and due now."""
+        e = self._entries.get(key)
+        if e is not None:
+            if source == "static":
+                e.source = source  # static wins: never dropped
+            return False
+        self._forget_old(now)
+        gone = self._dropped.pop(key, None)
+        if gone is not None and source != "static":
+            self._entries[key] = gone[0]  # not again from scratch: where its backoff was
+            return False
+        self._entries[key] = _Entry(source, now)
+        return True
+
+    def remove(self, key: Key) -> None:
+        self._entries.pop(key, None)
+
+    def goodbye(self, key: Key, now: float) -> None:
+        """It said it left: check it now (and a few times soon after)."""
+        e = self._entries.get(key)
+        if e is not None:
+            e.goodbye = [now + t for t in self.policy.goodbye_checks]
+            e.due = min(e.due, e.goodbye[0])
+
+    def due(self, now: float) -> list[Key]:
+        return [k for k, e in self._entries.items() if e.due <= now]
+
+    def next_due(self) -> float | None:
+        return min((e.due for e in self._entries.values()), default=None)
+
+    def succeeded(self, key: Key, now: float) -> None:
+        e = self._entries.get(key)
+        if e is None:
+            return
+        e.failures, e.failing_since = 0, None
+        e.goodbye = [t for t in e.goodbye if t > now]
+        e.due = e.goodbye[0] if e.goodbye else now + self.policy.interval
+
+    def failed(self, key: Key, now: float, *, live: bool = False) -> str:
+        """Note a failed check: "retry" (kept, backed off), "goodbye" (it said it left
+        and does not answer: not a peer any more, kept only if static) or "drop".
+        A `live` peer missing a check is checked again at the normal interval: one
+        lost answer must not make a working peer wait minutes."""
+        p = self.policy
+        e = self._entries.get(key)
+        if e is None:
+            return "drop"
+        e.failures += 1
+        if e.failing_since is None:
+            e.failing_since = now
+        said_goodbye = bool(e.goodbye)
+        e.goodbye = []
+        delay = (
+            p.interval if live else min(p.max_backoff, p.first_retry * 2 ** min(e.failures - 1, 30))
+        )
+        e.due = now + delay * self._rng.uniform(1 - p.jitter, 1 + p.jitter)
+        if e.source in DISCOVERED and (
+            said_goodbye
+            or (now - e.failing_since >= p.drop_after and e.failures >= p.drop_failures)
+        ):
+            del self._entries[key]
+            if said_goodbye:
+                return "drop"  # it left cleanly: may come back afresh
+            self._dropped[key] = (e, now)
+            while len(self._dropped) > p.forget_max:
+                del self._dropped[next(iter(self._dropped))]
+            return "drop"
+        return "goodbye" if said_goodbye else "retry"
+
+    def _forget_old(self, now: float) -> None:
+        old = [k for k, (_, at) in self._dropped.items() if now - at > self.policy.forget_after]
+        for k in old:
+            del self._dropped[k]
+
+
 class PeerTable:
-    """Candidate addresses -> live peers, with liveness checks every `interval` s."""
+    """Candidate addresses -> live peers, with liveness checks every `interval` s and
+    backoff for the failing (`Schedule`)."""
 
     def __init__(
-        self, self_id: str, *, interval: float = 5.0, timeout: float = 3.0, misses_allowed: int = 2
+        self,
+        self_id: str,
+        *,
+        interval: float = 5.0,
+        timeout: float = 3.0,
+        misses_allowed: int = 2,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.self_id = self_id
-        self.interval = interval
         self.timeout = timeout
         self.misses_allowed = misses_allowed
-        self._candidates: dict[tuple[str, int], str] = {}  # (host, port) -> source
-        self._live: dict[tuple[str, int], PeerInfo] = {}
-        self._misses: dict[tuple[str, int], int] = {}
+        self.schedule = Schedule(policy or RetryPolicy(interval=interval))
+        self.interval = self.schedule.policy.interval
+        self._live: dict[Key, PeerInfo] = {}
+        self._inflight: dict[Key, asyncio.Future[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
 
@@ -72,51 +224,73 @@ class PeerTable:
     # -- sources ---------------------------------------------------------------------
 
     def offer(self, host: str, port: int, source: str = "static") -> None:
-        key = (host, port)
-        if key not in self._candidates:
-            self._candidates[key] = source
+        if self.schedule.offer((host, port), source, time.monotonic()):
             self._changed.set()
 
     def withdraw(self, host: str, port: int) -> None:
-        """A source says the peer left (mDNS goodbye); drop it now."""
-        self._candidates.pop((host, port), None)
-        self._live.pop((host, port), None)
+        """A source says the peer left (mDNS goodbye). Anyone can say so: check it now,
+        and drop it only if it does not answer."""
+        self.schedule.goodbye((host, port), time.monotonic())
+        self._changed.set()
 
     def live(self) -> list[PeerInfo]:
         return list(self._live.values())
+
+    def candidates(self) -> list[tuple[str, int]]:
+        return self.schedule.keys()
 
     # -- liveness --------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
-            await self.check_all()
+            await self.check_due()
             self._changed.clear()
+            nxt = self.schedule.next_due()
+            wait = self.interval if nxt is None else nxt - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.interval)
+                await asyncio.wait_for(self._changed.wait(), max(0.05, wait))
 
     async def check_all(self) -> None:
-        keys = list(self._candidates)
+        """Check every candidate now, backed off or not (at start, and in tests)."""
+        await asyncio.gather(*(self._check(k) for k in self.schedule.keys()))
+
+    async def check_due(self) -> None:
+        keys = self.schedule.due(time.monotonic())
         await asyncio.gather(*(self._check(k) for k in keys))
 
     async def check_new(self) -> None:
-        """Check only the candidates not yet live (a lookup just offered them)."""
-        keys = [k for k in self._candidates if k not in self._live]
+        """Check the candidates not yet live that are due (a lookup just offered them;
+        those backing off wait for their turn)."""
+        keys = [k for k in self.schedule.due(time.monotonic()) if k not in self._live]
         await asyncio.gather(*(self._check(k) for k in keys))
 
-    async def _check(self, key: tuple[str, int]) -> None:
+    async def _check(self, key: Key) -> None:
+        # Lookups run concurrently (one per blob): one check per address at a time.
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._inflight[key] = asyncio.ensure_future(self._check_once(key))
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _check_once(self, key: Key) -> None:
         try:
             health = await self._health(*key)
         except (aiohttp.ClientError, TimeoutError, OSError, wire.WireError) as exc:
-            misses = self._misses.get(key, 0) + 1
-            self._misses[key] = misses
-            if key in self._live and misses > self.misses_allowed:
+            outcome = self.schedule.failed(key, time.monotonic(), live=key in self._live)
+            if key in self._live and (
+                outcome != "retry" or self.schedule.failures(key) > self.misses_allowed
+            ):
                 log.info("peer %s:%s stopped answering (%s); dropped", *key, exc)
                 self._live.pop(key, None)
+            if outcome == "drop":
+                log.info("candidate %s:%s kept failing (%s); forgotten", *key, exc)
             return
-        self._misses[key] = 0
         if health.agent_id == self.self_id:
-            self._candidates.pop(key, None)  # that is us
+            self.schedule.remove(key)  # that is us
             return
+        self.schedule.succeeded(key, time.monotonic())
+        if key not in self.schedule:
+            return  # withdrawn while we asked
         info = PeerInfo(health.agent_id, key[0], key[1], health.bt_port)
         if self._live.get(key) != info:
             log.info("peer %s at %s:%s (bt %s)", info.agent_id[:8], *key, info.bt_port)

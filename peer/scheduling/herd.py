@@ -9,7 +9,13 @@ The rules, which every agent applies to the same view and so agrees on:
 * A blob with a live leader (a bid with ``leading`` whose ``done`` keeps advancing, or
   has reached the size) is followed. A leader that makes no progress for
   ``leader_timeout`` s, or has not been seen for that long, is suspected and ignored
-  from then on: it is replaced.
+  from then on: it is replaced. Progress must be real: over every ``leader_timeout``
+  window a leader must gain ``min_rate`` bytes/s (or reach the size).
+* Bids are hostile input. A bid whose size is not the blob's, whose ``done`` is outside
+  0..size or goes backwards, or two bids of one agent for one blob, make that agent a
+  suspect for the blob: it neither leads nor is elected for it.
+* Whatever the bids say, a wait ends after `HerdConfig.deadline` (``max_wait`` plus the
+  time to fetch the blob at ``min_rate``): then this agent leads it itself.
 * Otherwise, once our own claim is ``settle`` s old (time for the herd's claims to meet),
   leaders are chosen for all blobs without one at once: largest blob first, each to the
   candidate with the fewest bytes led so far, ties broken by a hash of (agent, blob).
@@ -50,6 +56,15 @@ class HerdConfig:
     settle: float = 1.0
     leader_timeout: float = 15.0
     start_timeout: float = 4.0
+    # The slowest leader worth waiting for (bytes/s, averaged over each leader_timeout):
+    # 1 Mbit/s, below any mirror link a herd would share, far above a liar's creep.
+    min_rate: float = 128 * 1024
+    # Every wait ends after max_wait + size / min_rate s, whatever the claims say.
+    max_wait: float = 60.0
+
+    def deadline(self, size: int) -> float:
+        """The longest wait for someone else to fetch a blob of `size` bytes."""
+        return self.max_wait + size / self.min_rate
 
 
 def rank(agent_id: str, blob_id: str) -> bytes:
@@ -57,11 +72,18 @@ def rank(agent_id: str, blob_id: str) -> bytes:
 
 
 @dataclass
+class _Leader:
+    done: int
+    advanced: float  # when done last grew
+    seen: float  # when last seen leading
+    mark: tuple[int, float]  # (done, when) at the start of the current rate window
+
+
+@dataclass
 class _Blob:
     size: int
     since: float  # when our claim began
-    seen: dict[str, tuple[int, float, float]] = field(default_factory=dict)
-    # leader agent id -> (done, when done last advanced, when last seen)
+    seen: dict[str, _Leader] = field(default_factory=dict)
     suspects: set[str] = field(default_factory=set)
     assigned: tuple[str, float] | None = None  # winner we expect, since when
 
@@ -89,6 +111,11 @@ class HerdElection:
         live = [a for a in b.seen if a not in b.suspects]
         return min(live) if live else None
 
+    def suspects(self, blob_id: str) -> frozenset[str]:
+        """Agents counted out for this blob (stalled, too slow, gone, or lying)."""
+        b = self._blobs.get(blob_id)
+        return frozenset(b.suspects) if b is not None else frozenset()
+
     def observe(
         self,
         view: Mapping[str, Iterable[Bid]],
@@ -113,14 +140,12 @@ class HerdElection:
                     load[x.agent_id] = load.get(x.agent_id, 0) + x.size
                     led.add(blob_id)
                 continue
+            b.suspects |= self._liars(b, bids.get(blob_id, []))
             for x in current:
-                done, advanced, _ = b.seen.get(x.agent_id, (-1, now, now))
-                # A leader with every byte is finishing (hashing, building its manifest:
-                # a minute for a 50 GB blob): only its silence counts against it then.
-                moved = x.done > done or x.done >= b.size
-                b.seen[x.agent_id] = (x.done, now if moved else advanced, now)
-            for agent, (_, advanced, last_seen) in b.seen.items():
-                if now - advanced > cfg.leader_timeout or now - last_seen > cfg.leader_timeout:
+                if x.agent_id not in b.suspects:
+                    self._progress(b, x, now)
+            for agent, lead in b.seen.items():
+                if now - lead.advanced > cfg.leader_timeout or now - lead.seen > cfg.leader_timeout:
                     b.suspects.add(agent)
             live = [a for a in b.seen if a not in b.suspects]
             if live:
@@ -145,15 +170,51 @@ class HerdElection:
                         stale = True
             if not stale:
                 break
-        # 3. Our turns.
+        # 3. Our turns. Past the deadline we lead whatever the others claim.
         return {
             blob_id: Turn.LEAD
-            if blob_id not in led
-            and now - b.since >= cfg.settle
-            and winners.get(blob_id) == self.self_id
+            if now - b.since >= cfg.deadline(b.size)
+            or (
+                blob_id not in led
+                and now - b.since >= cfg.settle
+                and winners.get(blob_id) == self.self_id
+            )
             else Turn.WAIT
             for blob_id, b in self._blobs.items()
         }
+
+    def _liars(self, b: _Blob, bids: Iterable[Bid]) -> set[str]:
+        """Agents whose bids on this blob cannot be true."""
+        out: set[str] = set()
+        counted: set[str] = set()
+        for x in bids:
+            if x.agent_id in counted:
+                out.add(x.agent_id)  # two claims of one agent on one blob
+            counted.add(x.agent_id)
+            if x.size != b.size or not 0 <= x.done <= b.size:
+                out.add(x.agent_id)
+            prev = b.seen.get(x.agent_id)
+            if x.leading and prev is not None and x.done < prev.done:
+                out.add(x.agent_id)  # bytes done never shrink within one lead
+        return out
+
+    def _progress(self, b: _Blob, x: Bid, now: float) -> None:
+        """Note a leader's bid; suspect it if it stalled or crept below `min_rate`."""
+        cfg = self.config
+        lead = b.seen.get(x.agent_id)
+        if lead is None:
+            lead = b.seen[x.agent_id] = _Leader(x.done, now, now, (x.done, now))
+        # A leader with every byte is finishing (hashing, building its manifest: a minute
+        # for a 50 GB blob): only its silence counts against it then (and the deadline).
+        if x.done > lead.done or x.done >= b.size:
+            lead.advanced = now
+        lead.done, lead.seen = x.done, now
+        mark_done, mark_at = lead.mark
+        if now - mark_at >= cfg.leader_timeout:
+            need = min(b.size - mark_done, cfg.min_rate * (now - mark_at))
+            if x.done - mark_done < need:
+                b.suspects.add(x.agent_id)
+            lead.mark = (x.done, now)
 
     def _assign(
         self, bids: Mapping[str, list[Bid]], led: set[str], load: dict[str, int]
