@@ -190,7 +190,9 @@ def test_a_leader_whose_done_goes_backwards_is_distrusted() -> None:
 def test_every_wait_ends_at_the_deadline_whatever_the_claims() -> None:
     # A "leader" that claims every byte forever (finishing, never offering a manifest):
     # waited for up to max_wait + size / min_rate, then we fetch it ourselves.
-    cfg = HerdConfig(settle=1.0, leader_timeout=10.0, start_timeout=3.0, max_wait=60.0)
+    cfg = HerdConfig(
+        settle=1.0, leader_timeout=10.0, start_timeout=3.0, max_wait=60.0, finish_floor=1e9
+    )
     size = 10 * 2**20
     deadline = cfg.deadline(size)
     assert deadline == 60.0 + size / cfg.min_rate
@@ -267,6 +269,22 @@ def test_a_leader_with_every_byte_is_not_replaced_while_it_finishes() -> None:
     # byte: no progress then, yet the leader is alive and answering.
     blobs = {blob(1): 100}
     electors = herd(AGENTS[1:], blobs)
-    for t in (0.5, 12.0, 30.0, 60.0):
+    for t in (0.5, 12.0, 20.0, CFG.finish_time(100) - 1):
         turns = step(electors, blobs, t, leading={blob(1): ("agent-a", 100)})
         assert leaders(turns) == {}, f"replaced at {t}"
+
+
+def test_a_leader_stuck_at_every_byte_is_replaced_after_its_finish_time() -> None:
+    cfg = HerdConfig(settle=1.0, leader_timeout=15.0)
+    size = 5_000_000_000
+    e = HerdElection("a" * 32, cfg)
+    e.want(blob(1), size, now=0.0)
+    liar = Bid("f" * 32, size, leading=True, done=size)
+    t = 0.0
+    while t <= cfg.finish_time(size):
+        assert e.observe({blob(1): [liar]}, now=t)[blob(1)] is not Turn.LEAD, t
+        t += 5.0
+    t += 5.0
+    assert e.observe({blob(1): [liar]}, now=t)[blob(1)] is Turn.LEAD
+    # far sooner than the overall deadline for a blob this big (hours)
+    assert cfg.finish_time(size) < cfg.deadline(size) / 10

@@ -14,6 +14,9 @@ The rules, which every agent applies to the same view and so agrees on:
 * Bids are hostile input. A bid whose size is not the blob's, whose ``done`` is outside
   0..size or goes backwards, or two bids of one agent for one blob, make that agent a
   suspect for the blob: it neither leads nor is elected for it.
+* A leader with every byte is finishing (hashing, building its manifest): it must be
+  done within `HerdConfig.finish_time` (``finish_floor`` plus the size at
+  ``finish_rate``), or it is suspected; "done == size" forever stalls nobody.
 * Whatever the bids say, a wait ends after `HerdConfig.deadline` (``max_wait`` plus the
   time to fetch the blob at ``min_rate``): then this agent leads it itself.
 * Otherwise, once our own claim is ``settle`` s old (time for the herd's claims to meet),
@@ -61,6 +64,13 @@ class HerdConfig:
     min_rate: float = 128 * 1024
     # Every wait ends after max_wait + size / min_rate s, whatever the claims say.
     max_wait: float = 60.0
+    # A leader holding every byte must finish (hash, manifest) within
+    # finish_floor + size / finish_rate s: 17 min for 50 GB, far above a real hash pass.
+    finish_floor: float = 30.0
+    finish_rate: float = 50e6
+
+    def finish_time(self, size: int) -> float:
+        return self.finish_floor + size / self.finish_rate
 
     def deadline(self, size: int) -> float:
         """The longest wait for someone else to fetch a blob of `size` bytes."""
@@ -77,6 +87,7 @@ class _Leader:
     advanced: float  # when done last grew
     seen: float  # when last seen leading
     mark: tuple[int, float]  # (done, when) at the start of the current rate window
+    full_since: float | None = None  # when it was first seen with every byte
 
 
 @dataclass
@@ -208,6 +219,11 @@ class HerdElection:
         # for a 50 GB blob): only its silence counts against it then (and the deadline).
         if x.done > lead.done or x.done >= b.size:
             lead.advanced = now
+        if x.done >= b.size:
+            if lead.full_since is None:
+                lead.full_since = now
+            elif now - lead.full_since > cfg.finish_time(b.size):
+                b.suspects.add(x.agent_id)
         lead.done, lead.seen = x.done, now
         mark_done, mark_at = lead.mark
         if now - mark_at >= cfg.leader_timeout:
