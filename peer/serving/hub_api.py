@@ -766,9 +766,8 @@ class HubApi:
             raise _Answer(_error_response(exc, f"{repo_id}@{revision}")) from exc
         if m is None:
             raise _Answer(fallback or _unknown_revision(repo_type, repo_id, revision))
-        # What huggingface_hub would do with it: refs/<name> for the commit; and the repo
-        # is public (only public repos' manifests are shared).
-        _bounded_put(self._flags, (repo_type, repo_id), (False, False), REF_ENTRIES)
+        # What huggingface_hub would do with it: refs/<name> for the commit. (Nothing is
+        # learned of the repo's visibility: a peer's word is not the mirror's.)
         if revision != m.commit:
             _bounded_put(self._refs, (repo_type, repo_id, m.commit), revision, REF_ENTRIES)
         return m
@@ -905,25 +904,34 @@ class HubApi:
                 "range not satisfiable",
                 {**headers, "Content-Range": f"bytes */{meta.size}"},
             )
-        task = self._start_fetch(target, meta, _bearer(request.headers.get("Authorization")))
+        task = self._start_fetch(
+            target,
+            meta,
+            _bearer(request.headers.get("Authorization")),
+            anonymous="Authorization" not in request.headers,
+        )
         return await self._serve(request, target, task, meta, span, headers)
 
     def _start_fetch(
-        self, target: ResolveTarget, meta: FileMeta, token: str | None
+        self, target: ResolveTarget, meta: FileMeta, token: str | None, *, anonymous: bool
     ) -> asyncio.Task[Path]:
         # Not tied to this connection: a client that goes away (Ctrl-C, a read timeout)
         # leaves the agent finishing, verifying and seeding the blob; its retry joins.
-        task = asyncio.get_running_loop().create_task(self._fetch(target, meta, token))
+        task = asyncio.get_running_loop().create_task(
+            self._fetch(target, meta, token, anonymous=anonymous)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    async def _fetch(self, target: ResolveTarget, meta: FileMeta, token: str | None) -> Path:
+    async def _fetch(
+        self, target: ResolveTarget, meta: FileMeta, token: str | None, *, anonymous: bool
+    ) -> Path:
         file = RemoteFile(
             path=target.path, size=meta.size, blob_id=meta.blob_id, is_lfs=meta.is_lfs
         )
-        access = await self._access(target, meta, token)
+        access = await self._access(target, meta, anonymous=anonymous)
         snapshot = Snapshot(
             repo_type=target.repo_type,
             repo_id=target.repo_id,
@@ -941,7 +949,7 @@ class HubApi:
         )
         return await self.backend.blob_for_client(snapshot, file, token, ref, access)
 
-    async def _access(self, target: ResolveTarget, meta: FileMeta, token: str | None) -> Access:
+    async def _access(self, target: ResolveTarget, meta: FileMeta, *, anonymous: bool) -> Access:
         """The mirror just allowed this client this file (its resolve HEAD, with the
         client's token): that is the request's standing. Whether the repo is public
         decides what the agent may share of it: anonymous clients only reach public
@@ -950,20 +958,22 @@ class HubApi:
         key = repo_key(target.repo_type, target.repo_id)
         if not meta.mirror:  # from revision manifests: the LAN's word only
             return Access(key, None, mirror_allowed=False)
-        flags = (False, False) if token is None else self._flags.get(key_of(target))
+        flags = (False, False) if anonymous else self._flags.get(key_of(target))
         if flags is None:
-            flags = (False, False) if await self._anonymous_ok(target, meta) else (False, True)
-            _bounded_put(self._flags, key_of(target), flags, REF_ENTRIES)
+            public = await self._anonymous_ok(target, meta)
+            flags = (False, False) if public else (False, True)
+            if public is not None:  # no answer: not shared this time, asked again next
+                _bounded_put(self._flags, key_of(target), flags, REF_ENTRIES)
         private, gated = flags
         return Access(key, Visibility.of_mirror_answer(private=private, gated=gated), True)
 
-    async def _anonymous_ok(self, target: ResolveTarget, meta: FileMeta) -> bool:
+    async def _anonymous_ok(self, target: ResolveTarget, meta: FileMeta) -> bool | None:
         url = meta.mirror + target.url_path()
         headers = {"User-Agent": self.backend.config.hub.user_agent}
         try:
             up = await self._send(meta.mirror, "HEAD", url, headers, None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            return False  # unknown: not shared (fail closed)
+            return None  # unknown: not shared (fail closed)
         return up.status < 300 or (up.status in REDIRECTS and "X-Repo-Commit" in up.headers)
 
     async def _serve(
