@@ -412,3 +412,28 @@ async def test_publish_temp_file_is_removed_after_a_kill(tmp_path: Path) -> None
         async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
             assert list(partial.glob("publish.*")) == []
             await assert_healthy(a, "127.0.0.2")
+
+
+async def test_hf_endpoint_with_a_token_shares_only_public_blobs(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A client with a token (its own, through HF_ENDPOINT) downloads a gated and a
+    public file: the agent cannot tell from the resolve alone whether a repo is public,
+    so it asks the mirror anonymously; only the public blob is then offered to peers."""
+    mirror: MirrorServer = world["mirror"]
+    pub, gated = world["pub"], world["gated"]
+    async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+        endpoint = local_url(a, "127.0.0.2")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(headers=auth) as s:
+            for repo in ("org/gated", "org/pub"):
+                async with s.get(f"{endpoint}/{repo}/resolve/main/small.bin") as r:
+                    assert r.status == 200, (repo, r.status)
+                    assert await r.read() == world[repo.split("/")[1]].small
+        async with attacker_session() as s:
+            req = wire.encode(wire.HaveRequest(blob_ids=(pub.ids[1], gated.ids[1])))
+            async with s.post(f"{peer_url(a, '127.0.0.2')}/v1/have", data=req) as r:
+                have = wire.decode_as(await r.read(), wire.HaveResponse)
+            assert [m.blob_id for m in have.manifests] == [pub.ids[1]]
+            async with s.get(f"{peer_url(a, '127.0.0.2')}/v1/blobs/{gated.ids[1]}") as r:
+                assert r.status == 404
