@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import random
 import resource
 import socket
@@ -26,6 +28,7 @@ from peer import wire
 from peer.agent.client import AgentClient
 from peer.cli.demo import loopback_agent_command
 from peer.discovery.peer_table import PeerTable
+from peer.logs import RepeatFilter
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving.local_api import DownloadSpec
 
@@ -327,3 +330,36 @@ async def test_bad_ranges_and_big_have_requests_get_clear_answers(tmp_path: Path
             offers = await table.find(held)
         assert set(offers) == set(held)
         assert await answers_within(f"{a.peer_url}/v1/health") < 1
+
+
+async def test_asyncio_emfile_spam_is_logged_once_per_interval() -> None:
+    """asyncio's own accept-EMFILE report (with its traceback), 1,000 times in a row,
+    through the filter the agent installs: one report, then one with the count."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    clock = [0.0]
+    handler.addFilter(RepeatFilter(interval=10.0, clock=lambda: clock[0]))
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        for i in range(1000):
+            clock[0] = i * 0.01
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError as exc:
+                context = {"message": "socket.accept() out of system resource", "socket": sock}
+                loop.call_exception_handler({**context, "exception": exc})
+        clock[0] = 20.0
+        loop.call_exception_handler(
+            {"message": "socket.accept() out of system resource", "socket": sock}
+        )
+    finally:
+        logger.removeHandler(handler)
+        sock.close()
+    text = out.getvalue()
+    assert text.count("socket.accept() out of system resource") == 2
+    assert text.count("Traceback") == 1
+    assert "999 identical messages held back" in text
+    assert len(text) < 5000
