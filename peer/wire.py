@@ -36,7 +36,11 @@ SUPPORTED_VERSIONS = frozenset({WIRE_VERSION})
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_TORRENT_BYTES = 4 * 1024 * 1024
 MAX_SIGNATURE_BYTES = 1024
-MAX_BLOB_IDS = 4096  # per HaveRequest
+MAX_BLOB_IDS = 4096  # per HaveRequest (the parser's bound)
+# Ids a peer answers per HaveRequest (more: HTTP 413, ask in batches): 64 manifests held
+# plus 64 being fetched, torrents of 128 KiB at most under the piece-size rule, always fit
+# one message, and MAX_MANIFESTS never binds.
+MAX_HAVE_IDS = 64
 MAX_MANIFESTS = 256  # per HaveResponse (the total size limit usually binds first)
 MAX_AGENT_ID_CHARS = 128
 MAX_REVISION_FILES = 4096  # per RevisionManifest (the parser's array limit)

@@ -39,6 +39,7 @@ from peer.discovery.tracker_source import TrackerSource
 from peer.errors import LocalError, NetworkError
 from peer.hub.metadata import RemoteFile, Snapshot, anonymous_flags
 from peer.manifests.revisions import is_local_repo
+from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.serving.sharing import Access, Visibility, repo_key
@@ -120,7 +121,9 @@ class Agent:
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
             )
-            self.peer_port = await self._listen(make_peer_app(self), self.config.listen)
+            self.peer_port = await self._listen(
+                make_peer_app(self), self.config.listen, peer_facing=True
+            )
             self.local_port = await self._listen(
                 make_local_app(self, hub=self), self.config.local_listen
             )
@@ -179,19 +182,20 @@ class Agent:
         await self.blobs.save_all_resume_data()
         await self._stack.aclose()
 
-    async def _listen(self, app: web.Application, where: tuple[str, int]) -> int:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
-        self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, where[0], where[1], reuse_address=True)
+    async def _listen(
+        self, app: web.Application, where: tuple[str, int], *, peer_facing: bool = False
+    ) -> int:
+        # Caps below the fd limit, header/body/stall timeouts: peer/serving/limits.py.
+        nofile = nofile_limit()
+        limits = peer_limits(nofile) if peer_facing else local_limits(nofile)
         try:
-            await site.start()
+            runner, port = await start_listener(app, where[0], where[1], limits)
         except OSError as exc:
             raise LocalError(
                 f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
                 hint="choose another port, or stop the agent already using it",
             ) from exc
-        port: int = runner.addresses[0][1]
+        self._stack.push_async_callback(runner.cleanup)
         return port
 
     async def serve(self, stop: asyncio.Event) -> None:

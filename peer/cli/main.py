@@ -481,11 +481,17 @@ async def _run_status(args: argparse.Namespace) -> int:
 
 async def _run_agent(args: argparse.Namespace) -> int:
     from peer.agent.daemon import Agent
+    from peer.logs import install_repeat_filter
+    from peer.serving.limits import raise_nofile_limit
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A flood of bad clients must not fill the disk with identical lines, and the fd
+    # limit is as high as we may make it (the listeners' caps derive from it).
+    install_repeat_filter(logging.getLogger())
+    raise_nofile_limit()
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
     )

@@ -338,6 +338,22 @@ class PeerTable:
         return offers, claims
 
     async def _have(self, peer: PeerInfo, blob_ids: tuple[str, ...]) -> wire.HaveResponse | None:
+        """One peer's answer about `blob_ids`, asked in batches of wire.MAX_HAVE_IDS
+        (what a peer answers at once); None if it failed to answer any batch."""
+        n = wire.MAX_HAVE_IDS
+        batches = [blob_ids[i : i + n] for i in range(0, len(blob_ids), n)]
+        parts = [await self._have_batch(peer, batch) for batch in batches]
+        if not parts or any(p is None for p in parts):
+            return None
+        return wire.HaveResponse(
+            manifests=tuple(m for p in parts if p for m in p.manifests),
+            fetching=tuple(m for p in parts if p for m in p.fetching),
+            claims=tuple(c for p in parts if p for c in p.claims),
+        )
+
+    async def _have_batch(
+        self, peer: PeerInfo, blob_ids: tuple[str, ...]
+    ) -> wire.HaveResponse | None:
         assert self._session is not None
         body = wire.encode(wire.HaveRequest(blob_ids=blob_ids))
         try:

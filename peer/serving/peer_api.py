@@ -4,19 +4,29 @@
     POST /v1/have             HaveRequest -> HaveResponse: manifests of the blobs we hold
                               (and swarm now), and our herd claims on blobs nobody holds
     GET  /v1/blobs/{blob id}  a small blob (below one piece), Range allowed; the receiver
-                              verifies its hash before using it
+                              verifies its hash before using it. Streamed from disk; at
+                              most `STREAMS_PER_IP` at once per client address and
+                              `STREAMS_TOTAL` in all, beyond that 503 with Retry-After.
+                              A Range this API does not support or that is invalid
+                              (several ranges, reversed, not numbers) is ignored: 200
+                              and the whole blob (RFC 9110 allows it; the Hub API does
+                              the same); one past the end is 416 with Content-Range
     POST /v1/revisions        RevisionRequest -> RevisionManifest (404: not known here):
                               what a revision of a repo holds, for ``local/*`` publishes
                               and public repos this agent downloaded (never private or
                               gated ones); the receiver checks it before using it
 
 Bodies are msgpack wire messages (`peer.wire`). Only verified blobs are ever offered or
-served; everything else is 404.
+served; everything else is 404. A /v1/have names at most `wire.MAX_HAVE_IDS` blobs (413
+beyond: ask in batches), so that every answer fits one wire message. Connections, time
+and request sizes are bounded by the listener (`peer.serving.limits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -24,11 +34,20 @@ from typing import Protocol
 from aiohttp import web
 
 from peer import wire
+from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
+from peer.serving.limits import StreamSlots
 from peer.verification.hashing import is_blob_id
+
+log = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
 MAX_REQUEST = 1 << 20
 SMALL_BLOB_LIMIT = 16 << 20  # larger blobs go through the swarm, never over this API
+READ_CHUNK = 256 << 10  # held per stream (and one read ahead) while the client reads
+STREAMS_PER_IP = 8  # an agent fetches --max-workers (4) small blobs at once
+STREAMS_TOTAL = 32
+# Manifests an answer may carry in all: room for the encoding around the torrents.
+ANSWER_BUDGET = wire.MAX_MESSAGE_BYTES - (1 << 20)
 
 
 class PeerBackend(Protocol):
@@ -47,13 +66,24 @@ class PeerBackend(Protocol):
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None: ...
 
 
-def _read(path: Path, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
+def _fit(manifests: list[wire.Manifest], budget: int) -> tuple[list[wire.Manifest], int]:
+    """As many manifests as fit `budget` bytes of torrents (all of them unless blobs far
+    above 256 GiB are asked about: 64 ids x 128 KiB torrents is 8 MiB), and the budget
+    left. Ones left out are simply not offered in this answer."""
+    kept = []
+    for m in manifests:
+        cost = len(m.torrent) + 1024
+        if cost > budget:
+            log.warning("a /v1/have answer is full; leaving out the manifests beyond it")
+            break
+        kept.append(m)
+        budget -= cost
+    return kept, budget
 
 
-def make_peer_app(backend: PeerBackend) -> web.Application:
+def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> web.Application:
+    slots = streams or StreamSlots(total=STREAMS_TOTAL, per_ip=STREAMS_PER_IP)
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(body=wire.encode(backend.health()), content_type=MSGPACK)
 
@@ -66,10 +96,16 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         except wire.WireError as exc:
             return web.Response(status=400, text=exc.one_line())
         ids = tuple(msg.blob_ids)
+        if len(ids) > wire.MAX_HAVE_IDS:
+            return web.Response(
+                status=413,
+                text=f"ask about at most {wire.MAX_HAVE_IDS} blob ids per /v1/have request "
+                f"(this one named {len(ids)}): split it into several requests",
+            )
+        held, budget = _fit(backend.manifests_for(ids), ANSWER_BUDGET)
+        fetching, _ = _fit(backend.fetching_for(ids), budget)
         answer = wire.HaveResponse(
-            manifests=tuple(backend.manifests_for(ids)),
-            fetching=tuple(backend.fetching_for(ids)),
-            claims=tuple(backend.claims_for(ids)),
+            manifests=tuple(held), fetching=tuple(fetching), claims=tuple(backend.claims_for(ids))
         )
         return web.Response(body=wire.encode(answer), content_type=MSGPACK)
 
@@ -84,23 +120,21 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
             return web.Response(status=404, text="not held here")
         if size > SMALL_BLOB_LIMIT:
             return web.Response(status=413, text="large blobs are served through the swarm")
-        start, end = 0, size
-        rng = request.http_range
-        status = 200
-        if rng.start is not None or rng.stop is not None:
-            start, stop, _ = rng.indices(size)
-            end = stop
-            if start >= end:
-                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
-            status = 206
-        data = await asyncio.to_thread(_read, path, start, end)
-        headers = {"Accept-Ranges": "bytes"}
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        backend.count_upload(len(data))
-        return web.Response(
-            status=status, body=data, headers=headers, content_type="application/octet-stream"
-        )
+        span = parse_range(request.headers.get("Range"), size)
+        if span == UNSATISFIABLE:
+            return web.Response(
+                status=416,
+                text=f"range not satisfiable: the blob has {size} bytes",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        with slots.take(request.remote or "") as ok:
+            if not ok:
+                return web.Response(
+                    status=503,
+                    text="too many blob downloads from this address or in all; retry later",
+                    headers={"Retry-After": "5"},
+                )
+            return await _stream(request, path, size, span)
 
     async def revisions(request: web.Request) -> web.Response:
         try:
@@ -111,6 +145,55 @@ def make_peer_app(backend: PeerBackend) -> web.Application:
         if manifest is None:
             return web.Response(status=404, text="revision not known here")
         return web.Response(body=wire.encode(manifest), content_type=MSGPACK)
+
+    async def _stream(
+        request: web.Request, path: Path, size: int, span: tuple[int, int] | None
+    ) -> web.StreamResponse:
+        """Bytes [start, end) of a verified blob in `READ_CHUNK` preads, one read ahead;
+        each write waits for the client (never the whole range in memory)."""
+        start, end = span if span is not None else (0, size)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return web.Response(status=404, text="not held here")
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[bytes] | None = None
+        resp = web.StreamResponse(status=206 if span is not None else 200)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = end - start
+        resp.headers["Accept-Ranges"] = "bytes"
+        if span is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        try:
+            await resp.prepare(request)
+            pos = start
+            if pos < end:
+                pending = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)
+            while pos < end:
+                assert pending is not None
+                chunk, pending = await pending, None
+                if not chunk:  # cannot happen to a blob in blobs/ (never rewritten)
+                    raise ConnectionResetError("blob shrank while being served")
+                nxt = pos + len(chunk)
+                if nxt < end:
+                    pending = loop.run_in_executor(
+                        None, os.pread, fd, min(READ_CHUNK, end - nxt), nxt
+                    )
+                await resp.write(chunk)
+                backend.count_upload(len(chunk))
+                pos = nxt
+            await resp.write_eof()
+        except ConnectionError:
+            # The client went away (or was cut off for not reading): end the connection,
+            # so a short body is never taken for a whole one.
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    await pending
+            os.close(fd)
+        return resp
 
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)
