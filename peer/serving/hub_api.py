@@ -93,6 +93,7 @@ from peer.errors import (
 from peer.hub.metadata import URL_PREFIX, RemoteFile, Snapshot
 from peer.manifests.revisions import is_local_repo
 from peer.mirror_server.http_range import UNSATISFIABLE, hub_error, parse_range
+from peer.serving.file_range import write_range
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
@@ -1101,8 +1102,6 @@ class HubApi:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             return hub_error(500, None, f"hfswarm agent: cannot read its copy of {path}: {exc}")
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[bytes] | None = None
         resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
         try:
             if os.fstat(fd).st_size != size:
@@ -1114,21 +1113,7 @@ class HubApi:
             if span is not None:
                 resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             await resp.prepare(request)
-            pos = start
-            if pos < end:
-                pending = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)
-            while pos < end:
-                assert pending is not None
-                chunk, pending = await pending, None
-                if not chunk:  # cannot happen to a blob in blobs/ (never rewritten)
-                    raise ConnectionResetError("blob shrank while being served")
-                nxt = pos + len(chunk)
-                if nxt < end:
-                    pending = loop.run_in_executor(
-                        None, os.pread, fd, min(READ_CHUNK, end - nxt), nxt
-                    )
-                await resp.write(chunk)
-                pos = nxt
+            await write_range(resp, fd, start, end, READ_CHUNK)
             await resp.write_eof()
         except ConnectionError:
             # The client went away (or the blob could not be read whole): end the
@@ -1136,8 +1121,5 @@ class HubApi:
             if request.transport is not None:
                 request.transport.close()
         finally:
-            if pending is not None:
-                with contextlib.suppress(BaseException):
-                    await pending
             os.close(fd)
         return resp

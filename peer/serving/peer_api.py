@@ -24,8 +24,6 @@ and request sizes are bounded by the listener (`peer.serving.limits`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -35,6 +33,7 @@ from aiohttp import web
 
 from peer import wire
 from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
+from peer.serving.file_range import write_range
 from peer.serving.limits import StreamSlots
 from peer.verification.hashing import is_blob_id
 
@@ -156,8 +155,6 @@ def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> w
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return web.Response(status=404, text="not held here")
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[bytes] | None = None
         resp = web.StreamResponse(status=206 if span is not None else 200)
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start
@@ -166,22 +163,7 @@ def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> w
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         try:
             await resp.prepare(request)
-            pos = start
-            if pos < end:
-                pending = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)
-            while pos < end:
-                assert pending is not None
-                chunk, pending = await pending, None
-                if not chunk:  # cannot happen to a blob in blobs/ (never rewritten)
-                    raise ConnectionResetError("blob shrank while being served")
-                nxt = pos + len(chunk)
-                if nxt < end:
-                    pending = loop.run_in_executor(
-                        None, os.pread, fd, min(READ_CHUNK, end - nxt), nxt
-                    )
-                await resp.write(chunk)
-                backend.count_upload(len(chunk))
-                pos = nxt
+            await write_range(resp, fd, start, end, READ_CHUNK, backend.count_upload)
             await resp.write_eof()
         except ConnectionError:
             # The client went away (or was cut off for not reading): end the connection,
@@ -189,9 +171,6 @@ def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> w
             if request.transport is not None:
                 request.transport.close()
         finally:
-            if pending is not None:
-                with contextlib.suppress(BaseException):
-                    await pending
             os.close(fd)
         return resp
 

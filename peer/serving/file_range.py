@@ -1,0 +1,48 @@
+"""Sending bytes [start, end) of a verified file: one pread ahead, in a thread, while the
+previous chunk is written; each write waits for the client, so a reader that does not
+read holds at most two chunks of memory. Shared by the peer API (`/v1/blobs`) and the
+Hub API (``resolve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+
+from aiohttp import web
+
+
+async def write_range(
+    resp: web.StreamResponse,
+    fd: int,
+    start: int,
+    end: int,
+    chunk_size: int,
+    on_sent: Callable[[int], None] | None = None,
+) -> None:
+    """Write [start, end) of `fd` to a prepared response. Raises ConnectionResetError if
+    the file turns out shorter (the caller must then cut the connection, so a short body
+    is never taken for a whole one)."""
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[bytes] | None = None
+    pos = start
+    try:
+        if pos < end:
+            pending = loop.run_in_executor(None, os.pread, fd, min(chunk_size, end - pos), pos)
+        while pos < end:
+            assert pending is not None
+            chunk, pending = await pending, None
+            if not chunk:  # cannot happen to a blob in blobs/ (never rewritten)
+                raise ConnectionResetError("file shrank while being served")
+            nxt = pos + len(chunk)
+            if nxt < end:
+                pending = loop.run_in_executor(None, os.pread, fd, min(chunk_size, end - nxt), nxt)
+            await resp.write(chunk)
+            if on_sent is not None:
+                on_sent(len(chunk))
+            pos = nxt
+    finally:
+        if pending is not None:
+            with contextlib.suppress(BaseException):
+                await pending
