@@ -121,6 +121,10 @@ class SwarmSettings:
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
     limit_local_peers: bool = False
+    # Verified pieces libtorrent may hold in memory before writing them (its default,
+    # 100 MiB, kept a whole 24 MiB download off the disk until it finished, so a kill -9
+    # lost every piece): a kill loses at most this much.
+    max_queued_disk_bytes: int = 8 << 20
     user_agent: str = "hfswarm/0.1"
     start_timeout: float = 10.0
     # BitTorrent announce URLs put on every torrent (LAN trackers' /announce), so
@@ -178,6 +182,7 @@ class SwarmSettings:
             # otherwise break the swarm with "duplicate peer-id".
             "allow_multiple_connections_per_ip": True,
             "max_out_request_queue": self.max_out_request_queue,
+            "max_queued_disk_bytes": self.max_queued_disk_bytes,
             "alert_mask": int(alert_mask),
             "alert_queue_size": self.alert_queue_size,
             "peer_fingerprint": self.peer_id_prefix,
