@@ -445,8 +445,8 @@ class Agent:
         path = repo.blob_path(file.blob_id)
         verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
         if verdict.ok:
-            origin = (access.repo, access.visibility) if access.visibility else None
-            await self.seeds.offer_verified(path, file.blob_id, file.size, origin)
+            held_for = (access.repo, access.visibility) if access.visibility else None
+            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for)
             return path
         log.warning(
             "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual

@@ -212,7 +212,9 @@ class BlobFetcher:
         if access.mirror_only:
             async with self._transfers:
                 fetched = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(fetched, file.blob_id, file.size, self._origin(access))
+            await self.seeds.offer_verified(
+                fetched, file.blob_id, file.size, self._held_for(access)
+            )
             return fetched
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
@@ -233,11 +235,11 @@ class BlobFetcher:
             turn.lead()
             async with self._transfers:
                 path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(path, file.blob_id, file.size, self._origin(access))
+            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
             return path
 
     @staticmethod
-    def _origin(access: Access, *, from_peers: bool = False) -> tuple[str, Visibility] | None:
+    def _held_for(access: Access, *, from_peers: bool = False) -> tuple[str, Visibility] | None:
         """What to record for a blob fetched for `access`: what the mirror said of the
         repo; bytes all from peers who offered them openly: shared as they were; else
         nothing (a revision known from peers only, its bytes from the mirror)."""
@@ -387,7 +389,7 @@ class BlobFetcher:
             path = repo.install_blob(tmp, file.blob_id)
             with contextlib.suppress(SwarmError, OSError):
                 await self.seeds.add_with_manifest(
-                    path, offer.manifest, self._origin(access, from_peers=True)
+                    path, offer.manifest, self._held_for(access, from_peers=True)
                 )
             return path
         raise last or IntegrityError(f"no peer delivered {file.path}")
@@ -477,7 +479,7 @@ class BlobFetcher:
         if flight is not None:
             flight.moved(path)
         await self.seeds.add_with_manifest(
-            path, manifest, self._origin(access, from_peers=counters.from_mirror == 0)
+            path, manifest, self._held_for(access, from_peers=counters.from_mirror == 0)
         )
         return path
 

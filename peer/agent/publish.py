@@ -241,8 +241,8 @@ class Publisher:
         else:
             repo.install_blob(tmp, f.blob_id)  # our copy, verified by construction
         # Published by this machine's own user: shared on the LAN, whatever else holds it.
-        origin = (repo_key(repo.repo_type, repo.repo_id), Visibility.LOCAL)
-        await self.seeds.offer_verified(target, f.blob_id, f.size, origin)
+        held_for = (repo_key(repo.repo_type, repo.repo_id), Visibility.LOCAL)
+        await self.seeds.offer_verified(target, f.blob_id, f.size, held_for)
         return f
 
 

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # (repo type, repo id) -> what an anonymous client gets from the mirror (None: no answer)
 Confirm = Callable[[str, str], Awaitable[Visibility | None]]
-# (repo key, what is known of it) recorded with a blob as it enters the cache
-Origin = tuple[RepoKey, Visibility] | None
+# (repo key, what is known of it): what a blob entering the cache is held for
+HeldFor = tuple[RepoKey, Visibility] | None
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,9 @@ class SeedIndex:
         async with self._lock:
             await self._note(blob_id, (key, visibility))
 
-    async def _note(self, blob_id: str, origin: Origin) -> None:
+    async def _note(self, blob_id: str, held_for: HeldFor) -> None:
         before = self.provenance(blob_id)
-        after = before if origin is None else before.with_repo(*origin)
+        after = before if held_for is None else before.with_repo(*held_for)
         if after != before:
             self._provenance[blob_id] = after
             await asyncio.to_thread(self.state.save_provenance, blob_id, after)
@@ -124,36 +124,36 @@ class SeedIndex:
 
     # -- blobs entering the cache ----------------------------------------------------------
 
-    async def add_verified(self, path: Path, blob_id: str, origin: Origin = None) -> None:
+    async def add_verified(self, path: Path, blob_id: str, held_for: HeldFor = None) -> None:
         """Hold a blob whose whole hash was just checked (the caller's proof); seed it if
         it is shared (its manifest is made then)."""
         async with self._lock:
             if blob_id in self.held:
-                await self._note(blob_id, origin)
+                await self._note(blob_id, held_for)
                 return
             fp = await asyncio.to_thread(Fingerprint.of, path)
             if fp.size == 0:
                 raise OSError(f"{blob_id} is empty: nothing to seed")
             self.kept[blob_id] = path
-            if origin is None or not self.provenance(blob_id).with_repo(*origin).shared:
+            if held_for is None or not self.provenance(blob_id).with_repo(*held_for).shared:
                 # kept only: no manifest (a hash pass) for what is never offered
                 self.state.remember_verified(VerifiedRecord(blob_id, fp, b""))
-            await self._note(blob_id, origin)
+            await self._note(blob_id, held_for)
 
     async def offer_verified(
-        self, path: Path, blob_id: str, size: int, origin: Origin = None
+        self, path: Path, blob_id: str, size: int, held_for: HeldFor = None
     ) -> None:
         """`add_verified` for a blob just put in the cache: an empty blob has nothing to
         seed, and a blob that cannot be seeded is still good to use (logged, not raised)."""
         if size == 0:
             return
         try:
-            await self.add_verified(path, blob_id, origin)
+            await self.add_verified(path, blob_id, held_for)
         except (SwarmError, OSError) as exc:
             log.warning("cannot seed %s: %s", blob_id, exc)
 
     async def add_with_manifest(
-        self, path: Path, manifest: wire.Manifest, origin: Origin = None
+        self, path: Path, manifest: wire.Manifest, held_for: HeldFor = None
     ) -> None:
         """Hold a blob just verified whole, whose manifest came with it (from the peers
         it was fetched from: every piece passed that merkle tree and the whole file
@@ -165,7 +165,7 @@ class SeedIndex:
                     VerifiedRecord(manifest.blob_id, fp, wire.encode(manifest))
                 )
                 self.kept[manifest.blob_id] = path
-            await self._note(manifest.blob_id, origin)
+            await self._note(manifest.blob_id, held_for)
 
     async def _make_manifest(self, path: Path, blob_id: str, fp: Fingerprint) -> wire.Manifest:
         manifest = await make_manifest(VerifiedBlob(blob_id, fp.size, path), made_by=self.agent_id)
