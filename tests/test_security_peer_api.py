@@ -11,22 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import random
 import resource
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from procs import AgentProcess, agent_process
 
 from peer import wire
 from peer.agent.client import AgentClient
-from peer.cli.demo import loopback_agent_command
 from peer.discovery.peer_table import PeerTable
 from peer.logs import RepeatFilter
 from peer.mirror_server import MirrorServer, RepoSource
@@ -39,27 +37,13 @@ BIG = 12_000_000
 MB = 1_000_000
 
 
-@dataclass
-class RunningAgent:
-    proc: asyncio.subprocess.Process
-    peer_url: str
-    local_url: str
-    stderr: Path
-    cache: Path
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-    def blobs(self) -> dict[str, int]:
-        """Blob id -> size of every blob in the agent's cache."""
-        return {
-            p.name: p.stat().st_size
-            for p in self.cache.glob("models--*/blobs/*")
-            if p.is_file() and not p.name.startswith(".")
-        }
+def cache_blobs(a: AgentProcess) -> dict[str, int]:
+    """Blob id -> size of every blob in the agent's cache."""
+    return {
+        p.name: p.stat().st_size
+        for p in (a.log.parent / "agent" / "cache").glob("models--*/blobs/*")
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def make_repo(folder: Path, small_files: int = 0) -> Path:
@@ -75,41 +59,16 @@ def make_repo(folder: Path, small_files: int = 0) -> Path:
 @contextlib.asynccontextmanager
 async def running_agent(
     tmp: Path, mirror: str, nofile: int | None = None
-) -> AsyncIterator[RunningAgent]:
-    cmd = loopback_agent_command(tmp / "agent", AGENT_IP, mirror)
-
+) -> AsyncIterator[AgentProcess]:
     def limit_fds() -> None:  # in the child, before exec: the machine of finding 8
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    stderr = tmp / "agent.stderr"
-    with open(stderr, "wb") as err:  # noqa: ASYNC230 (the child keeps it open)
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=err, preexec_fn=limit_fds
-        )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        info = json.loads(line or b"{}")
-        assert info.get("ready"), f"the agent did not start: {stderr.read_text()[-2000:]}"
-        yield RunningAgent(
-            proc,
-            f"http://{AGENT_IP}:{info['peer_port']}",
-            f"http://{AGENT_IP}:{info['local_port']}",
-            stderr,
-            tmp / "agent" / "cache",
-        )
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    async with agent_process(tmp / "agent", AGENT_IP, mirror, preexec_fn=limit_fds) as a:
+        yield a
 
 
-async def seeded(stack: contextlib.AsyncExitStack, tmp: Path, **kw: int) -> RunningAgent:
+async def seeded(stack: contextlib.AsyncExitStack, tmp: Path, **kw: int) -> AgentProcess:
     """A mirror serving public repo org/pub, and an agent that downloaded it."""
     src = make_repo(tmp / "src", kw.pop("small_files", 0))
     mirror = await stack.enter_async_context(MirrorServer([RepoSource("model", "org/pub", src)]))
@@ -118,8 +77,8 @@ async def seeded(stack: contextlib.AsyncExitStack, tmp: Path, **kw: int) -> Runn
     return a
 
 
-def big_blob(a: RunningAgent) -> str:
-    return next(b for b, size in a.blobs().items() if size == BIG)
+def big_blob(a: AgentProcess) -> str:
+    return next(b for b, size in cache_blobs(a).items() if size == BIG)
 
 
 async def answers_within(url: str, seconds: float = 1.0) -> float:
@@ -201,7 +160,7 @@ async def test_a_flood_of_idle_connections_leaves_health_and_status_up(tmp_path:
     try:
         async with contextlib.AsyncExitStack() as stack:
             a = await seeded(stack, tmp_path, nofile=1024)
-            err_before = a.stderr.stat().st_size
+            err_before = a.log.stat().st_size
             addr = host_port(a.peer_url)
             socks: list[socket.socket] = []
 
@@ -223,12 +182,12 @@ async def test_a_flood_of_idle_connections_leaves_health_and_status_up(tmp_path:
             refused = sum(1 for s in socks if _peek(s).startswith(b"HTTP/1.1 503"))
             for s in socks:
                 s.close()
-            grown = a.stderr.stat().st_size - err_before
+            grown = a.log.stat().st_size - err_before
             print(
                 f"\n{len(socks)} attacker connections made, {refused} refused at once (503); "
                 f"stderr grew {grown} bytes; slowest health/status {slowest:.2f} s"
             )
-            assert grown < MB, a.stderr.read_text()[-3000:]
+            assert grown < MB, a.log.read_text()[-3000:]
             assert slowest < 1
             assert await answers_within(f"{a.peer_url}/v1/health") < 1
     finally:
@@ -283,7 +242,7 @@ async def test_slowloris_headers_are_cut_off(tmp_path: Path) -> None:
 async def test_bad_ranges_and_big_have_requests_get_clear_answers(tmp_path: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
         a = await seeded(stack, tmp_path, small_files=300)
-        blobs = a.blobs()
+        blobs = cache_blobs(a)
         blob = big_blob(a)
         url = f"{a.peer_url}/v1/blobs/{blob}"
         # Documented answers: a Range we do not support or that is invalid (reversed,

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import random
 import socket
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import procs
 import pytest
 from aiohttp import web
 from test_agents import MiB, cli, make_repo, sha256
@@ -132,30 +131,17 @@ async def agent_process(
     root: Path, ip: str, mirror: str, peers: tuple[str, ...] = (), *extra: str
 ) -> AsyncIterator[dict[str, Any]]:
     """`hfswarm agent` as a separate process (the demo's command line); its ports."""
-    cmd = loopback_agent_command(root, ip, mirror, peers, "-v", *extra)
-    async with agent_process_cmd(root, cmd) as info:
-        yield info
+    async with procs.agent_process(root, ip, mirror, "-v", *extra, peers=peers) as a:
+        yield a.info
+        assert a.proc.returncode is None, "the agent died under attack"
 
 
 @asynccontextmanager
 async def agent_process_cmd(root: Path, cmd: list[str]) -> AsyncIterator[dict[str, Any]]:
-    log = await asyncio.to_thread(open, root.parent / f"{root.name}.log", "ab")
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=log)
-    try:
-        assert proc.stdout is not None
-        info: dict[str, Any] = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-        info["ip"] = cmd[cmd.index("--listen") + 1].rpartition(":")[0]
-        yield info
-        assert proc.returncode is None, "the agent died under attack"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        log.close()
+    ip = cmd[cmd.index("--listen") + 1].rpartition(":")[0]
+    async with procs.agent_process(root, ip, "", cmd=cmd) as a:
+        yield a.info
+        assert a.proc.returncode is None, "the agent died under attack"
 
 
 async def health_within_1s(info: dict[str, Any]) -> None:
@@ -344,18 +330,8 @@ def closed_port(ip: str) -> int:
 
 @asynccontextmanager
 async def tracker_process(tmp_path: Path, ip: str) -> AsyncIterator[str]:
-    log = await asyncio.to_thread(open, tmp_path / "tracker.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "peer.cli.main", "tracker", "--listen", f"{ip}:0",
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        yield (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
-    finally:
-        proc.terminate()
-        await proc.wait()
-        log.close()
+    async with procs.tracker_process(tmp_path / "tracker.log", f"{ip}:0") as (_, url):
+        yield url
 
 
 async def register_bogus(

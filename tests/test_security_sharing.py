@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from procs import AgentProcess, agent_process, answers_within, tracker_process
 
 from peer import wire
-from peer.cli.demo import Proc, _start, _stop, loopback_agent_command
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.revisions import content_commit
 from peer.mirror_server import MirrorServer, RepoSource
@@ -77,34 +77,13 @@ async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         yield {"mirror": mirror, "pub": pub, "priv": priv, "gated": gated}
 
 
-@contextlib.asynccontextmanager
-async def agent_proc(root: Path, ip: str, mirror: str, *extra: str) -> AsyncIterator[Proc]:
-    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-    cmd = loopback_agent_command(root, ip, mirror, (), "-v", *extra)
-    p = await _start(f"agent {ip}", cmd, root / "agent.log", "ready")
-    try:
-        yield p
-    finally:
-        await _stop(p)
-
-
-def local_url(p: Proc, ip: str) -> str:
-    return f"http://{ip}:{p.info['local_port']}"
-
-
-def peer_url(p: Proc, ip: str) -> str:
-    return f"http://{ip}:{p.info['peer_port']}"
-
-
-async def download(p: Proc, ip: str, repo_id: str, **body: Any) -> dict[str, Any]:
+async def download(p: AgentProcess, repo_id: str, **body: Any) -> dict[str, Any]:
     """POST /v1/downloads as the agent's own user (the test runs as the agent's uid):
     the last NDJSON event."""
-    import json
-
     last: dict[str, Any] = {}
     async with (
         aiohttp.ClientSession() as s,
-        s.post(f"{local_url(p, ip)}/v1/downloads", json={"repo_id": repo_id, **body}) as r,
+        s.post(f"{p.local_url}/v1/downloads", json={"repo_id": repo_id, **body}) as r,
     ):
         async for line in r.content:
             if line.strip():
@@ -116,14 +95,8 @@ def attacker_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ATTACKER, 0)))
 
 
-async def assert_healthy(p: Proc, ip: str) -> None:
-    t0 = time.monotonic()
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s,
-        s.get(f"{peer_url(p, ip)}/v1/health") as r,
-    ):
-        assert r.status == 200
-    assert time.monotonic() - t0 < 1.0
+async def assert_healthy(p: AgentProcess) -> None:
+    await answers_within(f"{p.peer_url}/v1/health")
 
 
 async def bytes_over_swarm(blob: bytes, host: str, bt_port: int, seconds: float) -> int:
@@ -168,17 +141,10 @@ def _manifest_of(blob: bytes) -> wire.Manifest:
 async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], tmp_path: Path):
     mirror: MirrorServer = world["mirror"]
     pub, priv, gated = world["pub"], world["priv"], world["gated"]
-    tracker = await _start(
-        "tracker",
-        [sys.executable, "-m", "peer.cli.main", "tracker", "--listen", "127.0.0.20:0"],
-        tmp_path / "tracker.log",
-        "http://",
-    )
-    try:
-        turl = tracker.info["url"]
+    async with tracker_process(tmp_path / "tracker.log", "127.0.0.20:0") as (_, turl):
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN)
-        async with agent_proc(
+        async with agent_process(
             tmp_path / "a",
             "127.0.0.2",
             mirror.url,
@@ -188,7 +154,7 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             turl,
         ) as a:
             for repo in ("org/pub", "org/priv", "org/gated"):
-                done = await download(a, "127.0.0.2", repo)
+                done = await download(a, repo)
                 assert done["event"] == "done", done
             # Let the agent announce what it holds (it nudges the tracker on changes).
             await asyncio.sleep(2.5)
@@ -196,13 +162,13 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             async with attacker_session() as s:
                 # plain HTTP: the small private and gated files are 404, the public one 200
                 for repo, want in ((pub, 200), (priv, 404), (gated, 404)):
-                    async with s.get(f"{peer_url(a, '127.0.0.2')}/v1/blobs/{repo.ids[1]}") as r:
+                    async with s.get(f"{a.peer_url}/v1/blobs/{repo.ids[1]}") as r:
                         body = await r.read()
                         assert r.status == want, (repo.repo_id, r.status)
                         assert (body == repo.small) == (want == 200)
                 # /v1/have: manifests for the public blobs only, nothing else named
                 req = wire.encode(wire.HaveRequest(blob_ids=tuple(all_ids)))
-                async with s.post(f"{peer_url(a, '127.0.0.2')}/v1/have", data=req) as r:
+                async with s.post(f"{a.peer_url}/v1/have", data=req) as r:
                     have = wire.decode_as(await r.read(), wire.HaveResponse)
                 offered = {m.blob_id for m in (*have.manifests, *have.fetching)}
                 offered |= {c.blob_id for c in have.claims}
@@ -221,16 +187,16 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
             # no byte of it comes from A; the public repo comes from A
             mirror.reset_stats()
             a_peer = f"127.0.0.2:{a.info['peer_port']}"
-            async with agent_proc(tmp_path / "b", "127.0.0.3", mirror.url, "--peer", a_peer) as b:
-                refused = await download(b, "127.0.0.3", "org/gated")
+            async with agent_process(
+                tmp_path / "b", "127.0.0.3", mirror.url, "--peer", a_peer
+            ) as b:
+                refused = await download(b, "org/gated")
                 assert refused["event"] == "error" and refused["kind"] == "GatedRepo", refused
-                ok = await download(b, "127.0.0.3", "org/pub")
+                ok = await download(b, "org/pub")
                 assert ok["event"] == "done" and ok["from_peers"] > 0
             assert not list((tmp_path / "b/cache").glob("models--org--gated/blobs/*"))
             assert mirror.stats().blob_bytes == 0
-            await assert_healthy(a, "127.0.0.2")
-    finally:
-        await _stop(tracker)
+            await assert_healthy(a)
 
 
 # -- finding 3: a LAN-only name (or a revision told by peers) cannot launder a gated blob --
@@ -299,7 +265,7 @@ async def test_a_lan_name_cannot_launder_a_gated_blob(tmp_path: Path) -> None:
         )
         hostile = await stack.enter_async_context(serve(hostile_peer_app(files), "127.0.0.30"))
         a = await stack.enter_async_context(
-            agent_proc(
+            agent_process(
                 tmp_path / "a",
                 "127.0.0.2",
                 mirror.url,
@@ -309,8 +275,8 @@ async def test_a_lan_name_cannot_launder_a_gated_blob(tmp_path: Path) -> None:
                 hostile,
             )
         )
-        assert (await download(a, "127.0.0.2", "org/gated"))["event"] == "done"
-        endpoint = local_url(a, "127.0.0.2")
+        assert (await download(a, "org/gated"))["event"] == "done"
+        endpoint = a.local_url
         async with aiohttp.ClientSession() as s:
             # the mirror's word, without a token: gated, as against the Hub
             async with s.get(f"{endpoint}/org/gated/resolve/main/small.bin") as r:
@@ -327,7 +293,7 @@ async def test_a_lan_name_cannot_launder_a_gated_blob(tmp_path: Path) -> None:
                 async with s.get(f"{endpoint}/org/gated/resolve/main/{path}") as r:
                     body = await r.read()
                     assert r.status != 200 and blob[:4096] not in body, (path, r.status)
-        await assert_healthy(a, "127.0.0.2")
+        await assert_healthy(a)
 
 
 # -- finding 9: a hostile mirror's answers are checked before they touch the disk ---------
@@ -366,22 +332,22 @@ async def test_a_hostile_mirror_cannot_write_outside_the_cache(tmp_path: Path) -
     outside.mkdir()
     async with (
         serve(hostile_mirror_app(content), "127.0.0.40") as mirror,
-        agent_proc(tmp_path / "a", "127.0.0.2", f"http://{mirror}") as a,
+        agent_process(tmp_path / "a", "127.0.0.2", f"http://{mirror}") as a,
     ):
         # a revision that is an absolute path, through HF_ENDPOINT and through a download
         target = outside / "ref-from-resolve"
         rev = str(target).replace("/", "%2F")
         async with (
             aiohttp.ClientSession() as s,
-            s.get(f"{local_url(a, '127.0.0.2')}/org/x/resolve/{rev}/config.json") as r,
+            s.get(f"{a.local_url}/org/x/resolve/{rev}/config.json") as r,
         ):
             await r.read()
         target2 = outside / "ref-from-download"
-        done = await download(a, "127.0.0.2", "org/x", revision=str(target2))
+        done = await download(a, "org/x", revision=str(target2))
         assert done["event"] == "error", done
         assert not target.exists() and not target2.exists()
         assert list(outside.iterdir()) == []
-        await assert_healthy(a, "127.0.0.2")
+        await assert_healthy(a)
 
 
 # -- finding 10: a publish killed mid-copy leaves nothing behind once the agent restarts --
@@ -395,8 +361,8 @@ async def test_publish_temp_file_is_removed_after_a_kill(tmp_path: Path) -> None
     await asyncio.to_thread(os.truncate, folder / "model.safetensors", 768 * MiB)
     partial = tmp_path / "a/cache/models--local--run/.hfswarm/partial"
     async with MirrorServer([]) as mirror:
-        async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
-            url = f"{local_url(a, '127.0.0.2')}/v1/publish"
+        async with agent_process(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+            url = f"{a.local_url}/v1/publish"
             body = {"path": str(folder), "repo_id": "local/run"}
             async with aiohttp.ClientSession() as s:
                 pub = asyncio.create_task(s.post(url, json=body))
@@ -409,9 +375,9 @@ async def test_publish_temp_file_is_removed_after_a_kill(tmp_path: Path) -> None
                     (await pub).close()
         left = list(partial.glob("publish.*"))
         assert left, "the kill came too late to leave a temp file"
-        async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+        async with agent_process(tmp_path / "a", "127.0.0.2", mirror.url) as a:
             assert list(partial.glob("publish.*")) == []
-            await assert_healthy(a, "127.0.0.2")
+            await assert_healthy(a)
 
 
 async def test_hf_endpoint_with_a_token_shares_only_public_blobs(
@@ -422,8 +388,8 @@ async def test_hf_endpoint_with_a_token_shares_only_public_blobs(
     so it asks the mirror anonymously; only the public blob is then offered to peers."""
     mirror: MirrorServer = world["mirror"]
     pub, gated = world["pub"], world["gated"]
-    async with agent_proc(tmp_path / "a", "127.0.0.2", mirror.url) as a:
-        endpoint = local_url(a, "127.0.0.2")
+    async with agent_process(tmp_path / "a", "127.0.0.2", mirror.url) as a:
+        endpoint = a.local_url
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with aiohttp.ClientSession(headers=auth) as s:
             for repo in ("org/gated", "org/pub"):
@@ -432,8 +398,8 @@ async def test_hf_endpoint_with_a_token_shares_only_public_blobs(
                     assert await r.read() == world[repo.split("/")[1]].small
         async with attacker_session() as s:
             req = wire.encode(wire.HaveRequest(blob_ids=(pub.ids[1], gated.ids[1])))
-            async with s.post(f"{peer_url(a, '127.0.0.2')}/v1/have", data=req) as r:
+            async with s.post(f"{a.peer_url}/v1/have", data=req) as r:
                 have = wire.decode_as(await r.read(), wire.HaveResponse)
             assert [m.blob_id for m in have.manifests] == [pub.ids[1]]
-            async with s.get(f"{peer_url(a, '127.0.0.2')}/v1/blobs/{gated.ids[1]}") as r:
+            async with s.get(f"{a.peer_url}/v1/blobs/{gated.ids[1]}") as r:
                 assert r.status == 404

@@ -12,13 +12,13 @@ import random
 import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import procs
 import pytest
 from agentkit import write_tree
 from test_agents import cli, run_agent_process
@@ -64,28 +64,10 @@ async def tracker_process(
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tracker",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--ttl",
-        str(TTL),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=await asyncio.to_thread(open, log, "ab"),
-        preexec_fn=limit_fds,
-    )
-    try:
-        assert proc.stdout is not None
-        url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
-        assert url.startswith("http://"), f"the tracker did not start; see {log}"
-        yield proc, url
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    async with procs.tracker_process(
+        log, f"127.0.0.1:{port}", "--ttl", str(TTL), *args, preexec_fn=limit_fds
+    ) as started:
+        yield started
 
 
 @contextlib.asynccontextmanager
