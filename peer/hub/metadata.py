@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from huggingface_hub import errors as hf_errors
 
 from peer.cache.hf_cache import safe_relpath
-from peer.config import REPO_TYPES, HubSettings
+from peer.config import HubSettings
 from peer.errors import (
     ConfigError,
     EntryNotFound,
@@ -35,9 +35,8 @@ from peer.errors import (
     RevisionNotFound,
     UserError,
 )
+from peer.hub.protocol import REPO_TYPES, URL_PREFIX
 from peer.verification.hashing import SHA1_RE, SHA256_RE
-
-URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
 @dataclass(frozen=True)
