@@ -27,6 +27,13 @@ def range_not_satisfiable(size: int, headers: Mapping[str, str]) -> web.Response
     )
 
 
+def entry_not_found(path: str, revision: str, commit: str) -> web.Response:
+    """404 for a path a revision does not hold (a file, or a folder of a tree listing)."""
+    return hub_error(
+        404, "EntryNotFound", f"{path} does not exist on {revision!r}", {"X-Repo-Commit": commit}
+    )
+
+
 async def paths_asked(request: web.BaseRequest) -> list[str] | web.Response:
     """The paths of a paths-info POST (form fields ``paths``, or JSON ``{paths: [...]}``),
     else the 400 to answer."""

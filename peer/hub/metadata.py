@@ -35,7 +35,7 @@ from peer.errors import (
     RevisionNotFound,
     UserError,
 )
-from peer.hub.protocol import REPO_TYPES, URL_PREFIX
+from peer.hub.protocol import REPO_TYPES, resolve_path
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
 
@@ -65,12 +65,7 @@ class Snapshot:
         return sum(f.size for f in self.files)
 
     def resolve_url(self, mirror: str, path: str) -> str:
-        from urllib.parse import quote
-
-        return (
-            f"{mirror}/{URL_PREFIX[self.repo_type]}{self.repo_id}/resolve/"
-            f"{self.commit}/{quote(path, safe='/')}"
-        )
+        return mirror + resolve_path(self.repo_type, self.repo_id, self.commit, path)
 
 
 @dataclass(frozen=True)

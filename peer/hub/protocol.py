@@ -14,9 +14,10 @@ import hashlib
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from peer.errors import (
     EntryNotFound,
@@ -45,6 +46,30 @@ API_TYPES: Mapping[str, RepoType] = types.MappingProxyType({f"{t}s": t for t in 
 # A mirror answering these is failing, not refusing: retry, or ask the next mirror.
 RETRYABLE: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECTS: frozenset[int] = frozenset({301, 302, 303, 307, 308})
+
+
+def resolve_path(repo_type: str, repo_id: str, revision: str, path: str) -> str:
+    """``/{prefix}{repo_id}/resolve/{revision}/{path}``, encoded as huggingface_hub does
+    (``refs/pr/1`` becomes one segment, ``refs%2Fpr%2F1``)."""
+    return (
+        f"/{URL_PREFIX[repo_type]}{quote(repo_id, safe='/')}/resolve/"
+        f"{quote(revision, safe='')}/{quote(path, safe='/')}"
+    )
+
+
+def resolve_headers(commit: str, blob_id: str, size: int) -> dict[str, str]:
+    """What a resolve answer says of the file: the commit, and the blob id as ETag (an
+    LFS file's also as X-Linked-Etag, with its size: they survive a redirect to a CDN)."""
+    headers = {"X-Repo-Commit": commit, "ETag": f'"{blob_id}"'}
+    if is_lfs_blob_id(blob_id):
+        headers["X-Linked-Etag"] = f'"{blob_id}"'
+        headers["X-Linked-Size"] = str(size)
+    return headers
+
+
+def iso_date(seconds: float) -> str:
+    """A time as the Hub writes ``lastModified``."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def origin(url: str) -> tuple[str, str]:

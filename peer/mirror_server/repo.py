@@ -14,11 +14,18 @@ import types
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from peer.errors import ConfigError
-from peer.hub.protocol import REPO_TYPES, URL_PREFIX, RepoType, directory_oids, git_oid, is_lfs_path
+from peer.hub.protocol import (
+    REPO_TYPES,
+    URL_PREFIX,
+    RepoType,
+    directory_oids,
+    git_oid,
+    is_lfs_path,
+    iso_date,
+)
 from peer.verification.hashing import BlobHasher, HashKind
 
 # The marker `generate_model_repo` leaves behind is bookkeeping, not repo content.
@@ -154,10 +161,6 @@ def _list_files(folder: Path) -> list[tuple[str, Path, os.stat_result]]:
     return found
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
 def _commit_id(source: RepoSource, files: Iterable[FileEntry]) -> str:
     """Deterministic stand-in for a git commit id: same content, same repo -> same id."""
     h = hashlib.sha1(f"hfswarm-mirror\0{source.repo_type}\0{source.repo_id}\0".encode())
@@ -219,7 +222,7 @@ def scan_repos(
                 directories=types.MappingProxyType(
                     directory_oids((f.path, git_oid(f)) for f in files)
                 ),
-                last_modified=_iso(newest),
+                last_modified=iso_date(newest),
             )
         hosted[(s.repo_type, s.repo_id)] = HostedRepo(
             source=s,

@@ -27,8 +27,8 @@ from urllib.parse import unquote, urlencode, urlsplit
 from aiohttp import web
 
 from peer.errors import ConfigError, HfswarmError
+from peer.hub.answers import entry_not_found, paths_asked, range_not_satisfiable
 from peer.hub.answers import hub_error as _error
-from peer.hub.answers import paths_asked, range_not_satisfiable
 from peer.hub.protocol import (
     API_TYPES,
     UNSATISFIABLE,
@@ -38,6 +38,7 @@ from peer.hub.protocol import (
     parse_range,
     paths_info,
     repo_info,
+    resolve_headers,
     tree_entries,
     with_last_commit,
 )
@@ -467,12 +468,7 @@ class MirrorServer:
         recursive = request.query.get("recursive", "") in _TRUE
         entries = self._tree_entries(snap, subpath, recursive)
         if entries is None:
-            return _error(
-                404,
-                "EntryNotFound",
-                f"{subpath} does not exist on {rev!r}",
-                {"X-Repo-Commit": snap.commit},
-            )
+            return entry_not_found(subpath, rev, snap.commit)
         try:
             offset = int(request.query.get("cursor", "0"))
         except ValueError:
@@ -523,16 +519,9 @@ class MirrorServer:
         path = "/".join(path_segs)
         entry = snap.by_path.get(path)
         if entry is None:
-            return _error(
-                404,
-                "EntryNotFound",
-                f"{path} does not exist on {rev!r}",
-                {"X-Repo-Commit": snap.commit},
-            )
-        headers = {"X-Repo-Commit": snap.commit, "ETag": f'"{entry.blob_id}"'}
+            return entry_not_found(path, rev, snap.commit)
+        headers = resolve_headers(snap.commit, entry.blob_id, entry.size)
         if entry.sha256 is not None:
-            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-            headers["X-Linked-Size"] = str(entry.size)
             if self._xet_signals:
                 route = f"/api/{repo.source.repo_type}s/{repo.source.repo_id}/xet-read-token/"
                 headers["X-Xet-Hash"] = _xet_hash(entry.sha256)
@@ -590,15 +579,8 @@ class MirrorServer:
         entry = self._blobs.get(sha256)
         if entry is None:
             return _error(404, None, "no such blob")
-        headers = {"ETag": f'"{sha256}"'}
-        if commit:
-            headers.update(
-                {
-                    "X-Repo-Commit": commit,
-                    "X-Linked-Etag": f'"{sha256}"',
-                    "X-Linked-Size": str(entry.size),
-                }
-            )
+        # A real CDN knows no commits: only a same-origin redirect target says one.
+        headers = resolve_headers(commit, sha256, entry.size) if commit else {"ETag": f'"{sha256}"'}
         paths = [file] if file else self._blob_paths.get(sha256, [])
         file_key = f"{repo_key}/{file}" if file else sha256
         return await self._serve_file(request, entry, paths, file_key, headers)

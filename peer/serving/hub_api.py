@@ -65,10 +65,9 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -90,22 +89,24 @@ from peer.errors import (
     RevisionNotFound,
     UserError,
 )
-from peer.hub.answers import hub_error, paths_asked, range_not_satisfiable
+from peer.hub.answers import entry_not_found, hub_error, paths_asked, range_not_satisfiable
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.hub.protocol import (
     API_TYPES,
     REDIRECTS,
     RETRYABLE,
     UNSATISFIABLE,
-    URL_PREFIX,
     URL_TYPES,
     bearer,
     directory_oids,
     is_lfs_blob_id,
+    iso_date,
     origin,
     parse_range,
     paths_info,
     repo_info,
+    resolve_headers,
+    resolve_path,
     tree_entries,
     with_last_commit,
 )
@@ -176,10 +177,7 @@ class ResolveTarget:
     path: str
 
     def url_path(self) -> str:
-        return (
-            f"/{URL_PREFIX[self.repo_type]}{quote(self.repo_id, safe='/')}/resolve/"
-            f"{quote(self.revision, safe='')}/{quote(self.path, safe='/')}"
-        )
+        return resolve_path(self.repo_type, self.repo_id, self.revision, self.path)
 
 
 def _split_repo(segs: list[str], keyword: str) -> tuple[str, list[str]] | None:
@@ -268,10 +266,6 @@ def _api_route(raw_path: str) -> ApiRoute | None:
 def _is_local_api(raw_path: str) -> bool:
     segs = raw_path.partition("?")[0].split("/")[2:]
     return len(segs) >= 3 and segs[0] in API_TYPES and unquote(segs[1]) == "local"
-
-
-def _iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def _directories(m: wire.RevisionManifest) -> dict[str, str]:
@@ -674,7 +668,7 @@ class HubApi:
         except _Answer as a:
             return a.response
         flag = ("1", "true")
-        published = _iso_ms(m.published_at)
+        published = iso_date(m.published_at / 1000)
         if route.action == "revision":
             info = repo_info(
                 m.repo_type,
@@ -693,12 +687,7 @@ class HubApi:
             recursive = request.query.get("recursive", "").lower() in flag
             entries = tree_entries(m.files, dirs, route.subpath, recursive=recursive)
             if entries is None:
-                return hub_error(
-                    404,
-                    "EntryNotFound",
-                    f"{route.subpath} does not exist on {route.revision!r}",
-                    {"X-Repo-Commit": m.commit},
-                )
+                return entry_not_found(route.subpath, route.revision, m.commit)
             if request.query.get("expand", "").lower() in flag:
                 entries = with_last_commit(entries, m.commit, "published on the LAN", published)
             return web.json_response(entries)
@@ -713,14 +702,7 @@ class HubApi:
         m = await self._manifest(target.repo_type, target.repo_id, target.revision, fallback)
         entry = next((f for f in m.files if f.path == target.path), None)
         if entry is None:
-            raise _Answer(
-                hub_error(
-                    404,
-                    "EntryNotFound",
-                    f"{target.path} does not exist on {target.revision!r}",
-                    {"X-Repo-Commit": m.commit},
-                )
-            )
+            raise _Answer(entry_not_found(target.path, target.revision, m.commit))
         return FileMeta(commit=m.commit, blob_id=entry.blob_id, size=entry.size, mirror="")
 
     # -- resolve -----------------------------------------------------------------------
@@ -780,13 +762,9 @@ class HubApi:
         except _Answer as a:
             return a.response
         headers = {
-            "X-Repo-Commit": meta.commit,
-            "ETag": f'"{meta.blob_id}"',
+            **resolve_headers(meta.commit, meta.blob_id, meta.size),
             "Accept-Ranges": "bytes",
         }
-        if meta.is_lfs:
-            headers["X-Linked-Etag"] = f'"{meta.blob_id}"'
-            headers["X-Linked-Size"] = str(meta.size)
         if request.method == "HEAD":
             resp = web.StreamResponse(status=200, headers=headers)
             resp.content_type = "application/octet-stream"
