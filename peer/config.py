@@ -16,7 +16,6 @@ from typing import Any
 from peer.errors import ConfigError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-REPO_TYPES = ("model", "dataset", "space")
 
 
 def _hf_home(env: Mapping[str, str]) -> Path:

@@ -15,8 +15,8 @@ import pytest
 from agentkit import agent, config, fetch, peer_of
 from test_agents import MiB, cli, run_agent_process, sha256
 
+from peer.hub.protocol import git_blob_sha1, is_lfs_path
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.mirror_server.repo import git_blob_sha1, is_lfs_path
 
 SHARD = 6 * MiB
 

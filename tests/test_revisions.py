@@ -709,11 +709,3 @@ async def test_revisions_are_kept_in_the_state_dir(tmp_path: Path) -> None:
     (tmp_path / "revisions" / key).write_bytes(b"\x81\xa4type\xa3bad")
     assert Revisions(state, peers, "a" * 32).load() == 0
     assert state.revision_records() == []
-
-
-def test_publishing_decides_lfs_as_the_mirror_does() -> None:
-    from peer.agent.publish import is_lfs_path
-    from peer.mirror_server.repo import is_lfs_path as mirror_rule
-
-    for path, size in (("a.json", 10), ("a.bin", 10), ("big.txt", MiB), ("x.gguf", 1)):
-        assert is_lfs_path(path, size) == mirror_rule(path, size)

@@ -28,8 +28,8 @@ from test_agents import MiB, cli, make_repo, sha256
 from peer import wire
 from peer.cli.demo import loopback_agent_command
 from peer.discovery.peer_table import RetryPolicy, Schedule
+from peer.hub.protocol import git_blob_sha1, is_lfs_path
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.mirror_server.repo import git_blob_sha1, is_lfs_path
 
 A = ("127.0.0.9", 7851)
 POLICY = RetryPolicy()

@@ -25,32 +25,21 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from peer import wire
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.cache.hf_cache import RepoCache, translate_os_error
-from peer.config import REPO_TYPES
 from peer.errors import ConfigError, LocalError
+from peer.hub.protocol import REPO_TYPES, is_lfs_path
 from peer.manifests.revisions import content_commit, is_local_repo
 from peer.serving.local_api import Emit, PublishSpec
 from peer.serving.sharing import Visibility, repo_key
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind
 
 log = logging.getLogger(__name__)
-
-# As the project's mirror (and a default Hub .gitattributes) decide what is LFS.
-LFS_THRESHOLD = 1024 * 1024
-LFS_SUFFIXES = frozenset(
-    {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".parquet"}
-    | {".arrow", ".npz", ".ckpt", ".zip", ".tar", ".gz"}
-)
-
-
-def is_lfs_path(path: str, size: int) -> bool:
-    return size >= LFS_THRESHOLD or PurePosixPath(path).suffix.lower() in LFS_SUFFIXES
 
 
 def check_publish_repo(repo_type: str, repo_id: str) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from huggingface_hub import errors as hf_errors
 
 from peer.cache.hf_cache import safe_relpath
-from peer.config import REPO_TYPES, HubSettings
+from peer.config import HubSettings
 from peer.errors import (
     ConfigError,
     EntryNotFound,
@@ -35,9 +35,8 @@ from peer.errors import (
     RevisionNotFound,
     UserError,
 )
+from peer.hub.protocol import REPO_TYPES, resolve_path
 from peer.verification.hashing import SHA1_RE, SHA256_RE
-
-URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,7 @@ class Snapshot:
         return sum(f.size for f in self.files)
 
     def resolve_url(self, mirror: str, path: str) -> str:
-        from urllib.parse import quote
-
-        return (
-            f"{mirror}/{URL_PREFIX[self.repo_type]}{self.repo_id}/resolve/"
-            f"{self.commit}/{quote(path, safe='/')}"
-        )
+        return mirror + resolve_path(self.repo_type, self.repo_id, self.commit, path)
 
 
 @dataclass(frozen=True)

@@ -14,25 +14,20 @@ import types
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from peer.errors import ConfigError
-
-RepoType = Literal["model", "dataset", "space"]
-REPO_TYPES: tuple[RepoType, ...] = ("model", "dataset", "space")
-
-# Resolve URLs carry the type as a path prefix; the API uses the plural.
-URL_PREFIX: Mapping[RepoType, str] = types.MappingProxyType(
-    {"model": "", "dataset": "datasets/", "space": "spaces/"}
+from peer.hub.protocol import (
+    REPO_TYPES,
+    URL_PREFIX,
+    RepoType,
+    directory_oids,
+    git_oid,
+    is_lfs_path,
+    iso_date,
 )
+from peer.verification.hashing import BlobHasher, HashKind
 
-LFS_THRESHOLD = 1024 * 1024
-LFS_SUFFIXES = frozenset(
-    {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".parquet"}
-    | {".arrow", ".npz", ".ckpt", ".zip", ".tar", ".gz"}
-)
 # The marker `generate_model_repo` leaves behind is bookkeeping, not repo content.
 GENERATE_MARKER = ".hfswarm-generated.json"
 _READ_SIZE = 1024 * 1024
@@ -80,23 +75,20 @@ class RepoSource:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of one revision, with every id the Hub exposes for it."""
+    """One file of one revision (a `peer.hub.protocol.HubFile`), and where it is on disk."""
 
     path: str
     size: int
     disk_path: Path
-    git_oid: str  # tree `oid`: sha1 of the content, or of the LFS pointer for LFS files
-    sha256: str | None  # set for LFS files only
-    pointer_size: int | None
+    # The name huggingface_hub gives the blob in its cache (and the resolve ETag):
+    # sha256 of the content for LFS files, its git blob sha1 otherwise.
+    blob_id: str
+    is_lfs: bool
 
     @property
-    def is_lfs(self) -> bool:
-        return self.sha256 is not None
-
-    @property
-    def blob_id(self) -> str:
-        """The name huggingface_hub gives the blob in its cache (and the resolve ETag)."""
-        return self.sha256 if self.sha256 is not None else self.git_oid
+    def sha256(self) -> str | None:
+        """Set for LFS files only."""
+        return self.blob_id if self.is_lfs else None
 
 
 @dataclass(frozen=True)
@@ -129,23 +121,9 @@ class HostedRepo:
         return self.by_name.get(revision) or self.by_commit.get(revision)
 
 
-def is_lfs_path(path: str, size: int) -> bool:
-    return size >= LFS_THRESHOLD or Path(path).suffix.lower() in LFS_SUFFIXES
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-    )
-
-
 def _hash_file(disk_path: Path, size: int, lfs: bool) -> str:
     """sha256 of the content for LFS files, git blob sha1 otherwise (one pass either way)."""
-    h = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % size)
+    h = BlobHasher(HashKind.SHA256 if lfs else HashKind.GIT_SHA1, size)
     buf = bytearray(_READ_SIZE)
     view = memoryview(buf)
     seen = 0
@@ -183,28 +161,12 @@ def _list_files(folder: Path) -> list[tuple[str, Path, os.stat_result]]:
     return found
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
 def _commit_id(source: RepoSource, files: Iterable[FileEntry]) -> str:
     """Deterministic stand-in for a git commit id: same content, same repo -> same id."""
     h = hashlib.sha1(f"hfswarm-mirror\0{source.repo_type}\0{source.repo_id}\0".encode())
     for f in files:
         h.update(f"{f.path}\0{f.blob_id}\n".encode())
     return h.hexdigest()
-
-
-def _directories(files: tuple[FileEntry, ...]) -> dict[str, str]:
-    children: dict[str, list[str]] = {}
-    for f in files:
-        parts = f.path.split("/")
-        for i in range(1, len(parts)):
-            children.setdefault("/".join(parts[:i]), []).append(f"{f.path}\0{f.git_oid}")
-    return {
-        d: hashlib.sha1("\n".join(sorted(kids)).encode()).hexdigest()
-        for d, kids in sorted(children.items())
-    }
 
 
 _HashKey = tuple[str, int, int, bool]
@@ -250,22 +212,17 @@ def scan_repos(
                 lfs = is_lfs_path(rel, st.st_size)
                 digest = digests[(str(disk.resolve()), st.st_size, st.st_mtime_ns, lfs)]
                 newest = max(newest, st.st_mtime)
-                if lfs:
-                    pointer = lfs_pointer(digest, st.st_size)
-                    entries.append(
-                        FileEntry(
-                            rel, st.st_size, disk, git_blob_sha1(pointer), digest, len(pointer)
-                        )
-                    )
-                else:
-                    entries.append(FileEntry(rel, st.st_size, disk, digest, None, None))
+                entries.append(FileEntry(rel, st.st_size, disk, digest, lfs))
             files = tuple(entries)
             by_name[name] = Snapshot(
                 commit=_commit_id(s, files),
                 files=files,
                 by_path=types.MappingProxyType({f.path: f for f in files}),
-                directories=types.MappingProxyType(_directories(files)),
-                last_modified=_iso(newest),
+                # Folder ids hash the git tree oids (the LFS pointer's for LFS files).
+                directories=types.MappingProxyType(
+                    directory_oids((f.path, git_oid(f)) for f in files)
+                ),
+                last_modified=iso_date(newest),
             )
         hosted[(s.repo_type, s.repo_id)] = HostedRepo(
             source=s,

@@ -17,7 +17,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,21 @@ from urllib.parse import unquote, urlencode, urlsplit
 from aiohttp import web
 
 from peer.errors import ConfigError, HfswarmError
+from peer.hub.answers import entry_not_found, paths_asked, range_not_satisfiable
+from peer.hub.answers import hub_error as _error
+from peer.hub.protocol import (
+    API_TYPES,
+    UNSATISFIABLE,
+    URL_TYPES,
+    RepoType,
+    bearer,
+    parse_range,
+    paths_info,
+    repo_info,
+    resolve_headers,
+    tree_entries,
+    with_last_commit,
+)
 from peer.mirror_server.control import (
     ClientRate,
     Fault,
@@ -36,14 +51,10 @@ from peer.mirror_server.control import (
     RateCap,
     StatsRecorder,
 )
-from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
-from peer.mirror_server.http_range import hub_error as _error
 from peer.mirror_server.repo import (
-    REPO_TYPES,
     FileEntry,
     HostedRepo,
     RepoSource,
-    RepoType,
     Snapshot,
     scan_repos,
 )
@@ -52,15 +63,7 @@ RedirectMode = Literal["none", "same-origin", "cross-origin"]
 
 CHUNK = 1024 * 1024
 _MIN_PACED_PIECE = 16 * 1024
-_API_TYPES: Mapping[str, RepoType] = {f"{t}s": t for t in REPO_TYPES}
-_URL_PREFIXES: Mapping[str, RepoType] = {"datasets": "dataset", "spaces": "space"}
 _TRUE = frozenset({"1", "true", "True", "yes"})
-
-
-def _bearer(request: web.BaseRequest) -> str | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    value = value.strip()
-    return value if scheme.lower() == "bearer" and value else None
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:
@@ -331,7 +334,7 @@ class MirrorServer:
     def _denied(
         self, request: web.BaseRequest, repo: HostedRepo, *, content: bool
     ) -> web.Response | None:
-        token = _bearer(request)
+        token = bearer(request.headers.get("Authorization"))
         src = repo.source
         if src.private and token not in self._tokens:
             # Like the Hub: a private repo you may not see does not exist.
@@ -386,7 +389,7 @@ class MirrorServer:
     # --- /api ----------------------------------------------------------------------------
 
     async def _api(self, request: web.BaseRequest, segs: list[str]) -> web.StreamResponse:
-        repo_type = _API_TYPES.get(segs[0]) if segs else None
+        repo_type = API_TYPES.get(segs[0]) if segs else None
         if repo_type is None:
             return _error(404, None, "unknown API route")
         rest = segs[1:]
@@ -416,37 +419,18 @@ class MirrorServer:
 
     def _info_json(self, repo: HostedRepo, snap: Snapshot, *, blobs: bool) -> dict[str, Any]:
         src = repo.source
-        siblings: list[dict[str, Any]] = []
-        for f in snap.files:
-            sib: dict[str, Any] = {"rfilename": f.path}
-            if blobs:
-                sib.update(size=f.size, blobId=f.git_oid)
-                if f.sha256 is not None:
-                    sib["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": f.pointer_size}
-            siblings.append(sib)
-        info: dict[str, Any] = {
-            "_id": hashlib.sha1(repo.url_id.encode()).hexdigest()[:24],
-            "id": src.repo_id,
-            "author": src.repo_id.split("/")[0] if "/" in src.repo_id else None,
-            "sha": snap.commit,
-            "lastModified": snap.last_modified,
-            "createdAt": snap.last_modified,
-            "private": src.private,
-            "gated": "auto" if src.gated else False,
-            "disabled": False,
-            "tags": [],
-            "downloads": 0,
-            "likes": 0,
-            "siblings": siblings,
-            "usedStorage": sum(f.size for f in snap.files),
-        }
-        if self._xet_signals:
-            info["xetEnabled"] = True
-        if src.repo_type == "model":
-            info["modelId"] = src.repo_id
-        elif src.repo_type == "space":
-            info["sdk"] = "static"
-        return info
+        return repo_info(
+            src.repo_type,
+            src.repo_id,
+            id_seed=repo.url_id,
+            commit=snap.commit,
+            files=snap.files,
+            last_modified=snap.last_modified,
+            private=src.private,
+            gated="auto" if src.gated else False,
+            blobs=blobs,
+            xet_enabled=self._xet_signals,
+        )
 
     @staticmethod
     def _refs_json(repo: HostedRepo, include_prs: str | None) -> dict[str, Any]:
@@ -462,13 +446,6 @@ class MirrorServer:
             out["pullRequests"] = prs
         return out
 
-    @staticmethod
-    def _file_json(f: FileEntry) -> dict[str, Any]:
-        entry: dict[str, Any] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": f.path}
-        if f.sha256 is not None:
-            entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": f.pointer_size}
-        return entry
-
     def _tree_entries(
         self, snap: Snapshot, subpath: str, recursive: bool
     ) -> list[dict[str, Any]] | None:
@@ -479,22 +456,7 @@ class MirrorServer:
         key = (snap.commit, subpath, recursive)
         if key in self._tree_cache:
             return self._tree_cache[key]
-        result: list[dict[str, Any]] | None
-        if subpath and subpath not in snap.directories:
-            result = None
-        else:
-            prefix = f"{subpath}/" if subpath else ""
-
-            def wanted(path: str) -> bool:
-                return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
-
-            entries = [self._file_json(f) for f in snap.files if wanted(f.path)]
-            entries += [
-                {"type": "directory", "oid": oid, "size": 0, "path": d}
-                for d, oid in snap.directories.items()
-                if wanted(d)
-            ]
-            result = sorted(entries, key=lambda e: str(e["path"]))
+        result = tree_entries(snap.files, snap.directories, subpath, recursive=recursive)
         self._tree_cache[key] = result
         return result
 
@@ -506,20 +468,14 @@ class MirrorServer:
         recursive = request.query.get("recursive", "") in _TRUE
         entries = self._tree_entries(snap, subpath, recursive)
         if entries is None:
-            return _error(
-                404,
-                "EntryNotFound",
-                f"{subpath} does not exist on {rev!r}",
-                {"X-Repo-Commit": snap.commit},
-            )
+            return entry_not_found(subpath, rev, snap.commit)
         try:
             offset = int(request.query.get("cursor", "0"))
         except ValueError:
             return _error(400, None, "bad cursor")
         page = entries[offset : offset + self._page_size]
         if request.query.get("expand", "") in _TRUE:
-            last = {"id": snap.commit, "title": "mirror snapshot", "date": snap.last_modified}
-            page = [{**e, "lastCommit": last} for e in page]
+            page = with_last_commit(page, snap.commit, "mirror snapshot", snap.last_modified)
         if self._xet_signals:
             page = [{**e, "xetHash": _xet_hash(e["lfs"]["oid"])} if "lfs" in e else e for e in page]
         headers: dict[str, str] = {}
@@ -537,31 +493,17 @@ class MirrorServer:
         snap, rev, _ = self._split_revision(repo, segs or ["main"])
         if snap is None:
             return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-        try:
-            if request.content_type == "application/json":
-                body = await request.json()
-                paths = [str(p) for p in body.get("paths", [])]
-            else:
-                paths = [str(p) for p in (await request.post()).getall("paths", [])]
-        except (ValueError, AttributeError):
-            return _error(
-                400, None, "paths-info takes form field(s) `paths` or JSON {paths: [...]}"
-            )
-        out: list[dict[str, Any]] = []
-        for p in paths:
-            p = p.strip("/")
-            if p in snap.by_path:
-                out.append(self._file_json(snap.by_path[p]))
-            elif p in snap.directories:
-                out.append({"type": "directory", "oid": snap.directories[p], "size": 0, "path": p})
-        return web.json_response(out)
+        paths = await paths_asked(request)
+        if isinstance(paths, web.Response):
+            return paths
+        return web.json_response(paths_info(snap.by_path, snap.directories, paths))
 
     # --- resolve -------------------------------------------------------------------------
 
     async def _resolve_route(self, request: web.BaseRequest, segs: list[str]) -> web.StreamResponse:
         repo_type: RepoType = "model"
-        if segs and segs[0] in _URL_PREFIXES:
-            repo_type, segs = _URL_PREFIXES[segs[0]], segs[1:]
+        if segs and segs[0] in URL_TYPES:
+            repo_type, segs = URL_TYPES[segs[0]], segs[1:]
         if "resolve" not in segs:
             return _error(404, None, "not found")
         repo, tail = self._find_repo(repo_type, segs, "resolve")
@@ -577,16 +519,9 @@ class MirrorServer:
         path = "/".join(path_segs)
         entry = snap.by_path.get(path)
         if entry is None:
-            return _error(
-                404,
-                "EntryNotFound",
-                f"{path} does not exist on {rev!r}",
-                {"X-Repo-Commit": snap.commit},
-            )
-        headers = {"X-Repo-Commit": snap.commit, "ETag": f'"{entry.blob_id}"'}
+            return entry_not_found(path, rev, snap.commit)
+        headers = resolve_headers(snap.commit, entry.blob_id, entry.size)
         if entry.sha256 is not None:
-            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-            headers["X-Linked-Size"] = str(entry.size)
             if self._xet_signals:
                 route = f"/api/{repo.source.repo_type}s/{repo.source.repo_id}/xet-read-token/"
                 headers["X-Xet-Hash"] = _xet_hash(entry.sha256)
@@ -644,15 +579,8 @@ class MirrorServer:
         entry = self._blobs.get(sha256)
         if entry is None:
             return _error(404, None, "no such blob")
-        headers = {"ETag": f'"{sha256}"'}
-        if commit:
-            headers.update(
-                {
-                    "X-Repo-Commit": commit,
-                    "X-Linked-Etag": f'"{sha256}"',
-                    "X-Linked-Size": str(entry.size),
-                }
-            )
+        # A real CDN knows no commits: only a same-origin redirect target says one.
+        headers = resolve_headers(commit, sha256, entry.size) if commit else {"ETag": f'"{sha256}"'}
         paths = [file] if file else self._blob_paths.get(sha256, [])
         file_key = f"{repo_key}/{file}" if file else sha256
         return await self._serve_file(request, entry, paths, file_key, headers)
@@ -671,9 +599,7 @@ class MirrorServer:
         headers = {**headers, "Accept-Ranges": "bytes"}
         span = parse_range(request.headers.get("Range"), size)
         if span == UNSATISFIABLE:
-            return _error(
-                416, None, "range not satisfiable", {**headers, "Content-Range": f"bytes */{size}"}
-            )
+            return range_not_satisfiable(size, headers)
         ranged = span is not None
         start, end = cast(tuple[int, int], span) if ranged else (0, size)
         if request.method == "HEAD":

@@ -63,12 +63,11 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -78,7 +77,7 @@ from yarl import URL
 from peer import wire
 from peer.agent.inflight import InFlightBlob
 from peer.cache.hf_cache import safe_relpath
-from peer.config import REPO_TYPES, AgentConfig
+from peer.config import AgentConfig
 from peer.errors import (
     DiskFull,
     EntryNotFound,
@@ -90,20 +89,34 @@ from peer.errors import (
     RevisionNotFound,
     UserError,
 )
-from peer.hub.metadata import URL_PREFIX, RemoteFile, Snapshot
+from peer.hub.answers import entry_not_found, hub_error, paths_asked, range_not_satisfiable
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.hub.protocol import (
+    API_TYPES,
+    REDIRECTS,
+    RETRYABLE,
+    UNSATISFIABLE,
+    URL_TYPES,
+    bearer,
+    directory_oids,
+    is_lfs_blob_id,
+    iso_date,
+    origin,
+    parse_range,
+    paths_info,
+    repo_info,
+    resolve_headers,
+    resolve_path,
+    tree_entries,
+    with_last_commit,
+)
 from peer.manifests.revisions import is_local_repo
-from peer.mirror_server.http_range import UNSATISFIABLE, hub_error, parse_range
 from peer.serving.file_range import write_range
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
 log = logging.getLogger(__name__)
 
-API_TYPES: Mapping[str, str] = {f"{t}s": t for t in REPO_TYPES}
-URL_TYPES: Mapping[str, str] = {"datasets": "dataset", "spaces": "space"}
-# A mirror answering these is failing, not refusing: the next mirror is asked.
-RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Headers of a mirror's answer that a Hub client reads; everything else is dropped
 # (X-Xet-* above all). Link and Location are rewritten, not copied.
 PASSED_HEADERS = ("X-Error-Code", "X-Error-Message", "X-Repo-Commit", "Retry-After")
@@ -164,10 +177,7 @@ class ResolveTarget:
     path: str
 
     def url_path(self) -> str:
-        return (
-            f"/{URL_PREFIX[self.repo_type]}{quote(self.repo_id, safe='/')}/resolve/"
-            f"{quote(self.revision, safe='')}/{quote(self.path, safe='/')}"
-        )
+        return resolve_path(self.repo_type, self.repo_id, self.revision, self.path)
 
 
 def _split_repo(segs: list[str], keyword: str) -> tuple[str, list[str]] | None:
@@ -258,121 +268,9 @@ def _is_local_api(raw_path: str) -> bool:
     return len(segs) >= 3 and segs[0] in API_TYPES and unquote(segs[1]) == "local"
 
 
-def _iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
-def _lfs_pointer(f: wire.RevisionFile) -> bytes:
-    return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{f.blob_id}\nsize {f.size}\n"
-    ).encode()
-
-
-def _git_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-
-
-def _file_entry(f: wire.RevisionFile) -> dict[str, Any]:
-    """A tree entry as the Hub lists it: ``oid`` is the git blob id (of the LFS pointer
-    for LFS files), ``lfs.oid`` the sha256 the HF cache names the blob by."""
-    if len(f.blob_id) == 64:
-        pointer = _lfs_pointer(f)
-        return {
-            "type": "file",
-            "oid": _git_oid(pointer),
-            "size": f.size,
-            "path": f.path,
-            "lfs": {"oid": f.blob_id, "size": f.size, "pointerSize": len(pointer)},
-        }
-    return {"type": "file", "oid": f.blob_id, "size": f.size, "path": f.path}
-
-
 def _directories(m: wire.RevisionManifest) -> dict[str, str]:
-    """Every folder of a revision, with a deterministic tree id."""
-    kids: dict[str, list[str]] = {}
-    for f in m.files:
-        parts = f.path.split("/")
-        for i in range(1, len(parts)):
-            kids.setdefault("/".join(parts[:i]), []).append(f"{f.path}\0{f.blob_id}")
-    return {
-        d: hashlib.sha1("\n".join(sorted(k)).encode(), usedforsecurity=False).hexdigest()
-        for d, k in kids.items()
-    }
-
-
-def _info_json(m: wire.RevisionManifest, *, blobs: bool) -> dict[str, Any]:
-    siblings: list[dict[str, Any]] = []
-    for f in m.files:
-        sib: dict[str, Any] = {"rfilename": f.path}
-        if blobs:
-            entry = _file_entry(f)
-            sib.update(size=f.size, blobId=entry["oid"])
-            if "lfs" in entry:
-                sib["lfs"] = {
-                    "sha256": f.blob_id,
-                    "size": f.size,
-                    "pointerSize": entry["lfs"]["pointerSize"],
-                }
-        siblings.append(sib)
-    info: dict[str, Any] = {
-        "_id": hashlib.sha1(f"{m.repo_type}/{m.repo_id}".encode()).hexdigest()[:24],
-        "id": m.repo_id,
-        "author": m.repo_id.split("/")[0] if "/" in m.repo_id else None,
-        "sha": m.commit,
-        "lastModified": _iso_ms(m.published_at),
-        "createdAt": _iso_ms(m.published_at),
-        "private": False,
-        "gated": False,
-        "disabled": False,
-        "tags": [],
-        "downloads": 0,
-        "likes": 0,
-        "siblings": siblings,
-        "usedStorage": sum(f.size for f in m.files),
-    }
-    if m.repo_type == "model":
-        info["modelId"] = m.repo_id
-    elif m.repo_type == "space":
-        info["sdk"] = "static"
-    return info
-
-
-def _tree_json(
-    m: wire.RevisionManifest, subpath: str, *, recursive: bool, expand: bool
-) -> list[dict[str, Any]] | None:
-    """The entries under `subpath`, sorted by path (one page); None: no such folder."""
-    dirs = _directories(m)
-    if subpath and subpath not in dirs:
-        return None
-    prefix = f"{subpath}/" if subpath else ""
-
-    def wanted(path: str) -> bool:
-        return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
-
-    entries = [_file_entry(f) for f in m.files if wanted(f.path)]
-    entries += [
-        {"type": "directory", "oid": oid, "size": 0, "path": d}
-        for d, oid in dirs.items()
-        if wanted(d)
-    ]
-    entries.sort(key=lambda e: str(e["path"]))
-    if expand:
-        last = {"id": m.commit, "title": "published on the LAN", "date": _iso_ms(m.published_at)}
-        entries = [{**e, "lastCommit": last} for e in entries]
-    return entries
-
-
-def _paths_info_json(m: wire.RevisionManifest, paths: list[str]) -> list[dict[str, Any]]:
-    by_path = {f.path: f for f in m.files}
-    dirs = _directories(m)
-    out: list[dict[str, Any]] = []
-    for p in paths:
-        p = p.strip("/")
-        if p in by_path:
-            out.append(_file_entry(by_path[p]))
-        elif p in dirs:
-            out.append({"type": "directory", "oid": dirs[p], "size": 0, "path": p})
-    return out
+    """Every folder of a revision, with a deterministic tree id (of the files' blob ids)."""
+    return directory_oids((f.path, f.blob_id) for f in m.files)
 
 
 def _unknown_revision(repo_type: str, repo_id: str, revision: str) -> web.Response:
@@ -391,17 +289,6 @@ def _unknown_revision(repo_type: str, repo_id: str, revision: str) -> web.Respon
 
 def key_of(target: ResolveTarget) -> tuple[str, str]:
     return target.repo_type, target.repo_id
-
-
-def _bearer(authorization: str | None) -> str | None:
-    scheme, _, value = (authorization or "").partition(" ")
-    value = value.strip()
-    return value if scheme.lower() == "bearer" and value else None
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc.lower()
 
 
 # -- answers -----------------------------------------------------------------------
@@ -465,7 +352,7 @@ class FileMeta:
 
     @property
     def is_lfs(self) -> bool:
-        return len(self.blob_id) == 64
+        return is_lfs_blob_id(self.blob_id)
 
 
 def _normalize_etag(value: str | None) -> str | None:
@@ -780,36 +667,34 @@ class HubApi:
             m = await self._manifest(route.repo_type, route.repo_id, route.revision, fallback)
         except _Answer as a:
             return a.response
+        flag = ("1", "true")
+        published = iso_date(m.published_at / 1000)
         if route.action == "revision":
-            blobs = request.query.get("blobs", "").lower() in ("1", "true")
-            return web.json_response(_info_json(m, blobs=blobs))
+            info = repo_info(
+                m.repo_type,
+                m.repo_id,
+                id_seed=f"{m.repo_type}/{m.repo_id}",
+                commit=m.commit,
+                files=m.files,
+                last_modified=published,
+                private=False,
+                gated=False,
+                blobs=request.query.get("blobs", "").lower() in flag,
+            )
+            return web.json_response(info)
+        dirs = _directories(m)
         if route.action == "tree":
-            flag = ("1", "true")
-            entries = _tree_json(
-                m,
-                route.subpath,
-                recursive=request.query.get("recursive", "").lower() in flag,
-                expand=request.query.get("expand", "").lower() in flag,
-            )
+            recursive = request.query.get("recursive", "").lower() in flag
+            entries = tree_entries(m.files, dirs, route.subpath, recursive=recursive)
             if entries is None:
-                return hub_error(
-                    404,
-                    "EntryNotFound",
-                    f"{route.subpath} does not exist on {route.revision!r}",
-                    {"X-Repo-Commit": m.commit},
-                )
+                return entry_not_found(route.subpath, route.revision, m.commit)
+            if request.query.get("expand", "").lower() in flag:
+                entries = with_last_commit(entries, m.commit, "published on the LAN", published)
             return web.json_response(entries)
-        try:
-            if request.content_type == "application/json":
-                body = await request.json()
-                paths = [str(p) for p in body.get("paths", [])]
-            else:
-                paths = [str(p) for p in (await request.post()).getall("paths", [])]
-        except (ValueError, AttributeError):
-            return hub_error(
-                400, None, "paths-info takes form field(s) `paths` or JSON {paths: [...]}"
-            )
-        return web.json_response(_paths_info_json(m, paths))
+        paths = await paths_asked(request)
+        if isinstance(paths, web.Response):
+            return paths
+        return web.json_response(paths_info({f.path: f for f in m.files}, dirs, paths))
 
     async def _manifest_meta(
         self, target: ResolveTarget, fallback: web.Response | None
@@ -817,14 +702,7 @@ class HubApi:
         m = await self._manifest(target.repo_type, target.repo_id, target.revision, fallback)
         entry = next((f for f in m.files if f.path == target.path), None)
         if entry is None:
-            raise _Answer(
-                hub_error(
-                    404,
-                    "EntryNotFound",
-                    f"{target.path} does not exist on {target.revision!r}",
-                    {"X-Repo-Commit": m.commit},
-                )
-            )
+            raise _Answer(entry_not_found(target.path, target.revision, m.commit))
         return FileMeta(commit=m.commit, blob_id=entry.blob_id, size=entry.size, mirror="")
 
     # -- resolve -----------------------------------------------------------------------
@@ -844,7 +722,7 @@ class HubApi:
             url = mirror + target.url_path()
             for _ in range(10):
                 h = dict(headers)
-                if _origin(url) != _origin(mirror):
+                if origin(url) != origin(mirror):
                     h.pop("Authorization", None)
                 up = await self._send(mirror, "HEAD", url, h, None)
                 if (
@@ -884,13 +762,9 @@ class HubApi:
         except _Answer as a:
             return a.response
         headers = {
-            "X-Repo-Commit": meta.commit,
-            "ETag": f'"{meta.blob_id}"',
+            **resolve_headers(meta.commit, meta.blob_id, meta.size),
             "Accept-Ranges": "bytes",
         }
-        if meta.is_lfs:
-            headers["X-Linked-Etag"] = f'"{meta.blob_id}"'
-            headers["X-Linked-Size"] = str(meta.size)
         if request.method == "HEAD":
             resp = web.StreamResponse(status=200, headers=headers)
             resp.content_type = "application/octet-stream"
@@ -899,16 +773,11 @@ class HubApi:
             return resp
         span = parse_range(request.headers.get("Range"), meta.size)
         if span == UNSATISFIABLE:
-            return hub_error(
-                416,
-                None,
-                "range not satisfiable",
-                {**headers, "Content-Range": f"bytes */{meta.size}"},
-            )
+            return range_not_satisfiable(meta.size, headers)
         task = self._start_fetch(
             target,
             meta,
-            _bearer(request.headers.get("Authorization")),
+            bearer(request.headers.get("Authorization")),
             anonymous="Authorization" not in request.headers,
         )
         return await self._serve(request, target, task, meta, span, headers)

@@ -32,7 +32,7 @@ from typing import Protocol
 from aiohttp import web
 
 from peer import wire
-from peer.mirror_server.http_range import UNSATISFIABLE, parse_range
+from peer.hub.protocol import UNSATISFIABLE, parse_range
 from peer.serving.file_range import write_range
 from peer.serving.limits import StreamSlots
 from peer.verification.hashing import is_blob_id

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -36,22 +36,20 @@ from peer.aio import primary_error
 from peer.cache.partial import PartialBlob
 from peer.config import DownloadOptions, HubSettings
 from peer.errors import (
-    EntryNotFound,
     GatedRepo,
     HfswarmError,
     MirrorFailed,
     MirrorUnreachable,
     PeerMisbehaved,
     RepoNotFound,
-    RevisionNotFound,
     UserError,
 )
 from peer.hub.metadata import RemoteFile, Snapshot
+from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
 from peer.transfer.progress import Progress
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 READ_CHUNK = 1 << 20
 
 
@@ -63,11 +61,6 @@ def chunk_size_for(size: int) -> int:
     while chunk < target and chunk < 16 << 20:
         chunk <<= 1
     return chunk
-
-
-def origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc.lower()
 
 
 class _Retry(Exception):
@@ -124,34 +117,6 @@ class MirrorPool:
     def succeeded(self, mirror: str) -> None:
         self._failures[mirror] = 0
         self._cool_until[mirror] = 0.0
-
-
-def _error_from_status(
-    status: int, headers: aiohttp.typedefs.LooseHeaders | None, what: str
-) -> HfswarmError:
-    get = getattr(headers, "get", lambda *_: None)
-    code = get("X-Error-Code")
-    msg = get("X-Error-Message") or f"HTTP {status}"
-    if code == "GatedRepo":
-        return GatedRepo(
-            f"{what}: {msg}",
-            hint="request access on the repo page and pass a "
-            "token that has it (--token or HF_TOKEN)",
-        )
-    if code == "RepoNotFound" or status == 401:
-        return RepoNotFound(
-            f"{what}: {msg}",
-            hint="check the repo id; for a private repo pass --token or set HF_TOKEN",
-        )
-    if code == "RevisionNotFound":
-        return RevisionNotFound(f"{what}: {msg}", hint="check --revision")
-    if code == "EntryNotFound" or status == 404:
-        return EntryNotFound(
-            f"{what}: {msg}", hint="the mirror lacks this file; try another --mirror"
-        )
-    if status == 403:
-        return RepoNotFound(f"{what}: access denied ({msg})", hint="use a token with access")
-    return MirrorFailed(f"{what}: HTTP {status} ({msg})", hint="retry later or add --mirror")
 
 
 class RangeUnsupported(MirrorFailed):
@@ -379,7 +344,7 @@ class MirrorFetcher:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 job.cdn.pop(mirror, None)
                 raise _Retry(f"{mirror}: {exc.__class__.__name__}: {exc}", network=True) from exc
-            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+            if resp.status in REDIRECTS and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
                 job.cdn[mirror] = url
@@ -425,12 +390,12 @@ class MirrorFetcher:
                         hint="the mirror's metadata and files disagree; try another --mirror",
                     )
                 )
-            if resp.status in _RETRYABLE_STATUS:
+            if resp.status in RETRYABLE:
                 raise _Retry(
                     f"{mirror} answered HTTP {resp.status}",
                     retry_after=_retry_after(resp.headers.get("Retry-After")),
                 )
-            err = _error_from_status(
+            err = error_from_status(
                 resp.status, resp.headers, f"{job.snapshot.repo_id}/{job.file.path}"
             )
             if isinstance(err, (GatedRepo, RepoNotFound)) or len(self.pool.mirrors) == 1:
@@ -486,7 +451,7 @@ class MirrorFetcher:
                     resp.release()
                     failures += 1
                     if failures >= self.options.max_attempts:
-                        raise _error_from_status(resp.status, resp.headers, job.file.path)
+                        raise error_from_status(resp.status, resp.headers, job.file.path)
                     await asyncio.sleep(self._delay(failures, None))
                     continue
                 pending = _RangeIgnored(resp, mirror)
