@@ -54,7 +54,6 @@ import bisect
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +64,13 @@ import libtorrent as lt
 
 from peer.errors import ConfigError, HfswarmError
 from peer.transfer import events as ev
+from peer.verification.hashing import SHA256_RE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SwarmError(HfswarmError):
@@ -1007,7 +1006,7 @@ class SwarmSession:
     ) -> str:
         """Add a torrent known only by its v2 info-hash; the info dict comes from the
         first peer given with `connect_peer` (a `MetadataReceived` event follows)."""
-        if not isinstance(info_hash, str) or not _SHA256_HEX.fullmatch(info_hash):
+        if not isinstance(info_hash, str) or not SHA256_RE.fullmatch(info_hash):
             raise SwarmError(f"{info_hash!r} is not a v2 info-hash (64 lowercase hex)")
         atp = lt.add_torrent_params()
         atp.info_hashes = lt.info_hash_t(lt.sha256_hash(bytes.fromhex(info_hash)))
