@@ -62,7 +62,7 @@ from typing import Any, Self, TypeVar
 
 import libtorrent as lt
 
-from peer.errors import ConfigError, HfswarmError
+from peer.errors import ConfigError, HfswarmError, LocalError
 from peer.transfer import events as ev
 from peer.verification.hashing import SHA256_RE
 
@@ -93,6 +93,11 @@ class SwarmClosed(SwarmError):
     """The session was closed while an operation waited on it."""
 
 
+class PortUnavailable(SwarmError, LocalError):
+    """The listen port cannot be bound (in use, or not this user's to bind): this machine
+    refused, so a `LocalError` (exit 5), not a bug."""
+
+
 def _translate(what: str, exc: BaseException) -> SwarmError:
     return SwarmError(f"{what}: {exc}", hint="see the agent log for the libtorrent error")
 
@@ -102,7 +107,8 @@ def _translate(what: str, exc: BaseException) -> SwarmError:
 
 @dataclass(frozen=True)
 class SwarmSettings:
-    """Session settings; defaults suit a LAN (see DESIGN.md, libtorrent facts)."""
+    """Session settings; defaults suit a LAN (the libtorrent behaviours they allow for:
+    this module's docstring)."""
 
     listen_host: str = "0.0.0.0"
     # 0 picks a free port; `SwarmSession.listen_port` tells which one was bound.
@@ -591,10 +597,10 @@ class SwarmSession:
             raise
         if isinstance(first, ev.ListenFailed):
             await self._teardown()
-            raise SwarmError(
+            raise PortUnavailable(
                 f"cannot listen for BitTorrent on {self.settings.listen_interface}: "
                 f"{first.message}",
-                hint="choose another --bt-port or stop the program using it",
+                hint="choose another port with --bt-listen HOST:PORT, or stop the program using it",
             )
         self._port = first.port
         return self
