@@ -575,7 +575,7 @@ class LanHttpServer:
 
 
 def wan_seconds(nbytes: int) -> float:
-    return nbytes / (11.5 * MB)  # the WAN measured ~92 Mbit/s (DESIGN.md)
+    return nbytes / (11.5 * MB)  # a 100mbit netlab WAN measures ~92 Mbit/s (netlab._burst)
 
 
 class Bench:

@@ -140,10 +140,23 @@ def parse_hostport(
     return host, number
 
 
+def format_hostport(where: tuple[str, int]) -> str:
+    """The HOST:PORT text `parse_hostport` reads back ([v6]:PORT for IPv6)."""
+    host, port = where
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# The agent's defaults, in one place: `AgentConfig` takes its field defaults from here, the
+# CLI (`peer.cli.main`) takes its flag defaults from `AgentConfig`, and the pure cores'
+# own configs (`PolicyConfig`, `HerdConfig`) start from the same values.
 DEFAULT_LOCAL_LISTEN = ("127.0.0.1", 7850)
 DEFAULT_PEER_LISTEN = ("0.0.0.0", 7851)
 DEFAULT_BT_LISTEN = ("0.0.0.0", 7852)
-DEFAULT_AGENT_URL = "http://127.0.0.1:7850"
+DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
+STALL_TIMEOUT = 5.0
+PEER_GRACE = 2.0
+HERD_SETTLE = 1.0
+HERD_LEADER_TIMEOUT = 15.0
 
 
 def default_state_dir(cache_dir: Path) -> Path:
@@ -153,6 +166,8 @@ def default_state_dir(cache_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """Everything an `Agent` is told; its field defaults are the CLI's flag defaults."""
+
     hub: HubSettings
     state_dir: Path
     listen: tuple[str, int] = DEFAULT_PEER_LISTEN
@@ -166,13 +181,13 @@ class AgentConfig:
     trackers: tuple[str, ...] = ()
     download: DownloadOptions = field(default_factory=DownloadOptions)
     # Seconds a piece may make no progress from peers before the mirror is asked for it.
-    stall_timeout: float = 5.0
+    stall_timeout: float = STALL_TIMEOUT
     # Seconds given to peers to connect and announce their pieces before the mirror is used.
-    peer_grace: float = 2.0
+    peer_grace: float = PEER_GRACE
     # BitTorrent upload cap in bytes/s (0: none), applied to LAN peers too.
     max_upload_rate: int = 0
     # Herd: seconds for the claims of agents wanting the same new blob to meet before
     # one is elected to fetch it from the mirror, and how long a leader may make no
     # progress (or stay unseen) before another agent replaces it.
-    herd_settle: float = 1.0
-    herd_leader_timeout: float = 15.0
+    herd_settle: float = HERD_SETTLE
+    herd_leader_timeout: float = HERD_LEADER_TIMEOUT

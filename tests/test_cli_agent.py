@@ -1,4 +1,5 @@
-"""The CLI around the agent: a named agent that is not there, and the demo end to end."""
+"""The CLI around the agent: its defaults, a named agent that is not there, and the demo
+end to end."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from peer.cli.main import agent_config, build_parser
+from peer.config import AgentConfig, DownloadOptions, format_hostport
+from peer.scheduling.herd import HerdConfig
+from peer.scheduling.policy import PolicyConfig
 
 
 def hfswarm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -15,6 +23,37 @@ def hfswarm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         text=True,
         timeout=timeout,
     )
+
+
+def test_the_agent_flags_default_to_agent_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    config = agent_config(build_parser().parse_args(["agent", "--cache-dir", str(tmp_path)]))
+    assert config.download == DownloadOptions(quiet=True)
+    assert config == AgentConfig(
+        hub=config.hub, state_dir=config.state_dir, download=config.download
+    )
+    # The pure cores start from the same values (the policy's stall timeout was 10 s).
+    assert PolicyConfig().stall_timeout == config.stall_timeout
+    assert PolicyConfig().grace_period == config.peer_grace
+    assert HerdConfig().settle == config.herd_settle
+    assert HerdConfig().leader_timeout == config.herd_leader_timeout
+
+
+def test_the_agent_help_prints_the_real_defaults() -> None:
+    done = hfswarm("agent", "--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for where in (AgentConfig.listen, AgentConfig.local_listen, AgentConfig.bt_listen):
+        assert f"(default {format_hostport(where)})" in text
+    for seconds in (
+        AgentConfig.stall_timeout,
+        AgentConfig.herd_settle,
+        AgentConfig.herd_leader_timeout,
+    ):
+        assert f"(default {seconds})" in text
+    assert f"(default {DownloadOptions.connections})" in text
 
 
 def test_a_named_agent_that_is_not_running_is_a_clear_network_error() -> None:

@@ -125,7 +125,7 @@ def test_pieces_peers_announce_during_grace_stay_with_peers() -> None:
 
 
 def test_a_complete_peer_is_the_best_source() -> None:
-    r = Run(4)
+    r = Run(4, stall_timeout=10.0)  # t=5 below: well within it
     r.at(0, PeerBitfield("seed", everything(4)))
     assert r.policy.best_source(2, r.now) is Source.COMPLETE_PEER
     assert r.mirrored(r.at(5)) == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from peer.errors import LocalError
 from peer.transfer import events as ev
 from peer.transfer.swarm import (
     InvalidTorrent,
@@ -383,9 +384,12 @@ async def test_duplicate_add_is_an_error(blob: Blob, tmp_path: Path) -> None:
 
 async def test_taken_port_fails_loudly() -> None:
     async with session() as first:
-        with pytest.raises(SwarmError, match="cannot listen"):
+        with pytest.raises(SwarmError, match="cannot listen") as info:
             async with SwarmSession(settings(port=first.listen_port)):
                 pass
+    # This machine refused, not a bug in hfswarm: exit 5, and the flag that exists.
+    assert isinstance(info.value, LocalError) and info.value.exit_code == 5
+    assert info.value.hint is not None and "--bt-listen" in info.value.hint
 
 
 async def test_banned_host_is_blocked(blob: Blob, tmp_path: Path) -> None:

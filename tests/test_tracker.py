@@ -405,13 +405,6 @@ def test_decode_is_strict_about_versions_sizes_and_shapes() -> None:
         m.encode(m.Register(agent_id="a", api_port=70000, bt_port=0))
 
 
-def test_id_formats_agree_with_the_peer_wire_format() -> None:
-    from peer import wire
-
-    assert m.AGENT_ID_PATTERN.pattern == wire._AGENT_ID.pattern
-    assert m.MAX_HELD >= 1 and m.MAX_WHO_BLOBS <= wire.MAX_BLOB_IDS
-
-
 # --- BitTorrent announce parsing and bencode ------------------------------------------------
 
 

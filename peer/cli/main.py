@@ -30,6 +30,7 @@ from peer.config import (
     DownloadOptions,
     HubSettings,
     default_state_dir,
+    format_hostport,
     normalize_endpoint,
     parse_hostport,
 )
@@ -104,10 +105,16 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--connections",
         type=int,
-        default=16,
-        help="parallel Range connections per file (default 16: public mirrors cap each connection)",
+        default=DownloadOptions.connections,
+        help="parallel Range connections per file "
+        "(default %(default)s: public mirrors cap each connection)",
     )
-    p.add_argument("--max-workers", type=int, default=4, help="files at once (default 4)")
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=DownloadOptions.max_files,
+        help="files at once (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the final path")
     p.add_argument(
         "--agent",
@@ -137,21 +144,21 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="default: beside the cache (.../huggingface/hfswarm)")
     p.add_argument(
         "--listen",
-        default="0.0.0.0:7851",
+        default=format_hostport(AgentConfig.listen),
         metavar="HOST:PORT",
-        help="peer-facing API (default 0.0.0.0:7851)",
+        help="peer-facing API (default %(default)s)",
     )
     p.add_argument(
         "--local-listen",
-        default="127.0.0.1:7850",
+        default=format_hostport(AgentConfig.local_listen),
         metavar="HOST:PORT",
-        help="API for the CLI on this machine (default 127.0.0.1:7850)",
+        help="API for the CLI on this machine (default %(default)s)",
     )
     p.add_argument(
         "--bt-listen",
-        default="0.0.0.0:7852",
+        default=format_hostport(AgentConfig.bt_listen),
         metavar="HOST:PORT",
-        help="BitTorrent port (default 0.0.0.0:7852)",
+        help="BitTorrent port (default %(default)s)",
     )
     p.add_argument(
         "--mirror",
@@ -183,35 +190,41 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         metavar="ADDRESS|NAME",
         help="run mDNS only on this interface (IPv4 address or name, e.g. eth0); repeatable",
     )
-    p.add_argument("--connections", type=int, default=16)
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=DownloadOptions.connections,
+        help="parallel Range connections per file from the mirror (default %(default)s)",
+    )
     p.add_argument(
         "--max-upload-rate",
         type=int,
-        default=0,
+        default=AgentConfig.max_upload_rate,
         metavar="BYTES_PER_S",
         help="cap what this agent uploads to peers (default: no cap)",
     )
     p.add_argument(
         "--stall-timeout",
         type=float,
-        default=5.0,
+        default=AgentConfig.stall_timeout,
         metavar="SECONDS",
-        help="a piece peers do not deliver for this long goes to the mirror",
+        help="a piece peers do not deliver for this long goes to the mirror (default %(default)s)",
     )
     p.add_argument(
         "--herd-settle",
         type=float,
-        default=1.0,
+        default=AgentConfig.herd_settle,
         metavar="SECONDS",
         help="when several agents want a blob nobody has, how long their claims get to "
-        "meet before one is elected to fetch it from the mirror (default: 1)",
+        "meet before one is elected to fetch it from the mirror (default %(default)s)",
     )
     p.add_argument(
         "--leader-timeout",
         type=float,
-        default=15.0,
+        default=AgentConfig.herd_leader_timeout,
         metavar="SECONDS",
-        help="replace a herd leader that makes no progress (or is gone) this long",
+        help="replace a herd leader that makes no progress (or is gone) this long "
+        "(default %(default)s)",
     )
     p.add_argument("--verbose", "-v", action="store_true")
 
@@ -479,23 +492,12 @@ async def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_agent(args: argparse.Namespace) -> int:
-    from peer.agent.daemon import Agent
-    from peer.logs import install_repeat_filter
-    from peer.serving.limits import raise_nofile_limit
-
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # A flood of bad clients must not fill the disk with identical lines, and the fd
-    # limit is as high as we may make it (the listeners' caps derive from it).
-    install_repeat_filter(logging.getLogger())
-    raise_nofile_limit()
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The `hfswarm agent` flags as an `AgentConfig` (the flags' defaults are its own)."""
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
     )
-    config = AgentConfig(
+    return AgentConfig(
         hub=settings,
         state_dir=args.state_dir or default_state_dir(settings.cache_dir),
         listen=parse_hostport(args.listen, what="--listen"),
@@ -513,6 +515,22 @@ async def _run_agent(args: argparse.Namespace) -> int:
         herd_settle=args.herd_settle,
         herd_leader_timeout=args.leader_timeout,
     )
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    from peer.agent.daemon import Agent
+    from peer.logs import install_repeat_filter
+    from peer.serving.limits import raise_nofile_limit
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # A flood of bad clients must not fill the disk with identical lines, and the fd
+    # limit is as high as we may make it (the listeners' caps derive from it).
+    install_repeat_filter(logging.getLogger())
+    raise_nofile_limit()
+    config = agent_config(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ from peer.transfer.swarm import (
     create_v2_torrent_blocking,
     parse_torrent,
 )
+from peer.verification.hashing import is_blob_id
 
-_BLOB_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")
 # The only keys a canonical torrent has: the info dict and the v2 piece layers
 # (libtorrent checks the layers against the file's pieces root when parsing).
 _TOP_LEVEL_KEYS = frozenset({"info", "piece layers"})
@@ -62,7 +61,7 @@ class VerifiedBlob:
     path: Path
 
     def __post_init__(self) -> None:
-        if type(self.blob_id) is not str or not _BLOB_ID.fullmatch(self.blob_id):
+        if type(self.blob_id) is not str or not is_blob_id(self.blob_id):
             raise ValueError(f"{self.blob_id!r} is not a blob id (sha256 or git sha1 hex)")
         if type(self.size) is not int or self.size < 0:
             raise ValueError(f"blob size {self.size!r} is not a non-negative int")

@@ -38,6 +38,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+# Only constants: the agent's defaults are defined once, next to AgentConfig.
+from peer.config import HERD_LEADER_TIMEOUT, HERD_SETTLE
+
 
 @dataclass(frozen=True)
 class Bid:
@@ -56,8 +59,8 @@ class Turn(Enum):
 
 @dataclass(frozen=True)
 class HerdConfig:
-    settle: float = 1.0
-    leader_timeout: float = 15.0
+    settle: float = HERD_SETTLE
+    leader_timeout: float = HERD_LEADER_TIMEOUT
     start_timeout: float = 4.0
     # The slowest leader worth waiting for (bytes/s, averaged over each leader_timeout):
     # 1 Mbit/s, below any mirror link a herd would share, far above a liar's creep.

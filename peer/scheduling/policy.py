@@ -37,15 +37,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+# Only constants: the agent's defaults are defined once, next to AgentConfig.
+from peer.config import PEER_GRACE, STALL_TIMEOUT
+
 # --- configuration -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     # Time after the start during which a piece nobody has is not yet mirrored.
-    grace_period: float = 2.0
+    grace_period: float = PEER_GRACE
     # A piece whose peer download shows no sign of life this long goes to the mirror.
-    stall_timeout: float = 10.0
+    stall_timeout: float = STALL_TIMEOUT
     # Mirror pieces in flight at once.
     mirror_parallel: int = 4
     # A mirror fetch with no verdict after this long counts as failed (safety net;

@@ -54,7 +54,6 @@ import bisect
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,15 +62,15 @@ from typing import Any, Self, TypeVar
 
 import libtorrent as lt
 
-from peer.errors import ConfigError, HfswarmError
+from peer.errors import ConfigError, HfswarmError, LocalError
 from peer.transfer import events as ev
+from peer.verification.hashing import SHA256_RE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SwarmError(HfswarmError):
@@ -94,6 +93,11 @@ class SwarmClosed(SwarmError):
     """The session was closed while an operation waited on it."""
 
 
+class PortUnavailable(SwarmError, LocalError):
+    """The listen port cannot be bound (in use, or not this user's to bind): this machine
+    refused, so a `LocalError` (exit 5), not a bug."""
+
+
 def _translate(what: str, exc: BaseException) -> SwarmError:
     return SwarmError(f"{what}: {exc}", hint="see the agent log for the libtorrent error")
 
@@ -103,7 +107,8 @@ def _translate(what: str, exc: BaseException) -> SwarmError:
 
 @dataclass(frozen=True)
 class SwarmSettings:
-    """Session settings; defaults suit a LAN (see DESIGN.md, libtorrent facts)."""
+    """Session settings; defaults suit a LAN (the libtorrent behaviours they allow for:
+    this module's docstring)."""
 
     listen_host: str = "0.0.0.0"
     # 0 picks a free port; `SwarmSession.listen_port` tells which one was bound.
@@ -592,10 +597,10 @@ class SwarmSession:
             raise
         if isinstance(first, ev.ListenFailed):
             await self._teardown()
-            raise SwarmError(
+            raise PortUnavailable(
                 f"cannot listen for BitTorrent on {self.settings.listen_interface}: "
                 f"{first.message}",
-                hint="choose another --bt-port or stop the program using it",
+                hint="choose another port with --bt-listen HOST:PORT, or stop the program using it",
             )
         self._port = first.port
         return self
@@ -1007,7 +1012,7 @@ class SwarmSession:
     ) -> str:
         """Add a torrent known only by its v2 info-hash; the info dict comes from the
         first peer given with `connect_peer` (a `MetadataReceived` event follows)."""
-        if not isinstance(info_hash, str) or not _SHA256_HEX.fullmatch(info_hash):
+        if not isinstance(info_hash, str) or not SHA256_RE.fullmatch(info_hash):
             raise SwarmError(f"{info_hash!r} is not a v2 info-hash (64 lowercase hex)")
         atp = lt.add_torrent_params()
         atp.info_hashes = lt.info_hash_t(lt.sha256_hash(bytes.fromhex(info_hash)))

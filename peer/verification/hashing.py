@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-SHA256_RE = re.compile(r"[0-9a-f]{64}")
-SHA1_RE = re.compile(r"[0-9a-f]{40}")
+# The id formats are defined once, with the wire formats that carry them.
+from tracker.schema import SHA1_RE, SHA256_RE, is_blob_id
+
+__all__ = ["SHA1_RE", "SHA256_RE", "BlobHasher", "HashKind", "Verdict", "hash_file", "is_blob_id"]
+
 READ_BLOCK = 8 * 1024 * 1024
 
 
@@ -31,10 +33,6 @@ class HashKind(Enum):
         if SHA1_RE.fullmatch(blob_id):
             return cls.GIT_SHA1
         raise ValueError(f"not a blob id (sha256 or git sha1 hex): {blob_id!r}")
-
-
-def is_blob_id(value: str) -> bool:
-    return bool(SHA256_RE.fullmatch(value) or SHA1_RE.fullmatch(value))
 
 
 class BlobHasher:
