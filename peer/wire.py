@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
 from peer.errors import PeerMisbehaved
+from peer.hub.protocol import REPO_TYPES
 from tracker import schema
 from tracker.schema import Invalid
 
@@ -56,7 +57,6 @@ _REPO_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"(?:{_REPO_NAME}/)?{_REPO_NAME}")
 # Branch and tag names, refs/pr/N, commit ids: what becomes refs/<revision> in the cache.
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]{0,199}")
-REPO_TYPES = ("model", "dataset", "space")
 
 
 class WireError(PeerMisbehaved):

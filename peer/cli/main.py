@@ -36,6 +36,7 @@ from peer.config import (
 )
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
+from peer.hub.protocol import REPO_TYPES
 from peer.serving.local_api import DownloadSpec
 from peer.transfer.progress import Progress, human_bytes
 
@@ -88,7 +89,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("repo_id", help="org/name")
     p.add_argument("files", nargs="*", help="only these files (paths in the repo)")
-    p.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"])
+    p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
     p.add_argument("--revision", default="main", help="branch, tag, commit or refs/pr/N")
     p.add_argument("--include", action="append", default=[], metavar="GLOB")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
@@ -241,7 +242,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="the folder to share")
     p.add_argument("--repo", required=True, metavar="local/NAME", help="the repo to publish as")
-    p.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"])
+    p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
     p.add_argument(
         "--agent",
         metavar="URL",
