@@ -37,6 +37,7 @@ IH = "ab" * 32
 PIECE = 1024
 SEED = ev.Endpoint("10.0.0.2", 6881)
 OTHER = ev.Endpoint("10.0.0.3", 6881)
+HOLDER = frozenset({(SEED.host, SEED.port)})  # the one peer offering the whole blob
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Run:
         n: int = 4,
         *,
         size: int | None = None,
-        holders: frozenset[tuple[str, int]] = frozenset({(SEED.host, SEED.port)}),
+        holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
         **policy: object,
     ) -> None:
@@ -119,7 +120,7 @@ class Run:
         return out
 
     def running(self, t: float = 0.0) -> None:
-        """Through the check and the settle: the seed connects at once."""
+        """Through the check and the settle: a peer connects at once."""
         assert self.at(t) == [StartSwarming()]
         self.swarm.peers[SEED] = 0
         self.at(t, ev.PeerConnected(IH, SEED))
@@ -154,7 +155,7 @@ def test_peers_deliver_every_piece() -> None:
 
 
 def test_what_the_check_finds_counts_as_resumed_and_peers_wait_for_it() -> None:
-    r = Run(4)
+    r = Run(4, holders=HOLDER)
     r.swarm.state = "checking_files"
     assert r.at(0) == []
     r.swarm.have = {0, 1}
@@ -164,6 +165,7 @@ def test_what_the_check_finds_counts_as_resumed_and_peers_wait_for_it() -> None:
     assert r.at(0.3, ev.TorrentChecked(IH)) == [StartSwarming()]
     assert r.drv.progress.resumed == r.drv.progress.done == 2 * PIECE
     r.swarm.peers[SEED] = 0
+    r.swarm.holders = dict.fromkeys(range(4), 1)
     r.at(0.4, ev.PeerConnected(IH, SEED))
     assert r.drv.policy is not None and r.drv.policy.done_pieces == {0, 1}
     r.done(0.5, 2)
@@ -193,7 +195,7 @@ def test_libtorrent_finishing_ends_it_even_if_piece_events_were_lost() -> None:
 
 
 def test_settle_ends_when_the_holders_are_connected() -> None:
-    r = Run(4)
+    r = Run(4, holders=HOLDER)
     assert r.at(0) == [StartSwarming()]
     r.swarm.peers[OTHER] = 0  # a peer, but not one that holds the whole blob
     r.at(0.1, ev.PeerConnected(IH, OTHER))
@@ -201,12 +203,15 @@ def test_settle_ends_when_the_holders_are_connected() -> None:
     assert r.drv.phase is Phase.SETTLING and r.drv.policy is None
     r.swarm.peers[SEED] = 0
     r.at(1.2, ev.PeerConnected(IH, SEED))
+    assert r.drv.phase is Phase.SETTLING  # connecting: its bitfield is not in yet
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.until(1.5)
     assert r.drv.phase is Phase.RUNNING
-    assert r.drv.policy is not None and r.drv.policy.start == T0 + 1.2  # grace from here
+    assert r.drv.policy is not None and r.drv.policy.start == T0 + 1.45  # grace from here
 
 
 def test_without_holders_any_connected_peer_ends_the_settle() -> None:
-    r = Run(4, holders=frozenset())
+    r = Run(4)
     r.at(0)
     r.swarm.peers[OTHER] = 0
     r.at(0.3, ev.PeerConnected(IH, OTHER))
@@ -214,7 +219,7 @@ def test_without_holders_any_connected_peer_ends_the_settle() -> None:
 
 
 def test_settle_ends_after_five_seconds_whoever_is_connected() -> None:
-    r = Run(4, grace_period=2.0)
+    r = Run(4, holders=HOLDER, grace_period=2.0)
     r.at(0)
     r.until(4.99)
     assert r.drv.phase is Phase.SETTLING

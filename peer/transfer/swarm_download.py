@@ -11,9 +11,9 @@ The phases of one download:
    verified counts as resumed, not fetched, so peers are connected only afterwards
    (`StartSwarming`).
 2. settling: at most ``settle_limit`` s until the peers holding the whole blob (or any
-   peer, if none does) are connected. The policy's grace period must not be spent on
-   libtorrent's own start-up (a connect on its 500 ms tick), or every piece would look
-   like one nobody has.
+   peer, if none does) are connected and have said what they hold. The policy's grace
+   period must not be spent on libtorrent's own start-up (a connect on its 500 ms tick,
+   the handshake), or every piece would look like one nobody has.
 3. running: `DownloadPolicy` says which pieces to also take from the mirror and whom to
    ban; it is sampled (availability, per-piece progress) when its `next_wakeup` comes,
    when an event says something changed, and at least every ``heartbeat`` s.
@@ -364,10 +364,8 @@ class SwarmDownload:
         elif self.phase is not Phase.CHECKING and s.is_finished:
             self._finish(Finished(), out)
             return
-        if self.phase is Phase.SETTLING and not checking:
-            connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
-            if (self.holders & connected) if self.holders else connected:
-                self._run(now, out)
+        if self.phase is Phase.SETTLING and not checking and self._settled(s):
+            self._run(now, out)
         if self.phase is Phase.RUNNING and self.outcome is None:
             self._feed_policy(s, now, out)
         period = self.config.heartbeat if self.phase is Phase.RUNNING else self.config.settle_poll
@@ -381,6 +379,15 @@ class SwarmDownload:
         self.phase = Phase.SETTLING
         self._deadline = now + self.config.settle_limit
         out.append(StartSwarming())
+
+    def _settled(self, s: SwarmSample) -> bool:
+        connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
+        if not self.holders:
+            return bool(connected)
+        # A holder listed is not yet one whose bitfield arrived (libtorrent lists a
+        # peer it is still connecting to): until then every piece looks like one nobody
+        # has, and the grace period would run out on the handshake.
+        return bool(self.holders & connected) and min(s.availability, default=0) > 0
 
     def _run(self, now: float, out: list[Action]) -> None:
         self.phase = Phase.RUNNING
