@@ -32,28 +32,30 @@ from peer.errors import HfswarmError, IntegrityError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
 from peer.scheduling.herd import HerdConfig
-from peer.scheduling.policy import (
-    Availability,
-    BanPeer,
-    CancelMirror,
-    Decision,
-    Done,
-    DownloadPolicy,
-    Failed,
-    FetchFromMirror,
-    MirrorPieceFailed,
-    Origin,
-    PeerGone,
-    PieceDone,
-    PieceHashFailed,
-    PieceProgress,
-    PolicyConfig,
-    Tick,
-)
+from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Visibility, may_serve
-from peer.transfer import events as ev
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
+from peer.transfer.swarm_download import (
+    Action,
+    BanHost,
+    CancelMirrorPiece,
+    FeedMirrorPiece,
+    FlushForReaders,
+    Input,
+    MirrorPieceError,
+    MirrorPieceFed,
+    PeerSample,
+    Readers,
+    SetPieceDeadline,
+    StartSwarming,
+    SwarmDownload,
+    SwarmDownloadConfig,
+    SwarmSample,
+    TakeSample,
+    Wake,
+)
+from peer.transfer.swarm_download import Failed as SwarmFailed
 from peer.verification.hashing import Verdict, hash_file
 
 log = logging.getLogger(__name__)
@@ -431,18 +433,7 @@ class BlobFetcher:
             flight.reset()
             flight.start(repo.partial_dir / file.blob_id)
         try:
-            # What a killed earlier run left verified on disk counts as resumed, not as
-            # fetched: look before any peer is connected.
-            meta = await self.swarm.torrent_meta(ih)
-            await self._checked(ih)
-            counters.resumed = sum(
-                meta.piece_length(i) for i, h in enumerate(await self.swarm.have_pieces(ih)) if h
-            )
-            # Only now may peers arrive through the trackers: what came before was ours.
-            self.swarm.announce(ih)
-            for o in offers:
-                self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
-            await self._drive(ih, snapshot, file, offers, mirror, counters, stream)
+            await self._drive(ih, snapshot, file, offers, mirror, counters, stream, flight)
             await self.swarm.flush_cache(ih)
             if flight is not None:
                 flight.advance(file.size)  # all pieces checked and on disk
@@ -492,52 +483,38 @@ class BlobFetcher:
         mirror: MirrorFetcher,
         counters: BlobCounters,
         stream: EventStream,
+        flight: InFlightBlob | None,
     ) -> None:
-        """Run the policy until every piece is had: libtorrent pulls from peers on its
-        own; the policy says which pieces to also take from the mirror, and whom to ban."""
+        """Carry out what `SwarmDownload` decides until every piece is had: libtorrent
+        pulls from peers on its own; the driver says when to connect them, which pieces
+        to also take from the mirror, whom to ban, and when to look at libtorrent."""
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
-        await self._settle(ih, offers)
-        have = await self.swarm.have_pieces(ih)
-        loop = asyncio.get_running_loop()
-        policy = DownloadPolicy(
+        has_mirror = bool(mirror.pool.mirrors)  # none for a local/* repo
+        drv = SwarmDownload(
+            file.size,
+            meta.piece_size,
             meta.num_pieces,
             time.monotonic(),
-            PolicyConfig(
-                grace_period=cfg.peer_grace,
-                stall_timeout=cfg.stall_timeout,
-                mirror_parallel=max(2, cfg.download.connections // 2),
-                salt=int(self.peers.self_id[:8] or "0", 16),
+            SwarmDownloadConfig(
+                policy=PolicyConfig(
+                    grace_period=cfg.peer_grace,
+                    stall_timeout=cfg.stall_timeout,
+                    mirror_parallel=max(2, cfg.download.connections // 2),
+                    mirror_enabled=has_mirror,
+                    salt=int(self.peers.self_id[:8] or "0", 16),
+                )
             ),
-            have=[i for i, h in enumerate(have) if h],
+            holders=frozenset((o.peer.host, o.peer.bt_port) for o in offers if o.complete),
+            streaming=flight is not None,
         )
-        counters.done = sum(meta.piece_length(i) for i, h in enumerate(have) if h)
-        finished = asyncio.Event()
+        base = (counters.from_mirror, counters.hash_failures)
+        inbox: asyncio.Queue[Input] = asyncio.Queue()  # swarm events, mirror results
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
 
-        hashfails: dict[str, int] = {}  # peer endpoint -> hash failures seen so far
-
-        def apply(decisions: tuple[Decision, ...]) -> None:
-            for d in decisions:
-                if isinstance(d, FetchFromMirror):
-                    for i in d.pieces:
-                        if i not in mirror_tasks:
-                            mirror_tasks[i] = loop.create_task(mirror_piece(i))
-                elif isinstance(d, CancelMirror):
-                    for i in d.pieces:
-                        task = mirror_tasks.pop(i, None)
-                        if task is not None:
-                            task.cancel()
-                elif isinstance(d, BanPeer):
-                    host = d.peer.rsplit(":", 1)[0].strip("[]")
-                    log.warning("banning peer %s: %s", d.peer, d.reason)
-                    self.swarm.ban_peer(host)
-                elif isinstance(d, Done):
-                    finished.set()
-                elif isinstance(d, Failed):
-                    raise IntegrityError(
-                        f"{file.path}: {d.reason}", hint="retry later, or add another --mirror"
-                    )
+        async def pump() -> None:
+            async for e in stream:
+                inbox.put_nowait(e)
 
         async def mirror_piece(i: int) -> None:
             start = i * meta.piece_size
@@ -545,134 +522,98 @@ class BlobFetcher:
                 data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
                 ok = await self.swarm.feed_piece(ih, i, data)
             except HfswarmError as exc:
-                apply(policy.handle(MirrorPieceFailed(i, exc.one_line()), time.monotonic()))
-                return
+                inbox.put_nowait(MirrorPieceError(i, exc.one_line()))
+            else:
+                inbox.put_nowait(MirrorPieceFed(i, len(data), ok))
             finally:
                 mirror_tasks.pop(i, None)
-            if ok:
-                counters.from_mirror += len(data)
 
-        async def blame(piece: int) -> str | None:
-            """The peer whose hash-failure count just went up, if exactly one did."""
-            culprits = []
-            for p in await self.swarm.peers(ih):
-                key = str(p.endpoint)
-                if p.num_hashfails > hashfails.get(key, 0):
-                    hashfails[key] = p.num_hashfails
-                    culprits.append(key)
-            return culprits[0] if len(culprits) == 1 else None
-
-        async def events() -> None:
-            async for e in stream:
-                now = time.monotonic()
-                if isinstance(e, ev.PieceFinished):
-                    counters.done += meta.piece_length(e.piece)
-                    origin = Origin.MIRROR if e.fed_by_us else Origin.PEER
-                    apply(policy.handle(PieceDone(e.piece, origin), now))
-                elif isinstance(e, ev.HashFailed):
-                    if e.fed_by_us:
-                        apply(policy.handle(PieceHashFailed(e.piece, Origin.MIRROR), now))
-                    else:
-                        counters.hash_failures += 1
-                        peer = await blame(e.piece)
-                        apply(
-                            policy.handle(
-                                PieceHashFailed(e.piece, Origin.PEER, peer), time.monotonic()
-                            )
-                        )
-                elif isinstance(e, ev.PeerBanned):
-                    # libtorrent banned it for this torrent (it alone sent a bad piece);
-                    # make that session-wide: no blob should come from that host now.
-                    log.warning("peer %s sent corrupt data; banned", e.endpoint)
-                    self.swarm.ban_peer(e.endpoint.host)
-                    apply(policy.handle(PeerGone(str(e.endpoint), banned=True), now))
-                if finished.is_set():
-                    return
-
-        received: dict[int, int] = {}  # piece -> blocks received, to see progress
-
-        async def ticks() -> None:
-            while not finished.is_set():
-                avail = await self.swarm.piece_availability(ih)
-                partial = await self.swarm.partial_pieces(ih)
-                now = time.monotonic()
-                for pp in partial:
-                    if pp.blocks_received > received.get(pp.piece, 0):
-                        received[pp.piece] = pp.blocks_received
-                        apply(policy.handle(PieceProgress(pp.piece), now))
-                if len(avail) == meta.num_pieces:
-                    apply(policy.handle(Availability(avail), now))
-                else:
-                    apply(policy.handle(Tick(), now))
-                if not finished.is_set() and (await self.swarm.status(ih)).is_finished:
-                    finished.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), 0.25)
-
-        async def feed_readers() -> None:
-            """For a reader streaming this blob (HF_ENDPOINT mode): make the checked
-            prefix readable (flushed to the file), and ask peers for the pieces just
-            after where the reader is, in order."""
-            flight = self._flights.get(file.blob_id)
-            if flight is None:
-                return
-            asked: set[int] = set()
-            while not finished.is_set():
-                if flight.readers > 0:
-                    have = await self.swarm.have_pieces(ih)
-                    n = next((i for i, h in enumerate(have) if not h), len(have))
-                    ready = min(file.size, n * meta.piece_size)
-                    if ready > flight.ready:
-                        await self.swarm.flush_cache(ih)
-                        flight.advance(ready)
-                    first = flight.read_pos // meta.piece_size
-                    for k, i in enumerate(range(first, min(meta.num_pieces, first + 16))):
-                        if not have[i] and i not in asked:
-                            asked.add(i)
-                            self.swarm.set_piece_deadline(ih, i, 100 * (k + 1))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), 0.1)
+        async def carry_out(actions: tuple[Action, ...]) -> None:
+            todo = list(actions)
+            while todo:
+                a = todo.pop(0)
+                if isinstance(a, TakeSample):
+                    sample = await self._sample(ih)
+                    todo += drv.handle(sample, time.monotonic())
+                elif isinstance(a, StartSwarming):
+                    # Only now may peers arrive through the trackers: what came before
+                    # (libtorrent's check of the disk) was ours.
+                    self.swarm.announce(ih)
+                    for o in offers:
+                        self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                elif isinstance(a, FeedMirrorPiece):
+                    if a.piece not in mirror_tasks:
+                        mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
+                elif isinstance(a, CancelMirrorPiece):
+                    task = mirror_tasks.pop(a.piece, None)
+                    if task is not None:
+                        task.cancel()
+                elif isinstance(a, BanHost):
+                    log.warning("banning peer %s: %s", a.peer, a.reason)
+                    self.swarm.ban_peer(a.host)
+                elif isinstance(a, FlushForReaders) and flight is not None:
+                    await self.swarm.flush_cache(ih)
+                    flight.advance(a.ready)
+                elif isinstance(a, SetPieceDeadline):
+                    self.swarm.set_piece_deadline(ih, a.piece, a.ms)
+                elif isinstance(a, SwarmFailed):
+                    hint = (
+                        "retry later, or add another --mirror"
+                        if has_mirror
+                        else "retry when a peer that holds it is up"
+                    )
+                    raise IntegrityError(f"{file.path}: {a.reason}", hint=hint)
+            p = drv.progress
+            counters.resumed, counters.done = p.resumed, p.done
+            counters.from_mirror = base[0] + p.from_mirror
+            counters.hash_failures = base[1] + p.hash_failures
 
         try:
             async with asyncio.TaskGroup() as tg:
-                ev_task = tg.create_task(events())
-                readers_task = tg.create_task(feed_readers())
-                await ticks()
-                ev_task.cancel()
-                readers_task.cancel()
+                pumping = tg.create_task(pump())
+                while drv.outcome is None:
+                    # What is queued first, so that a burst of events asks for one look.
+                    for _ in range(inbox.qsize()):
+                        if drv.outcome is None:
+                            await carry_out(drv.handle(inbox.get_nowait(), time.monotonic()))
+                    wake, now = drv.next_wakeup(), time.monotonic()
+                    if drv.outcome is not None:
+                        break
+                    if wake is not None and wake <= now:
+                        await carry_out(drv.handle(Wake(self._readers(flight)), now))
+                        continue
+                    timeout = None if wake is None else wake - now
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), timeout)
+                    except TimeoutError:
+                        continue
+                    await carry_out(drv.handle(item, time.monotonic()))
+                pumping.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         finally:
             for t in list(mirror_tasks.values()):
                 t.cancel()
 
-    async def _checked(self, ih: str, limit: float = 600.0) -> None:
-        """Wait for libtorrent's check of the file on disk (a resumed download)."""
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            st = await self.swarm.status(ih)
-            if st.state not in ("checking_files", "checking_resume_data", "queued_for_checking"):
-                return
-            await asyncio.sleep(0.05)
+    @staticmethod
+    def _readers(flight: InFlightBlob | None) -> Readers | None:
+        if flight is None:
+            return None
+        return Readers(flight.readers, flight.read_pos, flight.ready)
 
-    async def _settle(self, ih: str, offers: list[Offer], limit: float = 5.0) -> None:
-        """Wait until libtorrent has checked what is on disk and reached the peers that
-        hold the whole blob (or any peer, if none does), at most `limit` s: the policy's
-        grace period must not be spent on libtorrent's own start-up (a file check, a
-        connect on its 500 ms tick), or every piece would look like one nobody has."""
-        deadline = time.monotonic() + limit
-        holders = {(o.peer.host, o.peer.bt_port) for o in offers if o.complete}
-        checking = ("checking_files", "checking_resume_data", "queued_for_checking")
-        while time.monotonic() < deadline:
-            st = await self.swarm.status(ih)
-            if st.is_finished:
-                return
-            if st.state not in checking:
-                peers = await self.swarm.peers(ih)
-                connected = {(p.endpoint.host, p.endpoint.port) for p in peers}
-                if (holders & connected) if holders else connected:
-                    return
-            await asyncio.sleep(0.05)
+    async def _sample(self, ih: str) -> SwarmSample:
+        st = await self.swarm.status(ih)
+        partial = await self.swarm.partial_pieces(ih)
+        return SwarmSample(
+            state=st.state,
+            is_finished=st.is_finished,
+            have=await self.swarm.have_pieces(ih),
+            availability=await self.swarm.piece_availability(ih),
+            partial=tuple((p.piece, p.blocks_received) for p in partial),
+            peers=tuple(
+                PeerSample(p.endpoint, p.num_hashfails) for p in await self.swarm.peers(ih)
+            ),
+        )
 
     # -- resume ----------------------------------------------------------------------
 

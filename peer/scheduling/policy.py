@@ -178,9 +178,13 @@ class PeerGone:
 @dataclass(frozen=True)
 class Availability:
     """Per-piece count of connected peers having each piece, when peers are not known
-    by name (libtorrent's piece_availability). Use it or per-peer events, not both."""
+    by name (libtorrent's piece_availability). Use it or per-peer events, not both.
+    ``progressed``: pieces that got blocks since the last look, taken as `PieceProgress`
+    before anything is decided (one look at libtorrent is one event, so a decision never
+    sees half of it)."""
 
     counts: tuple[int, ...]
+    progressed: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -361,10 +365,7 @@ class DownloadPolicy:
                 else:
                     self._peer_hash_failed(piece, peer, now, out)
             case PieceProgress(piece=piece):
-                self._check_piece(piece)
-                if piece not in self._done:
-                    self._last_progress[piece] = now
-                    self._last_peer_activity = now
+                self._progress(piece, now)
             case PeerBitfield(peer=peer, pieces=pieces):
                 if peer not in self._banned:
                     for p in pieces:
@@ -378,9 +379,11 @@ class DownloadPolicy:
                 self._drop_peer(peer, now)
                 if banned:
                     self._banned.add(peer)
-            case Availability(counts=counts):
+            case Availability(counts=counts, progressed=progressed):
                 if len(counts) != self.num_pieces:
                     raise ValueError(f"{len(counts)} availability counts, want {self.num_pieces}")
+                for p in progressed:
+                    self._progress(p, now)
                 for p, c in enumerate(counts):
                     before = self._holders(p)
                     self._anon[p] = max(0, int(c))
@@ -404,6 +407,12 @@ class DownloadPolicy:
     def _check_piece(self, piece: int) -> None:
         if type(piece) is not int or not 0 <= piece < self.num_pieces:
             raise ValueError(f"piece {piece!r} is out of range 0-{self.num_pieces - 1}")
+
+    def _progress(self, piece: int, now: float) -> None:
+        self._check_piece(piece)
+        if piece not in self._done:
+            self._last_progress[piece] = now
+            self._last_peer_activity = now
 
     def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
         self._check_piece(piece)

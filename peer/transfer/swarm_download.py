@@ -1,0 +1,485 @@
+"""The driver of one blob's swarm download: libtorrent's check, settle, then the policy.
+
+Pure: no sockets, no libtorrent, no asyncio, no clock. `peer.agent.fetch` feeds it the
+swarm's typed events (`peer.transfer.events`), the results of mirror pieces, samples of
+libtorrent's state when it asks for one (`TakeSample`), and a `Wake` at `next_wakeup`;
+each call takes ``now`` and returns the actions to carry out, in order.
+
+The phases of one download:
+
+1. checking: libtorrent checks what is on disk (a resumed download). What it finds
+   verified counts as resumed, not fetched, so peers are connected only afterwards
+   (`StartSwarming`).
+2. settling: at most ``settle_limit`` s until the peers holding the whole blob (or any
+   peer, if none does) are connected and have said what they hold. The policy's grace
+   period must not be spent on libtorrent's own start-up (a connect on its 500 ms tick,
+   the handshake), or every piece would look like one nobody has.
+3. running: `DownloadPolicy` says which pieces to also take from the mirror and whom to
+   ban; it is sampled (availability, per-piece progress) when its `next_wakeup` comes,
+   when an event says something changed, and at least every ``heartbeat`` s.
+
+A download without a mirror (a ``local/*`` repo) runs the policy with
+``mirror_enabled=False``: a stalled piece waits for peers, and a piece no peer has fails
+the download with the policy's reason once peers had their time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+from peer.scheduling import policy as pol
+from peer.transfer import events as ev
+
+CHECKING_STATES = frozenset({"checking_files", "checking_resume_data", "queued_for_checking"})
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwarmDownloadConfig:
+    policy: pol.PolicyConfig = field(default_factory=pol.PolicyConfig)
+    # libtorrent's check of the file on disk; after this long peers are connected anyway.
+    check_limit: float = 600.0
+    settle_limit: float = 5.0
+    # While checking or settling, a sample this often if no event says anything changed.
+    settle_poll: float = 0.25
+    # While running: a sample at least this often, for what no event and no policy
+    # deadline announces (a peer that stopped having a piece, libtorrent finishing).
+    heartbeat: float = 1.0
+    # A streaming reader's position lives in memory and changes without an event:
+    # look at it this often.
+    reader_poll: float = 0.1
+    # Pieces after a reader's position asked of peers in order, 100 ms apart.
+    readahead: int = 16
+    deadline_step_ms: int = 100
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSample:
+    endpoint: ev.Endpoint
+    hashfails: int
+
+
+@dataclass(frozen=True)
+class SwarmSample:
+    """libtorrent's state at one instant (taken when the driver asked with `TakeSample`)."""
+
+    state: str
+    is_finished: bool
+    have: tuple[bool, ...]
+    availability: tuple[int, ...]  # empty when libtorrent keeps no piece picker (a seed)
+    partial: tuple[tuple[int, int], ...]  # (piece, blocks received) of pieces in flight
+    peers: tuple[PeerSample, ...]
+
+
+@dataclass(frozen=True)
+class MirrorPieceFed:
+    """A mirror piece was fed to libtorrent: ``ok`` if the piece is now had (from this
+    data or a peer's), False if the data failed (a `HashFailed` event says so too)."""
+
+    piece: int
+    nbytes: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class MirrorPieceError:
+    piece: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Readers:
+    """A streaming reader's view (HF_ENDPOINT mode): how many, where the furthest one is,
+    and how much of the blob is already readable."""
+
+    count: int
+    read_pos: int
+    ready: int
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Sent at `SwarmDownload.next_wakeup` (and never needed before it)."""
+
+    readers: Readers | None = None
+
+
+Input = ev.SwarmEvent | SwarmSample | MirrorPieceFed | MirrorPieceError | Wake
+
+# --- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TakeSample:
+    """Read libtorrent's state and send it back as a `SwarmSample`."""
+
+
+@dataclass(frozen=True)
+class StartSwarming:
+    """The check is over: announce to the trackers and connect the offering peers."""
+
+
+@dataclass(frozen=True)
+class FeedMirrorPiece:
+    piece: int
+
+
+@dataclass(frozen=True)
+class CancelMirrorPiece:
+    piece: int
+
+
+@dataclass(frozen=True)
+class BanHost:
+    host: str
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FlushForReaders:
+    """Flush libtorrent's write cache, then ``ready`` bytes of the file are readable."""
+
+    ready: int
+
+
+@dataclass(frozen=True)
+class SetPieceDeadline:
+    piece: int
+    ms: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every piece passed its check (flush the cache before reading the file)."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+
+
+Action = (
+    TakeSample
+    | StartSwarming
+    | FeedMirrorPiece
+    | CancelMirrorPiece
+    | BanHost
+    | FlushForReaders
+    | SetPieceDeadline
+    | Finished
+    | Failed
+)
+
+
+@dataclass
+class SwarmProgress:
+    """What the download did so far, in bytes (the caller copies it to its counters)."""
+
+    resumed: int = 0  # verified on disk when the check ended
+    done: int = 0
+    from_mirror: int = 0  # mirror pieces that were fed and are had
+    hash_failures: int = 0  # pieces from peers that failed their check
+
+
+class Phase(Enum):
+    CHECKING = "checking"
+    SETTLING = "settling"
+    RUNNING = "running"
+    OVER = "over"
+
+
+def host_of(peer: str) -> str:
+    """The host of a "host:port" (IPv6 in brackets) as `ev.Endpoint` prints it."""
+    return peer.rsplit(":", 1)[0].strip("[]")
+
+
+# Events after which libtorrent's state is worth a look at once.
+_LOOK_NOW = (
+    ev.TorrentChecked,
+    ev.StateChanged,
+    ev.TorrentFinished,
+    ev.PeerConnected,
+    ev.PeerDisconnected,
+)
+
+
+class SwarmDownload:
+    """One blob of ``size`` bytes in ``num_pieces`` pieces of ``piece_size`` (a v2
+    torrent of one file). ``holders`` are the (host, port) of peers offering the whole
+    blob; ``streaming`` when a reader may stream it (`Wake.readers`)."""
+
+    def __init__(
+        self,
+        size: int,
+        piece_size: int,
+        num_pieces: int,
+        now: float,
+        config: SwarmDownloadConfig | None = None,
+        *,
+        holders: frozenset[tuple[str, int]] = frozenset(),
+        streaming: bool = False,
+    ) -> None:
+        if piece_size < 1 or not (num_pieces - 1) * piece_size < size <= num_pieces * piece_size:
+            raise ValueError(f"{num_pieces} pieces of {piece_size} bytes do not make {size}")
+        self.config = config or SwarmDownloadConfig()
+        self.size = size
+        self.piece_size = piece_size
+        self.num_pieces = num_pieces
+        self.holders = holders
+        self.streaming = streaming
+        self.progress = SwarmProgress()
+        self.phase = Phase.CHECKING
+        self.policy: pol.DownloadPolicy | None = None
+        self.outcome: Finished | Failed | None = None
+        self._have = [False] * num_pieces
+        self._deadline = now + self.config.check_limit  # of the current phase
+        self._sampling = False  # a TakeSample is out, its answer not in yet
+        self._sample_at = now  # the next sample wanted
+        self._reconcile = True  # take `have` from the next sample (events may be lost)
+        self._reader_at = now
+        self._asked: set[int] = set()  # pieces given a deadline for a reader
+        self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
+        self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
+        self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
+        self._early: list[pol.Event] = []  # for the policy, before it runs
+
+    def piece_length(self, piece: int) -> int:
+        return min(self.piece_size, self.size - piece * self.piece_size)
+
+    @property
+    def have(self) -> tuple[bool, ...]:
+        return tuple(self._have)
+
+    def next_wakeup(self) -> float | None:
+        """When to send a `Wake` if nothing else comes (None: the download is over, or
+        a `TakeSample` is still unanswered)."""
+        if self.outcome is not None:
+            return None
+        times = [self._deadline] if self.phase is not Phase.RUNNING else []
+        if not self._sampling:
+            times.append(self._sample_at)
+            if self.policy is not None:
+                # The policy decides on fresh availability: sample when it wants a Tick.
+                wake = self.policy.next_wakeup()
+                if wake is not None:
+                    times.append(wake)
+        if self.streaming and self.phase is not Phase.CHECKING:
+            times.append(self._reader_at)
+        soonest = min(times, default=math.inf)
+        return None if math.isinf(soonest) else soonest
+
+    # -- inputs --
+
+    def handle(self, item: Input, now: float) -> tuple[Action, ...]:
+        """Apply one input at ``now``; returns what to do, in order. After `Finished` or
+        `Failed`, further inputs are ignored."""
+        if self.outcome is not None:
+            return ()
+        out: list[Action] = []
+        match item:
+            case Wake(readers=readers):
+                self._on_wake(readers, now, out)
+            case SwarmSample():
+                self._on_sample(item, now, out)
+            case MirrorPieceFed(piece=piece, nbytes=nbytes, ok=ok):
+                if ok:
+                    self.progress.from_mirror += nbytes
+            case MirrorPieceError(piece=piece, reason=reason):
+                self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
+            case ev.SwarmEvent():
+                self._on_event(item, now, out)
+            case _:
+                raise TypeError(f"not a swarm download input: {item!r}")
+        return tuple(out)
+
+    def _on_wake(self, readers: Readers | None, now: float, out: list[Action]) -> None:
+        if self.phase is Phase.CHECKING and now >= self._deadline:
+            self._start_swarming(now, out)  # the check took too long: go on anyway
+        elif self.phase is Phase.SETTLING and now >= self._deadline:
+            self._run(now, out)
+            self._look_now(now)  # availability and progress, now the policy runs
+        if self.outcome is not None:
+            return
+        if self.streaming and self.phase is not Phase.CHECKING and now >= self._reader_at:
+            self._reader_at = now + self.config.reader_poll
+            if readers is not None and readers.count > 0:
+                self._feed_readers(readers, out)
+        wake = self.policy.next_wakeup() if self.policy is not None else None
+        due = now >= self._sample_at or (wake is not None and now >= wake)
+        if due and not self._sampling:
+            self._sampling = True
+            out.append(TakeSample())
+
+    def _on_event(self, e: ev.SwarmEvent, now: float, out: list[Action]) -> None:
+        if isinstance(e, ev.PieceFinished):
+            if not self._have[e.piece]:
+                self._have[e.piece] = True
+                self.progress.done += self.piece_length(e.piece)
+            origin = pol.Origin.MIRROR if e.fed_by_us else pol.Origin.PEER
+            if self.policy is not None:
+                self._to_policy(pol.PieceDone(e.piece, origin), now, out)
+        elif isinstance(e, ev.HashFailed):
+            if e.fed_by_us:
+                self._to_policy(pol.PieceHashFailed(e.piece, pol.Origin.MIRROR), now, out)
+            else:
+                # Who sent it shows in the next sample: the one peer whose count rose.
+                self.progress.hash_failures += 1
+                self._blame.append(e.piece)
+                self._look_now(now)
+        elif isinstance(e, ev.PeerBanned):
+            # libtorrent banned it for this torrent (it alone sent a bad piece); make
+            # that session-wide: no blob should come from that host now.
+            out.append(BanHost(e.endpoint.host, str(e.endpoint), "sent corrupt data"))
+            self._to_policy(pol.PeerGone(str(e.endpoint), banned=True), now, out)
+        elif isinstance(e, ev.EventsDropped | ev.AlertsDropped):
+            self._reconcile = True
+            self._look_now(now)
+        elif isinstance(e, _LOOK_NOW):
+            self._look_now(now)
+
+    def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
+        self._sampling = False
+        checking = s.state in CHECKING_STATES
+        if len(s.have) == self.num_pieces and (
+            self._reconcile or s.is_finished or self.phase is not Phase.RUNNING
+        ):
+            self._take_have(s.have, now, out)
+            self._reconcile = checking
+        self._resolve_blame(s.peers, now, out)
+        if self.outcome is not None:
+            return
+        if self.phase is Phase.CHECKING and not checking:
+            if s.is_finished:
+                self.progress.resumed = self.progress.done
+                self._finish(Finished(), out)
+                return
+            self._start_swarming(now, out)
+        elif self.phase is not Phase.CHECKING and s.is_finished:
+            self._finish(Finished(), out)
+            return
+        if self.phase is Phase.SETTLING and not checking and self._settled(s):
+            self._run(now, out)
+        if self.phase is Phase.RUNNING and self.outcome is None:
+            self._feed_policy(s, now, out)
+        period = self.config.heartbeat if self.phase is Phase.RUNNING else self.config.settle_poll
+        self._sample_at = now + period
+
+    # -- phases --
+
+    def _start_swarming(self, now: float, out: list[Action]) -> None:
+        # What the check found verified was there before us: resumed, not fetched.
+        self.progress.resumed = self.progress.done
+        self.phase = Phase.SETTLING
+        self._deadline = now + self.config.settle_limit
+        out.append(StartSwarming())
+
+    def _settled(self, s: SwarmSample) -> bool:
+        connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
+        if not self.holders:
+            return bool(connected)
+        # A holder listed is not yet one whose bitfield arrived (libtorrent lists a
+        # peer it is still connecting to): until then every piece looks like one nobody
+        # has, and the grace period would run out on the handshake.
+        return bool(self.holders & connected) and min(s.availability, default=0) > 0
+
+    def _run(self, now: float, out: list[Action]) -> None:
+        self.phase = Phase.RUNNING
+        self.policy = pol.DownloadPolicy(
+            self.num_pieces,
+            now,
+            self.config.policy,
+            have=[i for i, h in enumerate(self._have) if h],
+        )
+        early, self._early = self._early, []
+        for event in early:
+            self._to_policy(event, now, out)
+
+    def _finish(self, outcome: Finished | Failed, out: list[Action]) -> None:
+        if self.outcome is not None:
+            return
+        self.phase = Phase.OVER
+        self.outcome = outcome
+        out.append(outcome)
+
+    def _look_now(self, now: float) -> None:
+        self._sample_at = min(self._sample_at, now)
+
+    # -- helpers --
+
+    def _take_have(self, have: tuple[bool, ...], now: float, out: list[Action]) -> None:
+        """Pieces libtorrent has that no event told of (before the policy ran, or
+        events were lost): count them, and tell the policy."""
+        for i, h in enumerate(have):
+            if h and not self._have[i]:
+                self._have[i] = True
+                self.progress.done += self.piece_length(i)
+                if self.policy is not None:
+                    self._to_policy(pol.PieceDone(i, pol.Origin.PEER), now, out)
+
+    def _resolve_blame(self, peers: tuple[PeerSample, ...], now: float, out: list[Action]) -> None:
+        """The peer whose hash-failure count went up is the sender, if exactly one did."""
+        if not self._blame:
+            return
+        culprits = []
+        for p in peers:
+            key = str(p.endpoint)
+            if p.hashfails > self._hashfails.get(key, 0):
+                self._hashfails[key] = p.hashfails
+                culprits.append(key)
+        pieces, self._blame = self._blame, []
+        for k, piece in enumerate(pieces):
+            sender = culprits[0] if len(culprits) == 1 and k == 0 else None
+            self._to_policy(pol.PieceHashFailed(piece, pol.Origin.PEER, sender), now, out)
+
+    def _feed_policy(self, s: SwarmSample, now: float, out: list[Action]) -> None:
+        progressed = set()
+        for piece, blocks in s.partial:
+            if blocks > self._received.get(piece, 0):
+                self._received[piece] = blocks
+                progressed.add(piece)
+        if len(s.availability) == self.num_pieces:
+            # One event: the policy must not decide on fresh progress and stale holders.
+            self._to_policy(pol.Availability(s.availability, frozenset(progressed)), now, out)
+            return
+        for piece in sorted(progressed):
+            self._to_policy(pol.PieceProgress(piece), now, out)
+        self._to_policy(pol.Tick(), now, out)
+
+    def _to_policy(self, event: pol.Event, now: float, out: list[Action]) -> None:
+        if self.policy is None:
+            self._early.append(event)
+            return
+        if self.outcome is not None:
+            return
+        for d in self.policy.handle(event, now):
+            if isinstance(d, pol.FetchFromMirror):
+                out += [FeedMirrorPiece(i) for i in d.pieces]
+            elif isinstance(d, pol.CancelMirror):
+                out += [CancelMirrorPiece(i) for i in d.pieces]
+            elif isinstance(d, pol.BanPeer):
+                out.append(BanHost(host_of(d.peer), d.peer, d.reason))
+            elif isinstance(d, pol.Done):
+                self._finish(Finished(), out)
+            elif isinstance(d, pol.Failed):
+                self._finish(Failed(d.reason), out)
+
+    def _feed_readers(self, r: Readers, out: list[Action]) -> None:
+        """Make the checked prefix readable (flushed to the file), and ask peers for the
+        pieces just after where the reader is, in order."""
+        n = next((i for i, h in enumerate(self._have) if not h), self.num_pieces)
+        ready = min(self.size, n * self.piece_size)
+        if ready > r.ready:
+            out.append(FlushForReaders(ready))
+        first = r.read_pos // self.piece_size
+        last = min(self.num_pieces, first + self.config.readahead)
+        for k, i in enumerate(range(first, last)):
+            if not self._have[i] and i not in self._asked:
+                self._asked.add(i)
+                out.append(SetPieceDeadline(i, self.config.deadline_step_ms * (k + 1)))

@@ -1,0 +1,410 @@
+"""The pure swarm driver, driven by a fake swarm (scripted events and state) and a fake
+clock, like the policy in test_scheduling_policy.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from peer.scheduling.policy import PolicyConfig
+from peer.transfer import events as ev
+from peer.transfer.swarm_download import (
+    Action,
+    BanHost,
+    CancelMirrorPiece,
+    Failed,
+    FeedMirrorPiece,
+    Finished,
+    FlushForReaders,
+    Input,
+    MirrorPieceError,
+    MirrorPieceFed,
+    PeerSample,
+    Phase,
+    Readers,
+    SetPieceDeadline,
+    StartSwarming,
+    SwarmDownload,
+    SwarmDownloadConfig,
+    SwarmSample,
+    TakeSample,
+    Wake,
+)
+
+T0 = 500.0
+IH = "ab" * 32
+PIECE = 1024
+SEED = ev.Endpoint("10.0.0.2", 6881)
+OTHER = ev.Endpoint("10.0.0.3", 6881)
+HOLDER = frozenset({(SEED.host, SEED.port)})  # the one peer offering the whole blob
+
+
+@dataclass
+class FakeSwarm:
+    """What libtorrent would report when sampled; tests change it as the story goes."""
+
+    n: int
+    state: str = "downloading"
+    finished: bool = False
+    have: set[int] = field(default_factory=set)
+    peers: dict[ev.Endpoint, int] = field(default_factory=dict)  # -> hash failures
+    holders: dict[int, int] = field(default_factory=dict)  # piece -> availability
+    partial: dict[int, int] = field(default_factory=dict)  # piece -> blocks received
+
+    def sample(self) -> SwarmSample:
+        return SwarmSample(
+            state=self.state,
+            is_finished=self.finished,
+            have=tuple(i in self.have for i in range(self.n)),
+            availability=tuple(self.holders.get(i, 0) for i in range(self.n)),
+            partial=tuple(sorted(self.partial.items())),
+            peers=tuple(PeerSample(e, f) for e, f in self.peers.items()),
+        )
+
+
+class Run:
+    """A driver, a fake swarm and a fake clock; answers every TakeSample at once (as
+    the fetch loop does) and records every other action."""
+
+    def __init__(
+        self,
+        n: int = 4,
+        *,
+        size: int | None = None,
+        holders: frozenset[tuple[str, int]] = frozenset(),
+        streaming: bool = False,
+        **policy: object,
+    ) -> None:
+        self.now = T0
+        self.swarm = FakeSwarm(n)
+        cfg = SwarmDownloadConfig(policy=PolicyConfig(**policy))  # type: ignore[arg-type]
+        self.drv = SwarmDownload(
+            size if size is not None else n * PIECE - 100,
+            PIECE,
+            n,
+            self.now,
+            cfg,
+            holders=holders,
+            streaming=streaming,
+        )
+        self.samples = 0
+        self.log: list[tuple[float, Action]] = []
+
+    def at(self, t: float, item: Input | None = None) -> list[Action]:
+        """Advance to T0 + t and deliver ``item`` (a Wake by default); then, as the
+        fetch loop does once no other input waits, a Wake if one is due."""
+        assert T0 + t >= self.now, "the fake clock only moves forward"
+        self.now = T0 + t
+        todo = list(self.drv.handle(item or Wake(), self.now))
+        wake = self.drv.next_wakeup()
+        if item is not None and wake is not None and wake <= self.now:
+            todo += self.drv.handle(Wake(), self.now)
+        done: list[Action] = []
+        while todo:
+            a = todo.pop(0)
+            if isinstance(a, TakeSample):
+                self.samples += 1
+                todo += self.drv.handle(self.swarm.sample(), self.now)
+            else:
+                done.append(a)
+        self.log += [(self.now, a) for a in done]
+        return done
+
+    def until(self, t: float, readers: Readers | None = None) -> list[Action]:
+        """Wake the driver at each `next_wakeup` up to T0 + t, as the fetch loop would."""
+        out: list[Action] = []
+        while (wake := self.drv.next_wakeup()) is not None and wake <= T0 + t:
+            out += self.at(max(wake, self.now) - T0, Wake(readers))
+        self.now = max(self.now, T0 + t)
+        return out
+
+    def running(self, t: float = 0.0) -> None:
+        """Through the check and the settle: a peer connects at once."""
+        assert self.at(t) == [StartSwarming()]
+        self.swarm.peers[SEED] = 0
+        self.at(t, ev.PeerConnected(IH, SEED))
+        assert self.drv.phase is Phase.RUNNING
+
+    def done(self, t: float, piece: int, *, mirror: bool = False) -> list[Action]:
+        self.swarm.have.add(piece)
+        self.swarm.partial.pop(piece, None)
+        return self.at(t, ev.PieceFinished(IH, piece, fed_by_us=mirror))
+
+
+def fed(actions: list[Action]) -> list[int]:
+    return [a.piece for a in actions if isinstance(a, FeedMirrorPiece)]
+
+
+# --- the happy path --------------------------------------------------------------------------
+
+
+def test_peers_deliver_every_piece() -> None:
+    r = Run(4)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        assert r.done(0.1 * (i + 1), i) == []
+    assert r.done(0.4, 3) == [Finished()]
+    assert r.drv.outcome == Finished()
+    assert r.drv.next_wakeup() is None
+    assert r.drv.progress.done == 4 * PIECE - 100  # the last piece is short
+    assert r.drv.progress.resumed == r.drv.progress.from_mirror == 0
+    assert not fed([a for _, a in r.log])
+    assert r.at(1.0, ev.PieceFinished(IH, 0, fed_by_us=False)) == []  # over: ignored
+
+
+def test_what_the_check_finds_counts_as_resumed_and_peers_wait_for_it() -> None:
+    r = Run(4, holders=HOLDER)
+    r.swarm.state = "checking_files"
+    assert r.at(0) == []
+    r.swarm.have = {0, 1}
+    assert r.at(0.2, ev.StateChanged(IH, "checking_files", "queued_for_checking")) == []
+    assert r.drv.phase is Phase.CHECKING
+    r.swarm.state = "downloading"
+    assert r.at(0.3, ev.TorrentChecked(IH)) == [StartSwarming()]
+    assert r.drv.progress.resumed == r.drv.progress.done == 2 * PIECE
+    r.swarm.peers[SEED] = 0
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.at(0.4, ev.PeerConnected(IH, SEED))
+    assert r.drv.policy is not None and r.drv.policy.done_pieces == {0, 1}
+    r.done(0.5, 2)
+    assert r.done(0.6, 3) == [Finished()]
+    assert r.drv.progress.resumed == 2 * PIECE  # still: peers' pieces are not resumed
+
+
+def test_a_download_found_complete_on_disk_finishes_without_peers() -> None:
+    r = Run(2)
+    r.swarm.have, r.swarm.finished = {0, 1}, True
+    assert r.at(0) == [Finished()]
+    assert r.drv.progress.resumed == 2 * PIECE - 100
+
+
+def test_libtorrent_finishing_ends_it_even_if_piece_events_were_lost() -> None:
+    r = Run(3)
+    r.running()
+    assert r.at(0.1, ev.EventsDropped(5)) == []
+    r.swarm.have, r.swarm.finished = {0, 1, 2}, True
+    samples = r.samples
+    assert r.at(0.1, ev.TorrentFinished(IH)) == [Finished()]  # a look at once says so
+    assert r.samples == samples + 1
+    assert r.drv.progress.done == 3 * PIECE - 100
+
+
+# --- the settle phase ------------------------------------------------------------------------
+
+
+def test_settle_ends_when_the_holders_are_connected() -> None:
+    r = Run(4, holders=HOLDER)
+    assert r.at(0) == [StartSwarming()]
+    r.swarm.peers[OTHER] = 0  # a peer, but not one that holds the whole blob
+    r.at(0.1, ev.PeerConnected(IH, OTHER))
+    r.until(1.0)
+    assert r.drv.phase is Phase.SETTLING and r.drv.policy is None
+    r.swarm.peers[SEED] = 0
+    r.at(1.2, ev.PeerConnected(IH, SEED))
+    assert r.drv.phase is Phase.SETTLING  # connecting: its bitfield is not in yet
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.until(1.5)
+    assert r.drv.phase is Phase.RUNNING
+    assert r.drv.policy is not None and r.drv.policy.start == T0 + 1.45  # grace from here
+
+
+def test_without_holders_any_connected_peer_ends_the_settle() -> None:
+    r = Run(4)
+    r.at(0)
+    r.swarm.peers[OTHER] = 0
+    r.at(0.3, ev.PeerConnected(IH, OTHER))
+    assert r.drv.phase is Phase.RUNNING
+
+
+def test_settle_ends_after_five_seconds_whoever_is_connected() -> None:
+    r = Run(4, holders=HOLDER, grace_period=2.0)
+    r.at(0)
+    r.until(4.99)
+    assert r.drv.phase is Phase.SETTLING
+    wake = r.drv.next_wakeup()
+    assert wake is not None and wake <= T0 + 5.0
+    r.until(5.0)
+    assert r.drv.phase is Phase.RUNNING
+    assert r.drv.policy is not None and r.drv.policy.start == T0 + 5.0
+
+
+# --- the mirror --------------------------------------------------------------------------------
+
+
+def test_a_stalled_piece_goes_to_the_mirror_after_the_stall_timeout() -> None:
+    r = Run(4, grace_period=1.0, stall_timeout=3.0, mirror_parallel=2)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        r.done(0.5, i)
+    r.swarm.partial[3] = 1  # piece 3 got a block at 1.0, then nothing
+    assert r.until(1.0) == []
+    assert not fed(r.until(3.9))
+    out = r.until(4.0)
+    assert fed(out) == [3]
+    assert r.drv.policy is not None and r.drv.policy.mirror_in_flight == {3}
+    assert r.at(4.5, MirrorPieceFed(3, PIECE - 100, ok=True)) == []
+    assert r.done(4.5, 3, mirror=True) == [Finished()]
+    assert r.drv.progress.from_mirror == PIECE - 100
+
+
+def test_a_mirror_piece_that_fails_is_tried_again_and_a_peer_may_win() -> None:
+    r = Run(2, grace_period=0.0, stall_timeout=1.0, backoff_base=0.5)
+    r.running()  # nobody has anything: both pieces go to the mirror once the grace ends
+    assert sorted(fed([a for _, a in r.log])) == [0, 1]
+    assert r.at(0.2, MirrorPieceError(0, "503")) == []
+    assert fed(r.until(0.7)) == [0]  # after the backoff
+    r.swarm.holders = {1: 1}
+    assert r.done(0.8, 1) == [CancelMirrorPiece(1)]  # a peer was faster
+
+
+def test_without_a_mirror_a_stalled_piece_waits_for_peers() -> None:
+    """local/*: no mirror exists; a stalled piece must not be sent to one."""
+    r = Run(4, grace_period=1.0, stall_timeout=3.0, mirror_enabled=False)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        r.done(0.5, i)
+    r.swarm.partial[3] = 1
+    assert r.until(100.0) == []  # stalled for long: still waiting for its holder
+    assert r.drv.outcome is None
+    assert r.done(101.0, 3) == [Finished()]
+    assert r.drv.progress.from_mirror == 0
+
+
+def test_without_a_mirror_a_piece_nobody_has_fails_the_download_clearly() -> None:
+    r = Run(4, grace_period=1.0, stall_timeout=3.0, mirror_enabled=False)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        r.done(0.5, i)
+    r.swarm.peers.clear()  # the only holder of piece 3 leaves
+    r.swarm.holders = {}
+    assert r.at(0.6, ev.PeerDisconnected(IH, SEED, "closed")) == []
+    out = r.until(100.0)
+    assert len(out) == 1 and isinstance(out[0], Failed)
+    assert "no mirror" in out[0].reason and "piece 3" in out[0].reason
+    assert r.log[-1][0] == T0 + 4.0  # the grace period (1 s), then the stall timeout
+    assert not fed([a for _, a in r.log])
+    assert r.drv.next_wakeup() is None
+
+
+# --- bad data ------------------------------------------------------------------------------------
+
+
+def test_a_bad_piece_from_one_peer_bans_that_host() -> None:
+    r = Run(4)
+    r.running()
+    r.swarm.peers[OTHER] = 0
+    r.at(0.1, ev.PeerConnected(IH, OTHER))
+    r.swarm.peers[OTHER] = 1  # libtorrent counted the failure against it
+    samples = r.samples
+    out = r.at(0.2, ev.HashFailed(IH, 1, fed_by_us=False))
+    assert r.drv.progress.hash_failures == 1
+    assert r.samples == samples + 1  # the sender shows in a sample, taken at once
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost("10.0.0.3", str(OTHER), "sent piece 1, which failed its hash check")
+    ]
+    assert r.drv.policy is not None and str(OTHER) in r.drv.policy.banned
+
+
+def test_a_bad_piece_nobody_can_be_blamed_for_bans_nobody() -> None:
+    r = Run(4)
+    r.running()
+    r.swarm.peers = {SEED: 1, OTHER: 1}  # two senders: no way to tell
+    out = r.at(0.2, ev.HashFailed(IH, 1, fed_by_us=False))
+    assert not [a for a in out if isinstance(a, BanHost)]
+    assert r.drv.policy is not None and not r.drv.policy.banned
+
+
+def test_a_peer_libtorrent_banned_is_banned_session_wide() -> None:
+    r = Run(4)
+    r.running()
+    out = r.at(0.3, ev.PeerBanned(IH, OTHER))
+    assert out == [BanHost(OTHER.host, str(OTHER), "sent corrupt data")]
+
+
+def test_bad_mirror_data_is_not_held_against_peers() -> None:
+    r = Run(2, grace_period=0.0, backoff_base=0.5)
+    r.running()
+    assert sorted(fed([a for _, a in r.log])) == [0, 1]
+    r.at(0.1, MirrorPieceFed(0, PIECE, ok=False))
+    assert r.at(0.1, ev.HashFailed(IH, 0, fed_by_us=True)) == []
+    assert r.drv.progress.hash_failures == 0 and r.drv.progress.from_mirror == 0
+    assert fed(r.until(0.6)) == [0]
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def test_next_wakeup_is_honoured_nothing_happens_before_it() -> None:
+    r = Run(6, grace_period=2.0, stall_timeout=4.0)
+    r.swarm.holders = {0: 1}
+    r.running()
+    samples = r.samples
+    wake = r.drv.next_wakeup()
+    assert wake is not None and wake > r.now
+    for t in (0.01, 0.2, 0.5, wake - T0 - 0.01):
+        assert r.at(t) == []  # a Wake sent early: no action, not even a sample
+    assert r.samples == samples
+    out = r.at(wake - T0)
+    assert r.samples == samples + 1
+    # The policy's grace ends at 2.0: the pieces nobody has go to the mirror then, not
+    # before, and the driver woke for it on its own.
+    assert not fed(out + r.until(1.99))
+    mirrored = fed(r.until(2.0))
+    assert len(mirrored) == 4 and set(mirrored) <= {1, 2, 3, 4, 5}  # 4 at once, 0 has a holder
+
+
+def test_at_the_end_of_the_grace_the_policy_decides_on_one_fresh_look() -> None:
+    """Peers' bitfields arrive after the settle; the look at the grace's end carries both
+    the new holders and the blocks received, and nothing goes to the mirror."""
+    r = Run(4, grace_period=2.0, stall_timeout=5.0)
+    r.running()  # connected, no bitfield yet: nobody has anything
+    assert r.until(1.99) == []
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.swarm.partial = {0: 3, 1: 1}
+    assert r.until(2.0) == []
+    policy = r.drv.policy
+    assert policy is not None and not policy.mirror_in_flight
+    assert policy.view(0, r.now).complete_holders + policy.view(0, r.now).partial_holders == 1
+
+
+def test_it_does_not_poll_while_the_policy_has_nothing_to_decide() -> None:
+    r = Run(4, grace_period=1.0, stall_timeout=30.0)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    r.until(10.0)
+    assert r.samples <= 2 + 10  # the check, the settle, then at most one a second
+
+
+# --- streaming readers --------------------------------------------------------------------------
+
+
+def test_a_reader_gets_the_checked_prefix_and_deadlines_after_its_position() -> None:
+    r = Run(40, streaming=True)
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    r.done(0.05, 0)
+    r.done(0.05, 1)
+    r.done(0.05, 3)
+    assert r.until(0.5, Readers(0, 0, 0)) == []  # no reader: nothing to do
+    out = r.until(0.6, Readers(1, 2 * PIECE + 10, 0))
+    assert FlushForReaders(2 * PIECE) in out  # pieces 0 and 1; piece 2 is missing
+    deadlines = [(a.piece, a.ms) for a in out if isinstance(a, SetPieceDeadline)]
+    assert deadlines[:2] == [(2, 100), (4, 300)]
+    assert [p for p, _ in deadlines] == [p for p in range(2, 18) if p != 3]
+    # Asked once; the prefix is not flushed again until it grows.
+    later = r.until(0.9, Readers(1, 2 * PIECE + 10, 2 * PIECE))
+    assert not [a for a in later if isinstance(a, SetPieceDeadline | FlushForReaders)]
+    r.done(1.0, 2)
+    assert FlushForReaders(4 * PIECE) in r.until(1.2, Readers(1, 2 * PIECE, 2 * PIECE))
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SwarmDownload(10 * PIECE, PIECE, 3, T0)  # 3 pieces cannot hold it
+    with pytest.raises(TypeError):
+        Run().drv.handle("tick", T0)  # type: ignore[arg-type]
