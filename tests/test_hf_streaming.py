@@ -51,7 +51,7 @@ async def test_a_shard_streams_from_a_peer_while_the_swarm_fetches_it(
                 # The first MiB is here, the blob is not verified yet: streamed.
                 assert not in_blobs.exists()
                 flight = b.blobs.stream_of(blob)
-                assert flight is not None and flight.readers == 1
+                assert flight is not None and flight.reader_count == 1
                 assert flight.ready < len(shard)
                 rest = await r.read()
             body = first + rest

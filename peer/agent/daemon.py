@@ -25,7 +25,6 @@ from aiohttp import web
 
 from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
-from peer.agent.inflight import InFlightBlob
 from peer.agent.publish import Publisher, clean_debris
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
@@ -43,6 +42,7 @@ from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_l
 from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.serving.sharing import Access, Visibility, repo_key
+from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import hash_file

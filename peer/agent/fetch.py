@@ -20,7 +20,6 @@ from pathlib import Path
 
 from peer import wire
 from peer.agent.herd import Herd
-from peer.agent.inflight import InFlightBlob
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
@@ -34,6 +33,7 @@ from peer.manifests import check_manifest
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Visibility, may_serve
+from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
 from peer.transfer.swarm_download import (
@@ -597,9 +597,11 @@ class BlobFetcher:
 
     @staticmethod
     def _readers(flight: InFlightBlob | None) -> Readers | None:
+        """Where the streaming readers are (HF_ENDPOINT), through the flight's view."""
         if flight is None:
             return None
-        return Readers(flight.readers, flight.read_pos, flight.ready)
+        pos = flight.lowest_reader_position()
+        return Readers(flight.reader_count, pos or 0, flight.ready)
 
     async def _sample(self, ih: str) -> SwarmSample:
         st = await self.swarm.status(ih)

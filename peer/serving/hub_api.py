@@ -43,7 +43,7 @@ Credentials and access (fail closed):
   matched its Hub id (checked by the fetch, or here for a blob some other tool put there).
 
 Streaming: a GET for a blob the agent does not hold yet starts the fetch and streams
-the file in order as it becomes checked (`peer.agent.inflight`): swarm pieces that
+the file in order as it becomes checked (`peer.transfer.inflight`): swarm pieces that
 passed libtorrent's merkle check against the manifest (the swarm is asked for the pieces
 right after the reader first), mirror bytes as they are hashed in order. The body's last
 byte goes out only once the whole-file hash matched the Hub's blob id; a fetch that fails
@@ -75,7 +75,6 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from peer import wire
-from peer.agent.inflight import InFlightBlob
 from peer.cache.hf_cache import safe_relpath
 from peer.config import AgentConfig
 from peer.errors import (
@@ -113,6 +112,7 @@ from peer.hub.protocol import (
 from peer.manifests.revisions import is_local_repo
 from peer.serving.file_range import write_range
 from peer.serving.sharing import Access, Visibility, repo_key
+from peer.transfer.inflight import FlightReader, InFlightBlob
 from peer.verification.hashing import SHA1_RE, SHA256_RE
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,6 @@ class HubBackend(Protocol):
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
         ...
-
-
-def _readable(flight: InFlightBlob, start: int, end: int) -> bool:
-    """Whether a first byte of [start, end) can be sent while the fetch runs."""
-    return min(end, flight.ready, flight.size - 1) > start
 
 
 # -- requests ----------------------------------------------------------------------
@@ -856,27 +851,20 @@ class HubApi:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """The file for a GET: from the finished blob, or streamed in order while the
-        fetch runs (see `peer.agent.inflight`). Until the first byte can go out, a
+        fetch runs (see `peer.transfer.inflight`). Until the first byte can go out, a
         failing fetch still gets a proper Hub error answer. Only a request the mirror
         allowed may stream a fetch in progress: one on the LAN's word alone (no mirror
         behind `meta`) waits for the fetch, which checks that the blob is shared."""
         start, end = span if span is not None else (0, meta.size)
-        flight: InFlightBlob | None = None
-        try:
-            while meta.mirror and not task.done():
-                if flight is None:
-                    flight = self.backend.stream_of(meta.blob_id)
-                    if flight is None:
-                        await asyncio.wait({task}, timeout=0.02)
-                        continue
-                    flight.readers += 1  # the fetch makes its prefix readable for us
-                if flight.path is not None and _readable(flight, start, end):
-                    return await self._stream_in_flight(request, task, flight, span, headers)
-                flight.read_pos = max(flight.read_pos, start)
-                await flight.wait(0.05)
-        finally:
-            if flight is not None:
-                flight.readers -= 1
+        while meta.mirror and not task.done():
+            flight = self.backend.stream_of(meta.blob_id)
+            if flight is None:  # not registered yet, and nothing signals when it is
+                await asyncio.wait({task}, timeout=0.02)
+                continue
+            # Registered, the fetch makes its prefix readable for us.
+            async with flight.reader(start, until=task) as reader:
+                if await reader.readable(end) is not None:
+                    return await self._stream_in_flight(request, task, reader, span, headers)
         try:
             path = await task
         except Exception as exc:
@@ -887,15 +875,15 @@ class HubApi:
         self,
         request: web.Request,
         task: asyncio.Task[Path],
-        flight: InFlightBlob,
+        reader: FlightReader,
         span: tuple[int, int] | None,
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """Send [start, end) as the fetch makes it ready; the blob's last byte only once
-        the fetch returned (its whole-file hash matched). A fetch that fails, or starts
-        over from another source after bytes went out, cuts the connection: the client
-        never sees a whole body that was not verified."""
-        size = flight.size
+        it is verified (`InFlightBlob.moved`) or the fetch returned. A fetch that fails,
+        or starts over from another source after bytes went out, cuts the connection:
+        the client never sees a whole body that was not verified."""
+        size = reader.size
         start, end = span if span is not None else (0, size)
         resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
         resp.content_type = "application/octet-stream"
@@ -903,51 +891,42 @@ class HubApi:
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         loop = asyncio.get_running_loop()
-        generation = flight.generation
         fd: int | None = None
         fd_path: Path | None = None
         pos = start
         try:
             await resp.prepare(request)
             while pos < end:
-                if task.done():
-                    path = task.result()  # raises if the fetch failed: cut below
-                    if fd is None or fd_path != path:
-                        if fd is not None:
-                            os.close(fd)
-                        fd, fd_path = os.open(path, os.O_RDONLY), path
-                    limit = end
-                elif flight.generation != generation or flight.path is None:
-                    raise ConnectionResetError("the fetch started over from another source")
+                window = await reader.readable(end)
+                if window is None:  # the fetch returned
+                    path, limit = task.result(), end  # raises if the fetch failed: cut below
                 else:
-                    limit = min(end, flight.ready, size - 1)  # hold back the last byte
-                    if limit <= pos:
-                        flight.read_pos = max(flight.read_pos, pos)
-                        await flight.wait(0.1)
+                    path, limit = window.path, window.end
+                if fd is None or fd_path != path:
+                    try:
+                        new_fd = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        if window is None:
+                            raise
+                        await reader.changed()  # renamed into blobs/, or void: moved / reset
                         continue
-                    if fd is None or fd_path != flight.path:
-                        try:
-                            new_fd = os.open(flight.path, os.O_RDONLY)
-                        except FileNotFoundError:  # renamed into blobs/ just now
-                            await flight.wait(0.05)
-                            continue
-                        if fd is not None:
-                            os.close(fd)
-                        fd, fd_path = new_fd, flight.path
+                    if fd is not None:
+                        os.close(fd)
+                    fd, fd_path = new_fd, path
                 n = min(READ_CHUNK, limit - pos)
                 chunk = await loop.run_in_executor(None, os.pread, fd, n, pos)
                 if len(chunk) != n:
                     raise ConnectionResetError("short read of a checked range")
-                if not task.done() and flight.generation != generation:
-                    raise ConnectionResetError("the fetch started over from another source")
+                if not task.done():
+                    reader.check()  # the bytes just read may be of a source now void
                 await resp.write(chunk)
                 pos += n
-                flight.read_pos = max(flight.read_pos, pos)
+                reader.advance(pos)
             await resp.write_eof()
         except (Exception, asyncio.CancelledError) as exc:
             # End the connection: a short body is never taken for a whole one.
             if not isinstance(exc, ConnectionResetError | asyncio.CancelledError):
-                log.warning("streaming %s stopped: %s", flight.blob_id[:12], exc)
+                log.warning("streaming %s stopped: %s", reader.blob_id[:12], exc)
             if request.transport is not None:
                 request.transport.close()
             if isinstance(exc, asyncio.CancelledError):

@@ -95,8 +95,9 @@ class MirrorPieceError:
 
 @dataclass(frozen=True)
 class Readers:
-    """A streaming reader's view (HF_ENDPOINT mode): how many, where the furthest one is,
-    and how much of the blob is already readable."""
+    """The streaming readers' view (HF_ENDPOINT mode, `peer.transfer.inflight`): how
+    many, where the one furthest behind is (those ahead wait for the same checked
+    prefix), and how much of the blob is already readable."""
 
     count: int
     read_pos: int

@@ -1,0 +1,134 @@
+"""The flight of a blob being fetched and its readers (`peer.transfer.inflight`): readers
+wait on the flight's signal, never on a clock; the last byte waits for the verified blob;
+a source that starts over cuts the readers that had bytes of it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from peer.transfer.inflight import InFlightBlob, StreamCut, Window
+
+SIZE = 1000
+PART = Path("/partial/blob")
+BLOB = Path("/blobs/blob")
+
+
+async def settle() -> None:
+    """Let every ready task run (no clock involved)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_reader_waits_until_bytes_are_ready_and_is_woken_by_advance() -> None:
+    flight = InFlightBlob("b", SIZE)
+    async with flight.reader(100) as r:
+        waiting = asyncio.create_task(r.readable(SIZE))
+        await settle()
+        assert not waiting.done()  # nothing written yet
+        flight.start(PART)
+        flight.advance(100)  # up to the reader's position: still nothing for it
+        await settle()
+        assert not waiting.done()
+        flight.advance(300)
+        await settle()  # woken by the advance itself: no timer was waited for
+        assert waiting.done() and waiting.result() == Window(PART, 300)
+
+
+async def test_readable_returns_at_once_when_bytes_are_ready() -> None:
+    flight = InFlightBlob("b", SIZE)
+    flight.start(PART)
+    flight.advance(50)
+    async with flight.reader(0) as r:
+        assert await r.readable(20) == Window(PART, 20)  # never past the asked end
+        r.advance(20)
+        assert r.window(SIZE) == Window(PART, 50)
+        r.advance(50)
+        assert r.window(SIZE) is None
+
+
+async def test_the_last_byte_waits_until_the_blob_is_moved_into_blobs() -> None:
+    flight = InFlightBlob("b", SIZE)
+    flight.start(PART)
+    flight.advance(SIZE)  # every byte checked, the whole-file hash not yet
+    async with flight.reader(0) as r:
+        assert r.window(SIZE) == Window(PART, SIZE - 1)
+        r.advance(SIZE - 1)
+        waiting = asyncio.create_task(r.readable(SIZE))
+        await settle()
+        assert not waiting.done()
+        flight.moved(BLOB)
+        await settle()
+        assert waiting.result() == Window(BLOB, SIZE)
+
+
+async def test_a_new_source_cuts_a_reader_that_had_bytes_but_not_one_still_waiting() -> None:
+    flight = InFlightBlob("b", SIZE)
+    flight.start(PART)
+    flight.advance(400)
+    async with flight.reader(0) as sent, flight.reader(500) as waits:
+        assert sent.window(SIZE) == Window(PART, 400)  # bytes of this source go out
+        sent.advance(400)
+        blocked = asyncio.create_task(sent.readable(SIZE))
+        assert waits.window(SIZE) is None
+        await settle()
+        flight.reset()  # the swarm's result failed its hash: the mirror starts over
+        await settle()
+        with pytest.raises(StreamCut):
+            blocked.result()
+        with pytest.raises(StreamCut):
+            sent.check()
+        flight.start(PART)
+        flight.advance(600)
+        # Nothing of the old source went to this one: it streams the new one.
+        assert waits.window(SIZE) == Window(PART, 600)
+
+
+async def test_a_reader_stops_waiting_when_the_fetch_it_follows_is_done() -> None:
+    flight = InFlightBlob("b", SIZE)
+    fetch: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+    async with flight.reader(0, until=fetch) as r:
+        waiting = asyncio.create_task(r.readable(SIZE))
+        await settle()
+        assert not waiting.done()
+        fetch.set_result(BLOB)  # no bytes ever went through the flight (a cache hit)
+        await settle()
+        assert waiting.done() and waiting.result() is None
+        assert await r.readable(SIZE) is None
+
+
+async def test_the_fetch_side_sees_the_readers_and_the_lowest_position() -> None:
+    flight = InFlightBlob("b", SIZE)
+    assert not flight.has_readers and flight.lowest_reader_position() is None
+    async with flight.reader(300) as a:
+        async with flight.reader(700) as b:
+            assert flight.reader_count == 2 and flight.has_readers
+            assert flight.lowest_reader_position() == 300
+            a.advance(800)
+            assert flight.lowest_reader_position() == 700
+            a.advance(10)  # positions only move forward
+            assert a.position == 800
+            b.advance(900)
+            assert flight.lowest_reader_position() == 800
+        assert flight.reader_count == 1 and flight.lowest_reader_position() == 800
+    assert not flight.has_readers and flight.lowest_reader_position() is None
+
+
+async def test_a_reader_that_leaves_while_waiting_is_unregistered() -> None:
+    flight = InFlightBlob("b", SIZE)
+    fetch: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+
+    async def read() -> None:
+        async with flight.reader(0, until=fetch) as r:
+            await r.readable(SIZE)
+
+    task = asyncio.create_task(read())
+    await settle()
+    assert flight.reader_count == 1
+    task.cancel()  # the client went away
+    await settle()
+    assert flight.reader_count == 0
+    fetch.set_result(BLOB)  # its done-callback was removed with it: nothing to wake
+    await settle()
