@@ -132,3 +132,16 @@ async def test_a_reader_that_leaves_while_waiting_is_unregistered() -> None:
     assert flight.reader_count == 0
     fetch.set_result(BLOB)  # its done-callback was removed with it: nothing to wake
     await settle()
+
+
+async def test_the_fetch_hears_of_readers_coming_and_going() -> None:
+    flight = InFlightBlob("b", SIZE)
+    seen: list[int] = []
+    with flight.watching_readers(lambda: seen.append(flight.reader_count)):
+        async with flight.reader(0) as r:
+            r.advance(10)  # a position moving is looked at, not announced
+            async with flight.reader(5):
+                pass
+    async with flight.reader(0):  # no longer watched
+        pass
+    assert seen == [1, 2, 1, 0]

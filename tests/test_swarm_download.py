@@ -23,6 +23,7 @@ from peer.transfer.swarm_download import (
     PeerSample,
     Phase,
     Readers,
+    ReadersChanged,
     SetPieceDeadline,
     StartSwarming,
     SwarmDownload,
@@ -391,7 +392,8 @@ def test_a_reader_gets_the_checked_prefix_and_deadlines_after_its_position() -> 
     r.done(0.05, 1)
     r.done(0.05, 3)
     assert r.until(0.5, Readers(0, 0, 0)) == []  # no reader: nothing to do
-    out = r.until(0.6, Readers(1, 2 * PIECE + 10, 0))
+    out = r.at(0.55, ReadersChanged(Readers(1, 2 * PIECE + 10, 0)))  # one comes
+    out += r.until(0.6, Readers(1, 2 * PIECE + 10, 0))
     assert FlushForReaders(2 * PIECE) in out  # pieces 0 and 1; piece 2 is missing
     deadlines = [(a.piece, a.ms) for a in out if isinstance(a, SetPieceDeadline)]
     assert deadlines[:2] == [(2, 100), (4, 300)]
@@ -401,6 +403,24 @@ def test_a_reader_gets_the_checked_prefix_and_deadlines_after_its_position() -> 
     assert not [a for a in later if isinstance(a, SetPieceDeadline | FlushForReaders)]
     r.done(1.0, 2)
     assert FlushForReaders(4 * PIECE) in r.until(1.2, Readers(1, 2 * PIECE, 2 * PIECE))
+
+
+def test_without_readers_the_driver_does_not_wake_for_them() -> None:
+    r = Run(40, streaming=True)
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    r.done(0.05, 0)
+    r.until(0.2, Readers(0, 0, 0))  # a look: nobody reads
+    wakes = []
+    while (wake := r.drv.next_wakeup()) is not None and wake <= T0 + 3.0:
+        wakes.append(wake)
+        r.at(wake - T0)
+    assert len(wakes) <= 3 + 2  # the heartbeat (1 s), not the reader poll (0.1 s)
+    # A reader comes: it is served at once, then looked at every reader_poll.
+    assert FlushForReaders(PIECE) in r.at(3.05, ReadersChanged(Readers(1, 0, 0)))
+    assert r.drv.next_wakeup() == pytest.approx(T0 + 3.15)
+    r.at(3.1, ReadersChanged(Readers(0, 0, 0)))  # and goes
+    assert r.drv.next_wakeup() > T0 + 3.5
 
 
 def test_bad_input_is_refused() -> None:

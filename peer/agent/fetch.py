@@ -47,6 +47,7 @@ from peer.transfer.swarm_download import (
     MirrorPieceFed,
     PeerSample,
     Readers,
+    ReadersChanged,
     SetPieceDeadline,
     StartSwarming,
     SwarmDownload,
@@ -568,6 +569,14 @@ class BlobFetcher:
             counters.from_mirror = base[0] + p.from_mirror
             counters.hash_failures = base[1] + p.hash_failures
 
+        def readers_changed() -> None:
+            readers = self._readers(flight)
+            if readers is not None:
+                inbox.put_nowait(ReadersChanged(readers))
+
+        watching = contextlib.ExitStack()
+        if flight is not None:  # a reader that comes or goes: the driver hears of it
+            watching.enter_context(flight.watching_readers(readers_changed))
         try:
             async with asyncio.TaskGroup() as tg:
                 pumping = tg.create_task(pump())
@@ -592,6 +601,7 @@ class BlobFetcher:
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         finally:
+            watching.close()
             for t in list(mirror_tasks.values()):
                 t.cancel()
 

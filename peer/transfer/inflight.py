@@ -8,7 +8,8 @@ Two sides, one owner of the state:
   and checked so far (swarm: pieces that passed libtorrent's merkle check against the
   manifest, flushed to the file; mirror: bytes received in order and fed to the
   whole-file hash). It reads where the readers are through `has_readers` and
-  `lowest_reader_position` (the swarm asks for the pieces right after it).
+  `lowest_reader_position` (the swarm asks for the pieces right after it), and hears of
+  readers coming and going through `watching_readers`.
 - a reader (`peer.serving.hub_api`) registers with ``async with flight.reader(start)``
   and gets a `FlightReader`: `readable` waits, on the flight's own signal (no polling),
   until bytes past its position may be sent; `advance` says how far it sent.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class InFlightBlob:
         self._generation = 0
         self._verified = False  # moved into blobs/: the last byte may go out
         self._readers: set[FlightReader] = set()
+        self._watchers: list[Callable[[], None]] = []
         # Replaced at every change: a waiter holds the one current when it looked, so no
         # change between its look and its wait is lost.
         self._changed = asyncio.Event()
@@ -82,6 +84,16 @@ class InFlightBlob:
     @property
     def has_readers(self) -> bool:
         return bool(self._readers)
+
+    @contextlib.contextmanager
+    def watching_readers(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` whenever a reader comes or goes, while the block runs (the
+        fetch looks at reader positions only while there are readers)."""
+        self._watchers.append(callback)
+        try:
+            yield
+        finally:
+            self._watchers.remove(callback)
 
     def lowest_reader_position(self) -> int | None:
         """Where the reader furthest behind is (readers ahead of it wait for the same
@@ -133,14 +145,20 @@ class InFlightBlob:
         end (`FlightReader.readable` returns None) and the caller takes its result."""
         r = FlightReader(self, start, until)
         self._readers.add(r)
+        self._readers_changed()
         if until is not None:
             until.add_done_callback(r._wake)
         try:
             yield r
         finally:
             self._readers.discard(r)
+            self._readers_changed()
             if until is not None:
                 until.remove_done_callback(r._wake)
+
+    def _readers_changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
 
     def _notify(self) -> None:
         self._changed.set()

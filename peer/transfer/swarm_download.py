@@ -2,8 +2,9 @@
 
 Pure: no sockets, no libtorrent, no asyncio, no clock. `peer.agent.fetch` feeds it the
 swarm's typed events (`peer.transfer.events`), the results of mirror pieces, samples of
-libtorrent's state when it asks for one (`TakeSample`), and a `Wake` at `next_wakeup`;
-each call takes ``now`` and returns the actions to carry out, in order.
+libtorrent's state when it asks for one (`TakeSample`), a `ReadersChanged` when a
+streaming reader comes or goes, and a `Wake` at `next_wakeup`; each call takes ``now``
+and returns the actions to carry out, in order.
 
 The phases of one download:
 
@@ -48,8 +49,8 @@ class SwarmDownloadConfig:
     # While running: a sample at least this often, for what no event and no policy
     # deadline announces (a peer that stopped having a piece, libtorrent finishing).
     heartbeat: float = 1.0
-    # A streaming reader's position lives in memory and changes without an event:
-    # look at it this often.
+    # While a reader streams (`ReadersChanged` says when one comes), its position moves
+    # without an event: look at it this often (also batches the flushes for it).
     reader_poll: float = 0.1
     # Pieces after a reader's position asked of peers in order, 100 ms apart.
     readahead: int = 16
@@ -111,7 +112,15 @@ class Wake:
     readers: Readers | None = None
 
 
-Input = ev.SwarmEvent | SwarmSample | MirrorPieceFed | MirrorPieceError | Wake
+@dataclass(frozen=True)
+class ReadersChanged:
+    """A streaming reader came or went: without readers the driver does not wake for
+    them, so it must hear of the next one."""
+
+    readers: Readers
+
+
+Input = ev.SwarmEvent | SwarmSample | MirrorPieceFed | MirrorPieceError | Wake | ReadersChanged
 
 # --- actions -------------------------------------------------------------------------------
 
@@ -214,7 +223,7 @@ _LOOK_NOW = (
 class SwarmDownload:
     """One blob of ``size`` bytes in ``num_pieces`` pieces of ``piece_size`` (a v2
     torrent of one file). ``holders`` are the (host, port) of peers offering the whole
-    blob; ``streaming`` when a reader may stream it (`Wake.readers`)."""
+    blob; ``streaming`` when a reader may stream it (`ReadersChanged`, `Wake.readers`)."""
 
     def __init__(
         self,
@@ -245,6 +254,8 @@ class SwarmDownload:
         self._sample_at = now  # the next sample wanted
         self._reconcile = True  # take `have` from the next sample (events may be lost)
         self._reader_at = now
+        # Until a look says there is none, assume a reader (one may have come first).
+        self._readers_active = streaming
         self._asked: set[int] = set()  # pieces given a deadline for a reader
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
@@ -271,7 +282,7 @@ class SwarmDownload:
                 wake = self.policy.next_wakeup()
                 if wake is not None:
                     times.append(wake)
-        if self.streaming and self.phase is not Phase.CHECKING:
+        if self.streaming and self._readers_active and self.phase is not Phase.CHECKING:
             times.append(self._reader_at)
         soonest = min(times, default=math.inf)
         return None if math.isinf(soonest) else soonest
@@ -287,6 +298,11 @@ class SwarmDownload:
         match item:
             case Wake(readers=readers):
                 self._on_wake(readers, now, out)
+            case ReadersChanged(readers=readers):
+                self._readers_active = readers.count > 0
+                if self.streaming and self.phase is not Phase.CHECKING and self._readers_active:
+                    self._reader_at = now + self.config.reader_poll
+                    self._feed_readers(readers, out)
             case SwarmSample():
                 self._on_sample(item, now, out)
             case MirrorPieceFed(piece=piece, nbytes=nbytes, ok=ok):
@@ -310,8 +326,10 @@ class SwarmDownload:
             return
         if self.streaming and self.phase is not Phase.CHECKING and now >= self._reader_at:
             self._reader_at = now + self.config.reader_poll
-            if readers is not None and readers.count > 0:
-                self._feed_readers(readers, out)
+            if readers is not None:  # None: nothing said of them
+                self._readers_active = readers.count > 0
+                if self._readers_active:
+                    self._feed_readers(readers, out)
         wake = self.policy.next_wakeup() if self.policy is not None else None
         due = now >= self._sample_at or (wake is not None and now >= wake)
         if due and not self._sampling:
