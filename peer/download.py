@@ -14,29 +14,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peer.agent.requests import DownloadRequest
 from peer.aio import primary_error
 from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
 from peer.cache.partial import PartialBlob, PartialBusy
 from peer.config import DownloadOptions, HubSettings
 from peer.errors import IntegrityError
-from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot
+from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.progress import Progress
 from peer.verification.hashing import Verdict, hash_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DownloadRequest:
-    repo_id: str
-    repo_type: str = "model"
-    revision: str = "main"
-    selection: FileSelection = field(default_factory=FileSelection)
-    local_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +46,7 @@ async def download(
     settings: HubSettings, options: DownloadOptions, request: DownloadRequest
 ) -> DownloadResult:
     t0 = time.monotonic()
+    settings = replace(settings, token=request.token)  # the caller's, or anonymous
     snapshot = await resolve_snapshot(
         settings, request.repo_type, request.repo_id, request.revision, request.selection
     )

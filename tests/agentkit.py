@@ -12,8 +12,8 @@ from typing import Any
 from huggingface_hub import snapshot_download
 
 from peer.agent.daemon import Agent
+from peer.agent.requests import DownloadRequest
 from peer.config import AgentConfig, DownloadOptions, HubSettings
-from peer.serving.local_api import DownloadSpec
 
 
 def write_tree(folder: Path, files: dict[str, bytes]) -> Path:
@@ -93,7 +93,7 @@ async def fetch(a: Agent, repo_id: str = "org/m", **kw: Any) -> dict[str, Any]:
         return None
 
     kw.setdefault("agent_token", True)
-    return await a.run_download(DownloadSpec(repo_id=repo_id, **kw), emit)
+    return await a.run_download(DownloadRequest(repo_id=repo_id, **kw), emit)
 
 
 async def snapshot(a: Agent, repo_id: str, cache: Path, **kw: Any) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from peer.agent.requests import DownloadRequest, PublishRequest
 from peer.cache.hf_cache import LocalDir, safe_relpath
 from peer.errors import (
     ConfigError,
@@ -18,7 +19,7 @@ from peer.errors import (
     PeerMisbehaved,
     UserError,
 )
-from peer.serving.local_api import DownloadSpec, PublishSpec, iter_ndjson
+from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import is_blob_id
 
 
@@ -62,12 +63,12 @@ class AgentClient:
             ) from exc
 
     async def download(
-        self, spec: DownloadSpec, on_event: Callable[[dict[str, Any]], None]
+        self, spec: DownloadRequest, on_event: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         return await self._job("/v1/downloads", spec.to_json(), on_event, "download")
 
     async def publish(
-        self, spec: PublishSpec, on_event: Callable[[dict[str, Any]], None]
+        self, spec: PublishRequest, on_event: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         return await self._job("/v1/publish", spec.to_json(), on_event, "publish")
 

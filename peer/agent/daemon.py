@@ -27,6 +27,7 @@ from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.inflight import InFlightBlob
 from peer.agent.publish import Publisher, clean_debris
+from peer.agent.requests import DownloadRequest, PublishRequest
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -36,11 +37,11 @@ from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import TrackerSource
-from peer.errors import LocalError, NetworkError
+from peer.errors import ConfigError, LocalError, NetworkError
 from peer.hub.metadata import RemoteFile, Snapshot, anonymous_flags
 from peer.manifests.revisions import is_local_repo
 from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_listener
-from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
+from peer.serving.local_api import Emit, make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.mirror_ranges import MirrorFetcher
@@ -296,8 +297,13 @@ class Agent:
             await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
         return Access(key, visibility, mirror_allowed=True)
 
-    async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
+    async def run_download(self, spec: DownloadRequest, emit: Emit) -> dict[str, Any]:
         t0 = time.monotonic()
+        if spec.local_dir is not None:
+            raise ConfigError(
+                "the agent does not write into a local dir: it downloads into its cache",
+                hint="the CLI copies the snapshot into --local-dir itself",
+            )
         # The caller's own token; the agent's only for its own user (`spec.agent_token`).
         hub = self.config.hub
         if spec.token or not spec.agent_token:
@@ -377,7 +383,7 @@ class Agent:
         )
         return result
 
-    async def publish(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]:
+    async def publish(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
         """`hfswarm publish`: a folder into this cache as local/NAME, seeded and shared."""
         return await self.publisher.run(spec, emit)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
 
+from peer.agent.requests import DownloadRequest
 from peer.config import (
     DEFAULT_AGENT_URL,
     AgentConfig,
@@ -37,7 +38,6 @@ from peer.config import (
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
 from peer.hub.protocol import REPO_TYPES
-from peer.serving.local_api import DownloadSpec
 from peer.transfer.progress import Progress, human_bytes
 
 
@@ -298,7 +298,7 @@ def _agent_url(args: argparse.Namespace) -> tuple[str, bool]:
 
 async def _run_download(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient, AgentUnavailable
-    from peer.download import DownloadRequest, download
+    from peer.download import download
 
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
@@ -309,34 +309,28 @@ async def _run_download(args: argparse.Namespace) -> int:
     url, named = _agent_url(args)
     # Always the user's own token (none: anonymous): the agent lends its own only to its
     # own user, and then only when the request carries none.
-    spec = DownloadSpec(
-        repo_id=args.repo_id,
-        repo_type=args.repo_type,
-        revision=args.revision,
-        selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
-        token=settings.token,
-    )
-    client = AgentClient(url)
-    try:
-        if not args.peer:
-            return await _via_agent(client, spec, args.quiet, args.local_dir)
-    except AgentUnavailable:
-        if named:
-            raise
-    if args.peer:
-        return await _embedded(args, settings, options, spec)
-    if args.repo_id.startswith("local/"):  # published on the LAN: no mirror has it
-        raise AgentUnavailable(
-            f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
-            hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
-        )
     request = DownloadRequest(
         repo_id=args.repo_id,
         repo_type=args.repo_type,
         revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
+        token=settings.token,
         local_dir=args.local_dir,
     )
+    client = AgentClient(url)
+    try:
+        if not args.peer:
+            return await _via_agent(client, request, args.quiet)
+    except AgentUnavailable:
+        if named:
+            raise
+    if args.peer:
+        return await _embedded(args, settings, options, request)
+    if args.repo_id.startswith("local/"):  # published on the LAN: no mirror has it
+        raise AgentUnavailable(
+            f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
+            hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
+        )
     result = await download(settings, options, request)
     if not args.quiet:
         rate = result.bytes_from_mirror / result.seconds if result.seconds > 0 else 0
@@ -351,9 +345,7 @@ async def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _via_agent(
-    client: AgentClient, spec: DownloadSpec, quiet: bool, local_dir: Path | None
-) -> int:
+async def _via_agent(client: AgentClient, request: DownloadRequest, quiet: bool) -> int:
     await client.status()  # raises AgentUnavailable at once if nobody is there
     progress: Progress | None = None
 
@@ -367,11 +359,11 @@ async def _via_agent(
             )
 
     try:
-        final = await client.download(spec, on_event)
+        final = await client.download(request, on_event)
     finally:
         if progress is not None:
             progress.close()
-    await _print_summary(final, quiet, local_dir)
+    await _print_summary(final, quiet, request.local_dir)
     return 0
 
 
@@ -396,7 +388,10 @@ async def _print_summary(final: dict[str, Any], quiet: bool, local_dir: Path | N
 
 
 async def _embedded(
-    args: argparse.Namespace, settings: HubSettings, options: DownloadOptions, spec: DownloadSpec
+    args: argparse.Namespace,
+    settings: HubSettings,
+    options: DownloadOptions,
+    request: DownloadRequest,
 ) -> int:
     """No agent running, but peers named: run an agent in this process for the download
     (it seeds to those peers while it lives)."""
@@ -430,24 +425,27 @@ async def _embedded(
                 )
 
         try:
-            final = await agent.run_download(replace(spec, agent_token=True), emit)
+            # This process is the agent's user; the CLI fills --local-dir below.
+            final = await agent.run_download(
+                replace(request, agent_token=True, local_dir=None), emit
+            )
         finally:
             if progress is not None:
                 progress.close()
             stop.set()
             await serve
-    await _print_summary(final, args.quiet, args.local_dir)
+    await _print_summary(final, args.quiet, request.local_dir)
     return 0
 
 
 async def _run_publish(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient
-    from peer.serving.local_api import PublishSpec
+    from peer.agent.requests import PublishRequest
 
     url, _ = _agent_url(args)
     client = AgentClient(url)
     await client.status()  # raises AgentUnavailable at once if nobody is there
-    spec = PublishSpec(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
+    spec = PublishRequest(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
     progress: Progress | None = None
 
     def on_event(event: dict[str, Any]) -> None:
