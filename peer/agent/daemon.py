@@ -27,7 +27,7 @@ from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.inflight import InFlightBlob
 from peer.agent.publish import Publisher, clean_debris
-from peer.agent.requests import DownloadRequest, PublishRequest
+from peer.agent.requests import Counters, Done, DownloadRequest, Progress, PublishRequest, Started
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -297,7 +297,7 @@ class Agent:
             await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
         return Access(key, visibility, mirror_allowed=True)
 
-    async def run_download(self, spec: DownloadRequest, emit: Emit) -> dict[str, Any]:
+    async def run_download(self, spec: DownloadRequest, emit: Emit) -> Done:
         t0 = time.monotonic()
         if spec.local_dir is not None:
             raise ConfigError(
@@ -316,14 +316,7 @@ class Agent:
         if local:  # no mirror has it: never send its name to one
             hub = replace(hub, mirrors=())
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        await emit(
-            {
-                "event": "started",
-                "commit": snapshot.commit,
-                "files": len(snapshot.files),
-                "total": snapshot.total_size,
-            }
-        )
+        await emit(Started(len(snapshot.files), snapshot.total_size, commit=snapshot.commit))
         counters: dict[str, BlobCounters] = {}
         by_blob: dict[str, list[RemoteFile]] = {}
         for f in snapshot.files:
@@ -368,20 +361,22 @@ class Agent:
         path.mkdir(parents=True, exist_ok=True)
         if learned is not None:  # a public revision from the mirror: peers may use it
             self.revisions.record(learned)
-        result = _progress(counters, snapshot.total_size)
+        end = _progress(counters, snapshot.total_size)
+        assert end.counters is not None
         self.totals.downloads += 1
-        self.totals.bytes_from_peers += result["from_peers"]
-        self.totals.bytes_from_mirror += result["from_mirror"]
-        self.totals.hash_failures += result["hash_failures"]
-        result.update(
-            event="done",
-            path=str(path),
+        self.totals.bytes_from_peers += end.counters.from_peers
+        self.totals.bytes_from_mirror += end.counters.from_mirror
+        self.totals.hash_failures += end.counters.hash_failures
+        return Done(
+            path=path,
             commit=snapshot.commit,
             files=len(snapshot.files),
-            entries=[[f.path, f.blob_id, f.size] for f in snapshot.files],
+            total=snapshot.total_size,
+            done=end.done,
+            counters=end.counters,
+            entries=tuple((f.path, f.blob_id, f.size) for f in snapshot.files),
             seconds=time.monotonic() - t0,
         )
-        return result
 
     async def publish(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
         """`hfswarm publish`: a folder into this cache as local/NAME, seeded and shared."""
@@ -462,13 +457,15 @@ class Agent:
         return None
 
 
-def _progress(counters: dict[str, BlobCounters], total: int) -> dict[str, Any]:
-    return {
-        "event": "progress",
-        "total": total,
-        "done": sum(c.done for c in counters.values()),
-        "from_peers": sum(c.from_peers for c in counters.values()),
-        "from_mirror": sum(c.from_mirror for c in counters.values()),
-        "reused": sum(c.reused for c in counters.values()),
-        "hash_failures": sum(c.hash_failures for c in counters.values()),
-    }
+def _progress(counters: dict[str, BlobCounters], total: int) -> Progress:
+    blobs = counters.values()
+    return Progress(
+        done=sum(c.done for c in blobs),
+        total=total,
+        counters=Counters(
+            from_peers=sum(c.from_peers for c in blobs),
+            from_mirror=sum(c.from_mirror for c in blobs),
+            reused=sum(c.reused for c in blobs),
+            hash_failures=sum(c.hash_failures for c in blobs),
+        ),
+    )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from peer import wire
-from peer.agent.requests import PublishRequest
+from peer.agent.requests import Progress, PublishRequest, Started
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.cache.hf_cache import RepoCache, translate_os_error
@@ -157,7 +157,7 @@ class Publisher:
         except OSError as exc:
             raise translate_os_error(exc, f"reading {spec.path}") from exc
         total = sum(size for _, _, size in listing)
-        await emit({"event": "started", "files": len(listing), "total": total})
+        await emit(Started(files=len(listing), total=total))
         repo = RepoCache(self.cache_dir, spec.repo_type, spec.repo_id)
         done = [0]
 
@@ -167,7 +167,7 @@ class Publisher:
         async def report() -> None:
             while True:
                 await asyncio.sleep(0.5)
-                await emit({"event": "progress", "done": done[0], "total": total})
+                await emit(Progress(done=done[0], total=total))
 
         files: list[wire.RevisionFile] = []
         reporter = asyncio.create_task(report())

@@ -1,4 +1,5 @@
-"""What a job of the agent is asked for, and what it tells while it runs.
+"""What a job of the agent is asked for, and what it tells while it runs (the messages
+between the CLI, the local API and the agent's jobs; no I/O here).
 
 Requests: `DownloadRequest` (`hfswarm download`, the local API's ``POST /v1/downloads``,
 the mirror-only path of `peer.download`) and `PublishRequest` (``POST /v1/publish``).
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peer.errors import ConfigError
+from peer.errors import ConfigError, HfswarmError, PeerMisbehaved
 from peer.hub.metadata import FileSelection
 
 
@@ -94,3 +95,192 @@ class PublishRequest:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "repo_id": self.repo_id, "repo_type": self.repo_type}
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Where a download's bytes came from (summed over its blobs)."""
+
+    from_peers: int = 0
+    from_mirror: int = 0
+    reused: int = 0  # already in the cache, or hashed and linked from another repo
+    hash_failures: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "from_peers": self.from_peers,
+            "from_mirror": self.from_mirror,
+            "reused": self.reused,
+            "hash_failures": self.hash_failures,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Counters:
+        return cls(*(_int(d, k) for k in ("from_peers", "from_mirror", "reused", "hash_failures")))
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job knows its size: a download its commit and files, a publish its files."""
+
+    files: int
+    total: int
+    commit: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"event": "started"}
+        if self.commit is not None:
+            head["commit"] = self.commit
+        return {**head, "files": self.files, "total": self.total}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Bytes done so far. `counters` for a download (not a publish); `files_done` only
+    where it is known (the mirror-only path: never on the wire)."""
+
+    done: int
+    total: int
+    counters: Counters | None = None
+    files_done: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.counters is None:
+            return {"event": "progress", "done": self.done, "total": self.total}
+        return {"event": "progress", "total": self.total, "done": self.done} | (
+            self.counters.to_json()
+        )
+
+    @property
+    def fetched(self) -> int:
+        """Bytes that crossed the network (all of them for a publish's copy)."""
+        c = self.counters
+        return self.done if c is None else c.from_peers + c.from_mirror
+
+
+@dataclass(frozen=True)
+class Done:
+    """A finished download: the snapshot folder (or the local dir the mirror-only path
+    filled), and the files as (path, blob id, size), from which the CLI fills
+    ``--local-dir`` after an agent's download."""
+
+    path: Path
+    commit: str
+    files: int
+    total: int
+    done: int  # below `total` when two paths hold the same blob (fetched once)
+    counters: Counters
+    entries: tuple[tuple[str, str, int], ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return (
+            {"event": "done", "total": self.total, "done": self.done}
+            | self.counters.to_json()
+            | {
+                "path": str(self.path),
+                "commit": self.commit,
+                "files": self.files,
+                "entries": [list(e) for e in self.entries],
+                "seconds": self.seconds,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Done:
+        entries = d.get("entries")
+        if not isinstance(entries, list):
+            raise PeerMisbehaved("the agent's result lists no files", hint="see the agent's log")
+        for entry in entries:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], str)
+                and isinstance(entry[2], int)
+            ):
+                raise PeerMisbehaved(
+                    f"the agent listed a malformed file {entry!r}", hint="see the agent's log"
+                )
+        seconds = d.get("seconds")
+        return cls(
+            path=Path(_str(d, "path")),
+            commit=_str(d, "commit"),
+            files=_int(d, "files"),
+            total=_int(d, "total"),
+            done=_int(d, "done"),
+            counters=Counters.from_json(d),
+            entries=tuple((e[0], e[1], e[2]) for e in entries),
+            seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class Error:
+    """A job that failed, as the user should see it (`exit_code` as the CLI's)."""
+
+    kind: str
+    exit_code: int
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Error:
+        if isinstance(exc, HfswarmError):
+            return cls(type(exc).__name__, exc.exit_code, exc.one_line())
+        return cls(
+            "InternalError", 1, f"internal error in the agent: {exc!r} (a bug; see the agent's log)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "error",
+            "kind": self.kind,
+            "exit_code": self.exit_code,
+            "message": self.message,
+        }
+
+
+Event = Started | Progress | Done | Error
+
+
+def job_event(d: Any) -> Event | None:
+    """An NDJSON line of a download or publish, from the agent (its own checks: it may be an older
+    or newer agent). None for an event this CLI does not know (a newer agent's)."""
+    if not isinstance(d, dict):
+        raise PeerMisbehaved(f"the agent sent {d!r}, not an event", hint="see the agent's log")
+    match d.get("event"):
+        case "started":
+            commit = d.get("commit")
+            return Started(
+                _int(d, "files"),
+                _int(d, "total"),
+                commit=commit if isinstance(commit, str) else None,
+            )
+        case "progress":
+            counters = Counters.from_json(d) if "from_peers" in d else None  # a publish: none
+            return Progress(_int(d, "done"), _int(d, "total"), counters=counters)
+        case "done":
+            return Done.from_json(d)
+        case "error":
+            code = d.get("exit_code")
+            return Error(
+                str(d.get("kind")), code if isinstance(code, int) else 1, str(d.get("message"))
+            )
+    return None
+
+
+def _int(d: dict[str, Any], key: str) -> int:
+    value = d.get(key, 0)
+    if not isinstance(value, int):
+        raise PeerMisbehaved(f"the agent sent {key}={value!r}", hint="see the agent's log")
+    return value
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise PeerMisbehaved(f"the agent sent {key}={value!r}", hint="see the agent's log")
+    return value

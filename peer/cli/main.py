@@ -19,12 +19,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
 
-from peer.agent.requests import DownloadRequest
+from peer.agent.requests import Done, DownloadRequest, Event
 from peer.config import (
     DEFAULT_AGENT_URL,
     AgentConfig,
@@ -38,7 +38,7 @@ from peer.config import (
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
 from peer.hub.protocol import REPO_TYPES
-from peer.transfer.progress import Progress, human_bytes
+from peer.transfer.progress import ProgressDisplay, human_bytes
 
 
 def _add_token(p: argparse.ArgumentParser, default: str) -> None:
@@ -315,7 +315,7 @@ async def _run_download(args: argparse.Namespace) -> int:
         revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
         token=settings.token,
-        local_dir=args.local_dir,
+        local_dir=Path(args.local_dir) if args.local_dir else None,
     )
     client = AgentClient(url)
     try:
@@ -331,60 +331,53 @@ async def _run_download(args: argparse.Namespace) -> int:
             f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
             hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
         )
-    result = await download(settings, options, request)
-    if not args.quiet:
-        rate = result.bytes_from_mirror / result.seconds if result.seconds > 0 else 0
-        print(
-            f"{result.files} files, {human_bytes(result.bytes_total)} at commit "
-            f"{result.commit[:12]} in {result.seconds:.1f} s: "
-            f"{human_bytes(result.bytes_from_mirror)} from the mirror "
-            f"({human_bytes(rate)}/s), {human_bytes(result.bytes_reused)} already local",
-            file=sys.stderr,
-        )
-    print(result.path)
+    display = ProgressDisplay(quiet=args.quiet)
+    try:
+        final = await download(settings, options, request, display)
+    finally:
+        display.close()
+    _print_summary(final, args.quiet)  # the mirror-only path wrote --local-dir itself
     return 0
 
 
 async def _via_agent(client: AgentClient, request: DownloadRequest, quiet: bool) -> int:
     await client.status()  # raises AgentUnavailable at once if nobody is there
-    progress: Progress | None = None
-
-    def on_event(event: dict[str, Any]) -> None:
-        nonlocal progress
-        if event.get("event") == "started":
-            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=quiet)
-        elif event.get("event") == "progress" and progress is not None:
-            progress.set(
-                int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
-            )
-
+    display = ProgressDisplay(quiet=quiet)
     try:
-        final = await client.download(request, on_event)
+        final = await client.download(request, display)
     finally:
-        if progress is not None:
-            progress.close()
-    await _print_summary(final, quiet, request.local_dir)
+        display.close()
+    final = await _fill_local_dir(final, request.local_dir)
+    _print_summary(final, quiet)
     return 0
 
 
-async def _print_summary(final: dict[str, Any], quiet: bool, local_dir: Path | None) -> None:
-    """Summary on stderr, then the path on stdout: the snapshot in the agent's cache, or
-    `local_dir` after this process copied the snapshot into it."""
+async def _fill_local_dir(final: Done, local_dir: Path | None) -> Done:
+    """The agent never writes a caller's folder: this process copies its snapshot into
+    `local_dir` (as the user who asked, with their rights). The result names where the
+    files are."""
     from peer.agent.client import fill_local_dir
 
-    if local_dir is not None:
-        await asyncio.to_thread(fill_local_dir, local_dir, final)
+    if local_dir is None:
+        return final
+    await asyncio.to_thread(fill_local_dir, local_dir, final)
+    return replace(final, path=local_dir)
+
+
+def _print_summary(final: Done, quiet: bool) -> None:
+    """Summary on stderr, then the path on stdout: the snapshot, or the local dir."""
+    c = final.counters
     if not quiet:
         print(
-            f"{final['files']} files, {human_bytes(final['total'])} at commit "
-            f"{final['commit'][:12]} in {final['seconds']:.1f} s: "
-            f"{human_bytes(final['from_peers'])} from peers, "
-            f"{human_bytes(final['from_mirror'])} from the mirror, "
-            f"{human_bytes(final['reused'])} already local, "
-            f"{final['hash_failures']} pieces failed verification",
+            f"{final.files} files, {human_bytes(final.total)} at commit "
+            f"{final.commit[:12]} in {final.seconds:.1f} s: "
+            f"{human_bytes(c.from_peers)} from peers, "
+            f"{human_bytes(c.from_mirror)} from the mirror, "
+            f"{human_bytes(c.reused)} already local, "
+            f"{c.hash_failures} pieces failed verification",
             file=sys.stderr,
         )
-    print(local_dir if local_dir is not None else final["path"])
+    print(final.path)
 
 
 async def _embedded(
@@ -411,18 +404,10 @@ async def _embedded(
     async with Agent(config) as agent:
         serve = asyncio.create_task(agent.serve(stop))
         await agent.peers.check_all()
-        progress: Progress | None = None
+        display = ProgressDisplay(quiet=args.quiet)
 
-        async def emit(event: dict[str, Any]) -> None:
-            nonlocal progress
-            if event.get("event") == "started":
-                progress = Progress(
-                    int(event["total"]), files=int(event["files"]), quiet=args.quiet
-                )
-            elif event.get("event") == "progress" and progress is not None:
-                progress.set(
-                    int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
-                )
+        async def emit(event: Event) -> None:
+            display(event)
 
         try:
             # This process is the agent's user; the CLI fills --local-dir below.
@@ -430,11 +415,11 @@ async def _embedded(
                 replace(request, agent_token=True, local_dir=None), emit
             )
         finally:
-            if progress is not None:
-                progress.close()
+            display.close()
             stop.set()
             await serve
-    await _print_summary(final, args.quiet, request.local_dir)
+    final = await _fill_local_dir(final, request.local_dir)
+    _print_summary(final, args.quiet)
     return 0
 
 
@@ -446,20 +431,11 @@ async def _run_publish(args: argparse.Namespace) -> int:
     client = AgentClient(url)
     await client.status()  # raises AgentUnavailable at once if nobody is there
     spec = PublishRequest(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
-    progress: Progress | None = None
-
-    def on_event(event: dict[str, Any]) -> None:
-        nonlocal progress
-        if event.get("event") == "started":
-            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=args.quiet)
-        elif event.get("event") == "progress" and progress is not None:
-            progress.set(int(event["done"]), fetched=int(event["done"]))
-
+    display = ProgressDisplay(quiet=args.quiet)
     try:
-        final = await client.publish(spec, on_event)
+        final = await client.publish(spec, display)
     finally:
-        if progress is not None:
-            progress.close()
+        display.close()
     if not args.quiet:
         what = "published" if final["changed"] else "unchanged, main already holds these files"
         print(

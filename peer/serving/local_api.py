@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from peer.agent.requests import DownloadRequest, PublishRequest
+from peer.agent.requests import Done, DownloadRequest, Error, Event, PublishRequest
 from peer.errors import ConfigError, HfswarmError, UserError
 from peer.serving.caller import caller_uid
 from peer.serving.hub_api import HubApi, HubBackend
@@ -58,31 +58,19 @@ class RequestRefused(UserError):
     """A request the local API does not take from this caller (HTTP 403/415)."""
 
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Emit = Callable[[Event], Awaitable[None]]
 
 
 class LocalBackend(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
-    async def run_download(self, spec: DownloadRequest, emit: Emit) -> dict[str, Any]: ...
+    async def run_download(self, request: DownloadRequest, emit: Emit) -> Done: ...
 
-    async def publish(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]: ...
+    async def publish(self, request: PublishRequest, emit: Emit) -> dict[str, Any]: ...
 
 
 def error_event(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, HfswarmError):
-        return {
-            "event": "error",
-            "kind": type(exc).__name__,
-            "exit_code": exc.exit_code,
-            "message": exc.one_line(),
-        }
-    return {
-        "event": "error",
-        "kind": "InternalError",
-        "exit_code": 1,
-        "message": f"internal error in the agent: {exc!r} (a bug; see the agent's log)",
-    }
+    return Error.of(exc).to_json()
 
 
 def _split_host(value: str) -> tuple[str, str | None]:
@@ -213,19 +201,20 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
         return await run_job(request, lambda emit: backend.publish(spec, emit))
 
     async def run_job(
-        request: web.Request, start: Callable[[Emit], Awaitable[dict[str, Any]]]
+        request: web.Request, start: Callable[[Emit], Awaitable[Done | dict[str, Any]]]
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def emit(event: dict[str, Any]) -> None:
-            queue.put_nowait(event)
+        async def emit(event: Event) -> None:
+            queue.put_nowait(event.to_json())
 
         async def job() -> None:
             try:
                 final = await start(emit)
-                queue.put_nowait({**final, "event": "done"})
+                done = final.to_json() if isinstance(final, Done) else {**final, "event": "done"}
+                queue.put_nowait(done)
             except Exception as exc:
                 queue.put_nowait(error_event(exc))
             finally:
