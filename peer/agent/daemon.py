@@ -27,7 +27,15 @@ from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.inflight import InFlightBlob
 from peer.agent.publish import Publisher, clean_debris
-from peer.agent.requests import Counters, Done, DownloadRequest, Progress, PublishRequest, Started
+from peer.agent.requests import (
+    Counters,
+    Done,
+    DownloadRequest,
+    Progress,
+    PublishRequest,
+    Setup,
+    Started,
+)
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -270,6 +278,7 @@ class Agent:
                 for p in self.peers.live()
             ],
             "seeded_blobs": len(self.seeds.held),
+            **Setup.of(self.config.hub).to_json(),
             "listen": {
                 "peer_api": self.peer_port,
                 "local_api": self.local_port,

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from peer.config import HubSettings
 from peer.errors import ConfigError, HfswarmError, PeerMisbehaved
 from peer.hub.metadata import FileSelection
 
@@ -71,6 +73,51 @@ class DownloadRequest:
             "exclude": list(self.selection.exclude),
             "token": self.token,
         }
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every download through an agent uses, whatever its caller's flags say; in
+    ``/v1/status``, so that the CLI refuses flags the agent would not honour."""
+
+    mirrors: tuple[str, ...]  # without credentials
+    cache_dir: Path
+
+    @classmethod
+    def of(cls, hub: HubSettings) -> Setup:
+        return cls(tuple(without_userinfo(m) for m in hub.mirrors), hub.cache_dir)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mirrors": list(self.mirrors), "cache_dir": str(self.cache_dir)}
+
+    @classmethod
+    def from_status(cls, d: dict[str, Any]) -> Setup | None:
+        """None from an agent that does not say (older than this CLI)."""
+        mirrors, cache_dir = d.get("mirrors"), d.get("cache_dir")
+        if not isinstance(mirrors, list) or not isinstance(cache_dir, str):
+            return None
+        return cls(tuple(str(m) for m in mirrors), Path(cache_dir))
+
+    def differs(self, hub: HubSettings, *, mirrors: bool, cache_dir: bool) -> list[str]:
+        """Which of the caller's explicit choices this agent would not honour."""
+        wrong = []
+        if mirrors and Setup.of(hub).mirrors != self.mirrors:
+            wrong.append("--mirror")
+        if cache_dir and _resolved(hub.cache_dir) != _resolved(self.cache_dir):
+            wrong.append("--cache-dir")
+        return wrong
+
+
+def without_userinfo(url: str) -> str:
+    """The URL without a user:password part (to show it)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _resolved(path: Path) -> Path:
+    return path.expanduser().resolve()
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
 
-from peer.agent.requests import Done, DownloadRequest, Event
+from peer.agent.requests import Done, DownloadRequest, Event, Setup
 from peer.config import (
     DEFAULT_AGENT_URL,
     AgentConfig,
@@ -117,12 +117,19 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         help="files at once (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the final path")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--agent",
         metavar="URL",
         help="the local agent to ask (default: HFSWARM_AGENT, else "
         f"{DEFAULT_AGENT_URL}); with none running, the download runs in this "
-        "process",
+        "process. An agent uses its own mirrors and cache: --mirror or --cache-dir "
+        "other than its own are refused",
+    )
+    where.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="download in this process from the mirror, even if an agent runs",
     )
     p.add_argument(
         "--peer",
@@ -319,7 +326,8 @@ async def _run_download(args: argparse.Namespace) -> int:
     )
     client = AgentClient(url)
     try:
-        if not args.peer:
+        if not args.peer and not args.no_agent:
+            await _agent_honours(args, settings, await client.status(), url)
             return await _via_agent(client, request, args.quiet)
     except AgentUnavailable:
         if named:
@@ -340,8 +348,30 @@ async def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _agent_honours(
+    args: argparse.Namespace, settings: HubSettings, status: dict[str, Any], url: str
+) -> None:
+    """An agent downloads from its own mirrors into its own cache: flags asking for
+    others are refused (exit 2), not ignored."""
+    if not (args.mirror or args.cache_dir):
+        return
+    setup = Setup.from_status(status)
+    if setup is None:  # an older agent does not say: it cannot honour them either
+        asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))
+        wrong = [flag for flag, given in asked if given]
+        uses = "its own mirrors and cache"
+    else:
+        wrong = setup.differs(settings, mirrors=bool(args.mirror), cache_dir=bool(args.cache_dir))
+        uses = f"mirrors {', '.join(setup.mirrors) or '(none)'} and cache {setup.cache_dir}"
+    if wrong:
+        raise ConfigError(
+            f"the agent at {url} downloads with {uses}: it cannot honour {' and '.join(wrong)}",
+            hint="drop them to use the agent's, or pass --no-agent to download in this "
+            "process from the mirror (without the agent's peers)",
+        )
+
+
 async def _via_agent(client: AgentClient, request: DownloadRequest, quiet: bool) -> int:
-    await client.status()  # raises AgentUnavailable at once if nobody is there
     display = ProgressDisplay(quiet=quiet)
     try:
         final = await client.download(request, display)
