@@ -10,6 +10,7 @@ NDJSON, one event a line (older CLIs read it: the fields do not change).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,8 @@ class Error:
 
 
 Event = Started | Progress | Done | Error
+# How a job tells its events (the local API streams them, the in-process CLI draws them).
+Emit = Callable[[Event], Awaitable[None]]
 
 
 def job_event(d: Any) -> Event | None:

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from peer.agent.requests import Done, DownloadRequest, Error, Event, PublishRequest
+from peer.agent.requests import Done, DownloadRequest, Emit, Error, Event, PublishRequest
 from peer.errors import ConfigError, HfswarmError, UserError
 from peer.serving.caller import caller_uid
 from peer.serving.hub_api import HubApi, HubBackend
@@ -56,9 +56,6 @@ JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish"})
 
 class RequestRefused(UserError):
     """A request the local API does not take from this caller (HTTP 403/415)."""
-
-
-Emit = Callable[[Event], Awaitable[None]]
 
 
 class LocalBackend(Protocol):
