@@ -14,15 +14,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
+from peer.agent import requests as job
+from peer.agent.requests import DownloadRequest
 from peer.aio import primary_error
 from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
 from peer.cache.partial import PartialBlob, PartialBusy
 from peer.config import DownloadOptions, HubSettings
 from peer.errors import IntegrityError
-from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot
+from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.progress import Progress
 from peer.verification.hashing import Verdict, hash_file
@@ -30,35 +32,23 @@ from peer.verification.hashing import Verdict, hash_file
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DownloadRequest:
-    repo_id: str
-    repo_type: str = "model"
-    revision: str = "main"
-    selection: FileSelection = field(default_factory=FileSelection)
-    local_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class DownloadResult:
-    path: Path  # snapshot folder, or the local dir
-    commit: str
-    files: int
-    bytes_total: int
-    bytes_from_mirror: int
-    bytes_reused: int
-    seconds: float
-
-
 async def download(
-    settings: HubSettings, options: DownloadOptions, request: DownloadRequest
-) -> DownloadResult:
+    settings: HubSettings,
+    options: DownloadOptions,
+    request: DownloadRequest,
+    on_event: Callable[[job.Event], None] = lambda _: None,
+) -> job.Done:
+    """The download `request` names, from the mirror alone, `on_event` seeing its
+    progress (the same events as an agent's download)."""
     t0 = time.monotonic()
+    settings = replace(settings, token=request.token)  # the caller's, or anonymous
     snapshot = await resolve_snapshot(
         settings, request.repo_type, request.repo_id, request.revision, request.selection
     )
     repo = RepoCache(settings.cache_dir, snapshot.repo_type, snapshot.repo_id)
-    progress = Progress(snapshot.total_size, files=len(snapshot.files), quiet=options.quiet)
+    # Counts only (the fetcher adds to it); `on_event`'s consumer draws.
+    progress = Progress(snapshot.total_size, files=len(snapshot.files), quiet=True)
+    on_event(job.Started(len(snapshot.files), snapshot.total_size, commit=snapshot.commit))
     reused = 0
     limit = asyncio.Semaphore(options.max_files)
     # One task per blob id: the same content under two paths is fetched once.
@@ -68,6 +58,21 @@ async def download(
 
     async with MirrorFetcher(settings, options, progress) as fetcher:
 
+        def report() -> None:
+            on_event(
+                job.Progress(
+                    progress.done + reused,
+                    snapshot.total_size,
+                    counters=job.Counters(from_mirror=fetcher.bytes_fetched, reused=reused),
+                    files_done=progress.files_done,
+                )
+            )
+
+        async def reporter() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                report()
+
         async def one(files: list[RemoteFile]) -> None:
             nonlocal reused
             async with limit:
@@ -76,15 +81,17 @@ async def download(
             for f in files:
                 _place(snapshot, repo, f, request.local_dir)
                 progress.file_done()
+            report()
 
         try:
             async with asyncio.TaskGroup() as tg:
-                for files in by_blob.values():
-                    tg.create_task(one(files))
+                ticks = tg.create_task(reporter())
+                async with asyncio.TaskGroup() as inner:
+                    for files in by_blob.values():
+                        inner.create_task(one(files))
+                ticks.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
-        finally:
-            progress.close()
 
     if request.local_dir is None:
         repo.write_ref(snapshot.revision, snapshot.commit)
@@ -92,13 +99,14 @@ async def download(
         path.mkdir(parents=True, exist_ok=True)  # an empty selection still names a snapshot
     else:
         path = request.local_dir
-    return DownloadResult(
+    return job.Done(
         path=path,
         commit=snapshot.commit,
         files=len(snapshot.files),
-        bytes_total=snapshot.total_size,
-        bytes_from_mirror=fetcher.bytes_fetched,
-        bytes_reused=reused,
+        total=snapshot.total_size,
+        done=snapshot.total_size,
+        counters=job.Counters(from_mirror=fetcher.bytes_fetched, reused=reused),
+        entries=tuple((f.path, f.blob_id, f.size) for f in snapshot.files),
         seconds=time.monotonic() - t0,
     )
 

@@ -12,8 +12,8 @@ from typing import Any
 from huggingface_hub import snapshot_download
 
 from peer.agent.daemon import Agent
+from peer.agent.requests import DownloadRequest, Event
 from peer.config import AgentConfig, DownloadOptions, HubSettings
-from peer.serving.local_api import DownloadSpec
 
 
 def write_tree(folder: Path, files: dict[str, bytes]) -> Path:
@@ -89,11 +89,12 @@ async def fetch(a: Agent, repo_id: str = "org/m", **kw: Any) -> dict[str, Any]:
     """A download run by the agent, as `hfswarm download --agent` asks for it as the
     agent's own user (who may have the agent use its token)."""
 
-    async def emit(_: dict[str, Any]) -> None:
+    async def emit(_: Event) -> None:
         return None
 
     kw.setdefault("agent_token", True)
-    return await a.run_download(DownloadSpec(repo_id=repo_id, **kw), emit)
+    done = await a.run_download(DownloadRequest(repo_id=repo_id, **kw), emit)
+    return done.to_json()  # the "done" line the local API sends
 
 
 async def snapshot(a: Agent, repo_id: str, cache: Path, **kw: Any) -> Path:

@@ -32,9 +32,9 @@ from huggingface_hub.file_download import http_get
 from yarl import URL
 
 from peer.agent.daemon import Agent
+from peer.agent.requests import DownloadRequest
 from peer.config import DownloadOptions
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.serving.local_api import DownloadSpec
 
 MiB = 1 << 20
 BIG = 24 * MiB
@@ -286,7 +286,7 @@ async def test_blobs_come_from_a_peer_and_the_mirror_sends_metadata_only(
         async def emit(_: dict[str, Any]) -> None:
             return None
 
-        await a.run_download(DownloadSpec(repo_id="org/m"), emit)  # A holds the model
+        await a.run_download(DownloadRequest(repo_id="org/m"), emit)  # A holds the model
         mirror.reset_stats()
         peer = (a.config.listen[0], a.peer_port)
         async with agent(config(tmp_path / "b", "127.0.0.3", (mirror.url,), peers=(peer,))) as b:

@@ -25,10 +25,10 @@ from procs import AgentProcess, agent_process
 
 from peer import wire
 from peer.agent.client import AgentClient
+from peer.agent.requests import DownloadRequest
 from peer.discovery.peer_table import PeerTable
 from peer.logs import RepeatFilter
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.serving.local_api import DownloadSpec
 
 AGENT_IP = "127.0.0.2"
 ATTACKER_IP = "127.0.0.9"
@@ -73,7 +73,7 @@ async def seeded(stack: contextlib.AsyncExitStack, tmp: Path, **kw: int) -> Agen
     src = make_repo(tmp / "src", kw.pop("small_files", 0))
     mirror = await stack.enter_async_context(MirrorServer([RepoSource("model", "org/pub", src)]))
     a = await stack.enter_async_context(running_agent(tmp, mirror.url, **kw))
-    await AgentClient(a.local_url).download(DownloadSpec(repo_id="org/pub"), lambda _: None)
+    await AgentClient(a.local_url).download(DownloadRequest(repo_id="org/pub"), lambda _: None)
     return a
 
 

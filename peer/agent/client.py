@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from peer.agent.requests import Done, DownloadRequest, Event, PublishRequest, job_event
 from peer.cache.hf_cache import LocalDir, safe_relpath
 from peer.errors import (
     ConfigError,
@@ -18,7 +19,7 @@ from peer.errors import (
     PeerMisbehaved,
     UserError,
 )
-from peer.serving.local_api import DownloadSpec, PublishSpec, iter_ndjson
+from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import is_blob_id
 
 
@@ -61,21 +62,24 @@ class AgentClient:
                 hint="start one with `hfswarm agent`, or pass --agent URL",
             ) from exc
 
-    async def download(
-        self, spec: DownloadSpec, on_event: Callable[[dict[str, Any]], None]
-    ) -> dict[str, Any]:
-        return await self._job("/v1/downloads", spec.to_json(), on_event, "download")
+    async def download(self, request: DownloadRequest, on_event: Callable[[Event], None]) -> Done:
+        """Run a download in the agent (`request.local_dir` is the caller's to fill: see
+        `fill_local_dir`), `on_event` seeing its progress."""
+
+        final = await self._job("/v1/downloads", request.to_json(), on_event, "download")
+        return Done.from_json(final)
 
     async def publish(
-        self, spec: PublishSpec, on_event: Callable[[dict[str, Any]], None]
+        self, spec: PublishRequest, on_event: Callable[[Event], None]
     ) -> dict[str, Any]:
+        """Run a publish in the agent; the result is its "done" event as sent."""
         return await self._job("/v1/publish", spec.to_json(), on_event, "publish")
 
     async def _job(
         self,
         route: str,
         body: dict[str, Any],
-        on_event: Callable[[dict[str, Any]], None],
+        on_event: Callable[[Event], None],
         what: str,
     ) -> dict[str, Any]:
         """POST a job and follow its NDJSON events to the final one."""
@@ -92,7 +96,8 @@ class AgentClient:
                         raise AgentReportedError(str(event.get("message")), code)
                     if kind == "done":
                         return event
-                    on_event(event)
+                    if (typed := job_event(event)) is not None:
+                        on_event(typed)
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
             raise AgentUnavailable(
                 f"no hfswarm agent answers at {self.url}",
@@ -108,27 +113,19 @@ class AgentClient:
         )
 
 
-def fill_local_dir(local_dir: Path, final: dict[str, Any]) -> int:
+def fill_local_dir(local_dir: Path, final: Done) -> int:
     """Copy a finished download from the agent's snapshot into `local_dir`, in THIS
     process (as the user who asked, with their rights: the agent never writes a caller's
     folder), with huggingface_hub's local-dir metadata. Files already current there are
     left alone. Returns how many files were copied."""
-    snapshot, commit, entries = Path(str(final["path"])), str(final["commit"]), final["entries"]
+    snapshot, commit = final.path, final.commit
     target = LocalDir(local_dir)
     copied = 0
-    for entry in entries:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], str)
-            and is_blob_id(entry[1])
-            and isinstance(entry[2], int)
-        ):
+    for path, blob_id, size in final.entries:
+        if not is_blob_id(blob_id):
             raise PeerMisbehaved(
-                f"the agent listed a malformed file {entry!r}", hint="see the agent's log"
+                f"the agent listed a malformed blob id {blob_id!r}", hint="see the agent's log"
             )
-        path, blob_id, size = entry
         if target.is_current(path, commit, blob_id, size):
             continue
         source = snapshot.joinpath(*safe_relpath(path).parts)

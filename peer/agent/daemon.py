@@ -15,9 +15,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,16 @@ from aiohttp import web
 
 from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
+from peer.agent.jobs import DownloadJob, Totals
 from peer.agent.publish import Publisher, clean_debris
+from peer.agent.requests import (
+    Counters,
+    Done,
+    DownloadRequest,
+    Emit,
+    PublishRequest,
+    Setup,
+)
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -35,28 +43,19 @@ from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import TrackerSource
-from peer.errors import LocalError, NetworkError
+from peer.errors import LocalError
 from peer.hub.metadata import RemoteFile, Snapshot, anonymous_flags
 from peer.manifests.revisions import is_local_repo
 from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_listener
-from peer.serving.local_api import DownloadSpec, Emit, PublishSpec, make_local_app
+from peer.serving.local_api import make_local_app
 from peer.serving.peer_api import make_peer_app
-from peer.serving.sharing import Access, Visibility, repo_key
+from peer.serving.sharing import Access, Visibility
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import hash_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Totals:
-    bytes_from_peers: int = 0
-    bytes_from_mirror: int = 0
-    bytes_uploaded_http: int = 0
-    hash_failures: int = 0
-    downloads: int = 0
 
 
 class Agent:
@@ -71,6 +70,7 @@ class Agent:
         self.seeds: SeedIndex
         self.blobs: BlobFetcher
         self.revisions: Revisions
+        self.downloads: DownloadJob
         self.publisher: Publisher
         self.peer_port = 0
         self.local_port = 0
@@ -118,6 +118,7 @@ class Agent:
             self.blobs = BlobFetcher(self.config, self.swarm, self.peers, self.seeds, self.state)
             self.revisions = Revisions(self.state, self.peers, self.agent_id)
             await asyncio.to_thread(self.revisions.load)
+            self.downloads = DownloadJob(self.config, self.revisions, self.blobs, self.totals)
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
             )
@@ -269,6 +270,7 @@ class Agent:
                 for p in self.peers.live()
             ],
             "seeded_blobs": len(self.seeds.held),
+            **Setup.of(self.config.hub).to_json(),
             "listen": {
                 "peer_api": self.peer_port,
                 "local_api": self.local_port,
@@ -282,102 +284,10 @@ class Agent:
             None if flags is None else Visibility.of_mirror_answer(private=flags[0], gated=flags[1])
         )
 
-    async def _access(self, snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
-        """On whose word a download stands (`peer.serving.sharing.Access`). A snapshot
-        listed by the mirror with the caller's token: the mirror's word; a private or
-        gated one is checked once more with a 1-byte read of one of its files (a gated
-        repo lists its files to anyone), before a blob held here is reused for it."""
-        key = repo_key(snapshot.repo_type, snapshot.repo_id)
-        if not snapshot.mirror or is_local_repo(snapshot.repo_id):
-            return Access(key, None, mirror_allowed=False)
-        visibility = Visibility.of_mirror_answer(private=snapshot.private, gated=snapshot.gated)
-        probe = next((f for f in snapshot.files if f.size > 0), None)
-        if visibility is not Visibility.PUBLIC and probe is not None:
-            await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
-        return Access(key, visibility, mirror_allowed=True)
+    async def run_download(self, request: DownloadRequest, emit: Emit) -> Done:
+        return await self.downloads.run(request, emit)
 
-    async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]:
-        t0 = time.monotonic()
-        # The caller's own token; the agent's only for its own user (`spec.agent_token`).
-        hub = self.config.hub
-        if spec.token or not spec.agent_token:
-            hub = replace(hub, token=spec.token)
-        # The mirror first; peers' revision manifests if it is down; peers only for local/*.
-        snapshot, learned = await self.revisions.resolve(
-            hub, spec.repo_type, spec.repo_id, spec.revision, spec.selection
-        )
-        local = is_local_repo(snapshot.repo_id)
-        if local:  # no mirror has it: never send its name to one
-            hub = replace(hub, mirrors=())
-        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        await emit(
-            {
-                "event": "started",
-                "commit": snapshot.commit,
-                "files": len(snapshot.files),
-                "total": snapshot.total_size,
-            }
-        )
-        counters: dict[str, BlobCounters] = {}
-        by_blob: dict[str, list[RemoteFile]] = {}
-        for f in snapshot.files:
-            by_blob.setdefault(f.blob_id, []).append(f)
-
-        async with MirrorFetcher(hub, self.config.download) as mirror:
-            access = await self._access(snapshot, mirror)
-
-            async def one(files: list[RemoteFile]) -> None:
-                c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
-                try:
-                    await self.blobs.obtain(snapshot, files[0], mirror, c, access)
-                except NetworkError as exc:
-                    if not local:
-                        raise
-                    raise NetworkError(
-                        f"no peer could deliver {files[0].path} of {snapshot.repo_id} "
-                        f"({exc.one_line()})",
-                        hint="the agent that published it, or one that downloaded it, must "
-                        "be running and reachable (`hfswarm status` lists the peers)",
-                    ) from exc
-                for f in files:
-                    repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
-
-            async def report() -> None:
-                while True:
-                    await asyncio.sleep(0.5)
-                    await emit(_progress(counters, snapshot.total_size))
-
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    reporter = tg.create_task(report())
-                    async with asyncio.TaskGroup() as inner:
-                        for files in by_blob.values():
-                            inner.create_task(one(files))
-                    reporter.cancel()
-            except BaseExceptionGroup as group:
-                raise primary_error(group) from None
-        # Never a caller's folder: the CLI copies the snapshot into --local-dir itself.
-        repo.write_ref(snapshot.revision, snapshot.commit)
-        path = repo.snapshot_dir(snapshot.commit)
-        path.mkdir(parents=True, exist_ok=True)
-        if learned is not None:  # a public revision from the mirror: peers may use it
-            self.revisions.record(learned)
-        result = _progress(counters, snapshot.total_size)
-        self.totals.downloads += 1
-        self.totals.bytes_from_peers += result["from_peers"]
-        self.totals.bytes_from_mirror += result["from_mirror"]
-        self.totals.hash_failures += result["hash_failures"]
-        result.update(
-            event="done",
-            path=str(path),
-            commit=snapshot.commit,
-            files=len(snapshot.files),
-            entries=[[f.path, f.blob_id, f.size] for f in snapshot.files],
-            seconds=time.monotonic() - t0,
-        )
-        return result
-
-    async def publish(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]:
+    async def publish(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
         """`hfswarm publish`: a folder into this cache as local/NAME, seeded and shared."""
         return await self.publisher.run(spec, emit)
 
@@ -420,9 +330,13 @@ class Agent:
             counters = BlobCounters(file.size)
             async with MirrorFetcher(hub, self.config.download) as mirror:
                 path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
-            self.totals.bytes_from_peers += counters.from_peers
-            self.totals.bytes_from_mirror += counters.from_mirror
-            self.totals.hash_failures += counters.hash_failures
+            self.totals.add(
+                Counters(
+                    from_peers=counters.from_peers,
+                    from_mirror=counters.from_mirror,
+                    hash_failures=counters.hash_failures,
+                )
+            )
         repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
         if ref:
             repo.write_ref(ref, snapshot.commit)
@@ -454,15 +368,3 @@ class Agent:
         with contextlib.suppress(OSError):
             path.unlink()
         return None
-
-
-def _progress(counters: dict[str, BlobCounters], total: int) -> dict[str, Any]:
-    return {
-        "event": "progress",
-        "total": total,
-        "done": sum(c.done for c in counters.values()),
-        "from_peers": sum(c.from_peers for c in counters.values()),
-        "from_mirror": sum(c.from_mirror for c in counters.values()),
-        "reused": sum(c.reused for c in counters.values()),
-        "hash_failures": sum(c.hash_failures for c in counters.values()),
-    }

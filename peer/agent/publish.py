@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from peer import wire
+from peer.agent.requests import Progress, PublishRequest, Started
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.cache.hf_cache import RepoCache, translate_os_error
 from peer.errors import ConfigError, LocalError
 from peer.hub.protocol import REPO_TYPES, is_lfs_path
 from peer.manifests.revisions import content_commit, is_local_repo
-from peer.serving.local_api import Emit, PublishSpec
+from peer.serving.local_api import Emit
 from peer.serving.sharing import Visibility, repo_key
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind
 
@@ -144,19 +145,19 @@ class Publisher:
         self.agent_id = agent_id
         self._lock = asyncio.Lock()
 
-    async def run(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]:
+    async def run(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
         check_publish_repo(spec.repo_type, spec.repo_id)
         async with self._lock:
             return await self._run(spec, emit)
 
-    async def _run(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]:
+    async def _run(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
             listing = await asyncio.to_thread(list_folder, spec.path)
         except OSError as exc:
             raise translate_os_error(exc, f"reading {spec.path}") from exc
         total = sum(size for _, _, size in listing)
-        await emit({"event": "started", "files": len(listing), "total": total})
+        await emit(Started(files=len(listing), total=total))
         repo = RepoCache(self.cache_dir, spec.repo_type, spec.repo_id)
         done = [0]
 
@@ -166,7 +167,7 @@ class Publisher:
         async def report() -> None:
             while True:
                 await asyncio.sleep(0.5)
-                await emit({"event": "progress", "done": done[0], "total": total})
+                await emit(Progress(done=done[0], total=total))
 
         files: list[wire.RevisionFile] = []
         reporter = asyncio.create_task(report())

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
 
+from peer.agent.requests import Done, DownloadRequest, Event, Setup
 from peer.config import (
     DEFAULT_AGENT_URL,
     AgentConfig,
@@ -37,8 +38,7 @@ from peer.config import (
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
 from peer.hub.protocol import REPO_TYPES
-from peer.serving.local_api import DownloadSpec
-from peer.transfer.progress import Progress, human_bytes
+from peer.transfer.progress import ProgressDisplay, human_bytes
 
 
 def _add_token(p: argparse.ArgumentParser, default: str) -> None:
@@ -117,12 +117,19 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         help="files at once (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the final path")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--agent",
         metavar="URL",
         help="the local agent to ask (default: HFSWARM_AGENT, else "
         f"{DEFAULT_AGENT_URL}); with none running, the download runs in this "
-        "process",
+        "process. An agent uses its own mirrors and cache: --mirror or --cache-dir "
+        "other than its own are refused",
+    )
+    where.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="download in this process from the mirror, even if an agent runs",
     )
     p.add_argument(
         "--peer",
@@ -298,7 +305,7 @@ def _agent_url(args: argparse.Namespace) -> tuple[str, bool]:
 
 async def _run_download(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient, AgentUnavailable
-    from peer.download import DownloadRequest, download
+    from peer.download import download
 
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
@@ -309,94 +316,105 @@ async def _run_download(args: argparse.Namespace) -> int:
     url, named = _agent_url(args)
     # Always the user's own token (none: anonymous): the agent lends its own only to its
     # own user, and then only when the request carries none.
-    spec = DownloadSpec(
-        repo_id=args.repo_id,
-        repo_type=args.repo_type,
-        revision=args.revision,
-        selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
-        token=settings.token,
-    )
-    client = AgentClient(url)
-    try:
-        if not args.peer:
-            return await _via_agent(client, spec, args.quiet, args.local_dir)
-    except AgentUnavailable:
-        if named:
-            raise
-    if args.peer:
-        return await _embedded(args, settings, options, spec)
-    if args.repo_id.startswith("local/"):  # published on the LAN: no mirror has it
-        raise AgentUnavailable(
-            f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
-            hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
-        )
     request = DownloadRequest(
         repo_id=args.repo_id,
         repo_type=args.repo_type,
         revision=args.revision,
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
-        local_dir=args.local_dir,
+        token=settings.token,
+        local_dir=Path(args.local_dir) if args.local_dir else None,
     )
-    result = await download(settings, options, request)
-    if not args.quiet:
-        rate = result.bytes_from_mirror / result.seconds if result.seconds > 0 else 0
-        print(
-            f"{result.files} files, {human_bytes(result.bytes_total)} at commit "
-            f"{result.commit[:12]} in {result.seconds:.1f} s: "
-            f"{human_bytes(result.bytes_from_mirror)} from the mirror "
-            f"({human_bytes(rate)}/s), {human_bytes(result.bytes_reused)} already local",
-            file=sys.stderr,
-        )
-    print(result.path)
-    return 0
-
-
-async def _via_agent(
-    client: AgentClient, spec: DownloadSpec, quiet: bool, local_dir: Path | None
-) -> int:
-    await client.status()  # raises AgentUnavailable at once if nobody is there
-    progress: Progress | None = None
-
-    def on_event(event: dict[str, Any]) -> None:
-        nonlocal progress
-        if event.get("event") == "started":
-            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=quiet)
-        elif event.get("event") == "progress" and progress is not None:
-            progress.set(
-                int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
-            )
-
+    client = AgentClient(url)
     try:
-        final = await client.download(spec, on_event)
+        if not args.peer and not args.no_agent:
+            await _agent_honours(args, settings, await client.status(), url)
+            return await _via_agent(client, request, args.quiet)
+    except AgentUnavailable:
+        if named:
+            raise
+    if args.peer:
+        return await _embedded(args, settings, options, request)
+    if args.repo_id.startswith("local/"):  # published on the LAN: no mirror has it
+        raise AgentUnavailable(
+            f"{args.repo_id} lives on the LAN only, and no hfswarm agent answers at {url}",
+            hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
+        )
+    display = ProgressDisplay(quiet=args.quiet)
+    try:
+        final = await download(settings, options, request, display)
     finally:
-        if progress is not None:
-            progress.close()
-    await _print_summary(final, quiet, local_dir)
+        display.close()
+    _print_summary(final, args.quiet)  # the mirror-only path wrote --local-dir itself
     return 0
 
 
-async def _print_summary(final: dict[str, Any], quiet: bool, local_dir: Path | None) -> None:
-    """Summary on stderr, then the path on stdout: the snapshot in the agent's cache, or
-    `local_dir` after this process copied the snapshot into it."""
+async def _agent_honours(
+    args: argparse.Namespace, settings: HubSettings, status: dict[str, Any], url: str
+) -> None:
+    """An agent downloads from its own mirrors into its own cache: flags asking for
+    others are refused (exit 2), not ignored."""
+    if not (args.mirror or args.cache_dir):
+        return
+    setup = Setup.from_status(status)
+    if setup is None:  # an older agent does not say: it cannot honour them either
+        asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))
+        wrong = [flag for flag, given in asked if given]
+        uses = "its own mirrors and cache"
+    else:
+        wrong = setup.differs(settings, mirrors=bool(args.mirror), cache_dir=bool(args.cache_dir))
+        uses = f"mirrors {', '.join(setup.mirrors) or '(none)'} and cache {setup.cache_dir}"
+    if wrong:
+        raise ConfigError(
+            f"the agent at {url} downloads with {uses}: it cannot honour {' and '.join(wrong)}",
+            hint="drop them to use the agent's, or pass --no-agent to download in this "
+            "process from the mirror (without the agent's peers)",
+        )
+
+
+async def _via_agent(client: AgentClient, request: DownloadRequest, quiet: bool) -> int:
+    display = ProgressDisplay(quiet=quiet)
+    try:
+        final = await client.download(request, display)
+    finally:
+        display.close()
+    final = await _fill_local_dir(final, request.local_dir)
+    _print_summary(final, quiet)
+    return 0
+
+
+async def _fill_local_dir(final: Done, local_dir: Path | None) -> Done:
+    """The agent never writes a caller's folder: this process copies its snapshot into
+    `local_dir` (as the user who asked, with their rights). The result names where the
+    files are."""
     from peer.agent.client import fill_local_dir
 
-    if local_dir is not None:
-        await asyncio.to_thread(fill_local_dir, local_dir, final)
+    if local_dir is None:
+        return final
+    await asyncio.to_thread(fill_local_dir, local_dir, final)
+    return replace(final, path=local_dir)
+
+
+def _print_summary(final: Done, quiet: bool) -> None:
+    """Summary on stderr, then the path on stdout: the snapshot, or the local dir."""
+    c = final.counters
     if not quiet:
         print(
-            f"{final['files']} files, {human_bytes(final['total'])} at commit "
-            f"{final['commit'][:12]} in {final['seconds']:.1f} s: "
-            f"{human_bytes(final['from_peers'])} from peers, "
-            f"{human_bytes(final['from_mirror'])} from the mirror, "
-            f"{human_bytes(final['reused'])} already local, "
-            f"{final['hash_failures']} pieces failed verification",
+            f"{final.files} files, {human_bytes(final.total)} at commit "
+            f"{final.commit[:12]} in {final.seconds:.1f} s: "
+            f"{human_bytes(c.from_peers)} from peers, "
+            f"{human_bytes(c.from_mirror)} from the mirror, "
+            f"{human_bytes(c.reused)} already local, "
+            f"{c.hash_failures} pieces failed verification",
             file=sys.stderr,
         )
-    print(local_dir if local_dir is not None else final["path"])
+    print(final.path)
 
 
 async def _embedded(
-    args: argparse.Namespace, settings: HubSettings, options: DownloadOptions, spec: DownloadSpec
+    args: argparse.Namespace,
+    settings: HubSettings,
+    options: DownloadOptions,
+    request: DownloadRequest,
 ) -> int:
     """No agent running, but peers named: run an agent in this process for the download
     (it seeds to those peers while it lives)."""
@@ -416,52 +434,38 @@ async def _embedded(
     async with Agent(config) as agent:
         serve = asyncio.create_task(agent.serve(stop))
         await agent.peers.check_all()
-        progress: Progress | None = None
+        display = ProgressDisplay(quiet=args.quiet)
 
-        async def emit(event: dict[str, Any]) -> None:
-            nonlocal progress
-            if event.get("event") == "started":
-                progress = Progress(
-                    int(event["total"]), files=int(event["files"]), quiet=args.quiet
-                )
-            elif event.get("event") == "progress" and progress is not None:
-                progress.set(
-                    int(event["done"]), fetched=int(event["from_peers"]) + int(event["from_mirror"])
-                )
+        async def emit(event: Event) -> None:
+            display(event)
 
         try:
-            final = await agent.run_download(replace(spec, agent_token=True), emit)
+            # This process is the agent's user; the CLI fills --local-dir below.
+            final = await agent.run_download(
+                replace(request, agent_token=True, local_dir=None), emit
+            )
         finally:
-            if progress is not None:
-                progress.close()
+            display.close()
             stop.set()
             await serve
-    await _print_summary(final, args.quiet, args.local_dir)
+    final = await _fill_local_dir(final, request.local_dir)
+    _print_summary(final, args.quiet)
     return 0
 
 
 async def _run_publish(args: argparse.Namespace) -> int:
     from peer.agent.client import AgentClient
-    from peer.serving.local_api import PublishSpec
+    from peer.agent.requests import PublishRequest
 
     url, _ = _agent_url(args)
     client = AgentClient(url)
     await client.status()  # raises AgentUnavailable at once if nobody is there
-    spec = PublishSpec(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
-    progress: Progress | None = None
-
-    def on_event(event: dict[str, Any]) -> None:
-        nonlocal progress
-        if event.get("event") == "started":
-            progress = Progress(int(event["total"]), files=int(event["files"]), quiet=args.quiet)
-        elif event.get("event") == "progress" and progress is not None:
-            progress.set(int(event["done"]), fetched=int(event["done"]))
-
+    spec = PublishRequest(path=args.path, repo_id=args.repo, repo_type=args.repo_type)
+    display = ProgressDisplay(quiet=args.quiet)
     try:
-        final = await client.publish(spec, on_event)
+        final = await client.publish(spec, display)
     finally:
-        if progress is not None:
-            progress.close()
+        display.close()
     if not args.quiet:
         what = "published" if final["changed"] else "unchanged, main already holds these files"
         print(

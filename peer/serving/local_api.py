@@ -39,14 +39,13 @@ import ipaddress
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from peer.agent.requests import Done, DownloadRequest, Emit, Error, Event, PublishRequest
 from peer.errors import ConfigError, HfswarmError, UserError
-from peer.hub.metadata import FileSelection
 from peer.serving.caller import caller_uid
 from peer.serving.hub_api import HubApi, HubBackend
 
@@ -59,105 +58,16 @@ class RequestRefused(UserError):
     """A request the local API does not take from this caller (HTTP 403/415)."""
 
 
-@dataclass(frozen=True)
-class DownloadSpec:
-    """What the CLI asks for; the token is the user's, used for this download only.
-
-    `agent_token` is never read from the request: the local API sets it when the caller
-    is the agent's own user (or root), who may have the agent use its own token."""
-
-    repo_id: str
-    repo_type: str = "model"
-    revision: str = "main"
-    selection: FileSelection = field(default_factory=FileSelection)
-    token: str | None = None
-    agent_token: bool = False
-
-    @classmethod
-    def from_json(cls, d: Any) -> DownloadSpec:
-        if not isinstance(d, dict) or not isinstance(d.get("repo_id"), str):
-            raise ConfigError("download request needs a repo_id")
-
-        def strs(key: str) -> tuple[str, ...]:
-            value = d.get(key) or []
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"download request: {key} must be a list of strings")
-            return tuple(value)
-
-        if d.get("local_dir"):
-            raise ConfigError(
-                "the agent does not write into a local dir: it downloads into its cache",
-                hint="update hfswarm: `hfswarm download --local-dir` copies the files itself",
-            )
-        return cls(
-            repo_id=d["repo_id"],
-            repo_type=str(d.get("repo_type") or "model"),
-            revision=str(d.get("revision") or "main"),
-            selection=FileSelection(strs("files"), strs("include"), strs("exclude")),
-            token=d.get("token") if isinstance(d.get("token"), str) and d["token"] else None,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "repo_id": self.repo_id,
-            "repo_type": self.repo_type,
-            "revision": self.revision,
-            "files": list(self.selection.files),
-            "include": list(self.selection.include),
-            "exclude": list(self.selection.exclude),
-            "token": self.token,
-        }
-
-
-@dataclass(frozen=True)
-class PublishSpec:
-    """What `hfswarm publish` asks for: a folder (absolute: the agent reads it) to share
-    as ``local/NAME``."""
-
-    path: Path
-    repo_id: str
-    repo_type: str = "model"
-
-    @classmethod
-    def from_json(cls, d: Any) -> PublishSpec:
-        if not isinstance(d, dict) or not all(
-            isinstance(d.get(k), str) for k in ("path", "repo_id")
-        ):
-            raise ConfigError("publish request needs a path and a repo_id")
-        path = Path(d["path"])
-        if not path.is_absolute():
-            raise ConfigError(f"publish: {path} is not an absolute path")
-        return cls(path=path, repo_id=d["repo_id"], repo_type=str(d.get("repo_type") or "model"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "repo_id": self.repo_id, "repo_type": self.repo_type}
-
-
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
 class LocalBackend(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
-    async def run_download(self, spec: DownloadSpec, emit: Emit) -> dict[str, Any]: ...
+    async def run_download(self, request: DownloadRequest, emit: Emit) -> Done: ...
 
-    async def publish(self, spec: PublishSpec, emit: Emit) -> dict[str, Any]: ...
+    async def publish(self, request: PublishRequest, emit: Emit) -> dict[str, Any]: ...
 
 
 def error_event(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, HfswarmError):
-        return {
-            "event": "error",
-            "kind": type(exc).__name__,
-            "exit_code": exc.exit_code,
-            "message": exc.one_line(),
-        }
-    return {
-        "event": "error",
-        "kind": "InternalError",
-        "exit_code": 1,
-        "message": f"internal error in the agent: {exc!r} (a bug; see the agent's log)",
-    }
+    return Error.of(exc).to_json()
 
 
 def _split_host(value: str) -> tuple[str, str | None]:
@@ -260,7 +170,7 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
 
     async def downloads(request: web.Request) -> web.StreamResponse:
         try:
-            spec = DownloadSpec.from_json(await body(request))
+            spec = DownloadRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
         # Any local user reaches this port: the agent's token (its reach to private and
@@ -282,25 +192,26 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
                 status=403,
             )
         try:
-            spec = PublishSpec.from_json(await body(request))
+            spec = PublishRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
         return await run_job(request, lambda emit: backend.publish(spec, emit))
 
     async def run_job(
-        request: web.Request, start: Callable[[Emit], Awaitable[dict[str, Any]]]
+        request: web.Request, start: Callable[[Emit], Awaitable[Done | dict[str, Any]]]
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def emit(event: dict[str, Any]) -> None:
-            queue.put_nowait(event)
+        async def emit(event: Event) -> None:
+            queue.put_nowait(event.to_json())
 
         async def job() -> None:
             try:
                 final = await start(emit)
-                queue.put_nowait({**final, "event": "done"})
+                done = final.to_json() if isinstance(final, Done) else {**final, "event": "done"}
+                queue.put_nowait(done)
             except Exception as exc:
                 queue.put_nowait(error_event(exc))
             finally:

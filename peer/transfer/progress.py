@@ -1,10 +1,16 @@
-"""Progress on stderr: bytes, rate, ETA. Silent when quiet or when stderr is not a TTY."""
+"""Progress on stderr: bytes, rate, ETA. Silent when quiet or when stderr is not a TTY.
+
+`Progress` counts bytes (the mirror fetcher adds to it) and draws; `ProgressDisplay`
+draws a job's typed events (`peer.agent.requests`): an agent's download or publish, or
+the mirror-only download of `peer.download`."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from peer.agent import requests as job
 
 
 def human_bytes(n: float) -> str:
@@ -47,11 +53,14 @@ class Progress:
             self.fetched += n
         self._maybe_draw()
 
-    def set(self, done: int, *, fetched: int) -> None:
-        """Absolute figures (from an agent's progress events)."""
+    def set(self, done: int, *, fetched: int, files_done: int | None = None) -> None:
+        """Absolute figures (from a job's progress events); a file finished draws at once."""
         self.done = done
         self.fetched = fetched
-        self._maybe_draw()
+        more_files = files_done is not None and files_done != self.files_done
+        if files_done is not None:
+            self.files_done = files_done
+        self._maybe_draw(force=more_files)
 
     def file_done(self) -> None:
         self.files_done += 1
@@ -89,3 +98,28 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
+
+
+class ProgressDisplay:
+    """Follows a job's events: the bar starts with `Started`, moves with each `Progress`,
+    and is wiped at the end (`close`, also when the job failed)."""
+
+    def __init__(self, *, quiet: bool, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream
+        self._bar: Progress | None = None
+
+    def __call__(self, event: job.Event) -> None:
+        match event:
+            case job.Started(files=files, total=total):
+                self.close()
+                self._bar = Progress(total, files=files, quiet=self.quiet, stream=self.stream)
+            case job.Progress() if self._bar is not None:
+                self._bar.set(event.done, fetched=event.fetched, files_done=event.files_done)
+            case job.Done() | job.Error():
+                self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
