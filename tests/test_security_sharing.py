@@ -403,3 +403,27 @@ async def test_hf_endpoint_with_a_token_shares_only_public_blobs(
             assert [m.blob_id for m in have.manifests] == [pub.ids[1]]
             async with s.get(f"{a.peer_url}/v1/blobs/{gated.ids[1]}") as r:
                 assert r.status == 404
+
+
+async def test_a_lan_name_no_peer_can_deliver_fails_with_that_reason(tmp_path: Path) -> None:
+    """A peer names a `local/*` revision whose blob nobody holds: no mirror may serve a
+    LAN-only name, so there is nobody to wait for (no herd turn, no mirror): the client
+    gets "no peer could deliver" at once (it used to claim the blob in a herd and then
+    fail with "no mirror could serve")."""
+    ghost = random.Random(5).randbytes(3 * MiB)
+    files = (wire.RevisionFile(path="ghost.safetensors", blob_id=sha256(ghost), size=len(ghost)),)
+    async with (
+        MirrorServer([]) as mirror,
+        serve(hostile_peer_app(files), "127.0.0.30") as hostile,
+        agent_process(tmp_path / "a", "127.0.0.2", mirror.url, peers=[hostile]) as a,
+        aiohttp.ClientSession() as s,
+    ):
+        t0 = time.monotonic()
+        async with s.get(f"{a.local_url}/local/ghost/resolve/main/ghost.safetensors") as r:
+            body = await r.read()
+        took = time.monotonic() - t0
+        assert r.status >= 400 and ghost[:4096] not in body, r.status
+        assert b"no peer could deliver" in body, body[:300]
+        assert took < 10, took
+        assert mirror.stats().requests == 0  # a LAN-only name never reaches a mirror
+        await assert_healthy(a)

@@ -27,7 +27,7 @@ from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_erro
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
 from peer.download import fetch_verified
-from peer.errors import HfswarmError, IntegrityError, NotShared
+from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
 from peer.scheduling.herd import HerdConfig
@@ -225,6 +225,14 @@ class BlobFetcher:
             got = await self._from_peers(repo, snapshot, file, offers, mirror, counters, access)
             if got is not None:
                 return got
+        # No mirror behind this download (local/*): nobody can lead it from one; the
+        # peers were its only source.
+        if not mirror.has_mirrors:
+            raise NetworkError(
+                f"no peer could deliver {file.path} (and no mirror may serve it)",
+                hint="the agent that published it, or one that downloaded it, must be "
+                "running and reachable (`hfswarm status` lists the peers)",
+            )
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
         # wait for that leader's manifest and swarm it.
         async with self.herd.turn(file, lambda: counters.done) as turn:

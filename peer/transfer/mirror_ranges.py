@@ -157,6 +157,11 @@ class MirrorFetcher:
         self._session: aiohttp.ClientSession | None = None
         self.bytes_fetched = 0
 
+    @property
+    def has_mirrors(self) -> bool:
+        """False for a download no mirror may serve (``local/*``: LAN-only names)."""
+        return bool(self.pool.mirrors)
+
     async def __aenter__(self) -> MirrorFetcher:
         timeout = aiohttp.ClientTimeout(
             total=None,
