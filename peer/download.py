@@ -19,7 +19,7 @@ from pathlib import Path
 
 from peer.agent import requests as job
 from peer.agent.requests import DownloadRequest
-from peer.aio import primary_error
+from peer.aio import each_with_ticks
 from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
 from peer.cache.partial import PartialBlob, PartialBusy
 from peer.config import DownloadOptions, HubSettings
@@ -68,11 +68,6 @@ async def download(
                 )
             )
 
-        async def reporter() -> None:
-            while True:
-                await asyncio.sleep(0.25)
-                report()
-
         async def one(files: list[RemoteFile]) -> None:
             nonlocal reused
             async with limit:
@@ -83,15 +78,7 @@ async def download(
                 progress.file_done()
             report()
 
-        try:
-            async with asyncio.TaskGroup() as tg:
-                ticks = tg.create_task(reporter())
-                async with asyncio.TaskGroup() as inner:
-                    for files in by_blob.values():
-                        inner.create_task(one(files))
-                ticks.cancel()
-        except BaseExceptionGroup as group:
-            raise primary_error(group) from None
+        await each_with_ticks(by_blob.values(), one, report, 0.25)
 
     if request.local_dir is None:
         repo.write_ref(snapshot.revision, snapshot.commit)

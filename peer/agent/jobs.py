@@ -11,14 +11,13 @@ Never a caller's folder: the CLI copies the snapshot into ``--local-dir`` itself
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, replace
 
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
-from peer.aio import primary_error
+from peer.aio import each_with_ticks
 from peer.cache.hf_cache import RepoCache
 from peer.config import AgentConfig
 from peer.errors import ConfigError, NetworkError
@@ -100,20 +99,9 @@ class DownloadJob:
                 for f in files:
                     repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
 
-            async def report() -> None:
-                while True:
-                    await asyncio.sleep(0.5)
-                    await emit(progress(counters, snapshot.total_size))
-
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    reporter = tg.create_task(report())
-                    async with asyncio.TaskGroup() as inner:
-                        for files in by_blob.values():
-                            inner.create_task(one(files))
-                    reporter.cancel()
-            except BaseExceptionGroup as group:
-                raise primary_error(group) from None
+            await each_with_ticks(
+                by_blob.values(), one, lambda: emit(progress(counters, snapshot.total_size)), 0.5
+            )
         repo.write_ref(snapshot.revision, snapshot.commit)
         path = repo.snapshot_dir(snapshot.commit)
         path.mkdir(parents=True, exist_ok=True)
