@@ -228,8 +228,8 @@ class BlobFetcher:
             if got is not None:
                 return got
         # No mirror behind this download (local/*): nobody can lead it from one; the
-        # peers were its only source.
-        if not mirror.has_mirrors:
+        # peers were its only source. (An empty blob needs no source: written below.)
+        if file.size > 0 and not mirror.has_mirrors:
             raise NetworkError(
                 f"no peer could deliver {file.path} (and no mirror may serve it)",
                 hint="the agent that published it, or one that downloaded it, must be "
