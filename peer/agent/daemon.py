@@ -8,7 +8,8 @@ the fetcher with its herd, the trackers, revisions) and the backends of its APIs
 `Agent.__aenter__` binds every listener (so a port clash fails at once, with a clear
 error); `serve` runs the background work (liveness checks, the cache scan that seeds
 pre-existing blobs, periodic resume data, tracker presence) in one TaskGroup until `stop`
-is set."""
+is set.
+"""
 
 from __future__ import annotations
 
@@ -189,8 +190,7 @@ class Agent:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.revisions.close()
-        await self.blobs.herd.close()
-        await self.blobs.save_all_resume_data()
+        await self.blobs.close()
         await self._stack.aclose()
 
     async def _listen(

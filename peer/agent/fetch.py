@@ -637,6 +637,11 @@ class BlobFetcher:
             ),
         )
 
+    async def close(self) -> None:
+        """The agent is shutting down: stop the herd's survey, keep what was fetched."""
+        await self.herd.close()
+        await self.save_all_resume_data()
+
     # -- resume ----------------------------------------------------------------------
 
     async def save_all_resume_data(self) -> None:
