@@ -93,7 +93,7 @@ async def fetch(a: Agent, repo_id: str = "org/m", **kw: Any) -> dict[str, Any]:
         return None
 
     kw.setdefault("agent_token", True)
-    done = await a.run_download(DownloadRequest(repo_id=repo_id, **kw), emit)
+    done = await a.local.run_download(DownloadRequest(repo_id=repo_id, **kw), emit)
     return done.to_json()  # the "done" line the local API sends
 
 

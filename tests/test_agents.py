@@ -79,9 +79,9 @@ async def test_second_agent_takes_everything_from_the_first(
             assert mirror.stats().blob_bytes == 0, "the mirror must serve metadata only"
             assert mirror.stats().meta_bytes > 0
             assert second["from_peers"] == total and second["from_mirror"] == 0
-            status = await b.status()
+            status = await b.local.status()
             assert status["bytes_from_peers"] == total and len(status["peers"]) == 1
-            assert (await a.status())["bytes_uploaded"] >= BIG
+            assert (await a.local.status())["bytes_uploaded"] >= BIG
     cache = tmp_path / "b" / "cache"
     snap = Path(snapshot_download("org/m", cache_dir=cache, local_files_only=True))
     for rel in ("model.safetensors", "small.bin", "nested/dir/readme.txt"):
@@ -98,8 +98,8 @@ async def test_two_agents_make_the_same_manifest_independently(
     ):
         await asyncio.gather(fetch(a), fetch(b))  # no peers: each from the mirror
         blob = sha256((tmp_path / "src" / "model.safetensors").read_bytes())
-        (ma,) = a.manifests_for((blob,))
-        (mb,) = b.manifests_for((blob,))
+        (ma,) = a.seeds.manifests_for((blob,))
+        (mb,) = b.seeds.manifests_for((blob,))
         assert ma.made_by != mb.made_by
         assert ma.info_hash == mb.info_hash and ma.torrent == mb.torrent
 
@@ -367,7 +367,7 @@ async def test_blobs_already_in_the_cache_are_verified_once_then_seeded(
             await asyncio.sleep(0.05)
         assert blob in a.seeds.held  # verified in the background, now seeded
         assert sha256(small) not in a.seeds.held  # a blob that fails its id is never offered
-        assert a.manifests_for((sha256(small),)) == []
+        assert a.seeds.manifests_for((sha256(small),)) == []
     assert (tmp_path / "a/state/verified" / blob).exists()
     # A restart trusts the record (same size, mtime, inode): seeded without re-hashing.
     calls: list[str] = []

@@ -117,7 +117,7 @@ async def test_snapshot_download_of_a_model_and_a_dataset_through_the_agent(
         model = await snapshot(a, "org/m", client)
         data = await snapshot(a, "org/d", client, repo_type="dataset")
         single = await download(a, "org/m", "nested/dir/readme.txt", tmp_path / "other-client")
-        status = await a.status()
+        status = await a.local.status()
     assert tree_of(model) == tree_of(sources["model"])
     assert tree_of(data) == tree_of(sources["dataset"])
     assert single.read_bytes() == b"nested\n"
@@ -286,12 +286,12 @@ async def test_blobs_come_from_a_peer_and_the_mirror_sends_metadata_only(
         async def emit(_: dict[str, Any]) -> None:
             return None
 
-        await a.run_download(DownloadRequest(repo_id="org/m"), emit)  # A holds the model
+        await a.local.run_download(DownloadRequest(repo_id="org/m"), emit)  # A holds the model
         mirror.reset_stats()
         peer = (a.config.listen[0], a.peer_port)
         async with agent(config(tmp_path / "b", "127.0.0.3", (mirror.url,), peers=(peer,))) as b:
             got = await snapshot(b, "org/m", tmp_path / "client-cache")
-            status = await b.status()
+            status = await b.local.status()
     assert tree_of(got) == tree_of(sources["model"])
     stats = mirror.stats()
     assert stats.blob_bytes == 0, "the mirror must serve metadata only"

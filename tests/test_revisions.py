@@ -168,7 +168,7 @@ async def test_publish_then_download_elsewhere_and_publish_again(
                 assert code == 0, err
                 got = Path(out.strip().splitlines()[-1])
                 assert got.name == commit and tree_of(got) == checkpoint
-                status = await b.status()
+                status = await b.local.status()
                 assert status["bytes_from_peers"] == total and status["bytes_from_mirror"] == 0
                 print(f"hfswarm download local/ckpt on B: {time.monotonic() - t0:.1f} s")
 
@@ -179,7 +179,7 @@ async def test_publish_then_download_elsewhere_and_publish_again(
                 assert snap.name == commit and tree_of(snap) == checkpoint
                 assert (client / "models--local--ckpt/refs/main").read_text() == commit
                 assert scan_cache_dir(client).warnings == []
-                status = await c.status()
+                status = await c.local.status()
                 assert status["bytes_from_mirror"] == 0
                 assert status["bytes_from_peers"] == total
                 print(f"snapshot_download local/ckpt via C: {time.monotonic() - t0:.1f} s")
@@ -455,7 +455,7 @@ async def test_mirror_down_revisions_come_from_peers(
                 t0 = time.monotonic()
                 snap = await snapshot(c, "org/m", tmp_path / "client")
                 assert snap.name == commit and tree_of(snap) == tree_of(sources["model"])
-                status = await c.status()
+                status = await c.local.status()
                 assert status["bytes_from_peers"] == total and status["bytes_from_mirror"] == 0
                 print(f"snapshot_download with the mirror down: {time.monotonic() - t0:.1f} s")
 

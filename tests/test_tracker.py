@@ -23,6 +23,8 @@ import msgpack
 import pytest
 from yarl import URL
 
+from peer.discovery.peer_table import PeerTable
+from peer.discovery.tracker_source import Trackers
 from tracker import messages as m
 from tracker.announce import (
     BadAnnounce,
@@ -553,6 +555,35 @@ async def test_presence_recovers_from_a_tracker_restart_by_itself() -> None:
             async with TrackerServer(host="127.0.0.1", port=port):
                 await presence.step()  # a heartbeat; the answer says "new", so it announces
                 assert set(await c.who([blob(1), blob(2)])) == {blob(1), blob(2)}
+
+
+async def test_trackers_reach_every_source_once_bound_and_nothing_before() -> None:
+    held = [blob(1)]
+    async with (
+        TrackerServer(host="127.0.0.1", port=0) as t1,
+        TrackerServer(host="127.0.0.1", port=0) as t2,
+        TrackerClient(t2.url) as other,
+        PeerTable("agent-a") as peers,
+    ):
+        await other.register("agent-b", api_port=9001, bt_port=9002)
+        await other.announce("agent-b", [blob(7)])
+        trackers = Trackers(
+            [t1.url, t2.url], agent_id="agent-a", peers=peers, holdings=lambda: (held, ())
+        )
+        # Made before the agent's listeners: the herd may call both at once, harmlessly.
+        await trackers.lookup((blob(7),))
+        trackers.nudge()
+        assert peers.candidates() == []
+        async with trackers.bound("127.0.0.1", 7851, 7852):
+            assert [s.url for s in trackers.sources] == [t1.url, t2.url]
+            await trackers.lookup((blob(7),))  # only the second tracker knows agent-b
+            assert ("127.0.0.1", 9001) in peers.candidates()
+            trackers.nudge()
+            for s in trackers.sources:
+                await s.presence.step()
+                async with TrackerClient(s.url) as c:
+                    assert ids_of((await c.who([blob(1)]))[blob(1)].holders) == {"agent-a"}
+        assert trackers.sources == []
 
 
 async def test_bad_requests_get_clear_problems() -> None:

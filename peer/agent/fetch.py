@@ -14,12 +14,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from peer import wire
-from peer.agent.herd import Herd
+from peer.agent.herd import Herd, Lookup
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
@@ -83,6 +83,9 @@ class BlobFetcher:
         peers: PeerTable,
         seeds: SeedIndex,
         state: StateDir,
+        *,
+        lookups: Sequence[Lookup] = (),
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.swarm = swarm
@@ -93,21 +96,20 @@ class BlobFetcher:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
-        # Extra discovery before asking peers (trackers): called with the blob ids.
+        # lookups: extra discovery (trackers) asked before peers, by the fetcher and the
+        # herd, with the blob ids; on_change: our herd claims changed (tell the trackers).
         self.herd = Herd(
             peers.self_id,
             peers,
             self._valid,
             config=HerdConfig(settle=config.herd_settle, leader_timeout=config.herd_leader_timeout),
+            lookups=lookups,
+            on_change=on_change,
         )
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
         self._flights: dict[str, InFlightBlob] = {}
         # At most this many blobs move at once (a herd wait takes no slot).
         self._transfers = asyncio.Semaphore(config.download.max_files)
-
-    def set_lookups(self, lookups: list[Callable[[tuple[str, ...]], Awaitable[None]]]) -> None:
-        """Extra discovery (trackers) asked before peers, by the fetcher and the herd."""
-        self.herd.lookups = lookups
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
@@ -226,8 +228,8 @@ class BlobFetcher:
             if got is not None:
                 return got
         # No mirror behind this download (local/*): nobody can lead it from one; the
-        # peers were its only source.
-        if not mirror.has_mirrors:
+        # peers were its only source. (An empty blob needs no source: written below.)
+        if file.size > 0 and not mirror.has_mirrors:
             raise NetworkError(
                 f"no peer could deliver {file.path} (and no mirror may serve it)",
                 hint="the agent that published it, or one that downloaded it, must be "
@@ -634,6 +636,11 @@ class BlobFetcher:
                 PeerSample(p.endpoint, p.num_hashfails) for p in await self.swarm.peers(ih)
             ),
         )
+
+    async def close(self) -> None:
+        """The agent is shutting down: stop the herd's survey, keep what was fetched."""
+        await self.herd.close()
+        await self.save_all_resume_data()
 
     # -- resume ----------------------------------------------------------------------
 

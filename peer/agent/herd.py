@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from peer import wire
@@ -59,12 +59,14 @@ class Herd:
         *,
         config: HerdConfig | None = None,
         poll: float = 0.25,
+        lookups: Sequence[Lookup] = (),
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.peers = peers
         self.poll = poll
         self.election = HerdElection(self_id, config)
-        self.lookups: list[Lookup] = []  # trackers: who else claims or holds these blobs
-        self.on_change: Callable[[], None] = lambda: None  # our claims changed
+        self.lookups = tuple(lookups)  # trackers: who else claims or holds these blobs
+        self.on_change = on_change  # our claims changed (trackers announce at once)
         self._waiters: dict[
             str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
         ] = {}

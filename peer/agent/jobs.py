@@ -1,7 +1,9 @@
 """A download the agent runs for the CLI (the local API, or `hfswarm download --peer` in
 process): resolve the revision, decide on whose word it stands (`Access`), get each
 blob through `BlobFetcher.obtain` (cache, peers, herd, mirror), link the snapshot, write
-the ref, and tell its progress as typed events (`peer.agent.requests`).
+the ref, and tell its progress as typed events (`peer.agent.requests`). `HubService`
+does the same for one file a Hub client (HF_ENDPOINT mode) asks for: the Hub API's
+backend (`peer.serving.hub_api.HubBackend`).
 
     job = DownloadJob(config, revisions, blobs, totals)
     done = await job.run(request, emit)
@@ -11,12 +13,18 @@ Never a caller's folder: the CLI copies the snapshot into ``--local-dir`` itself
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
+from peer.agent.seeding import SeedIndex
 from peer.aio import each_with_ticks
 from peer.cache.hf_cache import RepoCache
 from peer.config import AgentConfig
@@ -24,7 +32,11 @@ from peer.errors import ConfigError, NetworkError
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests.revisions import is_local_repo
 from peer.serving.sharing import Access, Visibility, repo_key
+from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_ranges import MirrorFetcher
+from peer.verification.hashing import hash_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,6 +133,104 @@ class DownloadJob:
             entries=tuple((f.path, f.blob_id, f.size) for f in snapshot.files),
             seconds=time.monotonic() - t0,
         )
+
+
+class HubService:
+    """The Hub API's backend: files for Hub clients, from this agent's cache, its peers
+    or the mirror with the client's own token; revisions from manifests."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        revisions: Revisions,
+        blobs: BlobFetcher,
+        seeds: SeedIndex,
+        totals: Totals,
+    ) -> None:
+        self.config = config
+        self.revisions = revisions
+        self.blobs = blobs
+        self.seeds = seeds
+        self.totals = totals
+
+    def stream_of(self, blob_id: str) -> InFlightBlob | None:
+        return self.blobs.stream_of(blob_id)
+
+    async def revision_manifest(
+        self, repo_type: str, repo_id: str, revision: str
+    ) -> wire.RevisionManifest | None:
+        """What this agent and its peers know of a revision (local/* repos, or any repo
+        while the mirror is down): the newest manifest, or None."""
+        return await self.revisions.find(repo_type, repo_id, revision)
+
+    def mirror_said(
+        self, repo_type: str, repo_id: str, revision: str, commit: str, private: bool, gated: bool
+    ) -> None:
+        """A client resolved a revision through the mirror: remember public ones."""
+        self.revisions.mirror_said(
+            self.config.hub, repo_type, repo_id, revision, commit, private=private, gated=gated
+        )
+
+    async def blob_for_client(
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        token: str | None,
+        ref: str | None,
+        access: Access,
+    ) -> Path:
+        """A verified copy of one file for a Hub client, in this agent's cache: taken as
+        it is if this agent verified it (and `access` may have it), else obtained like
+        any download (cache, peers, then the mirror with the CLIENT's token, never the
+        agent's), then linked into snapshots/<commit>/ (and refs/<ref>) and seeded if
+        shared."""
+        hub = replace(self.config.hub, token=token)
+        if is_local_repo(snapshot.repo_id):  # no mirror has it: never send its name to one
+            hub = replace(hub, mirrors=())
+        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
+        path = await self._verified_in_repo(repo, file, access)
+        if path is None:
+            counters = BlobCounters(file.size)
+            async with MirrorFetcher(hub, self.config.download) as mirror:
+                path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
+            self.totals.add(
+                Counters(
+                    from_peers=counters.from_peers,
+                    from_mirror=counters.from_mirror,
+                    hash_failures=counters.hash_failures,
+                )
+            )
+        repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
+        if ref:
+            repo.write_ref(ref, snapshot.commit)
+        return path
+
+    async def _verified_in_repo(
+        self, repo: RepoCache, file: RemoteFile, access: Access
+    ) -> Path | None:
+        """The blob in this repo's blobs/ if it is known good and `access` may have it.
+        One that another tool put there (not verified by this agent yet) is hashed
+        first; a bad one is removed, so that the fetch replaces it instead of reusing it."""
+        if not access.mirror_allowed:
+            return None  # BlobFetcher.obtain decides, by the blob's provenance
+        held = self.seeds.path_of(file.blob_id)
+        if held is not None and held == repo.blob_path(file.blob_id):
+            await self.blobs.note(file, access)
+            return held
+        if not repo.has_blob(file.blob_id, file.size):
+            return None
+        path = repo.blob_path(file.blob_id)
+        verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
+        if verdict.ok:
+            held_for = (access.repo, access.visibility) if access.visibility else None
+            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for)
+            return path
+        log.warning(
+            "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual
+        )
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
 
 async def access_of(snapshot: Snapshot, mirror: MirrorFetcher) -> Access:

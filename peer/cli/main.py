@@ -441,7 +441,7 @@ async def _embedded(
 
         try:
             # This process is the agent's user; the CLI fills --local-dir below.
-            final = await agent.run_download(
+            final = await agent.local.run_download(
                 replace(request, agent_token=True, local_dir=None), emit
             )
         finally:

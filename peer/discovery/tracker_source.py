@@ -5,13 +5,18 @@ it is fetching (`tracker.client.TrackerPresence` re-registers by itself after a 
 restart). Before the agent asks its peers for a blob, `lookup` asks the tracker who has
 it and offers those agents to the peer table, which checks them like any other peer.
 The agent works on without a tracker: tracker errors are logged, never raised.
+
+`Trackers` is the agent's trackers as one source, made before the parts that ask it (the
+herd gets `lookup` and `nudge` at construction); its sources start once the peer API is
+bound, since they register its port (`bound`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from peer.discovery.peer_table import PeerTable
 from tracker.client import TrackerClient, TrackerPresence
@@ -92,3 +97,47 @@ class TrackerSource:
         held, fetching = self._holdings()
         self._last = (frozenset(held), frozenset(fetching))
         self.presence.changed()
+
+
+class Trackers:
+    """All of the agent's trackers (none, with no ``--tracker``): `lookup` and `nudge`
+    reach every source; before `bound` there are none, so both do nothing."""
+
+    def __init__(
+        self, urls: Sequence[str], *, agent_id: str, peers: PeerTable, holdings: Holdings
+    ) -> None:
+        self.urls = tuple(urls)
+        self.agent_id = agent_id
+        self.peers = peers
+        self._holdings = holdings
+        self.sources: list[TrackerSource] = []
+
+    @asynccontextmanager
+    async def bound(self, api_host: str, api_port: int, bt_port: int) -> AsyncIterator[Trackers]:
+        """The sources, registering this agent's peer API and BitTorrent ports."""
+        async with AsyncExitStack() as stack:
+            self.sources = [
+                await stack.enter_async_context(
+                    TrackerSource(
+                        url,
+                        agent_id=self.agent_id,
+                        api_host=api_host,
+                        api_port=api_port,
+                        bt_port=bt_port,
+                        peers=self.peers,
+                        holdings=self._holdings,
+                    )
+                )
+                for url in self.urls
+            ]
+            try:
+                yield self
+            finally:
+                self.sources = []
+
+    async def lookup(self, blob_ids: tuple[str, ...]) -> None:
+        await asyncio.gather(*(t.lookup(blob_ids) for t in self.sources))
+
+    def nudge(self) -> None:
+        for t in self.sources:
+            t.nudge()

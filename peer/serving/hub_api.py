@@ -18,7 +18,7 @@ the agent unchanged, and the agent takes the bytes from its peers first:
 ``refs%2Fpr%2F1``.) It is mounted on the local app only, never on the peer-facing one.
 
 Without the mirror (revision, tree, paths-info and resolve metadata answered here from
-revision manifests: `Agent.revision_manifest`, the agent's and its peers' newest):
+revision manifests: `HubBackend.revision_manifest`, the agent's and its peers' newest):
 - ``local/*`` repos (`hfswarm publish`) always: no mirror has them, none is asked;
 - other repos only when no mirror answers (unreachable, or a 5xx): a 401, 403 or 404
   is the mirror's final word, and any answer of the mirror wins over the peers'. Peers
@@ -127,7 +127,7 @@ REF_ENTRIES = 1024
 
 
 class HubBackend(Protocol):
-    """What the Hub API needs of the agent (`peer.agent.daemon.Agent`)."""
+    """What the Hub API needs of the agent (`peer.agent.jobs.HubService`)."""
 
     config: AgentConfig
 

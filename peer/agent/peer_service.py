@@ -1,0 +1,56 @@
+"""What this agent tells other agents: the peer API's backend
+(`peer.serving.peer_api.PeerBackend`), answered by the agent's parts. Only shared blobs
+are named or served (`SeedIndex.manifests_for`, `SeedIndex.shared_path`).
+
+    app = make_peer_app(PeerService(agent_id, bt_port, seeds, blobs, revisions, totals))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peer import wire
+from peer.agent.fetch import BlobFetcher
+from peer.agent.jobs import Totals
+from peer.agent.revisions import Revisions
+from peer.agent.seeding import SeedIndex
+
+
+class PeerService:
+    def __init__(
+        self,
+        agent_id: str,
+        bt_port: int,
+        seeds: SeedIndex,
+        blobs: BlobFetcher,
+        revisions: Revisions,
+        totals: Totals,
+    ) -> None:
+        self.agent_id = agent_id
+        self.bt_port = bt_port
+        self.seeds = seeds
+        self.blobs = blobs
+        self.herd = blobs.herd
+        self.revisions = revisions
+        self.totals = totals
+
+    def health(self) -> wire.Health:
+        return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
+
+    def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        return self.seeds.manifests_for(blob_ids)
+
+    def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        return self.blobs.fetching_for(blob_ids)
+
+    def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
+        return self.herd.claims_for(blob_ids)
+
+    def verified_blob_path(self, blob_id: str) -> Path | None:
+        return self.seeds.shared_path(blob_id)
+
+    def count_upload(self, n: int) -> None:
+        self.totals.bytes_uploaded_http += n
+
+    def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
+        return self.revisions.shared(request)
