@@ -406,3 +406,26 @@ async def test_client_and_agent_sharing_one_cache(
     assert blob_bytes == sum(len(b) for b in tree_of(sources["model"]).values())
     report = scan_cache_dir(cfg.hub.cache_dir)
     assert report.warnings == [] and [r.repo_id for r in report.repos] == ["org/m"]
+
+
+async def test_a_resolve_by_name_teaches_the_agent_the_revision(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """hf_hub_download by name: the resolve answer's X-Repo-Commit names main's commit.
+    A public repo's revision is recorded for peers; a gated one never is."""
+    commit = mirror.commit_of("model", "org/m")
+    async with agent(config(tmp_path / "a", "127.0.0.2", (mirror.url,))) as a:
+        await download(a, "org/m", "config.json", tmp_path / "client")
+        await download(a, "org/gated", "config.json", tmp_path / "client", token=GATED_OK)
+        assert (tmp_path / "a/cache/models--org--m/refs/main").read_text() == commit
+        for _ in range(200):
+            if a.revisions.book.best("model", "org/m", "main") is not None:
+                break
+            await asyncio.sleep(0.05)
+        best = a.revisions.book.best("model", "org/m", "main")
+        assert best is not None and best.commit == commit
+        assert a.revisions.book.best("model", "org/gated", "main") is None
+        # by commit, after the name: refs/main was learned, not only from the name's URL
+        shutil.rmtree(tmp_path / "a/cache/models--org--m/refs")
+        await download(a, "org/m", "small.bin", tmp_path / "client", revision=commit)
+        assert (tmp_path / "a/cache/models--org--m/refs/main").read_text() == commit

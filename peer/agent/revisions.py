@@ -80,6 +80,9 @@ class Revisions:
         self.clock = clock
         self.book = RevisionBook()
         self._tasks: set[asyncio.Task[None]] = set()
+        # (type, repo id, revision, commit) being listed: a client asks for many files
+        # of one revision at once, and each answer names the same commit.
+        self._recording: set[tuple[str, str, str, str]] = set()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -219,13 +222,16 @@ class Revisions:
         if private or gated:
             self.forget(repo_type, repo_id)
             return
-        if self.book.has(repo_type, repo_id, revision, commit):
+        key = (repo_type, repo_id, revision, commit)
+        if key in self._recording or self.book.has(*key):
             return
         task = asyncio.get_running_loop().create_task(
             self._record_from_mirror(replace(hub, token=None), repo_type, repo_id, revision)
         )
+        self._recording.add(key)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._recording.discard(key))
 
     async def _record_from_mirror(
         self, hub: HubSettings, repo_type: str, repo_id: str, revision: str

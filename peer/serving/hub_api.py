@@ -213,18 +213,6 @@ def parse_resolve(raw_path: str) -> ResolveTarget | None:
     return ResolveTarget(repo_type, repo_id, revision, path)
 
 
-def _revision_route(raw_path: str) -> tuple[str, str, str] | None:
-    """``/api/{type}s/{repo_id}/revision/{rev}`` -> (type, repo id, revision)."""
-    segs = raw_path.partition("?")[0].split("/")[2:]
-    if not segs or segs[0] not in API_TYPES:
-        return None
-    split = _split_repo(segs[1:], "revision")
-    if split is None or not split[1]:
-        return None
-    rev, _ = _split_revision(split[1])
-    return API_TYPES[segs[0]], split[0], rev
-
-
 @dataclass(frozen=True)
 class ApiRoute:
     """An /api route answerable from a revision manifest."""
@@ -611,30 +599,37 @@ class HubApi:
         return web.Response(status=up.status, body=data, headers=out)
 
     def _remember(self, raw_path: str, info: dict[str, Any]) -> None:
-        """From a revision answer: the revision's commit (for refs/ in the agent's
-        cache) and whether the repo is private or gated (for what is done with it)."""
-        route = _revision_route(raw_path)
-        if route is None:
+        """From a repo info answer (``/api/{type}s/{id}``, which is `main`, or with
+        ``/revision/{rev}``): the revision's commit (for refs/ in the agent's cache) and
+        whether the repo is private or gated (for what is done with it)."""
+        route = _api_route(raw_path)
+        if route is None or route.action != "revision":
             return
-        repo_type, repo_id, rev = route
-        _bounded_put(
-            self._flags,
-            (repo_type, repo_id),
-            (bool(info.get("private")), bool(info.get("gated"))),
-            REF_ENTRIES,
-        )
+        private, gated = bool(info.get("private")), bool(info.get("gated"))
+        _bounded_put(self._flags, (route.repo_type, route.repo_id), (private, gated), REF_ENTRIES)
         commit = info.get("sha")
-        if isinstance(commit, str) and SHA1_RE.fullmatch(commit) and rev != commit:
-            _bounded_put(self._refs, (repo_type, repo_id, commit), rev, REF_ENTRIES)
-        if isinstance(commit, str) and SHA1_RE.fullmatch(commit):
-            self.backend.mirror_said(
-                repo_type,
-                repo_id,
-                rev,
-                commit,
-                bool(info.get("private")),
-                bool(info.get("gated")),
-            )
+        if isinstance(commit, str):
+            self._learn(route.repo_type, route.repo_id, route.revision, commit, (private, gated))
+
+    def _learn(
+        self,
+        repo_type: str,
+        repo_id: str,
+        revision: str,
+        commit: str,
+        flags: tuple[bool, bool] | None,
+    ) -> None:
+        """The mirror named `commit` for `revision`: refs/<revision> is written with the
+        next file linked for it (a name only, never a commit for itself); the revision is
+        recorded if the repo is public (`flags`: private, gated; None: not known, so
+        nothing is recorded)."""
+        if not SHA1_RE.fullmatch(commit):
+            return
+        if revision != commit:
+            _bounded_put(self._refs, (repo_type, repo_id, commit), revision, REF_ENTRIES)
+        if flags is not None:
+            private, gated = flags
+            self.backend.mirror_said(repo_type, repo_id, revision, commit, private, gated)
 
     # -- answers from revision manifests (local/*, or no mirror answering) ---------------
 
@@ -739,9 +734,21 @@ class HubApi:
         if up.status >= 400 or (up.status >= 300 and "X-Repo-Commit" not in up.headers):
             raise _Answer(_refusal(up))
         meta = _file_meta(up, target)
+        self._learn_from_resolve(target, meta, anonymous=auth is None)
         if SHA1_RE.fullmatch(target.revision):  # a commit: its files never change
             _bounded_put(self._meta, key, (now + META_TTL, meta), META_ENTRIES)
         return meta
+
+    def _learn_from_resolve(
+        self, target: ResolveTarget, meta: FileMeta, *, anonymous: bool
+    ) -> None:
+        """A resolve by name: its X-Repo-Commit is the commit of that name. An anonymous
+        client's file the mirror gave out is public; with a token, what the revision API
+        last said of the repo (nothing is recorded when that is not known)."""
+        if SHA1_RE.fullmatch(target.revision):
+            return
+        flags = (False, False) if anonymous else self._flags.get(key_of(target))
+        self._learn(target.repo_type, target.repo_id, target.revision, meta.commit, flags)
 
     async def resolve(self, request: web.Request) -> web.StreamResponse:
         try:
