@@ -22,11 +22,12 @@ from agentkit import agent, endpoint, write_tree
 from agentkit import config as agentkit_config
 from aiohttp import web
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
 
 from peer.agent.daemon import Agent
 from peer.config import DownloadOptions
 from peer.hub.protocol import content_id, if_range_allows
-from peer.mirror_server import MirrorServer, RepoSource
+from peer.mirror_server import Fault, MirrorServer, RepoSource
 
 MiB = 1 << 20
 WEIGHTS = random.Random(13).randbytes(3 * MiB)
@@ -221,3 +222,17 @@ async def test_if_range_on_every_resolve_route(tmp_path: Path) -> None:
             assert r.status == 302
             location = r.headers["Location"]
         await _check_if_range(http, location, WEIGHTS)
+
+
+async def test_corrupt_data_after_a_refetch_reaches_the_client_at_once(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    mirror.add_fault(Fault("corrupt", path_glob="config.json", offset=3, times=None))
+    async with agent(config(tmp_path / "a", "127.0.0.2", (mirror.url,))) as a:
+        t0 = time.monotonic()
+        with pytest.raises(HfHubHTTPError) as info:
+            await download(a, "config.json", tmp_path / "client")
+        took = time.monotonic() - t0
+    assert took < 3.0, took
+    assert info.value.response.status_code == 424
+    assert "does not match" in str(info.value) and "twice" in str(info.value)
