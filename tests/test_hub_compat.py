@@ -180,6 +180,7 @@ async def test_head_on_the_api(tmp_path: Path, mirror: MirrorServer) -> None:
                 async with http.get(base + route) as g, http.head(base + route) as h:
                     assert g.status == h.status == 200, (base, route)
                     assert h.headers["Content-Type"] == g.headers["Content-Type"]
+                    assert h.headers["Content-Length"] == str(len(await g.read()))
                     assert await h.read() == b""
             async with http.head(base + "/api/models/org/missing") as h:
                 assert h.status == 404

@@ -585,7 +585,11 @@ class HubApi:
             return a.response
         if route is not None and up.status >= 500:  # the mirror is failing, not refusing
             return await self._from_manifest(request, route, self._proxied(request, up))
-        return self._proxied(request, up, raw)
+        resp = self._proxied(request, up, raw)
+        if request.method == "HEAD" and "Content-Length" in up.headers:
+            # the length of the body a GET would get, as the mirror said it
+            resp.headers["Content-Length"] = up.headers["Content-Length"]
+        return resp
 
     def _proxied(self, request: web.Request, up: Upstream, raw: str | None = None) -> web.Response:
         """The mirror's answer for the client: Link and Location pointing here, Xet keys
