@@ -27,7 +27,7 @@ from peer.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from peer.verification.hashing import BlobHasher, HashKind
+from peer.verification.hashing import SHA1_RE, SHA256_RE, BlobHasher, HashKind
 
 # -- repos and URLs ------------------------------------------------------------------
 
@@ -46,6 +46,10 @@ API_TYPES: Mapping[str, RepoType] = types.MappingProxyType({f"{t}s": t for t in 
 # A mirror answering these is failing, not refusing: retry, or ask the next mirror.
 RETRYABLE: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECTS: frozenset[int] = frozenset({301, 302, 303, 307, 308})
+# What the agent answers when asking again cannot help (a mirror's answer it cannot
+# verify, data that kept failing verification): 424 Failed Dependency, which
+# huggingface_hub does not retry, so its user hears the reason at once.
+UNFIXABLE: Final = 424
 
 
 def resolve_path(repo_type: str, repo_id: str, revision: str, path: str) -> str:
@@ -120,6 +124,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal["uns
     return (start, end)
 
 
+def if_range_allows(if_range: str | None, etag: str) -> bool:
+    """Whether a Range may be honoured given the request's ``If-Range`` and the `etag`
+    the route sends (RFC 9110 13.1.5): no If-Range, or one that is exactly our strong
+    ETag. A weak tag, another tag or a date (we send no Last-Modified) means the
+    client's copy may be of other bytes: the whole body, with 200."""
+    if if_range is None:
+        return True
+    value = if_range.strip()
+    return not value.startswith("W/") and value == etag
+
+
 # -- LFS and blob ids ----------------------------------------------------------------
 
 # What the project's mirror and `hfswarm publish` store as LFS: what a default Hub
@@ -138,6 +153,24 @@ def is_lfs_path(path: str, size: int) -> bool:
 def is_lfs_blob_id(blob_id: str) -> bool:
     """An LFS file's blob is named by its sha256 (64 hex), any other by a git sha1 (40)."""
     return len(blob_id) == 64
+
+
+def _etag_value(value: str | None) -> str:
+    value = (value or "").strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def content_id(linked_etag: str | None, etag: str | None) -> str | None:
+    """The blob id a resolve answer names, in every form mirrors send it: the Hub's
+    ``X-Linked-Etag`` (an LFS file's sha256); else the ETag, quoted or weak, as the
+    sha256 of an LFS file (olah) or the git sha1 of any other. None: no usable id."""
+    linked = _etag_value(linked_etag)
+    if linked:
+        return linked if SHA256_RE.fullmatch(linked) else None
+    plain = _etag_value(etag)
+    return plain if SHA256_RE.fullmatch(plain) or SHA1_RE.fullmatch(plain) else None
 
 
 def git_blob_sha1(data: bytes) -> str:

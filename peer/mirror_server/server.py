@@ -35,6 +35,7 @@ from peer.hub.protocol import (
     URL_TYPES,
     RepoType,
     bearer,
+    if_range_allows,
     parse_range,
     paths_info,
     repo_info,
@@ -402,7 +403,7 @@ class MirrorServer:
         args = tail[1:]
         if action == "paths-info" and request.method == "POST":
             return await self._paths_info(request, repo, args)
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):  # HEAD: olah asks whether a repo exists
             return _error(405, None, "method not allowed")
         if action == "revision":
             rev = "/".join(args) or "main"
@@ -597,7 +598,11 @@ class MirrorServer:
     ) -> web.StreamResponse:
         size = entry.size
         headers = {**headers, "Accept-Ranges": "bytes"}
-        span = parse_range(request.headers.get("Range"), size)
+        span = (
+            parse_range(request.headers.get("Range"), size)
+            if if_range_allows(request.headers.get("If-Range"), headers["ETag"])
+            else None
+        )
         if span == UNSATISFIABLE:
             return range_not_satisfiable(size, headers)
         ranged = span is not None

@@ -82,8 +82,10 @@ from peer.errors import (
     EntryNotFound,
     GatedRepo,
     HfswarmError,
+    IntegrityError,
     LocalError,
     NotShared,
+    PeerMisbehaved,
     RepoNotFound,
     RevisionNotFound,
     UserError,
@@ -94,10 +96,13 @@ from peer.hub.protocol import (
     API_TYPES,
     REDIRECTS,
     RETRYABLE,
+    UNFIXABLE,
     UNSATISFIABLE,
     URL_TYPES,
     bearer,
+    content_id,
     directory_oids,
+    if_range_allows,
     is_lfs_blob_id,
     iso_date,
     origin,
@@ -113,7 +118,7 @@ from peer.manifests.revisions import is_local_repo
 from peer.serving.file_range import write_range
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.inflight import FlightReader, InFlightBlob
-from peer.verification.hashing import SHA1_RE, SHA256_RE
+from peer.verification.hashing import SHA1_RE
 
 log = logging.getLogger(__name__)
 
@@ -338,40 +343,34 @@ class FileMeta:
         return is_lfs_blob_id(self.blob_id)
 
 
-def _normalize_etag(value: str | None) -> str | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"') or None
-
-
 def _file_meta(up: Upstream, target: ResolveTarget) -> FileMeta:
     what = f"{target.repo_id}@{target.revision}/{target.path}"
     commit = up.headers.get("X-Repo-Commit", "")
-    linked = _normalize_etag(up.headers.get("X-Linked-Etag"))
-    blob_id = linked or _normalize_etag(up.headers.get("ETag")) or ""
+    blob_id = content_id(up.headers.get("X-Linked-Etag"), up.headers.get("ETag"))
     size_text = up.headers.get("X-Linked-Size") or (
         None if up.status in REDIRECTS else up.headers.get("Content-Length")
     )
     problem = None
     if not SHA1_RE.fullmatch(commit):
         problem = "no X-Repo-Commit"
-    elif not (SHA256_RE.fullmatch(blob_id) if linked else SHA1_RE.fullmatch(blob_id)):
-        problem = f"no usable content id (ETag {blob_id!r})"
+    elif blob_id is None:
+        shown = (up.headers.get("X-Linked-Etag") or up.headers.get("ETag") or "").strip()
+        shown = shown.removeprefix("W/").strip('"')
+        problem = f"no usable content id (ETag {shown!r})"
     elif size_text is None or not size_text.isdigit():
         problem = "no size"
     if problem is not None:
         raise _Answer(
             hub_error(
-                502,
+                UNFIXABLE,  # the mirror answered, in a form asking again will not change
                 None,
                 f"hfswarm agent: {up.mirror} gave {problem} for {what}: the agent cannot verify "
                 "what it would serve (is the agent's --mirror a Hugging Face-style endpoint?)",
             )
         )
-    return FileMeta(commit=commit, blob_id=blob_id, size=int(size_text or 0), mirror=up.mirror)
+    return FileMeta(
+        commit=commit, blob_id=blob_id or "", size=int(size_text or 0), mirror=up.mirror
+    )
 
 
 def _passed(up: Upstream) -> dict[str, str]:
@@ -409,7 +408,11 @@ def _error_response(exc: BaseException, what: str) -> web.Response:
             return hub_error(500, None, msg)
         if isinstance(exc, UserError):
             return hub_error(400, None, msg)
-        # network trouble, a misbehaving mirror, data that kept failing verification
+        if isinstance(exc, IntegrityError | PeerMisbehaved):
+            # data that kept failing verification, a mirror breaking the protocol: a
+            # client's retry would meet the same, so it hears the reason at once
+            return hub_error(UNFIXABLE, None, f"{msg} [while fetching {what}]")
+        # network trouble: retrying later may work (huggingface_hub retries 502)
         return hub_error(502, None, f"{msg} [while fetching {what}]")
     log.error("HF_ENDPOINT request for %s failed", what, exc_info=exc)
     return hub_error(500, None, f"hfswarm agent: internal error ({exc!r}); see the agent's log")
@@ -570,7 +573,11 @@ class HubApi:
             return a.response
         if route is not None and up.status >= 500:  # the mirror is failing, not refusing
             return await self._from_manifest(request, route, self._proxied(request, up))
-        return self._proxied(request, up, raw)
+        resp = self._proxied(request, up, raw)
+        if request.method == "HEAD" and "Content-Length" in up.headers:
+            # the length of the body a GET would get, as the mirror said it
+            resp.headers["Content-Length"] = up.headers["Content-Length"]
+        return resp
 
     def _proxied(self, request: web.Request, up: Upstream, raw: str | None = None) -> web.Response:
         """The mirror's answer for the client: Link and Location pointing here, Xet keys
@@ -773,7 +780,11 @@ class HubApi:
             resp.content_length = meta.size
             await resp.prepare(request)
             return resp
-        span = parse_range(request.headers.get("Range"), meta.size)
+        span = (
+            parse_range(request.headers.get("Range"), meta.size)
+            if if_range_allows(request.headers.get("If-Range"), headers["ETag"])
+            else None
+        )
         if span == UNSATISFIABLE:
             return range_not_satisfiable(meta.size, headers)
         task = self._start_fetch(
