@@ -46,3 +46,32 @@ async def write_range(
         if pending is not None:
             with contextlib.suppress(BaseException):
                 await pending
+
+
+async def send_range(
+    request: web.Request,
+    fd: int,
+    size: int,
+    span: tuple[int, int] | None,
+    chunk_size: int,
+    headers: dict[str, str] | None = None,
+    on_sent: Callable[[int], None] | None = None,
+) -> web.StreamResponse:
+    """The answer to a GET of `fd` (all of it, or `span` as a 206). A client that goes
+    away, or is cut off for not reading, gets its connection closed, so a short body is
+    never taken for a whole one. The caller closes `fd`."""
+    start, end = span if span is not None else (0, size)
+    resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = end - start
+    resp.headers["Accept-Ranges"] = "bytes"
+    if span is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    try:
+        await resp.prepare(request)
+        await write_range(resp, fd, start, end, chunk_size, on_sent)
+        await resp.write_eof()
+    except ConnectionError:
+        if request.transport is not None:
+            request.transport.close()
+    return resp

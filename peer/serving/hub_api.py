@@ -115,7 +115,7 @@ from peer.hub.protocol import (
     with_last_commit,
 )
 from peer.manifests.revisions import is_local_repo
-from peer.serving.file_range import write_range
+from peer.serving.file_range import send_range
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.inflight import FlightReader, InFlightBlob
 from peer.verification.hashing import SHA1_RE
@@ -963,29 +963,15 @@ class HubApi:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """Bytes [start, end) of a verified blob: 1 MiB preads, one read ahead."""
-        start, end = span if span is not None else (0, size)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             return hub_error(500, None, f"hfswarm agent: cannot read its copy of {path}: {exc}")
-        resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
         try:
             if os.fstat(fd).st_size != size:
                 return hub_error(
                     500, None, f"hfswarm agent: its copy of {path.name} has the wrong size"
                 )
-            resp.content_type = "application/octet-stream"
-            resp.content_length = end - start
-            if span is not None:
-                resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-            await resp.prepare(request)
-            await write_range(resp, fd, start, end, READ_CHUNK)
-            await resp.write_eof()
-        except ConnectionError:
-            # The client went away (or the blob could not be read whole): end the
-            # connection, so a short body is never taken for a whole one.
-            if request.transport is not None:
-                request.transport.close()
+            return await send_range(request, fd, size, span, READ_CHUNK, headers)
         finally:
             os.close(fd)
-        return resp

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from peer import wire
 from peer.hub.protocol import UNSATISFIABLE, parse_range
-from peer.serving.file_range import write_range
+from peer.serving.file_range import send_range
 from peer.serving.limits import StreamSlots
 from peer.verification.hashing import is_blob_id
 
@@ -150,29 +150,16 @@ def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> w
     ) -> web.StreamResponse:
         """Bytes [start, end) of a verified blob in `READ_CHUNK` preads, one read ahead;
         each write waits for the client (never the whole range in memory)."""
-        start, end = span if span is not None else (0, size)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return web.Response(status=404, text="not held here")
-        resp = web.StreamResponse(status=206 if span is not None else 200)
-        resp.content_type = "application/octet-stream"
-        resp.content_length = end - start
-        resp.headers["Accept-Ranges"] = "bytes"
-        if span is not None:
-            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         try:
-            await resp.prepare(request)
-            await write_range(resp, fd, start, end, READ_CHUNK, backend.count_upload)
-            await resp.write_eof()
-        except ConnectionError:
-            # The client went away (or was cut off for not reading): end the connection,
-            # so a short body is never taken for a whole one.
-            if request.transport is not None:
-                request.transport.close()
+            return await send_range(
+                request, fd, size, span, READ_CHUNK, on_sent=backend.count_upload
+            )
         finally:
             os.close(fd)
-        return resp
 
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)
