@@ -89,7 +89,11 @@ class SeedIndex:
     def provenance(self, blob_id: str) -> Provenance:
         known = self._provenance.get(blob_id)
         if known is None:
-            known = self._provenance[blob_id] = self.state.provenance(blob_id)
+            known = self.state.provenance(blob_id)
+            # Remembered for blobs held here only: ids a peer names (of blobs nobody has
+            # here) must not grow this map.
+            if blob_id in self.held or blob_id in self.kept:
+                self._provenance[blob_id] = known
         return known
 
     async def note(self, blob_id: str, key: RepoKey, visibility: Visibility) -> None:
