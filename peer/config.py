@@ -8,6 +8,7 @@ token file, HF_HOME / HF_HUB_CACHE / XDG_CACHE_HOME), mirroring huggingface_hub'
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,40 @@ def format_hostport(where: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)", re.IGNORECASE)
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Bytes from "200GB", "1.5TiB", "500MB", "4096" (SI units are powers of 1000, the
+    ...iB ones powers of 1024); "0" is zero (no limit, where the caller says so)."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None or (m.group(3) and not m.group(2)):
+        raise ConfigError(
+            f"{what} {text!r} is not a size", hint="write it like 500MB, 200GB or 1.5TiB"
+        )
+    number, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    power = "kmgtp".index(prefix) + 1 if prefix else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
+def parse_rate(text: str, *, what: str = "rate") -> int:
+    """Bytes per second from "50MB/s", "20MB", "1.5MiB/s", "0" (none)."""
+    body = text.strip()
+    if body.lower().endswith("/s"):
+        body = body[:-2]
+    try:
+        return parse_size(body, what=what)
+    except ConfigError:
+        raise ConfigError(
+            f"{what} {text!r} is not a rate", hint="write it like 50MB/s, 1.5MiB/s, or 0 for none"
+        ) from None
+
+
+# What an agent seeds: every shared blob, only those of pinned repos, or nothing (it
+# still serves its own machine's clients).
+SEEDING_POLICIES = ("always", "pinned", "none")
+
+
 # The agent's defaults, in one place: `AgentConfig` takes its field defaults from here, the
 # CLI (`peer.cli.main`) takes its flag defaults from `AgentConfig`, and the pure cores'
 # own configs (`PolicyConfig`, `HerdConfig`) start from the same values.
@@ -184,10 +219,27 @@ class AgentConfig:
     stall_timeout: float = STALL_TIMEOUT
     # Seconds given to peers to connect and announce their pieces before the mirror is used.
     peer_grace: float = PEER_GRACE
-    # BitTorrent upload cap in bytes/s (0: none), applied to LAN peers too.
+    # Caps in bytes/s (0: none), changed live with `hfswarm limits`: what LAN peers
+    # get from us (BitTorrent and HTTP) and take from us, and what the mirror sends us.
     max_upload_rate: int = 0
+    max_download_rate: int = 0
+    mirror_max_rate: int = 0
+    # Bytes of blobs the cache may hold (0: no limit); past it the least recently used
+    # blobs no pin, download or stream needs are removed (`peer.agent.quota`).
+    cache_max_size: int = 0
+    # always | pinned | none (SEEDING_POLICIES)
+    seeding: str = "always"
     # Herd: seconds for the claims of agents wanting the same new blob to meet before
     # one is elected to fetch it from the mirror, and how long a leader may make no
     # progress (or stay unseen) before another agent replaces it.
     herd_settle: float = HERD_SETTLE
     herd_leader_timeout: float = HERD_LEADER_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.seeding not in SEEDING_POLICIES:
+            raise ConfigError(
+                f"seeding policy {self.seeding!r} is not one of {', '.join(SEEDING_POLICIES)}"
+            )
+        for name in ("max_upload_rate", "max_download_rate", "mirror_max_rate", "cache_max_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (none) or more")

@@ -23,9 +23,11 @@ from aiohttp import web
 
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import DownloadJob, HubService, Totals
+from peer.agent.limits import LiveLimits
 from peer.agent.local_service import LocalService
 from peer.agent.peer_service import PeerService
 from peer.agent.publish import Publisher, clean_debris
+from peer.agent.quota import CacheQuota, LastUse, Pins
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -40,6 +42,7 @@ from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_l
 from peer.serving.local_api import make_local_app
 from peer.serving.peer_api import make_peer_app
 from peer.serving.sharing import Visibility
+from peer.transfer.rate import Throttle
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ class Agent:
         self.publisher: Publisher
         self.trackers: Trackers
         self.local: LocalService  # the local API's backend (status, downloads, publish)
+        self.pins: Pins
+        self.last_use: LastUse
+        self.quota: CacheQuota
+        self.limits: LiveLimits
         self.peer_port = 0
         self.local_port = 0
 
@@ -86,8 +93,9 @@ class Agent:
                         listen_host=bt_host,
                         listen_port=bt_port,
                         upload_rate_limit=self.config.max_upload_rate,
-                        # a cap is meant for the LAN too
-                        limit_local_peers=self.config.max_upload_rate > 0,
+                        download_rate_limit=self.config.max_download_rate,
+                        # a cap is meant for the LAN too (and may be set live)
+                        limit_local_peers=True,
                         trackers=tuple(f"{u}/announce" for u in self.config.trackers),
                     )
                 )
@@ -95,12 +103,18 @@ class Agent:
             self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
+            self.pins = Pins(self.state)
+            self.last_use = LastUse(self.state)
+            await asyncio.to_thread(self.pins.load)
+            await asyncio.to_thread(self.last_use.load)
             self.seeds = SeedIndex(
                 self.config.hub.cache_dir,
                 self.state,
                 self.swarm,
                 self.agent_id,
                 confirm=self._anonymous_visibility,
+                policy=self.config.seeding,
+                pinned=self.pins.repos,
             )
             # The herd asks the trackers and nudges them from the start; the sources
             # themselves start once the peer API is bound (they register its port).
@@ -119,9 +133,23 @@ class Agent:
                 lookups=[self.trackers.lookup] if self.config.trackers else [],
                 on_change=self.trackers.nudge,
             )
+            self.quota = CacheQuota(
+                self.config.hub.cache_dir,
+                self.config.cache_max_size,
+                self.seeds,
+                self.pins,
+                self.last_use,
+                busy=self.blobs.busy_ids,
+            )
+            upload = Throttle(self.config.max_upload_rate)  # the peer API's HTTP blobs
+            self.limits = LiveLimits(
+                self.swarm, upload, self.blobs.mirror_throttle, self.config.max_download_rate
+            )
             self.revisions = Revisions(self.state, self.peers, self.agent_id)
             await asyncio.to_thread(self.revisions.load)
-            self.downloads = DownloadJob(self.config, self.revisions, self.blobs, self.totals)
+            self.downloads = DownloadJob(
+                self.config, self.revisions, self.blobs, self.totals, self.quota
+            )
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
             )
@@ -136,6 +164,8 @@ class Agent:
                 publisher=self.publisher,
                 totals=self.totals,
                 ports=lambda: (self.peer_port, self.local_port),
+                quota=self.quota,
+                limits=self.limits,
             )
             peers_api = PeerService(
                 self.agent_id,
@@ -144,10 +174,14 @@ class Agent:
                 self.blobs,
                 self.revisions,
                 self.totals,
+                seeding=self.config.seeding,
+                touch=self.last_use.touch,
             )
-            hub_api = HubService(self.config, self.revisions, self.blobs, self.seeds, self.totals)
+            hub_api = HubService(
+                self.config, self.revisions, self.blobs, self.seeds, self.totals, self.quota
+            )
             self.peer_port = await self._listen(
-                make_peer_app(peers_api), self.config.listen, peer_facing=True
+                make_peer_app(peers_api, throttle=upload.take), self.config.listen, peer_facing=True
             )
             self.local_port = await self._listen(
                 make_local_app(self.local, hub=hub_api), self.config.local_listen
@@ -192,6 +226,7 @@ class Agent:
         await self.revisions.close()
         await self.blobs.close()
         await self._stack.aclose()
+        await asyncio.to_thread(self.last_use.save)
 
     async def _listen(
         self, app: web.Application, where: tuple[str, int], *, peer_facing: bool = False
@@ -218,6 +253,8 @@ class Agent:
                     tg.create_task(self.blobs.save_resume_periodically()),
                     *(tg.create_task(t.run()) for t in self.trackers.sources),
                 ]
+                if self.config.cache_max_size > 0:
+                    tasks.append(tg.create_task(self.quota.run()))
                 await stop.wait()
                 for t in tasks:
                     t.cancel()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from peer import wire
 from peer.agent.fetch import BlobCounters, BlobFetcher
+from peer.agent.quota import CacheQuota, QuotaHold
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
@@ -60,14 +61,25 @@ class DownloadJob:
     between runs but the agent's `totals`)."""
 
     def __init__(
-        self, config: AgentConfig, revisions: Revisions, blobs: BlobFetcher, totals: Totals
+        self,
+        config: AgentConfig,
+        revisions: Revisions,
+        blobs: BlobFetcher,
+        totals: Totals,
+        quota: CacheQuota,
     ) -> None:
         self.config = config
         self.revisions = revisions
         self.blobs = blobs
         self.totals = totals
+        self.quota = quota
 
     async def run(self, request: DownloadRequest, emit: Emit) -> Done:
+        # The quota holds this download's blobs while it runs (never evicted).
+        async with self.quota.job() as hold:
+            return await self._run(request, emit, hold)
+
+    async def _run(self, request: DownloadRequest, emit: Emit, hold: QuotaHold) -> Done:
         t0 = time.monotonic()
         if request.local_dir is not None:
             raise ConfigError(
@@ -85,6 +97,7 @@ class DownloadJob:
         local = is_local_repo(snapshot.repo_id)
         if local:  # no mirror has it: never send its name to one
             hub = replace(hub, mirrors=())
+        await hold.admit(snapshot)  # room made, or refused before anything moves
         repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
         await emit(Started(len(snapshot.files), snapshot.total_size, commit=snapshot.commit))
         counters: dict[str, BlobCounters] = {}
@@ -92,7 +105,9 @@ class DownloadJob:
         for f in snapshot.files:
             by_blob.setdefault(f.blob_id, []).append(f)
 
-        async with MirrorFetcher(hub, self.config.download) as mirror:
+        async with MirrorFetcher(
+            hub, self.config.download, throttle=self.blobs.mirror_throttle
+        ) as mirror:
             access = await access_of(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
@@ -146,12 +161,14 @@ class HubService:
         blobs: BlobFetcher,
         seeds: SeedIndex,
         totals: Totals,
+        quota: CacheQuota,
     ) -> None:
         self.config = config
         self.revisions = revisions
         self.blobs = blobs
         self.seeds = seeds
         self.totals = totals
+        self.quota = quota
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self.blobs.stream_of(blob_id)
@@ -191,7 +208,12 @@ class HubService:
         path = await self._verified_in_repo(repo, file, access)
         if path is None:
             counters = BlobCounters(file.size)
-            async with MirrorFetcher(hub, self.config.download) as mirror:
+            throttle = self.blobs.mirror_throttle
+            async with (
+                self.quota.job() as hold,
+                MirrorFetcher(hub, self.config.download, throttle=throttle) as mirror,
+            ):
+                await hold.admit(replace(snapshot, files=(file,)))
                 path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
             self.totals.add(
                 Counters(
@@ -200,6 +222,8 @@ class HubService:
                     hash_failures=counters.hash_failures,
                 )
             )
+        else:
+            self.quota.last_use.touch((file.blob_id,))
         repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
         if ref:
             repo.write_ref(ref, snapshot.commit)

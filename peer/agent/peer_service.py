@@ -7,6 +7,7 @@ are named or served (`SeedIndex.manifests_for`, `SeedIndex.shared_path`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from peer import wire
@@ -25,6 +26,9 @@ class PeerService:
         blobs: BlobFetcher,
         revisions: Revisions,
         totals: Totals,
+        *,
+        seeding: str = "always",
+        touch: Callable[[Iterable[str]], None] = lambda _: None,
     ) -> None:
         self.agent_id = agent_id
         self.bt_port = bt_port
@@ -33,6 +37,8 @@ class PeerService:
         self.herd = blobs.herd
         self.revisions = revisions
         self.totals = totals
+        self.seeding = seeding
+        self.touch = touch  # a blob served is a blob used (cache eviction is LRU)
 
     def health(self) -> wire.Health:
         return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
@@ -41,13 +47,18 @@ class PeerService:
         return self.seeds.manifests_for(blob_ids)
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        if self.seeding == "none":  # nothing offered, not even what is on its way
+            return []
         return self.blobs.fetching_for(blob_ids)
 
     def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
         return self.herd.claims_for(blob_ids)
 
     def verified_blob_path(self, blob_id: str) -> Path | None:
-        return self.seeds.shared_path(blob_id)
+        path = self.seeds.shared_path(blob_id)
+        if path is not None:
+            self.touch((blob_id,))
+        return path
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 from peer.agent.requests import Done, DownloadRequest, Event, Setup
 from peer.config import (
     DEFAULT_AGENT_URL,
+    SEEDING_POLICIES,
     AgentConfig,
     DownloadOptions,
     HubSettings,
@@ -34,6 +35,8 @@ from peer.config import (
     format_hostport,
     normalize_endpoint,
     parse_hostport,
+    parse_rate,
+    parse_size,
 )
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
@@ -206,10 +209,40 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-upload-rate",
-        type=int,
+        type=_rate_arg,
         default=AgentConfig.max_upload_rate,
-        metavar="BYTES_PER_S",
-        help="cap what this agent uploads to peers (default: no cap)",
+        metavar="RATE",
+        help="cap what LAN peers take from this agent, e.g. 50MB/s (default: no cap; "
+        "change it live with `hfswarm limits`)",
+    )
+    p.add_argument(
+        "--max-download-rate",
+        type=_rate_arg,
+        default=AgentConfig.max_download_rate,
+        metavar="RATE",
+        help="cap what this agent takes from LAN peers (default: no cap)",
+    )
+    p.add_argument(
+        "--mirror-max-rate",
+        type=_rate_arg,
+        default=AgentConfig.mirror_max_rate,
+        metavar="RATE",
+        help="cap what this agent takes from the mirrors, all downloads together (default: no cap)",
+    )
+    p.add_argument(
+        "--cache-max-size",
+        type=_size_arg,
+        default=AgentConfig.cache_max_size,
+        metavar="SIZE",
+        help="keep the cache's blobs under this size, e.g. 200GB or 1.5TiB: least recently "
+        "used blobs no pin or download needs are removed (default: no limit)",
+    )
+    p.add_argument(
+        "--seeding",
+        choices=SEEDING_POLICIES,
+        default=AgentConfig.seeding,
+        help="what to offer LAN peers: every shareable blob, only pinned repos' blobs, or "
+        "nothing (default %(default)s)",
     )
     p.add_argument(
         "--stall-timeout",
@@ -235,6 +268,68 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         "(default %(default)s)",
     )
     p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _rate_arg(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.one_line()) from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.one_line()) from None
+
+
+def _add_agent_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--agent",
+        metavar="URL",
+        help=f"the local agent (default: HFSWARM_AGENT, else {DEFAULT_AGENT_URL})",
+    )
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    for name, text in (
+        ("pin", "keep a repo (or one revision of it) in the agent's cache: never evicted"),
+        ("unpin", "let the agent's quota evict a repo again"),
+    ):
+        p = sub.add_parser(name, help=text, description=text + " (the agent's own user only)")
+        p.add_argument("repo", metavar="REPO[@REV]", help="org/name, or org/name@revision")
+        p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
+        _add_agent_arg(p)
+    p = sub.add_parser("pins", help="list the repos pinned in the agent's cache")
+    _add_agent_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "prefetch",
+        help="warm a repo on this machine through the agent (peers first), in the background",
+        description="Ask the agent to download a repo into its cache (peers first, the "
+        "mirror for the rest) and return once it has started; the agent finishes it alone. "
+        "A download that cannot fit the cache's quota is refused at once.",
+    )
+    p.add_argument("repo_id", help="org/name")
+    p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
+    p.add_argument("--revision", default="main", help="branch, tag, commit or refs/pr/N")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    p.add_argument("--wait", action="store_true", help="follow it to the end, with progress")
+    _add_token(p, "default: HF_TOKEN, else the token file `hf auth login` saved")
+    _add_agent_arg(p)
+    p = sub.add_parser(
+        "limits",
+        help="show or change the agent's rate caps while it runs",
+        description="Rates like 50MB/s, 1.5MiB/s, or 0 for none. With no option, print "
+        "the current caps. A change lasts until the agent stops (its flags set the start).",
+    )
+    p.add_argument("--upload", type=_rate_arg, metavar="RATE", help="what LAN peers take")
+    p.add_argument("--download", type=_rate_arg, metavar="RATE", help="what we take from peers")
+    p.add_argument("--mirror", type=_rate_arg, metavar="RATE", help="what we take from mirrors")
+    _add_agent_arg(p)
+    p.add_argument("--json", action="store_true")
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:
@@ -287,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_publish(sub)
     _add_status(sub)
+    _add_cache_commands(sub)
     _add_demo(sub)
     _add_mirror(sub)
     sub.add_parser(
@@ -497,6 +593,74 @@ async def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run_pins(args: argparse.Namespace) -> int:
+    """pin, unpin, pins."""
+    from peer.agent.client import AgentClient
+    from peer.agent.quota import PinSpec
+
+    url, _ = _agent_url(args)
+    client = AgentClient(url)
+    if args.command == "pins":
+        pins = (await client.call("GET", "/v1/pins"))["pins"]
+        if args.json:
+            print(json.dumps(pins, indent=2))
+        for p in pins:
+            print(PinSpec.from_json(p))
+        return 0
+    spec = PinSpec.parse(args.repo, args.repo_type)
+    method = "POST" if args.command == "pin" else "DELETE"
+    answer = await client.call(method, "/v1/pins", spec.to_json())
+    verb = "pinned" if args.command == "pin" else "unpinned"
+    print(f"{answer['pin']}: {verb}" if answer["changed"] else f"{answer['pin']}: already {verb}")
+    return 0
+
+
+async def _run_prefetch(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+
+    url, _ = _agent_url(args)
+    request = DownloadRequest(
+        repo_id=args.repo_id,
+        repo_type=args.repo_type,
+        revision=args.revision,
+        selection=FileSelection((), tuple(args.include), tuple(args.exclude)),
+        token=HubSettings.from_env(token=_explicit_token(args)).token,
+    )
+    client = AgentClient(url)
+    if args.wait:
+        return await _via_agent(client, request, quiet=False)
+    started = await client.call("POST", "/v1/prefetch", request.to_json())
+    print(
+        f"{args.repo_id}: {started.get('files', 0)} files, "
+        f"{human_bytes(started.get('total', 0))} at commit {str(started.get('commit'))[:12]}: "
+        "the agent is fetching it (`hfswarm status` shows it)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _run_limits(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+
+    url, _ = _agent_url(args)
+    client = AgentClient(url)
+    change = {
+        k: v
+        for k, v in (("upload", args.upload), ("download", args.download), ("mirror", args.mirror))
+        if v is not None
+    }
+    rates = await (
+        client.call("POST", "/v1/limits", change) if change else client.call("GET", "/v1/limits")
+    )
+    if args.json:
+        print(json.dumps(rates))
+        return 0
+    for key in ("upload", "download", "mirror"):
+        value = rates[key]
+        print(f"{key:9s} {human_bytes(value) + '/s' if value else 'no cap'}")
+    return 0
+
+
 def agent_config(args: argparse.Namespace) -> AgentConfig:
     """The `hfswarm agent` flags as an `AgentConfig` (the flags' defaults are its own)."""
     settings = HubSettings.from_env(
@@ -516,6 +680,10 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         trackers=tuple(normalize_endpoint(u) for u in args.tracker),
         download=DownloadOptions.from_env(connections=args.connections, quiet=True),
         max_upload_rate=args.max_upload_rate,
+        max_download_rate=args.max_download_rate,
+        mirror_max_rate=args.mirror_max_rate,
+        cache_max_size=args.cache_max_size,
+        seeding=args.seeding,
         stall_timeout=args.stall_timeout,
         herd_settle=args.herd_settle,
         herd_leader_timeout=args.leader_timeout,
@@ -583,6 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_status(args))
         if args.command == "publish":
             return asyncio.run(_run_publish(args))
+        if args.command in ("pin", "unpin", "pins"):
+            return asyncio.run(_run_pins(args))
+        if args.command == "prefetch":
+            return asyncio.run(_run_prefetch(args))
+        if args.command == "limits":
+            return asyncio.run(_run_limits(args))
         if args.command == "demo":
             from peer.cli.demo import main as demo_main
 

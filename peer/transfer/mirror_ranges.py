@@ -47,6 +47,7 @@ from peer.errors import (
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
 from peer.transfer.progress import Progress
+from peer.transfer.rate import Throttle
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -149,8 +150,11 @@ class MirrorFetcher:
         progress: Progress | None = None,
         *,
         mirrors: tuple[str, ...] | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.settings = settings
+        # the agent's mirror cap, shared by all its fetchers' connections (live)
+        self.throttle = throttle or Throttle()
         self.options = options
         self.progress = progress
         self.pool = MirrorPool(mirrors or settings.mirrors)
@@ -421,6 +425,7 @@ class MirrorFetcher:
                 job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
+                await self.throttle.take(take)
                 if pos[0] >= end:
                     break
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -473,6 +478,7 @@ class MirrorFetcher:
                         if index not in p.done:
                             p.write(offset, view[:take])
                             self._count(job, take)
+                            await self.throttle.take(take)
                         offset += take
                         view = view[take:]
                         if offset == stop:
