@@ -1,0 +1,116 @@
+"""The token bucket behind every rate cap (`peer.transfer.rate`), on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.config import parse_rate, parse_size
+from peer.errors import ConfigError
+from peer.transfer.rate import MIN_BURST, TokenBucket
+
+MB = 1_000_000
+
+
+def drain(bucket: TokenBucket, rate_chunks: int, chunk: int, start: float = 0.0) -> float:
+    """Take `rate_chunks` chunks back to back, each when the bucket lets it; the time
+    the last one may move."""
+    now = start
+    for _ in range(rate_chunks):
+        now += bucket.reserve(chunk, now)
+    return now
+
+
+def test_no_rate_never_waits() -> None:
+    bucket = TokenBucket(0)
+    assert drain(bucket, 1000, 10 * MB) == 0.0
+
+
+def test_sustained_rate_is_the_cap() -> None:
+    bucket = TokenBucket(20 * MB)
+    # 200 MB at 20 MB/s: 10 s, less the initial burst (0.1 s of the rate)
+    end = drain(bucket, 200, MB)
+    assert end == pytest.approx(10.0 - 0.1, abs=0.06)
+
+
+def test_takers_share_one_bucket() -> None:
+    bucket = TokenBucket(10 * MB)
+    now = 0.0
+    waits = []
+    for _ in range(10):  # two streams alternating, 1 MB each, taken at the same instant
+        waits.append(bucket.reserve(MB, now))
+    # they queue: the last waits for all ten (minus the burst)
+    assert waits == sorted(waits)
+    assert waits[-1] == pytest.approx(1.0 - 0.1, abs=1e-9)
+
+
+def test_idle_bucket_holds_only_a_small_burst() -> None:
+    bucket = TokenBucket(10 * MB)
+    assert bucket.reserve(2 * MB, 0.0) == pytest.approx(0.1)  # 2 MB: 1 MB over the burst
+    # an hour idle: still only the burst
+    assert bucket.reserve(bucket.burst, 3600.0) == 0.0
+    assert bucket.reserve(MB, 3600.0) == pytest.approx(0.1)
+
+
+def test_min_burst_for_slow_rates() -> None:
+    bucket = TokenBucket(1000)
+    assert bucket.burst == MIN_BURST
+    assert bucket.reserve(MIN_BURST, 0.0) == 0.0
+    assert bucket.reserve(1000, 0.0) == pytest.approx(1.0)
+
+
+def test_rate_changes_live() -> None:
+    bucket = TokenBucket(20 * MB)
+    t = drain(bucket, 100, MB)  # ~5 s at 20 MB/s
+    assert t == pytest.approx(4.9, abs=0.06)
+    bucket.set_rate(40 * MB, t)
+    t2 = drain(bucket, 100, MB, start=t)
+    assert t2 - t == pytest.approx(2.5, abs=0.06)  # the same 100 MB twice as fast
+    bucket.set_rate(0, t2)  # no cap: nothing waits any more
+    assert bucket.reserve(10**9, t2) == 0.0
+    bucket.set_rate(5 * MB, t2)
+    t3 = drain(bucket, 10, MB, start=t2)
+    assert t3 - t2 == pytest.approx(2.0 - MIN_BURST / (5 * MB), abs=1e-6)
+
+
+def test_lower_rate_applies_to_debt_at_once() -> None:
+    bucket = TokenBucket(100 * MB)
+    bucket.reserve(50 * MB, 0.0)  # 40 MB of debt past the 10 MB burst
+    bucket.set_rate(10 * MB, 0.0)
+    assert bucket.reserve(1, 0.0) == pytest.approx(4.0, abs=1e-6)  # 40 MB at 10 MB/s
+
+
+def test_negative_rate_refused() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(-1)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("200GB", 200 * 10**9),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("500MB", 500 * 10**6),
+        ("500mb", 500 * 10**6),
+        ("64 MiB", 64 * 2**20),
+        ("4096", 4096),
+        ("0", 0),
+        ("10k", 10_000),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "x", "-5GB", "5 XB", "iB", "5ib", "1e9", "GB"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse_size(text)
+
+
+def test_parse_rate() -> None:
+    assert parse_rate("50MB/s") == 50 * MB
+    assert parse_rate("1.5MiB/s") == int(1.5 * 2**20)
+    assert parse_rate("20MB") == 20 * MB
+    assert parse_rate("0") == 0
+    with pytest.raises(ConfigError, match="is not a rate"):
+        parse_rate("fast")
