@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from peer.config import parse_rate, parse_size
 from peer.errors import ConfigError
-from peer.transfer.rate import MIN_BURST, TokenBucket
+from peer.transfer.rate import MIN_BURST, Throttle, TokenBucket
 
 MB = 1_000_000
 
@@ -69,7 +72,7 @@ def test_rate_changes_live() -> None:
     assert bucket.reserve(10**9, t2) == 0.0
     bucket.set_rate(5 * MB, t2)
     t3 = drain(bucket, 10, MB, start=t2)
-    assert t3 - t2 == pytest.approx(2.0 - MIN_BURST / (5 * MB), abs=1e-6)
+    assert t3 - t2 == pytest.approx(2.0, abs=1e-6)  # a returning cap starts with no burst
 
 
 def test_lower_rate_applies_to_debt_at_once() -> None:
@@ -77,6 +80,31 @@ def test_lower_rate_applies_to_debt_at_once() -> None:
     bucket.reserve(50 * MB, 0.0)  # 40 MB of debt past the 10 MB burst
     bucket.set_rate(10 * MB, 0.0)
     assert bucket.reserve(1, 0.0) == pytest.approx(4.0, abs=1e-6)  # 40 MB at 10 MB/s
+
+
+def test_waiting_tickets_follow_a_new_rate() -> None:
+    bucket = TokenBucket(10 * MB)
+    first = bucket.ticket(10 * MB, 0.0)
+    second = bucket.ticket(10 * MB, 0.0)
+    assert bucket.delay(first, 0.0) == pytest.approx(0.9)
+    assert bucket.delay(second, 0.0) == pytest.approx(1.9)
+    bucket.set_rate(20 * MB, 0.5)  # half a second in: 5 MB let through, 14 MB to go
+    assert bucket.delay(first, 0.5) == pytest.approx(0.2)
+    assert bucket.delay(second, 0.5) == pytest.approx(0.7)
+    bucket.set_rate(0, 0.6)
+    assert bucket.delay(second, 0.6) == 0.0
+
+
+async def test_throttle_wakes_sleepers_when_the_rate_changes() -> None:
+    throttle = Throttle(1000)
+    await throttle.take(MIN_BURST)  # the burst: at once
+    waiter = asyncio.create_task(throttle.take(10_000))  # 10 s at 1000 B/s
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    t0 = time.monotonic()
+    throttle.set_rate(1_000_000)
+    await asyncio.wait_for(waiter, 1.0)
+    assert time.monotonic() - t0 < 0.5
 
 
 def test_negative_rate_refused() -> None:

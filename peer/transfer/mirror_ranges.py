@@ -422,10 +422,12 @@ class MirrorFetcher:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
                 take = min(len(data), end - pos[0])
+                # the mirror cap: bytes count (and land) once the bucket lets them
+                # through; meanwhile the socket fills and TCP slows the sender
+                await self.throttle.take(take)
                 job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
-                await self.throttle.take(take)
                 if pos[0] >= end:
                     break
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -476,9 +478,9 @@ class MirrorFetcher:
                         stop = p.chunk_range(index)[1]
                         take = min(len(view), stop - offset)
                         if index not in p.done:
+                            await self.throttle.take(take)
                             p.write(offset, view[:take])
                             self._count(job, take)
-                            await self.throttle.take(take)
                         offset += take
                         view = view[take:]
                         if offset == stop:
