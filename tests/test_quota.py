@@ -186,7 +186,7 @@ async def test_prefetch_warms_the_cache_without_waiting(
         # returned before the 3 MB at 2 MB/s could have moved
         assert not (cache / "models--org--e" / "refs" / "main").exists()
         async with asyncio.timeout(20):
-            while not (cache / "models--org--e" / "refs" / "main").exists():
+            while not (cache / "models--org--e" / "refs" / "main").exists():  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
         snap = next((cache / "models--org--e" / "snapshots").iterdir())
         assert (snap / "weights.bin").read_bytes() == (tmp_path / "src/e/weights.bin").read_bytes()
