@@ -18,6 +18,8 @@ from agentkit import write_tree
 from huggingface_hub import scan_cache_dir
 from procs import AgentProcess, agent_process
 
+from peer.agent.quota import PinSpec
+from peer.errors import ConfigError
 from peer.mirror_server import MirrorServer, RepoSource
 
 MB = 1_000_000
@@ -74,6 +76,28 @@ def consistent(cache: Path) -> Any:
     for link in cache.glob("*/snapshots/*/**/*"):
         assert not link.is_symlink() or link.exists(), f"dangling {link}"
     return info
+
+
+@pytest.mark.parametrize(
+    ("text", "repo_type", "expected"),
+    [
+        ("org/m", "model", PinSpec("model", "org/m")),
+        ("org/m@v1.0", "model", PinSpec("model", "org/m", "v1.0")),
+        ("org/m@refs/pr/3", "dataset", PinSpec("dataset", "org/m", "refs/pr/3")),
+        ("gpt2", "model", PinSpec("model", "gpt2")),
+    ],
+)
+def test_pin_spec_parses(text: str, repo_type: str, expected: PinSpec) -> None:
+    pin = PinSpec.parse(text, repo_type)
+    assert pin == expected and PinSpec.from_json(pin.to_json()) == pin
+
+
+@pytest.mark.parametrize(
+    "text", ["", "a/b/c", "org/", "../x", "org/m@", "org/m@../../etc", "org/a--b", "org/m@a//b"]
+)
+def test_pin_spec_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a repo to pin"):
+        PinSpec.parse(text)
 
 
 @pytest.fixture

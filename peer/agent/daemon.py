@@ -249,17 +249,22 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.peers.run()),
-                    tg.create_task(self.seeds.scan()),
+                    tg.create_task(self._scan_then_keep_quota()),
                     tg.create_task(self.blobs.save_resume_periodically()),
                     *(tg.create_task(t.run()) for t in self.trackers.sources),
                 ]
-                if self.config.cache_max_size > 0:
-                    tasks.append(tg.create_task(self.quota.run()))
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
+
+    async def _scan_then_keep_quota(self) -> None:
+        """Seed what the cache holds; then keep it within its quota (not before: the
+        scan hashes blobs an eviction would pull from under it)."""
+        await self.seeds.scan()
+        if self.config.cache_max_size > 0:
+            await self.quota.run()
 
     async def _anonymous_visibility(self, repo_type: str, repo_id: str) -> Visibility | None:
         flags = await anonymous_flags(replace(self.config.hub, token=None), repo_type, repo_id)

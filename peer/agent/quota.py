@@ -69,6 +69,7 @@ class PinSpec:
             or not all(parts)
             or any(p in (".", "..") or "--" in p for p in parts)
             or (sep and not revision)
+            or any(p in ("", ".", "..") for p in revision.split("/") if sep)
             or len(text) > 300
         ):
             raise ConfigError(
@@ -124,7 +125,13 @@ class Pins:
                 f"cannot read the pins in {self.path}: {exc}",
                 hint="fix or remove the file (then pin the repos again)",
             ) from exc
-        self._pins = {PinSpec.from_json(item) for item in raw}
+        try:
+            self._pins = {PinSpec.from_json(item) for item in raw}
+        except (ConfigError, TypeError) as exc:
+            raise LocalError(
+                f"a pin in {self.path} is not valid: {exc}",
+                hint="fix or remove the file (then pin the repos again)",
+            ) from exc
 
     def all(self) -> list[PinSpec]:
         return sorted(self._pins)
