@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +22,7 @@ from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import BlobHasher, HashKind
 
 MB = 1_000_000
-SIZE = 128 * 2**20
+SIZE = 176 * 2**20
 TOLERANCE = 0.15
 
 
@@ -41,103 +41,106 @@ def blob_id(path: Path) -> str:
     return h.hexdigest()
 
 
-async def rate_over(counter: Callable[[], Awaitable[int]], seconds: float) -> float:
-    """Bytes per second the counter moved over `seconds`."""
-    t0, b0 = time.monotonic(), await counter()
-    await asyncio.sleep(seconds)
-    t1, b1 = time.monotonic(), await counter()
-    return (b1 - b0) / (t1 - t0)
+class Follow:
+    """A download through an agent's local API, as the CLI runs it, with the times its
+    progress events (one per 0.5 s) arrived: what the agent received, when."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.key = key  # "done" (every source) or "from_mirror"
+        self.seen: list[tuple[float, int]] = [(time.monotonic(), 0)]
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> dict[str, object]:
+        request = DownloadRequest(repo_id="org/big", repo_type="model", revision="main")
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http,
+            http.post(f"{self.url}/v1/downloads", json=request.to_json()) as r,
+        ):
+            async for event in iter_ndjson(r.content):
+                if event["event"] == "progress":
+                    self.seen.append((time.monotonic(), int(event[self.key])))
+                elif event["event"] in ("done", "error"):
+                    return event
+        raise AssertionError("the download ended without a result")
+
+    async def started(self) -> None:
+        async with asyncio.timeout(30):
+            while self.seen[-1][1] == 0:
+                assert not self.task.done(), self.task.result()
+                await asyncio.sleep(0.05)
+
+    async def rate(self, settle: float, seconds: float) -> float:
+        """Bytes/s over about `seconds`, after `settle` seconds: the least-squares slope
+        of the events' (time, bytes) (libtorrent's limiter lets bytes through in bursts,
+        which two end points alone would catch or miss)."""
+        await asyncio.sleep(settle)
+        first = len(self.seen)
+        await asyncio.sleep(seconds)
+        assert not self.task.done(), "the download ended inside the window"
+        points = self.seen[first - 1 :]
+        assert len(points) >= 4, points
+        mt = sum(t for t, _ in points) / len(points)
+        mb = sum(b for _, b in points) / len(points)
+        num = sum((t - mt) * (b - mb) for t, b in points)
+        return num / sum((t - mt) ** 2 for t, _ in points)
+
+    async def result(self) -> dict[str, object]:
+        return await self.task
 
 
-async def until(counter: Callable[[], Awaitable[int]], above: int, seconds: float = 30) -> None:
-    async with asyncio.timeout(seconds):
-        while await counter() <= above:  # noqa: ASYNC110 (a counter in another process)
-            await asyncio.sleep(0.05)
+def near(measured: float, cap: int, tolerance: float = TOLERANCE) -> bool:
+    return abs(measured - cap) <= tolerance * cap
 
 
-def near(measured: float, cap: int) -> bool:
-    return abs(measured - cap) <= TOLERANCE * cap
-
-
-async def test_upload_and_mirror_caps_hold_and_change_live(
+async def test_peer_and_mirror_caps_hold_and_change_live(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
     async with agent_process(
-        tmp_path / "a", "127.0.0.2", mirror.url, "--max-upload-rate", "10MB/s"
+        tmp_path / "a", "127.0.0.2", mirror.url, "--max-upload-rate", "5MB/s"
     ) as a:
         code, _, err = await hf("download", "org/big", "--agent", a.local_url, "--quiet")
         assert code == 0, err
         code, out, _ = await hf("limits", "--agent", a.local_url)
-        assert code == 0 and "upload    10.0 MB/s" in out and "mirror    no cap" in out, out
+        assert code == 0 and "upload    5.0 MB/s" in out and "mirror    no cap" in out, out
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "--stall-timeout", "60",
+            peers=[a.peer_addr],
+        ) as b:  # fmt: skip
+            mirror.reset_stats()
+            down = Follow(b.local_url, "done")  # B takes it from A
+            await down.started()
+            slow = await down.rate(1.0, 4.0)
+            code, out, err = await hf("limits", "--upload", "10MB/s", "--agent", a.local_url)
+            assert code == 0 and "upload    10.0 MB/s" in out, err
+            fast = await down.rate(1.5, 4.0)
+            # A's upload cap lifted, B's download cap on: B's holds
+            code, out, err = await hf("limits", "--download", "8MB/s", "--agent", b.local_url)
+            assert code == 0 and "download  8.0 MB/s" in out, err
+            assert (await hf("limits", "--upload", "0", "--agent", a.local_url))[0] == 0
+            taken = await down.rate(1.5, 6.0)  # its limiter is burstier
+            assert (await hf("limits", "--download", "0", "--agent", b.local_url))[0] == 0
+            done = await down.result()
+            assert done["event"] == "done" and done["from_mirror"] == 0, done
+            assert mirror.stats().blob_bytes == 0, "B took it all from A"
+    assert near(slow, 5 * MB), f"upload at {slow / MB:.1f} MB/s under a 5 MB/s cap"
+    assert near(fast, 10 * MB), f"upload at {fast / MB:.1f} MB/s under a 10 MB/s cap"
+    # libtorrent's download limiter is burstier than its upload one (7.7-9.8 MB/s over
+    # 6 s windows under 8 MB/s here): held to 25%
+    assert near(taken, 8 * MB, 0.25), f"download at {taken / MB:.1f} MB/s under an 8 MB/s cap"
 
-        async with aiohttp.ClientSession() as http:
-
-            async def uploaded() -> int:
-                async with http.get(f"{a.local_url}/v1/status") as r:
-                    return int((await r.json())["bytes_uploaded"])
-
-            async with agent_process(
-                tmp_path / "b", "127.0.0.3", mirror.url, "--stall-timeout", "60",
-                peers=[a.peer_addr],
-            ) as b:  # fmt: skip
-                mirror.reset_stats()
-                down = asyncio.create_task(
-                    hf("download", "org/big", "--agent", b.local_url, "--quiet")
-                )
-                await until(uploaded, 0)
-                await asyncio.sleep(1.0)
-                slow = await rate_over(uploaded, 2.5)
-                code, out, err = await hf("limits", "--upload", "20MB/s", "--agent", a.local_url)
-                assert code == 0 and "upload    20.0 MB/s" in out, err
-                await asyncio.sleep(1.0)
-                fast = await rate_over(uploaded, 2.5)
-                assert (await hf("limits", "--upload", "0", "--agent", a.local_url))[0] == 0
-                code, _, err = await down
-                assert code == 0, err
-                assert mirror.stats().blob_bytes == 0, "B took it all from A"
-        assert near(slow, 10 * MB), f"upload at {slow / MB:.1f} MB/s under a 10 MB/s cap"
-        assert near(fast, 20 * MB), f"upload at {fast / MB:.1f} MB/s under a 20 MB/s cap"
-
-    # the mirror cap: one bucket for all of the agent's mirror connections, measured by
-    # the download's own progress events (bytes received from the mirror)
+    # the mirror cap: one bucket for all of the agent's mirror connections
     async with agent_process(
         tmp_path / "c", "127.0.0.4", mirror.url, "--mirror-max-rate", "5MB/s"
     ) as c:
-        seen: list[tuple[float, int]] = [(time.monotonic(), 0)]
-        request = DownloadRequest(repo_id="org/big", repo_type="model", revision="main")
-
-        async def follow() -> dict[str, object]:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http,
-                http.post(f"{c.local_url}/v1/downloads", json=request.to_json()) as r,
-            ):
-                async for event in iter_ndjson(r.content):
-                    if event["event"] == "progress":
-                        seen.append((time.monotonic(), int(event["from_mirror"])))
-                    elif event["event"] in ("done", "error"):
-                        return event
-            raise AssertionError("the download ended without a result")
-
-        async def from_mirror() -> int:
-            return seen[-1][1]
-
-        async def mirror_rate(seconds: float) -> float:
-            """From the progress events (one per 0.5 s) of a window: their own times."""
-            first = len(seen)
-            await asyncio.sleep(seconds)
-            (t0, b0), (t1, b1) = seen[first - 1], seen[-1]
-            return (b1 - b0) / (t1 - t0)
-
-        down = asyncio.create_task(follow())
-        await until(from_mirror, 0)
-        await asyncio.sleep(1.5)
-        slow = await mirror_rate(3.0)
+        down = Follow(c.local_url, "from_mirror")
+        await down.started()
+        slow = await down.rate(1.5, 3.0)
         code, out, err = await hf("limits", "--mirror", "10MB/s", "--agent", c.local_url)
         assert code == 0 and "mirror    10.0 MB/s" in out, err
-        await asyncio.sleep(1.0)
-        fast = await mirror_rate(3.0)
+        fast = await down.rate(1.0, 3.0)
         assert (await hf("limits", "--mirror", "0", "--agent", c.local_url))[0] == 0
-        done = await down
+        done = await down.result()
         assert done["event"] == "done", done
     assert near(slow, 5 * MB), f"mirror at {slow / MB:.1f} MB/s under a 5 MB/s cap"
     assert near(fast, 10 * MB), f"mirror at {fast / MB:.1f} MB/s under a 10 MB/s cap"
