@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from agentkit import write_tree
-from huggingface_hub import scan_cache_dir
+from huggingface_hub import hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import HfHubHTTPError
 from procs import AgentProcess, agent_process
 
 from peer.agent.quota import PinSpec
@@ -151,6 +152,18 @@ async def test_quota_evicts_lru_never_pinned_or_in_use_and_refuses_what_cannot_f
         # prefetch is refused the same way, at once
         code, _, err = await hf("prefetch", "org/g", *agent)
         assert code == 5 and "needs 7.0 MB more" in err, err
+        assert listing(cache) == before
+        # and a Hub client through HF_ENDPOINT hears 507 with the reason
+        with pytest.raises(HfHubHTTPError) as refused:
+            await asyncio.to_thread(
+                hf_hub_download,
+                "org/g",
+                "weights.bin",
+                endpoint=a.local_url,
+                cache_dir=tmp_path / "client",
+            )
+        assert refused.value.response.status_code == 507
+        assert "needs 7.0 MB more" in str(refused.value), refused.value
         assert listing(cache) == before
 
         # d downloads slowly (mirror cap 1 MB/s); once its small file is in, the cache

@@ -31,7 +31,7 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir, _atomic_write
 from peer.cache.eviction import CachedBlob, Pin, plan_eviction
 from peer.cache.hf_cache import REPO_TYPE_PREFIX, repo_of_folder
-from peer.errors import ConfigError, LocalError
+from peer.errors import ConfigError, DiskFull, LocalError
 from peer.hub.metadata import Snapshot
 from peer.hub.protocol import REPO_TYPES
 from peer.serving.sharing import RepoKey, repo_key
@@ -44,8 +44,9 @@ MAX_PINS = 10_000
 SAVE_EVERY = 10.0  # seconds between writes of last_used.json while blobs are used
 
 
-class QuotaExceeded(LocalError):
-    """A download that cannot fit the cache's quota even after eviction."""
+class QuotaExceeded(DiskFull):
+    """A download that cannot fit the cache's quota even after eviction (exit 5; a Hub
+    client in HF_ENDPOINT mode hears 507)."""
 
 
 # -- pins ----------------------------------------------------------------------------
