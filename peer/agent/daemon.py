@@ -140,6 +140,7 @@ class Agent:
                 self.pins,
                 self.last_use,
                 busy=self.blobs.busy_ids,
+                uploaded=self.seeds.uploaded,
             )
             upload = Throttle(self.config.max_upload_rate)  # the peer API's HTTP blobs
             self.limits = LiveLimits(

@@ -2,8 +2,9 @@
 
     <state>/pins.json        the pinned repos: [[repo type, repo id, revision or null]]
     <state>/last_used.json   {blob id: seconds since the epoch} when a blob was last
-                             downloaded or served (to a local client, a Hub client or a
-                             peer over HTTP); atime is useless on noatime mounts
+                             downloaded or served (to a local client, a Hub client, a
+                             peer over HTTP, or through the swarm: seen when the quota
+                             is checked); atime is useless on noatime mounts
 
 `CacheQuota.job()` wraps every download: `admit(snapshot)` reserves the bytes it still
 has to fetch and, if the cache would go past `cache_max_size`, evicts least recently used
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,7 +199,10 @@ class LastUse:
 
     def touch(self, blob_ids: Iterable[str]) -> None:
         now = self.clock()
-        for blob_id in blob_ids:
+        used = list(blob_ids)
+        if not used:
+            return
+        for blob_id in used:
             self._when[blob_id] = now
         self._dirty = True
         if now - self._saved_at >= SAVE_EVERY:
@@ -355,6 +359,7 @@ class CacheQuota:
         pins: Pins,
         last_use: LastUse,
         busy: Callable[[], Iterable[str]],
+        uploaded: Callable[[], Awaitable[dict[str, int]]] | None = None,
     ) -> None:
         self.cache_root = cache_root
         self.limit = limit
@@ -362,6 +367,8 @@ class CacheQuota:
         self.pins = pins
         self.last_use = last_use
         self.busy = busy  # blobs being fetched or streamed right now
+        self.uploaded = uploaded  # bytes each seeded blob sent through the swarm
+        self._sent: dict[str, int] = {}
         self._holds: set[QuotaHold] = set()
         self._lock = asyncio.Lock()
 
@@ -387,6 +394,10 @@ class CacheQuota:
         return frozenset(ids)
 
     async def _scan(self) -> list[CachedBlob]:
+        if self.uploaded is not None:  # a blob peers took since the last look was used
+            sent = await self.uploaded()
+            self.last_use.touch(b for b, n in sent.items() if n != self._sent.get(b, 0))
+            self._sent = sent
         return await asyncio.to_thread(scan_cache, self.cache_root, self.last_use.get)
 
     def _incoming(self, held: set[str]) -> int:
@@ -464,7 +475,7 @@ class CacheQuota:
         self.last_use.save()
 
     async def usage(self) -> dict[str, int]:
-        cached = await self._scan()
+        cached = await asyncio.to_thread(scan_cache, self.cache_root, self.last_use.get)
         return {"cache_bytes": sum(b.size for b in cached), "cache_max_size": self.limit}
 
     async def run(self, every: float = 60.0) -> None:

@@ -23,6 +23,7 @@ fails verification is never offered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -166,6 +167,16 @@ class SeedIndex:
                     await self._note(blob_id, None)
                 except (SwarmError, OSError) as exc:
                     log.warning("cannot seed %s: %s", blob_id[:12], exc)
+
+    async def uploaded(self) -> dict[str, int]:
+        """Bytes each seeded blob sent to peers through the swarm so far (what the
+        cache's quota counts as a use)."""
+        sent: dict[str, int] = {}
+        for blob_id, held in list(self.held.items()):
+            with contextlib.suppress(SwarmError):
+                status = await self.swarm.status(held.manifest.info_hash)
+                sent[blob_id] = status.uploaded_payload_bytes
+        return sent
 
     async def forget(self, blob_id: str) -> None:
         """The blob leaves the cache (evicted): stop seeding it, first, and forget it."""
