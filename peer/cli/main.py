@@ -16,13 +16,14 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
+    from peer.settings import Effective
 
 from peer.agent.requests import Done, DownloadRequest, Event, Setup
 from peer.config import (
@@ -31,8 +32,6 @@ from peer.config import (
     DownloadOptions,
     HubSettings,
     default_state_dir,
-    format_hostport,
-    normalize_endpoint,
     parse_hostport,
 )
 from peer.errors import ConfigError, HfswarmError
@@ -147,94 +146,46 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         description="Seed every verified blob of the HF cache to LAN peers "
         "and fetch what the CLI asks for: peers first, the mirror for the "
         "rest. Stops cleanly on SIGINT/SIGTERM.",
+        epilog=_SETTINGS_EPILOG,
     )
-    p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
-    p.add_argument("--state-dir", help="default: beside the cache (.../huggingface/hfswarm)")
+    _add_settings(p)
+
+
+# Shown under `hfswarm agent --help` and `hfswarm config --help`.
+_SETTINGS_EPILOG = (
+    "Every setting is also a key of the config file (the flag in snake_case: "
+    "--max-upload-rate is max_upload_rate) and an HFSWARM_* environment variable "
+    "(HFSWARM_MAX_UPLOAD_RATE; lists comma-separated). Flags win over the environment, "
+    "which wins over the file, which wins over the defaults; `hfswarm config` shows "
+    "the result and where each value came from."
+)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """The agent's settings as flags (generated from `peer.settings.SETTINGS`), the
+    config file, and the flags outside the table."""
+    from peer.settings import add_flags
+
     p.add_argument(
-        "--listen",
-        default=format_hostport(AgentConfig.listen),
-        metavar="HOST:PORT",
-        help="peer-facing API (default %(default)s)",
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: HFSWARM_CONFIG, else the first that exists of "
+        "$XDG_CONFIG_HOME/hfswarm/agent.toml (~/.config) and /etc/hfswarm/agent.toml)",
     )
+    add_flags(p)
+    # Not a setting: a token in a file or the environment belongs in token_file / HF_TOKEN.
     p.add_argument(
-        "--local-listen",
-        default=format_hostport(AgentConfig.local_listen),
-        metavar="HOST:PORT",
-        help="API for the CLI on this machine (default %(default)s)",
-    )
-    p.add_argument(
-        "--bt-listen",
-        default=format_hostport(AgentConfig.bt_listen),
-        metavar="HOST:PORT",
-        help="BitTorrent port (default %(default)s)",
-    )
-    p.add_argument(
-        "--mirror",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="HF-style endpoint(s) for metadata and fallback (default HF_ENDPOINT)",
-    )
-    p.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="static peer (its --listen address); repeatable",
-    )
-    _add_token(p, "the agent's token for the mirror (default: HF_TOKEN / token file)")
-    p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
-    p.add_argument(
-        "--tracker",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="LAN tracker (`hfswarm tracker`) for peers mDNS cannot reach; repeatable",
+        "--token", help="the token itself (every user sees it in `ps`: prefer --token-file)"
     )
     p.add_argument(
-        "--interface",
-        action="append",
-        default=[],
-        metavar="ADDRESS|NAME",
-        help="run mDNS only on this interface (IPv4 address or name, e.g. eth0); repeatable",
+        "--verbose",
+        "-v",
+        dest="log_level",
+        action="store_const",
+        const="info",
+        default=argparse.SUPPRESS,
+        help="log at info level (--log-level info)",
     )
-    p.add_argument(
-        "--connections",
-        type=int,
-        default=DownloadOptions.connections,
-        help="parallel Range connections per file from the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-upload-rate",
-        type=int,
-        default=AgentConfig.max_upload_rate,
-        metavar="BYTES_PER_S",
-        help="cap what this agent uploads to peers (default: no cap)",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=AgentConfig.stall_timeout,
-        metavar="SECONDS",
-        help="a piece peers do not deliver for this long goes to the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--herd-settle",
-        type=float,
-        default=AgentConfig.herd_settle,
-        metavar="SECONDS",
-        help="when several agents want a blob nobody has, how long their claims get to "
-        "meet before one is elected to fetch it from the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--leader-timeout",
-        type=float,
-        default=AgentConfig.herd_leader_timeout,
-        metavar="SECONDS",
-        help="replace a herd leader that makes no progress (or is gone) this long "
-        "(default %(default)s)",
-    )
-    p.add_argument("--verbose", "-v", action="store_true")
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:
@@ -264,6 +215,19 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the agent's effective configuration and where each value came from",
+        description="The configuration `hfswarm agent` would run with (given the same "
+        "flags, environment and config file), one line per setting with its source: "
+        "default, env:VARIABLE, file:PATH:LINE or flag.",
+        epilog=_SETTINGS_EPILOG,
+    )
+    _add_settings(p)
+    p.add_argument("--json", action="store_true")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -287,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_publish(sub)
     _add_status(sub)
+    _add_config(sub)
     _add_demo(sub)
     _add_mirror(sub)
     sub.add_parser(
@@ -497,29 +462,41 @@ async def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def agent_config(args: argparse.Namespace) -> AgentConfig:
-    """The `hfswarm agent` flags as an `AgentConfig` (the flags' defaults are its own)."""
-    settings = HubSettings.from_env(
-        mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
-    )
-    return AgentConfig(
-        hub=settings,
-        state_dir=args.state_dir or default_state_dir(settings.cache_dir),
-        listen=parse_hostport(args.listen, what="--listen"),
-        local_listen=parse_hostport(
-            args.local_listen, default_host="127.0.0.1", what="--local-listen"
-        ),
-        bt_listen=parse_hostport(args.bt_listen, what="--bt-listen"),
-        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
-        mdns=not args.no_mdns,
-        mdns_interfaces=tuple(args.interface),
-        trackers=tuple(normalize_endpoint(u) for u in args.tracker),
-        download=DownloadOptions.from_env(connections=args.connections, quiet=True),
-        max_upload_rate=args.max_upload_rate,
-        stall_timeout=args.stall_timeout,
-        herd_settle=args.herd_settle,
-        herd_leader_timeout=args.leader_timeout,
-    )
+def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Effective:
+    """Every agent setting from the flags given, the environment and the config file."""
+    from peer.settings import effective, given_flags
+
+    env = os.environ if env is None else env
+    return effective(given_flags(args), env, getattr(args, "config", None))
+
+
+def agent_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """The `hfswarm agent` flags, HFSWARM_* variables and config file as an `AgentConfig`
+    (the settings' defaults are its own)."""
+    from peer.settings import agent_config as from_settings
+
+    env = os.environ if env is None else env
+    token = getattr(args, "token", None)
+    if token and "token_file" in vars(args):
+        raise ConfigError(
+            "--token and --token-file both given", hint="pass one (prefer --token-file)"
+        )
+    if token:
+        print(
+            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
+            "use --token-file PATH or the HF_TOKEN environment variable instead",
+            file=sys.stderr,
+        )
+    return from_settings(agent_settings(args, env), env, token=token or None)
+
+
+async def _run_config(args: argparse.Namespace) -> int:
+    eff = agent_settings(args)
+    if args.json:
+        print(json.dumps(eff.as_json(), indent=2))
+    else:
+        print(eff.table())
+    return 0
 
 
 async def _run_agent(args: argparse.Namespace) -> int:
@@ -527,8 +504,9 @@ async def _run_agent(args: argparse.Namespace) -> int:
     from peer.logs import install_repeat_filter
     from peer.serving.limits import raise_nofile_limit
 
+    eff = agent_settings(args)  # first: a bad setting stops the agent before anything
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=getattr(logging, eff["log_level"].upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # A flood of bad clients must not fill the disk with identical lines, and the fd
@@ -536,6 +514,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
     install_repeat_filter(logging.getLogger())
     raise_nofile_limit()
     config = agent_config(args)
+    if eff.file:
+        logging.getLogger("peer.settings").info("config file %s", eff.file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -581,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_agent(args))
         if args.command == "status":
             return asyncio.run(_run_status(args))
+        if args.command == "config":
+            return asyncio.run(_run_config(args))
         if args.command == "publish":
             return asyncio.run(_run_publish(args))
         if args.command == "demo":
