@@ -465,9 +465,9 @@ def find_config(
     $XDG_CONFIG_HOME/hfswarm/agent.toml (~/.config by default) and /etc/hfswarm/agent.toml
     that exists; None: no file."""
     if explicit:
-        return Path(explicit).expanduser()
+        return Path(explicit).expanduser().absolute()
     if env.get("HFSWARM_CONFIG"):
-        return Path(env["HFSWARM_CONFIG"]).expanduser()
+        return Path(env["HFSWARM_CONFIG"]).expanduser().absolute()
     xdg = env.get("XDG_CONFIG_HOME") or ""
     home = Path(xdg).expanduser() if xdg else Path("~/.config").expanduser()
     for candidate in (home / "hfswarm" / "agent.toml", system):

@@ -490,7 +490,7 @@ def agent_config(args: argparse.Namespace, env: Mapping[str, str] | None = None)
     return from_settings(agent_settings(args, env), env, token=token or None)
 
 
-async def _run_config(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> int:
     eff = agent_settings(args)
     if args.json:
         print(json.dumps(eff.as_json(), indent=2))
@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_run_status(args))
         if args.command == "config":
-            return asyncio.run(_run_config(args))
+            return _run_config(args)
         if args.command == "publish":
             return asyncio.run(_run_publish(args))
         if args.command == "demo":
