@@ -448,11 +448,12 @@ def load_file(path: Path) -> ConfigFile:
     for key in values:
         if key not in BY_KEY:
             close = difflib.get_close_matches(key, list(BY_KEY), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "`hfswarm agent --help` lists them"
-            raise ConfigError(
-                f"{loaded.where(key)}: unknown key {key!r}",
-                hint=f"{hint} (the keys are the agent's flags in snake_case)",
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else "the keys are the agent's flags in snake_case: see `hfswarm agent --help`"
             )
+            raise ConfigError(f"{loaded.where(key)}: unknown key {key!r}", hint=hint)
     return loaded
 
 
@@ -569,7 +570,7 @@ def _quote(raw: object) -> str:
 def _beside(value: Any, folder: Path) -> Any:
     """A relative path in a file is relative to the file's folder."""
     if isinstance(value, Path) and not value.is_absolute():
-        return folder / value
+        return Path(os.path.normpath(folder / value))
     return value
 
 
@@ -659,3 +660,7 @@ def add_flags(parser: argparse.ArgumentParser, table: Sequence[Setting] = SETTIN
 
 def given_flags(args: Any, table: Sequence[Setting] = SETTINGS) -> dict[str, Any]:
     return {s.key: getattr(args, s.key) for s in table if hasattr(args, s.key)}
+
+
+if __name__ == "__main__":  # the reference table of docs/CONFIGURATION.md
+    print(markdown(), end="")
