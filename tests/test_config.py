@@ -238,9 +238,7 @@ def test_hfswarm_config_prints_each_value_and_its_source(tmp_path: Path) -> None
 
 
 def test_an_unknown_key_stops_the_agent_with_file_line_and_a_suggestion(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "agent.toml", 'listen = ":7851"\n# caps\nmax_upload_rte = "5MB/s"\n'
-    )
+    path = write(tmp_path / "agent.toml", 'listen = ":7851"\n# caps\nmax_upload_rte = "5MB/s"\n')
     done = hfswarm("agent", "--config", str(path))
     assert done.returncode == 2
     assert f"{path}:3: unknown key 'max_upload_rte'" in done.stderr
@@ -259,7 +257,7 @@ def test_an_unknown_key_stops_the_agent_with_file_line_and_a_suggestion(tmp_path
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("stall_timeout = \"soon\"", "stall_timeout = 'soon': 'soon' is not a number of seconds"),
+        ('stall_timeout = "soon"', "stall_timeout = 'soon': 'soon' is not a number of seconds"),
         ('listen = "nohost"', "listen = 'nohost': address 'nohost' is not HOST:PORT"),
         ('listen = "h:99999"', "port out of range"),
         ('max_upload_rate = "fast"', "max_upload_rate = 'fast': 'fast' is not a rate"),
@@ -440,7 +438,7 @@ async def test_a_real_agent_runs_from_a_config_file_alone(tmp_path: Path) -> Non
                     "mdns = false",
                     'cache_dir = "../cache"',  # relative to the file
                     'state_dir = "../state"',
-                    "max_upload_rate = \"1MB/s\"",
+                    'max_upload_rate = "1MB/s"',
                 ]
             ),
         )
