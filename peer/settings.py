@@ -585,6 +585,21 @@ def effective(
     return resolve(flags, env, load_file(path) if path else None)
 
 
+# HFSWARM_* variables that are not agent settings (the CLI's, the demo's).
+OTHER_VARIABLES = frozenset({"HFSWARM_AGENT", "HFSWARM_CONFIG", "HFSWARM_DEMO_DIR"})
+
+
+def unknown_variables(env: Mapping[str, str], table: Sequence[Setting] = SETTINGS) -> list[str]:
+    """HFSWARM_* variables no setting reads (a typo would otherwise pass unnoticed), each
+    with a close match if there is one."""
+    known = {s.env for s in table} | OTHER_VARIABLES
+    out = []
+    for name in sorted(k for k in env if k.startswith("HFSWARM_") and k not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
+
+
 # --- into the agent's config ----------------------------------------------------------
 
 

@@ -308,6 +308,13 @@ def test_a_bad_environment_variable_is_named(tmp_path: Path) -> None:
     done = hfswarm("config", env={"HFSWARM_LOCAL_LISTEN": "localhost"})
     assert done.returncode == 2
     assert "environment variable HFSWARM_LOCAL_LISTEN='localhost'" in done.stderr
+    # A variable no setting reads is named (a typo), with what was meant.
+    done = hfswarm("config", env={"HFSWARM_MAX_UPLOAD_RTE": "5MB", "HFSWARM_AGENT": "x"})
+    assert done.returncode == 0
+    assert done.stderr.strip().splitlines() == [
+        "hfswarm: warning: ignoring HFSWARM_MAX_UPLOAD_RTE (did you mean "
+        "HFSWARM_MAX_UPLOAD_RATE?): no such setting"
+    ]
     # The flag wins, so a bad variable it overrides is never read.
     assert resolve({"max_upload_rate": "1"}, env, None)["max_upload_rate"] == 1
 

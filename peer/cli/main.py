@@ -464,9 +464,11 @@ async def _run_status(args: argparse.Namespace) -> int:
 
 def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Effective:
     """Every agent setting from the flags given, the environment and the config file."""
-    from peer.settings import effective, given_flags
+    from peer.settings import effective, given_flags, unknown_variables
 
     env = os.environ if env is None else env
+    for name in unknown_variables(env):
+        print(f"hfswarm: warning: ignoring {name}: no such setting", file=sys.stderr)
     return effective(given_flags(args), env, getattr(args, "config", None))
 
 
