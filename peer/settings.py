@@ -642,9 +642,13 @@ def markdown(table: Sequence[Setting] = SETTINGS) -> str:
     """The reference table of docs/CONFIGURATION.md (a test keeps the file in sync)."""
     rows = ["| key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for s in table:
-        default = _display(s.default_value) if s.fallback is None else "see meaning"
+        default = f"`{_display(s.default_value)}`" if s.fallback is None else "see meaning"
         kind = " (list)" if s.many else ""
-        rows.append(f"| `{s.key}`{kind} | `{s.flag_name}` | `{s.env}` | `{default}` | {s.help} |")
+        flags = [s.flag_name, *s.aliases]
+        if s.parse is parse_bool:
+            flags.append("--no-" + s.flag_name.removeprefix("--"))
+        shown = ", ".join(f"`{f}`" for f in flags)
+        rows.append(f"| `{s.key}`{kind} | {shown} | `{s.env}` | {default} | {s.help} |")
     return "\n".join(rows) + "\n"
 
 
