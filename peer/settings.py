@@ -537,7 +537,9 @@ def resolve(
     for s in table:
         if s.key in flags:
             raw, source = flags[s.key], "flag"
-            where, hint_for = f"{s.flag_name} {_quote(raw)}", f"fix {s.flag_name}"
+            # A repeated flag's problem names the bad item itself.
+            where = s.flag_name if s.many else f"{s.flag_name} {_quote(raw)}"
+            hint_for = f"fix {s.flag_name}"
         elif env.get(s.env, "").strip():
             raw, source = env[s.env], f"env:{s.env}"
             where, hint_for = f"environment variable {s.env}={raw!r}", f"fix or unset {s.env}"

@@ -291,6 +291,9 @@ def test_bad_values_from_the_cli_exit_2_with_one_line(tmp_path: Path) -> None:
     done = hfswarm("agent", "--max-upload-rate", "lots")
     assert done.returncode == 2
     assert "--max-upload-rate 'lots': 'lots' is not a rate" in done.stderr
+    done = hfswarm("agent", "--peer", "10.0.0.1:7851", "--peer", "10.0.0.2")
+    assert done.returncode == 2
+    assert "--peer: address '10.0.0.2' is not HOST:PORT" in done.stderr
     # Not valid TOML at all: the line tomllib names.
     path = write(tmp_path / "c.toml", 'listen = ":1"\nmdns = \n')
     done = hfswarm("config", "--config", str(path))
