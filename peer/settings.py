@@ -144,10 +144,10 @@ def parse_size(raw: object) -> int:
     """Bytes: an integer, or text such as ``50MB`` (10**6), ``1.5 GiB`` (2**30), ``0``."""
     if isinstance(raw, bool):
         raise BadValue("expected a size, got a boolean")
-    if isinstance(raw, int):
-        if raw < 0:
-            raise BadValue(f"{raw} is negative")
-        return raw
+    if isinstance(raw, int | float):
+        if not 0 <= raw < float("inf"):
+            raise BadValue(f"{raw} is negative" if raw < 0 else f"{raw} is not a size")
+        return int(raw)
     text = _text(raw, "a size")
     match = _SIZE.fullmatch(text)
     if not match:

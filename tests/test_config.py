@@ -26,6 +26,7 @@ from peer.config import AgentConfig, DownloadOptions, default_cache_dir
 from peer.errors import ConfigError
 from peer.mirror_server import RepoSource, ThreadedMirror
 from peer.settings import (
+    BadValue,
     BY_KEY,
     SETTINGS,
     effective,
@@ -383,6 +384,10 @@ def test_sizes_and_rates() -> None:
     assert parse_size("1.5 GiB") == 3 * 2**29
     assert parse_size("0") == parse_rate("0/s") == 0
     assert parse_size("10k") == 10_000 and parse_size("2KiB") == 2048
+    assert parse_size(1.5e6) == 1_500_000  # a TOML float
+    for bad in ("5 XB", "MB", "-5MB", "1e6", float("nan"), float("inf"), -1, True):
+        with pytest.raises(BadValue):
+            parse_size(bad)
 
 
 def test_configuration_md_is_generated_from_the_table() -> None:
