@@ -26,9 +26,9 @@ from peer.config import AgentConfig, DownloadOptions, default_cache_dir
 from peer.errors import ConfigError
 from peer.mirror_server import RepoSource, ThreadedMirror
 from peer.settings import (
-    BadValue,
     BY_KEY,
     SETTINGS,
+    BadValue,
     effective,
     find_config,
     given_flags,
