@@ -137,6 +137,9 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
         def count_upload(self, n: int) -> None:
             return None
 
+        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+            return None
+
     from aiohttp import web
 
     async with SwarmSession(SwarmSettings(listen_host="127.0.0.5", listen_port=0)) as half:

@@ -1,7 +1,9 @@
 """The agent's local API, for the CLI on this machine (loopback by default; never the
 peer-facing listener).
 
-    GET  /v1/status       counters, peers and seeded blobs (JSON)
+    GET  /v1/status       counters, peers, seeded repos and running transfers (JSON)
+    GET  /metrics         the same figures for Prometheus (`peer.serving.metrics`)
+    GET  /                the status page (`peer.serving.status_page`: /status.js, .css)
     POST /v1/downloads    start a download into the agent's cache; the answer streams
                           NDJSON events until it ends:
                           {"event": "started", "commit", "files", "total"}
@@ -17,6 +19,10 @@ peer-facing listener).
                           Only for the agent's own user (or root): the agent reads the
                           folder, so another local user could otherwise publish files
                           only the agent's user may read (`peer.serving.caller`)
+
+Every call that acts (a download, a publish, a Hub API file) or is refused goes to the
+audit log (`peer.agent.audit`: the caller's uid, what it asked, the outcome); the
+read-only pages a browser or Prometheus polls do not.
 
 The download keeps running in the agent if the client goes away; a new request for the
 same repo joins the blobs already in flight instead of fetching them twice.
@@ -44,14 +50,20 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from peer.agent.audit import ApiCall
 from peer.agent.requests import Done, DownloadRequest, Emit, Error, Event, PublishRequest
 from peer.errors import ConfigError, HfswarmError, UserError
 from peer.serving.caller import caller_uid
-from peer.serving.hub_api import HubApi, HubBackend
+from peer.serving.hub_api import HubApi, HubBackend, parse_resolve
+from peer.serving.metrics import CONTENT_TYPE, AgentMetrics, MetricsSnapshot
+from peer.serving.status_page import add_status_page
 
 # Requests are small JSON or a paths-info list; a cap keeps one from filling memory.
 MAX_REQUEST_BYTES = 1024 * 1024
 JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish"})
+# Read-only routes polled by browsers and Prometheus: audited only when refused.
+POLLED_ROUTES = frozenset({"/v1/status", "/metrics", "/", "/status.js", "/status.css"})
+REFUSED = frozenset({400, 401, 403, 405, 413, 415})
 
 
 class RequestRefused(UserError):
@@ -60,6 +72,12 @@ class RequestRefused(UserError):
 
 class LocalBackend(Protocol):
     async def status(self) -> dict[str, Any]: ...
+
+    async def metrics_snapshot(self) -> MetricsSnapshot: ...
+
+    def api_call(self, call: ApiCall) -> None:
+        """An audited call (see the module docstring)."""
+        ...
 
     async def run_download(self, request: DownloadRequest, emit: Emit) -> Done: ...
 
@@ -138,12 +156,86 @@ async def guard(
         return refusal(400, "request JSON is nested too deeply", "send a flat JSON body")
 
 
-def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.Application:
+def _audit_middleware(backend: LocalBackend) -> Any:
+    """Outside the guard: sees its refusals as well as what the routes did. The caller's
+    uid is read while its connection is surely open: before a route that streams its
+    answer (the client may be gone after it), after a refusal (not sent yet)."""
+
+    def resolve_asked(request: web.Request) -> dict[str, str] | None:
+        if request.method != "GET" or request.path.startswith(("/v1/", "/api/")):
+            return None
+        if request.path in POLLED_ROUTES:
+            return None
+        try:
+            target = parse_resolve(request.raw_path)
+        except HfswarmError:
+            return None
+        if target is None:
+            return None
+        return {
+            "repo_type": target.repo_type,
+            "repo_id": target.repo_id,
+            "revision": target.revision,
+            "path": target.path,
+        }
+
+    @web.middleware
+    async def audit(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        asked = resolve_asked(request)
+        acts = request.path in JSON_ROUTES or asked is not None
+        uid = caller_uid(request.transport) if acts else None
+        try:
+            resp = await handler(request)
+            status = resp.status
+        except web.HTTPException as exc:
+            resp, status = exc, exc.status
+            if not acts and status not in REFUSED:
+                raise
+        if not acts and status not in REFUSED:
+            return resp
+        if not acts:
+            uid = caller_uid(request.transport)
+        outcome = request.get(OUTCOME) or (
+            "refused" if status in REFUSED else "done" if status < 400 else "error"
+        )
+        backend.api_call(
+            ApiCall(
+                uid=uid,
+                method=request.method,
+                route=request.path if asked is None else "resolve",
+                asked=request.get(ASKED) or asked or {},
+                status=status,
+                outcome=outcome,
+            )
+        )
+        if isinstance(resp, web.HTTPException):
+            raise resp
+        return resp
+
+    return audit
+
+
+# Keys a route sets on its request for the audit line: what was asked, how it ended.
+ASKED = "hfswarm.asked"
+OUTCOME = "hfswarm.outcome"
+
+
+def make_local_app(
+    backend: LocalBackend, hub: HubBackend | None = None, metrics: AgentMetrics | None = None
+) -> web.Application:
     """The CLI's API; with `hub`, also the Hub API of HF_ENDPOINT mode
-    (`peer.serving.hub_api`), mounted after the /v1 routes."""
+    (`peer.serving.hub_api`), mounted after the /v1 routes and the status page.
+    `metrics`: the agent's own registry (one is made if none is given)."""
+    registry = metrics or AgentMetrics()
 
     async def status(_: web.Request) -> web.Response:
         return web.json_response(await backend.status())
+
+    async def prometheus(_: web.Request) -> web.Response:
+        body = registry.render(await backend.metrics_snapshot())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def bad_request(exc: Exception, status: int = 400) -> web.Response:
         msg = exc.one_line() if isinstance(exc, HfswarmError) else f"bad JSON: {exc}"
@@ -173,6 +265,11 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             spec = DownloadRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        request[ASKED] = {
+            "repo_type": spec.repo_type,
+            "repo_id": spec.repo_id,
+            "revision": spec.revision,
+        }
         # Any local user reaches this port: the agent's token (its reach to private and
         # gated repos) is lent only to the agent's own user; others bring their own.
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
@@ -195,6 +292,11 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             spec = PublishRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        request[ASKED] = {
+            "repo_type": spec.repo_type,
+            "repo_id": spec.repo_id,
+            "path": str(spec.path),
+        }
         return await run_job(request, lambda emit: backend.publish(spec, emit))
 
     async def run_job(
@@ -223,6 +325,10 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
         jobs.add(task)
         task.add_done_callback(jobs.discard)
         while (event := await queue.get()) is not None:
+            if event.get("event") == "done":
+                request[OUTCOME] = "done"
+            elif event.get("event") == "error":
+                request[OUTCOME] = str(event.get("kind", "error"))
             with contextlib.suppress(ConnectionError):
                 await resp.write(json.dumps(event).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
@@ -238,10 +344,14 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             with contextlib.suppress(BaseException):
                 await task
 
-    app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(
+        middlewares=[_audit_middleware(backend), guard], client_max_size=MAX_REQUEST_BYTES
+    )
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_post("/v1/downloads", downloads)
     app.router.add_post("/v1/publish", publish)
+    add_status_page(app)
     app.on_shutdown.append(cancel_jobs)
     if hub is not None:
         HubApi(hub).mount(app)
