@@ -234,6 +234,14 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         help="replace a herd leader that makes no progress (or is gone) this long "
         "(default %(default)s)",
     )
+    p.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        type=Path,
+        help="one JSON line per API call, download, publish, upload to a peer and ban "
+        "(default: STATE_DIR/audit.log; rotated at 10 MiB, 5 kept)",
+    )
+    p.add_argument("--no-audit-log", action="store_true", help="keep no audit log")
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -259,9 +267,15 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counters, peers and seeded blobs of the local agent")
+    p = sub.add_parser(
+        "status",
+        help="the local agent: transfers in flight, peers, seeded repos, counters",
+        description="The local agent's transfers in flight (with rates), peers, seeded repos "
+        "and counters, as tables; --json prints /v1/status as it is. The same figures are "
+        "on the agent's status page (its local URL in a browser) and at /metrics.",
+    )
     p.add_argument("--agent", metavar="URL")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the machine form (/v1/status)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -486,14 +500,9 @@ async def _run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"agent {status['agent_id']}")
-    for key in ("bytes_from_peers", "bytes_from_mirror", "bytes_uploaded"):
-        print(f"  {key.replace('_', ' '):18s} {human_bytes(status[key])}")
-    print(f"  {'hash failures':18s} {status['hash_failures']}")
-    print(f"  {'seeded blobs':18s} {status['seeded_blobs']}")
-    print(f"  peers ({len(status['peers'])}):")
-    for p in status["peers"]:
-        print(f"    {p['agent_id'][:12]}  {p['host']}:{p['api_port']} (bt {p['bt_port']})")
+    from peer.cli.status_table import render_status
+
+    print(render_status(status))
     return 0
 
 
@@ -519,6 +528,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         stall_timeout=args.stall_timeout,
         herd_settle=args.herd_settle,
         herd_leader_timeout=args.leader_timeout,
+        audit_log=args.audit_log.expanduser() if args.audit_log else None,
+        audit=not args.no_audit_log,
     )
 
 
