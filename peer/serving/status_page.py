@@ -60,10 +60,10 @@ progress { width: 14em; } .dim { color: #888; } #error { color: #b00; }
 
 SCRIPT = """"use strict";
 function human(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  const units = ["B", "KB", "MB", "GB", "TB"];
   let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : String(Math.round(n))) + " " + units[i];
 }
 function cell(row, text, cls) {
   const td = row.insertCell();
