@@ -128,7 +128,9 @@ class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
 class AuditLog:
     """Appends audit events to `path` (None: a log that writes nothing)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self, path: Path | None, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS
+    ) -> None:
         self.path = path
         self._handler: logging.Handler | None = None
         # A logger of its own, not registered with `logging` (no global state): it has
@@ -141,7 +143,7 @@ class AuditLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handler = _PrivateRotatingHandler(
-                path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8"
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )
             os.chmod(path, 0o600)  # one made by an older run, or by hand
         except OSError as exc:

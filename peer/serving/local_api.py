@@ -156,7 +156,12 @@ async def guard(
         return refusal(400, "request JSON is nested too deeply", "send a flat JSON body")
 
 
-def _audit_middleware(backend: LocalBackend) -> Any:
+# What a route tells the audit line of its request (by id(request), while it runs): what
+# was asked ("asked") and how a streamed job ended ("outcome").
+Notes = dict[int, dict[str, Any]]
+
+
+def _audit_middleware(backend: LocalBackend, notes: Notes) -> Any:
     """Outside the guard: sees its refusals as well as what the routes did. The caller's
     uid is read while its connection is surely open: before a route that streams its
     answer (the client may be gone after it), after a refusal (not sent yet)."""
@@ -186,6 +191,7 @@ def _audit_middleware(backend: LocalBackend) -> Any:
         asked = resolve_asked(request)
         acts = request.path in JSON_ROUTES or asked is not None
         uid = caller_uid(request.transport) if acts else None
+        note = notes.setdefault(id(request), {})
         try:
             resp = await handler(request)
             status = resp.status
@@ -193,11 +199,13 @@ def _audit_middleware(backend: LocalBackend) -> Any:
             resp, status = exc, exc.status
             if not acts and status not in REFUSED:
                 raise
+        finally:
+            notes.pop(id(request), None)
         if not acts and status not in REFUSED:
             return resp
         if not acts:
             uid = caller_uid(request.transport)
-        outcome = request.get(OUTCOME) or (
+        outcome = note.get("outcome") or (
             "refused" if status in REFUSED else "done" if status < 400 else "error"
         )
         backend.api_call(
@@ -205,7 +213,7 @@ def _audit_middleware(backend: LocalBackend) -> Any:
                 uid=uid,
                 method=request.method,
                 route=request.path if asked is None else "resolve",
-                asked=request.get(ASKED) or asked or {},
+                asked=note.get("asked") or asked or {},
                 status=status,
                 outcome=outcome,
             )
@@ -217,11 +225,6 @@ def _audit_middleware(backend: LocalBackend) -> Any:
     return audit
 
 
-# Keys a route sets on its request for the audit line: what was asked, how it ended.
-ASKED = "hfswarm.asked"
-OUTCOME = "hfswarm.outcome"
-
-
 def make_local_app(
     backend: LocalBackend, hub: HubBackend | None = None, metrics: AgentMetrics | None = None
 ) -> web.Application:
@@ -229,6 +232,11 @@ def make_local_app(
     (`peer.serving.hub_api`), mounted after the /v1 routes and the status page.
     `metrics`: the agent's own registry (one is made if none is given)."""
     registry = metrics or AgentMetrics()
+    notes: Notes = {}
+
+    def note(request: web.Request, key: str, value: Any) -> None:
+        if id(request) in notes:
+            notes[id(request)][key] = value
 
     async def status(_: web.Request) -> web.Response:
         return web.json_response(await backend.status())
@@ -265,11 +273,15 @@ def make_local_app(
             spec = DownloadRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
-        request[ASKED] = {
-            "repo_type": spec.repo_type,
-            "repo_id": spec.repo_id,
-            "revision": spec.revision,
-        }
+        note(
+            request,
+            "asked",
+            {
+                "repo_type": spec.repo_type,
+                "repo_id": spec.repo_id,
+                "revision": spec.revision,
+            },
+        )
         # Any local user reaches this port: the agent's token (its reach to private and
         # gated repos) is lent only to the agent's own user; others bring their own.
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
@@ -292,11 +304,15 @@ def make_local_app(
             spec = PublishRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
-        request[ASKED] = {
-            "repo_type": spec.repo_type,
-            "repo_id": spec.repo_id,
-            "path": str(spec.path),
-        }
+        note(
+            request,
+            "asked",
+            {
+                "repo_type": spec.repo_type,
+                "repo_id": spec.repo_id,
+                "path": str(spec.path),
+            },
+        )
         return await run_job(request, lambda emit: backend.publish(spec, emit))
 
     async def run_job(
@@ -326,9 +342,9 @@ def make_local_app(
         task.add_done_callback(jobs.discard)
         while (event := await queue.get()) is not None:
             if event.get("event") == "done":
-                request[OUTCOME] = "done"
+                note(request, "outcome", "done")
             elif event.get("event") == "error":
-                request[OUTCOME] = str(event.get("kind", "error"))
+                note(request, "outcome", str(event.get("kind", "error")))
             with contextlib.suppress(ConnectionError):
                 await resp.write(json.dumps(event).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
@@ -345,7 +361,7 @@ def make_local_app(
                 await task
 
     app = web.Application(
-        middlewares=[_audit_middleware(backend), guard], client_max_size=MAX_REQUEST_BYTES
+        middlewares=[_audit_middleware(backend, notes), guard], client_max_size=MAX_REQUEST_BYTES
     )
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", prometheus)
