@@ -305,6 +305,19 @@ async def test_the_status_page_shows_a_running_transfer_in_headless_chromium(
                 assert r.status == 403
             async with s.get(status_url, headers={"Origin": endpoint(a)}) as r:
                 assert r.status == 200
+                assert r.headers["Content-Security-Policy"].startswith("sandbox")
+            # Our own origin may read, never act (a POST from a page of the agent's).
+            async with s.post(
+                f"{endpoint(a)}/v1/downloads",
+                json={"repo_id": "org/m"},
+                headers={"Origin": endpoint(a)},
+            ) as r:
+                assert r.status == 403
+            # A repo's file, fetched through HF_ENDPOINT, never runs as a page here.
+            async with s.get(f"{endpoint(a)}/org/m/resolve/main/config.json") as r:
+                assert r.status == 200 and await r.read() == files["config.json"]
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
+                assert r.headers["Content-Security-Policy"].startswith("sandbox")
         chromium = await asyncio.create_subprocess_exec(
             *_chromium_args(tmp_path / "chromium-profile"),
             "--virtual-time-budget=3000",

@@ -33,8 +33,11 @@ The agent also mounts the Hub API of HF_ENDPOINT mode here (`peer.serving.hub_ap
 Every user of the machine, and every web page its browsers show, can reach a loopback
 port, so `guard` checks each request before any route: a ``Host`` that is not the
 listener's own address or a loopback name (DNS rebinding), an ``Origin`` (a browser
-sent it: cross-site) other than our own -> 403; the JSON routes take only
-``application/json`` (a form or text/plain POST needs no CORS preflight) -> 415.
+sent it: cross-site) other than our own, or our own on anything but a GET or HEAD
+-> 403; the JSON routes take only ``application/json`` (a form or text/plain POST needs
+no CORS preflight) -> 415. Every answer but the status page's carries
+``X-Content-Type-Options: nosniff`` and ``Content-Security-Policy: sandbox``: a file a
+Hub client fetches (any repo's bytes) never runs as a page of the agent's origin.
 """
 
 from __future__ import annotations
@@ -136,7 +139,10 @@ async def guard(
             "use http://127.0.0.1:PORT (or localhost) as the agent's URL or HF_ENDPOINT",
         )
     origin = request.headers.get("Origin")
-    if origin is not None and origin.lower() != f"http://{host}".lower():
+    # Our own origin: the status page reading /v1/status (browsers send no Origin on a
+    # same-origin GET, but may); never for a request that acts.
+    own = origin is not None and origin.lower() == f"http://{host}".lower()
+    if origin is not None and not (own and request.method in ("GET", "HEAD")):
         return refusal(
             403,
             f"the agent's local API does not answer web pages (Origin {origin!r})",
@@ -223,6 +229,12 @@ def _audit_middleware(backend: LocalBackend, notes: Notes) -> Any:
         return resp
 
     return audit
+
+
+async def _harden(_: web.Request, response: web.StreamResponse) -> None:
+    """Before the headers go out, on every answer (the status page sets its own policy)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Content-Security-Policy", "sandbox; default-src 'none'")
 
 
 def make_local_app(
@@ -363,6 +375,7 @@ def make_local_app(
     app = web.Application(
         middlewares=[_audit_middleware(backend, notes), guard], client_max_size=MAX_REQUEST_BYTES
     )
+    app.on_response_prepare.append(_harden)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", prometheus)
     app.router.add_post("/v1/downloads", downloads)
