@@ -466,9 +466,20 @@ async def test_the_audit_log_records_another_users_refused_call(
         assert "token" not in json.dumps(audit_lines(a))
 
 
-def test_chromium_is_there_when_ci_installs_it() -> None:
-    """CI (root with apt-get) installs chromium, so the page test runs there."""
-    if os.environ.get("CI") and os.geteuid() == 0 and shutil.which("apt-get"):
-        assert CHROMIUM.exists(), ".ci/run should have installed chromium"
-    else:
-        pytest.skip("only meaningful in CI as root with apt-get")
+def test_ci_installs_chromium_for_the_page_test() -> None:
+    """.ci/run (root with apt-get) installs chromium, so the page test never skips in CI."""
+    if not (os.environ.get("CI") and os.geteuid() == 0 and shutil.which("apt-get")):
+        pytest.skip("only in CI as root with apt-get")
+    assert CHROMIUM.exists(), ".ci/run should have installed chromium"
+
+
+def test_the_audit_log_flags(tmp_path: Path) -> None:
+    from peer.cli.main import agent_config, build_parser
+
+    def cfg(*extra: str) -> Any:
+        args = ["agent", "--cache-dir", str(tmp_path / "hub"), "--state-dir", str(tmp_path / "s")]
+        return agent_config(build_parser().parse_args([*args, *extra]))
+
+    assert cfg().audit_path == tmp_path / "s/audit.log"
+    assert cfg("--audit-log", str(tmp_path / "x.log")).audit_path == tmp_path / "x.log"
+    assert cfg("--no-audit-log").audit_path is None
