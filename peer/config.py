@@ -201,4 +201,4 @@ class AgentConfig:
         """Where the audit log goes, or None when it is off."""
         if not self.audit:
             return None
-        return self.audit_log if self.audit_log is not None else self.state_dir / "audit.log"
+        return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"
