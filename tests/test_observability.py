@@ -483,3 +483,17 @@ def test_the_audit_log_flags(tmp_path: Path) -> None:
     assert cfg().audit_path == tmp_path / "s/audit.log"
     assert cfg("--audit-log", str(tmp_path / "x.log")).audit_path == tmp_path / "x.log"
     assert cfg("--no-audit-log").audit_path is None
+
+
+def test_transfer_rates_come_from_the_last_reads() -> None:
+    from peer.agent.local_service import TransferRates
+
+    rates = TransferRates(window=5.0)
+    assert rates.rate("b", 1000, started=0.0, now=1.0) == 1000  # one read: since start
+    assert rates.rate("b", 1100, started=0.0, now=1.2) == 1100 / 1.2  # reads < 0.5 s apart
+    assert rates.rate("b", 3000, started=0.0, now=2.0) == 2000  # (3000 - 1000) / 1 s
+    for t in range(3, 10):
+        rate = rates.rate("b", 3000 + (t - 2) * 500, started=0.0, now=float(t))
+    assert rate == 500  # the early, faster reads left the window
+    rates.keep(set())
+    assert rates.rate("b", 0, started=9.0, now=10.0) == 0  # forgotten: starts over
