@@ -191,3 +191,14 @@ class AgentConfig:
     # progress (or stay unseen) before another agent replaces it.
     herd_settle: float = HERD_SETTLE
     herd_leader_timeout: float = HERD_LEADER_TIMEOUT
+    # The audit log (one JSON line per event an operator may have to account for:
+    # `peer.agent.audit`); None: <state_dir>/audit.log. `audit` False: none at all.
+    audit_log: Path | None = None
+    audit: bool = True
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the audit log goes, or None when it is off."""
+        if not self.audit:
+            return None
+        return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"

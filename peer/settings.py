@@ -370,6 +370,14 @@ SETTINGS: tuple[Setting, ...] = (
         aliases=("--leader-timeout",),
     ),
     Setting(
+        "audit_log",
+        parse_path,
+        "the audit log: one JSON line per API call, download, publish, upload to a peer "
+        "and ban (rotated at 10 MiB, 5 kept); default STATE_DIR/audit.log",
+        metavar="PATH",
+    ),
+    Setting("audit", parse_bool, "keep the audit log (--no-audit: keep none)"),
+    Setting(
         "log_level",
         parse_choice(*LOG_LEVELS),
         "what the agent logs (-v: info)",

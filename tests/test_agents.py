@@ -137,6 +137,9 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
         def count_upload(self, n: int) -> None:
             return None
 
+        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+            return None
+
     from aiohttp import web
 
     async with SwarmSession(SwarmSettings(listen_host="127.0.0.5", listen_port=0)) as half:
@@ -214,6 +217,12 @@ async def test_corrupt_seeder_is_banned_and_nothing_bad_is_linked(
         async with agent(config(tmp_path / "c", "127.0.0.4", mirror.url, peers=(peer_of(a),))) as c:
             result = await fetch(c)
             assert "127.0.0.2" in c.swarm.banned_peers()
+            assert c.totals.bans >= 1  # /metrics: hfswarm_peer_bans_total
+            audit = c.config.audit_path
+            assert audit is not None
+            lines = [json.loads(x) for x in (await asyncio.to_thread(audit.read_text)).splitlines()]
+            bans = [e for e in lines if e["event"] == "peer_banned"]
+            assert bans and "127.0.0.2" in bans[0]["peer_address"] and bans[0]["reason"], lines
     assert result["hash_failures"] >= 1
     got = tmp_path / "c/cache/models--org--m/blobs" / blob
     assert got.read_bytes() == data

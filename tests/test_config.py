@@ -95,6 +95,11 @@ SAMPLES: dict[str, tuple[str, str, list[str], tuple[Any, Any, Any]]] = {
     "peer_grace": ("0.5", "1", ["--peer-grace", "1.5"], (0.5, 1.0, 1.5)),
     "herd_settle": ("2", "3", ["--herd-settle", "4"], (2.0, 3.0, 4.0)),
     "herd_leader_timeout": ("20", "30", ["--leader-timeout", "40"], (20.0, 30.0, 40.0)),
+    "audit_log": (
+        '"/a/file"', "/a/env", ["--audit-log", "/a/flag"],
+        (Path("/a/file"), Path("/a/env"), Path("/a/flag")),
+    ),
+    "audit": ("false", "true", ["--no-audit"], (False, True, False)),
     "log_level": ('"error"', "DEBUG", ["-v"], ("error", "debug", "info")),
 }  # fmt: skip
 

@@ -73,6 +73,22 @@ class BlobCounters:
     hash_failures: int = 0
 
 
+@dataclass
+class ActiveFetch:
+    """A blob being fetched, as `/v1/status` shows it (its counters move as bytes land)."""
+
+    repo: str  # repo key, "model/org/name"
+    path: str  # the file it was asked for (the first, when several name the blob)
+    blob_id: str
+    counters: BlobCounters
+    started: float  # time.monotonic()
+    source: str = "cache"  # cache, peers, herd (waiting for a leader), mirror
+
+
+# A peer this agent bans: (address, why, blob id)
+OnBan = Callable[[str, str, str], None]
+
+
 class BlobFetcher:
     """Runs blob fetches for the agent; concurrent requests for one blob share a task."""
 
@@ -86,8 +102,11 @@ class BlobFetcher:
         *,
         lookups: Sequence[Lookup] = (),
         on_change: Callable[[], None] = lambda: None,
+        on_ban: OnBan = lambda _host, _why, _blob: None,
     ) -> None:
         self.config = config
+        self.on_ban = on_ban
+        self._active: dict[str, ActiveFetch] = {}  # blob id -> what /v1/status shows
         self.swarm = swarm
         self.peers = peers
         self.seeds = seeds
@@ -114,9 +133,21 @@ class BlobFetcher:
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
 
+    def active(self) -> list[ActiveFetch]:
+        """The blobs being fetched now (one entry per blob, whoever asked for it)."""
+        return list(self._active.values())
+
+    def _source(self, blob_id: str, source: str) -> None:
+        entry = self._active.get(blob_id)
+        if entry is not None:
+            entry.source = source
+
     def fetching_ids(self) -> list[str]:
         """Blobs we swarm, or claim in a herd (announced to trackers as fetching)."""
         return list(dict.fromkeys([*self._swarming, *self.herd.claimed_ids()]))
+
+    def fetching_manifests(self) -> list[wire.Manifest]:
+        return list(self._swarming.values())
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
@@ -148,6 +179,9 @@ class BlobFetcher:
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
         self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
+        self._active[file.blob_id] = ActiveFetch(
+            access.repo, file.path, file.blob_id, counters, time.monotonic()
+        )
         try:
             path = await self._obtain(repo, snapshot, file, mirror, counters, access)
             fut.set_result(path)
@@ -159,6 +193,7 @@ class BlobFetcher:
         finally:
             self._inflight.pop(file.blob_id, None)
             self._flights.pop(file.blob_id, None)
+            self._active.pop(file.blob_id, None)
 
     def _may_reuse(self, file: RemoteFile, access: Access) -> bool:
         return file.size == 0 or may_serve(self.seeds.provenance(file.blob_id), access)
@@ -237,6 +272,7 @@ class BlobFetcher:
             )
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
         # wait for that leader's manifest and swarm it.
+        self._source(file.blob_id, "herd")
         async with self.herd.turn(file, lambda: counters.done) as turn:
             if turn.offers:
                 got = await self._from_peers(
@@ -273,6 +309,7 @@ class BlobFetcher:
         """The blob from peers (None: they could not deliver; the mirror must)."""
         piece_size = offers[0].manifest.piece_size
         complete = [o for o in offers if o.complete]
+        self._source(file.blob_id, "peers")
         try:
             async with self._transfers:
                 if file.size <= piece_size:
@@ -331,6 +368,7 @@ class BlobFetcher:
         counters: BlobCounters,
     ) -> Path:
         counters.done = 0
+        self._source(file.blob_id, "mirror")
 
         def got(n: int) -> None:
             counters.from_mirror += n
@@ -562,6 +600,7 @@ class BlobFetcher:
                 elif isinstance(a, BanHost):
                     log.warning("banning peer %s: %s", a.peer, a.reason)
                     self.swarm.ban_peer(a.host)
+                    self.on_ban(str(a.peer), a.reason, file.blob_id)
                 elif isinstance(a, FlushForReaders) and flight is not None:
                     await self.swarm.flush_cache(ih)
                     flight.advance(a.ready)
@@ -655,4 +694,4 @@ class BlobFetcher:
             await self.save_all_resume_data()
 
 
-__all__ = ["BlobCounters", "BlobFetcher", "wire"]
+__all__ = ["ActiveFetch", "BlobCounters", "BlobFetcher", "wire"]

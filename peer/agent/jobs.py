@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peer import wire
+from peer.agent.audit import AuditLog, DownloadFinished
 from peer.agent.fetch import BlobCounters, BlobFetcher
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
@@ -41,18 +42,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Totals:
-    """The agent's counters since it started (`/v1/status`)."""
+    """The agent's counters since it started (`/v1/status`, `/metrics`)."""
 
     bytes_from_peers: int = 0
     bytes_from_mirror: int = 0
     bytes_uploaded_http: int = 0
+    bytes_served_clients: int = 0  # resolve bodies written to HF_ENDPOINT clients
     hash_failures: int = 0
     downloads: int = 0
+    downloads_running: int = 0  # local API downloads in progress
+    bans: int = 0  # peers banned (by our policy or by libtorrent)
+    streams_to_clients: int = 0  # resolve bodies being written now
+    streams_to_peers: int = 0  # /v1/blobs bodies being written now
+    mirror_errors: dict[str, int] = field(default_factory=dict)  # mirror URL -> failures
 
     def add(self, counters: Counters) -> None:
         self.bytes_from_peers += counters.from_peers
         self.bytes_from_mirror += counters.from_mirror
         self.hash_failures += counters.hash_failures
+
+    def mirror_error(self, mirror: str) -> None:
+        self.mirror_errors[mirror] = self.mirror_errors.get(mirror, 0) + 1
 
 
 class DownloadJob:
@@ -92,7 +102,9 @@ class DownloadJob:
         for f in snapshot.files:
             by_blob.setdefault(f.blob_id, []).append(f)
 
-        async with MirrorFetcher(hub, self.config.download) as mirror:
+        async with MirrorFetcher(
+            hub, self.config.download, on_mirror_error=self.totals.mirror_error
+        ) as mirror:
             access = await access_of(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
@@ -146,12 +158,25 @@ class HubService:
         blobs: BlobFetcher,
         seeds: SeedIndex,
         totals: Totals,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self.revisions = revisions
         self.blobs = blobs
         self.seeds = seeds
         self.totals = totals
+        self.audit = audit or AuditLog(None)
+
+    def count_served(self, n: int) -> None:
+        """Bytes of a resolve body written to a Hub client."""
+        self.totals.bytes_served_clients += n
+
+    def count_stream(self, delta: int) -> None:
+        """A resolve body started (+1) or ended (-1)."""
+        self.totals.streams_to_clients += delta
+
+    def mirror_error(self, mirror: str) -> None:
+        self.totals.mirror_error(mirror)
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self.blobs.stream_of(blob_id)
@@ -191,13 +216,28 @@ class HubService:
         path = await self._verified_in_repo(repo, file, access)
         if path is None:
             counters = BlobCounters(file.size)
-            async with MirrorFetcher(hub, self.config.download) as mirror:
+            async with MirrorFetcher(
+                hub, self.config.download, on_mirror_error=self.totals.mirror_error
+            ) as mirror:
                 path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
             self.totals.add(
                 Counters(
                     from_peers=counters.from_peers,
                     from_mirror=counters.from_mirror,
                     hash_failures=counters.hash_failures,
+                )
+            )
+            self.audit.write(
+                DownloadFinished(
+                    via="hub_api",
+                    repo_type=snapshot.repo_type,
+                    repo_id=snapshot.repo_id,
+                    revision=snapshot.revision,
+                    commit=snapshot.commit,
+                    files=1,
+                    bytes_from_peers=counters.from_peers,
+                    bytes_from_mirror=counters.from_mirror,
+                    bytes_reused=counters.reused,
                 )
             )
         repo.link_snapshot(snapshot.commit, file.path, file.blob_id)

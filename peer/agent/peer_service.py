@@ -7,9 +7,11 @@ are named or served (`SeedIndex.manifests_for`, `SeedIndex.shared_path`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from peer import wire
+from peer.agent.audit import AuditLog, BlobServed
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import Totals
 from peer.agent.revisions import Revisions
@@ -25,6 +27,9 @@ class PeerService:
         blobs: BlobFetcher,
         revisions: Revisions,
         totals: Totals,
+        *,
+        audit: AuditLog | None = None,
+        peer_of: Callable[[str], str | None] = lambda _host: None,
     ) -> None:
         self.agent_id = agent_id
         self.bt_port = bt_port
@@ -33,6 +38,8 @@ class PeerService:
         self.herd = blobs.herd
         self.revisions = revisions
         self.totals = totals
+        self.audit = audit or AuditLog(None)
+        self.peer_of = peer_of  # address -> the live peer's agent id, if known
 
     def health(self) -> wire.Health:
         return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
@@ -51,6 +58,18 @@ class PeerService:
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
+
+    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+        if sent > 0:
+            self.audit.write(
+                BlobServed(
+                    peer_agent_id=self.peer_of(address),
+                    peer_address=address,
+                    blob_id=blob_id,
+                    bytes=sent,
+                    via="http",
+                )
+            )
 
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
         return self.revisions.shared(request)

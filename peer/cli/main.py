@@ -210,9 +210,15 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counters, peers and seeded blobs of the local agent")
+    p = sub.add_parser(
+        "status",
+        help="the local agent: transfers in flight, peers, seeded repos, counters",
+        description="The local agent's transfers in flight (with rates), peers, seeded repos "
+        "and counters, as tables; --json prints /v1/status as it is. The same figures are "
+        "on the agent's status page (its local URL in a browser) and at /metrics.",
+    )
     p.add_argument("--agent", metavar="URL")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the machine form (/v1/status)")
 
 
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -451,14 +457,9 @@ async def _run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"agent {status['agent_id']}")
-    for key in ("bytes_from_peers", "bytes_from_mirror", "bytes_uploaded"):
-        print(f"  {key.replace('_', ' '):18s} {human_bytes(status[key])}")
-    print(f"  {'hash failures':18s} {status['hash_failures']}")
-    print(f"  {'seeded blobs':18s} {status['seeded_blobs']}")
-    print(f"  peers ({len(status['peers'])}):")
-    for p in status["peers"]:
-        print(f"    {p['agent_id'][:12]}  {p['host']}:{p['api_port']} (bt {p['bt_port']})")
+    from peer.cli.status_table import render_status
+
+    print(render_status(status))
     return 0
 
 

@@ -165,6 +165,18 @@ class HubBackend(Protocol):
         """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
         ...
 
+    def count_served(self, n: int) -> None:
+        """`n` more bytes of a resolve body went to a client (the agent's counters)."""
+        ...
+
+    def count_stream(self, delta: int) -> None:
+        """A resolve body started (+1) or ended (-1)."""
+        ...
+
+    def mirror_error(self, mirror: str) -> None:
+        """A mirror failed to answer (unreachable, or a failure status)."""
+        ...
+
 
 # -- requests ----------------------------------------------------------------------
 
@@ -507,7 +519,10 @@ class HubApi:
                 up = await attempt(mirror)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 problems.append(f"{mirror}: {exc.__class__.__name__}: {exc}".rstrip(": "))
+                self.backend.mirror_error(mirror)
                 continue
+            if up.status in RETRYABLE:
+                self.backend.mirror_error(mirror)
             if up.status in RETRYABLE and i + 1 < len(self.mirrors):
                 problems.append(f"{mirror}: HTTP {up.status}")
                 last = up
@@ -793,7 +808,11 @@ class HubApi:
             bearer(request.headers.get("Authorization")),
             anonymous="Authorization" not in request.headers,
         )
-        return await self._serve(request, target, task, meta, span, headers)
+        self.backend.count_stream(1)
+        try:
+            return await self._serve(request, target, task, meta, span, headers)
+        finally:
+            self.backend.count_stream(-1)
 
     def _start_fetch(
         self, target: ResolveTarget, meta: FileMeta, token: str | None, *, anonymous: bool
@@ -938,6 +957,7 @@ class HubApi:
                 if not task.done():
                     reader.check()  # the bytes just read may be of a source now void
                 await resp.write(chunk)
+                self.backend.count_served(n)
                 pos += n
                 reader.advance(pos)
             await resp.write_eof()
@@ -972,6 +992,8 @@ class HubApi:
                 return hub_error(
                     500, None, f"hfswarm agent: its copy of {path.name} has the wrong size"
                 )
-            return await send_range(request, fd, size, span, READ_CHUNK, headers)
+            return await send_range(
+                request, fd, size, span, READ_CHUNK, headers, on_sent=self.backend.count_served
+            )
         finally:
             os.close(fd)

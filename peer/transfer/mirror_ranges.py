@@ -149,10 +149,13 @@ class MirrorFetcher:
         progress: Progress | None = None,
         *,
         mirrors: tuple[str, ...] | None = None,
+        on_mirror_error: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
         self.progress = progress
+        # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
+        self.on_mirror_error = on_mirror_error
         self.pool = MirrorPool(mirrors or settings.mirrors)
         self._session: aiohttp.ClientSession | None = None
         self.bytes_fetched = 0
@@ -314,8 +317,10 @@ class MirrorFetcher:
             except _SkipMirror as sm:
                 job.excluded.add(mirror)
                 job.skip_errors.append(sm.error)
+                self._mirror_failed(mirror)
             except _Retry as r:
                 failures += 1
+                self._mirror_failed(mirror)
                 self.pool.failed(mirror, time.monotonic())
                 if failures >= limit:
                     cls = MirrorUnreachable if r.network else MirrorFailed
@@ -325,6 +330,10 @@ class MirrorFetcher:
                         "download resumes) or add another --mirror",
                     ) from None
                 await asyncio.sleep(self._delay(failures, r.retry_after))
+
+    def _mirror_failed(self, mirror: str) -> None:
+        if self.on_mirror_error is not None:
+            self.on_mirror_error(mirror)
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
         if retry_after is not None:
