@@ -16,6 +16,7 @@ from peer.agent.requests import Done, DownloadRequest, Emit, PublishRequest, Set
 from peer.agent.seeding import SeedIndex
 from peer.config import AgentConfig
 from peer.discovery.peer_table import PeerTable
+from peer.errors import ConfigError
 from peer.transfer.swarm import SwarmSession
 
 # (peer API port, local API port): known once the listeners are bound, after this is made.
@@ -71,7 +72,7 @@ class LocalService:
                 for p in self.peers.live()
             ],
             "seeded_blobs": len(self.seeds.held),
-            **Setup.of(self.config.hub).to_json(),
+            **Setup.of(self.config.hub, self.config.download).to_json(),
             "listen": {
                 "peer_api": peer_port,
                 "local_api": local_port,
@@ -80,6 +81,11 @@ class LocalService:
         }
 
     async def run_download(self, request: DownloadRequest, emit: Emit) -> Done:
+        if request.local_dir is not None:  # never a caller's folder (the CLI copies)
+            raise ConfigError(
+                "the agent does not write into a local dir: it downloads into its cache",
+                hint="the CLI copies the snapshot into --local-dir itself",
+            )
         return await self.downloads.run(request, emit)
 
     async def publish(self, spec: PublishRequest, emit: Emit) -> dict[str, Any]:
