@@ -104,6 +104,14 @@ class Target:
     repo: RepoCache
     local_dir: LocalDir | None = None
 
+    def current_copy(self, commit: str, files: list[RemoteFile]) -> Path | None:
+        """A path of the local dir that already holds this blob at `commit`, if any."""
+        if self.local_dir is not None:
+            for f in files:
+                if self.local_dir.is_current(f.path, commit, f.blob_id, f.size):
+                    return self.local_dir.file_path(f.path)
+        return None
+
     def place(self, commit: str, files: list[RemoteFile], blob: Path) -> None:
         """Every path that names the verified `blob`; one already current is left."""
         for f in files:
@@ -219,11 +227,11 @@ class DownloadJob:
         """One blob of a download, placed under every path in `files` (all naming it):
         the step every entry point shares (a Hub client's file is a one-file use)."""
         file = files[0]
-        if target.local_dir is not None and all(
-            target.local_dir.is_current(f.path, snapshot.commit, f.blob_id, f.size) for f in files
-        ):
-            counters.had()  # up to date in the local dir: nothing to fetch
-            return target.local_dir.file_path(file.path)
+        blob = target.current_copy(snapshot.commit, files)
+        if blob is not None:  # up to date in the local dir: nothing to fetch
+            counters.had()
+            target.place(snapshot.commit, files, blob)
+            return blob
         try:
             blob = await self.blobs.obtain(snapshot, file, mirror, counters, access)
         except NetworkError as exc:
