@@ -195,7 +195,6 @@ class DownloadJob:
                 async with limit or contextlib.nullcontext():
                     await self.obtain_file(snapshot, files, mirror, c, access, target)
                 files_done += len(files)
-                await emit(figures())
 
             await each_with_ticks(by_blob.values(), one, lambda: emit(figures()), self.tick)
         path = target.finish(snapshot.revision, snapshot.commit)
