@@ -366,18 +366,19 @@ async def _agent_honours(
         return
     setup = Setup.from_status(status)
     if setup is None:  # an older agent does not say: it cannot honour them either
-        setup = Setup((), Path())
         asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))
         wrong = [flag for flag, given in asked if given]
+        wrong += Setup((), Path()).exceeded(request)  # it takes no bounds at all
         uses = "its own mirrors and cache"
     else:
         wrong = setup.differs(settings, mirrors=bool(args.mirror), cache_dir=bool(args.cache_dir))
+        wrong += setup.exceeded(request)
         uses = f"mirrors {', '.join(setup.mirrors) or '(none)'} and cache {setup.cache_dir}"
-    if setup.connections is not None:
-        uses += f", at most {setup.connections} connections per file"
-    if setup.max_files is not None:
-        uses += f" and {setup.max_files} files at once"
-    wrong += setup.exceeded(request)
+        if setup.connections is not None and setup.max_files is not None:
+            uses += (
+                f", at most {setup.connections} connections per file and "
+                f"{setup.max_files} files at once"
+            )
     if wrong:
         raise ConfigError(
             f"the agent at {url} downloads with {uses}: it cannot honour {' and '.join(wrong)}",
