@@ -131,7 +131,9 @@ class Agent:
             )
             self.revisions = Revisions(self.state, self.peers, self.agent_id)
             await asyncio.to_thread(self.revisions.load)
-            self.downloads = DownloadJob(self.config, self.revisions, self.blobs, self.totals)
+            self.downloads = DownloadJob(
+                self.config.hub, self.config.download, self.revisions, self.blobs, self.totals
+            )
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
             )
@@ -160,7 +162,7 @@ class Agent:
                 peer_of=lambda host: agent_id_at(self.peers, host),
             )
             hub_api = HubService(
-                self.config, self.revisions, self.blobs, self.seeds, self.totals, self.audit
+                self.config, self.revisions, self.blobs, self.downloads, self.audit
             )
             self.peer_port = await self._listen(
                 make_peer_app(peers_api, self.peer_streams), self.config.listen, peer_facing=True

@@ -26,14 +26,15 @@ from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
-from peer.download import fetch_verified
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
+from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
-from peer.serving.sharing import Access, Visibility, may_serve
+from peer.serving.sharing import Access, Visibility, may_serve, repo_key
 from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
 from peer.transfer.swarm_download import (
@@ -57,20 +58,9 @@ from peer.transfer.swarm_download import (
     Wake,
 )
 from peer.transfer.swarm_download import Failed as SwarmFailed
-from peer.verification.hashing import Verdict, hash_file
+from peer.verification.hashing import hash_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BlobCounters:
-    size: int
-    done: int = 0
-    from_peers: int = 0
-    from_mirror: int = 0
-    reused: int = 0
-    resumed: int = 0  # verified pieces found on disk when a swarm download started
-    hash_failures: int = 0
 
 
 @dataclass
@@ -163,14 +153,15 @@ class BlobFetcher:
         counters: BlobCounters,
         access: Access,
     ) -> Path:
-        """The verified blob in this repo's ``blobs/``. `access` says on whose word the
-        request stands: a blob this agent holds for a private or gated repo is reused
-        only for a request the mirror allowed (`peer.serving.sharing.may_serve`)."""
+        """The verified blob in this repo's ``blobs/``, in the source order: this repo,
+        this cache (another repo), peers, the herd, the mirror. `access` says on whose
+        word the request stands: a blob this agent holds for a private or gated repo is
+        reused only for a request the mirror allowed (`peer.serving.sharing.may_serve`)."""
         repo = RepoCache(self.config.hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        if repo.has_blob(file.blob_id, file.size) and self._may_reuse(file, access):
-            counters.reused = counters.done = file.size
-            await self.note(file, access)
-            return repo.blob_path(file.blob_id)
+        cached = await self._in_repo(repo, file, access)
+        if cached is not None:
+            counters.had()
+            return cached
         shared = self._inflight.get(file.blob_id)
         if shared is not None:  # another download is fetching this very blob
             source = await asyncio.shield(shared)
@@ -194,6 +185,46 @@ class BlobFetcher:
             self._inflight.pop(file.blob_id, None)
             self._flights.pop(file.blob_id, None)
             self._active.pop(file.blob_id, None)
+
+    async def access(self, snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
+        """On whose word a download stands (`peer.serving.sharing.Access`). A snapshot
+        listed by the mirror with the caller's token: the mirror's word; a private or
+        gated one is checked once more with a 1-byte read of one of its files (a gated
+        repo lists its files to anyone), before a blob held here is reused for it."""
+        key = repo_key(snapshot.repo_type, snapshot.repo_id)
+        if not snapshot.mirror or is_local_repo(snapshot.repo_id):
+            return Access(key, None, mirror_allowed=False)
+        visibility = Visibility.of_mirror_answer(private=snapshot.private, gated=snapshot.gated)
+        probe = next((f for f in snapshot.files if f.size > 0), None)
+        if visibility is not Visibility.PUBLIC and probe is not None:
+            await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
+        return Access(key, visibility, mirror_allowed=True)
+
+    async def _in_repo(self, repo: RepoCache, file: RemoteFile, access: Access) -> Path | None:
+        """The blob in this repo's ``blobs/``, if this request may have it. On the LAN's
+        word alone: only one shared on the LAN anyway. For a request the mirror allowed:
+        one this agent verified, or one that another tool put there, hashed first (and
+        seeded); a bad one is removed, so that the fetch replaces it."""
+        if not repo.has_blob(file.blob_id, file.size):
+            return None
+        path = repo.blob_path(file.blob_id)
+        if not access.mirror_allowed:
+            if not self._may_reuse(file, access):
+                return None
+        elif self.seeds.path_of(file.blob_id) != path and file.size > 0:
+            verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
+            if not verdict.ok:
+                log.warning(
+                    "%s in the cache hashes to %s, not its id: fetching it again",
+                    path,
+                    verdict.actual,
+                )
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return None
+            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+        await self.note(file, access)
+        return path
 
     def _may_reuse(self, file: RemoteFile, access: Access) -> bool:
         return file.size == 0 or may_serve(self.seeds.provenance(file.blob_id), access)
@@ -221,7 +252,7 @@ class BlobFetcher:
     ) -> Path:
         if source.parent != repo.blobs:
             repo.adopt_blob(source, file.blob_id)
-        counters.reused = counters.done = file.size
+        counters.had()
         await self.note(file, access)
         return repo.blob_path(file.blob_id)
 
@@ -367,43 +398,19 @@ class BlobFetcher:
         mirror: MirrorFetcher,
         counters: BlobCounters,
     ) -> Path:
-        counters.done = 0
         self._source(file.blob_id, "mirror")
-
-        def got(n: int) -> None:
-            counters.from_mirror += n
-            counters.done += n
-
         flight = self._flights.get(file.blob_id)
-
-        def mismatch(_: Verdict) -> None:
-            counters.hash_failures += 1
-            counters.done = 0
-            if flight is not None:
-                flight.reset()  # what a reader got is void: it must cut
-
-        def prefix(path: Path, n: int) -> None:
-            if flight is not None:
-                if flight.path != path:
-                    flight.start(path)
-                flight.advance(n)
-
-        if flight is not None:
-            flight.reset()  # a swarm attempt may have gone before: its readers must cut
-        finished = await fetch_verified(
+        finished = await from_mirror(
             mirror,
             snapshot,
             file,
             repo.partial_dir,
+            counters,
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
-            on_bytes=got,
-            on_mismatch=mismatch,
-            on_prefix=prefix,
+            flight=flight,
         )
         if finished is None:
-            counters.reused = counters.done = file.size
             return repo.blob_path(file.blob_id)
-        counters.done = file.size
         path = repo.install_blob(finished, file.blob_id)
         if flight is not None:
             flight.moved(path)
@@ -549,7 +556,8 @@ class BlobFetcher:
                 policy=PolicyConfig(
                     grace_period=cfg.peer_grace,
                     stall_timeout=cfg.stall_timeout,
-                    mirror_parallel=max(2, cfg.download.connections // 2),
+                    # this download's bound (a request may lower the agent's)
+                    mirror_parallel=max(2, mirror.options.connections // 2),
                     mirror_enabled=has_mirror,
                     salt=int(self.peers.self_id[:8] or "0", 16),
                 )

@@ -22,6 +22,7 @@ from peer.agent.requests import Done, DownloadRequest, Emit, PublishRequest, Set
 from peer.agent.seeding import SeedIndex
 from peer.config import AgentConfig
 from peer.discovery.peer_table import PeerTable
+from peer.errors import ConfigError
 from peer.serving.metrics import MetricsSnapshot
 from peer.transfer.swarm import SwarmSession
 
@@ -175,7 +176,7 @@ class LocalService:
             "seeded_bytes": sum(h.manifest.size for h in list(self.seeds.held.values())),
             "seeded_repos": seeded_repos,
             "transfers": self._transfers(),
-            **Setup.of(self.config.hub).to_json(),
+            **Setup.of(self.config.hub, self.config.download).to_json(),
             "listen": {
                 "peer_api": peer_port,
                 "local_api": local_port,
@@ -211,6 +212,11 @@ class LocalService:
         self.audit.write(call)
 
     async def run_download(self, request: DownloadRequest, emit: Emit) -> Done:
+        if request.local_dir is not None:  # never a caller's folder (the CLI copies)
+            raise ConfigError(
+                "the agent does not write into a local dir: it downloads into its cache",
+                hint="the CLI copies the snapshot into --local-dir itself",
+            )
         self.totals.downloads_running += 1
         try:
             done = await self.downloads.run(request, emit)

@@ -102,18 +102,20 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="HF-style endpoint; repeat for failover, first preferred (default: HF_ENDPOINT)",
     )
+    # No argparse default: a value given is this download's own bound, which an agent
+    # honours (up to its own) or refuses, never ignores.
     p.add_argument(
         "--connections",
         type=int,
-        default=DownloadOptions.connections,
         help="parallel Range connections per file "
-        "(default %(default)s: public mirrors cap each connection)",
+        f"(default {DownloadOptions.connections}: public mirrors cap each connection; "
+        "an agent's own, which a download may lower)",
     )
     p.add_argument(
         "--max-workers",
         type=int,
-        default=DownloadOptions.max_files,
-        help="files at once (default %(default)s)",
+        help=f"files at once (default {DownloadOptions.max_files}; an agent's own, which a "
+        "download may lower)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the final path")
     where = p.add_mutually_exclusive_group()
@@ -281,8 +283,9 @@ async def _run_download(args: argparse.Namespace) -> int:
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
     )
+    bounds = {"connections": args.connections, "max_files": args.max_workers}
     options = DownloadOptions.from_env(
-        connections=args.connections, max_files=args.max_workers, quiet=args.quiet
+        quiet=args.quiet, **{k: v for k, v in bounds.items() if v is not None}
     )
     url, named = _agent_url(args)
     # Always the user's own token (none: anonymous): the agent lends its own only to its
@@ -294,11 +297,12 @@ async def _run_download(args: argparse.Namespace) -> int:
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
         token=settings.token,
         local_dir=Path(args.local_dir) if args.local_dir else None,
+        **bounds,
     )
     client = AgentClient(url)
     try:
         if not args.peer and not args.no_agent:
-            await _agent_honours(args, settings, await client.status(), url)
+            await _agent_honours(args, settings, request, await client.status(), url)
             return await _via_agent(client, request, args.quiet)
     except AgentUnavailable:
         if named:
@@ -320,25 +324,37 @@ async def _run_download(args: argparse.Namespace) -> int:
 
 
 async def _agent_honours(
-    args: argparse.Namespace, settings: HubSettings, status: dict[str, Any], url: str
+    args: argparse.Namespace,
+    settings: HubSettings,
+    request: DownloadRequest,
+    status: dict[str, Any],
+    url: str,
 ) -> None:
-    """An agent downloads from its own mirrors into its own cache: flags asking for
-    others are refused (exit 2), not ignored."""
-    if not (args.mirror or args.cache_dir):
+    """An agent downloads from its own mirrors into its own cache, with at most its own
+    connections and files at once: flags asking for others are refused (exit 2), not
+    ignored."""
+    if not (args.mirror or args.cache_dir or any(request.bounds().values())):
         return
     setup = Setup.from_status(status)
     if setup is None:  # an older agent does not say: it cannot honour them either
         asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))
         wrong = [flag for flag, given in asked if given]
+        wrong += Setup((), Path()).exceeded(request)  # it takes no bounds at all
         uses = "its own mirrors and cache"
     else:
         wrong = setup.differs(settings, mirrors=bool(args.mirror), cache_dir=bool(args.cache_dir))
+        wrong += setup.exceeded(request)
         uses = f"mirrors {', '.join(setup.mirrors) or '(none)'} and cache {setup.cache_dir}"
+        if setup.connections is not None and setup.max_files is not None:
+            uses += (
+                f", at most {setup.connections} connections per file and "
+                f"{setup.max_files} files at once"
+            )
     if wrong:
         raise ConfigError(
             f"the agent at {url} downloads with {uses}: it cannot honour {' and '.join(wrong)}",
-            hint="drop them to use the agent's, or pass --no-agent to download in this "
-            "process from the mirror (without the agent's peers)",
+            hint="drop them (or ask for less) to use the agent's, or pass --no-agent to "
+            "download in this process from the mirror (without the agent's peers)",
         )
 
 
