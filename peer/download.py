@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,14 +21,14 @@ from pathlib import Path
 from peer.agent import requests as job
 from peer.agent.requests import DownloadRequest
 from peer.aio import each_with_ticks
-from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
+from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere, safe_relpath
 from peer.cache.partial import PartialBlob, PartialBusy
 from peer.config import DownloadOptions, HubSettings
-from peer.errors import IntegrityError
-from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot
+from peer.errors import EntryNotFound, IntegrityError, NetworkError, UnsafePath
+from peer.hub.metadata import RemoteFile, Snapshot, resolve_snapshot, select_files
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.progress import Progress
-from peer.verification.hashing import Verdict, hash_file
+from peer.verification.hashing import SHA1_RE, Verdict, hash_file, is_blob_id
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,23 @@ async def download(
     progress (the same events as an agent's download)."""
     t0 = time.monotonic()
     settings = replace(settings, token=request.token)  # the caller's, or anonymous
-    snapshot = await resolve_snapshot(
-        settings, request.repo_type, request.repo_id, request.revision, request.selection
-    )
+    try:
+        snapshot = await resolve_snapshot(
+            settings, request.repo_type, request.repo_id, request.revision, request.selection
+        )
+    except NetworkError as exc:
+        # As `hf download` does: no mirror answers, so the snapshot the cache already
+        # holds for that revision is the answer (its blobs were verified when written).
+        cached = await asyncio.to_thread(cached_snapshot, settings.cache_dir, request)
+        if cached is None:
+            raise
+        log.warning(
+            "hfswarm: warning: %s; using the cached snapshot of %s (commit %s)",
+            exc.one_line(),
+            request.revision,
+            cached.commit[:12],
+        )
+        return cached
     repo = RepoCache(settings.cache_dir, snapshot.repo_type, snapshot.repo_id)
     # Counts only (the fetcher adds to it); `on_event`'s consumer draws.
     progress = Progress(snapshot.total_size, files=len(snapshot.files), quiet=True)
@@ -95,6 +110,49 @@ async def download(
         counters=job.Counters(from_mirror=fetcher.bytes_fetched, reused=reused),
         entries=tuple((f.path, f.blob_id, f.size) for f in snapshot.files),
         seconds=time.monotonic() - t0,
+    )
+
+
+def cached_snapshot(cache_dir: Path, request: DownloadRequest) -> job.Done | None:
+    """The request answered from the cache alone: the commit its revision names there
+    (refs/<revision>, or a commit id), and the selected files of that snapshot. None when
+    the cache cannot answer it (no such ref or snapshot, a named file missing, or a
+    --local-dir, whose files only a mirror can bring up to date)."""
+    if request.local_dir is not None:
+        return None
+    repo = RepoCache(cache_dir, request.repo_type, request.repo_id)
+    commit = request.revision
+    if not SHA1_RE.fullmatch(commit):
+        try:
+            commit = (repo.folder / "refs" / safe_relpath(commit)).read_text().strip()
+        except (OSError, UnsafePath):
+            return None
+        if not SHA1_RE.fullmatch(commit):
+            return None
+    folder = repo.snapshot_dir(commit)
+    files = []
+    for link in sorted(folder.rglob("*")):
+        blob = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+        if is_blob_id(blob) and link.is_file():  # a link to a blob that is there
+            size = link.stat().st_size
+            path = link.relative_to(folder).as_posix()
+            files.append(RemoteFile(path, size, blob, is_lfs=len(blob) == 64))
+    if not files:
+        return None
+    try:
+        chosen = select_files(files, request.selection, repo=request.repo_id, revision=commit)
+    except EntryNotFound:
+        return None
+    total = sum(f.size for f in chosen)
+    return job.Done(
+        path=folder,
+        commit=commit,
+        files=len(chosen),
+        total=total,
+        done=total,
+        counters=job.Counters(reused=total),
+        entries=tuple((f.path, f.blob_id, f.size) for f in chosen),
+        seconds=0.0,
     )
 
 
