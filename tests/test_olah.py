@@ -10,6 +10,7 @@ own, always killed at the end; its repos and logs live in tmp_path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -33,71 +33,80 @@ REPO = "acme/olah-tiny"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
 class Olah:
-    proc: asyncio.subprocess.Process
-    url: str
-    log: Path
+    """olah on one loopback port with one repos folder, proxying (and caching) the
+    project's mirror over plain HTTP; started again offline (what an operator does when
+    the upstream is gone), it serves what it cached."""
 
+    def __init__(self, root: Path, upstream: str) -> None:
+        self.root = root
+        self.upstream = upstream.removeprefix("http://")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    def _config(self, offline: bool) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "olah.toml"
+        path.write_text(
+            "[basic]\n"
+            f'host = "127.0.0.1"\nport = {self.port}\n'
+            f'repos-path = "{self.root / "repos"}"\n'
+            # The upstream is the project's mirror: plain HTTP, LFS on the same origin.
+            f'hf-scheme = "http"\nhf-netloc = "{self.upstream}"\n'
+            f'hf-lfs-netloc = "{self.upstream}"\n'
+            f'mirror-scheme = "http"\nmirror-netloc = "127.0.0.1:{self.port}"\n'
+            f'mirror-lfs-netloc = "127.0.0.1:{self.port}"\n'
+            f"[accessibility]\noffline = {str(offline).lower()}\n"
+        )
+        return path
+
+    async def start(self, *, offline: bool = False) -> None:
+        """`python -m olah.server -c olah.toml`; returns once it answers HTTP."""
+        conf = await asyncio.to_thread(self._config, offline)
+        log = self.root / "olah.log"
+        out = await asyncio.to_thread(open, log, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "olah.server", "-c", str(conf),
+                "--log-path", str(self.root / "logs"),
+                cwd=self.root, stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            out.close()
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"olah exited: {log.read_text()[-3000:]}")
+                try:
+                    async with s.get(self.url + "/", timeout=aiohttp.ClientTimeout(total=2)):
+                        return
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.1)
+        raise AssertionError(f"olah did not answer: {log.read_text()[-3000:]}")
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: uvicorn and all
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
 
 
 @asynccontextmanager
 async def olah(root: Path, upstream: str) -> AsyncIterator[Olah]:
-    """olah on a free loopback port, proxying (and caching) `upstream` over plain HTTP;
-    yields once it answers HTTP."""
-    port = _free_port()
-    netloc = upstream.removeprefix("http://")
-    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-    toml = (
-        "[basic]\n"
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'repos-path = "{root / "repos"}"\n'
-        # The upstream is the project's mirror: plain HTTP, LFS on the same origin.
-        f'hf-scheme = "http"\nhf-netloc = "{netloc}"\nhf-lfs-netloc = "{netloc}"\n'
-        f'mirror-scheme = "http"\nmirror-netloc = "127.0.0.1:{port}"\n'
-        f'mirror-lfs-netloc = "127.0.0.1:{port}"\n'
-    )
-    await asyncio.to_thread((root / "olah.toml").write_text, toml)
-    log = root / "olah.log"
-    out = await asyncio.to_thread(open, log, "ab")
+    """olah started online on a free loopback port; always stopped at the end."""
+    o = Olah(root, upstream)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "olah.server", "-c", str(root / "olah.toml"),
-            "--log-path", str(root / "logs"),
-            cwd=root, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
+        await o.start()
+        yield o
     finally:
-        out.close()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                assert proc.returncode is None, f"olah exited: {log.read_text()[-3000:]}"
-                try:
-                    async with s.get(url + "/", timeout=aiohttp.ClientTimeout(total=2)):
-                        break
-                except (aiohttp.ClientError, TimeoutError):
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(f"olah did not answer: {log.read_text()[-3000:]}")
-        yield Olah(proc, url, log)
-    finally:
-        await stop_olah(proc)
-
-
-async def stop_olah(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        await o.stop()
 
 
 def repo_files() -> dict[str, bytes]:
@@ -170,11 +179,27 @@ print(json.dumps({{"model_type": c.model_type, "ids": t("hello world unknown")["
 """
 
 
+PHASES = ("online", "no-upstream", "olah-offline", "no-olah")
+
+
+async def next_phase(phase: str, mirror: MirrorServer, o: Olah) -> None:
+    """From one phase to the next: the project's mirror goes away, then olah is started
+    again offline (serving what it cached), then olah goes away too."""
+    if phase == "online":
+        await mirror.close()
+    elif phase == "no-upstream":
+        await o.stop()
+        await o.start(offline=True)
+    elif phase == "olah-offline":
+        await o.stop()
+
+
 async def test_olah_as_the_agents_mirror_then_without_upstream_then_without_olah(
     tmp_path: Path,
 ) -> None:
     files = repo_files()
     src = write_tree(tmp_path / "src", files)
+    expected = [files, files["model.safetensors"], {"model_type": "gpt2", "ids": [1, 2, 0]}]
     mirror = MirrorServer([RepoSource("model", REPO, src)])
     await mirror.start()
     try:
@@ -182,16 +207,26 @@ async def test_olah_as_the_agents_mirror_then_without_upstream_then_without_olah
         async with (
             olah(tmp_path / "olah", mirror.url) as o,
             agent(config(tmp_path / "a", "127.0.0.2", (o.url,))) as a,
+            # Starts empty once olah is offline: all it gets, it gets from olah's cache,
+            # whose ETag for a git file (``"<md5>-<n>"``) names no content.
+            contextlib.AsyncExitStack() as later,
         ):
-            hf = endpoint(a)
-            expected_model = {"model_type": "gpt2", "ids": [1, 2, 0]}
-            for phase in ("online", "no-upstream", "no-olah"):
-                got = await asyncio.gather(
-                    asyncio.to_thread(hub_snapshot, hf, tmp_path / f"{phase}/snap"),
-                    asyncio.to_thread(hub_file, hf, tmp_path / f"{phase}/one", "model.safetensors"),
-                    run_client(LOAD_MODEL, hf, tmp_path / f"{phase}/home"),
-                )
-                assert got == [files, files["model.safetensors"], expected_model], phase
+            agents = [a]
+            for phase in PHASES:
+                if phase == "olah-offline":
+                    agents.append(
+                        await later.enter_async_context(
+                            agent(config(tmp_path / "b", "127.0.0.3", (o.url,)))
+                        )
+                    )
+                for n, x in enumerate(agents):
+                    hf, home = endpoint(x), tmp_path / f"{phase}-{n}"
+                    got = await asyncio.gather(
+                        asyncio.to_thread(hub_snapshot, hf, home / "snap"),
+                        asyncio.to_thread(hub_file, hf, home / "one", "model.safetensors"),
+                        run_client(LOAD_MODEL, hf, home / "home"),
+                    )
+                    assert got == expected, (phase, n)
                 if phase == "online":
                     # Everything came through olah, and the agent keeps a cache that
                     # huggingface_hub reads, with the revision recorded for later.
@@ -199,9 +234,9 @@ async def test_olah_as_the_agents_mirror_then_without_upstream_then_without_olah
                     assert_cache_holds(tmp_path / "a/cache", files, commit)
                     best = a.revisions.book.best("model", REPO, "main")
                     assert best is not None and best.commit == commit
-                    await mirror.close()
-                elif phase == "no-upstream":
-                    await stop_olah(o.proc)
+                if phase == "olah-offline":
+                    assert_cache_holds(tmp_path / "b/cache", files, commit)
+                await next_phase(phase, mirror, o)
     finally:
         await mirror.close()
 
@@ -215,35 +250,35 @@ async def test_olah_as_the_mirror_of_hfswarm_download_with_and_without_an_agent(
     await mirror.start()
     try:
         commit = mirror.commit_of("model", REPO)
-        own = tmp_path / "own-cache"
+        folder = f"models--{REPO.replace('/', '--')}/snapshots/{commit}"
+        own, fresh = tmp_path / "own-cache", tmp_path / "fresh-cache"
         async with (
             olah(tmp_path / "olah", mirror.url) as o,
             agent(config(tmp_path / "a", "127.0.0.2", (o.url,))) as a,
         ):
-            snap_own = own / f"models--{REPO.replace('/', '--')}/snapshots/{commit}"
-            snap_agent = tmp_path / f"a/cache/models--{REPO.replace('/', '--')}/snapshots/{commit}"
-            for phase in ("online", "no-upstream", "no-olah"):
-                alone, via_agent = await asyncio.gather(
-                    cli_download(own, "--no-agent", "--mirror", o.url),
-                    cli_download(None, "--agent", endpoint(a)),
-                )
-                for (code, out, err), snap in ((alone, snap_own), (via_agent, snap_agent)):
-                    assert code == 0, (phase, err)
-                    assert out.strip().splitlines()[-1] == str(snap), (phase, out)
-                    assert tree_of(snap) == files, phase
+            for phase in PHASES:
+                runs = [
+                    (own, cli_download(own, "--no-agent", "--mirror", o.url)),
+                    (tmp_path / "a/cache", cli_download(None, "--agent", endpoint(a))),
+                ]
+                if phase == "olah-offline":  # all of it from olah's cache
+                    runs.append((fresh, cli_download(fresh, "--no-agent", "--mirror", o.url)))
+                results = await asyncio.gather(*(run for _, run in runs))
+                for (cache, _), (code, out, err) in zip(runs, results, strict=True):
+                    assert code == 0, (phase, cache, err)
+                    assert out.strip().splitlines()[-1] == str(cache / folder), (phase, out)
+                    assert tree_of(cache / folder) == files, phase
+                    assert_cache_holds(cache, files, commit)
+                alone = results[0][2]
                 if phase == "online":
-                    assert " 0 B from the mirror" not in alone[2], alone[2]
-                    assert_cache_holds(own, files, commit)
-                    assert_cache_holds(tmp_path / "a/cache", files, commit)
-                    await mirror.close()
-                else:
-                    # The second time round everything is already local, and says so.
-                    assert "0 B from the mirror" in alone[2], (phase, alone[2])
-                    assert_cache_holds(own, files, commit)
-                if phase == "no-upstream":
-                    await stop_olah(o.proc)
-            # As `hf download` does, the cached snapshot is the answer while no mirror
-            # answers, with a warning that says so.
-            assert "cannot reach" in alone[2] and "cached" in alone[2], alone[2]
+                    assert "3.1 MB from the mirror" in alone, alone
+                else:  # the second time round everything is already local, and says so
+                    assert "0 B from the mirror, 3.1 MB already local" in alone, (phase, alone)
+                if phase == "olah-offline":
+                    assert "3.1 MB from the mirror" in results[2][2], results[2][2]
+                await next_phase(phase, mirror, o)
+            # As `hf download` does: while no mirror answers, the cached snapshot is the
+            # answer, with a warning that says so.
+            assert "cannot reach" in alone and "using the cached snapshot" in alone, alone
     finally:
         await mirror.close()
