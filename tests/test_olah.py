@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -31,6 +32,11 @@ from peer.mirror_server import MirrorServer, RepoSource
 
 REPO = "acme/olah-tiny"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, even by SIGKILL itself."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Olah:
@@ -73,6 +79,7 @@ class Olah:
                 sys.executable, "-m", "olah.server", "-c", str(conf),
                 "--log-path", str(self.root / "logs"),
                 cwd=self.root, stdout=out, stderr=out, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
         finally:
             out.close()
