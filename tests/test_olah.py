@@ -1,7 +1,8 @@
 """olah 0.5.x (a third-party Hub mirror, from the `clients` test extra) in front of the
 project's mirror on loopback: as the `--mirror` of an agent that real clients use as
 HF_ENDPOINT, and as the `--mirror` of `hfswarm download` (with and without an agent).
-Each runs online, then with the project's mirror stopped, then with olah stopped too.
+Each runs online, then with the project's mirror stopped (olah answers 504), then with
+olah restarted offline (serving its cache), then with olah stopped too.
 
 olah runs as users run it (`python -m olah.server -c olah.toml`), in a process of its
 own, always killed at the end; its repos and logs live in tmp_path.
