@@ -13,6 +13,8 @@ last, after peers and the herd).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,13 +22,16 @@ from peer import wire
 from peer.agent import requests as job
 from peer.agent.jobs import DownloadJob
 from peer.agent.requests import DownloadRequest
-from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere
+from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere, safe_relpath
 from peer.config import DownloadOptions, HubSettings
-from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot
+from peer.errors import EntryNotFound, NetworkError, UnsafePath
+from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot, select_files
 from peer.serving.sharing import Access, repo_key
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
-from peer.verification.hashing import hash_file
+from peer.verification.hashing import SHA1_RE, hash_file, is_blob_id
+
+log = logging.getLogger(__name__)
 
 
 async def download(
@@ -42,9 +47,30 @@ async def download(
         on_event(event)
 
     source = MirrorOnly(settings.cache_dir, options, request.local_dir)
-    return await DownloadJob(settings, options, MirrorSnapshots(), source, tick=0.25).run(
-        request, emit
-    )
+    job_ = DownloadJob(settings, options, MirrorSnapshots(), source, tick=0.25)
+    try:
+        return await job_.run(request, emit)
+    except NoMirrorAnswer as exc:
+        # As `hf download` does: no mirror answers, so the snapshot the cache already
+        # holds for that revision is the answer (its blobs were verified when written).
+        cached = await asyncio.to_thread(cached_snapshot, settings.cache_dir, request)
+        if cached is None:
+            raise exc.cause from None
+        log.warning(
+            "hfswarm: warning: %s; using the cached snapshot of %s (commit %s)",
+            exc.cause.one_line(),
+            request.revision,
+            cached.commit[:12],
+        )
+        return cached
+
+
+class NoMirrorAnswer(Exception):
+    """The revision could not be resolved: no mirror answered (`cause`)."""
+
+    def __init__(self, cause: NetworkError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class MirrorSnapshots:
@@ -58,9 +84,12 @@ class MirrorSnapshots:
         revision: str,
         selection: FileSelection | None = None,
     ) -> tuple[Snapshot, wire.RevisionManifest | None]:
-        snapshot = await resolve_snapshot(
-            hub, repo_type, repo_id, revision, selection or FileSelection()
-        )
+        try:
+            snapshot = await resolve_snapshot(
+                hub, repo_type, repo_id, revision, selection or FileSelection()
+            )
+        except NetworkError as exc:  # `download` may answer from the cache
+            raise NoMirrorAnswer(exc) from exc
         return snapshot, None
 
     def record(self, m: wire.RevisionManifest) -> None:
@@ -129,3 +158,46 @@ class MirrorOnly:
         if copy:
             return self.local_dir.copy_in(verified, file.path, snapshot.commit, file.blob_id)
         return self.local_dir.install(verified, file.path, snapshot.commit, file.blob_id)
+
+
+def cached_snapshot(cache_dir: Path, request: DownloadRequest) -> job.Done | None:
+    """The request answered from the cache alone: the commit its revision names there
+    (refs/<revision>, or a commit id), and the selected files of that snapshot. None when
+    the cache cannot answer it (no such ref or snapshot, a named file missing, or a
+    --local-dir, whose files only a mirror can bring up to date)."""
+    if request.local_dir is not None:
+        return None
+    repo = RepoCache(cache_dir, request.repo_type, request.repo_id)
+    commit = request.revision
+    if not SHA1_RE.fullmatch(commit):
+        try:
+            commit = (repo.folder / "refs" / safe_relpath(commit)).read_text().strip()
+        except (OSError, UnsafePath):
+            return None
+        if not SHA1_RE.fullmatch(commit):
+            return None
+    folder = repo.snapshot_dir(commit)
+    files = []
+    for link in sorted(folder.rglob("*")):
+        blob = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+        if is_blob_id(blob) and link.is_file():  # a link to a blob that is there
+            size = link.stat().st_size
+            path = link.relative_to(folder).as_posix()
+            files.append(RemoteFile(path, size, blob, is_lfs=len(blob) == 64))
+    if not files:
+        return None
+    try:
+        chosen = select_files(files, request.selection, repo=request.repo_id, revision=commit)
+    except EntryNotFound:
+        return None
+    total = sum(f.size for f in chosen)
+    return job.Done(
+        path=folder,
+        commit=commit,
+        files=len(chosen),
+        total=total,
+        done=total,
+        counters=job.Counters(reused=total),
+        entries=tuple((f.path, f.blob_id, f.size) for f in chosen),
+        seconds=0.0,
+    )
