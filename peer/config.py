@@ -8,7 +8,6 @@ token file, HF_HOME / HF_HUB_CACHE / XDG_CACHE_HOME), mirroring huggingface_hub'
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,35 +146,6 @@ def format_hostport(where: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)", re.IGNORECASE)
-
-
-def parse_size(text: str, *, what: str = "size") -> int:
-    """Bytes from "200GB", "1.5TiB", "500MB", "4096" (SI units are powers of 1000, the
-    ...iB ones powers of 1024); "0" is zero (no limit, where the caller says so)."""
-    m = _SIZE.fullmatch(text.strip())
-    if m is None or (m.group(3) and not m.group(2)):
-        raise ConfigError(
-            f"{what} {text!r} is not a size", hint="write it like 500MB, 200GB or 1.5TiB"
-        )
-    number, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
-    power = "kmgtp".index(prefix) + 1 if prefix else 0
-    return int(number * (1024 if binary else 1000) ** power)
-
-
-def parse_rate(text: str, *, what: str = "rate") -> int:
-    """Bytes per second from "50MB/s", "20MB", "1.5MiB/s", "0" (none)."""
-    body = text.strip()
-    if body.lower().endswith("/s"):
-        body = body[:-2]
-    try:
-        return parse_size(body, what=what)
-    except ConfigError:
-        raise ConfigError(
-            f"{what} {text!r} is not a rate", hint="write it like 50MB/s, 1.5MiB/s, or 0 for none"
-        ) from None
-
-
 # What an agent seeds: every shared blob, only those of pinned repos, or nothing (it
 # still serves its own machine's clients).
 SEEDING_POLICIES = ("always", "pinned", "none")
@@ -234,6 +204,17 @@ class AgentConfig:
     # progress (or stay unseen) before another agent replaces it.
     herd_settle: float = HERD_SETTLE
     herd_leader_timeout: float = HERD_LEADER_TIMEOUT
+    # The audit log (one JSON line per event an operator may have to account for:
+    # `peer.agent.audit`); None: <state_dir>/audit.log. `audit` False: none at all.
+    audit_log: Path | None = None
+    audit: bool = True
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the audit log goes, or None when it is off."""
+        if not self.audit:
+            return None
+        return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDING_POLICIES:

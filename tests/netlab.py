@@ -795,10 +795,12 @@ def start_agent(
 ) -> AgentProc:
     """``hfswarm agent`` on host i with its cache and state under `root`, on the default
     ports (each host has its own), mDNS on unless `mdns=False`; returns once the agent
-    printed its ready line. Logs: root/agent.log."""
+    printed its ready line. Logs: root/agent.log. The config file is an empty one: none of
+    the machine's settings leak in."""
     root.mkdir(parents=True, exist_ok=True)
     argv: list[str] = [*HFSWARM, "agent", "-v", "--cache-dir", str(root / "cache"),
-                       "--state-dir", str(root / "state"), "--mirror", mirror_url]  # fmt: skip
+                       "--state-dir", str(root / "state"), "--mirror", mirror_url,
+                       "--config", os.devnull]  # fmt: skip
     if not mdns:
         argv.append("--no-mdns")
     for t in trackers:

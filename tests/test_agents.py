@@ -137,6 +137,9 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
         def count_upload(self, n: int) -> None:
             return None
 
+        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+            return None
+
     from aiohttp import web
 
     async with SwarmSession(SwarmSettings(listen_host="127.0.0.5", listen_port=0)) as half:
@@ -214,6 +217,12 @@ async def test_corrupt_seeder_is_banned_and_nothing_bad_is_linked(
         async with agent(config(tmp_path / "c", "127.0.0.4", mirror.url, peers=(peer_of(a),))) as c:
             result = await fetch(c)
             assert "127.0.0.2" in c.swarm.banned_peers()
+            assert c.totals.bans >= 1  # /metrics: hfswarm_peer_bans_total
+            audit = c.config.audit_path
+            assert audit is not None
+            lines = [json.loads(x) for x in (await asyncio.to_thread(audit.read_text)).splitlines()]
+            bans = [e for e in lines if e["event"] == "peer_banned"]
+            assert bans and "127.0.0.2" in bans[0]["peer_address"] and bans[0]["reason"], lines
     assert result["hash_failures"] >= 1
     got = tmp_path / "c/cache/models--org--m/blobs" / blob
     assert got.read_bytes() == data
@@ -276,7 +285,9 @@ async def test_seeder_killed_mid_transfer_download_finishes_from_mirror(
             )
         ) as b:
             task = asyncio.create_task(fetch(b))
-            while b.totals.bytes_from_peers == 0 and not task.done():
+            # (the agent's totals grow blob by blob: the small blob from the peer comes
+            # first, so they say nothing of the big one's swarm)
+            while not task.done():
                 if await peer_bytes_so_far(b) > 4 * MiB:
                     break
                 await asyncio.sleep(0.05)
@@ -387,6 +398,30 @@ async def test_blobs_already_in_the_cache_are_verified_once_then_seeded(
             await asyncio.sleep(0.05)
         assert blob in a.seeds.held
     assert blob not in calls
+
+
+async def test_a_download_hashes_a_blob_another_tool_left_before_linking_it(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """The same per-blob step for every entry point: a blob in the repo's blobs/ that
+    this agent did not verify is hashed before a download through the agent links it
+    (as for a Hub client); a rotten one is fetched again, a good one seeded."""
+    cache = tmp_path / "a" / "cache"
+    await asyncio.to_thread(
+        snapshot_download, "org/m", cache_dir=cache, endpoint=mirror.url, token=False
+    )
+    small = (tmp_path / "src" / "small.bin").read_bytes()
+    big = (tmp_path / "src" / "model.safetensors").read_bytes()
+    (cache / "models--org--m" / "blobs" / sha256(small)).write_bytes(b"\0" * len(small))
+    mirror.reset_stats()
+    # No background scan (it would hash them too): the download meets them first.
+    async with Agent(config(tmp_path / "a", "127.0.0.2", mirror.url)) as a:
+        done = await fetch(a)
+        assert done["from_mirror"] == len(small) and done["reused"] >= len(big)
+        assert sha256(big) in a.seeds.held  # hashed by the download, now seeded
+    snap = Path(done["path"])
+    assert (snap / "small.bin").read_bytes() == small
+    assert mirror.stats().blob_bytes == len(small)
 
 
 async def test_agents_find_each_other_over_mdns_with_no_configuration(

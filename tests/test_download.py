@@ -273,6 +273,27 @@ def test_failover_to_second_mirror_and_unreachable_mirror(
     assert code == 3 and "cannot reach http://127.0.0.1:9" in err
 
 
+def test_no_mirror_answering_gives_the_cached_snapshot(
+    repo_dir: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `hf download` does: the revision's snapshot as the cache holds it, when no
+    mirror answers; an error when the cache cannot answer the request."""
+    with ThreadedMirror([RepoSource("model", "org/tiny", repo_dir)]) as m:
+        url = m.url
+        args = ("download", "org/tiny", "--cache-dir", str(cache), "--mirror", url)
+        code, out, err = run_cli(*args, "--include", "*.json", capsys=capsys)
+        assert code == 0, err
+        snap = out.strip().splitlines()[-1]
+    gone = ("--cache-dir", str(cache), "--mirror", url)
+    for extra in ((), ("--revision", Path(snap).name), ("config.json",), ("--include", "c*")):
+        code, out, err = run_cli("download", "org/tiny", *extra, *gone, capsys=capsys)
+        assert code == 0 and out.strip().splitlines()[-1] == snap, (extra, err)
+    # Not in the cache: the mirror's failure, as before.
+    for extra in (("model.safetensors",), ("--revision", "v2"), ("--local-dir", str(tmp_path))):
+        code, _, err = run_cli("download", "org/tiny", *extra, *gone, capsys=capsys)
+        assert code == 3 and f"cannot reach {url}" in err, (extra, err)
+
+
 def test_gated_and_private_repos(
     repo_dir: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

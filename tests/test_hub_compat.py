@@ -26,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from peer.agent.daemon import Agent
 from peer.config import DownloadOptions
-from peer.hub.protocol import content_id, if_range_allows
+from peer.hub.protocol import content_id, git_blob_sha1, if_range_allows, listed_id
 from peer.mirror_server import Fault, MirrorServer, RepoSource
 
 MiB = 1 << 20
@@ -70,14 +70,27 @@ async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
         yield m
 
 
-async def olah_like(upstream: str, rewrite: Rewrite) -> tuple[web.AppRunner, str]:
-    """A proxy in front of the project's mirror that rewrites resolve answers' headers."""
+async def olah_like(
+    upstream: str, rewrite: Rewrite, *, paths_info: bool = True
+) -> tuple[web.AppRunner, str]:
+    """A proxy in front of the project's mirror that rewrites resolve answers' headers
+    (and, without `paths_info`, answers 404 there)."""
     session = aiohttp.ClientSession()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        fwd = {k: v for k, v in request.headers.items() if k in ("Range", "Authorization")}
+        if not paths_info and "/paths-info/" in request.path:
+            return web.Response(status=404)
+        fwd = {
+            k: v
+            for k, v in request.headers.items()
+            if k in ("Range", "Authorization", "Content-Type")
+        }
         async with session.request(
-            request.method, upstream + request.raw_path, headers=fwd, allow_redirects=False
+            request.method,
+            upstream + request.raw_path,
+            headers=fwd,
+            data=await request.read(),
+            allow_redirects=False,
         ) as r:
             body = await r.read()
             keep = ("ETag", "X-Linked-Etag", "X-Linked-Size", "X-Repo-Commit", "Content-Range")
@@ -121,6 +134,21 @@ def test_content_id_forms() -> None:
     assert content_id(None, None) is None
 
 
+def test_listed_id_is_what_paths_info_names() -> None:
+    sha256 = hashlib.sha256(b"x").hexdigest()
+    sha1 = hashlib.sha1(b"x", usedforsecurity=False).hexdigest()
+    lfs = {"type": "file", "path": "w.bin", "oid": sha1, "size": 9, "lfs": {"oid": sha256}}
+    git = {"type": "file", "path": "c.json", "oid": sha1, "size": 1}
+    answer = [lfs, git, {"type": "directory", "path": "d", "oid": sha1, "size": 0}]
+    assert listed_id(answer, "w.bin") == (sha256, 9)  # the LFS sha256, not the pointer's
+    assert listed_id(answer, "c.json") == (sha1, 1)
+    assert listed_id(answer, "d") is None  # a folder names no blob
+    assert listed_id(answer, "gone") is None
+    assert listed_id([{**git, "oid": '"abc-10"'}], "c.json") is None
+    assert listed_id([{**git, "size": True}], "c.json") is None
+    assert listed_id({"error": "x"}, "c.json") is None
+
+
 def test_if_range_is_a_strong_match_of_our_etag() -> None:
     assert if_range_allows(None, '"abc"')
     assert if_range_allows('"abc"', '"abc"')
@@ -147,10 +175,32 @@ async def test_an_olah_style_sha256_etag_is_a_content_id(
     assert small.read_bytes() == SMALL
 
 
+async def test_an_etag_naming_no_content_is_looked_up_in_paths_info(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """olah offline sends ``"<md5>-<n>"`` as a git file's ETag: the agent takes the id
+    from the same mirror's paths-info at the commit the answer named."""
+    runner, url = await olah_like(mirror.url, no_content_id)
+    try:
+        async with (
+            agent(config(tmp_path / "a", "127.0.0.2", (url,))) as a,
+            aiohttp.ClientSession() as http,
+        ):
+            for name, data in (("config.json", SMALL), ("model.safetensors", WEIGHTS)):
+                assert (await download(a, name, tmp_path / "client")).read_bytes() == data
+                async with http.head(f"{endpoint(a)}/org/m/resolve/main/{name}") as r:
+                    assert r.status == 200
+                    lfs = name.endswith(".safetensors")
+                    blob = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+                    assert r.headers["ETag"] == f'"{blob}"'
+    finally:
+        await runner.cleanup()
+
+
 async def test_an_unfixable_error_reaches_the_client_at_once(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
-    runner, url = await olah_like(mirror.url, no_content_id)
+    runner, url = await olah_like(mirror.url, no_content_id, paths_info=False)
     try:
         async with agent(config(tmp_path / "a", "127.0.0.2", (url,))) as a:
             t0 = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from peer.agent.requests import (
     DownloadRequest,
     Error,
     Progress,
+    Setup,
     Started,
     job_event,
 )
+from peer.config import DownloadOptions, HubSettings
 from peer.errors import ConfigError, GatedRepo, PeerMisbehaved
 from peer.hub.metadata import FileSelection
 from peer.transfer.progress import ProgressDisplay
@@ -109,6 +112,34 @@ def test_download_request_json_keeps_local_dir_and_agent_token_out() -> None:
     assert back == DownloadRequest("org/m", selection=request.selection, token="hf_x")
     with pytest.raises(ConfigError):
         DownloadRequest.from_json({**body, "local_dir": "/home/victim"})
+
+
+def test_a_requests_bounds_travel_lower_the_agents_and_never_raise_them() -> None:
+    request = DownloadRequest("org/m", connections=2, max_files=1)
+    body = request.to_json()
+    assert (body["connections"], body["max_files"]) == (2, 1)
+    assert DownloadRequest.from_json(body) == request
+    assert "connections" not in DownloadRequest("org/m").to_json()  # none: the agent's own
+    for bad in (0, -1, "4", 2.5, True):
+        with pytest.raises(ConfigError, match="positive integer"):
+            DownloadRequest.from_json({**body, "connections": bad})
+    agents = DownloadOptions(connections=8, max_files=4)
+    assert request.bounded(agents) == replace(agents, connections=2, max_files=1)
+    assert DownloadRequest("org/m").bounded(agents) == agents
+    with pytest.raises(ConfigError, match="at most --connections 8"):
+        DownloadRequest("org/m", connections=9).bounded(agents)
+    with pytest.raises(ConfigError, match="at most --max-workers 4"):
+        DownloadRequest("org/m", max_files=5).bounded(agents)
+    # What the CLI checks first, from /v1/status: an agent that names no bounds (older
+    # than this CLI) would ignore them, so any bound is refused.
+    setup = Setup.of(HubSettings(("http://m",), None, Path("/c")), agents)
+    status = setup.to_json()
+    assert Setup.from_status(status) == setup
+    assert setup.exceeded(DownloadRequest("org/m", connections=8, max_files=4)) == []
+    assert setup.exceeded(request) == []
+    assert setup.exceeded(DownloadRequest("org/m", connections=9)) == ["--connections 9"]
+    older = Setup.from_status({"mirrors": ["http://m"], "cache_dir": "/c"})
+    assert older is not None and older.exceeded(request) == ["--connections 2", "--max-workers 1"]
 
 
 class Tty(io.StringIO):

@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-from peer.config import parse_rate, parse_size
-from peer.errors import ConfigError
 from peer.transfer.rate import MIN_BURST, Throttle, TokenBucket
 
 MB = 1_000_000
@@ -110,35 +108,3 @@ async def test_throttle_wakes_sleepers_when_the_rate_changes() -> None:
 def test_negative_rate_refused() -> None:
     with pytest.raises(ValueError):
         TokenBucket(-1)
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("200GB", 200 * 10**9),
-        ("1.5TiB", int(1.5 * 2**40)),
-        ("500MB", 500 * 10**6),
-        ("500mb", 500 * 10**6),
-        ("64 MiB", 64 * 2**20),
-        ("4096", 4096),
-        ("0", 0),
-        ("10k", 10_000),
-    ],
-)
-def test_parse_size(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "x", "-5GB", "5 XB", "iB", "5ib", "1e9", "GB"])
-def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(ConfigError, match="is not a size"):
-        parse_size(text)
-
-
-def test_parse_rate() -> None:
-    assert parse_rate("50MB/s") == 50 * MB
-    assert parse_rate("1.5MiB/s") == int(1.5 * 2**20)
-    assert parse_rate("20MB") == 20 * MB
-    assert parse_rate("0") == 0
-    with pytest.raises(ConfigError, match="is not a rate"):
-        parse_rate("fast")

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from agentkit import agent, config, endpoint, write_tree
+from huggingface_hub import HfFileSystem
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from peer.mirror_server import MirrorServer, RepoSource
@@ -28,6 +30,7 @@ from peer.mirror_server import MirrorServer, RepoSource
 MODEL = "acme/tiny"
 PARQUET = "acme/tiny-parquet"
 CSV = "acme/tiny-csv"
+LFS_SIZE = 3 * 1024 * 1024 + 17  # several Range blocks of HfFileSystem
 ROWS = [{"text": f"row {i}", "label": i % 3} for i in range(20)]
 
 LOAD_MODEL = f"""
@@ -153,3 +156,50 @@ async def test_transformers_and_datasets_through_the_agent_then_without_the_mirr
             assert got == [expected_model, expected_data]
     finally:
         await mirror.close()
+
+
+def _fs_walk(hf: str, repo: str) -> dict[str, Any]:
+    """What a user of HfFileSystem does: list, glob, and read parts of two files (one
+    LFS, read by seeking; one small, read whole)."""
+    fs = HfFileSystem(endpoint=hf, token=False, skip_instance_cache=True)
+    listed = sorted((e["name"], e["type"], e["size"]) for e in fs.ls(f"{repo}", detail=True))
+    globbed = sorted(fs.glob(f"{repo}/**/*.json"))
+    with fs.open(f"{repo}/model.safetensors", "rb", block_size=64 * 1024) as f:
+        f.seek(LFS_SIZE - 100)
+        tail = f.read(100)
+        f.seek(1000)
+        middle = f.read(5000)
+    with fs.open(f"{repo}/sub/config.json", "rb") as f:
+        small = f.read()
+    return {"ls": listed, "glob": globbed, "tail": tail, "middle": middle, "small": small}
+
+
+async def test_hf_file_system_through_the_agent_then_without_the_mirror(tmp_path: Path) -> None:
+    weights = random.Random(13).randbytes(LFS_SIZE)
+    files = {
+        "model.safetensors": weights,
+        "sub/config.json": b'{"model_type": "gpt2"}',
+        "sub/notes.txt": b"notes\n",
+    }
+    src = write_tree(tmp_path / "src", files)
+    async with MirrorServer([RepoSource("model", MODEL, src)]) as mirror:
+        async with agent(config(tmp_path / "a", "127.0.0.2", (mirror.url,))) as a:
+            expected = {
+                "ls": [
+                    (f"{MODEL}/model.safetensors", "file", LFS_SIZE),
+                    (f"{MODEL}/sub", "directory", 0),
+                ],
+                "glob": [f"{MODEL}/sub/config.json"],
+                "tail": weights[-100:],
+                "middle": weights[1000:6000],
+                "small": files["sub/config.json"],
+            }
+            assert await asyncio.to_thread(_fs_walk, endpoint(a), MODEL) == expected
+            for _ in range(200):  # recorded in the background
+                if a.revisions.book.best("model", MODEL, "main") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            best = a.revisions.book.best("model", MODEL, "main")
+            assert best is not None and best.commit == mirror.commit_of("model", MODEL)
+            await mirror.close()  # from here on, the agent alone
+            assert await asyncio.to_thread(_fs_walk, endpoint(a), MODEL) == expected

@@ -508,6 +508,9 @@ class LyingPeer:
     def count_upload(self, n: int) -> None:
         return None
 
+    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+        return None
+
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
         # It answers for any repo, even one the mirror does not have.
         return dataclasses.replace(self.revision, repo_id=request.repo_id)

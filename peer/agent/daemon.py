@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from peer.agent.audit import AuditLog, PeerBanned
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import DownloadJob, HubService, Totals
 from peer.agent.limits import LiveLimits
@@ -31,6 +32,7 @@ from peer.agent.quota import CacheQuota, LastUse, Pins
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
+from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
@@ -38,9 +40,10 @@ from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
 from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
-from peer.serving.limits import local_limits, nofile_limit, peer_limits, start_listener
+from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
-from peer.serving.peer_api import make_peer_app
+from peer.serving.metrics import AgentMetrics
+from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
 from peer.transfer.rate import Throttle
 from peer.transfer.swarm import SwarmSession, SwarmSettings
@@ -54,6 +57,10 @@ class Agent:
         self.state = StateDir(config.state_dir)
         self.agent_id = ""
         self.totals = Totals()
+        # The agent's own Prometheus registry and audit log (nothing process-wide).
+        self.metrics = AgentMetrics()
+        self.audit = AuditLog(None)
+        self.peer_streams = StreamSlots(total=STREAMS_TOTAL, per_ip=STREAMS_PER_IP)
         self._stack = AsyncExitStack()
         self.swarm: SwarmSession
         self.peers: PeerTable
@@ -83,6 +90,8 @@ class Agent:
                 hint="pick writable --cache-dir/--state-dir",
             ) from exc
         self.agent_id = self.state.agent_id()
+        self.audit = AuditLog(self.config.audit_path)
+        self._stack.callback(self.audit.close)
         if removed := await asyncio.to_thread(clean_debris, self.config.hub.cache_dir):
             log.info("removed %d temp file(s) of interrupted publishes", removed)
         try:
@@ -132,6 +141,7 @@ class Agent:
                 self.state,
                 lookups=[self.trackers.lookup] if self.config.trackers else [],
                 on_change=self.trackers.nudge,
+                on_ban=self._banned,
             )
             self.quota = CacheQuota(
                 self.config.hub.cache_dir,
@@ -149,7 +159,13 @@ class Agent:
             self.revisions = Revisions(self.state, self.peers, self.agent_id)
             await asyncio.to_thread(self.revisions.load)
             self.downloads = DownloadJob(
-                self.config, self.revisions, self.blobs, self.totals, self.quota
+                self.config.hub,
+                self.config.download,
+                self.revisions,
+                self.blobs,
+                self.totals,
+                quota=self.quota,
+                throttle=self.blobs.mirror_throttle,
             )
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
@@ -165,6 +181,8 @@ class Agent:
                 publisher=self.publisher,
                 totals=self.totals,
                 ports=lambda: (self.peer_port, self.local_port),
+                audit=self.audit,
+                peer_streams=lambda: self.peer_streams.in_use,
                 quota=self.quota,
                 limits=self.limits,
             )
@@ -175,17 +193,22 @@ class Agent:
                 self.blobs,
                 self.revisions,
                 self.totals,
+                audit=self.audit,
+                peer_of=lambda host: agent_id_at(self.peers, host),
                 seeding=self.config.seeding,
                 touch=self.last_use.touch,
             )
             hub_api = HubService(
-                self.config, self.revisions, self.blobs, self.seeds, self.totals, self.quota
+                self.config, self.revisions, self.blobs, self.downloads, self.audit
             )
             self.peer_port = await self._listen(
-                make_peer_app(peers_api, throttle=upload.take), self.config.listen, peer_facing=True
+                make_peer_app(peers_api, self.peer_streams, throttle=upload.take),
+                self.config.listen,
+                peer_facing=True,
             )
             self.local_port = await self._listen(
-                make_local_app(self.local, hub=hub_api), self.config.local_listen
+                make_local_app(self.local, hub=hub_api, metrics=self.metrics),
+                self.config.local_listen,
             )
             if self.config.mdns:
                 # Goodbyes go out on exit while the peer API is still up (exit stack order).
@@ -252,6 +275,7 @@ class Agent:
                     tg.create_task(self.peers.run()),
                     tg.create_task(self._scan_then_keep_quota()),
                     tg.create_task(self.blobs.save_resume_periodically()),
+                    tg.create_task(self._watch_uploads().run()),
                     *(tg.create_task(t.run()) for t in self.trackers.sources),
                 ]
                 await stop.wait()
@@ -266,6 +290,31 @@ class Agent:
         await self.seeds.scan()
         if self.config.cache_max_size > 0:
             await self.quota.run()
+
+    def _watch_uploads(self) -> UploadWatch:
+        return UploadWatch(
+            self.swarm, self.peers, self._blob_of_torrent, self.audit, on_banned=self._counted_ban
+        )
+
+    def _blob_of_torrent(self, info_hash: str) -> str | None:
+        """The blob a torrent of this session carries (seeded, or being fetched)."""
+        for blob_id, held in list(self.seeds.held.items()):
+            if held.manifest.info_hash == info_hash:
+                return blob_id
+        return next(
+            (m.blob_id for m in self.blobs.fetching_manifests() if m.info_hash == info_hash),
+            None,
+        )
+
+    def _counted_ban(self) -> None:
+        self.totals.bans += 1
+
+    def _banned(self, address: str, reason: str, blob_id: str) -> None:
+        """Our scheduling policy banned a peer: counted and audited."""
+        self.totals.bans += 1
+        self.audit.write(
+            PeerBanned(peer_address=address, reason=reason, by="policy", blob_id=blob_id)
+        )
 
     async def _anonymous_visibility(self, repo_type: str, repo_id: str) -> Visibility | None:
         flags = await anonymous_flags(replace(self.config.hub, token=None), repo_type, repo_id)

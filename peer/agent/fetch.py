@@ -26,14 +26,15 @@ from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
-from peer.download import fetch_verified
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
+from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
-from peer.serving.sharing import Access, Visibility, may_serve
+from peer.serving.sharing import Access, Visibility, may_serve, repo_key
 from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.rate import Throttle
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
@@ -58,20 +59,25 @@ from peer.transfer.swarm_download import (
     Wake,
 )
 from peer.transfer.swarm_download import Failed as SwarmFailed
-from peer.verification.hashing import Verdict, hash_file
+from peer.verification.hashing import hash_file
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class BlobCounters:
-    size: int
-    done: int = 0
-    from_peers: int = 0
-    from_mirror: int = 0
-    reused: int = 0
-    resumed: int = 0  # verified pieces found on disk when a swarm download started
-    hash_failures: int = 0
+class ActiveFetch:
+    """A blob being fetched, as `/v1/status` shows it (its counters move as bytes land)."""
+
+    repo: str  # repo key, "model/org/name"
+    path: str  # the file it was asked for (the first, when several name the blob)
+    blob_id: str
+    counters: BlobCounters
+    started: float  # time.monotonic()
+    source: str = "cache"  # cache, peers, herd (waiting for a leader), mirror
+
+
+# A peer this agent bans: (address, why, blob id)
+OnBan = Callable[[str, str, str], None]
 
 
 class BlobFetcher:
@@ -87,8 +93,11 @@ class BlobFetcher:
         *,
         lookups: Sequence[Lookup] = (),
         on_change: Callable[[], None] = lambda: None,
+        on_ban: OnBan = lambda _host, _why, _blob: None,
     ) -> None:
         self.config = config
+        self.on_ban = on_ban
+        self._active: dict[str, ActiveFetch] = {}  # blob id -> what /v1/status shows
         self.swarm = swarm
         self.peers = peers
         self.seeds = seeds
@@ -121,9 +130,21 @@ class BlobFetcher:
         """Blobs being fetched or streamed right now (never evicted)."""
         return {*self._inflight, *self._flights}
 
+    def active(self) -> list[ActiveFetch]:
+        """The blobs being fetched now (one entry per blob, whoever asked for it)."""
+        return list(self._active.values())
+
+    def _source(self, blob_id: str, source: str) -> None:
+        entry = self._active.get(blob_id)
+        if entry is not None:
+            entry.source = source
+
     def fetching_ids(self) -> list[str]:
         """Blobs we swarm, or claim in a herd (announced to trackers as fetching)."""
         return list(dict.fromkeys([*self._swarming, *self.herd.claimed_ids()]))
+
+    def fetching_manifests(self) -> list[wire.Manifest]:
+        return list(self._swarming.values())
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
@@ -139,14 +160,15 @@ class BlobFetcher:
         counters: BlobCounters,
         access: Access,
     ) -> Path:
-        """The verified blob in this repo's ``blobs/``. `access` says on whose word the
-        request stands: a blob this agent holds for a private or gated repo is reused
-        only for a request the mirror allowed (`peer.serving.sharing.may_serve`)."""
+        """The verified blob in this repo's ``blobs/``, in the source order: this repo,
+        this cache (another repo), peers, the herd, the mirror. `access` says on whose
+        word the request stands: a blob this agent holds for a private or gated repo is
+        reused only for a request the mirror allowed (`peer.serving.sharing.may_serve`)."""
         repo = RepoCache(self.config.hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        if repo.has_blob(file.blob_id, file.size) and self._may_reuse(file, access):
-            counters.reused = counters.done = file.size
-            await self.note(file, access)
-            return repo.blob_path(file.blob_id)
+        cached = await self._in_repo(repo, file, access)
+        if cached is not None:
+            counters.had()
+            return cached
         shared = self._inflight.get(file.blob_id)
         if shared is not None:  # another download is fetching this very blob
             source = await asyncio.shield(shared)
@@ -155,6 +177,9 @@ class BlobFetcher:
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
         self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
+        self._active[file.blob_id] = ActiveFetch(
+            access.repo, file.path, file.blob_id, counters, time.monotonic()
+        )
         try:
             path = await self._obtain(repo, snapshot, file, mirror, counters, access)
             fut.set_result(path)
@@ -166,6 +191,47 @@ class BlobFetcher:
         finally:
             self._inflight.pop(file.blob_id, None)
             self._flights.pop(file.blob_id, None)
+            self._active.pop(file.blob_id, None)
+
+    async def access(self, snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
+        """On whose word a download stands (`peer.serving.sharing.Access`). A snapshot
+        listed by the mirror with the caller's token: the mirror's word; a private or
+        gated one is checked once more with a 1-byte read of one of its files (a gated
+        repo lists its files to anyone), before a blob held here is reused for it."""
+        key = repo_key(snapshot.repo_type, snapshot.repo_id)
+        if not snapshot.mirror or is_local_repo(snapshot.repo_id):
+            return Access(key, None, mirror_allowed=False)
+        visibility = Visibility.of_mirror_answer(private=snapshot.private, gated=snapshot.gated)
+        probe = next((f for f in snapshot.files if f.size > 0), None)
+        if visibility is not Visibility.PUBLIC and probe is not None:
+            await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
+        return Access(key, visibility, mirror_allowed=True)
+
+    async def _in_repo(self, repo: RepoCache, file: RemoteFile, access: Access) -> Path | None:
+        """The blob in this repo's ``blobs/``, if this request may have it. On the LAN's
+        word alone: only one shared on the LAN anyway. For a request the mirror allowed:
+        one this agent verified, or one that another tool put there, hashed first (and
+        seeded); a bad one is removed, so that the fetch replaces it."""
+        if not repo.has_blob(file.blob_id, file.size):
+            return None
+        path = repo.blob_path(file.blob_id)
+        if not access.mirror_allowed:
+            if not self._may_reuse(file, access):
+                return None
+        elif self.seeds.path_of(file.blob_id) != path and file.size > 0:
+            verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
+            if not verdict.ok:
+                log.warning(
+                    "%s in the cache hashes to %s, not its id: fetching it again",
+                    path,
+                    verdict.actual,
+                )
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return None
+            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+        await self.note(file, access)
+        return path
 
     def _may_reuse(self, file: RemoteFile, access: Access) -> bool:
         return file.size == 0 or may_serve(self.seeds.provenance(file.blob_id), access)
@@ -193,7 +259,7 @@ class BlobFetcher:
     ) -> Path:
         if source.parent != repo.blobs:
             repo.adopt_blob(source, file.blob_id)
-        counters.reused = counters.done = file.size
+        counters.had()
         await self.note(file, access)
         return repo.blob_path(file.blob_id)
 
@@ -246,10 +312,12 @@ class BlobFetcher:
         # wait for that leader's manifest and swarm it. An agent that seeds nothing
         # stays out (a leader that never shares would hold the others up).
         if self.config.seeding == "none" and file.size > 0:
+            self._source(file.blob_id, "mirror")
             async with self._transfers:
                 path = await self._from_mirror(repo, snapshot, file, mirror, counters)
             await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
             return path
+        self._source(file.blob_id, "herd")
         async with self.herd.turn(file, lambda: counters.done) as turn:
             if turn.offers:
                 got = await self._from_peers(
@@ -286,6 +354,7 @@ class BlobFetcher:
         """The blob from peers (None: they could not deliver; the mirror must)."""
         piece_size = offers[0].manifest.piece_size
         complete = [o for o in offers if o.complete]
+        self._source(file.blob_id, "peers")
         try:
             async with self._transfers:
                 if file.size <= piece_size:
@@ -343,42 +412,19 @@ class BlobFetcher:
         mirror: MirrorFetcher,
         counters: BlobCounters,
     ) -> Path:
-        counters.done = 0
-
-        def got(n: int) -> None:
-            counters.from_mirror += n
-            counters.done += n
-
+        self._source(file.blob_id, "mirror")
         flight = self._flights.get(file.blob_id)
-
-        def mismatch(_: Verdict) -> None:
-            counters.hash_failures += 1
-            counters.done = 0
-            if flight is not None:
-                flight.reset()  # what a reader got is void: it must cut
-
-        def prefix(path: Path, n: int) -> None:
-            if flight is not None:
-                if flight.path != path:
-                    flight.start(path)
-                flight.advance(n)
-
-        if flight is not None:
-            flight.reset()  # a swarm attempt may have gone before: its readers must cut
-        finished = await fetch_verified(
+        finished = await from_mirror(
             mirror,
             snapshot,
             file,
             repo.partial_dir,
+            counters,
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
-            on_bytes=got,
-            on_mismatch=mismatch,
-            on_prefix=prefix,
+            flight=flight,
         )
         if finished is None:
-            counters.reused = counters.done = file.size
             return repo.blob_path(file.blob_id)
-        counters.done = file.size
         path = repo.install_blob(finished, file.blob_id)
         if flight is not None:
             flight.moved(path)
@@ -524,7 +570,8 @@ class BlobFetcher:
                 policy=PolicyConfig(
                     grace_period=cfg.peer_grace,
                     stall_timeout=cfg.stall_timeout,
-                    mirror_parallel=max(2, cfg.download.connections // 2),
+                    # this download's bound (a request may lower the agent's)
+                    mirror_parallel=max(2, mirror.options.connections // 2),
                     mirror_enabled=has_mirror,
                     salt=int(self.peers.self_id[:8] or "0", 16),
                 )
@@ -575,6 +622,7 @@ class BlobFetcher:
                 elif isinstance(a, BanHost):
                     log.warning("banning peer %s: %s", a.peer, a.reason)
                     self.swarm.ban_peer(a.host)
+                    self.on_ban(str(a.peer), a.reason, file.blob_id)
                 elif isinstance(a, FlushForReaders) and flight is not None:
                     await self.swarm.flush_cache(ih)
                     flight.advance(a.ready)
@@ -668,4 +716,4 @@ class BlobFetcher:
             await self.save_all_resume_data()
 
 
-__all__ = ["BlobCounters", "BlobFetcher", "wire"]
+__all__ = ["ActiveFetch", "BlobCounters", "BlobFetcher", "wire"]

@@ -71,6 +71,7 @@ class Herd:
             str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
         ] = {}
         self._leading: dict[str, _Lead] = {}
+        self.leaderships = 0  # blobs this agent led to the mirror (alone: every one)
         self._validate = validate  # which offers of a blob to trust (the fetcher's rule)
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -145,7 +146,12 @@ class Herd:
                 self.on_change()
 
     def _lead(self, file: RemoteFile, done: Callable[[], int]) -> None:
+        if file.blob_id not in self._leading:
+            self.leaderships += 1
         self._leading[file.blob_id] = _Lead(file.size, done)
+
+    def leading_count(self) -> int:
+        return len(self._leading)
 
     # -- the poll loop ---------------------------------------------------------------
 

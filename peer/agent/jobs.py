@@ -1,143 +1,248 @@
-"""A download the agent runs for the CLI (the local API, or `hfswarm download --peer` in
-process): resolve the revision, decide on whose word it stands (`Access`), get each
-blob through `BlobFetcher.obtain` (cache, peers, herd, mirror), link the snapshot, write
-the ref, and tell its progress as typed events (`peer.agent.requests`). `HubService`
-does the same for one file a Hub client (HF_ENDPOINT mode) asks for: the Hub API's
-backend (`peer.serving.hub_api.HubBackend`).
+"""One download job for every entry point: the CLI through the local API, `hfswarm
+download --peer` in process, the mirror-only download with no agent (`peer.download`),
+and one file a Hub client asks for (HF_ENDPOINT mode, `HubService`).
 
-    job = DownloadJob(config, revisions, blobs, totals)
+A job resolves the revision (`SnapshotSource`: the agent's `Revisions`, or the mirror
+alone), asks the blob source on whose word the download stands (`Access`), gets each
+blob from it (`BlobSource.obtain`: the agent's `BlobFetcher` tries this cache, peers,
+the herd, then the mirror; `peer.download.MirrorOnly` this cache, then the mirror),
+places every path that names the blob (`Target`: links in the cache's snapshot, or
+copies in a ``--local-dir``), writes the ref, and tells its progress as typed events
+(`peer.agent.requests`).
+
+    job = DownloadJob(hub, options, revisions, blobs, totals)
     done = await job.run(request, emit)
 
-Never a caller's folder: the CLI copies the snapshot into ``--local-dir`` itself.
+The agent's job also has the cache's quota (`peer.agent.quota`: a download is admitted,
+room made by eviction, or refused before any byte moves) and its mirror cap.
+
+The agent's job never writes a caller's folder: the CLI copies the snapshot into
+``--local-dir`` itself (`LocalService.run_download` refuses one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from peer import wire
-from peer.agent.fetch import BlobCounters, BlobFetcher
+from peer.agent.audit import AuditLog, DownloadFinished
+from peer.agent.fetch import BlobFetcher
 from peer.agent.quota import CacheQuota, QuotaHold
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
-from peer.agent.seeding import SeedIndex
 from peer.aio import each_with_ticks
-from peer.cache.hf_cache import RepoCache
-from peer.config import AgentConfig
-from peer.errors import ConfigError, NetworkError
-from peer.hub.metadata import RemoteFile, Snapshot
+from peer.cache.hf_cache import LocalDir, RepoCache
+from peer.config import AgentConfig, DownloadOptions, HubSettings
+from peer.errors import NetworkError
+from peer.hub.metadata import FileSelection, RemoteFile, Snapshot
 from peer.manifests.revisions import is_local_repo
-from peer.serving.sharing import Access, Visibility, repo_key
+from peer.serving.sharing import Access
 from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_blob import BlobCounters
 from peer.transfer.mirror_ranges import MirrorFetcher
-from peer.verification.hashing import hash_file
-
-log = logging.getLogger(__name__)
+from peer.transfer.rate import Throttle
 
 
 @dataclass
 class Totals:
-    """The agent's counters since it started (`/v1/status`)."""
+    """The agent's counters since it started (`/v1/status`, `/metrics`)."""
 
     bytes_from_peers: int = 0
     bytes_from_mirror: int = 0
     bytes_uploaded_http: int = 0
+    bytes_served_clients: int = 0  # resolve bodies written to HF_ENDPOINT clients
     hash_failures: int = 0
     downloads: int = 0
+    downloads_running: int = 0  # local API downloads in progress
+    bans: int = 0  # peers banned (by our policy or by libtorrent)
+    streams_to_clients: int = 0  # resolve bodies being written now
+    streams_to_peers: int = 0  # /v1/blobs bodies being written now
+    mirror_errors: dict[str, int] = field(default_factory=dict)  # mirror URL -> failures
 
-    def add(self, counters: Counters) -> None:
+    def add(self, counters: BlobCounters) -> None:
         self.bytes_from_peers += counters.from_peers
         self.bytes_from_mirror += counters.from_mirror
         self.hash_failures += counters.hash_failures
 
+    def mirror_error(self, mirror: str) -> None:
+        self.mirror_errors[mirror] = self.mirror_errors.get(mirror, 0) + 1
+
+
+class SnapshotSource(Protocol):
+    """Where a job's revision comes from (`peer.agent.revisions.Revisions`: the mirror,
+    else peers' manifests; `peer.download.MirrorSnapshots`: the mirror alone)."""
+
+    async def resolve(
+        self,
+        hub: HubSettings,
+        repo_type: str,
+        repo_id: str,
+        revision: str,
+        selection: FileSelection | None = None,
+    ) -> tuple[Snapshot, wire.RevisionManifest | None]:
+        """The snapshot, and a manifest to record once it is downloaded (or None)."""
+        ...
+
+    def record(self, m: wire.RevisionManifest) -> None: ...
+
+
+class BlobSource(Protocol):
+    """Where a job's blobs come from, in its own order (`BlobFetcher`: this cache,
+    peers, the herd, the mirror; `peer.download.MirrorOnly`: this cache, the mirror)."""
+
+    async def access(self, snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
+        """On whose word a download of `snapshot` stands."""
+        ...
+
+    async def obtain(
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+        access: Access,
+    ) -> Path:
+        """A verified copy of the file's blob (counted into `counters`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a job's files go: links in the cache's ``snapshots/<commit>/`` (and the
+    ref), or plain copies in a ``--local-dir`` (only the mirror-only job writes one)."""
+
+    repo: RepoCache
+    local_dir: LocalDir | None = None
+
+    def current_copy(self, commit: str, files: list[RemoteFile]) -> Path | None:
+        """A path of the local dir that already holds this blob at `commit`, if any."""
+        if self.local_dir is not None:
+            for f in files:
+                if self.local_dir.is_current(f.path, commit, f.blob_id, f.size):
+                    return self.local_dir.file_path(f.path)
+        return None
+
+    def place(self, commit: str, files: list[RemoteFile], blob: Path) -> None:
+        """Every path that names the verified `blob`; one already current is left."""
+        for f in files:
+            if self.local_dir is None:
+                self.repo.link_snapshot(commit, f.path, f.blob_id)
+            elif not self.local_dir.is_current(f.path, commit, f.blob_id, f.size):
+                self.local_dir.copy_in(blob, f.path, commit, f.blob_id)
+
+    def finish(self, ref: str | None, commit: str) -> Path:
+        """The folder the download fills: the snapshot (its ref written), or the local dir."""
+        if self.local_dir is not None:
+            return self.local_dir.root
+        if ref:
+            self.repo.write_ref(ref, commit)
+        path = self.repo.snapshot_dir(commit)
+        path.mkdir(parents=True, exist_ok=True)  # an empty selection still names a snapshot
+        return path
+
 
 class DownloadJob:
-    """Runs the agent's downloads; one object for all of them (no state of its own
-    between runs but the agent's `totals`)."""
+    """Runs downloads from one blob source; no state of its own between runs but the
+    `totals` it adds to."""
 
     def __init__(
         self,
-        config: AgentConfig,
-        revisions: Revisions,
-        blobs: BlobFetcher,
-        totals: Totals,
-        quota: CacheQuota,
+        hub: HubSettings,
+        options: DownloadOptions,
+        snapshots: SnapshotSource,
+        blobs: BlobSource,
+        totals: Totals | None = None,
+        *,
+        tick: float = 0.5,
+        quota: CacheQuota | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
-        self.config = config
-        self.revisions = revisions
+        self.hub = hub
+        self.options = options
+        self.snapshots = snapshots
         self.blobs = blobs
-        self.totals = totals
-        self.quota = quota
+        self.totals = totals or Totals()
+        self.tick = tick  # seconds between progress events while bytes move
+        self.quota = quota  # the agent's: its blobs held while it runs, or refused
+        self.throttle = throttle  # the agent's mirror cap, shared by all its downloads
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[QuotaHold | None]:
+        """While a download runs, the quota holds its blobs (never evicted)."""
+        if self.quota is None:
+            yield None
+            return
+        async with self.quota.job() as hold:
+            yield hold
+
+    def mirror(self, hub: HubSettings, options: DownloadOptions) -> MirrorFetcher:
+        return MirrorFetcher(
+            hub, options, on_mirror_error=self.totals.mirror_error, throttle=self.throttle
+        )
+
+    def hub_for(self, repo_id: str, token: str | None) -> HubSettings:
+        """The settings one request runs with: the caller's token; no mirror for a
+        local/* repo (no mirror has it: its name is never sent to one)."""
+        hub = replace(self.hub, token=token)
+        return replace(hub, mirrors=()) if is_local_repo(repo_id) else hub
 
     async def run(self, request: DownloadRequest, emit: Emit) -> Done:
-        # The quota holds this download's blobs while it runs (never evicted).
-        async with self.quota.job() as hold:
+        async with self.held() as hold:
             return await self._run(request, emit, hold)
 
-    async def _run(self, request: DownloadRequest, emit: Emit, hold: QuotaHold) -> Done:
+    async def _run(self, request: DownloadRequest, emit: Emit, hold: QuotaHold | None) -> Done:
         t0 = time.monotonic()
-        if request.local_dir is not None:
-            raise ConfigError(
-                "the agent does not write into a local dir: it downloads into its cache",
-                hint="the CLI copies the snapshot into --local-dir itself",
-            )
+        options = request.bounded(self.options)
         # The caller's own token; the agent's only for its own user (`request.agent_token`).
-        hub = self.config.hub
-        if request.token or not request.agent_token:
-            hub = replace(hub, token=request.token)
+        token = self.hub.token if request.agent_token and not request.token else request.token
+        hub = replace(self.hub, token=token)
         # The mirror first; peers' revision manifests if it is down; peers only for local/*.
-        snapshot, learned = await self.revisions.resolve(
+        snapshot, learned = await self.snapshots.resolve(
             hub, request.repo_type, request.repo_id, request.revision, request.selection
         )
-        local = is_local_repo(snapshot.repo_id)
-        if local:  # no mirror has it: never send its name to one
-            hub = replace(hub, mirrors=())
-        await hold.admit(snapshot)  # room made, or refused before anything moves
-        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
+        hub = self.hub_for(snapshot.repo_id, token)
+        if hold is not None:
+            await hold.admit(snapshot)  # room made, or refused before anything moves
+        target = Target(
+            RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id),
+            None if request.local_dir is None else LocalDir(request.local_dir),
+        )
         await emit(Started(len(snapshot.files), snapshot.total_size, commit=snapshot.commit))
         counters: dict[str, BlobCounters] = {}
-        by_blob: dict[str, list[RemoteFile]] = {}
+        by_blob: dict[str, list[RemoteFile]] = {}  # one blob under two paths: fetched once
         for f in snapshot.files:
             by_blob.setdefault(f.blob_id, []).append(f)
+        files_done = 0
+        # A request's own --max-workers bounds its files at once (the source's own cap on
+        # blobs that move at once still holds).
+        limit = asyncio.Semaphore(request.max_files) if request.max_files else None
 
-        async with MirrorFetcher(
-            hub, self.config.download, throttle=self.blobs.mirror_throttle
-        ) as mirror:
-            access = await access_of(snapshot, mirror)
+        def figures() -> Progress:
+            return progress(counters, snapshot.total_size, files_done)
+
+        async with self.mirror(hub, options) as mirror:
+            access = await self.blobs.access(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
+                nonlocal files_done
                 c = counters.setdefault(files[0].blob_id, BlobCounters(files[0].size))
-                try:
-                    await self.blobs.obtain(snapshot, files[0], mirror, c, access)
-                except NetworkError as exc:
-                    if not local:
-                        raise
-                    raise NetworkError(
-                        f"no peer could deliver {files[0].path} of {snapshot.repo_id} "
-                        f"({exc.one_line()})",
-                        hint="the agent that published it, or one that downloaded it, must "
-                        "be running and reachable (`hfswarm status` lists the peers)",
-                    ) from exc
-                for f in files:
-                    repo.link_snapshot(snapshot.commit, f.path, f.blob_id)
+                async with limit or contextlib.nullcontext():
+                    await self.obtain_file(snapshot, files, mirror, c, access, target)
+                files_done += len(files)
 
-            await each_with_ticks(
-                by_blob.values(), one, lambda: emit(progress(counters, snapshot.total_size)), 0.5
-            )
-        repo.write_ref(snapshot.revision, snapshot.commit)
-        path = repo.snapshot_dir(snapshot.commit)
-        path.mkdir(parents=True, exist_ok=True)
+            await each_with_ticks(by_blob.values(), one, lambda: emit(figures()), self.tick)
+        path = target.finish(snapshot.revision, snapshot.commit)
         if learned is not None:  # a public revision from the mirror: peers may use it
-            self.revisions.record(learned)
-        end = progress(counters, snapshot.total_size)
+            self.snapshots.record(learned)
+        end = figures()
         assert end.counters is not None
         self.totals.downloads += 1
-        self.totals.add(end.counters)
         return Done(
             path=path,
             commit=snapshot.commit,
@@ -149,26 +254,68 @@ class DownloadJob:
             seconds=time.monotonic() - t0,
         )
 
+    async def obtain_file(
+        self,
+        snapshot: Snapshot,
+        files: list[RemoteFile],
+        mirror: MirrorFetcher,
+        counters: BlobCounters,
+        access: Access,
+        target: Target,
+    ) -> Path:
+        """One blob of a download, placed under every path in `files` (all naming it):
+        the step every entry point shares (a Hub client's file is a one-file use)."""
+        file = files[0]
+        blob = target.current_copy(snapshot.commit, files)
+        if blob is not None:  # up to date in the local dir: nothing to fetch
+            counters.had()
+            target.place(snapshot.commit, files, blob)
+            return blob
+        try:
+            blob = await self.blobs.obtain(snapshot, file, mirror, counters, access)
+        except NetworkError as exc:
+            if not is_local_repo(snapshot.repo_id):
+                raise
+            raise NetworkError(
+                f"no peer could deliver {file.path} of {snapshot.repo_id} ({exc.one_line()})",
+                hint="the agent that published it, or one that downloaded it, must "
+                "be running and reachable (`hfswarm status` lists the peers)",
+            ) from exc
+        self.totals.add(counters)
+        target.place(snapshot.commit, files, blob)
+        return blob
+
 
 class HubService:
-    """The Hub API's backend: files for Hub clients, from this agent's cache, its peers
-    or the mirror with the client's own token; revisions from manifests."""
+    """The Hub API's backend (`peer.serving.hub_api.HubBackend`): files for Hub clients,
+    each a one-file use of the agent's `DownloadJob` (the client's own token); revisions
+    from manifests."""
 
     def __init__(
         self,
         config: AgentConfig,
         revisions: Revisions,
         blobs: BlobFetcher,
-        seeds: SeedIndex,
-        totals: Totals,
-        quota: CacheQuota,
+        job: DownloadJob,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self.revisions = revisions
-        self.blobs = blobs
-        self.seeds = seeds
-        self.totals = totals
-        self.quota = quota
+        self.blobs = blobs  # the job's source: what of a blob in flight may stream
+        self.job = job
+        self.totals = job.totals
+        self.audit = audit or AuditLog(None)
+
+    def count_served(self, n: int) -> None:
+        """Bytes of a resolve body written to a Hub client."""
+        self.totals.bytes_served_clients += n
+
+    def count_stream(self, delta: int) -> None:
+        """A resolve body started (+1) or ended (-1)."""
+        self.totals.streams_to_clients += delta
+
+    def mirror_error(self, mirror: str) -> None:
+        self.totals.mirror_error(mirror)
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self.blobs.stream_of(blob_id)
@@ -196,83 +343,37 @@ class HubService:
         ref: str | None,
         access: Access,
     ) -> Path:
-        """A verified copy of one file for a Hub client, in this agent's cache: taken as
-        it is if this agent verified it (and `access` may have it), else obtained like
-        any download (cache, peers, then the mirror with the CLIENT's token, never the
-        agent's), then linked into snapshots/<commit>/ (and refs/<ref>) and seeded if
-        shared."""
-        hub = replace(self.config.hub, token=token)
-        if is_local_repo(snapshot.repo_id):  # no mirror has it: never send its name to one
-            hub = replace(hub, mirrors=())
-        repo = RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id)
-        path = await self._verified_in_repo(repo, file, access)
-        if path is None:
-            counters = BlobCounters(file.size)
-            throttle = self.blobs.mirror_throttle
-            async with (
-                self.quota.job() as hold,
-                MirrorFetcher(hub, self.config.download, throttle=throttle) as mirror,
-            ):
+        """A verified copy of one file for a Hub client, in this agent's cache, obtained
+        like any download's (with the CLIENT's token, never the agent's), linked into
+        snapshots/<commit>/ and refs/<ref>."""
+        hub = self.job.hub_for(snapshot.repo_id, token)
+        target = Target(RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id))
+        counters = BlobCounters(file.size)
+        # The ref first, as huggingface_hub does: the body may stream to the client
+        # while the fetch runs, and the client may look at the cache as soon as it ends.
+        target.finish(ref, snapshot.commit)
+        async with self.job.held() as hold, self.job.mirror(hub, self.job.options) as mirror:
+            if hold is not None:  # the quota: room made, or refused (507)
                 await hold.admit(replace(snapshot, files=(file,)))
-                path = await self.blobs.obtain(snapshot, file, mirror, counters, access)
-            self.totals.add(
-                Counters(
-                    from_peers=counters.from_peers,
-                    from_mirror=counters.from_mirror,
-                    hash_failures=counters.hash_failures,
+            path = await self.job.obtain_file(snapshot, [file], mirror, counters, access, target)
+        if counters.from_peers or counters.from_mirror:  # fetched now, not had
+            self.audit.write(
+                DownloadFinished(
+                    via="hub_api",
+                    repo_type=snapshot.repo_type,
+                    repo_id=snapshot.repo_id,
+                    revision=snapshot.revision,
+                    commit=snapshot.commit,
+                    files=1,
+                    bytes_from_peers=counters.from_peers,
+                    bytes_from_mirror=counters.from_mirror,
+                    bytes_reused=counters.reused,
                 )
             )
-        else:
-            self.quota.last_use.touch((file.blob_id,))
-        repo.link_snapshot(snapshot.commit, file.path, file.blob_id)
-        if ref:
-            repo.write_ref(ref, snapshot.commit)
         return path
 
-    async def _verified_in_repo(
-        self, repo: RepoCache, file: RemoteFile, access: Access
-    ) -> Path | None:
-        """The blob in this repo's blobs/ if it is known good and `access` may have it.
-        One that another tool put there (not verified by this agent yet) is hashed
-        first; a bad one is removed, so that the fetch replaces it instead of reusing it."""
-        if not access.mirror_allowed:
-            return None  # BlobFetcher.obtain decides, by the blob's provenance
-        held = self.seeds.path_of(file.blob_id)
-        if held is not None and held == repo.blob_path(file.blob_id):
-            await self.blobs.note(file, access)
-            return held
-        if not repo.has_blob(file.blob_id, file.size):
-            return None
-        path = repo.blob_path(file.blob_id)
-        verdict = await asyncio.to_thread(hash_file, path, file.blob_id, file.size)
-        if verdict.ok:
-            held_for = (access.repo, access.visibility) if access.visibility else None
-            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for)
-            return path
-        log.warning(
-            "%s in the cache hashes to %s, not its id: fetching it again", path, verdict.actual
-        )
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return None
 
-
-async def access_of(snapshot: Snapshot, mirror: MirrorFetcher) -> Access:
-    """On whose word a download stands (`peer.serving.sharing.Access`). A snapshot
-    listed by the mirror with the caller's token: the mirror's word; a private or
-    gated one is checked once more with a 1-byte read of one of its files (a gated
-    repo lists its files to anyone), before a blob held here is reused for it."""
-    key = repo_key(snapshot.repo_type, snapshot.repo_id)
-    if not snapshot.mirror or is_local_repo(snapshot.repo_id):
-        return Access(key, None, mirror_allowed=False)
-    visibility = Visibility.of_mirror_answer(private=snapshot.private, gated=snapshot.gated)
-    probe = next((f for f in snapshot.files if f.size > 0), None)
-    if visibility is not Visibility.PUBLIC and probe is not None:
-        await mirror.fetch_range(snapshot, probe, 0, 1)  # GatedRepo / RepoNotFound
-    return Access(key, visibility, mirror_allowed=True)
-
-
-def progress(counters: dict[str, BlobCounters], total: int) -> Progress:
+def progress(counters: dict[str, BlobCounters], total: int, files_done: int) -> Progress:
     """The download's figures: its blobs' counters summed."""
     blobs = counters.values()
     return Progress(
@@ -284,4 +385,5 @@ def progress(counters: dict[str, BlobCounters], total: int) -> Progress:
             reused=sum(c.reused for c in blobs),
             hash_failures=sum(c.hash_failures for c in blobs),
         ),
+        files_done=files_done,
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from peer import wire
+from peer.agent.audit import AuditLog, BlobServed
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import Totals
 from peer.agent.revisions import Revisions
@@ -27,6 +28,8 @@ class PeerService:
         revisions: Revisions,
         totals: Totals,
         *,
+        audit: AuditLog | None = None,
+        peer_of: Callable[[str], str | None] = lambda _host: None,
         seeding: str = "always",
         touch: Callable[[Iterable[str]], None] = lambda _: None,
     ) -> None:
@@ -37,6 +40,8 @@ class PeerService:
         self.herd = blobs.herd
         self.revisions = revisions
         self.totals = totals
+        self.audit = audit or AuditLog(None)
+        self.peer_of = peer_of  # address -> the live peer's agent id, if known
         self.seeding = seeding
         self.touch = touch  # a blob served is a blob used (cache eviction is LRU)
 
@@ -62,6 +67,18 @@ class PeerService:
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
+
+    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+        if sent > 0:
+            self.audit.write(
+                BlobServed(
+                    peer_agent_id=self.peer_of(address),
+                    peer_address=address,
+                    blob_id=blob_id,
+                    bytes=sent,
+                    via="http",
+                )
+            )
 
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
         return self.revisions.shared(request)

@@ -417,6 +417,9 @@ class CacheQuota:
             held = {b.blob_id for b in cached}
             new = {b: s for b, s in blobs.items() if b not in held and b not in hold.blobs}
             need = sum(new.values())
+            if need == 0:  # all here already: nothing to make room for, nothing to refuse
+                hold.blobs.update(blobs)
+                return
             plan = plan_eviction(
                 cached,
                 quota=self.limit,

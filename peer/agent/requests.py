@@ -11,14 +11,17 @@ NDJSON, one event a line (older CLIs read it: the fields do not change).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from peer.config import HubSettings
+from peer.config import DownloadOptions, HubSettings
 from peer.errors import ConfigError, HfswarmError, PeerMisbehaved
 from peer.hub.metadata import FileSelection
+
+# A download's own bounds (`DownloadRequest` fields, `DownloadOptions` fields) by flag.
+BOUND_FLAGS = {"connections": "--connections", "max_files": "--max-workers"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class DownloadRequest:
     token: str | None = None
     agent_token: bool = False
     local_dir: Path | None = None
+    # `--connections` / `--max-workers` when given: this download's own bounds, which
+    # may lower the agent's own but never raise them (`bounded`).
+    connections: int | None = None
+    max_files: int | None = None
 
     @classmethod
     def from_json(cls, d: Any) -> DownloadRequest:
@@ -55,12 +62,23 @@ class DownloadRequest:
                 "the agent does not write into a local dir: it downloads into its cache",
                 hint="update hfswarm: `hfswarm download --local-dir` copies the files itself",
             )
+
+        def bound(key: str) -> int | None:
+            value = d.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"download request: {key} must be a positive integer")
+            return value
+
         return cls(
             repo_id=d["repo_id"],
             repo_type=str(d.get("repo_type") or "model"),
             revision=str(d.get("revision") or "main"),
             selection=FileSelection(strs("files"), strs("include"), strs("exclude")),
             token=d.get("token") if isinstance(d.get("token"), str) and d["token"] else None,
+            connections=bound("connections"),
+            max_files=bound("max_files"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -73,7 +91,28 @@ class DownloadRequest:
             "include": list(self.selection.include),
             "exclude": list(self.selection.exclude),
             "token": self.token,
-        }
+        } | {k: v for k, v in self.bounds().items() if v is not None}
+
+    def bounds(self) -> dict[str, int | None]:
+        return {"connections": self.connections, "max_files": self.max_files}
+
+    def bounded(self, options: DownloadOptions) -> DownloadOptions:
+        """`options` lowered to this request's own bounds. Asking for more than
+        `options` allow is refused: a caller does not make the agent open more
+        connections than its operator set, and a bound is never silently ignored."""
+        for key, asked in self.bounds().items():
+            allowed, flag = getattr(options, key), BOUND_FLAGS[key]
+            if asked is not None and asked > allowed:
+                raise ConfigError(
+                    f"this download may use at most {flag} {allowed}; {flag} {asked} asks for more",
+                    hint=f"pass {flag} {allowed} or less, or --no-agent to download "
+                    "in this process from the mirror",
+                )
+        return replace(
+            options,
+            connections=self.connections or options.connections,
+            max_files=self.max_files or options.max_files,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,13 +122,23 @@ class Setup:
 
     mirrors: tuple[str, ...]  # without credentials
     cache_dir: Path
+    # The most `--connections` / `--max-workers` a download may ask for (its own,
+    # lower bounds are honoured); None from an agent that does not honour them.
+    connections: int | None = None
+    max_files: int | None = None
 
     @classmethod
-    def of(cls, hub: HubSettings) -> Setup:
-        return cls(tuple(without_userinfo(m) for m in hub.mirrors), hub.cache_dir)
+    def of(cls, hub: HubSettings, options: DownloadOptions) -> Setup:
+        mirrors = tuple(without_userinfo(m) for m in hub.mirrors)
+        return cls(mirrors, hub.cache_dir, options.connections, options.max_files)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mirrors": list(self.mirrors), "cache_dir": str(self.cache_dir)}
+        return {
+            "mirrors": list(self.mirrors),
+            "cache_dir": str(self.cache_dir),
+            "connections": self.connections,
+            "max_files": self.max_files,
+        }
 
     @classmethod
     def from_status(cls, d: dict[str, Any]) -> Setup | None:
@@ -97,15 +146,28 @@ class Setup:
         mirrors, cache_dir = d.get("mirrors"), d.get("cache_dir")
         if not isinstance(mirrors, list) or not isinstance(cache_dir, str):
             return None
-        return cls(tuple(str(m) for m in mirrors), Path(cache_dir))
+        bounds = [d.get(k) for k in ("connections", "max_files")]
+        connections, max_files = (b if isinstance(b, int) else None for b in bounds)
+        return cls(tuple(str(m) for m in mirrors), Path(cache_dir), connections, max_files)
 
     def differs(self, hub: HubSettings, *, mirrors: bool, cache_dir: bool) -> list[str]:
         """Which of the caller's explicit choices this agent would not honour."""
         wrong = []
-        if mirrors and Setup.of(hub).mirrors != self.mirrors:
+        if mirrors and tuple(without_userinfo(m) for m in hub.mirrors) != self.mirrors:
             wrong.append("--mirror")
         if cache_dir and _resolved(hub.cache_dir) != _resolved(self.cache_dir):
             wrong.append("--cache-dir")
+        return wrong
+
+    def exceeded(self, request: DownloadRequest) -> list[str]:
+        """The request's bounds this agent would not honour: above its own, or any bound
+        at all for an agent that does not take them (it would ignore them)."""
+        most = {"connections": self.connections, "max_files": self.max_files}
+        wrong = []
+        for key, asked in request.bounds().items():
+            allowed = most[key]
+            if asked is not None and (allowed is None or asked > allowed):
+                wrong.append(f"{BOUND_FLAGS[key]} {asked}")
         return wrong
 
 
@@ -187,8 +249,8 @@ class Started:
 
 @dataclass(frozen=True)
 class Progress:
-    """Bytes done so far. `counters` for a download (not a publish); `files_done` only
-    where it is known (the mirror-only path: never on the wire)."""
+    """Bytes done so far. `counters` for a download (not a publish); `files_done` for a
+    download run in this process (never on the wire)."""
 
     done: int
     total: int

@@ -37,11 +37,13 @@ def loopback_agent_command(
     """`hfswarm agent` on one loopback address with every port picked by the kernel,
     state under `root`, mDNS off (multicast must not leave the machine), and static
     peers. The demo, the swarm benchmark and the agent tests all start agents this way;
-    the agent prints one JSON line with its ports when it is ready."""
+    the agent prints one JSON line with its ports when it is ready. The config file is
+    an empty one: none of this machine's settings leak in."""
     cmd = [sys.executable, "-m", "peer.cli.main", "agent",
            "--cache-dir", str(root / "cache"), "--state-dir", str(root / "state"),
            "--listen", f"{ip}:0", "--local-listen", f"{ip}:0", "--bt-listen", f"{ip}:0",
-           "--mirror", mirror, "--no-mdns"]  # fmt: skip
+           "--mirror", mirror, "--no-mdns",
+           "--config", os.devnull]  # fmt: skip
     for p in peers:
         cmd += ["--peer", p]
     return [*cmd, *extra]

@@ -16,27 +16,23 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peer.agent.client import AgentClient
+    from peer.settings import Effective
 
 from peer.agent.requests import Done, DownloadRequest, Event, Setup
 from peer.config import (
     DEFAULT_AGENT_URL,
-    SEEDING_POLICIES,
     AgentConfig,
     DownloadOptions,
     HubSettings,
     default_state_dir,
-    format_hostport,
-    normalize_endpoint,
     parse_hostport,
-    parse_rate,
-    parse_size,
 )
 from peer.errors import ConfigError, HfswarmError
 from peer.hub.metadata import FileSelection
@@ -106,18 +102,20 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="HF-style endpoint; repeat for failover, first preferred (default: HF_ENDPOINT)",
     )
+    # No argparse default: a value given is this download's own bound, which an agent
+    # honours (up to its own) or refuses, never ignores.
     p.add_argument(
         "--connections",
         type=int,
-        default=DownloadOptions.connections,
         help="parallel Range connections per file "
-        "(default %(default)s: public mirrors cap each connection)",
+        f"(default {DownloadOptions.connections}: public mirrors cap each connection; "
+        "an agent's own, which a download may lower)",
     )
     p.add_argument(
         "--max-workers",
         type=int,
-        default=DownloadOptions.max_files,
-        help="files at once (default %(default)s)",
+        help=f"files at once (default {DownloadOptions.max_files}; an agent's own, which a "
+        "download may lower)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the final path")
     where = p.add_mutually_exclusive_group()
@@ -150,138 +148,57 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
         description="Seed every verified blob of the HF cache to LAN peers "
         "and fetch what the CLI asks for: peers first, the mirror for the "
         "rest. Stops cleanly on SIGINT/SIGTERM.",
+        epilog=_SETTINGS_EPILOG,
     )
-    p.add_argument("--cache-dir", help="default: HF_HUB_CACHE, else HF_HOME/hub")
-    p.add_argument("--state-dir", help="default: beside the cache (.../huggingface/hfswarm)")
+    _add_settings(p)
+
+
+# Shown under `hfswarm agent --help` and `hfswarm config --help`.
+_SETTINGS_EPILOG = (
+    "Every setting is also a key of the config file (the flag in snake_case: "
+    "--max-upload-rate is max_upload_rate) and an HFSWARM_* environment variable "
+    "(HFSWARM_MAX_UPLOAD_RATE; lists comma-separated). Flags win over the environment, "
+    "which wins over the file, which wins over the defaults; `hfswarm config` shows "
+    "the result and where each value came from."
+)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """The agent's settings as flags (generated from `peer.settings.SETTINGS`), the
+    config file, and the flags outside the table."""
+    from peer.settings import add_flags
+
     p.add_argument(
-        "--listen",
-        default=format_hostport(AgentConfig.listen),
-        metavar="HOST:PORT",
-        help="peer-facing API (default %(default)s)",
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: HFSWARM_CONFIG, else the first that exists of "
+        "$XDG_CONFIG_HOME/hfswarm/agent.toml (~/.config) and /etc/hfswarm/agent.toml)",
     )
+    add_flags(p)
+    # Not a setting: a token in a file or the environment belongs in token_file / HF_TOKEN.
     p.add_argument(
-        "--local-listen",
-        default=format_hostport(AgentConfig.local_listen),
-        metavar="HOST:PORT",
-        help="API for the CLI on this machine (default %(default)s)",
-    )
-    p.add_argument(
-        "--bt-listen",
-        default=format_hostport(AgentConfig.bt_listen),
-        metavar="HOST:PORT",
-        help="BitTorrent port (default %(default)s)",
-    )
-    p.add_argument(
-        "--mirror",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="HF-style endpoint(s) for metadata and fallback (default HF_ENDPOINT)",
-    )
-    p.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="static peer (its --listen address); repeatable",
-    )
-    _add_token(p, "the agent's token for the mirror (default: HF_TOKEN / token file)")
-    p.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS")
-    p.add_argument(
-        "--tracker",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="LAN tracker (`hfswarm tracker`) for peers mDNS cannot reach; repeatable",
+        "--token", help="the token itself (every user sees it in `ps`: prefer --token-file)"
     )
     p.add_argument(
-        "--interface",
-        action="append",
-        default=[],
-        metavar="ADDRESS|NAME",
-        help="run mDNS only on this interface (IPv4 address or name, e.g. eth0); repeatable",
+        "--verbose",
+        "-v",
+        dest="log_level",
+        action="store_const",
+        const="info",
+        default=argparse.SUPPRESS,
+        help="log at info level (--log-level info)",
     )
-    p.add_argument(
-        "--connections",
-        type=int,
-        default=DownloadOptions.connections,
-        help="parallel Range connections per file from the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-upload-rate",
-        type=_rate_arg,
-        default=AgentConfig.max_upload_rate,
-        metavar="RATE",
-        help="cap what LAN peers take from this agent, e.g. 50MB/s (default: no cap; "
-        "change it live with `hfswarm limits`)",
-    )
-    p.add_argument(
-        "--max-download-rate",
-        type=_rate_arg,
-        default=AgentConfig.max_download_rate,
-        metavar="RATE",
-        help="cap what this agent takes from LAN peers (default: no cap)",
-    )
-    p.add_argument(
-        "--mirror-max-rate",
-        type=_rate_arg,
-        default=AgentConfig.mirror_max_rate,
-        metavar="RATE",
-        help="cap what this agent takes from the mirrors, all downloads together (default: no cap)",
-    )
-    p.add_argument(
-        "--cache-max-size",
-        type=_size_arg,
-        default=AgentConfig.cache_max_size,
-        metavar="SIZE",
-        help="keep the cache's blobs under this size, e.g. 200GB or 1.5TiB: least recently "
-        "used blobs no pin or download needs are removed (default: no limit)",
-    )
-    p.add_argument(
-        "--seeding",
-        choices=SEEDING_POLICIES,
-        default=AgentConfig.seeding,
-        help="what to offer LAN peers: every shareable blob, only pinned repos' blobs, or "
-        "nothing (default %(default)s)",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=AgentConfig.stall_timeout,
-        metavar="SECONDS",
-        help="a piece peers do not deliver for this long goes to the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--herd-settle",
-        type=float,
-        default=AgentConfig.herd_settle,
-        metavar="SECONDS",
-        help="when several agents want a blob nobody has, how long their claims get to "
-        "meet before one is elected to fetch it from the mirror (default %(default)s)",
-    )
-    p.add_argument(
-        "--leader-timeout",
-        type=float,
-        default=AgentConfig.herd_leader_timeout,
-        metavar="SECONDS",
-        help="replace a herd leader that makes no progress (or is gone) this long "
-        "(default %(default)s)",
-    )
-    p.add_argument("--verbose", "-v", action="store_true")
 
 
 def _rate_arg(text: str) -> int:
+    """The settings table's rate parser (`peer.settings.parse_rate`), for argparse."""
+    from peer.settings import BadValue, parse_rate
+
     try:
         return parse_rate(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(exc.one_line()) from None
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(exc.one_line()) from None
+    except BadValue as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        raise argparse.ArgumentTypeError(exc.problem + hint) from None
 
 
 def _add_agent_arg(p: argparse.ArgumentParser) -> None:
@@ -354,8 +271,27 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counters, peers and seeded blobs of the local agent")
+    p = sub.add_parser(
+        "status",
+        help="the local agent: transfers in flight, peers, seeded repos, counters",
+        description="The local agent's transfers in flight (with rates), peers, seeded repos "
+        "and counters, as tables; --json prints /v1/status as it is. The same figures are "
+        "on the agent's status page (its local URL in a browser) and at /metrics.",
+    )
     p.add_argument("--agent", metavar="URL")
+    p.add_argument("--json", action="store_true", help="the machine form (/v1/status)")
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the agent's effective configuration and where each value came from",
+        description="The configuration `hfswarm agent` would run with (given the same "
+        "flags, environment and config file), one line per setting with its source: "
+        "default, env:VARIABLE, file:PATH:LINE or flag.",
+        epilog=_SETTINGS_EPILOG,
+    )
+    _add_settings(p)
     p.add_argument("--json", action="store_true")
 
 
@@ -383,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish(sub)
     _add_status(sub)
     _add_cache_commands(sub)
+    _add_config(sub)
     _add_demo(sub)
     _add_mirror(sub)
     sub.add_parser(
@@ -406,8 +343,9 @@ async def _run_download(args: argparse.Namespace) -> int:
     settings = HubSettings.from_env(
         mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
     )
+    bounds = {"connections": args.connections, "max_files": args.max_workers}
     options = DownloadOptions.from_env(
-        connections=args.connections, max_files=args.max_workers, quiet=args.quiet
+        quiet=args.quiet, **{k: v for k, v in bounds.items() if v is not None}
     )
     url, named = _agent_url(args)
     # Always the user's own token (none: anonymous): the agent lends its own only to its
@@ -419,11 +357,12 @@ async def _run_download(args: argparse.Namespace) -> int:
         selection=FileSelection(tuple(args.files), tuple(args.include), tuple(args.exclude)),
         token=settings.token,
         local_dir=Path(args.local_dir) if args.local_dir else None,
+        **bounds,
     )
     client = AgentClient(url)
     try:
         if not args.peer and not args.no_agent:
-            await _agent_honours(args, settings, await client.status(), url)
+            await _agent_honours(args, settings, request, await client.status(), url)
             return await _via_agent(client, request, args.quiet)
     except AgentUnavailable:
         if named:
@@ -445,25 +384,37 @@ async def _run_download(args: argparse.Namespace) -> int:
 
 
 async def _agent_honours(
-    args: argparse.Namespace, settings: HubSettings, status: dict[str, Any], url: str
+    args: argparse.Namespace,
+    settings: HubSettings,
+    request: DownloadRequest,
+    status: dict[str, Any],
+    url: str,
 ) -> None:
-    """An agent downloads from its own mirrors into its own cache: flags asking for
-    others are refused (exit 2), not ignored."""
-    if not (args.mirror or args.cache_dir):
+    """An agent downloads from its own mirrors into its own cache, with at most its own
+    connections and files at once: flags asking for others are refused (exit 2), not
+    ignored."""
+    if not (args.mirror or args.cache_dir or any(request.bounds().values())):
         return
     setup = Setup.from_status(status)
     if setup is None:  # an older agent does not say: it cannot honour them either
         asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))
         wrong = [flag for flag, given in asked if given]
+        wrong += Setup((), Path()).exceeded(request)  # it takes no bounds at all
         uses = "its own mirrors and cache"
     else:
         wrong = setup.differs(settings, mirrors=bool(args.mirror), cache_dir=bool(args.cache_dir))
+        wrong += setup.exceeded(request)
         uses = f"mirrors {', '.join(setup.mirrors) or '(none)'} and cache {setup.cache_dir}"
+        if setup.connections is not None and setup.max_files is not None:
+            uses += (
+                f", at most {setup.connections} connections per file and "
+                f"{setup.max_files} files at once"
+            )
     if wrong:
         raise ConfigError(
             f"the agent at {url} downloads with {uses}: it cannot honour {' and '.join(wrong)}",
-            hint="drop them to use the agent's, or pass --no-agent to download in this "
-            "process from the mirror (without the agent's peers)",
+            hint="drop them (or ask for less) to use the agent's, or pass --no-agent to "
+            "download in this process from the mirror (without the agent's peers)",
         )
 
 
@@ -582,14 +533,9 @@ async def _run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"agent {status['agent_id']}")
-    for key in ("bytes_from_peers", "bytes_from_mirror", "bytes_uploaded"):
-        print(f"  {key.replace('_', ' '):18s} {human_bytes(status[key])}")
-    print(f"  {'hash failures':18s} {status['hash_failures']}")
-    print(f"  {'seeded blobs':18s} {status['seeded_blobs']}")
-    print(f"  peers ({len(status['peers'])}):")
-    for p in status["peers"]:
-        print(f"    {p['agent_id'][:12]}  {p['host']}:{p['api_port']} (bt {p['bt_port']})")
+    from peer.cli.status_table import render_status
+
+    print(render_status(status))
     return 0
 
 
@@ -604,6 +550,7 @@ async def _run_pins(args: argparse.Namespace) -> int:
         pins = (await client.call("GET", "/v1/pins"))["pins"]
         if args.json:
             print(json.dumps(pins, indent=2))
+            return 0
         for p in pins:
             print(PinSpec.from_json(p))
         return 0
@@ -661,33 +608,43 @@ async def _run_limits(args: argparse.Namespace) -> int:
     return 0
 
 
-def agent_config(args: argparse.Namespace) -> AgentConfig:
-    """The `hfswarm agent` flags as an `AgentConfig` (the flags' defaults are its own)."""
-    settings = HubSettings.from_env(
-        mirrors=args.mirror, token=_explicit_token(args), cache_dir=args.cache_dir
-    )
-    return AgentConfig(
-        hub=settings,
-        state_dir=args.state_dir or default_state_dir(settings.cache_dir),
-        listen=parse_hostport(args.listen, what="--listen"),
-        local_listen=parse_hostport(
-            args.local_listen, default_host="127.0.0.1", what="--local-listen"
-        ),
-        bt_listen=parse_hostport(args.bt_listen, what="--bt-listen"),
-        peers=tuple(parse_hostport(p, what="--peer") for p in args.peer),
-        mdns=not args.no_mdns,
-        mdns_interfaces=tuple(args.interface),
-        trackers=tuple(normalize_endpoint(u) for u in args.tracker),
-        download=DownloadOptions.from_env(connections=args.connections, quiet=True),
-        max_upload_rate=args.max_upload_rate,
-        max_download_rate=args.max_download_rate,
-        mirror_max_rate=args.mirror_max_rate,
-        cache_max_size=args.cache_max_size,
-        seeding=args.seeding,
-        stall_timeout=args.stall_timeout,
-        herd_settle=args.herd_settle,
-        herd_leader_timeout=args.leader_timeout,
-    )
+def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Effective:
+    """Every agent setting from the flags given, the environment and the config file."""
+    from peer.settings import effective, given_flags, unknown_variables
+
+    env = os.environ if env is None else env
+    for name in unknown_variables(env):
+        print(f"hfswarm: warning: ignoring {name}: no such setting", file=sys.stderr)
+    return effective(given_flags(args), env, getattr(args, "config", None))
+
+
+def agent_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """The `hfswarm agent` flags, HFSWARM_* variables and config file as an `AgentConfig`
+    (the settings' defaults are its own)."""
+    from peer.settings import agent_config as from_settings
+
+    env = os.environ if env is None else env
+    token = getattr(args, "token", None)
+    if token and "token_file" in vars(args):
+        raise ConfigError(
+            "--token and --token-file both given", hint="pass one (prefer --token-file)"
+        )
+    if token:
+        print(
+            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
+            "use --token-file PATH or the HF_TOKEN environment variable instead",
+            file=sys.stderr,
+        )
+    return from_settings(agent_settings(args, env), env, token=token or None)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    eff = agent_settings(args)
+    if args.json:
+        print(json.dumps(eff.as_json(), indent=2))
+    else:
+        print(eff.table())
+    return 0
 
 
 async def _run_agent(args: argparse.Namespace) -> int:
@@ -695,8 +652,9 @@ async def _run_agent(args: argparse.Namespace) -> int:
     from peer.logs import install_repeat_filter
     from peer.serving.limits import raise_nofile_limit
 
+    eff = agent_settings(args)  # first: a bad setting stops the agent before anything
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=getattr(logging, eff["log_level"].upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # A flood of bad clients must not fill the disk with identical lines, and the fd
@@ -704,6 +662,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
     install_repeat_filter(logging.getLogger())
     raise_nofile_limit()
     config = agent_config(args)
+    if eff.file:
+        logging.getLogger("peer.settings").info("config file %s", eff.file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -749,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_agent(args))
         if args.command == "status":
             return asyncio.run(_run_status(args))
+        if args.command == "config":
+            return _run_config(args)
         if args.command == "publish":
             return asyncio.run(_run_publish(args))
         if args.command in ("pin", "unpin", "pins"):

@@ -173,6 +173,37 @@ def content_id(linked_etag: str | None, etag: str | None) -> str | None:
     return plain if SHA256_RE.fullmatch(plain) or SHA1_RE.fullmatch(plain) else None
 
 
+def api_path(repo_type: str, repo_id: str, action: str, revision: str) -> str:
+    """``/api/{type}s/{repo_id}/{action}/{revision}``, encoded as huggingface_hub does."""
+    return f"/api/{repo_type}s/{quote(repo_id, safe='/')}/{action}/{quote(revision, safe='')}"
+
+
+def listed_id(answer: Any, path: str) -> tuple[str, int] | None:
+    """The blob id and size a paths-info (or tree) answer lists for the file `path`:
+    ``lfs.oid`` (the sha256) for an LFS file, else ``oid`` (the git sha1). None: not
+    listed, or listed without a usable id."""
+    entry = next(
+        (
+            e
+            for e in (answer if isinstance(answer, list) else [])
+            if isinstance(e, dict) and e.get("type") == "file" and e.get("path") == path
+        ),
+        None,
+    )
+    if entry is None:
+        return None
+    lfs = entry.get("lfs")
+    oid, pattern = (
+        (lfs.get("oid"), SHA256_RE) if isinstance(lfs, dict) else (entry.get("oid"), SHA1_RE)
+    )
+    size = entry.get("size")
+    if not isinstance(oid, str) or not pattern.fullmatch(oid):
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    return oid, size
+
+
 def git_blob_sha1(data: bytes) -> str:
     h = BlobHasher(HashKind.GIT_SHA1, len(data))
     h.update(data)

@@ -67,7 +67,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -99,12 +99,14 @@ from peer.hub.protocol import (
     UNFIXABLE,
     UNSATISFIABLE,
     URL_TYPES,
+    api_path,
     bearer,
     content_id,
     directory_oids,
     if_range_allows,
     is_lfs_blob_id,
     iso_date,
+    listed_id,
     origin,
     parse_range,
     paths_info,
@@ -163,6 +165,18 @@ class HubBackend(Protocol):
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
+        ...
+
+    def count_served(self, n: int) -> None:
+        """`n` more bytes of a resolve body went to a client (the agent's counters)."""
+        ...
+
+    def count_stream(self, delta: int) -> None:
+        """A resolve body started (+1) or ended (-1)."""
+        ...
+
+    def mirror_error(self, mirror: str) -> None:
+        """A mirror failed to answer (unreachable, or a failure status)."""
         ...
 
 
@@ -343,20 +357,27 @@ class FileMeta:
         return is_lfs_blob_id(self.blob_id)
 
 
-def _file_meta(up: Upstream, target: ResolveTarget) -> FileMeta:
+def _file_meta(
+    up: Upstream, target: ResolveTarget, listed: tuple[str, int] | None = None
+) -> FileMeta:
+    """The resolve answer's commit, blob id and size; `listed`: the id and size the
+    mirror's paths-info gives the file, for an ETag that names no content (olah offline
+    sends ``"<md5>-<n>"`` for git files)."""
     what = f"{target.repo_id}@{target.revision}/{target.path}"
     commit = up.headers.get("X-Repo-Commit", "")
     blob_id = content_id(up.headers.get("X-Linked-Etag"), up.headers.get("ETag"))
     size_text = up.headers.get("X-Linked-Size") or (
         None if up.status in REDIRECTS else up.headers.get("Content-Length")
     )
+    if blob_id is None and listed is not None and size_text == str(listed[1]):
+        blob_id = listed[0]
     problem = None
     if not SHA1_RE.fullmatch(commit):
         problem = "no X-Repo-Commit"
     elif blob_id is None:
         shown = (up.headers.get("X-Linked-Etag") or up.headers.get("ETag") or "").strip()
         shown = shown.removeprefix("W/").strip('"')
-        problem = f"no usable content id (ETag {shown!r})"
+        problem = f"no usable content id (ETag {shown!r}, nor in its paths-info)"
     elif size_text is None or not size_text.isdigit():
         problem = "no size"
     if problem is not None:
@@ -507,7 +528,10 @@ class HubApi:
                 up = await attempt(mirror)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 problems.append(f"{mirror}: {exc.__class__.__name__}: {exc}".rstrip(": "))
+                self.backend.mirror_error(mirror)
                 continue
+            if up.status in RETRYABLE:
+                self.backend.mirror_error(mirror)
             if up.status in RETRYABLE and i + 1 < len(self.mirrors):
                 problems.append(f"{mirror}: HTTP {up.status}")
                 last = up
@@ -740,11 +764,31 @@ class HubApi:
             return await self._manifest_meta(target, _refusal(up))
         if up.status >= 400 or (up.status >= 300 and "X-Repo-Commit" not in up.headers):
             raise _Answer(_refusal(up))
-        meta = _file_meta(up, target)
+        listed = None
+        if content_id(up.headers.get("X-Linked-Etag"), up.headers.get("ETag")) is None:
+            listed = await self._listed_id(up, target, headers)
+        meta = _file_meta(up, target, listed)
         self._learn_from_resolve(target, meta, anonymous=auth is None)
         if SHA1_RE.fullmatch(target.revision):  # a commit: its files never change
             _bounded_put(self._meta, key, (now + META_TTL, meta), META_ENTRIES)
         return meta
+
+    async def _listed_id(
+        self, up: Upstream, target: ResolveTarget, headers: dict[str, str]
+    ) -> tuple[str, int] | None:
+        """The file's blob id as the same mirror lists it at the commit it just named
+        (paths-info, with the client's own credentials). None: no such answer."""
+        commit = up.headers.get("X-Repo-Commit", "")
+        if not SHA1_RE.fullmatch(commit):
+            return None
+        url = up.mirror + api_path(target.repo_type, target.repo_id, "paths-info", commit)
+        body = urlencode({"paths": target.path, "expand": "false"}).encode()
+        form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            answer = await self._send(up.mirror, "POST", url, form, body)
+            return listed_id(json.loads(answer.body), target.path) if answer.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
 
     def _learn_from_resolve(
         self, target: ResolveTarget, meta: FileMeta, *, anonymous: bool
@@ -793,7 +837,11 @@ class HubApi:
             bearer(request.headers.get("Authorization")),
             anonymous="Authorization" not in request.headers,
         )
-        return await self._serve(request, target, task, meta, span, headers)
+        self.backend.count_stream(1)
+        try:
+            return await self._serve(request, target, task, meta, span, headers)
+        finally:
+            self.backend.count_stream(-1)
 
     def _start_fetch(
         self, target: ResolveTarget, meta: FileMeta, token: str | None, *, anonymous: bool
@@ -938,6 +986,7 @@ class HubApi:
                 if not task.done():
                     reader.check()  # the bytes just read may be of a source now void
                 await resp.write(chunk)
+                self.backend.count_served(n)
                 pos += n
                 reader.advance(pos)
             await resp.write_eof()
@@ -972,6 +1021,8 @@ class HubApi:
                 return hub_error(
                     500, None, f"hfswarm agent: its copy of {path.name} has the wrong size"
                 )
-            return await send_range(request, fd, size, span, READ_CHUNK, headers)
+            return await send_range(
+                request, fd, size, span, READ_CHUNK, headers, on_sent=self.backend.count_served
+            )
         finally:
             os.close(fd)

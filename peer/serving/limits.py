@@ -114,6 +114,11 @@ class StreamSlots:
         self.per_ip = per_ip
         self._counts = _Counts()
 
+    @property
+    def in_use(self) -> int:
+        """Bodies streaming now."""
+        return self._counts.total
+
     @contextlib.contextmanager
     def take(self, ip: str) -> Iterator[bool]:
         """True (and held until the block ends) if a slot was free; False: answer 503."""

@@ -1,7 +1,9 @@
 """The agent's local API, for the CLI on this machine (loopback by default; never the
 peer-facing listener).
 
-    GET  /v1/status       counters, peers and seeded blobs (JSON)
+    GET  /v1/status       counters, peers, seeded repos and running transfers (JSON)
+    GET  /metrics         the same figures for Prometheus (`peer.serving.metrics`)
+    GET  /                the status page (`peer.serving.status_page`: /status.js, .css)
     POST /v1/downloads    start a download into the agent's cache; the answer streams
                           NDJSON events until it ends:
                           {"event": "started", "commit", "files", "total"}
@@ -28,6 +30,10 @@ peer-facing listener).
                           "mirror"} (bytes/s, 0: none; absent: unchanged) changes them
                           (own user or root)
 
+Every call that acts (a download, a publish, a Hub API file) or is refused goes to the
+audit log (`peer.agent.audit`: the caller's uid, what it asked, the outcome); the
+read-only pages a browser or Prometheus polls do not.
+
 The download keeps running in the agent if the client goes away; a new request for the
 same repo joins the blobs already in flight instead of fetching them twice.
 
@@ -37,8 +43,11 @@ The agent also mounts the Hub API of HF_ENDPOINT mode here (`peer.serving.hub_ap
 Every user of the machine, and every web page its browsers show, can reach a loopback
 port, so `guard` checks each request before any route: a ``Host`` that is not the
 listener's own address or a loopback name (DNS rebinding), an ``Origin`` (a browser
-sent it: cross-site) other than our own -> 403; the JSON routes take only
-``application/json`` (a form or text/plain POST needs no CORS preflight) -> 415.
+sent it: cross-site) other than our own, or our own on anything but a GET or HEAD
+-> 403; the JSON routes take only ``application/json`` (a form or text/plain POST needs
+no CORS preflight) -> 415. Every answer but the status page's carries
+``X-Content-Type-Options: nosniff`` and ``Content-Security-Policy: sandbox``: a file a
+Hub client fetches (any repo's bytes) never runs as a page of the agent's origin.
 """
 
 from __future__ import annotations
@@ -55,16 +64,22 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from peer.agent.audit import ApiCall
 from peer.agent.requests import Done, DownloadRequest, Emit, Error, Event, PublishRequest
 from peer.errors import ConfigError, HfswarmError, UserError
 from peer.serving.caller import caller_uid
-from peer.serving.hub_api import HubApi, HubBackend
+from peer.serving.hub_api import HubApi, HubBackend, parse_resolve
+from peer.serving.metrics import CONTENT_TYPE, AgentMetrics, MetricsSnapshot
+from peer.serving.status_page import add_status_page
 
 log = logging.getLogger(__name__)
 
 # Requests are small JSON or a paths-info list; a cap keeps one from filling memory.
 MAX_REQUEST_BYTES = 1024 * 1024
 JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish", "/v1/prefetch", "/v1/pins", "/v1/limits"})
+# Read-only routes polled by browsers and Prometheus: audited only when refused.
+POLLED_ROUTES = frozenset({"/v1/status", "/metrics", "/", "/status.js", "/status.css"})
+REFUSED = frozenset({400, 401, 403, 405, 413, 415})
 
 
 class RequestRefused(UserError):
@@ -73,6 +88,12 @@ class RequestRefused(UserError):
 
 class LocalBackend(Protocol):
     async def status(self) -> dict[str, Any]: ...
+
+    async def metrics_snapshot(self) -> MetricsSnapshot: ...
+
+    def api_call(self, call: ApiCall) -> None:
+        """An audited call (see the module docstring)."""
+        ...
 
     async def run_download(self, request: DownloadRequest, emit: Emit) -> Done: ...
 
@@ -137,7 +158,10 @@ async def guard(
             "use http://127.0.0.1:PORT (or localhost) as the agent's URL or HF_ENDPOINT",
         )
     origin = request.headers.get("Origin")
-    if origin is not None and origin.lower() != f"http://{host}".lower():
+    # Our own origin: the status page reading /v1/status (browsers send no Origin on a
+    # same-origin GET, but may); never for a request that acts.
+    own = origin is not None and origin.lower() == f"http://{host}".lower()
+    if origin is not None and not (own and request.method in ("GET", "HEAD")):
         return refusal(
             403,
             f"the agent's local API does not answer web pages (Origin {origin!r})",
@@ -161,12 +185,100 @@ async def guard(
         return refusal(400, "request JSON is nested too deeply", "send a flat JSON body")
 
 
-def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.Application:
+# What a route tells the audit line of its request (by id(request), while it runs): what
+# was asked ("asked") and how a streamed job ended ("outcome").
+Notes = dict[int, dict[str, Any]]
+
+
+def _audit_middleware(backend: LocalBackend, notes: Notes) -> Any:
+    """Outside the guard: sees its refusals as well as what the routes did. The caller's
+    uid is read while its connection is surely open: before a route that streams its
+    answer (the client may be gone after it), after a refusal (not sent yet)."""
+
+    def resolve_asked(request: web.Request) -> dict[str, str] | None:
+        if request.method != "GET" or request.path.startswith(("/v1/", "/api/")):
+            return None
+        if request.path in POLLED_ROUTES:
+            return None
+        try:
+            target = parse_resolve(request.raw_path)
+        except HfswarmError:
+            return None
+        if target is None:
+            return None
+        return {
+            "repo_type": target.repo_type,
+            "repo_id": target.repo_id,
+            "revision": target.revision,
+            "path": target.path,
+        }
+
+    @web.middleware
+    async def audit(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        asked = resolve_asked(request)
+        acts = request.path in JSON_ROUTES or asked is not None
+        uid = caller_uid(request.transport) if acts else None
+        note = notes.setdefault(id(request), {})
+        try:
+            resp = await handler(request)
+            status = resp.status
+        except web.HTTPException as exc:
+            resp, status = exc, exc.status
+            if not acts and status not in REFUSED:
+                raise
+        finally:
+            notes.pop(id(request), None)
+        if not acts and status not in REFUSED:
+            return resp
+        if not acts:
+            uid = caller_uid(request.transport)
+        outcome = note.get("outcome") or (
+            "refused" if status in REFUSED else "done" if status < 400 else "error"
+        )
+        backend.api_call(
+            ApiCall(
+                uid=uid,
+                method=request.method,
+                route=request.path if asked is None else "resolve",
+                asked=note.get("asked") or asked or {},
+                status=status,
+                outcome=outcome,
+            )
+        )
+        if isinstance(resp, web.HTTPException):
+            raise resp
+        return resp
+
+    return audit
+
+
+async def _harden(_: web.Request, response: web.StreamResponse) -> None:
+    """Before the headers go out, on every answer (the status page sets its own policy)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Content-Security-Policy", "sandbox; default-src 'none'")
+
+
+def make_local_app(
+    backend: LocalBackend, hub: HubBackend | None = None, metrics: AgentMetrics | None = None
+) -> web.Application:
     """The CLI's API; with `hub`, also the Hub API of HF_ENDPOINT mode
-    (`peer.serving.hub_api`), mounted after the /v1 routes."""
+    (`peer.serving.hub_api`), mounted after the /v1 routes and the status page.
+    `metrics`: the agent's own registry (one is made if none is given)."""
+    registry = metrics or AgentMetrics()
+    notes: Notes = {}
+
+    def note(request: web.Request, key: str, value: Any) -> None:
+        if id(request) in notes:
+            notes[id(request)][key] = value
 
     async def status(_: web.Request) -> web.Response:
         return web.json_response(await backend.status())
+
+    async def prometheus(_: web.Request) -> web.Response:
+        body = registry.render(await backend.metrics_snapshot())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def bad_request(exc: Exception, status: int = 400) -> web.Response:
         msg = exc.one_line() if isinstance(exc, HfswarmError) else f"bad JSON: {exc}"
@@ -196,6 +308,15 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             spec = DownloadRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        note(
+            request,
+            "asked",
+            {
+                "repo_type": spec.repo_type,
+                "repo_id": spec.repo_id,
+                "revision": spec.revision,
+            },
+        )
         # Any local user reaches this port: the agent's token (its reach to private and
         # gated repos) is lent only to the agent's own user; others bring their own.
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
@@ -222,6 +343,15 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             spec = PublishRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        note(
+            request,
+            "asked",
+            {
+                "repo_type": spec.repo_type,
+                "repo_id": spec.repo_id,
+                "path": str(spec.path),
+            },
+        )
         return await run_job(request, lambda emit: backend.publish(spec, emit))
 
     async def prefetch(request: web.Request) -> web.Response:
@@ -231,6 +361,11 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             spec = DownloadRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
+        note(
+            request,
+            "asked",
+            {"repo_type": spec.repo_type, "repo_id": spec.repo_id, "revision": spec.revision},
+        )
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
         started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
@@ -262,7 +397,9 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
         if (refused := not_own_user(request, "pins repos", "pin")) is not None:
             return refused
         try:
-            answer = await backend.pin(await body(request), request.method == "POST")
+            asked = await body(request)
+            note(request, "asked", _flat(asked))
+            answer = await backend.pin(asked, request.method == "POST")
         except (ValueError, HfswarmError) as exc:
             return bad_request(exc)
         return web.json_response(answer)
@@ -272,7 +409,9 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             if (refused := not_own_user(request, "changes its limits", "limits")) is not None:
                 return refused
             try:
-                answer = await backend.limits(await body(request))
+                asked = await body(request)
+                note(request, "asked", _flat(asked))
+                answer = await backend.limits(asked)
             except (ValueError, HfswarmError) as exc:
                 return bad_request(exc)
             return web.json_response(answer)
@@ -304,6 +443,10 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
         jobs.add(task)
         task.add_done_callback(jobs.discard)
         while (event := await queue.get()) is not None:
+            if event.get("event") == "done":
+                note(request, "outcome", "done")
+            elif event.get("event") == "error":
+                note(request, "outcome", str(event.get("kind", "error")))
             with contextlib.suppress(ConnectionError):
                 await resp.write(json.dumps(event).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
@@ -319,8 +462,12 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
             with contextlib.suppress(BaseException):
                 await task
 
-    app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(
+        middlewares=[_audit_middleware(backend, notes), guard], client_max_size=MAX_REQUEST_BYTES
+    )
+    app.on_response_prepare.append(_harden)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_post("/v1/downloads", downloads)
     app.router.add_post("/v1/publish", publish)
     app.router.add_post("/v1/prefetch", prefetch)
@@ -329,10 +476,18 @@ def make_local_app(backend: LocalBackend, hub: HubBackend | None = None) -> web.
     app.router.add_delete("/v1/pins", pin)
     app.router.add_get("/v1/limits", limits)
     app.router.add_post("/v1/limits", limits)
+    add_status_page(app)
     app.on_shutdown.append(cancel_jobs)
     if hub is not None:
         HubApi(hub).mount(app)
     return app
+
+
+def _flat(asked: Any) -> dict[str, str]:
+    """A small JSON object as the audit line's "asked" (what else: not an object)."""
+    if not isinstance(asked, dict):
+        return {"body": type(asked).__name__}
+    return {str(k)[:64]: str(v)[:256] for k, v in list(asked.items())[:8]}
 
 
 async def iter_ndjson(stream: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:

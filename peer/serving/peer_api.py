@@ -63,6 +63,10 @@ class PeerBackend(Protocol):
 
     def count_upload(self, n: int) -> None: ...
 
+    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+        """A /v1/blobs answer ended having sent `sent` bytes to `address` (the audit)."""
+        ...
+
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None: ...
 
 
@@ -139,7 +143,7 @@ def make_peer_app(
                     text="too many blob downloads from this address or in all; retry later",
                     headers={"Retry-After": "5"},
                 )
-            return await _stream(request, path, size, span)
+            return await _stream(request, blob_id, path, size, span)
 
     async def revisions(request: web.Request) -> web.Response:
         try:
@@ -152,7 +156,7 @@ def make_peer_app(
         return web.Response(body=wire.encode(manifest), content_type=MSGPACK)
 
     async def _stream(
-        request: web.Request, path: Path, size: int, span: tuple[int, int] | None
+        request: web.Request, blob_id: str, path: Path, size: int, span: tuple[int, int] | None
     ) -> web.StreamResponse:
         """Bytes [start, end) of a verified blob in `READ_CHUNK` preads, one read ahead;
         each write waits for the client (never the whole range in memory)."""
@@ -160,18 +164,20 @@ def make_peer_app(
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return web.Response(status=404, text="not held here")
+        sent = 0
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent += n
+            backend.count_upload(n)
+
         try:
             return await send_range(
-                request,
-                fd,
-                size,
-                span,
-                READ_CHUNK,
-                on_sent=backend.count_upload,
-                throttle=throttle,
+                request, fd, size, span, READ_CHUNK, on_sent=on_sent, throttle=throttle
             )
         finally:
             os.close(fd)
+            backend.blob_served(blob_id, request.remote or "", sent)
 
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)

@@ -46,7 +46,6 @@ from peer.errors import (
 )
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
-from peer.transfer.progress import Progress
 from peer.transfer.rate import Throttle
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
@@ -147,19 +146,19 @@ class MirrorFetcher:
         self,
         settings: HubSettings,
         options: DownloadOptions,
-        progress: Progress | None = None,
         *,
         mirrors: tuple[str, ...] | None = None,
+        on_mirror_error: Callable[[str], None] | None = None,
         throttle: Throttle | None = None,
     ) -> None:
         self.settings = settings
         # the agent's mirror cap, shared by all its fetchers' connections (live)
         self.throttle = throttle or Throttle()
         self.options = options
-        self.progress = progress
+        # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
+        self.on_mirror_error = on_mirror_error
         self.pool = MirrorPool(mirrors or settings.mirrors)
         self._session: aiohttp.ClientSession | None = None
-        self.bytes_fetched = 0
 
     @property
     def has_mirrors(self) -> bool:
@@ -203,8 +202,6 @@ class MirrorFetcher:
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
-        if self.progress is not None:
-            self.progress.add(partial.done_bytes(), fetched=False)
         try:
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))
@@ -288,11 +285,8 @@ class MirrorFetcher:
 
     def _count(self, job: _BlobJob, n: int) -> None:
         job.fetched += n
-        self.bytes_fetched += n
         if job.on_bytes is not None:
             job.on_bytes(n)
-        if self.progress is not None:
-            self.progress.add(n)
 
     async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
         assert job.partial is not None
@@ -318,8 +312,10 @@ class MirrorFetcher:
             except _SkipMirror as sm:
                 job.excluded.add(mirror)
                 job.skip_errors.append(sm.error)
+                self._mirror_failed(mirror)
             except _Retry as r:
                 failures += 1
+                self._mirror_failed(mirror)
                 self.pool.failed(mirror, time.monotonic())
                 if failures >= limit:
                     cls = MirrorUnreachable if r.network else MirrorFailed
@@ -329,6 +325,10 @@ class MirrorFetcher:
                         "download resumes) or add another --mirror",
                     ) from None
                 await asyncio.sleep(self._delay(failures, r.retry_after))
+
+    def _mirror_failed(self, mirror: str) -> None:
+        if self.on_mirror_error is not None:
+            self.on_mirror_error(mirror)
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -1,8 +1,8 @@
 """Progress on stderr: bytes, rate, ETA. Silent when quiet or when stderr is not a TTY.
 
-`Progress` counts bytes (the mirror fetcher adds to it) and draws; `ProgressDisplay`
-draws a job's typed events (`peer.agent.requests`): an agent's download or publish, or
-the mirror-only download of `peer.download`."""
+`Progress` draws one line from absolute figures; `ProgressDisplay` feeds it a job's
+typed events (`peer.agent.requests`): a download (through an agent, or in this process)
+or a publish."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def human_seconds(s: float) -> str:
 
 
 class Progress:
-    """Counts bytes as they arrive; draws one line at most a few times a second."""
+    """A job's figures as they come; draws one line at most a few times a second."""
 
     def __init__(
         self, total: int, *, files: int, quiet: bool = False, stream: TextIO | None = None
@@ -47,12 +47,6 @@ class Progress:
         self._rate_mark = (self._t0, 0)
         self._width = 0
 
-    def add(self, n: int, *, fetched: bool = True) -> None:
-        self.done += n
-        if fetched:
-            self.fetched += n
-        self._maybe_draw()
-
     def set(self, done: int, *, fetched: int, files_done: int | None = None) -> None:
         """Absolute figures (from a job's progress events); a file finished draws at once."""
         self.done = done
@@ -61,10 +55,6 @@ class Progress:
         if files_done is not None:
             self.files_done = files_done
         self._maybe_draw(force=more_files)
-
-    def file_done(self) -> None:
-        self.files_done += 1
-        self._maybe_draw(force=True)
 
     def rate(self) -> float:
         return self._rate

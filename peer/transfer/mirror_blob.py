@@ -1,0 +1,110 @@
+"""One blob from the mirror, verified: the last source of every download (the agent's
+`peer.agent.fetch.BlobFetcher` after peers and the herd, the mirror-only source of
+`peer.download` after the cache).
+
+`from_mirror` fills the blob's journaled partial (resumed if one is on disk) until its
+whole-file hash matches the Hub's id; a mismatch is thrown away and fetched once more
+from scratch, a second one is an `IntegrityError`. It counts into the blob's
+`BlobCounters` and, when a reader streams the blob (HF_ENDPOINT mode), moves its
+`InFlightBlob`. The caller renames the verified file into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.cache.partial import PartialBlob, PartialBusy
+from peer.errors import IntegrityError
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlobCounters:
+    """One blob of a download: how far it is, and where its bytes came from."""
+
+    size: int
+    done: int = 0
+    from_peers: int = 0
+    from_mirror: int = 0
+    reused: int = 0
+    resumed: int = 0  # verified pieces found on disk when a swarm download started
+    hash_failures: int = 0
+
+    def had(self) -> None:
+        """Nothing to fetch: the blob was here already (or another process got it)."""
+        self.reused = self.done = self.size
+
+
+async def from_mirror(
+    mirror: MirrorFetcher,
+    snapshot: Snapshot,
+    file: RemoteFile,
+    partial_dir: Path,
+    counters: BlobCounters,
+    *,
+    done_elsewhere: Callable[[], bool],
+    flight: InFlightBlob | None = None,
+) -> Path | None:
+    """The verified file in `partial_dir`, for the caller to rename into place; None
+    when another process finished the same blob meanwhile (`done_elsewhere`: counted
+    as had)."""
+    if flight is not None:
+        flight.reset()  # a swarm attempt may have gone before: its readers must cut
+    for attempt in (1, 2):
+        partial = PartialBlob(partial_dir, file.blob_id, file.size, chunk_size_for(file.size))
+        while True:
+            try:
+                partial.open()
+                break
+            except PartialBusy:
+                # Another process fetches this blob: wait for it rather than race it.
+                await asyncio.sleep(0.5)
+                if done_elsewhere():
+                    counters.had()
+                    return None
+        counters.done = partial.done_bytes()  # resumed: on disk from an earlier run
+
+        def got(n: int) -> None:
+            counters.from_mirror += n
+            counters.done += n
+
+        def prefix(n: int, path: Path = partial.data_path) -> None:
+            if flight is not None:
+                if flight.path != path:
+                    flight.start(path)
+                flight.advance(n)
+
+        try:
+            verdict = await mirror.fetch(snapshot, file, partial, on_bytes=got, on_prefix=prefix)
+        except BaseException:
+            partial.close()
+            raise
+        if verdict.ok:
+            counters.done = file.size
+            return partial.take_finished()
+        partial.discard()
+        counters.hash_failures += 1
+        counters.done = 0
+        if flight is not None:
+            flight.reset()  # what a reader got is void: it must cut
+        log.warning(
+            "%s from the mirror hashed to %s, not %s (attempt %d)",
+            file.path,
+            verdict.actual,
+            file.blob_id,
+            attempt,
+        )
+    raise IntegrityError(
+        f"{file.path}: content hash {verdict.actual} does not match the Hub's "
+        f"{file.blob_id}, twice",
+        hint="the mirror serves corrupt data; nothing was written to the cache. "
+        "Try another --mirror",
+    )
