@@ -349,12 +349,12 @@ class HubService:
         hub = self.job.hub_for(snapshot.repo_id, token)
         target = Target(RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id))
         counters = BlobCounters(file.size)
-        # The ref first, as huggingface_hub does: the body may stream to the client
-        # while the fetch runs, and the client may look at the cache as soon as it ends.
-        target.finish(ref, snapshot.commit)
         async with self.job.held() as hold, self.job.mirror(hub, self.job.options) as mirror:
-            if hold is not None:  # the quota: room made, or refused (507)
+            if hold is not None:  # the quota: room made, or refused (507), cache untouched
                 await hold.admit(replace(snapshot, files=(file,)))
+            # The ref first, as huggingface_hub does: the body may stream to the client
+            # while the fetch runs, and the client may look at the cache as soon as it ends.
+            target.finish(ref, snapshot.commit)
             path = await self.job.obtain_file(snapshot, [file], mirror, counters, access, target)
         if counters.from_peers or counters.from_mirror:  # fetched now, not had
             self.audit.write(
