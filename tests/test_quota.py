@@ -140,6 +140,8 @@ async def test_quota_evicts_lru_never_pinned_or_in_use_and_refuses_what_cannot_f
         assert blobs_of(cache, "a") and blobs_of(cache, "c") and blobs_of(cache, "e")
         consistent(cache)
         assert (await status(a))["cache_bytes"] == 9 * MB
+        code, out, _ = await hf("status", *agent)
+        assert "cache 9.0 MB of 10.0 MB quota   seeding always" in out, out
 
         # g (7 MB) cannot fit: a is pinned, c + e free only 5 MB. Refused before
         # anything moved, with the sizes, and the cache exactly as it was.
