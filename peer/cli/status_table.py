@@ -55,8 +55,7 @@ def render_status(s: dict[str, Any]) -> str:
             f"  cache {human_bytes(int(s['cache_bytes']))} of "
             f"{human_bytes(quota) + ' quota' if quota else 'no quota'}   "
             f"seeding {s.get('seeding', 'always')}",
-            f"  caps: upload {cap('upload')}   download {cap('download')}   "
-            f"mirror {cap('mirror')}",
+            f"  caps: upload {cap('upload')}   download {cap('download')}   mirror {cap('mirror')}",
         ]
     transfers = s.get("transfers", [])
     out += ["", f"TRANSFERS ({len(transfers)})"]
