@@ -52,29 +52,22 @@ def _add_token(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def _warn_token_in_ps() -> None:
+    print(
+        "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
+        "use --token-file PATH or the HF_TOKEN environment variable instead",
+        file=sys.stderr,
+    )
+
+
 def _explicit_token(args: argparse.Namespace) -> str | None:
     """--token-file or --token; None leaves HF_TOKEN and the token file to HubSettings."""
     if args.token_file:
-        path = Path(args.token_file).expanduser()
-        try:
-            token = path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}",
-                hint="pass a readable file holding only the token to --token-file",
-            ) from None
-        if not token:
-            raise ConfigError(
-                f"the token file {path} is empty",
-                hint="put the token in it (e.g. from https://huggingface.co/settings/tokens)",
-            )
-        return token
+        from peer.settings import read_token_file
+
+        return read_token_file(Path(args.token_file).expanduser())
     if args.token:
-        print(
-            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
-            "use --token-file PATH or the HF_TOKEN environment variable instead",
-            file=sys.stderr,
-        )
+        _warn_token_in_ps()
     return args.token or None
 
 
@@ -630,11 +623,7 @@ def agent_config(args: argparse.Namespace, env: Mapping[str, str] | None = None)
             "--token and --token-file both given", hint="pass one (prefer --token-file)"
         )
     if token:
-        print(
-            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
-            "use --token-file PATH or the HF_TOKEN environment variable instead",
-            file=sys.stderr,
-        )
+        _warn_token_in_ps()
     return from_settings(agent_settings(args, env), env, token=token or None)
 
 
