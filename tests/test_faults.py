@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from cachecheck import assert_cache_ok
 
 from peer.mirror_server import Fault, RepoSource, ThreadedMirror
@@ -173,7 +172,7 @@ def test_a_wrong_content_range_once_is_asked_again(tmp_path: Path) -> None:
 
 
 def test_a_mirror_that_keeps_answering_wrong_content_ranges_is_named(tmp_path: Path) -> None:
-    code, out, err, _, _, cache = run_with_fault(
+    code, _, err, _, _, cache = run_with_fault(
         tmp_path, Fault("bad_content_range", path_glob="model.safetensors", times=None)
     )
     assert code == 3, (code, err)

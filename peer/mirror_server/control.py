@@ -17,9 +17,7 @@ from typing import Any, Literal, get_args
 
 from peer.errors import ConfigError
 
-FaultKind = Literal[
-    "drop_after", "status", "stall", "corrupt", "ignore_range", "bad_content_range"
-]
+FaultKind = Literal["drop_after", "status", "stall", "corrupt", "ignore_range", "bad_content_range"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,8 @@ class Fault:
     `path_glob` is an fnmatch pattern on the file's path inside the repo. `times` is
     how many requests it affects (None = forever). A fault is used up only by a request
     it actually changes: `corrupt` when the response covers `offset`, `ignore_range`
-    and `bad_content_range` when Range was sent, `drop_after`/`stall` when the body is longer than `after_bytes`.
+    and `bad_content_range` when Range was sent, `drop_after`/`stall` when the body
+    is longer than `after_bytes`.
     """
 
     kind: FaultKind

@@ -48,8 +48,8 @@ from peer.mirror_server.control import (
     Fault,
     FaultBook,
     FaultPlan,
-    Outage,
     MirrorStats,
+    Outage,
     RateCap,
     StatsRecorder,
 )
@@ -752,7 +752,7 @@ class MirrorServer:
                 body = await request.json()
                 value = body.get("seconds") if isinstance(body, dict) else None
                 if not isinstance(value, int | float):
-                    raise ConfigError("POST /_mirror/down takes {\"seconds\": N}")
+                    raise ConfigError('POST /_mirror/down takes {"seconds": N}')
                 self.down_for(float(value))
                 return web.json_response({"down_for": value})
             if route == ("POST", "rate_cap"):
