@@ -234,3 +234,96 @@ def test_journal_records_progress_inside_a_chunk(tmp_path: Path) -> None:
         assert s.done == {0, 2} and s.held == {}
     with PartialBlob(v1, blob, size=3 * chunk, chunk_size=chunk) as t:
         assert t.done == {0, 2}
+
+
+# -- kill -9 during the final rename, and the debris of killed processes -------------------
+
+
+def finished_partial(repo_folder: Path, data: bytes) -> Path:
+    """What a kill between the whole-file hash and the rename leaves: the partial as
+    `from_mirror` hands it over (every chunk journaled, `take_finished` done)."""
+    from peer.cache.partial import PartialBlob
+    from peer.transfer.mirror_ranges import chunk_size_for
+
+    p = PartialBlob(repo_folder / ".hfswarm" / "partial", sha256(data), len(data),
+                    chunk_size_for(len(data)))  # fmt: skip
+    p.open()
+    p.write(0, data)
+    for i in range(p.n_chunks):
+        p.mark_done(i)
+    return p.take_finished()
+
+
+def test_killed_during_the_final_rename_the_next_run_renames(tmp_path: Path) -> None:
+    size = 24 * MiB
+    src = make_repo(tmp_path / "src", size)
+    cache = tmp_path / "cache"
+    data = (src / "model.safetensors").read_bytes()
+    finished_partial(cache / "models--org--m", data)
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        code, out, err = finish(popen(download_cmd(m.url, cache)))
+        assert code == 0, err
+        assert model_bytes(m) == 0  # hashed and renamed, not fetched again
+    check_snapshot(out, src, cache)
+
+
+async def agent_cli(*args: str) -> tuple[int, str, str]:
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.cli.main", *args, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_an_agent_starts_clean_after_kills(tmp_path: Path) -> None:
+    """An agent's cache after kills at the worst moments: a finished partial not yet
+    renamed, a publish's copy, an adopt copy of a dead process, a journal whose blob
+    was renamed, old temp links and refs, a state record's temp file. At start the
+    agent removes the debris and keeps what resumes; the download then renames the
+    finished partial without fetching it."""
+    from procs import agent_process
+
+    size = 8 * MiB
+    src = make_repo(tmp_path / "src", size)
+    data = (src / "model.safetensors").read_bytes()
+    root = tmp_path / "a"
+    folder = root / "cache" / "models--org--m"
+    finished_partial(folder, data)
+    partial = folder / ".hfswarm" / "partial"
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # a pid that is gone
+    old = time.time() - 3600
+    debris = [
+        partial / "publish.0123456789abcdef",
+        partial / f"{'b' * 64}.adopt.{proc.pid}",
+        partial / f"{'c' * 64}.journal",
+        folder / "snapshots" / ("d" * 40) / ".x.bin.hfswarm-tmp",
+        folder / "refs" / ".main.hfswarm-tmp",
+        root / "state" / "verified" / f".{'e' * 64}.{proc.pid}.tmp",
+    ]
+    kept = [
+        partial / ("f" * 64),  # a swarm partial (its resume data is in the state dir)
+        folder / "snapshots" / ("d" * 40) / ".y.bin.hfswarm-tmp",  # young: may be live
+    ]
+    for path in [*debris, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    for path in debris[2:5]:
+        os.utime(path, (old, old))
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        async with agent_process(root, "127.0.0.2", m.url, "--log-level", "info") as a:
+            gone = [p for p in debris if p.exists()]
+            assert gone == [], gone
+            assert all(p.exists() for p in kept)
+            for p in kept:
+                p.unlink()  # (not a real partial: the test made it up)
+            code, out, err = await agent_cli("download", "org/m", "--agent", a.local_url, "--quiet")
+            assert code == 0, err
+            assert model_bytes(m) == 0
+        assert "temp file(s) that killed processes left behind" in a.log.read_text()
+    check_snapshot(out, src, root / "cache")

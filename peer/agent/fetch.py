@@ -24,6 +24,7 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
+from peer.cache.partial import PartialBlob
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
@@ -412,6 +413,7 @@ class BlobFetcher:
         if finished is None:
             return repo.blob_path(file.blob_id)
         path = repo.install_blob(finished, file.blob_id)
+        PartialBlob.installed(finished)
         if flight is not None:
             flight.moved(path)
         return path

@@ -202,11 +202,18 @@ class PartialBlob:
                 setattr(self, attr, -1)
 
     def take_finished(self) -> Path:
-        """Close and hand the data file over (to be renamed); the journal goes away."""
+        """Close and hand the data file over (to be renamed). The journal stays until
+        the rename is done (`installed`): killed in between, the next run finds every
+        chunk done, hashes the file and renames it, instead of fetching it again."""
         self.fsync()
         self.close()
-        self.journal_path.unlink(missing_ok=True)
         return self.data_path
+
+    @staticmethod
+    def installed(data_path: Path) -> None:
+        """The finished data file was renamed into place: its journal goes away (one
+        a kill leaves behind is harmless, and removed at the agent's next start)."""
+        data_path.with_name(f"{data_path.name}.journal").unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.close()
