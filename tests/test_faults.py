@@ -9,6 +9,7 @@ The mirror's faults are steered through its control API while a `hfswarm downloa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -268,8 +269,6 @@ def test_killed_during_the_final_rename_the_next_run_renames(tmp_path: Path) -> 
 
 
 async def agent_cli(*args: str) -> tuple[int, str, str]:
-    import asyncio
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "peer.cli.main", *args, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -295,8 +294,8 @@ async def test_an_agent_starts_clean_after_kills(tmp_path: Path) -> None:
     folder = root / "cache" / "models--org--m"
     finished_partial(folder, data)
     partial = folder / ".hfswarm" / "partial"
-    proc = subprocess.Popen(["true"])
-    proc.wait()  # a pid that is gone
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()  # a pid that is gone
     old = time.time() - 3600
     debris = [
         partial / "publish.0123456789abcdef",
