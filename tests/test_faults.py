@@ -326,3 +326,140 @@ async def test_an_agent_starts_clean_after_kills(tmp_path: Path) -> None:
             assert model_bytes(m) == 0
         assert "temp file(s) that killed processes left behind" in a.log.read_text()
     check_snapshot(out, src, root / "cache")
+
+
+# -- trackers and seeders restarting -----------------------------------------------------
+
+
+def free_port(ip: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def blob_ids(src: Path) -> list[str]:
+    from peer.hub.protocol import git_blob_sha1
+
+    return [sha256((src / "model.safetensors").read_bytes()),
+            git_blob_sha1((src / "config.json").read_bytes())]  # fmt: skip
+
+
+async def test_a_restarted_tracker_hears_from_every_agent_again(tmp_path: Path) -> None:
+    """The tracker keeps nothing on disk: after a restart (kill -9, same address) the
+    running agents register and announce everything they hold again, within a bound
+    (the heartbeat, ttl/3 = 2 s here, or the agents' backoff while it was down)."""
+    from contextlib import AsyncExitStack
+
+    from procs import agent_process, tracker_process
+
+    from tracker.client import TrackerClient
+
+    src = make_repo(tmp_path / "src", 4 * MiB)
+    big = blob_ids(src)[0]
+    listen = f"127.0.0.1:{free_port('127.0.0.1')}"
+    ttl = ("--ttl", "6")
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        first = AsyncExitStack()
+        _, url = await first.enter_async_context(tracker_process(tmp_path / "t1.log", listen, *ttl))
+        flags = ("--tracker", url)
+        async with (
+            first,
+            agent_process(tmp_path / "a", "127.0.0.2", m.url, *flags) as a,
+            agent_process(tmp_path / "b", "127.0.0.3", m.url, *flags) as b,
+        ):
+            for agent in (a, b):
+                code, _, err = await agent_cli(
+                    "download", "org/m", "--agent", agent.local_url, "--quiet"
+                )
+                assert code == 0, err
+            ids = {a.info["agent_id"], b.info["agent_id"]}
+
+            async def holders() -> set[str]:
+                async with TrackerClient(url) as t:
+                    who = await t.who([big])
+                return {h.agent_id for h in who[big].holders} if big in who else set()
+
+            async def listed_within(seconds: float) -> float:
+                t0 = time.monotonic()
+                while await holders() != ids:
+                    assert time.monotonic() - t0 < seconds, await holders()
+                    await asyncio.sleep(0.2)
+                return time.monotonic() - t0
+
+            await listed_within(10)
+            await first.aclose()  # tracker_process kills it (SIGKILL)
+            await asyncio.sleep(1)
+            async with tracker_process(tmp_path / "t2.log", listen, *ttl):
+                took = await listed_within(15)
+            print(f"\nthe restarted tracker listed both agents after {took:.1f} s")
+    for root in ("a", "b"):
+        assert_cache_ok(tmp_path / root / "cache", min_blobs=2)
+
+
+def bytes_read(pid: int) -> int:
+    """Bytes a process read through read(2) and friends (page cache hits included)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+async def test_a_seeder_killed_and_restarted_seeds_again_without_rehashing(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a seeding agent, then a restart: its verified-blob records (state
+    dir, keyed by the file's fingerprint) let it seed at once, reading nothing of its
+    blobs (counted by the kernel: /proc/PID/io rchar). Another agent then takes the
+    whole repo from it, nothing from the mirror."""
+    import aiohttp
+    from procs import agent_process
+
+    from peer.agent.state import Fingerprint, StateDir
+
+    size = 96 * MiB
+    src = make_repo(tmp_path / "src", size)
+    big = blob_ids(src)[0]
+    root = tmp_path / "a"
+    blob = root / "cache" / "models--org--m" / "blobs" / big
+
+    async def seeded(url: str) -> int:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/status") as r:
+            return int((await r.json())["seeded_bytes"])
+
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        async with agent_process(root, "127.0.0.2", m.url) as a:
+            code, _, err = await agent_cli("download", "org/m", "--agent", a.local_url, "--quiet")
+            assert code == 0, err
+            a.proc.send_signal(signal.SIGKILL)
+            await a.proc.wait()
+        assert StateDir(root / "state").verified(big, Fingerprint.of(blob)) is not None
+        t0 = time.monotonic()
+        async with agent_process(root, "127.0.0.2", m.url) as a:
+            while await seeded(a.local_url) < size:
+                assert time.monotonic() - t0 < 30
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - t0
+            read = bytes_read(a.proc.pid)
+            m.reset_stats()
+            async with agent_process(tmp_path / "b", "127.0.0.3", m.url, peers=(a.peer_addr,)) as b:
+                code, _, err = await agent_cli(
+                    "download", "org/m", "--agent", b.local_url, "--quiet"
+                )
+                assert code == 0, err
+            assert model_bytes(m) == 0
+    t1 = time.monotonic()
+    assert (await asyncio.to_thread(hash_blob, blob, big)) and True
+    hashing = time.monotonic() - t1
+    print(f"\nrestarted seeder: seeding after {took:.2f} s, {read / MiB:.1f} MiB read "
+          f"(hashing its {size / MiB:.0f} MiB blob takes {hashing:.2f} s)")  # fmt: skip
+    assert read < size / 2, read
+    for r in ("a", "b"):
+        assert_cache_ok(tmp_path / r / "cache", min_blobs=2)
+
+
+def hash_blob(path: Path, blob_id: str) -> bool:
+    from peer.verification.hashing import hash_file
+
+    return hash_file(path, blob_id, path.stat().st_size).ok
