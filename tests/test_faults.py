@@ -463,3 +463,126 @@ def hash_blob(path: Path, blob_id: str) -> bool:
     from peer.verification.hashing import hash_file
 
     return hash_file(path, blob_id, path.stat().st_size).ok
+
+
+# -- a peer whose connections break every few MB --------------------------------------------
+
+
+class CuttingProxy:
+    """In front of an agent: its peer API (HTTP, the health answer's BitTorrent port
+    rewritten to ours) and its BitTorrent port (TCP, every connection cut after
+    `cut_every` bytes from the agent)."""
+
+    def __init__(self, ip: str, peer_api: str, bt: tuple[str, int], cut_every: int) -> None:
+        self.ip, self.peer_api, self.bt, self.cut_every = ip, peer_api, bt, cut_every
+        self.cuts = 0
+        self.bt_port = 0
+        self.api_port = 0
+
+    async def _pipe(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, budget: list[int] | None
+    ) -> None:
+        try:
+            while data := await r.read(64 << 10):
+                if budget is not None:
+                    budget[0] -= len(data)
+                    if budget[0] <= 0:
+                        self.cuts += 1
+                        break
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _bt(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            ar, aw = await asyncio.open_connection(*self.bt)
+        except OSError:
+            cw.close()
+            return
+        budget = [self.cut_every]
+        down = asyncio.ensure_future(self._pipe(ar, cw, budget))
+        up = asyncio.ensure_future(self._pipe(cr, aw, None))
+        await asyncio.wait([down, up], return_when=asyncio.FIRST_COMPLETED)
+        cw.close()
+        aw.close()
+        await asyncio.gather(down, up, return_exceptions=True)
+
+    async def start(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        from peer import wire
+
+        self._bt_server = await asyncio.start_server(self._bt, self.ip, 0)
+        self.bt_port = self._bt_server.sockets[0].getsockname()[1]
+        session = aiohttp.ClientSession()
+
+        async def forward(request: web.Request) -> web.Response:
+            body = await request.read()
+            async with session.request(
+                request.method, self.peer_api + request.path_qs, data=body,
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            ) as r:  # fmt: skip
+                data = await r.read()
+                if request.path == "/v1/health" and r.status == 200:
+                    health = wire.decode_as(data, wire.Health)
+                    fixed = wire.Health(
+                        agent_id=health.agent_id, bt_port=self.bt_port, blobs=health.blobs
+                    )
+                    data = wire.encode(fixed)
+                return web.Response(status=r.status, body=data, content_type=r.content_type or None)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.ip, 0)
+        await site.start()
+        self.api_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._session = session
+
+    async def close(self) -> None:
+        self._bt_server.close()
+        await self._runner.cleanup()
+        await self._session.close()
+
+
+async def test_a_peer_that_disconnects_every_few_mb(tmp_path: Path) -> None:
+    """The seeder's BitTorrent connections break after every 3 MiB: the download
+    reconnects to it again and again (verified pieces kept) while the mirror, behind a
+    4 MiB/s WAN link, fills the gaps; it finishes, the cache right. (libtorrent waits
+    longer before each reconnect, so the mirror's share grows with the cuts.)"""
+    from procs import agent_process
+
+    size = 32 * MiB
+    src = make_repo(tmp_path / "src", size)
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        async with agent_process(tmp_path / "a", "127.0.0.2", m.url) as a:
+            code, _, err = await agent_cli("download", "org/m", "--agent", a.local_url, "--quiet")
+            assert code == 0, err
+            proxy = CuttingProxy("127.0.0.4", a.peer_url, ("127.0.0.2", a.info["bt_port"]), 3 * MiB)
+            await proxy.start()
+            try:
+                m.reset_stats()
+                m.set_client_rate(4 * MiB)  # the mirror is behind a WAN link, the peer is not
+                async with agent_process(
+                    tmp_path / "b",
+                    "127.0.0.3",
+                    m.url,
+                    peers=(f"127.0.0.4:{proxy.api_port}",),
+                ) as b:
+                    code, _, err = await agent_cli(
+                        "download", "org/m", "--agent", b.local_url, "--quiet"
+                    )
+                    assert code == 0, err
+            finally:
+                await proxy.close()
+            from_mirror = model_bytes(m)
+    print(f"\n{proxy.cuts} connections cut; {from_mirror / MiB:.1f} MiB from the mirror")
+    assert proxy.cuts >= 3, proxy.cuts
+    assert from_mirror <= size - 6 * MiB, from_mirror  # the peer kept being used
+    for r in ("a", "b"):
+        assert_cache_ok(tmp_path / r / "cache", min_blobs=2)
