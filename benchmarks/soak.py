@@ -262,7 +262,9 @@ async def soak(args: argparse.Namespace) -> Tally:
                     else:
                         note = f"{a.name} {repo}: {'evicted' if evict(a, repo) else 'not held'}"
                 elif action == "kill":
-                    a = rnd.choice(alive)
+                    busy = [x for x in alive if any(not t.done() for t in x.downloads.values())]
+                    # mostly in the middle of a download: that is what a kill can break
+                    a = rnd.choice(busy if busy and rnd.random() < 0.8 else alive)
                     running = [r for r, t in a.downloads.items() if not t.done()]
                     a.cut_alone = {}
                     if len(running) == 1 and running[0] in a.launched:

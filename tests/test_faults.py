@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cachecheck import assert_cache_ok
 
 from peer.mirror_server import Fault, RepoSource, ThreadedMirror
@@ -113,6 +114,7 @@ def test_kill_9_loses_at_most_a_few_mib_whatever_the_chunk_size(tmp_path: Path) 
 # -- the mirror misbehaves in the middle of a file ------------------------------------------
 
 
+@pytest.mark.slow  # ~23 s: the outage must outlast a chunk's whole retry budget
 def test_mirror_down_for_a_while_in_the_middle_of_a_file(tmp_path: Path) -> None:
     """Down longer than the whole retry budget of one chunk (6 attempts: 8-16 s of
     backoff): the download rides it out because the mirror was sending this file."""
