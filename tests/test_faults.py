@@ -588,3 +588,28 @@ async def test_a_peer_that_disconnects_every_few_mb(tmp_path: Path) -> None:
     assert from_mirror <= size - 6 * MiB, from_mirror  # the peer kept being used
     for r in ("a", "b"):
         assert_cache_ok(tmp_path / r / "cache", min_blobs=2)
+
+
+async def test_a_repo_deleted_under_a_running_agent_is_fetched_again(tmp_path: Path) -> None:
+    """`hf cache delete` (huggingface_hub's delete strategy) while the agent runs, then
+    the same download: the agent notices its blobs are gone and fetches them again
+    (found by the soak: it used to link the snapshot to the missing blobs)."""
+    from huggingface_hub import scan_cache_dir
+    from procs import agent_process
+
+    src = make_repo(tmp_path / "src", 4 * MiB)
+    cache = tmp_path / "a" / "cache"
+    with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
+        async with agent_process(tmp_path / "a", "127.0.0.2", m.url) as a:
+            for round_ in (1, 2):
+                code, out, err = await agent_cli(
+                    "download", "org/m", "--agent", a.local_url, "--quiet"
+                )
+                assert code == 0, err
+                check_snapshot(out, src, cache)
+                if round_ == 1:
+                    info = scan_cache_dir(cache)
+                    revs = [r.commit_hash for repo in info.repos for r in repo.revisions]
+                    info.delete_revisions(*revs).execute()
+                    assert not (cache / "models--org--m").exists()
+            assert model_bytes(m) == 2 * 4 * MiB

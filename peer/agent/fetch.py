@@ -269,6 +269,9 @@ class BlobFetcher:
         # 1. Already verified somewhere in this cache (another repo): link it, if this
         # request may have it.
         held = self.seeds.path_of(file.blob_id)
+        if held is not None and not await asyncio.to_thread(held.exists):
+            await self.seeds.drop_vanished(file.blob_id)  # deleted under the agent
+            held = None
         if held is None and access.mirror_allowed:
             other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id, file.size)
             if (
