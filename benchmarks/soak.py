@@ -59,7 +59,7 @@ class Agent:
     root: Path
     proc: asyncio.subprocess.Process | None = None
     local_url: str = ""
-    downloads: dict[str, asyncio.Task[tuple[int, str]]] = field(default_factory=dict)
+    downloads: dict[str, asyncio.Task[tuple[int, str, float, float]]] = field(default_factory=dict)
     killed_under: set[str] = field(default_factory=set)  # repos whose download a kill cut
     # a download running alone: (bytes of the repo held, bytes received) at its start
     launched: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -81,6 +81,9 @@ class Tally:
     actions: dict[str, int] = field(default_factory=dict)
     downloads_ok: int = 0
     downloads_cut: int = 0
+    # started while the mirror was down, refused with its one line (exit 3, "cannot reach")
+    refused_in_outage: list[str] = field(default_factory=list)
+    outages: list[tuple[float, float]] = field(default_factory=list)  # monotonic windows
     failures: list[str] = field(default_factory=list)
     kills: int = 0
     kills_mid_download: int = 0
@@ -139,7 +142,9 @@ async def received(a: Agent) -> int:
     return int(st["bytes_from_mirror"]) + int(st["bytes_from_peers"]) + moving
 
 
-async def cli_download(a: Agent, repo: str) -> tuple[int, str]:
+async def cli_download(a: Agent, repo: str) -> tuple[int, str, float, float]:
+    """Exit code, stderr, start and end (monotonic)."""
+    t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "peer.cli.main", "download", repo, "--agent", a.local_url,
         "--quiet", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -149,8 +154,8 @@ async def cli_download(a: Agent, repo: str) -> tuple[int, str]:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        return -1, "timed out after 300 s"
-    return proc.returncode or 0, err.decode().strip()
+        return -1, "timed out after 300 s", t0, time.monotonic()
+    return proc.returncode or 0, err.decode().strip(), t0, time.monotonic()
 
 
 def held_bytes(a: Agent, repo: str) -> int:
@@ -174,13 +179,25 @@ def evict(a: Agent, repo: str) -> bool:
 async def settle(a: Agent, repo: str, tally: Tally) -> None:
     """Collect a finished download of `a`."""
     task = a.downloads.pop(repo)
-    code, err = await task
+    code, err, t0, t1 = await task
     if code == 0:
         tally.downloads_ok += 1
     elif repo in a.killed_under:
         tally.downloads_cut += 1
+    elif refused_in_outage(tally, code, err, t0, t1):
+        tally.refused_in_outage.append(f"{a.name} {repo}: {err.splitlines()[-1]}")
     else:
         tally.failures.append(f"{a.name} {repo}: exit {code}: {err[-300:]}")
+
+
+def refused_in_outage(tally: Tally, code: int, err: str, started: float, ended: float) -> bool:
+    """A download that ran into a mirror outage while it resolved the revision and
+    said so in one line: what it must do when no peer can name the revision either
+    (metadata is retried for ~1 s only, so that peers' revision manifests are asked
+    soon); blob bytes, once flowing, ride an outage out."""
+    one_line = len(err.strip().splitlines()) == 1
+    during = any(started <= hi and ended >= lo for lo, hi in tally.outages)
+    return code == 3 and one_line and "cannot reach" in err and during
 
 
 async def reap(agents: list[Agent], tally: Tally) -> None:
@@ -189,10 +206,12 @@ async def reap(agents: list[Agent], tally: Tally) -> None:
             await settle(a, repo, tally)
 
 
-def mirror_fault(m: ThreadedMirror, rnd: random.Random) -> str:
+def mirror_fault(m: ThreadedMirror, rnd: random.Random, tally: Tally) -> str:
     kind = rnd.choice(["down", "drop", "status", "bad_range", "ignore_range", "stall"])
     if kind == "down":
-        m.down_for(rnd.uniform(2, 6))
+        seconds = rnd.uniform(2, 6)
+        m.down_for(seconds)
+        tally.outages.append((time.monotonic(), time.monotonic() + seconds))
     elif kind == "drop":
         m.add_fault(Fault("drop_after", after_bytes=rnd.randrange(1, 4) * MiB, times=3))
     elif kind == "status":
@@ -287,7 +306,7 @@ async def soak(args: argparse.Namespace) -> Tally:
                         await redo_cut_downloads(a, repos, tally)
                     note = ", ".join(a.name for a in dead)
                 else:
-                    note = mirror_fault(m, rnd)
+                    note = mirror_fault(m, rnd, tally)
                 print(f"cycle {cycle + 1:3}: {action:8} {note}", flush=True)
                 await asyncio.sleep(rnd.uniform(0.2, 2.0))
             # the end: everyone back, every cut download done again, all settled
@@ -326,7 +345,10 @@ async def redo_cut_downloads(a: Agent, repos: dict[str, tuple[Path, int]], tally
     cut = sorted(a.killed_under)
     a.killed_under = set()
     for repo in cut:
-        code, err = await cli_download(a, repo)
+        code, err, t0, t1 = await cli_download(a, repo)
+        if code != 0 and refused_in_outage(tally, code, err, t0, t1):
+            tally.refused_in_outage.append(f"{a.name} {repo}: {err.splitlines()[-1]}")
+            continue
         if code != 0:
             tally.failures.append(f"{a.name} {repo} after restart: exit {code}: {err[-300:]}")
             continue
@@ -355,6 +377,10 @@ def main() -> None:
     tally = asyncio.run(soak(args))
     print(f"\nseed {args.seed}: {tally.cycles} cycles {dict(sorted(tally.actions.items()))}")
     print(f"downloads: {tally.downloads_ok} complete, {tally.downloads_cut} cut by a kill")
+    print(f"downloads started while the mirror was down, refused with one line: "
+          f"{len(tally.refused_in_outage)}")  # fmt: skip
+    for r in tally.refused_in_outage:
+        print(f"  {r}")
     print(f"kills: {tally.kills} ({tally.kills_mid_download} in the middle of a download)")
     samples = ", ".join(f"{b / MiB:.1f}" for b in tally.refetch_samples) or "none"
     print(f"bytes refetched after kills: {tally.refetched / MiB:.1f} MiB in all "
