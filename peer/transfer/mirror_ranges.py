@@ -51,6 +51,7 @@ from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 1 << 20
 _OUTAGE_POLL = 4.0  # seconds between tries while riding out an outage
+_BROKEN_ANSWERS = 3  # wrong Content-Ranges from one mirror before it is skipped
 
 
 def chunk_size_for(size: int) -> int:
@@ -323,6 +324,7 @@ class MirrorFetcher:
         reached after each write (the partial journals it)."""
         pos = [start]
         failures = 0
+        broken: dict[str, int] = {}  # mirror -> wrong answers to this span
         limit = self.options.max_attempts * len(self.pool.mirrors)
         while pos[0] < end:
             mirror = self.pool.pick(time.monotonic(), job.excluded)
@@ -343,6 +345,18 @@ class MirrorFetcher:
                 failures += 1
                 self._mirror_failed(mirror)
                 self.pool.failed(mirror, time.monotonic())
+                if r.broken:
+                    broken[mirror] = broken.get(mirror, 0) + 1
+                    if broken[mirror] >= _BROKEN_ANSWERS:  # not a glitch: skip the mirror
+                        job.excluded.add(mirror)
+                        job.skip_errors.append(
+                            PeerMisbehaved(
+                                f"{r.reason} ({broken[mirror]} times)",
+                                hint="a proxy or cache in front of the mirror breaks "
+                                "Range requests; try another --mirror",
+                            )
+                        )
+                        continue
                 delay = self._delay(failures, r.retry_after)
                 if failures >= limit:
                     # A mirror that was sending this file moments ago is down for a
