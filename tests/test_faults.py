@@ -306,6 +306,7 @@ async def test_an_agent_starts_clean_after_kills(tmp_path: Path) -> None:
         folder / "snapshots" / ("d" * 40) / ".x.bin.hfswarm-tmp",
         folder / "refs" / ".main.hfswarm-tmp",
         root / "state" / "verified" / f".{'e' * 64}.{proc.pid}.tmp",
+        partial / sha256(b"{}"),  # a partial of a blob in blobs/ (below)
     ]
     kept = [
         partial / ("f" * 64),  # a swarm partial (its resume data is in the state dir)
@@ -314,7 +315,9 @@ async def test_an_agent_starts_clean_after_kills(tmp_path: Path) -> None:
     for path in [*debris, *kept]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    for path in debris[2:5]:
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / sha256(b"{}")).write_bytes(b"{}")
+    for path in [*debris[2:5], debris[6]]:
         os.utime(path, (old, old))
     with ThreadedMirror([RepoSource("model", "org/m", src)]) as m:
         async with agent_process(root, "127.0.0.2", m.url, "--log-level", "info") as a:

@@ -12,6 +12,10 @@ it cannot be in use: its writer's pid is gone, or it is older than `STALE` secon
   <repo>/.hfswarm/partial/<id>.copy.<pid>     a --local-dir copy
   <repo>/.hfswarm/partial/<id>.journal        an old, unlocked journal whose data
                                               file is gone (killed after the rename)
+  <repo>/.hfswarm/partial/<id>[.journal]      an old, unlocked partial of a blob that
+                                              is in blobs/ now
+A partial data file with no journal whose blob is not in blobs/ stays: a swarm download
+resumes from it (libtorrent checks the pieces on disk).
   <repo>/snapshots/**/.<name>.hfswarm-tmp     a snapshot link being replaced
   <repo>/refs/**/.<name>.hfswarm-tmp          a ref being replaced
   <state>/**/.<name>.<pid>.tmp                a state record being replaced
@@ -26,6 +30,8 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tracker.schema import is_blob_id
 
 STALE = 600.0  # seconds: no atomic replace takes this long
 _PID_SUFFIX = re.compile(r"\.(adopt|copy)\.(\d+)$")
@@ -56,6 +62,11 @@ def _orphan_journal(journal: Path, now: float) -> bool:
     journal's lock before it creates the data file)."""
     if journal.with_name(journal.name.removesuffix(".journal")).exists() or not _old(journal, now):
         return False
+    return _unlocked(journal)
+
+
+def _unlocked(journal: Path) -> bool:
+    """No process holds the partial this journal belongs to (`PartialBlob` flocks it)."""
     try:
         fd = os.open(journal, os.O_RDONLY)
     except OSError:
@@ -81,6 +92,13 @@ def _debris_of_repo(repo: Path, now: float) -> Iterator[Path]:
                     yield entry
             elif name.endswith(".journal") and _orphan_journal(entry, now):
                 yield entry
+            elif is_blob_id(name) and (repo / "blobs" / name).exists() and _old(entry, now):
+                # a partial of a blob that is in blobs/ now (fetched again another way)
+                journal = entry.with_name(f"{name}.journal")
+                if not journal.exists() or _unlocked(journal):
+                    yield entry
+                    if journal.exists():
+                        yield journal
     for top in ("snapshots", "refs"):
         with contextlib.suppress(OSError):
             for tmp in (repo / top).rglob(".*.hfswarm-tmp"):
