@@ -100,6 +100,9 @@ class DownloadOptions:
     backoff_max: float = 20.0
     connect_timeout: float = 10.0
     read_timeout: float = 20.0
+    # A mirror that was sending a file and stops answering is retried this long after
+    # its last byte (a restart, a blip) before the download gives up.
+    outage_grace: float = 60.0
     quiet: bool = False
     extra_headers: Mapping[str, str] = field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from peer.agent import requests as job
 from peer.agent.jobs import DownloadJob
 from peer.agent.requests import DownloadRequest
 from peer.cache.hf_cache import LocalDir, RepoCache, find_blob_anywhere, safe_relpath
+from peer.cache.partial import PartialBlob
 from peer.config import DownloadOptions, HubSettings
 from peer.errors import EntryNotFound, NetworkError, UnsafePath
 from peer.hub.metadata import FileSelection, RemoteFile, Snapshot, resolve_snapshot, select_files
@@ -145,7 +146,9 @@ class MirrorOnly:
             )
             if finished is None:
                 return repo.blob_path(file.blob_id)
-            return self._install(repo, snapshot, file, finished, copy=False)
+            installed = self._install(repo, snapshot, file, finished, copy=False)
+            PartialBlob.installed(finished)
+            return installed
 
     def _install(
         self, repo: RepoCache, snapshot: Snapshot, file: RemoteFile, verified: Path, *, copy: bool

@@ -27,13 +27,14 @@ from peer.agent.jobs import DownloadJob, HubService, Totals
 from peer.agent.limits import LiveLimits
 from peer.agent.local_service import LocalService
 from peer.agent.peer_service import PeerService
-from peer.agent.publish import Publisher, clean_debris
+from peer.agent.publish import Publisher
 from peer.agent.quota import CacheQuota, LastUse, Pins
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
+from peer.cache.debris import clean_debris
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
@@ -92,8 +93,10 @@ class Agent:
         self.agent_id = self.state.agent_id()
         self.audit = AuditLog(self.config.audit_path)
         self._stack.callback(self.audit.close)
-        if removed := await asyncio.to_thread(clean_debris, self.config.hub.cache_dir):
-            log.info("removed %d temp file(s) of interrupted publishes", removed)
+        if removed := await asyncio.to_thread(
+            clean_debris, self.config.hub.cache_dir, self.config.state_dir
+        ):
+            log.info("removed %d temp file(s) that killed processes left behind", removed)
         try:
             bt_host, bt_port = self.config.bt_listen
             self.swarm = await self._stack.enter_async_context(

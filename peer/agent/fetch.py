@@ -24,6 +24,7 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
+from peer.cache.partial import PartialBlob
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
@@ -275,6 +276,9 @@ class BlobFetcher:
         # 1. Already verified somewhere in this cache (another repo): link it, if this
         # request may have it.
         held = self.seeds.path_of(file.blob_id)
+        if held is not None and not await asyncio.to_thread(held.exists):
+            await self.seeds.drop_vanished(file.blob_id)  # deleted under the agent
+            held = None
         if held is None and access.mirror_allowed:
             other = await asyncio.to_thread(find_blob_anywhere, repo.root, file.blob_id, file.size)
             if (
@@ -426,6 +430,7 @@ class BlobFetcher:
         if finished is None:
             return repo.blob_path(file.blob_id)
         path = repo.install_blob(finished, file.blob_id)
+        PartialBlob.installed(finished)
         if flight is not None:
             flight.moved(path)
         return path

@@ -234,19 +234,3 @@ class Publisher:
         held_for = (repo_key(repo.repo_type, repo.repo_id), Visibility.LOCAL)
         await self.seeds.offer_verified(target, f.blob_id, f.size, held_for)
         return f
-
-
-def clean_debris(cache_dir: Path) -> int:
-    """Remove the temp copies of publishes a killed agent left in ``partial/`` (a
-    publish's copy is never resumed). Run at start, before any publish can begin."""
-    removed = 0
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(cache_dir):
-            if "--" not in entry.name:
-                continue
-            with contextlib.suppress(OSError):
-                for tmp in Path(entry.path, ".hfswarm", "partial").glob("publish.*"):
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                        removed += 1
-    return removed

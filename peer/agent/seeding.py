@@ -188,6 +188,23 @@ class SeedIndex:
             self._provenance.pop(blob_id, None)
             await asyncio.to_thread(self.state.forget_verified, blob_id)
 
+    async def drop_vanished(self, blob_id: str) -> None:
+        """A blob whose file left the cache while the agent ran (`hf cache delete`):
+        no longer held, seeded or offered."""
+        async with self._lock:
+            path = self.path_of(blob_id)
+            if path is None or await asyncio.to_thread(path.exists):
+                return
+            self.kept.pop(blob_id, None)
+            held = self.held.pop(blob_id, None)
+            self.state.forget_verified(blob_id)
+            log.info("%s left the cache (%s): no longer seeded", blob_id[:12], path)
+            if held is not None:
+                try:
+                    await self.swarm.remove_torrent(held.manifest.info_hash)
+                except SwarmError as exc:
+                    log.warning("cannot stop seeding %s: %s", blob_id[:12], exc)
+
     # -- blobs entering the cache ----------------------------------------------------------
 
     async def add_verified(self, path: Path, blob_id: str, held_for: HeldFor = None) -> None:

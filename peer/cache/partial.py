@@ -1,10 +1,13 @@
-"""A blob being downloaded: a sparse data file plus an append-only journal of finished chunks.
+"""A blob being downloaded: a sparse data file plus an append-only journal of progress.
 
-The journal is what makes a download resumable across processes: a chunk index is
-appended only after every byte of that chunk was written, so after a kill -9 the next
-run re-fetches at most the chunks that were in flight. We do not fsync per chunk: a
-kill -9 keeps the page cache, and after a power loss the whole-file hash (always checked
-before the blob enters ``blobs/``) catches anything the journal claimed wrongly.
+The journal is what makes a download resumable across processes. Each record says
+"chunk i holds its first k bytes" and is appended only after those bytes were written,
+every `JOURNAL_STEP` bytes of a chunk and when it completes (as aria2's control file
+does for pieces), so after a kill -9 the next run asks only for the rest of each chunk:
+a kill loses at most `JOURNAL_STEP` per connection, whatever the chunk size. We do not
+fsync: a kill -9 keeps the page cache, and after a power loss the whole-file hash
+(always checked before the blob enters ``blobs/``) catches anything the journal
+claimed wrongly. Records are 8 bytes appended with O_APPEND; a torn last one is dropped.
 
 An exclusive flock on the journal keeps two processes from writing the same partial.
 """
@@ -21,9 +24,14 @@ from pathlib import Path
 from peer.cache.hf_cache import translate_os_error
 from peer.errors import LocalError
 
-_MAGIC = b"HFSWJ1\0\0"
+_MAGIC = b"HFSWJ2\0\0"
+_MAGIC_V1 = b"HFSWJ1\0\0"  # whole chunks only: read, then rewritten as v2
 _HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
-_RECORD = struct.Struct("<I")
+_RECORD = struct.Struct("<II")  # chunk index, bytes of it held (from its start)
+_RECORD_V1 = struct.Struct("<I")
+# Progress inside a chunk is journaled every this many bytes: 8 bytes of journal per
+# 256 KiB of data (4096 small appends per GiB, measured cheap in docs/benchmarks.md).
+JOURNAL_STEP = 256 << 10
 
 
 class PartialBusy(LocalError):
@@ -41,6 +49,8 @@ class PartialBlob:
         self.data_path = directory / blob_id
         self.journal_path = directory / f"{blob_id}.journal"
         self.done: set[int] = set()
+        # chunk -> bytes held from its start, for chunks begun but not done
+        self.held: dict[int, int] = {}
         self._fd = -1
         self._jfd = -1
 
@@ -54,7 +64,11 @@ class PartialBlob:
         return start, min(self.size, start + self.chunk_size)
 
     def done_bytes(self) -> int:
-        return sum(e - s for s, e in map(self.chunk_range, self.done))
+        return sum(e - s for s, e in map(self.chunk_range, self.done)) + sum(self.held.values())
+
+    def resume_at(self, index: int) -> int:
+        """The first byte of chunk `index` still to fetch."""
+        return self.chunk_range(index)[0] + self.held.get(index, 0)
 
     def open(self) -> None:
         """Lock, then load the journal if it matches this blob, else start afresh."""
@@ -72,14 +86,14 @@ class PartialBlob:
                 raise PartialBusy(f"another process is downloading blob {self.blob_id}") from exc
             raise translate_os_error(exc, "locking the partial download") from exc
         try:
-            self.done = self._load_journal()
-            if not self.done:
+            self.done, self.held = self._load_journal()
+            if not self.done and not self.held:
                 self._reset_journal()
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
             if os.fstat(self._fd).st_size != self.size:
-                if self.done:  # data file lost or truncated: journal means nothing now
+                if self.done or self.held:  # data file lost or truncated: journal void
                     self._reset_journal()
-                    self.done = set()
+                    self.done, self.held = set(), {}
                 os.ftruncate(self._fd, 0)
                 self._reserve()
         except OSError as exc:
@@ -98,19 +112,38 @@ class PartialBlob:
                 raise
             os.ftruncate(self._fd, self.size)  # filesystem without fallocate
 
-    def _load_journal(self) -> set[int]:
-        raw = os.pread(self._jfd, 64 << 20, 0)
+    def _load_journal(self) -> tuple[set[int], dict[int, int]]:
+        raw = os.pread(self._jfd, os.fstat(self._jfd).st_size, 0)
         if len(raw) < _HEADER.size:
-            return set()
+            return set(), {}
         magic, size, chunk = _HEADER.unpack_from(raw)
-        if magic != _MAGIC or size != self.size or chunk != self.chunk_size:
-            return set()
+        if magic not in (_MAGIC, _MAGIC_V1) or size != self.size or chunk != self.chunk_size:
+            return set(), {}
+        record = _RECORD if magic == _MAGIC else _RECORD_V1
         body = raw[_HEADER.size :]
-        usable = len(body) - len(body) % _RECORD.size
+        usable = len(body) - len(body) % record.size
         if usable != len(body):  # a torn last record (killed mid-append) is dropped
             os.ftruncate(self._jfd, _HEADER.size + usable)
         n = self.n_chunks
-        return {i for (i,) in _RECORD.iter_unpack(body[:usable]) if i < n}
+        held: dict[int, int] = {}
+        for fields in record.iter_unpack(body[:usable]):
+            i = fields[0]
+            if i >= n:
+                continue
+            length = self._length(i)
+            k = fields[1] if record is _RECORD else length
+            if k <= length:
+                held[i] = max(held.get(i, 0), k)
+        done = {i for i, k in held.items() if k == self._length(i)}
+        partly = {i: k for i, k in held.items() if i not in done and k > 0}
+        if magic == _MAGIC_V1 and done:  # an older agent's journal: carry it over
+            self._reset_journal()
+            os.write(self._jfd, b"".join(_RECORD.pack(i, self._length(i)) for i in done))
+        return done, partly
+
+    def _length(self, index: int) -> int:
+        start, end = self.chunk_range(index)
+        return end - start
 
     def _reset_journal(self) -> None:
         os.ftruncate(self._jfd, 0)
@@ -129,11 +162,25 @@ class PartialBlob:
     def mark_done(self, index: int) -> None:
         if index in self.done:
             return
+        self._record(index, self._length(index))
+        self.done.add(index)
+        self.held.pop(index, None)
+
+    def advance(self, index: int, held: int) -> None:
+        """Chunk `index` now has its first `held` bytes written: journaled once
+        `JOURNAL_STEP` more than last time are (the caller marks the chunk done)."""
+        if index in self.done or held < self.held.get(index, 0) + JOURNAL_STEP:
+            return
+        if held >= self._length(index):
+            return  # mark_done records it
+        self._record(index, held)
+        self.held[index] = held
+
+    def _record(self, index: int, held: int) -> None:
         try:
-            os.write(self._jfd, _RECORD.pack(index))  # journal is O_APPEND
+            os.write(self._jfd, _RECORD.pack(index, held))  # journal is O_APPEND
         except OSError as exc:
             raise translate_os_error(exc, "recording download progress") from exc
-        self.done.add(index)
 
     def contiguous_end(self, start_chunk: int) -> int:
         """Index of the first chunk at or after `start_chunk` that is not done."""
@@ -155,11 +202,18 @@ class PartialBlob:
                 setattr(self, attr, -1)
 
     def take_finished(self) -> Path:
-        """Close and hand the data file over (to be renamed); the journal goes away."""
+        """Close and hand the data file over (to be renamed). The journal stays until
+        the rename is done (`installed`): killed in between, the next run finds every
+        chunk done, hashes the file and renames it, instead of fetching it again."""
         self.fsync()
         self.close()
-        self.journal_path.unlink(missing_ok=True)
         return self.data_path
+
+    @staticmethod
+    def installed(data_path: Path) -> None:
+        """The finished data file was renamed into place: its journal goes away (one
+        a kill leaves behind is harmless, and removed at the agent's next start)."""
+        data_path.with_name(f"{data_path.name}.journal").unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.close()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from peer.errors import ConfigError
 
-FaultKind = Literal["drop_after", "status", "stall", "corrupt", "ignore_range"]
+FaultKind = Literal["drop_after", "status", "stall", "corrupt", "ignore_range", "bad_content_range"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,16 @@ class Fault:
                     then continue normally.
       corrupt       flip (xor 0xFF) the byte at absolute file offset `offset`.
       ignore_range  answer 200 with the whole file although Range was sent.
+      bad_content_range  answer 206 with the right bytes but a Content-Range whose
+                    start is one byte off (a broken proxy or cache in front).
+    A truncated body with a correct Content-Length is `drop_after`: the length header
+    always names the whole span.
 
     `path_glob` is an fnmatch pattern on the file's path inside the repo. `times` is
     how many requests it affects (None = forever). A fault is used up only by a request
     it actually changes: `corrupt` when the response covers `offset`, `ignore_range`
-    when Range was sent, `drop_after`/`stall` when the body is longer than `after_bytes`.
+    and `bad_content_range` when Range was sent, `drop_after`/`stall` when the body
+    is longer than `after_bytes`.
     """
 
     kind: FaultKind
@@ -79,6 +85,7 @@ class FaultPlan:
 
     status: Fault | None = None
     ignore_range: bool = False
+    bad_content_range: bool = False
     corrupt_offsets: frozenset[int] = frozenset()
     stall_at: int | None = None  # body offset (relative to the response) to stall at
     stall_seconds: float = 0.0
@@ -143,6 +150,7 @@ class FaultBook:
             if status:
                 return FaultPlan(status=status[0]), start, end
             ignore = ranged and bool(self._take("ignore_range", paths))
+            bad_range = ranged and not ignore and bool(self._take("bad_content_range", paths))
             if ignore:
                 start, end = 0, size
             length = end - start
@@ -154,6 +162,7 @@ class FaultBook:
         return (
             FaultPlan(
                 ignore_range=ignore,
+                bad_content_range=bad_range,
                 corrupt_offsets=frozenset(f.offset for f in corrupt),
                 stall_at=stall[0].after_bytes if stall else None,
                 stall_seconds=stall[0].stall_seconds if stall else 0.0,
@@ -334,3 +343,22 @@ class ClientRate:
         ]  # fmt: skip
         for c in full:
             del self._buckets[c]
+
+
+class Outage:
+    """The mirror down for a while (`POST /_mirror/down {"seconds": N}`): every
+    connection is closed without an answer, bodies being sent are cut. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until = 0.0
+
+    def down_for(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ConfigError("an outage lasts >= 0 seconds")
+        with self._lock:
+            self._until = time.monotonic() + seconds
+
+    def is_down(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._until

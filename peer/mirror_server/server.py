@@ -49,6 +49,7 @@ from peer.mirror_server.control import (
     FaultBook,
     FaultPlan,
     MirrorStats,
+    Outage,
     RateCap,
     StatsRecorder,
 )
@@ -152,6 +153,7 @@ class MirrorServer:
         self._client_rate = ClientRate(client_rate)
         self._stats = StatsRecorder()
         self._faults = FaultBook()
+        self._outage = Outage()
         # Signs CDN URLs so they behave like the Hub's expiring signed URLs.
         self._secret = os.urandom(32)
         self._repos: dict[tuple[str, str], HostedRepo] = {}
@@ -256,6 +258,10 @@ class MirrorServer:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def down_for(self, seconds: float) -> None:
+        """Close every connection (new ones and bodies in flight) for `seconds`."""
+        self._outage.down_for(seconds)
+
     def faults(self) -> list[Fault]:
         return self._faults.active()
 
@@ -299,6 +305,8 @@ class MirrorServer:
         segs = request.raw_path.partition("?")[0].split("/")[1:]
         if segs[:1] == ["_mirror"]:
             return await self._control(request, segs[1:])
+        if self._outage.is_down():
+            return _hang_up(request)
         self._stats.request()
         try:
             if segs[:1] == ["api"]:
@@ -313,6 +321,8 @@ class MirrorServer:
         return resp
 
     async def _handle_cdn(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._outage.is_down():
+            return _hang_up(request)
         self._stats.request(cdn_with_authorization="Authorization" in request.headers)
         segs = request.raw_path.partition("?")[0].split("/")[1:]
         if segs[:1] == ["_cdn"] and len(segs) == 2:
@@ -624,7 +634,8 @@ class MirrorServer:
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start
         if partial:
-            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            shift = 1 if plan.bad_content_range else 0
+            resp.headers["Content-Range"] = f"bytes {start + shift}-{end - 1}/{size}"
         if request.method == "HEAD":
             await resp.prepare(request)
             return resp
@@ -671,6 +682,10 @@ class MirrorServer:
                 if plan.corrupt_offsets:
                     chunk = _flip(chunk, pos, plan.corrupt_offsets)
                 view = memoryview(chunk)
+                if self._outage.is_down():
+                    await _flushed(request)
+                    _close(request)
+                    return
                 while view:
                     rel = pos - start
                     if stall_at == rel:
@@ -733,6 +748,13 @@ class MirrorServer:
             if route == ("DELETE", "faults"):
                 self.clear_faults()
                 return web.json_response([])
+            if route == ("POST", "down"):
+                body = await request.json()
+                value = body.get("seconds") if isinstance(body, dict) else None
+                if not isinstance(value, int | float):
+                    raise ConfigError('POST /_mirror/down takes {"seconds": N}')
+                self.down_for(float(value))
+                return web.json_response({"down_for": value})
             if route == ("POST", "rate_cap"):
                 body = await request.json()
                 value = body.get("bytes_per_sec") if isinstance(body, dict) else None
@@ -782,6 +804,12 @@ async def _flushed(request: web.BaseRequest, max_wait: float = 10.0) -> None:
         and time.monotonic() < deadline
     ):
         await asyncio.sleep(0.001)
+
+
+def _hang_up(request: web.BaseRequest) -> web.StreamResponse:
+    """Close the connection without an answer (the response is never sent)."""
+    _close(request)
+    return web.Response(status=503)
 
 
 def _close(request: web.BaseRequest) -> None:

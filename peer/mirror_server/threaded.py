@@ -126,6 +126,9 @@ class ThreadedMirror:
     def faults(self) -> list[Fault]:
         return self._server.faults()
 
+    def down_for(self, seconds: float) -> None:
+        self._server.down_for(seconds)
+
     def set_rate_cap(self, bytes_per_sec: int | None) -> None:
         self._server.set_rate_cap(bytes_per_sec)
 

@@ -51,6 +51,8 @@ from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 1 << 20
+_OUTAGE_POLL = 4.0  # seconds between tries while riding out an outage
+_BROKEN_ANSWERS = 3  # wrong Content-Ranges from one mirror before it is skipped
 
 
 def chunk_size_for(size: int) -> int:
@@ -67,12 +69,18 @@ class _Retry(Exception):
     """A transient failure: try again (maybe on another mirror) after `delay`."""
 
     def __init__(
-        self, reason: str, *, retry_after: float | None = None, network: bool = False
+        self,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        network: bool = False,
+        broken: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
         self.network = network
+        self.broken = broken  # a wrong answer, not an outage: no riding it out
 
 
 class _SkipMirror(Exception):
@@ -136,7 +144,9 @@ class _BlobJob:
     excluded: set[str] = field(default_factory=set)
     skip_errors: list[HfswarmError] = field(default_factory=list)
     single_stream: bool = False
+    range_ignored: int = 0  # 200 answers to a Range request so far
     fetched: int = 0
+    last_byte: float = 0.0  # monotonic time the last body byte arrived
 
 
 class MirrorFetcher:
@@ -278,6 +288,13 @@ class MirrorFetcher:
                 if job.single_stream:  # another worker already took the whole stream
                     ri.response.close()
                     return
+                job.range_ignored += 1
+                if job.range_ignored == 1 and job.partial is not None and job.partial.done:
+                    # One 200 in the middle of a file may be a glitch (a proxy, a
+                    # cache node): ask again before taking the whole file as a stream.
+                    ri.response.close()
+                    job.pending.appendleft(index)
+                    continue
                 job.single_stream = True
                 job.pending.appendleft(index)
                 await self._single_stream(job, ri)
@@ -285,18 +302,33 @@ class MirrorFetcher:
 
     def _count(self, job: _BlobJob, n: int) -> None:
         job.fetched += n
+        job.last_byte = time.monotonic()
         if job.on_bytes is not None:
             job.on_bytes(n)
 
     async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
-        assert job.partial is not None
-        await self._fetch_span(job, *job.partial.chunk_range(index))
-        job.partial.mark_done(index)
+        p = job.partial
+        assert p is not None
+        first, end = p.chunk_range(index)
+        # Only the rest of a chunk an earlier run began (its journal says how far).
+        await self._fetch_span(
+            job, p.resume_at(index), end, progress=lambda pos: p.advance(index, pos - first)
+        )
+        p.mark_done(index)
         job.wake_hasher.set()
 
-    async def _fetch_span(self, job: _BlobJob, start: int, end: int) -> None:
+    async def _fetch_span(
+        self,
+        job: _BlobJob,
+        start: int,
+        end: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Bytes [start, end) into the job's sink; `progress` hears of the position
+        reached after each write (the partial journals it)."""
         pos = [start]
         failures = 0
+        broken: dict[str, int] = {}  # mirror -> wrong answers to this span
         limit = self.options.max_attempts * len(self.pool.mirrors)
         while pos[0] < end:
             mirror = self.pool.pick(time.monotonic(), job.excluded)
@@ -307,7 +339,7 @@ class MirrorFetcher:
                     else MirrorFailed(f"no mirror could serve {job.file.path}")
                 )
             try:
-                await self._stream_range(job, mirror, pos, end)
+                await self._stream_range(job, mirror, pos, end, progress)
                 self.pool.succeeded(mirror)
             except _SkipMirror as sm:
                 job.excluded.add(mirror)
@@ -317,14 +349,33 @@ class MirrorFetcher:
                 failures += 1
                 self._mirror_failed(mirror)
                 self.pool.failed(mirror, time.monotonic())
+                if r.broken:
+                    broken[mirror] = broken.get(mirror, 0) + 1
+                    if broken[mirror] >= _BROKEN_ANSWERS:  # not a glitch: skip the mirror
+                        job.excluded.add(mirror)
+                        job.skip_errors.append(
+                            PeerMisbehaved(
+                                f"{r.reason} ({broken[mirror]} times)",
+                                hint="a proxy or cache in front of the mirror breaks "
+                                "Range requests; try another --mirror",
+                            )
+                        )
+                        continue
+                delay = self._delay(failures, r.retry_after)
                 if failures >= limit:
-                    cls = MirrorUnreachable if r.network else MirrorFailed
-                    raise cls(
-                        f"gave up on {job.file.path} after {failures} attempts: {r.reason}",
-                        hint="the mirror keeps failing; retry later (the "
-                        "download resumes) or add another --mirror",
-                    ) from None
-                await asyncio.sleep(self._delay(failures, r.retry_after))
+                    # A mirror that was sending this file moments ago is down for a
+                    # while (a restart, a network blip): ride it out for
+                    # `outage_grace` after its last byte, then give up.
+                    quiet = time.monotonic() - job.last_byte
+                    if r.broken or job.fetched == 0 or quiet >= self.options.outage_grace:
+                        cls = MirrorUnreachable if r.network else MirrorFailed
+                        raise cls(
+                            f"gave up on {job.file.path} after {failures} attempts: {r.reason}",
+                            hint="the mirror keeps failing; retry later (the "
+                            "download resumes) or add another --mirror",
+                        ) from None
+                    delay = min(delay, _OUTAGE_POLL, self.options.outage_grace - quiet)
+                await asyncio.sleep(delay)
 
     def _mirror_failed(self, mirror: str) -> None:
         if self.on_mirror_error is not None:
@@ -365,22 +416,34 @@ class MirrorFetcher:
             return resp
         raise _SkipMirror(MirrorFailed(f"{mirror}: too many redirects for {job.file.path}"))
 
-    async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
+    async def _stream_range(
+        self,
+        job: _BlobJob,
+        mirror: str,
+        pos: list[int],
+        end: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         size = job.file.size
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
         try:
             if resp.status == 200:
                 if pos[0] == 0 and end == size:
-                    await self._copy_body(job, resp, pos, end)
+                    await self._copy_body(job, resp, pos, end, progress)
                     return
                 raise _RangeIgnored(resp, mirror)
             if resp.status == 206:
-                m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-                if (
-                    not m
-                    or int(m.group(1)) != pos[0]
-                    or (m.group(3) != "*" and int(m.group(3)) != size)
-                ):
+                said = resp.headers.get("Content-Range", "")
+                m = _CONTENT_RANGE.fullmatch(said.strip())
+                if m and m.group(3) in ("*", str(size)) and int(m.group(1)) != pos[0]:
+                    # Right file, wrong bytes (a broken proxy or cache in front): none
+                    # of the body is written; ask again, then give up on the mirror.
+                    raise _Retry(
+                        f"{mirror} answered Content-Range {said!r} to a request for "
+                        f"bytes {pos[0]}-{end - 1} of {job.file.path}",
+                        broken=True,
+                    )
+                if not m or (m.group(3) != "*" and int(m.group(3)) != size):
                     raise _SkipMirror(
                         PeerMisbehaved(
                             f"{mirror} answered a wrong Content-Range for {job.file.path}: "
@@ -390,7 +453,7 @@ class MirrorFetcher:
                             "this file; try another --mirror",
                         )
                     )
-                await self._copy_body(job, resp, pos, end)
+                await self._copy_body(job, resp, pos, end, progress)
                 return
             if resp.status == 416:
                 raise _SkipMirror(
@@ -417,7 +480,12 @@ class MirrorFetcher:
                 resp.release()
 
     async def _copy_body(
-        self, job: _BlobJob, resp: aiohttp.ClientResponse, pos: list[int], end: int
+        self,
+        job: _BlobJob,
+        resp: aiohttp.ClientResponse,
+        pos: list[int],
+        end: int,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
@@ -428,6 +496,8 @@ class MirrorFetcher:
                 job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
+                if progress is not None:
+                    progress(pos[0])
                 if pos[0] >= end:
                     break
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -483,6 +553,7 @@ class MirrorFetcher:
                             self._count(job, take)
                         offset += take
                         view = view[take:]
+                        p.advance(index, offset - p.chunk_range(index)[0])
                         if offset == stop:
                             p.mark_done(index)
                             job.wake_hasher.set()
