@@ -32,6 +32,8 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
+from peer.cluster.credentials import load_member
+from peer.cluster.tls import Cluster, peer_cert
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
@@ -70,6 +72,7 @@ class Agent:
         self.local: LocalService  # the local API's backend (status, downloads, publish)
         self.peer_port = 0
         self.local_port = 0
+        self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -82,7 +85,12 @@ class Agent:
                 f"cannot create {exc.filename}: {exc.strerror}",
                 hint="pick writable --cache-dir/--state-dir",
             ) from exc
-        self.agent_id = self.state.agent_id()
+        if self.config.cluster is not None:
+            # Cluster mode: the id is the member key's (its certificate names it).
+            self.cluster = Cluster(await asyncio.to_thread(load_member, self.config.cluster))
+            self.agent_id = self.cluster.agent_id
+        else:
+            self.agent_id = self.state.agent_id()
         self.audit = AuditLog(self.config.audit_path)
         self._stack.callback(self.audit.close)
         if removed := await asyncio.to_thread(clean_debris, self.config.hub.cache_dir):
@@ -101,7 +109,9 @@ class Agent:
                     )
                 )
             )
-            self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
+            self.peers = await self._stack.enter_async_context(
+                PeerTable(self.agent_id, cluster=self.cluster)
+            )
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
             self.seeds = SeedIndex(
@@ -218,8 +228,16 @@ class Agent:
         # Caps below the fd limit, header/body/stall timeouts: peer/serving/limits.py.
         nofile = nofile_limit()
         limits = peer_limits(nofile) if peer_facing else local_limits(nofile)
+        tls = self.cluster if peer_facing else None
         try:
-            runner, port = await start_listener(app, where[0], where[1], limits)
+            runner, port = await start_listener(
+                app,
+                where[0],
+                where[1],
+                limits,
+                ssl_context=tls.server_context() if tls is not None else None,
+                admit=self._admit if tls is not None else None,
+            )
         except OSError as exc:
             raise LocalError(
                 f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
@@ -227,6 +245,11 @@ class Agent:
             ) from exc
         self._stack.push_async_callback(runner.cleanup)
         return port
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Cluster mode, after the handshake: the client's certificate is not revoked."""
+        assert self.cluster is not None
+        return self.cluster.admits(peer_cert(transport.get_extra_info("ssl_object")))
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:

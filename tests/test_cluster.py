@@ -1,0 +1,215 @@
+"""Cluster mode (issue 10): real agents as separate processes on loopback, members of a
+cluster made with `hfswarm cluster`, an outsider in open mode and a member of another
+cluster; the project's mirror counting what it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from procs import AgentProcess, agent_process
+
+from peer.cluster.credentials import ClusterDir, load_member
+from peer.errors import ConfigError
+from peer.mirror_server import MirrorServer, RepoSource
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hfswarm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
+    rnd = random.Random(10)
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"name": "org/m"}')
+    (folder / "model.safetensors").write_bytes(rnd.randbytes(6 * MiB))
+    (folder / "small.bin").write_bytes(rnd.randbytes(300_000))
+    async with MirrorServer([RepoSource("model", "org/m", folder)]) as m:
+        yield m
+
+
+def cluster(tmp_path: Path, name: str, *members: str) -> dict[str, Path]:
+    """A CA in tmp_path/name made with the CLI, and one credentials file per member."""
+    ca = tmp_path / name
+    r = hfswarm("cluster", "init", str(ca), "--name", name)
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for m in members:
+        out[m] = tmp_path / f"{name}-{m}.pem"
+        r = hfswarm("cluster", "enroll", str(ca), "--name", m, "--out", str(out[m]))
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(out[m].stat().st_mode) == 0o600
+    assert stat.S_IMODE((ca / "ca.key").stat().st_mode) == 0o600
+    return out
+
+
+async def download(p: AgentProcess, repo_id: str = "org/m") -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{p.local_url}/v1/downloads", json={"repo_id": repo_id}) as r,
+    ):
+        async for line in r.content:
+            if line.strip():
+                last = json.loads(line)
+    assert last.get("event") == "done", last
+    return last
+
+
+async def status(p: AgentProcess) -> dict[str, Any]:
+    r = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.cli.main", "status", "--json", "--agent", p.local_url,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await r.communicate()
+    assert r.returncode == 0
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def peers_of(p: AgentProcess) -> set[str]:
+    return {q["agent_id"] for q in (await status(p))["peers"]}
+
+
+async def wait_for(what: Any, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await what():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.3)
+
+
+# -- credentials -------------------------------------------------------------------------
+
+
+def test_credentials_bind_the_agent_id_to_the_key_and_keys_are_private(tmp_path: Path) -> None:
+    files = cluster(tmp_path, "lab", "a")
+    m = load_member(files["a"])
+    assert len(m.agent_id) == 32 and all(c in "0123456789abcdef" for c in m.agent_id)
+    text = files["a"].read_text()
+    assert f'agent_id = "{m.agent_id}"' in text and 'share = "public"' in text
+    # A second init over the same CA is refused; enrolling into a dir with no CA too.
+    assert hfswarm("cluster", "init", str(tmp_path / "lab")).returncode == 2
+    r = hfswarm("cluster", "enroll", str(tmp_path / "none"), "--name", "x", "--out", "/dev/null")
+    assert r.returncode == 2 and "cluster CA key" in r.stderr
+    # A key file others may read is refused, with the fix.
+    os.chmod(files["a"], 0o640)
+    with pytest.raises(ConfigError) as exc:
+        load_member(files["a"])
+    assert f"chmod 600 {files['a']}" in exc.value.one_line()
+    # Revocation lists the member's serial, signed by the CA.
+    os.chmod(files["a"], 0o600)
+    assert ClusterDir(tmp_path / "lab").revoke(name="a") == [m.agent_id]
+    from peer.cluster.tls import Cluster
+
+    assert Cluster(m).crl.revoked(m.cert.serial_number)
+
+
+def test_the_agent_refuses_a_key_file_with_group_permissions(tmp_path: Path) -> None:
+    files = cluster(tmp_path, "lab", "a")
+    os.chmod(files["a"], 0o644)
+    r = subprocess.run(
+        [sys.executable, "-m", "peer.cli.main", "agent", "--config", os.devnull,
+         "--cluster", str(files["a"]), "--state-dir", str(tmp_path / "s"),
+         "--cache-dir", str(tmp_path / "c"), "--listen", "127.0.0.1:0",
+         "--local-listen", "127.0.0.1:0", "--bt-listen", "127.0.0.1:0", "--no-mdns"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"run: chmod 600 {files['a']}" in r.stderr
+    assert "PRIVATE KEY" not in r.stderr + r.stdout
+
+
+# -- members share; outsiders get nothing ------------------------------------------------
+
+
+async def test_members_share_and_outsiders_get_nothing(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    lab = cluster(tmp_path, "lab", "a", "b")
+    other = cluster(tmp_path, "other", "x")
+    total = 6 * MiB + 300_000
+    async with agent_process(
+        tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
+    ) as a:
+        first = await download(a)
+        assert first["from_mirror"] >= total - 100
+        assert (await status(a))["mode"] == "cluster"
+        peer = [a.peer_addr]
+        async with (
+            agent_process(
+                tmp_path / "b",
+                "127.0.0.3",
+                mirror.url,
+                "-v",
+                "--cluster",
+                str(lab["b"]),
+                peers=peer,
+            ) as b,
+            agent_process(tmp_path / "o", "127.0.0.4", mirror.url, peers=peer) as outsider,
+            agent_process(
+                tmp_path / "x", "127.0.0.5", mirror.url, "--cluster", str(other["x"]), peers=peer
+            ) as foreign,
+        ):
+            assert await peers_of(b) == {a.info["agent_id"]}
+            got = await download(b)
+            assert got["from_peers"] > total // 2, got
+            for stranger in (outsider, foreign):
+                r = await download(stranger)
+                assert r["from_peers"] == 0 and r["from_mirror"] >= total - 100, r
+                assert await peers_of(stranger) == set()
+            # The member knows the other member only; the strangers' calls were refused.
+            assert await peers_of(a) <= {b.info["agent_id"]}
+            s = await status(a)
+            assert s["mode"] == "cluster"
+            assert (await status(outsider))["mode"] == "open"
+            # A plain-HTTP client gets no answer at all from the member's peer API.
+            with pytest.raises(aiohttp.ClientError):
+                async with aiohttp.ClientSession() as sess, sess.get(f"{a.peer_url}/v1/health"):
+                    pass
+
+
+async def test_a_revoked_member_is_refused_after_the_crl_reload(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    lab = cluster(tmp_path, "lab", "a", "b")
+    async with agent_process(
+        tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
+    ) as a:
+        await download(a)
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
+            peers=[a.peer_addr],
+        ) as b:  # fmt: skip
+            assert await peers_of(b) == {a.info["agent_id"]}
+            r = hfswarm("cluster", "revoke", str(tmp_path / "lab"), "--name", "b")
+            assert r.returncode == 0, r.stderr
+
+            async def b_is_cut_off() -> bool:
+                return not await peers_of(b)
+
+            await wait_for(b_is_cut_off, 30)
+            got = await download(b)
+            assert got["from_peers"] == 0, got
+            assert "revoked" in a.log.read_text()
