@@ -213,3 +213,63 @@ async def test_a_revoked_member_is_refused_after_the_crl_reload(
             got = await download(b)
             assert got["from_peers"] == 0, got
             assert "revoked" in a.log.read_text()
+
+
+# -- the tracker in cluster mode ---------------------------------------------------------
+
+
+async def test_the_tracker_in_cluster_mode_takes_only_members_signed_registrations(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    from procs import tracker_process
+
+    from tracker import messages as m
+    from tracker.client import TrackerClient
+    from tracker.errors import TrackerRefused
+
+    lab = cluster(tmp_path, "lab", "a", "b")
+    other = cluster(tmp_path, "other", "x")
+    a, x = load_member(lab["a"]), load_member(other["x"])
+    ca = tmp_path / "lab" / "ca.pem"
+    async with (
+        tracker_process(tmp_path / "t.log", "127.0.0.1:0", "--cluster", str(ca), "-v") as (_, url),
+        TrackerClient(url) as plain,
+        TrackerClient(url, signer=a) as member,
+        TrackerClient(url, signer=x) as foreign,
+    ):
+        # Unsigned, another cluster's, a member's under another id: refused.
+        for client, agent_id in ((plain, a.agent_id), (foreign, x.agent_id), (member, "f" * 32)):
+            with pytest.raises(TrackerRefused) as exc:
+                await client.register(agent_id, 7851, 0)
+            assert "not_a_member" in str(exc.value) or "cluster" in str(exc.value)
+        # Stale (10 minutes old) and tampered signatures: refused.
+        old = m.sign(m.Register(agent_id=a.agent_id, api_port=7851, bt_port=0), a, time.time() - 600)
+        forged = m.sign(m.Register(agent_id=a.agent_id, api_port=7851, bt_port=0), a, time.time())
+        forged = m.Register(**{**forged.__dict__, "api_port": 9999})
+        async with aiohttp.ClientSession() as s:
+            for msg in (old, forged):
+                async with s.post(
+                    f"{url}/v1/register",
+                    data=m.encode(msg),
+                    headers={"Content-Type": "application/msgpack"},
+                ) as r:
+                    assert r.status == 403
+        assert (await plain.health()).agents == 0
+        # A member's own signed registration and announce are taken.
+        reg = await member.register(a.agent_id, 7851, 0)
+        assert reg.agent_id == a.agent_id
+        with pytest.raises(TrackerRefused):
+            await plain.announce(a.agent_id, ["a" * 64])
+        await member.announce(a.agent_id, ["a" * 64])
+        who = await plain.who(["a" * 64])
+        assert [h.agent_id for h in who["a" * 64].holders] == [a.agent_id]
+        # A member agent started with --tracker registers itself (signed by its key).
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
+            "--tracker", url,
+        ):  # fmt: skip
+
+            async def two_agents() -> bool:
+                return (await plain.health()).agents == 2
+
+            await wait_for(two_agents, 20)

@@ -128,6 +128,7 @@ class Agent:
                 agent_id=self.agent_id,
                 peers=self.peers,
                 holdings=lambda: (self.seeds.held.keys(), self.blobs.fetching_ids()),
+                signer=self.cluster.member if self.cluster is not None else None,
             )
             self.blobs = BlobFetcher(
                 self.config,

@@ -334,6 +334,10 @@ class Member:
     ca: x509.Certificate
 
     @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @property
     def ca_pem(self) -> str:
         return self.ca.public_bytes(serialization.Encoding.PEM).decode()
 
