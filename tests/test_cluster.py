@@ -243,7 +243,9 @@ async def test_the_tracker_in_cluster_mode_takes_only_members_signed_registratio
                 await client.register(agent_id, 7851, 0)
             assert "not_a_member" in str(exc.value) or "cluster" in str(exc.value)
         # Stale (10 minutes old) and tampered signatures: refused.
-        old = m.sign(m.Register(agent_id=a.agent_id, api_port=7851, bt_port=0), a, time.time() - 600)
+        old = m.sign(
+            m.Register(agent_id=a.agent_id, api_port=7851, bt_port=0), a, time.time() - 600
+        )
         forged = m.sign(m.Register(agent_id=a.agent_id, api_port=7851, bt_port=0), a, time.time())
         forged = m.Register(**{**forged.__dict__, "api_port": 9999})
         async with aiohttp.ClientSession() as s:

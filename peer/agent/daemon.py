@@ -18,6 +18,7 @@ import importlib
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -32,6 +33,7 @@ from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
 from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
+from peer.cluster.announce import check_txt, signed_txt
 from peer.cluster.credentials import load_member
 from peer.cluster.tls import Cluster, peer_cert
 from peer.config import AgentConfig
@@ -46,6 +48,7 @@ from peer.serving.metrics import AgentMetrics
 from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
 from peer.transfer.swarm import SwarmSession, SwarmSettings
+from tracker.signing import Membership
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,7 @@ class Agent:
                         on_found=lambda host, port, _id: self.peers.offer(host, port, "mdns"),
                         on_lost=self.peers.withdraw,
                         interfaces=self.config.mdns_interfaces or None,
+                        **self._mdns_signing(),
                     )
                 )
             await self._stack.enter_async_context(
@@ -246,6 +250,19 @@ class Agent:
             ) from exc
         self._stack.push_async_callback(runner.cleanup)
         return port
+
+    def _mdns_signing(self) -> dict[str, Any]:
+        """Cluster mode: our mDNS record signed, and only members' signed records read."""
+        if self.cluster is None:
+            return {}
+        member = self.cluster.member
+        membership = Membership(member.ca, member.crl)
+        return {
+            "sign": lambda bt, api, now: signed_txt(member, bt, api, now),
+            "check": lambda props, agent_id, bt, api, now: check_txt(
+                membership, props, agent_id, bt, api, now
+            ),
+        }
 
     def _admit(self, transport: asyncio.BaseTransport) -> bool:
         """Cluster mode, after the handshake: the client's certificate is not revoked."""
