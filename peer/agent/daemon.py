@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
@@ -42,6 +43,7 @@ from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
 from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
+from peer.manifests.signing import Pins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
 from peer.serving.metrics import AgentMetrics
@@ -76,6 +78,7 @@ class Agent:
         self.peer_port = 0
         self.local_port = 0
         self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
+        self.signatures: Signatures
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -112,8 +115,18 @@ class Agent:
                     )
                 )
             )
+            self.signatures = await asyncio.to_thread(self._signatures)
             self.peers = await self._stack.enter_async_context(
-                PeerTable(self.agent_id, cluster=self.cluster)
+                PeerTable(
+                    self.agent_id,
+                    cluster=self.cluster,
+                    check_manifest=(
+                        (lambda m, by: self.signatures.check_manifest(m, by, time.time()))
+                        if self.cluster is not None
+                        else None
+                    ),
+                    on_ban=self._banned,
+                )
             )
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
@@ -143,7 +156,9 @@ class Agent:
                 on_change=self.trackers.nudge,
                 on_ban=self._banned,
             )
-            self.revisions = Revisions(self.state, self.peers, self.agent_id)
+            self.revisions = Revisions(
+                self.state, self.peers, self.agent_id, signatures=self.signatures
+            )
             await asyncio.to_thread(self.revisions.load)
             self.downloads = DownloadJob(
                 self.config.hub, self.config.download, self.revisions, self.blobs, self.totals
@@ -174,6 +189,7 @@ class Agent:
                 self.totals,
                 audit=self.audit,
                 peer_of=lambda host: agent_id_at(self.peers, host),
+                sign=self.signatures.sign_manifest if self.cluster is not None else None,
             )
             hub_api = HubService(
                 self.config, self.revisions, self.blobs, self.downloads, self.audit
@@ -250,6 +266,22 @@ class Agent:
             ) from exc
         self._stack.push_async_callback(runner.cleanup)
         return port
+
+    def _signatures(self) -> Signatures:
+        """Cluster mode: the member's key and certificate, members only. Open mode: the
+        agent's own key (made 0600 in the state dir), for local/* publishes."""
+        pins = Pins(self.config.state_dir / "pins")
+        if self.cluster is None:
+            key = load_signing_key(self.config.state_dir / "signing_key")
+            return Signatures(self.agent_id, key, pins)
+        member = self.cluster.member
+        return Signatures(
+            self.agent_id,
+            member.key,
+            pins,
+            cert_der=member.cert_der,
+            membership=Membership(member.ca, member.crl),
+        )
 
     def _mdns_signing(self) -> dict[str, Any]:
         """Cluster mode: our mDNS record signed, and only members' signed records read."""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -205,12 +206,22 @@ class PeerTable:
         misses_allowed: int = 2,
         policy: RetryPolicy | None = None,
         cluster: Cluster | None = None,
+        check_manifest: Callable[[wire.Manifest, str], None] | None = None,
+        on_ban: Callable[[str, str, str], None] = lambda _addr, _why, _blob: None,
+        ban_for: float = 600.0,
     ) -> None:
         self.self_id = self_id
         # Cluster mode: every call over mutual TLS, and the certificate's agent id must
         # be the one the peer claims (`_member_of`).
         self.cluster = cluster
         self._members: MemberConnector | None = None
+        # Cluster mode: a peer whose /v1/have carries a manifest that fails this check
+        # (raising PeerMisbehaved; args: manifest, the peer's agent id) is banned for
+        # `ban_for` s: its answers are dropped, it is not a live peer.
+        self._check_manifest = check_manifest
+        self._on_ban = on_ban
+        self._ban_for = ban_for
+        self._banned: dict[str, float] = {}  # agent id -> banned until (monotonic)
         self.timeout = timeout
         self.misses_allowed = misses_allowed
         self.schedule = Schedule(policy or RetryPolicy(interval=interval))
@@ -299,6 +310,10 @@ class PeerTable:
         if health.agent_id == self.self_id:
             self.schedule.remove(key)  # that is us
             return
+        if self.is_banned(health.agent_id):
+            self.schedule.succeeded(key, time.monotonic())
+            self._live.pop(key, None)
+            return
         self.schedule.succeeded(key, time.monotonic())
         if key not in self.schedule:
             return  # withdrawn while we asked
@@ -335,6 +350,35 @@ class PeerTable:
             raise wire.WireError(f"its certificate is {got[:8]}, not {expect[:8]}")
         return got
 
+    def is_banned(self, agent_id: str) -> bool:
+        until = self._banned.get(agent_id)
+        if until is not None and until <= time.monotonic():
+            del self._banned[agent_id]
+            return False
+        return until is not None
+
+    def ban(self, peer: PeerInfo, reason: str, blob_id: str = "") -> None:
+        """Stop using this peer for `ban_for` s (it sent something only a liar sends)."""
+        if len(self._banned) > 4096:
+            self._banned.clear()
+        self._banned[peer.agent_id] = time.monotonic() + self._ban_for
+        self._live.pop((peer.host, peer.api_port), None)
+        log.warning("peer %s at %s banned: %s", peer.agent_id[:8], peer.api_url, reason)
+        self._on_ban(peer.host, reason, blob_id)
+
+    def _vetted(self, peer: PeerInfo, answer: wire.HaveResponse) -> wire.HaveResponse | None:
+        """Cluster mode: the answer if every manifest in it checks out; else the peer is
+        banned and its whole answer dropped (never voted on)."""
+        if self._check_manifest is None:
+            return answer
+        for m in (*answer.manifests, *answer.fetching):
+            try:
+                self._check_manifest(m, peer.agent_id)
+            except PeerMisbehaved as exc:
+                self.ban(peer, exc.one_line(), m.blob_id)
+                return None
+        return answer
+
     def mark_dead(self, peer: PeerInfo) -> None:
         self._live.pop((peer.host, peer.api_port), None)
 
@@ -355,7 +399,8 @@ class PeerTable:
         offers: dict[str, list[Offer]] = {}
         claims: dict[str, list[tuple[PeerInfo, wire.Claim]]] = {}
         wanted = set(blob_ids)
-        for peer, answer in zip(peers, answers, strict=True):
+        for peer, raw in zip(peers, answers, strict=True):
+            answer = self._vetted(peer, raw) if raw is not None else None
             if answer is None:
                 continue
             for m, complete in [(m, True) for m in answer.manifests] + [
