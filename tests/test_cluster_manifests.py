@@ -111,10 +111,11 @@ async def test_a_member_serving_a_forged_manifest_is_banned_and_the_download_com
         return wire.HaveResponse(manifests=(forged,) if shard_id in ask.blob_ids else ())
 
     app = fake_agent(evil.agent_id, have, lambda _: None)
+    flags_a = ["-v", "--cluster", str(lab["a"])]
     async with (
-        agent_process(tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])) as a,
+        agent_process(tmp_path / "a", "127.0.0.2", mirror.url, *flags_a) as a,
         serve(app, "127.0.0.40", evil) as evil_addr,
-    ):  # fmt: skip
+    ):
         await download(a)
         async with agent_process(
             tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
