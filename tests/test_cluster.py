@@ -5,6 +5,7 @@ cluster; the project's mirror counting what it serves."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -275,3 +276,71 @@ async def test_the_tracker_in_cluster_mode_takes_only_members_signed_registratio
                 return (await plain.health()).agents == 2
 
             await wait_for(two_agents, 20)
+
+
+# -- SSL torrents ------------------------------------------------------------------------
+
+
+async def swarm_bytes(
+    torrent: bytes, host: str, bt_port: int, ssl: Any, folder: Path, seconds: float
+) -> int:
+    """A bare libtorrent session (`ssl`: an SslIdentity, or None) asks for a torrent."""
+    from peer.transfer.swarm import SwarmSession, SwarmSettings
+
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    async with SwarmSession(SwarmSettings(listen_host="127.0.0.9", ssl=ssl)) as ses:
+        ih = await ses.add_torrent(torrent, folder)
+        ses.connect_peer(ih, host, bt_port)
+        deadline = time.monotonic() + seconds
+        got = 0
+        while time.monotonic() < deadline:
+            got = (await ses.status(ih)).peer_payload_bytes
+            if got > 0:
+                break
+            await asyncio.sleep(0.2)
+        await ses.remove_torrent(ih)
+        return got
+
+
+async def test_ssl_torrents_serve_members_only(tmp_path: Path, mirror: MirrorServer) -> None:
+    from peer.cluster.tls import FFDHE2048_PEM
+    from peer.manifests import VerifiedBlob, make_manifest
+    from peer.transfer.swarm import SslIdentity
+
+    lab = cluster(tmp_path, "lab", "a", "c")
+    other = cluster(tmp_path, "other", "x")
+    shard = (tmp_path / "repo" / "model.safetensors").read_bytes()
+    blob_id = hashlib.sha256(shard).hexdigest()
+    (tmp_path / "blob").mkdir()
+    (tmp_path / "blob" / blob_id).write_bytes(shard)
+    manifest = await make_manifest(
+        VerifiedBlob(blob_id, len(shard), tmp_path / "blob" / blob_id), made_by="0" * 32
+    )
+    dh = tmp_path / "dh.pem"
+    dh.write_text(FFDHE2048_PEM)
+    lab_ca = (tmp_path / "lab" / "ca.pem").read_text()
+
+    def ident(cred: Path) -> SslIdentity:
+        return SslIdentity(lab_ca, str(cred), str(cred), str(dh))
+
+    async with agent_process(
+        tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
+    ) as a:
+        await download(a)
+        bt = int(a.info["bt_port"])
+        # Plain BitTorrent, knowing the torrent: nothing.
+        assert await swarm_bytes(manifest.torrent, "127.0.0.2", bt, None, tmp_path / "o", 5) == 0
+        # SSL with the cluster's (public) CA, but another cluster's certificate: nothing.
+        assert (
+            await swarm_bytes(
+                manifest.torrent, "127.0.0.2", bt, ident(other["x"]), tmp_path / "x", 5
+            )
+            == 0
+        )
+        # A member's certificate: pieces flow (the two above could have had them).
+        assert (
+            await swarm_bytes(
+                manifest.torrent, "127.0.0.2", bt, ident(lab["c"]), tmp_path / "c", 15
+            )
+            > 0
+        )

@@ -36,7 +36,7 @@ from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
 from peer.cluster.announce import check_txt, signed_txt
 from peer.cluster.credentials import load_member
-from peer.cluster.tls import Cluster, peer_cert
+from peer.cluster.tls import FFDHE2048_PEM, Cluster, peer_cert
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
@@ -49,7 +49,7 @@ from peer.serving.local_api import make_local_app
 from peer.serving.metrics import AgentMetrics
 from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
-from peer.transfer.swarm import SwarmSession, SwarmSettings
+from peer.transfer.swarm import SslIdentity, SwarmSession, SwarmSettings
 from tracker.signing import Membership
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class Agent:
                         # a cap is meant for the LAN too
                         limit_local_peers=self.config.max_upload_rate > 0,
                         trackers=tuple(f"{u}/announce" for u in self.config.trackers),
+                        ssl=await asyncio.to_thread(self._ssl_identity),
                     )
                 )
             )
@@ -266,6 +267,16 @@ class Agent:
             ) from exc
         self._stack.push_async_callback(runner.cleanup)
         return port
+
+    def _ssl_identity(self) -> SslIdentity | None:
+        """Cluster mode: SSL torrents rooted in the cluster CA, with the member's key."""
+        if self.cluster is None:
+            return None
+        member = self.cluster.member
+        dh = self.config.state_dir / "dhparams.pem"
+        if not dh.exists():
+            dh.write_text(FFDHE2048_PEM)
+        return SslIdentity(member.ca_pem, str(member.path), str(member.path), str(dh))
 
     def _signatures(self) -> Signatures:
         """Cluster mode: the member's key and certificate, members only. Open mode: the

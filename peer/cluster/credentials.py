@@ -232,6 +232,8 @@ class ClusterDir:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=MEMBER_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # libtorrent's SSL torrents want the torrent's name or "*" here.
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*")]), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
