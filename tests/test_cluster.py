@@ -140,6 +140,18 @@ def test_the_agent_refuses_a_key_file_with_group_permissions(tmp_path: Path) -> 
     assert r.returncode == 2, r.stderr
     assert f"run: chmod 600 {files['a']}" in r.stderr
     assert "PRIVATE KEY" not in r.stderr + r.stdout
+    # share = "cluster" is not implemented: refused at start, not silently ignored.
+    os.chmod(files["a"], 0o600)
+    text = files["a"].read_text().replace('share = "public"', 'share = "cluster"')
+    files["a"].write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "peer.cli.main", "agent", "--config", os.devnull,
+         "--cluster", str(files["a"]), "--state-dir", str(tmp_path / "s"),
+         "--cache-dir", str(tmp_path / "c"), "--listen", "127.0.0.1:0",
+         "--local-listen", "127.0.0.1:0", "--bt-listen", "127.0.0.1:0", "--no-mdns"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
 
 
 # -- members share; outsiders get nothing ------------------------------------------------
