@@ -51,7 +51,7 @@ async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
         yield m
 
 
-def cluster(tmp_path: Path, name: str, *members: str) -> dict[str, Path]:
+def cluster(tmp_path: Path, name: str, *members: str, share: str = "public") -> dict[str, Path]:
     """A CA in tmp_path/name made with the CLI, and one credentials file per member."""
     ca = tmp_path / name
     r = hfswarm("cluster", "init", str(ca), "--name", name)
@@ -59,7 +59,9 @@ def cluster(tmp_path: Path, name: str, *members: str) -> dict[str, Path]:
     out = {}
     for m in members:
         out[m] = tmp_path / f"{name}-{m}.pem"
-        r = hfswarm("cluster", "enroll", str(ca), "--name", m, "--out", str(out[m]))
+        r = hfswarm(
+            "cluster", "enroll", str(ca), "--name", m, "--out", str(out[m]), "--share", share
+        )
         assert r.returncode == 0, r.stderr
         assert stat.S_IMODE(out[m].stat().st_mode) == 0o600
     assert stat.S_IMODE((ca / "ca.key").stat().st_mode) == 0o600
@@ -140,18 +142,6 @@ def test_the_agent_refuses_a_key_file_with_group_permissions(tmp_path: Path) -> 
     assert r.returncode == 2, r.stderr
     assert f"run: chmod 600 {files['a']}" in r.stderr
     assert "PRIVATE KEY" not in r.stderr + r.stdout
-    # share = "cluster" is not implemented: refused at start, not silently ignored.
-    os.chmod(files["a"], 0o600)
-    text = files["a"].read_text().replace('share = "public"', 'share = "cluster"')
-    files["a"].write_text(text)
-    r = subprocess.run(
-        [sys.executable, "-m", "peer.cli.main", "agent", "--config", os.devnull,
-         "--cluster", str(files["a"]), "--state-dir", str(tmp_path / "s"),
-         "--cache-dir", str(tmp_path / "c"), "--listen", "127.0.0.1:0",
-         "--local-listen", "127.0.0.1:0", "--bt-listen", "127.0.0.1:0", "--no-mdns"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
 
 
 # -- members share; outsiders get nothing ------------------------------------------------
@@ -356,3 +346,44 @@ async def test_ssl_torrents_serve_members_only(tmp_path: Path, mirror: MirrorSer
             )
             > 0
         )
+
+
+# -- share = "cluster" -------------------------------------------------------------------
+
+
+async def test_members_with_share_cluster_share_a_private_repo(tmp_path: Path) -> None:
+    """share = "cluster": a private repo's blobs go from member to member (each member's
+    own token is still checked by the mirror first); with share = "public" they do not."""
+    rnd = random.Random(11)
+    folder = tmp_path / "priv"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"name": "org/priv"}')
+    shard = rnd.randbytes(4 * MiB)
+    (folder / "model.safetensors").write_bytes(shard)
+    token = tmp_path / "token"
+    token.write_text("hf_member_token")
+    os.chmod(token, 0o600)
+    shared = cluster(tmp_path, "lab", "a", "b", share="cluster")
+    public = cluster(tmp_path, "lab2", "c", "d")
+    async with MirrorServer(
+        [RepoSource("model", "org/priv", folder, private=True)], gated_tokens=["hf_member_token"]
+    ) as mirror:
+        for creds, expect_peers in ((shared, True), (public, False)):
+            first, second = sorted(creds)
+            flags = ["-v", "--token-file", str(token), "--cluster"]
+            async with agent_process(
+                tmp_path / f"{first}", "127.0.0.2", mirror.url, *flags, str(creds[first])
+            ) as a:
+                got_a = await download(a, "org/priv")
+                assert got_a["from_mirror"] >= len(shard)
+                async with agent_process(
+                    tmp_path / f"{second}", "127.0.0.3", mirror.url, *flags, str(creds[second]),
+                    peers=[a.peer_addr],
+                ) as b:  # fmt: skip
+                    got_b = await download(b, "org/priv")
+                    snap = Path(got_b["path"])
+                    assert (snap / "model.safetensors").read_bytes() == shard
+                    if expect_peers:
+                        assert got_b["from_peers"] > len(shard) // 2, got_b
+                    else:
+                        assert got_b["from_peers"] == 0, got_b

@@ -41,7 +41,7 @@ from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
-from peer.errors import ConfigError, LocalError
+from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
 from peer.manifests.signing import Pins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
@@ -93,13 +93,7 @@ class Agent:
             ) from exc
         if self.config.cluster is not None:
             # Cluster mode: the id is the member key's (its certificate names it).
-            member = await asyncio.to_thread(load_member, self.config.cluster)
-            if member.share != "public":
-                raise ConfigError(
-                    f'{member.path}: share = "{member.share}" is not supported yet',
-                    hint='set share = "public" (private and gated blobs stay on each machine)',
-                )
-            self.cluster = Cluster(member)
+            self.cluster = Cluster(await asyncio.to_thread(load_member, self.config.cluster))
             self.agent_id = self.cluster.agent_id
         else:
             self.agent_id = self.state.agent_id()
@@ -143,6 +137,8 @@ class Agent:
                 self.swarm,
                 self.agent_id,
                 confirm=self._anonymous_visibility,
+                # share = "cluster": private and gated blobs go to members too
+                cluster_share=self.cluster is not None and self.cluster.member.share == "cluster",
             )
             # The herd asks the trackers and nudges them from the start; the sources
             # themselves start once the peer API is bound (they register its port).

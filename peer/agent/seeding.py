@@ -56,8 +56,13 @@ class SeedIndex:
         swarm: SwarmSession,
         agent_id: str,
         confirm: Confirm | None = None,
+        *,
+        cluster_share: bool = False,
     ) -> None:
         self.cache_root = cache_root
+        # Cluster mode, share = "cluster": private and gated blobs are held (seeded,
+        # offered) too; peers are authenticated members then.
+        self.cluster_share = cluster_share
         self.state = state
         self.swarm = swarm
         self.agent_id = agent_id
@@ -108,7 +113,7 @@ class SeedIndex:
         if after != before:
             self._provenance[blob_id] = after
             await asyncio.to_thread(self.state.save_provenance, blob_id, after)
-        if after.shared and blob_id in self.kept:
+        if after.shared_in(self.cluster_share) and blob_id in self.kept:
             path = self.kept[blob_id]
             fp = await asyncio.to_thread(Fingerprint.of, path)
             record = self.state.verified(blob_id, fp)
@@ -117,7 +122,7 @@ class SeedIndex:
                 manifest = await self._make_manifest(path, blob_id, fp)
             del self.kept[blob_id]
             await self._seed(path, manifest)
-        elif not after.shared and blob_id in self.held:
+        elif not after.shared_in(self.cluster_share) and blob_id in self.held:
             held = self.held.pop(blob_id)
             self.kept[blob_id] = held.path
             log.info("%s is no longer shared: its repos are private or gated", blob_id[:12])
@@ -139,7 +144,8 @@ class SeedIndex:
             if fp.size == 0:
                 raise OSError(f"{blob_id} is empty: nothing to seed")
             self.kept[blob_id] = path
-            if held_for is None or not self.provenance(blob_id).with_repo(*held_for).shared:
+            after = None if held_for is None else self.provenance(blob_id).with_repo(*held_for)
+            if after is None or not after.shared_in(self.cluster_share):
                 # kept only: no manifest (a hash pass) for what is never offered
                 self.state.remember_verified(VerifiedRecord(blob_id, fp, b""))
             await self._note(blob_id, held_for)
