@@ -32,7 +32,7 @@ from peer.cluster.credentials import Member, load_member
 from peer.cluster.tls import Cluster
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.revisions import content_commit
-from peer.manifests.signing import Pins, Signatures
+from peer.manifests.signing import KeyPins, Signatures
 from peer.mirror_server import MirrorServer
 
 __all__ = ["mirror"]  # the fixture, used by name
@@ -101,7 +101,7 @@ async def test_a_member_serving_a_forged_manifest_is_banned_and_the_download_com
     shard_id = hashlib.sha256(shard).hexdigest()
     forged = await garbage_manifest(shard_id, len(shard))
     # Signed by the evil member... over another manifest: the signature does not verify.
-    signer = Signatures(evil.agent_id, evil.key, Pins(tmp_path / "pins"), cert_der=evil.cert_der)
+    signer = Signatures(evil.agent_id, evil.key, KeyPins(tmp_path / "pins"), cert_der=evil.cert_der)
     other = signer.sign_manifest(replace(forged, info_hash="1" * 64))
     forged = replace(forged, made_by=evil.agent_id, signature=other.signature)
     asked: list[int] = []
@@ -167,13 +167,15 @@ async def hijack_is_refused(tmp_path: Path, mirror: MirrorServer, *, mode: str) 
         flags_a, flags_b = ["--cluster", str(lab["a"])], ["--cluster", str(lab["b"])]
         evil: Member | None = load_member(lab["evil"])
         assert evil is not None
-        hijacker = Signatures(evil.agent_id, evil.key, Pins(tmp_path / "p"), cert_der=evil.cert_der)
+        hijacker = Signatures(
+            evil.agent_id, evil.key, KeyPins(tmp_path / "p"), cert_der=evil.cert_der
+        )
         hijacker_id = evil.agent_id
     else:
         flags_a = flags_b = []
         evil = None
         hijacker_id = "e" * 32
-        hijacker = Signatures(hijacker_id, Ed25519PrivateKey.generate(), Pins(tmp_path / "p"))
+        hijacker = Signatures(hijacker_id, Ed25519PrivateKey.generate(), KeyPins(tmp_path / "p"))
     src = tmp_path / "ckpt"
     src.mkdir()
     (src / "config.json").write_text('{"step": 1}')
@@ -221,3 +223,33 @@ async def test_a_hijacking_local_manifest_is_refused_in_cluster_mode(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
     await hijack_is_refused(tmp_path, mirror, mode="cluster")
+
+
+def test_own_unsigned_revisions_kept_from_before_signing_are_signed_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """An agent upgraded to signed manifests keeps its earlier publishes (signed at
+    start); someone else's unsigned local/* manifest is dropped."""
+    from peer.agent.revisions import Revisions, _key
+    from peer.agent.state import StateDir
+
+    state = StateDir(tmp_path / "state")
+    me = state.agent_id()
+    files = (wire.RevisionFile(path="a.txt", blob_id="0" * 40, size=3),)
+
+    def manifest(made_by: str) -> wire.RevisionManifest:
+        return wire.RevisionManifest(
+            repo_type="model", repo_id=f"local/{made_by[:4]}", revision="main",
+            commit=content_commit(files), files=files, made_by=made_by,
+            published_at=int(time.time() * 1000),
+        )  # fmt: skip
+
+    for m in (manifest(me), manifest("f" * 32)):
+        state.save_revision(_key(m), wire.encode(m))
+    signatures = Signatures(me, Ed25519PrivateKey.generate(), KeyPins(tmp_path / "pins"))
+    revisions = Revisions(state, None, me, signatures=signatures)  # type: ignore[arg-type]
+    assert revisions.load() == 1
+    best = revisions.book.best("model", f"local/{me[:4]}", "main")
+    assert best is not None and best.signature
+    stored = [wire.decode_as(d, wire.RevisionManifest) for _, d in state.revision_records()]
+    assert [m.made_by for m in stored] == [me] and stored[0].signature

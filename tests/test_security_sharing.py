@@ -27,7 +27,7 @@ from procs import AgentProcess, agent_process, answers_within, tracker_process
 from peer import wire
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.revisions import content_commit
-from peer.manifests.signing import Pins, Signatures
+from peer.manifests.signing import KeyPins, Signatures
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import BlobHasher, HashKind
@@ -207,7 +207,7 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
 def hostile_peer_app(files: tuple[wire.RevisionFile, ...]) -> web.Application:
     """Looks like an agent; answers every revision request with a manifest naming
     `files` (the ids of blobs it does not hold: another agent's gated ones)."""
-    signer = Signatures("e" * 32, Ed25519PrivateKey.generate(), Pins(Path("/nonexistent")))
+    signer = Signatures("e" * 32, Ed25519PrivateKey.generate(), KeyPins(Path("/nonexistent")))
 
     async def health(_: web.Request) -> web.Response:
         body = wire.encode(wire.Health(agent_id="e" * 32, bt_port=1, blobs=0))

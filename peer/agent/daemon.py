@@ -43,7 +43,7 @@ from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
 from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
-from peer.manifests.signing import Pins, Signatures, load_signing_key
+from peer.manifests.signing import KeyPins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
 from peer.serving.metrics import AgentMetrics
@@ -283,7 +283,7 @@ class Agent:
     def _signatures(self) -> Signatures:
         """Cluster mode: the member's key and certificate, members only. Open mode: the
         agent's own key (made 0600 in the state dir), for local/* publishes."""
-        pins = Pins(self.config.state_dir / "pins")
+        pins = KeyPins(self.config.state_dir / "pins")
         if self.cluster is None:
             key = load_signing_key(self.config.state_dir / "signing_key")
             return Signatures(self.agent_id, key, pins)

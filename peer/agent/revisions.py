@@ -105,6 +105,10 @@ class Revisions:
         for key, data in self.state.revision_records():
             try:
                 m = wire.decode_as(data, wire.RevisionManifest)
+                if self.signatures is not None and m.made_by == self.agent_id and not m.signature:
+                    # Ours, kept before manifests were signed: signed now, not lost.
+                    m = self.signatures.sign_revision(m)
+                    self.state.save_revision(key, wire.encode(m))
                 accept_revision_manifest(
                     m,
                     repo_type=m.repo_type,

@@ -9,7 +9,7 @@ empty signature) and is one of:
         the certificate's key) must be the manifest's ``made_by``
     b"K1" + Ed25519 public key (32 bytes raw) + Ed25519 sig
         open mode: the agent's own key (``<state>/signing_key``), for ``local/*``
-        publishes; trusted on first use per name (`Pins`)
+        publishes; trusted on first use per name (`KeyPins`)
 
 `Signatures` is an agent's side of it: it signs what the agent makes, and checks what
 peers send, raising the error of the check that called it (`InvalidManifest`,
@@ -106,7 +106,7 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return loaded
 
 
-class Pins:
+class KeyPins:
     """Trust on first use for ``local/*`` names: the first key seen for a name is kept
     in ``<state>/pins/<sha256 of type and name>`` (32 bytes, the raw public key)."""
 
@@ -138,7 +138,7 @@ class Signatures:
         self,
         agent_id: str,
         key: ed25519.Ed25519PrivateKey,
-        pins: Pins,
+        pins: KeyPins,
         *,
         cert_der: bytes | None = None,
         membership: Membership | None = None,
@@ -224,7 +224,7 @@ class Signatures:
 
     def check_revision(self, m: wire.RevisionManifest, now: float) -> None:
         """The signature of a revision manifest from elsewhere (the state dir too).
-        Raises `BadRevisionManifest`. Pins a ``local/*`` name on first use."""
+        Raises `BadRevisionManifest`. KeyPins a ``local/*`` name on first use."""
         local = is_local_repo(m.repo_id)
         if self.membership is None and not local:
             return  # open mode, a mirror's revision: the mirror is the authority
