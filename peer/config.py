@@ -146,6 +146,11 @@ def format_hostport(where: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# What an agent seeds: every shared blob, only those of pinned repos, or nothing (it
+# still serves its own machine's clients).
+SEEDING_POLICIES = ("always", "pinned", "none")
+
+
 # The agent's defaults, in one place: `AgentConfig` takes its field defaults from here, the
 # CLI (`peer.cli.main`) takes its flag defaults from `AgentConfig`, and the pure cores'
 # own configs (`PolicyConfig`, `HerdConfig`) start from the same values.
@@ -184,8 +189,16 @@ class AgentConfig:
     stall_timeout: float = STALL_TIMEOUT
     # Seconds given to peers to connect and announce their pieces before the mirror is used.
     peer_grace: float = PEER_GRACE
-    # BitTorrent upload cap in bytes/s (0: none), applied to LAN peers too.
+    # Caps in bytes/s (0: none), changed live with `hfswarm limits`: what LAN peers
+    # get from us (BitTorrent and HTTP) and take from us, and what the mirror sends us.
     max_upload_rate: int = 0
+    max_download_rate: int = 0
+    mirror_max_rate: int = 0
+    # Bytes of blobs the cache may hold (0: no limit); past it the least recently used
+    # blobs no pin, download or stream needs are removed (`peer.agent.quota`).
+    cache_max_size: int = 0
+    # always | pinned | none (SEEDING_POLICIES)
+    seeding: str = "always"
     # Herd: seconds for the claims of agents wanting the same new blob to meet before
     # one is elected to fetch it from the mirror, and how long a leader may make no
     # progress (or stay unseen) before another agent replaces it.
@@ -204,3 +217,12 @@ class AgentConfig:
         if not self.audit:
             return None
         return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"
+
+    def __post_init__(self) -> None:
+        if self.seeding not in SEEDING_POLICIES:
+            raise ConfigError(
+                f"seeding policy {self.seeding!r} is not one of {', '.join(SEEDING_POLICIES)}"
+            )
+        for name in ("max_upload_rate", "max_download_rate", "mirror_max_rate", "cache_max_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (none) or more")

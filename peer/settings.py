@@ -30,6 +30,7 @@ from typing import Any
 
 from peer.config import (
     DEFAULT_ENDPOINT,
+    SEEDING_POLICIES,
     AgentConfig,
     DownloadOptions,
     HubSettings,
@@ -340,8 +341,38 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_upload_rate",
         parse_rate,
-        "cap what this agent uploads to peers, in bytes/s (50MB/s, 50MB, 50000000); 0: no cap",
+        "cap what LAN peers take from this agent (BitTorrent and HTTP), in bytes/s (50MB/s, "
+        "50MB, 50000000); 0: no cap; `hfswarm limits --upload` changes it live",
         metavar="RATE",
+    ),
+    Setting(
+        "max_download_rate",
+        parse_rate,
+        "cap what this agent takes from LAN peers, in bytes/s; 0: no cap; "
+        "`hfswarm limits --download` changes it live",
+        metavar="RATE",
+    ),
+    Setting(
+        "mirror_max_rate",
+        parse_rate,
+        "cap what this agent takes from the mirrors (all downloads together), in bytes/s; "
+        "0: no cap; `hfswarm limits --mirror` changes it live",
+        metavar="RATE",
+    ),
+    Setting(
+        "cache_max_size",
+        parse_size,
+        "keep the cache's blobs under this size (200GB, 1.5TiB): least recently used blobs "
+        "no pin or running download needs are removed; a download that cannot fit is "
+        "refused; 0: no limit",
+        metavar="SIZE",
+    ),
+    Setting(
+        "seeding",
+        parse_choice(*SEEDING_POLICIES),
+        "what to offer LAN peers: always (every shareable blob), pinned (only blobs of "
+        "pinned repos), none (nothing; this machine is still served)",
+        metavar="|".join(SEEDING_POLICIES),
     ),
     Setting(
         "stall_timeout",

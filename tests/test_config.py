@@ -95,6 +95,17 @@ SAMPLES: dict[str, tuple[str, str, list[str], tuple[Any, Any, Any]]] = {
     "max_upload_rate": (
         '"50MB/s"', "2MiB", ["--max-upload-rate", "1000"], (50_000_000, 2 * 2**20, 1000),
     ),
+    "max_download_rate": (
+        '"20MB/s"', "3MiB/s", ["--max-download-rate", "2000"], (20_000_000, 3 * 2**20, 2000),
+    ),
+    "mirror_max_rate": (
+        "5000000", "1MB/s", ["--mirror-max-rate", "7MB"], (5_000_000, 1_000_000, 7_000_000),
+    ),
+    "cache_max_size": (
+        '"200GB"', "1.5TiB", ["--cache-max-size", "500MB"],
+        (200 * 10**9, int(1.5 * 2**40), 500 * 10**6),
+    ),
+    "seeding": ('"pinned"', "none", ["--seeding", "always"], ("pinned", "none", "always")),
     "stall_timeout": ("7", "8.5", ["--stall-timeout", "9"], (7.0, 8.5, 9.0)),
     "peer_grace": ("0.5", "1", ["--peer-grace", "1.5"], (0.5, 1.0, 1.5)),
     "herd_settle": ("2", "3", ["--herd-settle", "4"], (2.0, 3.0, 4.0)),

@@ -354,3 +354,36 @@ def test_nested_json_to_the_hub_api_is_a_bad_request(setup: Setup) -> None:
     status, answer = setup.local("POST", route, b'{"paths": ["a.txt"]}', Host=own, **json_type)
     assert status == 200 and [e["path"] for e in answer] == ["a.txt"], answer
     setup.health_within_1s()
+
+
+def test_only_the_agents_own_user_pins_and_changes_limits(setup: Setup) -> None:
+    """Pins keep bytes on the agent's disk (and may make it seed), limits shape its
+    traffic: another local user may read them, not change them."""
+    pin = json.dumps({"repo_id": "org/secret", "repo_type": "model", "revision": None})
+    json_type = {"Content-Type": "application/json"}
+    for method, path, body in (
+        ("POST", "/v1/pins", pin),
+        ("DELETE", "/v1/pins", pin),
+        ("POST", "/v1/limits", json.dumps({"upload": "1MB/s"})),
+    ):
+        status, answer = setup.request(method, path, as_nobody=True, body=body, headers=json_type)
+        assert status == 403, (path, answer)
+        assert f"not for uid {NOBODY}" in answer, answer
+    for path in ("/v1/pins", "/v1/limits"):
+        status, answer = setup.request("GET", path, as_nobody=True)
+        assert status == 200, answer
+    assert json.loads(setup.request("GET", "/v1/pins", as_nobody=True)[1]) == {"pins": []}
+    limits = json.loads(setup.request("GET", "/v1/limits", as_nobody=True)[1])
+    assert limits == {"upload": 0, "download": 0, "mirror": 0}
+    # the agent's own user may
+    status, answer = setup.request("POST", "/v1/pins", as_nobody=False, body=pin, headers=json_type)
+    assert status == 200 and json.loads(answer)["changed"] is True, answer
+    status, answer = setup.request(
+        "DELETE", "/v1/pins", as_nobody=False, body=pin, headers=json_type
+    )
+    assert status == 200 and json.loads(answer)["pins"] == [], answer
+    status, answer = setup.request(
+        "POST", "/v1/limits", as_nobody=False, body='{"mirror": 0}', headers=json_type
+    )
+    assert status == 200 and json.loads(answer)["mirror"] == 0, answer
+    setup.health_within_1s()

@@ -149,7 +149,7 @@ class AuditLog:
         except OSError as exc:
             raise LocalError(
                 f"cannot open the audit log {path}: {exc.strerror}",
-                hint="pick a writable --audit-log PATH (or --no-audit-log)",
+                hint="pick a writable --audit-log PATH (or --no-audit)",
             ) from exc
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._log.addHandler(handler)

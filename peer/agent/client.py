@@ -62,6 +62,25 @@ class AgentClient:
                 hint="start one with `hfswarm agent`, or pass --agent URL",
             ) from exc
 
+    async def call(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
+        """A short JSON call (pins, limits, prefetch); the agent's error as raised."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s,
+                s.request(method, f"{self.url}{route}", json=body) as r,
+            ):
+                data = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise AgentUnavailable(
+                f"no hfswarm agent answers at {self.url} ({exc.__class__.__name__})",
+                hint="start one with `hfswarm agent`, or pass --agent URL",
+            ) from exc
+        if isinstance(data, dict) and data.get("event") == "error":
+            raise AgentReportedError(str(data.get("message")), int(data.get("exit_code", 1)))
+        if r.status >= 400:
+            raise AgentReportedError(f"the agent answered {r.status}", 1)
+        return data
+
     async def download(self, request: DownloadRequest, on_event: Callable[[Event], None]) -> Done:
         """Run a download in the agent (`request.local_dir` is the caller's to fill: see
         `fill_local_dir`), `on_event` seeing its progress."""

@@ -26,9 +26,11 @@ from aiohttp import web
 from peer.agent.audit import AuditLog, PeerBanned
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import DownloadJob, HubService, Totals
+from peer.agent.limits import LiveLimits
 from peer.agent.local_service import LocalService
 from peer.agent.peer_service import PeerService
 from peer.agent.publish import Publisher, clean_debris
+from peer.agent.quota import CacheQuota, LastUse, Pins
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
 from peer.agent.state import StateDir
@@ -49,6 +51,7 @@ from peer.serving.local_api import make_local_app
 from peer.serving.metrics import AgentMetrics
 from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
+from peer.transfer.rate import Throttle
 from peer.transfer.swarm import SslIdentity, SwarmSession, SwarmSettings
 from tracker.signing import Membership
 
@@ -75,6 +78,10 @@ class Agent:
         self.publisher: Publisher
         self.trackers: Trackers
         self.local: LocalService  # the local API's backend (status, downloads, publish)
+        self.pins: Pins
+        self.last_use: LastUse
+        self.quota: CacheQuota
+        self.limits: LiveLimits
         self.peer_port = 0
         self.local_port = 0
         self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
@@ -109,8 +116,9 @@ class Agent:
                         listen_host=bt_host,
                         listen_port=bt_port,
                         upload_rate_limit=self.config.max_upload_rate,
-                        # a cap is meant for the LAN too
-                        limit_local_peers=self.config.max_upload_rate > 0,
+                        download_rate_limit=self.config.max_download_rate,
+                        # a cap is meant for the LAN too (and may be set live)
+                        limit_local_peers=True,
                         trackers=tuple(f"{u}/announce" for u in self.config.trackers),
                         ssl=await asyncio.to_thread(self._ssl_identity),
                     )
@@ -131,12 +139,18 @@ class Agent:
             )
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
+            self.pins = Pins(self.state)
+            self.last_use = LastUse(self.state)
+            await asyncio.to_thread(self.pins.load)
+            await asyncio.to_thread(self.last_use.load)
             self.seeds = SeedIndex(
                 self.config.hub.cache_dir,
                 self.state,
                 self.swarm,
                 self.agent_id,
                 confirm=self._anonymous_visibility,
+                policy=self.config.seeding,
+                pinned=self.pins.repos,
                 # share = "cluster": private and gated blobs go to members too
                 cluster_share=self.cluster is not None and self.cluster.member.share == "cluster",
             )
@@ -159,12 +173,31 @@ class Agent:
                 on_change=self.trackers.nudge,
                 on_ban=self._banned,
             )
+            self.quota = CacheQuota(
+                self.config.hub.cache_dir,
+                self.config.cache_max_size,
+                self.seeds,
+                self.pins,
+                self.last_use,
+                busy=self.blobs.busy_ids,
+                uploaded=self.seeds.uploaded,
+            )
+            upload = Throttle(self.config.max_upload_rate)  # the peer API's HTTP blobs
+            self.limits = LiveLimits(
+                self.swarm, upload, self.blobs.mirror_throttle, self.config.max_download_rate
+            )
             self.revisions = Revisions(
                 self.state, self.peers, self.agent_id, signatures=self.signatures
             )
             await asyncio.to_thread(self.revisions.load)
             self.downloads = DownloadJob(
-                self.config.hub, self.config.download, self.revisions, self.blobs, self.totals
+                self.config.hub,
+                self.config.download,
+                self.revisions,
+                self.blobs,
+                self.totals,
+                quota=self.quota,
+                throttle=self.blobs.mirror_throttle,
             )
             self.publisher = Publisher(
                 self.config.hub.cache_dir, self.seeds, self.revisions, self.agent_id
@@ -182,6 +215,8 @@ class Agent:
                 ports=lambda: (self.peer_port, self.local_port),
                 audit=self.audit,
                 peer_streams=lambda: self.peer_streams.in_use,
+                quota=self.quota,
+                limits=self.limits,
             )
             peers_api = PeerService(
                 self.agent_id,
@@ -193,12 +228,16 @@ class Agent:
                 audit=self.audit,
                 peer_of=lambda host: agent_id_at(self.peers, host),
                 sign=self.signatures.sign_manifest if self.cluster is not None else None,
+                seeding=self.config.seeding,
+                touch=self.last_use.touch,
             )
             hub_api = HubService(
                 self.config, self.revisions, self.blobs, self.downloads, self.audit
             )
             self.peer_port = await self._listen(
-                make_peer_app(peers_api, self.peer_streams), self.config.listen, peer_facing=True
+                make_peer_app(peers_api, self.peer_streams, throttle=upload.take),
+                self.config.listen,
+                peer_facing=True,
             )
             self.local_port = await self._listen(
                 make_local_app(self.local, hub=hub_api, metrics=self.metrics),
@@ -245,6 +284,7 @@ class Agent:
         await self.revisions.close()
         await self.blobs.close()
         await self._stack.aclose()
+        await asyncio.to_thread(self.last_use.save)
 
     async def _listen(
         self, app: web.Application, where: tuple[str, int], *, peer_facing: bool = False
@@ -319,7 +359,7 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.peers.run()),
-                    tg.create_task(self.seeds.scan()),
+                    tg.create_task(self._scan_then_keep_quota()),
                     tg.create_task(self.blobs.save_resume_periodically()),
                     tg.create_task(self._watch_uploads().run()),
                     *(tg.create_task(t.run()) for t in self.trackers.sources),
@@ -329,6 +369,13 @@ class Agent:
                     t.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
+
+    async def _scan_then_keep_quota(self) -> None:
+        """Seed what the cache holds; then keep it within its quota (not before: the
+        scan hashes blobs an eviction would pull from under it)."""
+        await self.seeds.scan()
+        if self.config.cache_max_size > 0:
+            await self.quota.run()
 
     def _watch_uploads(self) -> UploadWatch:
         return UploadWatch(

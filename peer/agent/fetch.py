@@ -36,6 +36,7 @@ from peer.serving.sharing import Access, Visibility, may_serve, repo_key
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
+from peer.transfer.rate import Throttle
 from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
 from peer.transfer.swarm_download import (
     Action,
@@ -118,11 +119,17 @@ class BlobFetcher:
         )
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
         self._flights: dict[str, InFlightBlob] = {}
+        # The mirror cap, shared by every download's `MirrorFetcher` (`hfswarm limits`).
+        self.mirror_throttle = Throttle(config.mirror_max_rate)
         # At most this many blobs move at once (a herd wait takes no slot).
         self._transfers = asyncio.Semaphore(config.download.max_files)
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
+
+    def busy_ids(self) -> set[str]:
+        """Blobs being fetched or streamed right now (never evicted)."""
+        return {*self._inflight, *self._flights}
 
     def active(self) -> list[ActiveFetch]:
         """The blobs being fetched now (one entry per blob, whoever asked for it)."""
@@ -303,7 +310,14 @@ class BlobFetcher:
                 "running and reachable (`hfswarm status` lists the peers)",
             )
         # 3. Nobody has it: the herd decides who fetches it from the mirror; the others
-        # wait for that leader's manifest and swarm it.
+        # wait for that leader's manifest and swarm it. An agent that seeds nothing
+        # stays out (a leader that never shares would hold the others up).
+        if self.config.seeding == "none" and file.size > 0:
+            self._source(file.blob_id, "mirror")
+            async with self._transfers:
+                path = await self._from_mirror(repo, snapshot, file, mirror, counters)
+            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+            return path
         self._source(file.blob_id, "herd")
         async with self.herd.turn(file, lambda: counters.done) as turn:
             if turn.offers:

@@ -13,6 +13,9 @@ copies in a ``--local-dir``), writes the ref, and tells its progress as typed ev
     job = DownloadJob(hub, options, revisions, blobs, totals)
     done = await job.run(request, emit)
 
+The agent's job also has the cache's quota (`peer.agent.quota`: a download is admitted,
+room made by eviction, or refused before any byte moves) and its mirror cap.
+
 The agent's job never writes a caller's folder: the CLI copies the snapshot into
 ``--local-dir`` itself (`LocalService.run_download` refuses one).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +33,7 @@ from typing import Protocol
 from peer import wire
 from peer.agent.audit import AuditLog, DownloadFinished
 from peer.agent.fetch import BlobFetcher
+from peer.agent.quota import CacheQuota, QuotaHold
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
 from peer.agent.revisions import Revisions
 from peer.aio import each_with_ticks
@@ -41,6 +46,7 @@ from peer.serving.sharing import Access
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
 from peer.transfer.mirror_ranges import MirrorFetcher
+from peer.transfer.rate import Throttle
 
 
 @dataclass
@@ -154,6 +160,8 @@ class DownloadJob:
         totals: Totals | None = None,
         *,
         tick: float = 0.5,
+        quota: CacheQuota | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.hub = hub
         self.options = options
@@ -161,6 +169,22 @@ class DownloadJob:
         self.blobs = blobs
         self.totals = totals or Totals()
         self.tick = tick  # seconds between progress events while bytes move
+        self.quota = quota  # the agent's: its blobs held while it runs, or refused
+        self.throttle = throttle  # the agent's mirror cap, shared by all its downloads
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[QuotaHold | None]:
+        """While a download runs, the quota holds its blobs (never evicted)."""
+        if self.quota is None:
+            yield None
+            return
+        async with self.quota.job() as hold:
+            yield hold
+
+    def mirror(self, hub: HubSettings, options: DownloadOptions) -> MirrorFetcher:
+        return MirrorFetcher(
+            hub, options, on_mirror_error=self.totals.mirror_error, throttle=self.throttle
+        )
 
     def hub_for(self, repo_id: str, token: str | None) -> HubSettings:
         """The settings one request runs with: the caller's token; no mirror for a
@@ -169,6 +193,10 @@ class DownloadJob:
         return replace(hub, mirrors=()) if is_local_repo(repo_id) else hub
 
     async def run(self, request: DownloadRequest, emit: Emit) -> Done:
+        async with self.held() as hold:
+            return await self._run(request, emit, hold)
+
+    async def _run(self, request: DownloadRequest, emit: Emit, hold: QuotaHold | None) -> Done:
         t0 = time.monotonic()
         options = request.bounded(self.options)
         # The caller's own token; the agent's only for its own user (`request.agent_token`).
@@ -179,6 +207,8 @@ class DownloadJob:
             hub, request.repo_type, request.repo_id, request.revision, request.selection
         )
         hub = self.hub_for(snapshot.repo_id, token)
+        if hold is not None:
+            await hold.admit(snapshot)  # room made, or refused before anything moves
         target = Target(
             RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id),
             None if request.local_dir is None else LocalDir(request.local_dir),
@@ -196,7 +226,7 @@ class DownloadJob:
         def figures() -> Progress:
             return progress(counters, snapshot.total_size, files_done)
 
-        async with MirrorFetcher(hub, options, on_mirror_error=self.totals.mirror_error) as mirror:
+        async with self.mirror(hub, options) as mirror:
             access = await self.blobs.access(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
@@ -319,12 +349,12 @@ class HubService:
         hub = self.job.hub_for(snapshot.repo_id, token)
         target = Target(RepoCache(hub.cache_dir, snapshot.repo_type, snapshot.repo_id))
         counters = BlobCounters(file.size)
-        # The ref first, as huggingface_hub does: the body may stream to the client
-        # while the fetch runs, and the client may look at the cache as soon as it ends.
-        target.finish(ref, snapshot.commit)
-        async with MirrorFetcher(
-            hub, self.job.options, on_mirror_error=self.totals.mirror_error
-        ) as mirror:
+        async with self.job.held() as hold, self.job.mirror(hub, self.job.options) as mirror:
+            if hold is not None:  # the quota: room made, or refused (507), cache untouched
+                await hold.admit(replace(snapshot, files=(file,)))
+            # The ref first, as huggingface_hub does: the body may stream to the client
+            # while the fetch runs, and the client may look at the cache as soon as it ends.
+            target.finish(ref, snapshot.commit)
             path = await self.job.obtain_file(snapshot, [file], mirror, counters, access, target)
         if counters.from_peers or counters.from_mirror:  # fetched now, not had
             self.audit.write(

@@ -1,6 +1,7 @@
 """What this agent does for the CLI: the local API's backend
 (`peer.serving.local_api.LocalBackend`): its status, metrics, downloads and publishes,
-answered by the agent's parts, and the audit lines of what it was asked.
+pins and live limits, answered by the agent's parts, and the audit lines of what it was
+asked.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from typing import Any
 from peer.agent.audit import ApiCall, AuditLog, DownloadFinished, Published
 from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import DownloadJob, Totals
+from peer.agent.limits import LiveLimits
 from peer.agent.publish import Publisher
+from peer.agent.quota import CacheQuota, PinSpec
 from peer.agent.requests import Done, DownloadRequest, Emit, PublishRequest, Setup
 from peer.agent.seeding import SeedIndex
 from peer.config import AgentConfig
 from peer.discovery.peer_table import PeerTable
 from peer.errors import ConfigError
 from peer.serving.metrics import MetricsSnapshot
+from peer.settings import BadValue, parse_rate
 from peer.transfer.swarm import SwarmSession
 
 # (peer API port, local API port): known once the listeners are bound, after this is made.
@@ -89,7 +93,8 @@ class LocalService:
         ports: Ports,
         audit: AuditLog | None = None,
         peer_streams: Callable[[], int] = lambda: 0,
-        cache_quota: Callable[[], int | None] = lambda: None,
+        quota: CacheQuota,
+        limits: LiveLimits,
     ) -> None:
         self.config = config
         self.agent_id = agent_id
@@ -103,8 +108,9 @@ class LocalService:
         self._ports = ports
         self.audit = audit or AuditLog(None)
         self._peer_streams = peer_streams  # /v1/blobs bodies being sent now
-        self._cache_quota = cache_quota  # the quota, once the agent has one
         self._rates = TransferRates()
+        self.quota = quota
+        self.live_limits = limits
 
     async def _uploaded(self) -> int:
         uploaded = self.totals.bytes_uploaded_http + self.blobs.uploaded_by_removed
@@ -177,6 +183,9 @@ class LocalService:
             "seeded_bytes": sum(h.manifest.size for h in list(self.seeds.held.values())),
             "seeded_repos": seeded_repos,
             "transfers": self._transfers(),
+            "seeding": self.config.seeding,
+            **(await self.quota.usage()),
+            "limits": self.live_limits.current().to_json(),
             **Setup.of(self.config.hub, self.config.download).to_json(),
             "listen": {
                 "peer_api": peer_port,
@@ -206,7 +215,7 @@ class LocalService:
             seeded_blobs=len(self.seeds.held),
             seeded_bytes=sum(h.manifest.size for h in list(self.seeds.held.values())),
             cache_size_bytes=await asyncio.to_thread(cache_bytes, self.config.hub.cache_dir),
-            cache_quota_bytes=self._cache_quota(),
+            cache_quota_bytes=self.quota.limit or None,
         )
 
     def api_call(self, call: ApiCall) -> None:
@@ -252,3 +261,35 @@ class LocalService:
             )
         )
         return done
+
+    async def pins(self) -> list[dict[str, Any]]:
+        return [p.to_json() for p in self.quota.pins.all()]
+
+    async def pin(self, spec: dict[str, Any], add: bool) -> dict[str, Any]:
+        """`hfswarm pin` / `unpin`: kept from eviction (and seeded under ``pinned``)."""
+        pin = PinSpec.from_json(spec)
+        pins = self.quota.pins
+        changed = await asyncio.to_thread(pins.add if add else pins.remove, pin)
+        if changed and self.config.seeding == "pinned":
+            await self.seeds.apply_policy()
+        return {"pin": str(pin), "changed": changed, "pins": await self.pins()}
+
+    async def limits(self, change: dict[str, Any] | None) -> dict[str, Any]:
+        """The live caps; `change` sets some ({"upload": "50MB/s" or bytes, ...})."""
+        if change is not None:
+            if not isinstance(change, dict) or not set(change) <= {"upload", "download", "mirror"}:
+                raise ConfigError("limits take upload, download and mirror (bytes/s, 0: none)")
+            rates = {k: _rate(k, v) for k, v in change.items()}
+            self.live_limits.change(**rates)
+        return self.live_limits.current().to_json()
+
+
+def _rate(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"the {name} cap must be bytes/s or a rate like 50MB/s")
+    if isinstance(value, int):
+        return value
+    try:
+        return parse_rate(value)
+    except BadValue as exc:
+        raise ConfigError(f"the {name} cap: {exc.problem}", hint=exc.hint) from None

@@ -7,7 +7,7 @@ are named or served (`SeedIndex.manifests_for`, `SeedIndex.shared_path`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from peer import wire
@@ -31,6 +31,8 @@ class PeerService:
         audit: AuditLog | None = None,
         peer_of: Callable[[str], str | None] = lambda _host: None,
         sign: Callable[[wire.Manifest], wire.Manifest] | None = None,
+        seeding: str = "always",
+        touch: Callable[[Iterable[str]], None] = lambda _: None,
     ) -> None:
         self.sign = sign  # cluster mode: every manifest offered is signed by us
         self.agent_id = agent_id
@@ -42,6 +44,8 @@ class PeerService:
         self.totals = totals
         self.audit = audit or AuditLog(None)
         self.peer_of = peer_of  # address -> the live peer's agent id, if known
+        self.seeding = seeding
+        self.touch = touch  # a blob served is a blob used (cache eviction is LRU)
 
     def health(self) -> wire.Health:
         return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
@@ -50,6 +54,8 @@ class PeerService:
         return self._signed(self.seeds.manifests_for(blob_ids))
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
+        if self.seeding == "none":  # nothing offered, not even what is on its way
+            return []
         return self._signed(self.blobs.fetching_for(blob_ids))
 
     def _signed(self, manifests: list[wire.Manifest]) -> list[wire.Manifest]:
@@ -59,7 +65,10 @@ class PeerService:
         return self.herd.claims_for(blob_ids)
 
     def verified_blob_path(self, blob_id: str) -> Path | None:
-        return self.seeds.shared_path(blob_id)
+        path = self.seeds.shared_path(blob_id)
+        if path is not None:
+            self.touch((blob_id,))
+        return path
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n

@@ -7,6 +7,11 @@ or taken openly from peers) are seeded and offered; the others are kept for this
 machine's own callers. A repo the mirror later calls private or gated stops sharing its
 blobs at once (its torrents are removed from the session).
 
+The operator's seeding policy (`AgentConfig.seeding`) narrows this further: ``always``
+offers every shared blob, ``pinned`` only those of pinned repos (`hfswarm pin`), ``none``
+nothing (the agent still serves its own machine's callers). It never widens it: a
+private or gated repo's blob is kept whatever the policy says.
+
 Blobs that were in the cache before the agent first ran (written by `hf download`, say)
 are verified once, in the background, against their id; the result and the blob's
 manifest are remembered in the state dir, keyed by the file's fingerprint, so a restart
@@ -18,6 +23,7 @@ fails verification is never offered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 Confirm = Callable[[str, str], Awaitable[Visibility | None]]
 # (repo key, what is known of it): what a blob entering the cache is held for
 HeldFor = tuple[RepoKey, Visibility] | None
+# The repos pinned on this agent (`hfswarm pin`), for the ``pinned`` seeding policy
+PinnedRepos = Callable[[], frozenset[RepoKey]]
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,13 @@ class SeedIndex:
         agent_id: str,
         confirm: Confirm | None = None,
         *,
+        policy: str = "always",
+        pinned: PinnedRepos = frozenset,
         cluster_share: bool = False,
     ) -> None:
         self.cache_root = cache_root
+        self.policy = policy  # always | pinned | none (`peer.config.SEEDING_POLICIES`)
+        self.pinned = pinned
         # Cluster mode, share = "cluster": private and gated blobs are held (seeded,
         # offered) too; peers are authenticated members then.
         self.cluster_share = cluster_share
@@ -113,7 +125,8 @@ class SeedIndex:
         if after != before:
             self._provenance[blob_id] = after
             await asyncio.to_thread(self.state.save_provenance, blob_id, after)
-        if after.shared_in(self.cluster_share) and blob_id in self.kept:
+        offered = self._offered(blob_id, after)
+        if offered and blob_id in self.kept:
             path = self.kept[blob_id]
             fp = await asyncio.to_thread(Fingerprint.of, path)
             record = self.state.verified(blob_id, fp)
@@ -122,14 +135,62 @@ class SeedIndex:
                 manifest = await self._make_manifest(path, blob_id, fp)
             del self.kept[blob_id]
             await self._seed(path, manifest)
-        elif not after.shared_in(self.cluster_share) and blob_id in self.held:
+        elif not offered and blob_id in self.held:
             held = self.held.pop(blob_id)
             self.kept[blob_id] = held.path
-            log.info("%s is no longer shared: its repos are private or gated", blob_id[:12])
-            try:
-                await self.swarm.remove_torrent(held.manifest.info_hash)
-            except SwarmError as exc:
-                log.warning("cannot stop seeding %s: %s", blob_id[:12], exc)
+            why = "its repos are private or gated" if not after.shared else "seeding policy"
+            log.info("%s is no longer shared: %s", blob_id[:12], why)
+            await self._unseed(held)
+
+    def _offered(self, blob_id: str, provenance: Provenance) -> bool:
+        """Shared by the sharing policy, and offered by the seeding policy."""
+        if not provenance.shared_in(self.cluster_share) or self.policy == "none":
+            return False
+        if self.policy == "pinned":
+            return bool(self.pinned() & set(self._repos_of(blob_id, provenance)))
+        return True
+
+    def _repos_of(self, blob_id: str, provenance: Provenance) -> list[RepoKey]:
+        repos = [key for key, _ in provenance.repos]
+        path = self.path_of(blob_id)
+        if path is not None and (repo := repo_of_folder(path.parent.parent.name)) is not None:
+            repos.append(repo_key(*repo))
+        return repos
+
+    async def _unseed(self, held: HeldBlob) -> None:
+        try:
+            await self.swarm.remove_torrent(held.manifest.info_hash)
+        except SwarmError as exc:
+            log.warning("cannot stop seeding %s: %s", held.blob_id[:12], exc)
+
+    async def apply_policy(self) -> None:
+        """The pins changed (or the policy did): seed and unseed to match."""
+        async with self._lock:
+            for blob_id in [*self.held, *self.kept]:
+                try:
+                    await self._note(blob_id, None)
+                except (SwarmError, OSError) as exc:
+                    log.warning("cannot seed %s: %s", blob_id[:12], exc)
+
+    async def uploaded(self) -> dict[str, int]:
+        """Bytes each seeded blob sent to peers through the swarm so far (what the
+        cache's quota counts as a use)."""
+        sent: dict[str, int] = {}
+        for blob_id, held in list(self.held.items()):
+            with contextlib.suppress(SwarmError):
+                status = await self.swarm.status(held.manifest.info_hash)
+                sent[blob_id] = status.uploaded_payload_bytes
+        return sent
+
+    async def forget(self, blob_id: str) -> None:
+        """The blob leaves the cache (evicted): stop seeding it, first, and forget it."""
+        async with self._lock:
+            held = self.held.pop(blob_id, None)
+            if held is not None:
+                await self._unseed(held)
+            self.kept.pop(blob_id, None)
+            self._provenance.pop(blob_id, None)
+            await asyncio.to_thread(self.state.forget_verified, blob_id)
 
     # -- blobs entering the cache ----------------------------------------------------------
 
@@ -144,8 +205,10 @@ class SeedIndex:
             if fp.size == 0:
                 raise OSError(f"{blob_id} is empty: nothing to seed")
             self.kept[blob_id] = path
-            after = None if held_for is None else self.provenance(blob_id).with_repo(*held_for)
-            if after is None or not after.shared_in(self.cluster_share):
+            after = self.provenance(blob_id)
+            if held_for is not None:
+                after = after.with_repo(*held_for)
+            if not self._offered(blob_id, after):
                 # kept only: no manifest (a hash pass) for what is never offered
                 self.state.remember_verified(VerifiedRecord(blob_id, fp, b""))
             await self._note(blob_id, held_for)

@@ -52,29 +52,22 @@ def _add_token(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def _warn_token_in_ps() -> None:
+    print(
+        "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
+        "use --token-file PATH or the HF_TOKEN environment variable instead",
+        file=sys.stderr,
+    )
+
+
 def _explicit_token(args: argparse.Namespace) -> str | None:
     """--token-file or --token; None leaves HF_TOKEN and the token file to HubSettings."""
     if args.token_file:
-        path = Path(args.token_file).expanduser()
-        try:
-            token = path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}",
-                hint="pass a readable file holding only the token to --token-file",
-            ) from None
-        if not token:
-            raise ConfigError(
-                f"the token file {path} is empty",
-                hint="put the token in it (e.g. from https://huggingface.co/settings/tokens)",
-            )
-        return token
+        from peer.settings import read_token_file
+
+        return read_token_file(Path(args.token_file).expanduser())
     if args.token:
-        print(
-            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
-            "use --token-file PATH or the HF_TOKEN environment variable instead",
-            file=sys.stderr,
-        )
+        _warn_token_in_ps()
     return args.token or None
 
 
@@ -190,6 +183,65 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _rate_arg(text: str) -> int:
+    """The settings table's rate parser (`peer.settings.parse_rate`), for argparse."""
+    from peer.settings import BadValue, parse_rate
+
+    try:
+        return parse_rate(text)
+    except BadValue as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        raise argparse.ArgumentTypeError(exc.problem + hint) from None
+
+
+def _add_agent_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--agent",
+        metavar="URL",
+        help=f"the local agent (default: HFSWARM_AGENT, else {DEFAULT_AGENT_URL})",
+    )
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    for name, text in (
+        ("pin", "keep a repo (or one revision of it) in the agent's cache: never evicted"),
+        ("unpin", "let the agent's quota evict a repo again"),
+    ):
+        p = sub.add_parser(name, help=text, description=text + " (the agent's own user only)")
+        p.add_argument("repo", metavar="REPO[@REV]", help="org/name, or org/name@revision")
+        p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
+        _add_agent_arg(p)
+    p = sub.add_parser("pins", help="list the repos pinned in the agent's cache")
+    _add_agent_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "prefetch",
+        help="warm a repo on this machine through the agent (peers first), in the background",
+        description="Ask the agent to download a repo into its cache (peers first, the "
+        "mirror for the rest) and return once it has started; the agent finishes it alone. "
+        "A download that cannot fit the cache's quota is refused at once.",
+    )
+    p.add_argument("repo_id", help="org/name")
+    p.add_argument("--repo-type", default="model", choices=REPO_TYPES)
+    p.add_argument("--revision", default="main", help="branch, tag, commit or refs/pr/N")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    p.add_argument("--wait", action="store_true", help="follow it to the end, with progress")
+    _add_token(p, "default: HF_TOKEN, else the token file `hf auth login` saved")
+    _add_agent_arg(p)
+    p = sub.add_parser(
+        "limits",
+        help="show or change the agent's rate caps while it runs",
+        description="Rates like 50MB/s, 1.5MiB/s, or 0 for none. With no option, print "
+        "the current caps. A change lasts until the agent stops (its flags set the start).",
+    )
+    p.add_argument("--upload", type=_rate_arg, metavar="RATE", help="what LAN peers take")
+    p.add_argument("--download", type=_rate_arg, metavar="RATE", help="what we take from peers")
+    p.add_argument("--mirror", type=_rate_arg, metavar="RATE", help="what we take from mirrors")
+    _add_agent_arg(p)
+    p.add_argument("--json", action="store_true")
+
+
 def _add_publish(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish",
@@ -259,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_publish(sub)
     _add_status(sub)
+    _add_cache_commands(sub)
     _add_config(sub)
     _add_demo(sub)
     _add_mirror(sub)
@@ -482,6 +535,75 @@ async def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run_pins(args: argparse.Namespace) -> int:
+    """pin, unpin, pins."""
+    from peer.agent.client import AgentClient
+    from peer.agent.quota import PinSpec
+
+    url, _ = _agent_url(args)
+    client = AgentClient(url)
+    if args.command == "pins":
+        pins = (await client.call("GET", "/v1/pins"))["pins"]
+        if args.json:
+            print(json.dumps(pins, indent=2))
+            return 0
+        for p in pins:
+            print(PinSpec.from_json(p))
+        return 0
+    spec = PinSpec.parse(args.repo, args.repo_type)
+    method = "POST" if args.command == "pin" else "DELETE"
+    answer = await client.call(method, "/v1/pins", spec.to_json())
+    verb = "pinned" if args.command == "pin" else "unpinned"
+    print(f"{answer['pin']}: {verb}" if answer["changed"] else f"{answer['pin']}: already {verb}")
+    return 0
+
+
+async def _run_prefetch(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+
+    url, _ = _agent_url(args)
+    request = DownloadRequest(
+        repo_id=args.repo_id,
+        repo_type=args.repo_type,
+        revision=args.revision,
+        selection=FileSelection((), tuple(args.include), tuple(args.exclude)),
+        token=HubSettings.from_env(token=_explicit_token(args)).token,
+    )
+    client = AgentClient(url)
+    if args.wait:
+        return await _via_agent(client, request, quiet=False)
+    started = await client.call("POST", "/v1/prefetch", request.to_json())
+    print(
+        f"{args.repo_id}: {started.get('files', 0)} files, "
+        f"{human_bytes(started.get('total', 0))} at commit {str(started.get('commit'))[:12]}: "
+        "the agent is fetching it (`hfswarm status` shows it)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _run_limits(args: argparse.Namespace) -> int:
+    from peer.agent.client import AgentClient
+
+    url, _ = _agent_url(args)
+    client = AgentClient(url)
+    change = {
+        k: v
+        for k, v in (("upload", args.upload), ("download", args.download), ("mirror", args.mirror))
+        if v is not None
+    }
+    rates = await (
+        client.call("POST", "/v1/limits", change) if change else client.call("GET", "/v1/limits")
+    )
+    if args.json:
+        print(json.dumps(rates))
+        return 0
+    for key in ("upload", "download", "mirror"):
+        value = rates[key]
+        print(f"{key:9s} {human_bytes(value) + '/s' if value else 'no cap'}")
+    return 0
+
+
 def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Effective:
     """Every agent setting from the flags given, the environment and the config file."""
     from peer.settings import effective, given_flags, unknown_variables
@@ -504,11 +626,7 @@ def agent_config(args: argparse.Namespace, env: Mapping[str, str] | None = None)
             "--token and --token-file both given", hint="pass one (prefer --token-file)"
         )
     if token:
-        print(
-            "hfswarm: warning: --token is visible to every user of this machine in `ps`; "
-            "use --token-file PATH or the HF_TOKEN environment variable instead",
-            file=sys.stderr,
-        )
+        _warn_token_in_ps()
     return from_settings(agent_settings(args, env), env, token=token or None)
 
 
@@ -591,6 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_config(args)
         if args.command == "publish":
             return asyncio.run(_run_publish(args))
+        if args.command in ("pin", "unpin", "pins"):
+            return asyncio.run(_run_pins(args))
+        if args.command == "prefetch":
+            return asyncio.run(_run_prefetch(args))
+        if args.command == "limits":
+            return asyncio.run(_run_limits(args))
         if args.command == "demo":
             from peer.cli.demo import main as demo_main
 

@@ -43,6 +43,20 @@ def render_status(s: dict[str, Any]) -> str:
         f"  downloads {s['downloads']} ({s.get('active_downloads', 0)} running)   "
         f"hash failures {s['hash_failures']}   peers banned {s.get('bans', 0)}",
     ]
+    if "cache_bytes" in s:  # the disk and the caps (older agents do not say)
+        quota = int(s.get("cache_max_size", 0))
+        rates = s.get("limits", {})
+
+        def cap(key: str) -> str:
+            value = int(rates.get(key, 0))
+            return f"{human_bytes(value)}/s" if value else "no cap"
+
+        out += [
+            f"  cache {human_bytes(int(s['cache_bytes']))} of "
+            f"{human_bytes(quota) + ' quota' if quota else 'no quota'}   "
+            f"seeding {s.get('seeding', 'always')}",
+            f"  caps: upload {cap('upload')}   download {cap('download')}   mirror {cap('mirror')}",
+        ]
     transfers = s.get("transfers", [])
     out += ["", f"TRANSFERS ({len(transfers)})"]
     if transfers:

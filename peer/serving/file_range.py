@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -20,10 +20,11 @@ async def write_range(
     end: int,
     chunk_size: int,
     on_sent: Callable[[int], None] | None = None,
+    throttle: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Write [start, end) of `fd` to a prepared response. Raises ConnectionResetError if
     the file turns out shorter (the caller must then cut the connection, so a short body
-    is never taken for a whole one)."""
+    is never taken for a whole one). `throttle(n)` waits for a rate cap's leave."""
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[bytes] | None = None
     pos = start
@@ -38,6 +39,8 @@ async def write_range(
             nxt = pos + len(chunk)
             if nxt < end:
                 pending = loop.run_in_executor(None, os.pread, fd, min(chunk_size, end - nxt), nxt)
+            if throttle is not None:
+                await throttle(len(chunk))
             await resp.write(chunk)
             if on_sent is not None:
                 on_sent(len(chunk))
@@ -56,6 +59,7 @@ async def send_range(
     chunk_size: int,
     headers: dict[str, str] | None = None,
     on_sent: Callable[[int], None] | None = None,
+    throttle: Callable[[int], Awaitable[None]] | None = None,
 ) -> web.StreamResponse:
     """The answer to a GET of `fd` (all of it, or `span` as a 206). A client that goes
     away, or is cut off for not reading, gets its connection closed, so a short body is
@@ -69,7 +73,7 @@ async def send_range(
         resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     try:
         await resp.prepare(request)
-        await write_range(resp, fd, start, end, chunk_size, on_sent)
+        await write_range(resp, fd, start, end, chunk_size, on_sent, throttle)
         await resp.write_eof()
     except ConnectionError:
         if request.transport is not None:

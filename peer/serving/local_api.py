@@ -19,6 +19,16 @@ peer-facing listener).
                           Only for the agent's own user (or root): the agent reads the
                           folder, so another local user could otherwise publish files
                           only the agent's user may read (`peer.serving.caller`)
+    POST /v1/prefetch     a download the agent runs in the background ({"repo_id",
+                          "repo_type", "revision"}, as /v1/downloads): the answer is its
+                          "started" event (or its error, e.g. over the cache's quota),
+                          then the agent goes on alone
+    GET  /v1/pins         the pinned repos; POST / DELETE /v1/pins {"repo_id",
+                          "repo_type", "revision"} pins / unpins one (own user or root:
+                          a pin keeps bytes on the agent's disk and may make it seed)
+    GET  /v1/limits       the live rate caps; POST /v1/limits {"upload", "download",
+                          "mirror"} (bytes/s, 0: none; absent: unchanged) changes them
+                          (own user or root)
 
 Every call that acts (a download, a publish, a Hub API file) or is refused goes to the
 audit log (`peer.agent.audit`: the caller's uid, what it asked, the outcome); the
@@ -46,6 +56,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -61,9 +72,11 @@ from peer.serving.hub_api import HubApi, HubBackend, parse_resolve
 from peer.serving.metrics import CONTENT_TYPE, AgentMetrics, MetricsSnapshot
 from peer.serving.status_page import add_status_page
 
+log = logging.getLogger(__name__)
+
 # Requests are small JSON or a paths-info list; a cap keeps one from filling memory.
 MAX_REQUEST_BYTES = 1024 * 1024
-JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish"})
+JSON_ROUTES = frozenset({"/v1/downloads", "/v1/publish", "/v1/prefetch", "/v1/pins", "/v1/limits"})
 # Read-only routes polled by browsers and Prometheus: audited only when refused.
 POLLED_ROUTES = frozenset({"/v1/status", "/metrics", "/", "/status.js", "/status.css"})
 REFUSED = frozenset({400, 401, 403, 405, 413, 415})
@@ -85,6 +98,12 @@ class LocalBackend(Protocol):
     async def run_download(self, request: DownloadRequest, emit: Emit) -> Done: ...
 
     async def publish(self, request: PublishRequest, emit: Emit) -> dict[str, Any]: ...
+
+    async def pins(self) -> list[dict[str, Any]]: ...
+
+    async def pin(self, spec: dict[str, Any], add: bool) -> dict[str, Any]: ...
+
+    async def limits(self, change: dict[str, Any] | None) -> dict[str, Any]: ...
 
 
 def error_event(exc: BaseException) -> dict[str, Any]:
@@ -148,7 +167,11 @@ async def guard(
             f"the agent's local API does not answer web pages (Origin {origin!r})",
             "call it from the hfswarm CLI or a Hub client, not from a browser",
         )
-    if request.path in JSON_ROUTES and request.content_type != "application/json":
+    if (
+        request.path in JSON_ROUTES
+        and request.method not in ("GET", "HEAD")
+        and request.content_type != "application/json"
+    ):
         return refusal(
             415,
             f"{request.path} takes a JSON body, not {request.content_type!r}",
@@ -299,19 +322,23 @@ def make_local_app(
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
         return await run_job(request, lambda emit: backend.run_download(spec, emit))
 
-    async def publish(request: web.Request) -> web.StreamResponse:
+    def not_own_user(request: web.Request, what: str, command: str) -> web.Response | None:
         uid = caller_uid(request.transport)
-        if not own_user(uid):
-            who = "an unidentified caller" if uid is None else f"uid {uid}"
-            return bad_request(
-                ConfigError(
-                    f"the agent publishes only for its own user (uid {os.geteuid()}), "
-                    f"not for {who}",
-                    hint="run `hfswarm publish` as the agent's user, on the agent's machine "
-                    "over loopback",
-                ),
-                status=403,
-            )
+        if own_user(uid):
+            return None
+        who = "an unidentified caller" if uid is None else f"uid {uid}"
+        return bad_request(
+            ConfigError(
+                f"the agent {what} only for its own user (uid {os.geteuid()}), not for {who}",
+                hint=f"run `hfswarm {command}` as the agent's user, on the agent's machine "
+                "over loopback",
+            ),
+            status=403,
+        )
+
+    async def publish(request: web.Request) -> web.StreamResponse:
+        if (refused := not_own_user(request, "publishes", "publish")) is not None:
+            return refused
         try:
             spec = PublishRequest.from_json(await body(request))
         except (ValueError, HfswarmError) as exc:
@@ -326,6 +353,69 @@ def make_local_app(
             },
         )
         return await run_job(request, lambda emit: backend.publish(spec, emit))
+
+    async def prefetch(request: web.Request) -> web.Response:
+        """Start a download and answer once it has started (or failed to): the rest
+        runs in the agent with nobody following it."""
+        try:
+            spec = DownloadRequest.from_json(await body(request))
+        except (ValueError, HfswarmError) as exc:
+            return bad_request(exc)
+        note(
+            request,
+            "asked",
+            {"repo_type": spec.repo_type, "repo_id": spec.repo_id, "revision": spec.revision},
+        )
+        spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
+        started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        async def emit(event: Event) -> None:
+            if not started.done():
+                started.set_result(event.to_json())
+
+        async def job() -> None:
+            try:
+                await backend.run_download(spec, emit)
+            except Exception as exc:
+                if not started.done():
+                    started.set_result(error_event(exc))
+                else:
+                    log.warning("prefetch of %s failed: %s", spec.repo_id, exc)
+
+        task = asyncio.get_running_loop().create_task(job())
+        jobs.add(task)
+        task.add_done_callback(jobs.discard)
+        first = await started
+        if first.get("event") == "error":
+            return web.json_response(first, status=507 if first["exit_code"] == 5 else 400)
+        return web.json_response(first, status=202)
+
+    async def pins(_: web.Request) -> web.Response:
+        return web.json_response({"pins": await backend.pins()})
+
+    async def pin(request: web.Request) -> web.Response:
+        if (refused := not_own_user(request, "pins repos", "pin")) is not None:
+            return refused
+        try:
+            asked = await body(request)
+            note(request, "asked", _flat(asked))
+            answer = await backend.pin(asked, request.method == "POST")
+        except (ValueError, HfswarmError) as exc:
+            return bad_request(exc)
+        return web.json_response(answer)
+
+    async def limits(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            if (refused := not_own_user(request, "changes its limits", "limits")) is not None:
+                return refused
+            try:
+                asked = await body(request)
+                note(request, "asked", _flat(asked))
+                answer = await backend.limits(asked)
+            except (ValueError, HfswarmError) as exc:
+                return bad_request(exc)
+            return web.json_response(answer)
+        return web.json_response(await backend.limits(None))
 
     async def run_job(
         request: web.Request, start: Callable[[Emit], Awaitable[Done | dict[str, Any]]]
@@ -380,11 +470,24 @@ def make_local_app(
     app.router.add_get("/metrics", prometheus)
     app.router.add_post("/v1/downloads", downloads)
     app.router.add_post("/v1/publish", publish)
+    app.router.add_post("/v1/prefetch", prefetch)
+    app.router.add_get("/v1/pins", pins)
+    app.router.add_post("/v1/pins", pin)
+    app.router.add_delete("/v1/pins", pin)
+    app.router.add_get("/v1/limits", limits)
+    app.router.add_post("/v1/limits", limits)
     add_status_page(app)
     app.on_shutdown.append(cancel_jobs)
     if hub is not None:
         HubApi(hub).mount(app)
     return app
+
+
+def _flat(asked: Any) -> dict[str, str]:
+    """A small JSON object as the audit line's "asked" (what else: not an object)."""
+    if not isinstance(asked, dict):
+        return {"body": type(asked).__name__}
+    return {str(k)[:64]: str(v)[:256] for k, v in list(asked.items())[:8]}
 
 
 async def iter_ndjson(stream: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -84,7 +85,12 @@ def _fit(manifests: list[wire.Manifest], budget: int) -> tuple[list[wire.Manifes
     return kept, budget
 
 
-def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> web.Application:
+def make_peer_app(
+    backend: PeerBackend,
+    streams: StreamSlots | None = None,
+    throttle: Callable[[int], Awaitable[None]] | None = None,
+) -> web.Application:
+    """`throttle`: the agent's upload cap, shared with its other peer streams."""
     slots = streams or StreamSlots(total=STREAMS_TOTAL, per_ip=STREAMS_PER_IP)
 
     async def health(_: web.Request) -> web.Response:
@@ -166,7 +172,9 @@ def make_peer_app(backend: PeerBackend, streams: StreamSlots | None = None) -> w
             backend.count_upload(n)
 
         try:
-            return await send_range(request, fd, size, span, READ_CHUNK, on_sent=on_sent)
+            return await send_range(
+                request, fd, size, span, READ_CHUNK, on_sent=on_sent, throttle=throttle
+            )
         finally:
             os.close(fd)
             backend.blob_served(blob_id, request.remote or "", sent)

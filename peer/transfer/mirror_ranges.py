@@ -46,6 +46,7 @@ from peer.errors import (
 )
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
+from peer.transfer.rate import Throttle
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -148,8 +149,11 @@ class MirrorFetcher:
         *,
         mirrors: tuple[str, ...] | None = None,
         on_mirror_error: Callable[[str], None] | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.settings = settings
+        # the agent's mirror cap, shared by all its fetchers' connections (live)
+        self.throttle = throttle or Throttle()
         self.options = options
         # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
         self.on_mirror_error = on_mirror_error
@@ -418,6 +422,9 @@ class MirrorFetcher:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
                 take = min(len(data), end - pos[0])
+                # the mirror cap: bytes count (and land) once the bucket lets them
+                # through; meanwhile the socket fills and TCP slows the sender
+                await self.throttle.take(take)
                 job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
@@ -471,6 +478,7 @@ class MirrorFetcher:
                         stop = p.chunk_range(index)[1]
                         take = min(len(view), stop - offset)
                         if index not in p.done:
+                            await self.throttle.take(take)
                             p.write(offset, view[:take])
                             self._count(job, take)
                         offset += take

@@ -55,7 +55,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -1331,6 +1331,28 @@ class SwarmSession:
     def unban_peer(self, host: str) -> None:
         self._banned.discard(host)
         self._apply_filter()
+
+    def set_rate_limits(self, upload: int, download: int) -> None:
+        """Change the session's caps (bytes/s, 0: none) while torrents run; peers on the
+        local network are held to them too (libtorrent exempts them unless told)."""
+        if upload < 0 or download < 0:
+            raise ConfigError("rate limits are 0 (none) or more bytes per second")
+        try:
+            self._session().apply_settings(
+                {
+                    "upload_rate_limit": upload,
+                    "download_rate_limit": download,
+                    "ignore_limits_on_local_network": False,
+                }
+            )
+        except RuntimeError as e:
+            raise _translate("cannot change the rate limits", e) from e
+        self.settings = replace(
+            self.settings,
+            upload_rate_limit=upload,
+            download_rate_limit=download,
+            limit_local_peers=True,
+        )
 
     def banned_peers(self) -> frozenset[str]:
         return frozenset(self._banned)
