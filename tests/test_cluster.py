@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +196,21 @@ async def test_members_share_and_outsiders_get_nothing(
 async def test_a_revoked_member_is_refused_after_the_crl_reload(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
+    """After `hfswarm cluster revoke` and the CRL file's change: the revoked member's
+    peer-API connections are refused (both ways), and its address is banned from the
+    member's swarm too (libtorrent checks the CA, not the CRL): its SSL torrent client,
+    which got pieces before, gets none after."""
     lab = cluster(tmp_path, "lab", "a", "b")
+    manifest, ident = await ssl_client_setup(tmp_path, lab)
     async with agent_process(
         tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
     ) as a:
         await download(a)
+        bt = int(a.info["bt_port"])
+        before = await swarm_bytes(
+            manifest.torrent, "127.0.0.2", bt, ident(lab["b"]), tmp_path / "s1", 15, "127.0.0.3"
+        )
+        assert before > 0
         async with agent_process(
             tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
             peers=[a.peer_addr],
@@ -210,12 +220,16 @@ async def test_a_revoked_member_is_refused_after_the_crl_reload(
             assert r.returncode == 0, r.stderr
 
             async def b_is_cut_off() -> bool:
-                return not await peers_of(b)
+                return not await peers_of(b) and (await status(a))["bans"] >= 1
 
             await wait_for(b_is_cut_off, 30)
             got = await download(b)
             assert got["from_peers"] == 0, got
             assert "revoked" in a.log.read_text()
+        after = await swarm_bytes(
+            manifest.torrent, "127.0.0.2", bt, ident(lab["b"]), tmp_path / "s2", 5, "127.0.0.3"
+        )
+        assert after == 0
 
 
 # -- the tracker in cluster mode ---------------------------------------------------------
@@ -284,13 +298,19 @@ async def test_the_tracker_in_cluster_mode_takes_only_members_signed_registratio
 
 
 async def swarm_bytes(
-    torrent: bytes, host: str, bt_port: int, ssl: Any, folder: Path, seconds: float
+    torrent: bytes,
+    host: str,
+    bt_port: int,
+    ssl: Any,
+    folder: Path,
+    seconds: float,
+    listen_host: str = "127.0.0.9",
 ) -> int:
     """A bare libtorrent session (`ssl`: an SslIdentity, or None) asks for a torrent."""
     from peer.transfer.swarm import SwarmSession, SwarmSettings
 
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    async with SwarmSession(SwarmSettings(listen_host="127.0.0.9", ssl=ssl)) as ses:
+    async with SwarmSession(SwarmSettings(listen_host=listen_host, ssl=ssl)) as ses:
         ih = await ses.add_torrent(torrent, folder)
         ses.connect_peer(ih, host, bt_port)
         deadline = time.monotonic() + seconds
@@ -304,16 +324,18 @@ async def swarm_bytes(
         return got
 
 
-async def test_ssl_torrents_serve_members_only(tmp_path: Path, mirror: MirrorServer) -> None:
+async def ssl_client_setup(
+    tmp_path: Path, lab: dict[str, Path]
+) -> tuple[Any, Callable[[Path], Any]]:
+    """The repo shard's manifest, and SSL identities (the lab's CA as root, a given
+    credentials file) for bare libtorrent clients."""
     from peer.cluster.tls import FFDHE2048_PEM
     from peer.manifests import VerifiedBlob, make_manifest
     from peer.transfer.swarm import SslIdentity
 
-    lab = cluster(tmp_path, "lab", "a", "c")
-    other = cluster(tmp_path, "other", "x")
     shard = (tmp_path / "repo" / "model.safetensors").read_bytes()
     blob_id = hashlib.sha256(shard).hexdigest()
-    (tmp_path / "blob").mkdir()
+    await asyncio.to_thread((tmp_path / "blob").mkdir)
     (tmp_path / "blob" / blob_id).write_bytes(shard)
     manifest = await make_manifest(
         VerifiedBlob(blob_id, len(shard), tmp_path / "blob" / blob_id), made_by="0" * 32
@@ -325,6 +347,13 @@ async def test_ssl_torrents_serve_members_only(tmp_path: Path, mirror: MirrorSer
     def ident(cred: Path) -> SslIdentity:
         return SslIdentity(lab_ca, str(cred), str(cred), str(dh))
 
+    return manifest, ident
+
+
+async def test_ssl_torrents_serve_members_only(tmp_path: Path, mirror: MirrorServer) -> None:
+    lab = cluster(tmp_path, "lab", "a", "c")
+    other = cluster(tmp_path, "other", "x")
+    manifest, ident = await ssl_client_setup(tmp_path, lab)
     async with agent_process(
         tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
     ) as a:

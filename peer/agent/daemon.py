@@ -38,7 +38,7 @@ from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
 from peer.cluster.announce import check_txt, signed_txt
 from peer.cluster.credentials import load_member
-from peer.cluster.tls import FFDHE2048_PEM, Cluster, peer_cert
+from peer.cluster.tls import FFDHE2048_PEM, Cluster, PeerCert, peer_cert
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
@@ -100,7 +100,8 @@ class Agent:
             ) from exc
         if self.config.cluster is not None:
             # Cluster mode: the id is the member key's (its certificate names it).
-            self.cluster = Cluster(await asyncio.to_thread(load_member, self.config.cluster))
+            member = await asyncio.to_thread(load_member, self.config.cluster)
+            self.cluster = Cluster(member, on_revoked=self._revoked_seen)
             self.agent_id = self.cluster.agent_id
         else:
             self.agent_id = self.state.agent_id()
@@ -352,7 +353,18 @@ class Agent:
     def _admit(self, transport: asyncio.BaseTransport) -> bool:
         """Cluster mode, after the handshake: the client's certificate is not revoked."""
         assert self.cluster is not None
-        return self.cluster.admits(peer_cert(transport.get_extra_info("ssl_object")))
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        return self.cluster.admits(peer_cert(transport.get_extra_info("ssl_object")), host)
+
+    def _revoked_seen(self, host: str, cert: PeerCert) -> None:
+        """A revoked member showed up at `host` (its TLS connection was refused): keep it
+        out of the swarm too (libtorrent checks the CA, not our CRL)."""
+        if host in self.swarm.banned_peers():
+            return
+        log.warning("member %s (%s) at %s is revoked; banned", cert.name, cert.agent_id[:8], host)
+        self.swarm.ban_peer(host)
+        self._banned(host, f"revoked member {cert.name} ({cert.agent_id[:8]})", "")
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:

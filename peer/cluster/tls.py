@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,8 +113,12 @@ def peer_cert(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerCert | No
 class Cluster:
     """A member's view of its cluster: TLS contexts, the CRL, who is admitted."""
 
-    def __init__(self, member: Member) -> None:
+    def __init__(
+        self, member: Member, on_revoked: Callable[[str, PeerCert], None] | None = None
+    ) -> None:
         self.member = member
+        # A revoked member seen at an address (the agent bans it in its swarm).
+        self._on_revoked = on_revoked
         self.crl = RevocationList(member)
         self.crl.refresh()  # a missing CRL at start is an error (fail closed)
 
@@ -137,9 +142,17 @@ class Cluster:
     def client_context(self) -> ssl.SSLContext:
         return self._context(ssl.Purpose.SERVER_AUTH)
 
-    def admits(self, cert: PeerCert | None) -> bool:
-        """A member in good standing (not revoked; an Ed25519 key, so it has an id)."""
-        return cert is not None and bool(cert.agent_id) and not self.crl.revoked(cert.serial)
+    def admits(self, cert: PeerCert | None, host: str = "") -> bool:
+        """A member in good standing (not revoked; an Ed25519 key, so it has an id). A
+        revoked one seen at `host` is reported to `on_revoked` (the agent bans that
+        address in its swarm: libtorrent checks the CA, not our CRL)."""
+        if cert is None or not cert.agent_id:
+            return False
+        if self.crl.revoked(cert.serial):
+            if host and self._on_revoked is not None:
+                self._on_revoked(host, cert)
+            return False
+        return True
 
 
 class MemberConnector(aiohttp.TCPConnector):
@@ -163,7 +176,7 @@ class MemberConnector(aiohttp.TCPConnector):
         conn = await super().connect(req, traces, timeout)
         transport = conn.transport
         cert = peer_cert(transport.get_extra_info("ssl_object") if transport else None)
-        if not self.cluster.admits(cert):
+        if not self.cluster.admits(cert, str(req.url.host)):
             conn.close()
             raise aiohttp.ClientConnectionError(
                 f"{req.url.host}:{req.url.port} has no valid member certificate (revoked?)"
