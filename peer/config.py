@@ -211,6 +211,8 @@ class AgentConfig:
     # `peer.agent.audit`); None: <state_dir>/audit.log. `audit` False: none at all.
     audit_log: Path | None = None
     audit: bool = True
+    # Cluster mode: this member's credentials file (`hfswarm cluster enroll`); None: open.
+    cluster: Path | None = None
 
     @property
     def audit_path(self) -> Path | None:

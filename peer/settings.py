@@ -409,6 +409,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("audit", parse_bool, "keep the audit log (--no-audit: keep none)"),
     Setting(
+        "cluster",
+        parse_path,
+        "cluster mode: this member's credentials (`hfswarm cluster enroll --out FILE`); "
+        "only members are peers, over mutual TLS",
+        metavar="FILE",
+    ),
+    Setting(
         "log_level",
         parse_choice(*LOG_LEVELS),
         "what the agent logs (-v: info)",

@@ -87,6 +87,10 @@ SAMPLES: dict[str, tuple[str, str, list[str], tuple[Any, Any, Any]]] = {
         '"/t/file"', "/t/env", ["--token-file", "/t/flag"],
         (Path("/t/file"), Path("/t/env"), Path("/t/flag")),
     ),
+    "cluster": (
+        '"/k/file.pem"', "/k/env.pem", ["--cluster", "/k/flag.pem"],
+        (Path("/k/file.pem"), Path("/k/env.pem"), Path("/k/flag.pem")),
+    ),
     "connections": ("3", "4", ["--connections", "5"], (3, 4, 5)),
     "max_upload_rate": (
         '"50MB/s"', "2MiB", ["--max-upload-rate", "1000"], (50_000_000, 2 * 2**20, 1000),

@@ -21,11 +21,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from procs import AgentProcess, agent_process, answers_within, tracker_process
 
 from peer import wire
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.revisions import content_commit
+from peer.manifests.signing import KeyPins, Signatures
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.swarm import SwarmSession, SwarmSettings
 from peer.verification.hashing import BlobHasher, HashKind
@@ -205,6 +207,7 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
 def hostile_peer_app(files: tuple[wire.RevisionFile, ...]) -> web.Application:
     """Looks like an agent; answers every revision request with a manifest naming
     `files` (the ids of blobs it does not hold: another agent's gated ones)."""
+    signer = Signatures("e" * 32, Ed25519PrivateKey.generate(), KeyPins(Path("/nonexistent")))
 
     async def health(_: web.Request) -> web.Response:
         body = wire.encode(wire.Health(agent_id="e" * 32, bt_port=1, blobs=0))
@@ -227,6 +230,9 @@ def hostile_peer_app(files: tuple[wire.RevisionFile, ...]) -> web.Application:
             made_by="e" * 32,
             published_at=int(time.time() * 1000),
         )
+        # Signed with a key of its own: a local/* name is taken on first use (TOFU),
+        # so what stops it here is the sharing gate, not the signature.
+        m = signer.sign_revision(m)
         return web.Response(body=wire.encode(m), content_type="application/msgpack")
 
     app = web.Application()

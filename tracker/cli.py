@@ -16,11 +16,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from tracker.errors import TrackerConfigError, TrackerError
 from tracker.limits import ListenerLimits, RepeatFilter
 from tracker.registry import Limits
 from tracker.service import DEFAULT_PORT, TrackerServer
+from tracker.signing import Membership
 
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
@@ -87,6 +89,18 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help=f"a request's headers, and then its body, must arrive within this time "
         f"(default {ListenerLimits.header_timeout:g}); idle connections close after it too",
     )
+    p.add_argument(
+        "--cluster",
+        metavar="CA_CERT",
+        help="cluster mode: accept registrations and announces only when signed by a "
+        "member of the cluster whose CA certificate this is (DIR/ca.pem of `hfswarm "
+        "cluster init`)",
+    )
+    p.add_argument(
+        "--crl",
+        metavar="PATH",
+        help="with --cluster: the cluster's revocation list (re-read when it changes)",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 
@@ -103,6 +117,7 @@ async def _serve(host: str, port: int, args: argparse.Namespace) -> int:
         announce_interval=args.announce_interval,
         limits=Limits(max_agents=args.max_agents),
         listener=args.listener,
+        membership=args.membership,
     ) as server:
         print(server.url, flush=True)
         await stop.wait()
@@ -125,6 +140,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "hfswarm tracker") -> in
     except ValueError as e:
         print(f"{prog}: error: {e} (check --max-connections*, --request-timeout)", file=sys.stderr)
         return TrackerConfigError.exit_code
+    args.membership = None
+    if args.cluster:
+        try:
+            args.membership = Membership.load(
+                Path(args.cluster), Path(args.crl) if args.crl else None
+            )
+        except (OSError, ValueError) as e:
+            print(
+                f"{prog}: error: cannot read the cluster CA certificate {args.cluster}: {e} "
+                "(pass DIR/ca.pem of `hfswarm cluster init`)",
+                file=sys.stderr,
+            )
+            return TrackerConfigError.exit_code
     # One line per kind of trouble per interval: a flood of refused or broken
     # connections must not turn into a flood of tracebacks on stderr.
     for handler in logging.getLogger().handlers:

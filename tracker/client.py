@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
@@ -30,6 +31,7 @@ from tracker.errors import (
     TrackerUnavailable,
     TrackerWireError,
 )
+from tracker.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,16 @@ class TrackerClient:
     Pass ``session`` to share a connection pool (it is then not closed here)."""
 
     def __init__(
-        self, url: str, *, timeout: float = 5.0, session: aiohttp.ClientSession | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        session: aiohttp.ClientSession | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # Cluster mode: registrations and announces signed by this member.
+        self._signer = signer
         self._timeout = timeout
         self._session = session
         self._owns_session = session is None
@@ -94,6 +103,8 @@ class TrackerClient:
             held=held,
             fetching=fetching,
         )
+        if self._signer is not None:
+            msg = m.sign(msg, self._signer, time.time())
         return await self._call("POST", "/v1/register", msg, m.Registered)
 
     async def announce(
@@ -116,6 +127,8 @@ class TrackerClient:
         msg = m.Announce(
             agent_id=agent_id, held=held_t[: m.MAX_HELD], fetching=fetching_t[: m.MAX_FETCHING]
         )
+        if self._signer is not None:
+            msg = m.sign(msg, self._signer, time.time())
         return await self._call("POST", "/v1/announce", msg, m.Announced)
 
     async def who(self, blob_ids: Iterable[str]) -> dict[str, m.BlobSources]:

@@ -28,10 +28,10 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
-from tracker import schema
+from tracker import schema, signing
 from tracker.errors import TrackerWireError, UnsupportedVersion
 from tracker.schema import Invalid
 
@@ -72,6 +72,7 @@ PROBLEM_CODES = frozenset(
         "full",  # a configured bound is reached (503)
         "agent_id_taken",  # the agent id is bound to another address for now (403)
         "too_slow",  # the body did not arrive in time (408)
+        "not_a_member",  # cluster mode: unsigned, stale, or not a member's signature (403)
     }
 )
 
@@ -143,7 +144,9 @@ class Register(Message):
     ``bt_port`` 0: the agent does not seed."""
 
     TYPE: ClassVar[str] = "register"
-    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"held", "fetching"})
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
+        {"held", "fetching", "signed_at", "cert", "signature"}
+    )
 
     agent_id: str
     api_port: int
@@ -154,6 +157,10 @@ class Register(Message):
     # answers ``new`` and the agent announces everything again.
     held: int = -1
     fetching: int = -1
+    # Cluster mode (`tracker.signing`): when, by which member certificate, signature.
+    signed_at: float = 0.0
+    cert: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,10 +184,14 @@ class Announce(Message):
     each announce replaces the previous one. Also counts as a heartbeat."""
 
     TYPE: ClassVar[str] = "announce"
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"signed_at", "cert", "signature"})
 
     agent_id: str
     held: tuple[str, ...]
     fetching: tuple[str, ...] = ()
+    signed_at: float = 0.0
+    cert: bytes = b""
+    signature: bytes = b""
 
     def cross_check(self) -> None:
         if set(self.held) & set(self.fetching):
@@ -266,6 +277,11 @@ class Problem(Message):
 
 
 _port = schema.integer(1, 65535)
+_SIGNED = {
+    "signed_at": signing.signed_at_ok,
+    "cert": schema.binary(signing.MAX_CERT),
+    "signature": schema.binary(signing.SIGNATURE),
+}
 _count = schema.integer(0, 1 << 40)
 
 Register.SCHEMA = {
@@ -275,6 +291,7 @@ Register.SCHEMA = {
     "host": _host_or_empty,
     "held": schema.integer(-1, MAX_HELD),
     "fetching": schema.integer(-1, MAX_FETCHING),
+    **_SIGNED,
 }
 Registered.SCHEMA = {
     "agent_id": schema.agent_id,
@@ -287,6 +304,7 @@ Announce.SCHEMA = {
     "agent_id": schema.agent_id,
     "held": schema.list_of(schema.blob_id, MAX_HELD, unique=True),
     "fetching": schema.list_of(schema.blob_id, MAX_FETCHING, unique=True),
+    **_SIGNED,
 }
 Announced.SCHEMA = {
     "held": schema.integer(0, MAX_HELD),
@@ -338,7 +356,7 @@ _CODEC = schema.Codec(
     MESSAGE_TYPES.values(),
     schema.Limits(
         max_str=_MAX_STR,
-        max_bin=0,  # no message has a bytes field
+        max_bin=signing.MAX_CERT,  # a member certificate (cluster mode) is the largest
         max_array=max(MAX_HELD, MAX_WHO_BLOBS, MAX_ANSWER_PEERS),
         max_map=_MAX_MAP,
     ),
@@ -366,3 +384,33 @@ def decode_as(data: bytes, kind: type[M], *, max_bytes: int = MAX_REQUEST_BYTES)
 def encode(msg: Message, *, max_bytes: int = MAX_RESPONSE_BYTES) -> bytes:
     """msgpack bytes of one of our messages. Raises ``ValueError`` if it is invalid."""
     return _CODEC.encode(msg, max_bytes=max_bytes)
+
+
+# --- cluster mode: signed registrations and announces (`tracker.signing`) ---------------
+
+Signed = TypeVar("Signed", Register, Announce)
+
+
+def _to_sign(msg: Register | Announce) -> bytes:
+    return signing.signed_bytes(
+        f"hfswarm-tracker-{msg.TYPE}".encode(), encode(replace(msg, signature=b""))
+    )
+
+
+def sign(msg: Signed, signer: signing.Signer, now: float) -> Signed:
+    """`msg` signed by a member at Unix time `now`."""
+    unsigned = replace(msg, signed_at=float(now), cert=signer.cert_der, signature=b"")
+    return replace(unsigned, signature=signer.sign(_to_sign(unsigned)))
+
+
+def verify(msg: Register | Announce, membership: signing.Membership, now: float) -> str:
+    """ "" if a member of `membership`'s cluster signed `msg` as its agent id, recently;
+    otherwise why not (for a log line and the refusal)."""
+    return membership.verify(
+        agent_id=msg.agent_id,
+        cert_der=msg.cert,
+        signed_at=msg.signed_at,
+        signature=msg.signature,
+        signed=_to_sign(msg),
+        now=now,
+    )

@@ -50,6 +50,7 @@ from tracker.errors import (
 )
 from tracker.limits import BACKLOG, ConnectionGuard, ListenerLimits
 from tracker.registry import AgentInfo, Limits, Registry
+from tracker.signing import Membership
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,28 @@ def _address(info: AgentInfo) -> m.AgentAddress:
 
 
 def make_app(
-    registry: Registry, clock: Clock, limits: ListenerLimits | None = None
+    registry: Registry,
+    clock: Clock,
+    limits: ListenerLimits | None = None,
+    membership: Membership | None = None,
 ) -> web.Application:
     body_timeout = (limits or ListenerLimits()).body_timeout
+
+    def members_only(msg: m.Register | m.Announce, source: str) -> None:
+        """Cluster mode (``--cluster``): a member's recent signature, or 403."""
+        if membership is None:
+            return
+        why = m.verify(msg, membership, time.time())
+        if why:
+            log.info(
+                "refused a %s from %s for agent %s: %s", msg.TYPE, source, msg.agent_id[:8], why
+            )
+            raise _Refused(403, "not_a_member", f"this tracker serves one cluster: {why}")
 
     async def register(request: web.Request) -> web.Response:
         msg = await _read_message(request, m.Register, body_timeout)
         source = _remote_ip(request)
+        members_only(msg, source)
         # The default: the address the request came from. A LAN agent often cannot
         # tell which of its addresses others reach; the tracker sees the one that works.
         host = msg.host or source
@@ -155,6 +171,7 @@ def make_app(
     async def announce(request: web.Request) -> web.Response:
         msg = await _read_message(request, m.Announce, body_timeout)
         source = _remote_ip(request)
+        members_only(msg, source)
         try:
             held, fetching = registry.announce(
                 msg.agent_id, msg.held, msg.fetching, clock(), source=source
@@ -277,8 +294,10 @@ class TrackerServer:
         limits: Limits | None = None,
         rng: random.Random | None = None,
         listener: ListenerLimits | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.host = host
+        self.membership = membership
         self.listener = (listener or ListenerLimits()).fitted_to_fd_limit()
         self.guard = ConnectionGuard(self.listener)
         self._want_port = port
@@ -301,7 +320,7 @@ class TrackerServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> Self:
-        app = make_app(self.registry, self.clock, self.listener)
+        app = make_app(self.registry, self.clock, self.listener, self.membership)
         # aiohttp's keep-alive timer runs from a connection's start and from each answer
         # until the next request's headers are complete: it is the header timeout.
         runner = web.AppRunner(

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -35,19 +37,24 @@ from peer.agent.state import StateDir
 from peer.agent.uploads import UploadWatch, agent_id_at
 from peer.aio import primary_error
 from peer.cache.debris import clean_debris
+from peer.cluster.announce import check_txt, signed_txt
+from peer.cluster.credentials import load_member
+from peer.cluster.tls import FFDHE2048_PEM, Cluster, PeerCert, peer_cert
 from peer.config import AgentConfig
 from peer.discovery.mdns import MdnsDiscovery
 from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
 from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
+from peer.manifests.signing import KeyPins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
 from peer.serving.metrics import AgentMetrics
 from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
 from peer.transfer.rate import Throttle
-from peer.transfer.swarm import SwarmSession, SwarmSettings
+from peer.transfer.swarm import SslIdentity, SwarmSession, SwarmSettings
+from tracker.signing import Membership
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,8 @@ class Agent:
         self.limits: LiveLimits
         self.peer_port = 0
         self.local_port = 0
+        self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
+        self.signatures: Signatures
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -90,7 +99,13 @@ class Agent:
                 f"cannot create {exc.filename}: {exc.strerror}",
                 hint="pick writable --cache-dir/--state-dir",
             ) from exc
-        self.agent_id = self.state.agent_id()
+        if self.config.cluster is not None:
+            # Cluster mode: the id is the member key's (its certificate names it).
+            member = await asyncio.to_thread(load_member, self.config.cluster)
+            self.cluster = Cluster(member, on_revoked=self._revoked_seen)
+            self.agent_id = self.cluster.agent_id
+        else:
+            self.agent_id = self.state.agent_id()
         self.audit = AuditLog(self.config.audit_path)
         self._stack.callback(self.audit.close)
         if removed := await asyncio.to_thread(
@@ -109,10 +124,23 @@ class Agent:
                         # a cap is meant for the LAN too (and may be set live)
                         limit_local_peers=True,
                         trackers=tuple(f"{u}/announce" for u in self.config.trackers),
+                        ssl=await asyncio.to_thread(self._ssl_identity),
                     )
                 )
             )
-            self.peers = await self._stack.enter_async_context(PeerTable(self.agent_id))
+            self.signatures = await asyncio.to_thread(self._signatures)
+            self.peers = await self._stack.enter_async_context(
+                PeerTable(
+                    self.agent_id,
+                    cluster=self.cluster,
+                    check_manifest=(
+                        (lambda m, by: self.signatures.check_manifest(m, by, time.time()))
+                        if self.cluster is not None
+                        else None
+                    ),
+                    on_ban=self._banned,
+                )
+            )
             for host, port in self.config.peers:
                 self.peers.offer(host, port, "static")
             self.pins = Pins(self.state)
@@ -127,6 +155,8 @@ class Agent:
                 confirm=self._anonymous_visibility,
                 policy=self.config.seeding,
                 pinned=self.pins.repos,
+                # share = "cluster": private and gated blobs go to members too
+                cluster_share=self.cluster is not None and self.cluster.member.share == "cluster",
             )
             # The herd asks the trackers and nudges them from the start; the sources
             # themselves start once the peer API is bound (they register its port).
@@ -135,6 +165,7 @@ class Agent:
                 agent_id=self.agent_id,
                 peers=self.peers,
                 holdings=lambda: (self.seeds.held.keys(), self.blobs.fetching_ids()),
+                signer=self.cluster.member if self.cluster is not None else None,
             )
             self.blobs = BlobFetcher(
                 self.config,
@@ -159,7 +190,9 @@ class Agent:
             self.limits = LiveLimits(
                 self.swarm, upload, self.blobs.mirror_throttle, self.config.max_download_rate
             )
-            self.revisions = Revisions(self.state, self.peers, self.agent_id)
+            self.revisions = Revisions(
+                self.state, self.peers, self.agent_id, signatures=self.signatures
+            )
             await asyncio.to_thread(self.revisions.load)
             self.downloads = DownloadJob(
                 self.config.hub,
@@ -198,6 +231,7 @@ class Agent:
                 self.totals,
                 audit=self.audit,
                 peer_of=lambda host: agent_id_at(self.peers, host),
+                sign=self.signatures.sign_manifest if self.cluster is not None else None,
                 seeding=self.config.seeding,
                 touch=self.last_use.touch,
             )
@@ -224,6 +258,7 @@ class Agent:
                         on_found=lambda host, port, _id: self.peers.offer(host, port, "mdns"),
                         on_lost=self.peers.withdraw,
                         interfaces=self.config.mdns_interfaces or None,
+                        **self._mdns_signing(),
                     )
                 )
             await self._stack.enter_async_context(
@@ -261,8 +296,16 @@ class Agent:
         # Caps below the fd limit, header/body/stall timeouts: peer/serving/limits.py.
         nofile = nofile_limit()
         limits = peer_limits(nofile) if peer_facing else local_limits(nofile)
+        tls = self.cluster if peer_facing else None
         try:
-            runner, port = await start_listener(app, where[0], where[1], limits)
+            runner, port = await start_listener(
+                app,
+                where[0],
+                where[1],
+                limits,
+                ssl_context=tls.server_context() if tls is not None else None,
+                admit=self._admit if tls is not None else None,
+            )
         except OSError as exc:
             raise LocalError(
                 f"cannot listen on {where[0]}:{where[1]}: {exc.strerror}",
@@ -270,6 +313,61 @@ class Agent:
             ) from exc
         self._stack.push_async_callback(runner.cleanup)
         return port
+
+    def _ssl_identity(self) -> SslIdentity | None:
+        """Cluster mode: SSL torrents rooted in the cluster CA, with the member's key."""
+        if self.cluster is None:
+            return None
+        member = self.cluster.member
+        dh = self.config.state_dir / "dhparams.pem"
+        if not dh.exists():
+            dh.write_text(FFDHE2048_PEM)
+        return SslIdentity(member.ca_pem, str(member.path), str(member.path), str(dh))
+
+    def _signatures(self) -> Signatures:
+        """Cluster mode: the member's key and certificate, members only. Open mode: the
+        agent's own key (made 0600 in the state dir), for local/* publishes."""
+        pins = KeyPins(self.config.state_dir / "pins")
+        if self.cluster is None:
+            key = load_signing_key(self.config.state_dir / "signing_key")
+            return Signatures(self.agent_id, key, pins)
+        member = self.cluster.member
+        return Signatures(
+            self.agent_id,
+            member.key,
+            pins,
+            cert_der=member.cert_der,
+            membership=Membership(member.ca, member.crl),
+        )
+
+    def _mdns_signing(self) -> dict[str, Any]:
+        """Cluster mode: our mDNS record signed, and only members' signed records read."""
+        if self.cluster is None:
+            return {}
+        member = self.cluster.member
+        membership = Membership(member.ca, member.crl)
+        return {
+            "sign": lambda bt, api, now: signed_txt(member, bt, api, now),
+            "check": lambda props, agent_id, bt, api, now: check_txt(
+                membership, props, agent_id, bt, api, now
+            ),
+        }
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Cluster mode, after the handshake: the client's certificate is not revoked."""
+        assert self.cluster is not None
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        return self.cluster.admits(peer_cert(transport.get_extra_info("ssl_object")), host)
+
+    def _revoked_seen(self, host: str, cert: PeerCert) -> None:
+        """A revoked member showed up at `host` (its TLS connection was refused): keep it
+        out of the swarm too (libtorrent checks the CA, not our CRL)."""
+        if host in self.swarm.banned_peers():
+            return
+        log.warning("member %s (%s) at %s is revoked; banned", cert.name, cert.agent_id[:8], host)
+        self.swarm.ban_peer(host)
+        self._banned(host, f"revoked member {cert.name} ({cert.agent_id[:8]})", "")
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:

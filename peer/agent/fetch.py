@@ -102,6 +102,7 @@ class BlobFetcher:
         self.swarm = swarm
         self.peers = peers
         self.seeds = seeds
+        self.cluster_share = seeds.cluster_share  # members share private/gated blobs
         self.state = state
         self.uploaded_by_removed = 0
         self._inflight: dict[str, asyncio.Future[Path]] = {}
@@ -291,7 +292,7 @@ class BlobFetcher:
             return await self._adopt(repo, held, file, counters, access)
         # A private or gated repo's blob: only the mirror, with the caller's token (no
         # peer offers one, and a herd would wait for a leader that never shares it).
-        if access.mirror_only:
+        if access.mirror_only_in(self.cluster_share):
             async with self._transfers:
                 fetched = await self._from_mirror(repo, snapshot, file, mirror, counters)
             await self.seeds.offer_verified(

@@ -161,6 +161,7 @@ class LocalService:
         seeded_repos = self._seeded_repos()
         return {
             "agent_id": self.agent_id,
+            "mode": "open" if self.config.cluster is None else "cluster",
             "bytes_from_peers": self.totals.bytes_from_peers,
             "bytes_from_mirror": self.totals.bytes_from_mirror,
             "bytes_uploaded": await self._uploaded(),

@@ -30,9 +30,11 @@ class PeerService:
         *,
         audit: AuditLog | None = None,
         peer_of: Callable[[str], str | None] = lambda _host: None,
+        sign: Callable[[wire.Manifest], wire.Manifest] | None = None,
         seeding: str = "always",
         touch: Callable[[Iterable[str]], None] = lambda _: None,
     ) -> None:
+        self.sign = sign  # cluster mode: every manifest offered is signed by us
         self.agent_id = agent_id
         self.bt_port = bt_port
         self.seeds = seeds
@@ -49,12 +51,15 @@ class PeerService:
         return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
 
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
-        return self.seeds.manifests_for(blob_ids)
+        return self._signed(self.seeds.manifests_for(blob_ids))
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         if self.seeding == "none":  # nothing offered, not even what is on its way
             return []
-        return self.blobs.fetching_for(blob_ids)
+        return self._signed(self.blobs.fetching_for(blob_ids))
+
+    def _signed(self, manifests: list[wire.Manifest]) -> list[wire.Manifest]:
+        return manifests if self.sign is None else [self.sign(m) for m in manifests]
 
     def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]:
         return self.herd.claims_for(blob_ids)

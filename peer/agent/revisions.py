@@ -38,6 +38,7 @@ from peer.errors import (
     NetworkError,
     RepoNotFound,
     RevisionNotFound,
+    UserError,
 )
 from peer.hub.metadata import FileSelection, Snapshot, check_repo_args, resolve_snapshot
 from peer.hub.metadata import select_files as select
@@ -49,6 +50,7 @@ from peer.manifests.revisions import (
     manifest_of_snapshot,
     snapshot_of,
 )
+from peer.manifests.signing import Signatures
 from peer.verification.hashing import SHA1_RE
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,12 @@ class Revisions:
         agent_id: str,
         *,
         clock: Callable[[], float] = time.time,
+        signatures: Signatures | None = None,
     ) -> None:
         self.state = state
+        # Signs what this agent makes; checks peers' (cluster: every manifest; open:
+        # local/* ones, each name pinned to its first key).
+        self.signatures = signatures
         self.peers = peers
         self.agent_id = agent_id
         self.clock = clock
@@ -87,6 +93,10 @@ class Revisions:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def _verify(self, m: wire.RevisionManifest) -> None:
+        if self.signatures is not None:
+            self.signatures.check_revision(m, self.clock())
+
     # -- the book and the state dir ----------------------------------------------------
 
     def load(self) -> int:
@@ -95,8 +105,17 @@ class Revisions:
         for key, data in self.state.revision_records():
             try:
                 m = wire.decode_as(data, wire.RevisionManifest)
+                if self.signatures is not None and m.made_by == self.agent_id and not m.signature:
+                    # Ours, kept before manifests were signed: signed now, not lost.
+                    m = self.signatures.sign_revision(m)
+                    self.state.save_revision(key, wire.encode(m))
                 accept_revision_manifest(
-                    m, repo_type=m.repo_type, repo_id=m.repo_id, revision=m.revision, now_ms=now
+                    m,
+                    repo_type=m.repo_type,
+                    repo_id=m.repo_id,
+                    revision=m.revision,
+                    now_ms=now,
+                    verify_signature=self._verify,
                 )
             except (wire.WireError, BadRevisionManifest) as exc:
                 log.warning("stored revision manifest %s unusable (%s); dropped", key[:12], exc)
@@ -106,6 +125,17 @@ class Revisions:
         return len(self.book)
 
     def record(self, m: wire.RevisionManifest) -> None:
+        if self.signatures is not None and m.made_by == self.agent_id and not m.signature:
+            # Ours (a publish, a mirror's revision): signed, and a local/* name must be
+            # ours to publish (pinned to our key, or to nobody's yet).
+            m = self.signatures.sign_revision(m)
+            try:
+                self.signatures.check_own_revision(m)
+            except BadRevisionManifest as exc:
+                raise UserError(
+                    exc.message,
+                    hint="publish under another local/ name: this one belongs to another agent",
+                ) from None
         kept, dropped = self.book.add(m)
         if kept:
             self.state.save_revision(_key(m), wire.encode(m))
@@ -141,7 +171,12 @@ class Revisions:
         for peer, m in await self.peers.revisions(request):
             try:
                 accept_revision_manifest(
-                    m, repo_type=repo_type, repo_id=repo_id, revision=revision, now_ms=now
+                    m,
+                    repo_type=repo_type,
+                    repo_id=repo_id,
+                    revision=revision,
+                    now_ms=now,
+                    verify_signature=self._verify,
                 )
             except BadRevisionManifest as exc:
                 log.warning("peer %s: %s", peer.api_url, exc.one_line())

@@ -67,10 +67,14 @@ class SeedIndex:
         *,
         policy: str = "always",
         pinned: PinnedRepos = frozenset,
+        cluster_share: bool = False,
     ) -> None:
         self.cache_root = cache_root
         self.policy = policy  # always | pinned | none (`peer.config.SEEDING_POLICIES`)
         self.pinned = pinned
+        # Cluster mode, share = "cluster": private and gated blobs are held (seeded,
+        # offered) too; peers are authenticated members then.
+        self.cluster_share = cluster_share
         self.state = state
         self.swarm = swarm
         self.agent_id = agent_id
@@ -140,7 +144,7 @@ class SeedIndex:
 
     def _offered(self, blob_id: str, provenance: Provenance) -> bool:
         """Shared by the sharing policy, and offered by the seeding policy."""
-        if not provenance.shared or self.policy == "none":
+        if not provenance.shared_in(self.cluster_share) or self.policy == "none":
             return False
         if self.policy == "pinned":
             return bool(self.pinned() & set(self._repos_of(blob_id, provenance)))

@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "tracker", add_help=False, help="run the LAN tracker for networks mDNS does not reach"
     )
+    sub.add_parser(
+        "cluster", add_help=False, help="cluster mode: make a CA, enroll and revoke members"
+    )
     return parser
 
 
@@ -681,6 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tracker.cli import main as tracker_main
 
         return tracker_main(argv[1:], prog="hfswarm tracker")
+    if argv[:1] == ["cluster"]:
+        from peer.cluster.cli import main as cluster_main
+
+        return cluster_main(argv[1:], prog="hfswarm cluster")
     if argv[:1] == ["mirror"]:
         from peer.mirror_server.cli import main as mirror_main
 

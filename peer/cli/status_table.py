@@ -31,7 +31,8 @@ def render_status(s: dict[str, Any]) -> str:
     listen = s.get("listen", {})
     peers_from, mirror_from = int(s["bytes_from_peers"]), int(s["bytes_from_mirror"])
     out = [
-        f"agent {s['agent_id']}  (local API :{listen.get('local_api')}, "
+        f"agent {s['agent_id']}, {s.get('mode', 'open')} mode  "
+        f"(local API :{listen.get('local_api')}, "
         f"peer API :{listen.get('peer_api')}, BitTorrent :{listen.get('bittorrent')})",
         "",
         f"  from peers       {human_bytes(peers_from):>10}    "

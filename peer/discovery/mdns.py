@@ -34,6 +34,7 @@ import errno
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,12 @@ _GOODBYE_TIMEOUT = 2.0
 FoundCallback = Callable[[str, int, str], None]
 LostCallback = Callable[[str, int], None]
 Endpoint = tuple[str, int]
+# Cluster mode (`peer.cluster.announce`): the signed part of our TXT record (given bt
+# and API ports, now), and the check of a peer's record (properties, agent id, bt port,
+# API port, now -> "" or why it is ignored).
+TxtSigner = Callable[[int, int, float], dict[str, str]]
+TxtCheck = Callable[[Mapping[bytes, bytes | None], str, int, int, float], str]
+RESIGN_EVERY = 120.0
 
 
 class DiscoveryError(NetworkError):
@@ -285,6 +292,8 @@ class MdnsDiscovery:
         interfaces: Sequence[str] | None = None,
         advertise: Sequence[str] | None = None,
         resolve_timeout: float = 3.0,
+        sign: TxtSigner | None = None,
+        check: TxtCheck | None = None,
     ) -> None:
         if not valid_agent_id(agent_id):
             raise ValueError(f"agent id {agent_id!r} cannot be used in an mDNS name")
@@ -308,6 +317,34 @@ class MdnsDiscovery:
         self._known: dict[str, _Known] = {}
         self._complained: set[str] = set()
         self._accept_loopback = False
+        self._sign = sign
+        self._check = check
+        self._resigning: asyncio.Task[None] | None = None
+
+    def _properties(self) -> dict[str, str]:
+        props = txt_properties(self.agent_id, self.bt_port)
+        if self._sign is not None:
+            props |= self._sign(self.bt_port, self.api_port, time.time())
+        return props
+
+    async def _resign(self) -> None:
+        """Cluster mode: sign our record again before it grows stale to others."""
+        while True:
+            await asyncio.sleep(RESIGN_EVERY)
+            if self._azc is None or self._info is None:
+                return
+            self._info = AsyncServiceInfo(
+                SERVICE_TYPE,
+                self.instance_name,
+                port=self.api_port,
+                properties=self._properties(),
+                server=f"{INSTANCE_PREFIX}{self.agent_id}.local.",
+                parsed_addresses=self.announced,
+            )
+            try:
+                await self._azc.async_update_service(self._info)
+            except ZeroconfError as exc:
+                log.warning("mDNS: could not sign our record again: %r", exc)
 
     def known(self) -> dict[str, tuple[str, frozenset[Endpoint]]]:
         """Instance name -> (agent id, endpoints reported): for status pages and tests."""
@@ -341,7 +378,7 @@ class MdnsDiscovery:
                 SERVICE_TYPE,
                 self.instance_name,
                 port=self.api_port,
-                properties=txt_properties(self.agent_id, self.bt_port),
+                properties=self._properties(),
                 # One host name per agent, not the machine's: two agents on one machine
                 # must not send goodbyes for each other's address records.
                 server=f"{INSTANCE_PREFIX}{self.agent_id}.local.",
@@ -364,6 +401,8 @@ class MdnsDiscovery:
         except BaseException:
             await self._close_zeroconf()
             raise
+        if self._sign is not None:
+            self._resigning = asyncio.ensure_future(self._resign())
         log.info(
             "mDNS: announcing %s on %s (api %d, bt %d)",
             self.agent_id[:8],
@@ -380,6 +419,9 @@ class MdnsDiscovery:
             self._browser = None
         await _cancel_all([*self._resolving.values()])
         self._resolving.clear()
+        if self._resigning is not None:
+            await _cancel_all([self._resigning])
+            self._resigning = None
         if self._announcing is not None:
             await _cancel_all([self._announcing])
             self._announcing = None
@@ -463,6 +505,16 @@ class MdnsDiscovery:
             announcement = parse_txt(info.properties)
             if info.port is None or not 0 < info.port < 65536:
                 raise BadRecord(f"SRV port {info.port!r} is not a port number")
+            if self._check is not None:
+                why = self._check(
+                    info.properties,
+                    announcement.agent_id,
+                    announcement.bt_port,
+                    info.port,
+                    time.time(),
+                )
+                if why:
+                    raise BadRecord(f"not a member's signed record: {why}")
         except UnsupportedVersion as exc:
             self._complain_once(name, logging.INFO, "mDNS: ignoring %s: %s", name, exc)
             self._forget(name)

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from peer import wire
+from peer.cluster.tls import Cluster, MemberConnector
 from peer.errors import PeerMisbehaved
 from peer.verification.hashing import BlobHasher, HashKind
 
@@ -40,11 +42,12 @@ class PeerInfo:
     host: str
     api_port: int
     bt_port: int
+    tls: bool = False  # cluster mode: the peer API over mutual TLS
 
     @property
     def api_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.api_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.api_port}"
 
 
 @dataclass(frozen=True)
@@ -202,8 +205,23 @@ class PeerTable:
         timeout: float = 3.0,
         misses_allowed: int = 2,
         policy: RetryPolicy | None = None,
+        cluster: Cluster | None = None,
+        check_manifest: Callable[[wire.Manifest, str], None] | None = None,
+        on_ban: Callable[[str, str, str], None] = lambda _addr, _why, _blob: None,
+        ban_for: float = 600.0,
     ) -> None:
         self.self_id = self_id
+        # Cluster mode: every call over mutual TLS, and the certificate's agent id must
+        # be the one the peer claims (`_member_of`).
+        self.cluster = cluster
+        self._members: MemberConnector | None = None
+        # Cluster mode: a peer whose /v1/have carries a manifest that fails this check
+        # (raising PeerMisbehaved; args: manifest, the peer's agent id) is banned for
+        # `ban_for` s: its answers are dropped, it is not a live peer.
+        self._check_manifest = check_manifest
+        self._on_ban = on_ban
+        self._ban_for = ban_for
+        self._banned: dict[str, float] = {}  # agent id -> banned until (monotonic)
         self.timeout = timeout
         self.misses_allowed = misses_allowed
         self.schedule = Schedule(policy or RetryPolicy(interval=interval))
@@ -214,7 +232,11 @@ class PeerTable:
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> PeerTable:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        if self.cluster is not None:
+            self._members = MemberConnector(self.cluster)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout), connector=self._members
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -288,10 +310,16 @@ class PeerTable:
         if health.agent_id == self.self_id:
             self.schedule.remove(key)  # that is us
             return
+        if self.is_banned(health.agent_id):
+            self.schedule.succeeded(key, time.monotonic())
+            self._live.pop(key, None)
+            return
         self.schedule.succeeded(key, time.monotonic())
         if key not in self.schedule:
             return  # withdrawn while we asked
-        info = PeerInfo(health.agent_id, key[0], key[1], health.bt_port)
+        info = PeerInfo(
+            health.agent_id, key[0], key[1], health.bt_port, tls=self.cluster is not None
+        )
         if self._live.get(key) != info:
             log.info("peer %s at %s:%s (bt %s)", info.agent_id[:8], *key, info.bt_port)
         self._live[key] = info
@@ -299,10 +327,57 @@ class PeerTable:
     async def _health(self, host: str, port: int) -> wire.Health:
         assert self._session is not None
         h = f"[{host}]" if ":" in host else host
-        async with self._session.get(f"http://{h}:{port}/v1/health") as r:
+        scheme = "https" if self.cluster is not None else "http"
+        async with self._session.get(f"{scheme}://{h}:{port}/v1/health") as r:
+            member = self._member_of(r)
             if r.status != 200:
                 raise wire.WireError(f"health answered HTTP {r.status}")
-            return wire.decode_as(await r.read(), wire.Health)
+            health = wire.decode_as(await r.read(), wire.Health)
+        if member is not None and member != health.agent_id:
+            raise wire.WireError(
+                f"claims agent id {health.agent_id[:8]} but its certificate is {member[:8]}"
+            )
+        return health
+
+    def _member_of(self, r: aiohttp.ClientResponse, expect: str | None = None) -> str | None:
+        """Cluster mode: the agent id of the certificate behind answer `r` (the handshake
+        checked the CA, the connector the CRL), which must be `expect` if given. Open
+        mode: None."""
+        if self._members is None:
+            return None
+        got = self._members.member_at.get((str(r.url.host), int(r.url.port or 0)), "")
+        if expect is not None and got != expect:
+            raise wire.WireError(f"its certificate is {got[:8]}, not {expect[:8]}")
+        return got
+
+    def is_banned(self, agent_id: str) -> bool:
+        until = self._banned.get(agent_id)
+        if until is not None and until <= time.monotonic():
+            del self._banned[agent_id]
+            return False
+        return until is not None
+
+    def ban(self, peer: PeerInfo, reason: str, blob_id: str = "") -> None:
+        """Stop using this peer for `ban_for` s (it sent something only a liar sends)."""
+        if len(self._banned) > 4096:
+            self._banned.clear()
+        self._banned[peer.agent_id] = time.monotonic() + self._ban_for
+        self._live.pop((peer.host, peer.api_port), None)
+        log.warning("peer %s at %s banned: %s", peer.agent_id[:8], peer.api_url, reason)
+        self._on_ban(peer.host, reason, blob_id)
+
+    def _vetted(self, peer: PeerInfo, answer: wire.HaveResponse) -> wire.HaveResponse | None:
+        """Cluster mode: the answer if every manifest in it checks out; else the peer is
+        banned and its whole answer dropped (never voted on)."""
+        if self._check_manifest is None:
+            return answer
+        for m in (*answer.manifests, *answer.fetching):
+            try:
+                self._check_manifest(m, peer.agent_id)
+            except PeerMisbehaved as exc:
+                self.ban(peer, exc.one_line(), m.blob_id)
+                return None
+        return answer
 
     def mark_dead(self, peer: PeerInfo) -> None:
         self._live.pop((peer.host, peer.api_port), None)
@@ -324,7 +399,8 @@ class PeerTable:
         offers: dict[str, list[Offer]] = {}
         claims: dict[str, list[tuple[PeerInfo, wire.Claim]]] = {}
         wanted = set(blob_ids)
-        for peer, answer in zip(peers, answers, strict=True):
+        for peer, raw in zip(peers, answers, strict=True):
+            answer = self._vetted(peer, raw) if raw is not None else None
             if answer is None:
                 continue
             for m, complete in [(m, True) for m in answer.manifests] + [
@@ -360,6 +436,7 @@ class PeerTable:
             async with self._session.post(
                 f"{peer.api_url}/v1/have", data=body, headers={"Content-Type": MSGPACK}
             ) as r:
+                self._member_of(r, peer.agent_id)
                 if r.status != 200:
                     return None
                 msg = wire.decode_as(await r.read(), wire.HaveResponse)
@@ -388,6 +465,7 @@ class PeerTable:
             async with self._session.post(
                 f"{peer.api_url}/v1/revisions", data=body, headers={"Content-Type": MSGPACK}
             ) as r:
+                self._member_of(r, peer.agent_id)
                 if r.status != 200:
                     return None
                 return wire.decode_as(await r.read(), wire.RevisionManifest)
@@ -401,6 +479,10 @@ class PeerTable:
         """A whole small blob over HTTP, checked against its id before it is returned."""
         assert self._session is not None
         async with self._session.get(f"{peer.api_url}/v1/blobs/{blob_id}") as r:
+            try:
+                self._member_of(r, peer.agent_id)
+            except wire.WireError as exc:
+                raise PeerMisbehaved(f"peer {peer.api_url}: {exc}") from None
             if r.status != 200:
                 raise PeerMisbehaved(f"peer {peer.api_url} answered {r.status} for {blob_id}")
             if (r.content_length or 0) > size:

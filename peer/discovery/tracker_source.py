@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from peer.discovery.peer_table import PeerTable
 from tracker.client import TrackerClient, TrackerPresence
 from tracker.errors import TrackerError
+from tracker.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,13 @@ class TrackerSource:
         bt_port: int,
         peers: PeerTable,
         holdings: Holdings,
+        signer: Signer | None = None,
     ) -> None:
         self.url = url
         self.agent_id = agent_id
         self.peers = peers
         self._holdings = holdings
-        self._client = TrackerClient(url)
+        self._client = TrackerClient(url, signer=signer)
         # 0.0.0.0 is no address to give out: the tracker records where we came from.
         host = "" if api_host in ("", "0.0.0.0", "::") else api_host
         self.presence = TrackerPresence(
@@ -104,9 +106,16 @@ class Trackers:
     reach every source; before `bound` there are none, so both do nothing."""
 
     def __init__(
-        self, urls: Sequence[str], *, agent_id: str, peers: PeerTable, holdings: Holdings
+        self,
+        urls: Sequence[str],
+        *,
+        agent_id: str,
+        peers: PeerTable,
+        holdings: Holdings,
+        signer: Signer | None = None,
     ) -> None:
         self.urls = tuple(urls)
+        self.signer = signer  # cluster mode: registrations and announces signed
         self.agent_id = agent_id
         self.peers = peers
         self._holdings = holdings
@@ -126,6 +135,7 @@ class Trackers:
                         bt_port=bt_port,
                         peers=self.peers,
                         holdings=self._holdings,
+                        signer=self.signer,
                     )
                 )
                 for url in self.urls

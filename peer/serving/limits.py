@@ -27,7 +27,8 @@ import asyncio
 import contextlib
 import logging
 import resource
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,13 @@ class _Gate(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._ip = str(peer[0]) if peer else ""
         lim = self._listener.limits
+        admit = self._listener.admit
+        if admit is not None and not admit(transport):
+            # Cluster mode: a certificate the CA issued but revoked since (checked after
+            # the handshake; the CA check itself is the handshake's).
+            log.info("%s: a revoked certificate from %s; connection closed", lim.name, self._ip)
+            transport.abort()
+            return
         if not self._listener.counts.take(self._ip, lim.max_connections, lim.max_per_ip):
             log.warning(
                 "%s: connection cap reached (%d in all, %d per address); closing new "
@@ -171,6 +179,16 @@ class _Gate(asyncio.Protocol):
             return
         if not self._in_request and self._head_timer is None:
             self._head_timer = self._later(self._listener.limits.header_timeout, "its request head")
+        admit = self._listener.admit
+        if (
+            not self._in_request
+            and admit is not None
+            and self._transport is not None
+            and not admit(self._transport)
+        ):
+            # A keep-alive connection of a member revoked since it connected.
+            self._transport.abort()
+            return
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -238,6 +256,9 @@ class _Listener:
     limits: ListenerLimits
     make_protocol: Any  # aiohttp's web.Server: a protocol factory
     counts: _Counts = field(default_factory=_Counts)
+    ssl_context: ssl.SSLContext | None = None
+    # After the TLS handshake: may this connection go on? (cluster mode: not revoked)
+    admit: Callable[[asyncio.BaseTransport], bool] | None = None
 
 
 @web.middleware
@@ -271,7 +292,8 @@ class _GatedSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._listener.ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -283,15 +305,25 @@ class _GatedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            ssl=listener.ssl_context,
+            # A handshake is bounded like a request head (the caps count from its end).
+            ssl_handshake_timeout=listener.limits.header_timeout if listener.ssl_context else None,
         )
 
 
 async def start_listener(
-    app: web.Application, host: str, port: int, limits: ListenerLimits
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: ListenerLimits,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    admit: Callable[[asyncio.BaseTransport], bool] | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port within `limits`; the runner (cleanup is the caller's)
-    and the port bound. Raises OSError if the address cannot be bound (the runner is
-    cleaned up then)."""
+    """Serve `app` on host:port within `limits` (over TLS with `ssl_context`, each
+    connection then passed to `admit` after its handshake); the runner (cleanup is the
+    caller's) and the port bound. Raises OSError if the address cannot be bound (the
+    runner is cleaned up then)."""
     app.middlewares.append(_request_bounds)
     runner = web.AppRunner(
         app,
@@ -305,7 +337,9 @@ async def start_listener(
     )
     await runner.setup()
     assert runner.server is not None
-    site = _GatedSite(runner, host, port, _Listener(limits, runner.server))
+    site = _GatedSite(
+        runner, host, port, _Listener(limits, runner.server, ssl_context=ssl_context, admit=admit)
+    )
     try:
         await site.start()
     except BaseException:

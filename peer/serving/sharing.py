@@ -1,9 +1,10 @@
 """What this agent may offer to other hosts: the sharing policy (pure, no I/O).
 
 Every blob the agent holds has a provenance: the repos it holds it for, each with what
-the mirror said of that repo (or how the blob came to be here). Open mode (the only
-mode so far) shares a blob with the LAN only if at least one of those repos makes its
-bytes public anyway:
+the mirror said of that repo (or how the blob came to be here). Open mode shares a blob
+with the LAN only if at least one of those repos makes its bytes public anyway (cluster
+mode with ``share = "cluster"`` shares private and gated ones too, with members only:
+`Provenance.shared_in`, `Access.mirror_only_in`):
 
     public    the mirror said: neither private nor gated (to an anonymous check, or in
               the answer to an authorised one)                              -> shared
@@ -64,6 +65,12 @@ class Provenance:
     def shared(self) -> bool:
         return any(v.shared for _, v in self.repos)
 
+    def shared_in(self, cluster_share: bool) -> bool:
+        """Shared with this agent's peers. ``cluster_share`` (cluster mode with
+        ``share = "cluster"``, never open mode: peers are then authenticated members):
+        private and gated blobs too."""
+        return self.shared or (cluster_share and bool(self.repos))
+
     def visibility(self, key: RepoKey) -> Visibility | None:
         return next((v for k, v in self.repos if k == key), None)
 
@@ -92,6 +99,11 @@ class Access:
     def mirror_only(self) -> bool:
         """Private or gated: never asked of peers, never claimed in a herd, never seeded."""
         return self.visibility in (Visibility.PRIVATE, Visibility.GATED)
+
+    def mirror_only_in(self, cluster_share: bool) -> bool:
+        """`mirror_only`, unless members share private and gated blobs (the mirror has
+        still allowed this caller this repo before any member is asked)."""
+        return self.mirror_only and not cluster_share
 
 
 def may_serve(provenance: Provenance, access: Access) -> bool:

@@ -106,6 +106,21 @@ def _translate(what: str, exc: BaseException) -> SwarmError:
 
 
 @dataclass(frozen=True)
+class SslIdentity:
+    """Cluster mode: SSL torrents. Every torrent is added as its SSL variant (the info
+    dict carries ``ssl-cert``, the cluster CA, so its info-hash differs from the
+    canonical one; this module maps the two and its API speaks the canonical one), the
+    session listens with SSL only, and each handle presents the member certificate.
+    libtorrent then accepts only peers whose certificate the CA signed (and whose
+    subject alternative name is ``*`` or the torrent's name)."""
+
+    root_cert_pem: str
+    cert_path: str  # PEM: the member certificate (the member file holds it)
+    key_path: str  # PEM: its private key
+    dh_params_path: str  # PEM DH parameters (libtorrent insists on a file)
+
+
+@dataclass(frozen=True)
 class SwarmSettings:
     """Session settings; defaults suit a LAN (the libtorrent behaviours they allow for:
     this module's docstring)."""
@@ -135,6 +150,7 @@ class SwarmSettings:
     # BitTorrent announce URLs put on every torrent (LAN trackers' /announce), so
     # libtorrent finds swarm peers through them directly as well.
     trackers: tuple[str, ...] = ()
+    ssl: SslIdentity | None = None  # cluster mode: SSL torrents only
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -152,7 +168,7 @@ class SwarmSettings:
     @property
     def listen_interface(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
-        return f"{host}:{self.listen_port}"
+        return f"{host}:{self.listen_port}{'s' if self.ssl is not None else ''}"
 
     def to_libtorrent(self) -> lt.settings_pack:
         cat = lt.alert.category_t
@@ -541,6 +557,10 @@ class SwarmSession:
         self._streams: list[EventStream] = []
         self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
+        # Cluster mode: canonical info-hash <-> that of the torrent's SSL variant.
+        self._ssl_ih: dict[str, str] = {}
+        self._canonical: dict[str, str] = {}
+        self._tcp = "tcp" if settings.ssl is None else "tcp_ssl"
         self._handlers: dict[type, Callable[[Any], Iterable[ev.SwarmEvent]]] = {
             lt.listen_succeeded_alert: self._a_listen,
             lt.listen_failed_alert: self._a_listen_failed,
@@ -774,12 +794,11 @@ class SwarmSession:
         if t is not None:
             return t.info_hash
         ihs = getattr(alert, "info_hashes", None)  # removal alerts: the handle is gone
-        if ihs is not None and not callable(ihs):
-            return _hex_v2(ihs)
         try:
-            return _hex_v2(handle.info_hashes())
+            ih = _hex_v2(ihs if ihs is not None and not callable(ihs) else handle.info_hashes())
         except RuntimeError:
             return None
+        return self._canonical.get(ih, ih) if ih is not None else None
 
     def _simple(self, cls: Callable[[str], ev.SwarmEvent]) -> Callable[[Any], list[ev.SwarmEvent]]:
         def handler(alert: Any) -> list[ev.SwarmEvent]:
@@ -811,12 +830,12 @@ class SwarmSession:
         return handler
 
     def _a_listen(self, alert: Any) -> list[ev.SwarmEvent]:
-        if _enum_name(alert.socket_type) != "tcp":
+        if _enum_name(alert.socket_type) != self._tcp:
             return []  # the UDP socket exists for uTP/DHT, both off
         return [ev.Listening(str(alert.address), int(alert.port))]
 
     def _a_listen_failed(self, alert: Any) -> list[ev.SwarmEvent]:
-        if _enum_name(alert.socket_type) != "tcp":
+        if _enum_name(alert.socket_type) != self._tcp:
             return []
         return [ev.ListenFailed(str(alert.address), int(alert.port), _error_text(alert))]
 
@@ -984,10 +1003,14 @@ class SwarmSession:
         save = Path(save_path)
         if seed_mode:
             await asyncio.to_thread(_check_files_present, meta, save)
+        lt_ih = meta.info_hash
+        if self.settings.ssl is not None:
+            torrent = _ssl_variant(torrent, self.settings.ssl.root_cert_pem)
+            lt_ih = info_hash_of(torrent)
         try:
             if resume_data is not None:
                 atp = lt.read_resume_data(bytes(resume_data))
-                if _hex_v2(atp.info_hashes) != meta.info_hash:
+                if _hex_v2(atp.info_hashes) != lt_ih:
                     raise SwarmError(
                         "the resume data belongs to another torrent",
                         hint="drop the stale resume file; the data will be re-checked",
@@ -1003,9 +1026,16 @@ class SwarmSession:
             flags |= lt.torrent_flags.seed_mode
         flags = flags | lt.torrent_flags.paused if paused else flags & ~lt.torrent_flags.paused
         atp.flags = flags
-        return await self._add(
+        ih = await self._add(
             atp, meta.info_hash, meta, f"cannot add torrent {meta.info_hash}", announce=announce
         )
+        if self.settings.ssl is not None:
+            self._ssl_ih[ih], self._canonical[lt_ih] = lt_ih, ih
+            ident = self.settings.ssl
+            self._get(ih).handle.set_ssl_certificate(
+                ident.cert_path, ident.key_path, ident.dh_params_path
+            )
+        return ih
 
     async def add_by_info_hash(
         self, info_hash: str, save_path: str | os.PathLike[str], *, paused: bool = False
@@ -1014,6 +1044,8 @@ class SwarmSession:
         first peer given with `connect_peer` (a `MetadataReceived` event follows)."""
         if not isinstance(info_hash, str) or not SHA256_RE.fullmatch(info_hash):
             raise SwarmError(f"{info_hash!r} is not a v2 info-hash (64 lowercase hex)")
+        if self.settings.ssl is not None:
+            raise SwarmError("with SSL torrents, add a torrent with its info dict (add_torrent)")
         atp = lt.add_torrent_params()
         atp.info_hashes = lt.info_hash_t(lt.sha256_hash(bytes.fromhex(info_hash)))
         atp.save_path = str(Path(save_path))
@@ -1044,6 +1076,7 @@ class SwarmSession:
             raise _translate(f"cannot remove torrent {info_hash}", e) from e
         del self._torrents[info_hash]
         self._by_handle.pop(t.handle, None)
+        # (the SSL mapping stays: the removal alert still names the SSL info-hash)
         result = await self._await(done)
         if isinstance(result, ev.FilesDeleteFailed):
             raise SwarmError(
@@ -1339,6 +1372,16 @@ class SwarmSession:
             return await asyncio.to_thread(fn)
         except RuntimeError as e:
             raise _translate(what, e) from e
+
+
+def _ssl_variant(torrent: bytes, root_cert_pem: str) -> bytes:
+    """The torrent with the cluster CA in its info dict (libtorrent's SSL torrents)."""
+    d: Any = lt.bdecode(bytes(torrent))
+    info: Any = d.get(b"info") if isinstance(d, dict) else None
+    if not isinstance(info, dict):
+        raise InvalidTorrent("the torrent has no info dict")
+    info[b"ssl-cert"] = root_cert_pem.encode()
+    return bytes(lt.bencode(d))
 
 
 def _new_session(settings: lt.settings_pack) -> Any:
