@@ -47,6 +47,7 @@ from peer.transfer.swarm_download import (
     MirrorPieceError,
     MirrorPieceFed,
     PeerSample,
+    PreferPieces,
     Readers,
     ReadersChanged,
     SetPieceDeadline,
@@ -58,9 +59,43 @@ from peer.transfer.swarm_download import (
     Wake,
 )
 from peer.transfer.swarm_download import Failed as SwarmFailed
-from peer.verification.hashing import hash_file
+from peer.verification.hashing import PrefixHasher, Verdict, hash_file
 
 log = logging.getLogger(__name__)
+
+# libtorrent prefers pieces at priority 7 over its default 4.
+PREFERRED = 7
+
+
+class HashFollower:
+    """Runs a `PrefixHasher` in a thread behind a swarm download: `to(end)` once
+    ``[0, end)`` is checked and flushed; `verdict` once every piece is."""
+
+    def __init__(self, hasher: PrefixHasher) -> None:
+        self._hasher = hasher
+        self._target = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def to(self, end: int) -> None:
+        self._target = max(self._target, end)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._hasher.position < self._target:
+            before = self._hasher.position
+            await asyncio.to_thread(self._hasher.hash_to, self._target)
+            if self._hasher.position == before:
+                return  # the file is short: the verdict says so
+
+    async def verdict(self) -> Verdict:
+        if self._task is not None:
+            await self._task
+        return await asyncio.to_thread(self._hasher.verdict)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 @dataclass
@@ -488,9 +523,16 @@ class BlobFetcher:
         if flight is not None:
             flight.reset()
             flight.start(repo.partial_dir / file.blob_id)
+        data_path = repo.partial_dir / file.blob_id
+        # The whole-file hash reads each byte once, as the in-order prefix of checked,
+        # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
+        follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))
         try:
-            await self._drive(ih, snapshot, file, offers, mirror, counters, stream, flight)
+            await self._drive(
+                ih, snapshot, file, offers, mirror, counters, stream, flight, follower
+            )
             await self.swarm.flush_cache(ih)
+            follower.to(file.size)
             if flight is not None:
                 flight.advance(file.size)  # all pieces checked and on disk
             status = await self.swarm.status(ih)
@@ -499,17 +541,22 @@ class BlobFetcher:
             # its end game asked of two peers at once.)
             counters.from_peers += max(0, file.size - counters.resumed - status.fed_bytes)
             self.uploaded_by_removed += status.uploaded_payload_bytes
+        except BaseException:
+            follower.cancel()
+            raise
         finally:
             stream.close()
             self._downloading.discard(ih)
             self._swarming.pop(file.blob_id, None)
             with contextlib.suppress(SwarmError):
                 await self.swarm.remove_torrent(ih)
-        data_path = repo.partial_dir / file.blob_id
         # libtorrent reports a piece finished before its bytes reach the file (measured:
         # a hash of the finished prefix taken as pieces land did not match), so the
-        # whole-file check runs here, after flush_cache.
-        verdict = await asyncio.to_thread(hash_file, data_path, file.blob_id, file.size)
+        # follower reads only what a flush_cache made final; the rest after the last.
+        try:
+            verdict = await follower.verdict()
+        except OSError as exc:
+            raise translate_os_error(exc, f"hashing {file.path}") from exc
         self.state.drop_resume(ih)
         if not verdict.ok:
             # Every piece passed its merkle check, yet the whole does not match the Hub:
@@ -540,6 +587,7 @@ class BlobFetcher:
         counters: BlobCounters,
         stream: EventStream,
         flight: InFlightBlob | None,
+        follower: HashFollower,
     ) -> None:
         """Carry out what `SwarmDownload` decides until every piece is had: libtorrent
         pulls from peers on its own; the driver says when to connect them, which pieces
@@ -564,6 +612,7 @@ class BlobFetcher:
             ),
             holders=frozenset((o.peer.host, o.peer.bt_port) for o in offers if o.complete),
             streaming=flight is not None,
+            follow_prefix=True,
         )
         base = (counters.from_mirror, counters.hash_failures)
         inbox: asyncio.Queue[Input] = asyncio.Queue()  # swarm events, mirror results
@@ -609,9 +658,14 @@ class BlobFetcher:
                     log.warning("banning peer %s: %s", a.peer, a.reason)
                     self.swarm.ban_peer(a.host)
                     self.on_ban(str(a.peer), a.reason, file.blob_id)
-                elif isinstance(a, FlushForReaders) and flight is not None:
+                elif isinstance(a, FlushForReaders):
                     await self.swarm.flush_cache(ih)
-                    flight.advance(a.ready)
+                    if flight is not None:
+                        flight.advance(a.ready)
+                    follower.to(a.ready)
+                elif isinstance(a, PreferPieces):
+                    for i in a.pieces:
+                        self.swarm.set_piece_priority(ih, i, PREFERRED)
                 elif isinstance(a, SetPieceDeadline):
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
                 elif isinstance(a, SwarmFailed):
