@@ -33,6 +33,7 @@ from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Visibility, may_serve, repo_key
+from peer.transfer.events import PieceFinished
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
@@ -324,6 +325,7 @@ class BlobFetcher:
             return fetched
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
+        log.debug("%s: %d peer offers", file.path, len(offers))
         if offers:
             got = await self._from_peers(repo, snapshot, file, offers, mirror, counters, access)
             if got is not None:
@@ -527,10 +529,12 @@ class BlobFetcher:
         # The whole-file hash reads each byte once, as the in-order prefix of checked,
         # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
         follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))
+        log.debug("%s: swarming %s", file.path, ih[:12])
         try:
             await self._drive(
                 ih, snapshot, file, offers, mirror, counters, stream, flight, follower
             )
+            log.debug("%s: all pieces had", file.path)
             await self.swarm.flush_cache(ih)
             follower.to(file.size)
             if flight is not None:
@@ -570,6 +574,7 @@ class BlobFetcher:
             )
         counters.done = file.size
         path = repo.install_blob(data_path, file.blob_id)
+        log.debug("%s: whole-file hash matched, in blobs/", file.path)
         if flight is not None:
             flight.moved(path)
         await self.seeds.add_with_manifest(
@@ -619,7 +624,11 @@ class BlobFetcher:
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
 
         async def pump() -> None:
+            first = True
             async for e in stream:
+                if first and isinstance(e, PieceFinished):
+                    first = False
+                    log.debug("%s: first piece", file.path)
                 inbox.put_nowait(e)
 
         async def mirror_piece(i: int) -> None:
