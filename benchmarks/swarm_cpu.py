@@ -135,7 +135,10 @@ def bare_child(torrent: Path, seeder: str, out: Path) -> None:
     if st.total_wanted_done != st.total_wanted:
         raise SystemExit(f"bare download incomplete: {st.total_wanted_done}/{st.total_wanted}")
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu}), flush=True)
+    print(
+        json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu, "bytes": st.total_done}),
+        flush=True,
+    )
 
 
 def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, float]:
@@ -145,6 +148,8 @@ def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, 
         check=True, capture_output=True, text=True, cwd=checkout, env=env_for(checkout),
     )  # fmt: skip
     got = json.loads(res.stdout.strip().splitlines()[-1])
+    if got["cpu"] < 0.01:
+        print(res.stdout, res.stderr, file=sys.stderr)
     shutil.rmtree(out)
     return got["wall"], got["cpu"]
 
@@ -208,7 +213,9 @@ def main() -> None:
     lines: dict[str, list[tuple[str, float]]] = {}
     try:
         seeder.download()
-        blob = next((work / "seeder/cache").glob("models--*/blobs/*"))
+        blob = max(
+            (work / "seeder/cache").glob("models--*/blobs/*"), key=lambda p: p.stat().st_size
+        )
         torrent = work / "blob.torrent"
         subprocess.run(
             [sys.executable, "-c",

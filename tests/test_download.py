@@ -6,11 +6,14 @@ huggingface_hub reading back what we wrote.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -477,3 +480,74 @@ def test_revision_by_tag_and_by_commit(
         assert out.strip().endswith(main_commit)
         # a commit is not a ref: nothing is written under refs/ for it
         assert sorted(p.name for p in (cache / "models--org--t/refs").iterdir()) == ["v1.0"]
+
+
+def test_a_mirror_that_ignores_range_is_detected_once_then_one_get_per_file(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rnd = __import__("random").Random(5)
+    src = tmp_path / "src"
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        write(src / name, rnd.randbytes(8 * MiB))
+    with ThreadedMirror([RepoSource("model", "org/norange", src)]) as m:
+        m.add_fault(Fault("ignore_range", times=None))
+        code, out, err = run_cli(
+            "download", "org/norange", "--mirror", m.url, "--cache-dir", str(cache),
+            "--connections", "8", "--max-workers", "1", "--quiet",
+            capsys=capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        gets = m.stats().gets_per_file
+        served = m.stats().blob_bytes
+    snap = Path(out.strip().splitlines()[-1])
+    for name in ("a", "b", "c"):
+        assert (snap / f"{name}.safetensors").read_bytes() == (
+            src / f"{name}.safetensors"
+        ).read_bytes()
+    per = sorted(gets[f"org/norange/{n}.safetensors"] for n in ("a", "b", "c"))
+    # The file that found out may have sent its 8 ranges; the two after it one GET each.
+    assert per[:2] == [1, 1] and 1 <= per[2] <= 8, gets
+    assert served < 3 * 8 * MiB + 8 * 8 * MiB
+
+
+async def test_the_range_memory_outlives_one_fetcher_and_spares_piece_requests(
+    tmp_path: Path,
+) -> None:
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, RangeUnsupported, chunk_size_for
+
+    rnd = __import__("random").Random(6)
+    src = tmp_path / "src"
+    datas = {n: rnd.randbytes(6 * MiB) for n in ("a.bin", "b.bin")}
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/r", src)]) as m:
+        m.add_fault(Fault("ignore_range", times=None))
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        opts = DownloadOptions(connections=4)
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/r/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/r", "main", commit, tuple(files.values()), m.url)
+        remembered: set[str] = set()
+
+        async def fetch(name: str) -> bool:
+            f = files[name]
+            with PartialBlob(tmp_path / "part", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                async with MirrorFetcher(hub, opts, ignores_range=remembered) as mf:
+                    return (await mf.fetch(snap, f, p)).ok
+
+        assert await fetch("a.bin")
+        assert remembered == {m.url}
+        before = m.stats().gets_per_file
+        assert await fetch("b.bin")  # a new fetcher, the same memory: one GET
+        after = m.stats().gets_per_file
+        assert after["org/r/b.bin"] - before.get("org/r/b.bin", 0) == 1
+        async with MirrorFetcher(hub, opts, ignores_range=remembered) as mf:
+            with pytest.raises(RangeUnsupported):
+                await mf.fetch_range(snap, files["a.bin"], 0, MiB)
+        assert m.stats().gets_per_file == after  # no whole file sent for one piece

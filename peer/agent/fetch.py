@@ -94,6 +94,10 @@ class HashFollower:
             await self._task
         return await asyncio.to_thread(self._hasher.verdict)
 
+    @property
+    def position(self) -> int:
+        return self._hasher.position
+
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -534,7 +538,7 @@ class BlobFetcher:
             await self._drive(
                 ih, snapshot, file, offers, mirror, counters, stream, flight, follower
             )
-            log.debug("%s: all pieces had", file.path)
+            log.debug("%s: all pieces had (hashed %d)", file.path, follower.position)
             await self.swarm.flush_cache(ih)
             follower.to(file.size)
             if flight is not None:

@@ -143,7 +143,8 @@ class Target:
 
 class DownloadJob:
     """Runs downloads from one blob source; no state of its own between runs but the
-    `totals` it adds to."""
+    `totals` it adds to and the mirrors seen ignoring Range (each file from them is
+    then one GET, not N ranges thrown away)."""
 
     def __init__(
         self,
@@ -161,6 +162,7 @@ class DownloadJob:
         self.blobs = blobs
         self.totals = totals or Totals()
         self.tick = tick  # seconds between progress events while bytes move
+        self.ignores_range: set[str] = set()
 
     def hub_for(self, repo_id: str, token: str | None) -> HubSettings:
         """The settings one request runs with: the caller's token; no mirror for a
@@ -196,7 +198,12 @@ class DownloadJob:
         def figures() -> Progress:
             return progress(counters, snapshot.total_size, files_done)
 
-        async with MirrorFetcher(hub, options, on_mirror_error=self.totals.mirror_error) as mirror:
+        async with MirrorFetcher(
+            hub,
+            options,
+            on_mirror_error=self.totals.mirror_error,
+            ignores_range=self.ignores_range,
+        ) as mirror:
             access = await self.blobs.access(snapshot, mirror)
 
             async def one(files: list[RemoteFile]) -> None:
@@ -323,7 +330,10 @@ class HubService:
         # while the fetch runs, and the client may look at the cache as soon as it ends.
         target.finish(ref, snapshot.commit)
         async with MirrorFetcher(
-            hub, self.job.options, on_mirror_error=self.totals.mirror_error
+            hub,
+            self.job.options,
+            on_mirror_error=self.totals.mirror_error,
+            ignores_range=self.job.ignores_range,
         ) as mirror:
             path = await self.job.obtain_file(snapshot, [file], mirror, counters, access, target)
         if counters.from_peers or counters.from_mirror:  # fetched now, not had

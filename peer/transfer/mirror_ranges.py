@@ -13,7 +13,9 @@ Failure handling, in the order a public mirror exercises it:
   the byte where they stopped, with exponential backoff and jitter; Retry-After wins.
 - A mirror that keeps failing is cooled down and the next `--mirror` takes over.
 - A mirror that ignores Range (200 with the whole body) is detected; the file is then
-  taken as one stream from that response instead of N copies of the whole file.
+  taken as one stream from that response instead of N copies of the whole file, and
+  the mirror is remembered (`MirrorPool.ignores_range`): its next files are one GET
+  each from the start, and single pieces are not asked of it.
 """
 
 from __future__ import annotations
@@ -94,10 +96,13 @@ class _RangeIgnored(Exception):
 class MirrorPool:
     """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
 
-    def __init__(self, mirrors: tuple[str, ...]) -> None:
+    def __init__(self, mirrors: tuple[str, ...], ignores_range: set[str] | None = None) -> None:
         self.mirrors = mirrors
         self._failures = dict.fromkeys(mirrors, 0)
         self._cool_until = dict.fromkeys(mirrors, 0.0)
+        # Mirrors seen answering a Range request with the whole file. The caller may pass
+        # a set it keeps across downloads (an agent's jobs share one).
+        self.ignores_range = ignores_range if ignores_range is not None else set()
 
     def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         usable = [m for m in self.mirrors if m not in exclude]
@@ -148,12 +153,13 @@ class MirrorFetcher:
         *,
         mirrors: tuple[str, ...] | None = None,
         on_mirror_error: Callable[[str], None] | None = None,
+        ignores_range: set[str] | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
         # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
         self.on_mirror_error = on_mirror_error
-        self.pool = MirrorPool(mirrors or settings.mirrors)
+        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -201,10 +207,15 @@ class MirrorFetcher:
         try:
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))
-                workers = [
-                    tg.create_task(self._worker(job))
-                    for _ in range(min(self.options.connections, max(1, len(todo))))
-                ]
+                if todo and self.pool.pick(time.monotonic()) in self.pool.ignores_range:
+                    # Known to send whole files: one GET, not N ranges thrown away.
+                    job.single_stream = True
+                    workers = [tg.create_task(self._single_stream(job, None))]
+                else:
+                    workers = [
+                        tg.create_task(self._worker(job))
+                        for _ in range(min(self.options.connections, max(1, len(todo))))
+                    ]
                 await asyncio.gather(*workers)
                 job.wake_hasher.set()
         except BaseExceptionGroup as group:
@@ -225,10 +236,17 @@ class MirrorFetcher:
             buf[offset - start : offset - start + len(data)] = data
 
         job = _BlobJob(snapshot, file, None, deque(), sink=sink)
+        job.excluded |= self.pool.ignores_range  # a piece from those costs the whole file
         try:
+            if self.pool.mirrors and job.excluded >= set(self.pool.mirrors):
+                raise RangeUnsupported(
+                    f"{', '.join(self.pool.mirrors)} ignore Range requests",
+                    hint="pieces cannot be fetched from it one by one",
+                )
             await self._fetch_span(job, start, end)
         except _RangeIgnored as ri:
             ri.response.close()
+            self.pool.ignores_range.add(ri.mirror)
             raise RangeUnsupported(
                 f"{ri.mirror} ignores Range requests",
                 hint="pieces cannot be fetched from it one by one",
@@ -271,6 +289,7 @@ class MirrorFetcher:
             try:
                 await self._fetch_chunk(job, index)
             except _RangeIgnored as ri:
+                self.pool.ignores_range.add(ri.mirror)
                 if job.single_stream:  # another worker already took the whole stream
                     ri.response.close()
                     return
@@ -434,16 +453,25 @@ class MirrorFetcher:
         if pos[0] < end:
             raise _Retry(f"body ended early at byte {pos[0]} of {end}", network=True)
 
-    async def _single_stream(self, job: _BlobJob, first: _RangeIgnored) -> None:
+    async def _single_stream(self, job: _BlobJob, first: _RangeIgnored | None) -> None:
         """The mirror will only send whole files: read one body front to back, writing
-        only chunks we lack, and mark chunks as their last byte passes."""
+        only chunks we lack, and mark chunks as their last byte passes. ``first``: the
+        whole-file answer to a Range request, if one came (else this GETs it)."""
         p = job.partial
         assert p is not None
         failures = 0
         pending: _RangeIgnored | None = first
         while len(p.done) < p.n_chunks:
             if pending is None:
-                mirror = self.pool.pick(time.monotonic(), job.excluded) or first.mirror
+                mirror = self.pool.pick(time.monotonic(), job.excluded) or (
+                    first.mirror if first is not None else None
+                )
+                if mirror is None:
+                    raise (
+                        job.skip_errors[-1]
+                        if job.skip_errors
+                        else MirrorFailed(f"no mirror could serve {job.file.path}")
+                    )
                 try:
                     resp = await self._open(job, mirror, {})
                 except _Retry as r:
