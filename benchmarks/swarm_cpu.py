@@ -46,6 +46,21 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a live process, keyed "tid name" (main thread: "main")."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        f = stat.rsplit(")", 1)[1].split()
+        key = "main" if task.name == str(pid) else f"{task.name} {name}"
+        out[key] = (int(f[11]) + int(f[12])) / TICKS
+    return out
+
+
 def env_for(checkout: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(checkout)}
 
@@ -80,6 +95,7 @@ class Agent:
     def download(self) -> tuple[float, float, float]:
         """(wall s, agent CPU s, CLI CPU s) of one `hfswarm download --agent`."""
         before = cpu_of(self.proc.pid)
+        threads_before = threads_cpu(self.proc.pid)
         self.started = time.time()
         t0 = time.perf_counter()
         cli = subprocess.Popen(
@@ -91,6 +107,12 @@ class Agent:
         cli.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         self.ended = time.time()
+        after = threads_cpu(self.proc.pid)
+        self.threads = {
+            k: round(v - threads_before.get(k, 0.0), 2)
+            for k, v in after.items()
+            if v - threads_before.get(k, 0.0) >= 0.02
+        }
         if cli.returncode != 0:
             raise SystemExit(f"download failed ({cli.returncode}); see {self.log_path}")
         return wall, cpu_of(self.proc.pid) - before, usage.ru_utime + usage.ru_stime
@@ -187,6 +209,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--threads", action="store_true", help="print the agent's CPU per thread")
     ap.add_argument("--bare-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
@@ -242,6 +265,8 @@ def main() -> None:
                 rows[str(co)]["cpu"].append(c)
                 rows[str(co)]["cli_cpu"].append(cc)
                 lines[str(co)] = timeline(d.log_path, d.started, d.ended)
+                if args.threads:
+                    print(f"    {co.name} threads: {d.threads}", flush=True)
                 shutil.rmtree(d.root)
                 msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu")
             print(f"  run {r + 1}: " + ", ".join(msg), flush=True)

@@ -551,3 +551,49 @@ async def test_the_range_memory_outlives_one_fetcher_and_spares_piece_requests(
             with pytest.raises(RangeUnsupported):
                 await mf.fetch_range(snap, files["a.bin"], 0, MiB)
         assert m.stats().gets_per_file == after  # no whole file sent for one piece
+
+
+def test_runs_cover_what_is_missing_in_consecutive_pieces() -> None:
+    from peer.transfer.mirror_ranges import split_runs
+
+    def spans(chunks: list[int], n: int) -> list[tuple[int, int]]:
+        return [(r.first, r.end) for r in split_runs(chunks, n)]
+
+    assert spans(list(range(16)), 1) == [(0, 16)]
+    assert spans(list(range(16)), 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    # A resumed journal leaves gaps: runs never span a chunk already had.
+    assert spans([0, 1, 2, 5, 6, 9], 1) == [(0, 3), (5, 7), (9, 10)]
+    assert spans([0, 1, 2, 3, 7], 3) == [(0, 2), (2, 4), (7, 8)]
+    assert spans([3], 8) == [(3, 4)] and spans([], 4) == []
+
+
+async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
+    tmp_path: Path,
+) -> None:
+    """A mirror capping every connection: one stream per blob is slow, more streams
+    raise the rate, so the fetcher adds them (and starts the next blob there)."""
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    rnd = __import__("random").Random(8)
+    src = tmp_path / "src"
+    datas = {n: rnd.randbytes(16 * MiB) for n in ("a.bin", "b.bin")}
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/capped", src)], rate_cap=2 * MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/capped/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/capped", "main", commit, tuple(files.values()), m.url)
+        async with MirrorFetcher(hub, DownloadOptions(connections=8)) as mf:
+            for name, f in files.items():
+                with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                    assert (await mf.fetch(snap, f, p)).ok
+                    assert p.data_path.read_bytes() == datas[name]
+            paid = mf.pool.streams_that_paid[m.url]
+    assert paid >= 2, "more streams raised the rate of a capped mirror: they must be kept"

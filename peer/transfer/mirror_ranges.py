@@ -1,10 +1,18 @@
 """Fetch a blob from HF-style mirrors with parallel HTTP Range requests (aiohttp).
 
-One `MirrorFetcher` holds a connection pool for a whole download. For each blob it runs
-up to N workers that take chunks from a shared list; every byte goes straight to the
-partial file (nothing is buffered whole) and a hashing task follows the contiguous
-finished prefix, so the whole-file hash is ready moments after the last byte lands
-instead of costing a second pass.
+One `MirrorFetcher` holds a connection pool for a whole download. For each blob it
+starts a few workers, each streaming one long run of the file's journal chunks in a
+few Range requests (each asks for half of what its run has left; chunks are marked
+done as their last byte lands), and adds workers while the blob's throughput still
+grows, up to N: a new worker takes the second half of what the largest run has not
+asked for yet (as aria2 splits, without cutting a request), but only where that half
+takes several times a request's measured cost (time to the response headers) to
+fetch; a worker whose run is done does the same. A mirror that charges per request
+(olah re-checks upstream on each) thus sees a handful of requests per file where it
+saw 64, and a fast one still gets N streams. Every byte
+goes straight to the partial file (nothing is buffered whole) and a hashing task
+follows the contiguous finished prefix, so the whole-file hash is ready moments after
+the last byte lands instead of costing a second pass.
 
 Failure handling, in the order a public mirror exercises it:
 - 3xx is followed by hand: Authorization is sent only to the mirror's own origin, and a
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import re
@@ -50,8 +59,36 @@ from peer.hub.metadata import RemoteFile, Snapshot
 from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
+log = logging.getLogger(__name__)
+
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 1 << 20
+# A blob starts with one stream (or as many as paid off last time on its mirror), and
+# doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
+# per file, 10.9 s with 4 and 156 s with 16 (benchmarks/olah_first_fetch.py).
+GROW_EVERY = 0.5  # seconds between looks at the rate
+GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
+# A stolen half run must take this many times a request's cost to fetch.
+STEAL_COST_RATIO = 4.0
+
+
+def split_runs(chunks: list[int], n: int) -> list[_Run]:
+    """Consecutive runs over sorted chunk indices (a resumed journal leaves gaps),
+    the largest split in halves until there are `n` (or runs of one chunk)."""
+    runs: list[list[int]] = []
+    for c in chunks:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    while 0 < len(runs) < n:
+        big = max(runs, key=lambda r: r[1] - r[0])
+        if big[1] - big[0] < 2:
+            break
+        mid = (big[0] + big[1]) // 2
+        runs.insert(runs.index(big) + 1, [mid, big[1]])
+        big[1] = mid
+    return [_Run(a, b, 0, a) for a, b in runs]
 
 
 def chunk_size_for(size: int) -> int:
@@ -93,6 +130,23 @@ class _RangeIgnored(Exception):
         self.mirror = mirror
 
 
+class _RunCut(Exception):
+    """Another worker took over the rest of this run: stop its stream here."""
+
+
+@dataclass(eq=False)
+class _Run:
+    """Chunks [first, end) of a blob, fetched by one worker from byte `pos`, in requests
+    that each ask for half of what is left (up to chunk `asked`): a stealer takes the
+    second half of what was not asked yet and lowers `end`, so no request is cut."""
+
+    first: int
+    end: int
+    pos: int  # next byte to write
+    marked: int  # chunks before this one are marked done
+    asked: int = 0  # chunks before this one are asked of the mirror
+
+
 class MirrorPool:
     """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
 
@@ -103,6 +157,9 @@ class MirrorPool:
         # Mirrors seen answering a Range request with the whole file. The caller may pass
         # a set it keeps across downloads (an agent's jobs share one).
         self.ignores_range = ignores_range if ignores_range is not None else set()
+        # Per mirror: streams per blob that still raised the rate last time (the next
+        # blob from it starts there).
+        self.streams_that_paid: dict[str, int] = {}
 
     def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         usable = [m for m in self.mirrors if m not in exclude]
@@ -141,6 +198,15 @@ class _BlobJob:
     skip_errors: list[HfswarmError] = field(default_factory=list)
     single_stream: bool = False
     fetched: int = 0
+    runs: list[_Run] = field(default_factory=list)  # not started yet
+    active: list[_Run] = field(default_factory=list)  # being streamed
+    request_cost: float | None = None  # seconds to a response's headers (moving average)
+    started: float = field(default_factory=time.monotonic)
+
+    def stream_rate(self) -> float:
+        """Bytes/s one stream has moved on average so far."""
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        return self.fetched / elapsed / max(1, len(self.active))
 
 
 class MirrorFetcher:
@@ -203,6 +269,12 @@ class MirrorFetcher:
         length of the prefix on disk and hashed so far (a reader may stream it)."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
+        job.sink = lambda offset, data: self._run_sink(job, offset, data)
+        first = self.pool.pick(time.monotonic())
+        start = self.pool.streams_that_paid.get(first or "", 1)
+        job.runs = split_runs(list(todo), min(start, self.options.connections))
+        for r in job.runs:
+            r.pos = partial.chunk_range(r.first)[0]
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -210,13 +282,12 @@ class MirrorFetcher:
                 if todo and self.pool.pick(time.monotonic()) in self.pool.ignores_range:
                     # Known to send whole files: one GET, not N ranges thrown away.
                     job.single_stream = True
-                    workers = [tg.create_task(self._single_stream(job, None))]
+                    await self._single_stream(job, None)
                 else:
-                    workers = [
-                        tg.create_task(self._worker(job))
-                        for _ in range(min(self.options.connections, max(1, len(todo))))
-                    ]
-                await asyncio.gather(*workers)
+                    workers: set[asyncio.Task[None]] = set()
+                    for _ in range(len(job.runs)):
+                        workers.add(tg.create_task(self._worker(job)))
+                    await self._grow(job, tg, workers, first or "")
                 job.wake_hasher.set()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
@@ -283,31 +354,139 @@ class MirrorFetcher:
 
     # -- workers ---------------------------------------------------------------------
 
-    async def _worker(self, job: _BlobJob) -> None:
-        while job.pending and not job.single_stream:
-            index = job.pending.popleft()
+    async def _grow(
+        self, job: _BlobJob, tg: asyncio.TaskGroup, workers: set[asyncio.Task[None]], mirror: str
+    ) -> None:
+        """Until the workers are done: every `GROW_EVERY` s, while the blob's rate grew
+        by `GROW_GAIN` since the last step, double the workers (up to --connections),
+        each new one on a stolen half run worth a request. Where it stopped paying is
+        remembered for the mirror's next blob."""
+        growing = True
+        last_rate, paid = 0.0, len(workers)
+        settle = True  # streams just started: their first interval holds their request
+        while True:
+            before, t0 = job.fetched, time.monotonic()
+            done, _ = await asyncio.wait(workers, timeout=GROW_EVERY)
+            workers -= done
+            if not workers:
+                return
+            if not growing or job.single_stream:
+                continue
+            if settle:
+                settle = False
+                continue
+            rate = (job.fetched - before) / max(1e-6, time.monotonic() - t0)
+            log.debug(
+                "%s: %d streams, %.1f MB/s (before %.1f), request %.3f s",
+                job.file.path,
+                len(workers),
+                rate / 1e6,
+                last_rate / 1e6,
+                job.request_cost or 0.0,
+            )
+            if rate < last_rate * GROW_GAIN:
+                growing = False  # more streams stopped paying: keep these, start there
+                self.pool.streams_that_paid[mirror] = paid
+                continue
+            last_rate, paid = rate, len(workers)
+            self.pool.streams_that_paid[mirror] = max(
+                paid, self.pool.streams_that_paid.get(mirror, 1)
+            )
+            for _ in range(min(self.options.connections - len(workers), len(workers))):
+                run = self._steal(job, rate / max(1, len(workers)))
+                if run is None:
+                    break
+                workers.add(tg.create_task(self._worker(job, run)))
+                settle = True
+
+    def _steal(self, job: _BlobJob, stream_rate: float) -> _Run | None:
+        """A run not started yet, or the second half of the largest active run if that
+        half takes longer than `STEAL_COST_RATIO` requests (at `stream_rate` B/s)."""
+        if job.runs:
+            return job.runs.pop(0)
+        p = job.partial
+        assert p is not None
+        best: tuple[int, _Run] | None = None
+        for r in job.active:
+            free = r.end - max(r.asked, r.marked)  # not asked of the mirror yet
+            if free >= 2 and (best is None or free > best[0]):
+                best = (free, r)
+        if best is None:
+            return None
+        free, victim = best
+        half = free // 2
+        cost = job.request_cost or 0.0
+        if stream_rate > 0 and half * p.chunk_size / stream_rate < STEAL_COST_RATIO * cost:
+            return None  # a new request costs more than it saves
+        mid = victim.end - half
+        victim.end = mid
+        return _Run(mid, mid + half, p.chunk_range(mid)[0], mid)
+
+    async def _worker(self, job: _BlobJob, run: _Run | None = None) -> None:
+        while not job.single_stream:
+            if run is None:
+                run = self._steal(job, job.stream_rate())
+                if run is None:
+                    return
+            job.active.append(run)
             try:
-                await self._fetch_chunk(job, index)
+                await self._fetch_run(job, run)
             except _RangeIgnored as ri:
                 self.pool.ignores_range.add(ri.mirror)
                 if job.single_stream:  # another worker already took the whole stream
                     ri.response.close()
                     return
                 job.single_stream = True
-                job.pending.appendleft(index)
                 await self._single_stream(job, ri)
                 return
+            finally:
+                job.active.remove(run)
+            run = None
+
+    async def _fetch_run(self, job: _BlobJob, run: _Run) -> None:
+        p = job.partial
+        assert p is not None
+        while run.marked < run.end:
+            left = run.end - run.marked
+            run.asked = run.marked + (left if left <= 2 else -(-left // 2))
+            stop = p.chunk_range(run.asked - 1)[1]
+            try:
+                await self._fetch_span(job, run.pos, stop)
+            except _RunCut:
+                pass  # the rest is another worker's now; what was had is marked
+            self._mark(job, run)
+
+    def _run_sink(self, job: _BlobJob, offset: int, data: memoryview) -> None:
+        """Write a run's bytes (runs never overlap: the run whose next byte this is),
+        mark its chunks done as their last byte lands, stop at its (maybe lowered) end."""
+        p = job.partial
+        assert p is not None
+        run = next((r for r in job.active if r.pos == offset), None)
+        if run is None:
+            raise _RunCut()
+        last = min(run.end, run.asked)
+        stop = p.chunk_range(last - 1)[1] if last > run.first else offset
+        take = max(0, min(len(data), stop - offset))
+        if take:
+            p.write(offset, data[:take])
+            run.pos += take
+            self._mark(job, run)
+        if take < len(data):
+            self._count(job, take)  # the caller counts only what it hands on whole
+            raise _RunCut()
+
+    def _mark(self, job: _BlobJob, run: _Run) -> None:
+        p = job.partial
+        assert p is not None
+        while run.marked < run.end and p.chunk_range(run.marked)[1] <= run.pos:
+            p.mark_done(run.marked)
+            run.marked += 1
+            job.wake_hasher.set()
 
     def _count(self, job: _BlobJob, n: int) -> None:
         job.fetched += n
         if job.on_bytes is not None:
             job.on_bytes(n)
-
-    async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
-        assert job.partial is not None
-        await self._fetch_span(job, *job.partial.chunk_range(index))
-        job.partial.mark_done(index)
-        job.wake_hasher.set()
 
     async def _fetch_span(self, job: _BlobJob, start: int, end: int) -> None:
         pos = [start]
@@ -382,7 +561,10 @@ class MirrorFetcher:
 
     async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
         size = job.file.size
+        t0 = time.monotonic()
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
+        took = time.monotonic() - t0
+        job.request_cost = took if job.request_cost is None else (job.request_cost + took) / 2
         try:
             if resp.status == 200:
                 if pos[0] == 0 and end == size:
