@@ -66,7 +66,7 @@ READ_CHUNK = 1 << 20
 # A blob starts with one stream (or as many as paid off last time on its mirror), and
 # doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
 # per file, 10.9 s with 4 and 156 s with 16 (benchmarks/olah_first_fetch.py).
-GROW_EVERY = 0.5  # seconds between looks at the rate
+GROW_EVERY = 0.25  # seconds between looks at the rate
 GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
 # A stolen half run must take this many times a request's cost to fetch.
 STEAL_COST_RATIO = 4.0
