@@ -125,10 +125,35 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
         return elapsed, int(rss.read().split()[-1])
 
 
+# `--checkout DIR`: that checkout's hfswarm runs too (its code through PYTHONPATH).
+CHECKOUTS: dict[str, Path] = {}
+HERE = Path(__file__).resolve().parent.parent
+
+
+def hfswarm_cmd(checkout: Path, *args: str) -> list[str]:
+    """This checkout's CLI, whatever `hfswarm` on PATH would import."""
+    return ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "peer.cli.main", *args]
+
+
 def tools(url: str, out: Path, file_url: str) -> dict[str, list[str]]:
+    extra = {
+        f"hfswarm@{c.name}": hfswarm_cmd(
+            c,
+            "download",
+            REPO,
+            "model.safetensors",
+            "--mirror",
+            url,
+            "--cache-dir",
+            str(out),
+            "--quiet",
+        )
+        for c in CHECKOUTS.values()
+    }
     table = {
+        **extra,
         "hfswarm": [
-            "hfswarm",
+            *hfswarm_cmd(HERE),
             "download",
             REPO,
             "model.safetensors",
@@ -220,7 +245,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cap", default="20MB", help="per-connection cap for the second run")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--checkout", action="append", default=[], help="another checkout's hfswarm")
     args = ap.parse_args()
+    for c in args.checkout:
+        CHECKOUTS[Path(c).resolve().name] = Path(c).resolve()
     size = parse_size(args.size)
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-bench-"))
     folder = work / "repo"

@@ -552,3 +552,44 @@ async def test_a_manifest_for_other_bytes_is_caught_by_the_whole_file_hash(
     got = tmp_path / "b/cache/models--org--m/blobs" / blob
     assert got.read_bytes() == data  # the mirror's copy, never the liar's
     assert mirror.stats().per_file["org/m/model.safetensors"] == len(data)
+
+
+async def test_a_download_connects_peers_that_start_swarming_after_it(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """C swarms from the seeder A (slow uploader) and knows B, which is idle when C
+    starts; B then fetches from A alone (it does not know C). C's survey during its
+    download finds B swarming the blob and connects it: B uploads to C."""
+    slow = 3 * MiB  # A's upload cap: C's download takes seconds, B has time to join
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, max_upload_rate=slow)) as a:
+        await fetch(a)
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
+            async with agent(
+                config(
+                    tmp_path / "c",
+                    "127.0.0.4",
+                    mirror.url,
+                    peers=(peer_of(a), peer_of(b)),
+                    stall_timeout=30.0,
+                )
+            ) as c:
+                c_done = asyncio.create_task(fetch(c))
+                for _ in range(400):  # until C swarms the big blob
+                    if c.swarm.torrents() and c.blobs.fetching_ids():
+                        break
+                    await asyncio.sleep(0.05)
+                await fetch(b)
+                result = await c_done
+                seeding = 0
+                for ih in b.swarm.torrents():
+                    with contextlib.suppress(UnknownTorrent):
+                        seeding += (await b.swarm.status(ih)).uploaded_payload_bytes
+            b_uploaded = b.blobs.uploaded_by_removed + seeding
+    assert result["from_peers"] > 0
+    assert b_uploaded > 0, "C never traded with B, which started swarming after it"
+    got = (
+        tmp_path
+        / "c/cache/models--org--m/blobs"
+        / sha256((tmp_path / "src" / "model.safetensors").read_bytes())
+    )
+    assert got.stat().st_size == BIG

@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 # libtorrent prefers pieces at priority 7 over its default 4.
 PREFERRED = 7
+# While a blob swarms, the live peers are asked again this often: those that started
+# swarming it since are connected too (downloaders that start together otherwise all see
+# only the first seeder, which then sends nearly every byte).
+RESURVEY_EVERY = 2.0
 
 
 class HashFollower:
@@ -626,6 +630,24 @@ class BlobFetcher:
         base = (counters.from_mirror, counters.hash_failures)
         inbox: asyncio.Queue[Input] = asyncio.Queue()  # swarm events, mirror results
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
+        swarming = asyncio.Event()
+
+        async def resurvey() -> None:
+            known = {(o.peer.host, o.peer.bt_port) for o in offers}
+            await swarming.wait()
+            while True:
+                await asyncio.sleep(RESURVEY_EVERY)
+                try:
+                    found = await self._offers(file)
+                except (HfswarmError, OSError) as exc:
+                    log.debug("%s: survey failed: %s", file.path, exc)
+                    continue
+                for o in found:
+                    key = (o.peer.host, o.peer.bt_port)
+                    if o.manifest.info_hash == ih and key not in known:
+                        known.add(key)
+                        log.debug("%s: new swarm member %s:%d", file.path, *key)
+                        self.swarm.connect_peer(ih, *key)
 
         async def pump() -> None:
             first = True
@@ -660,6 +682,7 @@ class BlobFetcher:
                     self.swarm.announce(ih)
                     for o in offers:
                         self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                    swarming.set()
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:
                         mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
@@ -704,6 +727,7 @@ class BlobFetcher:
         try:
             async with asyncio.TaskGroup() as tg:
                 pumping = tg.create_task(pump())
+                surveying = tg.create_task(resurvey())
                 while drv.outcome is None:
                     # What is queued first, so that a burst of events asks for one look.
                     for _ in range(inbox.qsize()):
@@ -722,6 +746,7 @@ class BlobFetcher:
                         continue
                     await carry_out(drv.handle(item, time.monotonic()))
                 pumping.cancel()
+                surveying.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         finally:
