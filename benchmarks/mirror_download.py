@@ -40,7 +40,7 @@ NOVERIFY = textwrap.dedent("""
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     class NoHash(MirrorFetcher):
-        async def _hash_follower(self, job, hasher):
+        async def _hash_follower(self, job, hasher, on_prefix=None):
             return ""
 
     async def run(url, out):
@@ -132,7 +132,9 @@ HERE = Path(__file__).resolve().parent.parent
 
 def hfswarm_cmd(checkout: Path, *args: str) -> list[str]:
     """This checkout's CLI, whatever `hfswarm` on PATH would import."""
-    return ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "peer.cli.main", *args]
+    # -m puts the working directory first on sys.path: run it from the checkout.
+    return ["env", "-C", str(checkout), f"PYTHONPATH={checkout}", sys.executable, "-m",
+            "peer.cli.main", *args]  # fmt: skip
 
 
 def tools(url: str, out: Path, file_url: str) -> dict[str, list[str]]:

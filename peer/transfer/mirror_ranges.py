@@ -1,10 +1,10 @@
 """Fetch a blob from HF-style mirrors with parallel HTTP Range requests (aiohttp).
 
 One `MirrorFetcher` holds a connection pool for a whole download. For each blob it
-starts a few workers, each streaming one long run of the file's journal chunks in a
-few Range requests (each asks for half of what its run has left; chunks are marked
-done as their last byte lands), and adds workers while the blob's throughput still
-grows, up to N: a new worker takes the second half of what the largest run has not
+starts one worker streaming a run of the file's journal chunks in a few Range requests
+(each asks for about 2 s of the stream's rate, at least 10 requests' cost; chunks are
+marked done as their last byte lands), and adds workers while the blob's throughput
+still grows, up to N: a new worker takes the second half of what the largest run has not
 asked for yet (as aria2 splits, without cutting a request), but only where that half
 takes several times a request's measured cost (time to the response headers) to
 fetch; a worker whose run is done does the same. A mirror that charges per request
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import re
@@ -65,11 +66,18 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 1 << 20
 # A blob starts with one stream (or as many as paid off last time on its mirror), and
 # doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
-# per file, 10.9 s with 4 and 156 s with 16 (benchmarks/olah_first_fetch.py).
+# per file and 10.9 s with 4 (docs/benchmarks.md, section 6.4).
 GROW_EVERY = 0.25  # seconds between looks at the rate
 GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
+LINEAR_GAIN = 1.7  # grown this much: the streams are each capped, quadruple them
 # A stolen half run must take this many times a request's cost to fetch.
 STEAL_COST_RATIO = 4.0
+# A request asks for what its stream moves in this many seconds (at least this many
+# times a request's cost): long enough to make the request cheap, short enough that
+# the rest of a run can still be handed to a new stream.
+ASK_SECONDS = 2.0
+ASK_COST_RATIO = 10.0
+FIRST_ASK = 4  # chunks, before the rate is known
 
 
 def split_runs(chunks: list[int], n: int) -> list[_Run]:
@@ -137,8 +145,8 @@ class _RunCut(Exception):
 @dataclass(eq=False)
 class _Run:
     """Chunks [first, end) of a blob, fetched by one worker from byte `pos`, in requests
-    that each ask for half of what is left (up to chunk `asked`): a stealer takes the
-    second half of what was not asked yet and lowers `end`, so no request is cut."""
+    sized to the stream's rate (up to chunk `asked`): a stealer takes the second half of
+    what was not asked yet and lowers `end`, so no request is cut."""
 
     first: int
     end: int
@@ -358,7 +366,8 @@ class MirrorFetcher:
         self, job: _BlobJob, tg: asyncio.TaskGroup, workers: set[asyncio.Task[None]], mirror: str
     ) -> None:
         """Until the workers are done: every `GROW_EVERY` s, while the blob's rate grew
-        by `GROW_GAIN` since the last step, double the workers (up to --connections),
+        by `GROW_GAIN` since the last step, double the workers (quadruple them after a
+        near-linear gain, `LINEAR_GAIN`; up to --connections),
         each new one on a stolen half run worth a request. Where it stopped paying is
         remembered for the mirror's next blob."""
         growing = True
@@ -388,11 +397,13 @@ class MirrorFetcher:
                 growing = False  # more streams stopped paying: keep these, start there
                 self.pool.streams_that_paid[mirror] = paid
                 continue
+            # Near-linear scaling (each connection capped): grow faster.
+            factor = 3 if rate >= last_rate * LINEAR_GAIN else 1
             last_rate, paid = rate, len(workers)
             self.pool.streams_that_paid[mirror] = max(
                 paid, self.pool.streams_that_paid.get(mirror, 1)
             )
-            for _ in range(min(self.options.connections - len(workers), len(workers))):
+            for _ in range(min(self.options.connections - len(workers), factor * len(workers))):
                 run = self._steal(job, rate / max(1, len(workers)))
                 if run is None:
                     break
@@ -447,14 +458,23 @@ class MirrorFetcher:
         p = job.partial
         assert p is not None
         while run.marked < run.end:
-            left = run.end - run.marked
-            run.asked = run.marked + (left if left <= 2 else -(-left // 2))
+            run.asked = run.marked + self._ask(job, run.end - run.marked)
             stop = p.chunk_range(run.asked - 1)[1]
             try:
                 await self._fetch_span(job, run.pos, stop)
             except _RunCut:
                 pass  # the rest is another worker's now; what was had is marked
             self._mark(job, run)
+
+    def _ask(self, job: _BlobJob, left: int) -> int:
+        """Chunks the next request of a run asks for: what the stream moves in
+        `ASK_SECONDS` (or in `ASK_COST_RATIO` requests' time, if longer); `FIRST_ASK`
+        before any rate is known. What is not asked yet may be stolen."""
+        assert job.partial is not None
+        if job.fetched == 0:
+            return min(left, FIRST_ASK)
+        span = max(ASK_SECONDS, ASK_COST_RATIO * (job.request_cost or 0.0))
+        return max(1, min(left, math.ceil(job.stream_rate() * span / job.partial.chunk_size)))
 
     def _run_sink(self, job: _BlobJob, offset: int, data: memoryview) -> None:
         """Write a run's bytes (runs never overlap: the run whose next byte this is),
