@@ -597,3 +597,29 @@ async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
                     assert p.data_path.read_bytes() == datas[name]
             paid = mf.pool.streams_that_paid[m.url]
     assert paid >= 2, "more streams raised the rate of a capped mirror: they must be kept"
+
+
+async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_request(
+    tmp_path: Path,
+) -> None:
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    data = __import__("random").Random(9).randbytes(5 * MiB + 3)
+    src = tmp_path / "src"
+    write(src / "w.bin", data)
+    f = RemoteFile("w.bin", len(data), blob_of(data, lfs=True), True)
+    with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+        for i in range(p.n_chunks):  # killed right after its last chunk landed
+            a, b = p.chunk_range(i)
+            p.write(a, data[a:b])
+            p.mark_done(i)
+    with ThreadedMirror([RepoSource("model", "org/w", src)]) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        snap = Snapshot("model", "org/w", "main", "0" * 40, (f,), m.url)
+        with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+            async with MirrorFetcher(hub, DownloadOptions()) as mf:
+                assert (await mf.fetch(snap, f, p)).ok
+        assert m.stats().gets_per_file == {}

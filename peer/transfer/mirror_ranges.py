@@ -370,6 +370,8 @@ class MirrorFetcher:
         near-linear gain, `LINEAR_GAIN`; up to --connections),
         each new one on a stolen half run worth a request. Where it stopped paying is
         remembered for the mirror's next blob."""
+        if not workers:
+            return  # every chunk was had already (a resumed partial)
         growing = True
         last_rate, paid = 0.0, len(workers)
         settle = True  # streams just started: their first interval holds their request
