@@ -71,7 +71,7 @@ GROW_EVERY = 0.25  # seconds between looks at the rate
 GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
 LINEAR_GAIN = 1.7  # grown this much: the streams are each capped, quadruple them
 # A stolen half run must take this many times a request's cost to fetch.
-STEAL_COST_RATIO = 4.0
+STEAL_COST_RATIO = 10.0
 # A request asks for what its stream moves in this many seconds (at least this many
 # times a request's cost): long enough to make the request cheap, short enough that
 # the rest of a run can still be handed to a new stream.
@@ -395,7 +395,7 @@ class MirrorFetcher:
                 last_rate / 1e6,
                 job.request_cost or 0.0,
             )
-            if rate < last_rate * GROW_GAIN:
+            if rate <= 0 or rate < last_rate * GROW_GAIN:
                 growing = False  # more streams stopped paying: keep these, start there
                 self.pool.streams_that_paid[mirror] = paid
                 continue
@@ -429,8 +429,8 @@ class MirrorFetcher:
         free, victim = best
         half = free // 2
         cost = job.request_cost or 0.0
-        if stream_rate > 0 and half * p.chunk_size / stream_rate < STEAL_COST_RATIO * cost:
-            return None  # a new request costs more than it saves
+        if stream_rate <= 0 or half * p.chunk_size / stream_rate < STEAL_COST_RATIO * cost:
+            return None  # a new request costs more than it saves (or nothing moves yet)
         mid = victim.end - half
         victim.end = mid
         return _Run(mid, mid + half, p.chunk_range(mid)[0], mid)
