@@ -40,7 +40,7 @@ NOVERIFY = textwrap.dedent("""
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     class NoHash(MirrorFetcher):
-        async def _hash_follower(self, job, hasher):
+        async def _hash_follower(self, job, hasher, on_prefix=None):
             return ""
 
     async def run(url, out):
@@ -125,10 +125,37 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
         return elapsed, int(rss.read().split()[-1])
 
 
+# `--checkout DIR`: that checkout's hfswarm runs too (its code through PYTHONPATH).
+CHECKOUTS: dict[str, Path] = {}
+HERE = Path(__file__).resolve().parent.parent
+
+
+def hfswarm_cmd(checkout: Path, *args: str) -> list[str]:
+    """This checkout's CLI, whatever `hfswarm` on PATH would import."""
+    # -m puts the working directory first on sys.path: run it from the checkout.
+    return ["env", "-C", str(checkout), f"PYTHONPATH={checkout}", sys.executable, "-m",
+            "peer.cli.main", *args]  # fmt: skip
+
+
 def tools(url: str, out: Path, file_url: str) -> dict[str, list[str]]:
+    extra = {
+        f"hfswarm@{c.name}": hfswarm_cmd(
+            c,
+            "download",
+            REPO,
+            "model.safetensors",
+            "--mirror",
+            url,
+            "--cache-dir",
+            str(out),
+            "--quiet",
+        )
+        for c in CHECKOUTS.values()
+    }
     table = {
+        **extra,
         "hfswarm": [
-            "hfswarm",
+            *hfswarm_cmd(HERE),
             "download",
             REPO,
             "model.safetensors",
@@ -220,7 +247,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cap", default="20MB", help="per-connection cap for the second run")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--checkout", action="append", default=[], help="another checkout's hfswarm")
     args = ap.parse_args()
+    for c in args.checkout:
+        CHECKOUTS[Path(c).resolve().name] = Path(c).resolve()
     size = parse_size(args.size)
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-bench-"))
     folder = work / "repo"

@@ -490,3 +490,106 @@ async def test_agents_find_each_other_through_the_tracker_alone(
                     await asyncio.sleep(0.1)
                 assert any(port == a.swarm.listen_port for _, port, _ in seeds), seeds
     assert result["from_peers"] == total and mirror.stats().blob_bytes == 0
+
+
+async def test_a_manifest_for_other_bytes_is_caught_by_the_whole_file_hash(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """Every piece passes the lying peer's merkle tree; the whole-file hash, which
+    follows the pieces as they land, still refuses the result (none of it is linked)."""
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    blob = sha256(data)
+    other = random.Random(99).randbytes(len(data))  # same size, other bytes
+    lie_dir = tmp_path / "lie"
+    lie_dir.mkdir()
+    (lie_dir / blob).write_bytes(other)
+    manifest = await make_manifest(VerifiedBlob(blob, len(other), lie_dir / blob), "liar")
+
+    class LyingPeer:  # offers `other` under the id of `data`, and seeds it
+        def __init__(self, bt_port: int) -> None:
+            self.bt_port = bt_port
+
+        def health(self) -> wire.Health:
+            return wire.Health(agent_id="e" * 32, bt_port=self.bt_port, blobs=1)
+
+        def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return [manifest] if blob in ids else []
+
+        def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return []
+
+        def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
+            return []
+
+        def verified_blob_path(self, blob_id: str) -> Path | None:
+            return None
+
+        def count_upload(self, n: int) -> None:
+            return None
+
+        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+            return None
+
+    from aiohttp import web
+
+    async with SwarmSession(SwarmSettings(listen_host="127.0.0.6", listen_port=0)) as liar:
+        await liar.add_torrent(manifest.torrent, lie_dir, seed_mode=True)
+        runner = web.AppRunner(make_peer_app(LyingPeer(liar.listen_port)))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.6", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with agent(
+                config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(("127.0.0.6", port),))
+            ) as b:
+                result = await fetch(b)
+                st = await liar.status(manifest.info_hash)
+        finally:
+            await runner.cleanup()
+    assert st.uploaded_payload_bytes >= len(data) // 2  # the lie was swarmed ...
+    assert result["hash_failures"] >= 1  # ... and refused as a whole
+    got = tmp_path / "b/cache/models--org--m/blobs" / blob
+    assert got.read_bytes() == data  # the mirror's copy, never the liar's
+    assert mirror.stats().per_file["org/m/model.safetensors"] == len(data)
+
+
+async def test_a_download_connects_peers_that_start_swarming_after_it(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """C swarms from the seeder A (slow uploader) and knows B, which is idle when C
+    starts; B then fetches from A alone (it does not know C). C's survey during its
+    download finds B swarming the blob and connects it: B uploads to C."""
+    slow = 3 * MiB  # A's upload cap: C's download takes seconds, B has time to join
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, max_upload_rate=slow)) as a:
+        await fetch(a)
+        async with agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b:
+            async with agent(
+                config(
+                    tmp_path / "c",
+                    "127.0.0.4",
+                    mirror.url,
+                    peers=(peer_of(a), peer_of(b)),
+                    stall_timeout=30.0,
+                )
+            ) as c:
+                c_done = asyncio.create_task(fetch(c))
+                for _ in range(400):  # until C swarms the big blob
+                    if c.swarm.torrents() and c.blobs.fetching_ids():
+                        break
+                    await asyncio.sleep(0.05)
+                await fetch(b)
+                result = await c_done
+                seeding = 0
+                for ih in b.swarm.torrents():
+                    with contextlib.suppress(UnknownTorrent):
+                        seeding += (await b.swarm.status(ih)).uploaded_payload_bytes
+            b_uploaded = b.blobs.uploaded_by_removed + seeding
+    assert result["from_peers"] > 0
+    assert b_uploaded > 0, "C never traded with B, which started swarming after it"
+    got = (
+        tmp_path
+        / "c/cache/models--org--m/blobs"
+        / sha256((tmp_path / "src" / "model.safetensors").read_bytes())
+    )
+    assert got.stat().st_size == BIG

@@ -6,11 +6,14 @@ huggingface_hub reading back what we wrote.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -477,3 +480,148 @@ def test_revision_by_tag_and_by_commit(
         assert out.strip().endswith(main_commit)
         # a commit is not a ref: nothing is written under refs/ for it
         assert sorted(p.name for p in (cache / "models--org--t/refs").iterdir()) == ["v1.0"]
+
+
+def test_a_mirror_that_ignores_range_is_detected_once_then_one_get_per_file(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rnd = __import__("random").Random(5)
+    src = tmp_path / "src"
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        write(src / name, rnd.randbytes(8 * MiB))
+    with ThreadedMirror([RepoSource("model", "org/norange", src)]) as m:
+        m.add_fault(Fault("ignore_range", times=None))
+        code, out, err = run_cli(
+            "download", "org/norange", "--mirror", m.url, "--cache-dir", str(cache),
+            "--connections", "8", "--max-workers", "1", "--quiet",
+            capsys=capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        gets = m.stats().gets_per_file
+        served = m.stats().blob_bytes
+    snap = Path(out.strip().splitlines()[-1])
+    for name in ("a", "b", "c"):
+        assert (snap / f"{name}.safetensors").read_bytes() == (
+            src / f"{name}.safetensors"
+        ).read_bytes()
+    per = sorted(gets[f"org/norange/{n}.safetensors"] for n in ("a", "b", "c"))
+    # The file that found out may have sent its 8 ranges; the two after it one GET each.
+    assert per[:2] == [1, 1] and 1 <= per[2] <= 8, gets
+    assert served < 3 * 8 * MiB + 8 * 8 * MiB
+
+
+async def test_the_range_memory_outlives_one_fetcher_and_spares_piece_requests(
+    tmp_path: Path,
+) -> None:
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, RangeUnsupported, chunk_size_for
+
+    rnd = __import__("random").Random(6)
+    src = tmp_path / "src"
+    datas = {n: rnd.randbytes(6 * MiB) for n in ("a.bin", "b.bin")}
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/r", src)]) as m:
+        m.add_fault(Fault("ignore_range", times=None))
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        opts = DownloadOptions(connections=4)
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/r/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/r", "main", commit, tuple(files.values()), m.url)
+        remembered: set[str] = set()
+
+        async def fetch(name: str) -> bool:
+            f = files[name]
+            with PartialBlob(tmp_path / "part", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                async with MirrorFetcher(hub, opts, ignores_range=remembered) as mf:
+                    return (await mf.fetch(snap, f, p)).ok
+
+        assert await fetch("a.bin")
+        assert remembered == {m.url}
+        before = m.stats().gets_per_file
+        assert await fetch("b.bin")  # a new fetcher, the same memory: one GET
+        after = m.stats().gets_per_file
+        assert after["org/r/b.bin"] - before.get("org/r/b.bin", 0) == 1
+        async with MirrorFetcher(hub, opts, ignores_range=remembered) as mf:
+            with pytest.raises(RangeUnsupported):
+                await mf.fetch_range(snap, files["a.bin"], 0, MiB)
+        assert m.stats().gets_per_file == after  # no whole file sent for one piece
+
+
+def test_runs_cover_what_is_missing_in_consecutive_pieces() -> None:
+    from peer.transfer.mirror_ranges import split_runs
+
+    def spans(chunks: list[int], n: int) -> list[tuple[int, int]]:
+        return [(r.first, r.end) for r in split_runs(chunks, n)]
+
+    assert spans(list(range(16)), 1) == [(0, 16)]
+    assert spans(list(range(16)), 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    # A resumed journal leaves gaps: runs never span a chunk already had.
+    assert spans([0, 1, 2, 5, 6, 9], 1) == [(0, 3), (5, 7), (9, 10)]
+    assert spans([0, 1, 2, 3, 7], 3) == [(0, 2), (2, 4), (7, 8)]
+    assert spans([3], 8) == [(3, 4)] and spans([], 4) == []
+    # A chunk the journal says is partly held starts a run (which asks only its rest).
+    assert [(r.first, r.end) for r in split_runs([0, 1, 2, 3, 4], 1, {2})] == [(0, 2), (2, 5)]
+
+
+async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
+    tmp_path: Path,
+) -> None:
+    """A mirror capping every connection: one stream per blob is slow, more streams
+    raise the rate, so the fetcher adds them (and starts the next blob there)."""
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    rnd = __import__("random").Random(8)
+    src = tmp_path / "src"
+    datas = {n: rnd.randbytes(16 * MiB) for n in ("a.bin", "b.bin")}
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/capped", src)], rate_cap=2 * MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/capped/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/capped", "main", commit, tuple(files.values()), m.url)
+        async with MirrorFetcher(hub, DownloadOptions(connections=8)) as mf:
+            for name, f in files.items():
+                with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                    assert (await mf.fetch(snap, f, p)).ok
+                    assert p.data_path.read_bytes() == datas[name]
+            paid = mf.pool.streams_that_paid[m.url]
+    assert paid >= 2, "more streams raised the rate of a capped mirror: they must be kept"
+
+
+async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_request(
+    tmp_path: Path,
+) -> None:
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    data = __import__("random").Random(9).randbytes(5 * MiB + 3)
+    src = tmp_path / "src"
+    write(src / "w.bin", data)
+    f = RemoteFile("w.bin", len(data), blob_of(data, lfs=True), True)
+    with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+        for i in range(p.n_chunks):  # killed right after its last chunk landed
+            a, b = p.chunk_range(i)
+            p.write(a, data[a:b])
+            p.mark_done(i)
+    with ThreadedMirror([RepoSource("model", "org/w", src)]) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        snap = Snapshot("model", "org/w", "main", "0" * 40, (f,), m.url)
+        with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+            async with MirrorFetcher(hub, DownloadOptions()) as mf:
+                assert (await mf.fetch(snap, f, p)).ok
+        assert m.stats().gets_per_file == {}

@@ -141,15 +141,19 @@ def test_mirror_down_for_a_while_in_the_middle_of_a_file(tmp_path: Path) -> None
 def run_with_fault(
     tmp_path: Path, fault: Fault, *, at: float = 0.4, size: int = 24 * MiB
 ) -> tuple[int, str, str, int, Path, Path]:
-    """A download with `fault` injected once `at` of the big file was sent."""
+    """A download with `fault` injected once `at` of the big file was sent. The rate
+    is low enough that requests are still made after that (each asks for ~2 s of its
+    stream's rate), and a fault with a count must have been used up."""
     src = make_repo(tmp_path / "src", size)
     cache = tmp_path / "cache"
-    with ThreadedMirror([RepoSource("model", "org/m", src)], client_rate=24 * MiB) as m:
+    with ThreadedMirror([RepoSource("model", "org/m", src)], client_rate=4 * MiB) as m:
         proc = popen(download_cmd(m.url, cache, "--connections", "4"))
         wait_until(lambda: model_bytes(m) >= at * size, proc, 60)
         m.add_fault(fault)
         code, out, err = finish(proc)
         total = model_bytes(m)
+        fired = fault.times is None or fault not in m.faults()
+    assert fired, f"no request after {at:.0%} of the file met the fault: {fault}"
     return code, out, err, total, src, cache
 
 

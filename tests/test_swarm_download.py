@@ -22,6 +22,7 @@ from peer.transfer.swarm_download import (
     MirrorPieceFed,
     PeerSample,
     Phase,
+    PreferPieces,
     Readers,
     ReadersChanged,
     SetPieceDeadline,
@@ -428,3 +429,65 @@ def test_bad_input_is_refused() -> None:
         SwarmDownload(10 * PIECE, PIECE, 3, T0)  # 3 pieces cannot hold it
     with pytest.raises(TypeError):
         Run().drv.handle("tick", T0)  # type: ignore[arg-type]
+
+
+# --- the whole-file hash following the in-order prefix -------------------------------------------
+
+
+def follow_run(n: int, *, step: int, window: int) -> Run:
+    r = Run(n)
+    r.drv = SwarmDownload(
+        n * PIECE - 100,
+        PIECE,
+        n,
+        r.now,
+        SwarmDownloadConfig(hash_step=step * PIECE, prefer_window=window * PIECE),
+        follow_prefix=True,
+    )
+    r.swarm.holders = dict.fromkeys(range(n), 1)
+    return r
+
+
+def test_the_prefix_is_flushed_for_the_hash_as_it_grows_in_steps() -> None:
+    r = follow_run(12, step=3, window=4)
+    assert r.at(0) == [StartSwarming(), PreferPieces((0, 1, 2, 3))]
+    r.swarm.peers[SEED] = 0
+    r.at(0, ev.PeerConnected(IH, SEED))
+    # Out of order: 2 and 1 land first, nothing is in order yet.
+    assert r.done(0.1, 2) == []
+    assert r.done(0.2, 1) == []
+    # 0 lands: the prefix is 0-2 (3 pieces = one step): flushed; the window moves on.
+    assert r.done(0.3, 0) == [FlushForReaders(3 * PIECE), PreferPieces((4, 5, 6))]
+    # Pieces after a hole are not flushed for the hash, nor preferred twice.
+    assert r.done(0.4, 5) == []
+    assert r.done(0.5, 4) == []  # prefix 0-2 + nothing: 3 is missing
+    out = r.done(0.6, 3)  # prefix 0-5: 6 pieces, one more step
+    assert out == [FlushForReaders(6 * PIECE), PreferPieces((7, 8, 9))]
+    for i in (6, 7, 8, 9, 10):
+        r.done(0.7 + i / 100, i)
+    flushes = [a.ready for _, a in r.log if isinstance(a, FlushForReaders)]
+    assert flushes == [3 * PIECE, 6 * PIECE, 9 * PIECE]
+    # The last piece finishes it; the caller flushes and hashes the rest itself.
+    assert r.done(1.0, 11) == [Finished()]
+    preferred = [p for _, a in r.log if isinstance(a, PreferPieces) for p in a.pieces]
+    assert sorted(preferred) == list(range(12)) and len(set(preferred)) == 12
+
+
+def test_resumed_pieces_count_for_the_prefix_once_swarming_starts() -> None:
+    r = follow_run(8, step=2, window=2)
+    r.swarm.state = "checking_files"
+    r.swarm.have = {0, 1, 2, 5}
+    assert r.at(0) == []  # while libtorrent checks, nothing is flushed or preferred
+    r.swarm.state = "downloading"
+    out = r.at(0.3, ev.TorrentChecked(IH))
+    assert out == [StartSwarming(), FlushForReaders(3 * PIECE), PreferPieces((3, 4))]
+    assert r.drv.progress.resumed == 4 * PIECE
+
+
+def test_without_follow_prefix_nothing_is_flushed_or_preferred() -> None:
+    r = Run(8)
+    r.swarm.holders = dict.fromkeys(range(8), 1)
+    r.running()
+    for i in range(7):
+        r.done(0.1 * i, i)
+    assert not [a for _, a in r.log if isinstance(a, FlushForReaders | PreferPieces)]

@@ -34,6 +34,7 @@ from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Visibility, may_serve, repo_key
+from peer.transfer.events import PieceFinished
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
@@ -49,6 +50,7 @@ from peer.transfer.swarm_download import (
     MirrorPieceError,
     MirrorPieceFed,
     PeerSample,
+    PreferPieces,
     Readers,
     ReadersChanged,
     SetPieceDeadline,
@@ -60,9 +62,51 @@ from peer.transfer.swarm_download import (
     Wake,
 )
 from peer.transfer.swarm_download import Failed as SwarmFailed
-from peer.verification.hashing import hash_file
+from peer.verification.hashing import PrefixHasher, Verdict, hash_file
 
 log = logging.getLogger(__name__)
+
+# libtorrent prefers pieces at priority 7 over its default 4.
+PREFERRED = 7
+# While a blob swarms, the live peers are asked again this often: those that started
+# swarming it since are connected too (downloaders that start together otherwise all see
+# only the first seeder, which then sends nearly every byte).
+RESURVEY_EVERY = 2.0
+
+
+class HashFollower:
+    """Runs a `PrefixHasher` in a thread behind a swarm download: `to(end)` once
+    ``[0, end)`` is checked and flushed; `verdict` once every piece is."""
+
+    def __init__(self, hasher: PrefixHasher) -> None:
+        self._hasher = hasher
+        self._target = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def to(self, end: int) -> None:
+        self._target = max(self._target, end)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._hasher.position < self._target:
+            before = self._hasher.position
+            await asyncio.to_thread(self._hasher.hash_to, self._target)
+            if self._hasher.position == before:
+                return  # the file is short: the verdict says so
+
+    async def verdict(self) -> Verdict:
+        if self._task is not None:
+            await self._task
+        return await asyncio.to_thread(self._hasher.verdict)
+
+    @property
+    def position(self) -> int:
+        return self._hasher.position
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 @dataclass
@@ -301,6 +345,7 @@ class BlobFetcher:
             return fetched
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
+        log.debug("%s: %d peer offers", file.path, len(offers))
         if offers:
             got = await self._from_peers(repo, snapshot, file, offers, mirror, counters, access)
             if got is not None:
@@ -508,9 +553,18 @@ class BlobFetcher:
         if flight is not None:
             flight.reset()
             flight.start(repo.partial_dir / file.blob_id)
+        data_path = repo.partial_dir / file.blob_id
+        # The whole-file hash reads each byte once, as the in-order prefix of checked,
+        # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
+        follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))
+        log.debug("%s: swarming %s", file.path, ih[:12])
         try:
-            await self._drive(ih, snapshot, file, offers, mirror, counters, stream, flight)
+            await self._drive(
+                ih, snapshot, file, offers, mirror, counters, stream, flight, follower
+            )
+            log.debug("%s: all pieces had (hashed %d)", file.path, follower.position)
             await self.swarm.flush_cache(ih)
+            follower.to(file.size)
             if flight is not None:
                 flight.advance(file.size)  # all pieces checked and on disk
             status = await self.swarm.status(ih)
@@ -519,17 +573,22 @@ class BlobFetcher:
             # its end game asked of two peers at once.)
             counters.from_peers += max(0, file.size - counters.resumed - status.fed_bytes)
             self.uploaded_by_removed += status.uploaded_payload_bytes
+        except BaseException:
+            follower.cancel()
+            raise
         finally:
             stream.close()
             self._downloading.discard(ih)
             self._swarming.pop(file.blob_id, None)
             with contextlib.suppress(SwarmError):
                 await self.swarm.remove_torrent(ih)
-        data_path = repo.partial_dir / file.blob_id
         # libtorrent reports a piece finished before its bytes reach the file (measured:
         # a hash of the finished prefix taken as pieces land did not match), so the
-        # whole-file check runs here, after flush_cache.
-        verdict = await asyncio.to_thread(hash_file, data_path, file.blob_id, file.size)
+        # follower reads only what a flush_cache made final; the rest after the last.
+        try:
+            verdict = await follower.verdict()
+        except OSError as exc:
+            raise translate_os_error(exc, f"hashing {file.path}") from exc
         self.state.drop_resume(ih)
         if not verdict.ok:
             # Every piece passed its merkle check, yet the whole does not match the Hub:
@@ -543,6 +602,7 @@ class BlobFetcher:
             )
         counters.done = file.size
         path = repo.install_blob(data_path, file.blob_id)
+        log.debug("%s: whole-file hash matched, in blobs/", file.path)
         if flight is not None:
             flight.moved(path)
         await self.seeds.add_with_manifest(
@@ -560,6 +620,7 @@ class BlobFetcher:
         counters: BlobCounters,
         stream: EventStream,
         flight: InFlightBlob | None,
+        follower: HashFollower,
     ) -> None:
         """Carry out what `SwarmDownload` decides until every piece is had: libtorrent
         pulls from peers on its own; the driver says when to connect them, which pieces
@@ -584,13 +645,36 @@ class BlobFetcher:
             ),
             holders=frozenset((o.peer.host, o.peer.bt_port) for o in offers if o.complete),
             streaming=flight is not None,
+            follow_prefix=True,
         )
         base = (counters.from_mirror, counters.hash_failures)
         inbox: asyncio.Queue[Input] = asyncio.Queue()  # swarm events, mirror results
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
+        swarming = asyncio.Event()
+
+        async def resurvey() -> None:
+            known = {(o.peer.host, o.peer.bt_port) for o in offers}
+            await swarming.wait()
+            while True:
+                await asyncio.sleep(RESURVEY_EVERY)
+                try:
+                    found = await self._offers(file)
+                except (HfswarmError, OSError) as exc:
+                    log.debug("%s: survey failed: %s", file.path, exc)
+                    continue
+                for o in found:
+                    key = (o.peer.host, o.peer.bt_port)
+                    if o.manifest.info_hash == ih and key not in known:
+                        known.add(key)
+                        log.debug("%s: new swarm member %s:%d", file.path, *key)
+                        self.swarm.connect_peer(ih, *key)
 
         async def pump() -> None:
+            first = True
             async for e in stream:
+                if first and isinstance(e, PieceFinished):
+                    first = False
+                    log.debug("%s: first piece", file.path)
                 inbox.put_nowait(e)
 
         async def mirror_piece(i: int) -> None:
@@ -618,6 +702,7 @@ class BlobFetcher:
                     self.swarm.announce(ih)
                     for o in offers:
                         self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                    swarming.set()
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:
                         mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
@@ -629,9 +714,14 @@ class BlobFetcher:
                     log.warning("banning peer %s: %s", a.peer, a.reason)
                     self.swarm.ban_peer(a.host)
                     self.on_ban(str(a.peer), a.reason, file.blob_id)
-                elif isinstance(a, FlushForReaders) and flight is not None:
+                elif isinstance(a, FlushForReaders):
                     await self.swarm.flush_cache(ih)
-                    flight.advance(a.ready)
+                    if flight is not None:
+                        flight.advance(a.ready)
+                    follower.to(a.ready)
+                elif isinstance(a, PreferPieces):
+                    for i in a.pieces:
+                        self.swarm.set_piece_priority(ih, i, PREFERRED)
                 elif isinstance(a, SetPieceDeadline):
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
                 elif isinstance(a, SwarmFailed):
@@ -657,6 +747,7 @@ class BlobFetcher:
         try:
             async with asyncio.TaskGroup() as tg:
                 pumping = tg.create_task(pump())
+                surveying = tg.create_task(resurvey())
                 while drv.outcome is None:
                     # What is queued first, so that a burst of events asks for one look.
                     for _ in range(inbox.qsize()):
@@ -675,6 +766,7 @@ class BlobFetcher:
                         continue
                     await carry_out(drv.handle(item, time.monotonic()))
                 pumping.cancel()
+                surveying.cancel()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         finally:

@@ -149,7 +149,8 @@ class Target:
 
 class DownloadJob:
     """Runs downloads from one blob source; no state of its own between runs but the
-    `totals` it adds to."""
+    `totals` it adds to and the mirrors seen ignoring Range (each file from them is
+    then one GET, not N ranges thrown away)."""
 
     def __init__(
         self,
@@ -169,6 +170,8 @@ class DownloadJob:
         self.blobs = blobs
         self.totals = totals or Totals()
         self.tick = tick  # seconds between progress events while bytes move
+        # Mirrors seen ignoring Range, shared by this agent's jobs (one GET per file).
+        self.ignores_range: set[str] = set()
         self.quota = quota  # the agent's: its blobs held while it runs, or refused
         self.throttle = throttle  # the agent's mirror cap, shared by all its downloads
 
@@ -183,7 +186,11 @@ class DownloadJob:
 
     def mirror(self, hub: HubSettings, options: DownloadOptions) -> MirrorFetcher:
         return MirrorFetcher(
-            hub, options, on_mirror_error=self.totals.mirror_error, throttle=self.throttle
+            hub,
+            options,
+            on_mirror_error=self.totals.mirror_error,
+            throttle=self.throttle,
+            ignores_range=self.ignores_range,
         )
 
     def hub_for(self, repo_id: str, token: str | None) -> HubSettings:

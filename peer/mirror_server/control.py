@@ -186,6 +186,9 @@ class MirrorStats:
     # Addition: file bytes by ``{url_prefix}{repo_id}/{path}`` whichever URL served them
     # (resolve or CDN), so a test can ask "how much of shard 2 came from the mirror".
     per_file: dict[str, int] = field(default_factory=dict)
+    # GETs of a file body by the same key (each Range request is one): what a client
+    # costs a mirror that charges per request.
+    gets_per_file: dict[str, int] = field(default_factory=dict)
     cdn_authorization_seen: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -212,6 +215,7 @@ class StatsRecorder:
         self._per_client: dict[str, int] = {}
         self._per_path: dict[str, int] = {}
         self._per_file: dict[str, int] = {}
+        self._gets: dict[str, int] = {}
 
     def reset(self) -> None:
         with self._lock:
@@ -221,6 +225,10 @@ class StatsRecorder:
         with self._lock:
             self._requests += 1
             self._cdn_auth += cdn_with_authorization
+
+    def file_get(self, file_key: str) -> None:
+        with self._lock:
+            self._gets[file_key] = self._gets.get(file_key, 0) + 1
 
     def body(self, client: str, path: str, n: int, *, file_key: str | None = None) -> None:
         if n <= 0:
@@ -244,6 +252,7 @@ class StatsRecorder:
                 per_client=dict(self._per_client),
                 per_path=dict(self._per_path),
                 per_file=dict(self._per_file),
+                gets_per_file=dict(self._gets),
                 cdn_authorization_seen=self._cdn_auth,
             )
 

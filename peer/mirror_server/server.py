@@ -620,6 +620,7 @@ class MirrorServer:
         if request.method == "HEAD":
             plan = FaultPlan()
         else:
+            self._stats.file_get(file_key)
             plan, start, end = self._faults.plan(
                 fault_paths, size=size, start=start, end=end, ranged=ranged
             )

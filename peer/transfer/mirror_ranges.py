@@ -1,25 +1,43 @@
 """Fetch a blob from HF-style mirrors with parallel HTTP Range requests (aiohttp).
 
-One `MirrorFetcher` holds a connection pool for a whole download. For each blob it runs
-up to N workers that take chunks from a shared list; every byte goes straight to the
-partial file (nothing is buffered whole) and a hashing task follows the contiguous
-finished prefix, so the whole-file hash is ready moments after the last byte lands
-instead of costing a second pass.
+One `MirrorFetcher` holds a connection pool for a whole download. For each blob it
+starts one worker streaming a run of the file's journal chunks in a few Range requests
+(each asks for about 2 s of the stream's rate, at least 10 requests' cost; chunks are
+marked done as their last byte lands), and adds workers while the blob's throughput
+still grows, up to N: a new worker takes the second half of what the largest run has not
+asked for yet (as aria2 splits, without cutting a request), but only where that half
+takes several times a request's measured cost (time to the response headers) to
+fetch; a worker whose run is done does the same. A mirror that charges per request
+(olah re-checks upstream on each) thus sees a handful of requests per file where it
+saw 64, and a fast one still gets N streams. Every byte
+goes straight to the partial file (nothing is buffered whole; progress inside a chunk
+is journaled every `JOURNAL_STEP`, and a resumed run starts at the first byte its
+chunk lacks, so a kill -9 costs at most that much per stream) and a hashing task
+follows the contiguous finished prefix, so the whole-file hash is ready moments after
+the last byte lands instead of costing a second pass.
 
 Failure handling, in the order a public mirror exercises it:
 - 3xx is followed by hand: Authorization is sent only to the mirror's own origin, and a
   CDN location is remembered for later chunks (and forgotten if it starts failing).
 - 429 / 5xx / dropped connections / stalls (no byte for `read_timeout`) are retried from
   the byte where they stopped, with exponential backoff and jitter; Retry-After wins.
-- A mirror that keeps failing is cooled down and the next `--mirror` takes over.
+- A mirror that keeps failing is cooled down and the next `--mirror` takes over; one
+  that was sending this file is ridden out for `outage_grace` after its last byte.
+- A 206 with the wrong Content-Range start (a broken proxy) writes nothing and is
+  asked again; after `_BROKEN_ANSWERS` of them the mirror is skipped for the span.
 - A mirror that ignores Range (200 with the whole body) is detected; the file is then
-  taken as one stream from that response instead of N copies of the whole file.
+  taken as one stream from that response instead of N copies of the whole file (one
+  such answer in the middle of a file is asked again first: it may be a glitch), and
+  the mirror is remembered (`MirrorPool.ignores_range`): its next files are one GET
+  each from the start, and single pieces are not asked of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import os
 import random
 import re
@@ -49,10 +67,49 @@ from peer.hub.protocol import REDIRECTS, RETRYABLE, error_from_status, origin
 from peer.transfer.rate import Throttle
 from peer.verification.hashing import READ_BLOCK, BlobHasher, HashKind, Verdict
 
+log = logging.getLogger(__name__)
+
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 READ_CHUNK = 1 << 20
 _OUTAGE_POLL = 4.0  # seconds between tries while riding out an outage
 _BROKEN_ANSWERS = 3  # wrong Content-Ranges from one mirror before it is skipped
+# A blob starts with one stream (or as many as paid off last time on its mirror), and
+# doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
+# per file and 10.9 s with 4 (docs/benchmarks.md, section 8.4).
+GROW_EVERY = 0.25  # seconds between looks at the rate
+GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
+LINEAR_GAIN = 1.7  # grown this much: the streams are each capped, quadruple them
+# A stolen half run must take this many times a request's cost to fetch.
+STEAL_COST_RATIO = 10.0
+# A request asks for what its stream moves in this many seconds (at least this many
+# times a request's cost): long enough to make the request cheap, short enough that
+# the rest of a run can still be handed to a new stream.
+ASK_SECONDS = 2.0
+ASK_COST_RATIO = 10.0
+FIRST_ASK = 4  # chunks, before the rate is known
+
+
+def split_runs(
+    chunks: list[int], n: int, begun: set[int] | frozenset[int] = frozenset()
+) -> list[_Run]:
+    """Consecutive runs over sorted chunk indices (a resumed journal leaves gaps),
+    the largest split in halves until there are `n` (or runs of one chunk). A chunk
+    in `begun` (partly held, says the journal) starts a run: its run asks only for
+    the rest of it, never again for bytes already on disk."""
+    runs: list[list[int]] = []
+    for c in chunks:
+        if runs and runs[-1][1] == c and c not in begun:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    while 0 < len(runs) < n:
+        big = max(runs, key=lambda r: r[1] - r[0])
+        if big[1] - big[0] < 2:
+            break
+        mid = (big[0] + big[1]) // 2
+        runs.insert(runs.index(big) + 1, [mid, big[1]])
+        big[1] = mid
+    return [_Run(a, b, 0, a) for a, b in runs]
 
 
 def chunk_size_for(size: int) -> int:
@@ -100,13 +157,36 @@ class _RangeIgnored(Exception):
         self.mirror = mirror
 
 
+class _RunCut(Exception):
+    """Another worker took over the rest of this run: stop its stream here."""
+
+
+@dataclass(eq=False)
+class _Run:
+    """Chunks [first, end) of a blob, fetched by one worker from byte `pos`, in requests
+    sized to the stream's rate (up to chunk `asked`): a stealer takes the second half of
+    what was not asked yet and lowers `end`, so no request is cut."""
+
+    first: int
+    end: int
+    pos: int  # next byte to write
+    marked: int  # chunks before this one are marked done
+    asked: int = 0  # chunks before this one are asked of the mirror
+
+
 class MirrorPool:
     """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
 
-    def __init__(self, mirrors: tuple[str, ...]) -> None:
+    def __init__(self, mirrors: tuple[str, ...], ignores_range: set[str] | None = None) -> None:
         self.mirrors = mirrors
         self._failures = dict.fromkeys(mirrors, 0)
         self._cool_until = dict.fromkeys(mirrors, 0.0)
+        # Mirrors seen answering a Range request with the whole file. The caller may pass
+        # a set it keeps across downloads (an agent's jobs share one).
+        self.ignores_range = ignores_range if ignores_range is not None else set()
+        # Per mirror: streams per blob that still raised the rate last time (the next
+        # blob from it starts there).
+        self.streams_that_paid: dict[str, int] = {}
 
     def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         usable = [m for m in self.mirrors if m not in exclude]
@@ -147,6 +227,15 @@ class _BlobJob:
     range_ignored: int = 0  # 200 answers to a Range request so far
     fetched: int = 0
     last_byte: float = 0.0  # monotonic time the last body byte arrived
+    runs: list[_Run] = field(default_factory=list)  # not started yet
+    active: list[_Run] = field(default_factory=list)  # being streamed
+    request_cost: float | None = None  # seconds to a response's headers (moving average)
+    started: float = field(default_factory=time.monotonic)
+
+    def stream_rate(self) -> float:
+        """Bytes/s one stream has moved on average so far."""
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        return self.fetched / elapsed / max(1, len(self.active))
 
 
 class MirrorFetcher:
@@ -160,6 +249,7 @@ class MirrorFetcher:
         mirrors: tuple[str, ...] | None = None,
         on_mirror_error: Callable[[str], None] | None = None,
         throttle: Throttle | None = None,
+        ignores_range: set[str] | None = None,
     ) -> None:
         self.settings = settings
         # the agent's mirror cap, shared by all its fetchers' connections (live)
@@ -167,7 +257,7 @@ class MirrorFetcher:
         self.options = options
         # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
         self.on_mirror_error = on_mirror_error
-        self.pool = MirrorPool(mirrors or settings.mirrors)
+        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -211,15 +301,25 @@ class MirrorFetcher:
         length of the prefix on disk and hashed so far (a reader may stream it)."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
+        job.sink = lambda offset, data: self._run_sink(job, offset, data)
+        first = self.pool.pick(time.monotonic())
+        start = self.pool.streams_that_paid.get(first or "", 1)
+        job.runs = split_runs(list(todo), min(start, self.options.connections), set(partial.held))
+        for r in job.runs:
+            r.pos = partial.resume_at(r.first)  # only the rest of a chunk begun earlier
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
         try:
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))
-                workers = [
-                    tg.create_task(self._worker(job))
-                    for _ in range(min(self.options.connections, max(1, len(todo))))
-                ]
-                await asyncio.gather(*workers)
+                if todo and self.pool.pick(time.monotonic()) in self.pool.ignores_range:
+                    # Known to send whole files: one GET, not N ranges thrown away.
+                    job.single_stream = True
+                    await self._single_stream(job, None)
+                else:
+                    workers: set[asyncio.Task[None]] = set()
+                    for _ in range(len(job.runs)):
+                        workers.add(tg.create_task(self._worker(job)))
+                    await self._grow(job, tg, workers, first or "")
                 job.wake_hasher.set()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
@@ -239,10 +339,17 @@ class MirrorFetcher:
             buf[offset - start : offset - start + len(data)] = data
 
         job = _BlobJob(snapshot, file, None, deque(), sink=sink)
+        job.excluded |= self.pool.ignores_range  # a piece from those costs the whole file
         try:
+            if self.pool.mirrors and job.excluded >= set(self.pool.mirrors):
+                raise RangeUnsupported(
+                    f"{', '.join(self.pool.mirrors)} ignore Range requests",
+                    hint="pieces cannot be fetched from it one by one",
+                )
             await self._fetch_span(job, start, end)
         except _RangeIgnored as ri:
             ri.response.close()
+            self.pool.ignores_range.add(ri.mirror)
             raise RangeUnsupported(
                 f"{ri.mirror} ignores Range requests",
                 hint="pieces cannot be fetched from it one by one",
@@ -279,11 +386,88 @@ class MirrorFetcher:
 
     # -- workers ---------------------------------------------------------------------
 
-    async def _worker(self, job: _BlobJob) -> None:
-        while job.pending and not job.single_stream:
-            index = job.pending.popleft()
+    async def _grow(
+        self, job: _BlobJob, tg: asyncio.TaskGroup, workers: set[asyncio.Task[None]], mirror: str
+    ) -> None:
+        """Until the workers are done: every `GROW_EVERY` s, while the blob's rate grew
+        by `GROW_GAIN` since the last step, double the workers (quadruple them after a
+        near-linear gain, `LINEAR_GAIN`; up to --connections),
+        each new one on a stolen half run worth a request. Where it stopped paying is
+        remembered for the mirror's next blob."""
+        if not workers:
+            return  # every chunk was had already (a resumed partial)
+        growing = True
+        last_rate, paid = 0.0, len(workers)
+        settle = True  # streams just started: their first interval holds their request
+        while True:
+            before, t0 = job.fetched, time.monotonic()
+            done, _ = await asyncio.wait(workers, timeout=GROW_EVERY)
+            workers -= done
+            if not workers:
+                return
+            if not growing or job.single_stream:
+                continue
+            if settle:
+                settle = False
+                continue
+            rate = (job.fetched - before) / max(1e-6, time.monotonic() - t0)
+            log.debug(
+                "%s: %d streams, %.1f MB/s (before %.1f), request %.3f s",
+                job.file.path,
+                len(workers),
+                rate / 1e6,
+                last_rate / 1e6,
+                job.request_cost or 0.0,
+            )
+            if rate <= 0 or rate < last_rate * GROW_GAIN:
+                growing = False  # more streams stopped paying: keep these, start there
+                self.pool.streams_that_paid[mirror] = paid
+                continue
+            # Near-linear scaling (each connection capped): grow faster.
+            factor = 3 if rate >= last_rate * LINEAR_GAIN else 1
+            last_rate, paid = rate, len(workers)
+            self.pool.streams_that_paid[mirror] = max(
+                paid, self.pool.streams_that_paid.get(mirror, 1)
+            )
+            for _ in range(min(self.options.connections - len(workers), factor * len(workers))):
+                run = self._steal(job, rate / max(1, len(workers)))
+                if run is None:
+                    break
+                workers.add(tg.create_task(self._worker(job, run)))
+                settle = True
+
+    def _steal(self, job: _BlobJob, stream_rate: float) -> _Run | None:
+        """A run not started yet, or the second half of the largest active run if that
+        half takes longer than `STEAL_COST_RATIO` requests (at `stream_rate` B/s)."""
+        if job.runs:
+            return job.runs.pop(0)
+        p = job.partial
+        assert p is not None
+        best: tuple[int, _Run] | None = None
+        for r in job.active:
+            free = r.end - max(r.asked, r.marked)  # not asked of the mirror yet
+            if free >= 2 and (best is None or free > best[0]):
+                best = (free, r)
+        if best is None:
+            return None
+        free, victim = best
+        half = free // 2
+        cost = job.request_cost or 0.0
+        if stream_rate <= 0 or half * p.chunk_size / stream_rate < STEAL_COST_RATIO * cost:
+            return None  # a new request costs more than it saves (or nothing moves yet)
+        mid = victim.end - half
+        victim.end = mid
+        return _Run(mid, mid + half, p.resume_at(mid), mid)
+
+    async def _worker(self, job: _BlobJob, run: _Run | None = None) -> None:
+        while not job.single_stream:
+            if run is None:
+                run = self._steal(job, job.stream_rate())
+                if run is None:
+                    return
+            job.active.append(run)
             try:
-                await self._fetch_chunk(job, index)
+                await self._fetch_run(job, run)
             except _RangeIgnored as ri:
                 if job.single_stream:  # another worker already took the whole stream
                     ri.response.close()
@@ -291,14 +475,70 @@ class MirrorFetcher:
                 job.range_ignored += 1
                 if job.range_ignored == 1 and job.partial is not None and job.partial.done:
                     # One 200 in the middle of a file may be a glitch (a proxy, a
-                    # cache node): ask again before taking the whole file as a stream.
+                    # cache node): the same run asks again before the mirror is taken
+                    # for one that ignores Range (and remembered so).
                     ri.response.close()
-                    job.pending.appendleft(index)
                     continue
+                self.pool.ignores_range.add(ri.mirror)
                 job.single_stream = True
-                job.pending.appendleft(index)
                 await self._single_stream(job, ri)
                 return
+            finally:
+                job.active.remove(run)
+            run = None
+
+    async def _fetch_run(self, job: _BlobJob, run: _Run) -> None:
+        p = job.partial
+        assert p is not None
+        while run.marked < run.end:
+            run.asked = run.marked + self._ask(job, run.end - run.marked)
+            stop = p.chunk_range(run.asked - 1)[1]
+            try:
+                await self._fetch_span(job, run.pos, stop)
+            except _RunCut:
+                pass  # the rest is another worker's now; what was had is marked
+            self._mark(job, run)
+
+    def _ask(self, job: _BlobJob, left: int) -> int:
+        """Chunks the next request of a run asks for: what the stream moves in
+        `ASK_SECONDS` (or in `ASK_COST_RATIO` requests' time, if longer); `FIRST_ASK`
+        before any rate is known. What is not asked yet may be stolen."""
+        assert job.partial is not None
+        if job.fetched == 0:
+            return min(left, FIRST_ASK)
+        span = max(ASK_SECONDS, ASK_COST_RATIO * (job.request_cost or 0.0))
+        return max(1, min(left, math.ceil(job.stream_rate() * span / job.partial.chunk_size)))
+
+    def _run_sink(self, job: _BlobJob, offset: int, data: memoryview) -> None:
+        """Write a run's bytes (runs never overlap: the run whose next byte this is),
+        mark its chunks done as their last byte lands, stop at its (maybe lowered) end."""
+        p = job.partial
+        assert p is not None
+        run = next((r for r in job.active if r.pos == offset), None)
+        if run is None:
+            raise _RunCut()
+        last = min(run.end, run.asked)
+        stop = p.chunk_range(last - 1)[1] if last > run.first else offset
+        take = max(0, min(len(data), stop - offset))
+        if take:
+            p.write(offset, data[:take])
+            run.pos += take
+            self._mark(job, run)
+            if run.marked < run.end:
+                # Progress inside the chunk being filled is journaled too (every
+                # JOURNAL_STEP): a kill -9 loses at most that much per stream.
+                p.advance(run.marked, run.pos - p.chunk_range(run.marked)[0])
+        if take < len(data):
+            self._count(job, take)  # the caller counts only what it hands on whole
+            raise _RunCut()
+
+    def _mark(self, job: _BlobJob, run: _Run) -> None:
+        p = job.partial
+        assert p is not None
+        while run.marked < run.end and p.chunk_range(run.marked)[1] <= run.pos:
+            p.mark_done(run.marked)
+            run.marked += 1
+            job.wake_hasher.set()
 
     def _count(self, job: _BlobJob, n: int) -> None:
         job.fetched += n
@@ -306,26 +546,8 @@ class MirrorFetcher:
         if job.on_bytes is not None:
             job.on_bytes(n)
 
-    async def _fetch_chunk(self, job: _BlobJob, index: int) -> None:
-        p = job.partial
-        assert p is not None
-        first, end = p.chunk_range(index)
-        # Only the rest of a chunk an earlier run began (its journal says how far).
-        await self._fetch_span(
-            job, p.resume_at(index), end, progress=lambda pos: p.advance(index, pos - first)
-        )
-        p.mark_done(index)
-        job.wake_hasher.set()
-
-    async def _fetch_span(
-        self,
-        job: _BlobJob,
-        start: int,
-        end: int,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Bytes [start, end) into the job's sink; `progress` hears of the position
-        reached after each write (the partial journals it)."""
+    async def _fetch_span(self, job: _BlobJob, start: int, end: int) -> None:
+        """Bytes [start, end) into the job's sink, retried from where they stopped."""
         pos = [start]
         failures = 0
         broken: dict[str, int] = {}  # mirror -> wrong answers to this span
@@ -339,7 +561,7 @@ class MirrorFetcher:
                     else MirrorFailed(f"no mirror could serve {job.file.path}")
                 )
             try:
-                await self._stream_range(job, mirror, pos, end, progress)
+                await self._stream_range(job, mirror, pos, end)
                 self.pool.succeeded(mirror)
             except _SkipMirror as sm:
                 job.excluded.add(mirror)
@@ -422,14 +644,16 @@ class MirrorFetcher:
         mirror: str,
         pos: list[int],
         end: int,
-        progress: Callable[[int], None] | None = None,
     ) -> None:
         size = job.file.size
+        t0 = time.monotonic()
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
+        took = time.monotonic() - t0
+        job.request_cost = took if job.request_cost is None else (job.request_cost + took) / 2
         try:
             if resp.status == 200:
                 if pos[0] == 0 and end == size:
-                    await self._copy_body(job, resp, pos, end, progress)
+                    await self._copy_body(job, resp, pos, end)
                     return
                 raise _RangeIgnored(resp, mirror)
             if resp.status == 206:
@@ -453,7 +677,7 @@ class MirrorFetcher:
                             "this file; try another --mirror",
                         )
                     )
-                await self._copy_body(job, resp, pos, end, progress)
+                await self._copy_body(job, resp, pos, end)
                 return
             if resp.status == 416:
                 raise _SkipMirror(
@@ -485,7 +709,6 @@ class MirrorFetcher:
         resp: aiohttp.ClientResponse,
         pos: list[int],
         end: int,
-        progress: Callable[[int], None] | None = None,
     ) -> None:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
@@ -496,8 +719,6 @@ class MirrorFetcher:
                 job.sink(pos[0], memoryview(data)[:take])
                 pos[0] += take
                 self._count(job, take)
-                if progress is not None:
-                    progress(pos[0])
                 if pos[0] >= end:
                     break
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -511,16 +732,25 @@ class MirrorFetcher:
         if pos[0] < end:
             raise _Retry(f"body ended early at byte {pos[0]} of {end}", network=True)
 
-    async def _single_stream(self, job: _BlobJob, first: _RangeIgnored) -> None:
+    async def _single_stream(self, job: _BlobJob, first: _RangeIgnored | None) -> None:
         """The mirror will only send whole files: read one body front to back, writing
-        only chunks we lack, and mark chunks as their last byte passes."""
+        only chunks we lack, and mark chunks as their last byte passes. ``first``: the
+        whole-file answer to a Range request, if one came (else this GETs it)."""
         p = job.partial
         assert p is not None
         failures = 0
         pending: _RangeIgnored | None = first
         while len(p.done) < p.n_chunks:
             if pending is None:
-                mirror = self.pool.pick(time.monotonic(), job.excluded) or first.mirror
+                mirror = self.pool.pick(time.monotonic(), job.excluded) or (
+                    first.mirror if first is not None else None
+                )
+                if mirror is None:
+                    raise (
+                        job.skip_errors[-1]
+                        if job.skip_errors
+                        else MirrorFailed(f"no mirror could serve {job.file.path}")
+                    )
                 try:
                     resp = await self._open(job, mirror, {})
                 except _Retry as r:

@@ -55,6 +55,12 @@ class SwarmDownloadConfig:
     # Pieces after a reader's position asked of peers in order, 100 ms apart.
     readahead: int = 16
     deadline_step_ms: int = 100
+    # The whole-file hash follows the in-order prefix (``follow_prefix``): flush and
+    # hand it on each time it grew this much (a flush is a libtorrent disk fence).
+    hash_step: int = 32 << 20
+    # ... and prefer the pieces this far after the prefix (rarest first among them,
+    # so downloaders still trade), or the prefix would only grow at the very end.
+    prefer_window: int = 64 << 20
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -160,6 +166,13 @@ class FlushForReaders:
 
 
 @dataclass(frozen=True)
+class PreferPieces:
+    """Raise these pieces' priority: they come next after the in-order prefix."""
+
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SetPieceDeadline:
     piece: int
     ms: int
@@ -182,6 +195,7 @@ Action = (
     | CancelMirrorPiece
     | BanHost
     | FlushForReaders
+    | PreferPieces
     | SetPieceDeadline
     | Finished
     | Failed
@@ -223,7 +237,9 @@ _LOOK_NOW = (
 class SwarmDownload:
     """One blob of ``size`` bytes in ``num_pieces`` pieces of ``piece_size`` (a v2
     torrent of one file). ``holders`` are the (host, port) of peers offering the whole
-    blob; ``streaming`` when a reader may stream it (`ReadersChanged`, `Wake.readers`)."""
+    blob; ``streaming`` when a reader may stream it (`ReadersChanged`, `Wake.readers`);
+    ``follow_prefix`` when the caller hashes the in-order prefix as it grows (each
+    `FlushForReaders` makes more of it readable; the pieces after it are preferred)."""
 
     def __init__(
         self,
@@ -235,6 +251,7 @@ class SwarmDownload:
         *,
         holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
+        follow_prefix: bool = False,
     ) -> None:
         if piece_size < 1 or not (num_pieces - 1) * piece_size < size <= num_pieces * piece_size:
             raise ValueError(f"{num_pieces} pieces of {piece_size} bytes do not make {size}")
@@ -244,6 +261,7 @@ class SwarmDownload:
         self.num_pieces = num_pieces
         self.holders = holders
         self.streaming = streaming
+        self.follow_prefix = follow_prefix
         self.progress = SwarmProgress()
         self.phase = Phase.CHECKING
         self.policy: pol.DownloadPolicy | None = None
@@ -261,6 +279,9 @@ class SwarmDownload:
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
         self._early: list[pol.Event] = []  # for the policy, before it runs
+        self._prefix = 0  # pieces had in order from the first
+        self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
+        self._preferred = 0  # pieces before this one were given a PreferPieces
 
     def piece_length(self, piece: int) -> int:
         return min(self.piece_size, self.size - piece * self.piece_size)
@@ -341,6 +362,7 @@ class SwarmDownload:
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
+                self._follow(out)
             origin = pol.Origin.MIRROR if e.fed_by_us else pol.Origin.PEER
             if self.policy is not None:
                 self._to_policy(pol.PieceDone(e.piece, origin), now, out)
@@ -398,6 +420,7 @@ class SwarmDownload:
         self.phase = Phase.SETTLING
         self._deadline = now + self.config.settle_limit
         out.append(StartSwarming())
+        self._follow(out)
 
     def _settled(self, s: SwarmSample) -> bool:
         connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
@@ -441,6 +464,28 @@ class SwarmDownload:
                 self.progress.done += self.piece_length(i)
                 if self.policy is not None:
                     self._to_policy(pol.PieceDone(i, pol.Origin.PEER), now, out)
+        self._follow(out)
+
+    def _follow(self, out: list[Action]) -> None:
+        """The in-order prefix grew (or swarming starts): flush it for the caller's
+        hash once it grew by ``hash_step``, and prefer the pieces right after it."""
+        if not self.follow_prefix or self.phase is Phase.CHECKING:
+            return
+        while self._prefix < self.num_pieces and self._have[self._prefix]:
+            self._prefix += 1
+        ready = min(self.size, self._prefix * self.piece_size)
+        # All of it had: the caller flushes and hashes the rest once it is Finished.
+        if ready < self.size and ready - self._flushed >= self.config.hash_step:
+            self._flushed = ready
+            out.append(FlushForReaders(ready))
+        window = -(-self.config.prefer_window // self.piece_size)
+        end = min(self.num_pieces, self._prefix + window)
+        start = max(self._preferred, self._prefix)
+        if end > start:
+            self._preferred = end
+            pieces = tuple(i for i in range(start, end) if not self._have[i])
+            if pieces:
+                out.append(PreferPieces(pieces))
 
     def _resolve_blame(self, peers: tuple[PeerSample, ...], now: float, out: list[Action]) -> None:
         """The peer whose hash-failure count went up is the sender, if exactly one did."""
@@ -495,6 +540,7 @@ class SwarmDownload:
         n = next((i for i, h in enumerate(self._have) if not h), self.num_pieces)
         ready = min(self.size, n * self.piece_size)
         if ready > r.ready:
+            self._flushed = max(self._flushed, ready)
             out.append(FlushForReaders(ready))
         first = r.read_pos // self.piece_size
         last = min(self.num_pieces, first + self.config.readahead)

@@ -17,7 +17,16 @@ from typing import Any
 # The id formats are defined once, with the wire formats that carry them.
 from tracker.schema import SHA1_RE, SHA256_RE, is_blob_id
 
-__all__ = ["SHA1_RE", "SHA256_RE", "BlobHasher", "HashKind", "Verdict", "hash_file", "is_blob_id"]
+__all__ = [
+    "SHA1_RE",
+    "SHA256_RE",
+    "BlobHasher",
+    "HashKind",
+    "PrefixHasher",
+    "Verdict",
+    "hash_file",
+    "is_blob_id",
+]
 
 READ_BLOCK = 8 * 1024 * 1024
 
@@ -87,3 +96,45 @@ def hash_file(
     return Verdict(
         ok=actual == blob_id and on_disk == size, expected=blob_id, actual=actual, size=on_disk
     )
+
+
+class PrefixHasher:
+    """The whole-file hash of a file written out of order whose final prefix grows (a
+    swarm download: pieces checked, flushed, in order from the first): each byte is
+    read once, soon after it landed, instead of in a second pass over the whole file.
+
+    Blocking (run `hash_to` and `verdict` in a thread); one caller at a time. The
+    caller vouches that ``[0, end)`` never changes again when it calls `hash_to(end)`.
+    """
+
+    def __init__(self, path: Path, blob_id: str, size: int) -> None:
+        self.path = path
+        self.blob_id = blob_id
+        self.size = size
+        self._h = BlobHasher(HashKind.of_blob_id(blob_id), size)
+
+    @property
+    def position(self) -> int:
+        return self._h.fed
+
+    def hash_to(self, end: int) -> None:
+        end = min(end, self.size)
+        if end <= self._h.fed:
+            return
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._h.fed)
+            buf = bytearray(min(READ_BLOCK, end - self._h.fed))
+            view = memoryview(buf)
+            while self._h.fed < end:
+                n = f.readinto(view[: min(len(buf), end - self._h.fed)])
+                if not n:
+                    return  # shorter than said: the verdict tells
+                self._h.update(view[:n])
+
+    def verdict(self) -> Verdict:
+        """Hash what is left and compare with the blob id (and the size on disk)."""
+        self.hash_to(self.size)
+        actual = self._h.hexdigest()
+        on_disk = os.stat(self.path).st_size
+        ok = actual == self.blob_id and on_disk == self.size and self._h.fed == self.size
+        return Verdict(ok=ok, expected=self.blob_id, actual=actual, size=on_disk)

@@ -1,0 +1,299 @@
+"""CPU and time of one agent -> agent swarm download against bare libtorrent, per checkout.
+
+One seeder agent takes a blob from the project's mirror once. Then, per round, in turn:
+  - bare: a bare libtorrent session (the project's session settings, nothing else) adds
+    the blob's torrent, connects to the seeder agent, downloads and flushes;
+  - for each ``--checkout``: a fresh agent started from that checkout downloads the blob
+    from the same seeder through `hfswarm download --agent` (the CLI from that checkout).
+Reported per row: wall time, the downloading process's CPU seconds (user + system; for
+the agent, /proc/<pid>/stat before and after the download; for the bare session, its
+own getrusage from adding the torrent to the flushed end), medians over the rounds, and
+for an agent the time line of its download read from its log (``-v``): resolve, peer
+lookup, swarm start, first and last piece, end of the hash, link.
+
+    python benchmarks/swarm_cpu.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
+
+Every process listens on 127.0.0.x; nothing leaves the machine. Runs are interleaved
+(bare, checkout 1, checkout 2, bare, ...), so a busy machine hurts every row alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mirror_download import make_repo, parse_size
+
+REPO = "bench/one-file"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a live process, keyed "tid name" (main thread: "main")."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        f = stat.rsplit(")", 1)[1].split()
+        key = "main" if task.name == str(pid) else f"{task.name} {name}"
+        out[key] = (int(f[11]) + int(f[12])) / TICKS
+    return out
+
+
+def env_for(checkout: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(checkout)}
+
+
+class Agent:
+    def __init__(self, checkout: Path, root: Path, ip: str, mirror: str, peers: list[str]) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.checkout, self.root, self.ip = checkout, root, ip
+        cmd = [sys.executable, "-m", "peer.cli.main", "agent", "--log-level", "debug",
+               "--cache-dir", str(root / "cache"), "--state-dir", str(root / "state"),
+               "--listen", f"{ip}:0", "--local-listen", f"{ip}:0", "--bt-listen", f"{ip}:0",
+               "--mirror", mirror, "--no-mdns", "--config", os.devnull]  # fmt: skip
+        for p in peers:
+            cmd += ["--peer", p]
+        self.log_path = root / "agent.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            cwd=checkout, env=env_for(checkout),
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.info = json.loads(self.proc.stdout.readline())
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.info['local_port']}"
+
+    @property
+    def peer(self) -> str:
+        return f"{self.ip}:{self.info['peer_port']}"
+
+    def download(self) -> tuple[float, float, float]:
+        """(wall s, agent CPU s, CLI CPU s) of one `hfswarm download --agent`."""
+        before = cpu_of(self.proc.pid)
+        threads_before = threads_cpu(self.proc.pid)
+        self.started = time.time()
+        t0 = time.perf_counter()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "peer.cli.main", "download", REPO, "--agent", self.url,
+             "--quiet"],
+            stdout=subprocess.DEVNULL, cwd=self.checkout, env=env_for(self.checkout),
+        )  # fmt: skip
+        _, status, usage = os.wait4(cli.pid, 0)
+        cli.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        self.ended = time.time()
+        after = threads_cpu(self.proc.pid)
+        self.threads = {
+            k: round(v - threads_before.get(k, 0.0), 2)
+            for k, v in after.items()
+            if v - threads_before.get(k, 0.0) >= 0.02
+        }
+        if cli.returncode != 0:
+            raise SystemExit(f"download failed ({cli.returncode}); see {self.log_path}")
+        return wall, cpu_of(self.proc.pid) - before, usage.ru_utime + usage.ru_stime
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+# --- the bare libtorrent downloader (a child process: this file with --bare-child) -------
+
+
+def bare_child(torrent: Path, seeder: str, out: Path) -> None:
+    import libtorrent as lt
+
+    from peer.transfer.swarm import SwarmSettings
+
+    settings = SwarmSettings(listen_host="127.0.0.9", listen_port=0).to_libtorrent()
+    ses = lt.session(settings)
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(lt.bdecode(torrent.read_bytes()))
+    atp.save_path = str(out)
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    h = ses.add_torrent(atp)
+    host, port = seeder.rsplit(":", 1)
+    h.connect_peer((host, int(port)))
+    finished = flushed = False
+    while not flushed:
+        ses.wait_for_alert(1000)
+        for a in ses.pop_alerts():
+            if isinstance(a, lt.torrent_finished_alert) and not finished:
+                finished = True
+                h.flush_cache()
+            elif isinstance(a, lt.cache_flushed_alert) and finished:
+                flushed = True
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    st = h.status()
+    if st.total_wanted_done != st.total_wanted:
+        raise SystemExit(f"bare download incomplete: {st.total_wanted_done}/{st.total_wanted}")
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(
+        json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu, "bytes": st.total_done}),
+        flush=True,
+    )
+
+
+def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--bare-child", str(torrent), seeder, str(out)],
+        check=True, capture_output=True, text=True, cwd=checkout, env=env_for(checkout),
+    )  # fmt: skip
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    if got["cpu"] < 0.01:
+        print(res.stdout, res.stderr, file=sys.stderr)
+    shutil.rmtree(out)
+    return got["wall"], got["cpu"]
+
+
+# --- the time line of one agent download, from its -v log ---------------------------------
+
+MARKS = [  # (label, a substring of the log line that marks it); first match wins
+    ("resolved (tree listed)", "/tree/"),
+    ("peer lookup done", "peer offers"),
+    ("swarm started", ": swarming"),
+    ("first piece", ": first piece"),
+    ("last piece", ": all pieces had"),
+    ("hash matched, in blobs/", "hash matched"),
+    ("linked (job done)", "Done"),
+]
+
+
+def timeline(log: Path, started: float, ended: float) -> list[tuple[str, float]]:
+    """(label, seconds after the CLI started) of each mark found in the agent's log
+    (its stamps are local time, ms), and the CLI's exit."""
+    lines = log.read_text(errors="replace").splitlines()
+    out = [("CLI started", 0.0)]
+    for label, needle in MARKS:
+        hit = next((ln for ln in lines if needle in ln), None)
+        if hit is not None:
+            stamp = datetime.datetime.strptime(hit[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((label, stamp - started))
+    out.append(("CLI exited", ended - started))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--threads", action="store_true", help="print the agent's CPU per thread")
+    ap.add_argument("--bare-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare_child:
+        bare_child(Path(args.bare_child[0]), args.bare_child[1], Path(args.bare_child[2]))
+        return
+    checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
+    here = checkouts[-1]
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-cpu-bench-"))
+    size = parse_size(args.size)
+    folder = work / f"repo-{size}"
+    make_repo(folder, size)
+    mirror = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli.main", "mirror", "serve", "--listen", "127.0.0.1:0",
+         f"model:{REPO}={folder}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=here, env=env_for(here),
+    )  # fmt: skip
+    assert mirror.stdout is not None
+    url = mirror.stdout.readline().strip()
+    seeder = Agent(here, work / "seeder", "127.0.0.2", url, [])
+    rows: dict[str, dict[str, list[float]]] = {"bare": {"wall": [], "cpu": []}}
+    for c in checkouts:
+        rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": []}
+    lines: dict[str, list[tuple[str, float]]] = {}
+    try:
+        seeder.download()
+        blob = max(
+            (work / "seeder/cache").glob("models--*/blobs/*"), key=lambda p: p.stat().st_size
+        )
+        torrent = work / "blob.torrent"
+        subprocess.run(
+            [sys.executable, "-c",
+             "import asyncio, sys; from pathlib import Path;"
+             "from peer.manifests import VerifiedBlob, make_manifest;"
+             "p = Path(sys.argv[1]);"
+             "m = asyncio.run(make_manifest(VerifiedBlob(p.name, p.stat().st_size, p), 'b'));"
+             "Path(sys.argv[2]).write_bytes(m.torrent)", str(blob), str(torrent)],
+            check=True, cwd=here, env=env_for(here),
+        )  # fmt: skip
+        bt_seeder = f"127.0.0.2:{seeder.info['bt_port']}"
+        for r in range(args.runs):
+            w, c = bare(here, torrent, bt_seeder, work / "bare")
+            rows["bare"]["wall"].append(w)
+            rows["bare"]["cpu"].append(c)
+            msg = [f"bare {w:.2f} s / {c:.2f} cpu"]
+            for k, co in enumerate(checkouts):
+                d = Agent(co, work / f"d-{r}-{k}", "127.0.0.3", url, [seeder.peer])
+                try:
+                    w, c, cc = d.download()
+                finally:
+                    d.stop()
+                rows[str(co)]["wall"].append(w)
+                rows[str(co)]["cpu"].append(c)
+                rows[str(co)]["cli_cpu"].append(cc)
+                lines[str(co)] = timeline(d.log_path, d.started, d.ended)
+                if args.threads:
+                    print(f"    {co.name} threads: {d.threads}", flush=True)
+                shutil.rmtree(d.root)
+                msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu")
+            print(f"  run {r + 1}: " + ", ".join(msg), flush=True)
+    finally:
+        seeder.stop()
+        mirror.send_signal(signal.SIGTERM)
+        mirror.wait()
+    med = {k: {m: statistics.median(v) for m, v in row.items()} for k, row in rows.items()}
+    print(json.dumps({"size": size, "runs": rows, "median": med}, indent=1))
+    b = med["bare"]
+    print(f"\n| {size / (1 << 30):.2f} GiB, median of {args.runs} | wall s | CPU s "
+          "| wall vs bare | CPU - bare | CLI CPU s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    print(f"| bare libtorrent | {b['wall']:.2f} | {b['cpu']:.2f} | 1.00x | +0.00 | - |")
+    for k, m in med.items():
+        if k != "bare":
+            print(
+                f"| agent ({k}) | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / b['wall']:.2f}x"
+                f" | {m['cpu'] - b['cpu']:+.2f} | {m['cli_cpu']:.2f} |"
+            )
+    for k, tl in lines.items():
+        print(f"\ntime line of the last agent download ({k}):")
+        for label, at in tl:
+            print(f"  {at:7.3f} s  {label}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

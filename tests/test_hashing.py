@@ -1,0 +1,70 @@
+"""The whole-file hash of a file written piece by piece out of order, read once as its
+final prefix grows (`PrefixHasher`, behind every swarm download)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+from peer.verification.hashing import PrefixHasher, hash_file
+
+PIECE = 64 * 1024
+
+
+def test_following_the_prefix_of_out_of_order_pieces_gives_the_whole_file_hash(
+    tmp_path: Path,
+) -> None:
+    data = random.Random(1).randbytes(40 * PIECE + 123)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / blob
+    follower = PrefixHasher(path, blob, len(data))
+    # A writer that lands pieces out of order; the follower is told each prefix.
+    n = -(-len(data) // PIECE)
+    order = list(range(n))
+    random.Random(2).shuffle(order)
+    have, prefix, seen = [False] * n, 0, []
+    with open(path, "wb") as f:
+        f.truncate(len(data))
+        for i in order:
+            f.seek(i * PIECE)
+            f.write(data[i * PIECE : (i + 1) * PIECE])
+            f.flush()
+            have[i] = True
+            while prefix < n and have[prefix]:
+                prefix += 1
+            follower.hash_to(prefix * PIECE)
+            seen.append(follower.position)
+    assert seen == sorted(seen) and 0 < seen[len(seen) // 2]  # it read as it went
+    v = follower.verdict()
+    assert v.ok and v.actual == blob and v.size == len(data)
+    assert hash_file(path, blob, len(data)).ok
+
+
+def test_a_git_blob_id_is_followed_too(tmp_path: Path) -> None:
+    data = b"hello swarm\n" * 10_000
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    follower = PrefixHasher(path, blob, len(data))
+    follower.hash_to(50_000)
+    follower.hash_to(20_000)  # behind: nothing to do, nothing read twice
+    assert follower.position == 50_000
+    assert follower.verdict().ok
+
+
+def test_a_wrong_byte_a_short_file_and_a_longer_file_all_fail(tmp_path: Path) -> None:
+    data = random.Random(3).randbytes(10 * PIECE)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "f"
+    bad = bytearray(data)
+    bad[7 * PIECE + 5] ^= 1
+    path.write_bytes(bytes(bad))
+    v = PrefixHasher(path, blob, len(data)).verdict()
+    assert not v.ok and v.actual != blob
+    path.write_bytes(data[:-10])
+    short = PrefixHasher(path, blob, len(data))
+    short.hash_to(len(data))
+    assert short.position == len(data) - 10 and not short.verdict().ok
+    path.write_bytes(data + b"x")
+    assert not PrefixHasher(path, blob, len(data)).verdict().ok
