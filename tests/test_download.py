@@ -625,3 +625,44 @@ async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_reque
             async with MirrorFetcher(hub, DownloadOptions()) as mf:
                 assert (await mf.fetch(snap, f, p)).ok
         assert m.stats().gets_per_file == {}
+
+
+async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: Path) -> None:
+    """A journal that says chunks 3 and 5 hold their first bytes (a kill -9 in the
+    middle of them): the resumed runs start there, so the mirror sends exactly what is
+    missing, and the runs journal progress inside chunks again as bytes land."""
+    from peer.cache.partial import JOURNAL_STEP, PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    data = __import__("random").Random(7).randbytes(8 * MiB)
+    write(tmp_path / "src" / "a.bin", data)
+    f = RemoteFile("a.bin", len(data), blob_of(data, lfs=True), True)
+    chunk = chunk_size_for(f.size)
+    assert chunk == MiB
+    held = {3: 600 << 10, 5: 3 * JOURNAL_STEP}
+    with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk) as p:
+        for i in (0, 1):
+            p.write(i * chunk, data[i * chunk : (i + 1) * chunk])
+            p.mark_done(i)
+        for i, k in held.items():
+            p.write(i * chunk, data[i * chunk : i * chunk + k])
+            p.advance(i, k)
+    missing = f.size - 2 * chunk - sum(held.values())
+    with ThreadedMirror([RepoSource("model", "org/r", tmp_path / "src")], client_rate=4 * MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        url = f"{m.url}/api/models/org/r/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/r", "main", commit, (f,), m.url)
+        with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk) as p:
+            assert p.done == {0, 1} and p.held == held
+            journal = p.journal_path.stat().st_size
+            async with MirrorFetcher(hub, DownloadOptions(connections=4)) as mf:
+                assert (await mf.fetch(snap, f, p)).ok
+            assert p.done == set(range(8))
+            # 8-byte records: more than one per chunk fetched, so progress inside chunks too
+            assert (p.journal_path.stat().st_size - journal) // 8 > 6
+        assert m.stats().per_file["org/r/a.bin"] == missing
