@@ -638,13 +638,7 @@ class MirrorFetcher:
             return resp
         raise _SkipMirror(MirrorFailed(f"{mirror}: too many redirects for {job.file.path}"))
 
-    async def _stream_range(
-        self,
-        job: _BlobJob,
-        mirror: str,
-        pos: list[int],
-        end: int,
-    ) -> None:
+    async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
         size = job.file.size
         t0 = time.monotonic()
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
@@ -704,11 +698,7 @@ class MirrorFetcher:
                 resp.release()
 
     async def _copy_body(
-        self,
-        job: _BlobJob,
-        resp: aiohttp.ClientResponse,
-        pos: list[int],
-        end: int,
+        self, job: _BlobJob, resp: aiohttp.ClientResponse, pos: list[int], end: int
     ) -> None:
         try:
             async for data in resp.content.iter_chunked(READ_CHUNK):
