@@ -282,10 +282,13 @@ async def test_idle_and_slow_connections_cannot_starve_the_tracker(tmp_path: Pat
             for _ in range(8):
                 await asyncio.sleep(0.5)
                 worst = max(worst, await health_time(url))
-            assert worst < 1.0, f"/v1/health took {worst:.2f} s under the attack"
+            # Starved, it would wait for the slow headers' 5 s timeout or fail. Under the
+            # connect flood the kernel may drop a SYN from the full backlog (64, by
+            # design): the client's retransmit comes 1 s later, so 1 s is not starvation.
+            assert worst < 2.5, f"/v1/health took {worst:.2f} s under the attack"
             closed = await asyncio.wait_for(asyncio.gather(*slow), 20)
             assert all(closed), "slow headers were not cut off"
-            assert await health_time(url) < 1.0
+            assert await health_time(url) < 2.5
         finally:
             for s in held:
                 s.close()
