@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from peer.agent.audit import ApiCall, AuditLog, DownloadFinished, Published
@@ -20,7 +18,7 @@ from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import DownloadJob, Totals
 from peer.agent.limits import LiveLimits
 from peer.agent.publish import Publisher
-from peer.agent.quota import CacheQuota, PinSpec
+from peer.agent.quota import CacheQuota, PinSpec, cache_bytes
 from peer.agent.requests import Done, DownloadRequest, Emit, PublishRequest, Setup
 from peer.agent.seeding import SeedIndex
 from peer.config import AgentConfig
@@ -57,24 +55,6 @@ class TransferRates:
         """Forget transfers that ended."""
         for key in set(self._samples) - keys:
             del self._samples[key]
-
-
-def cache_bytes(cache_dir: Path) -> int:
-    """Bytes of the blobs in the HF cache; a blob hard-linked into several repos once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    with contextlib.suppress(OSError):
-        for repo in os.scandir(cache_dir):
-            if "--" not in repo.name:
-                continue
-            with contextlib.suppress(OSError):
-                for blob in os.scandir(os.path.join(repo.path, "blobs")):
-                    with contextlib.suppress(OSError):
-                        st = blob.stat(follow_symlinks=False)
-                        if (st.st_dev, st.st_ino) not in seen:
-                            seen.add((st.st_dev, st.st_ino))
-                            total += st.st_size
-    return total
 
 
 class LocalService:

@@ -106,6 +106,10 @@ class LocalBackend(Protocol):
     async def limits(self, change: dict[str, Any] | None) -> dict[str, Any]: ...
 
 
+# Background downloads (`hfswarm prefetch`) at once, over all callers.
+MAX_PREFETCHES = 16
+
+
 def error_event(exc: BaseException) -> dict[str, Any]:
     return Error.of(exc).to_json()
 
@@ -366,6 +370,12 @@ def make_local_app(
             "asked",
             {"repo_type": spec.repo_type, "repo_id": spec.repo_id, "revision": spec.revision},
         )
+        if len(prefetches) >= MAX_PREFETCHES:  # nobody follows them: bound them
+            return refusal(
+                503,
+                f"{len(prefetches)} prefetches are running already",
+                "wait for some to finish (`hfswarm status` lists the transfers)",
+            )
         spec = replace(spec, agent_token=own_user(caller_uid(request.transport)))
         started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
@@ -385,6 +395,8 @@ def make_local_app(
         task = asyncio.get_running_loop().create_task(job())
         jobs.add(task)
         task.add_done_callback(jobs.discard)
+        prefetches.add(task)
+        task.add_done_callback(prefetches.discard)
         first = await started
         if first.get("event") == "error":
             return web.json_response(first, status=507 if first["exit_code"] == 5 else 400)
@@ -454,6 +466,7 @@ def make_local_app(
         return resp
 
     jobs: set[asyncio.Task[None]] = set()
+    prefetches: set[asyncio.Task[None]] = set()  # the jobs nobody follows
 
     async def cancel_jobs(_: web.Application) -> None:
         for task in list(jobs):
