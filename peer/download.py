@@ -146,8 +146,8 @@ class MirrorOnly:
             )
             if finished is None:
                 return repo.blob_path(file.blob_id)
-            installed = self._install(repo, snapshot, file, finished, copy=False)
-            PartialBlob.installed(finished)
+            installed = self._install(repo, snapshot, file, finished.path, copy=False)
+            PartialBlob.installed(finished.path)
             return installed
 
     def _install(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from peer import wire
 from peer.agent.herd import Herd, Lookup
-from peer.agent.seeding import SeedIndex
+from peer.agent.seeding import HeldFor, SeedIndex
 from peer.agent.state import StateDir
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
@@ -29,7 +29,7 @@ from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
-from peer.manifests import check_manifest
+from peer.manifests import V2Tree, check_manifest
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
@@ -337,11 +337,12 @@ class BlobFetcher:
         # A private or gated repo's blob: only the mirror, with the caller's token (no
         # peer offers one, and a herd would wait for a leader that never shares it).
         if access.mirror_only_in(self.cluster_share):
+            held_for = self._held_for(access)
             async with self._transfers:
-                fetched = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(
-                fetched, file.blob_id, file.size, self._held_for(access)
-            )
+                fetched, tree = await self._from_mirror(
+                    repo, snapshot, file, mirror, counters, held_for
+                )
+            await self.seeds.offer_verified(fetched, file.blob_id, file.size, held_for, tree)
             return fetched
         # 2. Peers that hold it.
         offers = await self._offers(file) if file.size > 0 else []
@@ -363,9 +364,12 @@ class BlobFetcher:
         # stays out (a leader that never shares would hold the others up).
         if self.config.seeding == "none" and file.size > 0:
             self._source(file.blob_id, "mirror")
+            held_for = self._held_for(access)
             async with self._transfers:
-                path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+                path, tree = await self._from_mirror(
+                    repo, snapshot, file, mirror, counters, held_for
+                )
+            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
             return path
         self._source(file.blob_id, "herd")
         async with self.herd.turn(file, lambda: counters.done) as turn:
@@ -377,9 +381,12 @@ class BlobFetcher:
                     return got
             # 4. The mirror (first fetch of a new model), then seed it at once.
             turn.lead()
+            held_for = self._held_for(access)
             async with self._transfers:
-                path = await self._from_mirror(repo, snapshot, file, mirror, counters)
-            await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+                path, tree = await self._from_mirror(
+                    repo, snapshot, file, mirror, counters, held_for
+                )
+            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
             return path
 
     @staticmethod
@@ -461,7 +468,10 @@ class BlobFetcher:
         file: RemoteFile,
         mirror: MirrorFetcher,
         counters: BlobCounters,
-    ) -> Path:
+        held_for: HeldFor,
+    ) -> tuple[Path, V2Tree | None]:
+        """The verified blob from the mirror, installed; with its v2 tree (built as the
+        bytes were hashed) when it will be seeded, so its manifest needs no re-read."""
         self._source(file.blob_id, "mirror")
         flight = self._flights.get(file.blob_id)
         finished = await from_mirror(
@@ -472,14 +482,15 @@ class BlobFetcher:
             counters,
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
             flight=flight,
+            want_tree=self.seeds.would_offer(file.blob_id, file.size, held_for),
         )
         if finished is None:
-            return repo.blob_path(file.blob_id)
-        path = repo.install_blob(finished, file.blob_id)
-        PartialBlob.installed(finished)
+            return repo.blob_path(file.blob_id), None
+        path = repo.install_blob(finished.path, file.blob_id)
+        PartialBlob.installed(finished.path)
         if flight is not None:
             flight.moved(path)
-        return path
+        return path, finished.tree
 
     # -- small blobs from peers ----------------------------------------------------------
 

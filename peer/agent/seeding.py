@@ -33,7 +33,7 @@ from pathlib import Path
 from peer import wire
 from peer.agent.state import Fingerprint, StateDir, VerifiedRecord
 from peer.cache.hf_cache import repo_of_folder
-from peer.manifests import VerifiedBlob, make_manifest
+from peer.manifests import V2Tree, VerifiedBlob, make_manifest
 from peer.manifests.revisions import is_local_repo
 from peer.serving.sharing import Provenance, RepoKey, Visibility, repo_key
 from peer.transfer.swarm import SwarmError, SwarmSession, TorrentExists
@@ -83,6 +83,9 @@ class SeedIndex:
         self.kept: dict[str, Path] = {}  # verified, for this machine's callers only
         self.rejected: set[Path] = set()
         self._provenance: dict[str, Provenance] = {}
+        # v2 trees of blobs being added right now (`add_verified`): their manifests are
+        # made from them instead of re-reading the blob
+        self._trees: dict[str, V2Tree] = {}
         self._lock = asyncio.Lock()
 
     # -- what the LAN may have -----------------------------------------------------------
@@ -132,7 +135,7 @@ class SeedIndex:
             record = self.state.verified(blob_id, fp)
             manifest = _decoded(record.manifest) if record is not None else None
             if manifest is None:
-                manifest = await self._make_manifest(path, blob_id, fp)
+                manifest = await self._make_manifest(path, blob_id, fp, self._trees.get(blob_id))
             del self.kept[blob_id]
             await self._seed(path, manifest)
         elif not offered and blob_id in self.held:
@@ -141,6 +144,14 @@ class SeedIndex:
             why = "its repos are private or gated" if not after.shared else "seeding policy"
             log.info("%s is no longer shared: %s", blob_id[:12], why)
             await self._unseed(held)
+
+    def would_offer(self, blob_id: str, size: int, held_for: HeldFor) -> bool:
+        """Whether a blob about to be fetched for ``held_for`` would be seeded as things
+        stand (worth building its v2 tree while it downloads)."""
+        if size == 0 or blob_id in self.held:
+            return False
+        provenance = self.provenance(blob_id)
+        return self._offered(blob_id, provenance.with_repo(*held_for) if held_for else provenance)
 
     def _offered(self, blob_id: str, provenance: Provenance) -> bool:
         """Shared by the sharing policy, and offered by the seeding policy."""
@@ -211,9 +222,20 @@ class SeedIndex:
 
     # -- blobs entering the cache ----------------------------------------------------------
 
-    async def add_verified(self, path: Path, blob_id: str, held_for: HeldFor = None) -> None:
+    async def add_verified(
+        self, path: Path, blob_id: str, held_for: HeldFor = None, tree: V2Tree | None = None
+    ) -> None:
         """Hold a blob whose whole hash was just checked (the caller's proof); seed it if
-        it is shared (its manifest is made then)."""
+        it is shared (its manifest is made then: from ``tree``, the v2 tree of the bytes
+        that were checked, if given)."""
+        if tree is not None:
+            self._trees[blob_id] = tree
+        try:
+            await self._add_verified(path, blob_id, held_for)
+        finally:
+            self._trees.pop(blob_id, None)
+
+    async def _add_verified(self, path: Path, blob_id: str, held_for: HeldFor) -> None:
         async with self._lock:
             if blob_id in self.held:
                 await self._note(blob_id, held_for)
@@ -231,14 +253,19 @@ class SeedIndex:
             await self._note(blob_id, held_for)
 
     async def offer_verified(
-        self, path: Path, blob_id: str, size: int, held_for: HeldFor = None
+        self,
+        path: Path,
+        blob_id: str,
+        size: int,
+        held_for: HeldFor = None,
+        tree: V2Tree | None = None,
     ) -> None:
         """`add_verified` for a blob just put in the cache: an empty blob has nothing to
         seed, and a blob that cannot be seeded is still good to use (logged, not raised)."""
         if size == 0:
             return
         try:
-            await self.add_verified(path, blob_id, held_for)
+            await self.add_verified(path, blob_id, held_for, tree)
         except (SwarmError, OSError) as exc:
             log.warning("cannot seed %s: %s", blob_id, exc)
 
@@ -257,8 +284,13 @@ class SeedIndex:
                 self.kept[manifest.blob_id] = path
             await self._note(manifest.blob_id, held_for)
 
-    async def _make_manifest(self, path: Path, blob_id: str, fp: Fingerprint) -> wire.Manifest:
-        manifest = await make_manifest(VerifiedBlob(blob_id, fp.size, path), made_by=self.agent_id)
+    async def _make_manifest(
+        self, path: Path, blob_id: str, fp: Fingerprint, tree: V2Tree | None = None
+    ) -> wire.Manifest:
+        if tree is not None and tree.size != fp.size:
+            tree = None  # not the file verified: hashed again (and refused if it changed)
+        blob = VerifiedBlob(blob_id, fp.size, path, tree=tree)
+        manifest = await make_manifest(blob, made_by=self.agent_id)
         self.state.remember_verified(VerifiedRecord(blob_id, fp, wire.encode(manifest)))
         return manifest
 

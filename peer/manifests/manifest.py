@@ -8,7 +8,10 @@ agents holding the same blob at any path compute the same info-hash and join one
 Trust: `make_manifest` only accepts a `VerifiedBlob`, the value the verification stage
 produces after hashing the WHOLE blob against its Hub id. A piece map made from
 unverified bytes would make libtorrent accept (and spread) wrong pieces as valid, so
-there is deliberately no entry point taking a bare path.
+there is deliberately no entry point taking a bare path. A blob just fetched from the
+mirror carries the v2 tree its hash follower built from the same bytes
+(`peer.manifests.merkle`): its torrent is made from that tree, with no second read of
+the file; any other is hashed by libtorrent. Both give the same bytes.
 
 `check_manifest` is what an agent runs on a manifest received from a peer, before
 using its torrent: the torrent must be exactly the canonical one for the stated blob
@@ -22,12 +25,13 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peer import wire
 from peer.errors import IntegrityError, PeerMisbehaved
+from peer.manifests.merkle import V2Tree
 from peer.manifests.piece_size import piece_size_for
 from peer.transfer.swarm import (
     InvalidTorrent,
@@ -54,17 +58,22 @@ class VerifiedBlob:
     """Proof that the file at ``path`` was hashed whole and matched ``blob_id``.
 
     Only the verification stage should construct it, right after that check; holding
-    one is the precondition for building a piece map."""
+    one is the precondition for building a piece map. ``tree``: the v2 tree of the very
+    bytes that were hashed, when they were fed to one as they streamed past."""
 
     blob_id: str
     size: int
     path: Path
+    tree: V2Tree | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if type(self.blob_id) is not str or not is_blob_id(self.blob_id):
             raise ValueError(f"{self.blob_id!r} is not a blob id (sha256 or git sha1 hex)")
         if type(self.size) is not int or self.size < 0:
             raise ValueError(f"blob size {self.size!r} is not a non-negative int")
+        t = self.tree
+        if t is not None and (t.blob_id, t.size) != (self.blob_id, self.size):
+            raise ValueError(f"the tree of {t.blob_id} ({t.size} bytes) is not this blob's")
 
 
 def _build_torrent(blob: VerifiedBlob, piece_size: int) -> bytes:
@@ -80,22 +89,41 @@ def _build_torrent(blob: VerifiedBlob, piece_size: int) -> bytes:
         return create_v2_torrent_blocking(link, piece_size)
 
 
+def torrent_of_tree(tree: V2Tree) -> bytes:
+    """The canonical torrent of a blob from its v2 tree: the bytes libtorrent's
+    `create_v2_torrent_blocking` makes from the file (no date, creator or attributes;
+    ``piece layers`` empty for a one-piece file)."""
+    info = _canonical_info(tree.blob_id, tree.size, tree.piece_size, tree.pieces_root)
+    layers = {tree.pieces_root: tree.piece_layer} if tree.piece_layer else {}
+    return _bencode({b"info": info, b"piece layers": layers})
+
+
+def _size_on_disk(path: Path) -> int:
+    return os.stat(path).st_size
+
+
 async def make_manifest(blob: VerifiedBlob, made_by: str) -> wire.Manifest:
     """The manifest of a verified blob, made by agent ``made_by`` (unsigned for now).
 
     The blob may live at any path (e.g. ``blobs/<id>`` in an HF cache, or a file with
-    another name). Hashing runs in a worker thread. Raises ``ValueError`` for an empty
-    blob (nothing to swarm: fetch it directly) and `IntegrityError` if the file no
-    longer has the verified size."""
+    another name). From the blob's tree when it has one (no read of the file); else
+    hashing runs in a worker thread. Raises ``ValueError`` for an empty blob (nothing to
+    swarm: fetch it directly) and `IntegrityError` if the file no longer has the
+    verified size."""
     if blob.size == 0:
         raise ValueError("an empty blob has no piece map; fetch or copy it directly")
     piece_size = piece_size_for(blob.size)
-    torrent = await asyncio.to_thread(_build_torrent, blob, piece_size)
-    meta = parse_torrent(torrent)
-    if meta.total_size != blob.size:
+    if blob.tree is not None:
+        torrent = torrent_of_tree(blob.tree)
+        total = await asyncio.to_thread(_size_on_disk, blob.path)
+    else:
+        torrent = await asyncio.to_thread(_build_torrent, blob, piece_size)
+        total = -1
+    meta = parse_torrent(torrent)  # libtorrent checks the piece layer against the root
+    total = meta.total_size if total < 0 else total
+    if total != blob.size:
         raise IntegrityError(
-            f"blob {blob.blob_id} at {blob.path} has {meta.total_size} bytes, "
-            f"but {blob.size} were verified",
+            f"blob {blob.blob_id} at {blob.path} has {total} bytes, but {blob.size} were verified",
             hint="the file changed after verification; verify it again before sharing",
         )
     manifest = wire.Manifest(
@@ -112,13 +140,17 @@ async def make_manifest(blob: VerifiedBlob, made_by: str) -> wire.Manifest:
 
 def canonical_info_hash(blob_id: str, size: int, piece_size: int, pieces_root: bytes) -> str:
     """The v2 info-hash of the canonical torrent for this blob, given its merkle root."""
-    info = {
+    info = _canonical_info(blob_id, size, piece_size, pieces_root)
+    return hashlib.sha256(_bencode(info)).hexdigest()
+
+
+def _canonical_info(blob_id: str, size: int, piece_size: int, pieces_root: bytes) -> Any:
+    return {
         b"file tree": {blob_id.encode(): {b"": {b"length": size, b"pieces root": pieces_root}}},
         b"meta version": 2,
         b"name": blob_id.encode(),
         b"piece length": piece_size,
     }
-    return hashlib.sha256(_bencode(info)).hexdigest()
 
 
 def check_manifest(m: wire.Manifest) -> TorrentMeta:

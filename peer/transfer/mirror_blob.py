@@ -6,7 +6,10 @@
 whole-file hash matches the Hub's id; a mismatch is thrown away and fetched once more
 from scratch, a second one is an `IntegrityError`. It counts into the blob's
 `BlobCounters` and, when a reader streams the blob (HF_ENDPOINT mode), moves its
-`InFlightBlob`. The caller renames the verified file into place.
+`InFlightBlob`. The caller renames the verified file into place. A caller that will
+seed the blob asks for its v2 tree too (``want_tree``): built from the bytes as the
+whole-file hash reads them, it is handed over only with a verified file, and makes the
+blob's manifest without a second read (`peer.manifests.make_manifest`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from peer.cache.partial import PartialBlob, PartialBusy
 from peer.errors import IntegrityError
 from peer.hub.metadata import RemoteFile, Snapshot
+from peer.manifests.merkle import V2Tree, V2TreeBuilder
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
@@ -43,6 +47,14 @@ class BlobCounters:
         self.reused = self.done = self.size
 
 
+@dataclass(frozen=True)
+class FromMirror:
+    """A blob fetched from the mirror whose whole-file hash matched its id."""
+
+    path: Path  # in the partial dir, for the caller to rename into place
+    tree: V2Tree | None  # the v2 tree of those very bytes, when asked for
+
+
 async def from_mirror(
     mirror: MirrorFetcher,
     snapshot: Snapshot,
@@ -52,10 +64,11 @@ async def from_mirror(
     *,
     done_elsewhere: Callable[[], bool],
     flight: InFlightBlob | None = None,
-) -> Path | None:
-    """The verified file in `partial_dir`, for the caller to rename into place; None
-    when another process finished the same blob meanwhile (`done_elsewhere`: counted
-    as had)."""
+    want_tree: bool = False,
+) -> FromMirror | None:
+    """The verified file in `partial_dir` (and its v2 tree if ``want_tree``); None when
+    another process finished the same blob meanwhile (`done_elsewhere`: counted as
+    had)."""
     if flight is not None:
         flight.reset()  # a swarm attempt may have gone before: its readers must cut
     for attempt in (1, 2):
@@ -82,14 +95,23 @@ async def from_mirror(
                     flight.start(path)
                 flight.advance(n)
 
+        tree = V2TreeBuilder(file.blob_id, file.size) if want_tree else None
         try:
-            verdict = await mirror.fetch(snapshot, file, partial, on_bytes=got, on_prefix=prefix)
+            verdict = await mirror.fetch(
+                snapshot,
+                file,
+                partial,
+                on_bytes=got,
+                on_prefix=prefix,
+                also_hash=tree.update if tree is not None else None,
+            )
         except BaseException:
             partial.close()
             raise
         if verdict.ok:
             counters.done = file.size
-            return partial.take_finished()
+            # Only now, with the whole-file hash matched, is the tree the blob's.
+            return FromMirror(partial.take_finished(), tree.finish() if tree else None)
         partial.discard()
         counters.hash_failures += 1
         counters.done = 0

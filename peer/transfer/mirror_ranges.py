@@ -295,10 +295,13 @@ class MirrorFetcher:
         partial: PartialBlob,
         on_bytes: Callable[[int], None] | None = None,
         on_prefix: Callable[[int], None] | None = None,
+        also_hash: Callable[[memoryview], None] | None = None,
     ) -> Verdict:
         """Fill `partial` from the mirrors and return the whole-file hash verdict.
         `on_bytes` hears of every byte received for this blob; `on_prefix` of the
-        length of the prefix on disk and hashed so far (a reader may stream it)."""
+        length of the prefix on disk and hashed so far (a reader may stream it);
+        `also_hash` is fed every byte in order as it is hashed (the whole file, a
+        resumed prefix too: read once from disk; in the hashing thread)."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
         job.sink = lambda offset, data: self._run_sink(job, offset, data)
@@ -307,7 +310,7 @@ class MirrorFetcher:
         job.runs = split_runs(list(todo), min(start, self.options.connections), set(partial.held))
         for r in job.runs:
             r.pos = partial.resume_at(r.first)  # only the rest of a chunk begun earlier
-        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size)
+        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size, also_hash)
         try:
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -45,12 +46,18 @@ class HashKind(Enum):
 
 
 class BlobHasher:
-    """Incremental hasher for one blob; for git ids the header needs the size up front."""
+    """Incremental hasher for one blob; for git ids the header needs the size up front.
 
-    def __init__(self, kind: HashKind, size: int) -> None:
+    ``also`` is fed the same bytes, in the same order, right after (the mirror fetch's
+    v2 tree: one read of the file for both)."""
+
+    def __init__(
+        self, kind: HashKind, size: int, also: Callable[[memoryview], None] | None = None
+    ) -> None:
         self.kind = kind
         self.size = size
         self.fed = 0
+        self._also = also
         self._h: Any
         if kind is HashKind.SHA256:
             self._h = hashlib.sha256()
@@ -61,6 +68,8 @@ class BlobHasher:
     def update(self, data: bytes | memoryview) -> None:
         self._h.update(data)
         self.fed += len(data)
+        if self._also is not None:
+            self._also(memoryview(data))
 
     def hexdigest(self) -> str:
         return str(self._h.hexdigest())
