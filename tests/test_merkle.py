@@ -218,3 +218,44 @@ async def test_from_mirror_builds_no_tree_unless_asked(tmp_path: Path) -> None:
                 mf, snap, f, tmp_path / "p", BlobCounters(f.size), done_elsewhere=lambda: False
             )
     assert got is not None and got.tree is None and got.path.read_bytes() == data
+
+
+# -- the agent's seed index: the leader's manifest comes from the tree ----------------
+
+
+async def test_the_seed_index_makes_the_leaders_manifest_from_the_tree(tmp_path: Path) -> None:
+    """White-box proof that the blob is not read again: the file on disk is changed
+    (same size) between the fetch and the offer, and the manifest is still the one of
+    the bytes that were hashed, i.e. it came from the tree. Without a tree the index
+    hashes the file (as it does for blobs found in the cache)."""
+    from peer.agent.seeding import SeedIndex
+    from peer.agent.state import StateDir
+    from peer.serving.sharing import Visibility, repo_key
+    from peer.transfer.swarm import SwarmSession, SwarmSettings
+
+    data = random.Random(11).randbytes(3 * MiB + 99)
+    blob_id, path = blob_file(tmp_path / "blobs", data)
+    tree = fed_in_slices(V2TreeBuilder(blob_id, len(data)), data, random.Random(12)).finish()
+    expected = await make_manifest(VerifiedBlob(blob_id, len(data), path), made_by="me")
+    other = random.Random(13).randbytes(len(data))
+    other_id, other_path = blob_file(tmp_path / "blobs", other)
+    path.write_bytes(other)  # what a re-read would now see
+    held_for = (repo_key("model", "org/r"), Visibility.PUBLIC)
+    async with SwarmSession(SwarmSettings(listen_host="127.0.0.9", listen_port=0)) as swarm:
+        state = StateDir(tmp_path / "state")
+        seeds = SeedIndex(tmp_path / "cache", state, swarm, "me")
+        assert seeds.would_offer(blob_id, len(data), held_for)
+        assert not seeds.would_offer(blob_id, 0, held_for)
+        await seeds.offer_verified(path, blob_id, len(data), held_for, tree)
+        assert seeds.held[blob_id].manifest == expected
+        assert not seeds.would_offer(blob_id, len(data), held_for)  # seeded already
+        # No tree: made from the file (here the other bytes, under the other id).
+        await seeds.offer_verified(other_path, other_id, len(other), held_for)
+        made = seeds.held[other_id].manifest
+        assert made.info_hash != expected.info_hash
+        assert made == await make_manifest(
+            VerifiedBlob(other_id, len(other), other_path), made_by="me"
+        )
+        assert not seeds._trees  # a tree lives only while its blob is being added
+        none = SeedIndex(tmp_path / "cache", state, swarm, "me", policy="none")
+        assert not none.would_offer(blob_id, len(data), held_for)

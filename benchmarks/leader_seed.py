@@ -1,0 +1,125 @@
+"""The leader's first fetch: CPU and time from the mirror download's start to "seeded".
+
+One blob on the project's mirror (a separate process on 127.0.0.1). Per round, for each
+``--checkout`` in turn, a fresh agent started from that checkout (no peers, no mDNS: it
+leads) takes the repo through `hfswarm download --agent` (the CLI from that checkout).
+The agent answers the job only once the blob is verified, installed and seeded (its
+manifest made and its torrent added: `BlobFetcher` awaits `offer_verified`), so the
+CLI's exit is "seeded"; right after it, the agent's peer API must offer the blob's
+manifest (checked, with its info-hash, which must be the same from every checkout).
+Reported per row: wall time, the agent's CPU seconds (/proc/<pid>/stat before and after),
+the CLI's CPU, medians over the rounds, and the ratio to the first checkout.
+
+    python benchmarks/leader_seed.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
+
+Runs are interleaved (checkout 1, checkout 2, checkout 1, ...), so a busy machine hurts
+every row alike. Each agent's blob is new to the page cache only as the mirror sends it
+(the hash follower drops what it hashed, so a second pass reads it back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's peer
+from mirror_download import make_repo, parse_size
+from swarm_cpu import REPO, Agent, env_for
+
+from peer import wire
+
+
+def offered_info_hash(agent: Agent, blob_id: str) -> str:
+    """The info-hash of the manifest the agent's peer API offers for the blob (its
+    seeded torrent); fails if it offers none."""
+    body = wire.encode(wire.HaveRequest(blob_ids=(blob_id,)))
+    req = urllib.request.Request(
+        f"http://{agent.peer}/v1/have",
+        data=body,
+        headers={"Content-Type": "application/msgpack"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        answer = wire.decode_as(resp.read(), wire.HaveResponse)
+    if len(answer.manifests) != 1:
+        raise SystemExit(f"the agent does not offer {blob_id} after its download")
+    return answer.manifests[0].info_hash
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
+    here = Path(".").resolve()
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-leader-bench-"))
+    size = parse_size(args.size)
+    folder = work / f"repo-{size}"
+    make_repo(folder, size)
+    mirror = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli.main", "mirror", "serve", "--listen", "127.0.0.1:0",
+         f"model:{REPO}={folder}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=here, env=env_for(here),
+    )  # fmt: skip
+    assert mirror.stdout is not None
+    url = mirror.stdout.readline().strip()
+    rows = {str(c): {"wall": [], "cpu": [], "cli_cpu": []} for c in checkouts}
+    info_hashes: set[str] = set()
+    try:
+        for r in range(args.runs):
+            msg = []
+            for k, co in enumerate(checkouts):
+                a = Agent(co, work / f"a-{r}-{k}", "127.0.0.4", url, [])
+                try:
+                    w, c, cc = a.download()
+                    blob = max(
+                        (a.root / "cache").glob("models--*/blobs/*"),
+                        key=lambda p: p.stat().st_size,
+                    )
+                    t0 = time.perf_counter()
+                    info_hashes.add(offered_info_hash(a, blob.name))
+                    asked = time.perf_counter() - t0
+                finally:
+                    a.stop()
+                rows[str(co)]["wall"].append(w)
+                rows[str(co)]["cpu"].append(c)
+                rows[str(co)]["cli_cpu"].append(cc)
+                shutil.rmtree(a.root)
+                msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu (have: {asked:.3f} s)")
+            print(f"  run {r + 1}: " + ", ".join(msg), flush=True)
+    finally:
+        mirror.send_signal(signal.SIGTERM)
+        mirror.wait()
+    if len(info_hashes) != 1:
+        raise SystemExit(f"the checkouts seeded different torrents: {sorted(info_hashes)}")
+    med = {k: {m: statistics.median(v) for m, v in row.items()} for k, row in rows.items()}
+    print(json.dumps({"size": size, "runs": rows, "median": med}, indent=1))
+    first = med[str(checkouts[0])]
+    print(f"\n| {size / (1 << 30):.2f} GiB, median of {args.runs} | wall s | agent CPU s "
+          "| wall ratio | CPU ratio | CLI CPU s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for k, m in med.items():
+        print(
+            f"| {k} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / first['wall']:.2f}x"
+            f" | {m['cpu'] / first['cpu']:.2f}x | {m['cli_cpu']:.2f} |"
+        )
+    print(f"\none info-hash from every checkout: {info_hashes.pop()}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
