@@ -11,6 +11,7 @@ Reported per row: wall time, the agent's CPU seconds (/proc/<pid>/stat before an
 the CLI's CPU, medians over the rounds, and the ratio to the first checkout.
 
     python benchmarks/leader_seed.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
+    python benchmarks/leader_seed.py --size 1GiB --runs 5 --step   # the step alone
 
 Runs are interleaved (checkout 1, checkout 2, checkout 1, ...), so a busy machine hurts
 every row alike. Each agent's blob is new to the page cache only as the mirror sends it
@@ -55,13 +56,105 @@ def offered_info_hash(agent: Agent, blob_id: str) -> str:
     return answer.manifests[0].info_hash
 
 
+def step(size: int, runs: int, work: Path) -> None:
+    """The step itself, in this process (this checkout): the manifest of a verified
+    ``size``-byte blob made by re-reading it (what a leader did after the mirror fetch:
+    libtorrent hashes the file; pages cached, and dropped as the hash follower leaves
+    them) against the tree fed the same bytes in the follower's 8 MiB reads (CPU that
+    moves into the follower) plus the manifest made from it. Wall and CPU (getrusage of
+    this process: libtorrent's hashing threads included), medians, interleaved."""
+    import asyncio
+    import hashlib
+    import os
+    import resource
+
+    from peer.manifests import V2TreeBuilder, VerifiedBlob, make_manifest
+
+    work.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(8 << 20)
+    whole = hashlib.sha256()
+    tmp = work / "blob"
+    with open(tmp, "wb") as f:
+        left, i = size, 0
+        while left:
+            data = (i.to_bytes(8, "little") + block[8:])[: min(left, len(block))]
+            whole.update(data)
+            f.write(data)
+            left -= len(data)
+            i += 1
+        f.flush()
+        os.fsync(f.fileno())
+    path = tmp.rename(work / whole.hexdigest())
+    blob_id = path.name
+
+    def measured(fn: object) -> tuple[float, float, object]:
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        out = fn()  # type: ignore[operator]
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), out
+
+    def reread() -> object:
+        return asyncio.run(make_manifest(VerifiedBlob(blob_id, size, path), "b"))
+
+    def dropped() -> object:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        return None
+
+    def tree() -> object:
+        b = V2TreeBuilder(blob_id, size)
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                b.update(view[:n])
+        return asyncio.run(make_manifest(VerifiedBlob(blob_id, size, path, tree=b.finish()), "b"))
+
+    rows: dict[str, dict[str, list[float]]] = {
+        k: {"wall": [], "cpu": []}
+        for k in ("re-read, in page cache", "re-read, pages dropped", "tree, in page cache")
+    }
+    manifests = set()
+    for r in range(runs):
+        for label, fn in (
+            ("re-read, in page cache", reread),
+            ("re-read, pages dropped", reread),
+            ("tree, in page cache", tree),
+        ):
+            if "dropped" in label:
+                dropped()
+            else:
+                with open(path, "rb") as f:  # warm: as the follower just read it
+                    while f.read(8 << 20):
+                        pass
+            wall, cpu, m = measured(fn)
+            manifests.add(m)
+            rows[label]["wall"].append(wall)
+            rows[label]["cpu"].append(cpu)
+        print(f"  round {r + 1}: " + ", ".join(
+            f"{k} {v['wall'][-1]:.2f} s / {v['cpu'][-1]:.2f} cpu" for k, v in rows.items()
+        ), flush=True)  # fmt: skip
+    if len(manifests) != 1:
+        raise SystemExit("the tree and the re-read made different manifests")
+    print(f"\n| {size / (1 << 30):.2f} GiB, median of {runs} | wall s | CPU s |")
+    print("|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {statistics.median(v['wall']):.2f} | {statistics.median(v['cpu']):.2f} |")
+    path.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--step", action="store_true", help="time the manifest step alone")
     args = ap.parse_args()
+    if args.step:
+        step(parse_size(args.size), args.runs, Path(args.work or tempfile.mkdtemp()))
+        return
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     here = Path(".").resolve()
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-leader-bench-"))
