@@ -8,7 +8,8 @@ manifest made and its torrent added: `BlobFetcher` awaits `offer_verified`), so 
 CLI's exit is "seeded"; right after it, the agent's peer API must offer the blob's
 manifest (checked, with its info-hash, which must be the same from every checkout).
 Reported per row: wall time, the agent's CPU seconds (/proc/<pid>/stat before and after),
-the CLI's CPU, medians over the rounds, and the ratio to the first checkout.
+the tail from the last byte received (the agent's /v1/status, polled every 50 ms) to
+"seeded", the CLI's CPU, medians over the rounds, and the ratio to the first checkout.
 
     python benchmarks/leader_seed.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
     python benchmarks/leader_seed.py --size 1GiB --runs 5 --step   # the step alone
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -144,6 +146,34 @@ def step(size: int, runs: int, work: Path) -> None:
     path.unlink()
 
 
+class LastByte:
+    """Polls the agent's /v1/status (every 50 ms, in a thread) for the moment its one
+    big transfer has every byte (``done == size``): what follows, to the CLI's exit, is
+    the tail after the download (the hash follower catching up, the manifest, seeding)."""
+
+    def __init__(self, agent: Agent, size: int) -> None:
+        self.agent, self.size, self.at = agent, size, float("nan")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                with urllib.request.urlopen(f"{self.agent.url}/v1/status", timeout=5) as r:
+                    status = json.loads(r.read())
+            except OSError:
+                continue
+            if any(t["size"] == self.size and t["done"] >= t["size"] for t in status["transfers"]):
+                self.at = time.time()
+                return
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.at
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1GiB")
@@ -169,7 +199,7 @@ def main() -> None:
     )  # fmt: skip
     assert mirror.stdout is not None
     url = mirror.stdout.readline().strip()
-    rows = {str(c): {"wall": [], "cpu": [], "cli_cpu": []} for c in checkouts}
+    rows = {str(c): {"wall": [], "cpu": [], "cli_cpu": [], "tail": []} for c in checkouts}
     info_hashes: set[str] = set()
     try:
         for r in range(args.runs):
@@ -177,7 +207,9 @@ def main() -> None:
             for k, co in enumerate(checkouts):
                 a = Agent(co, work / f"a-{r}-{k}", "127.0.0.4", url, [])
                 try:
+                    last = LastByte(a, size)
                     w, c, cc = a.download()
+                    tail = a.ended - last.stop()
                     blob = max(
                         (a.root / "cache").glob("models--*/blobs/*"),
                         key=lambda p: p.stat().st_size,
@@ -190,8 +222,12 @@ def main() -> None:
                 rows[str(co)]["wall"].append(w)
                 rows[str(co)]["cpu"].append(c)
                 rows[str(co)]["cli_cpu"].append(cc)
+                rows[str(co)]["tail"].append(tail)
                 shutil.rmtree(a.root)
-                msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu (have: {asked:.3f} s)")
+                msg.append(
+                    f"{co.name or co} {w:.2f} s / {c:.2f} cpu / tail {tail:.2f} s"
+                    f" (have: {asked:.3f} s)"
+                )
             print(f"  run {r + 1}: " + ", ".join(msg), flush=True)
     finally:
         mirror.send_signal(signal.SIGTERM)
@@ -202,12 +238,12 @@ def main() -> None:
     print(json.dumps({"size": size, "runs": rows, "median": med}, indent=1))
     first = med[str(checkouts[0])]
     print(f"\n| {size / (1 << 30):.2f} GiB, median of {args.runs} | wall s | agent CPU s "
-          "| wall ratio | CPU ratio | CLI CPU s |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "| wall ratio | CPU ratio | last byte -> seeded s | CLI CPU s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for k, m in med.items():
         print(
             f"| {k} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / first['wall']:.2f}x"
-            f" | {m['cpu'] / first['cpu']:.2f}x | {m['cli_cpu']:.2f} |"
+            f" | {m['cpu'] / first['cpu']:.2f}x | {m['tail']:.2f} | {m['cli_cpu']:.2f} |"
         )
     print(f"\none info-hash from every checkout: {info_hashes.pop()}")
     if not args.work:
