@@ -116,11 +116,11 @@ async def make_manifest(blob: VerifiedBlob, made_by: str) -> wire.Manifest:
     if blob.tree is not None:
         torrent = torrent_of_tree(blob.tree)
         total = await asyncio.to_thread(_size_on_disk, blob.path)
+        meta = parse_torrent(torrent)  # libtorrent checks the piece layer against the root
     else:
         torrent = await asyncio.to_thread(_build_torrent, blob, piece_size)
-        total = -1
-    meta = parse_torrent(torrent)  # libtorrent checks the piece layer against the root
-    total = meta.total_size if total < 0 else total
+        meta = parse_torrent(torrent)
+        total = meta.total_size  # what libtorrent found and hashed
     if total != blob.size:
         raise IntegrityError(
             f"blob {blob.blob_id} at {blob.path} has {total} bytes, but {blob.size} were verified",
