@@ -81,9 +81,10 @@ def test_demo_moves_the_model_from_the_mirror_once_then_between_agents(tmp_path:
 
 
 def test_a_download_through_the_agent_does_not_load_the_download_machinery() -> None:
-    # The CLI's start-up comes before every download's first byte (issue 12: it was
-    # about a second of a 16 s 1 -> 1 transfer on the simulated LAN). Following a job in
-    # the agent needs an HTTP client, not libtorrent nor the agent's own server.
+    # The CLI's start-up comes before every download's first byte (issue 12: 1.50 s,
+    # now 0.84 s, before a 1 -> 1 transfer of 17-19 s on the simulated LAN; benchmarks.md
+    # 8.8). Following a job in the agent needs an HTTP client, not libtorrent nor the
+    # agent's own server.
     heavy = ("libtorrent", "peer.download", "peer.agent.jobs", "peer.serving.local_api")
     code = (
         "import sys, peer.cli.main, peer.agent.client; "
