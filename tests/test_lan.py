@@ -219,3 +219,39 @@ def test_a_herd_of_three_takes_each_blob_from_the_mirror_once(
     # Every blob left the mirror exactly once, whichever agent fetched it.
     assert stats.per_file == want, report
     assert stats.blob_bytes == total_size(herd_repo)
+
+
+def test_downloaders_on_100_mbit_links_trade_with_each_other_not_only_with_the_seeder(
+    tmp_path: Path, herd_repo: Path
+) -> None:
+    # benchmarks/lan_swarm.py's 1 -> 8 at a test's size: host ports at 100 Mbit/s, so the
+    # seeder's uplink is the narrow part; it is reachable only as --peer (mDNS off), the
+    # downloaders find each other by mDNS and start together. Were they to take every
+    # piece from the seeder, it would send all 3 copies.
+    with netlab.Lan(hosts=4, lan_rate="100mbit", wan_rate="100mbit", wan_rtt_ms=40) as lan:
+        mirror = netlab.start_mirror(lan, [f"model:{HERD_REPO}={herd_repo}"], tmp_path / "m")
+        seeder = netlab.start_agent(lan, 4, tmp_path / "h4", mirror.url, mdns=False)
+        seeder.download(HERD_REPO)
+        peer = f"{seeder.ip}:7851"
+        agents = [
+            netlab.start_agent(lan, i, tmp_path / f"h{i}", mirror.url, peers=[peer])
+            for i in (1, 2, 3)
+        ]
+        netlab.wait_until(
+            lambda: see_each_other(agents) and all(seeder.agent_id in a.peer_ids() for a in agents),
+            30,
+            what="the downloaders know each other and the seeder",
+        )
+        sent0 = seeder.status()["bytes_uploaded"]
+        procs = [a.start_download(HERD_REPO) for a in agents]
+        for a, p in zip(agents, procs, strict=True):
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"h{a.index}: {err.decode()[-800:]}"
+        copies = 3 * total_size(herd_repo)
+        seeder_share = (seeder.status()["bytes_uploaded"] - sent0) / copies
+        traded = sum(a.status()["bytes_uploaded"] for a in agents) / copies
+        for a in agents:
+            assert netlab.snapshot_problems(a.cache, HERD_REPO, herd_repo) == []
+        print(f"\nseeder sent {seeder_share:.0%} of 3 copies, the downloaders {traded:.0%}")
+        assert traded >= 0.15, f"downloaders sent each other {traded:.0%} of the copies"
+        assert seeder_share <= 0.85, f"the seeder sent {seeder_share:.0%} of the 3 copies"

@@ -8,7 +8,14 @@ from typing import Any
 
 import aiohttp
 
-from peer.agent.requests import Done, DownloadRequest, Event, PublishRequest, job_event
+from peer.agent.requests import (
+    Done,
+    DownloadRequest,
+    Event,
+    PublishRequest,
+    iter_ndjson,
+    job_event,
+)
 from peer.cache.hf_cache import LocalDir, safe_relpath
 from peer.errors import (
     ConfigError,
@@ -19,7 +26,6 @@ from peer.errors import (
     PeerMisbehaved,
     UserError,
 )
-from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import is_blob_id
 
 

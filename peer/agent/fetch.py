@@ -22,6 +22,7 @@ from peer import wire
 from peer.agent.herd import Herd, Lookup
 from peer.agent.seeding import HeldFor, SeedIndex
 from peer.agent.state import StateDir
+from peer.agent.survey import SurveyBatch
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
@@ -168,6 +169,8 @@ class BlobFetcher:
         self.mirror_throttle = Throttle(config.mirror_max_rate)
         # At most this many blobs move at once (a herd wait takes no slot).
         self._transfers = asyncio.Semaphore(config.download.max_files)
+        # The swarms' re-surveys, one question per peer for all of them (agent/survey.py).
+        self.resurveys = SurveyBatch(self._find)
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
@@ -428,9 +431,12 @@ class BlobFetcher:
             return None
 
     async def _offers(self, file: RemoteFile) -> list[Offer]:
-        await asyncio.gather(*(lookup((file.blob_id,)) for lookup in self.herd.lookups))
-        found = (await self.peers.find((file.blob_id,))).get(file.blob_id, [])
+        found = (await self._find((file.blob_id,))).get(file.blob_id, [])
         return self._valid(file, found)
+
+    async def _find(self, blob_ids: tuple[str, ...]) -> dict[str, list[Offer]]:
+        await asyncio.gather(*(lookup(blob_ids) for lookup in self.herd.lookups))
+        return await self.peers.find(blob_ids)
 
     def _valid(self, file: RemoteFile, found: list[Offer]) -> list[Offer]:
         """The offers whose manifests check out for this blob, of its majority swarm."""
@@ -667,9 +673,10 @@ class BlobFetcher:
             known = {(o.peer.host, o.peer.bt_port) for o in offers}
             await swarming.wait()
             while True:
-                await asyncio.sleep(RESURVEY_EVERY)
+                # On a shared beat, so that the agent's swarms ask together (one batch).
+                await asyncio.sleep(RESURVEY_EVERY - time.monotonic() % RESURVEY_EVERY)
                 try:
-                    found = await self._offers(file)
+                    found = self._valid(file, await self.resurveys.offers(file.blob_id))
                 except (HfswarmError, OSError) as exc:
                     log.debug("%s: survey failed: %s", file.path, exc)
                     continue

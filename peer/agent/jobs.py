@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.rate import Throttle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,6 +208,7 @@ class DownloadJob:
 
     async def _run(self, request: DownloadRequest, emit: Emit, hold: QuotaHold | None) -> Done:
         t0 = time.monotonic()
+        log.debug("%s: download asked", request.repo_id)  # the time line's start in the agent
         options = request.bounded(self.options)
         # The caller's own token; the agent's only for its own user (`request.agent_token`).
         token = self.hub.token if request.agent_token and not request.token else request.token
@@ -250,6 +254,7 @@ class DownloadJob:
         end = figures()
         assert end.counters is not None
         self.totals.downloads += 1
+        log.debug("%s: download done in %.2f s", request.repo_id, time.monotonic() - t0)
         return Done(
             path=path,
             commit=snapshot.commit,

@@ -10,7 +10,8 @@ NDJSON, one event a line (older CLIs read it: the fields do not change).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -396,3 +397,12 @@ def _str(d: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise PeerMisbehaved(f"the agent sent {key}={value!r}", hint="see the agent's log")
     return value
+
+
+async def iter_ndjson(stream: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The local API's job events (one JSON object a line), as the CLI reads them: kept
+    here, not in the server, so that the CLI does not import the agent to follow one."""
+    async for line in stream:
+        line = line.strip()
+        if line:
+            yield json.loads(line)

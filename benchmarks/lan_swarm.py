@@ -1,0 +1,382 @@
+"""Swarm on a simulated LAN whose host links are 100 Mbit/s (issue 12; root, netns).
+
+The host ports are shaped (tests/netlab.py, `--lan-rate`, default 100mbit), so the link,
+not the 2 cores, is the limit. A synthetic repo (`--size`, default 168MB: 4 safetensors
+shards plus small files) sits on the project's mirror behind the usual WAN (100 Mbit/s,
+40 ms RTT); a seeder agent per checkout (h9, h10, ...; mDNS off, so downloaders reach
+it only as `--peer`) takes it from the mirror once. Then per round, interleaved:
+
+    curl   curl on h1 of every file of the repo, one after another, from a plain HTTP
+           server (`python -m http.server`) on the first seeder's host: the link's rate
+    one    a fresh agent on h1 (mDNS on, the seeder as --peer) runs `hfswarm download`
+    eight  fresh agents on h1..h8 at once (they find each other by mDNS, the seeder is
+           their --peer); all done = the slowest host. The seeder's share is the growth
+           of its `bytes_uploaded` counter (`hfswarm status --json`) over 8 repo copies
+
+`one` and `eight` run once per `--checkout` (default: this tree); each checkout's code
+runs through PYTHONPATH and cwd, its own seeder as well. Every host's snapshot is read
+back by huggingface_hub offline and compared with the source afterwards. For `one`, the
+time line of the download (resolve, peer lookup, first piece, last piece, hash, link) is
+read from the downloading agent's debug log, for the largest shard.
+
+    python benchmarks/lan_swarm.py --runs 3 --checkout /tmp/base-d6dc5c8 --checkout .
+    python benchmarks/lan_swarm.py --runs 1 --size 64MB --scenarios curl,one
+
+Results: WORK/results.json (after every run) and markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from herd_lan import (  # noqa: E402
+    MB,
+    agent_status,
+    cpu_times,
+    machine,
+    netlab,
+    parse_size,
+    proc_cpu_s,
+    stop_all,
+    wait_all,
+)
+
+from peer.mirror_server.generate import generate_model_repo  # noqa: E402
+
+HTTP_PORT = 8080
+PEER_PORT = 7851  # the agent's default peer API port
+SCENARIOS = ["curl", "one", "eight"]
+# A download's steps in the downloading agent's debug log (peer/agent/fetch.py): text in
+# the line, step, and whether the time line shows its first or its last occurrence over
+# the repo's files (first piece of any shard ... last shard's hash).
+STEPS = [
+    ("download asked", "the request reached the agent", "first"),
+    ("connect_tcp.started", "resolve: first request to the mirror", "first"),
+    ("peer offers", "peer lookup done (first file)", "first"),
+    ("swarming", "first swarm started", "first"),
+    ("swarming", "last swarm started", "last"),
+    ("first piece", "first piece", "first"),
+    ("all pieces had", "last piece (last file)", "last"),
+    ("whole-file hash matched", "hash matched, blob linked (last file)", "last"),
+    ("download done in", "the agent's job done", "last"),
+]
+
+
+class Checkout:
+    """A tree of the project's code: its agents and CLI run with it first on sys.path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        self.name = "this tree" if self.path == ROOT else self.path.name
+
+    def env(self, home: Path) -> dict[str, str]:
+        env = netlab.child_env(home)
+        env["PYTHONPATH"] = str(self.path)
+        return env
+
+
+def start_agent(
+    lan: netlab.Lan,
+    i: int,
+    root: Path,
+    mirror_url: str,
+    co: Checkout,
+    *,
+    mdns: bool,
+    peers: tuple[str, ...] = (),
+    level: str = "info",
+) -> netlab.AgentProc:
+    """netlab.start_agent, with the checkout's code (cwd + PYTHONPATH)."""
+    root.mkdir(parents=True, exist_ok=True)
+    argv = [*netlab.HFSWARM, "agent", "--log-level", level, "--cache-dir", str(root / "cache"),
+            "--state-dir", str(root / "state"), "--mirror", mirror_url,
+            "--config", os.devnull]  # fmt: skip
+    if not mdns:
+        argv.append("--no-mdns")
+    for p in peers:
+        argv += ["--peer", p]
+    env = co.env(root / "hf-home")
+    out, log = root / "agent.out", root / "agent.log"
+    with open(out, "wb") as o, open(log, "ab") as e:
+        proc = lan.host(i).popen(argv, env=env, stdout=o, stderr=e, cwd=co.path)
+    line, _ = netlab.wait_until(
+        lambda: out.read_text().strip() or proc.poll() is not None, 60, what=f"agent on h{i}"
+    )
+    if proc.poll() is not None:
+        raise RuntimeError(f"the agent on h{i} exited:\n{netlab._log_tail(log)}")
+    info = json.loads(str(line).splitlines()[0])
+    return netlab.AgentProc(lan, i, root, proc, info, log, env)
+
+
+def timeline(log: Path, t0_wall: float) -> list[tuple[float, str]]:
+    """(seconds after the CLI started, step) of one download, from the agent's log."""
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall
+        except ValueError:
+            continue
+        if t < -0.01:
+            continue
+        for text, step, which in STEPS:
+            if text in line and (which == "last" or step not in found):
+                found[step] = round(t, 3)
+    return sorted((t, step) for step, t in found.items())
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.checkouts = [Checkout(Path(c)) for c in args.checkout]
+        self.results: dict[str, Any] = {
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "machine": machine(),
+            "params": {"size": args.size, "lan_rate": args.lan_rate, "runs": args.runs},
+            "checkouts": [str(c.path) for c in self.checkouts],
+            "runs": {},
+        }
+
+    def save(self) -> None:
+        (self.work / "results.json").write_text(json.dumps(self.results, indent=1))
+
+    def record(self, key: str, res: dict[str, Any]) -> None:
+        self.results["runs"].setdefault(key, []).append(res)
+        self.save()
+        extra = f"; seeder share {res['seeder_share']:.0%}" if "seeder_share" in res else ""
+        bad = f"  PROBLEMS {res['problems']}" if res.get("problems") else ""
+        print(
+            f"  [{time.strftime('%H:%M:%S')}] {key}: {res['s']:.2f} s "
+            f"({res['MBps']:.2f} MB/s){extra}; cpu {res['cpu_busy'] * 100:.0f}%{bad}",
+            flush=True,
+        )
+        for t, step in res.get("timeline", []):
+            print(f"      {t:7.3f} s  {step}", flush=True)
+
+    def run(self) -> None:
+        a = self.args
+        nco = len(self.checkouts)
+        src = self.work / f"repo-{a.size}"
+        generate_model_repo(src, total_size=parse_size(a.size), shards=a.shards, seed=12)
+        sizes = netlab.repo_file_sizes(src)
+        self.repo_bytes = sum(sizes.values())
+        self.results["repo_bytes"] = self.repo_bytes
+        self.results["files"] = sizes
+        repo_id = "bench/lan"
+        with netlab.Lan(hosts=8 + nco, lan_rate=a.lan_rate, wan_rate="100mbit") as lan:
+            mirror = netlab.start_mirror(lan, [f"model:{repo_id}={src}"], self.work / "mirror")
+            self.lan, self.src, self.repo_id, self.mirror = lan, src, repo_id, mirror
+            seeders = []
+            for k, co in enumerate(self.checkouts):
+                i = 9 + k
+                s = start_agent(lan, i, self.work / f"seeder{k}", mirror.url, co, mdns=False)
+                t0 = time.monotonic()
+                lan.host(i).run(self.cmd(s, co), env=s.env, timeout=600)
+                bad = netlab.snapshot_problems(s.cache, repo_id, src)
+                print(f"seeder h{i} ({co.name}) took the repo in {time.monotonic() - t0:.1f} s"
+                      f" {bad or ''}", flush=True)  # fmt: skip
+                seeders.append(s)
+            http = lan.host(9).popen(
+                [sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind",
+                 lan.host_ip(9), "--directory", str(src)],
+                env=netlab.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1)
+            for r in range(a.runs):
+                for scen in a.scenarios:
+                    if scen == "curl":
+                        self.record("curl", self.run_curl())
+                        continue
+                    for k, co in enumerate(self.checkouts):
+                        hosts = [1] if scen == "one" else list(range(1, 9))
+                        res = self.run_agents(co, seeders[k], hosts, f"{scen}-{k}-r{r}")
+                        self.record(f"{scen} {co.name}", res)
+            stop_all([http, *(s.proc for s in seeders), mirror.proc])
+
+    def cmd(self, agent: netlab.AgentProc, co: Checkout) -> list[str]:
+        return [*agent.download_cmd(self.repo_id)]
+
+    def run_curl(self) -> dict[str, Any]:
+        base = f"http://{self.lan.host_ip(9)}:{HTTP_PORT}"
+        argv = ["curl", "-sS", "--fail", "--noproxy", "*"]
+        for p in self.results["files"]:
+            argv += ["-o", "/dev/null", f"{base}/{p}"]
+        c0, t0 = cpu_times(), time.monotonic()
+        self.lan.host(1).run(argv, timeout=600)
+        s = time.monotonic() - t0
+        c1 = cpu_times()
+        return {
+            "s": round(s, 3),
+            "MBps": round(self.repo_bytes / s / MB, 3),
+            "cpu_busy": round((c1[0] - c0[0]) / max(1, c1[1] - c0[1]), 3),
+        }
+
+    def run_agents(
+        self, co: Checkout, seeder: netlab.AgentProc, hosts: list[int], tag: str
+    ) -> dict[str, Any]:
+        work = self.work / "runs" / tag
+        shutil.rmtree(work, ignore_errors=True)
+        peer = f"{seeder.ip}:{PEER_PORT}"
+        agents = [
+            # debug: the time line of a download is read from the agent's log
+            start_agent(
+                self.lan,
+                i,
+                work / f"h{i}",
+                self.mirror.url,
+                co,
+                mdns=True,
+                peers=(peer,),
+                level="debug",
+            )
+            for i in hosts
+        ]
+        ids = {a.agent_id for a in agents} | {seeder.agent_id}
+
+        def ready() -> bool:
+            for a in agents:
+                seen = {p["agent_id"] for p in agent_status(a)["peers"]}
+                if not ids - {a.agent_id} <= seen:
+                    return False
+            return True
+
+        netlab.wait_until(ready, 60, what="peers seen", interval=0.25)
+        up0 = agent_status(seeder)["bytes_uploaded"]
+        cpu0 = {a.index: proc_cpu_s(a.proc.pid) or 0.0 for a in [*agents, seeder]}
+        c0 = cpu_times()
+        t0_wall, t0 = time.time(), time.monotonic()
+        procs = {}
+        for a in agents:
+            with open(work / f"h{a.index}" / "download.log", "wb") as out:
+                procs[a.index] = a.host.popen(
+                    self.cmd(a, co), env=a.env, stdout=out, stderr=subprocess.STDOUT, cwd=co.path
+                )
+        times = wait_all(procs, t0, 600)
+        c1 = cpu_times()
+        up1 = agent_status(seeder)["bytes_uploaded"]
+        cpu1 = {a.index: proc_cpu_s(a.proc.pid) or 0.0 for a in [*agents, seeder]}
+        per_host: dict[str, Any] = {}
+        for a in agents:
+            st = agent_status(a)
+            per_host[f"h{a.index}"] = {
+                "s": round(times[a.index], 2),
+                "from_peers": st["bytes_from_peers"],
+                "from_mirror": st["bytes_from_mirror"],
+                "uploaded": st["bytes_uploaded"],
+                "agent_cpu_s": round(cpu1[a.index] - cpu0[a.index], 2),
+            }
+        stop_all([a.proc for a in agents])
+        problems = {
+            f"h{a.index}": p
+            for a in agents
+            if (p := netlab.snapshot_problems(a.cache, self.repo_id, self.src))
+        }
+        for i, p in procs.items():
+            if p.returncode != 0:
+                problems.setdefault(f"h{i}", []).append(f"exit {p.returncode}")
+        s = max(times.values())
+        res: dict[str, Any] = {
+            "s": round(s, 3),
+            "MBps": round(self.repo_bytes / s / MB, 3),
+            "hosts": per_host,
+            "cpu_busy": round((c1[0] - c0[0]) / max(1, c1[1] - c0[1]), 3),
+            "seeder_cpu_s": round(cpu1[seeder.index] - cpu0[seeder.index], 2),
+            "problems": problems,
+        }
+        if len(hosts) == 1:
+            res["timeline"] = [
+                *timeline(agents[0].log, t0_wall),
+                (round(s, 3), "CLI exited"),
+            ]
+        else:
+            res["seeder_uploaded"] = up1 - up0
+            res["seeder_share"] = round((up1 - up0) / (len(hosts) * self.repo_bytes), 4)
+        keep = self.work / "logs" / tag
+        keep.mkdir(parents=True, exist_ok=True)
+        for a in agents:
+            shutil.copy(a.log, keep / f"h{a.index}-agent.log")
+        shutil.rmtree(work, ignore_errors=True)
+        return res
+
+
+def report(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    out = [
+        f"repo {results['repo_bytes'] / MB:.1f} MB; host links {results['params']['lan_rate']}",
+        "",
+        "| scenario | runs | median s | MB/s | x curl's rate | per run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    curl = statistics.median(r["s"] for r in runs["curl"]) if "curl" in runs else None
+    one = {k: statistics.median(r["s"] for r in v) for k, v in runs.items()}
+    for key, rs in runs.items():
+        med = one[key]
+        ratio = f"{curl / med:.2f}x" if curl else "-"
+        per = ", ".join(f"{r['s']:.2f}" for r in rs)
+        out.append(
+            f"| {key} | {len(rs)} | {med:.2f} | {results['repo_bytes'] / med / MB:.2f} | "
+            f"{ratio} | {per} |"
+        )
+    for key, rs in runs.items():
+        if key.startswith("eight "):
+            base = one.get("one " + key.split(" ", 1)[1])
+            shares = [r["seeder_share"] for r in rs]
+            x = f"{one[key] / base:.2f}x the 1 -> 1 time" if base else ""
+            out.append(
+                f"\n{key}: {x}; seeder share median {statistics.median(shares):.0%} "
+                f"(runs {', '.join(f'{s:.0%}' for s in shares)})"
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="168MB", help="tensor bytes of the repo (default 168MB)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--lan-rate", default="100mbit", help="every host port (tc tbf rate)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="of curl,one,eight")
+    ap.add_argument("--checkout", action="append", default=None, help="repeatable; default .")
+    ap.add_argument("--work", default=None, help="work folder (default: a temp dir)")
+    ap.add_argument("--replot", metavar="RESULTS_JSON", help="only print the tables")
+    args = ap.parse_args()
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.checkout = args.checkout or [str(ROOT)]
+    if set(args.scenarios) - set(SCENARIOS):
+        ap.error(f"scenarios are {','.join(SCENARIOS)}")
+    if args.replot:
+        print(report(json.loads(Path(args.replot).read_text())))
+        return
+    reason = netlab.unavailable_reason()
+    if reason:
+        sys.exit(f"cannot build the simulated LAN: {reason}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-lan-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, work)
+    t0 = time.monotonic()
+    try:
+        bench.run()
+    finally:
+        bench.results["wall_s"] = round(time.monotonic() - t0, 1)
+        bench.save()
+    print(f"\nwall time {bench.results['wall_s']:.0f} s; results {work / 'results.json'}")
+    print(f"\n`{bench.results['command']}`\n")
+    print(report(bench.results))
+
+
+if __name__ == "__main__":
+    main()
