@@ -27,7 +27,7 @@ from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
 from peer.config import AgentConfig
-from peer.discovery.peer_table import Offer, PeerTable
+from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import check_manifest
@@ -388,8 +388,14 @@ class BlobFetcher:
             on_done=lambda: self.herd.release(file.blob_id),
             on_liar=lambda peer, why: self.peers.ban(peer, why, file.blob_id),
         )
+
+        def follow(leader: PeerInfo) -> None:
+            copy.follow(leader)
+            if copy.running:
+                self._source(file.blob_id, "leader")  # /v1/status: copying the relay
+
         try:
-            async with self.herd.turn(file, lambda: counters.done, copy.follow) as turn:
+            async with self.herd.turn(file, lambda: counters.done, follow) as turn:
                 if copy.running and turn.offers:  # the leader is done: copy to the end
                     await copy.result()
                 if copy.finished is not None:
