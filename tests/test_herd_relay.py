@@ -94,6 +94,7 @@ async def fetch_all(
         leading = [r for r in rows if r is not None and r["from_mirror"] > 0]
         following = [r for r in rows if r is not None and r["from_peers"] > 0]
         if len(leading) == 1 and following and leading[0]["done"] < BLOB:
+            assert {r["source"] for r in following} <= {"leader", "peers"}, following
             early.append((max(r["from_peers"] for r in following), leading[0]["done"]))
         await asyncio.sleep(0.1)
     results = [await asyncio.wait_for(d, 60) for d in downloads]
