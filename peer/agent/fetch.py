@@ -410,10 +410,19 @@ class BlobFetcher:
                 # 4. The mirror (first fetch of a new model: the rest of it, after what
                 # a leader relayed), then seed it at once.
                 turn.lead()
-                if self._relayable(access):
+                relayed = self._relayable(access)
+                if relayed:
                     self._relayed.add(file.blob_id)
                 async with self._transfers:
-                    path = await self._from_mirror(repo, snapshot, file, mirror, counters)
+                    path = await self._from_mirror(
+                        repo,
+                        snapshot,
+                        file,
+                        mirror,
+                        counters,
+                        # followers copy its prefix: grow it at the blob's rate
+                        in_order=relayed and self.herd.followed(file.blob_id),
+                    )
                 await self.seeds.offer_verified(
                     path, file.blob_id, file.size, self._held_for(access)
                 )
@@ -520,6 +529,8 @@ class BlobFetcher:
         file: RemoteFile,
         mirror: MirrorFetcher,
         counters: BlobCounters,
+        *,
+        in_order: bool = False,
     ) -> Path:
         self._source(file.blob_id, "mirror")
         flight = self._flights.get(file.blob_id)
@@ -531,6 +542,7 @@ class BlobFetcher:
             counters,
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
             flight=flight,
+            in_order=in_order,
         )
         if finished is None:
             return repo.blob_path(file.blob_id)

@@ -76,6 +76,7 @@ class Herd:
         ] = {}
         self._leading: dict[str, _Lead] = {}
         self._on_leader: dict[str, OnLeader] = {}  # blob id -> told of its live leader
+        self._followed: set[str] = set()  # blobs we lead that others claimed too
         self.leaderships = 0  # blobs this agent led to the mirror (alone: every one)
         self._validate = validate  # which offers of a blob to trust (the fetcher's rule)
         self._loop_task: asyncio.Task[None] | None = None
@@ -123,6 +124,7 @@ class Herd:
             yield turn
         finally:
             self._leading.pop(file.blob_id, None)
+            self._followed.discard(file.blob_id)
             self.on_change()
 
     async def _wait(
@@ -170,6 +172,10 @@ class Herd:
         if file.blob_id not in self._leading:
             self.leaderships += 1
         self._leading[file.blob_id] = _Lead(file.size, done)
+
+    def followed(self, blob_id: str) -> bool:
+        """We lead this blob and others claimed it when we took it: followers wait."""
+        return blob_id in self._followed
 
     def leading_count(self) -> int:
         return len(self._leading)
@@ -224,6 +230,8 @@ class Herd:
                 # Leading from this instant: our claim must never vanish in between,
                 # or peers would elect someone else.
                 self._lead(entry[0], entry[2])
+                if claims.get(blob_id):
+                    self._followed.add(blob_id)
                 entry[1].set_result([])
                 self._finish(blob_id)
 

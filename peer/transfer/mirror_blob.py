@@ -52,10 +52,11 @@ async def from_mirror(
     *,
     done_elsewhere: Callable[[], bool],
     flight: InFlightBlob | None = None,
+    in_order: bool = False,
 ) -> Path | None:
     """The verified file in `partial_dir`, for the caller to rename into place; None
     when another process finished the same blob meanwhile (`done_elsewhere`: counted
-    as had)."""
+    as had). `in_order`: others copy the checked prefix as it grows (a herd leader)."""
     if flight is not None:
         flight.reset()  # a swarm attempt may have gone before: its readers must cut
     for attempt in (1, 2):
@@ -83,7 +84,9 @@ async def from_mirror(
                 flight.advance(n)
 
         try:
-            verdict = await mirror.fetch(snapshot, file, partial, on_bytes=got, on_prefix=prefix)
+            verdict = await mirror.fetch(
+                snapshot, file, partial, on_bytes=got, on_prefix=prefix, in_order=in_order
+            )
         except BaseException:
             partial.close()
             raise
