@@ -326,7 +326,8 @@ class MirrorFetcher:
                     await self._single_stream(job, None)
                 else:
                     workers: set[asyncio.Task[None]] = set()
-                    for _ in range(min(len(job.runs), streams)):
+                    # in order: one run per chunk, `streams` workers take them in turn
+                    for _ in range(min(len(job.runs), streams) if in_order else len(job.runs)):
                         workers.add(tg.create_task(self._worker(job)))
                     await self._grow(job, tg, workers, first or "")
                 job.wake_hasher.set()
