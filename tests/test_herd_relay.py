@@ -21,7 +21,11 @@ from procs import agent_process, tracker_process
 from test_agents import MiB, cli, sha256
 
 from peer import wire
+from peer.cache.partial import PartialBlob
+from peer.config import DownloadOptions, HubSettings
+from peer.hub.metadata import RemoteFile, Snapshot
 from peer.mirror_server import MirrorServer, RepoSource
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
 BLOB = 16 * MiB
 
@@ -187,3 +191,51 @@ async def test_a_leader_relaying_wrong_bytes_is_banned_and_the_blob_comes_right(
     got = tmp_path / "a/cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
     assert "lied" in a.log.read_text()
+
+
+async def test_a_leader_with_followers_grows_its_prefix_at_the_blobs_rate(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The relay is the leader's in-order prefix: fetched as usual (a run per stream,
+    halves stolen from the end), it lags the bytes received by up to half the blob;
+    in chunk order (`in_order`, a herd leader with followers) by at most a chunk per
+    stream."""
+    mirror, data = slow_mirror
+    mirror.set_rate_cap(1 * MiB)  # per connection: the fetch grows to 4 streams
+    f = RemoteFile("model.safetensors", len(data), sha256(data), True)
+    hub = HubSettings(mirrors=(mirror.url,), token=None, cache_dir=tmp_path / "c")
+    async with aiohttp.ClientSession() as s:
+        url = f"{mirror.url}/api/models/org/relay/revision/main"
+        async with s.get(url) as r:
+            commit = (await r.json())["sha"]
+    snap = Snapshot("model", "org/relay", "main", commit, (f,), mirror.url)
+    chunk = chunk_size_for(f.size)
+    lag = {o: await prefix_lag(hub, snap, f, tmp_path / f"p{o}", in_order=o) for o in (0, 1)}
+    print(f"largest lag of the prefix: as usual {lag[0]} B, in order {lag[1]} B")
+    assert lag[1] <= 5 * chunk, lag
+    assert lag[1] < lag[0], lag
+
+
+async def prefix_lag(
+    hub: HubSettings, snap: Snapshot, f: RemoteFile, folder: Path, *, in_order: int
+) -> int:
+    """One mirror fetch of `f` (4 streams at most): the most bytes it had received
+    beyond its hashed in-order prefix at any moment."""
+    got, prefix, worst = 0, 0, 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal got, worst
+        got += n
+        worst = max(worst, got - prefix)
+
+    def on_prefix(n: int) -> None:
+        nonlocal prefix
+        prefix = n
+
+    with PartialBlob(folder, f.blob_id, f.size, chunk_size_for(f.size)) as p:
+        async with MirrorFetcher(hub, DownloadOptions(connections=4)) as mf:
+            verdict = await mf.fetch(
+                snap, f, p, on_bytes=on_bytes, on_prefix=on_prefix, in_order=bool(in_order)
+            )
+    assert verdict.ok
+    return worst
