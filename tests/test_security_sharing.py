@@ -168,6 +168,18 @@ async def test_private_and_gated_blobs_reach_no_lan_host(world: dict[str, Any], 
                         body = await r.read()
                         assert r.status == want, (repo.repo_id, r.status)
                         assert (body == repo.small) == (want == 200)
+                # the herd relay: no more than /v1/blobs (a private or gated blob is
+                # never led for a herd, and once held it is not shared)
+                for repo, want in ((pub, 206), (priv, 404), (gated, 404)):
+                    url = f"{a.peer_url}/v1/relay/{repo.ids[0]}"
+                    async with s.get(url, headers={"Range": "bytes=1000-"}) as r:
+                        body = await r.read()
+                        assert r.status == want, (repo.repo_id, r.status)
+                        assert (body == repo.shard[1000:]) == (want == 206)
+                async with s.get(
+                    f"{a.peer_url}/v1/relay/{pub.ids[0]}", headers={"Range": "bytes=0-9"}
+                ) as r:
+                    assert r.status == 400  # only an open range: the rest of the blob
                 # /v1/have: manifests for the public blobs only, nothing else named
                 req = wire.encode(wire.HaveRequest(blob_ids=tuple(all_ids)))
                 async with s.post(f"{a.peer_url}/v1/have", data=req) as r:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from peer import wire
 from peer.agent.herd import Herd, Lookup
+from peer.agent.herd_copy import LeaderCopy
 from peer.agent.seeding import HeldFor, SeedIndex
 from peer.agent.state import StateDir
 from peer.agent.survey import SurveyBatch
@@ -27,14 +28,14 @@ from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
 from peer.config import AgentConfig
-from peer.discovery.peer_table import Offer, PeerTable
+from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
-from peer.serving.sharing import Access, Visibility, may_serve, repo_key
+from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
 from peer.transfer.events import PieceFinished
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
@@ -165,6 +166,7 @@ class BlobFetcher:
         )
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
         self._flights: dict[str, InFlightBlob] = {}
+        self._relayed: set[str] = set()  # blobs led for the herd: followers copy them
         # The mirror cap, shared by every download's `MirrorFetcher` (`hfswarm limits`).
         self.mirror_throttle = Throttle(config.mirror_max_rate)
         # At most this many blobs move at once (a herd wait takes no slot).
@@ -174,6 +176,12 @@ class BlobFetcher:
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
+
+    def relay_of(self, blob_id: str) -> InFlightBlob | None:
+        """A blob this agent leads for its herd, as far as fetched: its followers may
+        copy it (`/v1/relay`). Only blobs a herd may see: a private or gated one never
+        gets there (open mode fetches it from the mirror alone)."""
+        return self._flights.get(blob_id) if blob_id in self._relayed else None
 
     def busy_ids(self) -> set[str]:
         """Blobs being fetched or streamed right now (never evicted)."""
@@ -375,22 +383,79 @@ class BlobFetcher:
             await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
             return path
         self._source(file.blob_id, "herd")
-        async with self.herd.turn(file, lambda: counters.done) as turn:
-            if turn.offers:
-                got = await self._from_peers(
-                    repo, snapshot, file, turn.offers, mirror, counters, access
-                )
-                if got is not None:
-                    return got
-            # 4. The mirror (first fetch of a new model), then seed it at once.
-            turn.lead()
-            held_for = self._held_for(access)
-            async with self._transfers:
-                path, tree = await self._from_mirror(
-                    repo, snapshot, file, mirror, counters, held_for
-                )
-            await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
-            return path
+        # While we wait, the leader's relay is copied into our partial (no transfer
+        # slot: a copy only follows a leader, and slots held by copies could starve
+        # the leaders they wait for).
+        copy = LeaderCopy(
+            self.peers,
+            file,
+            repo.partial_dir,
+            counters,
+            flight=self._flights.get(file.blob_id),
+            on_done=lambda: self.herd.release(file.blob_id),
+            on_liar=lambda peer, why: self.peers.ban(peer, why, file.blob_id),
+        )
+
+        def follow(leader: PeerInfo) -> None:
+            copy.follow(leader)
+            if copy.running:
+                self._source(file.blob_id, "leader")  # /v1/status: copying the relay
+
+        try:
+            async with self.herd.turn(file, lambda: counters.done, follow) as turn:
+                if copy.running and turn.offers:  # the leader is done: copy to the end
+                    await copy.result()
+                if copy.finished is not None:
+                    return await self._copied(repo, file, copy.finished, access)
+                await copy.stop()
+                if turn.offers:
+                    got = await self._from_peers(
+                        repo, snapshot, file, turn.offers, mirror, counters, access
+                    )
+                    if got is not None:
+                        return got
+                # 4. The mirror (first fetch of a new model: the rest of it, after what
+                # a leader relayed), then seed it at once.
+                turn.lead()
+                relayed = self._relayable(access)
+                if relayed:
+                    self._relayed.add(file.blob_id)
+                held_for = self._held_for(access)
+                async with self._transfers:
+                    path, tree = await self._from_mirror(
+                        repo,
+                        snapshot,
+                        file,
+                        mirror,
+                        counters,
+                        held_for,
+                        # followers copy its prefix: grow it at the blob's rate
+                        in_order=relayed and self.herd.followed(file.blob_id),
+                    )
+                await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
+                return path
+        finally:
+            self._relayed.discard(file.blob_id)
+            await copy.stop()
+
+    def _relayable(self, access: Access) -> bool:
+        """Followers may copy what we lead for this request: a blob the mirror called
+        shared (or, in a cluster that shares them, private or gated: members only).
+        Nothing on the LAN's word alone: it would not be shared once here either."""
+        if access.visibility is None:
+            return False
+        return Provenance(((access.repo, access.visibility),)).shared_in(self.cluster_share)
+
+    async def _copied(self, repo: RepoCache, file: RemoteFile, data: Path, access: Access) -> Path:
+        """A blob copied from the herd leader, whose whole-file hash matched: into
+        ``blobs/`` and seeded, as if it came from the mirror."""
+        path = repo.install_blob(data, file.blob_id)
+        PartialBlob.installed(data)
+        flight = self._flights.get(file.blob_id)
+        if flight is not None:
+            flight.moved(path)
+        await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+        return path
 
     @staticmethod
     def _held_for(access: Access, *, from_peers: bool = False) -> tuple[str, Visibility] | None:
@@ -475,9 +540,12 @@ class BlobFetcher:
         mirror: MirrorFetcher,
         counters: BlobCounters,
         held_for: HeldFor,
+        *,
+        in_order: bool = False,
     ) -> tuple[Path, V2Tree | None]:
         """The verified blob from the mirror, installed; with its v2 tree (built as the
-        bytes were hashed) when it will be seeded, so its manifest needs no re-read."""
+        bytes were hashed) when it will be seeded, so its manifest needs no re-read.
+        `in_order`: followers copy its prefix as it grows (a herd leader)."""
         self._source(file.blob_id, "mirror")
         flight = self._flights.get(file.blob_id)
         finished = await from_mirror(
@@ -489,6 +557,7 @@ class BlobFetcher:
             done_elsewhere=lambda: repo.has_blob(file.blob_id, file.size),
             flight=flight,
             want_tree=self.seeds.would_offer(file.blob_id, file.size, held_for),
+            in_order=in_order,
         )
         if finished is None:
             return repo.blob_path(file.blob_id), None

@@ -9,6 +9,9 @@ ends as soon as any peer offers the blob's manifest (the leader finished, or a f
 already swarms it) and the caller swarms it; or when it is our turn to lead, and the
 caller fetches the blob from the mirror inside `leading(...)`, which shows the claim as
 ``leading`` with the bytes done so followers can tell a working leader from a dead one.
+While it waits, a follower may be told of the live leader at each survey (`on_leader`:
+it copies the leader's in-flight prefix, `peer.agent.herd_copy`), and may end its wait
+itself (`release`) once it has the blob that way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from peer import wire
-from peer.discovery.peer_table import Offer, PeerTable
+from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.hub.metadata import RemoteFile
 from peer.scheduling.herd import Bid, HerdConfig, HerdElection, Turn
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Validate = Callable[[RemoteFile, list[Offer]], list[Offer]]
 Lookup = Callable[[tuple[str, ...]], Awaitable[None]]
+OnLeader = Callable[[PeerInfo], None]
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Herd:
             str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
         ] = {}
         self._leading: dict[str, _Lead] = {}
+        self._on_leader: dict[str, OnLeader] = {}  # blob id -> told of its live leader
+        self._followed: set[str] = set()  # blobs we lead that others claimed too
         self.leaderships = 0  # blobs this agent led to the mirror (alone: every one)
         self._validate = validate  # which offers of a blob to trust (the fetcher's rule)
         self._loop_task: asyncio.Task[None] | None = None
@@ -104,19 +110,26 @@ class Herd:
     # -- the fetcher's side ----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def turn(self, file: RemoteFile, done: Callable[[], int]) -> AsyncIterator[HerdTurn]:
+    async def turn(
+        self, file: RemoteFile, done: Callable[[], int], on_leader: OnLeader | None = None
+    ) -> AsyncIterator[HerdTurn]:
         """Wait for our turn on a blob nobody holds. ``turn.offers``: peers that have its
         manifest now (swarm it); empty: fetch it from the mirror, after `turn.lead()`,
-        which shows the claim as leading (with ``done()`` bytes) until the block ends."""
+        which shows the claim as leading (with ``done()`` bytes) until the block ends
+        (or the caller got it itself and called `release`). `on_leader`: called with the
+        live leader we follow, at every survey while we wait."""
         turn = HerdTurn(self, file, done)
         try:
-            turn.offers = await self._wait(file, done)
+            turn.offers = await self._wait(file, done, on_leader)
             yield turn
         finally:
             self._leading.pop(file.blob_id, None)
+            self._followed.discard(file.blob_id)
             self.on_change()
 
-    async def _wait(self, file: RemoteFile, done: Callable[[], int]) -> list[Offer]:
+    async def _wait(
+        self, file: RemoteFile, done: Callable[[], int], on_leader: OnLeader | None = None
+    ) -> list[Offer]:
         if not self.has_company():
             return []
         existing = self._waiters.get(file.blob_id)
@@ -124,6 +137,8 @@ class Herd:
             return await asyncio.shield(existing[1])
         fut: asyncio.Future[list[Offer]] = asyncio.get_running_loop().create_future()
         self._waiters[file.blob_id] = (file, fut, done)
+        if on_leader is not None:
+            self._on_leader[file.blob_id] = on_leader
         self.election.want(file.blob_id, file.size, time.monotonic())
         self.on_change()
         if self._loop_task is None or self._loop_task.done():
@@ -145,10 +160,22 @@ class Herd:
                 self._finish(file.blob_id)
                 self.on_change()
 
+    def release(self, blob_id: str) -> None:
+        """End our wait on a blob now, with no offers: we have it (copied from the
+        leader and verified), so there is nothing to wait for or lead."""
+        entry = self._waiters.get(blob_id)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result([])
+            self._finish(blob_id)
+
     def _lead(self, file: RemoteFile, done: Callable[[], int]) -> None:
         if file.blob_id not in self._leading:
             self.leaderships += 1
         self._leading[file.blob_id] = _Lead(file.size, done)
+
+    def followed(self, blob_id: str) -> bool:
+        """We lead this blob and others claimed it when we took it: followers wait."""
+        return blob_id in self._followed
 
     def leading_count(self) -> int:
         return len(self._leading)
@@ -191,14 +218,24 @@ class Herd:
                 )
         for blob_id, turn in turns.items():
             entry = self._waiters.get(blob_id)
+            tell = self._on_leader.get(blob_id)
+            leader = self.election.leader_of(blob_id)
+            if turn is Turn.WAIT and tell is not None and leader is not None:
+                for peer, claim in claims.get(blob_id, []):
+                    if peer.agent_id == leader and claim.leading:
+                        tell(peer)
+                        break
             if turn is Turn.LEAD and entry is not None and not entry[1].done():
                 log.info("herd: leading %s (%s)", entry[0].path, blob_id[:12])
                 # Leading from this instant: our claim must never vanish in between,
                 # or peers would elect someone else.
                 self._lead(entry[0], entry[2])
+                if claims.get(blob_id):
+                    self._followed.add(blob_id)
                 entry[1].set_result([])
                 self._finish(blob_id)
 
     def _finish(self, blob_id: str) -> None:
         self._waiters.pop(blob_id, None)
+        self._on_leader.pop(blob_id, None)
         self.election.drop(blob_id)

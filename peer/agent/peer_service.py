@@ -16,6 +16,7 @@ from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import Totals
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
+from peer.transfer.inflight import InFlightBlob
 
 
 class PeerService:
@@ -69,6 +70,11 @@ class PeerService:
         if path is not None:
             self.touch((blob_id,))
         return path
+
+    def relay_of(self, blob_id: str) -> InFlightBlob | None:
+        if self.seeding == "none":
+            return None
+        return self.blobs.relay_of(blob_id)
 
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n

@@ -21,14 +21,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from peer import wire
 from peer.cluster.tls import Cluster, MemberConnector
-from peer.errors import PeerMisbehaved
+from peer.errors import NetworkError, PeerMisbehaved
 from peer.verification.hashing import BlobHasher, HashKind
 
 log = logging.getLogger(__name__)
@@ -493,3 +493,32 @@ class PeerTable:
         if len(data) != size or hasher.hexdigest() != blob_id:
             raise PeerMisbehaved(f"peer {peer.api_url} sent wrong bytes for {blob_id}")
         return data
+
+    @contextlib.asynccontextmanager
+    async def relay(
+        self, peer: PeerInfo, blob_id: str, start: int, size: int, *, idle: float
+    ) -> AsyncIterator[aiohttp.StreamReader]:
+        """A herd leader's relay of a blob it fetches (its ``/v1/relay``) from byte
+        `start`: the body, bytes [start, size) as the leader gets them, or cut short.
+        Not verified: the caller hashes the whole blob. NetworkError: no relay there
+        (now); PeerMisbehaved: an answer no honest agent gives."""
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=idle)
+        try:
+            async with self._session.get(
+                f"{peer.api_url}/v1/relay/{blob_id}",
+                headers={"Range": f"bytes={start}-"},
+                timeout=timeout,
+            ) as r:
+                try:
+                    self._member_of(r, peer.agent_id)
+                except wire.WireError as exc:
+                    raise PeerMisbehaved(f"peer {peer.api_url}: {exc}") from None
+                if r.status != 206:
+                    raise NetworkError(f"peer {peer.api_url} relays no {blob_id[:12]} ({r.status})")
+                expect = f"bytes {start}-{size - 1}/{size}"
+                if r.headers.get("Content-Range") != expect or r.content_length != size - start:
+                    raise PeerMisbehaved(f"peer {peer.api_url} relays another range of {blob_id}")
+                yield r.content
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise NetworkError(f"the relay from {peer.api_url} broke: {exc!r}") from None

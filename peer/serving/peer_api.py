@@ -11,6 +11,17 @@
                               (several ranges, reversed, not numbers) is ignored: 200
                               and the whole blob (RFC 9110 allows it; the Hub API does
                               the same); one past the end is 416 with Content-Range
+    GET  /v1/relay/{blob id}  a shared blob this agent leads in a herd (fetches from the
+                              mirror for the herd), from ``Range: bytes=N-`` to its end:
+                              the in-order prefix that arrived from the mirror and went
+                              through the whole-file hash so far, then each byte as the
+                              prefix grows; the last byte only once the whole blob
+                              matched its id (`peer.transfer.inflight`). After the fetch:
+                              the verified blob. Bounded like /v1/blobs (the same
+                              `StreamSlots`, upload cap), and cut after `RELAY_IDLE` s
+                              without a new byte. The receiver hashes the whole blob
+                              itself before using it (these bytes are relayed, not
+                              verified, until the last one)
     POST /v1/revisions        RevisionRequest -> RevisionManifest (404: not known here):
                               what a revision of a repo holds, for ``local/*`` publishes
                               and public repos this agent downloaded (never private or
@@ -24,8 +35,10 @@ and request sizes are bounded by the listener (`peer.serving.limits`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -34,8 +47,9 @@ from aiohttp import web
 
 from peer import wire
 from peer.hub.protocol import UNSATISFIABLE, parse_range
-from peer.serving.file_range import send_range
+from peer.serving.file_range import send_range, write_range
 from peer.serving.limits import StreamSlots
+from peer.transfer.inflight import InFlightBlob
 from peer.verification.hashing import is_blob_id
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,9 @@ SMALL_BLOB_LIMIT = 16 << 20  # larger blobs go through the swarm, never over thi
 READ_CHUNK = 256 << 10  # held per stream (and one read ahead) while the client reads
 STREAMS_PER_IP = 8  # an agent fetches --max-workers (4) small blobs at once
 STREAMS_TOTAL = 32
+# A relay whose leader has had no new byte for this long is cut: the follower goes
+# back to its herd, which replaces a stalled leader (`HerdConfig.leader_timeout`).
+RELAY_IDLE = 30.0
 # Manifests an answer may carry in all: room for the encoding around the torrents.
 ANSWER_BUDGET = wire.MAX_MESSAGE_BYTES - (1 << 20)
 
@@ -61,6 +78,10 @@ class PeerBackend(Protocol):
 
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
 
+    def relay_of(self, blob_id: str) -> InFlightBlob | None:
+        """A shared blob this agent leads for its herd, while it fetches it."""
+        ...
+
     def count_upload(self, n: int) -> None: ...
 
     def blob_served(self, blob_id: str, address: str, sent: int) -> None:
@@ -68,6 +89,17 @@ class PeerBackend(Protocol):
         ...
 
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None: ...
+
+
+_OPEN_RANGE = re.compile(r"bytes=(\d{1,19})-")
+
+
+def _open_range(header: str | None) -> int | None:
+    """The start of ``bytes=N-`` (no header: 0); None for any other form."""
+    if header is None:
+        return 0
+    m = _OPEN_RANGE.fullmatch(header.strip())
+    return int(m.group(1)) if m else None
 
 
 def _fit(manifests: list[wire.Manifest], budget: int) -> tuple[list[wire.Manifest], int]:
@@ -145,6 +177,109 @@ def make_peer_app(
                 )
             return await _stream(request, blob_id, path, size, span)
 
+    async def relay(request: web.Request) -> web.StreamResponse:
+        blob_id = request.match_info["blob_id"]
+        if not is_blob_id(blob_id):
+            return web.Response(status=404, text="not led here")
+        flight = backend.relay_of(blob_id)
+        path = None if flight is not None else backend.verified_blob_path(blob_id)
+        if flight is None and path is None:
+            return web.Response(status=404, text="not led here")
+        try:
+            size = os.stat(path).st_size if path is not None else flight.size if flight else 0
+        except OSError:
+            return web.Response(status=404, text="not led here")
+        start = _open_range(request.headers.get("Range"))
+        if start is None:
+            return web.Response(status=400, text="ask for one open range: Range: bytes=N-")
+        if start >= size:
+            return web.Response(
+                status=416,
+                text=f"range not satisfiable: the blob has {size} bytes",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        with slots.take(request.remote or "") as ok:
+            if not ok:
+                return web.Response(
+                    status=503,
+                    text="too many blob downloads from this address or in all; retry later",
+                    headers={"Retry-After": "5"},
+                )
+            return await _relay(request, blob_id, flight, path, size, start)
+
+    async def _relay(
+        request: web.Request,
+        blob_id: str,
+        flight: InFlightBlob | None,
+        path: Path | None,
+        size: int,
+        start: int,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = size - start
+        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        sent = 0
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent += n
+            backend.count_upload(n)
+
+        try:
+            await resp.prepare(request)
+            if flight is not None:
+                start = await _relay_flight(resp, flight, start, on_sent)
+            if start < size:  # the fetch is over: the rest from the verified blob
+                path = path or backend.verified_blob_path(blob_id)
+                if path is None:
+                    raise ConnectionResetError("the leader's fetch failed")
+                await _send_file(resp, path, start, size, on_sent)
+            await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            # Cut, never ended cleanly: a short body must not look like a whole one.
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            backend.blob_served(blob_id, request.remote or "", sent)
+        return resp
+
+    async def _relay_flight(
+        resp: web.StreamResponse,
+        flight: InFlightBlob,
+        start: int,
+        on_sent: Callable[[int], None],
+    ) -> int:
+        """Send the flight's checked prefix from `start` as it grows; where it stopped
+        (the size, or short of it once the fetch is over and the blob verified)."""
+        pos = start
+        async with flight.reader(pos) as reader:
+            while pos < flight.size:
+                async with asyncio.timeout(RELAY_IDLE):
+                    window = await reader.readable(flight.size)
+                if window is None:
+                    break
+                await _send_file(resp, window.path, pos, window.end, on_sent)
+                pos = window.end
+                reader.advance(pos)
+        return pos
+
+    async def _send_file(
+        resp: web.StreamResponse,
+        path: Path,
+        start: int,
+        end: int,
+        on_sent: Callable[[int], None],
+    ) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConnectionResetError(f"the blob went away: {exc}") from None
+        try:
+            await write_range(resp, fd, start, end, READ_CHUNK, on_sent, throttle)
+        finally:
+            os.close(fd)
+
     async def revisions(request: web.Request) -> web.Response:
         try:
             msg = wire.decode_as(await request.read(), wire.RevisionRequest)
@@ -183,5 +318,6 @@ def make_peer_app(
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/have", have)
     app.router.add_get("/v1/blobs/{blob_id}", blob)
+    app.router.add_get("/v1/relay/{blob_id}", relay)
     app.router.add_post("/v1/revisions", revisions)
     return app

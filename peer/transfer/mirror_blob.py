@@ -65,10 +65,11 @@ async def from_mirror(
     done_elsewhere: Callable[[], bool],
     flight: InFlightBlob | None = None,
     want_tree: bool = False,
+    in_order: bool = False,
 ) -> FromMirror | None:
     """The verified file in `partial_dir` (and its v2 tree if ``want_tree``); None when
     another process finished the same blob meanwhile (`done_elsewhere`: counted as
-    had)."""
+    had). `in_order`: others copy the checked prefix as it grows (a herd leader)."""
     if flight is not None:
         flight.reset()  # a swarm attempt may have gone before: its readers must cut
     for attempt in (1, 2):
@@ -104,6 +105,7 @@ async def from_mirror(
                 on_bytes=got,
                 on_prefix=prefix,
                 also_hash=tree.update if tree is not None else None,
+                in_order=in_order,
             )
         except BaseException:
             partial.close()

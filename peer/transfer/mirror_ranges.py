@@ -296,18 +296,27 @@ class MirrorFetcher:
         on_bytes: Callable[[int], None] | None = None,
         on_prefix: Callable[[int], None] | None = None,
         also_hash: Callable[[memoryview], None] | None = None,
+        in_order: bool = False,
     ) -> Verdict:
         """Fill `partial` from the mirrors and return the whole-file hash verdict.
         `on_bytes` hears of every byte received for this blob; `on_prefix` of the
         length of the prefix on disk and hashed so far (a reader may stream it);
         `also_hash` is fed every byte in order as it is hashed (the whole file, a
-        resumed prefix too: read once from disk; in the hashing thread)."""
+        resumed prefix too: read once from disk; in the hashing thread).
+        `in_order`: others copy that prefix as it grows (a herd leader's followers):
+        the streams take the chunks in file order, one request each, so the prefix
+        grows at the blob's rate rather than at one stream's (halves stolen from the
+        end of a run would land far ahead of it)."""
         todo = deque(i for i in range(partial.n_chunks) if i not in partial.done)
         job = _BlobJob(snapshot, file, partial, todo, sink=partial.write, on_bytes=on_bytes)
         job.sink = lambda offset, data: self._run_sink(job, offset, data)
         first = self.pool.pick(time.monotonic())
         start = self.pool.streams_that_paid.get(first or "", 1)
-        job.runs = split_runs(list(todo), min(start, self.options.connections), set(partial.held))
+        streams = min(start, self.options.connections)
+        if in_order:
+            job.runs = [_Run(c, c + 1, 0, c) for c in todo]
+        else:
+            job.runs = split_runs(list(todo), streams, set(partial.held))
         for r in job.runs:
             r.pos = partial.resume_at(r.first)  # only the rest of a chunk begun earlier
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size, also_hash)
@@ -320,7 +329,8 @@ class MirrorFetcher:
                     await self._single_stream(job, None)
                 else:
                     workers: set[asyncio.Task[None]] = set()
-                    for _ in range(len(job.runs)):
+                    # in order: one run per chunk, `streams` workers take them in turn
+                    for _ in range(min(len(job.runs), streams) if in_order else len(job.runs)):
                         workers.add(tg.create_task(self._worker(job)))
                     await self._grow(job, tg, workers, first or "")
                 job.wake_hasher.set()

@@ -1,0 +1,201 @@
+"""A herd follower copies a blob from its leader while the leader still fetches it.
+
+Without this, a follower waits until the leader has the whole blob, hashed and seeded,
+and only then swarms it: a LAN tail after the mirror is done. Instead, as soon as the
+herd names a live leader (`peer.agent.herd.Herd`, ``on_leader``), the follower streams
+the leader's relay (``/v1/relay``, `peer.serving.peer_api`): the in-order prefix that
+reached the leader from the mirror, then each byte as it arrives, to the end. The bytes
+go into the follower's own journaled partial (`peer.cache.partial.PartialBlob`, the one
+a mirror fetch resumes) and through the whole-file hash as they land.
+
+Nothing is trusted before that hash: relayed bytes are the mirror's word passed on by a
+peer. A blob that does not hash to its id is thrown away and the leader is banned (it
+relayed bytes its own hash would have refused: only a liar ends a relay that way). A
+relay that breaks (the leader stalled, died, or restarted its fetch) leaves what was
+copied in the partial: the herd replaces a stalled leader, and whoever fetches the rest
+(this agent from the mirror, or a copy from the next leader) starts where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from peer.cache.partial import PartialBlob
+from peer.discovery.peer_table import PeerInfo, PeerTable
+from peer.errors import HfswarmError, NetworkError, PeerMisbehaved
+from peer.hub.metadata import RemoteFile
+from peer.serving.peer_api import RELAY_IDLE
+from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.mirror_ranges import chunk_size_for, hash_range
+from peer.verification.hashing import BlobHasher, HashKind
+
+log = logging.getLogger(__name__)
+
+READ_AT_MOST = 1 << 20  # bytes taken off the relay at once (written, hashed, journaled)
+# A leader whose relay failed (not there yet, went away) is asked again after this long.
+RETRY_AFTER = 1.0
+
+
+class LeaderCopy:
+    """One blob's copy from the herd leaders (one relay at a time), for one wait."""
+
+    def __init__(
+        self,
+        peers: PeerTable,
+        file: RemoteFile,
+        partial_dir: Path,
+        counters: BlobCounters,
+        *,
+        flight: InFlightBlob | None = None,
+        on_done: Callable[[], None] = lambda: None,
+        on_liar: Callable[[PeerInfo, str], None] = lambda _peer, _why: None,
+    ) -> None:
+        self.peers = peers
+        self.file = file
+        self.partial_dir = partial_dir
+        self.counters = counters
+        self.flight = flight  # HF_ENDPOINT readers of this blob follow the copy too
+        self.on_done = on_done  # the blob is here, verified: the herd wait may end
+        self.on_liar = on_liar
+        self.finished: Path | None = None  # the verified data file, to rename into blobs/
+        self.copied = 0  # bytes taken from leaders that are still counted (from_peers)
+        self.relays = 0  # relays started
+        self._liars: set[str] = set()  # leaders that relayed wrong bytes: never again
+        self._retry_at: dict[str, float] = {}  # leader -> when its relay may be asked again
+        self._task: asyncio.Task[None] | None = None
+        self._leader: str | None = None  # whom the running copy follows
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def follow(self, leader: PeerInfo) -> None:
+        """The herd's live leader for the blob (told at every survey): copy from it,
+        unless a copy runs, is done, or this leader failed us already."""
+        agent = leader.agent_id
+        if self.finished is not None or agent in self._liars or self.peers.is_banned(agent):
+            return
+        if self.running and self._leader == agent:
+            return
+        if time.monotonic() < self._retry_at.get(agent, 0.0):
+            return
+        # A new leader (the herd replaced a stalled one): its relay, from where we are.
+        previous = self._task if self.running else None
+        self.relays += 1
+        self._leader = agent
+        self._task = asyncio.create_task(self._run(leader, previous))
+
+    async def result(self) -> Path | None:
+        """Wait for the running copy; the verified file, or None (it failed)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        return self.finished
+
+    async def stop(self) -> None:
+        """Stop copying (this agent fetches the rest itself): the partial is closed,
+        what was copied stays in it for the mirror fetch to resume."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, leader: PeerInfo, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # its partial must be closed before ours opens
+            previous.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await previous
+        try:
+            self.finished = await self._copy(leader)
+        except PeerMisbehaved as exc:
+            self._liars.add(leader.agent_id)
+            log.warning("%s: leader %s lied: %s", self.file.path, leader.api_url, exc.one_line())
+            self.on_liar(leader, exc.one_line())
+        except HfswarmError as exc:
+            self._retry_at[leader.agent_id] = time.monotonic() + RETRY_AFTER
+            log.info(
+                "%s: copy from leader %s stopped: %s",
+                self.file.path,
+                leader.agent_id[:8],
+                exc.one_line(),
+            )
+        except Exception:  # never leave the wait on a bug here: the herd goes on
+            self._liars.add(leader.agent_id)
+            log.exception("%s: copy from leader %s failed", self.file.path, leader.api_url)
+        if self.finished is not None:
+            self.on_done()
+
+    async def _copy(self, leader: PeerInfo) -> Path:
+        file = self.file
+        size = file.size
+        partial = PartialBlob(self.partial_dir, file.blob_id, size, chunk_size_for(size))
+        partial.open()  # PartialBusy (a LocalError) if another process fetches it
+        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), size)
+        try:
+            # Bytes on disk from before (an earlier relay, an interrupted mirror fetch)
+            # are hashed, not asked for again: the relay starts after the prefix.
+            start = partial.resume_at(partial.contiguous_end(0))
+            fd = os.open(partial.data_path, os.O_RDONLY)
+            try:
+                await asyncio.to_thread(hash_range, fd, hasher, 0, start)
+            finally:
+                os.close(fd)
+            self.counters.done = partial.done_bytes()
+            if self.flight is not None:
+                self.flight.start(partial.data_path)
+                self.flight.advance(start)
+            log.info("%s: copying from leader %s at byte %d", file.path, leader.agent_id[:8], start)
+            pos = start
+            async with self.peers.relay(
+                leader, file.blob_id, start, size, idle=RELAY_IDLE + 5.0
+            ) as body:
+                while pos < size:
+                    data = await body.read(min(READ_AT_MOST, size - pos))
+                    if not data:
+                        raise NetworkError(f"the relay ended at byte {pos} of {size}")
+                    # Written and hashed here, not in a thread: a cancelled copy must
+                    # never leave a write running into a partial that is closed.
+                    partial.write(pos, data)
+                    hasher.update(data)
+                    pos += len(data)
+                    self._journal(partial, pos)
+                    self.copied += len(data)
+                    self.counters.from_peers += len(data)
+                    self.counters.done = max(self.counters.done, pos)
+                    if self.flight is not None:
+                        self.flight.advance(pos)
+            if hasher.hexdigest() != file.blob_id:
+                self._void(partial)
+                raise PeerMisbehaved(
+                    f"relayed bytes of {file.path} hash to {hasher.hexdigest()}, not {file.blob_id}"
+                )
+            self.counters.done = size
+            return partial.take_finished()
+        finally:
+            partial.close()
+
+    def _journal(self, partial: PartialBlob, pos: int) -> None:
+        """Chunks below `pos` are done; the one it is in holds bytes up to it."""
+        index = partial.contiguous_end(0)
+        while index < partial.n_chunks and partial.chunk_range(index)[1] <= pos:
+            partial.mark_done(index)
+            index += 1
+        if index < partial.n_chunks:
+            partial.advance(index, pos - partial.chunk_range(index)[0])
+
+    def _void(self, partial: PartialBlob) -> None:
+        """A blob that failed its hash: none of it is kept, or counted as had."""
+        partial.discard()
+        self.counters.hash_failures += 1
+        self.counters.from_peers -= self.copied
+        self.counters.done = 0
+        self.copied = 0
+        if self.flight is not None:
+            self.flight.reset()  # what a reader got is void: it must cut

@@ -1,0 +1,241 @@
+"""Herd followers copy a shard from its leader while the leader still fetches it from
+the mirror (`/v1/relay`, `peer.agent.herd_copy`), and check the whole blob themselves.
+
+Real `hfswarm agent` processes on loopback, the project's mirror with a rate cap so the
+leader is slow, and (for the lie) a fake leader served here."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from procs import agent_process, tracker_process
+from test_agents import MiB, cli, sha256
+
+from peer import wire
+from peer.cache.partial import PartialBlob
+from peer.config import DownloadOptions, HubSettings
+from peer.hub.metadata import RemoteFile, Snapshot
+from peer.mirror_server import MirrorServer, RepoSource
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+BLOB = 16 * MiB
+
+
+async def status(a: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"{a.local_url}/v1/status") as r:
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+@pytest.fixture
+async def slow_mirror(tmp_path: Path) -> AsyncIterator[tuple[MirrorServer, bytes]]:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(12).randbytes(BLOB)
+    (src / "model.safetensors").write_bytes(data)
+    async with MirrorServer([RepoSource("model", "org/relay", src)]) as m:
+        yield m, data
+
+
+async def test_followers_copy_the_leaders_prefix_before_it_is_done(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    mirror.set_rate_cap(2 * MiB)  # per connection: a 16 MiB blob takes the leader seconds
+    ips = ("127.0.0.31", "127.0.0.32", "127.0.0.33")
+    one = ("--connections", "1")  # one mirror stream each: the leader is slow
+    async with tracker_process(tmp_path / "tracker.log") as (_, tracker):
+        via = ("--tracker", tracker, *one)  # they meet through the tracker
+        async with (
+            agent_process(tmp_path / "a", ips[0], mirror.url, *via) as a,
+            agent_process(tmp_path / "b", ips[1], mirror.url, *via) as b,
+            agent_process(tmp_path / "c", ips[2], mirror.url, *via) as c,
+        ):
+            herd = (a, b, c)
+            results, final, early = await fetch_all(herd, blob)
+    for code, _, err in results:
+        assert code == 0, err
+    # Before: a follower got no byte before the leader had the whole blob, hashed and
+    # seeded. Now: followers copy while the leader is mid-way.
+    assert early, "no follower had bytes from its leader before the leader was done"
+    assert any(got >= 2 * MiB and done < BLOB for got, done in early), early
+    # One mirror fetch for the herd; the followers' bytes all from the leader.
+    assert mirror.stats().blob_bytes == BLOB
+    assert sorted(s["bytes_from_mirror"] for s in final) == [0, 0, BLOB]
+    assert sorted(s["bytes_from_peers"] for s in final) == [0, BLOB, BLOB]
+    for root in ("a", "b", "c"):
+        got = tmp_path / root / "cache/models--org--relay/blobs" / blob
+        assert got.read_bytes() == data
+
+
+async def fetch_all(
+    herd: tuple[Any, ...], blob: str
+) -> tuple[list[tuple[int, str, str]], list[dict[str, Any]], list[tuple[int, int]]]:
+    """Download org/relay on every agent at once; their results, their final status, and
+    each look that caught a follower with bytes from a peer while the leader's own fetch
+    was short of the size: (follower's from_peers, leader's done)."""
+    downloads = [
+        asyncio.create_task(cli("download", "org/relay", "--agent", x.local_url, "--quiet"))
+        for x in herd
+    ]
+    # Look at all three while they work: a follower with bytes from a peer while
+    # the leader's own fetch of the blob is still short of its size.
+    early: list[tuple[int, int]] = []  # (follower's from_peers, leader's done)
+    t0 = time.monotonic()
+    while not all(d.done() for d in downloads) and time.monotonic() - t0 < 60:
+        seen = [await status(x) for x in herd]
+        rows = [next((t for t in s["transfers"] if t["blob"] == blob), None) for s in seen]
+        leading = [r for r in rows if r is not None and r["from_mirror"] > 0]
+        following = [r for r in rows if r is not None and r["from_peers"] > 0]
+        if len(leading) == 1 and following and leading[0]["done"] < BLOB:
+            assert {r["source"] for r in following} <= {"leader", "peers"}, following
+            early.append((max(r["from_peers"] for r in following), leading[0]["done"]))
+        await asyncio.sleep(0.1)
+    results = [await asyncio.wait_for(d, 60) for d in downloads]
+    final = [await status(x) for x in herd]
+    return results, final, early
+
+
+@asynccontextmanager
+async def lying_leader(ip: str, sizes: dict[str, int]) -> AsyncIterator[tuple[int, list[int]]]:
+    """Answers like an agent that leads every blob, at a believable pace, and relays
+    bytes of the right length that are not the blob's. Yields its port and the number of
+    bytes it relayed."""
+    t0 = time.monotonic()
+    relayed = [0]
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="liar-leader-00000", bt_port=0, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(request: web.Request) -> web.Response:
+        ask = wire.decode_as(await request.read(), wire.HaveRequest)
+        done = int((time.monotonic() - t0) * 4 * MiB)
+        claims = tuple(
+            wire.Claim(blob_id=b, size=sizes[b], leading=True, done=min(done, sizes[b] - 1))
+            for b in ask.blob_ids
+            if b in sizes
+        )
+        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        size = sizes[request.match_info["blob_id"]]
+        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
+        resp = web.StreamResponse(status=206)
+        resp.content_length = size - start
+        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        await resp.prepare(request)
+        junk = random.Random(1).randbytes(size - start)
+        await resp.write(junk)
+        relayed[0] += len(junk)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/relay/{blob_id}", relay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, ip, 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], relayed
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_leader_relaying_wrong_bytes_is_banned_and_the_blob_comes_right(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    async with (
+        lying_leader("127.0.0.34", {blob: BLOB}) as (port, relayed),
+        agent_process(
+            tmp_path / "a",
+            "127.0.0.35",
+            mirror.url,
+            "--leader-timeout",
+            "3",
+            peers=(f"127.0.0.34:{port}",),
+        ) as a,
+    ):
+        for _ in range(100):
+            if (await status(a))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        code, _, err = await asyncio.wait_for(
+            cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 60
+        )
+        final = await status(a)
+    assert code == 0, err
+    assert relayed[0] == BLOB, "the agent never copied from the (lying) leader"
+    # The relayed bytes failed the whole-file hash: thrown away, the liar banned, and
+    # the blob taken from the mirror whole; only its true bytes are in blobs/.
+    assert final["bans"] >= 1
+    assert final["peers"] == []
+    assert final["bytes_from_peers"] == 0
+    assert mirror.stats().blob_bytes == BLOB
+    got = tmp_path / "a/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
+    assert "lied" in a.log.read_text()
+
+
+async def test_a_leader_with_followers_grows_its_prefix_at_the_blobs_rate(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The relay is the leader's in-order prefix: fetched as usual (a run per stream,
+    halves stolen from the end), it lags the bytes received by up to half the blob;
+    in chunk order (`in_order`, a herd leader with followers) by at most a chunk per
+    stream."""
+    mirror, data = slow_mirror
+    mirror.set_rate_cap(1 * MiB)  # per connection: the fetch grows to 4 streams
+    f = RemoteFile("model.safetensors", len(data), sha256(data), True)
+    hub = HubSettings(mirrors=(mirror.url,), token=None, cache_dir=tmp_path / "c")
+    async with aiohttp.ClientSession() as s:
+        url = f"{mirror.url}/api/models/org/relay/revision/main"
+        async with s.get(url) as r:
+            commit = (await r.json())["sha"]
+    snap = Snapshot("model", "org/relay", "main", commit, (f,), mirror.url)
+    chunk = chunk_size_for(f.size)
+    lag = {o: await prefix_lag(hub, snap, f, tmp_path / f"p{o}", in_order=o) for o in (0, 1)}
+    print(f"largest lag of the prefix: as usual {lag[0]} B, in order {lag[1]} B")
+    assert lag[1] <= 5 * chunk, lag
+    assert lag[1] < lag[0], lag
+
+
+async def prefix_lag(
+    hub: HubSettings, snap: Snapshot, f: RemoteFile, folder: Path, *, in_order: int
+) -> int:
+    """One mirror fetch of `f` (4 streams at most): the most bytes it had received
+    beyond its hashed in-order prefix at any moment."""
+    got, prefix, worst = 0, 0, 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal got, worst
+        got += n
+        worst = max(worst, got - prefix)
+
+    def on_prefix(n: int) -> None:
+        nonlocal prefix
+        prefix = n
+
+    with PartialBlob(folder, f.blob_id, f.size, chunk_size_for(f.size)) as p:
+        async with MirrorFetcher(hub, DownloadOptions(connections=4)) as mf:
+            verdict = await mf.fetch(
+                snap, f, p, on_bytes=on_bytes, on_prefix=on_prefix, in_order=bool(in_order)
+            )
+    assert verdict.ok
+    return worst
