@@ -16,9 +16,9 @@ from agentkit import write_tree
 from procs import agent_process
 from test_quota import hf
 
+from peer.agent.client import iter_ndjson
 from peer.agent.requests import DownloadRequest
 from peer.mirror_server import MirrorServer, RepoSource
-from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import BlobHasher, HashKind
 
 MB = 1_000_000

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,17 @@ from peer.errors import (
     PeerMisbehaved,
     UserError,
 )
-from peer.serving.local_api import iter_ndjson
 from peer.verification.hashing import is_blob_id
+
+
+async def iter_ndjson(stream: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The objects of an NDJSON body (the local API's job events), one per line. Here,
+    not in `peer.serving.local_api`: importing the server would bring the whole agent
+    into every CLI start (measured: 0.3 s)."""
+    async for line in stream:
+        line = line.strip()
+        if line:
+            yield json.loads(line)
 
 
 class AgentUnavailable(NetworkError):

@@ -534,10 +534,21 @@ class BlobFetcher:
         repo.partial_dir.mkdir(parents=True, exist_ok=True)
         stream = self.swarm.subscribe(ih)
         resume = self.state.load_resume(ih)
+        data_path = repo.partial_dir / file.blob_id
+        # Nothing on disk to check: added paused, and resumed once its peers are given
+        # (`StartSwarming`): libtorrent connects the peers of a torrent it resumes at
+        # once, those given to a running one only at its next once-a-second connect
+        # round (measured: 0-1 s, 0.5 s on average, before the first piece). A paused
+        # torrent does not check its file, so one with something on disk runs.
+        fresh = resume is None and not data_path.exists()
         try:
             try:
                 await self.swarm.add_torrent(
-                    manifest.torrent, repo.partial_dir, resume_data=resume, announce=False
+                    manifest.torrent,
+                    repo.partial_dir,
+                    resume_data=resume,
+                    announce=False,
+                    paused=fresh,
                 )
             except SwarmError:
                 if resume is None:
@@ -552,8 +563,7 @@ class BlobFetcher:
         flight = self._flights.get(file.blob_id)
         if flight is not None:
             flight.reset()
-            flight.start(repo.partial_dir / file.blob_id)
-        data_path = repo.partial_dir / file.blob_id
+            flight.start(data_path)
         # The whole-file hash reads each byte once, as the in-order prefix of checked,
         # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
         follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))
@@ -702,6 +712,7 @@ class BlobFetcher:
                     self.swarm.announce(ih)
                     for o in offers:
                         self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                    self.swarm.resume(ih)  # added paused (see `_swarm`): connect now
                     swarming.set()
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:

@@ -58,7 +58,7 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -501,10 +501,3 @@ def _flat(asked: Any) -> dict[str, str]:
     if not isinstance(asked, dict):
         return {"body": type(asked).__name__}
     return {str(k)[:64]: str(v)[:256] for k, v in list(asked.items())[:8]}
-
-
-async def iter_ndjson(stream: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
-    async for line in stream:
-        line = line.strip()
-        if line:
-            yield json.loads(line)
