@@ -791,7 +791,7 @@ class BlobFetcher:
         if flight is None:
             return None
         pos = flight.lowest_reader_position()
-        return Readers(flight.reader_count, pos or 0, flight.ready)
+        return Readers(flight.reader_count, pos or 0, flight.ready, flight.waiting_count)
 
     async def _sample(self, ih: str) -> SwarmSample:
         st = await self.swarm.status(ih)
