@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peer import wire
 from peer.agent.herd import Herd, Lookup
@@ -164,6 +165,7 @@ class BlobFetcher:
         )
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
         self._flights: dict[str, InFlightBlob] = {}
+        self._flight_added = asyncio.Event()  # replaced at each one: see `flight_of`
         # The mirror cap, shared by every download's `MirrorFetcher` (`hfswarm limits`).
         self.mirror_throttle = Throttle(config.mirror_max_rate)
         # At most this many blobs move at once (a herd wait takes no slot).
@@ -171,6 +173,17 @@ class BlobFetcher:
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
+
+    async def flight_of(self, blob_id: str, until: asyncio.Future[Any]) -> InFlightBlob | None:
+        """The flight of `blob_id` once its fetch registered it; None if `until` (the
+        fetch the caller follows) ends first. Waits on a signal, not a clock."""
+        while (flight := self._flights.get(blob_id)) is None and not until.done():
+            added: asyncio.Future[Any] = asyncio.ensure_future(self._flight_added.wait())
+            try:
+                await asyncio.wait({added, until}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                added.cancel()
+        return flight
 
     def busy_ids(self) -> set[str]:
         """Blobs being fetched or streamed right now (never evicted)."""
@@ -223,6 +236,8 @@ class BlobFetcher:
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
         self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
+        self._flight_added.set()
+        self._flight_added = asyncio.Event()
         self._active[file.blob_id] = ActiveFetch(
             access.repo, file.path, file.blob_id, counters, time.monotonic()
         )

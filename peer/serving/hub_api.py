@@ -166,8 +166,9 @@ class HubBackend(Protocol):
         """A revision a client resolved through the mirror (the agent records public ones)."""
         ...
 
-    def stream_of(self, blob_id: str) -> InFlightBlob | None:
-        """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
+    async def flight_of(self, blob_id: str, until: asyncio.Future[Any]) -> InFlightBlob | None:
+        """The blob's fetch in progress (what of it is ready to stream) once it
+        registered, or None if `until` (the fetch) ended first."""
         ...
 
     def count_served(self, n: int) -> None:
@@ -926,10 +927,9 @@ class HubApi:
         behind `meta`) waits for the fetch, which checks that the blob is shared."""
         start, end = span if span is not None else (0, meta.size)
         while meta.mirror and not task.done():
-            flight = self.backend.stream_of(meta.blob_id)
-            if flight is None:  # not registered yet, and nothing signals when it is
-                await asyncio.wait({task}, timeout=0.02)
-                continue
+            flight = await self.backend.flight_of(meta.blob_id, task)
+            if flight is None:  # the fetch ended first: its result below
+                break
             # Registered, the fetch makes its prefix readable for us.
             async with flight.reader(start, until=task) as reader:
                 if await reader.readable(end) is not None:
