@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
 from swarm_cpu import Agent as CheckoutAgent
+from swarm_cpu import cpu_of
 from swarm_loopback import REPO, Agent, start_mirror
 
 CLIENT = """
@@ -100,13 +101,18 @@ def main() -> None:
     mirror, url, seeder = setup(size, work)
     rows = {str(c): f"agent from a peer ({c.name or c})" for c in checkouts}
     res: dict[str, list[float]] = {"mirror": [], **{row: [] for row in rows.values()}}
+    # CPU seconds of the downloading agent during the call (the machine may be shared:
+    # CPU says what the agent's path costs where wall time is noisy).
+    cpu: dict[str, list[float]] = {row: [] for row in rows.values()}
     try:
         for r in range(args.runs):
             res["mirror"].append(snapshot(url, work / "client"))
             for k, c in enumerate(checkouts):
                 b = CheckoutAgent(c, work / f"b-{r}-{k}", "127.0.0.3", url, [seeder.peer])
                 try:
+                    before = cpu_of(b.proc.pid)
                     res[rows[str(c)]].append(snapshot(b.url, work / "client"))
+                    cpu[rows[str(c)]].append(cpu_of(b.proc.pid) - before)
                     with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
                         status = json.load(answer)
                 finally:
@@ -117,14 +123,16 @@ def main() -> None:
     finally:
         teardown(mirror, seeder)
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(json.dumps({"runs_s": res, "median_s": med}, indent=1))
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(json.dumps({"runs_s": res, "agent_cpu_s": cpu, "median_s": med}, indent=1))
     print(
         f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} "
-        "| s | MB/s | vs mirror |"
+        "| s | MB/s | vs mirror | agent CPU s |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} | {v / med['mirror']:.2f}x |")
+        c = f"{med_cpu[k]:.2f}" if k in med_cpu else "-"
+        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} | {v / med['mirror']:.2f}x | {c} |")
 
     if args.ttfb_runs:
         big = parse_size(args.ttfb_size)
