@@ -3,11 +3,14 @@
 Side by side in one run, N rounds (interleaved), median reported:
   1. `snapshot_download` of the repo straight from the project's mirror;
   2. the same call with the endpoint at a fresh agent whose one peer holds the repo
-     (the bytes come from the peer; the mirror answers metadata only);
+     (the bytes come from the peer; the mirror answers metadata only), one row per
+     ``--checkout`` (the agent's code from that tree; default: this one);
 then the time to first byte of a large shard through the endpoint when only a peer
 holds it (a plain GET; the agent starts the swarm and streams what is verified).
 
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
+    python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-runs 0 \
+        --checkout /tmp/base --checkout .
 
 Every process listens on 127.0.0.x; nothing leaves the machine.
 """
@@ -28,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
+from swarm_cpu import Agent as CheckoutAgent
+from swarm_cpu import cpu_of
 from swarm_loopback import REPO, Agent, start_mirror
 
 CLIENT = """
@@ -86,32 +91,48 @@ def main() -> None:
     ap.add_argument("--ttfb-size", default="4GiB")
     ap.add_argument("--ttfb-runs", type=int, default=3)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
     args = ap.parse_args()
+    checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
     size = parse_size(args.size)
     print(f"repo {size} bytes, {args.runs} runs, work {work}", flush=True)
 
     mirror, url, seeder = setup(size, work)
-    res: dict[str, list[float]] = {"mirror": [], "agent (from a peer)": []}
+    rows = {str(c): f"agent from a peer ({c.name or c})" for c in checkouts}
+    res: dict[str, list[float]] = {"mirror": [], **{row: [] for row in rows.values()}}
+    # CPU seconds of the downloading agent during the call (the machine may be shared:
+    # CPU says what the agent's path costs where wall time is noisy).
+    cpu: dict[str, list[float]] = {row: [] for row in rows.values()}
     try:
         for r in range(args.runs):
             res["mirror"].append(snapshot(url, work / "client"))
-            b = Agent(work / f"b-{r}", "127.0.0.3", url, [seeder.peer])
-            res["agent (from a peer)"].append(snapshot(b.url, work / "client"))
-            status = b.status()
-            b.stop()
-            shutil.rmtree(b.root)
-            assert status["bytes_from_mirror"] == 0, "the agent took bytes from the mirror"
+            for k, c in enumerate(checkouts):
+                b = CheckoutAgent(c, work / f"b-{r}-{k}", "127.0.0.3", url, [seeder.peer])
+                try:
+                    before = cpu_of(b.proc.pid)
+                    res[rows[str(c)]].append(snapshot(b.url, work / "client"))
+                    cpu[rows[str(c)]].append(cpu_of(b.proc.pid) - before)
+                    with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
+                        status = json.load(answer)
+                finally:
+                    b.stop()
+                shutil.rmtree(b.root)
+                assert status["bytes_from_mirror"] == 0, "the agent took bytes from the mirror"
             print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items()))
     finally:
         teardown(mirror, seeder)
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(json.dumps({"runs_s": res, "median_s": med}, indent=1))
-    print(f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} | s | MB/s |")
-    print("|---|---|---|")
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(json.dumps({"runs_s": res, "agent_cpu_s": cpu, "median_s": med}, indent=1))
+    print(
+        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} "
+        "| s | MB/s | vs mirror | agent CPU s |"
+    )
+    print("|---|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} |")
-    print(f"\nagent / mirror time: {med['agent (from a peer)'] / med['mirror']:.2f}")
+        c = f"{med_cpu[k]:.2f}" if k in med_cpu else "-"
+        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} | {v / med['mirror']:.2f}x | {c} |")
 
     if args.ttfb_runs:
         big = parse_size(args.ttfb_size)

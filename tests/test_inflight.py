@@ -145,3 +145,21 @@ async def test_the_fetch_hears_of_readers_coming_and_going() -> None:
     async with flight.reader(0):  # no longer watched
         pass
     assert seen == [1, 2, 1, 0]
+
+
+async def test_a_reader_that_waits_says_so_and_is_counted_until_woken() -> None:
+    flight = InFlightBlob("b", SIZE)
+    seen: list[tuple[int, int]] = []
+    with flight.watching_readers(lambda: seen.append((flight.reader_count, flight.waiting_count))):
+        flight.start(PART)
+        async with flight.reader(0) as r:
+            waiting = asyncio.create_task(r.readable(SIZE))
+            await settle()
+            assert flight.waiting_count == 1  # the fetch hears of it: no polling
+            flight.advance(400)
+            assert await waiting == Window(PART, 400)
+            assert flight.waiting_count == 0
+            r.advance(400)
+            assert r.window(SIZE) is None  # a look alone does not count as waiting
+            assert flight.waiting_count == 0
+    assert seen == [(1, 0), (1, 1), (0, 0)]

@@ -4,6 +4,7 @@ clock, like the policy in test_scheduling_policy.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -76,11 +77,15 @@ class Run:
         size: int | None = None,
         holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
+        driver: dict[str, Any] | None = None,
         **policy: object,
     ) -> None:
         self.now = T0
         self.swarm = FakeSwarm(n)
-        cfg = SwarmDownloadConfig(policy=PolicyConfig(**policy))  # type: ignore[arg-type]
+        cfg = SwarmDownloadConfig(
+            policy=PolicyConfig(**policy),  # type: ignore[arg-type]
+            **(driver or {}),
+        )
         self.drv = SwarmDownload(
             size if size is not None else n * PIECE - 100,
             PIECE,
@@ -385,7 +390,7 @@ def test_it_does_not_poll_while_the_policy_has_nothing_to_decide() -> None:
 # --- streaming readers --------------------------------------------------------------------------
 
 
-def test_a_reader_gets_the_checked_prefix_and_deadlines_after_its_position() -> None:
+def test_a_reader_waiting_at_the_start_gets_the_prefix_at_once_and_deadlines_after_it() -> None:
     r = Run(40, streaming=True)
     r.swarm.holders = dict.fromkeys(range(40), 1)
     r.running()
@@ -393,17 +398,49 @@ def test_a_reader_gets_the_checked_prefix_and_deadlines_after_its_position() -> 
     r.done(0.05, 1)
     r.done(0.05, 3)
     assert r.until(0.5, Readers(0, 0, 0)) == []  # no reader: nothing to do
-    out = r.at(0.55, ReadersChanged(Readers(1, 2 * PIECE + 10, 0)))  # one comes
-    out += r.until(0.6, Readers(1, 2 * PIECE + 10, 0))
+    out = r.at(0.55, ReadersChanged(Readers(1, 10, 0, waiting=1)))  # one comes, waits
     assert FlushForReaders(2 * PIECE) in out  # pieces 0 and 1; piece 2 is missing
     deadlines = [(a.piece, a.ms) for a in out if isinstance(a, SetPieceDeadline)]
-    assert deadlines[:2] == [(2, 100), (4, 300)]
-    assert [p for p, _ in deadlines] == [p for p in range(2, 18) if p != 3]
-    # Asked once; the prefix is not flushed again until it grows.
-    later = r.until(0.9, Readers(1, 2 * PIECE + 10, 2 * PIECE))
+    assert deadlines[:2] == [(2, 300), (4, 500)]
+    assert [p for p, _ in deadlines] == [p for p in range(16) if p not in (0, 1, 3)]
+    # Asked once; a reader that sends what it has is not flushed for.
+    later = r.until(0.9, Readers(1, PIECE, 2 * PIECE))
     assert not [a for a in later if isinstance(a, SetPieceDeadline | FlushForReaders)]
-    r.done(1.0, 2)
-    assert FlushForReaders(4 * PIECE) in r.until(1.2, Readers(1, 2 * PIECE, 2 * PIECE))
+
+
+def test_a_waiting_reader_is_flushed_for_after_stream_step_or_stream_delay_never_polled() -> None:
+    r = Run(40, streaming=True, driver={"stream_step": 4 * PIECE, "stream_delay": 0.1})
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    r.at(0.1, ReadersChanged(Readers(1, 0, 0, waiting=1)))  # nothing had yet
+    assert r.drv.next_wakeup() > T0 + 0.5  # no reader poll: it waits for pieces
+    assert r.done(1.0, 0) == []  # one piece: not worth a flush yet ...
+    assert r.drv.next_wakeup() == pytest.approx(T0 + 1.1)
+    assert r.at(1.1) == [FlushForReaders(PIECE)]  # ... until stream_delay passed
+    r.at(1.15, ReadersChanged(Readers(1, PIECE, PIECE, waiting=1)))  # sent it, waits
+    assert [r.done(1.2, i) for i in (1, 2, 3)] == [[], [], []]
+    assert r.done(1.2, 4) == [FlushForReaders(5 * PIECE)]  # stream_step: at once
+    assert r.drv.next_wakeup() > T0 + 1.5  # and no delayed flush left behind
+    # A reader busy sending (not waiting) is not flushed for.
+    r.at(1.25, ReadersChanged(Readers(1, 3 * PIECE, 5 * PIECE)))
+    assert r.done(1.3, 5) == []
+    assert r.drv.next_wakeup() > T0 + 1.5
+    flushes = [a for _, a in r.log if isinstance(a, FlushForReaders)]
+    assert flushes == [FlushForReaders(PIECE), FlushForReaders(5 * PIECE)]
+
+
+def test_a_reader_past_the_prefix_gets_deadlines_but_no_flush_that_cannot_serve_it() -> None:
+    r = Run(40, streaming=True, driver={"stream_step": PIECE})
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    for i in range(4):
+        r.done(0.05, i)
+    out = r.at(0.1, ReadersChanged(Readers(1, 10 * PIECE, 0, waiting=1)))
+    assert not [a for a in out if isinstance(a, FlushForReaders)]
+    assert [a.piece for a in out if isinstance(a, SetPieceDeadline)] == list(range(10, 26))
+    for i in range(4, 10):
+        assert r.done(0.2, i) == []  # the prefix reaches the reader's byte only with 10
+    assert r.done(0.2, 10) == [FlushForReaders(11 * PIECE)]
 
 
 def test_without_readers_the_driver_does_not_wake_for_them() -> None:
@@ -416,10 +453,10 @@ def test_without_readers_the_driver_does_not_wake_for_them() -> None:
     while (wake := r.drv.next_wakeup()) is not None and wake <= T0 + 3.0:
         wakes.append(wake)
         r.at(wake - T0)
-    assert len(wakes) <= 3 + 2  # the heartbeat (1 s), not the reader poll (0.1 s)
-    # A reader comes: it is served at once, then looked at every reader_poll.
-    assert FlushForReaders(PIECE) in r.at(3.05, ReadersChanged(Readers(1, 0, 0)))
-    assert r.drv.next_wakeup() == pytest.approx(T0 + 3.15)
+    assert len(wakes) <= 3 + 2  # the heartbeat (1 s)
+    # A reader comes and waits: it is served at once, and not looked at again.
+    assert FlushForReaders(PIECE) in r.at(3.05, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    assert r.drv.next_wakeup() > T0 + 3.5
     r.at(3.1, ReadersChanged(Readers(0, 0, 0)))  # and goes
     assert r.drv.next_wakeup() > T0 + 3.5
 

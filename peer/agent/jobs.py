@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from peer import wire
 from peer.agent.audit import AuditLog, DownloadFinished
@@ -329,8 +329,8 @@ class HubService:
     def mirror_error(self, mirror: str) -> None:
         self.totals.mirror_error(mirror)
 
-    def stream_of(self, blob_id: str) -> InFlightBlob | None:
-        return self.blobs.stream_of(blob_id)
+    async def flight_of(self, blob_id: str, until: asyncio.Future[Any]) -> InFlightBlob | None:
+        return await self.blobs.flight_of(blob_id, until)
 
     async def revision_manifest(
         self, repo_type: str, repo_id: str, revision: str

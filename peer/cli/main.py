@@ -370,7 +370,7 @@ async def _run_download(args: argparse.Namespace) -> int:
             hint="start one with `hfswarm agent`, or pass --peer HOST:PORT of an agent that has it",
         )
     # Imported only here: it brings the whole download machinery (libtorrent too), which
-    # a download through the agent does not need (about 0.5 s of the CLI's start-up).
+    # a download through the agent does not need (about 0.3-0.5 s of the CLI's start-up).
     from peer.download import download
 
     display = ProgressDisplay(quiet=args.quiet)

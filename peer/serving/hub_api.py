@@ -66,7 +66,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -128,6 +128,9 @@ log = logging.getLogger(__name__)
 # (X-Xet-* above all). Link and Location are rewritten, not copied.
 PASSED_HEADERS = ("X-Error-Code", "X-Error-Message", "X-Repo-Commit", "Retry-After")
 READ_CHUNK = 1 << 20
+# An in-flight body goes out by sendfile (no copy through the agent) this much at a
+# time, so the reader's position (which steers the swarm) follows it.
+SENDFILE_CHUNK = 8 << 20
 META_TTL = 60.0  # seconds a file's metadata at a commit is reused for the same token
 META_ENTRIES = 4096
 REF_ENTRIES = 1024
@@ -163,8 +166,9 @@ class HubBackend(Protocol):
         """A revision a client resolved through the mirror (the agent records public ones)."""
         ...
 
-    def stream_of(self, blob_id: str) -> InFlightBlob | None:
-        """The blob's fetch in progress, if one runs (what of it is ready to stream)."""
+    async def flight_of(self, blob_id: str, until: asyncio.Future[Any]) -> InFlightBlob | None:
+        """The blob's fetch in progress (what of it is ready to stream) once it
+        registered, or None if `until` (the fetch) ended first."""
         ...
 
     def count_served(self, n: int) -> None:
@@ -923,10 +927,9 @@ class HubApi:
         behind `meta`) waits for the fetch, which checks that the blob is shared."""
         start, end = span if span is not None else (0, meta.size)
         while meta.mirror and not task.done():
-            flight = self.backend.stream_of(meta.blob_id)
-            if flight is None:  # not registered yet, and nothing signals when it is
-                await asyncio.wait({task}, timeout=0.02)
-                continue
+            flight = await self.backend.flight_of(meta.blob_id, task)
+            if flight is None:  # the fetch ended first: its result below
+                break
             # Registered, the fetch makes its prefix readable for us.
             async with flight.reader(start, until=task) as reader:
                 if await reader.readable(end) is not None:
@@ -957,8 +960,8 @@ class HubApi:
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         loop = asyncio.get_running_loop()
-        fd: int | None = None
-        fd_path: Path | None = None
+        fobj: BinaryIO | None = None
+        fobj_path: Path | None = None
         pos = start
         try:
             await resp.prepare(request)
@@ -968,24 +971,31 @@ class HubApi:
                     path, limit = task.result(), end  # raises if the fetch failed: cut below
                 else:
                     path, limit = window.path, window.end
-                if fd is None or fd_path != path:
+                if fobj is None or fobj_path != path:
                     try:
-                        new_fd = os.open(path, os.O_RDONLY)
+                        new = os.fdopen(os.open(path, os.O_RDONLY), "rb", buffering=0)
                     except FileNotFoundError:
                         if window is None:
                             raise
                         await reader.changed()  # renamed into blobs/, or void: moved / reset
                         continue
-                    if fd is not None:
-                        os.close(fd)
-                    fd, fd_path = new_fd, path
-                n = min(READ_CHUNK, limit - pos)
-                chunk = await loop.run_in_executor(None, os.pread, fd, n, pos)
-                if len(chunk) != n:
+                    if fobj is not None:
+                        fobj.close()
+                    fobj, fobj_path = new, path
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("the client went away")
+                n = min(SENDFILE_CHUNK, limit - pos)
+                if os.fstat(fobj.fileno()).st_size < pos + n:
                     raise ConnectionResetError("short read of a checked range")
+                # The kernel copies the page-cache pages to the socket (os.sendfile);
+                # asyncio falls back to reads where it cannot. A source made void while
+                # they went out is caught just after: the connection is cut.
+                sent = await loop.sendfile(transport, fobj, pos, n)
+                if sent != n:
+                    raise ConnectionResetError("short send of a checked range")
                 if not task.done():
-                    reader.check()  # the bytes just read may be of a source now void
-                await resp.write(chunk)
+                    reader.check()  # the bytes just sent may be of a source now void
                 self.backend.count_served(n)
                 pos += n
                 reader.advance(pos)
@@ -999,8 +1009,8 @@ class HubApi:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            if fd is not None:
-                os.close(fd)
+            if fobj is not None:
+                fobj.close()
         return resp
 
     async def _stream(

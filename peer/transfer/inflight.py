@@ -7,9 +7,11 @@ Two sides, one owner of the state:
   `reset`, `moved`. ``ready`` is the length of the prefix of ``path`` that is on disk
   and checked so far (swarm: pieces that passed libtorrent's merkle check against the
   manifest, flushed to the file; mirror: bytes received in order and fed to the
-  whole-file hash). It reads where the readers are through `has_readers` and
-  `lowest_reader_position` (the swarm asks for the pieces right after it), and hears of
-  readers coming and going through `watching_readers`.
+  whole-file hash). It reads where the readers are through `has_readers`,
+  `lowest_reader_position` (the swarm asks for the pieces right after it) and
+  `waiting_count`, and hears of readers coming, going and starting to wait through
+  `watching_readers` (so it makes more readable when a reader needs it, without
+  polling).
 - a reader (`peer.serving.hub_api`) registers with ``async with flight.reader(start)``
   and gets a `FlightReader`: `readable` waits, on the flight's own signal (no polling),
   until bytes past its position may be sent; `advance` says how far it sent.
@@ -58,6 +60,7 @@ class InFlightBlob:
         self._generation = 0
         self._verified = False  # moved into blobs/: the last byte may go out
         self._readers: set[FlightReader] = set()
+        self._waiting = 0  # readers blocked in `readable` right now
         self._watchers: list[Callable[[], None]] = []
         # Replaced at every change: a waiter holds the one current when it looked, so no
         # change between its look and its wait is lost.
@@ -85,10 +88,15 @@ class InFlightBlob:
     def has_readers(self) -> bool:
         return bool(self._readers)
 
+    @property
+    def waiting_count(self) -> int:
+        """Readers waiting for bytes past what is readable now."""
+        return self._waiting
+
     @contextlib.contextmanager
     def watching_readers(self, callback: Callable[[], None]) -> Iterator[None]:
-        """Call `callback` whenever a reader comes or goes, while the block runs (the
-        fetch looks at reader positions only while there are readers)."""
+        """Call `callback` whenever a reader comes, goes or starts to wait for bytes,
+        while the block runs (the fetch looks at readers only then)."""
         self._watchers.append(callback)
         try:
             yield
@@ -229,5 +237,11 @@ class FlightReader:
             w = self.window(end)
             if w is not None:
                 return w
-            await self.changed()
+            flight = self._flight
+            flight._waiting += 1
+            try:
+                flight._readers_changed()  # the fetch makes more readable for us
+                await self.changed()
+            finally:
+                flight._waiting -= 1
         return None

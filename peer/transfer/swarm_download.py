@@ -3,8 +3,14 @@
 Pure: no sockets, no libtorrent, no asyncio, no clock. `peer.agent.fetch` feeds it the
 swarm's typed events (`peer.transfer.events`), the results of mirror pieces, samples of
 libtorrent's state when it asks for one (`TakeSample`), a `ReadersChanged` when a
-streaming reader comes or goes, and a `Wake` at `next_wakeup`; each call takes ``now``
-and returns the actions to carry out, in order.
+streaming reader comes, goes or waits for bytes, and a `Wake` at `next_wakeup`; each
+call takes ``now`` and returns the actions to carry out, in order.
+
+Streaming readers (HF_ENDPOINT) are served on their events, never by polling: a reader
+that waits gets the in-order prefix flushed for it at once if ``stream_step`` bytes of
+it are unflushed, else as soon as that many are, or ``stream_delay`` s after the first
+had piece it waits for (a flush is a libtorrent disk fence: one per piece would cost
+more than the wait).
 
 The phases of one download:
 
@@ -49,9 +55,10 @@ class SwarmDownloadConfig:
     # While running: a sample at least this often, for what no event and no policy
     # deadline announces (a peer that stopped having a piece, libtorrent finishing).
     heartbeat: float = 1.0
-    # While a reader streams (`ReadersChanged` says when one comes), its position moves
-    # without an event: look at it this often (also batches the flushes for it).
-    reader_poll: float = 0.1
+    # A streaming reader that waits (`Readers.waiting`) is flushed for once this much
+    # of the prefix is unflushed, or this long after the first byte it waits for came.
+    stream_step: int = 16 << 20
+    stream_delay: float = 0.1
     # Pieces after a reader's position asked of peers in order, 100 ms apart.
     readahead: int = 16
     deadline_step_ms: int = 100
@@ -104,24 +111,27 @@ class MirrorPieceError:
 class Readers:
     """The streaming readers' view (HF_ENDPOINT mode, `peer.transfer.inflight`): how
     many, where the one furthest behind is (those ahead wait for the same checked
-    prefix), and how much of the blob is already readable."""
+    prefix), how much of the blob is already readable, and how many readers wait for
+    more than that."""
 
     count: int
     read_pos: int
     ready: int
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
 class Wake:
-    """Sent at `SwarmDownload.next_wakeup` (and never needed before it)."""
+    """Sent at `SwarmDownload.next_wakeup` (and never needed before it), with the
+    readers' view if the caller has one."""
 
     readers: Readers | None = None
 
 
 @dataclass(frozen=True)
 class ReadersChanged:
-    """A streaming reader came or went: without readers the driver does not wake for
-    them, so it must hear of the next one."""
+    """A streaming reader came, went, or began to wait for bytes: the driver never
+    looks at readers on its own, so it must hear of each."""
 
     readers: Readers
 
@@ -271,9 +281,9 @@ class SwarmDownload:
         self._sampling = False  # a TakeSample is out, its answer not in yet
         self._sample_at = now  # the next sample wanted
         self._reconcile = True  # take `have` from the next sample (events may be lost)
-        self._reader_at = now
-        # Until a look says there is none, assume a reader (one may have come first).
-        self._readers_active = streaming
+        self._starved = False  # a reader waits for bytes past what is flushed
+        self._wanted = 0  # ... at this position: a flush helps once the prefix passes it
+        self._stream_at: float | None = None  # flush for it then, if not before
         self._asked: set[int] = set()  # pieces given a deadline for a reader
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
@@ -303,8 +313,8 @@ class SwarmDownload:
                 wake = self.policy.next_wakeup()
                 if wake is not None:
                     times.append(wake)
-        if self.streaming and self._readers_active and self.phase is not Phase.CHECKING:
-            times.append(self._reader_at)
+        if self._stream_at is not None:
+            times.append(self._stream_at)
         soonest = min(times, default=math.inf)
         return None if math.isinf(soonest) else soonest
 
@@ -320,10 +330,7 @@ class SwarmDownload:
             case Wake(readers=readers):
                 self._on_wake(readers, now, out)
             case ReadersChanged(readers=readers):
-                self._readers_active = readers.count > 0
-                if self.streaming and self.phase is not Phase.CHECKING and self._readers_active:
-                    self._reader_at = now + self.config.reader_poll
-                    self._feed_readers(readers, out)
+                self._feed_readers(readers, now, out)
             case SwarmSample():
                 self._on_sample(item, now, out)
             case MirrorPieceFed(piece=piece, nbytes=nbytes, ok=ok):
@@ -345,12 +352,11 @@ class SwarmDownload:
             self._look_now(now)  # availability and progress, now the policy runs
         if self.outcome is not None:
             return
-        if self.streaming and self.phase is not Phase.CHECKING and now >= self._reader_at:
-            self._reader_at = now + self.config.reader_poll
-            if readers is not None:  # None: nothing said of them
-                self._readers_active = readers.count > 0
-                if self._readers_active:
-                    self._feed_readers(readers, out)
+        if readers is not None:
+            self._feed_readers(readers, now, out)
+        if self._stream_at is not None and now >= self._stream_at:
+            self._stream_at = None
+            self._flush_for_reader(out)
         wake = self.policy.next_wakeup() if self.policy is not None else None
         due = now >= self._sample_at or (wake is not None and now >= wake)
         if due and not self._sampling:
@@ -362,7 +368,7 @@ class SwarmDownload:
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
-                self._follow(out)
+                self._follow(now, out)
             origin = pol.Origin.MIRROR if e.fed_by_us else pol.Origin.PEER
             if self.policy is not None:
                 self._to_policy(pol.PieceDone(e.piece, origin), now, out)
@@ -420,7 +426,9 @@ class SwarmDownload:
         self.phase = Phase.SETTLING
         self._deadline = now + self.config.settle_limit
         out.append(StartSwarming())
-        self._follow(out)
+        self._follow(now, out)
+        if self.streaming:
+            self._stream_at = now  # a Wake at once: it brings the readers that came first
 
     def _settled(self, s: SwarmSample) -> bool:
         connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
@@ -464,20 +472,44 @@ class SwarmDownload:
                 self.progress.done += self.piece_length(i)
                 if self.policy is not None:
                     self._to_policy(pol.PieceDone(i, pol.Origin.PEER), now, out)
-        self._follow(out)
+        self._follow(now, out)
 
-    def _follow(self, out: list[Action]) -> None:
-        """The in-order prefix grew (or swarming starts): flush it for the caller's
-        hash once it grew by ``hash_step``, and prefer the pieces right after it."""
-        if not self.follow_prefix or self.phase is Phase.CHECKING:
-            return
+    def _prefix_bytes(self) -> int:
+        """Bytes of the blob had in order from its start (pieces passed their check)."""
         while self._prefix < self.num_pieces and self._have[self._prefix]:
             self._prefix += 1
-        ready = min(self.size, self._prefix * self.piece_size)
+        return min(self.size, self._prefix * self.piece_size)
+
+    def _flush(self, ready: int, out: list[Action]) -> None:
+        self._flushed = ready
+        self._starved = False  # until it says it waits again
+        self._stream_at = None
+        out.append(FlushForReaders(ready))
+
+    def _flush_for_reader(self, out: list[Action]) -> None:
+        ready = self._prefix_bytes()
+        if self._starved and ready > max(self._flushed, self._wanted):
+            self._flush(ready, out)
+
+    def _follow(self, now: float, out: list[Action]) -> None:
+        """The in-order prefix grew (or swarming starts): flush it for the caller's
+        hash once it grew by ``hash_step`` (for a waiting reader: ``stream_step``, or
+        ``stream_delay`` after it first grew), and prefer the pieces right after it."""
+        if self.phase is Phase.CHECKING:
+            return
+        ready = self._prefix_bytes()
+        grown = ready - self._flushed
+        for_reader = self._starved and ready > self._wanted
         # All of it had: the caller flushes and hashes the rest once it is Finished.
-        if ready < self.size and ready - self._flushed >= self.config.hash_step:
-            self._flushed = ready
-            out.append(FlushForReaders(ready))
+        if ready < self.size and grown > 0:
+            if (self.follow_prefix and grown >= self.config.hash_step) or (
+                for_reader and grown >= self.config.stream_step
+            ):
+                self._flush(ready, out)
+            elif for_reader and self._stream_at is None:
+                self._stream_at = now + self.config.stream_delay
+        if not self.follow_prefix:
+            return
         window = -(-self.config.prefer_window // self.piece_size)
         end = min(self.num_pieces, self._prefix + window)
         start = max(self._preferred, self._prefix)
@@ -534,14 +566,24 @@ class SwarmDownload:
             elif isinstance(d, pol.Failed):
                 self._finish(Failed(d.reason), out)
 
-    def _feed_readers(self, r: Readers, out: list[Action]) -> None:
-        """Make the checked prefix readable (flushed to the file), and ask peers for the
-        pieces just after where the reader is, in order."""
-        n = next((i for i, h in enumerate(self._have) if not h), self.num_pieces)
-        ready = min(self.size, n * self.piece_size)
-        if ready > r.ready:
-            self._flushed = max(self._flushed, ready)
-            out.append(FlushForReaders(ready))
+    def _feed_readers(self, r: Readers, now: float, out: list[Action]) -> None:
+        """A reader came or waits: make the checked prefix readable for it (flushed to
+        the file: now if ``stream_step`` of it is there, else once it is, or after
+        ``stream_delay``), and ask peers for the pieces just after where it is, in
+        order."""
+        if not self.streaming or self.phase is Phase.CHECKING or r.count == 0:
+            self._starved = False
+            self._stream_at = None
+            return
+        self._flushed = max(self._flushed, r.ready)
+        self._starved = r.waiting > 0
+        self._wanted = r.read_pos
+        ready = self._prefix_bytes()
+        if self._starved and ready > max(self._flushed, r.read_pos):
+            if ready - self._flushed >= self.config.stream_step or r.ready == 0:
+                self._flush(ready, out)  # (the first bytes: at once)
+            elif self._stream_at is None:
+                self._stream_at = now + self.config.stream_delay
         first = r.read_pos // self.piece_size
         last = min(self.num_pieces, first + self.config.readahead)
         for k, i in enumerate(range(first, last)):

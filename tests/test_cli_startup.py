@@ -1,0 +1,49 @@
+"""`hfswarm download` through an agent starts without the agent's own machinery: the
+CLI process must not import libtorrent, the servers or the fetch (0.3 s of CPU on every
+run, docs/benchmarks.md 8.10). Checked in a fresh interpreter running the real CLI
+against an agent that does not answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs the CLI's download path in-process, then lists what it imported.
+PROBE = """
+import json, sys
+from peer.cli.main import main
+try:
+    main(["download", "org/model", "--agent", "http://127.0.0.1:9", "--quiet"])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+HEAVY = (
+    "libtorrent",
+    "peer.transfer.swarm",
+    "peer.agent.fetch",
+    "peer.agent.jobs",
+    "peer.serving.local_api",
+    "peer.serving.hub_api",
+    "peer.download",
+)
+
+
+def test_a_download_through_an_agent_imports_none_of_the_agent() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "peer.agent.client" in modules, out.stderr  # the agent path did run
+    assert "no hfswarm agent answers" in out.stderr
+    assert not [m for m in HEAVY if m in modules]
