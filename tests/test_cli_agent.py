@@ -78,18 +78,3 @@ def test_demo_moves_the_model_from_the_mirror_once_then_between_agents(tmp_path:
     assert rows["1"][0] == "0 B"  # agent 1: everything from the mirror
     assert rows["2"][1] == rows["3"][1] == "0 B"  # agents 2 and 3: nothing from it
     assert "(1.00x its size)" in done.stdout  # the mirror sent the model once for 3 copies
-
-
-def test_a_download_through_the_agent_does_not_load_the_download_machinery() -> None:
-    # The CLI's start-up comes before every download's first byte (issue 12: 1.50 s,
-    # now 0.84 s, before a 1 -> 1 transfer of 17-19 s on the simulated LAN; benchmarks.md
-    # 8.8). Following a job in the agent needs an HTTP client, not libtorrent nor the
-    # agent's own server.
-    heavy = ("libtorrent", "peer.download", "peer.agent.jobs", "peer.serving.local_api")
-    code = (
-        "import sys, peer.cli.main, peer.agent.client; "
-        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", f"imported for a download through the agent: {done.stdout}"
