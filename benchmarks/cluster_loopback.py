@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -93,6 +94,11 @@ class ModeAgent(Agent):
             stdout=subprocess.DEVNULL,
         )
         return time.perf_counter() - t0
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the agent used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def timeline(self, took: float) -> dict[str, float]:
         """Seconds from the CLI's start to each stage (`STAGES`) and to its end."""
@@ -161,6 +167,9 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {"open": [], "cluster": []}
     lines: dict[str, list[dict[str, float]]] = {"open": [], "cluster": []}
+    # CPU seconds of one download: the seeder, the downloader agent, the CLI. Less
+    # swayed than wall time by what else runs on the machine.
+    cpus: dict[str, list[dict[str, float]]] = {"open": [], "cluster": []}
     load = [os.getloadavg()[0]]
     try:
         for s in seeders.values():
@@ -174,9 +183,20 @@ def main() -> None:
                     work / f"d-{mode}-{r}", "127.0.0.4", url, [seeder.peer], extra, down_cpu
                 )
                 try:
+                    s0, a0 = seeder.cpu_s(), d.cpu_s()
+                    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                     times[mode].append(d.download())
+                    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = {
+                        "seeder": seeder.cpu_s() - s0,
+                        "downloader": d.cpu_s() - a0,
+                        "CLI": c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime,
+                    }
+                    cpu = {k: round(v, 2) for k, v in cpu.items()}
+                    cpus[mode].append({**cpu, "total": round(sum(cpu.values()), 2)})
                     lines[mode].append(d.timeline(times[mode][-1]))
                     print(f"    {mode:7}  " + timeline_row(lines[mode][-1]), flush=True)
+                    print(f"    {mode:7}  CPU s: " + timeline_row(cpus[mode][-1]), flush=True)
                     st = d.status()
                     assert st["bytes_from_mirror"] == 0, f"{mode}: the mirror was used"
                     assert st["mode"] == mode
@@ -204,6 +224,11 @@ def main() -> None:
         "cluster_over_open": med["cluster"] / med["open"],
         "timeline_median_s": {k: median_timeline(v) for k, v in lines.items()},
         "stage_median_s": {k: median_timeline([stages(r) for r in v]) for k, v in lines.items()},
+        "cpu_median_s": {k: median_timeline(v) for k, v in cpus.items()},
+        "cpu_total_cluster_over_open": (
+            statistics.median(c["total"] for c in cpus["cluster"])
+            / statistics.median(c["total"] for c in cpus["open"])
+        ),
         "pinned": args.pin,
         "load_1min": load,
         "handshake": hs,
@@ -215,6 +240,9 @@ def main() -> None:
         print(f"  {mode:7}  " + timeline_row(v))
     print("median time per stage (s; the piece stream is first piece -> last piece):")
     for mode, v in out["stage_median_s"].items():
+        print(f"  {mode:7}  " + timeline_row(v))
+    print("median CPU seconds of one download:")
+    for mode, v in out["cpu_median_s"].items():
         print(f"  {mode:7}  " + timeline_row(v))
 
 
