@@ -10,7 +10,7 @@ h1 holds the open-mode seeder, h2 the cluster-mode one, h3 a fresh downloader pe
 from the mirror (in its own namespace behind the router). Links are unshaped: the
 namespaces still share this machine's CPUs, so `--pin` puts the seeders on CPU 0 and
 the downloader agent and its CLI on CPU 1 (taskset), as two LAN hosts would each have
-their own CPU.
+their own CPU. Also counted: the packets the downloader's LAN port received per run.
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ def pin(a: netlab.AgentProc, cpu: int | None) -> None:
                        stdout=subprocess.DEVNULL)  # fmt: skip
 
 
+def rx_packets(a: netlab.AgentProc) -> int:
+    """Packets the host's LAN port (eth0) has received so far."""
+    done = a.host.run(["cat", "/proc/net/dev"])
+    for line in done.stdout.splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "eth0":
+            return int(rest.split()[1])
+    raise RuntimeError(f"no eth0 on {a.host.name}")
+
+
 def download(a: netlab.AgentProc, cpu: int | None) -> float:
     cmd = a.download_cmd(REPO)
     if cpu is not None:
@@ -74,6 +84,7 @@ def main() -> None:
     make_repo(folder, size)
     seed_cpu, down_cpu = (0, 1) if args.pin else (None, None)
     times: dict[str, list[float]] = {"open": [], "cluster": []}
+    packets: dict[str, list[int]] = {"open": [], "cluster": []}  # into the downloader
     load = [os.getloadavg()[0]]
     with netlab.Lan(hosts=3, lan_rate=None, wan_rate=None, wan_rtt_ms=0) as lan:
         mirror = netlab.start_mirror(lan, [f"model:{REPO}={folder}"], work / "mirror")
@@ -100,7 +111,9 @@ def main() -> None:
                 d = netlab.start_agent(lan, 3, root, mirror.url, *extra, mdns=False, peers=[peer])
                 try:
                     pin(d, down_cpu)
+                    rx0 = rx_packets(d)
                     times[mode].append(download(d, down_cpu))
+                    packets[mode].append(rx_packets(d) - rx0)
                     st = d.status()
                     assert st["bytes_from_mirror"] == 0, f"{mode}: the mirror was used"
                     assert st["mode"] == mode
@@ -108,7 +121,12 @@ def main() -> None:
                     d.stop()
                     shutil.rmtree(root)
             load.append(os.getloadavg()[0])
-            print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+            print(
+                f"  run {r + 1}: "
+                + ", ".join(
+                    f"{k} {v[-1]:.2f} s ({packets[k][-1]} packets)" for k, v in times.items()
+                )
+            )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -119,6 +137,7 @@ def main() -> None:
         "median_s": med,
         "median_MBps": {k: size / v / 1e6 for k, v in med.items()},
         "cluster_over_open": med["cluster"] / med["open"],
+        "rx_packets": packets,
         "load_1min": load,
     }
     print(json.dumps(out, indent=1))
