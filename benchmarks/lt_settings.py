@@ -10,7 +10,10 @@ the seeder's CPU seconds, and the ratio to the baseline of the same run.
     python benchmarks/lt_settings.py --size 1GiB --runs 3
 
 A variant is `name=key:value[,key:value]` (`--variant`, repeatable); without any, the
-built-in list below runs. Everything on 127.0.0.x.
+built-in list below runs. The key `ssl:1` is not a libtorrent setting: it makes that
+variant run as cluster mode does (the torrent's SSL variant rooted in a cluster CA made
+for the run, an SSL-only listen socket, member certificates on both ends). Everything
+on 127.0.0.x.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import parse_size
@@ -52,12 +56,31 @@ VARIANTS: dict[str, dict[str, int | bool]] = {
 }
 
 
-def settings(ip: str, change: dict[str, int | bool]) -> dict[str, object]:
+def settings(ip: str, change: dict[str, int | bool], ssl: Any = None) -> dict[str, object]:
     from peer.transfer.swarm import SwarmSettings
 
-    pack = dict(SwarmSettings(listen_host=ip, listen_port=0).to_libtorrent())
+    pack = dict(SwarmSettings(listen_host=ip, listen_port=0, ssl=ssl).to_libtorrent())
     pack.update(change)
     return pack
+
+
+def ssl_identity(work: Path, name: str) -> Any:
+    """Cluster mode's SSL identity for one end (the CA made once per work folder)."""
+    from peer.cluster.credentials import ClusterDir, load_member
+    from peer.cluster.tls import FFDHE2048_PEM
+    from peer.transfer.swarm import SslIdentity
+
+    ca = ClusterDir(work / "ca")
+    if not ca.ca_key.exists():
+        ca.init("bench")
+    member = work / f"{name}.pem"
+    if not member.exists():
+        ca.enroll(name, member)
+    dh = work / "dhparams.pem"
+    if not dh.exists():
+        dh.write_text(FFDHE2048_PEM)
+    m = load_member(member)
+    return SslIdentity(m.ca_pem, str(member), str(member), str(dh))
 
 
 def child(role: str, torrent: Path, folder: Path, change: str, peer: str) -> None:
@@ -65,15 +88,25 @@ def child(role: str, torrent: Path, folder: Path, change: str, peer: str) -> Non
     downloads from `peer`, flushes and prints its figures."""
     import libtorrent as lt
 
+    from peer.transfer.swarm import _ssl_variant
+
     ip = "127.0.0.20" if role == "seed" else "127.0.0.21"
-    ses = lt.session(settings(ip, json.loads(change)))
+    spec = json.loads(change)
+    ident = ssl_identity(torrent.parent, role) if spec.pop("ssl", 0) else None
+    ses = lt.session(settings(ip, spec, ident))
+    data = torrent.read_bytes()
+    if ident is not None:
+        data = _ssl_variant(data, ident.root_cert_pem)
     atp = lt.add_torrent_params()
-    atp.ti = lt.torrent_info(lt.bdecode(torrent.read_bytes()))
+    atp.ti = lt.torrent_info(lt.bdecode(data))
     atp.save_path = str(folder)
     if role == "seed":
         atp.flags |= lt.torrent_flags.seed_mode
-        ses.add_torrent(atp)
-        print(json.dumps({"port": ses.listen_port()}), flush=True)
+        h = ses.add_torrent(atp)
+        if ident is not None:
+            h.set_ssl_certificate(ident.cert_path, ident.key_path, ident.dh_params_path)
+        port = ses.ssl_listen_port() if ident is not None else ses.listen_port()
+        print(json.dumps({"port": port}), flush=True)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         sys.stdin.read()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -82,6 +115,8 @@ def child(role: str, torrent: Path, folder: Path, change: str, peer: str) -> Non
         return
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     h = ses.add_torrent(atp)
+    if ident is not None:
+        h.set_ssl_certificate(ident.cert_path, ident.key_path, ident.dh_params_path)
     host, port = peer.rsplit(":", 1)
     h.connect_peer((host, int(port)))
     first = None
