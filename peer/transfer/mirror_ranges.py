@@ -76,7 +76,13 @@ _BROKEN_ANSWERS = 3  # wrong Content-Ranges from one mirror before it is skipped
 # A blob starts with one stream (or as many as paid off last time on its mirror), and
 # doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
 # per file and 10.9 s with 4 (docs/benchmarks.md, section 8.4).
-GROW_EVERY = 0.25  # seconds between looks at the rate
+# Seconds between looks at the rate: `GROW_COST_RATIO` requests' measured cost, within
+# [GROW_EVERY_MIN, GROW_EVERY]. Where requests are cheap (a mirror capping each
+# connection) the ramp to N streams takes a few tenths of a second instead of a second
+# or two; where they are dear (olah: 0.2-0.7 s to the headers) it stays at the maximum.
+GROW_EVERY = 0.25
+GROW_EVERY_MIN = 0.06
+GROW_COST_RATIO = 5.0
 GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
 LINEAR_GAIN = 1.7  # grown this much: the streams are each capped, quadruple them
 # A stolen half run must take this many times a request's cost to fetch.
@@ -84,7 +90,7 @@ STEAL_COST_RATIO = 10.0
 # A request asks for what its stream moves in this many seconds (at least this many
 # times a request's cost): long enough to make the request cheap, short enough that
 # the rest of a run can still be handed to a new stream.
-ASK_SECONDS = 2.0
+ASK_SECONDS = 0.5
 ASK_COST_RATIO = 10.0
 FIRST_ASK = 4  # chunks, before the rate is known
 
@@ -227,6 +233,8 @@ class _BlobJob:
     range_ignored: int = 0  # 200 answers to a Range request so far
     fetched: int = 0
     last_byte: float = 0.0  # monotonic time the last body byte arrived
+    first_byte: float = 0.0  # ... and the first one (the debug log's time line)
+    requests: int = 0  # requests sent for this blob
     runs: list[_Run] = field(default_factory=list)  # not started yet
     active: list[_Run] = field(default_factory=list)  # being streamed
     request_cost: float | None = None  # seconds to a response's headers (moving average)
@@ -324,6 +332,16 @@ class MirrorFetcher:
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         digest = hash_task.result()
+        now = time.monotonic()
+        log.debug(
+            "%s: %d B, first byte at %.3f s, last at %.3f s, hashed at %.3f s, %d requests",
+            file.path,
+            job.fetched,
+            job.first_byte - job.started if job.fetched else 0.0,
+            job.last_byte - job.started if job.fetched else 0.0,
+            now - job.started,
+            job.requests,
+        )
         return Verdict(
             ok=digest == file.blob_id, expected=file.blob_id, actual=digest, size=file.size
         )
@@ -401,12 +419,18 @@ class MirrorFetcher:
         settle = True  # streams just started: their first interval holds their request
         while True:
             before, t0 = job.fetched, time.monotonic()
-            done, _ = await asyncio.wait(workers, timeout=GROW_EVERY)
+            cost = job.request_cost
+            look = GROW_EVERY_MIN if cost is None else GROW_COST_RATIO * cost
+            done, _ = await asyncio.wait(
+                workers, timeout=min(GROW_EVERY, max(GROW_EVERY_MIN, look))
+            )
             workers -= done
             if not workers:
                 return
             if not growing or job.single_stream:
                 continue
+            if not job.fetched:
+                continue  # the clock starts with the first byte: still settling
             if settle:
                 settle = False
                 continue
@@ -541,6 +565,8 @@ class MirrorFetcher:
             job.wake_hasher.set()
 
     def _count(self, job: _BlobJob, n: int) -> None:
+        if not job.fetched:
+            job.first_byte = time.monotonic()
         job.fetched += n
         job.last_byte = time.monotonic()
         if job.on_bytes is not None:
@@ -641,6 +667,7 @@ class MirrorFetcher:
     async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
         size = job.file.size
         t0 = time.monotonic()
+        job.requests += 1
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
         took = time.monotonic() - t0
         job.request_cost = took if job.request_cost is None else (job.request_cost + took) / 2
