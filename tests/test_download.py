@@ -221,7 +221,9 @@ def test_recovers_from_mirror_faults(
     elif fault.kind == "corrupt":
         assert served >= 2 * 24 * MiB  # the bad blob was thrown away and fetched again
     else:
-        assert served < total + 6 * MiB
+        # Far below a second copy of the file: what a stream cut for a stealer had in
+        # flight (on loopback, a few MiB of socket buffers each) is all that is extra.
+        assert served < total + 8 * MiB
     if fault.kind == "stall":
         assert elapsed < 25  # the stalled connection was abandoned, not waited out
 
@@ -601,6 +603,41 @@ async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
     assert paid >= 2, "more streams raised the rate of a capped mirror: they must be kept"
 
 
+async def test_streams_reach_the_cap_early_where_requests_are_cheap(tmp_path: Path) -> None:
+    """A mirror capping each connection, whose requests cost milliseconds: the rate is
+    looked at every few requests' cost (not every 0.25 s), so all `--connections`
+    streams run before 1/16 of the file has arrived (the 0.25 s looks of d6dc5c8 had 4
+    GETs then; the ramp made a 256 MiB fetch 2x slower than 16 streams from the start)."""
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    data = __import__("random").Random(11).randbytes(32 * MiB)
+    write(tmp_path / "src" / "c.bin", data)
+    f = RemoteFile("c.bin", len(data), blob_of(data, lfs=True), True)
+    with ThreadedMirror([RepoSource("model", "org/c", tmp_path / "src")], rate_cap=MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        url = f"{m.url}/api/models/org/c/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/c", "main", commit, (f,), m.url)
+        got = [0]
+        gets_early: list[int] = []
+
+        def on_bytes(n: int) -> None:
+            got[0] += n
+            if got[0] <= f.size // 16:
+                gets_early.append(m.stats().gets_per_file.get("org/c/c.bin", 0))
+
+        with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+            async with MirrorFetcher(hub, DownloadOptions(connections=8)) as mf:
+                assert (await mf.fetch(snap, f, p, on_bytes=on_bytes)).ok
+            assert p.data_path.read_bytes() == data
+    assert gets_early and max(gets_early) >= 8, gets_early[-5:]
+
+
 async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_request(
     tmp_path: Path,
 ) -> None:
@@ -629,8 +666,9 @@ async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_reque
 
 async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: Path) -> None:
     """A journal that says chunks 3 and 5 hold their first bytes (a kill -9 in the
-    middle of them): the resumed runs start there, so the mirror sends exactly what is
-    missing, and the runs journal progress inside chunks again as bytes land."""
+    middle of them): the resumed runs start there, so the mirror sends what is missing
+    (and what a cut stream had in flight), and the runs journal progress inside chunks
+    again as bytes land."""
     from peer.cache.partial import JOURNAL_STEP, PartialBlob
     from peer.config import DownloadOptions, HubSettings
     from peer.hub.metadata import RemoteFile, Snapshot
@@ -665,4 +703,7 @@ async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: 
             assert p.done == set(range(8))
             # 8-byte records: more than one per chunk fetched, so progress inside chunks too
             assert (p.journal_path.stat().st_size - journal) // 8 > 6
-        assert m.stats().per_file["org/r/a.bin"] == missing
+        # What a stream cut for a stealer had in flight is sent too; a run that asked
+        # again for a held prefix would send at least the smallest of them again.
+        sent = m.stats().per_file["org/r/a.bin"]
+        assert missing <= sent < missing + min(held.values()), (sent, missing)

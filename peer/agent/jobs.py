@@ -243,7 +243,10 @@ class DownloadJob:
                     await self.obtain_file(snapshot, files, mirror, c, access, target)
                 files_done += len(files)
 
-            await each_with_ticks(by_blob.values(), one, lambda: emit(figures()), self.tick)
+            # Largest first: with N files at once, a slow mirror's seconds-long first
+            # answer to a small file then never delays a big one's start.
+            largest_first = sorted(by_blob.values(), key=lambda fs: -fs[0].size)
+            await each_with_ticks(largest_first, one, lambda: emit(figures()), self.tick)
         path = target.finish(snapshot.revision, snapshot.commit)
         if learned is not None:  # a public revision from the mirror: peers may use it
             self.snapshots.record(learned)
