@@ -641,6 +641,47 @@ async def test_streams_reach_the_cap_early_where_requests_are_cheap(tmp_path: Pa
     assert gets_early and max(gets_early) >= 8, gets_early[-5:]
 
 
+async def test_a_blob_is_one_get_until_the_mirrors_request_cost_is_known(tmp_path: Path) -> None:
+    """Before any request to a mirror has been timed, a blob's first request asks for
+    its whole run: one GET per file, as `hf download` (olah answers each request only
+    after a check of its upstream). Once measured cheap, kept per mirror in a dict the
+    agent's jobs share, the next blob starts with a few chunks (no cut needed to split
+    it)."""
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    rnd = __import__("random").Random(12)
+    src = tmp_path / "src"
+    datas = {n: rnd.randbytes(16 * MiB) for n in ("a.bin", "b.bin", "c.bin")}
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/g", src)]) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/g/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/g", "main", commit, tuple(files.values()), m.url)
+        costs: dict[str, float] = {}
+
+        async def gets_for(name: str, known: dict[str, float]) -> int:
+            f = files[name]
+            with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                async with MirrorFetcher(
+                    hub, DownloadOptions(connections=1), request_costs=known
+                ) as mf:
+                    assert (await mf.fetch(snap, f, p)).ok
+            return m.stats().gets_per_file[f"org/g/{name}"]
+
+        assert await gets_for("a.bin", costs) == 1
+        assert m.url in costs  # measured, and kept for the next fetcher
+        assert await gets_for("b.bin", costs) >= 2  # 4 chunks first, then the rest
+        assert await gets_for("c.bin", {}) == 1  # a fetcher that knows nothing: blind
+
+
 async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_request(
     tmp_path: Path,
 ) -> None:

@@ -172,6 +172,10 @@ class DownloadJob:
         self.tick = tick  # seconds between progress events while bytes move
         # Mirrors seen ignoring Range, shared by this agent's jobs (one GET per file).
         self.ignores_range: set[str] = set()
+        # ... and each mirror's request cost: a blob's first request asks blind for its
+        # whole run (cut, wasting what was in flight, where the mirror is fast) only
+        # until this agent has measured that mirror once.
+        self.request_costs: dict[str, float] = {}
         self.quota = quota  # the agent's: its blobs held while it runs, or refused
         self.throttle = throttle  # the agent's mirror cap, shared by all its downloads
 
@@ -191,6 +195,7 @@ class DownloadJob:
             on_mirror_error=self.totals.mirror_error,
             throttle=self.throttle,
             ignores_range=self.ignores_range,
+            request_costs=self.request_costs,
         )
 
     def hub_for(self, repo_id: str, token: str | None) -> HubSettings:

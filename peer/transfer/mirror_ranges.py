@@ -188,7 +188,12 @@ class _Run:
 class MirrorPool:
     """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
 
-    def __init__(self, mirrors: tuple[str, ...], ignores_range: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        mirrors: tuple[str, ...],
+        ignores_range: set[str] | None = None,
+        request_cost: dict[str, float] | None = None,
+    ) -> None:
         self.mirrors = mirrors
         self._failures = dict.fromkeys(mirrors, 0)
         self._cool_until = dict.fromkeys(mirrors, 0.0)
@@ -199,8 +204,9 @@ class MirrorPool:
         # blob from it starts there).
         self.streams_that_paid: dict[str, int] = {}
         # Per mirror: seconds to a response's headers, last measured (a blob's first
-        # requests ask for whole runs only where this is unknown or dear).
-        self.request_cost: dict[str, float] = {}
+        # requests ask for whole runs only where this is unknown or dear). The caller
+        # may pass a dict it keeps across downloads (an agent's jobs share one).
+        self.request_cost = request_cost if request_cost is not None else {}
 
     def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         usable = [m for m in self.mirrors if m not in exclude]
@@ -266,6 +272,7 @@ class MirrorFetcher:
         on_mirror_error: Callable[[str], None] | None = None,
         throttle: Throttle | None = None,
         ignores_range: set[str] | None = None,
+        request_costs: dict[str, float] | None = None,
     ) -> None:
         self.settings = settings
         # the agent's mirror cap, shared by all its fetchers' connections (live)
@@ -273,7 +280,7 @@ class MirrorFetcher:
         self.options = options
         # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
         self.on_mirror_error = on_mirror_error
-        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range)
+        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range, request_costs)
         self._session: aiohttp.ClientSession | None = None
 
     @property
