@@ -65,9 +65,11 @@ async def test_mirror_bytes_stream_and_a_failed_hash_cuts_the_connection(
 ) -> None:
     async with MirrorServer([RepoSource("model", "org/s", tmp_path / "src")]) as mirror:
         mirror.set_rate_cap(1 * MiB)  # per connection: ~3 s for the shard
-        # One corrupt byte near the end: the first fetch fails its whole-file hash after
-        # most of the body has been streamed.
-        mirror.add_fault(Fault("corrupt", offset=len(shard) - 4096, times=1))
+        # One corrupt byte: the first fetch fails its whole-file hash, at the end, after
+        # most of the body has been streamed. Near the start, in the part the first
+        # request keeps: that request asks for the whole file and is cut for the streams
+        # added later, and the fault is spent on the first response covering its offset.
+        mirror.add_fault(Fault("corrupt", offset=4096, times=1))
         async with (
             agent(config(tmp_path / "b", "127.0.0.3", mirror.url)) as b,
             aiohttp.ClientSession() as client,

@@ -175,6 +175,10 @@ class DownloadJob:
         self.tick = tick  # seconds between progress events while bytes move
         # Mirrors seen ignoring Range, shared by this agent's jobs (one GET per file).
         self.ignores_range: set[str] = set()
+        # ... and each mirror's request cost: a blob's first request asks blind for its
+        # whole run (cut, wasting what was in flight, where the mirror is fast) only
+        # until this agent has measured that mirror once.
+        self.request_costs: dict[str, float] = {}
         self.quota = quota  # the agent's: its blobs held while it runs, or refused
         self.throttle = throttle  # the agent's mirror cap, shared by all its downloads
 
@@ -194,6 +198,7 @@ class DownloadJob:
             on_mirror_error=self.totals.mirror_error,
             throttle=self.throttle,
             ignores_range=self.ignores_range,
+            request_costs=self.request_costs,
         )
 
     def hub_for(self, repo_id: str, token: str | None) -> HubSettings:
@@ -247,7 +252,10 @@ class DownloadJob:
                     await self.obtain_file(snapshot, files, mirror, c, access, target)
                 files_done += len(files)
 
-            await each_with_ticks(by_blob.values(), one, lambda: emit(figures()), self.tick)
+            # Largest first: with N files at once, a slow mirror's seconds-long first
+            # answer to a small file then never delays a big one's start.
+            largest_first = sorted(by_blob.values(), key=lambda fs: -fs[0].size)
+            await each_with_ticks(largest_first, one, lambda: emit(figures()), self.tick)
         path = target.finish(snapshot.revision, snapshot.commit)
         if learned is not None:  # a public revision from the mirror: peers may use it
             self.snapshots.record(learned)

@@ -1,15 +1,17 @@
 """Fetch a blob from HF-style mirrors with parallel HTTP Range requests (aiohttp).
 
 One `MirrorFetcher` holds a connection pool for a whole download. For each blob it
-starts one worker streaming a run of the file's journal chunks in a few Range requests
-(each asks for about 2 s of the stream's rate, at least 10 requests' cost; chunks are
-marked done as their last byte lands), and adds workers while the blob's throughput
-still grows, up to N: a new worker takes the second half of what the largest run has not
-asked for yet (as aria2 splits, without cutting a request), but only where that half
+starts one worker streaming a run of the file's journal chunks (chunks are marked done
+as their last byte lands), and adds workers while the blob's throughput still grows, up
+to N: a new worker takes the second half of what the largest run has not asked for yet
+(as aria2 splits), or else of what a run asked for whole before any request's cost was
+known has not reached yet (that stream is cut there), but only where that half
 takes several times a request's measured cost (time to the response headers) to
-fetch; a worker whose run is done does the same. A mirror that charges per request
-(olah re-checks upstream on each) thus sees a handful of requests per file where it
-saw 64, and a fast one still gets N streams. Every byte
+fetch; a worker whose run is done does the same. A run's first request, before any
+request's cost is known, asks for the whole run; later ones for 0.5 s of the stream's
+rate, or for 10 requests' cost of it where requests are dear. A mirror that charges
+per request (olah re-checks upstream on each) thus sees one request per file, as from
+`hf download`, where it saw 64, and a fast one still gets N streams. Every byte
 goes straight to the partial file (nothing is buffered whole; progress inside a chunk
 is journaled every `JOURNAL_STEP`, and a resumed run starts at the first byte its
 chunk lacks, so a kill -9 costs at most that much per stream) and a hashing task
@@ -76,17 +78,24 @@ _BROKEN_ANSWERS = 3  # wrong Content-Ranges from one mirror before it is skipped
 # A blob starts with one stream (or as many as paid off last time on its mirror), and
 # doubles them while its rate grows: olah, cold, took 4.3 s for 300 MB with one stream
 # per file and 10.9 s with 4 (docs/benchmarks.md, section 8.4).
-GROW_EVERY = 0.25  # seconds between looks at the rate
+# Seconds between looks at the rate: `GROW_COST_RATIO` requests' measured cost, within
+# [GROW_EVERY_MIN, GROW_EVERY]. Where requests are cheap (a mirror capping each
+# connection) the ramp to N streams takes a few tenths of a second instead of a second
+# or two; where they are dear (olah: 0.2-0.7 s to the headers) it stays at the maximum.
+GROW_EVERY = 0.25
+GROW_EVERY_MIN = 0.06
+GROW_COST_RATIO = 5.0
 GROW_GAIN = 1.1  # the rate must have grown this much since the last step to grow again
 LINEAR_GAIN = 1.7  # grown this much: the streams are each capped, quadruple them
 # A stolen half run must take this many times a request's cost to fetch.
 STEAL_COST_RATIO = 10.0
-# A request asks for what its stream moves in this many seconds (at least this many
-# times a request's cost): long enough to make the request cheap, short enough that
-# the rest of a run can still be handed to a new stream.
-ASK_SECONDS = 2.0
+# Once a request's cost is known, a request asks for what its stream moves in this many
+# seconds (at least this many times a request's cost): long enough to make the request
+# cheap, short enough that the rest of a run can go to a new stream without a cut (a
+# cut throws away what the connection had in flight).
+ASK_SECONDS = 0.5
 ASK_COST_RATIO = 10.0
-FIRST_ASK = 4  # chunks, before the rate is known
+FIRST_ASK = 4  # chunks a blob's first request asks of a mirror known to be cheap
 
 
 def split_runs(
@@ -163,21 +172,28 @@ class _RunCut(Exception):
 
 @dataclass(eq=False)
 class _Run:
-    """Chunks [first, end) of a blob, fetched by one worker from byte `pos`, in requests
-    sized to the stream's rate (up to chunk `asked`): a stealer takes the second half of
-    what was not asked yet and lowers `end`, so no request is cut."""
+    """Chunks [first, end) of a blob, fetched by one worker from byte `pos` in requests
+    up to chunk `asked`: a stealer takes the second half of what was not asked yet and
+    lowers `end`, or failing that of what the stream has not reached yet: the stream is
+    then cut at `end` (its connection closed, what it had in flight thrown away)."""
 
     first: int
     end: int
     pos: int  # next byte to write
     marked: int  # chunks before this one are marked done
     asked: int = 0  # chunks before this one are asked of the mirror
+    blind: bool = False  # its request asked for the whole run, the cost unknown: may be cut
 
 
 class MirrorPool:
     """Preferred-first mirror choice with cool-down for failing ones (pure, clock passed in)."""
 
-    def __init__(self, mirrors: tuple[str, ...], ignores_range: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        mirrors: tuple[str, ...],
+        ignores_range: set[str] | None = None,
+        request_cost: dict[str, float] | None = None,
+    ) -> None:
         self.mirrors = mirrors
         self._failures = dict.fromkeys(mirrors, 0)
         self._cool_until = dict.fromkeys(mirrors, 0.0)
@@ -187,6 +203,10 @@ class MirrorPool:
         # Per mirror: streams per blob that still raised the rate last time (the next
         # blob from it starts there).
         self.streams_that_paid: dict[str, int] = {}
+        # Per mirror: seconds to a response's headers, last measured (a blob's first
+        # requests ask for whole runs only where this is unknown or dear). The caller
+        # may pass a dict it keeps across downloads (an agent's jobs share one).
+        self.request_cost = request_cost if request_cost is not None else {}
 
     def pick(self, now: float, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         usable = [m for m in self.mirrors if m not in exclude]
@@ -227,6 +247,8 @@ class _BlobJob:
     range_ignored: int = 0  # 200 answers to a Range request so far
     fetched: int = 0
     last_byte: float = 0.0  # monotonic time the last body byte arrived
+    first_byte: float = 0.0  # ... and the first one (the debug log's time line)
+    requests: int = 0  # requests sent for this blob
     runs: list[_Run] = field(default_factory=list)  # not started yet
     active: list[_Run] = field(default_factory=list)  # being streamed
     request_cost: float | None = None  # seconds to a response's headers (moving average)
@@ -250,6 +272,7 @@ class MirrorFetcher:
         on_mirror_error: Callable[[str], None] | None = None,
         throttle: Throttle | None = None,
         ignores_range: set[str] | None = None,
+        request_costs: dict[str, float] | None = None,
     ) -> None:
         self.settings = settings
         # the agent's mirror cap, shared by all its fetchers' connections (live)
@@ -257,7 +280,7 @@ class MirrorFetcher:
         self.options = options
         # Told the mirror's URL on each failed attempt (the agent's per-mirror metric).
         self.on_mirror_error = on_mirror_error
-        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range)
+        self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range, request_costs)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -337,6 +360,16 @@ class MirrorFetcher:
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
         digest = hash_task.result()
+        now = time.monotonic()
+        log.debug(
+            "%s: %d B, first byte at %.3f s, last at %.3f s, hashed at %.3f s, %d requests",
+            file.path,
+            job.fetched,
+            job.first_byte - job.started if job.fetched else 0.0,
+            job.last_byte - job.started if job.fetched else 0.0,
+            now - job.started,
+            job.requests,
+        )
         return Verdict(
             ok=digest == file.blob_id, expected=file.blob_id, actual=digest, size=file.size
         )
@@ -414,12 +447,18 @@ class MirrorFetcher:
         settle = True  # streams just started: their first interval holds their request
         while True:
             before, t0 = job.fetched, time.monotonic()
-            done, _ = await asyncio.wait(workers, timeout=GROW_EVERY)
+            cost = job.request_cost
+            look = GROW_EVERY_MIN if cost is None else GROW_COST_RATIO * cost
+            done, _ = await asyncio.wait(
+                workers, timeout=min(GROW_EVERY, max(GROW_EVERY_MIN, look))
+            )
             workers -= done
             if not workers:
                 return
             if not growing or job.single_stream:
                 continue
+            if not job.fetched:
+                continue  # the clock starts with the first byte: still settling
             if settle:
                 settle = False
                 continue
@@ -451,9 +490,11 @@ class MirrorFetcher:
 
     def _steal(self, job: _BlobJob, stream_rate: float) -> _Run | None:
         """A run not started yet, or the second half of the largest active run if that
-        half takes longer than `STEAL_COST_RATIO` requests (at `stream_rate` B/s)."""
+        half takes longer than `STEAL_COST_RATIO` requests (at `stream_rate` B/s); the
+        run returned is in `job.active` already."""
         if job.runs:
-            return job.runs.pop(0)
+            job.active.append(job.runs.pop(0))
+            return job.active[-1]
         p = job.partial
         assert p is not None
         best: tuple[int, _Run] | None = None
@@ -461,6 +502,12 @@ class MirrorFetcher:
             free = r.end - max(r.asked, r.marked)  # not asked of the mirror yet
             if free >= 2 and (best is None or free > best[0]):
                 best = (free, r)
+        if best is None:  # nothing left to ask: cut a blind request (it closes its
+            # connection, what it had in flight thrown away, once it gets there)
+            for r in job.active:
+                free = r.end - r.marked - 1  # chunks the stream has not reached yet
+                if r.blind and free >= 2 and (best is None or free > best[0]):
+                    best = (free, r)
         if best is None:
             return None
         free, victim = best
@@ -470,15 +517,20 @@ class MirrorFetcher:
             return None  # a new request costs more than it saves (or nothing moves yet)
         mid = victim.end - half
         victim.end = mid
-        return _Run(mid, mid + half, p.resume_at(mid), mid)
+        # Active at once (after its victim: the victim's bytes up to `mid` find it
+        # first), so the next steal of the same look sees what is left.
+        job.active.append(_Run(mid, mid + half, p.resume_at(mid), mid))
+        return job.active[-1]
 
     async def _worker(self, job: _BlobJob, run: _Run | None = None) -> None:
+        """Fetch `run` (active already), then runs it steals, until none is left."""
         while not job.single_stream:
             if run is None:
                 run = self._steal(job, job.stream_rate())
                 if run is None:
                     return
-            job.active.append(run)
+            elif run not in job.active:
+                job.active.append(run)  # asked again after a 200 (below)
             try:
                 await self._fetch_run(job, run)
             except _RangeIgnored as ri:
@@ -505,21 +557,25 @@ class MirrorFetcher:
         assert p is not None
         while run.marked < run.end:
             run.asked = run.marked + self._ask(job, run.end - run.marked)
-            stop = p.chunk_range(run.asked - 1)[1]
+            run.blind = run.asked == run.end and (job.request_cost is None or not job.fetched)
             try:
-                await self._fetch_span(job, run.pos, stop)
+                await self._fetch_span(job, run.pos, p.chunk_range(run.asked - 1)[1])
             except _RunCut:
                 pass  # the rest is another worker's now; what was had is marked
             self._mark(job, run)
 
     def _ask(self, job: _BlobJob, left: int) -> int:
-        """Chunks the next request of a run asks for: what the stream moves in
-        `ASK_SECONDS` (or in `ASK_COST_RATIO` requests' time, if longer); `FIRST_ASK`
-        before any rate is known. What is not asked yet may be stolen."""
+        """Chunks the next request of a run asks for: all of them before a request's
+        cost is known (a mirror where requests are dear sees one per run), a few if
+        the mirror's requests were cheap last time; then what the stream moves in
+        `ASK_SECONDS`, or in `ASK_COST_RATIO` requests' time if longer."""
         assert job.partial is not None
-        if job.fetched == 0:
-            return min(left, FIRST_ASK)
-        span = max(ASK_SECONDS, ASK_COST_RATIO * (job.request_cost or 0.0))
+        if job.request_cost is None or not job.fetched:
+            known = self.pool.request_cost.get(self.pool.pick(time.monotonic()) or "")
+            if known is not None and known * ASK_COST_RATIO < ASK_SECONDS:
+                return min(left, FIRST_ASK)  # cheap requests: no cut needed to split
+            return left
+        span = max(ASK_SECONDS, ASK_COST_RATIO * job.request_cost)
         return max(1, min(left, math.ceil(job.stream_rate() * span / job.partial.chunk_size)))
 
     def _run_sink(self, job: _BlobJob, offset: int, data: memoryview) -> None:
@@ -554,6 +610,8 @@ class MirrorFetcher:
             job.wake_hasher.set()
 
     def _count(self, job: _BlobJob, n: int) -> None:
+        if not job.fetched:
+            job.first_byte = time.monotonic()
         job.fetched += n
         job.last_byte = time.monotonic()
         if job.on_bytes is not None:
@@ -654,12 +712,19 @@ class MirrorFetcher:
     async def _stream_range(self, job: _BlobJob, mirror: str, pos: list[int], end: int) -> None:
         size = job.file.size
         t0 = time.monotonic()
+        job.requests += 1
         resp = await self._open(job, mirror, {"Range": f"bytes={pos[0]}-{end - 1}"})
         took = time.monotonic() - t0
         job.request_cost = took if job.request_cost is None else (job.request_cost + took) / 2
+        self.pool.request_cost[mirror] = job.request_cost
         try:
             if resp.status == 200:
                 if pos[0] == 0 and end == size:
+                    # The whole file asked and sent, but as a 200: a mirror that honours
+                    # Range answers 206 even here. Take the body; more streams would
+                    # each get the whole file too, and the mirror is remembered.
+                    self.pool.ignores_range.add(mirror)
+                    job.single_stream = True
                     await self._copy_body(job, resp, pos, end)
                     return
                 raise _RangeIgnored(resp, mirror)
