@@ -131,6 +131,10 @@ READ_CHUNK = 1 << 20
 # An in-flight body goes out by sendfile (no copy through the agent) this much at a
 # time, so the reader's position (which steers the swarm) follows it.
 SENDFILE_CHUNK = 8 << 20
+# A file up to this size is answered once its fetch returned, never streamed while it
+# runs: waiting costs a fraction of a second, and a bad copy then reaches the client as
+# a Hub error (424, which it reports) rather than as a cut body (which it retries).
+STREAM_ABOVE = 1 << 20
 META_TTL = 60.0  # seconds a file's metadata at a commit is reused for the same token
 META_ENTRIES = 4096
 REF_ENTRIES = 1024
@@ -924,9 +928,10 @@ class HubApi:
         fetch runs (see `peer.transfer.inflight`). Until the first byte can go out, a
         failing fetch still gets a proper Hub error answer. Only a request the mirror
         allowed may stream a fetch in progress: one on the LAN's word alone (no mirror
-        behind `meta`) waits for the fetch, which checks that the blob is shared."""
+        behind `meta`) waits for the fetch, which checks that the blob is shared; so
+        does a small file (`STREAM_ABOVE`)."""
         start, end = span if span is not None else (0, meta.size)
-        while meta.mirror and not task.done():
+        while meta.mirror and meta.size > STREAM_ABOVE and not task.done():
             flight = await self.backend.flight_of(meta.blob_id, task)
             if flight is None:  # the fetch ended first: its result below
                 break
