@@ -163,18 +163,10 @@ def make_peer_app(
             return web.Response(status=413, text="large blobs are served through the swarm")
         span = parse_range(request.headers.get("Range"), size)
         if span == UNSATISFIABLE:
-            return web.Response(
-                status=416,
-                text=f"range not satisfiable: the blob has {size} bytes",
-                headers={"Content-Range": f"bytes */{size}"},
-            )
+            return _unsatisfiable(size)
         with slots.take(request.remote or "") as ok:
             if not ok:
-                return web.Response(
-                    status=503,
-                    text="too many blob downloads from this address or in all; retry later",
-                    headers={"Retry-After": "5"},
-                )
+                return _busy()
             return await _stream(request, blob_id, path, size, span)
 
     async def relay(request: web.Request) -> web.StreamResponse:
@@ -193,18 +185,10 @@ def make_peer_app(
         if start is None:
             return web.Response(status=400, text="ask for one open range: Range: bytes=N-")
         if start >= size:
-            return web.Response(
-                status=416,
-                text=f"range not satisfiable: the blob has {size} bytes",
-                headers={"Content-Range": f"bytes */{size}"},
-            )
+            return _unsatisfiable(size)
         with slots.take(request.remote or "") as ok:
             if not ok:
-                return web.Response(
-                    status=503,
-                    text="too many blob downloads from this address or in all; retry later",
-                    headers={"Retry-After": "5"},
-                )
+                return _busy()
             return await _relay(request, blob_id, flight, path, size, start)
 
     async def _relay(
@@ -321,3 +305,20 @@ def make_peer_app(
     app.router.add_get("/v1/relay/{blob_id}", relay)
     app.router.add_post("/v1/revisions", revisions)
     return app
+
+
+def _unsatisfiable(size: int) -> web.Response:
+    return web.Response(
+        status=416,
+        text=f"range not satisfiable: the blob has {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+def _busy() -> web.Response:
+    """Over the blob stream slots (per address or in all)."""
+    return web.Response(
+        status=503,
+        text="too many blob downloads from this address or in all; retry later",
+        headers={"Retry-After": "5"},
+    )
