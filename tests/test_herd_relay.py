@@ -36,6 +36,13 @@ async def status(a: Any) -> dict[str, Any]:
         return data
 
 
+async def offered_info_hashes(a: Any, blob_id: str) -> list[str]:
+    req = wire.encode(wire.HaveRequest(blob_ids=(blob_id,)))
+    async with aiohttp.ClientSession() as s, s.post(f"{a.peer_url}/v1/have", data=req) as r:
+        have = wire.decode_as(await r.read(), wire.HaveResponse)
+    return [m.info_hash for m in have.manifests if m.blob_id == blob_id]
+
+
 @pytest.fixture
 async def slow_mirror(tmp_path: Path) -> AsyncIterator[tuple[MirrorServer, bytes]]:
     src = tmp_path / "src"
@@ -63,6 +70,10 @@ async def test_followers_copy_the_leaders_prefix_before_it_is_done(
         ):
             herd = (a, b, c)
             results, final, early = await fetch_all(herd, blob)
+            # Each seeds the blob under one info-hash: the followers' manifests come from
+            # the v2 tree built as the copy was hashed, the leader's from its mirror fetch.
+            offered = [await offered_info_hashes(x, blob) for x in herd]
+    assert all(len(o) == 1 for o in offered) and len({h for o in offered for h in o}) == 1, offered
     for code, _, err in results:
         assert code == 0, err
     # Before: a follower got no byte before the leader had the whole blob, hashed and

@@ -409,6 +409,7 @@ class BlobFetcher:
             flight=self._flights.get(file.blob_id),
             on_done=lambda: self.herd.release(file.blob_id),
             on_liar=lambda peer, why: self.peers.ban(peer, why, file.blob_id),
+            want_tree=self.seeds.would_offer(file.blob_id, file.size, self._held_for(access)),
         )
 
         def follow(leader: PeerInfo) -> None:
@@ -421,7 +422,7 @@ class BlobFetcher:
                 if copy.running and turn.offers:  # the leader is done: copy to the end
                     await copy.result()
                 if copy.finished is not None:
-                    return await self._copied(repo, file, copy.finished, access)
+                    return await self._copied(repo, file, copy.finished, copy.tree, access)
                 await copy.stop()
                 if turn.offers:
                     got = await self._from_peers(
@@ -461,15 +462,24 @@ class BlobFetcher:
             return False
         return Provenance(((access.repo, access.visibility),)).shared_in(self.cluster_share)
 
-    async def _copied(self, repo: RepoCache, file: RemoteFile, data: Path, access: Access) -> Path:
+    async def _copied(
+        self,
+        repo: RepoCache,
+        file: RemoteFile,
+        data: Path,
+        tree: V2Tree | None,
+        access: Access,
+    ) -> Path:
         """A blob copied from the herd leader, whose whole-file hash matched: into
-        ``blobs/`` and seeded, as if it came from the mirror."""
+        ``blobs/`` and seeded, as if it came from the mirror (its manifest from the v2
+        tree built as the copy was hashed, when it will be seeded)."""
         path = repo.install_blob(data, file.blob_id)
         PartialBlob.installed(data)
         flight = self._flights.get(file.blob_id)
         if flight is not None:
             flight.moved(path)
-        await self.seeds.offer_verified(path, file.blob_id, file.size, self._held_for(access))
+        held_for = self._held_for(access)
+        await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
         return path
 
     @staticmethod

@@ -30,6 +30,7 @@ from peer.cache.partial import PartialBlob
 from peer.discovery.peer_table import PeerInfo, PeerTable
 from peer.errors import HfswarmError, NetworkError, PeerMisbehaved
 from peer.hub.metadata import RemoteFile
+from peer.manifests.merkle import V2Tree, V2TreeBuilder
 from peer.serving.peer_api import RELAY_IDLE
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
@@ -56,6 +57,7 @@ class LeaderCopy:
         flight: InFlightBlob | None = None,
         on_done: Callable[[], None] = lambda: None,
         on_liar: Callable[[PeerInfo, str], None] = lambda _peer, _why: None,
+        want_tree: bool = False,
     ) -> None:
         self.peers = peers
         self.file = file
@@ -65,6 +67,10 @@ class LeaderCopy:
         self.on_done = on_done  # the blob is here, verified: the herd wait may end
         self.on_liar = on_liar
         self.finished: Path | None = None  # the verified data file, to rename into blobs/
+        # A blob that will be seeded gets its v2 tree from the bytes as they are hashed,
+        # as a leader's does: no second read of the blob for its manifest.
+        self.want_tree = want_tree
+        self.tree: V2Tree | None = None  # with `finished`, when wanted
         self.copied = 0  # bytes taken from leaders that are still counted (from_peers)
         self.relays = 0  # relays started
         self._liars: set[str] = set()  # leaders that relayed wrong bytes: never again
@@ -137,7 +143,10 @@ class LeaderCopy:
         size = file.size
         partial = PartialBlob(self.partial_dir, file.blob_id, size, chunk_size_for(size))
         partial.open()  # PartialBusy (a LocalError) if another process fetches it
-        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), size)
+        tree = V2TreeBuilder(file.blob_id, size) if self.want_tree else None
+        hasher = BlobHasher(
+            HashKind.of_blob_id(file.blob_id), size, also=tree.update if tree else None
+        )
         try:
             # Bytes on disk from before (an earlier relay, an interrupted mirror fetch)
             # are hashed, not asked for again: the relay starts after the prefix.
@@ -177,6 +186,7 @@ class LeaderCopy:
                     f"relayed bytes of {file.path} hash to {hasher.hexdigest()}, not {file.blob_id}"
                 )
             self.counters.done = size
+            self.tree = tree.finish() if tree is not None else None
             return partial.take_finished()
         finally:
             partial.close()
