@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from agentkit import agent, config, fetch, peer_of
+from fake_peer import SilentPeer
 from huggingface_hub import scan_cache_dir, snapshot_download
 
 from peer import wire
@@ -115,30 +116,14 @@ async def test_half_the_pieces_from_a_peer_the_rest_from_the_mirror(
     manifest = await make_manifest(VerifiedBlob(blob, len(data), src_dir / blob), "half-peer")
     n = len(data) // manifest.piece_size
 
-    class HalfPeer:  # a peer agent that has fetched the first half of the blob so far
+    class HalfPeer(SilentPeer):  # a peer agent that has fetched the first half of the blob so far
+        agent_id = "f" * 32
+
         def __init__(self, bt_port: int) -> None:
             self.bt_port = bt_port
 
-        def health(self) -> wire.Health:
-            return wire.Health(agent_id="f" * 32, bt_port=self.bt_port, blobs=0)
-
-        def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
-            return []  # it does not hold the blob ...
-
         def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
-            return [manifest] if blob in ids else []  # ... it is fetching it
-
-        def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
-            return []
-
-        def verified_blob_path(self, blob_id: str) -> Path | None:
-            return None
-
-        def count_upload(self, n: int) -> None:
-            return None
-
-        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
-            return None
+            return [manifest] if blob in ids else []  # it does not hold the blob: fetching it
 
     from aiohttp import web
 
@@ -505,30 +490,14 @@ async def test_a_manifest_for_other_bytes_is_caught_by_the_whole_file_hash(
     (lie_dir / blob).write_bytes(other)
     manifest = await make_manifest(VerifiedBlob(blob, len(other), lie_dir / blob), "liar")
 
-    class LyingPeer:  # offers `other` under the id of `data`, and seeds it
+    class LyingPeer(SilentPeer):  # offers `other` under the id of `data`, and seeds it
+        blobs = 1
+
         def __init__(self, bt_port: int) -> None:
             self.bt_port = bt_port
 
-        def health(self) -> wire.Health:
-            return wire.Health(agent_id="e" * 32, bt_port=self.bt_port, blobs=1)
-
         def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
             return [manifest] if blob in ids else []
-
-        def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
-            return []
-
-        def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
-            return []
-
-        def verified_blob_path(self, blob_id: str) -> Path | None:
-            return None
-
-        def count_upload(self, n: int) -> None:
-            return None
-
-        def blob_served(self, blob_id: str, address: str, sent: int) -> None:
-            return None
 
     from aiohttp import web
 

@@ -24,6 +24,7 @@ import pytest
 from agentkit import agent, endpoint, fetch, peer_of, snapshot, tree_of, write_tree
 from agentkit import config as agentkit_config
 from aiohttp import web
+from fake_peer import SilentPeer
 from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -481,35 +482,22 @@ async def test_mirror_down_revisions_come_from_peers(
         await failing_runner.cleanup()
 
 
-class LyingPeer:
+class LyingPeer(SilentPeer):
     """A peer that claims org/m's config.json is a blob it serves, with a date that makes
     its manifest the newest; the bytes it sends for that blob do not match the id."""
+
+    blobs = 1
 
     def __init__(self, manifest: wire.RevisionManifest, blob: wire.Manifest, path: Path) -> None:
         self.revision = manifest
         self.blob = blob
         self.path = path
 
-    def health(self) -> wire.Health:
-        return wire.Health(agent_id="e" * 32, bt_port=0, blobs=1)
-
     def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
         return [self.blob] if self.blob.blob_id in ids else []
 
-    def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
-        return []
-
-    def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
-        return []
-
     def verified_blob_path(self, blob_id: str) -> Path | None:
         return self.path if blob_id == self.blob.blob_id else None
-
-    def count_upload(self, n: int) -> None:
-        return None
-
-    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
-        return None
 
     def revision_for(self, request: wire.RevisionRequest) -> wire.RevisionManifest | None:
         # It answers for any repo, even one the mirror does not have.
