@@ -21,7 +21,7 @@ from peer.mirror_server import MirrorServer, RepoSource
 from peer.verification.hashing import BlobHasher, HashKind
 
 MB = 1_000_000
-SIZE = 176 * 2**20
+SIZE = 240 * 2**20
 TOLERANCE = 0.15
 
 
@@ -109,7 +109,10 @@ async def test_peer_and_mirror_caps_hold_and_change_live(
             mirror.reset_stats()
             down = Follow(b.local_url, "done")  # B takes it from A
             await down.started()
-            slow = await down.rate(1.0, 4.0)
+            # libtorrent lets a burst through at first (8-10 MB/s over the first 0.5 s of
+            # the window here, and 5.9 MB/s over a 1 s settle + 4 s window in one CI run):
+            # the steady rate is measured after it, over 6 s to average 1 MiB pieces out
+            slow = await down.rate(2.5, 6.0)
             code, out, err = await hf("limits", "--upload", "10MB/s", "--agent", a.local_url)
             assert code == 0 and "upload    10.0 MB/s" in out, err
             fast = await down.rate(1.5, 4.0)
