@@ -33,6 +33,9 @@ class SilentPeer:
     def relay_of(self, blob_id: str) -> InFlightBlob | None:
         return None
 
+    def relay_after_lead(self, blob_id: str) -> Path | None:
+        return None
+
     def count_upload(self, n: int) -> None:
         return None
 

@@ -43,6 +43,16 @@ async def offered_info_hashes(a: Any, blob_id: str) -> list[str]:
     return [m.info_hash for m in have.manifests if m.blob_id == blob_id]
 
 
+async def relay_status(a: Any, blob_id: str) -> int:
+    headers = {"Range": "bytes=0-"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{a.peer_url}/v1/relay/{blob_id}", headers=headers) as r,
+    ):
+        await r.read()
+        return r.status
+
+
 @pytest.fixture
 async def slow_mirror(tmp_path: Path) -> AsyncIterator[tuple[MirrorServer, bytes]]:
     src = tmp_path / "src"
@@ -73,6 +83,10 @@ async def test_followers_copy_the_leaders_prefix_before_it_is_done(
             # Each seeds the blob under one info-hash: the followers' manifests come from
             # the v2 tree built as the copy was hashed, the leader's from its mirror fetch.
             offered = [await offered_info_hashes(x, blob) for x in herd]
+            # Afterwards only the leader answers the relay (for `RELAY_GRACE`): the
+            # followers' copies are seeds like any other, reached through the swarm.
+            relays = [await relay_status(x, blob) for x in herd]
+    assert sorted(relays) == [206, 404, 404], relays
     assert all(len(o) == 1 for o in offered) and len({h for o in offered for h in o}) == 1, offered
     for code, _, err in results:
         assert code == 0, err

@@ -75,6 +75,10 @@ PREFERRED = 7
 # swarming it since are connected too (downloaders that start together otherwise all see
 # only the first seeder, which then sends nearly every byte).
 RESURVEY_EVERY = 2.0
+# A follower cut off near the end of a lead (or slower than the leader) takes the rest of
+# the blob from the leader for this long after the lead ended; after that the leader's
+# copy is one more seed, reached through the swarm like any other.
+RELAY_GRACE = 120.0
 
 
 class HashFollower:
@@ -168,6 +172,7 @@ class BlobFetcher:
         # Blobs being fetched, as far as a reader may stream them (HF_ENDPOINT mode).
         self._flights: dict[str, InFlightBlob] = {}
         self._relayed: set[str] = set()  # blobs led for the herd: followers copy them
+        self._led: dict[str, float] = {}  # blob -> when its relay grace ends (monotonic)
         self._flight_added = asyncio.Event()  # replaced at each one: see `flight_of`
         # The mirror cap, shared by every download's `MirrorFetcher` (`hfswarm limits`).
         self.mirror_throttle = Throttle(config.mirror_max_rate)
@@ -184,6 +189,14 @@ class BlobFetcher:
         copy it (`/v1/relay`). Only blobs a herd may see: a private or gated one never
         gets there (open mode fetches it from the mirror alone)."""
         return self._flights.get(blob_id) if blob_id in self._relayed else None
+
+    def led_lately(self, blob_id: str) -> bool:
+        """A blob this agent leads for its herd, or led within `RELAY_GRACE`: only
+        these go out over `/v1/relay` (any other large blob goes through the swarm)."""
+        now = time.monotonic()
+        for b in [b for b, until in self._led.items() if until <= now]:
+            del self._led[b]
+        return blob_id in self._relayed or blob_id in self._led
 
     async def flight_of(self, blob_id: str, until: asyncio.Future[Any]) -> InFlightBlob | None:
         """The flight of `blob_id` once its fetch registered it; None if `until` (the
@@ -451,7 +464,9 @@ class BlobFetcher:
                 await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
                 return path
         finally:
-            self._relayed.discard(file.blob_id)
+            if file.blob_id in self._relayed:
+                self._relayed.discard(file.blob_id)
+                self._led[file.blob_id] = time.monotonic() + RELAY_GRACE
             await copy.stop()
 
     def _relayable(self, access: Access) -> bool:

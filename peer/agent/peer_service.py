@@ -76,6 +76,11 @@ class PeerService:
             return None
         return self.blobs.relay_of(blob_id)
 
+    def relay_after_lead(self, blob_id: str) -> Path | None:
+        if self.seeding == "none" or not self.blobs.led_lately(blob_id):
+            return None
+        return self.verified_blob_path(blob_id)
+
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
 

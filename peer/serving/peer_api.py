@@ -16,8 +16,9 @@
                               the in-order prefix that arrived from the mirror and went
                               through the whole-file hash so far, then each byte as the
                               prefix grows; the last byte only once the whole blob
-                              matched its id (`peer.transfer.inflight`). After the fetch:
-                              the verified blob. Bounded like /v1/blobs (the same
+                              matched its id (`peer.transfer.inflight`). After the fetch,
+                              for `RELAY_GRACE` s: the verified blob (then 404: it is
+                              one more seed, through the swarm). Bounded like /v1/blobs (the same
                               `StreamSlots`, upload cap), and cut after `RELAY_IDLE` s
                               without a new byte. The receiver hashes the whole blob
                               itself before using it (these bytes are relayed, not
@@ -80,6 +81,11 @@ class PeerBackend(Protocol):
 
     def relay_of(self, blob_id: str) -> InFlightBlob | None:
         """A shared blob this agent leads for its herd, while it fetches it."""
+        ...
+
+    def relay_after_lead(self, blob_id: str) -> Path | None:
+        """The verified copy of a shared blob this agent led lately, its fetch over
+        (a follower takes the rest from it); None for any other blob."""
         ...
 
     def count_upload(self, n: int) -> None: ...
@@ -174,7 +180,7 @@ def make_peer_app(
         if not is_blob_id(blob_id):
             return web.Response(status=404, text="not led here")
         flight = backend.relay_of(blob_id)
-        path = None if flight is not None else backend.verified_blob_path(blob_id)
+        path = None if flight is not None else backend.relay_after_lead(blob_id)
         if flight is None and path is None:
             return web.Response(status=404, text="not led here")
         try:
