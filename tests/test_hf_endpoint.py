@@ -403,7 +403,11 @@ async def test_client_and_agent_sharing_one_cache(
         again = await snapshot(a, "org/m", cfg.hub.cache_dir)
         blob_bytes = mirror.stats().blob_bytes
     assert got == again and tree_of(got) == tree_of(sources["model"])
-    assert blob_bytes == sum(len(b) for b in tree_of(sources["model"]).values())
+    # Each file once, plus what a stream cut for a stealer had in flight (an agent's
+    # first request asks for a whole run; on a loaded machine the cut comes before it
+    # ends: 3 MiB once in CI); a second fetch of the 24 MiB shard would exceed it.
+    total = sum(len(b) for b in tree_of(sources["model"]).values())
+    assert total <= blob_bytes < total + 8 * MiB, (blob_bytes, total)
     report = scan_cache_dir(cfg.hub.cache_dir)
     assert report.warnings == [] and [r.repo_id for r in report.repos] == ["org/m"]
 
