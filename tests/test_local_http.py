@@ -71,7 +71,7 @@ async def test_job_events_arrive_one_line_at_a_time_through_the_local_api_guard(
     app = web.Application(middlewares=[guard])
     app.router.add_post("/v1/downloads", job)
     async with aiohttp_server(app) as url:
-        async with request(url, "POST", "/v1/downloads", {"repo_id": "a/b"}, timeout=30) as r:
+        async with request(url, "POST", "/v1/downloads", {"repo_id": "a/b"}, within=30) as r:
             assert r.status == 200
             assert "chunked" in r.headers["transfer-encoding"]
             lines = r.lines()
@@ -93,10 +93,10 @@ async def test_a_json_answer_and_an_agent_that_refuses() -> None:
     app = web.Application(middlewares=[guard])
     app.router.add_get("/v1/status", status)
     async with aiohttp_server(app) as url:
-        async with request(url, "GET", "/v1/status", timeout=5) as r:
+        async with request(url, "GET", "/v1/status", within=5) as r:
             assert (r.status, await r.json()) == (200, {"agent_id": "x" * 16})
         # The Host the client sends for a loopback name passes the guard too.
-        async with request(url.replace(IP, "localhost"), "GET", "/v1/status", timeout=5) as r:
+        async with request(url.replace(IP, "localhost"), "GET", "/v1/status", within=5) as r:
             assert r.status == 200
 
 
@@ -106,10 +106,10 @@ async def test_nothing_listening_is_unreachable() -> None:
     server.close()
     await server.wait_closed()
     with pytest.raises(Unreachable):
-        async with request(f"http://{IP}:{port}", "GET", "/v1/status", timeout=5):
+        async with request(f"http://{IP}:{port}", "GET", "/v1/status", within=5):
             pass
     with pytest.raises(Unreachable):
-        async with request("ftp://127.0.0.1:1", "GET", "/v1/status", timeout=5):
+        async with request("ftp://127.0.0.1:1", "GET", "/v1/status", within=5):
             pass
 
 
@@ -129,7 +129,7 @@ BROKEN = {
 async def test_a_broken_answer_is_an_error_not_a_hang(case: str) -> None:
     async with raw_server(BROKEN[case]) as url:
         with pytest.raises(AgentHttpError):
-            async with request(url, "GET", "/v1/status", timeout=10) as r:
+            async with request(url, "GET", "/v1/status", within=10) as r:
                 await r.json()
 
 
@@ -141,7 +141,7 @@ async def test_a_silent_server_times_out() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(TimeoutError):
-            async with request(f"http://{IP}:{port}", "GET", "/v1/status", timeout=0.5) as r:
+            async with request(f"http://{IP}:{port}", "GET", "/v1/status", within=0.5) as r:
                 await r.json()
     finally:
         server.close()

@@ -66,7 +66,7 @@ class AgentClient:
 
     async def status(self) -> dict[str, Any]:
         try:
-            async with local_http.request(self.url, "GET", "/v1/status", timeout=5) as r:
+            async with local_http.request(self.url, "GET", "/v1/status", within=5) as r:
                 if r.status >= 400:
                     raise self._nobody()
                 data: dict[str, Any] = await r.json()
@@ -79,7 +79,7 @@ class AgentClient:
     async def call(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
         """A short JSON call (pins, limits, prefetch); the agent's error as raised."""
         try:
-            async with local_http.request(self.url, method, route, body, timeout=300) as r:
+            async with local_http.request(self.url, method, route, body, within=300) as r:
                 data = await r.json()
         except (AgentHttpError, TimeoutError, OSError, ValueError) as exc:
             raise self._nobody(exc) from exc
@@ -112,7 +112,7 @@ class AgentClient:
         """POST a job and follow its NDJSON events to the final one. An agent that is not
         there (nothing listens) is `AgentUnavailable` with no request sent."""
         try:
-            async with local_http.request(self.url, "POST", route, body, timeout=None) as r:
+            async with local_http.request(self.url, "POST", route, body, within=None) as r:
                 async for event in iter_ndjson(r.lines()):
                     kind = event.get("event")
                     if kind == "error":

@@ -110,11 +110,11 @@ async def request(
     route: str,
     body: Any = None,
     *,
-    timeout: float | None,
+    within: float | None,
 ) -> AsyncIterator[Response]:
     """One request on its own connection; the answer's head read, its body left to the
-    caller. `timeout` bounds all of it, the caller's reading included (None: no bound
-    once connected, for a job followed to its end)."""
+    caller. `within` seconds bound all of it, the caller's reading included (None: no
+    bound once connected, for a job followed to its end)."""
     url = urlsplit(base_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise Unreachable(f"not an http(s) URL: {base_url!r}")
@@ -125,7 +125,7 @@ async def request(
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
     if url.port is not None:
         host += f":{url.port}"
-    connect_in = CONNECT_TIMEOUT if timeout is None else min(CONNECT_TIMEOUT, timeout)
+    connect_in = CONNECT_TIMEOUT if within is None else min(CONNECT_TIMEOUT, within)
     try:
         async with asyncio.timeout(connect_in):
             reader, writer = await asyncio.open_connection(
@@ -137,7 +137,7 @@ async def request(
     except (OSError, TimeoutError) as exc:
         raise Unreachable(f"cannot connect to {base_url}: {exc}") from exc
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             head = [
                 f"{method} {url.path.rstrip('/')}{route} HTTP/1.1",
                 f"Host: {host}",
