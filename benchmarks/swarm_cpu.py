@@ -8,8 +8,8 @@ One seeder agent takes a blob from the project's mirror once. Then, per round, i
 Reported per row: wall time, the downloading process's CPU seconds (user + system; for
 the agent, /proc/<pid>/stat before and after the download; for the bare session, its
 own getrusage from adding the torrent to the flushed end), medians over the rounds, and
-for an agent the time line of its download read from its log (``-v``): resolve, peer
-lookup, swarm start, first and last piece, end of the hash, link.
+for an agent the time line of its download read from its log (``-v``): the request's
+arrival, resolve, peer lookup, swarm start, first and last piece, end of the hash, link.
 
     python benchmarks/swarm_cpu.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
 
@@ -179,6 +179,7 @@ def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, 
 # --- the time line of one agent download, from its -v log ---------------------------------
 
 MARKS = [  # (label, a substring of the log line that marks it); first match wins
+    ("request at the agent (CLI started up)", ": download asked"),
     ("resolved (tree listed)", "/tree/"),
     ("peer lookup done", "peer offers"),
     ("swarm started", ": swarming"),
