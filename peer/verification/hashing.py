@@ -30,10 +30,6 @@ __all__ = [
 ]
 
 READ_BLOCK = 8 * 1024 * 1024
-# Reading a file to hash it: a block that stays in the CPU's cache between the copy out
-# of the page cache and the hash (1 GiB: 0.71 CPU s in 1 MiB reads, 0.80 in 8 MiB ones;
-# sha256 alone 0.60; docs/benchmarks.md 8.13).
-HASH_BLOCK = 1024 * 1024
 
 
 class HashKind(Enum):
@@ -97,7 +93,7 @@ def hash_file(
     h = hasher or BlobHasher(HashKind.of_blob_id(blob_id), size)
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
-        buf = bytearray(HASH_BLOCK)
+        buf = bytearray(READ_BLOCK)
         view = memoryview(buf)
         while True:
             n = f.readinto(buf)
@@ -136,7 +132,7 @@ class PrefixHasher:
             return
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self._h.fed)
-            buf = bytearray(min(HASH_BLOCK, end - self._h.fed))
+            buf = bytearray(min(READ_BLOCK, end - self._h.fed))
             view = memoryview(buf)
             while self._h.fed < end:
                 n = f.readinto(view[: min(len(buf), end - self._h.fed)])
