@@ -8,8 +8,8 @@ One seeder agent takes a blob from the project's mirror once. Then, per round, i
 Reported per row: wall time, the downloading process's CPU seconds (user + system; for
 the agent, /proc/<pid>/stat before and after the download; for the bare session, its
 own getrusage from adding the torrent to the flushed end), medians over the rounds, and
-for an agent the time line of its download read from its log (``-v``): resolve, peer
-lookup, swarm start, first and last piece, end of the hash, link.
+for an agent the time line of its download read from its log (``-v``): the request's
+arrival, resolve, peer lookup, swarm start, first and last piece, end of the hash, link.
 
     python benchmarks/swarm_cpu.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
 
@@ -179,6 +179,7 @@ def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, 
 # --- the time line of one agent download, from its -v log ---------------------------------
 
 MARKS = [  # (label, a substring of the log line that marks it); first match wins
+    ("request at the agent (CLI started up)", ": download asked"),
     ("resolved (tree listed)", "/tree/"),
     ("peer lookup done", "peer offers"),
     ("swarm started", ": swarming"),
@@ -233,7 +234,7 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {"bare": {"wall": [], "cpu": []}}
     for c in checkouts:
         rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": []}
-    lines: dict[str, list[tuple[str, float]]] = {}
+    lines: dict[str, list[list[tuple[str, float]]]] = {}  # per checkout, per round
     try:
         seeder.download()
         blob = max(
@@ -264,7 +265,7 @@ def main() -> None:
                 rows[str(co)]["wall"].append(w)
                 rows[str(co)]["cpu"].append(c)
                 rows[str(co)]["cli_cpu"].append(cc)
-                lines[str(co)] = timeline(d.log_path, d.started, d.ended)
+                lines.setdefault(str(co), []).append(timeline(d.log_path, d.started, d.ended))
                 if args.threads:
                     print(f"    {co.name} threads: {d.threads}", flush=True)
                 shutil.rmtree(d.root)
@@ -287,10 +288,29 @@ def main() -> None:
                 f"| agent ({k}) | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / b['wall']:.2f}x"
                 f" | {m['cpu'] - b['cpu']:+.2f} | {m['cli_cpu']:.2f} |"
             )
-    for k, tl in lines.items():
+    for k, rounds in lines.items():
         print(f"\ntime line of the last agent download ({k}):")
-        for label, at in tl:
+        for label, at in rounds[-1]:
             print(f"  {at:7.3f} s  {label}")
+    # Each step's median over the rounds: the start-up steps do not depend on the
+    # machine's load as much as the piece stream does, which this splits off.
+    labels = [label for label, _ in next(iter(lines.values()))[-1]] if lines else []
+    print("\n| step, s after the CLI started (median of rounds) | "
+          + " | ".join(Path(k).name or k for k in lines) + " |")  # fmt: skip
+    print("|---|" + "---|" * len(lines))
+    for label in labels:
+        cells = []
+        for rounds in lines.values():
+            got = [at for tl in rounds for lb, at in tl if lb == label]
+            cells.append(f"{statistics.median(got):.3f}" if got else "-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    spans = [("swarm started", "last piece"), ("last piece", "CLI exited")]
+    for a, b in spans:
+        cells = []
+        for rounds in lines.values():
+            got = [dict(tl)[b] - dict(tl)[a] for tl in rounds if a in dict(tl) and b in dict(tl)]
+            cells.append(f"{statistics.median(got):.3f}" if got else "-")
+        print(f"| {a} -> {b} | " + " | ".join(cells) + " |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """`hfswarm download` through an agent starts without the agent's own machinery: the
 CLI process must not import libtorrent, the servers or the fetch (0.3 s of CPU on every
-run, docs/benchmarks.md 8.10). Checked in a fresh interpreter running the real CLI
-against an agent that does not answer."""
+run, docs/benchmarks.md 8.10), nor aiohttp (0.15 s more: the local API is spoken over
+asyncio streams, `peer/agent/local_http.py`, 8.13). Checked in a fresh interpreter
+running the real CLI against an agent that does not answer."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ HEAVY = (
     "peer.serving.local_api",
     "peer.serving.hub_api",
     "peer.download",
+    "aiohttp",
 )
 
 

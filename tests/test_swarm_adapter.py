@@ -171,12 +171,17 @@ async def test_download_from_seeder(blob: Blob, tmp_path: Path) -> None:
         assert seeder.listen_port > 0 and leecher.listen_port != seeder.listen_port
         await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
         stream = leecher.subscribe(blob.info_hash)
+        # A consumer of a few kinds (the agent's upload watch) sees only those.
+        few = leecher.subscribe(kinds=(ev.PeerConnected, ev.TorrentFinished))
         ih = await leecher.add_torrent(blob.torrent, dl_dir)
         assert ih == blob.info_hash
         leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
         _, seen = await next_matching(stream, is_(ev.TorrentFinished, ih))
         await leecher.flush_cache(ih)
         stream.close()
+        _, seen_few = await next_matching(few, is_(ev.TorrentFinished, ih))
+        few.close()
+        assert {type(e) for e in seen_few} == {ev.PeerConnected, ev.TorrentFinished}
 
         finished = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
         assert finished == list(range(blob.num_pieces))

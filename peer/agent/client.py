@@ -1,4 +1,8 @@
-"""The CLI's side of the agent's local API."""
+"""The CLI's side of the agent's local API.
+
+Spoken over the standard library's asyncio streams (`peer/agent/local_http.py`), not
+aiohttp: importing aiohttp was half of the CLI's start-up CPU (0.15-0.2 s of 0.37 s on
+every `hfswarm download --agent`, docs/benchmarks.md 8.13)."""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from peer.agent import local_http
+from peer.agent.local_http import AgentHttpError, Unreachable
 from peer.agent.requests import (
     Done,
     DownloadRequest,
@@ -53,34 +57,32 @@ class AgentClient:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
+    def _nobody(self, exc: Exception | None = None) -> AgentUnavailable:
+        why = f" ({exc.__class__.__name__})" if exc is not None else ""
+        return AgentUnavailable(
+            f"no hfswarm agent answers at {self.url}{why}",
+            hint="start one with `hfswarm agent`, or pass --agent URL",
+        )
+
     async def status(self) -> dict[str, Any]:
         try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(f"{self.url}/v1/status", timeout=aiohttp.ClientTimeout(total=5)) as r,
-            ):
-                r.raise_for_status()
+            async with local_http.request(self.url, "GET", "/v1/status", within=5) as r:
+                if r.status >= 400:
+                    raise self._nobody()
                 data: dict[str, Any] = await r.json()
                 return data
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentUnavailable(
-                f"no hfswarm agent answers at {self.url}",
-                hint="start one with `hfswarm agent`, or pass --agent URL",
-            ) from exc
+        except Unreachable as exc:
+            raise self._nobody() from exc
+        except (AgentHttpError, TimeoutError, OSError, ValueError) as exc:
+            raise self._nobody(exc) from exc
 
     async def call(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
         """A short JSON call (pins, limits, prefetch); the agent's error as raised."""
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s,
-                s.request(method, f"{self.url}{route}", json=body) as r,
-            ):
-                data = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise AgentUnavailable(
-                f"no hfswarm agent answers at {self.url} ({exc.__class__.__name__})",
-                hint="start one with `hfswarm agent`, or pass --agent URL",
-            ) from exc
+            async with local_http.request(self.url, method, route, body, within=300) as r:
+                data = await r.json()
+        except (AgentHttpError, TimeoutError, OSError, ValueError) as exc:
+            raise self._nobody(exc) from exc
         if isinstance(data, dict) and data.get("event") == "error":
             raise AgentReportedError(str(data.get("message")), int(data.get("exit_code", 1)))
         if r.status >= 400:
@@ -107,14 +109,11 @@ class AgentClient:
         on_event: Callable[[Event], None],
         what: str,
     ) -> dict[str, Any]:
-        """POST a job and follow its NDJSON events to the final one."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        """POST a job and follow its NDJSON events to the final one. An agent that is not
+        there (nothing listens) is `AgentUnavailable` with no request sent."""
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as s,
-                s.post(f"{self.url}{route}", json=body) as r,
-            ):
-                async for event in iter_ndjson(r.content):
+            async with local_http.request(self.url, "POST", route, body, within=None) as r:
+                async for event in iter_ndjson(r.lines()):
                     kind = event.get("event")
                     if kind == "error":
                         code = int(event.get("exit_code", 1))
@@ -123,12 +122,9 @@ class AgentClient:
                         return event
                     if (typed := job_event(event)) is not None:
                         on_event(typed)
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            raise AgentUnavailable(
-                f"no hfswarm agent answers at {self.url}",
-                hint="start one with `hfswarm agent`, or pass --agent URL",
-            ) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Unreachable as exc:
+            raise self._nobody() from exc
+        except (AgentHttpError, TimeoutError, OSError) as exc:
             raise AgentUnavailable(
                 f"lost the connection to the agent at {self.url}: {exc}",
                 hint=f"the agent keeps going; run the {what} again to follow it",

@@ -14,7 +14,6 @@ is set.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -46,6 +45,7 @@ from peer.discovery.peer_table import PeerTable
 from peer.discovery.tracker_source import Trackers
 from peer.errors import LocalError
 from peer.hub.metadata import anonymous_flags
+from peer.hub.metadata import warm_up as hub_warm_up
 from peer.manifests.signing import KeyPins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
@@ -265,11 +265,9 @@ class Agent:
                 self.trackers.bound(self.config.listen[0], self.peer_port, self.swarm.listen_port)
             )
             # Know the configured peers before the first request can arrive, and load
-            # huggingface_hub now (~0.3 s) rather than during the first download.
-            await asyncio.gather(
-                self.peers.check_all(),
-                asyncio.to_thread(importlib.import_module, "huggingface_hub.hf_api"),
-            )
+            # huggingface_hub and its session now (~0.3 s) rather than in the first
+            # download.
+            await asyncio.gather(self.peers.check_all(), asyncio.to_thread(hub_warm_up))
         except BaseException:
             await self._stack.aclose()
             raise

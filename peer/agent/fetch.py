@@ -897,9 +897,11 @@ class BlobFetcher:
                     if wake is not None and wake <= now:
                         await carry_out(drv.handle(Wake(self._readers(flight)), now))
                         continue
-                    timeout = None if wake is None else wake - now
+                    # asyncio.timeout, not wait_for: wait_for (3.11) makes a task for
+                    # each wait, and there is a wait per piece event.
                     try:
-                        item = await asyncio.wait_for(inbox.get(), timeout)
+                        async with asyncio.timeout(None if wake is None else wake - now):
+                            item = await inbox.get()
                     except TimeoutError:
                         continue
                     await carry_out(drv.handle(item, time.monotonic()))

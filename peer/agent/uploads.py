@@ -51,7 +51,7 @@ class UploadWatch:
         self._accounted: dict[str, int] = {}  # info-hash -> bytes of closed connections
 
     async def run(self) -> None:
-        stream = self.swarm.subscribe()
+        stream = self.swarm.subscribe(kinds=(ev.PeerDisconnected, ev.PeerBanned, ev.TorrentRemoved))
         try:
             async for event in stream:
                 if isinstance(event, ev.PeerDisconnected):

@@ -357,7 +357,10 @@ async def _run_download(args: argparse.Namespace) -> int:
     client = AgentClient(url)
     try:
         if not args.peer and not args.no_agent:
-            await _agent_honours(args, settings, request, await client.status(), url)
+            # No status round trip unless a flag needs the agent's setup checked: the
+            # job's own connect tells whether an agent answers.
+            if _asks_for_setup(args, request):
+                await _agent_honours(args, settings, request, await client.status(), url)
             return await _via_agent(client, request, args.quiet)
     except AgentUnavailable:
         if named:
@@ -382,6 +385,11 @@ async def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _asks_for_setup(args: argparse.Namespace, request: DownloadRequest) -> bool:
+    """Flags an agent may not honour (its own mirrors, cache and bounds)."""
+    return bool(args.mirror or args.cache_dir or any(request.bounds().values()))
+
+
 async def _agent_honours(
     args: argparse.Namespace,
     settings: HubSettings,
@@ -392,8 +400,6 @@ async def _agent_honours(
     """An agent downloads from its own mirrors into its own cache, with at most its own
     connections and files at once: flags asking for others are refused (exit 2), not
     ignored."""
-    if not (args.mirror or args.cache_dir or any(request.bounds().values())):
-        return
     setup = Setup.from_status(status)
     if setup is None:  # an older agent does not say: it cannot honour them either
         asked = (("--mirror", args.mirror), ("--cache-dir", args.cache_dir))

@@ -176,6 +176,28 @@ def _remote_file(entry: Any) -> RemoteFile:
     return RemoteFile(path=path, size=size, blob_id=blob_id, is_lfs=lfs is not None)
 
 
+def _hub_api(endpoint: str, token: str | bool) -> HfApi:
+    """huggingface_hub's client for one mirror, its user-agent probe off: on its first
+    call in a process huggingface_hub asks ``huggingface.co`` for a list of AI-agent
+    harnesses (a 3 s timeout), whatever mirror it is given. hfswarm talks to the
+    mirrors it was told of, and nothing else; on a LAN with no route out that probe
+    cost the first resolve up to 3 s (docs/benchmarks.md 8.13)."""
+    from huggingface_hub import HfApi, constants
+
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    return HfApi(endpoint=endpoint, token=token, library_name="hfswarm", library_version="0.1")
+
+
+def warm_up() -> None:
+    """Load huggingface_hub and open its HTTP session (blocking: run it in a thread): an
+    agent does it at start, so that its first resolve pays for neither (0.2-0.3 s)."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    _hub_api("http://127.0.0.1", False)
+    get_session()
+    build_hf_headers(token=False)
+
+
 def _fetch_blocking(
     api: HfApi, repo_type: str, repo_id: str, revision: str, token: str | bool
 ) -> tuple[str, list[RemoteFile], bool, bool]:
@@ -235,9 +257,7 @@ async def resolve_snapshot(
     token: str | bool = settings.token or False
     last: HfswarmError | None = None
     for mirror in settings.mirrors:
-        from huggingface_hub import HfApi
-
-        api = HfApi(endpoint=mirror, token=token, library_name="hfswarm", library_version="0.1")
+        api = _hub_api(mirror, token)
         for attempt in range(attempts):
             try:
                 commit, files, private, gated = await asyncio.to_thread(
@@ -276,12 +296,11 @@ async def anonymous_flags(
 ) -> tuple[bool, bool] | None:
     """(private, gated) as the mirrors tell a client with NO token: what anyone may read.
     A repo they refuse to show counts as private. None: no mirror answered."""
-    from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     check_repo_args(repo_type, repo_id)
     for mirror in settings.mirrors:
-        api = HfApi(endpoint=mirror, token=False, library_name="hfswarm", library_version="0.1")
+        api = _hub_api(mirror, False)
         try:
             info = await asyncio.to_thread(api.repo_info, repo_id, repo_type=repo_type, token=False)
         except hf_errors.GatedRepoError:

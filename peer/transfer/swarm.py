@@ -452,15 +452,24 @@ class EventStream:
     dropped for it and an `EventsDropped` is delivered before the next one. The stream
     ends when the session closes or `close` is called."""
 
-    def __init__(self, owner: SwarmSession, info_hash: str | None, maxsize: int) -> None:
+    def __init__(
+        self,
+        owner: SwarmSession,
+        info_hash: str | None,
+        maxsize: int,
+        kinds: tuple[type[ev.SwarmEvent], ...] = (),
+    ) -> None:
         self._owner = owner
         self.info_hash = info_hash
+        self._kinds = kinds
         self._maxsize = maxsize
         self._queue: asyncio.Queue[ev.SwarmEvent | _Closed] = asyncio.Queue()
         self._dropped = 0
         self._closed = False
 
     def _wants(self, event: ev.SwarmEvent) -> bool:
+        if self._kinds and not isinstance(event, self._kinds):
+            return False
         if self.info_hash is None or not isinstance(event, ev.TorrentEvent):
             return True
         return event.info_hash == self.info_hash
@@ -687,9 +696,17 @@ class SwarmSession:
 
     # -- events --
 
-    def subscribe(self, info_hash: str | None = None, *, maxsize: int = 10_000) -> EventStream:
-        """A new event stream: every event, or one torrent's plus session-wide ones."""
-        stream = EventStream(self, info_hash, maxsize)
+    def subscribe(
+        self,
+        info_hash: str | None = None,
+        *,
+        maxsize: int = 10_000,
+        kinds: tuple[type[ev.SwarmEvent], ...] = (),
+    ) -> EventStream:
+        """A new event stream: every event, or one torrent's plus session-wide ones;
+        with `kinds`, only events of those types (a consumer that wants a few is not
+        woken for each of the ~1000 pieces of every GiB)."""
+        stream = EventStream(self, info_hash, maxsize, kinds)
         if self._ses is None:
             stream._end()
         else:
