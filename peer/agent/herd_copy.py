@@ -9,11 +9,14 @@ go into the follower's own journaled partial (`peer.cache.partial.PartialBlob`, 
 a mirror fetch resumes) and through the whole-file hash as they land.
 
 Nothing is trusted before that hash: relayed bytes are the mirror's word passed on by a
-peer. A blob that does not hash to its id is thrown away and the leader is banned (it
-relayed bytes its own hash would have refused: only a liar ends a relay that way). A
-relay that breaks (the leader stalled, died, or restarted its fetch) leaves what was
-copied in the partial: the herd replaces a stalled leader, and whoever fetches the rest
-(this agent from the mirror, or a copy from the next leader) starts where it stopped.
+peer. A blob that does not hash to its id is thrown away. Its leader is banned only if
+every byte of it came from that leader's relays in this wait (it relayed bytes its own
+hash would have refused: only a liar ends a relay that way); a blob whose prefix came
+from another leader or from before (a relay cut short, a partial left by a killed
+agent) blames nobody, and is copied again from its first byte. A relay that breaks (the
+leader stalled, died, or restarted its fetch) leaves what was copied in the partial:
+the herd replaces a stalled leader, and whoever fetches the rest (this agent from the
+mirror, or a copy from the next leader) starts where it stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from peer.cache.partial import PartialBlob
 from peer.discovery.peer_table import PeerInfo, PeerTable
-from peer.errors import HfswarmError, NetworkError, PeerMisbehaved
+from peer.errors import HfswarmError, IntegrityError, NetworkError, PeerMisbehaved
 from peer.hub.metadata import RemoteFile
 from peer.manifests.merkle import V2Tree, V2TreeBuilder
 from peer.serving.peer_api import RELAY_IDLE
@@ -74,6 +77,9 @@ class LeaderCopy:
         self.copied = 0  # bytes taken from leaders that are still counted (from_peers)
         self.relays = 0  # relays started
         self._liars: set[str] = set()  # leaders that relayed wrong bytes: never again
+        # Leaders whose relays wrote the bytes in the partial now; None: some of them are
+        # from before this wait (a mirror fetch, a killed agent's copy), of no known peer.
+        self._written_by: set[str] | None = None
         self._retry_at: dict[str, float] = {}  # leader -> when its relay may be asked again
         self._task: asyncio.Task[None] | None = None
         self._leader: str | None = None  # whom the running copy follows
@@ -157,6 +163,8 @@ class LeaderCopy:
             finally:
                 os.close(fd)
             self.counters.done = partial.done_bytes()
+            if start == 0:
+                self._written_by = set()  # from here on, every byte is a relay's
             if self.flight is not None:
                 self.flight.start(partial.data_path)
                 self.flight.advance(start)
@@ -171,6 +179,8 @@ class LeaderCopy:
                         raise NetworkError(f"the relay ended at byte {pos} of {size}")
                     # Written and hashed here, not in a thread: a cancelled copy must
                     # never leave a write running into a partial that is closed.
+                    if self._written_by is not None:
+                        self._written_by.add(leader.agent_id)
                     partial.write(pos, data)
                     hasher.update(data)
                     pos += len(data)
@@ -181,9 +191,17 @@ class LeaderCopy:
                     if self.flight is not None:
                         self.flight.advance(pos)
             if hasher.hexdigest() != file.blob_id:
+                # Blame a leader only for a blob it relayed alone: bytes another peer
+                # relayed (or a killed agent left) before would frame an honest one.
+                alone = self._written_by == {leader.agent_id}
                 self._void(partial)
-                raise PeerMisbehaved(
-                    f"relayed bytes of {file.path} hash to {hasher.hexdigest()}, not {file.blob_id}"
+                self._written_by = None
+                wrong = f"relayed bytes of {file.path} hash to {hasher.hexdigest()}"
+                if alone:
+                    raise PeerMisbehaved(f"{wrong}, not {file.blob_id}")
+                raise IntegrityError(
+                    f"{wrong}: some were on disk from before or from another leader",
+                    hint="thrown away; the blob is copied again from its first byte",
                 )
             self.counters.done = size
             self.tree = tree.finish() if tree is not None else None
