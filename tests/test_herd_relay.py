@@ -24,6 +24,7 @@ from peer import wire
 from peer.cache.partial import PartialBlob
 from peer.config import DownloadOptions, HubSettings
 from peer.hub.metadata import RemoteFile, Snapshot
+from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
@@ -315,6 +316,78 @@ async def test_an_honest_leader_is_not_blamed_for_bytes_another_peer_relayed(
     assert final["bans"] == 0, log[-3000:]
     assert [p["agent_id"] for p in final["peers"]] == [final_h["agent_id"]]
     got = f_root / "cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
+
+
+async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """A fake leader claims a believable pace, relays 1 MiB and then a byte every 2 s,
+    and once the copy runs offers the blob's manifest (so the herd wait ends with offers
+    while the copy still follows it). The follower must not wait for that relay without
+    end: it drops it and gets the blob right, from the mirror."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / blob).write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob, BLOB, tmp_path / "m" / blob), "trickler")
+    t0 = time.monotonic()
+    relaying = asyncio.Event()
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="trickler-0000000", bt_port=1, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(request: web.Request) -> web.Response:
+        done = min(int((time.monotonic() - t0) * 4 * MiB), BLOB - 1)
+        claims = (wire.Claim(blob_id=blob, size=BLOB, leading=True, done=done),)
+        offered = (manifest,) if relaying.is_set() else ()
+        body = wire.encode(wire.HaveResponse(manifests=offered, claims=claims))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
+        resp = web.StreamResponse(status=206)
+        resp.content_length = BLOB - start
+        resp.headers["Content-Range"] = f"bytes {start}-{BLOB - 1}/{BLOB}"
+        await resp.prepare(request)
+        await resp.write(data[start : start + MiB])
+        relaying.set()
+        for pos in range(start + MiB, BLOB):
+            await asyncio.sleep(2)
+            await resp.write(data[pos : pos + 1])
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/relay/{blob_id}", relay)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.39", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with agent_process(
+            tmp_path / "a", "127.0.0.40", mirror.url, "-v", peers=(f"127.0.0.39:{port}",)
+        ) as a:
+            for _ in range(100):
+                if (await status(a))["peers"]:
+                    break
+                await asyncio.sleep(0.1)
+            t1 = time.monotonic()
+            code, _, err = await asyncio.wait_for(
+                cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 120
+            )
+            took = time.monotonic() - t1
+            log = a.log.read_text()
+    finally:
+        await runner.cleanup()
+    assert code == 0, err
+    assert relaying.is_set() and "copying from leader" in log, log[-3000:]
+    print(f"download with a trickling leader: {took:.1f} s")
+    assert took < 60, log[-3000:]
+    got = tmp_path / "a/cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
 
 

@@ -34,6 +34,7 @@ from peer.discovery.peer_table import PeerInfo, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, PeerMisbehaved
 from peer.hub.metadata import RemoteFile
 from peer.manifests.merkle import V2Tree, V2TreeBuilder
+from peer.scheduling.herd import HerdConfig
 from peer.serving.peer_api import RELAY_IDLE
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 READ_AT_MOST = 1 << 20  # bytes taken off the relay at once (written, hashed, journaled)
 # A leader whose relay failed (not there yet, went away) is asked again after this long.
 RETRY_AFTER = 1.0
+# A relay that moves less than the herd's floor rate over a window is dropped: a trickle
+# (a byte now and then keeps the socket's idle timeout at bay) must not hold a follower
+# that could swarm the blob (`BlobFetcher` waits for a running copy once peers offer it).
+FLOOR_RATE = HerdConfig.min_rate
+FLOOR_WINDOW = RELAY_IDLE
 
 
 class LeaderCopy:
@@ -173,10 +179,18 @@ class LeaderCopy:
             async with self.peers.relay(
                 leader, file.blob_id, start, size, idle=RELAY_IDLE + 5.0
             ) as body:
+                window_at, window_pos = time.monotonic(), pos
                 while pos < size:
                     data = await body.read(min(READ_AT_MOST, size - pos))
                     if not data:
                         raise NetworkError(f"the relay ended at byte {pos} of {size}")
+                    if (now := time.monotonic()) - window_at >= FLOOR_WINDOW:
+                        if pos + len(data) - window_pos < FLOOR_RATE * (now - window_at):
+                            raise NetworkError(
+                                f"the relay moved {pos + len(data) - window_pos} bytes in "
+                                f"{now - window_at:.0f} s, below the herd's floor rate"
+                            )
+                        window_at, window_pos = now, pos + len(data)
                     # Written and hashed here, not in a thread: a cancelled copy must
                     # never leave a write running into a partial that is closed.
                     if self._written_by is not None:
