@@ -22,7 +22,6 @@ mirror, or a copy from the next leader) starts where it stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -88,6 +87,7 @@ class LeaderCopy:
         self._written_by: set[str] | None = None
         self._retry_at: dict[str, float] = {}  # leader -> when its relay may be asked again
         self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # every copy not ended yet
         self._leader: str | None = None  # whom the running copy follows
 
     @property
@@ -105,10 +105,16 @@ class LeaderCopy:
         if time.monotonic() < self._retry_at.get(agent, 0.0):
             return
         # A new leader (the herd replaced a stalled one): its relay, from where we are.
-        previous = self._task if self.running else None
+        # The copies before it are cancelled now, not by the new task: `stop` may come
+        # before that task ever runs.
+        previous = set(self._tasks)
+        for task in previous:
+            task.cancel()
         self.relays += 1
         self._leader = agent
         self._task = asyncio.create_task(self._run(leader, previous))
+        self._tasks.add(self._task)
+        self._task.add_done_callback(self._tasks.discard)
 
     async def result(self) -> Path | None:
         """Wait for the running copy; the verified file, or None (it failed)."""
@@ -119,17 +125,18 @@ class LeaderCopy:
     async def stop(self) -> None:
         """Stop copying (this agent fetches the rest itself): the partial is closed,
         what was copied stays in it for the mirror fetch to resume."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
+        self._task = None
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # `wait`, not `await task`: the copies' cancellation is theirs, while ours
+            # (the fetch cancelled meanwhile) must go on up, never be swallowed here.
+            await asyncio.wait(tasks)
 
-    async def _run(self, leader: PeerInfo, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:  # its partial must be closed before ours opens
-            previous.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await previous
+    async def _run(self, leader: PeerInfo, previous: set[asyncio.Task[None]]) -> None:
+        if previous:  # their partial must be closed before ours opens
+            await asyncio.wait(previous)
         try:
             self.finished = await self._copy(leader)
         except PeerMisbehaved as exc:
