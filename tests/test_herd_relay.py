@@ -391,6 +391,39 @@ async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
     assert got.read_bytes() == data
 
 
+async def test_a_banned_leader_is_replaced_at_once(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The follower bans a leader whose relay failed the hash: its herd stops waiting
+    for it at the next survey, not after the leader timeout (15 s by default) that a
+    peer gone silent needs."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    async with (
+        lying_leader("127.0.0.46", {blob: BLOB}) as (port, relayed),
+        agent_process(
+            tmp_path / "a", "127.0.0.47", mirror.url, "-v", peers=(f"127.0.0.46:{port}",)
+        ) as a,
+    ):
+        for _ in range(100):
+            if (await status(a))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        code, _, err = await asyncio.wait_for(
+            cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 60
+        )
+        took = time.monotonic() - t0
+        final = await status(a)
+        log = a.log.read_text()
+    assert code == 0, err
+    assert relayed[0] == BLOB and final["bans"] == 1, log[-3000:]
+    print(f"download with a banned leader: {took:.1f} s")
+    assert took < 10, log[-3000:]
+    got = tmp_path / "a/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
+
+
 async def test_a_leader_with_followers_grows_its_prefix_at_the_blobs_rate(
     tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
 ) -> None:
