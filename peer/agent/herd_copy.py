@@ -186,12 +186,18 @@ class LeaderCopy:
             async with self.peers.relay(
                 leader, file.blob_id, start, size, idle=RELAY_IDLE + 5.0
             ) as body:
-                window_at, window_pos = time.monotonic(), pos
+                # From the first byte: before it, the relay may wait for the leader's
+                # prefix to reach us (bounded by the idle timeouts, not by this).
+                window_at: float | None = None
+                window_pos = pos
                 while pos < size:
                     data = await body.read(min(READ_AT_MOST, size - pos))
                     if not data:
                         raise NetworkError(f"the relay ended at byte {pos} of {size}")
-                    if (now := time.monotonic()) - window_at >= FLOOR_WINDOW:
+                    now = time.monotonic()
+                    if window_at is None:
+                        window_at = now
+                    elif now - window_at >= FLOOR_WINDOW:
                         if pos + len(data) - window_pos < FLOOR_RATE * (now - window_at):
                             raise NetworkError(
                                 f"the relay moved {pos + len(data) - window_pos} bytes in "
