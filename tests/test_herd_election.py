@@ -288,3 +288,19 @@ def test_a_leader_stuck_at_every_byte_is_replaced_after_its_finish_time() -> Non
     assert e.observe({blob(1): [liar]}, now=t)[blob(1)] is Turn.LEAD
     # far sooner than the overall deadline for a blob this big (hours)
     assert cfg.finish_time(size) < cfg.deadline(size) / 10
+
+
+def test_a_distrusted_leader_is_out_at_once_and_the_follower_leads() -> None:
+    """A leader its follower banned (its relay failed the hash) is counted out on the
+    spot, though its claims still look live: the follower leads at its next look."""
+    size = 1 << 20
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), size, 0.0)
+    liar = [Bid("agent-a", size, leading=True, done=size // 4)]
+    assert e.observe({blob(1): liar}, 2.0)[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a"
+    e.distrust(blob(1), "agent-a")
+    assert e.leader_of(blob(1)) is None
+    liar = [Bid("agent-a", size, leading=True, done=size // 2)]  # still "progressing"
+    assert e.observe({blob(1): liar}, 2.5)[blob(1)] is Turn.LEAD
+    assert "agent-a" in e.suspects(blob(1))

@@ -24,6 +24,7 @@ from peer import wire
 from peer.cache.partial import PartialBlob
 from peer.config import DownloadOptions, HubSettings
 from peer.hub.metadata import RemoteFile, Snapshot
+from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
@@ -216,6 +217,211 @@ async def test_a_leader_relaying_wrong_bytes_is_banned_and_the_blob_comes_right(
     got = tmp_path / "a/cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
     assert "lied" in a.log.read_text()
+
+
+@asynccontextmanager
+async def cutting_liar(ip: str, blob: str, size: int, cut: int) -> AsyncIterator[int]:
+    """Leads `blob` at a believable pace and relays `cut` wrong bytes from the start,
+    then sends nothing more (the relay is cut by the follower's idle timeout, or by its
+    end): never a whole relay, so never one its follower can blame on it. Yields its
+    port."""
+    t0 = time.monotonic()
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="cutting-liar-0000", bt_port=0, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(request: web.Request) -> web.Response:
+        done = min(int((time.monotonic() - t0) * 4 * MiB), size - 1)
+        claims = (wire.Claim(blob_id=blob, size=size, leading=True, done=done),)
+        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
+        resp = web.StreamResponse(status=206)
+        resp.content_length = size - start
+        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        await resp.prepare(request)
+        await resp.write(random.Random(2).randbytes(max(0, cut - start)))
+        await asyncio.sleep(3600)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/relay/{blob_id}", relay)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, ip, 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_honest_leader_is_not_blamed_for_bytes_another_peer_relayed(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """A liar relays the first 8 MiB of a blob wrong and goes quiet; the follower is
+    killed (-9) with them in its partial. Restarted, it follows an honest leader (a real
+    agent fetching from the mirror) from where its partial stopped: the whole-file hash
+    fails, for bytes the honest leader never sent. It must not ban that leader, and it
+    must get the blob right."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    cut = 8 * MiB
+    f_root, f_ip = tmp_path / "f", "127.0.0.37"
+    async with cutting_liar("127.0.0.36", blob, BLOB, cut) as port:
+        liar = (f"127.0.0.36:{port}",)
+        async with agent_process(f_root, f_ip, mirror.url, "-v", peers=liar) as f:
+            for _ in range(100):
+                if (await status(f))["peers"]:
+                    break
+                await asyncio.sleep(0.1)
+            download = asyncio.create_task(
+                cli("download", "org/relay", "--agent", f.local_url, "--quiet")
+            )
+            copied = 0
+            for _ in range(300):
+                rows = [t for t in (await status(f))["transfers"] if t["blob"] == blob]
+                copied = rows[0]["from_peers"] if rows else 0
+                if copied >= cut:
+                    break
+                await asyncio.sleep(0.05)
+            f.proc.kill()  # kill -9: the partial and its journal stay as they are
+            await download
+    assert copied >= cut, "the follower never copied the liar's relay"
+    assert mirror.stats().blob_bytes == 0
+
+    mirror.set_rate_cap(4 * MiB)  # per connection: the leader takes seconds
+    async with agent_process(tmp_path / "h", "127.0.0.38", mirror.url, "--connections", "1") as h:
+        lead = asyncio.create_task(cli("download", "org/relay", "--agent", h.local_url, "--quiet"))
+        for _ in range(200):  # h leads (alone): its mirror fetch is under way
+            rows = [t for t in (await status(h))["transfers"] if t["blob"] == blob]
+            if rows and rows[0]["from_mirror"] > 0:
+                break
+            await asyncio.sleep(0.05)
+        async with agent_process(f_root, f_ip, mirror.url, "-v", peers=(h.peer_addr,)) as f:
+            code, _, err = await asyncio.wait_for(
+                cli("download", "org/relay", "--agent", f.local_url, "--quiet"), 90
+            )
+            final = await status(f)
+            log = f.log.read_text()
+        lead_code, _, lead_err = await asyncio.wait_for(lead, 60)
+        final_h = await status(h)
+    assert code == 0 and lead_code == 0, (err, lead_err)
+    assert "copying from leader" in log and final["hash_failures"] >= 1, log[-3000:]
+    assert final["bans"] == 0, log[-3000:]
+    assert [p["agent_id"] for p in final["peers"]] == [final_h["agent_id"]]
+    got = f_root / "cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
+
+
+async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """A fake leader claims a believable pace, relays 1 MiB and then a byte every 2 s,
+    and once the copy runs offers the blob's manifest (so the herd wait ends with offers
+    while the copy still follows it). The follower must not wait for that relay without
+    end: it drops it and gets the blob right, from the mirror."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / blob).write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob, BLOB, tmp_path / "m" / blob), "trickler")
+    t0 = time.monotonic()
+    relaying = asyncio.Event()
+
+    async def health(_: web.Request) -> web.Response:
+        body = wire.encode(wire.Health(agent_id="trickler-0000000", bt_port=1, blobs=0))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def have(request: web.Request) -> web.Response:
+        done = min(int((time.monotonic() - t0) * 4 * MiB), BLOB - 1)
+        claims = (wire.Claim(blob_id=blob, size=BLOB, leading=True, done=done),)
+        offered = (manifest,) if relaying.is_set() else ()
+        body = wire.encode(wire.HaveResponse(manifests=offered, claims=claims))
+        return web.Response(body=body, content_type="application/msgpack")
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
+        resp = web.StreamResponse(status=206)
+        resp.content_length = BLOB - start
+        resp.headers["Content-Range"] = f"bytes {start}-{BLOB - 1}/{BLOB}"
+        await resp.prepare(request)
+        await resp.write(data[start : start + MiB])
+        relaying.set()
+        for pos in range(start + MiB, BLOB):
+            await asyncio.sleep(2)
+            await resp.write(data[pos : pos + 1])
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    app.router.add_post("/v1/have", have)
+    app.router.add_get("/v1/relay/{blob_id}", relay)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.39", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with agent_process(
+            tmp_path / "a", "127.0.0.40", mirror.url, "-v", peers=(f"127.0.0.39:{port}",)
+        ) as a:
+            for _ in range(100):
+                if (await status(a))["peers"]:
+                    break
+                await asyncio.sleep(0.1)
+            t1 = time.monotonic()
+            code, _, err = await asyncio.wait_for(
+                cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 120
+            )
+            took = time.monotonic() - t1
+            log = a.log.read_text()
+    finally:
+        await runner.cleanup()
+    assert code == 0, err
+    assert relaying.is_set() and "copying from leader" in log, log[-3000:]
+    print(f"download with a trickling leader: {took:.1f} s")
+    assert took < 60, log[-3000:]
+    got = tmp_path / "a/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
+
+
+async def test_a_banned_leader_is_replaced_at_once(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The follower bans a leader whose relay failed the hash: its herd stops waiting
+    for it at the next survey, not after the leader timeout (15 s by default) that a
+    peer gone silent needs."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    async with (
+        lying_leader("127.0.0.46", {blob: BLOB}) as (port, relayed),
+        agent_process(
+            tmp_path / "a", "127.0.0.47", mirror.url, "-v", peers=(f"127.0.0.46:{port}",)
+        ) as a,
+    ):
+        for _ in range(100):
+            if (await status(a))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        code, _, err = await asyncio.wait_for(
+            cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 60
+        )
+        took = time.monotonic() - t0
+        final = await status(a)
+        log = a.log.read_text()
+    assert code == 0, err
+    assert relayed[0] == BLOB and final["bans"] == 1, log[-3000:]
+    print(f"download with a banned leader: {took:.1f} s")
+    assert took < 10, log[-3000:]
+    got = tmp_path / "a/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
 
 
 async def test_a_leader_with_followers_grows_its_prefix_at_the_blobs_rate(

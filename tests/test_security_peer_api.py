@@ -322,3 +322,23 @@ async def test_asyncio_emfile_spam_is_logged_once_per_interval() -> None:
     assert text.count("Traceback") == 1
     assert "999 identical messages held back" in text
     assert len(text) < 5000
+
+
+async def test_head_requests_get_headers_and_no_body(tmp_path: Path) -> None:
+    """A HEAD of a blob (or of its relay) is answered with headers only: a body after
+    them would be read as the next answer by a keep-alive client, and would cost the
+    agent a stream slot and the blob's disk reads for nothing."""
+    async with contextlib.AsyncExitStack() as stack:
+        a = await seeded(stack, tmp_path)
+        blob = big_blob(a)
+        host, port = host_port(a.peer_url)
+        for path in (f"/v1/blobs/{blob}", f"/v1/relay/{blob}"):
+            reader, writer = await asyncio.open_connection(host, port)
+            request = f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 "), (path, raw[:200])
+            assert len(body) == 0, (path, head.decode(errors="replace"), len(body))

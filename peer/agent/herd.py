@@ -205,6 +205,11 @@ class Herd:
             for blob_id, seen in claims.items()
         }
         before = {b: self.election.suspects(b) for b in self._waiters}
+        for blob_id in self._waiters:  # a banned leader is out at once, not at its timeout
+            while (leader := self.election.leader_of(blob_id)) is not None and (
+                self.peers.is_banned(leader)
+            ):
+                self.election.distrust(blob_id, leader)
         turns = self.election.observe(
             view, now, leading={b: lead.size for b, lead in self._leading.items()}
         )

@@ -9,17 +9,19 @@ go into the follower's own journaled partial (`peer.cache.partial.PartialBlob`, 
 a mirror fetch resumes) and through the whole-file hash as they land.
 
 Nothing is trusted before that hash: relayed bytes are the mirror's word passed on by a
-peer. A blob that does not hash to its id is thrown away and the leader is banned (it
-relayed bytes its own hash would have refused: only a liar ends a relay that way). A
-relay that breaks (the leader stalled, died, or restarted its fetch) leaves what was
-copied in the partial: the herd replaces a stalled leader, and whoever fetches the rest
-(this agent from the mirror, or a copy from the next leader) starts where it stopped.
+peer. A blob that does not hash to its id is thrown away. Its leader is banned only if
+every byte of it came from that leader's relays in this wait (it relayed bytes its own
+hash would have refused: only a liar ends a relay that way); a blob whose prefix came
+from another leader or from before (a relay cut short, a partial left by a killed
+agent) blames nobody, and is copied again from its first byte. A relay that breaks (the
+leader stalled, died, or restarted its fetch) leaves what was copied in the partial:
+the herd replaces a stalled leader, and whoever fetches the rest (this agent from the
+mirror, or a copy from the next leader) starts where it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -28,9 +30,10 @@ from pathlib import Path
 
 from peer.cache.partial import PartialBlob
 from peer.discovery.peer_table import PeerInfo, PeerTable
-from peer.errors import HfswarmError, NetworkError, PeerMisbehaved
+from peer.errors import HfswarmError, IntegrityError, NetworkError, PeerMisbehaved
 from peer.hub.metadata import RemoteFile
 from peer.manifests.merkle import V2Tree, V2TreeBuilder
+from peer.scheduling.herd import HerdConfig
 from peer.serving.peer_api import RELAY_IDLE
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
@@ -42,6 +45,11 @@ log = logging.getLogger(__name__)
 READ_AT_MOST = 1 << 20  # bytes taken off the relay at once (written, hashed, journaled)
 # A leader whose relay failed (not there yet, went away) is asked again after this long.
 RETRY_AFTER = 1.0
+# A relay that moves less than the herd's floor rate over a window is dropped: a trickle
+# (a byte now and then keeps the socket's idle timeout at bay) must not hold a follower
+# that could swarm the blob (`BlobFetcher` waits for a running copy once peers offer it).
+FLOOR_RATE = HerdConfig.min_rate
+FLOOR_WINDOW = RELAY_IDLE
 
 
 class LeaderCopy:
@@ -74,8 +82,12 @@ class LeaderCopy:
         self.copied = 0  # bytes taken from leaders that are still counted (from_peers)
         self.relays = 0  # relays started
         self._liars: set[str] = set()  # leaders that relayed wrong bytes: never again
+        # Leaders whose relays wrote the bytes in the partial now; None: some of them are
+        # from before this wait (a mirror fetch, a killed agent's copy), of no known peer.
+        self._written_by: set[str] | None = None
         self._retry_at: dict[str, float] = {}  # leader -> when its relay may be asked again
         self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # every copy not ended yet
         self._leader: str | None = None  # whom the running copy follows
 
     @property
@@ -93,10 +105,16 @@ class LeaderCopy:
         if time.monotonic() < self._retry_at.get(agent, 0.0):
             return
         # A new leader (the herd replaced a stalled one): its relay, from where we are.
-        previous = self._task if self.running else None
+        # The copies before it are cancelled now, not by the new task: `stop` may come
+        # before that task ever runs.
+        previous = set(self._tasks)
+        for task in previous:
+            task.cancel()
         self.relays += 1
         self._leader = agent
         self._task = asyncio.create_task(self._run(leader, previous))
+        self._tasks.add(self._task)
+        self._task.add_done_callback(self._tasks.discard)
 
     async def result(self) -> Path | None:
         """Wait for the running copy; the verified file, or None (it failed)."""
@@ -107,17 +125,18 @@ class LeaderCopy:
     async def stop(self) -> None:
         """Stop copying (this agent fetches the rest itself): the partial is closed,
         what was copied stays in it for the mirror fetch to resume."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
+        self._task = None
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # `wait`, not `await task`: the copies' cancellation is theirs, while ours
+            # (the fetch cancelled meanwhile) must go on up, never be swallowed here.
+            await asyncio.wait(tasks)
 
-    async def _run(self, leader: PeerInfo, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:  # its partial must be closed before ours opens
-            previous.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await previous
+    async def _run(self, leader: PeerInfo, previous: set[asyncio.Task[None]]) -> None:
+        if previous:  # their partial must be closed before ours opens
+            await asyncio.wait(previous)
         try:
             self.finished = await self._copy(leader)
         except PeerMisbehaved as exc:
@@ -157,6 +176,8 @@ class LeaderCopy:
             finally:
                 os.close(fd)
             self.counters.done = partial.done_bytes()
+            if start == 0:
+                self._written_by = set()  # from here on, every byte is a relay's
             if self.flight is not None:
                 self.flight.start(partial.data_path)
                 self.flight.advance(start)
@@ -165,12 +186,28 @@ class LeaderCopy:
             async with self.peers.relay(
                 leader, file.blob_id, start, size, idle=RELAY_IDLE + 5.0
             ) as body:
+                # From the first byte: before it, the relay may wait for the leader's
+                # prefix to reach us (bounded by the idle timeouts, not by this).
+                window_at: float | None = None
+                window_pos = pos
                 while pos < size:
                     data = await body.read(min(READ_AT_MOST, size - pos))
                     if not data:
                         raise NetworkError(f"the relay ended at byte {pos} of {size}")
+                    now = time.monotonic()
+                    if window_at is None:
+                        window_at = now
+                    elif now - window_at >= FLOOR_WINDOW:
+                        if pos + len(data) - window_pos < FLOOR_RATE * (now - window_at):
+                            raise NetworkError(
+                                f"the relay moved {pos + len(data) - window_pos} bytes in "
+                                f"{now - window_at:.0f} s, below the herd's floor rate"
+                            )
+                        window_at, window_pos = now, pos + len(data)
                     # Written and hashed here, not in a thread: a cancelled copy must
                     # never leave a write running into a partial that is closed.
+                    if self._written_by is not None:
+                        self._written_by.add(leader.agent_id)
                     partial.write(pos, data)
                     hasher.update(data)
                     pos += len(data)
@@ -181,9 +218,17 @@ class LeaderCopy:
                     if self.flight is not None:
                         self.flight.advance(pos)
             if hasher.hexdigest() != file.blob_id:
+                # Blame a leader only for a blob it relayed alone: bytes another peer
+                # relayed (or a killed agent left) before would frame an honest one.
+                alone = self._written_by == {leader.agent_id}
                 self._void(partial)
-                raise PeerMisbehaved(
-                    f"relayed bytes of {file.path} hash to {hasher.hexdigest()}, not {file.blob_id}"
+                self._written_by = None
+                wrong = f"relayed bytes of {file.path} hash to {hasher.hexdigest()}"
+                if alone:
+                    raise PeerMisbehaved(f"{wrong}, not {file.blob_id}")
+                raise IntegrityError(
+                    f"{wrong}: some were on disk from before or from another leader",
+                    hint="thrown away; the blob is copied again from its first byte",
                 )
             self.counters.done = size
             self.tree = tree.finish() if tree is not None else None

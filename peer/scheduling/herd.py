@@ -125,6 +125,13 @@ class HerdElection:
         live = [a for a in b.seen if a not in b.suspects]
         return min(live) if live else None
 
+    def distrust(self, blob_id: str, agent_id: str) -> None:
+        """Count `agent_id` out for this blob now (it relayed bytes that failed the
+        hash, and is banned): never wait for it until its timeout."""
+        b = self._blobs.get(blob_id)
+        if b is not None:
+            b.suspects.add(agent_id)
+
     def suspects(self, blob_id: str) -> frozenset[str]:
         """Agents counted out for this blob (stalled, too slow, gone, or lying)."""
         b = self._blobs.get(blob_id)

@@ -307,8 +307,10 @@ def make_peer_app(
     app = web.Application(client_max_size=MAX_REQUEST)
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/have", have)
-    app.router.add_get("/v1/blobs/{blob_id}", blob)
-    app.router.add_get("/v1/relay/{blob_id}", relay)
+    # No HEAD: these stream the body themselves, and aiohttp would send it after the
+    # headers of a HEAD answer too (405 instead; nobody needs the size alone).
+    app.router.add_get("/v1/blobs/{blob_id}", blob, allow_head=False)
+    app.router.add_get("/v1/relay/{blob_id}", relay, allow_head=False)
     app.router.add_post("/v1/revisions", revisions)
     return app
 

@@ -1,0 +1,79 @@
+"""`LeaderCopy` (peer/agent/herd_copy.py) against relays served here on loopback, through
+a real `PeerTable`: what runs after the fetch tells it to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from test_agents import MiB, sha256
+from test_herd_relay import cutting_liar
+
+from peer.agent.herd_copy import LeaderCopy
+from peer.cache.partial import PartialBlob
+from peer.discovery.peer_table import PeerInfo, PeerTable
+from peer.hub.metadata import RemoteFile
+from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.mirror_ranges import chunk_size_for
+
+
+async def test_a_copy_stopped_just_after_a_new_leader_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """The herd names a new leader, and the fetch stops the copy before the task that
+    replaces the old one has run: no copy may go on writing the partial after `stop`
+    (the fetch opens it next, for the mirror)."""
+    data = random.Random(3).randbytes(4 * MiB)
+    blob, size = sha256(data), len(data)
+    file = RemoteFile("model.safetensors", size, blob, True)
+    folder = tmp_path / "partial"
+    async with (
+        cutting_liar("127.0.0.43", blob, size, MiB) as port_a,
+        cutting_liar("127.0.0.44", blob, size, MiB) as port_b,
+        PeerTable("tester") as table,
+    ):
+        counters = BlobCounters(size)
+        copy = LeaderCopy(table, file, folder, counters)
+        copy.follow(PeerInfo("leader-a", "127.0.0.43", port_a, 0))
+        for _ in range(200):
+            if counters.from_peers >= MiB:
+                break
+            await asyncio.sleep(0.02)
+        assert counters.from_peers >= MiB, "the copy never started"
+        copy.follow(PeerInfo("leader-b", "127.0.0.44", port_b, 0))
+        # Not `wait_for`: a stop that swallows its caller's cancellation defeats it.
+        stopping = asyncio.create_task(copy.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        if not done:  # a copy went on after `stop`: end it, and fail
+            stopping.cancel()
+            await asyncio.wait({stopping})
+        assert done, "stop() waited on a copy that started after it was called"
+        assert not copy.running
+        # Free for the mirror fetch: no copy holds it (PartialBusy if one does).
+        with PartialBlob(folder, blob, size, chunk_size_for(size)) as partial:
+            assert partial.done_bytes() > 0  # what was copied stays, for the mirror
+
+
+async def test_stop_does_not_swallow_its_callers_cancellation(tmp_path: Path) -> None:
+    """A fetch cancelled while it stops its copy (its download cancelled, the agent
+    stopping) is cancelled: `stop` must not end normally in its place."""
+    data = random.Random(4).randbytes(4 * MiB)
+    blob, size = sha256(data), len(data)
+    file = RemoteFile("model.safetensors", size, blob, True)
+    async with (
+        cutting_liar("127.0.0.45", blob, size, MiB) as port,
+        PeerTable("tester") as table,
+    ):
+        counters = BlobCounters(size)
+        copy = LeaderCopy(table, file, tmp_path / "partial", counters)
+        copy.follow(PeerInfo("leader-a", "127.0.0.45", port, 0))
+        for _ in range(200):
+            if counters.from_peers >= MiB:
+                break
+            await asyncio.sleep(0.02)
+        stopping = asyncio.create_task(copy.stop())
+        await asyncio.sleep(0)  # stop() is waiting for the copy to end
+        stopping.cancel()
+        await asyncio.wait({stopping})
+        assert stopping.cancelled(), "stop() swallowed the cancellation of its caller"
