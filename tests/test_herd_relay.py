@@ -7,6 +7,7 @@ leader is slow, and (for the lie) a fake leader served here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -317,6 +318,42 @@ async def test_an_honest_leader_is_not_blamed_for_bytes_another_peer_relayed(
     assert [p["agent_id"] for p in final["peers"]] == [final_h["agent_id"]]
     got = f_root / "cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
+
+
+async def test_a_ranged_read_through_hf_endpoint_never_completes_on_relayed_bytes(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """A client reading a range of a shard through HF_ENDPOINT (a safetensors header
+    read) while its agent copies the shard from a lying leader: the answer streams, but
+    its last byte waits for the whole-file hash, so the liar's bytes never make a
+    complete 206."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    async with (
+        cutting_liar("127.0.0.41", blob, BLOB, 8 * MiB) as port,
+        agent_process(tmp_path / "f", "127.0.0.42", mirror.url, peers=(f"127.0.0.41:{port}",)) as f,
+    ):
+        for _ in range(100):
+            if (await status(f))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        url = f"{f.local_url}/org/relay/resolve/main/model.safetensors"
+        got = bytearray()
+        complete = False
+        async with aiohttp.ClientSession() as s:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientPayloadError):
+                async with (
+                    asyncio.timeout(8),
+                    s.get(url, headers={"Range": f"bytes=0-{MiB - 1}"}) as r,
+                ):
+                    assert r.status == 206, r.status
+                    while chunk := await r.content.read(65536):
+                        got += chunk
+                    complete = True
+        copied = sum(t["from_peers"] for t in (await status(f))["transfers"])
+    assert copied >= MiB, "the agent never copied the liar's relay"
+    assert not complete or bytes(got) == data[:MiB], "a complete answer of a liar's bytes"
+    assert len(got) == MiB - 1, len(got)  # it streamed all but the last byte
 
 
 async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(

@@ -28,7 +28,7 @@ async def test_a_reader_waits_until_bytes_are_ready_and_is_woken_by_advance() ->
         waiting = asyncio.create_task(r.readable(SIZE))
         await settle()
         assert not waiting.done()  # nothing written yet
-        flight.start(PART)
+        flight.start(PART, from_peers=False)
         flight.advance(100)  # up to the reader's position: still nothing for it
         await settle()
         assert not waiting.done()
@@ -39,7 +39,7 @@ async def test_a_reader_waits_until_bytes_are_ready_and_is_woken_by_advance() ->
 
 async def test_readable_returns_at_once_when_bytes_are_ready() -> None:
     flight = InFlightBlob("b", SIZE)
-    flight.start(PART)
+    flight.start(PART, from_peers=False)
     flight.advance(50)
     async with flight.reader(0) as r:
         assert await r.readable(20) == Window(PART, 20)  # never past the asked end
@@ -51,7 +51,7 @@ async def test_readable_returns_at_once_when_bytes_are_ready() -> None:
 
 async def test_the_last_byte_waits_until_the_blob_is_moved_into_blobs() -> None:
     flight = InFlightBlob("b", SIZE)
-    flight.start(PART)
+    flight.start(PART, from_peers=False)
     flight.advance(SIZE)  # every byte checked, the whole-file hash not yet
     async with flight.reader(0) as r:
         assert r.window(SIZE) == Window(PART, SIZE - 1)
@@ -64,9 +64,37 @@ async def test_the_last_byte_waits_until_the_blob_is_moved_into_blobs() -> None:
         assert waiting.result() == Window(BLOB, SIZE)
 
 
+async def test_a_peer_sourced_answer_never_ends_before_the_whole_file_hash() -> None:
+    """Bytes from LAN peers are their word only: a ranged answer over them (a safetensors
+    header read, fsspec) gets all but its last byte until the blob is verified, so no
+    complete body is ever made of a liar's bytes. The mirror's own bytes are not held."""
+    mirror = InFlightBlob("b", SIZE)
+    mirror.start(PART, from_peers=False)
+    mirror.advance(500)
+    peers = InFlightBlob("b", SIZE)
+    peers.start(PART, from_peers=True)
+    peers.advance(500)
+    async with mirror.reader(0) as m, peers.reader(0) as p:
+        assert m.window(100) == Window(PART, 100)  # the range [0, 100) complete
+        assert p.window(100) == Window(PART, 99)  # its last byte held back
+        p.advance(99)
+        waiting = asyncio.create_task(p.readable(100))
+        peers.advance(SIZE)
+        await settle()
+        assert not waiting.done()  # every byte on disk: still the peer's word
+        peers.moved(BLOB)
+        await settle()
+        assert waiting.result() == Window(BLOB, 100)
+    # A new source resets the rule: the swarm's bytes after a mirror start are held.
+    mirror.start(PART, from_peers=True)
+    mirror.advance(500)
+    async with mirror.reader(0) as m:
+        assert m.window(100) == Window(PART, 99)
+
+
 async def test_a_new_source_cuts_a_reader_that_had_bytes_but_not_one_still_waiting() -> None:
     flight = InFlightBlob("b", SIZE)
-    flight.start(PART)
+    flight.start(PART, from_peers=False)
     flight.advance(400)
     async with flight.reader(0) as sent, flight.reader(500) as waits:
         assert sent.window(SIZE) == Window(PART, 400)  # bytes of this source go out
@@ -80,7 +108,7 @@ async def test_a_new_source_cuts_a_reader_that_had_bytes_but_not_one_still_waiti
             blocked.result()
         with pytest.raises(StreamCut):
             sent.check()
-        flight.start(PART)
+        flight.start(PART, from_peers=False)
         flight.advance(600)
         # Nothing of the old source went to this one: it streams the new one.
         assert waits.window(SIZE) == Window(PART, 600)
@@ -151,7 +179,7 @@ async def test_a_reader_that_waits_says_so_and_is_counted_until_woken() -> None:
     flight = InFlightBlob("b", SIZE)
     seen: list[tuple[int, int]] = []
     with flight.watching_readers(lambda: seen.append((flight.reader_count, flight.waiting_count))):
-        flight.start(PART)
+        flight.start(PART, from_peers=False)
         async with flight.reader(0) as r:
             waiting = asyncio.create_task(r.readable(SIZE))
             await settle()

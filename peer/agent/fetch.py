@@ -689,7 +689,7 @@ class BlobFetcher:
         flight = self._flights.get(file.blob_id)
         if flight is not None:
             flight.reset()
-            flight.start(data_path)
+            flight.start(data_path, from_peers=True)
         # The whole-file hash reads each byte once, as the in-order prefix of checked,
         # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
         follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))

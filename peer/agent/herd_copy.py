@@ -179,7 +179,7 @@ class LeaderCopy:
             if start == 0:
                 self._written_by = set()  # from here on, every byte is a relay's
             if self.flight is not None:
-                self.flight.start(partial.data_path)
+                self.flight.start(partial.data_path, from_peers=True)
                 self.flight.advance(start)
             log.info("%s: copying from leader %s at byte %d", file.path, leader.agent_id[:8], start)
             pos = start

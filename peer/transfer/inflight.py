@@ -18,10 +18,15 @@ Two sides, one owner of the state:
 
 The blob's last byte is held back until `moved` (the blob was renamed into ``blobs/``,
 which happens only after its whole-file hash matched the Hub's blob id): a body the
-client receives whole is then a verified one. A fetch that changes source mid-way (a
-swarm result that failed its whole-file hash, fetched again from the mirror) bumps
-``generation``: a reader that already had bytes of the old one gets `StreamCut` and
-must cut its connection.
+client receives whole is then a verified one. Bytes from LAN peers (a herd leader's
+relay; swarm pieces, checked only against a peer's own manifest in open mode) are held
+back more: the last byte of every answer, a ranged one too, waits for that hash, so a
+peer's word never makes a complete body (`start(from_peers=True)`). The mirror's own
+bytes are not: they are what the client would get from the mirror.
+
+A fetch that changes source mid-way (a swarm result that failed its whole-file hash,
+fetched again from the mirror) bumps ``generation``: a reader that already had bytes of
+the old one gets `StreamCut` and must cut its connection.
 
 It lives in `peer.transfer`, not `peer.cache`: it is the in-memory progress of one
 transfer between its producer and its consumers (asyncio signals, reader positions that
@@ -59,6 +64,7 @@ class InFlightBlob:
         self._ready = 0
         self._generation = 0
         self._verified = False  # moved into blobs/: the last byte may go out
+        self._from_peers = False  # the bytes are a LAN peer's word until verified
         self._readers: set[FlightReader] = set()
         self._waiting = 0  # readers blocked in `readable` right now
         self._watchers: list[Callable[[], None]] = []
@@ -110,13 +116,15 @@ class InFlightBlob:
 
     # -- the fetch writes --------------------------------------------------------------
 
-    def start(self, path: Path) -> None:
-        """A (new) source writes the blob at `path`, from nothing checked yet."""
+    def start(self, path: Path, *, from_peers: bool) -> None:
+        """A (new) source writes the blob at `path`, from nothing checked yet;
+        `from_peers`: LAN peers send it (no answer ends before the whole-file hash)."""
         if self._path is not None:
             self._generation += 1
         self._path = path
         self._ready = 0
         self._verified = False
+        self._from_peers = from_peers
         self._notify()
 
     def moved(self, path: Path) -> None:
@@ -175,7 +183,12 @@ class InFlightBlob:
     def _window(self, position: int, end: int) -> Window | None:
         if self._path is None:
             return None
-        limit = min(end, self._ready if self._verified else min(self._ready, self.size - 1))
+        if self._verified:
+            limit = min(end, self._ready)
+        else:
+            limit = min(end, self._ready, self.size - 1)
+            if self._from_peers and limit == end:
+                limit = end - 1  # a ranged answer too: its last byte after the hash
         return Window(self._path, limit) if limit > position else None
 
 

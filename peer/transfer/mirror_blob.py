@@ -93,7 +93,7 @@ async def from_mirror(
         def prefix(n: int, path: Path = partial.data_path) -> None:
             if flight is not None:
                 if flight.path != path:
-                    flight.start(path)
+                    flight.start(path, from_peers=False)
                 flight.advance(n)
 
         tree = V2TreeBuilder(file.blob_id, file.size) if want_tree else None
