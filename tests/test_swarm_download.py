@@ -18,6 +18,7 @@ from peer.transfer.swarm_download import (
     FeedMirrorPiece,
     Finished,
     FlushForReaders,
+    InOrder,
     Input,
     MirrorPieceError,
     MirrorPieceFed,
@@ -459,6 +460,30 @@ def test_without_readers_the_driver_does_not_wake_for_them() -> None:
     assert r.drv.next_wakeup() > T0 + 3.5
     r.at(3.1, ReadersChanged(Readers(0, 0, 0)))  # and goes
     assert r.drv.next_wakeup() > T0 + 3.5
+
+
+def test_pieces_come_in_order_only_while_a_reader_streams() -> None:
+    r = Run(40, streaming=True)
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    r.until(0.5, Readers(0, 0, 0))
+    assert not [a for _, a in r.log if isinstance(a, InOrder)]  # nobody reads: rarest first
+    assert InOrder(True) in r.at(0.6, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    r.at(0.7, ReadersChanged(Readers(2, 0, 0, waiting=2)))
+    r.done(0.8, 0)
+    r.until(1.5, Readers(1, PIECE, PIECE, waiting=1))
+    assert [a for _, a in r.log if isinstance(a, InOrder)] == [InOrder(True)]  # said once
+    assert r.at(1.6, ReadersChanged(Readers(0, 0, PIECE))) == [InOrder(False)]
+    assert InOrder(True) in r.at(1.7, ReadersChanged(Readers(1, 0, PIECE, waiting=1)))
+
+
+def test_a_download_nobody_streams_never_asks_for_order() -> None:
+    r = Run(8)  # not streaming (the CLI's download): readers are not its business
+    r.swarm.holders = dict.fromkeys(range(8), 1)
+    r.running()
+    r.at(0.1, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    r.until(1.0, Readers(1, 0, 0, waiting=1))
+    assert not [a for _, a in r.log if isinstance(a, InOrder)]
 
 
 def test_bad_input_is_refused() -> None:

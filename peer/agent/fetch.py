@@ -49,6 +49,7 @@ from peer.transfer.swarm_download import (
     CancelMirrorPiece,
     FeedMirrorPiece,
     FlushForReaders,
+    InOrder,
     Input,
     MirrorPieceError,
     MirrorPieceFed,
@@ -847,6 +848,8 @@ class BlobFetcher:
                         self.swarm.set_piece_priority(ih, i, PREFERRED)
                 elif isinstance(a, SetPieceDeadline):
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
+                elif isinstance(a, InOrder):
+                    self.swarm.set_in_order(ih, a.on)
                 elif isinstance(a, SwarmFailed):
                     hint = (
                         "retry later, or add another --mirror"

@@ -1308,6 +1308,16 @@ class SwarmSession:
         self._meta(t).piece_length(piece)
         t.handle.set_piece_deadline(piece, max(0, int(deadline_ms)))
 
+    def set_in_order(self, info_hash: str, on: bool) -> None:
+        """Pick pieces in index order (libtorrent's sequential download) while ``on``,
+        else rarest first; piece priorities and deadlines still come first."""
+        t = self._get(info_hash)
+        flag = lt.torrent_flags.sequential_download
+        if on:
+            t.handle.set_flags(flag)
+        else:
+            t.handle.unset_flags(flag)
+
     def reset_piece_deadline(self, info_hash: str, piece: int) -> None:
         t = self._get(info_hash)
         self._meta(t).piece_length(piece)

@@ -11,6 +11,9 @@ that waits gets the in-order prefix flushed for it at once if ``stream_step`` by
 it are unflushed, else as soon as that many are, or ``stream_delay`` s after the first
 had piece it waits for (a flush is a libtorrent disk fence: one per piece would cost
 more than the wait).
+While a reader streams, libtorrent picks pieces in order (`InOrder`): out of order, the
+prefix a reader (and the whole-file hash) may take lagged 100-300 MB behind the pieces
+had, so the body and the hash ended well after the swarm.
 
 The phases of one download:
 
@@ -189,6 +192,14 @@ class SetPieceDeadline:
 
 
 @dataclass(frozen=True)
+class InOrder:
+    """Pick pieces in order (libtorrent's sequential download) while ``on``: a reader
+    streams the in-order prefix."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
 class Finished:
     """Every piece passed its check (flush the cache before reading the file)."""
 
@@ -207,6 +218,7 @@ Action = (
     | FlushForReaders
     | PreferPieces
     | SetPieceDeadline
+    | InOrder
     | Finished
     | Failed
 )
@@ -285,6 +297,7 @@ class SwarmDownload:
         self._wanted = 0  # ... at this position: a flush helps once the prefix passes it
         self._stream_at: float | None = None  # flush for it then, if not before
         self._asked: set[int] = set()  # pieces given a deadline for a reader
+        self._in_order = False  # an InOrder(True) is in force
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
@@ -574,7 +587,13 @@ class SwarmDownload:
         if not self.streaming or self.phase is Phase.CHECKING or r.count == 0:
             self._starved = False
             self._stream_at = None
+            if self._in_order and r.count == 0:  # back to rarest first, for the swarm
+                self._in_order = False
+                out.append(InOrder(False))
             return
+        if not self._in_order:
+            self._in_order = True
+            out.append(InOrder(True))
         self._flushed = max(self._flushed, r.ready)
         self._starved = r.waiting > 0
         self._wanted = r.read_pos
