@@ -208,7 +208,9 @@ async def test_in_order_pieces_come_in_index_order_until_turned_off(
         for in_order in (True, False):
             async with session() as leecher:
                 stream = leecher.subscribe(blob.info_hash)
-                ih = await leecher.add_torrent(blob.torrent, tmp_path / f"dl-{in_order}", paused=True)
+                ih = await leecher.add_torrent(
+                    blob.torrent, tmp_path / f"dl-{in_order}", paused=True
+                )
                 leecher.set_in_order(ih, True)
                 if not in_order:
                     leecher.set_in_order(ih, False)  # back to rarest first
