@@ -477,6 +477,16 @@ def test_pieces_come_in_order_only_while_a_reader_streams() -> None:
     assert InOrder(True) in r.at(1.7, ReadersChanged(Readers(1, 0, PIECE, waiting=1)))
 
 
+def test_a_reader_there_before_swarming_has_pieces_in_order_from_the_first_request() -> None:
+    r = Run(8, streaming=True)
+    r.swarm.state = "checking_files"
+    assert r.at(0, ReadersChanged(Readers(1, 0, 0, waiting=1))) == []  # still checking
+    r.swarm.state = "downloading"
+    out = r.at(0.3, ev.TorrentChecked(IH))
+    assert out[:2] == [InOrder(True), StartSwarming()]  # before any peer is connected
+    assert [a for _, a in r.log if isinstance(a, InOrder)] == [InOrder(True)]
+
+
 def test_a_download_nobody_streams_never_asks_for_order() -> None:
     r = Run(8)  # not streaming (the CLI's download): readers are not its business
     r.swarm.holders = dict.fromkeys(range(8), 1)

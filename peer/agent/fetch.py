@@ -870,6 +870,7 @@ class BlobFetcher:
         watching = contextlib.ExitStack()
         if flight is not None:  # a reader that comes or goes: the driver hears of it
             watching.enter_context(flight.watching_readers(readers_changed))
+            readers_changed()  # and of those already there (pieces in order from the start)
         try:
             async with asyncio.TaskGroup() as tg:
                 pumping = tg.create_task(pump())

@@ -298,6 +298,7 @@ class SwarmDownload:
         self._stream_at: float | None = None  # flush for it then, if not before
         self._asked: set[int] = set()  # pieces given a deadline for a reader
         self._in_order = False  # an InOrder(True) is in force
+        self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
@@ -438,6 +439,11 @@ class SwarmDownload:
         self.progress.resumed = self.progress.done
         self.phase = Phase.SETTLING
         self._deadline = now + self.config.settle_limit
+        if self.streaming and self._readers and not self._in_order:
+            # Before the first requests go out: libtorrent asks for a batch of pieces
+            # as soon as the peer is connected, and those would be rarest first.
+            self._in_order = True
+            out.append(InOrder(True))
         out.append(StartSwarming())
         self._follow(now, out)
         if self.streaming:
@@ -584,6 +590,7 @@ class SwarmDownload:
         the file: now if ``stream_step`` of it is there, else once it is, or after
         ``stream_delay``), have pieces picked in order, and, for a reader past the
         in-order prefix (a Range), ask peers for the pieces just after where it is."""
+        self._readers = r.count
         if not self.streaming or self.phase is Phase.CHECKING or r.count == 0:
             self._starved = False
             self._stream_at = None
