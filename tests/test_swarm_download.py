@@ -487,6 +487,23 @@ def test_a_reader_there_before_swarming_has_pieces_in_order_from_the_first_reque
     assert [a for _, a in r.log if isinstance(a, InOrder)] == [InOrder(True)]
 
 
+def test_in_order_nothing_is_preferred_and_after_it_the_window_is_preferred_anew() -> None:
+    r = follow_run(12, step=3, window=4)
+    r.drv.streaming = True
+    assert r.at(0) == [StartSwarming(), PreferPieces((0, 1, 2, 3))]
+    assert InOrder(True) in r.at(0.1, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    for i in range(4):
+        r.done(0.2, i)
+    preferred = [a for _, a in r.log if isinstance(a, PreferPieces)]
+    assert preferred == [PreferPieces((0, 1, 2, 3))]  # in order: the window stays put
+    # The reader goes: rarest first again, and the window after the prefix preferred
+    # anew (InOrder reset every priority).
+    assert r.at(0.3, ReadersChanged(Readers(0, 0, 4 * PIECE))) == [
+        InOrder(False),
+        PreferPieces((4, 5, 6, 7)),
+    ]
+
+
 def test_a_download_nobody_streams_never_asks_for_order() -> None:
     r = Run(8)  # not streaming (the CLI's download): readers are not its business
     r.swarm.holders = dict.fromkeys(range(8), 1)

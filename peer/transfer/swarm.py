@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
+DEFAULT_PRIORITY = 4  # libtorrent's piece priority unless told otherwise
 
 
 class SwarmError(HfswarmError):
@@ -1310,10 +1311,14 @@ class SwarmSession:
 
     def set_in_order(self, info_hash: str, on: bool) -> None:
         """Pick pieces in index order (libtorrent's sequential download) while ``on``,
-        else rarest first; piece priorities and deadlines still come first."""
+        else rarest first. Turning it on sets every piece back to the default priority:
+        libtorrent takes pieces of a higher priority first and rarest first among them,
+        out of order (measured: a window of priority-7 pieces came in random order).
+        Piece deadlines still come first."""
         t = self._get(info_hash)
         flag = lt.torrent_flags.sequential_download
         if on:
+            t.handle.prioritize_pieces([DEFAULT_PRIORITY] * self._meta(t).num_pieces)
             t.handle.set_flags(flag)
         else:
             t.handle.unset_flags(flag)

@@ -195,7 +195,8 @@ class SetPieceDeadline:
 @dataclass(frozen=True)
 class InOrder:
     """Pick pieces in order (libtorrent's sequential download) while ``on``: a reader
-    streams the in-order prefix."""
+    streams the in-order prefix. On, it also drops what `PreferPieces` asked (higher
+    priorities come first, rarest first among them), and none is asked meanwhile."""
 
     on: bool
 
@@ -528,8 +529,8 @@ class SwarmDownload:
                 self._flush(ready, out)
             elif for_reader and self._stream_at is None:
                 self._stream_at = now + self.config.stream_delay
-        if not self.follow_prefix:
-            return
+        if not self.follow_prefix or self._in_order:
+            return  # (in order, the pieces after the prefix come next anyway)
         window = -(-self.config.prefer_window // self.piece_size)
         end = min(self.num_pieces, self._prefix + window)
         start = max(self._preferred, self._prefix)
@@ -597,7 +598,9 @@ class SwarmDownload:
             self._stream_at = None
             if self._in_order and r.count == 0:  # back to rarest first, for the swarm
                 self._in_order = False
+                self._preferred = 0  # (`InOrder` reset the priorities: prefer anew)
                 out.append(InOrder(False))
+                self._follow(now, out)
             return
         if not self._in_order:
             self._in_order = True
