@@ -10,7 +10,7 @@ holds it (a plain GET; the agent starts the swarm and streams what is verified).
 
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-runs 0 \
-        --checkout /tmp/base --checkout . [--timeline]
+        --checkout /tmp/base --checkout . [--timeline [N]]
 
 Every process listens on 127.0.0.x; nothing leaves the machine.
 """
@@ -99,19 +99,23 @@ def timeline(agent: CheckoutAgent, seeder: Agent, cache: Path) -> None:
     shutil.rmtree(cache, ignore_errors=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     marks: dict[str, float] = dict(got["marks"])
+    hashed = "?"
     for line in agent.log_path.read_text(errors="replace").splitlines():
         stamp, _, rest = line.partition(" DEBUG peer.agent.fetch: model.safetensors: ")
         for key, name in AGENT_MARKS.items():
             if rest.startswith(key) and name not in marks:
                 when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
                 marks[name] = when.timestamp()
+        if rest.startswith("all pieces had (hashed "):  # the whole-file hash's position
+            hashed = f"{int(rest.split()[-1].rstrip(')')) / 1e6:.0f} MB"
     t0 = marks["client: GET sent"]
     print(f"\ntime line through {agent.checkout.name or agent.checkout} (s after the GET):")
     for name, t in sorted(marks.items(), key=lambda kv: kv[1]):
         print(f"  {t - t0:7.3f}  {name}")
     print(
         f"  CPU s during the call: client {got['cpu']:.2f}, downloading agent "
-        f"{agent_cpu:.2f}, seeder {seeder_cpu:.2f}"
+        f"{agent_cpu:.2f}, seeder {seeder_cpu:.2f}; at the last piece the whole-file "
+        f"hash had read {hashed}"
     )
 
 
@@ -164,7 +168,13 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
     ap.add_argument(
-        "--timeline", action="store_true", help="then one timed call per checkout, printed"
+        "--timeline",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="then N timed calls per checkout (interleaved), printed as time lines",
     )
     args = ap.parse_args()
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
@@ -195,17 +205,18 @@ def main() -> None:
                 took = status["bytes_from_mirror"]
                 assert took == 0, f"the agent of {c} took {took} bytes from the mirror"
             print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items()))
-        for k, c in enumerate(checkouts if args.timeline else []):
-            b = CheckoutAgent(c, work / f"timeline-{k}", "127.0.0.3", url, [seeder.peer])
-            try:
-                timeline(b, seeder, work / "client")
-            finally:
-                b.stop()
-            shutil.rmtree(b.root)
+        for t in range(args.timeline):
+            for k, c in enumerate(checkouts):
+                b = CheckoutAgent(c, work / f"timeline-{t}-{k}", "127.0.0.3", url, [seeder.peer])
+                try:
+                    timeline(b, seeder, work / "client")
+                finally:
+                    b.stop()
+                shutil.rmtree(b.root)
     finally:
         teardown(mirror, seeder)
-    med = {k: statistics.median(v) for k, v in res.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items() if v}
     print(json.dumps({"runs_s": res, "agent_cpu_s": cpu, "median_s": med}, indent=1))
     print(
         f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} "
