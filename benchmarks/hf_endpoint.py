@@ -10,7 +10,7 @@ holds it (a plain GET; the agent starts the swarm and streams what is verified).
 
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-runs 0 \
-        --checkout /tmp/base --checkout .
+        --checkout /tmp/base --checkout . [--timeline [N]]
 
 Every process listens on 127.0.0.x; nothing leaves the machine.
 """
@@ -18,6 +18,7 @@ Every process listens on 127.0.0.x; nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import signal
@@ -42,6 +43,80 @@ t0 = time.perf_counter()
 snapshot_download(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3], token=False)
 print(time.perf_counter() - t0)
 """
+
+
+# The same call, timed inside the client (wall clock, to line up with the agent's debug
+# log): the shard's GET sent, its first and last body chunk written, and the client's CPU.
+# httpx hands the body over in 10 MiB chunks, so "first chunk" is 10 MiB in.
+TIMED_CLIENT = """
+import json, resource, sys, time
+from huggingface_hub import file_download, snapshot_download
+marks = {}
+plain = file_download.http_get
+class Timed:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, b):
+        marks.setdefault("client: first 10 MiB written", time.time())
+        self.n += len(b)
+        if self.n >= 512 << 20:
+            marks.setdefault("client: 512 MiB written", time.time())
+        return self.f.write(b)
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+def http_get(url, temp_file, **kw):
+    if not url.endswith(".safetensors"):
+        return plain(url, temp_file, **kw)
+    marks["client: GET sent"] = time.time()
+    plain(url, Timed(temp_file), **kw)
+    marks["client: last byte written"] = time.time()
+file_download.http_get = http_get
+snapshot_download(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3], token=False)
+marks["client: done"] = time.time()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"marks": marks, "cpu": ru.ru_utime + ru.ru_stime}))
+"""
+# Lines of the downloading agent's debug log that mark the shard's swarm download.
+AGENT_MARKS = {
+    "swarming": "agent: swarm started",
+    "first piece": "agent: first piece",
+    "all pieces had": "agent: last piece",
+    "whole-file hash matched": "agent: whole-file hash matched",
+}
+
+
+def timeline(agent: CheckoutAgent, seeder: Agent, cache: Path) -> None:
+    """One more call through `agent`, printed as a time line (s after the shard's GET)
+    with the CPU seconds of the seeder, the agent and the client during it."""
+    s0, a0 = cpu_of(seeder.proc.pid), cpu_of(agent.proc.pid)
+    out = subprocess.run(
+        [sys.executable, "-c", TIMED_CLIENT, REPO, agent.url, str(cache)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    seeder_cpu, agent_cpu = cpu_of(seeder.proc.pid) - s0, cpu_of(agent.proc.pid) - a0
+    shutil.rmtree(cache, ignore_errors=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    marks: dict[str, float] = dict(got["marks"])
+    hashed = "?"
+    for line in agent.log_path.read_text(errors="replace").splitlines():
+        stamp, _, rest = line.partition(" DEBUG peer.agent.fetch: model.safetensors: ")
+        for key, name in AGENT_MARKS.items():
+            if rest.startswith(key) and name not in marks:
+                when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+                marks[name] = when.timestamp()
+        if rest.startswith("all pieces had (hashed "):  # the whole-file hash's position
+            hashed = f"{int(rest.split()[-1].rstrip(')')) / 1e6:.0f} MB"
+    t0 = marks["client: GET sent"]
+    print(f"\ntime line through {agent.checkout.name or agent.checkout} (s after the GET):")
+    for name, t in sorted(marks.items(), key=lambda kv: kv[1]):
+        print(f"  {t - t0:7.3f}  {name}")
+    print(
+        f"  CPU s during the call: client {got['cpu']:.2f}, downloading agent "
+        f"{agent_cpu:.2f}, seeder {seeder_cpu:.2f}; at the last piece the whole-file "
+        f"hash had read {hashed}"
+    )
 
 
 def snapshot(endpoint: str, cache: Path) -> float:
@@ -92,6 +167,15 @@ def main() -> None:
     ap.add_argument("--ttfb-runs", type=int, default=3)
     ap.add_argument("--work", default=None)
     ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
+    ap.add_argument(
+        "--timeline",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="then N timed calls per checkout (interleaved), printed as time lines",
+    )
     args = ap.parse_args()
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
@@ -118,12 +202,21 @@ def main() -> None:
                 finally:
                     b.stop()
                 shutil.rmtree(b.root)
-                assert status["bytes_from_mirror"] == 0, "the agent took bytes from the mirror"
+                took = status["bytes_from_mirror"]
+                assert took == 0, f"the agent of {c} took {took} bytes from the mirror"
             print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items()))
+        for t in range(args.timeline):
+            for k, c in enumerate(checkouts):
+                b = CheckoutAgent(c, work / f"timeline-{t}-{k}", "127.0.0.3", url, [seeder.peer])
+                try:
+                    timeline(b, seeder, work / "client")
+                finally:
+                    b.stop()
+                shutil.rmtree(b.root)
     finally:
         teardown(mirror, seeder)
-    med = {k: statistics.median(v) for k, v in res.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items() if v}
     print(json.dumps({"runs_s": res, "agent_cpu_s": cpu, "median_s": med}, indent=1))
     print(
         f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} "

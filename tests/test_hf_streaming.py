@@ -60,6 +60,36 @@ async def test_a_shard_streams_from_a_peer_while_the_swarm_fetches_it(
     assert mirror.stats().blob_bytes == 0, "every byte came from the peer"
 
 
+async def test_while_a_client_streams_the_swarm_takes_the_pieces_in_order(
+    tmp_path: Path, shard: bytes
+) -> None:
+    """Rarest first, the pieces after a hole wait unread and the whole-file hash with
+    them: a streamed blob is picked in order (libtorrent's sequential download)."""
+    blob = sha256(shard)
+    async with MirrorServer([RepoSource("model", "org/s", tmp_path / "src")]) as mirror:
+        slow = config(tmp_path / "a", "127.0.0.2", mirror.url, max_upload_rate=8 * MiB)
+        async with agent(slow) as a:
+            await fetch(a, "org/s")
+            async with (
+                agent(config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(peer_of(a),))) as b,
+                aiohttp.ClientSession() as client,
+                client.get(url(b, "org/s", "model.safetensors")) as r,
+            ):
+                await r.content.readexactly(MiB)
+                (manifest,) = b.blobs.fetching_for((blob,))
+                for _ in range(100):  # about a third of the 48 pieces, at 8 MiB/s
+                    await asyncio.sleep(0.05)
+                    have = await b.blobs.swarm.have_pieces(manifest.info_hash)
+                    if sum(have) >= 16:
+                        break
+                had = [i for i, h in enumerate(have) if h]
+                # In order: the pieces had are the first ones (the ones in flight may
+                # finish out of turn: a few holes at the front edge at most).
+                assert len(had) >= 8 and max(had) < len(had) + 4, had
+                body = MiB + len(await r.read())
+    assert body == len(shard)
+
+
 async def test_mirror_bytes_stream_and_a_failed_hash_cuts_the_connection(
     tmp_path: Path, shard: bytes
 ) -> None:

@@ -201,6 +201,35 @@ async def test_download_from_seeder(blob: Blob, tmp_path: Path) -> None:
         assert up.uploaded_payload_bytes >= SIZE
 
 
+async def test_in_order_pieces_come_in_index_order_until_turned_off(
+    blob: Blob, tmp_path: Path
+) -> None:
+    def inversions(order: list[int]) -> int:
+        return sum(1 for i in range(len(order)) for j in range(i) if order[j] > order[i])
+
+    async with session() as seeder:
+        await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        orders = []
+        for in_order in (True, False):
+            async with session() as leecher:
+                stream = leecher.subscribe(blob.info_hash)
+                ih = await leecher.add_torrent(
+                    blob.torrent, tmp_path / f"dl-{in_order}", paused=True
+                )
+                leecher.set_in_order(ih, True)
+                if not in_order:
+                    leecher.set_in_order(ih, False)  # back to rarest first
+                leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+                leecher.resume(ih)
+                _, seen = await next_matching(stream, is_(ev.TorrentFinished, ih))
+                stream.close()
+                orders.append([e.piece for e in seen if isinstance(e, ev.PieceFinished)])
+    # 17 pieces: rarest first (random among equals) averages 68 inversions; in order,
+    # hashing threads may swap a neighbour or two.
+    assert inversions(orders[0]) <= 6, orders[0]
+    assert inversions(orders[1]) > 6, orders[1]
+
+
 async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> None:
     # A rate-limited seeder keeps the transfer going long enough to look at it.
     slow = SwarmSettings(

@@ -18,6 +18,7 @@ from peer.transfer.swarm_download import (
     FeedMirrorPiece,
     Finished,
     FlushForReaders,
+    InOrder,
     Input,
     MirrorPieceError,
     MirrorPieceFed,
@@ -390,7 +391,7 @@ def test_it_does_not_poll_while_the_policy_has_nothing_to_decide() -> None:
 # --- streaming readers --------------------------------------------------------------------------
 
 
-def test_a_reader_waiting_at_the_start_gets_the_prefix_at_once_and_deadlines_after_it() -> None:
+def test_a_reader_waiting_at_the_start_gets_the_prefix_at_once_and_pieces_in_order() -> None:
     r = Run(40, streaming=True)
     r.swarm.holders = dict.fromkeys(range(40), 1)
     r.running()
@@ -400,10 +401,10 @@ def test_a_reader_waiting_at_the_start_gets_the_prefix_at_once_and_deadlines_aft
     assert r.until(0.5, Readers(0, 0, 0)) == []  # no reader: nothing to do
     out = r.at(0.55, ReadersChanged(Readers(1, 10, 0, waiting=1)))  # one comes, waits
     assert FlushForReaders(2 * PIECE) in out  # pieces 0 and 1; piece 2 is missing
-    deadlines = [(a.piece, a.ms) for a in out if isinstance(a, SetPieceDeadline)]
-    assert deadlines[:2] == [(2, 300), (4, 500)]
-    assert [p for p, _ in deadlines] == [p for p in range(16) if p not in (0, 1, 3)]
-    # Asked once; a reader that sends what it has is not flushed for.
+    # At the in-order prefix: picked in order, no deadlines (they shuffle the pieces).
+    assert InOrder(True) in out
+    assert not [a for a in out if isinstance(a, SetPieceDeadline)]
+    # A reader that sends what it has is not flushed for.
     later = r.until(0.9, Readers(1, PIECE, 2 * PIECE))
     assert not [a for a in later if isinstance(a, SetPieceDeadline | FlushForReaders)]
 
@@ -459,6 +460,57 @@ def test_without_readers_the_driver_does_not_wake_for_them() -> None:
     assert r.drv.next_wakeup() > T0 + 3.5
     r.at(3.1, ReadersChanged(Readers(0, 0, 0)))  # and goes
     assert r.drv.next_wakeup() > T0 + 3.5
+
+
+def test_pieces_come_in_order_only_while_a_reader_streams() -> None:
+    r = Run(40, streaming=True)
+    r.swarm.holders = dict.fromkeys(range(40), 1)
+    r.running()
+    r.until(0.5, Readers(0, 0, 0))
+    assert not [a for _, a in r.log if isinstance(a, InOrder)]  # nobody reads: rarest first
+    assert InOrder(True) in r.at(0.6, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    r.at(0.7, ReadersChanged(Readers(2, 0, 0, waiting=2)))
+    r.done(0.8, 0)
+    r.until(1.5, Readers(1, PIECE, PIECE, waiting=1))
+    assert [a for _, a in r.log if isinstance(a, InOrder)] == [InOrder(True)]  # said once
+    assert r.at(1.6, ReadersChanged(Readers(0, 0, PIECE))) == [InOrder(False)]
+    assert InOrder(True) in r.at(1.7, ReadersChanged(Readers(1, 0, PIECE, waiting=1)))
+
+
+def test_a_reader_there_before_swarming_has_pieces_in_order_from_the_first_request() -> None:
+    r = Run(8, streaming=True)
+    r.swarm.state = "checking_files"
+    assert r.at(0, ReadersChanged(Readers(1, 0, 0, waiting=1))) == []  # still checking
+    r.swarm.state = "downloading"
+    out = r.at(0.3, ev.TorrentChecked(IH))
+    assert out[:2] == [InOrder(True), StartSwarming()]  # before any peer is connected
+    assert [a for _, a in r.log if isinstance(a, InOrder)] == [InOrder(True)]
+
+
+def test_in_order_nothing_is_preferred_and_after_it_the_window_is_preferred_anew() -> None:
+    r = follow_run(12, step=3, window=4)
+    r.drv.streaming = True
+    assert r.at(0) == [StartSwarming(), PreferPieces((0, 1, 2, 3))]
+    assert InOrder(True) in r.at(0.1, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    for i in range(4):
+        r.done(0.2, i)
+    preferred = [a for _, a in r.log if isinstance(a, PreferPieces)]
+    assert preferred == [PreferPieces((0, 1, 2, 3))]  # in order: the window stays put
+    # The reader goes: rarest first again, and the window after the prefix preferred
+    # anew (InOrder reset every priority).
+    assert r.at(0.3, ReadersChanged(Readers(0, 0, 4 * PIECE))) == [
+        InOrder(False),
+        PreferPieces((4, 5, 6, 7)),
+    ]
+
+
+def test_a_download_nobody_streams_never_asks_for_order() -> None:
+    r = Run(8)  # not streaming (the CLI's download): readers are not its business
+    r.swarm.holders = dict.fromkeys(range(8), 1)
+    r.running()
+    r.at(0.1, ReadersChanged(Readers(1, 0, 0, waiting=1)))
+    r.until(1.0, Readers(1, 0, 0, waiting=1))
+    assert not [a for _, a in r.log if isinstance(a, InOrder)]
 
 
 def test_bad_input_is_refused() -> None:

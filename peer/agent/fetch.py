@@ -49,6 +49,7 @@ from peer.transfer.swarm_download import (
     CancelMirrorPiece,
     FeedMirrorPiece,
     FlushForReaders,
+    InOrder,
     Input,
     MirrorPieceError,
     MirrorPieceFed,
@@ -862,6 +863,8 @@ class BlobFetcher:
                         self.swarm.set_piece_priority(ih, i, PREFERRED)
                 elif isinstance(a, SetPieceDeadline):
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
+                elif isinstance(a, InOrder):
+                    self.swarm.set_in_order(ih, a.on)
                 elif isinstance(a, SwarmFailed):
                     hint = (
                         "retry later, or add another --mirror"
@@ -882,6 +885,7 @@ class BlobFetcher:
         watching = contextlib.ExitStack()
         if flight is not None:  # a reader that comes or goes: the driver hears of it
             watching.enter_context(flight.watching_readers(readers_changed))
+            readers_changed()  # and of those already there (pieces in order from the start)
         try:
             async with asyncio.TaskGroup() as tg:
                 pumping = tg.create_task(pump())

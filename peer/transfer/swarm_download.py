@@ -11,6 +11,10 @@ that waits gets the in-order prefix flushed for it at once if ``stream_step`` by
 it are unflushed, else as soon as that many are, or ``stream_delay`` s after the first
 had piece it waits for (a flush is a libtorrent disk fence: one per piece would cost
 more than the wait).
+While a reader streams, libtorrent picks pieces in order (`InOrder`): rarest first, the
+first pieces came up to 0.7 s late and the in-order prefix (what a reader and the
+whole-file hash may take) reached the end only with the last piece, so the hash ended
+0.24-0.87 s after it (docs/benchmarks.md 8.14).
 
 The phases of one download:
 
@@ -189,6 +193,15 @@ class SetPieceDeadline:
 
 
 @dataclass(frozen=True)
+class InOrder:
+    """Pick pieces in order (libtorrent's sequential download) while ``on``: a reader
+    streams the in-order prefix. On, it also drops what `PreferPieces` asked (higher
+    priorities come first, rarest first among them), and none is asked meanwhile."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
 class Finished:
     """Every piece passed its check (flush the cache before reading the file)."""
 
@@ -207,6 +220,7 @@ Action = (
     | FlushForReaders
     | PreferPieces
     | SetPieceDeadline
+    | InOrder
     | Finished
     | Failed
 )
@@ -285,6 +299,8 @@ class SwarmDownload:
         self._wanted = 0  # ... at this position: a flush helps once the prefix passes it
         self._stream_at: float | None = None  # flush for it then, if not before
         self._asked: set[int] = set()  # pieces given a deadline for a reader
+        self._in_order = False  # an InOrder(True) is in force
+        self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
@@ -425,6 +441,11 @@ class SwarmDownload:
         self.progress.resumed = self.progress.done
         self.phase = Phase.SETTLING
         self._deadline = now + self.config.settle_limit
+        if self.streaming and self._readers and not self._in_order:
+            # Before the first requests go out: libtorrent asks for a batch of pieces
+            # as soon as the peer is connected, and those would be rarest first.
+            self._in_order = True
+            out.append(InOrder(True))
         out.append(StartSwarming())
         self._follow(now, out)
         if self.streaming:
@@ -508,8 +529,8 @@ class SwarmDownload:
                 self._flush(ready, out)
             elif for_reader and self._stream_at is None:
                 self._stream_at = now + self.config.stream_delay
-        if not self.follow_prefix:
-            return
+        if not self.follow_prefix or self._in_order:
+            return  # (in order, the pieces after the prefix come next anyway)
         window = -(-self.config.prefer_window // self.piece_size)
         end = min(self.num_pieces, self._prefix + window)
         start = max(self._preferred, self._prefix)
@@ -569,12 +590,21 @@ class SwarmDownload:
     def _feed_readers(self, r: Readers, now: float, out: list[Action]) -> None:
         """A reader came or waits: make the checked prefix readable for it (flushed to
         the file: now if ``stream_step`` of it is there, else once it is, or after
-        ``stream_delay``), and ask peers for the pieces just after where it is, in
-        order."""
+        ``stream_delay``), have pieces picked in order, and, for a reader past the
+        in-order prefix (a Range), ask peers for the pieces just after where it is."""
+        self._readers = r.count
         if not self.streaming or self.phase is Phase.CHECKING or r.count == 0:
             self._starved = False
             self._stream_at = None
+            if self._in_order and r.count == 0:  # back to rarest first, for the swarm
+                self._in_order = False
+                self._preferred = 0  # (`InOrder` reset the priorities: prefer anew)
+                out.append(InOrder(False))
+                self._follow(now, out)
             return
+        if not self._in_order:
+            self._in_order = True
+            out.append(InOrder(True))
         self._flushed = max(self._flushed, r.ready)
         self._starved = r.waiting > 0
         self._wanted = r.read_pos
@@ -585,6 +615,11 @@ class SwarmDownload:
             elif self._stream_at is None:
                 self._stream_at = now + self.config.stream_delay
         first = r.read_pos // self.piece_size
+        if first <= self._prefix:
+            # At the in-order prefix, picking in order asks for its next pieces already;
+            # deadlines there (time-critical mode) only shuffled them (benchmarks/
+            # lt_order.py: the first 16 in random order, the very first 5x later).
+            return
         last = min(self.num_pieces, first + self.config.readahead)
         for k, i in enumerate(range(first, last)):
             if not self._have[i] and i not in self._asked:
