@@ -96,10 +96,11 @@ STEAL_COST_RATIO = 10.0
 ASK_SECONDS = 0.5
 ASK_COST_RATIO = 10.0
 FIRST_ASK = 4  # chunks a blob's first request asks of a mirror known to be cheap
-# A blind request is cut for a stealer only if the stolen half is at least this big: the
-# cut throws away what the connection had in flight (1-3 MiB seen on a loaded loopback),
-# which must stay a small part of what the new stream gains.
-BLIND_CUT_MIN = 8 << 20
+# A blind request is cut for a stealer only if the stolen half takes its stream at least
+# this long: the cut throws away what the connection had in flight (1-3 MiB seen on a
+# loaded loopback), which must stay a small part of what the new stream gains. A capped
+# mirror's streams are slow (a cut pays); a fast one's finish before a cut would.
+BLIND_CUT_SECONDS = 0.5
 
 
 def split_runs(
@@ -506,12 +507,12 @@ class MirrorFetcher:
             free = r.end - max(r.asked, r.marked)  # not asked of the mirror yet
             if free >= 2 and (best is None or free > best[0]):
                 best = (free, r)
-        if best is None:  # nothing left to ask: cut a blind request (it closes its
-            # connection, what it had in flight thrown away, once it gets there)
+        if best is None and stream_rate > 0:  # nothing left to ask: cut a blind request
+            # (it closes its connection, what it had in flight thrown away, once there)
             for r in job.active:
                 free = r.end - r.marked - 1  # chunks the stream has not reached yet
-                big = (free // 2) * p.chunk_size >= BLIND_CUT_MIN
-                if r.blind and free >= 2 and big and (best is None or free > best[0]):
+                slow = (free // 2) * p.chunk_size / stream_rate >= BLIND_CUT_SECONDS
+                if r.blind and free >= 2 and slow and (best is None or free > best[0]):
                     best = (free, r)
         if best is None:
             return None
