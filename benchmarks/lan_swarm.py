@@ -299,6 +299,7 @@ class Bench:
         }
         if len(hosts) == 1:
             res["timeline"] = [
+                (0.0, "CLI started"),
                 *timeline(agents[0].log, t0_wall),
                 (round(s, 3), "CLI exited"),
             ]
@@ -336,9 +337,12 @@ def report(results: dict[str, Any]) -> str:
             base = one.get("one " + key.split(" ", 1)[1])
             shares = [r["seeder_share"] for r in rs]
             x = f"{one[key] / base:.2f}x the 1 -> 1 time" if base else ""
+            # pieces that stalled 5 s on peers go to the WAN mirror (the agents' counters)
+            wan = [sum(h["from_mirror"] for h in r["hosts"].values()) / MB for r in rs]
             out.append(
                 f"\n{key}: {x}; seeder share median {statistics.median(shares):.0%} "
-                f"(runs {', '.join(f'{s:.0%}' for s in shares)})"
+                f"(runs {', '.join(f'{s:.0%}' for s in shares)}); file MB the 8 took "
+                f"from the WAN mirror: {', '.join(f'{w:.1f}' for w in wan)}"
             )
     return "\n".join(out)
 
