@@ -121,6 +121,12 @@ def start_agent(
     return netlab.AgentProc(lan, i, root, proc, info, log, env)
 
 
+def turned(items: range, r: int) -> list[int]:
+    """``items`` started at position ``r`` (mod its length): round r's order."""
+    k = r % len(items) if len(items) else 0
+    return [*items[k:], *items[:k]]
+
+
 def timeline(log: Path, t0_wall: float) -> list[tuple[float, str]]:
     """(seconds after the CLI started, step) of one download, from the agent's log."""
     found: dict[str, float] = {}
@@ -201,7 +207,10 @@ class Bench:
                     if scen == "curl":
                         self.record("curl", self.run_curl())
                         continue
-                    for k, co in enumerate(self.checkouts):
+                    # The checkouts' order turns each round: the first `eight` of a
+                    # round ran slower whichever checkout it was (8.15).
+                    for k in turned(range(nco), r):
+                        co = self.checkouts[k]
                         hosts = [1] if scen == "one" else list(range(1, 9))
                         res = self.run_agents(co, seeders[k], hosts, f"{scen}-{k}-r{r}")
                         self.record(f"{scen} {co.name}", res)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import shutil
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from peer.config import DownloadOptions
 from peer.errors import LocalError
 from peer.transfer import events as ev
 from peer.transfer.swarm import (
@@ -446,59 +444,3 @@ async def test_teardown_leaves_nothing_behind(blob: Blob, tmp_path: Path) -> Non
             break
         await asyncio.sleep(0.05)
     assert _fds_and_threads()[1] <= before[1] + 1
-
-
-# --- upload slots ----------------------------------------------------------------------
-
-
-async def _served_once_settled(seeder: SwarmSession, ihs: list[str], peers: int) -> int:
-    """How many of the seeder's connections (over ``ihs``) it serves, once all ``peers``
-    are connected and its choker has run (libtorrent unchokes newcomers at first)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            snaps = [p for ih in ihs for p in await seeder.peers(ih)]
-            if len(snaps) == peers:
-                await asyncio.sleep(1.5)  # a choker round (libtorrent runs it every second)
-                return sum([p.served for ih in ihs for p in await seeder.peers(ih)])
-            await asyncio.sleep(0.05)
-
-
-async def test_a_seeder_serves_upload_slots_connections_at_once(blob: Blob, tmp_path: Path) -> None:
-    # On a 100 Mbit/s LAN a seeder that served every downloader at once sent each piece
-    # ~1.8 times (docs/benchmarks.md 8.15): the choked ones take pieces from each other.
-    # Rate-limited so that the 12 downloads are still running when we look.
-    slow = SwarmSettings(
-        listen_host="127.0.0.1", upload_rate_limit=2_000_000, limit_local_peers=True
-    )
-    async with SwarmSession(slow) as seeder, contextlib.AsyncExitStack() as stack:
-        ih = await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
-        for k in range(12):
-            leecher = await stack.enter_async_context(session())
-            await leecher.add_torrent(blob.torrent, tmp_path / f"dl{k}")
-            leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
-        # libtorrent may keep one of its slots for an optimistic unchoke in turn
-        served = await _served_once_settled(seeder, [ih], 12)
-        assert served < 12, "the seeder serves all 12 downloaders at once"
-        assert slow.upload_slots - 1 <= served <= slow.upload_slots, served
-
-
-async def test_one_downloader_is_served_all_its_files_at_once(tmp_path: Path) -> None:
-    # An agent swarms up to `max_files` (4) blobs of one download at once: each is its
-    # own connection to the seeder, and each must be served (none waits for a rotation).
-    files = []
-    for k in range(DownloadOptions().max_files):
-        data = os.urandom(4 * PIECE + k)
-        blob_id = hashlib.sha256(data).hexdigest()
-        (tmp_path / "seed").mkdir(exist_ok=True)
-        (tmp_path / "seed" / blob_id).write_bytes(data)
-        files.append(await create_v2_torrent(tmp_path / "seed" / blob_id, PIECE))
-    slow = SwarmSettings(
-        listen_host="127.0.0.1", upload_rate_limit=1_000_000, limit_local_peers=True
-    )
-    assert len(files) <= slow.upload_slots
-    async with SwarmSession(slow) as seeder, session() as leecher:
-        ihs = [await seeder.add_torrent(t, tmp_path / "seed", seed_mode=True) for t in files]
-        for t, ih in zip(files, ihs, strict=True):
-            await leecher.add_torrent(t, tmp_path / "dl")
-            leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
-        assert await _served_once_settled(seeder, ihs, len(files)) == len(files)

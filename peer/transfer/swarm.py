@@ -135,12 +135,8 @@ class SwarmSettings:
     # Alerts are drained on every wake-up; the queue only needs to absorb bursts.
     alert_queue_size: int = 10_000
     connections_limit: int = 200
-    # Peer connections served at once (one per peer and blob; the rest stay choked and
-    # take their pieces from each other; libtorrent rotates them). 8, libtorrent's own
-    # default, against 32 before: 1 seeder -> 8 hosts on 100 Mbit/s links took ~0.8x the
-    # time and the seeder sent ~1.45 copies instead of ~1.8, with one downloader's 4 files
-    # at once (`max_files`) all still served (docs/benchmarks.md 8.15).
-    upload_slots: int = 8
+    # Peers served at once; LAN fan-out wants more than libtorrent's default of 8.
+    upload_slots: int = 32
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
@@ -427,7 +423,6 @@ class PeerSnapshot:
     download_rate: int
     num_hashfails: int
     client: str
-    served: bool = False  # unchoked by us: it may ask us for pieces
 
 
 @dataclass(frozen=True)
@@ -1185,7 +1180,7 @@ class SwarmSession:
     async def peers(self, info_hash: str) -> tuple[PeerSnapshot, ...]:
         t = self._get(info_hash)
         infos = await self._call(t.handle.get_peer_info, "reading peer list")
-        seed_flag, choked_flag = int(lt.peer_info.seed), int(lt.peer_info.choked)
+        seed_flag = int(lt.peer_info.seed)
         out = []
         for p in infos:
             host, port = p.ip
@@ -1202,7 +1197,6 @@ class SwarmSession:
                     client=client.decode("utf-8", "replace")
                     if isinstance(client, bytes)
                     else str(client),
-                    served=not int(p.flags) & choked_flag,
                 )
             )
         return tuple(out)
