@@ -207,8 +207,9 @@ class Bench:
                     if scen == "curl":
                         self.record("curl", self.run_curl())
                         continue
-                    # The checkouts' order turns each round: the first `eight` of a
-                    # round ran slower whichever checkout it was (8.15).
+                    # The checkouts' order turns each round, so that none keeps the
+                    # first place (8.15: a gain seen with main always first did not hold
+                    # once the order was mixed).
                     for k in turned(range(nco), r):
                         co = self.checkouts[k]
                         hosts = [1] if scen == "one" else list(range(1, 9))

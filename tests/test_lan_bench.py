@@ -1,5 +1,6 @@
-"""benchmarks/lan_swarm.py's round order: every checkout takes every place in turn (the
-first `eight` of a round ran slower whichever checkout it was; docs/benchmarks.md 8.15)."""
+"""benchmarks/lan_swarm.py's round order: every checkout takes every place in turn (a
+gain seen with main always in the first place did not hold once the order was mixed;
+docs/benchmarks.md 8.15)."""
 
 from __future__ import annotations
 
