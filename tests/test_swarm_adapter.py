@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -444,33 +444,3 @@ async def test_teardown_leaves_nothing_behind(blob: Blob, tmp_path: Path) -> Non
             break
         await asyncio.sleep(0.05)
     assert _fds_and_threads()[1] <= before[1] + 1
-
-
-# --- requests a peer may queue with us ---------------------------------------------
-
-
-async def _most_queued(blob: Blob, tmp_path: Path, seeder_settings: SwarmSettings) -> int:
-    """The most requests one downloader had queued with a (rate-limited) seeder over
-    about 3 s: the downloader sizes its queue to its rate, so it keeps asking for more."""
-    async with SwarmSession(seeder_settings) as seeder, session() as leecher:
-        ih = await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
-        await leecher.add_torrent(blob.torrent, tmp_path / "dl")
-        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
-        most = 0
-        for _ in range(30):
-            await asyncio.sleep(0.1)
-            most = max([most, *(p.requests_queued for p in await seeder.peers(ih))])
-        return most
-
-
-async def test_a_peer_queues_at_most_max_peer_requests_with_us(blob: Blob, tmp_path: Path) -> None:
-    # On a 100 Mbit/s LAN one downloader per blob with a fast connection to the seeder
-    # kept a deep queue there and took 40-77% of the blob from it, pieces the other
-    # downloaders already held (docs/benchmarks.md 8.15).
-    slow = SwarmSettings(
-        listen_host="127.0.0.1", upload_rate_limit=2_000_000, limit_local_peers=True
-    )
-    assert await _most_queued(blob, tmp_path / "capped", slow) <= slow.max_peer_requests
-    # ... where libtorrent's default lets the same downloader queue far more
-    uncapped = await _most_queued(blob, tmp_path / "default", replace(slow, max_peer_requests=2000))
-    assert uncapped > slow.max_peer_requests, uncapped

@@ -137,12 +137,6 @@ class SwarmSettings:
     connections_limit: int = 200
     # Peers served at once; LAN fan-out wants more than libtorrent's default of 8.
     upload_slots: int = 32
-    # Requests one peer may have queued with us (16 KiB blocks; libtorrent's default
-    # 2000). A downloader with a fast connection to a seeder sizes its queue to its rate
-    # and keeps asking that seeder for pieces other downloaders already hold: with 8
-    # hosts on 100 Mbit/s links one downloader per blob took 40-77% of it from the
-    # seeder. 128 (2 MiB) bounds that (docs/benchmarks.md 8.15).
-    max_peer_requests: int = 128
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
@@ -166,12 +160,7 @@ class SwarmSettings:
             raise ConfigError(f"BitTorrent listen host {self.listen_host!r} is not an address")
         if not (self.peer_id_prefix.isascii() and 0 < len(self.peer_id_prefix) <= 20):
             raise ConfigError("the peer-id prefix must be 1-20 ASCII characters")
-        for name in (
-            "max_out_request_queue",
-            "max_peer_requests",
-            "alert_queue_size",
-            "connections_limit",
-        ):
+        for name in ("max_out_request_queue", "alert_queue_size", "connections_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"swarm setting {name} must be at least 1")
         if self.upload_slots < 1 or self.upload_rate_limit < 0 or self.download_rate_limit < 0:
@@ -215,7 +204,6 @@ class SwarmSettings:
             # otherwise break the swarm with "duplicate peer-id".
             "allow_multiple_connections_per_ip": True,
             "max_out_request_queue": self.max_out_request_queue,
-            "max_allowed_in_request_queue": self.max_peer_requests,
             "max_queued_disk_bytes": self.max_queued_disk_bytes,
             "alert_mask": int(alert_mask),
             "alert_queue_size": self.alert_queue_size,
@@ -435,7 +423,6 @@ class PeerSnapshot:
     download_rate: int
     num_hashfails: int
     client: str
-    requests_queued: int = 0  # its requests waiting with us (upload queue, blocks)
 
 
 @dataclass(frozen=True)
@@ -1210,7 +1197,6 @@ class SwarmSession:
                     client=client.decode("utf-8", "replace")
                     if isinstance(client, bytes)
                     else str(client),
-                    requests_queued=int(p.upload_queue_length),
                 )
             )
         return tuple(out)
