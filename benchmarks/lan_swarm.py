@@ -4,7 +4,8 @@ The host ports are shaped (tests/netlab.py, `--lan-rate`, default 100mbit), so t
 not the 2 cores, is the limit. A synthetic repo (`--size`, default 168MB: 4 safetensors
 shards plus small files) sits on the project's mirror behind the usual WAN (100 Mbit/s,
 40 ms RTT); a seeder agent per checkout (h9, h10, ...; mDNS off, so downloaders reach
-it only as `--peer`) takes it from the mirror once. Then per round, interleaved:
+it only as `--peer`) takes it from the mirror once. Then per round, interleaved (the
+checkouts in an order that turns each round):
 
     curl   curl on h1 of every file of the repo, one after another, from a plain HTTP
            server (`python -m http.server`) on the first seeder's host: the link's rate
