@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from fake_peer import fake_agent, msgpack, relay_answer
 from procs import agent_process, tracker_process
 from test_agents import MiB, cli, sha256
 
@@ -141,10 +142,6 @@ async def lying_leader(ip: str, sizes: dict[str, int]) -> AsyncIterator[tuple[in
     t0 = time.monotonic()
     relayed = [0]
 
-    async def health(_: web.Request) -> web.Response:
-        body = wire.encode(wire.Health(agent_id="liar-leader-00000", bt_port=0, blobs=0))
-        return web.Response(body=body, content_type="application/msgpack")
-
     async def have(request: web.Request) -> web.Response:
         ask = wire.decode_as(await request.read(), wire.HaveRequest)
         done = int((time.monotonic() - t0) * 4 * MiB)
@@ -153,34 +150,19 @@ async def lying_leader(ip: str, sizes: dict[str, int]) -> AsyncIterator[tuple[in
             for b in ask.blob_ids
             if b in sizes
         )
-        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
-        return web.Response(body=body, content_type="application/msgpack")
+        return msgpack(wire.HaveResponse(manifests=(), claims=claims))
 
     async def relay(request: web.Request) -> web.StreamResponse:
         size = sizes[request.match_info["blob_id"]]
-        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
-        resp = web.StreamResponse(status=206)
-        resp.content_length = size - start
-        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        await resp.prepare(request)
+        resp, start = await relay_answer(request, size)
         junk = random.Random(1).randbytes(size - start)
         await resp.write(junk)
         relayed[0] += len(junk)
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/v1/health", health)
-    app.router.add_post("/v1/have", have)
-    app.router.add_get("/v1/relay/{blob_id}", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, ip, 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1], relayed
-    finally:
-        await runner.cleanup()
+    async with fake_agent(ip, "liar-leader-00000", have, relay) as port:
+        yield port, relayed
 
 
 async def test_a_leader_relaying_wrong_bytes_is_banned_and_the_blob_comes_right(
@@ -228,38 +210,19 @@ async def cutting_liar(ip: str, blob: str, size: int, cut: int) -> AsyncIterator
     port."""
     t0 = time.monotonic()
 
-    async def health(_: web.Request) -> web.Response:
-        body = wire.encode(wire.Health(agent_id="cutting-liar-0000", bt_port=0, blobs=0))
-        return web.Response(body=body, content_type="application/msgpack")
-
     async def have(request: web.Request) -> web.Response:
         done = min(int((time.monotonic() - t0) * 4 * MiB), size - 1)
         claims = (wire.Claim(blob_id=blob, size=size, leading=True, done=done),)
-        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
-        return web.Response(body=body, content_type="application/msgpack")
+        return msgpack(wire.HaveResponse(manifests=(), claims=claims))
 
     async def relay(request: web.Request) -> web.StreamResponse:
-        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
-        resp = web.StreamResponse(status=206)
-        resp.content_length = size - start
-        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        await resp.prepare(request)
+        resp, start = await relay_answer(request, size)
         await resp.write(random.Random(2).randbytes(max(0, cut - start)))
         await asyncio.sleep(3600)
         return resp
 
-    app = web.Application()
-    app.router.add_get("/v1/health", health)
-    app.router.add_post("/v1/have", have)
-    app.router.add_get("/v1/relay/{blob_id}", relay)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, ip, 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
+    async with fake_agent(ip, "cutting-liar-0000", have, relay) as port:
+        yield port
 
 
 async def test_an_honest_leader_is_not_blamed_for_bytes_another_peer_relayed(
@@ -371,23 +334,14 @@ async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
     t0 = time.monotonic()
     relaying = asyncio.Event()
 
-    async def health(_: web.Request) -> web.Response:
-        body = wire.encode(wire.Health(agent_id="trickler-0000000", bt_port=1, blobs=0))
-        return web.Response(body=body, content_type="application/msgpack")
-
     async def have(request: web.Request) -> web.Response:
         done = min(int((time.monotonic() - t0) * 4 * MiB), BLOB - 1)
         claims = (wire.Claim(blob_id=blob, size=BLOB, leading=True, done=done),)
         offered = (manifest,) if relaying.is_set() else ()
-        body = wire.encode(wire.HaveResponse(manifests=offered, claims=claims))
-        return web.Response(body=body, content_type="application/msgpack")
+        return msgpack(wire.HaveResponse(manifests=offered, claims=claims))
 
     async def relay(request: web.Request) -> web.StreamResponse:
-        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
-        resp = web.StreamResponse(status=206)
-        resp.content_length = BLOB - start
-        resp.headers["Content-Range"] = f"bytes {start}-{BLOB - 1}/{BLOB}"
-        await resp.prepare(request)
+        resp, start = await relay_answer(request, BLOB)
         await resp.write(data[start : start + MiB])
         relaying.set()
         for pos in range(start + MiB, BLOB):
@@ -395,31 +349,22 @@ async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
             await resp.write(data[pos : pos + 1])
         return resp
 
-    app = web.Application()
-    app.router.add_get("/v1/health", health)
-    app.router.add_post("/v1/have", have)
-    app.router.add_get("/v1/relay/{blob_id}", relay)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.39", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        async with agent_process(
+    async with (
+        fake_agent("127.0.0.39", "trickler-0000000", have, relay, bt_port=1) as port,
+        agent_process(
             tmp_path / "a", "127.0.0.40", mirror.url, "-v", peers=(f"127.0.0.39:{port}",)
-        ) as a:
-            for _ in range(100):
-                if (await status(a))["peers"]:
-                    break
-                await asyncio.sleep(0.1)
-            t1 = time.monotonic()
-            code, _, err = await asyncio.wait_for(
-                cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 120
-            )
-            took = time.monotonic() - t1
-            log = a.log.read_text()
-    finally:
-        await runner.cleanup()
+        ) as a,
+    ):
+        for _ in range(100):
+            if (await status(a))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        t1 = time.monotonic()
+        code, _, err = await asyncio.wait_for(
+            cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 120
+        )
+        took = time.monotonic() - t1
+        log = a.log.read_text()
     assert code == 0, err
     assert relaying.is_set() and "copying from leader" in log, log[-3000:]
     print(f"download with a trickling leader: {took:.1f} s")

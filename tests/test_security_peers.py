@@ -23,6 +23,7 @@ import aiohttp
 import procs
 import pytest
 from aiohttp import web
+from fake_peer import fake_agent, msgpack
 from test_agents import MiB, cli, make_repo, sha256
 
 from peer import wire
@@ -205,27 +206,13 @@ async def fake_peer(ip: str, lie: Lie, sizes: dict[str, int]) -> AsyncIterator[i
     """Answers like an agent: a health record, and a leading claim for every blob."""
     t0 = time.monotonic()
 
-    async def health(_: web.Request) -> web.Response:
-        body = wire.encode(wire.Health(agent_id="fake-leader-0000", bt_port=0, blobs=0))
-        return web.Response(body=body, content_type="application/msgpack")
-
     async def have(request: web.Request) -> web.Response:
         ask = wire.decode_as(await request.read(), wire.HaveRequest)
         claims = tuple(lie(b, sizes.get(b, 1), time.monotonic() - t0) for b in ask.blob_ids)
-        body = wire.encode(wire.HaveResponse(manifests=(), claims=claims))
-        return web.Response(body=body, content_type="application/msgpack")
+        return msgpack(wire.HaveResponse(manifests=(), claims=claims))
 
-    app = web.Application()
-    app.router.add_get("/v1/health", health)
-    app.router.add_post("/v1/have", have)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, ip, 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
+    async with fake_agent(ip, "fake-leader-0000", have) as port:
+        yield port
 
 
 @pytest.mark.parametrize("lie", sorted(LIES))
