@@ -39,6 +39,14 @@ async def status(a: Any) -> dict[str, Any]:
         return data
 
 
+async def knows_a_peer(a: Any) -> None:
+    """Until the agent lists a live peer (at most 10 s; the test's own checks follow)."""
+    for _ in range(100):
+        if (await status(a))["peers"]:
+            return
+        await asyncio.sleep(0.1)
+
+
 async def offered_info_hashes(a: Any, blob_id: str) -> list[str]:
     req = wire.encode(wire.HaveRequest(blob_ids=(blob_id,)))
     async with aiohttp.ClientSession() as s, s.post(f"{a.peer_url}/v1/have", data=req) as r:
@@ -181,10 +189,7 @@ async def test_a_leader_relaying_wrong_bytes_is_banned_and_the_blob_comes_right(
             peers=(f"127.0.0.34:{port}",),
         ) as a,
     ):
-        for _ in range(100):
-            if (await status(a))["peers"]:
-                break
-            await asyncio.sleep(0.1)
+        await knows_a_peer(a)
         code, _, err = await asyncio.wait_for(
             cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 60
         )
@@ -240,10 +245,7 @@ async def test_an_honest_leader_is_not_blamed_for_bytes_another_peer_relayed(
     async with cutting_liar("127.0.0.36", blob, BLOB, cut) as port:
         liar = (f"127.0.0.36:{port}",)
         async with agent_process(f_root, f_ip, mirror.url, "-v", peers=liar) as f:
-            for _ in range(100):
-                if (await status(f))["peers"]:
-                    break
-                await asyncio.sleep(0.1)
+            await knows_a_peer(f)
             download = asyncio.create_task(
                 cli("download", "org/relay", "--agent", f.local_url, "--quiet")
             )
@@ -296,10 +298,7 @@ async def test_a_ranged_read_through_hf_endpoint_never_completes_on_relayed_byte
         cutting_liar("127.0.0.41", blob, BLOB, 8 * MiB) as port,
         agent_process(tmp_path / "f", "127.0.0.42", mirror.url, peers=(f"127.0.0.41:{port}",)) as f,
     ):
-        for _ in range(100):
-            if (await status(f))["peers"]:
-                break
-            await asyncio.sleep(0.1)
+        await knows_a_peer(f)
         url = f"{f.local_url}/org/relay/resolve/main/model.safetensors"
         got = bytearray()
         complete = False
@@ -355,10 +354,7 @@ async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
             tmp_path / "a", "127.0.0.40", mirror.url, "-v", peers=(f"127.0.0.39:{port}",)
         ) as a,
     ):
-        for _ in range(100):
-            if (await status(a))["peers"]:
-                break
-            await asyncio.sleep(0.1)
+        await knows_a_peer(a)
         t1 = time.monotonic()
         code, _, err = await asyncio.wait_for(
             cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 120
@@ -387,10 +383,7 @@ async def test_a_banned_leader_is_replaced_at_once(
             tmp_path / "a", "127.0.0.47", mirror.url, "-v", peers=(f"127.0.0.46:{port}",)
         ) as a,
     ):
-        for _ in range(100):
-            if (await status(a))["peers"]:
-                break
-            await asyncio.sleep(0.1)
+        await knows_a_peer(a)
         t0 = time.monotonic()
         code, _, err = await asyncio.wait_for(
             cli("download", "org/relay", "--agent", a.local_url, "--quiet"), 60

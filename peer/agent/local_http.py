@@ -52,10 +52,11 @@ class Response:
                     except ValueError:
                         raise AgentHttpError(f"bad chunk size {size_line[:40]!r}") from None
                     if size == 0:
-                        while (await r.readline()).strip():  # trailers, then the blank line
-                            pass
-                        return
-                    if size > MAX_BODY:
+                        for _ in range(MAX_HEADERS + 1):  # trailers, then the blank line
+                            if not (await r.readline()).strip():
+                                return
+                        raise AgentHttpError(f"more than {MAX_HEADERS} trailers")
+                    if size < 0 or size > MAX_BODY:
                         raise AgentHttpError(f"a chunk of {size} bytes")
                     yield await r.readexactly(size)
                     await r.readexactly(2)  # CRLF
