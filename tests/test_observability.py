@@ -207,12 +207,12 @@ async def test_mirror_errors_are_counted_per_mirror(
 
 @asynccontextmanager
 async def slow_transfer(
-    tmp_path: Path, files: dict[str, bytes], ip: str
+    tmp_path: Path, files: dict[str, bytes], ip: str, rate: int = MiB
 ) -> AsyncIterator[tuple[Agent, dict[str, Any]]]:
-    """An agent fetching model.safetensors from a mirror capped at 1 MiB/s per client
+    """An agent fetching model.safetensors from a mirror capped at `rate` B/s per client
     (so it runs for seconds); yields once /v1/status shows bytes of it done."""
     async with (
-        mirror_of(tmp_path, files, client_rate=MiB) as mirror,
+        mirror_of(tmp_path, files, client_rate=rate) as mirror,
         agent(config(tmp_path / "a", ip, mirror.url)) as a,
     ):
         job = asyncio.create_task(fetch(a, selection=FileSelection(files=("model.safetensors",))))
@@ -288,7 +288,9 @@ def _chromium_args(profile: Path) -> list[str]:
 async def test_the_status_page_shows_a_running_transfer_in_headless_chromium(
     tmp_path: Path, files: dict[str, bytes]
 ) -> None:
-    async with slow_transfer(tmp_path, files, "127.0.0.145") as (a, _):
+    # 256 KiB/s: the transfer must still run when a cold headless chromium has started
+    # (at 1 MiB/s, 8 s, a loaded fresh-clone run once saw it finished first).
+    async with slow_transfer(tmp_path, files, "127.0.0.145", rate=256 << 10) as (a, _):
         # The page and its script come with a strict policy.
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{endpoint(a)}/") as r:
