@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -57,3 +60,60 @@ async def each_with_ticks(
             ticker.cancel()
     except BaseExceptionGroup as group:
         raise primary_error(group) from None
+
+
+async def in_thread(work: Callable[[], T], cancel: Callable[[], None], name: str) -> T:
+    """`work()` in a thread of its own (not the default executor: a long transfer must not
+    take one of the few workers `asyncio.to_thread` shares). Cancelled, this calls
+    `cancel()` (which must make `work` return or raise soon, e.g. by shutting its socket
+    down) and waits for the thread to end before the cancellation goes on: whatever the
+    thread holds (a partial, a file) is closed by then."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:  # handed to the awaiting task, raised there
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        cancel()
+        with contextlib.suppress(BaseException):
+            await done
+        raise
+
+
+def call_on_loop(
+    loop: asyncio.AbstractEventLoop | None,
+    fn: Callable[..., T],
+    *args: Any,
+    timeout: float = 10.0,
+) -> T:
+    """From a worker thread: `fn(*args)` on the event loop (where the agent's state lives),
+    its result or its error back here; `TimeoutError` if the loop does not get to it."""
+    if loop is None:
+        raise RuntimeError("call_on_loop before the loop was known")
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # handed to the waiting thread
+            done.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return done.result(timeout)

@@ -160,6 +160,7 @@ SEEDING_POLICIES = ("always", "pinned", "none")
 DEFAULT_LOCAL_LISTEN = ("127.0.0.1", 7850)
 DEFAULT_PEER_LISTEN = ("0.0.0.0", 7851)
 DEFAULT_BT_LISTEN = ("0.0.0.0", 7852)
+DEFAULT_MEMBER_LISTEN = ("0.0.0.0", 7853)
 DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
 STALL_TIMEOUT = 5.0
 PEER_GRACE = 2.0
@@ -213,6 +214,8 @@ class AgentConfig:
     audit: bool = True
     # Cluster mode: this member's credentials file (`hfswarm cluster enroll`); None: open.
     cluster: Path | None = None
+    # Cluster mode: where the member blob stream listens (`peer.serving.member_stream`).
+    member_listen: tuple[str, int] = DEFAULT_MEMBER_LISTEN
 
     @property
     def audit_path(self) -> Path | None:

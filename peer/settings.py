@@ -416,6 +416,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="FILE",
     ),
     Setting(
+        "member_listen",
+        parse_hostport_value("0.0.0.0"),
+        "cluster mode: the member blob stream's port (members send each other whole blobs "
+        "over mutual TLS there)",
+        metavar="HOST:PORT",
+    ),
+    Setting(
         "log_level",
         parse_choice(*LOG_LEVELS),
         "what the agent logs (-v: info)",

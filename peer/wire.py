@@ -23,7 +23,8 @@ Semantic checks that need libtorrent (does the torrent hash to ``info_hash``?) l
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -143,6 +144,32 @@ class Health(Message):
     agent_id: str
     bt_port: int
     blobs: int
+    # Cluster mode: the port of its member blob stream (`peer.serving.member_stream`);
+    # 0: none (open mode, or an older agent). Left out while 0: older agents decode it.
+    stream_port: int = 0
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"stream_port"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamRequest(Message):
+    """Cluster mode, on the member blob stream: "send me this verified blob from byte
+    ``start`` to its end" (answered by a `StreamAnswer`, then the bytes)."""
+
+    TYPE: ClassVar[str] = "stream_request"
+
+    blob_id: str
+    start: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamAnswer(Message):
+    """``status``: "ok" (``size`` is the whole blob's; bytes ``start``.. follow), "busy"
+    (every stream slot taken: swarm it), "absent" (not held, or not shared)."""
+
+    TYPE: ClassVar[str] = "stream_answer"
+
+    status: str
+    size: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +246,16 @@ Health.SCHEMA = {
     "agent_id": schema.agent_id,
     "bt_port": schema.integer(0, 65535),
     "blobs": schema.integer(0, 1 << 40),
+    "stream_port": schema.integer(0, 65535),
+}
+StreamRequest.SCHEMA = {
+    "blob_id": schema.blob_id,
+    "start": schema.integer(0, MAX_BLOB_SIZE),
+}
+STREAM_STATUSES = ("ok", "busy", "absent")
+StreamAnswer.SCHEMA = {
+    "status": schema.one_of(STREAM_STATUSES),
+    "size": schema.integer(0, MAX_BLOB_SIZE),
 }
 
 
@@ -290,6 +327,8 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = {
         HaveResponse,
         Claim,
         Health,
+        StreamRequest,
+        StreamAnswer,
         RevisionRequest,
         RevisionFile,
         RevisionManifest,
@@ -333,6 +372,26 @@ def decode_as(data: bytes, kind: type[M]) -> M:
 def encode(msg: Message) -> bytes:
     """msgpack bytes of one of our messages. Raises ``ValueError`` if it is invalid."""
     return _CODEC.encode(msg, max_bytes=MAX_MESSAGE_BYTES)
+
+
+# The member blob stream frames its two small messages: a 4-byte big-endian length, then
+# the msgpack message; the blob's bytes follow the answer raw.
+FRAME_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 4096
+
+
+def encode_frame(msg: Message) -> bytes:
+    data = encode(msg)
+    return FRAME_HEADER.pack(len(data)) + data
+
+
+def read_frame(recv_exactly: Callable[[int], bytes], kind: type[M]) -> M:
+    """One framed message of type `kind`; `recv_exactly(n)` returns n bytes or raises.
+    A length over `MAX_FRAME_BYTES` is refused before anything more is read."""
+    (length,) = FRAME_HEADER.unpack(recv_exactly(FRAME_HEADER.size))
+    if not 0 < length <= MAX_FRAME_BYTES:
+        raise WireError(f"from a peer: a frame of {length} bytes (at most {MAX_FRAME_BYTES})")
+    return decode_as(recv_exactly(length), kind)
 
 
 def manifest_signing_bytes(m: Manifest) -> bytes:

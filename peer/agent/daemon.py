@@ -49,6 +49,7 @@ from peer.hub.metadata import warm_up as hub_warm_up
 from peer.manifests.signing import KeyPins, Signatures, load_signing_key
 from peer.serving.limits import StreamSlots, local_limits, nofile_limit, peer_limits, start_listener
 from peer.serving.local_api import make_local_app
+from peer.serving.member_stream import MemberStreamServer
 from peer.serving.metrics import AgentMetrics
 from peer.serving.peer_api import STREAMS_PER_IP, STREAMS_TOTAL, make_peer_app
 from peer.serving.sharing import Visibility
@@ -85,6 +86,7 @@ class Agent:
         self.limits: LiveLimits
         self.peer_port = 0
         self.local_port = 0
+        self.member_port = 0  # cluster mode: the member blob stream's
         self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
         self.signatures: Signatures
 
@@ -176,6 +178,7 @@ class Agent:
                 lookups=[self.trackers.lookup] if self.config.trackers else [],
                 on_change=self.trackers.nudge,
                 on_ban=self._banned,
+                cluster=self.cluster,
             )
             self.quota = CacheQuota(
                 self.config.hub.cache_dir,
@@ -188,7 +191,11 @@ class Agent:
             )
             upload = Throttle(self.config.max_upload_rate)  # the peer API's HTTP blobs
             self.limits = LiveLimits(
-                self.swarm, upload, self.blobs.mirror_throttle, self.config.max_download_rate
+                self.swarm,
+                upload,
+                self.blobs.mirror_throttle,
+                self.config.max_download_rate,
+                member_download=self.blobs.member_download,
             )
             self.revisions = Revisions(
                 self.state, self.peers, self.agent_id, signatures=self.signatures
@@ -238,6 +245,19 @@ class Agent:
             hub_api = HubService(
                 self.config, self.revisions, self.blobs, self.downloads, self.audit
             )
+            if self.cluster is not None:
+                # Members send each other whole blobs here (`peer.serving.member_stream`).
+                host, port = self.config.member_listen
+                try:
+                    streams = await self._stack.enter_async_context(
+                        MemberStreamServer(self.cluster, host, port, peers_api, throttle=upload)
+                    )
+                except OSError as exc:
+                    raise LocalError(
+                        f"cannot listen on {host}:{port} (member_listen): {exc.strerror}",
+                        hint="choose another port with --member-listen",
+                    ) from exc
+                self.member_port = peers_api.stream_port = streams.port
             self.peer_port = await self._listen(
                 make_peer_app(peers_api, self.peer_streams, throttle=upload.take),
                 self.config.listen,

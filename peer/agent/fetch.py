@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,17 +29,20 @@ from peer.agent.survey import SurveyBatch
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
+from peer.cluster.tls import Cluster
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
-from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared
+from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared, PeerMisbehaved
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
+from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
 from peer.transfer.events import PieceFinished
 from peer.transfer.inflight import InFlightBlob
+from peer.transfer.member_stream import MemberBusy, MemberStream
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.rate import Throttle
@@ -147,8 +151,14 @@ class BlobFetcher:
         lookups: Sequence[Lookup] = (),
         on_change: Callable[[], None] = lambda: None,
         on_ban: OnBan = lambda _host, _why, _blob: None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
+        # Cluster mode: large blobs come over a member's blob stream when one is free.
+        self.cluster = cluster
+        self._member_tls = cluster.client_context() if cluster is not None else None
+        # The download cap on member streams (libtorrent applies its own to swarms).
+        self.member_download = Throttle(config.max_download_rate)
         self.on_ban = on_ban
         self._active: dict[str, ActiveFetch] = {}  # blob id -> what /v1/status shows
         self.swarm = swarm
@@ -527,6 +537,10 @@ class BlobFetcher:
                     if complete:
                         return await self._small_from_peers(repo, file, complete, counters, access)
                     raise IntegrityError("only peers still fetching it have it")
+                if self.cluster is not None and complete:
+                    got = await self._from_member(repo, file, complete, counters, access)
+                    if got is not None:
+                        return got
                 return await self._swarm(repo, snapshot, file, offers, mirror, counters, access)
         except HfswarmError as exc:
             log.warning(
@@ -644,6 +658,62 @@ class BlobFetcher:
             return path
         raise last or IntegrityError(f"no peer delivered {file.path}")
 
+    # -- cluster mode: a member's blob stream --------------------------------------------
+
+    async def _from_member(
+        self,
+        repo: RepoCache,
+        file: RemoteFile,
+        offers: list[Offer],
+        counters: BlobCounters,
+        access: Access,
+    ) -> Path | None:
+        """The blob over the member blob stream of one member that holds it, each piece
+        checked against the manifest it signed (`peer.transfer.member_stream`); None when
+        none could send it (busy with other members, gone): the swarm brings it then,
+        from the checked pieces on disk on."""
+        assert self.cluster is not None and self._member_tls is not None
+        members = [
+            o for o in offers if o.peer.stream_port and not self.peers.is_banned(o.peer.agent_id)
+        ]
+        random.shuffle(members)  # downloaders spread over the holders
+        flight = self._flights.get(file.blob_id)
+        for offer in members:
+            try:
+                expected = manifest_tree(offer.manifest)
+                stream = MemberStream(
+                    self.cluster,
+                    self._member_tls,
+                    offer.peer,
+                    expected,
+                    file,
+                    repo.partial_dir,
+                    counters,
+                    flight=flight,
+                    throttle=self.member_download,
+                )
+                got = await stream.fetch()
+            except PeerMisbehaved as exc:
+                self.peers.ban(offer.peer, exc.one_line(), file.blob_id)
+                continue
+            except MemberBusy as exc:
+                log.debug("%s: %s", file.path, exc.one_line())
+                continue
+            except (NetworkError, IntegrityError) as exc:
+                log.info("%s: member stream stopped: %s", file.path, exc.one_line())
+                continue
+            counters.done = file.size
+            path = repo.install_blob(got.path, file.blob_id)
+            PartialBlob.installed(got.path)
+            log.debug("%s: %d bytes over a member stream, verified", file.path, got.received)
+            if flight is not None:
+                flight.moved(path)
+            await self.seeds.add_with_manifest(
+                path, offer.manifest, self._held_for(access, from_peers=counters.from_mirror == 0)
+            )
+            return path
+        return None
+
     # -- the swarm -------------------------------------------------------------------
 
     async def _swarm(
@@ -739,6 +809,7 @@ class BlobFetcher:
             )
         counters.done = file.size
         path = repo.install_blob(data_path, file.blob_id)
+        PartialBlob.installed(data_path)  # a cut member stream's journal, if any
         log.debug("%s: whole-file hash matched, in blobs/", file.path)
         if flight is not None:
             flight.moved(path)

@@ -1,8 +1,10 @@
 """The agent's rate caps, changed while it runs (`hfswarm limits`, `POST /v1/limits`).
 
     upload    what LAN peers take from us: libtorrent's session upload limit (local
-              peers held to it too) and the peer API's HTTP blobs (one shared bucket)
-    download  what we take from LAN peers: libtorrent's session download limit
+              peers held to it too), the peer API's HTTP blobs and the member blob
+              stream (one shared bucket)
+    download  what we take from LAN peers: libtorrent's session download limit, and a
+              bucket for member streams (cluster mode)
     mirror    what we take from the mirrors: one bucket shared by every `MirrorFetcher`
 
 0 is no cap. They start from `AgentConfig` (`--max-upload-rate`, `--max-download-rate`,
@@ -32,8 +34,14 @@ class Rates:
 
 class LiveLimits:
     def __init__(
-        self, swarm: SwarmSession, upload: Throttle, mirror: Throttle, download: int
+        self,
+        swarm: SwarmSession,
+        upload: Throttle,
+        mirror: Throttle,
+        download: int,
+        member_download: Throttle | None = None,
     ) -> None:
+        self.member_download = member_download  # `BlobFetcher.member_download`
         self.swarm = swarm
         self.upload = upload  # the peer API's HTTP blobs
         self.mirror = mirror  # `BlobFetcher.mirror_throttle`
@@ -58,6 +66,8 @@ class LiveLimits:
         self.swarm.set_rate_limits(up, down)
         self.upload.set_rate(up)
         self._download = down
+        if self.member_download is not None:
+            self.member_download.set_rate(down)
         if mirror is not None:
             self.mirror.set_rate(mirror)
         return self.current()

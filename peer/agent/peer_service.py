@@ -47,9 +47,15 @@ class PeerService:
         self.peer_of = peer_of  # address -> the live peer's agent id, if known
         self.seeding = seeding
         self.touch = touch  # a blob served is a blob used (cache eviction is LRU)
+        self.stream_port = 0  # cluster mode: the member blob stream's, once it listens
 
     def health(self) -> wire.Health:
-        return wire.Health(agent_id=self.agent_id, bt_port=self.bt_port, blobs=len(self.seeds.held))
+        return wire.Health(
+            agent_id=self.agent_id,
+            bt_port=self.bt_port,
+            blobs=len(self.seeds.held),
+            stream_port=self.stream_port,
+        )
 
     def manifests_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         return self._signed(self.seeds.manifests_for(blob_ids))
@@ -84,7 +90,7 @@ class PeerService:
     def count_upload(self, n: int) -> None:
         self.totals.bytes_uploaded_http += n
 
-    def blob_served(self, blob_id: str, address: str, sent: int) -> None:
+    def blob_served(self, blob_id: str, address: str, sent: int, via: str = "http") -> None:
         if sent > 0:
             self.audit.write(
                 BlobServed(
@@ -92,7 +98,7 @@ class PeerService:
                     peer_address=address,
                     blob_id=blob_id,
                     bytes=sent,
-                    via="http",
+                    via=via,
                 )
             )
 

@@ -182,6 +182,16 @@ class PartialBlob:
         except OSError as exc:
             raise translate_os_error(exc, "recording download progress") from exc
 
+    def held_to(self, pos: int) -> None:
+        """Bytes [0, pos) are written: chunks below `pos` done, the one it is in
+        journaled up to it (for a copy that writes the blob in order)."""
+        index = self.contiguous_end(0)
+        while index < self.n_chunks and self.chunk_range(index)[1] <= pos:
+            self.mark_done(index)
+            index += 1
+        if index < self.n_chunks:
+            self.advance(index, pos - self.chunk_range(index)[0])
+
     def contiguous_end(self, start_chunk: int) -> int:
         """Index of the first chunk at or after `start_chunk` that is not done."""
         i = start_chunk

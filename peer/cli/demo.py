@@ -42,6 +42,7 @@ def loopback_agent_command(
     cmd = [sys.executable, "-m", "peer.cli.main", "agent",
            "--cache-dir", str(root / "cache"), "--state-dir", str(root / "state"),
            "--listen", f"{ip}:0", "--local-listen", f"{ip}:0", "--bt-listen", f"{ip}:0",
+           "--member-listen", f"{ip}:0",
            "--mirror", mirror, "--no-mdns",
            "--config", os.devnull]  # fmt: skip
     for p in peers:

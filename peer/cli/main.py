@@ -679,6 +679,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
                     "peer_port": agent.peer_port,
                     "local_port": agent.local_port,
                     "bt_port": agent.swarm.listen_port,
+                    "member_port": agent.member_port,
                 }
             ),
             flush=True,

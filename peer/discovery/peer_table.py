@@ -43,6 +43,7 @@ class PeerInfo:
     api_port: int
     bt_port: int
     tls: bool = False  # cluster mode: the peer API over mutual TLS
+    stream_port: int = 0  # cluster mode: its member blob stream (0: none)
 
     @property
     def api_url(self) -> str:
@@ -317,8 +318,14 @@ class PeerTable:
         self.schedule.succeeded(key, time.monotonic())
         if key not in self.schedule:
             return  # withdrawn while we asked
+        member = self.cluster is not None
         info = PeerInfo(
-            health.agent_id, key[0], key[1], health.bt_port, tls=self.cluster is not None
+            health.agent_id,
+            key[0],
+            key[1],
+            health.bt_port,
+            tls=member,
+            stream_port=health.stream_port if member else 0,  # streams are between members
         )
         if self._live.get(key) != info:
             log.info("peer %s at %s:%s (bt %s)", info.agent_id[:8], *key, info.bt_port)

@@ -204,6 +204,22 @@ def check_manifest(m: wire.Manifest) -> TorrentMeta:
     return meta
 
 
+def manifest_tree(m: wire.Manifest) -> V2Tree:
+    """The v2 tree a manifest promises (pieces root and piece layer), to check a blob's
+    pieces against as they arrive from the member that signed it. `check_manifest` first;
+    the layer is the canonical torrent's last value, and the torrent rebuilt from the
+    tree must be the manifest's byte for byte (`InvalidManifest` otherwise)."""
+    meta = check_manifest(m)
+    (f,) = meta.files
+    layer_len = 32 * meta.num_pieces if m.size > m.piece_size else 0
+    end = len(m.torrent) - 2  # the torrent ends with the layers dict's and its own "e"
+    layer = m.torrent[end - layer_len : end] if layer_len else b""
+    tree = V2Tree(m.blob_id, m.size, m.piece_size, f.pieces_root, layer)
+    if torrent_of_tree(tree) != m.torrent:
+        raise InvalidManifest(f"manifest of {m.blob_id}: its piece layer is not canonical")
+    return tree
+
+
 def _bencode(obj: Any) -> bytes:
     """Canonical bencoding (sorted byte-string keys), enough for an info dict."""
     if type(obj) is int:

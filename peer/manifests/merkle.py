@@ -93,6 +93,15 @@ class V2TreeBuilder:
             self._leaf(sha256(view[i : i + BLOCK_SIZE]).digest())
         self._tail += view[end:]
 
+    @property
+    def pieces_hashed(self) -> int:
+        """Whole pieces hashed so far (the last, short, piece only in `finish`)."""
+        return len(self._pieces)
+
+    def piece_hash(self, index: int) -> bytes:
+        """The hash of whole piece `index` (< `pieces_hashed`): its subtree's root."""
+        return self._pieces[index]
+
     def _leaf(self, digest: bytes) -> None:
         self._leaves.append(digest)
         if len(self._leaves) == self._blocks_per_piece:

@@ -1,0 +1,282 @@
+"""Cluster mode: the member blob stream, where members send each other whole blobs.
+
+libtorrent's SSL torrents move about half of what open mode does (two 8 KiB TLS records
+and two system calls per 16 KiB block), and asyncio's TLS transport costs more CPU still
+(docs/benchmarks.md 7.2, 7.8). OpenSSL on blocking sockets, one thread per transfer and
+1 MiB writes, moves a blob at close to the plain rate. So in cluster mode a member that
+holds a verified, shared blob also serves it here, on a listener of its own
+(``member_listen``), over mutual TLS 1.3 with cluster certificates:
+
+    client -> server   StreamRequest(blob_id, start)    one frame (`peer.wire.encode_frame`)
+    server -> client   StreamAnswer(status, size)       one frame; with "ok" the bytes
+                                                        [start, size) follow, raw
+
+The receiver checks every piece against the manifest the member signed, and the whole
+blob against its id (`peer.transfer.member_stream`).
+
+Bounds: at most `MAX_CONNECTIONS` connections (handshakes included), `PER_IP` from one
+address; over them a connection is closed at once. The handshake and the request must
+arrive within `HANDSHAKE_TIMEOUT`, the CRL is checked after the handshake, and a write
+that stalls for `WRITE_STALL` ends the stream. At most `STREAM_SLOTS` streams run at
+once, one per address: a member that finds them taken is told "busy" and swarms the blob
+instead, where downloaders trade pieces with each other (a stream serves one). The
+agent's upload cap and counters apply (its `Throttle`, taken through the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from peer import wire
+from peer.aio import call_on_loop
+from peer.cluster.tls import Cluster, peer_cert
+from peer.transfer.rate import Throttle
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes read and written at once (OpenSSL cuts its records from them)
+MAX_CONNECTIONS = 16
+PER_IP = 4
+STREAM_SLOTS = 2
+HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the request frame, in all
+WRITE_STALL = 30.0
+COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at the end)
+
+
+class StreamBackend(Protocol):
+    """What the stream asks of the agent; every call runs on the event loop."""
+
+    def verified_blob_path(self, blob_id: str) -> Path | None: ...
+
+    def count_upload(self, n: int) -> None: ...
+
+    def blob_served(self, blob_id: str, address: str, sent: int, via: str) -> None: ...
+
+
+class MemberStreamServer:
+    """The listener and its threads: ``async with`` binds it, leaving closes every
+    connection and waits for the threads."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        host: str,
+        port: int,
+        backend: StreamBackend,
+        *,
+        throttle: Throttle | None = None,
+        slots: int = STREAM_SLOTS,
+    ) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.port = port
+        self.backend = backend
+        self.throttle = throttle
+        self.slots = slots
+        self._context = cluster.server_context()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._conns: Counter[str] = Counter()  # address -> connections open
+        self._streams: Counter[str] = Counter()  # address -> streams running
+        self._open: set[_Conn] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closing = False
+        self.served = 0  # streams that ended with every byte sent (for tests and status)
+
+    @property
+    def streams(self) -> int:
+        with self._lock:
+            return sum(self._streams.values())
+
+    async def __aenter__(self) -> MemberStreamServer:
+        self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, backlog=64)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._spawn(self._accept, "member-stream-accept")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        with self._lock:
+            socks = [c.sock for c in self._open]
+        if self._sock is not None:
+            socks.append(self._sock)
+        for s in socks:  # wakes every blocked accept, recv and send
+            _shut(s)
+        if self._sock is not None:
+            self._sock.close()
+        threads = list(self._threads)
+
+        def join() -> None:
+            for t in threads:
+                t.join(5.0)
+
+        await asyncio.to_thread(join)
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
+        thread = threading.Thread(target=self._run, args=(target, *args), name=name, daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _run(self, target: Callable[..., None], *args: object) -> None:
+        try:
+            target(*args)
+        except Exception:  # a thread's bug must not pass silently, nor kill the agent
+            log.exception("member stream: %s failed", target.__name__)
+        finally:
+            self._threads.discard(threading.current_thread())
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._closing:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError as exc:
+                if self._closing:
+                    return
+                log.warning("member stream: accept failed: %s", exc)
+                threading.Event().wait(0.1)  # EMFILE and the like: do not spin
+                continue
+            ip = str(addr[0])
+            c = _Conn(conn)
+            with self._lock:
+                full = sum(self._conns.values()) >= MAX_CONNECTIONS or self._conns[ip] >= PER_IP
+                if not full:
+                    self._conns[ip] += 1
+                    self._open.add(c)
+            if full:
+                conn.close()
+                continue
+            self._spawn(self._serve, f"member-stream-{ip}", c, ip)
+
+    def _serve(self, c: _Conn, ip: str) -> None:
+        # The handshake and the request share one deadline: a peer trickling bytes must
+        # not hold a connection slot by keeping each read under a per-call timeout.
+        timer = threading.Timer(HANDSHAKE_TIMEOUT, lambda: _shut(c.sock))
+        timer.start()
+        conn = c.sock
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            with self._context.wrap_socket(conn, server_side=True) as tls:
+                c.sock = tls  # `conn` is detached now: shutting down must reach this one
+                cert = peer_cert(tls)
+                if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
+                    log.info("member stream: %s has no valid member certificate", ip)
+                    return
+                request = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamRequest)
+                timer.cancel()
+                self._answer(tls, ip, request)
+        except (OSError, ssl.SSLError, wire.WireError, TimeoutError) as exc:
+            if not self._closing:
+                log.debug("member stream: %s: %s", ip, exc)
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._open.discard(c)
+                self._conns[ip] -= 1
+                if self._conns[ip] <= 0:
+                    del self._conns[ip]
+            conn.close()
+
+    def _answer(self, tls: ssl.SSLSocket, ip: str, request: wire.StreamRequest) -> None:
+        path = call_on_loop(self._loop, self.backend.verified_blob_path, request.blob_id)
+        fd = -1
+        try:
+            if path is not None:
+                fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            path = None
+        try:
+            size = os.fstat(fd).st_size if fd >= 0 else 0
+            if path is None or request.start >= size:
+                tls.sendall(wire.encode_frame(wire.StreamAnswer(status="absent")))
+                return
+            with self._lock:
+                free = sum(self._streams.values()) < self.slots and not self._streams[ip]
+                if free:
+                    self._streams[ip] += 1
+            if not free:
+                tls.sendall(wire.encode_frame(wire.StreamAnswer(status="busy")))
+                return
+            try:
+                tls.settimeout(WRITE_STALL)
+                tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
+                sent = self._send(tls, fd, request.start, size)
+            finally:
+                with self._lock:
+                    self._streams[ip] -= 1
+                    if self._streams[ip] <= 0:
+                        del self._streams[ip]
+            self._tell(self.backend.blob_served, request.blob_id, ip, sent, "member-stream")
+            if request.start + sent == size:
+                self.served += 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _send(self, tls: ssl.SSLSocket, fd: int, start: int, size: int) -> int:
+        """Bytes [start, size) of the file to the member; returns how many went out."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        pos, untold = start, 0
+        try:
+            while pos < size and not self._closing:
+                n = os.preadv(fd, [view[: min(CHUNK, size - pos)]], pos)
+                if n <= 0:
+                    break  # the file shrank under us: the receiver's hash will tell
+                if self.throttle is not None and self.throttle.rate > 0:
+                    assert self._loop is not None
+                    asyncio.run_coroutine_threadsafe(self.throttle.take(n), self._loop).result()
+                tls.sendall(view[:n])
+                pos += n
+                untold += n
+                if untold >= COUNT_EVERY:
+                    self._tell(self.backend.count_upload, untold)
+                    untold = 0
+        finally:
+            if untold:
+                self._tell(self.backend.count_upload, untold)
+        return pos - start
+
+    def _tell(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _recv_exactly(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"the connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+class _Conn:
+    """A connection's socket as it is now (plain, then its TLS wrapper)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whatever blocks on `sock` from another thread. The plain socket's shutdown,
+    even for a TLS one: `SSLSocket.shutdown` also drops its SSL state, which the thread
+    using it may be in the middle of."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)

@@ -1,0 +1,378 @@
+"""Cluster mode: one blob from one member over its member blob stream.
+
+The other end is `peer.serving.member_stream` (why it exists, the frames, the bounds).
+This end runs in a thread of its own: OpenSSL decrypts with the GIL released, and each
+1 MiB goes to the blob's journaled partial (`peer.cache.partial.PartialBlob`, the one a
+swarm or a mirror fetch resumes) and through two hashes as it lands: the whole-file hash
+against the blob id, and the blob's v2 tree, each whole piece checked against the piece
+layer of the manifest the member signed. So a lying member is caught within one piece
+(and banned), the journal only ever claims checked pieces, and the tree that comes out
+is the manifest's: the blob is seeded with no second read.
+
+What is on disk before the stream starts (a cut stream, a swarm's pieces, a relay) is
+read and hashed first; a piece of it that fails the check throws the partial away and
+blames nobody. HF_ENDPOINT readers of the blob follow the checked prefix
+(`InFlightBlob`, started as from peers: the last byte waits for the whole-file hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer import wire
+from peer.aio import call_on_loop, in_thread
+from peer.cache.partial import PartialBlob
+from peer.cluster.tls import Cluster, peer_cert
+from peer.discovery.peer_table import PeerInfo
+from peer.errors import IntegrityError, NetworkError, PeerMisbehaved
+from peer.hub.metadata import RemoteFile
+from peer.manifests.merkle import V2Tree, V2TreeBuilder
+from peer.scheduling.herd import HerdConfig
+from peer.transfer.inflight import InFlightBlob
+from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.mirror_ranges import chunk_size_for
+from peer.transfer.rate import Throttle
+from peer.verification.hashing import BlobHasher, HashKind
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+BUFFERS = 8  # chunks between the receiving and the hashing thread (8 MiB per stream)
+CONNECT_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0  # no byte for this long: the member is gone
+# A stream slower than the herd's floor rate over a window is dropped: a trickle must not
+# hold a blob the swarm could bring.
+FLOOR_RATE = HerdConfig.min_rate
+FLOOR_WINDOW = 30.0
+
+
+class MemberBusy(NetworkError):
+    """Every stream slot of the member is taken: the swarm brings the blob."""
+
+
+class StreamCancelled(Exception):
+    """The fetch was cancelled: the thread stops where it is."""
+
+
+@dataclass(frozen=True)
+class FromMember:
+    path: Path  # the verified data file, to rename into blobs/
+    tree: V2Tree  # equal to the manifest's
+    received: int  # bytes that came over the stream
+
+
+class MemberStream:
+    """One blob from `peer`, checked against `expected` (the tree of the manifest it
+    signed and offered). `fetch` runs the transfer in its own thread."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        context: ssl.SSLContext,
+        peer: PeerInfo,
+        expected: V2Tree,
+        file: RemoteFile,
+        partial_dir: Path,
+        counters: BlobCounters,
+        *,
+        flight: InFlightBlob | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
+        if expected.size != file.size or expected.blob_id != file.blob_id:
+            raise ValueError("the manifest's tree is of another blob")
+        self.cluster = cluster
+        self.context = context
+        self.peer = peer
+        self.expected = expected
+        self.file = file
+        self.partial_dir = partial_dir
+        self.counters = counters
+        self.flight = flight
+        self.throttle = throttle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._cancelled = False
+        self._received = 0  # counted into `counters.from_peers` so far (on the loop)
+        self._got = 0  # bytes taken off the stream (in the thread)
+
+    async def fetch(self) -> FromMember:
+        self._loop = asyncio.get_running_loop()
+        if self.flight is not None:
+            self.flight.start(self.partial_dir / self.file.blob_id, from_peers=True)
+        try:
+            return await in_thread(self._run, self._cancel, f"member-{self.file.blob_id[:8]}")
+        except StreamCancelled:
+            raise asyncio.CancelledError from None
+        except BaseException:
+            self.counters.from_peers -= self._received  # nothing of it was kept
+            self._received = 0
+            if self.flight is not None:
+                self.flight.reset()  # what a reader got of this stream is void: it cuts
+            raise
+
+    def _cancel(self) -> None:
+        self._cancelled = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    # -- in the thread -------------------------------------------------------------------
+
+    def _run(self) -> FromMember:
+        file = self.file
+        partial = PartialBlob(self.partial_dir, file.blob_id, file.size, chunk_size_for(file.size))
+        partial.open()  # PartialBusy if another process fetches it
+        try:
+            return self._copy(partial)
+        except (PeerMisbehaved, IntegrityError):
+            partial.discard()
+            raise
+        except (OSError, ssl.SSLError) as exc:  # partial's own errors are LocalErrors
+            if self._cancelled:
+                raise StreamCancelled from None
+            raise NetworkError(
+                f"member stream from {self.peer.host}:{self.peer.stream_port}: {exc}"
+            ) from exc
+        finally:
+            partial.close()
+
+    def _copy(self, partial: PartialBlob) -> FromMember:
+        file, size = self.file, self.file.size
+        check = _PieceCheck(self.expected)
+        hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), size, also=check.tree.update)
+        # What is on disk already is checked piece by piece as the stream's bytes are,
+        # but blames nobody: it is not this member's.
+        start = partial.resume_at(partial.contiguous_end(0))
+        if start:
+            self._hash_prefix(partial, hasher, check, start)
+        self._progress(check.verified_end)
+        with self._connect() as tls:
+            tls.sendall(wire.encode_frame(wire.StreamRequest(blob_id=file.blob_id, start=start)))
+            answer = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamAnswer)
+            if answer.status == "busy":
+                raise MemberBusy(f"member {self.peer.agent_id[:8]} streams to others now")
+            if answer.status != "ok":
+                raise NetworkError(f"member {self.peer.agent_id[:8]} does not hold {file.path}")
+            if answer.size != size:
+                raise PeerMisbehaved(
+                    f"member {self.peer.agent_id[:8]} offers {file.path} with "
+                    f"{answer.size} bytes, not {size}"
+                )
+            self._receive(tls, partial, hasher, check, start)
+        check.finish(from_stream_at=start)
+        if hasher.hexdigest() != file.blob_id:
+            # Every piece matched the manifest the member signed: that manifest is wrong.
+            raise PeerMisbehaved(
+                f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
+                f"to {hasher.hexdigest()}, not {file.blob_id}"
+            )
+        partial.held_to(size)
+        self._progress(size)
+        return FromMember(partial.take_finished(), self.expected, self._got)
+
+    def _hash_prefix(
+        self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, end: int
+    ) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        fd = os.open(partial.data_path, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < end:
+                n = os.preadv(fd, [view[: min(CHUNK, end - pos)]], pos)
+                if n <= 0:
+                    raise IntegrityError(f"{self.file.path}: the partial ended at byte {pos}")
+                hasher.update(view[:n])
+                pos += n
+                check.pieces(blame_from=None)  # never the member's bytes
+                if self._cancelled:
+                    raise StreamCancelled
+        finally:
+            os.close(fd)
+
+    def _connect(self) -> ssl.SSLSocket:
+        peer = self.peer
+        sock = socket.create_connection((peer.host, peer.stream_port), timeout=CONNECT_TIMEOUT)
+        self._sock = sock
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            tls = self.context.wrap_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = tls
+        cert = peer_cert(tls)
+        try:
+            if not call_on_loop(self._loop, self.cluster.admits, cert, peer.host):
+                raise NetworkError(
+                    f"{peer.host}:{peer.stream_port} is not a member in good standing"
+                )
+            assert cert is not None
+            if cert.agent_id != peer.agent_id:
+                raise NetworkError(
+                    f"{peer.host}:{peer.stream_port} is member {cert.agent_id[:8]}, not "
+                    f"{peer.agent_id[:8]} (the address changed hands?)"
+                )
+        except BaseException:
+            tls.close()
+            raise
+        if self._cancelled:
+            tls.close()
+            raise StreamCancelled
+        return tls
+
+    def _receive(
+        self,
+        tls: ssl.SSLSocket,
+        partial: PartialBlob,
+        hasher: BlobHasher,
+        check: _PieceCheck,
+        start: int,
+    ) -> None:
+        """This thread fills 1 MiB buffers (OpenSSL hands out one 16 KiB record per
+        read) and writes them to the partial; a second one hashes them in order and
+        checks the pieces. Decrypting and hashing each get a core where there are two."""
+        size = self.file.size
+        free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            free.put(bytearray(CHUNK))
+        filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        failed: list[BaseException] = []
+
+        def hash_in_order() -> None:
+            try:
+                while (item := filled.get()) is not None:
+                    buf, n = item
+                    hasher.update(memoryview(buf)[:n])
+                    before = check.verified_end
+                    check.pieces(blame_from=start)
+                    if check.verified_end > before:
+                        partial.held_to(check.verified_end)  # the journal: checked pieces
+                        self._progress(check.verified_end)
+                    free.put(buf)
+            except BaseException as exc:  # raised in the receiving thread below
+                failed.append(exc)
+                free.put(None)  # the receiver stops at its next buffer
+
+        worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
+        worker.start()
+        try:
+            tls.settimeout(IDLE_TIMEOUT)
+            pos = start
+            window_at, window_pos = time.monotonic(), pos
+            while pos < size and (buf := free.get()) is not None:
+                view = memoryview(buf)
+                want, got = min(CHUNK, size - pos), 0
+                while got < want:
+                    try:
+                        n = tls.recv_into(view[got:want])
+                    except OSError:
+                        if self._cancelled:
+                            raise StreamCancelled from None
+                        raise
+                    if self._cancelled:
+                        raise StreamCancelled
+                    if not n:
+                        raise NetworkError(
+                            f"the member's stream ended at byte {pos + got} of {size}"
+                        )
+                    got += n
+                    now = time.monotonic()
+                    if now - window_at >= FLOOR_WINDOW:
+                        if pos + got - window_pos < FLOOR_RATE * (now - window_at):
+                            raise NetworkError(
+                                f"the member's stream moved {pos + got - window_pos} bytes "
+                                f"in {now - window_at:.0f} s, below the floor rate"
+                            )
+                        window_at, window_pos = now, pos + got
+                partial.write(pos, view[:got])
+                pos += got
+                self._got += got
+                filled.put((buf, got))
+                if self.throttle is not None and self.throttle.rate > 0:
+                    assert self._loop is not None
+                    asyncio.run_coroutine_threadsafe(self.throttle.take(got), self._loop).result()
+        finally:
+            filled.put(None)
+            worker.join()
+        if failed:
+            raise failed[0]
+        self._progress(check.verified_end)
+
+    def _progress(self, verified: int) -> None:
+        """Counters and readers, on the loop: `verified` bytes checked, and what was
+        taken from the stream so far."""
+        assert self._loop is not None
+        received = self._got
+
+        def tell() -> None:
+            self.counters.from_peers += received - self._received
+            self._received = received
+            self.counters.done = max(self.counters.done, verified)
+            if self.flight is not None:
+                self.flight.advance(verified)
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(tell)
+
+
+class _PieceCheck:
+    """Each whole piece the tree has hashed, against the manifest's piece layer."""
+
+    def __init__(self, expected: V2Tree) -> None:
+        self.expected = expected
+        self.tree = V2TreeBuilder(expected.blob_id, expected.size)
+        if self.tree.piece_size != expected.piece_size:
+            raise PeerMisbehaved("the manifest's piece size breaks the piece-size rule")
+        self.checked = 0
+
+    @property
+    def verified_end(self) -> int:
+        return min(self.expected.size, self.checked * self.expected.piece_size)
+
+    def pieces(self, blame_from: int | None) -> None:
+        """Check the pieces hashed since last time. A wrong one: the member's fault
+        (`PeerMisbehaved`) if all of it came after `blame_from`, else nobody's."""
+        layer = self.expected.piece_layer
+        while self.checked < self.tree.pieces_hashed:
+            i = self.checked
+            if self.tree.piece_hash(i) != layer[32 * i : 32 * i + 32]:
+                self._wrong(i, blame_from)
+            self.checked += 1
+
+    def finish(self, from_stream_at: int) -> None:
+        got = self.tree.finish()
+        want = self.expected
+        if (got.piece_layer, got.pieces_root) != (want.piece_layer, want.pieces_root):
+            last = len(self.expected.piece_layer) // 32 - 1
+            self._wrong(last, from_stream_at)
+
+    def _wrong(self, index: int, blame_from: int | None) -> None:
+        at = index * self.expected.piece_size
+        if blame_from is not None and at >= blame_from:
+            raise PeerMisbehaved(f"piece {index} does not match the manifest the member signed")
+        raise IntegrityError(
+            f"piece {index} on disk from before does not match the manifest",
+            hint="the partial is thrown away; the blob is fetched again",
+        )
+
+
+def _recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise NetworkError(f"the member closed the stream after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
