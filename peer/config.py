@@ -216,6 +216,8 @@ class AgentConfig:
     cluster: Path | None = None
     # Cluster mode: where the member blob stream listens (`peer.serving.member_stream`).
     member_listen: tuple[str, int] = DEFAULT_MEMBER_LISTEN
+    # ... and how many blobs it sends at once (0: none; members swarm them).
+    member_streams: int = 2
 
     @property
     def audit_path(self) -> Path | None:

@@ -423,6 +423,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="HOST:PORT",
     ),
     Setting(
+        "member_streams",
+        parse_int(0, 64),
+        "cluster mode: blobs sent at once over the member blob stream (one per member); "
+        "other members swarm them meanwhile; 0: members only swarm",
+        metavar="N",
+    ),
+    Setting(
         "log_level",
         parse_choice(*LOG_LEVELS),
         "what the agent logs (-v: info)",

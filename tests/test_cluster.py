@@ -178,6 +178,8 @@ async def test_members_share_and_outsiders_get_nothing(
             assert await peers_of(b) == {a.info["agent_id"]}
             got = await download(b)
             assert got["from_peers"] > total // 2, got
+            # The shard went over a's member blob stream (the small file over its API).
+            assert ("member-stream", 6 * MiB) in served_by(tmp_path / "a")
             for stranger in (outsider, foreign):
                 r = await download(stranger)
                 assert r["from_peers"] == 0 and r["from_mirror"] >= total - 100, r
@@ -191,6 +193,36 @@ async def test_members_share_and_outsiders_get_nothing(
             with pytest.raises(aiohttp.ClientError):
                 async with aiohttp.ClientSession() as sess, sess.get(f"{a.peer_url}/v1/health"):
                     pass
+
+
+def served_by(root: Path) -> list[tuple[str, int]]:
+    """(via, bytes) of every large blob the agent under `root` sent, from its audit log."""
+    lines = (root / "state" / "audit.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    return [
+        (e["via"], e["bytes"]) for e in events if e["event"] == "blob_served" and e["bytes"] > MiB
+    ]
+
+
+async def test_members_swarm_when_the_member_stream_is_off(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """`--member-streams 0`: no stream is served, and members get the shard through the
+    SSL swarm (the way busy streams fall back to)."""
+    lab = cluster(tmp_path, "lab", "a", "b")
+    total = 6 * MiB + 300_000
+    flags = ["-v", "--member-streams", "0", "--cluster"]
+    async with agent_process(tmp_path / "a", "127.0.0.2", mirror.url, *flags, str(lab["a"])) as a:
+        await download(a)
+        assert a.info["member_port"] == 0
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, *flags, str(lab["b"]), peers=[a.peer_addr]
+        ) as b:
+            assert await peers_of(b) == {a.info["agent_id"]}
+            got = await download(b)
+            assert got["from_peers"] > total // 2, got
+            assert "member-stream" not in {via for via, _ in served_by(tmp_path / "a")}
+            assert (await status(a))["bytes_uploaded"] >= 6 * MiB
 
 
 async def test_a_revoked_member_is_refused_after_the_crl_reload(

@@ -245,12 +245,19 @@ class Agent:
             hub_api = HubService(
                 self.config, self.revisions, self.blobs, self.downloads, self.audit
             )
-            if self.cluster is not None:
+            if self.cluster is not None and self.config.member_streams > 0:
                 # Members send each other whole blobs here (`peer.serving.member_stream`).
                 host, port = self.config.member_listen
                 try:
                     streams = await self._stack.enter_async_context(
-                        MemberStreamServer(self.cluster, host, port, peers_api, throttle=upload)
+                        MemberStreamServer(
+                            self.cluster,
+                            host,
+                            port,
+                            peers_api,
+                            throttle=upload,
+                            slots=self.config.member_streams,
+                        )
                     )
                 except OSError as exc:
                     raise LocalError(

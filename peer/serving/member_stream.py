@@ -17,10 +17,11 @@ blob against its id (`peer.transfer.member_stream`).
 Bounds: at most `MAX_CONNECTIONS` connections (handshakes included), `PER_IP` from one
 address; over them a connection is closed at once. The handshake and the request must
 arrive within `HANDSHAKE_TIMEOUT`, the CRL is checked after the handshake, and a write
-that stalls for `WRITE_STALL` ends the stream. At most `STREAM_SLOTS` streams run at
-once, one per address: a member that finds them taken is told "busy" and swarms the blob
-instead, where downloaders trade pieces with each other (a stream serves one). The
-agent's upload cap and counters apply (its `Throttle`, taken through the event loop).
+that stalls for `WRITE_STALL` ends the stream. At most `slots` streams run at once
+(``member_streams``), one per address: a member that finds them taken is told "busy"
+and swarms the blob instead, where downloaders trade pieces with each other (a stream
+serves one). The agent's upload cap and counters apply (its `Throttle`, taken through
+the event loop).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes read and written at once (OpenSSL cuts its records from them)
 MAX_CONNECTIONS = 16
 PER_IP = 4
-STREAM_SLOTS = 2
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the request frame, in all
 WRITE_STALL = 30.0
 COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at the end)
@@ -74,8 +74,9 @@ class MemberStreamServer:
         port: int,
         backend: StreamBackend,
         *,
+        slots: int,
         throttle: Throttle | None = None,
-        slots: int = STREAM_SLOTS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.cluster = cluster
         self.host = host
@@ -83,6 +84,7 @@ class MemberStreamServer:
         self.backend = backend
         self.throttle = throttle
         self.slots = slots
+        self.handshake_timeout = handshake_timeout
         self._context = cluster.server_context()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
@@ -165,11 +167,11 @@ class MemberStreamServer:
     def _serve(self, c: _Conn, ip: str) -> None:
         # The handshake and the request share one deadline: a peer trickling bytes must
         # not hold a connection slot by keeping each read under a per-call timeout.
-        timer = threading.Timer(HANDSHAKE_TIMEOUT, lambda: _shut(c.sock))
+        timer = threading.Timer(self.handshake_timeout, lambda: _shut(c.sock))
         timer.start()
         conn = c.sock
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
+            conn.settimeout(self.handshake_timeout)
             with self._context.wrap_socket(conn, server_side=True) as tls:
                 c.sock = tls  # `conn` is detached now: shutting down must reach this one
                 cert = peer_cert(tls)

@@ -1,0 +1,402 @@
+"""The member blob stream (cluster mode): the real server (`peer.serving.member_stream`)
+and the real client (`peer.transfer.member_stream`) over loopback with mutual TLS and
+certificates of real clusters; only the agent around them is left out (its backend is a
+table of files here). Real agents use it in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from peer import wire
+from peer.cluster.credentials import ClusterDir, Member, load_member
+from peer.cluster.tls import Cluster
+from peer.discovery.peer_table import PeerInfo
+from peer.errors import NetworkError, PeerMisbehaved
+from peer.hub.metadata import RemoteFile
+from peer.manifests import VerifiedBlob, make_manifest
+from peer.manifests.manifest import manifest_tree
+from peer.manifests.merkle import V2Tree
+from peer.serving import member_stream as server_side
+from peer.serving.member_stream import MemberStreamServer
+from peer.transfer.member_stream import MemberBusy, MemberStream
+from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.rate import Throttle
+
+MiB = 1 << 20
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Held:
+    """The agent's side of the server: which verified blobs it shares, what it sent."""
+
+    files: dict[str, Path]
+    uploaded: int = 0
+    served: list[tuple[str, str, int, str]] = field(default_factory=list)
+
+    def verified_blob_path(self, blob_id: str) -> Path | None:
+        return self.files.get(blob_id)
+
+    def count_upload(self, n: int) -> None:
+        self.uploaded += n
+
+    def blob_served(self, blob_id: str, address: str, sent: int, via: str) -> None:
+        self.served.append((blob_id, address, sent, via))
+
+
+@dataclass
+class Blob:
+    path: Path
+    file: RemoteFile
+    tree: V2Tree
+
+
+@dataclass
+class Lab:
+    ca: ClusterDir
+    server: Member
+    client: Member
+    stranger: Member  # a member of another cluster
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    root = tmp_path_factory.mktemp("clusters")
+    ca = ClusterDir(root / "lab")
+    ca.init("lab")
+    ca.enroll("server", root / "server.pem")
+    ca.enroll("client", root / "client.pem")
+    other = ClusterDir(root / "other")
+    other.init("other")
+    other.enroll("stranger", root / "stranger.pem")
+    return Lab(
+        ca,
+        load_member(root / "server.pem"),
+        load_member(root / "client.pem"),
+        load_member(root / "stranger.pem"),
+    )
+
+
+async def make_blob(folder: Path, size: int, seed: int = 1) -> Blob:
+    data = random.Random(seed).randbytes(size)
+    blob_id = hashlib.sha256(data).hexdigest()
+    path = folder / f"held-{seed}"
+    path.write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob_id, size, path), made_by="0" * 32)
+    return Blob(path, RemoteFile("model.safetensors", size, blob_id, True), manifest_tree(manifest))
+
+
+@pytest.fixture
+async def blob(tmp_path: Path) -> Blob:
+    return await make_blob(tmp_path, 24 * MiB)
+
+
+def stream(
+    member: Member,
+    server: Member,
+    port: int,
+    blob: Blob,
+    partial_dir: Path,
+    counters: BlobCounters | None = None,
+    throttle: Throttle | None = None,
+) -> MemberStream:
+    cluster = Cluster(member)
+    peer = PeerInfo(server.agent_id, HOST, 1, 1, tls=True, stream_port=port)
+    return MemberStream(
+        cluster,
+        cluster.client_context(),
+        peer,
+        blob.tree,
+        blob.file,
+        partial_dir,
+        counters or BlobCounters(blob.file.size),
+        throttle=throttle,
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(member: Member, held: Held, **kw: object) -> AsyncIterator[MemberStreamServer]:
+    kw.setdefault("slots", 2)
+    async with MemberStreamServer(Cluster(member), HOST, 0, held, **kw) as server:  # type: ignore[arg-type]
+        yield server
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- a member gets a blob -------------------------------------------------------------
+
+
+async def test_a_member_streams_a_verified_blob_whose_tree_is_the_manifests(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    held = Held({blob.file.blob_id: blob.path})
+    counters = BlobCounters(blob.file.size)
+    async with serving(lab.server, held) as server:
+        got = await stream(
+            lab.client, lab.server, server.port, blob, tmp_path / "partial", counters
+        ).fetch()
+        await asyncio.sleep(0.1)  # the server's last counts reach the loop
+    assert sha256(got.path) == blob.file.blob_id
+    assert got.tree == blob.tree and got.received == blob.file.size
+    assert counters.from_peers == counters.done == blob.file.size
+    assert held.uploaded == blob.file.size
+    assert held.served == [(blob.file.blob_id, HOST, blob.file.size, "member-stream")]
+    assert server.served == 1
+
+
+async def test_a_cut_stream_resumes_after_the_checked_pieces(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """Cancelled mid-way (the thread stops, the partial is closed), the next stream asks
+    only for what follows the checked pieces the journal holds."""
+    held = Held({blob.file.blob_id: blob.path})
+    partial = tmp_path / "partial"
+    slow = Throttle(6 * MiB)
+    async with serving(lab.server, held, throttle=slow) as server:
+        first = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, partial).fetch()
+        )
+        await asyncio.sleep(1.5)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(0.2)
+        sent_first = held.uploaded
+        assert 0 < sent_first < blob.file.size
+        slow.set_rate(0)
+        counters = BlobCounters(blob.file.size)
+        got = await stream(lab.client, lab.server, server.port, blob, partial, counters).fetch()
+        await asyncio.sleep(0.1)
+    assert sha256(got.path) == blob.file.blob_id
+    (_, _, sent_again, _) = held.served[-1]
+    resumed_at = blob.file.size - sent_again
+    # Whole pieces only, and some of them: the first stream's checked pieces were kept.
+    assert resumed_at > 0 and resumed_at % blob.tree.piece_size == 0, resumed_at
+    assert got.received == sent_again == counters.from_peers
+
+
+# -- a lying member ---------------------------------------------------------------------
+
+
+async def test_a_member_sending_other_bytes_is_caught_within_a_few_pieces(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """The member's manifest is right, its bytes are not: the first piece fails its
+    check, the member is to be banned (`PeerMisbehaved`), the partial is thrown away, and
+    the stream stops long before the blob's end."""
+    blob = await make_blob(tmp_path, 64 * MiB)
+    junk = tmp_path / "junk"
+    junk.write_bytes(random.Random(99).randbytes(blob.file.size))
+    held = Held({blob.file.blob_id: junk})
+    partial = tmp_path / "partial"
+    counters = BlobCounters(blob.file.size)
+    async with serving(lab.server, held) as server:
+        with pytest.raises(PeerMisbehaved, match="piece 0 does not match"):
+            await stream(lab.client, lab.server, server.port, blob, partial, counters).fetch()
+        await asyncio.sleep(0.3)
+    assert not (partial / blob.file.blob_id).exists()
+    assert not (partial / f"{blob.file.blob_id}.journal").exists()
+    assert counters.from_peers == 0 and counters.done == 0
+    # 1 piece + the 8 buffers between the threads + what the sockets held.
+    assert held.uploaded < blob.file.size // 2, held.uploaded
+
+
+async def test_a_blob_of_another_size_is_a_lie(tmp_path: Path, lab: Lab, blob: Blob) -> None:
+    short = tmp_path / "short"
+    short.write_bytes(blob.path.read_bytes()[:-MiB])
+    async with serving(lab.server, Held({blob.file.blob_id: short})) as server:
+        with pytest.raises(PeerMisbehaved, match="bytes, not"):
+            await stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
+
+
+async def test_the_member_at_the_address_must_be_the_one_offering(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    async with serving(lab.server, Held({blob.file.blob_id: blob.path})) as server:
+        # The client expects the blob from itself (another agent id than the server's).
+        with pytest.raises(NetworkError, match="not"):
+            await stream(lab.client, lab.client, server.port, blob, tmp_path / "p").fetch()
+        assert server.served == 0
+
+
+# -- who gets a stream ---------------------------------------------------------------------
+
+
+async def test_a_member_of_another_cluster_gets_nothing(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held) as server:
+        with pytest.raises(NetworkError):
+            await stream(lab.stranger, lab.server, server.port, blob, tmp_path / "p").fetch()
+        await asyncio.sleep(0.2)
+    assert held.uploaded == 0 and held.served == []
+
+
+async def test_a_revoked_member_is_refused_after_the_crl_changes(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    ca = ClusterDir(tmp_path / "lab2")
+    ca.init("lab2")
+    ca.enroll("server", tmp_path / "s.pem")
+    ca.enroll("client", tmp_path / "c.pem")
+    server_member, client = load_member(tmp_path / "s.pem"), load_member(tmp_path / "c.pem")
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(server_member, held) as server:
+        got = await stream(client, server_member, server.port, blob, tmp_path / "p1").fetch()
+        assert sha256(got.path) == blob.file.blob_id
+        await asyncio.sleep(0.1)
+        before = held.uploaded
+        assert ca.revoke(name="client") == [client.agent_id]
+        with pytest.raises(NetworkError):
+            await stream(client, server_member, server.port, blob, tmp_path / "p2").fetch()
+        await asyncio.sleep(0.2)
+        assert held.uploaded == before
+
+
+async def test_a_busy_member_says_so(tmp_path: Path, lab: Lab, blob: Blob) -> None:
+    """One stream per address at a time: a second one is told "busy" at once (its
+    caller swarms the blob), while the first goes on to the end."""
+    held = Held({blob.file.blob_id: blob.path})
+    slow = Throttle(4 * MiB)
+    async with serving(lab.server, held, throttle=slow) as server:
+        first = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p1").fetch()
+        )
+        for _ in range(200):  # the first stream holds its slot
+            if server.streams:
+                break
+            await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(MemberBusy):
+            await stream(lab.client, lab.server, server.port, blob, tmp_path / "p2").fetch()
+        assert time.monotonic() - t0 < 2.0
+        slow.set_rate(0)
+        got = await first
+    assert sha256(got.path) == blob.file.blob_id
+
+
+# -- the listener's bounds -----------------------------------------------------------------
+
+
+async def test_silent_and_trickling_clients_are_cut_at_the_handshake_deadline(
+    lab: Lab, blob: Blob
+) -> None:
+    held = Held({blob.file.blob_id: blob.path})
+    context = Cluster(lab.client).client_context()
+    async with serving(lab.server, held, handshake_timeout=1.0) as server:
+
+        def silent() -> float:
+            t0 = time.monotonic()
+            with socket.create_connection((HOST, server.port), timeout=5) as s:
+                assert s.recv(1) == b""  # closed by the server, not by our timeout
+            return time.monotonic() - t0
+
+        def trickle() -> float:
+            """Handshake, then the request frame a byte every 0.3 s."""
+            t0 = time.monotonic()
+            raw = socket.create_connection((HOST, server.port), timeout=5)
+            with context.wrap_socket(raw) as tls:
+                frame = wire.encode_frame(wire.StreamRequest(blob_id=blob.file.blob_id, start=0))
+                with pytest.raises(OSError):
+                    for b in frame:
+                        tls.sendall(bytes([b]))
+                        time.sleep(0.3)
+                    assert tls.recv(1) == b""  # no answer: the deadline passed
+                    raise ConnectionResetError
+            return time.monotonic() - t0
+
+        waited = await asyncio.gather(asyncio.to_thread(silent), asyncio.to_thread(trickle))
+    assert all(w < 4.0 for w in waited), waited
+    assert held.uploaded == 0
+
+
+async def test_connections_over_the_cap_from_one_address_are_closed_at_once(
+    lab: Lab, blob: Blob
+) -> None:
+    async with serving(lab.server, Held({})) as server:
+
+        def flood() -> tuple[int, float]:
+            kept = [
+                socket.create_connection((HOST, server.port), timeout=5)
+                for _ in range(server_side.PER_IP)
+            ]
+            try:
+                time.sleep(0.3)  # all accepted and counted
+                t0 = time.monotonic()
+                with socket.create_connection((HOST, server.port), timeout=5) as extra:
+                    closed = extra.recv(1)
+                assert closed == b""
+                # The ones within the cap are still open (waiting for their handshake).
+                open_now = 0
+                for s in kept:
+                    s.setblocking(False)
+                    try:
+                        open_now += s.recv(1) != b""
+                    except BlockingIOError:
+                        open_now += 1
+                return open_now, time.monotonic() - t0
+            finally:
+                for s in kept:
+                    s.close()
+
+        open_now, took = await asyncio.to_thread(flood)
+    assert open_now == server_side.PER_IP
+    assert took < 2.0
+
+
+async def test_an_oversized_request_frame_is_refused_unread(lab: Lab, blob: Blob) -> None:
+    context = Cluster(lab.client).client_context()
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held) as server:
+
+        def oversized() -> bytes:
+            raw = socket.create_connection((HOST, server.port), timeout=5)
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(wire.FRAME_HEADER.pack(1 << 30))
+                try:
+                    return tls.recv(1)
+                except (ssl.SSLError, OSError):
+                    return b""
+
+        assert await asyncio.to_thread(oversized) == b""
+    assert held.uploaded == 0
+
+
+def test_frames_are_bounded_and_typed() -> None:
+    good = wire.encode_frame(wire.StreamAnswer(status="ok", size=5))
+    data = iter([good[:4], good[4:]])
+    assert wire.read_frame(lambda n: next(data), wire.StreamAnswer).size == 5
+    too_long = wire.FRAME_HEADER.pack(wire.MAX_FRAME_BYTES + 1)
+    with pytest.raises(wire.WireError):
+        wire.read_frame(lambda n: too_long, wire.StreamAnswer)
+    request = wire.encode_frame(wire.StreamRequest(blob_id="a" * 64, start=0))
+    parts = iter([request[:4], request[4:]])
+    with pytest.raises(wire.WireError):  # a request where an answer belongs
+        wire.read_frame(lambda n: next(parts), wire.StreamAnswer)
+    with pytest.raises(wire.WireError):
+        wire.decode_as(
+            wire.encode(wire.StreamAnswer(status="ok", size=1))[:-1] + b"\xff",
+            wire.StreamAnswer,
+        )
+
+
+def test_open_mode_health_carries_no_stream_port() -> None:
+    """Older agents refuse unknown fields: an agent without a stream leaves it out."""
+    plain = wire.encode(wire.Health(agent_id="a" * 32, bt_port=1, blobs=0))
+    assert b"stream_port" not in plain
+    member = wire.Health(agent_id="a" * 32, bt_port=1, blobs=0, stream_port=7853)
+    assert wire.decode_as(wire.encode(member), wire.Health).stream_port == 7853
