@@ -24,6 +24,7 @@ from peer.discovery.mdns import BadRecord, parse_txt
 from peer.errors import HfswarmError, PeerMisbehaved
 from peer.hub.protocol import UNSATISFIABLE, parse_range
 from peer.manifests import check_manifest
+from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import BadRevisionManifest, accept_revision_manifest
 from tracker import messages as m
 from tracker.errors import TrackerWireError
@@ -74,12 +75,14 @@ def message_maps(types: list[str], fields: list[str]) -> st.SearchStrategy[dict[
 
 WIRE_TYPES = [
     "manifest", "have_request", "have_response", "claim", "health",
-    "revision_request", "revision_file", "revision_manifest",
+    "revision_request", "revision_file", "revision_manifest", "stream_request",
+    "stream_answer",
 ]  # fmt: skip
 WIRE_FIELDS = [
     "blob_id", "size", "piece_size", "info_hash", "torrent", "made_by", "signature",
     "blob_ids", "manifests", "fetching", "claims", "leading", "done", "agent_id", "bt_port",
     "blobs", "repo_type", "repo_id", "revision", "commit", "files", "published_at", "path",
+    "stream_port", "start", "status",
 ]  # fmt: skip
 TRACKER_TYPES = [
     "register", "registered", "announce", "announced", "who", "agent", "blob_sources",
@@ -158,8 +161,36 @@ def test_check_manifest_only_raises_invalid_manifest(
     try:
         check_manifest(manifest)
     except PeerMisbehaved:
-        return
-    raise AssertionError("a random torrent passed the manifest check")
+        pass
+    else:
+        raise AssertionError("a random torrent passed the manifest check")
+    with pytest.raises(PeerMisbehaved):  # the member stream's reading of it
+        manifest_tree(manifest)
+
+
+@FUZZ
+@given(
+    data=st.one_of(st.binary(max_size=300), wire_bytes.map(lambda b: len(b).to_bytes(4, "big") + b))
+)
+def test_member_stream_frames_only_raise_wire_errors(data: bytes) -> None:
+    """The member stream's frames: a length, then a message; a short read ends in the
+    reader's own error (here `EOFError`), never a crash of another kind."""
+    view = memoryview(data)
+
+    def recv_exactly(n: int) -> bytes:
+        nonlocal view
+        if len(view) < n:
+            raise EOFError
+        out, view = bytes(view[:n]), view[n:]
+        return out
+
+    for kind in (wire.StreamRequest, wire.StreamAnswer):
+        view = memoryview(data)
+        try:
+            msg = wire.read_frame(recv_exactly, kind)
+        except (wire.WireError, EOFError):
+            continue
+        assert isinstance(msg, kind)
 
 
 paths = st.one_of(
