@@ -5,9 +5,11 @@ cost of one mutual-TLS handshake to a member's peer API (vs a plain TCP connect)
     python benchmarks/cluster_loopback.py --size 1GiB --runs 3
     python benchmarks/cluster_loopback.py --size 1GiB --runs 3 --pin
 
-In cluster mode the pieces travel as SSL torrents (libtorrent, rooted in the cluster
-CA) and the peer API over mutual TLS; in open mode both are plain. Every process
-listens on 127.0.0.x; nothing leaves the machine.
+Three modes: ``open`` (plain peer API and BitTorrent), ``cluster`` (the peer API over
+mutual TLS, the blob over the seeder's member blob stream: threaded mutual TLS), and
+``cluster-swarm`` (a cluster seeder with ``--member-streams 0``: the blob as SSL torrents,
+libtorrent rooted in the cluster CA, which is what members fall back to when the
+stream is busy). Every process listens on 127.0.0.x; nothing leaves the machine.
 
 Each run also prints a time line of the download, from the downloader agent's debug
 log: CLI started, revision resolved (the mirror answered), torrent added (swarming),
@@ -51,6 +53,8 @@ from peer.cluster.tls import Cluster
 STAGES = (
     ("resolved", "/revision/"),
     ("torrent added", ": swarming "),
+    ("stream started", ": member stream from "),
+    ("stream verified", "over a member stream, verified"),
     ("first piece", ": first piece"),
     ("last piece", ": all pieces had"),
     ("verified", ": whole-file hash matched"),
@@ -147,7 +151,7 @@ def main() -> None:
     ca = ClusterDir(work / "ca")
     if not ca.ca_key.exists():
         ca.init("bench")
-    creds = {n: work / f"{n}.pem" for n in ("seed", "down", "probe")}
+    creds = {n: work / f"{n}.pem" for n in ("seed", "seed2", "down", "probe")}
     for n, p in creds.items():
         ca.enroll(n, p)
     folder = work / f"repo-{size}"
@@ -164,12 +168,20 @@ def main() -> None:
             ["--cluster", str(creds["seed"])],
             seed_cpu,
         ),
+        "cluster-swarm": ModeAgent(
+            work / "seed-cluster-swarm",
+            "127.0.0.5",
+            url,
+            [],
+            ["--cluster", str(creds["seed2"]), "--member-streams", "0"],
+            seed_cpu,
+        ),
     }
-    times: dict[str, list[float]] = {"open": [], "cluster": []}
-    lines: dict[str, list[dict[str, float]]] = {"open": [], "cluster": []}
+    times: dict[str, list[float]] = {m: [] for m in seeders}
+    lines: dict[str, list[dict[str, float]]] = {m: [] for m in seeders}
     # CPU seconds of one download: the seeder, the downloader agent, the CLI. Less
     # swayed than wall time by what else runs on the machine.
-    cpus: dict[str, list[dict[str, float]]] = {"open": [], "cluster": []}
+    cpus: dict[str, list[dict[str, float]]] = {m: [] for m in seeders}
     load = [os.getloadavg()[0]]
     try:
         for s in seeders.values():
@@ -177,7 +189,7 @@ def main() -> None:
         for r in range(args.runs):
             for mode, seeder in seeders.items():
                 extra = ["--log-level", "debug"]  # the time line's marks
-                if mode == "cluster":
+                if mode != "open":
                     extra += ["--cluster", str(creds["down"])]
                 d = ModeAgent(
                     work / f"d-{mode}-{r}", "127.0.0.4", url, [seeder.peer], extra, down_cpu
@@ -195,11 +207,11 @@ def main() -> None:
                     cpu = {k: round(v, 2) for k, v in cpu.items()}
                     cpus[mode].append({**cpu, "total": round(sum(cpu.values()), 2)})
                     lines[mode].append(d.timeline(times[mode][-1]))
-                    print(f"    {mode:7}  " + timeline_row(lines[mode][-1]), flush=True)
-                    print(f"    {mode:7}  CPU s: " + timeline_row(cpus[mode][-1]), flush=True)
+                    print(f"    {mode:13}  " + timeline_row(lines[mode][-1]), flush=True)
+                    print(f"    {mode:13}  CPU s: " + timeline_row(cpus[mode][-1]), flush=True)
                     st = d.status()
                     assert st["bytes_from_mirror"] == 0, f"{mode}: the mirror was used"
-                    assert st["mode"] == mode
+                    assert st["mode"] == mode.split("-")[0]
                 finally:
                     d.stop()
                     shutil.rmtree(d.root)
@@ -222,11 +234,16 @@ def main() -> None:
         "median_s": med,
         "median_MBps": {k: size / v / 1e6 for k, v in med.items()},
         "cluster_over_open": med["cluster"] / med["open"],
+        "cluster_swarm_over_open": med["cluster-swarm"] / med["open"],
         "timeline_median_s": {k: median_timeline(v) for k, v in lines.items()},
         "stage_median_s": {k: median_timeline([stages(r) for r in v]) for k, v in lines.items()},
         "cpu_median_s": {k: median_timeline(v) for k, v in cpus.items()},
         "cpu_total_cluster_over_open": (
             statistics.median(c["total"] for c in cpus["cluster"])
+            / statistics.median(c["total"] for c in cpus["open"])
+        ),
+        "cpu_total_cluster_swarm_over_open": (
+            statistics.median(c["total"] for c in cpus["cluster-swarm"])
             / statistics.median(c["total"] for c in cpus["open"])
         ),
         "pinned": args.pin,
@@ -237,13 +254,22 @@ def main() -> None:
     print(json.dumps(out, indent=1))
     print("\nmedian time line (s from the CLI's start):")
     for mode, v in out["timeline_median_s"].items():
-        print(f"  {mode:7}  " + timeline_row(v))
-    print("median time per stage (s; the piece stream is first piece -> last piece):")
+        print(f"  {mode:13}  " + timeline_row(v))
+    print(
+        "median time per stage (s; the piece stream is first piece -> last piece, or "
+        "stream started -> stream verified):"
+    )
     for mode, v in out["stage_median_s"].items():
-        print(f"  {mode:7}  " + timeline_row(v))
+        print(f"  {mode:13}  " + timeline_row(v))
     print("median CPU seconds of one download:")
     for mode, v in out["cpu_median_s"].items():
-        print(f"  {mode:7}  " + timeline_row(v))
+        print(f"  {mode:13}  " + timeline_row(v))
+    print(
+        f"\nmedian of {args.runs}: open {med['open']:.2f} s, cluster {med['cluster']:.2f} s "
+        f"({out['cluster_over_open']:.2f}x), cluster-swarm {med['cluster-swarm']:.2f} s "
+        f"({out['cluster_swarm_over_open']:.2f}x); TLS handshake "
+        f"{hs.get('tls_ms', 0):.2f} ms (TCP {hs.get('tcp_ms', 0):.2f})"
+    )
 
 
 def timeline_row(t: dict[str, float]) -> str:

@@ -692,6 +692,7 @@ class BlobFetcher:
                     flight=flight,
                     throttle=self.member_download,
                 )
+                log.debug("%s: member stream from %s", file.path, offer.peer.agent_id[:8])
                 got = await stream.fetch()
             except PeerMisbehaved as exc:
                 self.peers.ban(offer.peer, exc.one_line(), file.blob_id)
