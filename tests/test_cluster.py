@@ -225,6 +225,37 @@ async def test_members_swarm_when_the_member_stream_is_off(
             assert (await status(a))["bytes_uploaded"] >= 6 * MiB
 
 
+async def test_a_hub_client_reads_a_shard_while_a_member_streams_it(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """HF_ENDPOINT mode on a member: huggingface_hub's own download of the shard is
+    served as the member stream brings it (its checked pieces), byte for byte."""
+    from huggingface_hub import hf_hub_download
+
+    lab = cluster(tmp_path, "lab", "a", "b")
+    shard = (tmp_path / "repo" / "model.safetensors").read_bytes()
+    async with agent_process(
+        tmp_path / "a", "127.0.0.2", mirror.url, "-v", "--cluster", str(lab["a"])
+    ) as a:
+        await download(a)
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
+            peers=[a.peer_addr],
+        ) as b:  # fmt: skip
+            assert await peers_of(b) == {a.info["agent_id"]}
+            got = await asyncio.to_thread(
+                hf_hub_download,
+                "org/m",
+                "model.safetensors",
+                endpoint=b.local_url,
+                cache_dir=tmp_path / "client",
+                token=False,
+            )
+            assert await asyncio.to_thread(Path(got).read_bytes) == shard
+            assert ("member-stream", len(shard)) in served_by(tmp_path / "a")
+            assert (await status(b))["bytes_from_mirror"] < len(shard) // 2
+
+
 async def test_a_revoked_member_is_refused_after_the_crl_reload(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
