@@ -205,6 +205,9 @@ class MemberStream:
         peer = self.peer
         sock = socket.create_connection((peer.host, peer.stream_port), timeout=CONNECT_TIMEOUT)
         self._sock = sock
+        if self._cancelled:  # cancelled while connecting: `_cancel` found no socket
+            sock.close()
+            raise StreamCancelled
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             tls = self.context.wrap_socket(sock)
