@@ -245,31 +245,36 @@ class MemberStream:
     ) -> None:
         """This thread fills 1 MiB buffers (OpenSSL hands out one 16 KiB record per
         read) and writes them to the partial; a second one hashes them in order and
-        checks the pieces. Decrypting and hashing each get a core where there are two."""
+        checks the pieces: decrypting and hashing each get a core. With one CPU to run
+        on, this thread hashes too (two threads would only trade the GIL)."""
         size = self.file.size
         free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        for _ in range(BUFFERS):
-            free.put(bytearray(CHUNK))
         filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
         failed: list[BaseException] = []
+
+        def consume(buf: bytearray, n: int) -> None:
+            hasher.update(memoryview(buf)[:n])
+            before = check.verified_end
+            check.pieces(blame_from=start)
+            if check.verified_end > before:
+                partial.held_to(check.verified_end)  # the journal: checked pieces only
+                self._progress(check.verified_end)
+            free.put(buf)
 
         def hash_in_order() -> None:
             try:
                 while (item := filled.get()) is not None:
-                    buf, n = item
-                    hasher.update(memoryview(buf)[:n])
-                    before = check.verified_end
-                    check.pieces(blame_from=start)
-                    if check.verified_end > before:
-                        partial.held_to(check.verified_end)  # the journal: checked pieces
-                        self._progress(check.verified_end)
-                    free.put(buf)
+                    consume(*item)
             except BaseException as exc:  # raised in the receiving thread below
                 failed.append(exc)
                 free.put(None)  # the receiver stops at its next buffer
 
+        pipelined = len(os.sched_getaffinity(0)) > 1
+        for _ in range(BUFFERS if pipelined else 1):
+            free.put(bytearray(CHUNK))
         worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
-        worker.start()
+        if pipelined:
+            worker.start()
         try:
             tls.settimeout(IDLE_TIMEOUT)
             pos = start
@@ -302,13 +307,17 @@ class MemberStream:
                 partial.write(pos, view[:got])
                 pos += got
                 self._got += got
-                filled.put((buf, got))
+                if pipelined:
+                    filled.put((buf, got))
+                else:
+                    consume(buf, got)
                 if self.throttle is not None and self.throttle.rate > 0:
                     assert self._loop is not None
                     asyncio.run_coroutine_threadsafe(self.throttle.take(got), self._loop).result()
         finally:
-            filled.put(None)
-            worker.join()
+            if pipelined:
+                filled.put(None)
+                worker.join()
         if failed:
             raise failed[0]
         self._progress(check.verified_end)
