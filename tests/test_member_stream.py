@@ -11,8 +11,9 @@ import hashlib
 import random
 import socket
 import ssl
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,3 +401,95 @@ def test_open_mode_health_carries_no_stream_port() -> None:
     assert b"stream_port" not in plain
     member = wire.Health(agent_id="a" * 32, bt_port=1, blobs=0, stream_port=7853)
     assert wire.decode_as(wire.encode(member), wire.Health).stream_port == 7853
+
+
+# -- review: a liar that cuts, cancellation ------------------------------------------------
+
+
+@contextlib.contextmanager
+def lying_member(member: Member, size: int, junk: int, *, then: str) -> Iterator[int]:
+    """A member (real credentials, the real frames) that answers "ok", sends `junk` bytes
+    that are not the blob, then closes the stream (`then="close"`) or goes silent
+    (`then="stall"`). Its port."""
+    context = Cluster(member).server_context()
+    listener = socket.create_server((HOST, 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            wire.read_frame(lambda n: server_side._recv_exactly(tls, n), wire.StreamRequest)
+            tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
+            tls.sendall(random.Random(5).randbytes(junk))
+            if then == "stall":
+                stop.wait(60)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("then", ["close", "stall"])
+async def test_a_member_that_cuts_its_stream_right_after_a_wrong_piece_is_still_caught(
+    tmp_path: Path, lab: Lab, then: str
+) -> None:
+    """The piece check's verdict wins over the cut that follows it: a liar must not
+    escape its ban (and keep being tried) by closing, or going silent, after its lie;
+    and a silent one is not waited for until the idle timeout."""
+    blob = await make_blob(tmp_path, 64 * MiB)
+    partial = tmp_path / "partial"
+    with lying_member(lab.server, blob.file.size, 3 * MiB, then=then) as port:
+        t0 = time.monotonic()
+        with pytest.raises(PeerMisbehaved, match="piece 0 does not match"):
+            await stream(lab.client, lab.server, port, blob, partial).fetch()
+        took = time.monotonic() - t0
+    assert took < 5.0, took
+    assert not (partial / blob.file.blob_id).exists()
+
+
+async def test_a_cancelled_stream_waiting_on_the_download_cap_stops_at_once(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """The receiving thread waits for the download cap's bucket after each MiB (1 MiB
+    at 64 KiB/s: 16 s); a cancel must not wait for it."""
+    held = Held({blob.file.blob_id: blob.path})
+    cap = Throttle(64 * 1024)
+    async with serving(lab.server, held) as server:
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p", throttle=cap).fetch()
+        )
+        await asyncio.sleep(1.0)  # the first MiB is in, its wait on the bucket begun
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.monotonic() - t0
+    assert took < 2.0, took
+
+
+async def test_a_cancelled_stream_in_its_handshake_stops_at_once(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """A member that accepted the connection but never answers the TLS handshake: a
+    cancel wakes the thread (not the handshake timeout, 10 s)."""
+    listener = socket.create_server((HOST, 0))  # accepts (backlog), never speaks
+    try:
+        port = listener.getsockname()[1]
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, port, blob, tmp_path / "p").fetch()
+        )
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.monotonic() - t0
+    finally:
+        listener.close()
+    assert took < 2.0, took

@@ -18,6 +18,7 @@ blames nobody. HF_ENDPOINT readers of the blob follow the checked prefix
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -102,7 +103,10 @@ class MemberStream:
         self.throttle = throttle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        # The receiving thread's wait on the download cap, if it waits (`_wake` ends it).
+        self._pending: concurrent.futures.Future[None] | None = None
         self._cancelled = False
+        self._stopping = False  # the hashing thread's verdict is in: the receiver stops
         self._received = 0  # counted into `counters.from_peers` so far (on the loop)
         self._got = 0  # bytes taken off the stream (in the thread)
 
@@ -123,9 +127,17 @@ class MemberStream:
 
     def _cancel(self) -> None:
         self._cancelled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Stop the receiving thread wherever it blocks: the socket (its handshake too)
+        and the wait on the download cap."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
 
     # -- in the thread -------------------------------------------------------------------
 
@@ -207,11 +219,22 @@ class MemberStream:
         self._sock = sock
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
-            tls = self.context.wrap_socket(sock)
+            # The handshake after `_sock` is the TLS socket: a cancel must reach it (the
+            # plain one is detached by then).
+            tls = self.context.wrap_socket(sock, do_handshake_on_connect=False)
         except BaseException:
             sock.close()
             raise
         self._sock = tls
+        try:
+            if self._cancelled:
+                raise StreamCancelled
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            if self._cancelled:
+                raise StreamCancelled from None
+            raise
         cert = peer_cert(tls)
         try:
             if not call_on_loop(self._loop, self.cluster.admits, cert, peer.host):
@@ -263,7 +286,9 @@ class MemberStream:
                     free.put(buf)
             except BaseException as exc:  # raised in the receiving thread below
                 failed.append(exc)
-                free.put(None)  # the receiver stops at its next buffer
+                free.put(None)  # the receiver stops at its next buffer...
+                self._stopping = True
+                self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
 
         worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
         worker.start()
@@ -301,14 +326,38 @@ class MemberStream:
                 self._got += got
                 filled.put((buf, got))
                 if self.throttle is not None and self.throttle.rate > 0:
-                    assert self._loop is not None
-                    asyncio.run_coroutine_threadsafe(self.throttle.take(got), self._loop).result()
-        finally:
+                    # Our own cap's wait is not the member's slowness: off the floor window.
+                    window_at += self._take(self.throttle, got)
+        except BaseException:
             filled.put(None)
             worker.join()
+            # A piece's verdict wins over the cut or the silence that followed it: a liar
+            # must not escape its ban by closing the stream after its lie.
+            if failed and not self._cancelled:
+                raise failed[0] from None
+            raise
+        filled.put(None)
+        worker.join()
         if failed:
             raise failed[0]
         self._progress(check.verified_end)
+
+    def _take(self, throttle: Throttle, n: int) -> float:
+        """Wait (on the loop) until the download cap lets `n` bytes go; the seconds it
+        took. `_wake` ends the wait (`StreamCancelled`)."""
+        assert self._loop is not None
+        t0 = time.monotonic()
+        pending = asyncio.run_coroutine_threadsafe(throttle.take(n), self._loop)
+        self._pending = pending
+        try:
+            if self._cancelled or self._stopping:
+                pending.cancel()
+            pending.result()
+        except concurrent.futures.CancelledError:
+            raise StreamCancelled from None
+        finally:
+            self._pending = None
+        return time.monotonic() - t0
 
     def _progress(self, verified: int) -> None:
         """Counters and readers, on the loop: `verified` bytes checked, and what was
