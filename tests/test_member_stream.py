@@ -493,3 +493,42 @@ async def test_a_cancelled_stream_in_its_handshake_stops_at_once(
     finally:
         listener.close()
     assert took < 2.0, took
+
+
+async def test_leaving_the_server_wakes_threads_in_their_handshake(lab: Lab) -> None:
+    """Silent connections in the TLS handshake: leaving the server shuts them down at
+    once (not after the handshake deadline)."""
+    server = MemberStreamServer(Cluster(lab.server), HOST, 0, Held({}), slots=2)
+    async with server:
+        socks = [socket.create_connection((HOST, server.port), timeout=5) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    assert took < 2.0, took
+
+
+async def test_leaving_the_server_stops_a_stream_waiting_on_the_upload_cap(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """A stream waits for the upload cap's bucket before each MiB (16 s at 64 KiB/s):
+    leaving the server ends that wait, not the join's timeout."""
+    held = Held({blob.file.blob_id: blob.path})
+    server = MemberStreamServer(
+        Cluster(lab.server), HOST, 0, held, slots=2, throttle=Throttle(64 * 1024)
+    )
+    async with server:
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
+        )
+        for _ in range(100):
+            if server.streams:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the first MiB waits on the bucket
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    with pytest.raises(NetworkError):
+        await task
+    assert took < 2.0, took

@@ -27,6 +27,7 @@ the event loop).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -93,6 +94,7 @@ class MemberStreamServer:
         self._streams: Counter[str] = Counter()  # address -> streams running
         self._open: set[_Conn] = set()
         self._threads: set[threading.Thread] = set()
+        self._pending: set[concurrent.futures.Future[None]] = set()  # waits on `throttle`
         self._closing = False
         self.served = 0  # streams that ended with every byte sent (for tests and status)
 
@@ -114,6 +116,9 @@ class MemberStreamServer:
         self._closing = True
         with self._lock:
             socks = [c.sock for c in self._open]
+            pending = list(self._pending)
+        for wait in pending:  # a thread waiting on the upload cap stops now
+            wait.cancel()
         if self._sock is not None:
             socks.append(self._sock)
         for s in socks:  # wakes every blocked accept, recv and send
@@ -172,8 +177,15 @@ class MemberStreamServer:
         conn = c.sock
         try:
             conn.settimeout(self.handshake_timeout)
-            with self._context.wrap_socket(conn, server_side=True) as tls:
-                c.sock = tls  # `conn` is detached now: shutting down must reach this one
+            with self._context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False
+            ) as tls:
+                # `conn` is detached now: the deadline and the shutdown must reach the
+                # TLS socket, its handshake included.
+                c.sock = tls
+                if self._closing:
+                    return
+                tls.do_handshake()
                 cert = peer_cert(tls)
                 if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
                     log.info("member stream: %s has no valid member certificate", ip)
@@ -240,8 +252,8 @@ class MemberStreamServer:
                 if n <= 0:
                     break  # the file shrank under us: the receiver's hash will tell
                 if self.throttle is not None and self.throttle.rate > 0:
-                    assert self._loop is not None
-                    asyncio.run_coroutine_threadsafe(self.throttle.take(n), self._loop).result()
+                    if not self._take(self.throttle, n):
+                        break  # the server is closing
                 tls.sendall(view[:n])
                 pos += n
                 untold += n
@@ -252,6 +264,24 @@ class MemberStreamServer:
             if untold:
                 self._tell(self.backend.count_upload, untold)
         return pos - start
+
+    def _take(self, throttle: Throttle, n: int) -> bool:
+        """Wait (on the loop) until the upload cap lets `n` bytes go; False if the
+        server closed meanwhile (`__aexit__` cancels the wait)."""
+        assert self._loop is not None
+        pending = asyncio.run_coroutine_threadsafe(throttle.take(n), self._loop)
+        with self._lock:
+            self._pending.add(pending)
+        try:
+            if self._closing:
+                pending.cancel()
+            pending.result()
+            return True
+        except concurrent.futures.CancelledError:
+            return False
+        finally:
+            with self._lock:
+                self._pending.discard(pending)
 
     def _tell(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
