@@ -532,3 +532,31 @@ async def test_leaving_the_server_stops_a_stream_waiting_on_the_upload_cap(
     with pytest.raises(NetworkError):
         await task
     assert took < 2.0, took
+
+
+async def test_a_member_revoked_during_its_stream_gets_no_more_bytes(
+    tmp_path: Path, blob: Blob
+) -> None:
+    """The CRL is checked again as a stream runs (a large blob streams for minutes, a
+    capped one for hours): once the member is revoked, its stream is cut within a
+    second or so."""
+    ca = ClusterDir(tmp_path / "lab3")
+    ca.init("lab3")
+    ca.enroll("server", tmp_path / "s.pem")
+    ca.enroll("client", tmp_path / "c.pem")
+    server_member, client = load_member(tmp_path / "s.pem"), load_member(tmp_path / "c.pem")
+    held = Held({blob.file.blob_id: blob.path})
+    slow = Throttle(2 * MiB)  # 12 s for the blob
+    async with serving(server_member, held, throttle=slow) as server:
+        task = asyncio.create_task(
+            stream(client, server_member, server.port, blob, tmp_path / "p").fetch()
+        )
+        await asyncio.sleep(1.5)
+        assert ca.revoke(name="client") == [client.agent_id]
+        t0 = time.monotonic()
+        with pytest.raises(NetworkError):
+            await task
+        took = time.monotonic() - t0
+        await asyncio.sleep(0.2)
+    assert took < 4.0, took
+    assert held.uploaded < blob.file.size // 2, held.uploaded

@@ -34,6 +34,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Protocol
 
 from peer import wire
 from peer.aio import call_on_loop
-from peer.cluster.tls import Cluster, peer_cert
+from peer.cluster.tls import Cluster, PeerCert, peer_cert
 from peer.transfer.rate import Throttle
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ PER_IP = 4
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the request frame, in all
 WRITE_STALL = 30.0
 COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at the end)
+# The CRL is looked at again this often while a stream runs: a member revoked meanwhile
+# gets no more bytes (a blob streams for minutes, a capped one for hours).
+RECHECK_EVERY = 1.0
 
 
 class StreamBackend(Protocol):
@@ -192,7 +196,8 @@ class MemberStreamServer:
                     return
                 request = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamRequest)
                 timer.cancel()
-                self._answer(tls, ip, request)
+                assert cert is not None
+                self._answer(tls, ip, cert, request)
         except (OSError, ssl.SSLError, wire.WireError, TimeoutError) as exc:
             if not self._closing:
                 log.debug("member stream: %s: %s", ip, exc)
@@ -205,7 +210,9 @@ class MemberStreamServer:
                     del self._conns[ip]
             conn.close()
 
-    def _answer(self, tls: ssl.SSLSocket, ip: str, request: wire.StreamRequest) -> None:
+    def _answer(
+        self, tls: ssl.SSLSocket, ip: str, cert: PeerCert, request: wire.StreamRequest
+    ) -> None:
         path = call_on_loop(self._loop, self.backend.verified_blob_path, request.blob_id)
         fd = -1
         try:
@@ -228,7 +235,7 @@ class MemberStreamServer:
             try:
                 tls.settimeout(WRITE_STALL)
                 tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
-                sent = self._send(tls, fd, request.start, size)
+                sent = self._send(tls, ip, cert, fd, request.start, size)
             finally:
                 with self._lock:
                     self._streams[ip] -= 1
@@ -241,13 +248,22 @@ class MemberStreamServer:
             if fd >= 0:
                 os.close(fd)
 
-    def _send(self, tls: ssl.SSLSocket, fd: int, start: int, size: int) -> int:
-        """Bytes [start, size) of the file to the member; returns how many went out."""
+    def _send(
+        self, tls: ssl.SSLSocket, ip: str, cert: PeerCert, fd: int, start: int, size: int
+    ) -> int:
+        """Bytes [start, size) of the file to the member while it stays in good
+        standing; returns how many went out."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pos, untold = start, 0
+        recheck_at = time.monotonic() + RECHECK_EVERY
         try:
             while pos < size and not self._closing:
+                if time.monotonic() >= recheck_at:
+                    if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
+                        log.info("member stream: %s was revoked; stream cut", ip)
+                        break
+                    recheck_at = time.monotonic() + RECHECK_EVERY
                 n = os.preadv(fd, [view[: min(CHUNK, size - pos)]], pos)
                 if n <= 0:
                     break  # the file shrank under us: the receiver's hash will tell
