@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from peer import wire
+from peer.cache.partial import PartialBlob
 from peer.cluster.credentials import ClusterDir, Member, load_member
 from peer.cluster.tls import Cluster
 from peer.discovery.peer_table import PeerInfo
@@ -32,6 +33,7 @@ from peer.serving import member_stream as server_side
 from peer.serving.member_stream import MemberStreamServer
 from peer.transfer.member_stream import MemberBusy, MemberStream
 from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.mirror_ranges import chunk_size_for
 from peer.transfer.rate import Throttle
 
 MiB = 1 << 20
@@ -407,10 +409,12 @@ def test_open_mode_health_carries_no_stream_port() -> None:
 
 
 @contextlib.contextmanager
-def lying_member(member: Member, size: int, junk: int, *, then: str) -> Iterator[int]:
-    """A member (real credentials, the real frames) that answers "ok", sends `junk` bytes
-    that are not the blob, then closes the stream (`then="close"`) or goes silent
-    (`then="stall"`). Its port."""
+def lying_member(
+    member: Member, size: int, junk: int, *, then: str, truth: bytes = b""
+) -> Iterator[int]:
+    """A member (real credentials, the real frames) that answers "ok", sends `truth`
+    (the blob's first bytes), then `junk` bytes that are not the blob, then closes the
+    stream (`then="close"`) or goes silent (`then="stall"`). Its port."""
     context = Cluster(member).server_context()
     listener = socket.create_server((HOST, 0))
     port = listener.getsockname()[1]
@@ -421,7 +425,7 @@ def lying_member(member: Member, size: int, junk: int, *, then: str) -> Iterator
         with context.wrap_socket(conn, server_side=True) as tls:
             wire.read_frame(lambda n: server_side._recv_exactly(tls, n), wire.StreamRequest)
             tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
-            tls.sendall(random.Random(5).randbytes(junk))
+            tls.sendall(truth + random.Random(5).randbytes(junk))
             if then == "stall":
                 stop.wait(60)
 
@@ -560,3 +564,34 @@ async def test_a_member_revoked_during_its_stream_gets_no_more_bytes(
         await asyncio.sleep(0.2)
     assert took < 4.0, took
     assert held.uploaded < blob.file.size // 2, held.uploaded
+
+
+async def test_a_stream_cut_mid_piece_leaves_no_claim_on_the_bytes_it_overwrote(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """An earlier mirror fetch journaled the first half of chunk 0 and all of chunk 2
+    (its chunks land out of order); a member stream starts after the half, so it
+    rewrites chunk 2 too. A member that sends the right bytes to the end of piece 1,
+    then other bytes, and cuts before the piece they are in is whole, gets no verdict:
+    what it wrote over chunk 2 (the receiver writes whole 1 MiB buffers, here across
+    a piece boundary) was never checked, and the journal must not still claim it (a
+    mirror fetch resumes on it: served to HF_ENDPOINT readers, hashed only at the end)."""
+    blob = await make_blob(tmp_path, 64 * MiB)
+    data = blob.path.read_bytes()
+    partial_dir = tmp_path / "partial"
+    size, half = blob.file.size, MiB // 2
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        assert p.chunk_size == MiB and blob.tree.piece_size == MiB
+        p.write(0, data[:half])
+        p.advance(0, half)
+        p.write(2 * MiB, data[2 * MiB : 3 * MiB])
+        p.mark_done(2)
+    truth = data[half : 2 * MiB]
+    with lying_member(lab.server, size, MiB - MiB // 8, then="close", truth=truth) as port:
+        with pytest.raises(NetworkError):
+            await stream(lab.client, lab.server, port, blob, partial_dir).fetch()
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        claimed = sorted(p.done)
+        on_disk = p.data_path.read_bytes()[2 * MiB : 3 * MiB]
+    assert claimed == [0, 1], claimed  # the two checked pieces, not chunk 2
+    assert on_disk[:half] != data[2 * MiB : 2 * MiB + half]  # what the liar left there

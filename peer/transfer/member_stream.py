@@ -166,6 +166,10 @@ class MemberStream:
         # What is on disk already is checked piece by piece as the stream's bytes are,
         # but blames nobody: it is not this member's.
         start = partial.resume_at(partial.contiguous_end(0))
+        # The stream rewrites everything from `start`, checking it piece by piece: what
+        # the journal claims past it (a mirror's out-of-order chunks) is claimed again
+        # only once checked, or a cut stream would leave unchecked bytes claimed.
+        partial.forget_after(start)
         if start:
             self._hash_prefix(partial, hasher, check, start)
         self._progress(check.verified_end)
