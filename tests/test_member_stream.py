@@ -17,23 +17,27 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from peer import wire
 from peer.cache.partial import PartialBlob
 from peer.cluster.credentials import ClusterDir, Member, load_member
 from peer.cluster.tls import Cluster
+from peer.config import DownloadOptions, HubSettings
 from peer.discovery.peer_table import PeerInfo
 from peer.errors import NetworkError, PeerMisbehaved
-from peer.hub.metadata import RemoteFile
+from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.merkle import V2Tree
+from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving import member_stream as server_side
 from peer.serving.member_stream import MemberStreamServer
+from peer.transfer.inflight import InFlightBlob
 from peer.transfer.member_stream import MemberBusy, MemberStream
-from peer.transfer.mirror_blob import BlobCounters
-from peer.transfer.mirror_ranges import chunk_size_for
+from peer.transfer.mirror_blob import BlobCounters, from_mirror
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.rate import Throttle
 
 MiB = 1 << 20
@@ -595,3 +599,61 @@ async def test_a_stream_cut_mid_piece_leaves_no_claim_on_the_bytes_it_overwrote(
         on_disk = p.data_path.read_bytes()[2 * MiB : 3 * MiB]
     assert claimed == [0, 1], claimed  # the two checked pieces, not chunk 2
     assert on_disk[:half] != data[2 * MiB : 2 * MiB + half]  # what the liar left there
+
+
+async def test_a_mirror_fetch_resuming_a_cut_streams_pieces_holds_each_answers_last_byte(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """A cut member stream leaves pieces checked only against a member's manifest in the
+    journal; the mirror fetch that resumes on them must not hand them to HF_ENDPOINT
+    readers as the mirror's own: a ranged answer within them keeps its last byte until
+    the whole-file hash (`InFlightBlob.start(from_peers=True)`), as it did while the
+    stream ran. (So do bytes a herd leader relayed before its relay broke.)"""
+    blob = await make_blob(tmp_path, 24 * MiB)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(blob.path.read_bytes())
+    partial_dir = tmp_path / "partial"
+    size = blob.file.size
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held, throttle=Throttle(6 * MiB)) as server:
+        first = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, partial_dir).fetch()
+        )
+        await asyncio.sleep(1.0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        resumed = p.resume_at(p.contiguous_end(0))
+    assert resumed > MiB, resumed
+    async with MirrorServer([RepoSource("model", "org/s", src)], rate_cap=2 * MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{m.url}/api/models/org/s/revision/main") as r,
+        ):
+            commit = (await r.json())["sha"]
+        snap = Snapshot("model", "org/s", "main", commit, (blob.file,), m.url)
+        flight = InFlightBlob(blob.file.blob_id, size)
+        async with MirrorFetcher(hub, DownloadOptions()) as mf:
+            fetch = asyncio.create_task(
+                from_mirror(
+                    mf,
+                    snap,
+                    blob.file,
+                    partial_dir,
+                    BlobCounters(size),
+                    done_elsewhere=lambda: False,
+                    flight=flight,
+                )
+            )
+            try:
+                async with flight.reader(0) as reader:
+                    window = await asyncio.wait_for(reader.readable(4096), 10)
+                assert not fetch.done()  # the whole-file hash is still to come
+            finally:
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+    assert window is not None and window.end == 4095, window
