@@ -657,3 +657,19 @@ async def test_a_mirror_fetch_resuming_a_cut_streams_pieces_holds_each_answers_l
                 with contextlib.suppress(asyncio.CancelledError):
                     await fetch
     assert window is not None and window.end == 4095, window
+
+
+async def test_a_partial_already_whole_on_disk_needs_no_member(tmp_path: Path, lab: Lab) -> None:
+    """Every chunk journaled (a fetch killed between its last write and its rename):
+    the blob is checked and handed over without asking anyone (a member would answer
+    "absent" to a start at the blob's end, and the next source hash it all again)."""
+    blob = await make_blob(tmp_path, 8 * MiB)
+    size = blob.file.size
+    partial_dir = tmp_path / "partial"
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        p.write(0, blob.path.read_bytes())
+        p.held_to(size)
+    with socket.create_server((HOST, 0)) as closed:
+        nobody = closed.getsockname()[1]  # nothing listens there once closed
+    got = await stream(lab.client, lab.server, nobody, blob, partial_dir).fetch()
+    assert sha256(got.path) == blob.file.blob_id and got.received == 0

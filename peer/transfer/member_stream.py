@@ -173,6 +173,30 @@ class MemberStream:
         if start:
             self._hash_prefix(partial, hasher, check, start)
         self._progress(check.verified_end)
+        # All of it on disk (a fetch killed before its rename): nothing to ask (a member
+        # answers "absent" to a start at the end).
+        if start < size:
+            self._stream(partial, hasher, check, start)
+        check.finish(from_stream_at=start)
+        if hasher.hexdigest() != file.blob_id and start == size:
+            raise IntegrityError(
+                f"{file.path}: the partial on disk hashes to {hasher.hexdigest()}",
+                hint="the partial is thrown away; the blob is fetched again",
+            )
+        if hasher.hexdigest() != file.blob_id:
+            # Every piece matched the manifest the member signed: that manifest is wrong.
+            raise PeerMisbehaved(
+                f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
+                f"to {hasher.hexdigest()}, not {file.blob_id}"
+            )
+        partial.held_to(size)
+        self._progress(size)
+        return FromMember(partial.take_finished(), self.expected, self._got)
+
+    def _stream(
+        self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, start: int
+    ) -> None:
+        file, size = self.file, self.file.size
         with self._connect() as tls:
             tls.sendall(wire.encode_frame(wire.StreamRequest(blob_id=file.blob_id, start=start)))
             answer = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamAnswer)
@@ -186,16 +210,6 @@ class MemberStream:
                     f"{answer.size} bytes, not {size}"
                 )
             self._receive(tls, partial, hasher, check, start)
-        check.finish(from_stream_at=start)
-        if hasher.hexdigest() != file.blob_id:
-            # Every piece matched the manifest the member signed: that manifest is wrong.
-            raise PeerMisbehaved(
-                f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
-                f"to {hasher.hexdigest()}, not {file.blob_id}"
-            )
-        partial.held_to(size)
-        self._progress(size)
-        return FromMember(partial.take_finished(), self.expected, self._got)
 
     def _hash_prefix(
         self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, end: int
