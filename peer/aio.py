@@ -92,8 +92,13 @@ async def in_thread(work: Callable[[], T], cancel: Callable[[], None], name: str
         return await asyncio.shield(done)
     except asyncio.CancelledError:
         cancel()
-        with contextlib.suppress(BaseException):
-            await done
+        # Shielded, and again after every further cancel (a TaskGroup aborting twice):
+        # awaited bare, a second cancel would cancel `done` and end the wait at once.
+        while not done.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(done)
+        if not done.cancelled():
+            done.exception()  # retrieved: the thread's error goes with the cancel
         raise
 
 

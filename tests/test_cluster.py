@@ -479,3 +479,39 @@ async def test_members_with_share_cluster_share_a_private_repo(tmp_path: Path) -
                         assert got_b["from_peers"] > len(shard) // 2, got_b
                     else:
                         assert got_b["from_peers"] == 0, got_b
+
+
+async def test_a_member_stream_cut_mid_way_is_finished_by_the_ssl_swarm(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """b streams the shard from a (its upload capped: ~6 s); a dies mid-way. The swarm
+    (c seeds it, c serves no stream) brings the rest, libtorrent checking what the cut
+    stream left in the partial; the blob is right and no journal is left behind."""
+    lab = cluster(tmp_path, "lab", "a", "b", "c")
+    shard = (tmp_path / "repo" / "model.safetensors").read_bytes()
+    blob_id = hashlib.sha256(shard).hexdigest()
+    capped = ["-v", "--max-upload-rate", str(MiB), "--cluster", str(lab["a"])]
+    async with (
+        agent_process(tmp_path / "a", "127.0.0.2", mirror.url, *capped) as a,
+        agent_process(
+            tmp_path / "c", "127.0.0.4", mirror.url, "--member-streams", "0",
+            "--cluster", str(lab["c"]),
+        ) as c,
+    ):  # fmt: skip
+        await asyncio.gather(download(a), download(c))
+        async with agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "-v", "--cluster", str(lab["b"]),
+            peers=[a.peer_addr, c.peer_addr],
+        ) as b:  # fmt: skip
+            assert await peers_of(b) == {a.info["agent_id"], c.info["agent_id"]}
+            fetching = asyncio.create_task(download(b))
+            await asyncio.sleep(2.5)  # some of the 6 s stream is in
+            a.proc.kill()
+            got = await fetching
+            assert got["from_peers"] > len(shard) // 2, got
+            log = b.log.read_text()
+            assert "member stream stopped" in log, log[-3000:]
+            blobs = list((tmp_path / "b" / "cache").rglob(f"blobs/{blob_id}"))
+            assert len(blobs) == 1 and hashlib.sha256(blobs[0].read_bytes()).hexdigest() == blob_id
+            left = list((tmp_path / "b" / "cache").rglob(".hfswarm/partial/*"))
+            assert left == [], left

@@ -11,26 +11,33 @@ import hashlib
 import random
 import socket
 import ssl
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from peer import wire
+from peer.cache.partial import PartialBlob
 from peer.cluster.credentials import ClusterDir, Member, load_member
 from peer.cluster.tls import Cluster
+from peer.config import DownloadOptions, HubSettings
 from peer.discovery.peer_table import PeerInfo
 from peer.errors import NetworkError, PeerMisbehaved
-from peer.hub.metadata import RemoteFile
+from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import VerifiedBlob, make_manifest
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.merkle import V2Tree
+from peer.mirror_server import MirrorServer, RepoSource
 from peer.serving import member_stream as server_side
 from peer.serving.member_stream import MemberStreamServer
+from peer.transfer.inflight import InFlightBlob
 from peer.transfer.member_stream import MemberBusy, MemberStream
-from peer.transfer.mirror_blob import BlobCounters
+from peer.transfer.mirror_blob import BlobCounters, from_mirror
+from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 from peer.transfer.rate import Throttle
 
 MiB = 1 << 20
@@ -400,3 +407,270 @@ def test_open_mode_health_carries_no_stream_port() -> None:
     assert b"stream_port" not in plain
     member = wire.Health(agent_id="a" * 32, bt_port=1, blobs=0, stream_port=7853)
     assert wire.decode_as(wire.encode(member), wire.Health).stream_port == 7853
+
+
+# -- review: a liar that cuts, cancellation ------------------------------------------------
+
+
+@contextlib.contextmanager
+def lying_member(
+    member: Member, size: int, junk: int, *, then: str, truth: bytes = b""
+) -> Iterator[int]:
+    """A member (real credentials, the real frames) that answers "ok", sends `truth`
+    (the blob's first bytes), then `junk` bytes that are not the blob, then closes the
+    stream (`then="close"`) or goes silent (`then="stall"`). Its port."""
+    context = Cluster(member).server_context()
+    listener = socket.create_server((HOST, 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        # The receiver hangs up once it has seen the lie: the rest may not go out.
+        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+            wire.read_frame(lambda n: server_side._recv_exactly(tls, n), wire.StreamRequest)
+            tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
+            tls.sendall(truth + random.Random(5).randbytes(junk))
+            if then == "stall":
+                stop.wait(60)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("then", ["close", "stall"])
+async def test_a_member_that_cuts_its_stream_right_after_a_wrong_piece_is_still_caught(
+    tmp_path: Path, lab: Lab, then: str
+) -> None:
+    """The piece check's verdict wins over the cut that follows it: a liar must not
+    escape its ban (and keep being tried) by closing, or going silent, after its lie;
+    and a silent one is not waited for until the idle timeout."""
+    blob = await make_blob(tmp_path, 64 * MiB)
+    partial = tmp_path / "partial"
+    with lying_member(lab.server, blob.file.size, 3 * MiB, then=then) as port:
+        t0 = time.monotonic()
+        with pytest.raises(PeerMisbehaved, match="piece 0 does not match"):
+            await stream(lab.client, lab.server, port, blob, partial).fetch()
+        took = time.monotonic() - t0
+    assert took < 5.0, took
+    assert not (partial / blob.file.blob_id).exists()
+
+
+async def test_a_cancelled_stream_waiting_on_the_download_cap_stops_at_once(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """The receiving thread waits for the download cap's bucket after each MiB (1 MiB
+    at 64 KiB/s: 16 s); a cancel must not wait for it."""
+    held = Held({blob.file.blob_id: blob.path})
+    cap = Throttle(64 * 1024)
+    async with serving(lab.server, held) as server:
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p", throttle=cap).fetch()
+        )
+        await asyncio.sleep(1.0)  # the first MiB is in, its wait on the bucket begun
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.monotonic() - t0
+    assert took < 2.0, took
+
+
+async def test_a_cancelled_stream_in_its_handshake_stops_at_once(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """A member that accepted the connection but never answers the TLS handshake: a
+    cancel wakes the thread (not the handshake timeout, 10 s)."""
+    listener = socket.create_server((HOST, 0))  # accepts (backlog), never speaks
+    try:
+        port = listener.getsockname()[1]
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, port, blob, tmp_path / "p").fetch()
+        )
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.monotonic() - t0
+    finally:
+        listener.close()
+    assert took < 2.0, took
+
+
+async def test_leaving_the_server_wakes_threads_in_their_handshake(lab: Lab) -> None:
+    """Silent connections in the TLS handshake: leaving the server shuts them down at
+    once (not after the handshake deadline)."""
+    server = MemberStreamServer(Cluster(lab.server), HOST, 0, Held({}), slots=2)
+    async with server:
+        socks = [socket.create_connection((HOST, server.port), timeout=5) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    assert took < 2.0, took
+
+
+async def test_leaving_the_server_stops_a_stream_waiting_on_the_upload_cap(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """A stream waits for the upload cap's bucket before each MiB (16 s at 64 KiB/s):
+    leaving the server ends that wait, not the join's timeout."""
+    held = Held({blob.file.blob_id: blob.path})
+    server = MemberStreamServer(
+        Cluster(lab.server), HOST, 0, held, slots=2, throttle=Throttle(64 * 1024)
+    )
+    async with server:
+        task = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
+        )
+        for _ in range(100):
+            if server.streams:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the first MiB waits on the bucket
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    with pytest.raises(NetworkError):
+        await task
+    assert took < 2.0, took
+
+
+async def test_a_member_revoked_during_its_stream_gets_no_more_bytes(
+    tmp_path: Path, blob: Blob
+) -> None:
+    """The CRL is checked again as a stream runs (a large blob streams for minutes, a
+    capped one for hours): once the member is revoked, its stream is cut within a
+    second or so."""
+    ca = ClusterDir(tmp_path / "lab3")
+    ca.init("lab3")
+    ca.enroll("server", tmp_path / "s.pem")
+    ca.enroll("client", tmp_path / "c.pem")
+    server_member, client = load_member(tmp_path / "s.pem"), load_member(tmp_path / "c.pem")
+    held = Held({blob.file.blob_id: blob.path})
+    slow = Throttle(2 * MiB)  # 12 s for the blob
+    async with serving(server_member, held, throttle=slow) as server:
+        task = asyncio.create_task(
+            stream(client, server_member, server.port, blob, tmp_path / "p").fetch()
+        )
+        await asyncio.sleep(1.5)
+        assert ca.revoke(name="client") == [client.agent_id]
+        t0 = time.monotonic()
+        with pytest.raises(NetworkError):
+            await task
+        took = time.monotonic() - t0
+        await asyncio.sleep(0.2)
+    assert took < 4.0, took
+    assert held.uploaded < blob.file.size // 2, held.uploaded
+
+
+async def test_a_stream_cut_mid_piece_leaves_no_claim_on_the_bytes_it_overwrote(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """An earlier mirror fetch journaled the first half of chunk 0 and all of chunk 2
+    (its chunks land out of order); a member stream starts after the half, so it
+    rewrites chunk 2 too. A member that sends the right bytes to the end of piece 1,
+    then other bytes, and cuts before the piece they are in is whole, gets no verdict:
+    what it wrote over chunk 2 (the receiver writes whole 1 MiB buffers, here across
+    a piece boundary) was never checked, and the journal must not still claim it (a
+    mirror fetch resumes on it: served to HF_ENDPOINT readers, hashed only at the end)."""
+    blob = await make_blob(tmp_path, 64 * MiB)
+    data = blob.path.read_bytes()
+    partial_dir = tmp_path / "partial"
+    size, half = blob.file.size, MiB // 2
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        assert p.chunk_size == MiB and blob.tree.piece_size == MiB
+        p.write(0, data[:half])
+        p.advance(0, half)
+        p.write(2 * MiB, data[2 * MiB : 3 * MiB])
+        p.mark_done(2)
+    truth = data[half : 2 * MiB]
+    with lying_member(lab.server, size, MiB - MiB // 8, then="close", truth=truth) as port:
+        with pytest.raises(NetworkError):
+            await stream(lab.client, lab.server, port, blob, partial_dir).fetch()
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        claimed = sorted(p.done)
+        on_disk = p.data_path.read_bytes()[2 * MiB : 3 * MiB]
+    assert claimed == [0, 1], claimed  # the two checked pieces, not chunk 2
+    assert on_disk[:half] != data[2 * MiB : 2 * MiB + half]  # what the liar left there
+
+
+async def test_a_mirror_fetch_resuming_a_cut_streams_pieces_holds_each_answers_last_byte(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """A cut member stream leaves pieces checked only against a member's manifest in the
+    journal; the mirror fetch that resumes on them must not hand them to HF_ENDPOINT
+    readers as the mirror's own: a ranged answer within them keeps its last byte until
+    the whole-file hash (`InFlightBlob.start(from_peers=True)`), as it did while the
+    stream ran. (So do bytes a herd leader relayed before its relay broke.)"""
+    blob = await make_blob(tmp_path, 24 * MiB)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(blob.path.read_bytes())
+    partial_dir = tmp_path / "partial"
+    size = blob.file.size
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held, throttle=Throttle(6 * MiB)) as server:
+        first = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, partial_dir).fetch()
+        )
+        await asyncio.sleep(1.0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        resumed = p.resume_at(p.contiguous_end(0))
+    assert resumed > MiB, resumed
+    async with MirrorServer([RepoSource("model", "org/s", src)], rate_cap=2 * MiB) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{m.url}/api/models/org/s/revision/main") as r,
+        ):
+            commit = (await r.json())["sha"]
+        snap = Snapshot("model", "org/s", "main", commit, (blob.file,), m.url)
+        flight = InFlightBlob(blob.file.blob_id, size)
+        async with MirrorFetcher(hub, DownloadOptions()) as mf:
+            fetch = asyncio.create_task(
+                from_mirror(
+                    mf,
+                    snap,
+                    blob.file,
+                    partial_dir,
+                    BlobCounters(size),
+                    done_elsewhere=lambda: False,
+                    flight=flight,
+                )
+            )
+            try:
+                async with flight.reader(0) as reader:
+                    window = await asyncio.wait_for(reader.readable(4096), 10)
+                assert not fetch.done()  # the whole-file hash is still to come
+            finally:
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+    assert window is not None and window.end == 4095, window
+
+
+async def test_a_partial_already_whole_on_disk_needs_no_member(tmp_path: Path, lab: Lab) -> None:
+    """Every chunk journaled (a fetch killed between its last write and its rename):
+    the blob is checked and handed over without asking anyone (a member would answer
+    "absent" to a start at the blob's end, and the next source hash it all again)."""
+    blob = await make_blob(tmp_path, 8 * MiB)
+    size = blob.file.size
+    partial_dir = tmp_path / "partial"
+    with PartialBlob(partial_dir, blob.file.blob_id, size, chunk_size_for(size)) as p:
+        p.write(0, blob.path.read_bytes())
+        p.held_to(size)
+    with socket.create_server((HOST, 0)) as closed:
+        nobody = closed.getsockname()[1]  # nothing listens there once closed
+    got = await stream(lab.client, lab.server, nobody, blob, partial_dir).fetch()
+    assert sha256(got.path) == blob.file.blob_id and got.received == 0

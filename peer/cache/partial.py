@@ -192,6 +192,25 @@ class PartialBlob:
         if index < self.n_chunks:
             self.advance(index, pos - self.chunk_range(index)[0])
 
+    def forget_after(self, pos: int) -> None:
+        """The journal claims nothing past `pos` any more (a copy that writes the blob
+        in order from `pos` overwrites what is there before it checks it). Rewritten
+        whole; a kill meanwhile only loses claims."""
+        done = {i for i in self.done if self.chunk_range(i)[1] <= pos}
+        held = {i: min(k, pos - self.chunk_range(i)[0]) for i, k in self.held.items()}
+        held = {i: k for i, k in held.items() if k > 0}
+        if done == self.done and held == self.held:
+            return
+        try:
+            self._reset_journal()
+            records = [_RECORD.pack(i, self._length(i)) for i in sorted(done)]
+            records += [_RECORD.pack(i, k) for i, k in sorted(held.items())]
+            if records:
+                os.write(self._jfd, b"".join(records))
+        except OSError as exc:
+            raise translate_os_error(exc, "recording download progress") from exc
+        self.done, self.held = done, held
+
     def contiguous_end(self, start_chunk: int) -> int:
         """Index of the first chunk at or after `start_chunk` that is not done."""
         i = start_chunk

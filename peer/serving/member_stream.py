@@ -27,12 +27,14 @@ the event loop).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,7 @@ from typing import Protocol
 
 from peer import wire
 from peer.aio import call_on_loop
-from peer.cluster.tls import Cluster, peer_cert
+from peer.cluster.tls import Cluster, PeerCert, peer_cert
 from peer.transfer.rate import Throttle
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ PER_IP = 4
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the request frame, in all
 WRITE_STALL = 30.0
 COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at the end)
+# The CRL is looked at again this often while a stream runs: a member revoked meanwhile
+# gets no more bytes (a blob streams for minutes, a capped one for hours).
+RECHECK_EVERY = 1.0
 
 
 class StreamBackend(Protocol):
@@ -93,6 +98,7 @@ class MemberStreamServer:
         self._streams: Counter[str] = Counter()  # address -> streams running
         self._open: set[_Conn] = set()
         self._threads: set[threading.Thread] = set()
+        self._pending: set[concurrent.futures.Future[None]] = set()  # waits on `throttle`
         self._closing = False
         self.served = 0  # streams that ended with every byte sent (for tests and status)
 
@@ -114,6 +120,9 @@ class MemberStreamServer:
         self._closing = True
         with self._lock:
             socks = [c.sock for c in self._open]
+            pending = list(self._pending)
+        for wait in pending:  # a thread waiting on the upload cap stops now
+            wait.cancel()
         if self._sock is not None:
             socks.append(self._sock)
         for s in socks:  # wakes every blocked accept, recv and send
@@ -172,15 +181,23 @@ class MemberStreamServer:
         conn = c.sock
         try:
             conn.settimeout(self.handshake_timeout)
-            with self._context.wrap_socket(conn, server_side=True) as tls:
-                c.sock = tls  # `conn` is detached now: shutting down must reach this one
+            with self._context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False
+            ) as tls:
+                # `conn` is detached now: the deadline and the shutdown must reach the
+                # TLS socket, its handshake included.
+                c.sock = tls
+                if self._closing:
+                    return
+                tls.do_handshake()
                 cert = peer_cert(tls)
                 if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
                     log.info("member stream: %s has no valid member certificate", ip)
                     return
                 request = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamRequest)
                 timer.cancel()
-                self._answer(tls, ip, request)
+                assert cert is not None
+                self._answer(tls, ip, cert, request)
         except (OSError, ssl.SSLError, wire.WireError, TimeoutError) as exc:
             if not self._closing:
                 log.debug("member stream: %s: %s", ip, exc)
@@ -193,7 +210,9 @@ class MemberStreamServer:
                     del self._conns[ip]
             conn.close()
 
-    def _answer(self, tls: ssl.SSLSocket, ip: str, request: wire.StreamRequest) -> None:
+    def _answer(
+        self, tls: ssl.SSLSocket, ip: str, cert: PeerCert, request: wire.StreamRequest
+    ) -> None:
         path = call_on_loop(self._loop, self.backend.verified_blob_path, request.blob_id)
         fd = -1
         try:
@@ -216,7 +235,7 @@ class MemberStreamServer:
             try:
                 tls.settimeout(WRITE_STALL)
                 tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
-                sent = self._send(tls, fd, request.start, size)
+                sent = self._send(tls, ip, cert, fd, request.start, size)
             finally:
                 with self._lock:
                     self._streams[ip] -= 1
@@ -229,19 +248,28 @@ class MemberStreamServer:
             if fd >= 0:
                 os.close(fd)
 
-    def _send(self, tls: ssl.SSLSocket, fd: int, start: int, size: int) -> int:
-        """Bytes [start, size) of the file to the member; returns how many went out."""
+    def _send(
+        self, tls: ssl.SSLSocket, ip: str, cert: PeerCert, fd: int, start: int, size: int
+    ) -> int:
+        """Bytes [start, size) of the file to the member while it stays in good
+        standing; returns how many went out."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pos, untold = start, 0
+        recheck_at = time.monotonic() + RECHECK_EVERY
         try:
             while pos < size and not self._closing:
+                if time.monotonic() >= recheck_at:
+                    if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
+                        log.info("member stream: %s was revoked; stream cut", ip)
+                        break
+                    recheck_at = time.monotonic() + RECHECK_EVERY
                 n = os.preadv(fd, [view[: min(CHUNK, size - pos)]], pos)
                 if n <= 0:
                     break  # the file shrank under us: the receiver's hash will tell
                 if self.throttle is not None and self.throttle.rate > 0:
-                    assert self._loop is not None
-                    asyncio.run_coroutine_threadsafe(self.throttle.take(n), self._loop).result()
+                    if not self._take(self.throttle, n):
+                        break  # the server is closing
                 tls.sendall(view[:n])
                 pos += n
                 untold += n
@@ -252,6 +280,24 @@ class MemberStreamServer:
             if untold:
                 self._tell(self.backend.count_upload, untold)
         return pos - start
+
+    def _take(self, throttle: Throttle, n: int) -> bool:
+        """Wait (on the loop) until the upload cap lets `n` bytes go; False if the
+        server closed meanwhile (`__aexit__` cancels the wait)."""
+        assert self._loop is not None
+        pending = asyncio.run_coroutine_threadsafe(throttle.take(n), self._loop)
+        with self._lock:
+            self._pending.add(pending)
+        try:
+            if self._closing:
+                pending.cancel()
+            pending.result()
+            return True
+        except concurrent.futures.CancelledError:
+            return False
+        finally:
+            with self._lock:
+                self._pending.discard(pending)
 
     def _tell(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None

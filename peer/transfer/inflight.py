@@ -22,7 +22,9 @@ client receives whole is then a verified one. Bytes from LAN peers (a herd leade
 relay; swarm pieces, checked only against a peer's own manifest in open mode) are held
 back more: the last byte of every answer, a ranged one too, waits for that hash, so a
 peer's word never makes a complete body (`start(from_peers=True)`). The mirror's own
-bytes are not: they are what the client would get from the mirror.
+bytes are not: they are what the client would get from the mirror. A mirror fetch that
+resumes on a journal is held back as peers' are: the bytes it found may be a relay's
+or a member stream's.
 
 A fetch that changes source mid-way (a swarm result that failed its whole-file hash,
 fetched again from the mirror) bumps ``generation``: a reader that already had bytes of

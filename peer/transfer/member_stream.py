@@ -18,6 +18,7 @@ blames nobody. HF_ENDPOINT readers of the blob follow the checked prefix
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -102,7 +103,10 @@ class MemberStream:
         self.throttle = throttle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        # The receiving thread's wait on the download cap, if it waits (`_wake` ends it).
+        self._pending: concurrent.futures.Future[None] | None = None
         self._cancelled = False
+        self._stopping = False  # the hashing thread's verdict is in: the receiver stops
         self._received = 0  # counted into `counters.from_peers` so far (on the loop)
         self._got = 0  # bytes taken off the stream (in the thread)
 
@@ -123,9 +127,17 @@ class MemberStream:
 
     def _cancel(self) -> None:
         self._cancelled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Stop the receiving thread wherever it blocks: the socket (its handshake too)
+        and the wait on the download cap."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
 
     # -- in the thread -------------------------------------------------------------------
 
@@ -154,9 +166,37 @@ class MemberStream:
         # What is on disk already is checked piece by piece as the stream's bytes are,
         # but blames nobody: it is not this member's.
         start = partial.resume_at(partial.contiguous_end(0))
+        # The stream rewrites everything from `start`, checking it piece by piece: what
+        # the journal claims past it (a mirror's out-of-order chunks) is claimed again
+        # only once checked, or a cut stream would leave unchecked bytes claimed.
+        partial.forget_after(start)
         if start:
             self._hash_prefix(partial, hasher, check, start)
         self._progress(check.verified_end)
+        # All of it on disk (a fetch killed before its rename): nothing to ask (a member
+        # answers "absent" to a start at the end).
+        if start < size:
+            self._stream(partial, hasher, check, start)
+        check.finish(from_stream_at=start)
+        if hasher.hexdigest() != file.blob_id and start == size:
+            raise IntegrityError(
+                f"{file.path}: the partial on disk hashes to {hasher.hexdigest()}",
+                hint="the partial is thrown away; the blob is fetched again",
+            )
+        if hasher.hexdigest() != file.blob_id:
+            # Every piece matched the manifest the member signed: that manifest is wrong.
+            raise PeerMisbehaved(
+                f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
+                f"to {hasher.hexdigest()}, not {file.blob_id}"
+            )
+        partial.held_to(size)
+        self._progress(size)
+        return FromMember(partial.take_finished(), self.expected, self._got)
+
+    def _stream(
+        self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, start: int
+    ) -> None:
+        file, size = self.file, self.file.size
         with self._connect() as tls:
             tls.sendall(wire.encode_frame(wire.StreamRequest(blob_id=file.blob_id, start=start)))
             answer = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamAnswer)
@@ -170,16 +210,6 @@ class MemberStream:
                     f"{answer.size} bytes, not {size}"
                 )
             self._receive(tls, partial, hasher, check, start)
-        check.finish(from_stream_at=start)
-        if hasher.hexdigest() != file.blob_id:
-            # Every piece matched the manifest the member signed: that manifest is wrong.
-            raise PeerMisbehaved(
-                f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
-                f"to {hasher.hexdigest()}, not {file.blob_id}"
-            )
-        partial.held_to(size)
-        self._progress(size)
-        return FromMember(partial.take_finished(), self.expected, self._got)
 
     def _hash_prefix(
         self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, end: int
@@ -210,11 +240,22 @@ class MemberStream:
             raise StreamCancelled
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
-            tls = self.context.wrap_socket(sock)
+            # The handshake after `_sock` is the TLS socket: a cancel must reach it (the
+            # plain one is detached by then).
+            tls = self.context.wrap_socket(sock, do_handshake_on_connect=False)
         except BaseException:
             sock.close()
             raise
         self._sock = tls
+        try:
+            if self._cancelled:
+                raise StreamCancelled
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            if self._cancelled:
+                raise StreamCancelled from None
+            raise
         cert = peer_cert(tls)
         try:
             if not call_on_loop(self._loop, self.cluster.admits, cert, peer.host):
@@ -267,7 +308,9 @@ class MemberStream:
                     consume(*item)
             except BaseException as exc:  # raised in the receiving thread below
                 failed.append(exc)
-                free.put(None)  # the receiver stops at its next buffer
+                free.put(None)  # the receiver stops at its next buffer...
+                self._stopping = True
+                self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
 
         pipelined = len(os.sched_getaffinity(0)) > 1
         for _ in range(BUFFERS if pipelined else 1):
@@ -275,6 +318,12 @@ class MemberStream:
         worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
         if pipelined:
             worker.start()
+
+        def drain() -> None:
+            if pipelined:
+                filled.put(None)
+                worker.join()
+
         try:
             tls.settimeout(IDLE_TIMEOUT)
             pos = start
@@ -312,15 +361,36 @@ class MemberStream:
                 else:
                     consume(buf, got)
                 if self.throttle is not None and self.throttle.rate > 0:
-                    assert self._loop is not None
-                    asyncio.run_coroutine_threadsafe(self.throttle.take(got), self._loop).result()
-        finally:
-            if pipelined:
-                filled.put(None)
-                worker.join()
+                    # Our own cap's wait is not the member's slowness: off the floor window.
+                    window_at += self._take(self.throttle, got)
+        except BaseException:
+            drain()
+            # A piece's verdict wins over the cut or the silence that followed it: a liar
+            # must not escape its ban by closing the stream after its lie.
+            if failed and not self._cancelled:
+                raise failed[0] from None
+            raise
+        drain()
         if failed:
             raise failed[0]
         self._progress(check.verified_end)
+
+    def _take(self, throttle: Throttle, n: int) -> float:
+        """Wait (on the loop) until the download cap lets `n` bytes go; the seconds it
+        took. `_wake` ends the wait (`StreamCancelled`)."""
+        assert self._loop is not None
+        t0 = time.monotonic()
+        pending = asyncio.run_coroutine_threadsafe(throttle.take(n), self._loop)
+        self._pending = pending
+        try:
+            if self._cancelled or self._stopping:
+                pending.cancel()
+            pending.result()
+        except concurrent.futures.CancelledError:
+            raise StreamCancelled from None
+        finally:
+            self._pending = None
+        return time.monotonic() - t0
 
     def _progress(self, verified: int) -> None:
         """Counters and readers, on the loop: `verified` bytes checked, and what was

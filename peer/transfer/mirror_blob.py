@@ -85,15 +85,19 @@ async def from_mirror(
                     counters.had()
                     return None
         counters.done = partial.done_bytes()  # resumed: on disk from an earlier run
+        # Resumed bytes may be a peer's word (a herd leader's relay, a member stream's
+        # pieces checked against that member's manifest): no answer ends on them before
+        # the whole-file hash, as none did while that source ran.
+        resumed = counters.done > 0
 
         def got(n: int) -> None:
             counters.from_mirror += n
             counters.done += n
 
-        def prefix(n: int, path: Path = partial.data_path) -> None:
+        def prefix(n: int, path: Path = partial.data_path, resumed: bool = resumed) -> None:
             if flight is not None:
                 if flight.path != path:
-                    flight.start(path, from_peers=False)
+                    flight.start(path, from_peers=resumed)
                 flight.advance(n)
 
         tree = V2TreeBuilder(file.blob_id, file.size) if want_tree else None
