@@ -260,7 +260,7 @@ class BlobFetcher:
             return await self._adopt(repo, source, file, counters, access)
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
-        self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
+        flight = self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
         self._flight_added.set()
         self._flight_added = asyncio.Event()
         self._active[file.blob_id] = ActiveFetch(
@@ -273,6 +273,8 @@ class BlobFetcher:
         except BaseException as exc:
             fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
             fut.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
+            # Its readers end now (a follower's relay too), not at their idle cut.
+            flight.fail()
             raise
         finally:
             self._inflight.pop(file.blob_id, None)
