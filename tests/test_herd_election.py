@@ -304,3 +304,32 @@ def test_a_distrusted_leader_is_out_at_once_and_the_follower_leads() -> None:
     liar = [Bid("agent-a", size, leading=True, done=size // 2)]  # still "progressing"
     assert e.observe({blob(1): liar}, 2.5)[blob(1)] is Turn.LEAD
     assert "agent-a" in e.suspects(blob(1))
+
+
+def test_a_leader_that_answers_without_its_claim_gave_up_and_is_replaced_at_once() -> None:
+    """A leader whose fetch failed drops its claim but still answers surveys: it is out
+    at the next look (a leader merely unseen is waited for until the leader timeout)."""
+    size = 1 << 20
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), size, 0.0)
+    lead = [Bid("agent-a", size, leading=True, done=size // 4)]
+    assert e.observe({blob(1): lead}, 2.0, answered={"agent-a"})[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a"
+    # Unseen (its answer did not come): still waited for.
+    assert e.observe({}, 2.5, answered=set())[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a"
+    # It answered, with no claim on the blob: it gave up. We lead at once.
+    assert e.observe({}, 3.0, answered={"agent-a"})[blob(1)] is Turn.LEAD
+    assert "agent-a" in e.suspects(blob(1))
+
+
+def test_a_leader_that_gave_up_is_replaced_by_exactly_one_of_its_followers() -> None:
+    blobs = {blob(1): 1 << 20}
+    followers = herd(AGENTS[1:3], blobs)  # agent-a leads
+    for t, done in ((0.5, 1000), (1.5, 200_000), (2.0, 300_000)):
+        seen = views(followers, blobs, {blob(1): ("agent-a", done)})
+        turns = {a: e.observe(seen[a], t, answered=set(AGENTS)) for a, e in followers.items()}
+        assert leaders(turns) == {}, t
+    seen = views(followers, blobs)  # its fetch failed: no claim at all now
+    turns = {a: e.observe(seen[a], 2.5, answered=set(AGENTS)) for a, e in followers.items()}
+    assert len(leaders(turns).get(blob(1), [])) == 1, turns

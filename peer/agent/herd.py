@@ -193,7 +193,7 @@ class Herd:
     async def _step(self) -> None:
         ids = tuple(dict.fromkeys([*self._waiters, *self._leading]))
         await asyncio.gather(*(lookup(ids) for lookup in self.lookups))
-        found, claims = await self.peers.survey(ids)
+        found, claims, answered = await self.peers.survey(ids)
         now = time.monotonic()
         for blob_id, (file, fut, _) in list(self._waiters.items()):
             good = self._validate(file, found.get(blob_id, []))
@@ -211,13 +211,16 @@ class Herd:
             ):
                 self.election.distrust(blob_id, leader)
         turns = self.election.observe(
-            view, now, leading={b: lead.size for b, lead in self._leading.items()}
+            view,
+            now,
+            leading={b: lead.size for b, lead in self._leading.items()},
+            answered=answered,
         )
         for blob_id, was in before.items():
             for agent in self.election.suspects(blob_id) - was:
                 log.info(
-                    "herd: not waiting for %s on %s any more (stalled, too slow, gone, or "
-                    "its claims are impossible)",
+                    "herd: not waiting for %s on %s any more (stalled, too slow, gone, "
+                    "gave up, or its claims are impossible)",
                     agent[:8],
                     blob_id[:12],
                 )

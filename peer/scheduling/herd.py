@@ -14,6 +14,9 @@ The rules, which every agent applies to the same view and so agrees on:
 * Bids are hostile input. A bid whose size is not the blob's, whose ``done`` is outside
   0..size or goes backwards, or two bids of one agent for one blob, make that agent a
   suspect for the blob: it neither leads nor is elected for it.
+* A leader that answers a survey (``answered``) without its leading bid has given up
+  (its fetch failed: it would have offered the blob had it finished): it is replaced at
+  once, not after ``leader_timeout`` as a silent one is.
 * A leader with every byte is finishing (hashing, building its manifest): it must be
   done within `HerdConfig.finish_time` (``finish_floor`` plus the size at
   ``finish_rate``), or it is suspected; "done == size" forever stalls nobody.
@@ -34,7 +37,7 @@ fetched twice or a short wait, never a blob not fetched.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -143,9 +146,12 @@ class HerdElection:
         now: float,
         *,
         leading: Mapping[str, int] | None = None,
+        answered: Collection[str] = (),
     ) -> dict[str, Turn]:
         """`view`: peers' bids per blob id (our own waiting claims are added here);
-        `leading`: blob id -> size of blobs we lead now (they count in the spread)."""
+        `leading`: blob id -> size of blobs we lead now (they count in the spread);
+        `answered`: the agents whose answers `view` holds (a leader among them with no
+        leading bid gave up)."""
         cfg = self.config
         bids: dict[str, list[Bid]] = {k: list(v) for k, v in view.items()}
         for blob_id, size in (leading or {}).items():
@@ -165,6 +171,8 @@ class HerdElection:
             for x in current:
                 if x.agent_id not in b.suspects:
                     self._progress(b, x, now)
+            still = {x.agent_id for x in current}
+            b.suspects |= {a for a in b.seen if a in answered and a not in still}
             for agent, lead in b.seen.items():
                 if now - lead.advanced > cfg.leader_timeout or now - lead.seen > cfg.leader_timeout:
                     b.suspects.add(agent)

@@ -1,0 +1,99 @@
+"""A herd leader whose mirror fetch fails, or starts over after a hash mismatch: its
+followers hear of it at once (the relay ends, the herd moves on), and an honest restart
+is not taken for a lie (`wire.Claim.attempt`).
+
+Real `hfswarm agent` processes on loopback and the project's mirror, its faults making
+the leader's fetch fail (a 404 after a cut body) or its first attempt corrupt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+from procs import agent_process
+from test_agents import MiB, cli, sha256
+from test_herd_relay import BLOB, slow_mirror, status
+
+from peer.mirror_server import Fault, MirrorServer
+
+__all__ = ["slow_mirror"]  # the fixture, used by name
+
+
+async def transfer(a: object, blob: str) -> dict[str, int]:
+    rows = [t for t in (await status(a))["transfers"] if t["blob"] == blob]
+    return rows[0] if rows else {}
+
+
+async def read_relay(url: str, ended: list[float]) -> int:
+    """Read a relay to its end (whole or cut); when it ended goes into `ended`."""
+    got = 0
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": "bytes=0-"}) as r:
+            assert r.status == 206, r.status
+            while chunk := await r.content.read(1 << 16):
+                got += len(chunk)
+    except aiohttp.ClientPayloadError:
+        pass  # cut short: what a failed lead must look like
+    ended.append(time.monotonic())
+    return got
+
+
+async def test_a_leader_whose_mirror_fetch_fails_ends_its_relays_and_a_follower_leads_at_once(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The leader's mirror fetch fails mid-way (its body cut, then the mirror says 404).
+    Its relays end at once, not after the 30 s idle cut; its follower stops waiting for
+    it at the next survey (not after the leader timeout) and takes the rest from the
+    mirror itself, resuming what it copied."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    mirror.set_rate_cap(MiB)  # per connection: the leader takes 16 s
+    one = ("--connections", "1")
+    ended: list[float] = []  # when b's download ended
+    async with agent_process(tmp_path / "a", "127.0.0.61", mirror.url, *one, "-v") as a:
+        lead = asyncio.create_task(cli("download", "org/relay", "--agent", a.local_url, "--quiet"))
+        for _ in range(200):  # a leads (alone): its mirror fetch is under way
+            if (await transfer(a, blob)).get("from_mirror", 0) > 0:
+                break
+            await asyncio.sleep(0.05)
+        async with agent_process(
+            tmp_path / "b", "127.0.0.62", mirror.url, *one, "-v", peers=(a.peer_addr,)
+        ) as b:
+            follow = asyncio.create_task(
+                cli("download", "org/relay", "--agent", b.local_url, "--quiet")
+            )
+            follow.add_done_callback(lambda _: ended.append(time.monotonic()))
+            for _ in range(300):  # b copies a's relay
+                if (await transfer(b, blob)).get("from_peers", 0) >= 2 * MiB:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await transfer(b, blob)).get("from_peers", 0) >= 2 * MiB, "b never copied"
+            relay_ended: list[float] = []
+            reader = asyncio.create_task(read_relay(f"{a.peer_url}/v1/relay/{blob}", relay_ended))
+            await asyncio.sleep(0.5)
+            assert not reader.done()
+            # a's body is cut; its retry gets a 404: its fetch fails.
+            mirror.add_fault(Fault("status", status=404, times=None))
+            mirror.down_for(1.5)  # longer than the 1 MiB between its looks
+            failed_at = time.monotonic()
+            lead_code, _, lead_err = await asyncio.wait_for(lead, 30)
+            mirror.clear_faults()
+            mirror.set_rate_cap(None)
+            relayed = await asyncio.wait_for(reader, 40)
+            code, _, err = await asyncio.wait_for(follow, 60)
+            final_b = await status(b)
+            log_b = b.log.read_text()
+    assert lead_code != 0 and "injected fault" in lead_err, lead_err
+    assert 0 < relayed < BLOB
+    relay_took = relay_ended[0] - failed_at
+    b_took = ended[0] - failed_at
+    print(f"relay ended {relay_took:.1f} s after the fault; b done after {b_took:.1f} s")
+    assert relay_took < 5, relay_took  # the idle cut would be 30 s
+    assert code == 0, err
+    assert b_took < 10, log_b[-3000:]  # the leader timeout would be 15 s
+    assert final_b["bans"] == 0
+    assert 0 < final_b["bytes_from_peers"] < BLOB  # its copy was kept and resumed
+    got = tmp_path / "b/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data
