@@ -97,3 +97,42 @@ async def test_a_leader_whose_mirror_fetch_fails_ends_its_relays_and_a_follower_
     assert 0 < final_b["bytes_from_peers"] < BLOB  # its copy was kept and resumed
     got = tmp_path / "b/cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
+
+
+async def test_a_leader_whose_first_attempt_fails_its_hash_keeps_its_followers(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """The mirror corrupts one byte of the leader's first fetch: its whole-file hash
+    fails and it fetches the blob again from byte 0 (`from_mirror`). Its `done` goes
+    back to 0 with a new attempt in its claim: the follower keeps following it (no
+    mirror fetch of its own, no ban) and copies the new attempt from its first byte
+    (the old attempt's bytes are not kept)."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    mirror.set_rate_cap(2 * MiB)  # per connection: each attempt takes 8 s
+    mirror.add_fault(Fault("corrupt", offset=BLOB // 2, times=1))
+    one = ("--connections", "1")
+    async with agent_process(tmp_path / "a", "127.0.0.63", mirror.url, *one, "-v") as a:
+        lead = asyncio.create_task(cli("download", "org/relay", "--agent", a.local_url, "--quiet"))
+        for _ in range(200):  # a leads (alone): its mirror fetch is under way
+            if (await transfer(a, blob)).get("from_mirror", 0) > 0:
+                break
+            await asyncio.sleep(0.05)
+        async with agent_process(
+            tmp_path / "b", "127.0.0.64", mirror.url, *one, "-v", peers=(a.peer_addr,)
+        ) as b:
+            code, _, err = await asyncio.wait_for(
+                cli("download", "org/relay", "--agent", b.local_url, "--quiet"), 90
+            )
+            final_b = await status(b)
+            log_b = b.log.read_text()
+        lead_code, _, lead_err = await asyncio.wait_for(lead, 60)
+        final_a = await status(a)
+    assert lead_code == 0 and code == 0, (lead_err, err)
+    assert final_a["hash_failures"] == 1, final_a  # the corrupt first attempt
+    assert "copying from leader" in log_b, log_b[-3000:]
+    assert final_b["bans"] == 0 and final_b["bytes_from_mirror"] == 0, log_b[-3000:]
+    assert final_b["bytes_from_peers"] == BLOB, final_b
+    assert mirror.stats().blob_bytes <= 2 * BLOB  # the leader's two attempts, nobody else
+    got = tmp_path / "b/cache/models--org--relay/blobs" / blob
+    assert got.read_bytes() == data

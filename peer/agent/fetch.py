@@ -428,13 +428,13 @@ class BlobFetcher:
             want_tree=self.seeds.would_offer(file.blob_id, file.size, self._held_for(access)),
         )
 
-        def follow(leader: PeerInfo) -> None:
-            copy.follow(leader)
+        def follow(leader: PeerInfo, attempt: int) -> None:
+            copy.follow(leader, attempt)
             if copy.running:
                 self._source(file.blob_id, "leader")  # /v1/status: copying the relay
 
         try:
-            async with self.herd.turn(file, lambda: counters.done, follow) as turn:
+            async with self.herd.turn(file, counters, follow) as turn:
                 if copy.running and turn.offers:  # the leader is done: copy to the end
                     await copy.result()
                 if copy.finished is not None:
