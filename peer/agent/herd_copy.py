@@ -151,9 +151,7 @@ class LeaderCopy:
             # (the fetch cancelled meanwhile) must go on up, never be swallowed here.
             await asyncio.wait(tasks)
 
-    async def _run(
-        self, leader: PeerInfo, attempt: int, previous: set[asyncio.Task[None]]
-    ) -> None:
+    async def _run(self, leader: PeerInfo, attempt: int, previous: set[asyncio.Task[None]]) -> None:
         if previous:  # their partial must be closed before ours opens
             await asyncio.wait(previous)
         try:
