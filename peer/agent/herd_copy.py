@@ -193,11 +193,7 @@ class LeaderCopy:
             # Bytes on disk from before (an earlier relay, an interrupted mirror fetch)
             # are hashed, not asked for again: the relay starts after the prefix.
             start = partial.resume_at(partial.contiguous_end(0))
-            fd = os.open(partial.data_path, os.O_RDONLY)
-            try:
-                await asyncio.to_thread(hash_range, fd, hasher, 0, start)
-            finally:
-                os.close(fd)
+            await asyncio.to_thread(_hash_prefix, partial.data_path, hasher, start)
             self.counters.done = partial.done_bytes()
             if start == 0:
                 self._written_by = set()  # from here on, every byte is a relay's
@@ -283,3 +279,14 @@ class LeaderCopy:
         self.copied = 0
         if self.flight is not None:
             self.flight.reset()  # what a reader got is void: it must cut
+
+
+def _hash_prefix(path: Path, hasher: BlobHasher, end: int) -> None:
+    """Hash [0, end) of `path` (in a worker thread). The thread owns its fd: a copy
+    cancelled meanwhile cannot close it under the read (a thread runs on to its end;
+    its hasher is thrown away)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hash_range(fd, hasher, 0, end)
+    finally:
+        os.close(fd)
