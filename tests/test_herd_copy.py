@@ -85,6 +85,36 @@ async def test_stop_does_not_swallow_its_callers_cancellation(tmp_path: Path) ->
         assert stopping.cancelled(), "stop() swallowed the cancellation of its caller"
 
 
+async def test_a_leaders_new_attempt_voids_what_its_old_one_relayed(tmp_path: Path) -> None:
+    """The leader's fetch started over (a larger attempt in its claim): what we copied
+    of its old attempt is thrown away, even when the fetch stops the copy before the
+    new one ran (the mirror fetch must not resume those bytes)."""
+    data = random.Random(6).randbytes(4 * MiB)
+    blob, size = sha256(data), len(data)
+    file = RemoteFile("model.safetensors", size, blob, True)
+    folder = tmp_path / "partial"
+    async with (
+        cutting_liar("127.0.0.49", blob, size, MiB) as port,
+        PeerTable("tester") as table,
+    ):
+        counters = BlobCounters(size)
+        copy = LeaderCopy(table, file, folder, counters)
+        leader = PeerInfo("leader-a", "127.0.0.49", port, 0)
+        copy.follow(leader, 0)
+        for _ in range(200):
+            if counters.from_peers >= MiB:
+                break
+            await asyncio.sleep(0.02)
+        assert counters.from_peers >= MiB, "the copy never started"
+        copy.follow(leader, 0)  # the same attempt: the copy runs on
+        assert copy.relays == 1
+        copy.follow(leader, 1)  # started over
+        await copy.stop()
+        assert counters.from_peers == 0 and counters.hash_failures == 0
+        with PartialBlob(folder, blob, size, chunk_size_for(size)) as partial:
+            assert partial.done_bytes() == 0
+
+
 def hashing_threads() -> int:
     """Threads inside `hash_range` (a copy hashing the prefix on disk) right now."""
     return sum(

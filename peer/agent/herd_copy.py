@@ -24,6 +24,7 @@ the bytes of its abandoned attempt are thrown away, never resumed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -150,6 +151,13 @@ class LeaderCopy:
             # `wait`, not `await task`: the copies' cancellation is theirs, while ours
             # (the fetch cancelled meanwhile) must go on up, never be swallowed here.
             await asyncio.wait(tasks)
+        if self._drop_first:  # an abandoned attempt's bytes: not for the mirror to resume
+            self._drop_first = False
+            size = self.file.size
+            partial = PartialBlob(self.partial_dir, self.file.blob_id, size, chunk_size_for(size))
+            with contextlib.suppress(HfswarmError):
+                partial.open()
+                self._forget(partial)
 
     async def _run(self, leader: PeerInfo, attempt: int, previous: set[asyncio.Task[None]]) -> None:
         if previous:  # their partial must be closed before ours opens
