@@ -133,11 +133,12 @@ async def test_a_leader_whose_first_attempt_fails_its_hash_keeps_its_followers(
         f"leader restarted: follower took {final_b['bytes_from_mirror'] / MiB:.1f} MiB from "
         f"the mirror, the mirror sent {sent / MiB:.1f} MiB in all, bans {final_b['bans']}"
     )
-    assert lead_code == 0 and code == 0, (lead_err, err)
-    assert final_a["hash_failures"] == 1, final_a  # the corrupt first attempt
-    assert "copying from leader" in log_b, log_b[-3000:]
-    assert final_b["bans"] == 0 and final_b["bytes_from_mirror"] == 0, log_b[-3000:]
-    assert final_b["bytes_from_peers"] == BLOB, final_b
+    why = f"{final_a}\n{final_b}\n{log_b[-3000:]}"
+    assert lead_code == 0 and code == 0, (lead_err, err, why)
+    assert final_a["hash_failures"] == 1, why  # the corrupt first attempt
+    assert "copying from leader" in log_b, why
+    assert final_b["bans"] == 0 and final_b["bytes_from_mirror"] == 0, why
+    assert final_b["bytes_from_peers"] == BLOB, why
     assert sent <= 2 * BLOB  # the leader's two attempts, nobody else
     got = tmp_path / "b/cache/models--org--relay/blobs" / blob
     assert got.read_bytes() == data
