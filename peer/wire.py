@@ -49,6 +49,9 @@ MAX_REVISION_FILES = 4096  # per RevisionManifest (the parser's array limit)
 MAX_PATH_BYTES = 255  # a file path in a revision, UTF-8 (the parser's string limit: 256)
 MAX_TIMESTAMP_MS = 1 << 53  # published_at: milliseconds since the Unix epoch
 MAX_BLOB_SIZE = 1 << 50  # 1 PiB: far above any model file, far below int64 overflow
+# A herd leader's fetch attempts after the first (a refetch after a hash mismatch): the
+# election believes only a few (`HerdConfig.max_restarts`); the wire bounds the number.
+MAX_CLAIM_ATTEMPT = 255
 MIN_PIECE_SIZE = 16 * 1024  # BitTorrent v2 block size
 MAX_PIECE_SIZE = 1 << 30
 _MAX_STR = 256  # longest text field on the wire (agent ids, tags), with margin
@@ -125,14 +128,19 @@ class HaveResponse(Message):
 class Claim(Message):
     """The peer wants a blob nobody holds yet and stands in the herd election for who
     fetches it from the mirror (`peer.scheduling.herd`). ``leading``: it is that fetcher
-    now, ``done`` bytes so far (followers watch it advance to see the leader is alive)."""
+    now, ``done`` bytes so far (followers watch it advance to see the leader is alive);
+    ``attempt``: how often its fetch started over from byte 0 (a hash mismatch), so an
+    honest restart's ``done`` going back is not taken for a lie. Left out while 0: an
+    older agent, which does not know the field, still decodes the claim."""
 
     TYPE: ClassVar[str] = "claim"
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"attempt"})
 
     blob_id: str
     size: int
     leading: bool = False
     done: int = 0
+    attempt: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +249,7 @@ Claim.SCHEMA = {
     "size": schema.integer(0, MAX_BLOB_SIZE),
     "leading": schema.boolean,
     "done": schema.integer(0, MAX_BLOB_SIZE),
+    "attempt": schema.integer(0, MAX_CLAIM_ATTEMPT),
 }
 Health.SCHEMA = {
     "agent_id": schema.agent_id,

@@ -304,3 +304,80 @@ def test_a_distrusted_leader_is_out_at_once_and_the_follower_leads() -> None:
     liar = [Bid("agent-a", size, leading=True, done=size // 2)]  # still "progressing"
     assert e.observe({blob(1): liar}, 2.5)[blob(1)] is Turn.LEAD
     assert "agent-a" in e.suspects(blob(1))
+
+
+def test_a_leader_that_answers_without_its_claim_gave_up_and_is_replaced_at_once() -> None:
+    """A leader whose fetch failed drops its claim but still answers surveys: it is out
+    at the next look (a leader merely unseen is waited for until the leader timeout)."""
+    size = 1 << 20
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), size, 0.0)
+    lead = [Bid("agent-a", size, leading=True, done=size // 4)]
+    assert e.observe({blob(1): lead}, 2.0, answered={"agent-a"})[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a"
+    # Unseen (its answer did not come): still waited for.
+    assert e.observe({}, 2.5, answered=set())[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a"
+    # It answered, with no claim on the blob: it gave up. We lead at once.
+    assert e.observe({}, 3.0, answered={"agent-a"})[blob(1)] is Turn.LEAD
+    assert "agent-a" in e.suspects(blob(1))
+
+
+def test_a_leader_that_gave_up_is_replaced_by_exactly_one_of_its_followers() -> None:
+    blobs = {blob(1): 1 << 20}
+    followers = herd(AGENTS[1:3], blobs)  # agent-a leads
+    for t, done in ((0.5, 1000), (1.5, 200_000), (2.0, 300_000)):
+        seen = views(followers, blobs, {blob(1): ("agent-a", done)})
+        turns = {a: e.observe(seen[a], t, answered=set(AGENTS)) for a, e in followers.items()}
+        assert leaders(turns) == {}, t
+    seen = views(followers, blobs)  # its fetch failed: no claim at all now
+    turns = {a: e.observe(seen[a], 2.5, answered=set(AGENTS)) for a, e in followers.items()}
+    assert len(leaders(turns).get(blob(1), [])) == 1, turns
+
+
+def test_an_honest_restart_with_a_new_attempt_keeps_the_leader() -> None:
+    """A leader whose mirror fetch failed its hash starts over from byte 0 and says so
+    (a larger attempt): followed on, timed anew; its done shrinking alone is a lie."""
+    size = 4 << 20
+    e = HerdElection("agent-b", CFG)
+    e.want(blob(1), size, 0.0)
+    t, done = 0.5, 0
+    while done < size - 1:  # the first attempt, at a believable pace
+        bid = Bid("agent-a", size, leading=True, done=done)
+        assert e.observe({blob(1): [bid]}, t)[blob(1)] is Turn.WAIT, t
+        t, done = t + 1.0, min(size - 1, done + (1 << 20))
+    restarted = Bid("agent-a", size, leading=True, done=0, attempt=1)
+    assert e.observe({blob(1): [restarted]}, t)[blob(1)] is Turn.WAIT
+    assert e.leader_of(blob(1)) == "agent-a" and not e.suspects(blob(1))
+    # Timed anew: the rate window starts at the restart, not at the first attempt's mark.
+    for i in range(1, 12):
+        bid = Bid("agent-a", size, leading=True, done=i * 200_000, attempt=1)
+        assert e.observe({blob(1): [bid]}, t + i)[blob(1)] is Turn.WAIT, i
+    # Within the new attempt, done going back is a lie again.
+    back = Bid("agent-a", size, leading=True, done=100, attempt=1)
+    assert e.observe({blob(1): [back]}, t + 12)[blob(1)] is Turn.LEAD
+    assert e.suspects(blob(1)) == {"agent-a"}
+
+
+def test_an_attempt_that_goes_back_or_restarts_past_the_bound_is_a_lie() -> None:
+    size = 1 << 20
+    cfg = HerdConfig(settle=1.0, leader_timeout=10.0, start_timeout=3.0, max_restarts=3)
+    # Back to an earlier attempt (a replay of old claims).
+    e = HerdElection("agent-b", cfg)
+    e.want(blob(1), size, 0.0)
+    e.observe({blob(1): [Bid("agent-a", size, leading=True, done=500, attempt=2)]}, 0.5)
+    assert e.leader_of(blob(1)) == "agent-a"
+    e.observe({blob(1): [Bid("agent-a", size, leading=True, done=600, attempt=1)]}, 1.0)
+    assert e.suspects(blob(1)) == {"agent-a"}
+    # Restarting for ever: believed up to max_restarts, then counted out.
+    e = HerdElection("agent-b", cfg)
+    e.want(blob(1), size, 0.0)
+    t = 0.5
+    for attempt in range(cfg.max_restarts + 1):
+        for done in (0, 300_000, 600_000):
+            bid = Bid("agent-a", size, leading=True, done=done, attempt=attempt)
+            assert e.observe({blob(1): [bid]}, t)[blob(1)] is Turn.WAIT, (attempt, done)
+            t += 0.5
+    bid = Bid("agent-a", size, leading=True, done=0, attempt=cfg.max_restarts + 1)
+    assert e.observe({blob(1): [bid]}, t)[blob(1)] is Turn.LEAD
+    assert e.suspects(blob(1)) == {"agent-a"}

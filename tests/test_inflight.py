@@ -114,6 +114,39 @@ async def test_a_new_source_cuts_a_reader_that_had_bytes_but_not_one_still_waiti
         assert waits.window(SIZE) == Window(PART, 600)
 
 
+async def test_a_failed_fetch_ends_every_reader_at_once_but_lets_a_follower_take_its_error() -> (
+    None
+):
+    """A leader's mirror fetch fails for good: its relay readers end now, one that had
+    no byte yet too (it waited for the next before, until its idle cut); a reader that
+    follows the fetch (HF_ENDPOINT) and sent nothing takes the fetch's error instead."""
+    flight = InFlightBlob("b", SIZE)
+    flight.start(PART, from_peers=False)
+    flight.advance(400)
+    fetch: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+    async with (
+        flight.reader(0) as had_bytes,
+        flight.reader(400) as relay_at_the_edge,
+        flight.reader(400, until=fetch) as follower,
+    ):
+        assert had_bytes.window(SIZE) == Window(PART, 400)
+        had_bytes.advance(400)
+        waits = [asyncio.create_task(r.readable(SIZE)) for r in (had_bytes, relay_at_the_edge)]
+        following = asyncio.create_task(follower.readable(SIZE))
+        await settle()
+        assert not any(w.done() for w in [*waits, following])
+        flight.fail()
+        await settle()
+        for w in waits:
+            with pytest.raises(StreamCut, match="failed"):
+                w.result()
+        assert not following.done()  # it waits for the fetch's own error
+        fetch.set_exception(OSError("mirror said 404"))
+        fetch.exception()
+        await settle()
+        assert following.result() is None
+
+
 async def test_a_reader_stops_waiting_when_the_fetch_it_follows_is_done() -> None:
     flight = InFlightBlob("b", SIZE)
     fetch: asyncio.Future[Path] = asyncio.get_running_loop().create_future()

@@ -185,6 +185,22 @@ def test_claims_round_trip_and_are_checked() -> None:
     rejected(pack(bad), match="leading")
 
 
+def test_a_claims_attempt_is_optional_small_and_left_out_while_0() -> None:
+    """A leader's restarts (`Claim.attempt`): an older agent neither sends the field nor
+    knows it, so a first attempt's claim is encoded without it; a restarted one carries
+    it, bounded."""
+    first = Claim(blob_id="c" * 64, size=10, leading=True, done=4)
+    assert "attempt" not in as_map(HaveResponse(manifests=(), claims=(first,)))["claims"][0]
+    again = dataclasses.replace(first, done=0, attempt=1)
+    answer = HaveResponse(manifests=(), claims=(again,))
+    assert as_map(answer)["claims"][0]["attempt"] == 1
+    assert decode(encode(answer)) == answer
+    for value in (-1, wire.MAX_CLAIM_ATTEMPT + 1, True, 1.0):
+        bad = as_map(answer)
+        bad["claims"][0]["attempt"] = value
+        rejected(pack(bad), match="attempt")
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

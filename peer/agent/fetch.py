@@ -270,7 +270,7 @@ class BlobFetcher:
             return await self._adopt(repo, source, file, counters, access)
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[file.blob_id] = fut
-        self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
+        flight = self._flights[file.blob_id] = InFlightBlob(file.blob_id, file.size)
         self._flight_added.set()
         self._flight_added = asyncio.Event()
         self._active[file.blob_id] = ActiveFetch(
@@ -283,6 +283,8 @@ class BlobFetcher:
         except BaseException as exc:
             fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
             fut.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
+            # Its readers end now (a follower's relay too), not at their idle cut.
+            flight.fail()
             raise
         finally:
             self._inflight.pop(file.blob_id, None)
@@ -436,13 +438,13 @@ class BlobFetcher:
             want_tree=self.seeds.would_offer(file.blob_id, file.size, self._held_for(access)),
         )
 
-        def follow(leader: PeerInfo) -> None:
-            copy.follow(leader)
+        def follow(leader: PeerInfo, attempt: int) -> None:
+            copy.follow(leader, attempt)
             if copy.running:
                 self._source(file.blob_id, "leader")  # /v1/status: copying the relay
 
         try:
-            async with self.herd.turn(file, lambda: counters.done, follow) as turn:
+            async with self.herd.turn(file, counters, follow) as turn:
                 if copy.running and turn.offers:  # the leader is done: copy to the end
                     await copy.result()
                 if copy.finished is not None:

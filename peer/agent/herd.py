@@ -27,30 +27,32 @@ from peer import wire
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.hub.metadata import RemoteFile
 from peer.scheduling.herd import Bid, HerdConfig, HerdElection, Turn
+from peer.transfer.mirror_blob import BlobCounters
 
 log = logging.getLogger(__name__)
 
 Validate = Callable[[RemoteFile, list[Offer]], list[Offer]]
 Lookup = Callable[[tuple[str, ...]], Awaitable[None]]
-OnLeader = Callable[[PeerInfo], None]
+# The live leader we follow, and its attempt (its fetch started over this often).
+OnLeader = Callable[[PeerInfo, int], None]
 
 
 @dataclass
 class _Lead:
     size: int
-    done: Callable[[], int]
+    progress: BlobCounters  # bytes done, and the attempt: what our claim shows
 
 
 class HerdTurn:
-    def __init__(self, herd: Herd, file: RemoteFile, done: Callable[[], int]) -> None:
+    def __init__(self, herd: Herd, file: RemoteFile, progress: BlobCounters) -> None:
         self.offers: list[Offer] = []
         self._herd = herd
         self._file = file
-        self._done = done
+        self._progress = progress
 
     def lead(self) -> None:
         """We fetch it from the mirror now: say so (with progress) to the herd."""
-        self._herd._lead(self._file, self._done)
+        self._herd._lead(self._file, self._progress)
         self._herd.on_change()
 
 
@@ -71,9 +73,7 @@ class Herd:
         self.election = HerdElection(self_id, config)
         self.lookups = tuple(lookups)  # trackers: who else claims or holds these blobs
         self.on_change = on_change  # our claims changed (trackers announce at once)
-        self._waiters: dict[
-            str, tuple[RemoteFile, asyncio.Future[list[Offer]], Callable[[], int]]
-        ] = {}
+        self._waiters: dict[str, tuple[RemoteFile, asyncio.Future[list[Offer]], BlobCounters]] = {}
         self._leading: dict[str, _Lead] = {}
         self._on_leader: dict[str, OnLeader] = {}  # blob id -> told of its live leader
         self._followed: set[str] = set()  # blobs we lead that others claimed too
@@ -95,8 +95,12 @@ class Herd:
         out = []
         for b in blob_ids:
             if b in self._leading:
-                lead = self._leading[b]
-                out.append(wire.Claim(blob_id=b, size=lead.size, leading=True, done=lead.done()))
+                lead, p = self._leading[b], self._leading[b].progress
+                out.append(
+                    wire.Claim(
+                        blob_id=b, size=lead.size, leading=True, done=p.done, attempt=p.attempt
+                    )
+                )
             elif b in self._waiters:
                 out.append(wire.Claim(blob_id=b, size=self._waiters[b][0].size))
         return out
@@ -111,16 +115,17 @@ class Herd:
 
     @contextlib.asynccontextmanager
     async def turn(
-        self, file: RemoteFile, done: Callable[[], int], on_leader: OnLeader | None = None
+        self, file: RemoteFile, progress: BlobCounters, on_leader: OnLeader | None = None
     ) -> AsyncIterator[HerdTurn]:
         """Wait for our turn on a blob nobody holds. ``turn.offers``: peers that have its
         manifest now (swarm it); empty: fetch it from the mirror, after `turn.lead()`,
-        which shows the claim as leading (with ``done()`` bytes) until the block ends
-        (or the caller got it itself and called `release`). `on_leader`: called with the
-        live leader we follow, at every survey while we wait."""
-        turn = HerdTurn(self, file, done)
+        which shows the claim as leading (with the `progress`: bytes done, attempt)
+        until the block ends (or the caller got it itself and called `release`).
+        `on_leader`: called with the live leader we follow (and its attempt), at every
+        survey while we wait."""
+        turn = HerdTurn(self, file, progress)
         try:
-            turn.offers = await self._wait(file, done, on_leader)
+            turn.offers = await self._wait(file, progress, on_leader)
             yield turn
         finally:
             self._leading.pop(file.blob_id, None)
@@ -128,7 +133,7 @@ class Herd:
             self.on_change()
 
     async def _wait(
-        self, file: RemoteFile, done: Callable[[], int], on_leader: OnLeader | None = None
+        self, file: RemoteFile, progress: BlobCounters, on_leader: OnLeader | None = None
     ) -> list[Offer]:
         if not self.has_company():
             return []
@@ -136,7 +141,7 @@ class Herd:
         if existing is not None:
             return await asyncio.shield(existing[1])
         fut: asyncio.Future[list[Offer]] = asyncio.get_running_loop().create_future()
-        self._waiters[file.blob_id] = (file, fut, done)
+        self._waiters[file.blob_id] = (file, fut, progress)
         if on_leader is not None:
             self._on_leader[file.blob_id] = on_leader
         self.election.want(file.blob_id, file.size, time.monotonic())
@@ -153,7 +158,7 @@ class Herd:
             if fut.done():
                 return fut.result()
             log.warning("herd: no manifest of %s after %.0f s; fetching it", file.path, bound)
-            self._lead(file, done)
+            self._lead(file, progress)
             return []
         finally:
             if self._waiters.get(file.blob_id, (None, None, None))[1] is fut:
@@ -168,10 +173,10 @@ class Herd:
             entry[1].set_result([])
             self._finish(blob_id)
 
-    def _lead(self, file: RemoteFile, done: Callable[[], int]) -> None:
+    def _lead(self, file: RemoteFile, progress: BlobCounters) -> None:
         if file.blob_id not in self._leading:
             self.leaderships += 1
-        self._leading[file.blob_id] = _Lead(file.size, done)
+        self._leading[file.blob_id] = _Lead(file.size, progress)
 
     def followed(self, blob_id: str) -> bool:
         """We lead this blob and others claimed it when we took it: followers wait."""
@@ -193,7 +198,7 @@ class Herd:
     async def _step(self) -> None:
         ids = tuple(dict.fromkeys([*self._waiters, *self._leading]))
         await asyncio.gather(*(lookup(ids) for lookup in self.lookups))
-        found, claims = await self.peers.survey(ids)
+        found, claims, answered = await self.peers.survey(ids)
         now = time.monotonic()
         for blob_id, (file, fut, _) in list(self._waiters.items()):
             good = self._validate(file, found.get(blob_id, []))
@@ -201,7 +206,7 @@ class Herd:
                 fut.set_result(good)
                 self._finish(blob_id)
         view = {
-            blob_id: [Bid(p.agent_id, c.size, c.leading, c.done) for p, c in seen]
+            blob_id: [Bid(p.agent_id, c.size, c.leading, c.done, c.attempt) for p, c in seen]
             for blob_id, seen in claims.items()
         }
         before = {b: self.election.suspects(b) for b in self._waiters}
@@ -211,13 +216,16 @@ class Herd:
             ):
                 self.election.distrust(blob_id, leader)
         turns = self.election.observe(
-            view, now, leading={b: lead.size for b, lead in self._leading.items()}
+            view,
+            now,
+            leading={b: lead.size for b, lead in self._leading.items()},
+            answered=answered,
         )
         for blob_id, was in before.items():
             for agent in self.election.suspects(blob_id) - was:
                 log.info(
-                    "herd: not waiting for %s on %s any more (stalled, too slow, gone, or "
-                    "its claims are impossible)",
+                    "herd: not waiting for %s on %s any more (stalled, too slow, gone, "
+                    "gave up, or its claims are impossible)",
                     agent[:8],
                     blob_id[:12],
                 )
@@ -228,7 +236,7 @@ class Herd:
             if turn is Turn.WAIT and tell is not None and leader is not None:
                 for peer, claim in claims.get(blob_id, []):
                     if peer.agent_id == leader and claim.leading:
-                        tell(peer)
+                        tell(peer, claim.attempt)
                         break
             if turn is Turn.LEAD and entry is not None and not entry[1].done():
                 log.info("herd: leading %s (%s)", entry[0].path, blob_id[:12])

@@ -14,14 +14,17 @@ every byte of it came from that leader's relays in this wait (it relayed bytes i
 hash would have refused: only a liar ends a relay that way); a blob whose prefix came
 from another leader or from before (a relay cut short, a partial left by a killed
 agent) blames nobody, and is copied again from its first byte. A relay that breaks (the
-leader stalled, died, or restarted its fetch) leaves what was copied in the partial:
-the herd replaces a stalled leader, and whoever fetches the rest (this agent from the
-mirror, or a copy from the next leader) starts where it stopped.
+leader stalled, died, or failed) leaves what was copied in the partial: the herd
+replaces a stalled leader, and whoever fetches the rest (this agent from the mirror, or
+a copy from the next leader) starts where it stopped. A leader whose own fetch started
+over (its hash failed: a larger ``attempt`` in its claim) is followed on, from byte 0:
+the bytes of its abandoned attempt are thrown away, never resumed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -86,6 +89,10 @@ class LeaderCopy:
         # from before this wait (a mirror fetch, a killed agent's copy), of no known peer.
         self._written_by: set[str] | None = None
         self._retry_at: dict[str, float] = {}  # leader -> when its relay may be asked again
+        # Leader -> its attempt whose bytes this wait wrote into the partial; a later
+        # attempt of that leader voids them (`_drop_first`: the next copy starts at 0).
+        self._attempts: dict[str, int] = {}
+        self._drop_first = False
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # every copy not ended yet
         self._leader: str | None = None  # whom the running copy follows
@@ -94,15 +101,26 @@ class LeaderCopy:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def follow(self, leader: PeerInfo) -> None:
-        """The herd's live leader for the blob (told at every survey): copy from it,
-        unless a copy runs, is done, or this leader failed us already."""
+    def follow(self, leader: PeerInfo, attempt: int = 0) -> None:
+        """The herd's live leader for the blob and its attempt (told at every survey):
+        copy from it, unless a copy runs, is done, or this leader failed us already. A
+        later attempt than the one we copied: its bytes again, from byte 0."""
         agent = leader.agent_id
         if self.finished is not None or agent in self._liars or self.peers.is_banned(agent):
             return
-        if self.running and self._leader == agent:
+        restarted = attempt > self._attempts.get(agent, attempt)
+        if restarted:
+            log.info(
+                "%s: leader %s started over (attempt %d): copying it again from byte 0",
+                self.file.path,
+                agent[:8],
+                attempt,
+            )
+            del self._attempts[agent]
+            self._drop_first = True
+        elif self.running and self._leader == agent:
             return
-        if time.monotonic() < self._retry_at.get(agent, 0.0):
+        elif time.monotonic() < self._retry_at.get(agent, 0.0):
             return
         # A new leader (the herd replaced a stalled one): its relay, from where we are.
         # The copies before it are cancelled now, not by the new task: `stop` may come
@@ -112,7 +130,7 @@ class LeaderCopy:
             task.cancel()
         self.relays += 1
         self._leader = agent
-        self._task = asyncio.create_task(self._run(leader, previous))
+        self._task = asyncio.create_task(self._run(leader, attempt, previous))
         self._tasks.add(self._task)
         self._task.add_done_callback(self._tasks.discard)
 
@@ -133,12 +151,19 @@ class LeaderCopy:
             # `wait`, not `await task`: the copies' cancellation is theirs, while ours
             # (the fetch cancelled meanwhile) must go on up, never be swallowed here.
             await asyncio.wait(tasks)
+        if self._drop_first:  # an abandoned attempt's bytes: not for the mirror to resume
+            self._drop_first = False
+            size = self.file.size
+            partial = PartialBlob(self.partial_dir, self.file.blob_id, size, chunk_size_for(size))
+            with contextlib.suppress(HfswarmError):
+                partial.open()
+                self._forget(partial)
 
-    async def _run(self, leader: PeerInfo, previous: set[asyncio.Task[None]]) -> None:
+    async def _run(self, leader: PeerInfo, attempt: int, previous: set[asyncio.Task[None]]) -> None:
         if previous:  # their partial must be closed before ours opens
             await asyncio.wait(previous)
         try:
-            self.finished = await self._copy(leader)
+            self.finished = await self._copy(leader, attempt)
         except PeerMisbehaved as exc:
             self._liars.add(leader.agent_id)
             log.warning("%s: leader %s lied: %s", self.file.path, leader.api_url, exc.one_line())
@@ -157,11 +182,17 @@ class LeaderCopy:
         if self.finished is not None:
             self.on_done()
 
-    async def _copy(self, leader: PeerInfo) -> Path:
+    async def _copy(self, leader: PeerInfo, attempt: int) -> Path:
         file = self.file
         size = file.size
         partial = PartialBlob(self.partial_dir, file.blob_id, size, chunk_size_for(size))
         partial.open()  # PartialBusy (a LocalError) if another process fetches it
+        if self._drop_first:  # bytes of an attempt its leader abandoned: none is kept
+            self._drop_first = False
+            self._forget(partial)
+            self._written_by = None
+            partial = PartialBlob(self.partial_dir, file.blob_id, size, chunk_size_for(size))
+            partial.open()
         tree = V2TreeBuilder(file.blob_id, size) if self.want_tree else None
         hasher = BlobHasher(
             HashKind.of_blob_id(file.blob_id), size, also=tree.update if tree else None
@@ -170,11 +201,7 @@ class LeaderCopy:
             # Bytes on disk from before (an earlier relay, an interrupted mirror fetch)
             # are hashed, not asked for again: the relay starts after the prefix.
             start = partial.resume_at(partial.contiguous_end(0))
-            fd = os.open(partial.data_path, os.O_RDONLY)
-            try:
-                await asyncio.to_thread(hash_range, fd, hasher, 0, start)
-            finally:
-                os.close(fd)
+            await asyncio.to_thread(_hash_prefix, partial.data_path, hasher, start)
             self.counters.done = partial.done_bytes()
             if start == 0:
                 self._written_by = set()  # from here on, every byte is a relay's
@@ -208,6 +235,7 @@ class LeaderCopy:
                     # never leave a write running into a partial that is closed.
                     if self._written_by is not None:
                         self._written_by.add(leader.agent_id)
+                    self._attempts.setdefault(leader.agent_id, attempt)
                     partial.write(pos, data)
                     hasher.update(data)
                     pos += len(data)
@@ -247,10 +275,26 @@ class LeaderCopy:
 
     def _void(self, partial: PartialBlob) -> None:
         """A blob that failed its hash: none of it is kept, or counted as had."""
-        partial.discard()
         self.counters.hash_failures += 1
+        self._forget(partial)
+
+    def _forget(self, partial: PartialBlob) -> None:
+        """Throw away what the partial holds (and stop counting what we copied)."""
+        partial.discard()
+        self._attempts.clear()
         self.counters.from_peers -= self.copied
         self.counters.done = 0
         self.copied = 0
         if self.flight is not None:
             self.flight.reset()  # what a reader got is void: it must cut
+
+
+def _hash_prefix(path: Path, hasher: BlobHasher, end: int) -> None:
+    """Hash [0, end) of `path` (in a worker thread). The thread owns its fd: a copy
+    cancelled meanwhile cannot close it under the read (a thread runs on to its end;
+    its hasher is thrown away)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hash_range(fd, hasher, 0, end)
+    finally:
+        os.close(fd)

@@ -393,23 +393,26 @@ class PeerTable:
 
     async def find(self, blob_ids: tuple[str, ...]) -> dict[str, list[Offer]]:
         """Ask every live peer which of these blobs it holds; offers per blob id."""
-        offers, _ = await self.survey(blob_ids)
+        offers, _, _ = await self.survey(blob_ids)
         return offers
 
     async def survey(
         self, blob_ids: tuple[str, ...]
-    ) -> tuple[dict[str, list[Offer]], dict[str, list[tuple[PeerInfo, wire.Claim]]]]:
+    ) -> tuple[dict[str, list[Offer]], dict[str, list[tuple[PeerInfo, wire.Claim]]], set[str]]:
         """`find`, plus the herd claims peers hold on these blobs (peers that want one
-        nobody has yet, and which of them fetches it from the mirror)."""
+        nobody has yet, and which of them fetches it from the mirror), and the agents
+        that answered (one with no claim on a blob holds none)."""
         peers = self.live()
         answers = await asyncio.gather(*(self._have(p, blob_ids) for p in peers))
         offers: dict[str, list[Offer]] = {}
         claims: dict[str, list[tuple[PeerInfo, wire.Claim]]] = {}
+        answered: set[str] = set()
         wanted = set(blob_ids)
         for peer, raw in zip(peers, answers, strict=True):
             answer = self._vetted(peer, raw) if raw is not None else None
             if answer is None:
                 continue
+            answered.add(peer.agent_id)
             for m, complete in [(m, True) for m in answer.manifests] + [
                 (m, False) for m in answer.fetching
             ]:
@@ -418,7 +421,7 @@ class PeerTable:
             for c in answer.claims:
                 if c.blob_id in wanted:
                     claims.setdefault(c.blob_id, []).append((peer, c))
-        return offers, claims
+        return offers, claims, answered
 
     async def _have(self, peer: PeerInfo, blob_ids: tuple[str, ...]) -> wire.HaveResponse | None:
         """One peer's answer about `blob_ids`, asked in batches of wire.MAX_HAVE_IDS

@@ -13,7 +13,13 @@ The rules, which every agent applies to the same view and so agrees on:
   window a leader must gain ``min_rate`` bytes/s (or reach the size).
 * Bids are hostile input. A bid whose size is not the blob's, whose ``done`` is outside
   0..size or goes backwards, or two bids of one agent for one blob, make that agent a
-  suspect for the blob: it neither leads nor is elected for it.
+  suspect for the blob: it neither leads nor is elected for it. ``done`` may go back
+  only with a larger ``attempt`` (an honest leader's fetch starts over from byte 0 after
+  a hash mismatch), at most ``max_restarts`` times, or a liar could restart forever; an
+  attempt never goes back.
+* A leader that answers a survey (``answered``) without its leading bid has given up
+  (its fetch failed: it would have offered the blob had it finished): it is replaced at
+  once, not after ``leader_timeout`` as a silent one is.
 * A leader with every byte is finishing (hashing, building its manifest): it must be
   done within `HerdConfig.finish_time` (``finish_floor`` plus the size at
   ``finish_rate``), or it is suspected; "done == size" forever stalls nobody.
@@ -34,7 +40,7 @@ fetched twice or a short wait, never a blob not fetched.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,6 +56,7 @@ class Bid:
     size: int
     leading: bool = False
     done: int = 0
+    attempt: int = 0  # the leader's fetch started over this often (`wire.Claim.attempt`)
 
 
 class Turn(Enum):
@@ -71,6 +78,10 @@ class HerdConfig:
     # finish_floor + size / finish_rate s: 17 min for 50 GB, far above a real hash pass.
     finish_floor: float = 30.0
     finish_rate: float = 50e6
+    # A leader whose fetch started over more often than this is not waited for: its
+    # mirror keeps sending corrupt bytes (from_mirror itself gives up after one), or it
+    # lies to stay leader.
+    max_restarts: int = 3
 
     def finish_time(self, size: int) -> float:
         return self.finish_floor + size / self.finish_rate
@@ -91,6 +102,7 @@ class _Leader:
     seen: float  # when last seen leading
     mark: tuple[int, float]  # (done, when) at the start of the current rate window
     full_since: float | None = None  # when it was first seen with every byte
+    attempt: int = 0
 
 
 @dataclass
@@ -143,9 +155,12 @@ class HerdElection:
         now: float,
         *,
         leading: Mapping[str, int] | None = None,
+        answered: Collection[str] = (),
     ) -> dict[str, Turn]:
         """`view`: peers' bids per blob id (our own waiting claims are added here);
-        `leading`: blob id -> size of blobs we lead now (they count in the spread)."""
+        `leading`: blob id -> size of blobs we lead now (they count in the spread);
+        `answered`: the agents whose answers `view` holds (a leader among them with no
+        leading bid gave up)."""
         cfg = self.config
         bids: dict[str, list[Bid]] = {k: list(v) for k, v in view.items()}
         for blob_id, size in (leading or {}).items():
@@ -165,6 +180,8 @@ class HerdElection:
             for x in current:
                 if x.agent_id not in b.suspects:
                     self._progress(b, x, now)
+            still = {x.agent_id for x in current}
+            b.suspects |= {a for a in b.seen if a in answered and a not in still}
             for agent, lead in b.seen.items():
                 if now - lead.advanced > cfg.leader_timeout or now - lead.seen > cfg.leader_timeout:
                     b.suspects.add(agent)
@@ -214,9 +231,14 @@ class HerdElection:
             counted.add(x.agent_id)
             if x.size != b.size or not 0 <= x.done <= b.size:
                 out.add(x.agent_id)
+            if x.attempt > self.config.max_restarts:
+                out.add(x.agent_id)
             prev = b.seen.get(x.agent_id)
-            if x.leading and prev is not None and x.done < prev.done:
-                out.add(x.agent_id)  # bytes done never shrink within one lead
+            if x.leading and prev is not None:
+                if x.attempt < prev.attempt:
+                    out.add(x.agent_id)
+                elif x.done < prev.done and x.attempt == prev.attempt:
+                    out.add(x.agent_id)  # bytes done never shrink within one attempt
         return out
 
     def _progress(self, b: _Blob, x: Bid, now: float) -> None:
@@ -224,7 +246,11 @@ class HerdElection:
         cfg = self.config
         lead = b.seen.get(x.agent_id)
         if lead is None:
-            lead = b.seen[x.agent_id] = _Leader(x.done, now, now, (x.done, now))
+            lead = b.seen[x.agent_id] = _Leader(x.done, now, now, (x.done, now), None, x.attempt)
+        elif x.attempt > lead.attempt:
+            # Started over from byte 0 (`_liars` bounds how often): a new lead, timed anew.
+            lead.attempt, lead.done, lead.advanced = x.attempt, x.done, now
+            lead.mark, lead.full_since = (x.done, now), None
         # A leader with every byte is finishing (hashing, building its manifest: a minute
         # for a 50 GB blob): only its silence counts against it then (and the deadline).
         if x.done > lead.done or x.done >= b.size:

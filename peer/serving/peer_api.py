@@ -19,10 +19,10 @@
                               matched its id (`peer.transfer.inflight`). After the fetch,
                               for `RELAY_GRACE` s: the verified blob (then 404: it is
                               one more seed, through the swarm). Bounded like /v1/blobs (the same
-                              `StreamSlots`, upload cap), and cut after `RELAY_IDLE` s
-                              without a new byte. The receiver hashes the whole blob
-                              itself before using it (these bytes are relayed, not
-                              verified, until the last one)
+                              `StreamSlots`, upload cap), cut at once when the lead fails,
+                              and after `RELAY_IDLE` s without a new byte. The receiver
+                              hashes the whole blob itself before using it (these bytes
+                              are relayed, not verified, until the last one)
     POST /v1/revisions        RevisionRequest -> RevisionManifest (404: not known here):
                               what a revision of a repo holds, for ``local/*`` publishes
                               and public repos this agent downloaded (never private or

@@ -4,7 +4,7 @@ streams a shard to its client while the swarm or the mirror is still fetching it
 Two sides, one owner of the state:
 
 - the fetch (`peer.agent.fetch.BlobFetcher`) writes: `InFlightBlob.start`, `advance`,
-  `reset`, `moved`. ``ready`` is the length of the prefix of ``path`` that is on disk
+  `reset`, `moved`, `fail`. ``ready`` is the length of the prefix of ``path`` that is on disk
   and checked so far (swarm: pieces that passed libtorrent's merkle check against the
   manifest, flushed to the file; mirror: bytes received in order and fed to the
   whole-file hash). It reads where the readers are through `has_readers`,
@@ -28,7 +28,10 @@ or a member stream's.
 
 A fetch that changes source mid-way (a swarm result that failed its whole-file hash,
 fetched again from the mirror) bumps ``generation``: a reader that already had bytes of
-the old one gets `StreamCut` and must cut its connection.
+the old one gets `StreamCut` and must cut its connection. A fetch that fails for good
+says so (`fail`): every reader ends at once, a relay reader that got nothing yet too
+(it would otherwise wait for bytes that never come until its idle cut); one that
+follows the fetch (``until``) and sent nothing waits for the fetch's error instead.
 
 It lives in `peer.transfer`, not `peer.cache`: it is the in-memory progress of one
 transfer between its producer and its consumers (asyncio signals, reader positions that
@@ -67,6 +70,7 @@ class InFlightBlob:
         self._generation = 0
         self._verified = False  # moved into blobs/: the last byte may go out
         self._from_peers = False  # the bytes are a LAN peer's word until verified
+        self._failed = False  # the fetch failed for good: every reader ends
         self._readers: set[FlightReader] = set()
         self._waiting = 0  # readers blocked in `readable` right now
         self._watchers: list[Callable[[], None]] = []
@@ -87,6 +91,10 @@ class InFlightBlob:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
 
     @property
     def reader_count(self) -> int:
@@ -146,6 +154,12 @@ class InFlightBlob:
         self._ready = 0
         self._verified = False
         self._notify()
+
+    def fail(self) -> None:
+        """The fetch failed for good (no source left): what was ready is void, and
+        every reader ends now (`StreamCut`), not only those that had bytes."""
+        self._failed = True
+        self.reset()
 
     def advance(self, ready: int) -> None:
         if ready > self._ready:
@@ -223,6 +237,9 @@ class FlightReader:
     def check(self) -> None:
         """Raise `StreamCut` if what this reader got so far is void."""
         f = self._flight
+        # A reader that follows the fetch (`until`) and sent nothing takes its error.
+        if f.failed and (self._generation is not None or self._until is None):
+            raise StreamCut(f"the fetch of {f.blob_id[:12]} failed")
         if self._generation is not None and (f.generation != self._generation or f.path is None):
             raise StreamCut(f"the fetch of {f.blob_id[:12]} started over from another source")
 

@@ -4,7 +4,8 @@
 
 `from_mirror` fills the blob's journaled partial (resumed if one is on disk) until its
 whole-file hash matches the Hub's id; a mismatch is thrown away and fetched once more
-from scratch, a second one is an `IntegrityError`. It counts into the blob's
+from scratch (a new ``attempt``: a herd leader's claim says so, its followers copy the
+new one from byte 0), a second one is an `IntegrityError`. It counts into the blob's
 `BlobCounters` and, when a reader streams the blob (HF_ENDPOINT mode), moves its
 `InFlightBlob`. The caller renames the verified file into place. A caller that will
 seed the blob asks for its v2 tree too (``want_tree``): built from the bytes as the
@@ -41,6 +42,9 @@ class BlobCounters:
     reused: int = 0
     resumed: int = 0  # verified pieces found on disk when a swarm download started
     hash_failures: int = 0
+    # How often the mirror fetch started over from byte 0 (its hash failed): a herd
+    # leader's claim says it, so that its `done` going back is not taken for a lie.
+    attempt: int = 0
 
     def had(self) -> None:
         """Nothing to fetch: the blob was here already (or another process got it)."""
@@ -120,6 +124,7 @@ async def from_mirror(
             return FromMirror(partial.take_finished(), tree.finish() if tree else None)
         partial.discard()
         counters.hash_failures += 1
+        counters.attempt += 1
         counters.done = 0
         if flight is not None:
             flight.reset()  # what a reader got is void: it must cut
