@@ -331,38 +331,102 @@ async def test_silent_and_trickling_clients_are_cut_at_the_handshake_deadline(
     assert held.uploaded == 0
 
 
-async def test_connections_over_the_cap_from_one_address_are_closed_at_once(
+def _still_open(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+async def test_silent_connections_over_the_cap_make_room_for_a_member(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """Connections that never send a request fill the address's slots; a member that
+    comes then still gets its stream: the oldest silent connection is closed for it."""
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held) as server:
+        silent = [
+            await asyncio.to_thread(socket.create_connection, (HOST, server.port), 5)
+            for _ in range(server_side.PER_IP)
+        ]
+        try:
+            await asyncio.sleep(0.3)  # all accepted and counted
+            t0 = time.monotonic()
+            got = await stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
+            took = time.monotonic() - t0
+            still = [_still_open(s) for s in silent]
+        finally:
+            for s in silent:
+                s.close()
+    assert sha256(got.path) == blob.file.blob_id
+    assert took < 5.0
+    assert still == [False] + [True] * (server_side.PER_IP - 1), still
+
+
+async def test_a_running_stream_is_never_closed_to_make_room(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """New connections from the same address while a member's stream runs: each one
+    evicts the silent one before it, never the stream; over the cap with nothing left
+    to evict, a connection is closed at once."""
+    held = Held({blob.file.blob_id: blob.path})
+    slow = Throttle(8 * MiB)
+    async with serving(lab.server, held, throttle=slow) as server:
+        fetch = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
+        )
+        for _ in range(200):
+            if server.streams:
+                break
+            await asyncio.sleep(0.05)
+        assert server.streams == 1
+        extra = [
+            await asyncio.to_thread(socket.create_connection, (HOST, server.port), 5)
+            for _ in range(server_side.PER_IP + 2)
+        ]
+        try:
+            await asyncio.sleep(0.3)
+            open_now = sum(_still_open(s) for s in extra)
+            got = await fetch
+        finally:
+            for s in extra:
+                s.close()
+    # The stream holds one of the address's slots; the newest silent ones the others.
+    assert open_now == server_side.PER_IP - 1, open_now
+    assert sha256(got.path) == blob.file.blob_id
+
+
+async def test_a_member_reading_below_the_floor_rate_gives_its_slot_back(
     lab: Lab, blob: Blob
 ) -> None:
-    async with serving(lab.server, Held({})) as server:
+    held = Held({blob.file.blob_id: blob.path})
+    context = Cluster(lab.client).client_context()
+    async with serving(lab.server, held, floor_window=1.0) as server:
 
-        def flood() -> tuple[int, float]:
-            kept = [
-                socket.create_connection((HOST, server.port), timeout=5)
-                for _ in range(server_side.PER_IP)
-            ]
-            try:
-                time.sleep(0.3)  # all accepted and counted
-                t0 = time.monotonic()
-                with socket.create_connection((HOST, server.port), timeout=5) as extra:
-                    closed = extra.recv(1)
-                assert closed == b""
-                # The ones within the cap are still open (waiting for their handshake).
-                open_now = 0
-                for s in kept:
-                    s.setblocking(False)
-                    try:
-                        open_now += s.recv(1) != b""
-                    except BlockingIOError:
-                        open_now += 1
-                return open_now, time.monotonic() - t0
-            finally:
-                for s in kept:
-                    s.close()
+        def trickle_reader() -> None:
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            raw.settimeout(5)
+            raw.connect((HOST, server.port))
+            with context.wrap_socket(raw) as tls:
+                request = wire.StreamRequest(blob_id=blob.file.blob_id, start=0)
+                tls.sendall(wire.encode_frame(request))
+                deadline = time.monotonic() + 20
+                while not held.served and time.monotonic() < deadline:
+                    if not tls.recv(16 << 10):
+                        break
+                    time.sleep(0.25)  # 64 KiB/s at most: below the 128 KiB/s floor
 
-        open_now, took = await asyncio.to_thread(flood)
-    assert open_now == server_side.PER_IP
-    assert took < 2.0
+        t0 = time.monotonic()
+        await asyncio.to_thread(trickle_reader)
+        took = time.monotonic() - t0
+        assert server.streams == 0
+    ((_, _, sent, _),) = held.served
+    assert sent < blob.file.size // 2, sent
+    assert took < 15, took
 
 
 async def test_an_oversized_request_frame_is_refused_unread(lab: Lab, blob: Blob) -> None:

@@ -15,9 +15,10 @@ The receiver checks every piece against the manifest the member signed, and the 
 blob against its id (`peer.transfer.member_stream`).
 
 Bounds: at most `MAX_CONNECTIONS` connections (handshakes included), `PER_IP` from one
-address; over them a connection is closed at once. The handshake and the request must
+address; over them the oldest connection that sent no request yet is closed to make
+room (else the new one is closed at once). The handshake and the request must
 arrive within `HANDSHAKE_TIMEOUT`, the CRL is checked after the handshake, and a write
-that stalls for `WRITE_STALL` ends the stream. At most `slots` streams run at once
+that stalls for `WRITE_STALL`, or a member reading below the floor rate, ends the stream. At most `slots` streams run at once
 (``member_streams``), one per address: a member that finds them taken is told "busy"
 and swarms the blob instead, where downloaders trade pieces with each other (a stream
 serves one). The agent's upload cap and counters apply (its `Throttle`, taken through
@@ -43,6 +44,7 @@ from typing import Protocol
 from peer import wire
 from peer.aio import call_on_loop
 from peer.cluster.tls import Cluster, PeerCert, peer_cert
+from peer.transfer.member_stream import FLOOR_RATE, FLOOR_WINDOW
 from peer.transfer.rate import Throttle
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ MAX_CONNECTIONS = 16
 PER_IP = 4
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the request frame, in all
 WRITE_STALL = 30.0
+SEND_STEP = 256 << 10  # the floor rate is looked at after each
 COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at the end)
 # The CRL is looked at again this often while a stream runs: a member revoked meanwhile
 # gets no more bytes (a blob streams for minutes, a capped one for hours).
@@ -82,6 +85,7 @@ class MemberStreamServer:
         slots: int,
         throttle: Throttle | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        floor_window: float = FLOOR_WINDOW,
     ) -> None:
         self.cluster = cluster
         self.host = host
@@ -90,6 +94,7 @@ class MemberStreamServer:
         self.throttle = throttle
         self.slots = slots
         self.handshake_timeout = handshake_timeout
+        self.floor_window = floor_window
         self._context = cluster.server_context()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
@@ -162,16 +167,43 @@ class MemberStreamServer:
                 threading.Event().wait(0.1)  # EMFILE and the like: do not spin
                 continue
             ip = str(addr[0])
-            c = _Conn(conn)
+            c = _Conn(conn, ip)
             with self._lock:
-                full = sum(self._conns.values()) >= MAX_CONNECTIONS or self._conns[ip] >= PER_IP
-                if not full:
+                room = self._make_room(ip)
+                if room:
                     self._conns[ip] += 1
                     self._open.add(c)
-            if full:
+            if not room:
                 conn.close()
                 continue
             self._spawn(self._serve, f"member-stream-{ip}", c, ip)
+
+    def _make_room(self, ip: str) -> bool:
+        """Under the lock: is there room for one more connection from `ip`? When the
+        caps are reached, the oldest connection still without a request (no handshake
+        done, or no frame sent) is closed to make it: connections nobody can
+        authenticate must not keep members out by filling the slots."""
+        if self._conns[ip] >= PER_IP:
+            pending = [c for c in self._open if c.ip == ip and not c.admitted]
+        elif sum(self._conns.values()) >= MAX_CONNECTIONS:
+            pending = [c for c in self._open if not c.admitted]
+        else:
+            return True
+        if not pending:
+            return False
+        victim = min(pending, key=lambda c: c.since)
+        self._forget(victim)
+        _shut(victim.sock)
+        return True
+
+    def _forget(self, c: _Conn) -> None:
+        """Under the lock: `c` no longer counts against the caps (once)."""
+        if c not in self._open:
+            return
+        self._open.discard(c)
+        self._conns[c.ip] -= 1
+        if self._conns[c.ip] <= 0:
+            del self._conns[c.ip]
 
     def _serve(self, c: _Conn, ip: str) -> None:
         # The handshake and the request share one deadline: a peer trickling bytes must
@@ -196,6 +228,8 @@ class MemberStreamServer:
                     return
                 request = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamRequest)
                 timer.cancel()
+                with self._lock:
+                    c.admitted = True
                 assert cert is not None
                 self._answer(tls, ip, cert, request)
         except (OSError, ssl.SSLError, wire.WireError, TimeoutError) as exc:
@@ -204,10 +238,7 @@ class MemberStreamServer:
         finally:
             timer.cancel()
             with self._lock:
-                self._open.discard(c)
-                self._conns[ip] -= 1
-                if self._conns[ip] <= 0:
-                    del self._conns[ip]
+                self._forget(c)
             conn.close()
 
     def _answer(
@@ -257,6 +288,9 @@ class MemberStreamServer:
         view = memoryview(buf)
         pos, untold = start, 0
         recheck_at = time.monotonic() + RECHECK_EVERY
+        # A member reading slower than the floor rate (our own cap's waits aside) gives
+        # its slot back: it would hold a sender's slot for as long as it likes.
+        window_at, window_pos = time.monotonic(), pos
         try:
             while pos < size and not self._closing:
                 if time.monotonic() >= recheck_at:
@@ -268,11 +302,25 @@ class MemberStreamServer:
                 if n <= 0:
                     break  # the file shrank under us: the receiver's hash will tell
                 if self.throttle is not None and self.throttle.rate > 0:
+                    t0 = time.monotonic()
                     if not self._take(self.throttle, n):
                         break  # the server is closing
-                tls.sendall(view[:n])
-                pos += n
-                untold += n
+                    window_at += time.monotonic() - t0
+                slow = False
+                for off in range(0, n, SEND_STEP):  # a slow reader is seen within a step
+                    step = min(SEND_STEP, n - off)
+                    tls.sendall(view[off : off + step])
+                    pos += step
+                    untold += step
+                    now = time.monotonic()
+                    if now - window_at >= self.floor_window:
+                        if pos - window_pos < FLOOR_RATE * (now - window_at):
+                            slow = True
+                            break
+                        window_at, window_pos = now, pos
+                if slow:
+                    log.info("member stream: %s reads below the floor rate; cut", ip)
+                    break
                 if untold >= COUNT_EVERY:
                     self._tell(self.backend.count_upload, untold)
                     untold = 0
@@ -316,10 +364,14 @@ def _recv_exactly(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
 
 
 class _Conn:
-    """A connection's socket as it is now (plain, then its TLS wrapper)."""
+    """A connection: its socket as it is now (plain, then its TLS wrapper), whence,
+    since when, and whether a member's request came on it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, ip: str) -> None:
         self.sock = sock
+        self.ip = ip
+        self.since = time.monotonic()
+        self.admitted = False
 
 
 def _shut(sock: socket.socket) -> None:
