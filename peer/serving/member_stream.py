@@ -16,13 +16,13 @@ blob against its id (`peer.transfer.member_stream`).
 
 Bounds: at most `MAX_CONNECTIONS` connections (handshakes included), `PER_IP` from one
 address; over them the oldest connection that sent no request yet is closed to make
-room (else the new one is closed at once). The handshake and the request must
-arrive within `HANDSHAKE_TIMEOUT`, the CRL is checked after the handshake, and a write
-that stalls for `WRITE_STALL`, or a member reading below the floor rate, ends the stream. At most `slots` streams run at once
-(``member_streams``), one per address: a member that finds them taken is told "busy"
-and swarms the blob instead, where downloaders trade pieces with each other (a stream
-serves one). The agent's upload cap and counters apply (its `Throttle`, taken through
-the event loop).
+room (else the new one is closed at once). The handshake and the request must arrive
+within `HANDSHAKE_TIMEOUT`, the CRL is checked after the handshake (and every second
+of a stream), and a write that stalls for `WRITE_STALL`, or a member reading below the
+floor rate, ends the stream. At most `slots` streams run at once (``member_streams``),
+one per address: a member that finds them taken is told "busy" and swarms the blob
+instead, where downloaders trade pieces with each other (a stream serves one). The
+agent's upload cap and counters apply (its `Throttle`, taken through the event loop).
 """
 
 from __future__ import annotations
