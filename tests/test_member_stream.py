@@ -195,6 +195,41 @@ async def test_a_cut_stream_resumes_after_the_checked_pieces(
     assert got.received == sent_again == counters.from_peers
 
 
+async def test_a_busy_member_costs_no_pass_over_the_prefix_on_disk(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """The prefix a cut stream left is hashed only after a member said "ok": a busy one
+    is passed over at once (nothing of the prefix read: no progress reported)."""
+    held = Held({blob.file.blob_id: blob.path})
+    partial = tmp_path / "partial"
+    slow = Throttle(6 * MiB)
+    async with serving(lab.server, held, throttle=slow) as server:
+        cut = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, partial).fetch()
+        )
+        await asyncio.sleep(1.5)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        holder = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, tmp_path / "other").fetch()
+        )
+        for _ in range(200):
+            if server.streams:
+                break
+            await asyncio.sleep(0.05)
+        busy = BlobCounters(blob.file.size)
+        with pytest.raises(MemberBusy):
+            await stream(lab.client, lab.server, server.port, blob, partial, busy).fetch()
+        assert busy.done == 0
+        slow.set_rate(0)
+        await holder
+        again = BlobCounters(blob.file.size)
+        got = await stream(lab.client, lab.server, server.port, blob, partial, again).fetch()
+    assert sha256(got.path) == blob.file.blob_id
+    assert again.done == blob.file.size and 0 < again.from_peers < blob.file.size
+
+
 # -- a lying member ---------------------------------------------------------------------
 
 
