@@ -218,6 +218,14 @@ class PartialBlob:
             i += 1
         return i
 
+    def let_go(self, start: int, end: int) -> None:
+        """Bytes [start, end) are final: their writeback starts now and the kernel may
+        drop them (memory stays flat while a large blob lands, and the fsync before the
+        rename has little left to do)."""
+        if end > start:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
     def fsync(self) -> None:
         with contextlib.suppress(OSError):
             os.fsync(self._fd)

@@ -315,6 +315,7 @@ class MemberStream:
             check.pieces(blame_from=start)
             if check.verified_end > before:
                 partial.held_to(check.verified_end)  # the journal: checked pieces only
+                partial.let_go(max(before, start), check.verified_end)
                 self._progress(check.verified_end)
             free.put(buf)
 
