@@ -834,6 +834,7 @@ class SwarmSession:
             if bound is not None and self._ses is not None:
                 # libtorrent checks each incoming request against it: live at once.
                 self._ses.apply_settings({"max_allowed_in_request_queue": bound})
+                log.debug("a peer may queue %d requests with us", bound)
         for stream in self._streams:
             stream._push(event)
         if self._waiters:
