@@ -274,6 +274,13 @@ def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> Non
     assert bound.feed(ev.PeerConnected("t2", b)) == 32
     assert bound.feed(ev.TorrentRemoved("t2")) == 2000
     assert bound.bound == 2000
+    # Lost alerts may have hidden a disconnect: back to "alone" until peers connect again.
+    bound.feed(ev.PeerConnected("t1", a))
+    assert bound.feed(ev.PeerConnected("t1", c)) == 32
+    assert bound.feed(ev.AlertsDropped(3)) == 2000
+    assert bound.feed(ev.PeerDisconnected("t1", c, "gone")) is None
+    assert bound.feed(ev.PeerConnected("t1", c)) is None  # (a alone counted now)
+    assert bound.feed(ev.PeerConnected("t1", b)) == 32
 
 
 async def test_a_seeder_shared_by_two_downloaders_keeps_each_ones_queue_short(

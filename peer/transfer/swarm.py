@@ -549,7 +549,16 @@ class RequestBound:
         self._peers: dict[str, set[ev.Endpoint]] = {}  # info-hash -> connected peers
         self._crowded: set[str] = set()  # torrents with more than one of them
 
-    def feed(self, event: ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved) -> int | None:
+    def feed(
+        self,
+        event: ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped,
+    ) -> int | None:
+        if isinstance(event, ev.AlertsDropped):
+            # A lost disconnect would keep the bound for good: start over from "alone"
+            # (the next connects count again; at worst a while without the bound).
+            self._peers.clear()
+            self._crowded.clear()
+            return self._settle()
         ih = event.info_hash
         if isinstance(event, ev.PeerConnected):
             self._peers.setdefault(ih, set()).add(event.endpoint)
@@ -563,6 +572,9 @@ class RequestBound:
             self._crowded.discard(ih)
             if not self._peers.get(ih, True):
                 del self._peers[ih]
+        return self._settle()
+
+    def _settle(self) -> int | None:
         bound = self.shared if self._crowded else self.alone
         if bound == self.bound:
             return None
@@ -831,7 +843,9 @@ class SwarmSession:
     def _dispatch(self, event: ev.SwarmEvent) -> None:
         if isinstance(event, ev.TorrentChecked | ev.StateChanged):
             self._track_readiness(event)
-        elif isinstance(event, ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved):
+        elif isinstance(
+            event, ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped
+        ):
             bound = self._bound.feed(event)
             if bound is not None and self._ses is not None:
                 # libtorrent checks each incoming request against it: live at once.
