@@ -1,4 +1,4 @@
-"""One seeder -> K downloaders at once over loopback, bare `SwarmSession`s, per bound.
+"""S seeders -> K downloaders at once over loopback, bare `SwarmSession`s, per bound.
 
 What `SwarmSettings.shared_peer_requests` (the requests one peer may queue with a torrent
 that has several peers) costs where the link is fast and the request queue is what keeps
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -38,12 +39,14 @@ from peer.transfer.swarm import SwarmSession, SwarmSettings, create_v2_torrent  
 PIECE = 1 << 20
 
 
-async def download(torrent: bytes, out: Path, port: int) -> None:
-    """One downloader (a child process): fetch from the seeder at `port`, flush, exit."""
-    async with SwarmSession(SwarmSettings(listen_host="127.0.0.1")) as s:
+async def download(torrent: bytes, out: Path, ports: list[int], bound: int) -> None:
+    """One downloader (a child process): fetch from the seeders at `ports`, flush, exit."""
+    settings = SwarmSettings(listen_host="127.0.0.1", shared_peer_requests=bound)
+    async with SwarmSession(settings) as s:
         stream = s.subscribe()
         ih = await s.add_torrent(torrent, out)
-        s.connect_peer(ih, "127.0.0.1", port)
+        for port in ports:
+            s.connect_peer(ih, "127.0.0.1", port)
         async with asyncio.timeout(600):
             async for e in stream:
                 if isinstance(e, ev.TorrentFinished) and e.info_hash == ih:
@@ -51,16 +54,20 @@ async def download(torrent: bytes, out: Path, port: int) -> None:
         await s.flush_cache(ih)
 
 
-async def one_round(blob: Path, torrent: bytes, tpath: Path, outs: list[Path], bound: int) -> float:
+async def one_round(
+    blob: Path, torrent: bytes, tpath: Path, outs: list[Path], bound: int, seeders: int
+) -> float:
     """Seconds until every downloader in `outs` has the blob (and flushed it)."""
     settings = SwarmSettings(listen_host="127.0.0.1", shared_peer_requests=bound)
-    async with SwarmSession(settings) as seeder:
-        await seeder.add_torrent(torrent, blob.parent, seed_mode=True)
+    async with contextlib.AsyncExitStack() as stack:
+        seeds = [await stack.enter_async_context(SwarmSession(settings)) for _ in range(seeders)]
+        for seeder in seeds:
+            await seeder.add_torrent(torrent, blob.parent, seed_mode=True)
         t0 = time.monotonic()
-        port = str(seeder.listen_port)
+        ports = ",".join(str(seeder.listen_port) for seeder in seeds)
         procs = [
             await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--child", str(tpath), str(o), port
+                sys.executable, __file__, "--child", str(tpath), str(o), ports, str(bound)
             )
             for o in outs
         ]
@@ -91,13 +98,16 @@ def main(args: argparse.Namespace) -> None:
             for o in outs:
                 shutil.rmtree(o, ignore_errors=True)
                 o.mkdir()
-            took = asyncio.run(one_round(blob, torrent, tpath, outs, b))
+            took = asyncio.run(one_round(blob, torrent, tpath, outs, b, args.seeders))
             for o in outs:
                 if (o / blob.name).stat().st_size != size:
                     raise SystemExit(f"{o} is incomplete")
             rows[b].append(took)
             print(f"  round {r + 1} bound {b}: {took:.2f} s", flush=True)
-    print(f"\n1 seeder -> {args.peers} downloaders at once, {size / 2**20:.0f} MiB, loopback\n")
+    print(
+        f"\n{args.seeders} seeder(s) -> {args.peers} downloader(s) at once, "
+        f"{size / 2**20:.0f} MiB, loopback\n"
+    )
     print("| bound (blocks) | median s | runs (s) |")
     print("|---|---|---|")
     for b, ts in rows.items():
@@ -107,13 +117,15 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
         tor = Path(sys.argv[2]).read_bytes()
-        asyncio.run(download(tor, Path(sys.argv[3]), int(sys.argv[4])))
+        ports = [int(p) for p in sys.argv[4].split(",")]
+        asyncio.run(download(tor, Path(sys.argv[3]), ports, int(sys.argv[5])))
         raise SystemExit(0)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="512MiB")
-    ap.add_argument("--peers", type=int, default=2)
+    ap.add_argument("--peers", type=int, default=2, help="downloaders")
+    ap.add_argument("--seeders", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bound", type=int, action="append", help="repeatable (default 2000, 32)")
     ap.add_argument("--work", help="work folder (default: a temp dir)")
