@@ -147,9 +147,9 @@ class SwarmSettings:
     # and keeps asking for what is rarest when it asks; a deep queue is served seconds
     # later, by which time other downloaders hold those pieces, and a seeder shared by 8
     # hosts on 100 Mbit/s links sent ~1.8 copies of a repo. A short queue keeps the picks
-    # fresh: at 32, 1 -> 8 took 0.92x the time (median of 7 rounds), and a loopback
-    # seeder shared by 2-4 downloaders 0.61-0.66x. Alone, a peer keeps the deep queue: at
-    # 128 a 1 GiB loopback download from one seeder took 1.45x the time
+    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time
+    # (on the 100 Mbit/s 1 -> 8 the effect was within the noise). Alone, a peer keeps the
+    # deep queue: at 128 a 1 GiB loopback download from one seeder took 1.45x the time
     # (docs/benchmarks.md 8.15, 8.17).
     shared_peer_requests: int = 32
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
