@@ -16,7 +16,9 @@ import pytest
 from peer.errors import LocalError
 from peer.transfer import events as ev
 from peer.transfer.swarm import (
+    ALONE_PEER_REQUESTS,
     InvalidTorrent,
+    RequestBound,
     SwarmError,
     SwarmSession,
     SwarmSettings,
@@ -255,6 +257,84 @@ async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> N
         status = await leecher.status(ih)
         assert status.state == "downloading" and status.num_peers == 1 and status.num_seeds == 1
         assert not status.is_seeding and 0.0 <= status.progress < 1.0
+
+
+def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> None:
+    a, b, c = (ev.Endpoint("10.0.0.1", p) for p in (1, 2, 3))
+    bound = RequestBound(alone=2000, shared=32)
+    # one peer on each of two torrents (one downloader, all its files): alone
+    assert bound.feed(ev.PeerConnected("t1", a)) is None
+    assert bound.feed(ev.PeerConnected("t2", a)) is None
+    assert bound.feed(ev.PeerConnected("t1", a)) is None  # the same peer again
+    assert bound.feed(ev.PeerConnected("t1", b)) == 32  # a second peer of t1
+    assert bound.feed(ev.PeerConnected("t2", c)) is None  # (still shared)
+    assert bound.feed(ev.PeerDisconnected("t1", b, "gone")) is None  # t2 has two
+    assert bound.feed(ev.PeerDisconnected("t2", c, "gone")) == 2000
+    assert bound.feed(ev.PeerDisconnected("t9", c, "never connected")) is None
+    assert bound.feed(ev.PeerConnected("t2", b)) == 32
+    assert bound.feed(ev.TorrentRemoved("t2")) == 2000
+    assert bound.bound == 2000
+    # Lost alerts may have hidden a disconnect: back to "alone" until peers connect again.
+    bound.feed(ev.PeerConnected("t1", a))
+    assert bound.feed(ev.PeerConnected("t1", c)) == 32
+    assert bound.feed(ev.AlertsDropped(3)) == 2000
+    assert bound.feed(ev.PeerDisconnected("t1", c, "gone")) is None
+    assert bound.feed(ev.PeerConnected("t1", c)) is None  # (a alone counted now)
+    assert bound.feed(ev.PeerConnected("t1", b)) == 32
+
+
+async def test_a_seeder_shared_by_two_downloaders_keeps_each_ones_queue_short(
+    blob: Blob, tmp_path: Path
+) -> None:
+    """With one peer a downloader keeps a deep queue of requests at the seeder (sized to
+    its rate); once a second downloader shares the seeder, each may queue at most
+    `shared_peer_requests`, so what it asks for is picked close to when it is sent."""
+    bound = 16
+    data = os.urandom(48 * PIECE)
+    big = tmp_path / "big"
+    big.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (big / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    # A rate-limited seeder: the transfers last, and queues build up at it.
+    slow = SwarmSettings(
+        listen_host="127.0.0.1",
+        upload_rate_limit=3_000_000,
+        limit_local_peers=True,
+        shared_peer_requests=bound,
+    )
+
+    async def deepest(seeder: SwarmSession, ih: str, peers: int, settle: int) -> int:
+        """The longest request queue any of `peers` connected peers kept with the
+        seeder over 3 s (looked at every 50 ms), once they were all connected and their
+        queues were at most `settle` (what was asked before the bound changed is
+        served first)."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                snaps = await seeder.peers(ih)
+                if len(snaps) == peers and all(p.requests_queued <= settle for p in snaps):
+                    break
+                await asyncio.sleep(0.05)
+        most = 0
+        for _ in range(60):
+            snaps = await seeder.peers(ih)
+            assert len(snaps) == peers
+            most = max([most, *(p.requests_queued for p in snaps)])
+            await asyncio.sleep(0.05)
+        return most
+
+    async with SwarmSession(slow) as seeder:
+        ih = await seeder.add_torrent(torrent, big, seed_mode=True)
+        async with session() as one:
+            await one.add_torrent(torrent, tmp_path / "alone")
+            one.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+            alone = await deepest(seeder, ih, 1, ALONE_PEER_REQUESTS)
+            async with session() as two:
+                await two.add_torrent(torrent, tmp_path / "shared")
+                two.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+                shared = await deepest(seeder, ih, 2, bound + 1)
+    assert alone > 4 * bound, alone  # about 3 s of its rate (1.5 MB/s or more): ~300
+    assert 0 < shared <= bound + 1, shared  # (libtorrent refuses one past the bound)
 
 
 async def test_add_piece_without_peers(blob: Blob, tmp_path: Path) -> None:

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal piece size
+# Requests one peer may queue with us while it is a torrent's only peer: libtorrent's
+# default (`SwarmSettings.shared_peer_requests` once a torrent has more than one).
+ALONE_PEER_REQUESTS = 2000
 DEFAULT_PRIORITY = 4  # libtorrent's piece priority unless told otherwise
 
 
@@ -138,6 +141,17 @@ class SwarmSettings:
     connections_limit: int = 200
     # Peers served at once; LAN fan-out wants more than libtorrent's default of 8.
     upload_slots: int = 32
+    # Requests (16 KiB blocks) one peer may queue with us while a torrent of ours has
+    # more than one peer connected (libtorrent's `max_allowed_in_request_queue`; with one
+    # peer, its default of 2000). Each downloader sizes its queue at a seeder to its rate
+    # and keeps asking for what is rarest when it asks; a deep queue is served seconds
+    # later, by which time other downloaders hold those pieces, and a seeder shared by 8
+    # hosts on 100 Mbit/s links sent ~1.8 copies of a repo. A short queue keeps the picks
+    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time
+    # (on the 100 Mbit/s 1 -> 8 the effect was within the noise). Alone, a peer keeps the
+    # deep queue: at 128 a 1 GiB loopback download from one seeder took 1.45x the time
+    # (docs/benchmarks.md 8.15, 8.17).
+    shared_peer_requests: int = 32
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
@@ -161,7 +175,12 @@ class SwarmSettings:
             raise ConfigError(f"BitTorrent listen host {self.listen_host!r} is not an address")
         if not (self.peer_id_prefix.isascii() and 0 < len(self.peer_id_prefix) <= 20):
             raise ConfigError("the peer-id prefix must be 1-20 ASCII characters")
-        for name in ("max_out_request_queue", "alert_queue_size", "connections_limit"):
+        for name in (
+            "max_out_request_queue",
+            "shared_peer_requests",
+            "alert_queue_size",
+            "connections_limit",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"swarm setting {name} must be at least 1")
         if self.upload_slots < 1 or self.upload_rate_limit < 0 or self.download_rate_limit < 0:
@@ -205,6 +224,7 @@ class SwarmSettings:
             # otherwise break the swarm with "duplicate peer-id".
             "allow_multiple_connections_per_ip": True,
             "max_out_request_queue": self.max_out_request_queue,
+            "max_allowed_in_request_queue": ALONE_PEER_REQUESTS,
             "max_queued_disk_bytes": self.max_queued_disk_bytes,
             "alert_mask": int(alert_mask),
             "alert_queue_size": self.alert_queue_size,
@@ -424,6 +444,7 @@ class PeerSnapshot:
     download_rate: int
     num_hashfails: int
     client: str
+    requests_queued: int = 0  # its requests waiting with us (blocks)
 
 
 @dataclass(frozen=True)
@@ -515,6 +536,52 @@ class EventStream:
 # --- the session ------------------------------------------------------------------------
 
 
+class RequestBound:
+    """How many requests one peer may queue with us (see `SwarmSettings.
+    shared_peer_requests`), from the session's connect and disconnect events: ``shared``
+    while some torrent has more than one peer connected, else ``alone``. Pure; `feed`
+    returns the new bound when it changes, else None."""
+
+    def __init__(self, alone: int, shared: int) -> None:
+        self.alone = alone
+        self.shared = shared
+        self.bound = alone
+        self._peers: dict[str, set[ev.Endpoint]] = {}  # info-hash -> connected peers
+        self._crowded: set[str] = set()  # torrents with more than one of them
+
+    def feed(
+        self,
+        event: ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped,
+    ) -> int | None:
+        if isinstance(event, ev.AlertsDropped):
+            # A lost disconnect would keep the bound for good: start over from "alone"
+            # (the next connects count again; at worst a while without the bound).
+            self._peers.clear()
+            self._crowded.clear()
+            return self._settle()
+        ih = event.info_hash
+        if isinstance(event, ev.PeerConnected):
+            self._peers.setdefault(ih, set()).add(event.endpoint)
+        elif isinstance(event, ev.PeerDisconnected):
+            self._peers.get(ih, set()).discard(event.endpoint)
+        else:
+            self._peers.pop(ih, None)
+        if len(self._peers.get(ih, ())) > 1:
+            self._crowded.add(ih)
+        else:
+            self._crowded.discard(ih)
+            if not self._peers.get(ih, True):
+                del self._peers[ih]
+        return self._settle()
+
+    def _settle(self) -> int | None:
+        bound = self.shared if self._crowded else self.alone
+        if bound == self.bound:
+            return None
+        self.bound = bound
+        return bound
+
+
 @dataclass
 class _Torrent:
     info_hash: str
@@ -570,6 +637,7 @@ class SwarmSession:
         self._streams: list[EventStream] = []
         self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
+        self._bound = RequestBound(ALONE_PEER_REQUESTS, settings.shared_peer_requests)
         # Cluster mode: canonical info-hash <-> that of the torrent's SSL variant.
         self._ssl_ih: dict[str, str] = {}
         self._canonical: dict[str, str] = {}
@@ -775,6 +843,14 @@ class SwarmSession:
     def _dispatch(self, event: ev.SwarmEvent) -> None:
         if isinstance(event, ev.TorrentChecked | ev.StateChanged):
             self._track_readiness(event)
+        elif isinstance(
+            event, ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped
+        ):
+            bound = self._bound.feed(event)
+            if bound is not None and self._ses is not None:
+                # libtorrent checks each incoming request against it: live at once.
+                self._ses.apply_settings({"max_allowed_in_request_queue": bound})
+                log.debug("a peer may queue %d requests with us", bound)
         for stream in self._streams:
             stream._push(event)
         if self._waiters:
@@ -1215,6 +1291,7 @@ class SwarmSession:
                     client=client.decode("utf-8", "replace")
                     if isinstance(client, bytes)
                     else str(client),
+                    requests_queued=int(p.upload_queue_length),
                 )
             )
         return tuple(out)
