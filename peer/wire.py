@@ -23,6 +23,7 @@ Semantic checks that need libtorrent (does the torrent hash to ``info_hash``?) l
 from __future__ import annotations
 
 import re
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -392,6 +393,18 @@ MAX_FRAME_BYTES = 4096
 def encode_frame(msg: Message) -> bytes:
     data = encode(msg)
     return FRAME_HEADER.pack(len(data)) + data
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes off a blocking socket (a frame's part); `ConnectionError` if the peer
+    closes first."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"the peer closed the stream after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
 
 
 def read_frame(recv_exactly: Callable[[int], bytes], kind: type[M]) -> M:

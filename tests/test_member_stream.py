@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +139,13 @@ async def serving(member: Member, held: Held, **kw: object) -> AsyncIterator[Mem
         yield server
 
 
+async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for `cond` (a server's state, seen from its threads), at most `within` s."""
+    deadline = time.monotonic() + within
+    while not cond() and time.monotonic() < deadline:  # noqa: ASYNC110 (threads change it)
+        await asyncio.sleep(0.05)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -211,17 +218,11 @@ async def test_a_busy_member_costs_no_pass_over_the_prefix_on_disk(
         cut.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cut
-        for _ in range(200):  # the server saw the cut: its slot is free again
-            if not server.streams:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: not server.streams)  # the server saw the cut: its slot is free
         holder = asyncio.create_task(
             stream(lab.client, lab.server, server.port, blob, tmp_path / "other").fetch()
         )
-        for _ in range(200):
-            if server.streams:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: server.streams > 0)
         busy = BlobCounters(blob.file.size)
         with pytest.raises(MemberBusy):
             await stream(lab.client, lab.server, server.port, blob, partial, busy).fetch()
@@ -322,10 +323,7 @@ async def test_a_busy_member_says_so(tmp_path: Path, lab: Lab, blob: Blob) -> No
         first = asyncio.create_task(
             stream(lab.client, lab.server, server.port, blob, tmp_path / "p1").fetch()
         )
-        for _ in range(200):  # the first stream holds its slot
-            if server.streams:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: server.streams > 0)  # the first stream holds its slot
         t0 = time.monotonic()
         with pytest.raises(MemberBusy):
             await stream(lab.client, lab.server, server.port, blob, tmp_path / "p2").fetch()
@@ -417,10 +415,7 @@ async def test_a_running_stream_is_never_closed_to_make_room(
         fetch = asyncio.create_task(
             stream(lab.client, lab.server, server.port, blob, tmp_path / "p").fetch()
         )
-        for _ in range(200):
-            if server.streams:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: server.streams > 0)
         assert server.streams == 1
         extra = [
             await asyncio.to_thread(socket.create_connection, (HOST, server.port), 5)
@@ -531,7 +526,7 @@ def lying_member(
         conn, _ = listener.accept()
         # The receiver hangs up once it has seen the lie: the rest may not go out.
         with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-            wire.read_frame(lambda n: server_side._recv_exactly(tls, n), wire.StreamRequest)
+            wire.read_frame(lambda n: wire.recv_exactly(tls, n), wire.StreamRequest)
             tls.sendall(wire.encode_frame(wire.StreamAnswer(status="ok", size=size)))
             tls.sendall(truth + random.Random(5).randbytes(junk))
             if then == "stall":

@@ -239,7 +239,7 @@ class LeaderCopy:
                     partial.write(pos, data)
                     hasher.update(data)
                     pos += len(data)
-                    self._journal(partial, pos)
+                    partial.held_to(pos)
                     self.copied += len(data)
                     self.counters.from_peers += len(data)
                     self.counters.done = max(self.counters.done, pos)
@@ -263,15 +263,6 @@ class LeaderCopy:
             return partial.take_finished()
         finally:
             partial.close()
-
-    def _journal(self, partial: PartialBlob, pos: int) -> None:
-        """Chunks below `pos` are done; the one it is in holds bytes up to it."""
-        index = partial.contiguous_end(0)
-        while index < partial.n_chunks and partial.chunk_range(index)[1] <= pos:
-            partial.mark_done(index)
-            index += 1
-        if index < partial.n_chunks:
-            partial.advance(index, pos - partial.chunk_range(index)[0])
 
     def _void(self, partial: PartialBlob) -> None:
         """A blob that failed its hash: none of it is kept, or counted as had."""

@@ -226,7 +226,7 @@ class MemberStreamServer:
                 if not call_on_loop(self._loop, self.cluster.admits, cert, ip):
                     log.info("member stream: %s has no valid member certificate", ip)
                     return
-                request = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamRequest)
+                request = wire.read_frame(lambda n: wire.recv_exactly(tls, n), wire.StreamRequest)
                 timer.cancel()
                 with self._lock:
                     c.admitted = True
@@ -351,16 +351,6 @@ class MemberStreamServer:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closing
             self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _recv_exactly(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"the connection closed after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
 
 
 class _Conn:

@@ -212,7 +212,7 @@ class MemberStream:
         file, size = self.file, self.file.size
         with self._connect() as tls:
             tls.sendall(wire.encode_frame(wire.StreamRequest(blob_id=file.blob_id, start=start)))
-            answer = wire.read_frame(lambda n: _recv_exactly(tls, n), wire.StreamAnswer)
+            answer = wire.read_frame(lambda n: wire.recv_exactly(tls, n), wire.StreamAnswer)
             if answer.status == "busy":
                 raise MemberBusy(f"member {self.peer.agent_id[:8]} streams to others now")
             if answer.status != "ok":
@@ -465,13 +465,3 @@ class _PieceCheck:
             f"piece {index} on disk from before does not match the manifest",
             hint="the partial is thrown away; the blob is fetched again",
         )
-
-
-def _recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise NetworkError(f"the member closed the stream after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
