@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
@@ -87,6 +88,7 @@ class Agent:
         self.peer_port = 0
         self.local_port = 0
         self.member_port = 0  # cluster mode: the member blob stream's
+        self._member_streams: Callable[[], int] = lambda: 0  # ... and its streams running
         self.cluster: Cluster | None = None  # cluster mode (`--cluster FILE`)
         self.signatures: Signatures
 
@@ -225,7 +227,7 @@ class Agent:
                 totals=self.totals,
                 ports=lambda: (self.peer_port, self.local_port),
                 audit=self.audit,
-                peer_streams=lambda: self.peer_streams.in_use,
+                peer_streams=lambda: self.peer_streams.in_use + self._member_streams(),
                 quota=self.quota,
                 limits=self.limits,
             )
@@ -265,6 +267,7 @@ class Agent:
                         hint="choose another port with --member-listen",
                     ) from exc
                 self.member_port = peers_api.stream_port = streams.port
+                self._member_streams = lambda: streams.streams
             self.peer_port = await self._listen(
                 make_peer_app(peers_api, self.peer_streams, throttle=upload.take),
                 self.config.listen,

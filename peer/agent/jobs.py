@@ -65,7 +65,7 @@ class Totals:
     downloads_running: int = 0  # local API downloads in progress
     bans: int = 0  # peers banned (by our policy or by libtorrent)
     streams_to_clients: int = 0  # resolve bodies being written now
-    streams_to_peers: int = 0  # /v1/blobs bodies being written now
+    streams_to_peers: int = 0  # /v1/blobs, /v1/relay and member stream bodies being sent now
     mirror_errors: dict[str, int] = field(default_factory=dict)  # mirror URL -> failures
 
     def add(self, counters: BlobCounters) -> None:
