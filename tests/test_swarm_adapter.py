@@ -226,10 +226,10 @@ async def test_in_order_pieces_come_in_index_order_until_turned_off(
                 _, seen = await next_matching(stream, is_(ev.TorrentFinished, ih))
                 stream.close()
                 orders.append([e.piece for e in seen if isinstance(e, ev.PieceFinished)])
-    # 17 pieces: rarest first (random among equals) averages 68 inversions; in order,
-    # hashing threads may swap a neighbour or two.
-    assert inversions(orders[0]) <= 6, orders[0]
-    assert inversions(orders[1]) > 6, orders[1]
+    # 17 pieces: rarest first (random among equals) averages 68 inversions (sd 12); in
+    # order, hashing threads may finish a few pieces late (11 seen on a loaded machine).
+    assert inversions(orders[0]) <= 24, orders[0]
+    assert inversions(orders[1]) > 24, orders[1]
 
 
 async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> None:
