@@ -36,7 +36,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -99,9 +98,7 @@ class MemberStreamServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._conns: Counter[str] = Counter()  # address -> connections open
-        self._streams: Counter[str] = Counter()  # address -> streams running
-        self._open: set[_Conn] = set()
+        self._open: set[_Conn] = set()  # every connection counted against the caps
         self._threads: set[threading.Thread] = set()
         self._pending: set[concurrent.futures.Future[None]] = set()  # waits on `throttle`
         self._closing = False
@@ -110,7 +107,7 @@ class MemberStreamServer:
     @property
     def streams(self) -> int:
         with self._lock:
-            return sum(self._streams.values())
+            return sum(c.streaming for c in self._open)
 
     async def __aenter__(self) -> MemberStreamServer:
         self._loop = asyncio.get_running_loop()
@@ -171,7 +168,6 @@ class MemberStreamServer:
             with self._lock:
                 room = self._make_room(ip)
                 if room:
-                    self._conns[ip] += 1
                     self._open.add(c)
             if not room:
                 conn.close()
@@ -183,27 +179,18 @@ class MemberStreamServer:
         caps are reached, the oldest connection still without a request (no handshake
         done, or no frame sent) is closed to make it: connections nobody can
         authenticate must not keep members out by filling the slots."""
-        if self._conns[ip] >= PER_IP:
+        if sum(c.ip == ip for c in self._open) >= PER_IP:
             pending = [c for c in self._open if c.ip == ip and not c.admitted]
-        elif sum(self._conns.values()) >= MAX_CONNECTIONS:
+        elif len(self._open) >= MAX_CONNECTIONS:
             pending = [c for c in self._open if not c.admitted]
         else:
             return True
         if not pending:
             return False
         victim = min(pending, key=lambda c: c.since)
-        self._forget(victim)
+        self._open.discard(victim)  # its thread ends on the shutdown; it counts no more
         _shut(victim.sock)
         return True
-
-    def _forget(self, c: _Conn) -> None:
-        """Under the lock: `c` no longer counts against the caps (once)."""
-        if c not in self._open:
-            return
-        self._open.discard(c)
-        self._conns[c.ip] -= 1
-        if self._conns[c.ip] <= 0:
-            del self._conns[c.ip]
 
     def _serve(self, c: _Conn, ip: str) -> None:
         # The handshake and the request share one deadline: a peer trickling bytes must
@@ -231,19 +218,20 @@ class MemberStreamServer:
                 with self._lock:
                     c.admitted = True
                 assert cert is not None
-                self._answer(tls, ip, cert, request)
+                self._answer(tls, c, cert, request)
         except (OSError, ssl.SSLError, wire.WireError, TimeoutError) as exc:
             if not self._closing:
                 log.debug("member stream: %s: %s", ip, exc)
         finally:
             timer.cancel()
             with self._lock:
-                self._forget(c)
+                self._open.discard(c)
             conn.close()
 
     def _answer(
-        self, tls: ssl.SSLSocket, ip: str, cert: PeerCert, request: wire.StreamRequest
+        self, tls: ssl.SSLSocket, c: _Conn, cert: PeerCert, request: wire.StreamRequest
     ) -> None:
+        ip = c.ip
         path = call_on_loop(self._loop, self.backend.verified_blob_path, request.blob_id)
         fd = -1
         try:
@@ -257,9 +245,9 @@ class MemberStreamServer:
                 tls.sendall(wire.encode_frame(wire.StreamAnswer(status="absent")))
                 return
             with self._lock:
-                free = sum(self._streams.values()) < self.slots and not self._streams[ip]
-                if free:
-                    self._streams[ip] += 1
+                running = [o for o in self._open if o.streaming]
+                free = len(running) < self.slots and all(o.ip != ip for o in running)
+                c.streaming = free
             if not free:
                 tls.sendall(wire.encode_frame(wire.StreamAnswer(status="busy")))
                 return
@@ -269,12 +257,11 @@ class MemberStreamServer:
                 sent = self._send(tls, ip, cert, fd, request.start, size)
             finally:
                 with self._lock:
-                    self._streams[ip] -= 1
-                    if self._streams[ip] <= 0:
-                        del self._streams[ip]
+                    c.streaming = False
             self._tell(self.backend.blob_served, request.blob_id, ip, sent, "member-stream")
             if request.start + sent == size:
-                self.served += 1
+                with self._lock:
+                    self.served += 1
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -361,7 +348,8 @@ class _Conn:
         self.sock = sock
         self.ip = ip
         self.since = time.monotonic()
-        self.admitted = False
+        self.admitted = False  # a member's request came on it: never closed for room
+        self.streaming = False  # holds one of the stream slots
 
 
 def _shut(sock: socket.socket) -> None:
