@@ -41,7 +41,7 @@ from peer.manifests.merkle import V2Tree, V2TreeBuilder
 from peer.scheduling.herd import HerdConfig
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
-from peer.transfer.mirror_ranges import chunk_size_for
+from peer.transfer.mirror_ranges import chunk_size_for, hash_range
 from peer.transfer.rate import Throttle
 from peer.verification.hashing import BlobHasher, HashKind
 
@@ -230,20 +230,16 @@ class MemberStream:
     def _hash_prefix(
         self, partial: PartialBlob, hasher: BlobHasher, check: _PieceCheck, end: int
     ) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        def each() -> None:
+            check.pieces(blame_from=None)  # never the member's bytes
+            if self._cancelled:
+                raise StreamCancelled
+
         fd = os.open(partial.data_path, os.O_RDONLY)
         try:
-            pos = 0
-            while pos < end:
-                n = os.preadv(fd, [view[: min(CHUNK, end - pos)]], pos)
-                if n <= 0:
-                    raise IntegrityError(f"{self.file.path}: the partial ended at byte {pos}")
-                hasher.update(view[:n])
-                pos += n
-                check.pieces(blame_from=None)  # never the member's bytes
-                if self._cancelled:
-                    raise StreamCancelled
+            hash_range(fd, hasher, 0, end, each)
+        except OSError as exc:  # the partial is shorter than its journal says
+            raise IntegrityError(f"{self.file.path}: {exc}") from exc
         finally:
             os.close(fd)
 

@@ -881,7 +881,13 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
-def hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
+def hash_range(
+    fd: int,
+    hasher: BlobHasher,
+    start: int,
+    stop: int,
+    each: Callable[[], None] | None = None,
+) -> None:
     """Hash [start, stop) of the partial file (blocking; runs in a worker thread).
 
     pread into one reused buffer: the bytes are in the page cache, just written. (An
@@ -898,6 +904,8 @@ def hash_range(fd: int, hasher: BlobHasher, start: int, stop: int) -> None:
             raise OSError(f"file shorter than {stop} bytes")
         hasher.update(view[:n])
         pos += n
+        if each is not None:  # after every block read (it may raise to stop)
+            each()
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
 
