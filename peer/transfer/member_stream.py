@@ -185,16 +185,17 @@ class MemberStream:
         if start < size:
             self._stream(partial, hasher, check, start, prefix_hashed=hashed)
         check.finish(from_stream_at=start)
-        if hasher.hexdigest() != file.blob_id and start == size:
+        actual = hasher.hexdigest()
+        if actual != file.blob_id and start == size:
             raise IntegrityError(
-                f"{file.path}: the partial on disk hashes to {hasher.hexdigest()}",
+                f"{file.path}: the partial on disk hashes to {actual}",
                 hint="the partial is thrown away; the blob is fetched again",
             )
-        if hasher.hexdigest() != file.blob_id:
+        if actual != file.blob_id:
             # Every piece matched the manifest the member signed: that manifest is wrong.
             raise PeerMisbehaved(
                 f"member {self.peer.agent_id[:8]} sent {file.path} as signed, but it hashes "
-                f"to {hasher.hexdigest()}, not {file.blob_id}"
+                f"to {actual}, not {file.blob_id}"
             )
         partial.held_to(size)
         self._progress(size)
