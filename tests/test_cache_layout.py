@@ -105,3 +105,31 @@ def test_settings_follow_hf_conventions(tmp_path: Path) -> None:
     assert s.mirrors == ("http://m:1",) and s.token == "hf_file"
     s = HubSettings.from_env(env, mirrors=["http://a", "http://b", "http://a"], token="t")
     assert s.mirrors == ("http://a", "http://b") and s.token == "t"
+
+
+def test_install_blob_syncs_the_bytes_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss cannot be staged here, so the order of the calls is what is checked:
+    the file's own fsync (libtorrent's writes are never synced by it), then the rename."""
+    repo = RepoCache(tmp_path, "model", "org/name")
+    src = tmp_path / "landed"
+    src.write_bytes(b"x" * 100_000)
+    inode = src.stat().st_ino
+    seen: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        seen.append("fsync file" if os.fstat(fd).st_ino == inode else "fsync other")
+        real_fsync(fd)
+
+    def replace(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        seen.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = repo.install_blob(src, SHA)
+    assert target.read_bytes() == b"x" * 100_000
+    assert seen[:2] == ["fsync file", "rename"], seen
+    assert seen[2:] == ["fsync other"], seen  # blobs/ itself, so the rename is kept
