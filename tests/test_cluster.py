@@ -204,6 +204,26 @@ def served_by(root: Path) -> list[tuple[str, int]]:
     ]
 
 
+async def test_the_member_stream_listens_on_the_peer_apis_host_by_default(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """No --member-listen: the stream binds --listen's host at port 7853, not every
+    interface (an agent bound to one interface is reachable only there)."""
+    from peer.cli.demo import loopback_agent_command
+
+    lab = cluster(tmp_path, "lab", "a")
+    ip = "127.0.0.77"
+    cmd = loopback_agent_command(tmp_path / "a", ip, mirror.url, (), "--cluster", str(lab["a"]))
+    at = cmd.index("--member-listen")
+    del cmd[at : at + 2]
+    async with agent_process(tmp_path / "a", ip, mirror.url, cmd=cmd) as a:
+        assert a.info["member_port"] == 7853
+        _, writer = await asyncio.open_connection(ip, 7853)
+        writer.close()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", 7853)
+
+
 async def test_members_swarm_when_the_member_stream_is_off(
     tmp_path: Path, mirror: MirrorServer
 ) -> None:
