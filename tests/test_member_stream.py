@@ -55,7 +55,8 @@ class Held:
     def verified_blob_path(self, blob_id: str) -> Path | None:
         return self.files.get(blob_id)
 
-    def count_upload(self, n: int) -> None:
+    def count_upload(self, n: int, via: str) -> None:
+        assert via == "member-stream"  # the agent counts this way apart
         self.uploaded += n
 
     def blob_served(self, blob_id: str, address: str, sent: int, via: str) -> None:
