@@ -558,6 +558,11 @@ async def test_a_member_stream_cut_mid_way_is_finished_by_the_ssl_swarm(
             a.proc.kill()
             got = await fetching
             assert got["from_peers"] > len(shard) // 2, got
+            # Every byte is counted where it came from: the cut stream's checked pieces,
+            # which the swarm found on disk, are from peers too.
+            assert got["from_peers"] + got["from_mirror"] == got["total"], got
+            s = await status(b)
+            assert s["bytes_from_peers"] + s["bytes_from_mirror"] == got["total"], s
             log = b.log.read_text()
             assert "member stream stopped" in log, log[-3000:]
             blobs = list((tmp_path / "b" / "cache").rglob(f"blobs/{blob_id}"))
