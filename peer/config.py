@@ -160,7 +160,9 @@ SEEDING_POLICIES = ("always", "pinned", "none")
 DEFAULT_LOCAL_LISTEN = ("127.0.0.1", 7850)
 DEFAULT_PEER_LISTEN = ("0.0.0.0", 7851)
 DEFAULT_BT_LISTEN = ("0.0.0.0", 7852)
-DEFAULT_MEMBER_LISTEN = ("0.0.0.0", 7853)
+# The member stream's default host is empty: `AgentConfig` makes it `listen`'s host.
+MEMBER_PORT = 7853
+DEFAULT_MEMBER_LISTEN = ("", MEMBER_PORT)
 DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
 STALL_TIMEOUT = 5.0
 PEER_GRACE = 2.0
@@ -215,6 +217,7 @@ class AgentConfig:
     # Cluster mode: this member's credentials file (`hfswarm cluster enroll`); None: open.
     cluster: Path | None = None
     # Cluster mode: where the member blob stream listens (`peer.serving.member_stream`).
+    # An empty host is `listen`'s: an agent bound to one interface streams only there too.
     member_listen: tuple[str, int] = DEFAULT_MEMBER_LISTEN
     # ... and how many blobs it sends at once (0: none; members swarm them).
     member_streams: int = 2
@@ -227,6 +230,8 @@ class AgentConfig:
         return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"
 
     def __post_init__(self) -> None:
+        if not self.member_listen[0]:
+            object.__setattr__(self, "member_listen", (self.listen[0], self.member_listen[1]))
         if self.seeding not in SEEDING_POLICIES:
             raise ConfigError(
                 f"seeding policy {self.seeding!r} is not one of {', '.join(SEEDING_POLICIES)}"

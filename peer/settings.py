@@ -30,6 +30,7 @@ from typing import Any
 
 from peer.config import (
     DEFAULT_ENDPOINT,
+    MEMBER_PORT,
     SEEDING_POLICIES,
     AgentConfig,
     DownloadOptions,
@@ -261,6 +262,11 @@ def _state_fallback(_: Mapping[str, str], done: Mapping[str, Any]) -> tuple[Any,
     return default_state_dir(done["cache_dir"]), "default (beside cache_dir)"
 
 
+def _member_listen_fallback(_: Mapping[str, str], done: Mapping[str, Any]) -> tuple[Any, str]:
+    # An operator who bound the peer API to one interface expects the stream there too.
+    return (done["listen"][0], MEMBER_PORT), "default (listen's host)"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "listen",
@@ -419,8 +425,9 @@ SETTINGS: tuple[Setting, ...] = (
         "member_listen",
         parse_hostport_value("0.0.0.0"),
         "cluster mode: the member blob stream's port (members send each other whole blobs "
-        "over mutual TLS there)",
+        f"over mutual TLS there); default: listen's host, port {MEMBER_PORT}",
         metavar="HOST:PORT",
+        fallback=_member_listen_fallback,
     ),
     Setting(
         "member_streams",

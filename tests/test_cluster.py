@@ -92,6 +92,27 @@ async def status(p: AgentProcess) -> dict[str, Any]:
     return result
 
 
+async def status_text(p: AgentProcess) -> str:
+    r = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.cli.main", "status", "--agent", p.local_url,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await r.communicate()
+    assert r.returncode == 0
+    return out.decode()
+
+
+async def metrics_of(p: AgentProcess) -> dict[str, float]:
+    """The agent's /metrics samples without labels, by name."""
+    async with aiohttp.ClientSession() as s, s.get(f"{p.local_url}/metrics") as r:
+        text = await r.text()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if not name.startswith("#") and "{" not in name
+    }
+
+
 async def peers_of(p: AgentProcess) -> set[str]:
     return {q["agent_id"] for q in (await status(p))["peers"]}
 
@@ -188,6 +209,13 @@ async def test_members_share_and_outsiders_get_nothing(
             assert await peers_of(a) <= {b.info["agent_id"]}
             s = await status(a)
             assert s["mode"] == "cluster"
+            # The stream's bytes are a's uploads, counted apart in status and /metrics.
+            assert s["bytes_uploaded_member_stream"] == 6 * MiB, s
+            assert s["bytes_uploaded"] >= 6 * MiB
+            metrics = await metrics_of(a)
+            assert metrics["hfswarm_uploaded_over_member_stream_bytes_total"] == 6 * MiB
+            assert metrics["hfswarm_uploaded_to_peers_bytes_total"] == s["bytes_uploaded"]
+            assert "of the uploads, over the member stream  6.3 MB" in await status_text(a)
             assert (await status(outsider))["mode"] == "open"
             # A plain-HTTP client gets no answer at all from the member's peer API.
             with pytest.raises(aiohttp.ClientError):
@@ -202,6 +230,26 @@ def served_by(root: Path) -> list[tuple[str, int]]:
     return [
         (e["via"], e["bytes"]) for e in events if e["event"] == "blob_served" and e["bytes"] > MiB
     ]
+
+
+async def test_the_member_stream_listens_on_the_peer_apis_host_by_default(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """No --member-listen: the stream binds --listen's host at port 7853, not every
+    interface (an agent bound to one interface is reachable only there)."""
+    from peer.cli.demo import loopback_agent_command
+
+    lab = cluster(tmp_path, "lab", "a")
+    ip = "127.0.0.77"
+    cmd = loopback_agent_command(tmp_path / "a", ip, mirror.url, (), "--cluster", str(lab["a"]))
+    at = cmd.index("--member-listen")
+    del cmd[at : at + 2]
+    async with agent_process(tmp_path / "a", ip, mirror.url, cmd=cmd) as a:
+        assert a.info["member_port"] == 7853
+        _, writer = await asyncio.open_connection(ip, 7853)
+        writer.close()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", 7853)
 
 
 async def test_members_swarm_when_the_member_stream_is_off(
@@ -223,6 +271,7 @@ async def test_members_swarm_when_the_member_stream_is_off(
             assert got["from_peers"] > total // 2, got
             assert "member-stream" not in {via for via, _ in served_by(tmp_path / "a")}
             assert (await status(a))["bytes_uploaded"] >= 6 * MiB
+            assert (await status(a))["bytes_uploaded_member_stream"] == 0
 
 
 async def test_a_hub_client_reads_a_shard_while_a_member_streams_it(
@@ -509,6 +558,11 @@ async def test_a_member_stream_cut_mid_way_is_finished_by_the_ssl_swarm(
             a.proc.kill()
             got = await fetching
             assert got["from_peers"] > len(shard) // 2, got
+            # Every byte is counted where it came from: the cut stream's checked pieces,
+            # which the swarm found on disk, are from peers too.
+            assert got["from_peers"] + got["from_mirror"] == got["total"], got
+            s = await status(b)
+            assert s["bytes_from_peers"] + s["bytes_from_mirror"] == got["total"], s
             log = b.log.read_text()
             assert "member stream stopped" in log, log[-3000:]
             blobs = list((tmp_path / "b" / "cache").rglob(f"blobs/{blob_id}"))

@@ -22,7 +22,7 @@ from agentkit import write_tree
 from procs import agent_process
 
 from peer.cli.main import agent_config, build_parser
-from peer.config import AgentConfig, DownloadOptions, default_cache_dir
+from peer.config import AgentConfig, DownloadOptions, HubSettings, default_cache_dir
 from peer.errors import ConfigError
 from peer.mirror_server import RepoSource, ThreadedMirror
 from peer.settings import (
@@ -200,6 +200,20 @@ def test_the_hf_conventions_sit_below_every_explicit_layer(tmp_path: Path) -> No
     assert eff["mirrors"] == ("http://m",)
     assert eff["cache_dir"] == tmp_path / "c"  # relative to the file's folder
     assert eff["state_dir"] == tmp_path / "hfswarm"
+
+
+def test_the_member_stream_defaults_to_the_peer_apis_host() -> None:
+    eff = resolve({"listen": "10.0.0.5:7851"}, {}, None)
+    assert eff.values["member_listen"].value == ("10.0.0.5", 7853)
+    assert eff.values["member_listen"].source == "default (listen's host)"
+    assert resolve({}, {}, None)["member_listen"] == ("0.0.0.0", 7853)
+    given = {"listen": "10.0.0.5:7851", "member_listen": "0.0.0.0:9"}
+    assert resolve(given, {}, None)["member_listen"] == ("0.0.0.0", 9)  # set: kept
+    # An AgentConfig built in code says the same.
+    hub = HubSettings(mirrors=(), token=None, cache_dir=Path("c"))
+    config = AgentConfig(hub=hub, state_dir=Path("s"), listen=("10.0.0.5", 1))
+    assert config.member_listen == ("10.0.0.5", 7853)
+    assert AgentConfig(hub=hub, state_dir=Path("s")).member_listen == ("0.0.0.0", 7853)
 
 
 def test_agent_config_from_a_file_environment_and_flags(

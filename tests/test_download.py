@@ -751,3 +751,65 @@ async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: 
         # again for a held prefix would send at least the smallest of them again.
         sent = m.stats().per_file["org/r/a.bin"]
         assert missing <= sent < missing + min(held.values()), (sent, missing)
+
+
+def fds_on(path: Path) -> int:
+    """This process's open fds on `path`."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass
+    return n
+
+
+async def test_a_mirror_fetch_cancelled_while_it_hashes_never_closes_the_fd_under_it(
+    tmp_path: Path,
+) -> None:
+    """The fetch hashes its prefix in a thread as it grows. Cancelled meanwhile, that
+    thread runs on to the end of its range (a thread cannot be cancelled): the fd it
+    reads must stay open until then. Closed under it, the thread read a closed fd, or
+    whatever file took its number."""
+    import threading
+
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    data = __import__("random").Random(12).randbytes(8 * MiB)
+    write(tmp_path / "src" / "h.bin", data)
+    f = RemoteFile("h.bin", len(data), blob_of(data, lfs=True), True)
+    inside, release = threading.Event(), threading.Event()
+
+    def also_hash(_: memoryview) -> None:  # in the hashing thread, within its range
+        inside.set()
+        release.wait(30)
+
+    with ThreadedMirror([RepoSource("model", "org/h", tmp_path / "src")]) as m:
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        url = f"{m.url}/api/models/org/h/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/h", "main", commit, (f,), m.url)
+        try:
+            with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                async with MirrorFetcher(hub, DownloadOptions()) as mf:
+                    fetching = asyncio.create_task(mf.fetch(snap, f, p, also_hash=also_hash))
+                    assert await asyncio.to_thread(inside.wait, 30), "it never hashed"
+                    fetching.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await fetching
+                data_path = p.data_path
+            # The fetch and its partial are closed; the hashing thread is not, and
+            # reads through an fd of its own.
+            assert fds_on(data_path) == 1
+        finally:
+            release.set()
+        for _ in range(1000):
+            if not fds_on(data_path):
+                break
+            await asyncio.sleep(0.01)
+        assert fds_on(data_path) == 0  # and closed once it ended: nothing leaks

@@ -55,7 +55,8 @@ class Held:
     def verified_blob_path(self, blob_id: str) -> Path | None:
         return self.files.get(blob_id)
 
-    def count_upload(self, n: int) -> None:
+    def count_upload(self, n: int, via: str) -> None:
+        assert via == "member-stream"  # the agent counts this way apart
         self.uploaded += n
 
     def blob_served(self, blob_id: str, address: str, sent: int, via: str) -> None:
@@ -200,6 +201,31 @@ async def test_a_cut_stream_resumes_after_the_checked_pieces(
     # Whole pieces only, and some of them: the first stream's checked pieces were kept.
     assert resumed_at > 0 and resumed_at % blob.tree.piece_size == 0, resumed_at
     assert got.received == sent_again == counters.from_peers
+
+
+async def test_a_stream_the_member_cuts_keeps_its_checked_pieces_counted_from_peers(
+    tmp_path: Path, lab: Lab, blob: Blob
+) -> None:
+    """The member goes away mid-way: the checked pieces stay in the partial for the next
+    fetch (which starts after them), so they stay in `from_peers`; the unchecked tail
+    does not. Over both fetches every byte is counted once."""
+    held = Held({blob.file.blob_id: blob.path})
+    partial = tmp_path / "partial"
+    counters = BlobCounters(blob.file.size)
+    async with serving(lab.server, held, throttle=Throttle(6 * MiB)) as server:
+        first = asyncio.create_task(
+            stream(lab.client, lab.server, server.port, blob, partial, counters).fetch()
+        )
+        await asyncio.sleep(1.5)
+    with pytest.raises(NetworkError):
+        await first
+    kept = counters.from_peers
+    assert 0 < kept < blob.file.size and kept % blob.tree.piece_size == 0, kept
+    async with serving(lab.server, held) as server:
+        await stream(lab.client, lab.server, server.port, blob, partial, counters).fetch()
+    (_, _, sent_again, _) = held.served[-1]
+    assert blob.file.size - sent_again == kept  # the next stream started after them
+    assert counters.from_peers == blob.file.size
 
 
 async def test_a_busy_member_costs_no_pass_over_the_prefix_on_disk(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from peer.scheduling.herd import HerdConfig
 from peer.serving.peer_api import RELAY_IDLE
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
-from peer.transfer.mirror_ranges import chunk_size_for, hash_range
+from peer.transfer.mirror_ranges import chunk_size_for, hash_file_range
 from peer.verification.hashing import BlobHasher, HashKind
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ class LeaderCopy:
             # Bytes on disk from before (an earlier relay, an interrupted mirror fetch)
             # are hashed, not asked for again: the relay starts after the prefix.
             start = partial.resume_at(partial.contiguous_end(0))
-            await asyncio.to_thread(_hash_prefix, partial.data_path, hasher, start)
+            await asyncio.to_thread(hash_file_range, partial.data_path, hasher, 0, start)
             self.counters.done = partial.done_bytes()
             if start == 0:
                 self._written_by = set()  # from here on, every byte is a relay's
@@ -278,14 +277,3 @@ class LeaderCopy:
         self.copied = 0
         if self.flight is not None:
             self.flight.reset()  # what a reader got is void: it must cut
-
-
-def _hash_prefix(path: Path, hasher: BlobHasher, end: int) -> None:
-    """Hash [0, end) of `path` (in a worker thread). The thread owns its fd: a copy
-    cancelled meanwhile cannot close it under the read (a thread runs on to its end;
-    its hasher is thrown away)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        hash_range(fd, hasher, 0, end)
-    finally:
-        os.close(fd)

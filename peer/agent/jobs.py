@@ -58,7 +58,8 @@ class Totals:
 
     bytes_from_peers: int = 0
     bytes_from_mirror: int = 0
-    bytes_uploaded_http: int = 0
+    bytes_uploaded_http: int = 0  # /v1/blobs and /v1/relay bodies
+    bytes_uploaded_member_stream: int = 0  # cluster mode's member blob stream
     bytes_served_clients: int = 0  # resolve bodies written to HF_ENDPOINT clients
     hash_failures: int = 0
     downloads: int = 0

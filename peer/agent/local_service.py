@@ -93,7 +93,9 @@ class LocalService:
         self.live_limits = limits
 
     async def _uploaded(self) -> int:
-        uploaded = self.totals.bytes_uploaded_http + self.blobs.uploaded_by_removed
+        t = self.totals
+        uploaded = t.bytes_uploaded_http + t.bytes_uploaded_member_stream
+        uploaded += self.blobs.uploaded_by_removed
         for ih in self.swarm.torrents():
             with contextlib.suppress(Exception):
                 uploaded += (await self.swarm.status(ih)).uploaded_payload_bytes
@@ -145,6 +147,7 @@ class LocalService:
             "bytes_from_peers": self.totals.bytes_from_peers,
             "bytes_from_mirror": self.totals.bytes_from_mirror,
             "bytes_uploaded": await self._uploaded(),
+            "bytes_uploaded_member_stream": self.totals.bytes_uploaded_member_stream,
             "bytes_served_clients": self.totals.bytes_served_clients,
             "hash_failures": self.totals.hash_failures,
             "bans": self.totals.bans,
@@ -180,6 +183,7 @@ class LocalService:
             bytes_from_peers=self.totals.bytes_from_peers,
             bytes_from_mirror=self.totals.bytes_from_mirror,
             bytes_uploaded=await self._uploaded(),
+            bytes_uploaded_member_stream=self.totals.bytes_uploaded_member_stream,
             bytes_served_clients=self.totals.bytes_served_clients,
             downloads=self.totals.downloads,
             hash_failures=self.totals.hash_failures,

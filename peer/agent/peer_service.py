@@ -87,8 +87,11 @@ class PeerService:
             return None
         return self.verified_blob_path(blob_id)
 
-    def count_upload(self, n: int) -> None:
-        self.totals.bytes_uploaded_http += n
+    def count_upload(self, n: int, via: str = "http") -> None:
+        if via == "member-stream":
+            self.totals.bytes_uploaded_member_stream += n
+        else:
+            self.totals.bytes_uploaded_http += n
 
     def blob_served(self, blob_id: str, address: str, sent: int, via: str = "http") -> None:
         if sent > 0:

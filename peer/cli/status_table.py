@@ -27,6 +27,14 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
 
 
+def _member_stream_line(s: dict[str, Any]) -> list[str]:
+    """Cluster mode: the part of the uploads the member blob stream sent."""
+    if s.get("mode") != "cluster" or "bytes_uploaded_member_stream" not in s:
+        return []
+    sent = int(s["bytes_uploaded_member_stream"])
+    return [f"  of the uploads, over the member stream  {human_bytes(sent)}"]
+
+
 def render_status(s: dict[str, Any]) -> str:
     listen = s.get("listen", {})
     peers_from, mirror_from = int(s["bytes_from_peers"]), int(s["bytes_from_mirror"])
@@ -41,6 +49,7 @@ def render_status(s: dict[str, Any]) -> str:
         f"  from the mirror  {human_bytes(mirror_from):>10}    "
         f"uploaded to peers      {human_bytes(int(s['bytes_uploaded'])):>10}",
         f"  served to HF_ENDPOINT clients  {human_bytes(int(s.get('bytes_served_clients', 0)))}",
+        *_member_stream_line(s),
         f"  downloads {s['downloads']} ({s.get('active_downloads', 0)} running)   "
         f"hash failures {s['hash_failures']}   peers banned {s.get('bans', 0)}",
     ]

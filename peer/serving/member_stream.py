@@ -58,6 +58,7 @@ COUNT_EVERY = 8 << 20  # upload counters are told every this many bytes (and at 
 # The CRL is looked at again this often while a stream runs: a member revoked meanwhile
 # gets no more bytes (a blob streams for minutes, a capped one for hours).
 RECHECK_EVERY = 1.0
+VIA = "member-stream"  # how the audit log and the upload counters name this way
 
 
 class StreamBackend(Protocol):
@@ -65,7 +66,7 @@ class StreamBackend(Protocol):
 
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
 
-    def count_upload(self, n: int) -> None: ...
+    def count_upload(self, n: int, via: str) -> None: ...
 
     def blob_served(self, blob_id: str, address: str, sent: int, via: str) -> None: ...
 
@@ -258,7 +259,7 @@ class MemberStreamServer:
             finally:
                 with self._lock:
                     c.streaming = False
-            self._tell(self.backend.blob_served, request.blob_id, ip, sent, "member-stream")
+            self._tell(self.backend.blob_served, request.blob_id, ip, sent, VIA)
             if request.start + sent == size:
                 with self._lock:
                     self.served += 1
@@ -309,11 +310,11 @@ class MemberStreamServer:
                     log.info("member stream: %s reads below the floor rate; cut", ip)
                     break
                 if untold >= COUNT_EVERY:
-                    self._tell(self.backend.count_upload, untold)
+                    self._tell(self.backend.count_upload, untold, VIA)
                     untold = 0
         finally:
             if untold:
-                self._tell(self.backend.count_upload, untold)
+                self._tell(self.backend.count_upload, untold, VIA)
         return pos - start
 
     def _take(self, throttle: Throttle, n: int) -> bool:

@@ -14,7 +14,8 @@ thread) and `AgentMetrics` renders it through a `CollectorRegistry` of the agent
 |---|---|---|
 | hfswarm_downloaded_from_peers_bytes_total | counter | blob bytes received from LAN peers |
 | hfswarm_downloaded_from_mirror_bytes_total | counter | blob bytes received from the mirrors |
-| hfswarm_uploaded_to_peers_bytes_total | counter | blob bytes sent to peers (swarm + HTTP) |
+| hfswarm_uploaded_to_peers_bytes_total | counter | blob bytes sent to peers (all three ways) |
+| hfswarm_uploaded_over_member_stream_bytes_total | counter | of those, the member stream's |
 | hfswarm_served_to_clients_bytes_total | counter | resolve bodies sent to HF_ENDPOINT clients |
 | hfswarm_downloads_total | counter | downloads of the local API finished |
 | hfswarm_hash_failures_total | counter | pieces or blobs that failed their hash |
@@ -51,6 +52,7 @@ class MetricsSnapshot:
     bytes_from_peers: int = 0
     bytes_from_mirror: int = 0
     bytes_uploaded: int = 0
+    bytes_uploaded_member_stream: int = 0  # a part of bytes_uploaded
     bytes_served_clients: int = 0
     downloads: int = 0
     hash_failures: int = 0
@@ -86,8 +88,13 @@ def families(s: MetricsSnapshot) -> Iterator[Metric]:
     )
     yield counter(
         "uploaded_to_peers_bytes",
-        "Blob bytes sent to LAN peers (BitTorrent and HTTP).",
+        "Blob bytes sent to LAN peers (BitTorrent, HTTP and the member blob stream).",
         s.bytes_uploaded,
+    )
+    yield counter(
+        "uploaded_over_member_stream_bytes",
+        "The part of uploaded_to_peers sent over cluster mode's member blob stream.",
+        s.bytes_uploaded_member_stream,
     )
     yield counter(
         "served_to_clients_bytes",

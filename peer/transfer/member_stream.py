@@ -111,6 +111,8 @@ class MemberStream:
         self._cancelled = False
         self._stopping = False  # the hashing thread's verdict is in: the receiver stops
         self._received = 0  # counted into `counters.from_peers` so far (on the loop)
+        self._start = 0  # where this stream started (in the thread, before any progress)
+        self._kept = 0  # of `_received`: checked pieces journaled (on the loop)
         self._got = 0  # bytes taken off the stream (in the thread)
 
     async def fetch(self) -> FromMember:
@@ -121,8 +123,11 @@ class MemberStream:
             return await in_thread(self._run, self._cancel, f"member-{self.file.blob_id[:8]}")
         except StreamCancelled:
             raise asyncio.CancelledError from None
-        except BaseException:
-            self.counters.from_peers -= self._received  # nothing of it was kept
+        except BaseException as exc:
+            # The checked pieces stay in the partial for the next fetch (the swarm counts
+            # them as resumed): they are still from peers. A lie's partial is thrown away.
+            kept = 0 if isinstance(exc, PeerMisbehaved | IntegrityError) else self._kept
+            self.counters.from_peers -= self._received - kept
             self._received = 0
             if self.flight is not None:
                 self.flight.reset()  # what a reader got of this stream is void: it cuts
@@ -168,7 +173,7 @@ class MemberStream:
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), size, also=check.tree.update)
         # What is on disk already is checked piece by piece as the stream's bytes are,
         # but blames nobody: it is not this member's.
-        start = partial.resume_at(partial.contiguous_end(0))
+        start = self._start = partial.resume_at(partial.contiguous_end(0))
         # The stream rewrites everything from `start`, checking it piece by piece: what
         # the journal claims past it (a mirror's out-of-order chunks) is claimed again
         # only once checked, or a cut stream would leave unchecked bytes claimed.
@@ -415,6 +420,7 @@ class MemberStream:
         def tell() -> None:
             self.counters.from_peers += received - self._received
             self._received = received
+            self._kept = min(received, max(self._kept, verified - self._start))
             self.counters.done = max(self.counters.done, verified)
             if self.flight is not None:
                 self.flight.advance(verified)

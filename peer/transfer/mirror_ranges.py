@@ -47,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import urljoin
 
@@ -415,24 +416,20 @@ class MirrorFetcher:
         """Hash the finished prefix as it grows; reads hit the page cache just written."""
         p = job.partial
         assert p is not None
-        fd = os.open(p.data_path, os.O_RDONLY)
-        try:
-            next_chunk = 0
-            while next_chunk < p.n_chunks:
-                end_chunk = p.contiguous_end(next_chunk)
-                if end_chunk == next_chunk:
-                    job.wake_hasher.clear()
-                    if p.contiguous_end(next_chunk) == next_chunk:
-                        await job.wake_hasher.wait()
-                    continue
-                start = p.chunk_range(next_chunk)[0]
-                stop = p.chunk_range(end_chunk - 1)[1]
-                await asyncio.to_thread(hash_range, fd, hasher, start, stop)
-                next_chunk = end_chunk
-                if on_prefix is not None:
-                    on_prefix(stop)
-        finally:
-            os.close(fd)
+        next_chunk = 0
+        while next_chunk < p.n_chunks:
+            end_chunk = p.contiguous_end(next_chunk)
+            if end_chunk == next_chunk:
+                job.wake_hasher.clear()
+                if p.contiguous_end(next_chunk) == next_chunk:
+                    await job.wake_hasher.wait()
+                continue
+            start = p.chunk_range(next_chunk)[0]
+            stop = p.chunk_range(end_chunk - 1)[1]
+            await asyncio.to_thread(hash_file_range, p.data_path, hasher, start, stop)
+            next_chunk = end_chunk
+            if on_prefix is not None:
+                on_prefix(stop)
         return hasher.hexdigest()
 
     # -- workers ---------------------------------------------------------------------
@@ -908,6 +905,17 @@ def hash_range(
             each()
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_DONTNEED)
+
+
+def hash_file_range(path: Path, hasher: BlobHasher, start: int, stop: int) -> None:
+    """`hash_range` of `path` in a worker thread that owns its fd: a caller cancelled
+    meanwhile cannot close it under the read (a thread runs on to its end; its hasher
+    is thrown away). One open per range: a range is one or more 1-16 MiB chunks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hash_range(fd, hasher, start, stop)
+    finally:
+        os.close(fd)
 
 
 __all__ = ["MirrorFetcher", "MirrorPool", "RangeUnsupported", "UserError", "chunk_size_for"]
