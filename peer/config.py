@@ -7,6 +7,7 @@ token file, HF_HOME / HF_HUB_CACHE / XDG_CACHE_HOME), mirroring huggingface_hub'
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,17 @@ def parse_hostport(
     return host, number
 
 
+def listen_host_for_others(listen_host: str) -> str:
+    """The host the BitTorrent port and the member stream bind by default: the peer
+    API's, when it names one address (libtorrent takes a name for a network device, so
+    a host name leaves them on every interface)."""
+    try:
+        ipaddress.ip_address(listen_host)
+    except ValueError:
+        return "0.0.0.0"
+    return listen_host
+
+
 def format_hostport(where: tuple[str, int]) -> str:
     """The HOST:PORT text `parse_hostport` reads back ([v6]:PORT for IPv6)."""
     host, port = where
@@ -159,8 +171,10 @@ SEEDING_POLICIES = ("always", "pinned", "none")
 # own configs (`PolicyConfig`, `HerdConfig`) start from the same values.
 DEFAULT_LOCAL_LISTEN = ("127.0.0.1", 7850)
 DEFAULT_PEER_LISTEN = ("0.0.0.0", 7851)
-DEFAULT_BT_LISTEN = ("0.0.0.0", 7852)
-# The member stream's default host is empty: `AgentConfig` makes it `listen`'s host.
+# The BitTorrent port's and the member stream's default hosts are empty: `AgentConfig`
+# makes them `listen`'s host.
+BT_PORT = 7852
+DEFAULT_BT_LISTEN = ("", BT_PORT)
 MEMBER_PORT = 7853
 DEFAULT_MEMBER_LISTEN = ("", MEMBER_PORT)
 DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
@@ -230,8 +244,10 @@ class AgentConfig:
         return self.audit_log if self.audit_log is not None else Path(self.state_dir) / "audit.log"
 
     def __post_init__(self) -> None:
-        if not self.member_listen[0]:
-            object.__setattr__(self, "member_listen", (self.listen[0], self.member_listen[1]))
+        for key in ("bt_listen", "member_listen"):
+            host, port = getattr(self, key)
+            if not host:
+                object.__setattr__(self, key, (listen_host_for_others(self.listen[0]), port))
         if self.seeding not in SEEDING_POLICIES:
             raise ConfigError(
                 f"seeding policy {self.seeding!r} is not one of {', '.join(SEEDING_POLICIES)}"

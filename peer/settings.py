@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from peer.config import (
+    BT_PORT,
     DEFAULT_ENDPOINT,
     MEMBER_PORT,
     SEEDING_POLICIES,
@@ -38,6 +39,7 @@ from peer.config import (
     default_cache_dir,
     default_state_dir,
     format_hostport,
+    listen_host_for_others,
     normalize_endpoint,
     parse_hostport,
 )
@@ -262,9 +264,12 @@ def _state_fallback(_: Mapping[str, str], done: Mapping[str, Any]) -> tuple[Any,
     return default_state_dir(done["cache_dir"]), "default (beside cache_dir)"
 
 
-def _member_listen_fallback(_: Mapping[str, str], done: Mapping[str, Any]) -> tuple[Any, str]:
-    # An operator who bound the peer API to one interface expects the stream there too.
-    return (done["listen"][0], MEMBER_PORT), "default (listen's host)"
+def _listen_host_fallback(port: int) -> Fallback:
+    # An operator who bound the peer API to one interface expects the other ports there too.
+    def fallback(_: Mapping[str, str], done: Mapping[str, Any]) -> tuple[Any, str]:
+        return (listen_host_for_others(done["listen"][0]), port), "default (listen's host)"
+
+    return fallback
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -280,7 +285,13 @@ SETTINGS: tuple[Setting, ...] = (
         "API for the CLI on this machine",
         metavar="HOST:PORT",
     ),
-    Setting("bt_listen", parse_hostport_value("0.0.0.0"), "BitTorrent port", metavar="HOST:PORT"),
+    Setting(
+        "bt_listen",
+        parse_hostport_value("0.0.0.0"),
+        f"BitTorrent port; default: listen's host, port {BT_PORT}",
+        metavar="HOST:PORT",
+        fallback=_listen_host_fallback(BT_PORT),
+    ),
     Setting(
         "peers",
         parse_hostport_value("0.0.0.0"),
@@ -427,7 +438,7 @@ SETTINGS: tuple[Setting, ...] = (
         "cluster mode: the member blob stream's port (members send each other whole blobs "
         f"over mutual TLS there); default: listen's host, port {MEMBER_PORT}",
         metavar="HOST:PORT",
-        fallback=_member_listen_fallback,
+        fallback=_listen_host_fallback(MEMBER_PORT),
     ),
     Setting(
         "member_streams",

@@ -216,6 +216,22 @@ def test_the_member_stream_defaults_to_the_peer_apis_host() -> None:
     assert AgentConfig(hub=hub, state_dir=Path("s")).member_listen == ("0.0.0.0", 7853)
 
 
+def test_the_bittorrent_port_defaults_to_the_peer_apis_host() -> None:
+    eff = resolve({"listen": "10.0.0.5:7851"}, {}, None)
+    assert eff.values["bt_listen"].value == ("10.0.0.5", 7852)
+    assert eff.values["bt_listen"].source == "default (listen's host)"
+    assert resolve({"listen": "[fd00::5]:1"}, {}, None)["bt_listen"] == ("fd00::5", 7852)
+    # libtorrent would take a host name for a network device: every interface then.
+    assert resolve({"listen": "lab-7:7851"}, {}, None)["bt_listen"] == ("0.0.0.0", 7852)
+    given = {"listen": "10.0.0.5:7851", "bt_listen": ":9"}
+    assert resolve(given, {}, None)["bt_listen"] == ("0.0.0.0", 9)  # set: kept
+    hub = HubSettings(mirrors=(), token=None, cache_dir=Path("c"))
+    config = AgentConfig(hub=hub, state_dir=Path("s"), listen=("10.0.0.5", 1))
+    assert (config.bt_listen, config.member_listen) == (("10.0.0.5", 7852), ("10.0.0.5", 7853))
+    named = AgentConfig(hub=hub, state_dir=Path("s"), listen=("lab-7", 1))
+    assert named.bt_listen == ("0.0.0.0", 7852)
+
+
 def test_agent_config_from_a_file_environment_and_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -264,7 +280,7 @@ def test_hfswarm_config_prints_each_value_and_its_source(tmp_path: Path) -> None
     assert rows["stall_timeout"][1:] == ["9.0", "flag"]  # the flag beats line 4
     assert rows["max_upload_rate"][1:] == ["7000000", "env:HFSWARM_MAX_UPLOAD_RATE"]
     assert rows["mirrors"][1:] == ["http://mirror.lan:8080", "env:HF_ENDPOINT"]
-    assert rows["bt_listen"][1:] == ["0.0.0.0:7852", "default"]
+    assert rows["bt_listen"][1:] == ["0.0.0.0:7852", "default", "(listen's", "host)"]
     assert set(rows) == set(BY_KEY)
 
     done = hfswarm("config", "--json", "--config", str(path), env=env)
