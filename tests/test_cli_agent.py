@@ -45,8 +45,9 @@ def test_the_agent_help_prints_the_real_defaults() -> None:
     done = hfswarm("agent", "--help", timeout=60)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
-    for where in (AgentConfig.listen, AgentConfig.local_listen, AgentConfig.bt_listen):
+    for where in (AgentConfig.listen, AgentConfig.local_listen):
         assert f"(default {format_hostport(where)})" in text
+    assert f"BitTorrent port; default: listen's host, port {AgentConfig.bt_listen[1]}" in text
     for seconds in (
         AgentConfig.stall_timeout,
         AgentConfig.herd_settle,
