@@ -185,6 +185,7 @@ MARKS = [  # (label, a substring of the log line that marks it); first match win
     ("swarm started", ": swarming"),
     ("first piece", ": first piece"),
     ("last piece", ": all pieces had"),
+    ("whole-file hash checked (then fsync, rename)", ": whole-file hash checked"),
     ("hash matched, in blobs/", "hash matched"),
     ("linked (job done)", "Done"),
 ]
@@ -304,7 +305,13 @@ def main() -> None:
             got = [at for tl in rounds for lb, at in tl if lb == label]
             cells.append(f"{statistics.median(got):.3f}" if got else "-")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    spans = [("swarm started", "last piece"), ("last piece", "CLI exited")]
+    spans = [
+        ("swarm started", "last piece"),
+        ("last piece", "whole-file hash checked (then fsync, rename)"),
+        ("whole-file hash checked (then fsync, rename)", "hash matched, in blobs/"),
+        ("last piece", "hash matched, in blobs/"),
+        ("last piece", "CLI exited"),
+    ]
     for a, b in spans:
         cells = []
         for rounds in lines.values():

@@ -4,6 +4,7 @@ final prefix grows (`PrefixHasher`, behind every swarm download)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
@@ -68,3 +69,30 @@ def test_a_wrong_byte_a_short_file_and_a_longer_file_all_fail(tmp_path: Path) ->
     assert short.position == len(data) - 10 and not short.verdict().ok
     path.write_bytes(data + b"x")
     assert not PrefixHasher(path, blob, len(data)).verdict().ok
+
+
+def test_each_hashed_range_is_handed_on_once_in_order(tmp_path: Path) -> None:
+    # The swarm download starts each range's writeback there (`peer/cache/writeback.py`):
+    # only what the follower read (final bytes), every byte once, nothing past the file.
+    data = random.Random(4).randbytes(10 * PIECE + 7)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    told: list[tuple[int, int]] = []
+
+    def hashed(fd: int, offset: int, length: int) -> None:
+        assert os.path.samestat(os.fstat(fd), path.stat())  # an open fd of the file itself
+        told.append((offset, length))
+
+    follower = PrefixHasher(path, blob, len(data), hashed=hashed)
+    follower.hash_to(3 * PIECE)
+    follower.hash_to(3 * PIECE)  # nothing new read: nothing told
+    follower.hash_to(2 * PIECE)
+    assert told == [(0, 3 * PIECE)]
+    assert follower.verdict().ok
+    assert told == [(0, 3 * PIECE), (3 * PIECE, len(data) - 3 * PIECE)]
+    path.write_bytes(data[:-100])  # short: only what was there
+    told.clear()
+    short = PrefixHasher(path, blob, len(data), hashed=hashed)
+    assert not short.verdict().ok
+    assert told == [(0, len(data) - 100)]

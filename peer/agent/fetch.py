@@ -29,6 +29,7 @@ from peer.agent.survey import SurveyBatch
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
+from peer.cache.writeback import writeback_for
 from peer.cluster.tls import Cluster
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
@@ -191,6 +192,8 @@ class BlobFetcher:
         self._transfers = asyncio.Semaphore(config.download.max_files)
         # The swarms' re-surveys, one question per peer for all of them (agent/survey.py).
         self.resurveys = SurveyBatch(self._find)
+        # Swarm downloads start each hashed range's writeback (see `_swarm`).
+        self._writeback = writeback_for()
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
@@ -765,8 +768,12 @@ class BlobFetcher:
             flight.reset()
             flight.start(data_path, from_peers=True)
         # The whole-file hash reads each byte once, as the in-order prefix of checked,
-        # flushed pieces grows (`FlushForReaders`), not in a second pass at the end.
-        follower = HashFollower(PrefixHasher(data_path, file.blob_id, file.size))
+        # flushed pieces grows (`FlushForReaders`), not in a second pass at the end;
+        # each range it read is final, so its writeback starts there (libtorrent never
+        # syncs): the fsync before the rename then finds little left to write.
+        follower = HashFollower(
+            PrefixHasher(data_path, file.blob_id, file.size, hashed=self._writeback)
+        )
         log.debug("%s: swarming %s", file.path, ih[:12])
         try:
             await self._drive(
@@ -811,6 +818,7 @@ class BlobFetcher:
                 hint="refetching from the mirror",
             )
         counters.done = file.size
+        log.debug("%s: whole-file hash checked", file.path)
         path = repo.install_blob(data_path, file.blob_id)
         PartialBlob.installed(data_path)  # a cut member stream's journal, if any
         log.debug("%s: whole-file hash matched, in blobs/", file.path)

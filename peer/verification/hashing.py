@@ -114,12 +114,21 @@ class PrefixHasher:
 
     Blocking (run `hash_to` and `verdict` in a thread); one caller at a time. The
     caller vouches that ``[0, end)`` never changes again when it calls `hash_to(end)`.
+    ``hashed(fd, offset, length)`` is told each range once it is read (the caller starts
+    its writeback there: the range is final, and the fsync at the end finds it written).
     """
 
-    def __init__(self, path: Path, blob_id: str, size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        blob_id: str,
+        size: int,
+        hashed: Callable[[int, int, int], object] | None = None,
+    ) -> None:
         self.path = path
         self.blob_id = blob_id
         self.size = size
+        self._hashed = hashed
         self._h = BlobHasher(HashKind.of_blob_id(blob_id), size)
 
     @property
@@ -130,15 +139,18 @@ class PrefixHasher:
         end = min(end, self.size)
         if end <= self._h.fed:
             return
+        start = self._h.fed
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._h.fed)
-            buf = bytearray(min(READ_BLOCK, end - self._h.fed))
+            f.seek(start)
+            buf = bytearray(min(READ_BLOCK, end - start))
             view = memoryview(buf)
             while self._h.fed < end:
                 n = f.readinto(view[: min(len(buf), end - self._h.fed)])
                 if not n:
-                    return  # shorter than said: the verdict tells
+                    break  # shorter than said: the verdict tells
                 self._h.update(view[:n])
+            if self._hashed is not None and self._h.fed > start:
+                self._hashed(f.fileno(), start, self._h.fed - start)
 
     def verdict(self) -> Verdict:
         """Hash what is left and compare with the blob id (and the size on disk)."""
