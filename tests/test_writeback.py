@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.cache.writeback import writeback_for
+from peer.cache.writeback import WritebackWorker, writeback_for
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
@@ -39,3 +39,28 @@ def test_a_pipe_or_a_closed_fd_is_refused_without_an_exception() -> None:
         os.close(r)
         os.close(w)
     assert start(r, 0, 10) is False  # closed meanwhile
+
+
+def test_the_worker_hands_a_copy_of_the_fd_to_its_thread_and_closes_it(tmp_path: Path) -> None:
+    # The hash follower closes its fd right after handing the range on; the worker's
+    # thread must still reach the file, then close its copy (no fd leaks), and a
+    # closed worker refuses without an exception.
+    seen: list[tuple[int, int, int]] = []
+
+    def start(fd: int, offset: int, length: int) -> bool:
+        seen.append((os.fstat(fd).st_ino, offset, length))
+        return True
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 4096)
+    fds_before = len(os.listdir("/proc/self/fd")) if sys.platform.startswith("linux") else 0
+    worker = WritebackWorker(start)
+    for off in (0, 1024, 2048):
+        with open(path, "rb") as f:
+            assert worker(f.fileno(), off, 1024)
+    worker.close()
+    assert seen == [(path.stat().st_ino, off, 1024) for off in (0, 1024, 2048)]
+    if sys.platform.startswith("linux"):
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+    with open(path, "rb") as f:
+        assert worker(f.fileno(), 0, 10) is False

@@ -29,7 +29,7 @@ from peer.agent.survey import SurveyBatch
 from peer.aio import primary_error
 from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
 from peer.cache.partial import PartialBlob
-from peer.cache.writeback import writeback_for
+from peer.cache.writeback import WritebackWorker
 from peer.cluster.tls import Cluster
 from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
@@ -193,7 +193,7 @@ class BlobFetcher:
         # The swarms' re-surveys, one question per peer for all of them (agent/survey.py).
         self.resurveys = SurveyBatch(self._find)
         # Swarm downloads start each hashed range's writeback (see `_swarm`).
-        self._writeback = writeback_for()
+        self._writeback = WritebackWorker()
 
     def stream_of(self, blob_id: str) -> InFlightBlob | None:
         return self._flights.get(blob_id)
@@ -1026,6 +1026,7 @@ class BlobFetcher:
         """The agent is shutting down: stop the herd's survey, keep what was fetched."""
         await self.herd.close()
         await self.save_all_resume_data()
+        await asyncio.to_thread(self._writeback.close)
 
     # -- resume ----------------------------------------------------------------------
 

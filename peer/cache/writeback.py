@@ -16,10 +16,12 @@ right after). Elsewhere, or where the call is refused, nothing is done.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["Writeback", "writeback_for"]
+__all__ = ["Writeback", "WritebackWorker", "writeback_for"]
 
 # <linux/fs.h>: start writes of the range's dirty pages, do not wait for them.
 SYNC_FILE_RANGE_WRITE = 2
@@ -55,3 +57,37 @@ def writeback_for() -> Writeback:
 
 def _nothing(fd: int, offset: int, length: int) -> bool:
     return False
+
+
+class WritebackWorker:
+    """Starts writebacks on a thread of its own: `sync_file_range` waits while the
+    disk's request queue is full (10-60 ms per 32-96 MiB here, loaded), and the hash
+    follower that hands the ranges on must not wait with it. Call it like a `Writeback`
+    (the fd is duplicated: the caller may close its own at once); `close` when done."""
+
+    def __init__(self, start: Writeback | None = None) -> None:
+        self._start = start or writeback_for()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
+
+    def __call__(self, fd: int, offset: int, length: int) -> bool:
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            return False
+        try:
+            self._pool.submit(self._run, dup, offset, length)
+        except RuntimeError:  # closed
+            os.close(dup)
+            return False
+        return True
+
+    def _run(self, fd: int, offset: int, length: int) -> None:
+        try:
+            self._start(fd, offset, length)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Blocking: waits for the writebacks already asked for (each only starts
+        writes), so that every duplicated fd is closed."""
+        self._pool.shutdown(wait=True)
