@@ -3,7 +3,8 @@ before the rename into ``blobs/`` (`RepoCache.install_blob`) finds little still 
 
 libtorrent never syncs what it writes, and with gigabytes of RAM the kernel leaves it
 dirty for up to 30 s (``vm.dirty_expire_centisecs``), so the fsync at the end used to
-write the whole blob at once (about 0.25 s per GiB here). A swarm download's hash
+write the whole blob at once (0.5-0.6 s per GiB at the end of a swarm download here,
+loaded; docs/benchmarks.md 8.20). A swarm download's hash
 follower reads each final range once (`PrefixHasher`); asking for that range's
 writeback right after spreads the writes over the download.
 
@@ -70,6 +71,8 @@ class WritebackWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
 
     def __call__(self, fd: int, offset: int, length: int) -> bool:
+        if self._start is _nothing:
+            return False  # no writeback on this platform: no copy, no thread
         try:
             dup = os.dup(fd)
         except OSError:
