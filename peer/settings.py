@@ -288,7 +288,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "bt_listen",
         parse_hostport_value("0.0.0.0"),
-        f"BitTorrent port; default: listen's host, port {BT_PORT}",
+        f"BitTorrent port; default: listen's host, port {BT_PORT} (every interface when "
+        "listen is a host name, not an address)",
         metavar="HOST:PORT",
         fallback=_listen_host_fallback(BT_PORT),
     ),
@@ -436,7 +437,8 @@ SETTINGS: tuple[Setting, ...] = (
         "member_listen",
         parse_hostport_value("0.0.0.0"),
         "cluster mode: the member blob stream's port (members send each other whole blobs "
-        f"over mutual TLS there); default: listen's host, port {MEMBER_PORT}",
+        f"over mutual TLS there); default: listen's host, port {MEMBER_PORT} (every interface "
+        "when listen is a host name, not an address)",
         metavar="HOST:PORT",
         fallback=_listen_host_fallback(MEMBER_PORT),
     ),

@@ -133,3 +133,33 @@ def test_install_blob_syncs_the_bytes_before_the_rename(
     assert target.read_bytes() == b"x" * 100_000
     assert seen[:2] == ["fsync file", "rename"], seen
     assert seen[2:] == ["fsync other"], seen  # blobs/ itself, so the rename is kept
+
+
+def test_local_dir_install_syncs_the_file_and_its_rename_before_the_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--local-dir`: the metadata vouches for the file by size and mtime, so after a
+    power loss it must never name a rename or bytes that did not reach the disk."""
+    from peer.cache.hf_cache import LocalDir
+
+    out = LocalDir(tmp_path / "out")
+    src = tmp_path / "landed"
+    src.write_bytes(b"y" * 5000)
+    inode = src.stat().st_ino
+    seen: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        seen.append("fsync file" if os.fstat(fd).st_ino == inode else "fsync other")
+        real_fsync(fd)
+
+    def replace(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        seen.append("rename metadata" if str(b).endswith(".metadata") else "rename file")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = out.install(src, "a/w.bin", "c" * 40, SHA)
+    assert target.read_bytes() == b"y" * 5000
+    assert seen == ["fsync file", "rename file", "fsync other", "rename metadata"], seen
+    assert out.is_current("a/w.bin", "c" * 40, SHA, 5000)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.cache.writeback import WritebackWorker, writeback_for
+from peer.cache.writeback import MAX_PENDING, WritebackWorker, writeback_for
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
@@ -64,3 +64,31 @@ def test_the_worker_hands_a_copy_of_the_fd_to_its_thread_and_closes_it(tmp_path:
         assert len(os.listdir("/proc/self/fd")) == fds_before
     with open(path, "rb") as f:
         assert worker(f.fileno(), 0, 10) is False
+
+
+def test_behind_a_slow_disk_the_worker_drops_hints_instead_of_holding_fds(tmp_path: Path) -> None:
+    """`sync_file_range` waits while the disk's queue is full; the ranges handed on
+    meanwhile must not pile up, each with a duplicated fd."""
+    import threading
+
+    release = threading.Event()
+    started: list[tuple[int, int]] = []
+
+    def slow(fd: int, offset: int, length: int) -> bool:
+        started.append((offset, length))
+        release.wait(10)
+        return True
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    worker = WritebackWorker(slow)
+    with path.open("rb") as f:
+        taken = [worker(f.fileno(), i * 4096, 4096) for i in range(5000)]
+        held = len(os.listdir("/proc/self/fd")) - fds_before
+    assert sum(taken) == MAX_PENDING
+    assert held <= MAX_PENDING + 1, held  # the pool's thread may hold one more
+    release.set()
+    worker.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert started[0] == (0, 4096)

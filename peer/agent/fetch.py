@@ -27,7 +27,7 @@ from peer.agent.seeding import HeldFor, SeedIndex
 from peer.agent.state import StateDir
 from peer.agent.survey import SurveyBatch
 from peer.aio import primary_error
-from peer.cache.hf_cache import RepoCache, find_blob_anywhere, translate_os_error
+from peer.cache.hf_cache import RepoCache, find_blob_anywhere, sync_file, translate_os_error
 from peer.cache.partial import PartialBlob
 from peer.cache.writeback import WritebackWorker
 from peer.cluster.tls import Cluster
@@ -359,7 +359,8 @@ class BlobFetcher:
         access: Access,
     ) -> Path:
         if source.parent != repo.blobs:
-            repo.adopt_blob(source, file.blob_id)
+            # a copy where no hard link can be made: off the loop, like its fsync
+            await asyncio.to_thread(repo.adopt_blob, source, file.blob_id)
         counters.had()
         await self.note(file, access)
         return repo.blob_path(file.blob_id)
@@ -504,7 +505,7 @@ class BlobFetcher:
         """A blob copied from the herd leader, whose whole-file hash matched: into
         ``blobs/`` and seeded, as if it came from the mirror (its manifest from the v2
         tree built as the copy was hashed, when it will be seeded)."""
-        path = repo.install_blob(data, file.blob_id)
+        path = await self._install(repo, data, file.blob_id)
         PartialBlob.installed(data)
         flight = self._flights.get(file.blob_id)
         if flight is not None:
@@ -512,6 +513,17 @@ class BlobFetcher:
         held_for = self._held_for(access)
         await self.seeds.offer_verified(path, file.blob_id, file.size, held_for, tree)
         return path
+
+    @staticmethod
+    async def _install(repo: RepoCache, verified: Path, blob_id: str) -> Path:
+        """A checked blob into ``blobs/``: its fsync (a swarm download's whole file may
+        still be dirty) in a thread, then the rename on the loop, so no reader of the
+        in-flight blob opens the old path between the rename and `flight.moved`."""
+        try:
+            await asyncio.to_thread(sync_file, verified)
+        except OSError as exc:
+            raise translate_os_error(exc, f"writing {blob_id} to disk") from exc
+        return repo.install_blob(verified, blob_id)
 
     @staticmethod
     def _held_for(access: Access, *, from_peers: bool = False) -> tuple[str, Visibility] | None:
@@ -621,7 +633,7 @@ class BlobFetcher:
         )
         if finished is None:
             return repo.blob_path(file.blob_id), None
-        path = repo.install_blob(finished.path, file.blob_id)
+        path = await self._install(repo, finished.path, file.blob_id)
         PartialBlob.installed(finished.path)
         if flight is not None:
             flight.moved(path)
@@ -655,7 +667,7 @@ class BlobFetcher:
                 raise translate_os_error(exc, f"writing {file.path}") from exc
             counters.from_peers += len(data)
             counters.done = file.size
-            path = repo.install_blob(tmp, file.blob_id)
+            path = await self._install(repo, tmp, file.blob_id)
             with contextlib.suppress(SwarmError, OSError):
                 await self.seeds.add_with_manifest(
                     path, offer.manifest, self._held_for(access, from_peers=True)
@@ -709,7 +721,7 @@ class BlobFetcher:
                 log.info("%s: member stream stopped: %s", file.path, exc.one_line())
                 continue
             counters.done = file.size
-            path = repo.install_blob(got.path, file.blob_id)
+            path = await self._install(repo, got.path, file.blob_id)
             PartialBlob.installed(got.path)
             log.debug("%s: %d bytes over a member stream, verified", file.path, got.received)
             if flight is not None:
@@ -819,7 +831,7 @@ class BlobFetcher:
             )
         counters.done = file.size
         log.debug("%s: whole-file hash checked", file.path)
-        path = repo.install_blob(data_path, file.blob_id)
+        path = await self._install(repo, data_path, file.blob_id)
         PartialBlob.installed(data_path)  # a cut member stream's journal, if any
         log.debug("%s: whole-file hash matched, in blobs/", file.path)
         if flight is not None:

@@ -8,7 +8,7 @@ it cannot be in use: its writer's pid is gone, or it is older than `STALE` secon
 (the atomic replaces live for microseconds).
 
   <repo>/.hfswarm/partial/publish.*           a publish's copy (never resumed)
-  <repo>/.hfswarm/partial/<id>.adopt.<pid>    a blob reused from another repo
+  <repo>/.hfswarm/partial/<id>.<thread>.adopt.<pid>  a blob reused from another repo
   <repo>/.hfswarm/partial/<id>.copy.<pid>     a --local-dir copy
   <repo>/.hfswarm/partial/<id>.journal        an old, unlocked journal whose data
                                               file is gone (killed after the rename)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -74,11 +75,13 @@ def translate_os_error(exc: OSError, what: str) -> LocalError:
     )
 
 
-def _fsync_file(path: Path) -> None:
+def sync_file(path: Path) -> None:
     """Put a file's bytes on disk before it is renamed into ``blobs/``: fsync on any fd
     writes back every dirty page of the file, whoever wrote it (libtorrent's own disk
     threads for a swarm download, which never sync). Without it a power loss after the
-    rename could leave a "verified" blob of zeros. Nearly free when the writer synced."""
+    rename could leave a "verified" blob of zeros. Nearly free when the writer synced, so
+    an async caller runs it in a thread first (`BlobFetcher._install`): the rename itself
+    stays on the loop, in the same step as the readers are moved to the new path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -137,7 +140,7 @@ class RepoCache:
         target = self.blob_path(blob_id)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_file(verified)
+            sync_file(verified)
             os.replace(verified, target)
             _fsync_dir(target.parent)
         except OSError as exc:
@@ -147,7 +150,8 @@ class RepoCache:
     def adopt_blob(self, source: Path, blob_id: str) -> Path:
         """Reuse a verified blob from elsewhere: hard link, else copy (then rename)."""
         target = self.blob_path(blob_id)
-        tmp = self.partial_dir / f"{blob_id}.adopt.{os.getpid()}"
+        # one name per thread: an agent adopts in threads (a copy may take minutes)
+        tmp = self.partial_dir / f"{blob_id}.{threading.get_ident()}.adopt.{os.getpid()}"
         try:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
@@ -259,7 +263,11 @@ class LocalDir:
         meta = self._metadata_path(path)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            # The bytes, then the rename, on disk before the metadata that vouches for
+            # them: `is_current` trusts a file its metadata names (size and mtime only).
+            sync_file(verified)
             os.replace(verified, target)
+            _fsync_dir(target.parent)
             meta.parent.mkdir(parents=True, exist_ok=True)
             tmp = meta.with_name(f".{meta.name}.tmp")
             tmp.write_text(f"{commit}\n{blob_id}\n{time.time()}\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,9 @@ __all__ = ["Writeback", "WritebackWorker", "writeback_for"]
 
 # <linux/fs.h>: start writes of the range's dirty pages, do not wait for them.
 SYNC_FILE_RANGE_WRITE = 2
+# Ranges queued at most (each holds a duplicated fd): behind a slow disk the hint for a
+# further range is dropped, not queued; the kernel's own writeback and the fsync do it.
+MAX_PENDING = 4
 
 Writeback = Callable[[int, int, int], bool]
 
@@ -69,26 +73,39 @@ class WritebackWorker:
     def __init__(self, start: Writeback | None = None) -> None:
         self._start = start or writeback_for()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
+        self._lock = threading.Lock()
+        self._pending = 0
 
     def __call__(self, fd: int, offset: int, length: int) -> bool:
         if self._start is _nothing:
             return False  # no writeback on this platform: no copy, no thread
+        with self._lock:
+            if self._pending >= MAX_PENDING:
+                return False
+            self._pending += 1
         try:
             dup = os.dup(fd)
         except OSError:
+            self._done()
             return False
         try:
             self._pool.submit(self._run, dup, offset, length)
         except RuntimeError:  # closed
             os.close(dup)
+            self._done()
             return False
         return True
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _run(self, fd: int, offset: int, length: int) -> None:
         try:
             self._start(fd, offset, length)
         finally:
             os.close(fd)
+            self._done()
 
     def close(self) -> None:
         """Blocking: waits for the writebacks already asked for (each only starts
