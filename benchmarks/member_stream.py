@@ -152,10 +152,10 @@ def main() -> None:
                     )
                     line = [x for x in r.stdout.splitlines() if x.startswith("{")][-1]
                     results[mode].append(json.loads(line))
+                    last = results[mode][-1]
                     print(
-                        f"round {rnd} {mode:14s} {results[mode][-1]['wall']:.2f} s, "
-                        f"CPU {results[mode][-1]['cpu']:.2f} s "
-                        f"(user {results[mode][-1]['user']:.2f}, sys {results[mode][-1]['sys']:.2f}), "
+                        f"round {rnd} {mode:14s} {last['wall']:.2f} s, CPU {last['cpu']:.2f} s "
+                        f"(user {last['user']:.2f}, sys {last['sys']:.2f}), "
                         f"load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )

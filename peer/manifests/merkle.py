@@ -96,7 +96,9 @@ class V2TreeBuilder:
         end = pos + (len(view) - pos) // BLOCK_SIZE * BLOCK_SIZE
         if leaves is None:
             sha256 = hashlib.sha256
-            leaves = [sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(pos, end, BLOCK_SIZE)]
+            leaves = [
+                sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(pos, end, BLOCK_SIZE)
+            ]
         # `_leaf` inlined: this loop runs 65,536 times per GiB.
         done, per_piece = self._leaves, self._blocks_per_piece
         for leaf in leaves:
