@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import socket
@@ -306,15 +307,15 @@ class MemberStream:
         wait on each other; measured in docs/benchmarks.md 7.10.) With one CPU to run
         on, this thread does it all (two threads would only trade the GIL)."""
         size = self.file.size
-        free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        filled: queue.SimpleQueue[tuple[bytearray, int, int, list[bytes]] | None] = (
+        free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+        filled: queue.SimpleQueue[tuple[mmap.mmap, int, int, list[bytes]] | None] = (
             queue.SimpleQueue()
         )
         failed: list[BaseException] = []
 
-        def consume(buf: bytearray, at: int, n: int, leaves: list[bytes]) -> None:
+        def consume(buf: mmap.mmap, at: int, n: int, leaves: list[bytes]) -> None:
             data = memoryview(buf)[:n]
-            partial.write(at, data)
+            partial.write_through(at, data)
             hasher.update_alone(data)
             check.tree.update(data, leaves)
             before = check.verified_end
@@ -336,8 +337,10 @@ class MemberStream:
                 self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
 
         pipelined = len(os.sched_getaffinity(0)) > 1
-        for _ in range(BUFFERS if pipelined else 1):
-            free.put(bytearray(CHUNK))
+        # Anonymous maps: page-aligned, as `write_through`'s O_DIRECT wants.
+        buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS if pipelined else 1)]
+        for buf in buffers:
+            free.put(buf)
         worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
         if pipelined:
             worker.start()
