@@ -338,9 +338,8 @@ class MemberStream:
 
         pipelined = len(os.sched_getaffinity(0)) > 1
         # Anonymous maps: page-aligned, as `write_through`'s O_DIRECT wants.
-        buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS if pipelined else 1)]
-        for buf in buffers:
-            free.put(buf)
+        for _ in range(BUFFERS if pipelined else 1):
+            free.put(mmap.mmap(-1, CHUNK))
         worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
         if pipelined:
             worker.start()
