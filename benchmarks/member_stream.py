@@ -7,8 +7,8 @@ the receiving process per run, medians at the end.
     python benchmarks/member_stream.py --size 1GiB --runs 3
 
 `--tree NAME=DIR` (repeatable) runs the receiver from other source trees instead (a
-`git archive` of another commit), interleaved per round with the hashing thread; the
-server is this tree's.
+`git archive` of another commit), interleaved per round with the hashing thread (a
+NAME ending in "one thread": with one thread); the server is this tree's.
 
 Everything listens on 127.0.0.1; nothing leaves the machine.
 """
@@ -136,7 +136,7 @@ def main() -> None:
         try:
             for rnd in range(1, args.runs + 1):
                 for mode in results:
-                    env = dict(os.environ, ONE_THREAD="1" if mode == "one thread" else "")
+                    env = dict(os.environ, ONE_THREAD="1" if mode.endswith("one thread") else "")
                     tree = Path(trees.get(mode, Path(__file__).resolve().parent.parent))
                     env["PYTHONPATH"] = str(tree)
                     shutil.rmtree(work / "out", ignore_errors=True)

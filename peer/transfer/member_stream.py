@@ -301,53 +301,79 @@ class MemberStream:
     ) -> None:
         """This thread fills 1 MiB buffers (OpenSSL hands out one 16 KiB record per
         read) and hashes each 16 KiB leaf of the v2 tree as soon as it is whole, while
-        it is still in the CPU's cache; a second thread writes the buffers to the
-        partial, feeds the whole-file hash and the tree in order and checks the pieces.
-        (Per 1 MiB that thread makes two long calls without the GIL, so the two rarely
-        wait on each other; measured in docs/benchmarks.md 7.10.) With one CPU to run
-        on, this thread does it all (two threads would only trade the GIL)."""
+        it is still in the CPU's cache. A second thread feeds the whole-file hash and
+        the tree in order and checks the pieces; a third writes the buffers to the
+        partial (past the page cache: each write waits for the disk) and only then lets
+        the journal and the readers have the checked pieces. Each of them makes long
+        calls without the GIL, so they rarely wait on each other (docs/benchmarks.md
+        7.10). With one CPU to run on, this thread does it all (threads would only
+        trade the GIL)."""
         size = self.file.size
+        Item = tuple[mmap.mmap, int, int, list[bytes]]  # buffer, offset, length, leaves
         free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-        filled: queue.SimpleQueue[tuple[mmap.mmap, int, int, list[bytes]] | None] = (
-            queue.SimpleQueue()
-        )
+        filled: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        # ... then with the verified end once its pieces were checked
+        hashed: queue.SimpleQueue[tuple[mmap.mmap, int, int, int] | None] = queue.SimpleQueue()
         failed: list[BaseException] = []
+        claimed = check.verified_end
 
-        def consume(buf: mmap.mmap, at: int, n: int, leaves: list[bytes]) -> None:
+        def hash_one(buf: mmap.mmap, at: int, n: int, leaves: list[bytes]) -> int:
             data = memoryview(buf)[:n]
-            partial.write_through(at, data)
             hasher.update_alone(data)
             check.tree.update(data, leaves)
-            before = check.verified_end
             check.pieces(blame_from=start)
-            if check.verified_end > before:
-                partial.held_to(check.verified_end)  # the journal: checked pieces only
-                partial.let_go(max(before, start), check.verified_end)
-                self._progress(check.verified_end)
+            return check.verified_end
+
+        def write_one(buf: mmap.mmap, at: int, n: int, verified: int) -> None:
+            nonlocal claimed
+            partial.write_through(at, memoryview(buf)[:n])
+            # Every byte below `verified` is written now (buffers come in order).
+            if verified > claimed:
+                partial.held_to(verified)  # the journal: checked pieces only
+                partial.let_go(max(claimed, start), verified)
+                self._progress(verified)
+                claimed = verified
             free.put(buf)
+
+        def fail(exc: BaseException) -> None:  # raised in the receiving thread below
+            failed.append(exc)
+            free.put(None)  # the receiver stops at its next buffer...
+            self._stopping = True
+            self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
 
         def hash_in_order() -> None:
             try:
                 while (item := filled.get()) is not None:
-                    consume(*item)
-            except BaseException as exc:  # raised in the receiving thread below
-                failed.append(exc)
-                free.put(None)  # the receiver stops at its next buffer...
-                self._stopping = True
-                self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
+                    hashed.put((item[0], item[1], item[2], hash_one(*item)))
+            except BaseException as exc:
+                fail(exc)
+            finally:
+                hashed.put(None)
+
+        def write_in_order() -> None:
+            try:
+                while (done := hashed.get()) is not None:
+                    write_one(*done)
+            except BaseException as exc:
+                fail(exc)
 
         pipelined = len(os.sched_getaffinity(0)) > 1
         # Anonymous maps: page-aligned, as `write_through`'s O_DIRECT wants.
         for _ in range(BUFFERS if pipelined else 1):
             free.put(mmap.mmap(-1, CHUNK))
-        worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
+        workers = [
+            threading.Thread(target=hash_in_order, name="member-hash", daemon=True),
+            threading.Thread(target=write_in_order, name="member-write", daemon=True),
+        ]
         if pipelined:
-            worker.start()
+            for w in workers:
+                w.start()
 
         def drain() -> None:
             if pipelined:
                 filled.put(None)
-                worker.join()
+                for w in workers:
+                    w.join()
 
         sha256 = hashlib.sha256
         try:
@@ -389,7 +415,7 @@ class MemberStream:
                 if pipelined:
                     filled.put((buf, pos, got, leaves))
                 else:
-                    consume(buf, pos, got, leaves)
+                    write_one(buf, pos, got, hash_one(buf, pos, got, leaves))
                 pos += got
                 self._got += got
                 if self.throttle is not None and self.throttle.rate > 0:
