@@ -6,6 +6,10 @@ the receiving process per run, medians at the end.
 
     python benchmarks/member_stream.py --size 1GiB --runs 3
 
+`--tree NAME=DIR` (repeatable) runs the receiver from other source trees instead (a
+`git archive` of another commit), interleaved per round with the hashing thread (a
+NAME ending in "one thread": with one thread); the server is this tree's.
+
 Everything listens on 127.0.0.1; nothing leaves the machine.
 """
 
@@ -18,6 +22,7 @@ import json
 import os
 import pickle
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -81,15 +86,16 @@ async def fetch(work: Path, port: int, server_id: str) -> dict[str, float]:
     ).fetch()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.monotonic() - t0
-    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
     got.path.unlink()
-    return {"wall": wall, "cpu": cpu}
+    return {"wall": wall, "cpu": user + system, "user": user, "sys": system}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--fetch", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,34 +130,46 @@ def main() -> None:
         )
         assert server.stdout is not None
         port = server.stdout.readline().strip()
-        results: dict[str, list[dict[str, float]]] = {"hashing thread": [], "one thread": []}
+        trees = dict(t.split("=", 1) for t in args.tree)
+        modes = list(trees) or ["hashing thread", "one thread"]
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         try:
             for rnd in range(1, args.runs + 1):
                 for mode in results:
-                    env = dict(os.environ, ONE_THREAD="1" if mode == "one thread" else "")
+                    env = dict(os.environ, ONE_THREAD="1" if mode.endswith("one thread") else "")
+                    tree = Path(trees.get(mode, Path(__file__).resolve().parent.parent))
+                    env["PYTHONPATH"] = str(tree)
                     shutil.rmtree(work / "out", ignore_errors=True)
+                    # e.g. FETCH_PREFIX="py-spy record --native -o prof.txt -f raw --" profiles it
+                    prefix = shlex.split(os.environ.get("FETCH_PREFIX", ""))
                     r = subprocess.run(
-                        [sys.executable, __file__, "--fetch", str(work), port, server_id],
+                        [*prefix, sys.executable, __file__, "--fetch", str(work), port, server_id],
+                        cwd=tree,
                         capture_output=True,
                         text=True,
                         env=env,
                         check=True,
                     )
-                    results[mode].append(json.loads(r.stdout))
+                    line = [x for x in r.stdout.splitlines() if x.startswith("{")][-1]
+                    results[mode].append(json.loads(line))
+                    last = results[mode][-1]
                     print(
-                        f"round {rnd} {mode:14s} {results[mode][-1]['wall']:.2f} s, "
-                        f"CPU {results[mode][-1]['cpu']:.2f} s, load {os.getloadavg()[0]:.1f}",
+                        f"round {rnd} {mode:14s} {last['wall']:.2f} s, CPU {last['cpu']:.2f} s "
+                        f"(user {last['user']:.2f}, sys {last['sys']:.2f}), "
+                        f"load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
         finally:
             server.terminate()
             server.wait()
-        print(f"\n| {args.size}, median of {args.runs} | wall s | receiver CPU s |")
-        print("|---|---|---|")
+        print(f"\n| {args.size}, median of {args.runs} | wall s | receiver CPU s | user | sys |")
+        print("|---|---|---|---|---|")
         for mode, rows in results.items():
-            wall = statistics.median(r["wall"] for r in rows)
-            cpu = statistics.median(r["cpu"] for r in rows)
-            print(f"| {mode} | {wall:.2f} | {cpu:.2f} |")
+            med = {k: statistics.median(r[k] for r in rows) for k in ("wall", "cpu", "user", "sys")}
+            print(
+                f"| {mode} | {med['wall']:.2f} | {med['cpu']:.2f} | {med['user']:.2f} "
+                f"| {med['sys']:.2f} |"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

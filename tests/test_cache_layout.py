@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -65,6 +66,36 @@ def test_journal_survives_reopen_and_torn_record(tmp_path: Path) -> None:
     s = PartialBlob(tmp_path, SHA, size=10 * 1024, chunk_size=2048)
     with s:
         assert s.done == set()
+
+
+def test_write_through_puts_every_byte_where_write_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The member stream's writes past the page cache: the whole pages of an aligned
+    write go through an O_DIRECT descriptor, a short last page, an unaligned offset and
+    a buffer the kernel refuses (off the page grid) through `write`; the file is byte
+    for byte what plain writes make."""
+    flags: list[int] = []
+    real_open = os.open
+
+    def spy(path: str | os.PathLike[str], flag: int, *args: int) -> int:
+        flags.append(flag)
+        return real_open(path, flag, *args)
+
+    monkeypatch.setattr(os, "open", spy)
+    size = 5 * 4096 + 300
+    data = os.urandom(size)
+    buf = mmap.mmap(-1, 8 * 4096)  # page-aligned, as the stream's buffers are
+    with PartialBlob(tmp_path, SHA, size, chunk_size=1 << 20) as p:
+        buf[: 2 * 4096 + 10] = data[: 2 * 4096 + 10]
+        p.write_through(0, memoryview(buf)[: 2 * 4096 + 10])  # 2 pages direct, 10 bytes not
+        assert any(f & os.O_DIRECT for f in flags)
+        rest = data[2 * 4096 + 10 :]
+        buf[: len(rest)] = rest
+        p.write_through(2 * 4096 + 10, memoryview(buf)[: len(rest)])  # unaligned offset
+        buf[1 : 1 + 4096] = data[:4096]
+        p.write_through(0, memoryview(buf)[1 : 1 + 4096])  # a buffer off the page grid
+    assert p.data_path.read_bytes() == data
 
 
 def test_partial_is_locked_against_a_second_writer(tmp_path: Path) -> None:

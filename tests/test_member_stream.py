@@ -228,6 +228,37 @@ async def test_a_stream_the_member_cuts_keeps_its_checked_pieces_counted_from_pe
     assert counters.from_peers == blob.file.size
 
 
+@pytest.mark.parametrize(
+    ("one_cpu", "odd"),
+    [(False, 3 * MiB + 300_005), (True, 3 * MiB + 300_005), (True, 0)],
+)
+async def test_a_stream_from_a_byte_off_the_leaf_grid_gives_the_manifests_tree(
+    tmp_path: Path, lab: Lab, one_cpu: bool, odd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiving thread hashes the v2 tree's 16 KiB leaves as they land, on the
+    blob's own block grid: a prefix on disk that ends mid-block (a mirror's chunk held
+    to an odd byte: journaled, past JOURNAL_STEP in its chunk; written through the page
+    cache from there) and a blob whose last block is short still give the manifest's
+    tree, with the receiving thread alone (one CPU) too."""
+    if one_cpu:
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0})
+    blob = await make_blob(tmp_path, 9 * MiB + 777, seed=3)
+    data = blob.path.read_bytes()
+    partial = tmp_path / "partial"
+    pb = PartialBlob(partial, blob.file.blob_id, blob.file.size, chunk_size_for(blob.file.size))
+    pb.open()
+    pb.write(0, data[:odd])
+    pb.held_to(odd)
+    pb.close()
+    held = Held({blob.file.blob_id: blob.path})
+    async with serving(lab.server, held) as server:
+        got = await stream(lab.client, lab.server, server.port, blob, partial).fetch()
+        await asyncio.sleep(0.1)
+    assert sha256(got.path) == blob.file.blob_id
+    assert got.tree == blob.tree
+    assert got.received == blob.file.size - odd == held.served[-1][2]
+
+
 async def test_a_busy_member_costs_no_pass_over_the_prefix_on_disk(
     tmp_path: Path, lab: Lab, blob: Blob
 ) -> None:

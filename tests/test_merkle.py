@@ -27,6 +27,7 @@ from peer.manifests import (
     piece_size_for,
     torrent_of_tree,
 )
+from peer.manifests.merkle import BLOCK_SIZE
 from peer.mirror_server import Fault, RepoSource, ThreadedMirror
 from peer.transfer.swarm import create_v2_torrent_blocking
 
@@ -125,6 +126,32 @@ def test_the_tree_takes_exactly_the_blobs_bytes() -> None:
         b.update(b"123456")
     with pytest.raises(ValueError, match="power of two"):
         V2TreeBuilder("a" * 64, 10, piece_size=3 * BLOCK)
+
+
+def test_leaves_hashed_by_the_caller_give_the_same_tree() -> None:
+    """`update(data, leaves)` with the leaves of `whole_blocks` (the member stream's
+    receiving thread hashes them) builds the tree `update(data)` builds, whatever the
+    cuts; a wrong count of leaves is refused."""
+    rng = random.Random(7)
+    for size in (100, BLOCK_SIZE, 3 * BLOCK_SIZE + 5, (5 << 20) + 123):
+        data = rng.randbytes(size)
+        want = V2TreeBuilder("a" * 64, size, piece_size=4 * BLOCK_SIZE)
+        want.update(data)
+        got = V2TreeBuilder("a" * 64, size, piece_size=4 * BLOCK_SIZE)
+        pos = 0
+        while pos < size:
+            n = min(size - pos, rng.choice([1, 777, BLOCK_SIZE, 3 * BLOCK_SIZE + 11, 1 << 20]))
+            view = memoryview(data)[pos : pos + n]
+            got.update(
+                view,
+                [hashlib.sha256(view[i : i + BLOCK_SIZE]).digest() for i in got.whole_blocks(n)],
+            )
+            pos += n
+        assert got.finish() == want.finish()
+    tree = V2TreeBuilder("a" * 64, 4 * BLOCK_SIZE)
+    tree.update(bytes(100))
+    with pytest.raises(ValueError):  # one whole block in the next 2 blocks' bytes, not two
+        tree.update(bytes(2 * BLOCK_SIZE), [bytes(32), bytes(32)])
 
 
 async def test_a_tree_goes_only_with_its_own_blob(tmp_path: Path) -> None:

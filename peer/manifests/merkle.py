@@ -18,6 +18,7 @@ the whole-file hash matched the blob id) may carry one into `make_manifest`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peer.manifests.piece_size import piece_size_for
@@ -73,8 +74,13 @@ class V2TreeBuilder:
         self._pieces: list[bytes] = []
         self.fed = 0
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | memoryview, leaves: Sequence[bytes] | None = None) -> None:
+        """Feed the next bytes. `leaves`, if given, are the SHA-256 digests of the whole
+        blocks of `data` (`whole_blocks`), hashed by the caller already (the member
+        stream hashes each block as it lands, while it is in the CPU's cache)."""
         view = memoryview(data).cast("B")
+        if leaves is not None and len(leaves) != len(self.whole_blocks(len(view))):
+            raise ValueError(f"{len(leaves)} leaves for {len(view)} bytes at {self.fed}")
         self.fed += len(view)
         if self.fed > self.size:
             raise ValueError(f"fed {self.fed} bytes to the tree of a {self.size}-byte blob")
@@ -88,15 +94,25 @@ class V2TreeBuilder:
             self._leaf(_sha256(self._tail))
             self._tail.clear()
         end = pos + (len(view) - pos) // BLOCK_SIZE * BLOCK_SIZE
-        sha256 = hashlib.sha256
+        if leaves is None:
+            sha256 = hashlib.sha256
+            leaves = [
+                sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(pos, end, BLOCK_SIZE)
+            ]
         # `_leaf` inlined: this loop runs 65,536 times per GiB.
-        leaves, per_piece = self._leaves, self._blocks_per_piece
-        for i in range(pos, end, BLOCK_SIZE):
-            leaves.append(sha256(view[i : i + BLOCK_SIZE]).digest())
-            if len(leaves) == per_piece:
-                self._pieces.append(_root(leaves, per_piece, _ZERO))
-                leaves = self._leaves = []
+        done, per_piece = self._leaves, self._blocks_per_piece
+        for leaf in leaves:
+            done.append(leaf)
+            if len(done) == per_piece:
+                self._pieces.append(_root(done, per_piece, _ZERO))
+                done = self._leaves = []
         self._tail += view[end:]
+
+    def whole_blocks(self, n: int) -> range:
+        """Where, in the next `n` bytes to feed, the whole blocks `update` hashes start
+        (the first block boundary of the blob on or after `fed`, then every block)."""
+        first = -self.fed % BLOCK_SIZE
+        return range(first, first + max(0, n - first) // BLOCK_SIZE * BLOCK_SIZE, BLOCK_SIZE)
 
     @property
     def pieces_hashed(self) -> int:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
+import mmap
 import os
 import queue
 import socket
@@ -37,7 +39,7 @@ from peer.cluster.tls import Cluster, peer_cert
 from peer.discovery.peer_table import PeerInfo
 from peer.errors import IntegrityError, NetworkError, PeerMisbehaved
 from peer.hub.metadata import RemoteFile
-from peer.manifests.merkle import V2Tree, V2TreeBuilder
+from peer.manifests.merkle import BLOCK_SIZE, V2Tree, V2TreeBuilder
 from peer.scheduling.herd import HerdConfig
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
@@ -303,46 +305,82 @@ class MemberStream:
         start: int,
     ) -> None:
         """This thread fills 1 MiB buffers (OpenSSL hands out one 16 KiB record per
-        read) and writes them to the partial; a second one hashes them in order and
-        checks the pieces: decrypting and hashing each get a core. With one CPU to run
-        on, this thread hashes too (two threads would only trade the GIL)."""
+        read) and hashes each 16 KiB leaf of the v2 tree as soon as it is whole, while
+        it is still in the CPU's cache. A second thread feeds the whole-file hash and
+        the tree in order and checks the pieces; a third writes the buffers to the
+        partial (past the page cache: each write waits for the disk) and only then lets
+        the journal and the readers have the checked pieces. Each of them makes long
+        calls without the GIL, so they rarely wait on each other (docs/benchmarks.md
+        7.10). With one CPU to run on, this thread does it all (threads would only
+        trade the GIL)."""
         size = self.file.size
-        free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        Item = tuple[mmap.mmap, int, int, list[bytes]]  # buffer, offset, length, leaves
+        free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+        filled: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        # ... then with the verified end once its pieces were checked
+        hashed: queue.SimpleQueue[tuple[mmap.mmap, int, int, int] | None] = queue.SimpleQueue()
         failed: list[BaseException] = []
+        claimed = check.verified_end
 
-        def consume(buf: bytearray, n: int) -> None:
-            hasher.update(memoryview(buf)[:n])
-            before = check.verified_end
+        def hash_one(buf: mmap.mmap, at: int, n: int, leaves: list[bytes]) -> int:
+            data = memoryview(buf)[:n]
+            hasher.update_alone(data)
+            check.tree.update(data, leaves)
             check.pieces(blame_from=start)
-            if check.verified_end > before:
-                partial.held_to(check.verified_end)  # the journal: checked pieces only
-                partial.let_go(max(before, start), check.verified_end)
-                self._progress(check.verified_end)
+            return check.verified_end
+
+        def write_one(buf: mmap.mmap, at: int, n: int, verified: int) -> None:
+            nonlocal claimed
+            partial.write_through(at, memoryview(buf)[:n])
+            # Every byte below `verified` is written now (buffers come in order).
+            if verified > claimed:
+                partial.held_to(verified)  # the journal: checked pieces only
+                partial.let_go(max(claimed, start), verified)
+                self._progress(verified)
+                claimed = verified
             free.put(buf)
+
+        def fail(exc: BaseException) -> None:  # raised in the receiving thread below
+            failed.append(exc)
+            free.put(None)  # the receiver stops at its next buffer...
+            self._stopping = True
+            self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
 
         def hash_in_order() -> None:
             try:
                 while (item := filled.get()) is not None:
-                    consume(*item)
-            except BaseException as exc:  # raised in the receiving thread below
-                failed.append(exc)
-                free.put(None)  # the receiver stops at its next buffer...
-                self._stopping = True
-                self._wake()  # ... or now, if it waits for bytes (a liar gone silent)
+                    hashed.put((item[0], item[1], item[2], hash_one(*item)))
+            except BaseException as exc:
+                fail(exc)
+            finally:
+                hashed.put(None)
+
+        def write_in_order() -> None:
+            try:
+                while (done := hashed.get()) is not None:
+                    write_one(*done)
+            except BaseException as exc:
+                fail(exc)
 
         pipelined = len(os.sched_getaffinity(0)) > 1
+        # Anonymous maps: page-aligned, as `write_through`'s O_DIRECT wants.
         for _ in range(BUFFERS if pipelined else 1):
-            free.put(bytearray(CHUNK))
-        worker = threading.Thread(target=hash_in_order, name="member-hash", daemon=True)
+            free.put(mmap.mmap(-1, CHUNK))
+        workers = [
+            threading.Thread(target=hash_in_order, name="member-hash", daemon=True),
+            threading.Thread(target=write_in_order, name="member-write", daemon=True),
+        ]
         if pipelined:
-            worker.start()
+            for w in workers:
+                w.start()
 
         def drain() -> None:
             if pipelined:
                 filled.put(None)
-                worker.join()
+                for w in workers:
+                    w.join()
 
+        sha256 = hashlib.sha256
         try:
             tls.settimeout(IDLE_TIMEOUT)
             pos = start
@@ -350,6 +388,10 @@ class MemberStream:
             while pos < size and (buf := free.get()) is not None:
                 view = memoryview(buf)
                 want, got = min(CHUNK, size - pos), 0
+                # The tree's blocks are the blob's: the first whole one here starts at
+                # the first block boundary on or after `pos`.
+                leaves: list[bytes] = []
+                leaf = -pos % BLOCK_SIZE
                 while got < want:
                     try:
                         n = tls.recv_into(view[got:want])
@@ -364,6 +406,9 @@ class MemberStream:
                             f"the member's stream ended at byte {pos + got} of {size}"
                         )
                     got += n
+                    while leaf + BLOCK_SIZE <= got:
+                        leaves.append(sha256(view[leaf : leaf + BLOCK_SIZE]).digest())
+                        leaf += BLOCK_SIZE
                     now = time.monotonic()
                     if now - window_at >= FLOOR_WINDOW:
                         if pos + got - window_pos < FLOOR_RATE * (now - window_at):
@@ -372,13 +417,12 @@ class MemberStream:
                                 f"in {now - window_at:.0f} s, below the floor rate"
                             )
                         window_at, window_pos = now, pos + got
-                partial.write(pos, view[:got])
+                if pipelined:
+                    filled.put((buf, pos, got, leaves))
+                else:
+                    write_one(buf, pos, got, hash_one(buf, pos, got, leaves))
                 pos += got
                 self._got += got
-                if pipelined:
-                    filled.put((buf, got))
-                else:
-                    consume(buf, got)
                 if self.throttle is not None and self.throttle.rate > 0:
                     # Our own cap's wait is not the member's slowness: off the floor window.
                     window_at += self._take(self.throttle, got)

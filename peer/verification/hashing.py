@@ -76,6 +76,12 @@ class BlobHasher:
         if self._also is not None:
             self._also(memoryview(data))
 
+    def update_alone(self, data: bytes | memoryview) -> None:
+        """The whole-file hash only: the caller feeds ``also`` itself (the member
+        stream, with the leaves it hashed as the bytes landed)."""
+        self._h.update(data)
+        self.fed += len(data)
+
     def hexdigest(self) -> str:
         return str(self._h.hexdigest())
 
