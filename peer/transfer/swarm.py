@@ -157,6 +157,13 @@ class SwarmSettings:
     # deep queue: at 128 a 1 GiB loopback download from one seeder took 1.45x the time
     # (docs/benchmarks.md 8.15, 8.17).
     shared_peer_requests: int = 32
+    # libtorrent picks whole pieces, up to 8 MiB of them at once and past its request
+    # queue, from a peer that sends a piece within this many seconds (its default 20).
+    # A seeder shared by 8 hosts x 4 files sends each connection ~0.4 MB/s: 20 s made each
+    # downloader ask it for 8 pieces ahead, served up to 20 s later, when others held
+    # them. At 1 s, pieces are picked whole only from a peer sending >= 1 MiB/s (a lone
+    # LAN or loopback transfer keeps them); others get requests as the queue asks.
+    whole_piece_seconds: int = 1
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
@@ -188,6 +195,8 @@ class SwarmSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"swarm setting {name} must be at least 1")
+        if self.whole_piece_seconds < 0:
+            raise ConfigError("swarm setting whole_piece_seconds must be at least 0")
         if self.upload_slots < 1 or self.upload_rate_limit < 0 or self.download_rate_limit < 0:
             raise ConfigError("swarm upload slots must be >= 1 and rate limits >= 0")
 
@@ -229,6 +238,7 @@ class SwarmSettings:
             # otherwise break the swarm with "duplicate peer-id".
             "allow_multiple_connections_per_ip": True,
             "max_out_request_queue": self.max_out_request_queue,
+            "whole_pieces_threshold": self.whole_piece_seconds,
             "max_allowed_in_request_queue": ALONE_PEER_REQUESTS,
             "max_queued_disk_bytes": self.max_queued_disk_bytes,
             "alert_mask": int(alert_mask),
@@ -450,6 +460,9 @@ class PeerSnapshot:
     num_hashfails: int
     client: str
     requests_queued: int = 0  # its requests waiting with us (blocks)
+    # Our requests waiting at it (blocks): libtorrent keeps about 3 s of its rate asked,
+    # at most the bound it told us in the handshake.
+    requests_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -1365,6 +1378,7 @@ class SwarmSession:
                     if isinstance(client, bytes)
                     else str(client),
                     requests_queued=int(p.upload_queue_length),
+                    requests_out=int(p.download_queue_length),
                 )
             )
         return tuple(out)
