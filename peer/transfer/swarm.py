@@ -152,10 +152,10 @@ class SwarmSettings:
     # and keeps asking for what is rarest when it asks; a deep queue is served seconds
     # later, by which time other downloaders hold those pieces, and a seeder shared by 8
     # hosts on 100 Mbit/s links sent ~1.8 copies of a repo. A short queue keeps the picks
-    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time
-    # (on the 100 Mbit/s 1 -> 8 the effect was within the noise). Alone, a peer keeps the
-    # deep queue: at 128 a 1 GiB loopback download from one seeder took 1.45x the time
-    # (docs/benchmarks.md 8.15, 8.17).
+    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time.
+    # Alone, a peer keeps the deep queue: at 128 a 1 GiB loopback download from one
+    # seeder took 1.45x the time (docs/benchmarks.md 8.15, 8.17). A peer learns the bound
+    # in its handshake: see `RequestBound` for the peers that came while it was alone.
     shared_peer_requests: int = 32
     # libtorrent picks whole pieces, up to 8 MiB of them at once and past its request
     # queue, from a peer that sends a piece within this many seconds (its default 20).
