@@ -372,7 +372,11 @@ async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
                 for _ in range(40):  # 2 s
                     most = max(most, await wanted(one, ih), await wanted(two, ih))
                     await asyncio.sleep(0.05)
+                # The drop restarted libtorrent's counters; the seeder's total kept on.
+                took = sum([(await s.status(ih)).peer_payload_bytes for s in (one, two)])
+                sent = (await seeder.status(ih)).uploaded_payload_bytes
     assert 0 < most <= bound, most
+    assert sent >= took > 0, (sent, took)
 
 
 async def test_a_downloader_asks_a_slow_peer_for_its_queue_not_for_whole_pieces(

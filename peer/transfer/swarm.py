@@ -650,6 +650,9 @@ class _Torrent:
     fed_pending: dict[int, int] = field(default_factory=dict)
     fed_bytes: int = 0
     fed_failed_bytes: int = 0
+    # libtorrent restarts a torrent's byte counters when it resumes: what they had
+    # counted before `_reconnect` paused it (payload up, payload down, failed).
+    carried: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -922,8 +925,17 @@ class SwarmSession:
         `min_reconnect_time`) and are told the short one. Only a seed: a torrent we
         still download would lose its own sources for that while."""
         t = self._torrents.get(info_hash)
-        if t is None or t.handle is None or not t.handle.status(0).is_seeding:
+        if t is None or t.handle is None:
             return
+        st = t.handle.status(0)  # once per torrent turning shared: a short blocking call
+        if not st.is_seeding:
+            return
+        up, down, failed = t.carried
+        t.carried = (
+            up + int(st.total_payload_upload),
+            down + int(st.total_payload_download),
+            failed + int(st.total_failed_bytes),
+        )
         log.debug("%s turned shared: its peers connect again to learn the bound", info_hash)
         t.handle.pause()
         t.handle.resume()
@@ -1417,11 +1429,11 @@ class SwarmSession:
             progress=float(st.progress),
             num_pieces=len(st.pieces),
             pieces_done=int(st.num_pieces),
-            peer_payload_bytes=int(st.total_payload_download),
-            uploaded_payload_bytes=int(st.total_payload_upload),
+            peer_payload_bytes=t.carried[1] + int(st.total_payload_download),
+            uploaded_payload_bytes=t.carried[0] + int(st.total_payload_upload),
             fed_bytes=t.fed_bytes,
             fed_failed_bytes=t.fed_failed_bytes,
-            failed_bytes=int(st.total_failed_bytes),
+            failed_bytes=t.carried[2] + int(st.total_failed_bytes),
             num_peers=int(st.num_peers),
             num_seeds=int(st.num_seeds),
             download_rate=int(st.download_payload_rate),
