@@ -283,6 +283,132 @@ def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> Non
     assert bound.feed(ev.PeerConnected("t1", b)) == 32
 
 
+def test_request_bound_reconnects_a_torrent_whose_peer_was_told_the_alone_bound() -> None:
+    a, b, c = (ev.Endpoint("10.0.0.1", p) for p in (1, 2, 3))
+    bound = RequestBound(alone=2000, shared=32, hold=5.0)
+    assert bound.feed(ev.PeerConnected("t1", a), 0.0) is None  # told 2000 in its handshake
+    assert bound.reconnects() == []
+    assert bound.feed(ev.PeerConnected("t1", b), 0.1) == 32  # (b was told 2000 too)
+    assert bound.reconnects() == ["t1"]  # named once
+    assert bound.reconnects() == []
+    # Dropped for the reconnect: t1 counts as shared for `hold` more seconds...
+    assert bound.feed(ev.PeerDisconnected("t1", a, "paused"), 0.2) is None
+    assert bound.feed(ev.PeerDisconnected("t1", b, "paused"), 0.2) is None
+    assert bound.next_tick() == 5.2
+    assert bound.tick(3.0) is None
+    # ...so that they come back told 32: nothing to reconnect this time.
+    assert bound.feed(ev.PeerConnected("t1", a), 2.2) is None
+    assert bound.feed(ev.PeerConnected("t1", b), 2.3) is None
+    assert bound.next_tick() is None  # shared again, for as long as it has two
+    assert bound.reconnects() == []
+    # A torrent that turns shared while the bound is already short: nothing either.
+    assert bound.feed(ev.PeerConnected("t2", c), 2.4) is None
+    assert bound.feed(ev.PeerConnected("t2", a), 2.5) is None
+    assert bound.reconnects() == []
+    # Alone again: the bound lifts when the last hold is over.
+    bound.feed(ev.TorrentRemoved("t2"), 3.0)
+    assert bound.feed(ev.PeerDisconnected("t1", b, "done"), 10.0) is None
+    assert bound.next_tick() == 15.0
+    assert bound.tick(14.9) is None
+    assert bound.tick(15.0) == 2000
+    assert bound.next_tick() is None
+    # A peer that came while alone on t1, then a second one: t1 again.
+    assert bound.feed(ev.PeerConnected("t1", c), 16.0) == 32
+    assert bound.reconnects() == ["t1"]
+
+
+async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
+    blob: Blob, tmp_path: Path
+) -> None:
+    """libtorrent tells a peer the bound in the handshake, and the peer then keeps at
+    most that many requests with us. The downloader that connected while it was alone
+    was told 2000; once a second one shares the seeder, the seeder drops and takes back
+    both, and each then asks for at most the short bound."""
+    bound = 16
+    data = os.urandom(64 * PIECE)
+    big = tmp_path / "big"
+    big.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (big / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    # 0.75 MB/s each once shared: under 1 MiB/s, so no whole pieces either.
+    slow = SwarmSettings(
+        listen_host="127.0.0.1",
+        upload_rate_limit=1_500_000,
+        limit_local_peers=True,
+        shared_peer_requests=bound,
+    )
+
+    async def wanted(s: SwarmSession, ih: str) -> int:
+        """What `s` keeps asked of the seeder (0 while not connected to it)."""
+        snaps = [p for p in await s.peers(ih) if p.is_seed]
+        return snaps[0].requests_out if snaps else 0
+
+    async with SwarmSession(slow) as seeder:
+        ih = await seeder.add_torrent(torrent, big, seed_mode=True)
+        async with session() as one:
+            stream = one.subscribe(ih)
+            await one.add_torrent(torrent, tmp_path / "alone")
+            one.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+            async with asyncio.timeout(WAIT):
+                while True:
+                    if await wanted(one, ih) > 4 * bound:  # 3 s of 1.5 MB/s: ~270
+                        break
+                    await asyncio.sleep(0.05)
+            async with session() as two:
+                await two.add_torrent(torrent, tmp_path / "shared")
+                two.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+                # The seeder drops `one`, which connects again (libtorrent retries a
+                # peer after `min_reconnect_time`, 2 s), as does `two`.
+                await next_matching(stream, is_(ev.PeerDisconnected, ih))
+                await next_matching(stream, is_(ev.PeerConnected, ih))
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        both = len(await seeder.peers(ih)) == 2
+                        if both and min(await wanted(one, ih), await wanted(two, ih)) > 0:
+                            break
+                        await asyncio.sleep(0.05)
+                most = 0
+                for _ in range(40):  # 2 s
+                    most = max(most, await wanted(one, ih), await wanted(two, ih))
+                    await asyncio.sleep(0.05)
+                # The drop restarted libtorrent's counters; the seeder's total kept on.
+                took = sum([(await s.status(ih)).peer_payload_bytes for s in (one, two)])
+                sent = (await seeder.status(ih)).uploaded_payload_bytes
+    assert 0 < most <= bound, most
+    assert sent >= took > 0, (sent, took)
+
+
+async def test_a_downloader_asks_a_slow_peer_for_its_queue_not_for_whole_pieces(
+    blob: Blob, tmp_path: Path
+) -> None:
+    """libtorrent asks a peer for whole pieces (up to 8 MiB, past its request queue) when
+    the peer sends a piece within `whole_piece_seconds`; from a peer sending 0.5 MB/s
+    (a seeder's share when 8 hosts x 4 files share its 100 Mbit/s port) that was 8
+    pieces asked up to 20 s ahead. Now the queue stays near 3 s of the rate."""
+    data = os.urandom(24 * PIECE)
+    big = tmp_path / "big"
+    big.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (big / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    slow = SwarmSettings(listen_host="127.0.0.1", upload_rate_limit=500_000, limit_local_peers=True)
+    async with SwarmSession(slow) as seeder, session() as one:
+        ih = await seeder.add_torrent(torrent, big, seed_mode=True)
+        await one.add_torrent(torrent, tmp_path / "dl")
+        one.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        most, seen = 0, 0
+        async with asyncio.timeout(2 * WAIT):
+            while seen < 140:  # 7 s connected (the rate takes a few seconds to show)
+                snaps = await one.peers(ih)
+                if snaps:
+                    seen += 1
+                    most = max(most, snaps[0].requests_out)
+                await asyncio.sleep(0.05)
+    # 3 s of 0.5 MB/s is ~92 blocks (~125 measured); with whole pieces 350 in 4 s.
+    assert 0 < most <= 200, most
+
+
 async def test_a_seeder_shared_by_two_downloaders_keeps_each_ones_queue_short(
     blob: Blob, tmp_path: Path
 ) -> None:

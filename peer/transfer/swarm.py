@@ -53,7 +53,9 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +76,9 @@ BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal pie
 # Requests one peer may queue with us while it is a torrent's only peer: libtorrent's
 # default (`SwarmSettings.shared_peer_requests` once a torrent has more than one).
 ALONE_PEER_REQUESTS = 2000
+# How long a torrent counts as shared after its peers fell to one: longer than the peers
+# of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
+SHARED_HOLD = 5.0
 DEFAULT_PRIORITY = 4  # libtorrent's piece priority unless told otherwise
 
 
@@ -147,11 +152,18 @@ class SwarmSettings:
     # and keeps asking for what is rarest when it asks; a deep queue is served seconds
     # later, by which time other downloaders hold those pieces, and a seeder shared by 8
     # hosts on 100 Mbit/s links sent ~1.8 copies of a repo. A short queue keeps the picks
-    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time
-    # (on the 100 Mbit/s 1 -> 8 the effect was within the noise). Alone, a peer keeps the
-    # deep queue: at 128 a 1 GiB loopback download from one seeder took 1.45x the time
-    # (docs/benchmarks.md 8.15, 8.17).
+    # fresh: at 32 a loopback seeder shared by 2-4 downloaders took 0.61-0.66x the time.
+    # Alone, a peer keeps the deep queue: at 128 a 1 GiB loopback download from one
+    # seeder took 1.45x the time (docs/benchmarks.md 8.15, 8.17). A peer learns the bound
+    # in its handshake: see `RequestBound` for the peers that came while it was alone.
     shared_peer_requests: int = 32
+    # libtorrent picks whole pieces, up to 8 MiB of them at once and past its request
+    # queue, from a peer that sends a piece within this many seconds (its default 20).
+    # A seeder shared by 8 hosts x 4 files sends each connection ~0.4 MB/s: 20 s made each
+    # downloader ask it for 8 pieces ahead, served up to 20 s later, when others held
+    # them. At 1 s, pieces are picked whole only from a peer sending >= 1 MiB/s (a lone
+    # LAN or loopback transfer keeps them); others get requests as the queue asks.
+    whole_piece_seconds: int = 1
     upload_rate_limit: int = 0  # bytes/s, 0 = unlimited
     download_rate_limit: int = 0  # bytes/s, 0 = unlimited
     # libtorrent exempts peers on the local network from rate limits unless told not to.
@@ -183,6 +195,8 @@ class SwarmSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"swarm setting {name} must be at least 1")
+        if self.whole_piece_seconds < 0:
+            raise ConfigError("swarm setting whole_piece_seconds must be at least 0")
         if self.upload_slots < 1 or self.upload_rate_limit < 0 or self.download_rate_limit < 0:
             raise ConfigError("swarm upload slots must be >= 1 and rate limits >= 0")
 
@@ -224,6 +238,7 @@ class SwarmSettings:
             # otherwise break the swarm with "duplicate peer-id".
             "allow_multiple_connections_per_ip": True,
             "max_out_request_queue": self.max_out_request_queue,
+            "whole_pieces_threshold": self.whole_piece_seconds,
             "max_allowed_in_request_queue": ALONE_PEER_REQUESTS,
             "max_queued_disk_bytes": self.max_queued_disk_bytes,
             "alert_mask": int(alert_mask),
@@ -445,6 +460,9 @@ class PeerSnapshot:
     num_hashfails: int
     client: str
     requests_queued: int = 0  # its requests waiting with us (blocks)
+    # Our requests waiting at it (blocks): libtorrent keeps about 3 s of its rate asked,
+    # at most the bound it told us in the handshake.
+    requests_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -539,42 +557,79 @@ class EventStream:
 class RequestBound:
     """How many requests one peer may queue with us (see `SwarmSettings.
     shared_peer_requests`), from the session's connect and disconnect events: ``shared``
-    while some torrent has more than one peer connected, else ``alone``. Pure; `feed`
-    returns the new bound when it changes, else None."""
+    while some torrent has more than one peer connected, or had within the last `hold`
+    seconds, else ``alone``. Pure; `feed` and `tick` return the new bound when it
+    changes, else None, and `reconnects` the torrents whose peers should connect again.
 
-    def __init__(self, alone: int, shared: int) -> None:
+    libtorrent tells a peer the bound once, in the handshake (``reqq``, which then caps
+    the peer's own queue with us), and serves what was queued before a change first: a
+    peer that connected while a torrent was alone keeps the deep queue after others
+    join. A torrent that turns shared while such a peer is on it is named once by
+    `reconnects`, so that its peers connect again and are told the short bound; `hold`
+    keeps the bound short while they do."""
+
+    def __init__(self, alone: int, shared: int, hold: float = 0.0) -> None:
         self.alone = alone
         self.shared = shared
+        self.hold = hold
         self.bound = alone
-        self._peers: dict[str, set[ev.Endpoint]] = {}  # info-hash -> connected peers
-        self._crowded: set[str] = set()  # torrents with more than one of them
+        # info-hash -> connected peers -> the bound they were told in their handshake
+        self._peers: dict[str, dict[ev.Endpoint, int]] = {}
+        self._crowded: dict[str, float] = {}  # torrents with several peers -> until when
+        self._reconnect: list[str] = []
 
     def feed(
         self,
         event: ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped,
+        now: float = 0.0,
     ) -> int | None:
         if isinstance(event, ev.AlertsDropped):
             # A lost disconnect would keep the bound for good: start over from "alone"
             # (the next connects count again; at worst a while without the bound).
             self._peers.clear()
             self._crowded.clear()
-            return self._settle()
+            self._reconnect.clear()
+            return self._settle(now)
         ih = event.info_hash
         if isinstance(event, ev.PeerConnected):
-            self._peers.setdefault(ih, set()).add(event.endpoint)
+            # libtorrent wrote its handshake before we heard of it: the bound in force.
+            self._peers.setdefault(ih, {}).setdefault(event.endpoint, self.bound)
         elif isinstance(event, ev.PeerDisconnected):
-            self._peers.get(ih, set()).discard(event.endpoint)
+            self._peers.get(ih, {}).pop(event.endpoint, None)
         else:
             self._peers.pop(ih, None)
-        if len(self._peers.get(ih, ())) > 1:
-            self._crowded.add(ih)
+            self._crowded.pop(ih, None)
+        peers = self._peers.get(ih, {})
+        if len(peers) > 1:
+            self._crowded[ih] = math.inf
+            if any(told > self.shared for told in peers.values()):
+                self._reconnect.append(ih)
+                for endpoint in peers:
+                    peers[endpoint] = self.shared
         else:
-            self._crowded.discard(ih)
-            if not self._peers.get(ih, True):
+            if ih in self._crowded:
+                self._crowded[ih] = min(self._crowded[ih], now + self.hold)
+            if ih in self._peers and not peers:
                 del self._peers[ih]
-        return self._settle()
+        return self._settle(now)
 
-    def _settle(self) -> int | None:
+    def tick(self, now: float) -> int | None:
+        """Lift the bound once the holds of torrents that are alone again are over."""
+        return self._settle(now)
+
+    def next_tick(self) -> float | None:
+        """When the next hold ends (`tick` then), or None."""
+        ends = [t for t in self._crowded.values() if t != math.inf]
+        return min(ends) if ends else None
+
+    def reconnects(self) -> list[str]:
+        """Torrents turned shared with a peer told the alone bound (each named once)."""
+        out, self._reconnect = self._reconnect, []
+        return out
+
+    def _settle(self, now: float) -> int | None:
+        for ih in [ih for ih, until in self._crowded.items() if until <= now]:
+            del self._crowded[ih]
         bound = self.shared if self._crowded else self.alone
         if bound == self.bound:
             return None
@@ -595,6 +650,9 @@ class _Torrent:
     fed_pending: dict[int, int] = field(default_factory=dict)
     fed_bytes: int = 0
     fed_failed_bytes: int = 0
+    # libtorrent restarts a torrent's byte counters when it resumes: what they had
+    # counted before `_reconnect` paused it (payload up, payload down, failed).
+    carried: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -637,7 +695,10 @@ class SwarmSession:
         self._streams: list[EventStream] = []
         self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
-        self._bound = RequestBound(ALONE_PEER_REQUESTS, settings.shared_peer_requests)
+        self._bound = RequestBound(
+            ALONE_PEER_REQUESTS, settings.shared_peer_requests, hold=SHARED_HOLD
+        )
+        self._bound_timer: asyncio.TimerHandle | None = None
         # Cluster mode: canonical info-hash <-> that of the torrent's SSL variant.
         self._ssl_ih: dict[str, str] = {}
         self._canonical: dict[str, str] = {}
@@ -717,6 +778,9 @@ class SwarmSession:
     async def _teardown(self) -> None:
         loop, pipe, ses = self._loop, self._pipe, self._ses
         self._ses = None
+        if self._bound_timer is not None:
+            self._bound_timer.cancel()
+            self._bound_timer = None
         if loop is not None and pipe is not None:
             loop.remove_reader(pipe[0])
         for stream in self._streams:
@@ -840,17 +904,51 @@ class SwarmSession:
                 for event in produced:
                     self._dispatch(event)
 
+    def _apply_bound(self, bound: int | None) -> None:
+        if bound is not None and self._ses is not None:
+            # libtorrent checks each incoming request against it: live at once.
+            self._ses.apply_settings({"max_allowed_in_request_queue": bound})
+            log.debug("a peer may queue %d requests with us", bound)
+        if self._bound_timer is not None:
+            self._bound_timer.cancel()
+            self._bound_timer = None
+        when = self._bound.next_tick()
+        if when is not None and self._loop is not None:
+            self._bound_timer = self._loop.call_later(
+                max(0.0, when - time.monotonic()) + 0.01,
+                lambda: self._apply_bound(self._bound.tick(time.monotonic())),
+            )
+
+    def _reconnect(self, info_hash: str) -> None:
+        """Drop the peers of a torrent we seed that turned shared while one of them had
+        been told the alone bound: they connect again (libtorrent retries a peer after
+        `min_reconnect_time`) and are told the short one. Only a seed: a torrent we
+        still download would lose its own sources for that while."""
+        t = self._torrents.get(info_hash)
+        if t is None or t.handle is None:
+            return
+        st = t.handle.status(0)  # once per torrent turning shared: a short blocking call
+        if not st.is_seeding:
+            return
+        up, down, failed = t.carried
+        t.carried = (
+            up + int(st.total_payload_upload),
+            down + int(st.total_payload_download),
+            failed + int(st.total_failed_bytes),
+        )
+        log.debug("%s turned shared: its peers connect again to learn the bound", info_hash)
+        t.handle.pause()
+        t.handle.resume()
+
     def _dispatch(self, event: ev.SwarmEvent) -> None:
         if isinstance(event, ev.TorrentChecked | ev.StateChanged):
             self._track_readiness(event)
         elif isinstance(
             event, ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped
         ):
-            bound = self._bound.feed(event)
-            if bound is not None and self._ses is not None:
-                # libtorrent checks each incoming request against it: live at once.
-                self._ses.apply_settings({"max_allowed_in_request_queue": bound})
-                log.debug("a peer may queue %d requests with us", bound)
+            self._apply_bound(self._bound.feed(event, time.monotonic()))
+            for ih in self._bound.reconnects():
+                self._reconnect(ih)
         for stream in self._streams:
             stream._push(event)
         if self._waiters:
@@ -1292,6 +1390,7 @@ class SwarmSession:
                     if isinstance(client, bytes)
                     else str(client),
                     requests_queued=int(p.upload_queue_length),
+                    requests_out=int(p.download_queue_length),
                 )
             )
         return tuple(out)
@@ -1330,11 +1429,11 @@ class SwarmSession:
             progress=float(st.progress),
             num_pieces=len(st.pieces),
             pieces_done=int(st.num_pieces),
-            peer_payload_bytes=int(st.total_payload_download),
-            uploaded_payload_bytes=int(st.total_payload_upload),
+            peer_payload_bytes=t.carried[1] + int(st.total_payload_download),
+            uploaded_payload_bytes=t.carried[0] + int(st.total_payload_upload),
             fed_bytes=t.fed_bytes,
             fed_failed_bytes=t.fed_failed_bytes,
-            failed_bytes=int(st.total_failed_bytes),
+            failed_bytes=t.carried[2] + int(st.total_failed_bytes),
             num_peers=int(st.num_peers),
             num_seeds=int(st.num_seeds),
             download_rate=int(st.download_payload_rate),
