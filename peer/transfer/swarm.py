@@ -601,8 +601,16 @@ class RequestBound:
             self._crowded.pop(ih, None)
         peers = self._peers.get(ih, {})
         if len(peers) > 1:
+            # Only a peer already there when the torrent turns shared is worth the drop:
+            # counting the newcomer (told the alone bound too), or a second connection
+            # of its own, would let any host that connects each time the hold is over
+            # have us drop our other peers again and again.
+            turned = self._crowded.get(ih) != math.inf
             self._crowded[ih] = math.inf
-            if any(told > self.shared for told in peers.values()):
+            newcomer = event.endpoint if isinstance(event, ev.PeerConnected) else None
+            if turned and any(
+                told > self.shared for peer, told in peers.items() if peer != newcomer
+            ):
                 self._reconnect.append(ih)
                 for endpoint in peers:
                     peers[endpoint] = self.shared
