@@ -765,3 +765,24 @@ async def test_a_host_connecting_again_and_again_does_not_keep_a_seeders_peer_dr
             counter.cancel()
         connected = len(await one.peers(ih))
     assert (drops, connected) == (1, 1)
+
+
+def test_request_bound_drops_a_torrents_peers_at_most_once_per_gap() -> None:
+    """Whatever comes and goes (here a peer that connects again only after the hold,
+    told the alone bound again each time), a torrent is named for a reconnect at most
+    once per `gap`."""
+    honest, other = ev.Endpoint("10.0.0.1", 1), ev.Endpoint("10.6.6.6", 2)
+    bound = RequestBound(alone=2000, shared=32, hold=5.0, gap=30.0)
+    named, now = [], 0.0
+    for _ in range(12):  # a minute
+        bound.feed(ev.PeerConnected("t1", honest), now)  # told 2000 (alone)
+        bound.feed(ev.PeerConnected("t1", other), now + 0.1)
+        if bound.reconnects():
+            named.append(now)
+        bound.feed(ev.PeerDisconnected("t1", honest, "paused"), now + 0.2)
+        bound.feed(ev.PeerDisconnected("t1", other, "paused"), now + 0.2)
+        bound.tick(now + 5.3)  # back only after the hold
+        now += 5.5
+    assert named == [0.0, 33.0], named
+    bound.feed(ev.TorrentRemoved("t1"), now)
+    assert bound._reconnected == {}
