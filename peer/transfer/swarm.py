@@ -570,7 +570,9 @@ class RequestBound:
     peer that connected while a torrent was alone keeps the deep queue after others
     join. A torrent that turns shared while such a peer is on it is named once by
     `reconnects`, so that its peers connect again and are told the short bound; `hold`
-    keeps the bound short while they do."""
+    keeps the bound short while they do. Only a peer there before the turn counts (not
+    the newcomer, nor a second connection of its own), and a torrent is named at most
+    once per `gap`: a host connecting again and again cannot keep our peers dropped."""
 
     def __init__(self, alone: int, shared: int, hold: float = 0.0, gap: float = 0.0) -> None:
         self.alone = alone
