@@ -341,6 +341,67 @@ async def test_killed_agent_resumes_from_its_verified_pieces(
     assert (tmp_path / "b/state/agent_id").read_text()
 
 
+async def test_resume_data_is_not_trusted_over_bytes_another_writer_put_there(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """libtorrent takes the pieces its resume data names as had without reading them.
+    A swarm download stopped with its resume data saved, then another writer of the
+    same partial (a member stream, a herd relay, a mirror fetch: each leaves its
+    journal) put other bytes under a piece it names, and was cut before that piece's
+    check: the next swarm must check the file, not seed those bytes as the piece and
+    fail the whole-file hash."""
+    import libtorrent as lt
+
+    from peer.cache.partial import PartialBlob
+    from peer.transfer.mirror_ranges import chunk_size_for
+
+    data = (tmp_path / "src" / "model.safetensors").read_bytes()
+    blob = sha256(data)
+    async with agent(config(tmp_path / "a", "127.0.0.2", mirror.url, max_upload_rate=MiB)) as a:
+        await fetch(a)
+        mirror.reset_stats()
+        peer = f"127.0.0.2:{a.peer_port}"
+        b, info = await run_agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "--peer", peer, "--stall-timeout", "30"
+        )
+        url = f"http://127.0.0.3:{info['local_port']}"
+        dl = asyncio.create_task(cli("download", "org/m", "--agent", url, "--quiet"))
+        resume_dir = tmp_path / "b/state/resume"
+        try:
+            while True:  # saved every 10 s while it swarms
+                if resume_dir.exists() and any(resume_dir.iterdir()):
+                    break
+                assert not dl.done(), await dl
+                await asyncio.sleep(0.1)
+        finally:
+            b.send_signal(signal.SIGKILL)
+            await b.wait()
+            await dl
+        (resume,) = resume_dir.iterdir()
+        had = lt.read_resume_data(resume.read_bytes()).have_pieces
+        piece = next(i for i in range(len(had)) if had[i])  # 1 MiB pieces
+        partial_dir = tmp_path / "b/cache/models--org--m/.hfswarm/partial"
+        with PartialBlob(partial_dir, blob, len(data), chunk_size_for(len(data))) as p:
+            p.write(piece * MiB, bytes(MiB))  # another writer's bytes, never checked
+        b, info = await run_agent_process(
+            tmp_path / "b", "127.0.0.3", mirror.url, "--peer", peer, "--stall-timeout", "30"
+        )
+        url = f"http://127.0.0.3:{info['local_port']}"
+        try:
+            code, out, err = await cli("download", "org/m", "--agent", url)
+            assert code == 0, err
+            code, st, _ = await cli("status", "--agent", url, "--json")
+        finally:
+            b.send_signal(signal.SIGTERM)
+            await b.wait()
+    status = json.loads(st)
+    assert status["hash_failures"] == 0, status
+    # What the check found stayed (every piece but the one rewritten): not all again.
+    assert status["bytes_from_peers"] + status["bytes_from_mirror"] < len(data), status
+    snap = Path(out.strip().splitlines()[-1])
+    assert (snap / "model.safetensors").read_bytes() == data
+
+
 async def test_blobs_already_in_the_cache_are_verified_once_then_seeded(
     tmp_path: Path, mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

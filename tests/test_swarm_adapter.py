@@ -17,6 +17,7 @@ from peer.errors import LocalError
 from peer.transfer import events as ev
 from peer.transfer.swarm import (
     ALONE_PEER_REQUESTS,
+    SHARED_HOLD,
     InvalidTorrent,
     RequestBound,
     SwarmError,
@@ -312,8 +313,14 @@ def test_request_bound_reconnects_a_torrent_whose_peer_was_told_the_alone_bound(
     assert bound.tick(14.9) is None
     assert bound.tick(15.0) == 2000
     assert bound.next_tick() is None
-    # A peer that came while alone on t1, then a second one: t1 again.
+    # A newcomer told 2000 next to a peer told 32: nobody is dropped (any host could
+    # have the seeder drop its peers each time the hold is over).
     assert bound.feed(ev.PeerConnected("t1", c), 16.0) == 32
+    assert bound.reconnects() == []
+    # A peer that came while alone on t1, then a second one: t1 again.
+    assert bound.feed(ev.PeerDisconnected("t1", a, "done"), 17.0) is None
+    assert bound.tick(22.0) == 2000
+    assert bound.feed(ev.PeerConnected("t1", b), 23.0) == 32
     assert bound.reconnects() == ["t1"]
 
 
@@ -684,3 +691,98 @@ async def test_teardown_leaves_nothing_behind(blob: Blob, tmp_path: Path) -> Non
             break
         await asyncio.sleep(0.05)
     assert _fds_and_threads()[1] <= before[1] + 1
+
+
+def test_request_bound_a_peer_coming_and_going_cannot_keep_dropping_an_honest_one() -> None:
+    """A peer that connects to a seed torrent every time the hold has run out (a hostile
+    LAN host: connecting is all it takes) must not have the seeder drop its honest
+    downloader again and again: once that peer came back told the short bound, nothing
+    is left to fix. Nor may two connections of its own (the first told the alone bound
+    while the honest peer was alone on the torrent) do it."""
+    honest = ev.Endpoint("10.0.0.1", 1)
+    bound = RequestBound(alone=2000, shared=32, hold=5.0)
+    bound.feed(ev.PeerConnected("t1", honest), 0.0)  # alone: told 2000
+    now, drops = 1.0, 0
+    for cycle in range(10):
+        port = 1000 + 10 * cycle
+        bound.feed(ev.PeerConnected("t1", ev.Endpoint("10.6.6.6", port)), now)
+        bound.feed(ev.PeerConnected("t1", ev.Endpoint("10.6.6.6", port + 1)), now + 0.1)
+        if bound.reconnects():  # the seeder pauses and resumes t1: all its peers drop
+            drops += 1
+            bound.feed(ev.PeerDisconnected("t1", honest, "paused"), now + 0.2)
+            bound.feed(ev.PeerConnected("t1", honest), now + 2.5)  # back (told 32)
+        bound.feed(ev.PeerDisconnected("t1", ev.Endpoint("10.6.6.6", port), "gone"), now + 0.3)
+        bound.feed(ev.PeerDisconnected("t1", ev.Endpoint("10.6.6.6", port + 1), "g"), now + 0.3)
+        now += 6.0  # past the hold
+        bound.tick(now - 0.5)
+    assert drops == 1, drops  # the first, legitimate one (honest had been told 2000)
+
+
+async def test_a_host_connecting_again_and_again_does_not_keep_a_seeders_peer_dropped(
+    tmp_path: Path,
+) -> None:
+    """A LAN host that connects to a seeded torrent each time the seeder's hold is over
+    (connecting is all it takes, in open mode) must not have the seeder drop its honest
+    downloader each time: that peer is dropped once, to learn the short bound, and then
+    keeps its connection."""
+    data = os.urandom(64 * PIECE)
+    big = tmp_path / "big"
+    big.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (big / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    slow = SwarmSettings(
+        listen_host="127.0.0.1", upload_rate_limit=1_000_000, limit_local_peers=True
+    )
+    async with SwarmSession(slow) as seeder, session() as one:
+        ih = await seeder.add_torrent(torrent, big, seed_mode=True)
+        stream = one.subscribe(ih)
+        await one.add_torrent(torrent, tmp_path / "honest")
+        one.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        await next_matching(stream, is_(ev.PeerConnected, ih))
+        drops = 0
+
+        async def count() -> None:
+            nonlocal drops
+            async for event in stream:
+                if isinstance(event, ev.PeerDisconnected) and event.info_hash == ih:
+                    drops += 1
+
+        counter = asyncio.create_task(count())
+        try:
+            for cycle in range(3):
+                async with session() as hostile:
+                    await hostile.add_torrent(torrent, tmp_path / f"hostile{cycle}")
+                    hostile.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+                    async with asyncio.timeout(WAIT):
+                        while True:
+                            if await hostile.peers(ih):
+                                break
+                            await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(SHARED_HOLD + 1.5)  # the seeder's hold is over
+        finally:
+            counter.cancel()
+        connected = len(await one.peers(ih))
+    assert (drops, connected) == (1, 1)
+
+
+def test_request_bound_drops_a_torrents_peers_at_most_once_per_gap() -> None:
+    """Whatever comes and goes (here a peer that connects again only after the hold,
+    told the alone bound again each time), a torrent is named for a reconnect at most
+    once per `gap`."""
+    honest, other = ev.Endpoint("10.0.0.1", 1), ev.Endpoint("10.6.6.6", 2)
+    bound = RequestBound(alone=2000, shared=32, hold=5.0, gap=30.0)
+    named, now = [], 0.0
+    for _ in range(12):  # a minute
+        bound.feed(ev.PeerConnected("t1", honest), now)  # told 2000 (alone)
+        bound.feed(ev.PeerConnected("t1", other), now + 0.1)
+        if bound.reconnects():
+            named.append(now)
+        bound.feed(ev.PeerDisconnected("t1", honest, "paused"), now + 0.2)
+        bound.feed(ev.PeerDisconnected("t1", other, "paused"), now + 0.2)
+        bound.tick(now + 5.3)  # back only after the hold
+        now += 5.5
+    assert named == [0.0, 33.0], named
+    bound.feed(ev.TorrentRemoved("t1"), now)
+    assert bound._reconnected == {}

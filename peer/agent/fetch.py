@@ -750,6 +750,13 @@ class BlobFetcher:
         stream = self.swarm.subscribe(ih)
         resume = self.state.load_resume(ih)
         data_path = repo.partial_dir / file.blob_id
+        if resume is not None and data_path.with_name(f"{file.blob_id}.journal").exists():
+            # Another writer opened the file since (a member stream, a herd relay, a
+            # mirror fetch: each leaves its journal until the blob is installed) and may
+            # have put unchecked bytes under pieces the resume data names as had, which
+            # libtorrent would take without reading: it checks the file instead.
+            self.state.drop_resume(ih)
+            resume = None
         # Nothing on disk to check: added paused, and resumed once its peers are given
         # (`StartSwarming`): libtorrent connects the peers of a torrent it resumes at
         # once, those given to a running one only at its next once-a-second connect

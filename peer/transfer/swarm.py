@@ -79,6 +79,10 @@ ALONE_PEER_REQUESTS = 2000
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
 SHARED_HOLD = 5.0
+# A torrent's peers are dropped for a reconnect at most once in this many seconds,
+# whatever comes and goes (a peer slower to connect again than the hold, told the alone
+# bound again, must not make it a loop).
+RECONNECT_GAP = 30.0
 DEFAULT_PRIORITY = 4  # libtorrent's piece priority unless told otherwise
 
 
@@ -566,12 +570,16 @@ class RequestBound:
     peer that connected while a torrent was alone keeps the deep queue after others
     join. A torrent that turns shared while such a peer is on it is named once by
     `reconnects`, so that its peers connect again and are told the short bound; `hold`
-    keeps the bound short while they do."""
+    keeps the bound short while they do. Only a peer there before the turn counts (not
+    the newcomer, nor a second connection of its own), and a torrent is named at most
+    once per `gap`: a host connecting again and again cannot keep our peers dropped."""
 
-    def __init__(self, alone: int, shared: int, hold: float = 0.0) -> None:
+    def __init__(self, alone: int, shared: int, hold: float = 0.0, gap: float = 0.0) -> None:
         self.alone = alone
         self.shared = shared
         self.hold = hold
+        self.gap = gap
+        self._reconnected: dict[str, float] = {}  # torrent -> when it was last named
         self.bound = alone
         # info-hash -> connected peers -> the bound they were told in their handshake
         self._peers: dict[str, dict[ev.Endpoint, int]] = {}
@@ -599,11 +607,24 @@ class RequestBound:
         else:
             self._peers.pop(ih, None)
             self._crowded.pop(ih, None)
+            self._reconnected.pop(ih, None)
         peers = self._peers.get(ih, {})
         if len(peers) > 1:
+            # Only a peer already there when the torrent turns shared is worth the drop:
+            # counting the newcomer (told the alone bound too), or a second connection
+            # of its own, would let any host that connects each time the hold is over
+            # have us drop our other peers again and again.
+            turned = self._crowded.get(ih) != math.inf
             self._crowded[ih] = math.inf
-            if any(told > self.shared for told in peers.values()):
+            newcomer = event.endpoint if isinstance(event, ev.PeerConnected) else None
+            last = self._reconnected.get(ih)
+            if (
+                turned
+                and (last is None or now - last >= self.gap)
+                and any(told > self.shared for peer, told in peers.items() if peer != newcomer)
+            ):
                 self._reconnect.append(ih)
+                self._reconnected[ih] = now
                 for endpoint in peers:
                     peers[endpoint] = self.shared
         else:
@@ -696,7 +717,7 @@ class SwarmSession:
         self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
         self._bound = RequestBound(
-            ALONE_PEER_REQUESTS, settings.shared_peer_requests, hold=SHARED_HOLD
+            ALONE_PEER_REQUESTS, settings.shared_peer_requests, hold=SHARED_HOLD, gap=RECONNECT_GAP
         )
         self._bound_timer: asyncio.TimerHandle | None = None
         # Cluster mode: canonical info-hash <-> that of the torrent's SSL variant.
