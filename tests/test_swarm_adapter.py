@@ -31,6 +31,7 @@ from peer.transfer.swarm import (
 )
 
 PIECE = 1 << 20
+BLOCK = 16 * 1024  # what libtorrent asks for at a time
 SIZE = 16 * PIECE + 12_345  # a short last piece on purpose
 WAIT = 15.0  # generous per-step bound; the whole file runs in a few seconds
 
@@ -383,7 +384,9 @@ async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
                 took = sum([(await s.status(ih)).peer_payload_bytes for s in (one, two)])
                 sent = (await seeder.status(ih)).uploaded_payload_bytes
     assert 0 < most <= bound, most
-    assert sent >= took > 0, (sent, took)
+    # The two ends count a block at different moments and are read one after the other:
+    # a few blocks apart (seen: 2). Without the carried counters it was 1.2 MB short.
+    assert took > 0 and sent >= took - 8 * BLOCK, (sent, took)
 
 
 async def test_a_downloader_asks_a_slow_peer_for_its_queue_not_for_whole_pieces(
