@@ -138,45 +138,10 @@ def test_settings_follow_hf_conventions(tmp_path: Path) -> None:
     assert s.mirrors == ("http://a", "http://b") and s.token == "t"
 
 
-def test_install_blob_syncs_the_bytes_before_the_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A power loss cannot be staged here, so the order of the calls is what is checked:
-    the file's own fsync (libtorrent's writes are never synced by it), then the rename."""
-    repo = RepoCache(tmp_path, "model", "org/name")
-    src = tmp_path / "landed"
-    src.write_bytes(b"x" * 100_000)
-    inode = src.stat().st_ino
-    seen: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        seen.append("fsync file" if os.fstat(fd).st_ino == inode else "fsync other")
-        real_fsync(fd)
-
-    def replace(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
-        seen.append("rename")
-        real_replace(a, b)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    target = repo.install_blob(src, SHA)
-    assert target.read_bytes() == b"x" * 100_000
-    assert seen[:2] == ["fsync file", "rename"], seen
-    assert seen[2:] == ["fsync other"], seen  # blobs/ itself, so the rename is kept
-
-
-def test_local_dir_install_syncs_the_file_and_its_rename_before_the_metadata(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`--local-dir`: the metadata vouches for the file by size and mtime, so after a
-    power loss it must never name a rename or bytes that did not reach the disk."""
-    from peer.cache.hf_cache import LocalDir
-
-    out = LocalDir(tmp_path / "out")
-    src = tmp_path / "landed"
-    src.write_bytes(b"y" * 5000)
-    inode = src.stat().st_ino
+def watch_syncs(monkeypatch: pytest.MonkeyPatch, file: Path) -> list[str]:
+    """The order of fsyncs (of `file` or else) and renames (of a metadata file or else)
+    from now on. A power loss cannot be staged here, so the order is what is checked."""
+    inode = file.stat().st_ino
     seen: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -190,6 +155,34 @@ def test_local_dir_install_syncs_the_file_and_its_rename_before_the_metadata(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_install_blob_syncs_the_bytes_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's own fsync (libtorrent's writes are never synced by it), the rename,
+    then blobs/ itself, so the rename is kept."""
+    repo = RepoCache(tmp_path, "model", "org/name")
+    src = tmp_path / "landed"
+    src.write_bytes(b"x" * 100_000)
+    seen = watch_syncs(monkeypatch, src)
+    target = repo.install_blob(src, SHA)
+    assert target.read_bytes() == b"x" * 100_000
+    assert seen == ["fsync file", "rename file", "fsync other"], seen
+
+
+def test_local_dir_install_syncs_the_file_and_its_rename_before_the_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--local-dir`: the metadata vouches for the file by size and mtime, so after a
+    power loss it must never name a rename or bytes that did not reach the disk."""
+    from peer.cache.hf_cache import LocalDir
+
+    out = LocalDir(tmp_path / "out")
+    src = tmp_path / "landed"
+    src.write_bytes(b"y" * 5000)
+    seen = watch_syncs(monkeypatch, src)
     target = out.install(src, "a/w.bin", "c" * 40, SHA)
     assert target.read_bytes() == b"y" * 5000
     assert seen == ["fsync file", "rename file", "fsync other", "rename metadata"], seen
