@@ -325,6 +325,16 @@ def test_request_bound_reconnects_a_torrent_whose_peer_was_told_the_alone_bound(
     assert bound.reconnects() == ["t1"]
 
 
+async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:
+    """A blob of `pieces` random 1 MiB pieces in tmp_path/big, and its v2 torrent."""
+    data = os.urandom(pieces * PIECE)
+    big = tmp_path / "big"
+    big.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (big / blob_id).write_bytes(data)
+    return await create_v2_torrent(big / blob_id, PIECE), big
+
+
 async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
     blob: Blob, tmp_path: Path
 ) -> None:
@@ -333,12 +343,7 @@ async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
     was told 2000; once a second one shares the seeder, the seeder drops and takes back
     both, and each then asks for at most the short bound."""
     bound = 16
-    data = os.urandom(64 * PIECE)
-    big = tmp_path / "big"
-    big.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (big / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    torrent, big = await random_blob(tmp_path, 64)
     # 0.75 MB/s each once shared: under 1 MiB/s, so no whole pieces either.
     slow = SwarmSettings(
         listen_host="127.0.0.1",
@@ -396,12 +401,7 @@ async def test_a_downloader_asks_a_slow_peer_for_its_queue_not_for_whole_pieces(
     the peer sends a piece within `whole_piece_seconds`; from a peer sending 0.5 MB/s
     (a seeder's share when 8 hosts x 4 files share its 100 Mbit/s port) that was 8
     pieces asked up to 20 s ahead. Now the queue stays near 3 s of the rate."""
-    data = os.urandom(24 * PIECE)
-    big = tmp_path / "big"
-    big.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (big / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    torrent, big = await random_blob(tmp_path, 24)
     slow = SwarmSettings(listen_host="127.0.0.1", upload_rate_limit=500_000, limit_local_peers=True)
     async with SwarmSession(slow) as seeder, session() as one:
         ih = await seeder.add_torrent(torrent, big, seed_mode=True)
@@ -426,12 +426,7 @@ async def test_a_seeder_shared_by_two_downloaders_keeps_each_ones_queue_short(
     its rate); once a second downloader shares the seeder, each may queue at most
     `shared_peer_requests`, so what it asks for is picked close to when it is sent."""
     bound = 16
-    data = os.urandom(48 * PIECE)
-    big = tmp_path / "big"
-    big.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (big / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    torrent, big = await random_blob(tmp_path, 48)
     # A rate-limited seeder: the transfers last, and queues build up at it.
     slow = SwarmSettings(
         listen_host="127.0.0.1",
@@ -728,12 +723,7 @@ async def test_a_host_connecting_again_and_again_does_not_keep_a_seeders_peer_dr
     (connecting is all it takes, in open mode) must not have the seeder drop its honest
     downloader each time: that peer is dropped once, to learn the short bound, and then
     keeps its connection."""
-    data = os.urandom(64 * PIECE)
-    big = tmp_path / "big"
-    big.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (big / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(big / blob_id, PIECE)
+    torrent, big = await random_blob(tmp_path, 64)
     slow = SwarmSettings(
         listen_host="127.0.0.1", upload_rate_limit=1_000_000, limit_local_peers=True
     )
