@@ -132,7 +132,10 @@ class MirrorOnly:
                 and (await asyncio.to_thread(hash_file, elsewhere, file.blob_id, file.size)).ok
             ):
                 counters.had()
-                return self._install(repo, snapshot, file, elsewhere, copy=True)
+                # a copy where no hard link can be made may take minutes: off the loop
+                return await asyncio.to_thread(
+                    self._install, repo, snapshot, file, elsewhere, copy=True
+                )
             partial_dir = repo.partial_dir if self.local_dir is None else self.local_dir.partial_dir
             finished = await from_mirror(
                 mirror,
@@ -146,7 +149,9 @@ class MirrorOnly:
             )
             if finished is None:
                 return repo.blob_path(file.blob_id)
-            installed = self._install(repo, snapshot, file, finished.path, copy=False)
+            installed = await asyncio.to_thread(
+                self._install, repo, snapshot, file, finished.path, copy=False
+            )
             PartialBlob.installed(finished.path)
             return installed
 

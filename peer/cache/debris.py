@@ -9,7 +9,7 @@ it cannot be in use: its writer's pid is gone, or it is older than `STALE` secon
 
   <repo>/.hfswarm/partial/publish.*           a publish's copy (never resumed)
   <repo>/.hfswarm/partial/<id>.<thread>.adopt.<pid>  a blob reused from another repo
-  <repo>/.hfswarm/partial/<id>.copy.<pid>     a --local-dir copy
+  <repo>/.hfswarm/partial/<id>.<thread>.copy.<pid>  a --local-dir copy
   <repo>/.hfswarm/partial/<id>.journal        an old, unlocked journal whose data
                                               file is gone (killed after the rename)
   <repo>/.hfswarm/partial/<id>[.journal]      an old, unlocked partial of a blob that

@@ -277,7 +277,8 @@ class LocalDir:
         return target
 
     def copy_in(self, source: Path, path: str, commit: str, blob_id: str) -> Path:
-        tmp = self.partial_dir / f"{blob_id}.copy.{os.getpid()}"
+        # one name per thread: files of the same content are copied in at once
+        tmp = self.partial_dir / f"{blob_id}.{threading.get_ident()}.copy.{os.getpid()}"
         try:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp)
