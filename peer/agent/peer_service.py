@@ -16,6 +16,7 @@ from peer.agent.fetch import BlobFetcher
 from peer.agent.jobs import Totals
 from peer.agent.revisions import Revisions
 from peer.agent.seeding import SeedIndex
+from peer.serving import member_stream
 from peer.transfer.inflight import InFlightBlob
 
 
@@ -88,7 +89,7 @@ class PeerService:
         return self.verified_blob_path(blob_id)
 
     def count_upload(self, n: int, via: str = "http") -> None:
-        if via == "member-stream":
+        if via == member_stream.VIA:
             self.totals.bytes_uploaded_member_stream += n
         else:
             self.totals.bytes_uploaded_http += n
