@@ -750,7 +750,7 @@ class BlobFetcher:
         stream = self.swarm.subscribe(ih)
         resume = self.state.load_resume(ih)
         data_path = repo.partial_dir / file.blob_id
-        if resume is not None and data_path.with_name(f"{file.blob_id}.journal").exists():
+        if resume is not None and PartialBlob.journal_of(data_path).exists():
             # Another writer opened the file since (a member stream, a herd relay, a
             # mirror fetch: each leaves its journal until the blob is installed) and may
             # have put unchecked bytes under pieces the resume data names as had, which

@@ -50,7 +50,7 @@ class PartialBlob:
         self.size = size
         self.chunk_size = chunk_size
         self.data_path = directory / blob_id
-        self.journal_path = directory / f"{blob_id}.journal"
+        self.journal_path = self.journal_of(self.data_path)
         self.done: set[int] = set()
         # chunk -> bytes held from its start, for chunks begun but not done
         self.held: dict[int, int] = {}
@@ -278,7 +278,12 @@ class PartialBlob:
     def installed(data_path: Path) -> None:
         """The finished data file was renamed into place: its journal goes away (one
         a kill leaves behind is harmless, and removed at the agent's next start)."""
-        data_path.with_name(f"{data_path.name}.journal").unlink(missing_ok=True)
+        PartialBlob.journal_of(data_path).unlink(missing_ok=True)
+
+    @staticmethod
+    def journal_of(data_path: Path) -> Path:
+        """The journal beside a partial's data file (there while a writer may resume)."""
+        return data_path.with_name(f"{data_path.name}.journal")
 
     def discard(self) -> None:
         self.close()
