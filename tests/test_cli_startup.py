@@ -49,3 +49,45 @@ def test_a_download_through_an_agent_imports_none_of_the_agent() -> None:
     assert "peer.agent.client" in modules, out.stderr  # the agent path did run
     assert "no hfswarm agent answers" in out.stderr
     assert not [m for m in HEAVY if m in modules]
+
+
+# The same for a download with no agent: it runs the agent's `DownloadJob` with the
+# mirror as its only source, and needs neither peers, the herd nor libtorrent (0.28 s
+# of CPU at every start, docs/benchmarks.md 8.25).
+NO_AGENT_PROBE = """
+import json, sys, tempfile
+from peer.cli.main import main
+try:
+    main(["download", "org/model", "--no-agent", "--mirror", "http://127.0.0.1:9",
+          "--cache-dir", tempfile.mkdtemp(), "--quiet"])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+AGENT_ONLY = (
+    "libtorrent",
+    "peer.transfer.swarm",
+    "peer.manifests.manifest",
+    "peer.agent.fetch",
+    "peer.agent.herd",
+    "peer.agent.revisions",
+    "peer.discovery.peer_table",
+    "peer.serving.peer_api",
+    "peer.cluster.tls",
+)
+
+
+def test_a_download_with_no_agent_imports_none_of_the_swarm() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NO_AGENT_PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "peer.download" in modules, out.stderr  # the mirror-only path did run
+    assert "127.0.0.1:9" in out.stderr
+    assert not [m for m in AGENT_ONLY if m in modules]

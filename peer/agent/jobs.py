@@ -29,14 +29,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peer import wire
 from peer.agent.audit import AuditLog, DownloadFinished
-from peer.agent.fetch import BlobFetcher
-from peer.agent.quota import CacheQuota, QuotaHold
 from peer.agent.requests import Counters, Done, DownloadRequest, Emit, Progress, Started
-from peer.agent.revisions import Revisions
 from peer.aio import each_with_ticks
 from peer.cache.hf_cache import LocalDir, RepoCache
 from peer.config import AgentConfig, DownloadOptions, HubSettings
@@ -48,6 +45,13 @@ from peer.transfer.inflight import InFlightBlob
 from peer.transfer.mirror_blob import BlobCounters
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.rate import Throttle
+
+# The agent's own parts, named in types only: a download with no agent
+# (`peer.download`) runs this job without importing peers, the herd or libtorrent.
+if TYPE_CHECKING:
+    from peer.agent.fetch import BlobFetcher
+    from peer.agent.quota import CacheQuota, QuotaHold
+    from peer.agent.revisions import Revisions
 
 log = logging.getLogger(__name__)
 
