@@ -47,7 +47,11 @@ def env_for(checkout: Path) -> dict[str, str]:
 
 
 def make_repo(folder: Path, shards: int, size: int) -> None:
-    marker = folder / ".made"
+    # The marker lives beside the repo, not in it: the mirror serves every file of the
+    # folder, and a marker in it was one more request for hfswarm and `hf download`
+    # (aria2c is given the listed files only).
+    marker = folder.parent / f".made-{folder.name}"
+    (folder / ".made").unlink(missing_ok=True)  # where earlier versions put it
     if marker.exists() and marker.read_text() == f"{shards}x{size}":
         return
     folder.mkdir(parents=True, exist_ok=True)
