@@ -682,6 +682,53 @@ async def test_a_blob_is_one_get_until_the_mirrors_request_cost_is_known(tmp_pat
         assert await gets_for("c.bin", {}) == 1  # a fetcher that knows nothing: blind
 
 
+async def test_a_small_blob_asks_after_a_much_larger_blobs_first_answer(tmp_path: Path) -> None:
+    """olah answers requests one at a time (an upstream check each, on one event loop):
+    a config.json asked alongside the shards delayed a shard's first byte. With the
+    mirror holding the shard's answer for 1 s (as olah checking its upstream), the small
+    file's request goes out only once the shard's headers are in, so its first byte
+    comes after the shard's; a file of similar size does not wait."""
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.hub.metadata import RemoteFile, Snapshot
+    from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
+
+    rnd = __import__("random").Random(14)
+    src = tmp_path / "src"
+    datas = {"big.bin": rnd.randbytes(8 * MiB), "mid.bin": rnd.randbytes(4 * MiB)}
+    datas["config.json"] = b'{"small": true}'
+    for n, d in datas.items():
+        write(src / n, d)
+    with ThreadedMirror([RepoSource("model", "org/s", src)]) as m:
+        m.add_fault(Fault("delay", path_glob="big.bin", stall_seconds=1.0))
+        hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
+        files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
+        url = f"{m.url}/api/models/org/s/revision/main"
+        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
+            "sha"
+        ]
+        snap = Snapshot("model", "org/s", "main", commit, tuple(files.values()), m.url)
+        first_bytes: list[str] = []
+
+        async def fetch(mf: MirrorFetcher, name: str) -> None:
+            f = files[name]
+
+            def on_bytes(n: int) -> None:
+                if name not in first_bytes:
+                    first_bytes.append(name)
+
+            with PartialBlob(tmp_path / name, f.blob_id, f.size, chunk_size_for(f.size)) as p:
+                assert (await mf.fetch(snap, f, p, on_bytes=on_bytes)).ok
+                assert p.data_path.read_bytes() == datas[name]
+
+        async with MirrorFetcher(hub, DownloadOptions()) as mf:
+            await asyncio.gather(*(fetch(mf, n) for n in ("big.bin", "mid.bin", "config.json")))
+        gets = m.stats().gets_per_file
+    # mid.bin (half the size) did not wait; config.json waited for big.bin's answer
+    assert first_bytes == ["mid.bin", "big.bin", "config.json"], first_bytes
+    assert gets["org/s/config.json"] == 1
+
+
 async def test_a_partial_whose_journal_has_every_chunk_is_hashed_without_a_request(
     tmp_path: Path,
 ) -> None:

@@ -17,7 +17,9 @@ from typing import Any, Literal, get_args
 
 from peer.errors import ConfigError
 
-FaultKind = Literal["drop_after", "status", "stall", "corrupt", "ignore_range", "bad_content_range"]
+FaultKind = Literal[
+    "drop_after", "status", "stall", "corrupt", "ignore_range", "bad_content_range", "delay"
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Fault:
       ignore_range  answer 200 with the whole file although Range was sent.
       bad_content_range  answer 206 with the right bytes but a Content-Range whose
                     start is one byte off (a broken proxy or cache in front).
+      delay         hold the answer `stall_seconds` before its headers (a mirror that
+                    checks its upstream before it answers, as olah does).
     A truncated body with a correct Content-Length is `drop_after`: the length header
     always names the whole span.
 
@@ -90,6 +94,7 @@ class FaultPlan:
     stall_at: int | None = None  # body offset (relative to the response) to stall at
     stall_seconds: float = 0.0
     drop_at: int | None = None  # body offset after which the connection is closed
+    delay: float = 0.0  # seconds before the headers
 
 
 class FaultBook:
@@ -159,6 +164,7 @@ class FaultBook:
             )
             stall = self._take("stall", paths, lambda f: f.after_bytes < length)
             drop = self._take("drop_after", paths, lambda f: f.after_bytes < length)
+            delay = self._take("delay", paths)
         return (
             FaultPlan(
                 ignore_range=ignore,
@@ -167,6 +173,7 @@ class FaultBook:
                 stall_at=stall[0].after_bytes if stall else None,
                 stall_seconds=stall[0].stall_seconds if stall else 0.0,
                 drop_at=drop[0].after_bytes if drop else None,
+                delay=delay[0].stall_seconds if delay else 0.0,
             ),
             start,
             end,

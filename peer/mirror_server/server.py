@@ -630,6 +630,8 @@ class MirrorServer:
                 ra = plan.status.retry_after
                 extra["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
             return _error(plan.status.status, None, "injected fault", extra)
+        if plan.delay:
+            await asyncio.sleep(plan.delay)
         partial = ranged and not plan.ignore_range
         resp = web.StreamResponse(status=206 if partial else 200, headers=headers)
         resp.content_type = "application/octet-stream"

@@ -102,6 +102,12 @@ FIRST_ASK = 4  # chunks a blob's first request asks of a mirror known to be chea
 # loaded loopback), which must stay a small part of what the new stream gains. A capped
 # mirror's streams are slow (a cut pays); a fast one's finish before a cut would.
 BLIND_CUT_SECONDS = 0.5
+# A blob this many times smaller than one whose first request awaits its answer asks
+# only after that answer: olah works through requests one at a time on one event loop
+# (0.1-0.2 s of CPU each, an upstream check per request), so a config.json asked
+# alongside the shards delayed a shard's first byte by its own cost (docs/benchmarks.md
+# 8.25). A small blob is never on the download's critical path; a shard is.
+SMALL_BLOB_RATIO = 16
 
 
 def split_runs(
@@ -256,6 +262,7 @@ class _BlobJob:
     first_byte: float = 0.0  # ... and the first one (the debug log's time line)
     requests: int = 0  # requests sent for this blob
     runs: list[_Run] = field(default_factory=list)  # not started yet
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # its first answer came
     active: list[_Run] = field(default_factory=list)  # being streamed
     request_cost: float | None = None  # seconds to a response's headers (moving average)
     started: float = field(default_factory=time.monotonic)
@@ -288,6 +295,8 @@ class MirrorFetcher:
         self.on_mirror_error = on_mirror_error
         self.pool = MirrorPool(mirrors or settings.mirrors, ignores_range, request_costs)
         self._session: aiohttp.ClientSession | None = None
+        # Blobs whose first request awaits its answer (`SMALL_BLOB_RATIO`).
+        self._opening: list[_BlobJob] = []
 
     @property
     def has_mirrors(self) -> bool:
@@ -350,6 +359,9 @@ class MirrorFetcher:
             r.pos = partial.resume_at(r.first)  # only the rest of a chunk begun earlier
         hasher = BlobHasher(HashKind.of_blob_id(file.blob_id), file.size, also_hash)
         try:
+            if todo:
+                await self._behind_larger_openings(job)
+                self._opening.append(job)
             async with asyncio.TaskGroup() as tg:
                 hash_task = tg.create_task(self._hash_follower(job, hasher, on_prefix))
                 if todo and self.pool.pick(time.monotonic()) in self.pool.ignores_range:
@@ -365,6 +377,8 @@ class MirrorFetcher:
                 job.wake_hasher.set()
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
+        finally:
+            self._answered(job)
         digest = hash_task.result()
         now = time.monotonic()
         log.debug(
@@ -407,6 +421,32 @@ class MirrorFetcher:
                 hint="pieces cannot be fetched from it one by one",
             ) from None
         return bytes(buf)
+
+    async def _behind_larger_openings(self, job: _BlobJob) -> None:
+        """Wait for the first answers of the blobs `SMALL_BLOB_RATIO` times larger than
+        this one that are waiting for theirs (at most `read_timeout`)."""
+        size = max(1, job.file.size)
+        ahead = [j.answered for j in self._opening if j.file.size >= SMALL_BLOB_RATIO * size]
+        if not ahead:
+            return
+        t0 = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.read_timeout):
+                for answered in ahead:
+                    await answered.wait()
+        job.started = time.monotonic()  # its rate counts from its own start
+        log.debug(
+            "%s: asks after %d larger blobs' first answers (%.3f s)",
+            job.file.path,
+            len(ahead),
+            job.started - t0,
+        )
+
+    def _answered(self, job: _BlobJob) -> None:
+        """The blob's first request was answered (or failed, or the blob ended)."""
+        job.answered.set()
+        with contextlib.suppress(ValueError):
+            self._opening.remove(job)
 
     # -- hashing ---------------------------------------------------------------------
 
@@ -686,7 +726,16 @@ class MirrorFetcher:
     async def _open(
         self, job: _BlobJob, mirror: str, headers: dict[str, str], method: str = "GET"
     ) -> aiohttp.ClientResponse:
-        """Request with redirects followed by hand; Authorization stays on the mirror."""
+        """Request with redirects followed by hand; Authorization stays on the mirror.
+        The blob's first answer (or failure) lets smaller blobs ask (`SMALL_BLOB_RATIO`)."""
+        try:
+            return await self._follow(job, mirror, headers, method)
+        finally:
+            self._answered(job)
+
+    async def _follow(
+        self, job: _BlobJob, mirror: str, headers: dict[str, str], method: str
+    ) -> aiohttp.ClientResponse:
         assert self._session is not None
         url = job.cdn.get(mirror) or job.snapshot.resolve_url(mirror, job.file.path)
         from_cdn = mirror in job.cdn
