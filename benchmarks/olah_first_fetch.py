@@ -200,7 +200,8 @@ def main() -> None:
                 run_tool("hf download", olah.url, work, files, commit, checkouts)
             for r in range(args.runs):
                 line = []
-                for tool in tools:
+                # the order rotates each round: no tool always runs first (or last)
+                for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
                     if phase == "cold":
                         olah.stop()
                         olah.start(empty=True)
