@@ -2,7 +2,8 @@
 `download --no-agent` vs `hf download` (huggingface_hub's CLI) vs `aria2c -x16 -s16`.
 
 olah (`pip install olah`) runs as users run it (`python -m olah.server -c olah.toml`),
-proxying the project's mirror on loopback. Two phases, tools interleaved per round:
+proxying the project's mirror on loopback. Two phases, tools interleaved per round
+(their order rotated each round):
   - cold: olah is restarted with an empty repos folder before every tool's run, so
     every byte goes through olah to the upstream;
   - warm: olah has the repo cached (one fill before the phase), nothing goes upstream.

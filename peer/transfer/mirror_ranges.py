@@ -11,7 +11,9 @@ fetch; a worker whose run is done does the same. A run's first request, before a
 request's cost is known, asks for the whole run; later ones for 0.5 s of the stream's
 rate, or for 10 requests' cost of it where requests are dear. A mirror that charges
 per request (olah re-checks upstream on each) thus sees one request per file, as from
-`hf download`, where it saw 64, and a fast one still gets N streams. Every byte
+`hf download`, where it saw 64, and a fast one still gets N streams; a blob much
+smaller than one whose first request awaits its answer asks after that answer (olah
+answers requests one at a time: a config.json delayed a shard). Every byte
 goes straight to the partial file (nothing is buffered whole; progress inside a chunk
 is journaled every `JOURNAL_STEP`, and a resumed run starts at the first byte its
 chunk lacks, so a kill -9 costs at most that much per stream) and a hashing task
