@@ -19,8 +19,10 @@ a busy machine hurts every row alike. Before every trial the previous trial's fi
 deleted, ``sync`` runs, and the trial waits until the kernel holds little dirty or
 under-writeback memory (/proc/meminfo): each trial writes the blob, and writeback left
 over from one trial otherwise lands in the next (8.21 saw the bare pair alone spread
-1.72-4.20 s). ``--drop-caches`` (root) also empties the page cache before every trial and
-reads the seeder's blob back in, so every trial starts from the same cache.
+1.72-4.20 s). Then it waits until ``--settle`` seconds (3) have passed since the last
+trial ended, so that the memory that trial freed is always handed back to the host
+(see `settle`). ``--drop-caches`` (root) also empties the page cache before every trial
+and reads the seeder's blob back in, so every trial starts from the same cache.
 """
 
 from __future__ import annotations
@@ -81,15 +83,18 @@ def dirty_bytes() -> int:
     return total
 
 
-def settle(
-    blob: Path | None, drop_caches: bool, quiet: int = 16 << 20, limit: float = 10.0
-) -> float:
+def settle(blob: Path | None, drop_caches: bool, pause: float, quiet: int = 16 << 20) -> float:
     """Before a trial: write back what earlier trials left dirty (sync, then wait until
-    Dirty + Writeback is under ``quiet``), optionally drop the page cache and read the
-    seeder's blob back in. Returns the seconds it waited."""
+    Dirty + Writeback is under ``quiet``, 10 s at most), optionally drop the page cache
+    and read the seeder's blob back in; then wait until ``pause`` seconds have passed in
+    all. The pause is for the memory the last trial freed: on this VM (virtio-balloon
+    free page reporting) free memory is handed back to the host about 2 s after it is
+    freed, and writing into such memory again costs the writer its page faults on the
+    host, counted as its CPU (a 1 GiB file written 0.2-1.0 CPU s right after another was
+    deleted, 1.1-2.4 s 6 s after; docs/benchmarks.md 8.23). Returns the seconds spent."""
     t0 = time.perf_counter()
     os.sync()
-    while dirty_bytes() > quiet and time.perf_counter() - t0 < limit:
+    while dirty_bytes() > quiet and time.perf_counter() - t0 < 10.0:
         time.sleep(0.05)
     if drop_caches:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
@@ -98,6 +103,7 @@ def settle(
                 buf = bytearray(8 << 20)
                 while f.readinto(buf):
                     pass
+    time.sleep(max(0.0, pause - (time.perf_counter() - t0)))
     return time.perf_counter() - t0
 
 
@@ -259,6 +265,10 @@ def main() -> None:
         help="drop the page cache before every trial (root), then re-read the seeder's blob",
     )  # fmt: skip
     ap.add_argument(
+        "--settle", type=float, default=3.0,
+        help="seconds from the end of one trial to the start of the next, at least",
+    )  # fmt: skip
+    ap.add_argument(
         "--log-level", default="info",
         help="the downloading agents' log level (info: as users run them; debug adds the"
         " time line of every step)",
@@ -309,7 +319,7 @@ def main() -> None:
             msg = []
             # The order turns each round: no row always runs first, or right after another.
             for row in order[r % len(order) :] + order[: r % len(order)]:
-                waited.append(settle(blob, args.drop_caches))
+                waited.append(settle(blob, args.drop_caches, args.settle))
                 if row == "bare":
                     w, c = bare(here, torrent, bt_seeder, work / "bare")
                     rows["bare"]["wall"].append(w)
