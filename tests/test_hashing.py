@@ -130,7 +130,7 @@ def test_the_follower_hashes_the_page_cache_in_place_across_windows(
     for end in (5000, 5001, 3 << 20, (3 << 20) + 4097, (7 << 20) + 1, len(data)):
         follower.hash_to(end)
         assert follower.position == end
-    assert _bytes_read_by_syscalls() - before < 64 * 1024  # nothing copied out
+    assert _bytes_read_by_syscalls() - before < 1 << 20  # not the 8 MiB: nothing copied out
     assert follower.verdict().ok
     assert [o for o, _ in told] == [0, 5000, 5001, 3 << 20, (3 << 20) + 4097, (7 << 20) + 1]
     assert sum(n for _, n in told) == len(data)
