@@ -13,8 +13,16 @@ arrival, resolve, peer lookup, swarm start, first and last piece, end of the has
 
     python benchmarks/swarm_cpu.py --size 1GiB --runs 5 --checkout /tmp/base --checkout .
 
-Every process listens on 127.0.0.x; nothing leaves the machine. Runs are interleaved
-(bare, checkout 1, checkout 2, bare, ...), so a busy machine hurts every row alike.
+Every process listens on 127.0.0.x; nothing leaves the machine. Runs are interleaved,
+and the order of the rows turns by one each round (bare, 1, 2; then 1, 2, bare; ...), so
+a busy machine hurts every row alike. Before every trial the previous trial's files are
+deleted, ``sync`` runs, and the trial waits until the kernel holds little dirty or
+under-writeback memory (/proc/meminfo): each trial writes the blob, and writeback left
+over from one trial otherwise lands in the next (8.21 saw the bare pair alone spread
+1.72-4.20 s). Then it waits until ``--settle`` seconds (3) have passed since the last
+trial ended, so that the memory that trial freed is always handed back to the host
+(see `settle`). ``--drop-caches`` (root) also empties the page cache before every trial
+and reads the seeder's blob back in, so every trial starts from the same cache.
 """
 
 from __future__ import annotations
@@ -61,15 +69,55 @@ def threads_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def dirty_bytes() -> int:
+    """Dirty + Writeback of /proc/meminfo, bytes (0 where there is none)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return 0
+    total = 0
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Dirty", "Writeback"):
+            total += int(rest.split()[0]) * 1024
+    return total
+
+
+def settle(blob: Path | None, drop_caches: bool, pause: float, quiet: int = 16 << 20) -> float:
+    """Before a trial: write back what earlier trials left dirty (sync, then wait until
+    Dirty + Writeback is under ``quiet``, 10 s at most), optionally drop the page cache
+    and read the seeder's blob back in; then wait until ``pause`` seconds have passed in
+    all. The pause is for the memory the last trial freed: on this VM (virtio-balloon
+    free page reporting) free memory is handed back to the host about 2 s after it is
+    freed, and writing into such memory again costs the writer its page faults on the
+    host, counted as its CPU (a 1 GiB file written 0.2-1.0 CPU s right after another was
+    deleted, 1.1-2.4 s 6 s after; docs/benchmarks.md 8.23). Returns the seconds spent."""
+    t0 = time.perf_counter()
+    os.sync()
+    while dirty_bytes() > quiet and time.perf_counter() - t0 < 10.0:
+        time.sleep(0.05)
+    if drop_caches:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        if blob is not None:  # the seeder serves from the page cache, as in every round
+            with open(blob, "rb", buffering=0) as f:
+                buf = bytearray(8 << 20)
+                while f.readinto(buf):
+                    pass
+    time.sleep(max(0.0, pause - (time.perf_counter() - t0)))
+    return time.perf_counter() - t0
+
+
 def env_for(checkout: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(checkout)}
 
 
 class Agent:
-    def __init__(self, checkout: Path, root: Path, ip: str, mirror: str, peers: list[str]) -> None:
+    def __init__(
+        self, checkout: Path, root: Path, ip: str, mirror: str, peers: list[str], level: str
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.checkout, self.root, self.ip = checkout, root, ip
-        cmd = [sys.executable, "-m", "peer.cli.main", "agent", "--log-level", "debug",
+        cmd = [sys.executable, "-m", "peer.cli.main", "agent", "--log-level", level,
                "--cache-dir", str(root / "cache"), "--state-dir", str(root / "state"),
                "--listen", f"{ip}:0", "--local-listen", f"{ip}:0", "--bt-listen", f"{ip}:0",
                "--mirror", mirror, "--no-mdns", "--config", os.devnull]  # fmt: skip
@@ -212,6 +260,19 @@ def main() -> None:
     ap.add_argument("--checkout", action="append", default=[], help="repeatable; default .")
     ap.add_argument("--work", default=None)
     ap.add_argument("--threads", action="store_true", help="print the agent's CPU per thread")
+    ap.add_argument(
+        "--drop-caches", action="store_true",
+        help="drop the page cache before every trial (root), then re-read the seeder's blob",
+    )  # fmt: skip
+    ap.add_argument(
+        "--settle", type=float, default=3.0,
+        help="seconds from the end of one trial to the start of the next, at least",
+    )  # fmt: skip
+    ap.add_argument(
+        "--log-level", default="info",
+        help="the downloading agents' log level (info: as users run them; debug adds the"
+        " time line of every step)",
+    )  # fmt: skip
     ap.add_argument("--bare-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
@@ -231,7 +292,7 @@ def main() -> None:
     )  # fmt: skip
     assert mirror.stdout is not None
     url = mirror.stdout.readline().strip()
-    seeder = Agent(here, work / "seeder", "127.0.0.2", url, [])
+    seeder = Agent(here, work / "seeder", "127.0.0.2", url, [], "info")
     rows: dict[str, dict[str, list[float]]] = {"bare": {"wall": [], "cpu": []}}
     for c in checkouts:
         rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": []}
@@ -252,26 +313,35 @@ def main() -> None:
             check=True, cwd=here, env=env_for(here),
         )  # fmt: skip
         bt_seeder = f"127.0.0.2:{seeder.info['bt_port']}"
+        order = ["bare", *map(str, checkouts)]
+        waited: list[float] = []
         for r in range(args.runs):
-            w, c = bare(here, torrent, bt_seeder, work / "bare")
-            rows["bare"]["wall"].append(w)
-            rows["bare"]["cpu"].append(c)
-            msg = [f"bare {w:.2f} s / {c:.2f} cpu"]
-            for k, co in enumerate(checkouts):
-                d = Agent(co, work / f"d-{r}-{k}", "127.0.0.3", url, [seeder.peer])
+            msg = []
+            # The order turns each round: no row always runs first, or right after another.
+            for row in order[r % len(order) :] + order[: r % len(order)]:
+                waited.append(settle(blob, args.drop_caches, args.settle))
+                if row == "bare":
+                    w, c = bare(here, torrent, bt_seeder, work / "bare")
+                    rows["bare"]["wall"].append(w)
+                    rows["bare"]["cpu"].append(c)
+                    msg.append(f"bare {w:.2f} s / {c:.2f} cpu")
+                    continue
+                co = Path(row)
+                d = Agent(co, work / f"d-{r}", "127.0.0.3", url, [seeder.peer], args.log_level)
                 try:
                     w, c, cc = d.download()
                 finally:
                     d.stop()
-                rows[str(co)]["wall"].append(w)
-                rows[str(co)]["cpu"].append(c)
-                rows[str(co)]["cli_cpu"].append(cc)
-                lines.setdefault(str(co), []).append(timeline(d.log_path, d.started, d.ended))
+                rows[row]["wall"].append(w)
+                rows[row]["cpu"].append(c)
+                rows[row]["cli_cpu"].append(cc)
+                lines.setdefault(row, []).append(timeline(d.log_path, d.started, d.ended))
                 if args.threads:
                     print(f"    {co.name} threads: {d.threads}", flush=True)
                 shutil.rmtree(d.root)
                 msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu")
-            print(f"  run {r + 1}: " + ", ".join(msg), flush=True)
+            print(f"  run {r + 1} (load {os.getloadavg()[0]:.1f}): " + ", ".join(msg), flush=True)
+        print(f"  settled before each trial in {min(waited):.2f}-{max(waited):.2f} s", flush=True)
     finally:
         seeder.stop()
         mirror.send_signal(signal.SIGTERM)

@@ -8,6 +8,9 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
+from peer.verification import hashing
 from peer.verification.hashing import PrefixHasher, hash_file
 
 PIECE = 64 * 1024
@@ -96,3 +99,43 @@ def test_each_hashed_range_is_handed_on_once_in_order(tmp_path: Path) -> None:
     short = PrefixHasher(path, blob, len(data), hashed=hashed)
     assert not short.verdict().ok
     assert told == [(0, len(data) - 100)]
+
+
+def _bytes_read_by_syscalls() -> int:
+    """read()/pread() bytes of this process so far (Linux task I/O accounting)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(
+    hashing.FOLLOW_MAP_FLAGS is None or not Path("/proc/self/io").exists(),
+    reason="the mapped follower needs MAP_POPULATE (Linux); rchar needs /proc/self/io",
+)
+def test_the_follower_hashes_the_page_cache_in_place_across_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Through read-only mappings, not copied out with read(): steps that start off the
+    # page grid, steps that span several mapping windows, and a short file that is
+    # mapped only up to its end (a page past it would kill the process with SIGBUS).
+    monkeypatch.setattr(hashing, "FOLLOW_WINDOW", 1 << 20)
+    data = random.Random(5).randbytes((8 << 20) + 4321)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    told: list[tuple[int, int]] = []
+    follower = PrefixHasher(path, blob, len(data), hashed=lambda _fd, o, n: told.append((o, n)))
+    before = _bytes_read_by_syscalls()
+    for end in (5000, 5001, 3 << 20, (3 << 20) + 4097, (7 << 20) + 1, len(data)):
+        follower.hash_to(end)
+        assert follower.position == end
+    assert _bytes_read_by_syscalls() - before < 1 << 20  # not the 8 MiB: nothing copied out
+    assert follower.verdict().ok
+    assert [o for o, _ in told] == [0, 5000, 5001, 3 << 20, (3 << 20) + 4097, (7 << 20) + 1]
+    assert sum(n for _, n in told) == len(data)
+    path.write_bytes(data[: (5 << 20) + 10])
+    short = PrefixHasher(path, blob, len(data))
+    short.hash_to(len(data))
+    assert short.position == (5 << 20) + 10
+    assert not short.verdict().ok

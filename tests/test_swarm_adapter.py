@@ -16,6 +16,7 @@ import pytest
 from peer.errors import LocalError
 from peer.transfer import events as ev
 from peer.transfer.swarm import (
+    ALERT_BATCH,
     ALONE_PEER_REQUESTS,
     SHARED_HOLD,
     InvalidTorrent,
@@ -323,6 +324,42 @@ def test_request_bound_reconnects_a_torrent_whose_peer_was_told_the_alone_bound(
     assert bound.tick(22.0) == 2000
     assert bound.feed(ev.PeerConnected("t1", b), 23.0) == 32
     assert bound.reconnects() == ["t1"]
+
+
+async def test_alerts_of_a_fast_download_are_drained_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each drain wakes every subscriber's task: a piece alert every few ms must not
+    # make a drain each. 32 MiB in 16 KiB pieces is 2048 piece alerts.
+    data = os.urandom(32 * PIECE)
+    src = tmp_path / "src"
+    src.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (src / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(src / blob_id, BLOCK)
+    async with session() as seeder, session() as leecher:
+        await seeder.add_torrent(torrent, src, seed_mode=True)
+        drains = 0
+        drain = leecher._drain
+
+        def counted() -> None:
+            nonlocal drains
+            drains += 1
+            drain()
+
+        monkeypatch.setattr(leecher, "_drain", counted)
+        stream = leecher.subscribe(info_hash_of(torrent))
+        ih = await leecher.add_torrent(torrent, tmp_path / "dl")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        t0 = asyncio.get_running_loop().time()
+        _, seen = await next_matching(stream, is_(ev.TorrentFinished, ih))
+        took = asyncio.get_running_loop().time() - t0
+        stream.close()
+        pieces = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
+        assert pieces == list(range(len(data) // BLOCK))  # every alert still delivered
+        # At most one drain per batch interval (and the few direct ones), not per piece.
+        assert drains <= took / ALERT_BATCH + 20, (drains, took)
+        assert drains < len(pieces) / 4, (drains, len(pieces))
 
 
 async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:

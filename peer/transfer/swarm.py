@@ -8,10 +8,11 @@ are translated into `SwarmError` here, at the edge.
 How the pieces fit:
 
 - Alerts reach asyncio through ``set_alert_fd`` on a non-blocking pipe watched with
-  ``loop.add_reader``. On every wake-up the pipe is emptied and ``pop_alerts()`` is
-  drained until it returns nothing; each alert is copied at once into a frozen event
-  (an alert object dies at the next ``pop_alerts``). ``set_alert_notify`` is avoided:
-  it runs a Python callback on libtorrent's thread, which must take the GIL there.
+  ``loop.add_reader``. On every wake-up the pipe is emptied, and ``ALERT_BATCH`` later
+  ``pop_alerts()`` is drained until it returns nothing; each alert is copied at once
+  into a frozen event (an alert object dies at the next ``pop_alerts``).
+  ``set_alert_notify`` is avoided: it runs a Python callback on libtorrent's thread,
+  which must take the GIL there.
 - Events fan out to subscribers (`SwarmSession.subscribe`, one bounded queue each) and
   to one-shot waiters (`SwarmSession.expect`), which the adapter also uses itself for
   ``flush_cache`` and ``save_resume_data``.
@@ -76,6 +77,10 @@ BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal pie
 # Requests one peer may queue with us while it is a torrent's only peer: libtorrent's
 # default (`SwarmSettings.shared_peer_requests` once a torrent has more than one).
 ALONE_PEER_REQUESTS = 2000
+# Alerts are drained at most this long after libtorrent signals the first of them: a fast
+# download posts a piece alert every 2-3 ms, and each drain wakes every subscriber's
+# task, so draining at once made a wake-up chain per piece (docs/benchmarks.md 8.23).
+ALERT_BATCH = 0.005
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
 SHARED_HOLD = 5.0
@@ -720,6 +725,7 @@ class SwarmSession:
             ALONE_PEER_REQUESTS, settings.shared_peer_requests, hold=SHARED_HOLD, gap=RECONNECT_GAP
         )
         self._bound_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
         # Cluster mode: canonical info-hash <-> that of the torrent's SSL variant.
         self._ssl_ih: dict[str, str] = {}
         self._canonical: dict[str, str] = {}
@@ -802,6 +808,9 @@ class SwarmSession:
         if self._bound_timer is not None:
             self._bound_timer.cancel()
             self._bound_timer = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if loop is not None and pipe is not None:
             loop.remove_reader(pipe[0])
         for stream in self._streams:
@@ -905,6 +914,13 @@ class SwarmSession:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while os.read(self._pipe[0], 4096):
                 pass
+        # What comes in the next ALERT_BATCH joins this drain (libtorrent does not write
+        # again until its queue was emptied: nothing waits longer than that).
+        if self._drain_timer is None and self._loop is not None:
+            self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
+
+    def _batched_drain(self) -> None:
+        self._drain_timer = None
         self._drain()
 
     def _drain(self) -> None:
