@@ -124,6 +124,7 @@ def test_the_follower_hashes_the_page_cache_in_place_across_windows(
     blob = hashlib.sha256(data).hexdigest()
     path = tmp_path / "f"
     path.write_bytes(data)
+    path.chmod(0o644)  # only ours to write, whatever the umask: mapped
     told: list[tuple[int, int]] = []
     follower = PrefixHasher(path, blob, len(data), hashed=lambda _fd, o, n: told.append((o, n)))
     before = _bytes_read_by_syscalls()
@@ -139,3 +140,26 @@ def test_the_follower_hashes_the_page_cache_in_place_across_windows(
     short.hash_to(len(data))
     assert short.position == (5 << 20) + 10
     assert not short.verdict().ok
+
+
+@pytest.mark.skipif(
+    hashing.FOLLOW_MAP_FLAGS is None or not Path("/proc/self/io").exists(),
+    reason="the mapped follower needs MAP_POPULATE (Linux); rchar needs /proc/self/io",
+)
+def test_a_partial_others_may_write_is_read_not_mapped(tmp_path: Path) -> None:
+    # libtorrent creates a partial 0666 less the umask: 0664 under umask 002, so a cache
+    # shared through a group folder lets the group shorten it. Mapped, that kills the
+    # agent (SIGBUS); read, the hash just comes up short. Only a file no one else may
+    # write is mapped.
+    data = random.Random(6).randbytes(4 << 20)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for mode, copied in ((0o664, True), (0o646, True), (0o644, False)):
+        path.chmod(mode)
+        follower = PrefixHasher(path, blob, len(data))
+        before = _bytes_read_by_syscalls()
+        follower.hash_to(len(data))
+        read = _bytes_read_by_syscalls() - before
+        assert (read >= len(data)) is copied, (oct(mode), read)
+        assert follower.verdict().ok

@@ -127,6 +127,14 @@ def hash_file(
     )
 
 
+def _only_ours(st: os.stat_result) -> bool:
+    """Whether only this process's user (or root) may write the file: a mapped file that
+    someone shortens kills the process (SIGBUS) where a read would only come up short.
+    libtorrent creates a partial 0666 less the umask: group-writable under umask 002,
+    which a cache shared through a setgid group folder hands to the whole group."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 class PrefixHasher:
     """The whole-file hash of a file written out of order whose final prefix grows (a
     swarm download: pieces checked, flushed, in order from the first): each byte is
@@ -161,7 +169,7 @@ class PrefixHasher:
             return
         start = self._h.fed
         with open(self.path, "rb", buffering=0) as f:
-            if FOLLOW_MAP_FLAGS is not None:
+            if FOLLOW_MAP_FLAGS is not None and _only_ours(os.fstat(f.fileno())):
                 self._hash_mapped(f.fileno(), end)
             if self._h.fed < end:
                 self._hash_read(f, end)  # no mapping here, or the file is short
