@@ -186,7 +186,10 @@ class PrefixHasher:
         while self._h.fed < stop:
             base = self._h.fed - self._h.fed % mmap.ALLOCATIONGRANULARITY
             length = min(stop - base, FOLLOW_WINDOW)
-            m = mmap.mmap(fd, length, flags=FOLLOW_MAP_FLAGS, prot=mmap.PROT_READ, offset=base)
+            try:
+                m = mmap.mmap(fd, length, flags=FOLLOW_MAP_FLAGS, prot=mmap.PROT_READ, offset=base)
+            except (OSError, ValueError):
+                return  # a file system that refuses mappings (some FUSE): read instead
             try:
                 with memoryview(m) as view, view[self._h.fed - base :] as part:
                     self._h.update(part)
