@@ -5,10 +5,14 @@ own tree on sys.path, so the checkout's `SwarmSession` is the one measured):
 
     python benchmarks/lan_bare.py SPEC.json
 
-SPEC: {"ip", "port", "seeder" (its ip), "torrents": [paths], "out", "peers": [[ip, port]]}.
+SPEC: {"ip", "port", "seeder" (its ip), "torrents": [paths], "out", "peers": [[ip, port]],
+"seed" (optional: seed the torrents from "out", which holds the files, and download
+nothing), "lt" (optional: libtorrent settings put over the project's, for a study of one
+setting at a time), "super_seed" (optional, with "seed": libtorrent's super-seeding)}.
 Protocol on stdin/stdout (one JSON object a line): ``ready`` once the torrents are added
-and the session listens; on the first line of stdin, connect and download, then one line
-of figures; on the second line (or EOF) one line of totals, and exit.
+and the session listens; on the first line of stdin, connect and download (a seeder:
+nothing), then one line of figures; on the second line (or EOF) one line of totals, and
+exit.
 """
 
 from __future__ import annotations
@@ -41,12 +45,29 @@ async def bare_host(spec: dict[str, Any], torrents: list[bytes]) -> None:
     settings = SwarmSettings(
         listen_host=spec["ip"], listen_port=spec["port"], limit_local_peers=True
     )
+    if extra := spec.get("lt"):
+        made = SwarmSettings.to_libtorrent
+        SwarmSettings.to_libtorrent = lambda self: {**made(self), **extra}  # type: ignore[method-assign]
     async with SwarmSession(settings) as s:
         stream = s.subscribe(kinds=(ev.PeerConnected, ev.PieceFinished, ev.TorrentFinished))
-        ihs = [await s.add_torrent(t, spec["out"]) for t in torrents]
+        seed = bool(spec.get("seed"))
+        ihs = [await s.add_torrent(t, spec["out"], seed_mode=seed) for t in torrents]
+        if seed and spec.get("super_seed"):
+            import libtorrent as lt
+
+            for ih in ihs:
+                s._get(ih).handle.set_flags(lt.torrent_flags.super_seeding)
         print(json.dumps({"ready": True}), flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         t0, c0 = time.monotonic(), cpu()
+        if seed:
+            await asyncio.to_thread(sys.stdin.readline)
+            got = [await s.status(ih) for ih in ihs]
+            print(json.dumps({
+                "cpu_s": round(cpu() - c0, 2),
+                "uploaded": sum(g.uploaded_payload_bytes for g in got),
+            }), flush=True)  # fmt: skip
+            return
         for ih in ihs:
             for host, port in spec["peers"]:
                 s.connect_peer(ih, host, port)

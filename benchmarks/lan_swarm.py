@@ -263,11 +263,16 @@ class Bench:
                         co = self.checkouts[k]
                         hosts = [1] if scen.endswith("one") else list(range(1, 9))
                         tag = f"{scen}-{k}-r{r}"
-                        if scen.startswith("bare-"):
-                            res = self.run_bare(co, seeders[k], self.torrents[k], hosts, tag)
-                        else:
+                        if not scen.startswith("bare-"):
                             res = self.run_agents(co, seeders[k], hosts, tag)
-                        self.record(f"{scen} {co.name}", res)
+                            self.record(f"{scen} {co.name}", res)
+                            continue
+                        for v in turned(range(len(a.variants)), r):
+                            name, variant = a.variants[v]
+                            res = self.run_bare(
+                                co, seeders[k], self.torrents[k], hosts, f"{tag}-v{v}", variant
+                            )
+                            self.record(f"{scen} {co.name}{f' [{name}]' if name else ''}", res)
             stop_all([http, *(s.proc for s in seeders), mirror.proc])
 
     def cmd(self, agent: netlab.AgentProc, co: Checkout) -> list[str]:
@@ -384,21 +389,21 @@ class Bench:
         torrents: list[Path],
         hosts: list[int],
         tag: str,
+        variant: dict[str, Any],
     ) -> dict[str, Any]:
         """`bare-one`/`bare-eight`: bare sessions on `hosts` take the torrents from the
-        seeder agent (and from each other), all told every address at once."""
+        seeder (the agent, or with ``--bare-seeder`` a bare session on its host seeding
+        its blobs) and from each other, all told every address at once. `variant`:
+        libtorrent settings over the project's for the seeder and the hosts (``seeder``,
+        ``hosts``) and ``super_seed`` (a bare seeder's super-seeding)."""
         work = self.work / "runs" / tag
         shutil.rmtree(work, ignore_errors=True)
-        bt = (seeder.ip, int(seeder.info["bt_port"]))
+        work.mkdir(parents=True)
+        bare_seeder = self.args.bare_seeder
+        bt = (seeder.ip, BARE_PORT if bare_seeder else int(seeder.info["bt_port"]))
         procs: dict[int, subprocess.Popen[bytes]] = {}
-        for i in hosts:
-            others = [[self.lan.host_ip(j), BARE_PORT] for j in hosts if j != i]
-            spec = {
-                "ip": self.lan.host_ip(i), "port": BARE_PORT, "seeder": seeder.ip,
-                "torrents": [str(t) for t in torrents], "out": str(work / f"h{i}"),
-                "peers": [list(bt), *others],
-            }  # fmt: skip
-            (work / f"h{i}.json").parent.mkdir(parents=True, exist_ok=True)
+
+        def start(i: int, spec: dict[str, Any]) -> None:
             (work / f"h{i}.json").write_text(json.dumps(spec))
             with open(work / f"h{i}.err", "wb") as err:  # the child keeps its own fd
                 procs[i] = self.lan.host(i).popen(
@@ -406,6 +411,21 @@ class Bench:
                     env=co.env(work / "hf-home"), stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=err, cwd=co.path,
                 )  # fmt: skip
+
+        if bare_seeder:
+            blobs = next(seeder.cache.glob("models--*/blobs"))
+            start(seeder.index, {
+                "ip": seeder.ip, "port": BARE_PORT, "seeder": seeder.ip, "seed": True,
+                "torrents": [str(t) for t in torrents], "out": str(blobs), "peers": [],
+                "lt": variant.get("seeder", {}), "super_seed": variant.get("super_seed"),
+            })  # fmt: skip
+        for i in hosts:
+            others = [[self.lan.host_ip(j), BARE_PORT] for j in hosts if j != i]
+            start(i, {
+                "ip": self.lan.host_ip(i), "port": BARE_PORT, "seeder": seeder.ip,
+                "torrents": [str(t) for t in torrents], "out": str(work / f"h{i}"),
+                "peers": [list(bt), *others], "lt": variant.get("hosts", {}),
+            })  # fmt: skip
 
         def line(i: int) -> dict[str, Any]:
             pipe = procs[i].stdout
@@ -422,17 +442,22 @@ class Bench:
             pipe.write(b"go\n")
             pipe.flush()
 
-        for i in hosts:
+        for i in procs:
             line(i)  # ready: torrents added, listening
         up0 = agent_status(seeder)["bytes_uploaded"]
         seeder_cpu0 = proc_cpu_s(seeder.proc.pid) or 0.0
         c0 = cpu_times()
-        for i in hosts:
+        for i in procs:
             say(i)
         done = {i: line(i) for i in hosts}  # each says when it has every torrent flushed
         c1 = cpu_times()
-        up1 = agent_status(seeder)["bytes_uploaded"]
-        seeder_cpu = (proc_cpu_s(seeder.proc.pid) or 0.0) - seeder_cpu0
+        if bare_seeder:
+            say(seeder.index)
+            got = line(seeder.index)
+            seeder_cpu, seeder_up = got["cpu_s"], got["uploaded"]
+        else:
+            seeder_up = agent_status(seeder)["bytes_uploaded"] - up0
+            seeder_cpu = (proc_cpu_s(seeder.proc.pid) or 0.0) - seeder_cpu0
         for i in hosts:
             say(i)
         final = {i: line(i) for i in hosts}
@@ -463,8 +488,8 @@ class Bench:
             "problems": problems,
         }
         if n > 1:
-            res["seeder_uploaded"] = up1 - up0
-            res["seeder_share"] = round((up1 - up0) / (n * self.swarmed), 4)
+            res["seeder_uploaded"] = seeder_up
+            res["seeder_share"] = round(seeder_up / (n * self.swarmed), 4)
         shutil.rmtree(work, ignore_errors=True)
         return res
 
@@ -542,7 +567,24 @@ def main() -> None:
     ap.add_argument("--checkout", action="append", default=None, help="repeatable; default .")
     ap.add_argument("--work", default=None, help="work folder (default: a temp dir)")
     ap.add_argument("--replot", metavar="RESULTS_JSON", help="only print the tables")
+    ap.add_argument(
+        "--bare-seeder",
+        action="store_true",
+        help="bare rows: a bare session seeds the seeder agent's blobs (default: the agent)",
+    )
+    ap.add_argument(
+        "--bare-variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='repeatable; bare rows once per variant, e.g. slots8={"hosts": '
+        '{"unchoke_slots_limit": 8}, "seeder": {...}, "super_seed": true} (with --bare-seeder)',
+    )
     args = ap.parse_args()
+    args.variants = [("", {})] if not args.bare_variant else []
+    for text in args.bare_variant:
+        name, _, spec = text.partition("=")
+        args.variants.append((name, json.loads(spec or "{}")))
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.checkout = args.checkout or [str(ROOT)]
     if set(args.scenarios) - set(SCENARIOS):
