@@ -393,9 +393,9 @@ class Bench:
     ) -> dict[str, Any]:
         """`bare-one`/`bare-eight`: bare sessions on `hosts` take the torrents from the
         seeder (the agent, or with ``--bare-seeder`` a bare session on its host seeding
-        its blobs) and from each other, all told every address at once. `variant`:
-        libtorrent settings over the project's for the seeder and the hosts (``seeder``,
-        ``hosts``) and ``super_seed`` (a bare seeder's super-seeding)."""
+        its blobs) and from each other, all told every address at once. `variant`: what
+        the bare seeder and the hosts change (``seeder``, ``hosts``: benchmarks/lan_bare.py's
+        optional spec keys ``lt``, ``swarm``, ``alone``, ``super_seed``)."""
         work = self.work / "runs" / tag
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -417,14 +417,17 @@ class Bench:
             start(seeder.index, {
                 "ip": seeder.ip, "port": BARE_PORT, "seeder": seeder.ip, "seed": True,
                 "torrents": [str(t) for t in torrents], "out": str(blobs), "peers": [],
-                "lt": variant.get("seeder", {}), "super_seed": variant.get("super_seed"),
+                **variant.get("seeder", {}),
             })  # fmt: skip
-        for i in hosts:
+        extra = dict(variant.get("hosts", {}))
+        striped = extra.pop("stripe", False)  # each host its stripe first (lan_bare.py)
+        for k, i in enumerate(hosts):
             others = [[self.lan.host_ip(j), BARE_PORT] for j in hosts if j != i]
             start(i, {
                 "ip": self.lan.host_ip(i), "port": BARE_PORT, "seeder": seeder.ip,
                 "torrents": [str(t) for t in torrents], "out": str(work / f"h{i}"),
-                "peers": [list(bt), *others], "lt": variant.get("hosts", {}),
+                "peers": [list(bt), *others], **extra,
+                **({"place": [k, len(hosts)]} if striped else {}),
             })  # fmt: skip
 
         def line(i: int) -> dict[str, Any]:
@@ -455,7 +458,10 @@ class Bench:
             say(seeder.index)
             got = line(seeder.index)
             seeder_cpu, seeder_up = got["cpu_s"], got["uploaded"]
+            # [s after go, MB had, MB sent, -] every 0.5 s: the seeder's port over time
+            seeder_series = got["series"]
         else:
+            seeder_series = []
             seeder_up = agent_status(seeder)["bytes_uploaded"] - up0
             seeder_cpu = (proc_cpu_s(seeder.proc.pid) or 0.0) - seeder_cpu0
         for i in hosts:
@@ -485,6 +491,7 @@ class Bench:
             "cpu_busy": round((c1[0] - c0[0]) / max(1, c1[1] - c0[1]), 3),
             "machine_cpu_s": round((c1[0] - c0[0]) / os.sysconf("SC_CLK_TCK"), 2),
             "seeder_cpu_s": round(seeder_cpu, 2),
+            "seeder_series": seeder_series,
             "problems": problems,
         }
         if n > 1:
@@ -577,8 +584,9 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help='repeatable; bare rows once per variant, e.g. slots8={"hosts": '
-        '{"unchoke_slots_limit": 8}, "seeder": {...}, "super_seed": true} (with --bare-seeder)',
+        help='repeatable; bare rows once per variant, e.g. s8={"seeder": {"lt": '
+        '{"unchoke_slots_limit": 8}}} or ss={"seeder": {"super_seed": true}} (a bare seeder); '
+        "keys of seeder/hosts: lt, swarm, alone, super_seed (benchmarks/lan_bare.py)",
     )
     args = ap.parse_args()
     args.variants = [("", {})] if not args.bare_variant else []
