@@ -9,7 +9,9 @@ SPEC: {"ip", "port", "seeder" (its ip), "torrents": [paths], "out", "peers": [[i
 "seed" (optional: seed the torrents from "out", which holds the files, and download
 nothing), and for a study of one setting at a time, all optional: "lt" (libtorrent
 settings put over the project's), "swarm" (`SwarmSettings` fields), "alone" (the request
-bound told a torrent's only peer), "super_seed" (with "seed": libtorrent's super-seeding)}.
+bound told a torrent's only peer), "super_seed" (with "seed": libtorrent's super-seeding),
+"place" ([k, n]: host k of n takes its stripe first), "feeds" (the torrents, by place, for
+which to connect to the seeder; the others only to the hosts)}.
 Protocol on stdin/stdout (one JSON object a line): ``ready`` once the torrents are added
 and the session listens; on the first line of stdin, connect and download (a seeder:
 nothing), then one line of figures; on the second line (or EOF) one line of totals, and
@@ -106,9 +108,11 @@ async def bare_host(spec: dict[str, Any], torrents: list[bytes]) -> None:
         gating = None
         if place := spec.get("place"):
             gating = asyncio.create_task(stripes(s, ihs, *place))
-        for ih in ihs:
+        feeds = spec.get("feeds")  # torrents (by place) to take from the seeder; None: all
+        for t, ih in enumerate(ihs):
             for host, port in spec["peers"]:
-                s.connect_peer(ih, host, port)
+                if host != spec["seeder"] or feeds is None or t in feeds:
+                    s.connect_peer(ih, host, port)
         pending = set(ihs)
         marks: dict[str, float] = {}
         async for e in stream:

@@ -421,6 +421,9 @@ class Bench:
             })  # fmt: skip
         extra = dict(variant.get("hosts", {}))
         striped = extra.pop("stripe", False)  # each host its stripe first (lan_bare.py)
+        # "feeders": F: host k takes torrent t from the seeder only if k % (F x torrents)
+        # is t (F feeders a torrent; hosts past F x torrents take all from the hosts)
+        feeders = extra.pop("feeders", 0)
         for k, i in enumerate(hosts):
             others = [[self.lan.host_ip(j), BARE_PORT] for j in hosts if j != i]
             start(i, {
@@ -428,6 +431,10 @@ class Bench:
                 "torrents": [str(t) for t in torrents], "out": str(work / f"h{i}"),
                 "peers": [list(bt), *others], **extra,
                 **({"place": [k, len(hosts)]} if striped else {}),
+                **({"feeds": [
+                    t for t in range(len(torrents)) if k < feeders * len(torrents)
+                    and k % len(torrents) == t
+                ]} if feeders and len(hosts) > 1 else {}),
             })  # fmt: skip
 
         def line(i: int) -> dict[str, Any]:
