@@ -31,7 +31,15 @@ each host's CPU seconds (agent or bare process) and the seeder's, and the machin
 
     python benchmarks/lan_swarm.py --runs 3 --checkout /tmp/base-d6dc5c8 --checkout .
     python benchmarks/lan_swarm.py --runs 1 --size 64MB --scenarios curl,one
-    python benchmarks/lan_swarm.py --runs 3 --scenarios one,eight,bare-one,bare-eight
+    python benchmarks/lan_swarm.py --runs 3 --scenarios one,bare-one,eight,bare-eight
+    python benchmarks/lan_swarm.py --runs 3 --scenarios bare-one,bare-eight --bare-seeder \
+        --bare-variant 'base={}' --bare-variant 'feed2={"hosts": {"feeders": 2}}'
+
+A bare variant changes what the bare seeder (``--bare-seeder``) or hosts do, one thing at
+a time (benchmarks/lan_bare.py's spec keys): ``lt`` libtorrent settings over the
+project's, ``swarm`` `SwarmSettings` fields, ``alone`` the bound told a torrent's only
+peer, ``super_seed``, ``stripe`` (each host its stripe of pieces first), ``feeders`` F
+(host k takes shard t from the seeder only if k < F x shards and k % shards == t).
 
 Results: WORK/results.json (after every run) and markdown tables on stdout.
 """
