@@ -1,7 +1,16 @@
-"""Sending bytes [start, end) of a verified file: one pread ahead, in a thread, while the
-previous chunk is written; each write waits for the client, so a reader that does not
-read holds at most two chunks of memory. Shared by the peer API (`/v1/blobs`) and the
-Hub API (``resolve``)."""
+"""Sending bytes [start, end) of a verified file.
+
+- `send_range` / `write_range`: one pread ahead, in a thread, while the previous chunk is
+  written; each write waits for the client, so a reader that does not read holds at most
+  two chunks of memory. The peer API (`/v1/blobs`, under the upload cap).
+- `FileSender` / `send_file`: by sendfile, the kernel copying page-cache pages to the
+  socket with no byte through Python (the Hub API's ``resolve``, whose client is on this
+  host: a CPU second the agent spends is one the client does not get). A chunk is about
+  a second of the client's pace; the next chunk is asked into the page cache in a thread
+  while one goes out, so the loop seldom waits on the disk; and each chunk must be gone
+  within the listener's ``write_stall``: sendfile bypasses the transport's
+  ``pause_writing``, where the listener's own stall timer lives.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +18,15 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from typing import BinaryIO
 
 from aiohttp import web
+
+# sendfile chunks: at least this much (the first one too), at most `FileSender(most=)`,
+# else about PACE_SECONDS of what the client took of the last chunk.
+SENDFILE_FIRST = 256 << 10
+SENDFILE_MOST = 64 << 20
+PACE_SECONDS = 1.0
 
 
 async def write_range(
@@ -78,4 +94,101 @@ async def send_range(
     except ConnectionError:
         if request.transport is not None:
             request.transport.close()
+    return resp
+
+
+def _will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to read [offset, offset + length) into the page cache (readahead,
+    not waited for)."""
+    with contextlib.suppress(OSError, AttributeError):  # no fadvise: sendfile reads
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+class FileSender:
+    """Ranges of files out on one response's connection by ``loop.sendfile``, a chunk at
+    a time (`send`), paced to the client and bounded in time: a chunk not gone within
+    `stall` s raises ConnectionResetError (the caller closes the connection)."""
+
+    def __init__(self, request: web.BaseRequest, stall: float, most: int = SENDFILE_MOST) -> None:
+        self._request = request
+        self._stall = stall
+        self._most = most
+        self._chunk = SENDFILE_FIRST
+        self._ahead: asyncio.Future[None] | None = None
+
+    async def send(self, fobj: BinaryIO, pos: int, end: int) -> int:
+        """Send bytes from `pos` (one chunk, not past `end`) of `fobj`; how many."""
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        loop = asyncio.get_running_loop()
+        n = min(self._chunk, end - pos)
+        if self._ahead is None:
+            await loop.run_in_executor(None, _will_need, fobj.fileno(), pos, n)
+        else:
+            await self._ahead
+        nxt = min(self._most, end - pos - n)
+        self._ahead = (
+            loop.run_in_executor(None, _will_need, fobj.fileno(), pos + n, nxt) if nxt > 0 else None
+        )
+        t0 = loop.time()
+        try:
+            sent = await asyncio.wait_for(loop.sendfile(transport, fobj, pos, n), self._stall)
+        except TimeoutError:
+            transport.abort()  # what the kernel still holds for it goes too
+            raise ConnectionResetError(
+                f"the client took nothing of {n} bytes for {self._stall:.0f} s"
+            ) from None
+        if sent != n:
+            raise ConnectionResetError("short send of a checked range")
+        pace = n / max(loop.time() - t0, 1e-3)
+        self._chunk = max(SENDFILE_FIRST, min(self._most, int(pace * PACE_SECONDS)))
+        return sent
+
+    async def aclose(self) -> None:
+        """Wait for the readahead still asked (it holds the file's fd)."""
+        if self._ahead is not None:
+            with contextlib.suppress(BaseException):
+                await self._ahead
+            self._ahead = None
+
+
+async def send_file(
+    request: web.Request,
+    fobj: BinaryIO,
+    size: int,
+    span: tuple[int, int] | None,
+    stall: float,
+    headers: dict[str, str] | None = None,
+    on_sent: Callable[[int], None] | None = None,
+) -> web.StreamResponse:
+    """`send_range`'s answer (200, or 206 with `span`) by sendfile (`FileSender`); a
+    client that goes away or stops reading gets its connection closed. The caller closes
+    `fobj`."""
+    start, end = span if span is not None else (0, size)
+    resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = end - start
+    resp.headers["Accept-Ranges"] = "bytes"
+    if span is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    sender = FileSender(request, stall)
+    try:
+        await resp.prepare(request)
+        pos = start
+        if os.fstat(fobj.fileno()).st_size < end:
+            raise ConnectionResetError("file shorter than its range")
+        while pos < end:
+            n = await sender.send(fobj, pos, end)
+            if on_sent is not None:
+                on_sent(n)
+            pos += n
+        await resp.write_eof()
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        if request.transport is not None:
+            request.transport.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    finally:
+        await sender.aclose()
     return resp
