@@ -17,16 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from aiohttp import web
 
-# sendfile chunks: at least this much (the first one too), at most `FileSender(most=)`,
-# else about PACE_SECONDS of what the client took of the last chunk.
+# sendfile chunks: at least this much (the first one too), at most `FileSender(most=)`
+# and twice the last one, else about PACE_SECONDS of the client's pace on the last one.
 SENDFILE_FIRST = 256 << 10
 SENDFILE_MOST = 64 << 20
 PACE_SECONDS = 1.0
+# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked at byte 120 (since Linux 4.2).
+_BYTES_ACKED = 120
+_TCP_INFO_LEN = 256
 
 
 async def write_range(
@@ -104,10 +109,28 @@ def _will_need(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+def _acked(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes of this connection the client's end acknowledged (Linux's TCP_INFO
+    ``tcpi_bytes_acked``: it stops growing when the client stops reading), or None
+    where that cannot be known."""
+    sock = transport.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is None or tcp_info is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _BYTES_ACKED + 8:  # a kernel before 4.2
+        return None
+    return int.from_bytes(info[_BYTES_ACKED : _BYTES_ACKED + 8], sys.byteorder)
+
+
 class FileSender:
     """Ranges of files out on one response's connection by ``loop.sendfile``, a chunk at
-    a time (`send`), paced to the client and bounded in time: a chunk not gone within
-    `stall` s raises ConnectionResetError (the caller closes the connection)."""
+    a time (`send`), paced to the client and bounded in time: a client that took nothing
+    for `stall` s while a chunk is out (its acknowledged bytes did not grow) has its
+    connection aborted and `send` raises ConnectionResetError."""
 
     def __init__(self, request: web.BaseRequest, stall: float, most: int = SENDFILE_MOST) -> None:
         self._request = request
@@ -132,17 +155,29 @@ class FileSender:
             loop.run_in_executor(None, _will_need, fobj.fileno(), pos + n, nxt) if nxt > 0 else None
         )
         t0 = loop.time()
+        job = asyncio.ensure_future(loop.sendfile(transport, fobj, pos, n))
         try:
-            sent = await asyncio.wait_for(loop.sendfile(transport, fobj, pos, n), self._stall)
-        except TimeoutError:
-            transport.abort()  # what the kernel still holds for it goes too
-            raise ConnectionResetError(
-                f"the client took nothing of {n} bytes for {self._stall:.0f} s"
-            ) from None
+            mark = _acked(transport)
+            while not (await asyncio.wait({job}, timeout=self._stall))[0]:
+                now = _acked(transport)
+                if now is None or now == mark:  # nothing taken for `stall` s
+                    job.cancel()  # first: it unregisters its writer from the socket
+                    with contextlib.suppress(BaseException):
+                        await job
+                    transport.abort()  # and what the kernel still holds for it
+                    raise ConnectionResetError(f"the client took nothing for {self._stall:.0f} s")
+                mark = now  # slower than the pace asked, but reading: on it goes
+            sent = job.result()
+        finally:
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await job
         if sent != n:
             raise ConnectionResetError("short send of a checked range")
-        pace = n / max(loop.time() - t0, 1e-3)
-        self._chunk = max(SENDFILE_FIRST, min(self._most, int(pace * PACE_SECONDS)))
+        pace = n / max(loop.time() - t0, 1e-3)  # a chunk the socket's buffers took: fast
+        grown = min(self._most, 2 * self._chunk, int(pace * PACE_SECONDS))
+        self._chunk = max(SENDFILE_FIRST, grown)
         return sent
 
     async def aclose(self) -> None:
