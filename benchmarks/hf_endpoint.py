@@ -23,8 +23,10 @@ Every process listens on 127.0.0.x; nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import re
 import resource
 import shutil
@@ -92,6 +94,14 @@ AGENT_MARKS = {
 }
 # The agent's line at the end of a streamed answer (peer.serving.hub_api).
 STREAMED = re.compile(r": streamed (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it waiting")
+
+
+def renice(pid: int, nice: int) -> None:
+    """Every thread of `pid` at `nice` (Linux's nice is per thread; a thread a process
+    starts later inherits its creator's, as under `nice -n`)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
 
 
 class Procs:
@@ -216,6 +226,13 @@ def main() -> None:
         help="then N timed calls per row (interleaved), printed as time lines",
     )
     ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="one more row per checkout with the downloading agent and the seeder at "
+        "this nice value (every thread), as `nice -n N hfswarm agent` would run them",
+    )
+    ap.add_argument(
         "--held",
         action="store_true",
         help="after each agent's call, one more from it while it holds the blob",
@@ -229,7 +246,11 @@ def main() -> None:
     mirror, url, seeder = setup(size, work)
     rows = {str(c): f"agent from a peer ({c.name or c})" for c in checkouts}
     held = {str(c): f"agent holding the blob ({c.name or c})" for c in checkouts}
+    niced = {
+        str(c): f"agent from a peer, agents at nice {args.nice} ({c.name or c})" for c in checkouts
+    }
     names = ["mirror"] + [n for c in checkouts for n in (rows[str(c)], held[str(c)])]
+    names += [niced[str(c)] for c in checkouts] if args.nice else []
     res: dict[str, list[float]] = {n: [] for n in names}
     # CPU seconds of each process during the call (the machine may be shared: CPU says
     # what each path costs where wall time is noisy).
@@ -241,10 +262,16 @@ def main() -> None:
         res["mirror"].append(took)
         cpu["mirror"].append({"client": round(client, 2), **procs.delta()})
 
-    def agent_rows(c: Path, tag: str) -> None:
+    def agent_rows(c: Path, tag: str, nice: int) -> None:
         b = CheckoutAgent(c, work / tag, "127.0.0.3", url, [seeder.peer])
         try:
-            for row in (rows[str(c)], held[str(c)]) if args.held else (rows[str(c)],):
+            renice(b.proc.pid, nice)
+            renice(seeder.proc.pid, nice)
+            if nice:
+                calls: tuple[str, ...] = (niced[str(c)],)
+            else:
+                calls = (rows[str(c)], held[str(c)]) if args.held else (rows[str(c)],)
+            for row in calls:
                 procs = Procs(agent=b.proc.pid, seeder=seeder.proc.pid, mirror=mirror.pid)
                 took, client = snapshot(b.url, work / "client")
                 res[row].append(took)
@@ -252,6 +279,7 @@ def main() -> None:
             with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
                 status = json.load(answer)
         finally:
+            renice(seeder.proc.pid, 0)
             b.stop()
         shutil.rmtree(b.root)
         took = status["bytes_from_mirror"]
@@ -259,13 +287,15 @@ def main() -> None:
 
     try:
         for r in range(args.runs):
-            order: list[Path | None] = [None, *checkouts]  # None: the mirror row
+            # None: the mirror row; then each checkout at nice 0 (and at --nice)
+            order: list[tuple[Path | None, int]] = [(None, 0), *((c, 0) for c in checkouts)]
+            order += [(c, args.nice) for c in checkouts] if args.nice else []
             order = order[r % len(order) :] + order[: r % len(order)]  # rotated per round
-            for k, c in enumerate(order):
+            for k, (c, nice) in enumerate(order):
                 if c is None:
                     mirror_row()
                 else:
-                    agent_rows(c, f"b-{r}-{k}")
+                    agent_rows(c, f"b-{r}-{k}", nice)
             print(
                 f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items() if v),
                 flush=True,
