@@ -283,11 +283,13 @@ def main() -> None:
         finally:
             renice(seeder.proc.pid, 0)
             b.stop()
-        shutil.rmtree(b.root)
         took = status["bytes_from_mirror"]
         if took:  # the swarm stalled and the agent fell back: that round is no peer's
             fell_back.setdefault(calls[0], []).append(took)
-            print(f"  the agent of {c} took {took} bytes from the mirror ({calls[0]})")
+            kept = work / f"fell-back-{tag}.log"
+            shutil.copy(b.log_path, kept)
+            print(f"  the agent of {c} took {took} bytes from the mirror ({calls[0]}; {kept})")
+        shutil.rmtree(b.root)
 
     try:
         for r in range(args.runs):
