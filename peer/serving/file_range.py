@@ -7,8 +7,8 @@
   socket with no byte through Python (the Hub API's ``resolve``, whose client is on this
   host: a CPU second the agent spends is one the client does not get). A chunk is about
   a second of the client's pace; the next chunk is asked into the page cache in a thread
-  while one goes out, so the loop seldom waits on the disk; and each chunk must be gone
-  within the listener's ``write_stall``: sendfile bypasses the transport's
+  while one goes out, so the loop seldom waits on the disk; and a client that took
+  nothing for the listener's ``write_stall`` is cut: sendfile bypasses the transport's
   ``pause_writing``, where the listener's own stall timer lives.
 """
 
