@@ -1,6 +1,7 @@
 """HF_ENDPOINT mode benchmark on loopback.
 
-Side by side in one run, N rounds (interleaved), median reported:
+Side by side in one run, N rounds (interleaved, the order rotated each round), median
+reported:
   1. `snapshot_download` of the repo straight from the project's mirror;
   2. the same call with the endpoint at a fresh agent whose one peer holds the repo
      (the bytes come from the peer; the mirror answers metadata only), one row per
@@ -10,12 +11,14 @@ holds it (a plain GET; the agent starts the swarm and streams what is verified).
 
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-runs 0 \
-        --checkout /tmp/base --checkout . [--held] [--timeline [N]]
+        --checkout /tmp/base --checkout . [--held] [--nice N] [--timeline [N]]
 
 Every row reports the CPU seconds of each process during the call: the client, the
 downloading agent, the seeder, the mirror server. ``--held``: after each agent's call,
 one more (a fresh client cache) from the same agent, which now holds the blob: the
-client reading a complete blob from the agent, against the mirror row.
+client reading a complete blob from the agent, against the mirror row. ``--nice N``: one
+more row per checkout with both agents' threads at nice N. A round whose agent took
+bytes from the mirror (the swarm stalled) is reported, and that agent's log kept.
 
 Every process listens on 127.0.0.x; nothing leaves the machine.
 """
