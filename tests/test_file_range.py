@@ -1,8 +1,8 @@
-"""Files out by sendfile (`peer.serving.file_range.send_file`, the Hub API's answers),
-on a real aiohttp server behind the agent's listener limits and real sockets: the bytes
-arrive whole (and by range), a client that reads nothing is cut after the listener's
-`write_stall` (sendfile bypasses the transport's pause_writing, where that timer
-lives), and a slow client that keeps reading is not."""
+"""Files out by sendfile (`peer.serving.file_range.FileSender`, the Hub API's streamed
+answers), on a real aiohttp server behind the agent's listener limits and real sockets:
+the bytes arrive whole (and by range), a client that reads nothing is cut after the
+listener's `write_stall` (sendfile bypasses the transport's pause_writing, where that
+timer lives), and a slow client that keeps reading is not."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from peer.serving.file_range import send_file
+from peer.serving.file_range import FileSender
 from peer.serving.limits import ListenerLimits, start_listener, write_stall_of
 
 MiB = 1 << 20
@@ -47,17 +47,29 @@ async def serving(tmp_path: Path, size: int, write_stall: float) -> AsyncIterato
         if "start" in request.query:
             span = (int(request.query["start"]), int(request.query["end"]))
         counted = [0]
-
-        def on_sent(n: int) -> None:
-            counted[0] += n
-
+        start, end = span if span is not None else (0, size)
+        resp = web.StreamResponse(status=206 if span else 200)
+        resp.content_length = end - start
+        if span is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        sender = FileSender(request, write_stall_of(request.transport))
         try:
             with path.open("rb", buffering=0) as fobj:
-                stall = write_stall_of(request.transport)
-                return await send_file(request, fobj, size, span, stall, on_sent=on_sent)
+                await resp.prepare(request)
+                pos = start
+                while pos < end:
+                    n = await sender.send(fobj, pos, end)
+                    counted[0] += n
+                    pos += n
+                await resp.write_eof()
+        except ConnectionError:
+            if request.transport is not None:
+                request.transport.close()
         finally:
+            await sender.aclose()
             served.sent.append(counted[0])
             served.ended.append(time.monotonic())
+        return resp
 
     app.router.add_get("/blob", blob)
     limits = ListenerLimits("test", max_connections=16, max_per_ip=0, write_stall=write_stall)
@@ -88,7 +100,6 @@ async def test_a_file_goes_out_whole_and_by_range(tmp_path: Path) -> None:
     ):
         async with client.get(srv.url) as r:
             assert r.status == 200 and r.content_length == len(srv.data)
-            assert r.headers["Accept-Ranges"] == "bytes"
             assert await r.read() == srv.data
         start, end = 3 * MiB + 7, 29 * MiB + 11
         async with client.get(srv.url, params={"start": start, "end": end}) as r:

@@ -2,14 +2,16 @@
 
 - `send_range` / `write_range`: one pread ahead, in a thread, while the previous chunk is
   written; each write waits for the client, so a reader that does not read holds at most
-  two chunks of memory. The peer API (`/v1/blobs`, under the upload cap).
-- `FileSender` / `send_file`: by sendfile, the kernel copying page-cache pages to the
-  socket with no byte through Python (the Hub API's ``resolve``, whose client is on this
-  host: a CPU second the agent spends is one the client does not get). A chunk is about
-  a second of the client's pace; the next chunk is asked into the page cache in a thread
-  while one goes out, so the loop seldom waits on the disk; and a client that took
-  nothing for the listener's ``write_stall`` is cut: sendfile bypasses the transport's
-  ``pause_writing``, where the listener's own stall timer lives.
+  two chunks of memory. The peer API (`/v1/blobs`, under the upload cap), and the Hub
+  API for a blob it holds.
+- `FileSender`: by sendfile, the kernel copying page-cache pages to the socket with no
+  byte through the agent: the Hub API's answer streamed while its fetch runs. A chunk
+  is about a second of the client's pace; the next chunk is asked into the page cache
+  in a thread while one goes out, so the loop seldom waits on the disk; and a client
+  that took nothing for the listener's ``write_stall`` is cut: sendfile bypasses the
+  transport's ``pause_writing``, where the listener's own stall timer lives. (A client
+  on loopback spends more CPU reading what sendfile sent than what was written through
+  the transport: docs/benchmarks.md 8.24; a held blob goes out by `send_range`.)
 """
 
 from __future__ import annotations
@@ -186,44 +188,3 @@ class FileSender:
             with contextlib.suppress(BaseException):
                 await self._ahead
             self._ahead = None
-
-
-async def send_file(
-    request: web.Request,
-    fobj: BinaryIO,
-    size: int,
-    span: tuple[int, int] | None,
-    stall: float,
-    headers: dict[str, str] | None = None,
-    on_sent: Callable[[int], None] | None = None,
-) -> web.StreamResponse:
-    """`send_range`'s answer (200, or 206 with `span`) by sendfile (`FileSender`); a
-    client that goes away or stops reading gets its connection closed. The caller closes
-    `fobj`."""
-    start, end = span if span is not None else (0, size)
-    resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
-    resp.content_type = "application/octet-stream"
-    resp.content_length = end - start
-    resp.headers["Accept-Ranges"] = "bytes"
-    if span is not None:
-        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    sender = FileSender(request, stall)
-    try:
-        await resp.prepare(request)
-        pos = start
-        if os.fstat(fobj.fileno()).st_size < end:
-            raise ConnectionResetError("file shorter than its range")
-        while pos < end:
-            n = await sender.send(fobj, pos, end)
-            if on_sent is not None:
-                on_sent(n)
-            pos += n
-        await resp.write_eof()
-    except (ConnectionError, asyncio.CancelledError) as exc:
-        if request.transport is not None:
-            request.transport.close()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-    finally:
-        await sender.aclose()
-    return resp

@@ -117,7 +117,7 @@ from peer.hub.protocol import (
     with_last_commit,
 )
 from peer.manifests.revisions import is_local_repo
-from peer.serving.file_range import FileSender, send_file
+from peer.serving.file_range import FileSender, send_range
 from peer.serving.limits import write_stall_of
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.inflight import FlightReader, InFlightBlob
@@ -128,6 +128,7 @@ log = logging.getLogger(__name__)
 # Headers of a mirror's answer that a Hub client reads; everything else is dropped
 # (X-Xet-* above all). Link and Location are rewritten, not copied.
 PASSED_HEADERS = ("X-Error-Code", "X-Error-Message", "X-Repo-Commit", "Retry-After")
+READ_CHUNK = 1 << 20
 # An in-flight body goes out by sendfile (no copy through the agent) at most this much
 # at a time, so the reader's position (which steers the swarm) follows it.
 SENDFILE_CHUNK = 8 << 20
@@ -1036,17 +1037,21 @@ class HubApi:
         span: tuple[int, int] | None,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        """Bytes [start, end) of a verified blob, by sendfile (`send_file`)."""
+        """Bytes [start, end) of a verified blob: 1 MiB preads, one read ahead, written
+        through the transport. Not by sendfile: a client reading what sendfile sent of
+        a blob held here spent more CPU and took longer (docs/benchmarks.md 8.24), and
+        the answer waits for the client."""
         try:
-            fobj = os.fdopen(os.open(path, os.O_RDONLY), "rb", buffering=0)
+            fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             return hub_error(500, None, f"hfswarm agent: cannot read its copy of {path}: {exc}")
-        with fobj:
-            if os.fstat(fobj.fileno()).st_size != size:
+        try:
+            if os.fstat(fd).st_size != size:
                 return hub_error(
                     500, None, f"hfswarm agent: its copy of {path.name} has the wrong size"
                 )
-            stall = write_stall_of(request.transport)
-            return await send_file(
-                request, fobj, size, span, stall, headers, on_sent=self.backend.count_served
+            return await send_range(
+                request, fd, size, span, READ_CHUNK, headers, on_sent=self.backend.count_served
             )
+        finally:
+            os.close(fd)
