@@ -1,6 +1,7 @@
 """HF_ENDPOINT mode benchmark on loopback.
 
-Side by side in one run, N rounds (interleaved), median reported:
+Side by side in one run, N rounds (interleaved, the order rotated each round), median
+reported:
   1. `snapshot_download` of the repo straight from the project's mirror;
   2. the same call with the endpoint at a fresh agent whose one peer holds the repo
      (the bytes come from the peer; the mirror answers metadata only), one row per
@@ -10,7 +11,14 @@ holds it (a plain GET; the agent starts the swarm and streams what is verified).
 
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-size 4GiB --ttfb-runs 3
     python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --ttfb-runs 0 \
-        --checkout /tmp/base --checkout . [--timeline [N]]
+        --checkout /tmp/base --checkout . [--held] [--nice N] [--timeline [N]]
+
+Every row reports the CPU seconds of each process during the call: the client, the
+downloading agent, the seeder, the mirror server. ``--held``: after each agent's call,
+one more (a fresh client cache) from the same agent, which now holds the blob: the
+client reading a complete blob from the agent, against the mirror row. ``--nice N``: one
+more row per checkout with both agents' threads at nice N. A round whose agent took
+bytes from the mirror (the swarm stalled) is reported, and that agent's log kept.
 
 Every process listens on 127.0.0.x; nothing leaves the machine.
 """
@@ -18,8 +26,12 @@ Every process listens on 127.0.0.x; nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
+import re
+import resource
 import shutil
 import signal
 import statistics
@@ -83,24 +95,46 @@ AGENT_MARKS = {
     "all pieces had": "agent: last piece",
     "whole-file hash matched": "agent: whole-file hash matched",
 }
+# The agent's line at the end of a streamed answer (peer.serving.hub_api).
+STREAMED = re.compile(r": streamed (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it waiting")
 
 
-def timeline(agent: CheckoutAgent, seeder: Agent, cache: Path) -> None:
-    """One more call through `agent`, printed as a time line (s after the shard's GET)
-    with the CPU seconds of the seeder, the agent and the client during it."""
-    s0, a0 = cpu_of(seeder.proc.pid), cpu_of(agent.proc.pid)
+def renice(pid: int, nice: int) -> None:
+    """Every thread of `pid` at `nice` (Linux's nice is per thread; a thread a process
+    starts later inherits its creator's, as under `nice -n`)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+
+
+class Procs:
+    """CPU seconds of the long-lived processes during one call (`delta` after `mark`)."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.start = {k: cpu_of(p) for k, p in pids.items()}
+
+    def delta(self) -> dict[str, float]:
+        return {k: round(cpu_of(p) - self.start[k], 2) for k, p in self.pids.items()}
+
+
+def timeline(
+    label: str, endpoint: str, cache: Path, procs: Procs, agent: CheckoutAgent | None
+) -> None:
+    """One more call (through `agent`, or the mirror without), printed as a time line
+    (s after the shard's GET) with the CPU seconds of every process during it."""
     out = subprocess.run(
-        [sys.executable, "-c", TIMED_CLIENT, REPO, agent.url, str(cache)],
+        [sys.executable, "-c", TIMED_CLIENT, REPO, endpoint, str(cache)],
         check=True,
         capture_output=True,
         text=True,
     )
-    seeder_cpu, agent_cpu = cpu_of(seeder.proc.pid) - s0, cpu_of(agent.proc.pid) - a0
+    cpu = procs.delta()
     shutil.rmtree(cache, ignore_errors=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     marks: dict[str, float] = dict(got["marks"])
-    hashed = "?"
-    for line in agent.log_path.read_text(errors="replace").splitlines():
+    hashed = waited = "?"
+    for line in agent.log_path.read_text(errors="replace").splitlines() if agent else []:
         stamp, _, rest = line.partition(" DEBUG peer.agent.fetch: model.safetensors: ")
         for key, name in AGENT_MARKS.items():
             if rest.startswith(key) and name not in marks:
@@ -108,27 +142,45 @@ def timeline(agent: CheckoutAgent, seeder: Agent, cache: Path) -> None:
                 marks[name] = when.timestamp()
         if rest.startswith("all pieces had (hashed "):  # the whole-file hash's position
             hashed = f"{int(rest.split()[-1].rstrip(')')) / 1e6:.0f} MB"
+        if m := STREAMED.search(line):
+            waited = f"{float(m[3]):.2f} s of {float(m[2]):.2f} s"
     t0 = marks["client: GET sent"]
-    print(f"\ntime line through {agent.checkout.name or agent.checkout} (s after the GET):")
+    print(f"\ntime line, {label} (s after the GET):")
     for name, t in sorted(marks.items(), key=lambda kv: kv[1]):
         print(f"  {t - t0:7.3f}  {name}")
-    print(
-        f"  CPU s during the call: client {got['cpu']:.2f}, downloading agent "
-        f"{agent_cpu:.2f}, seeder {seeder_cpu:.2f}; at the last piece the whole-file "
-        f"hash had read {hashed}"
-    )
+    print(f"  CPU s during the call: client {got['cpu']:.2f}, " + _cpu_text(cpu))
+    if agent is not None:
+        print(
+            f"  at the last piece the whole-file hash had read {hashed}; the streamed "
+            f"answer waited for checked bytes {waited}"
+        )
 
 
-def snapshot(endpoint: str, cache: Path) -> float:
-    """Seconds spent in snapshot_download (a fresh client process and cache)."""
+PROCS = ("client", "agent", "seeder", "mirror")
+
+
+def cpu_col(rows: list[dict[str, float]], name: str) -> list[float]:
+    return [r[name] for r in rows]
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+
+
+def snapshot(endpoint: str, cache: Path) -> tuple[float, float]:
+    """Seconds spent in snapshot_download (a fresh client process and cache), and the
+    client process's CPU seconds (the only child reaped meanwhile)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)],
         check=True,
         capture_output=True,
         text=True,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(cache, ignore_errors=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return float(out.stdout.strip().splitlines()[-1]), client
 
 
 def ttfb(endpoint: str, mirror: str) -> float:
@@ -174,7 +226,19 @@ def main() -> None:
         const=1,
         default=0,
         metavar="N",
-        help="then N timed calls per checkout (interleaved), printed as time lines",
+        help="then N timed calls per row (interleaved), printed as time lines",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="one more row per checkout with the downloading agent and the seeder at "
+        "this nice value (every thread), as `nice -n N hfswarm agent` would run them",
+    )
+    ap.add_argument(
+        "--held",
+        action="store_true",
+        help="after each agent's call, one more from it while it holds the blob",
     )
     args = ap.parse_args()
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
@@ -184,48 +248,99 @@ def main() -> None:
 
     mirror, url, seeder = setup(size, work)
     rows = {str(c): f"agent from a peer ({c.name or c})" for c in checkouts}
-    res: dict[str, list[float]] = {"mirror": [], **{row: [] for row in rows.values()}}
-    # CPU seconds of the downloading agent during the call (the machine may be shared:
-    # CPU says what the agent's path costs where wall time is noisy).
-    cpu: dict[str, list[float]] = {row: [] for row in rows.values()}
+    held = {str(c): f"agent holding the blob ({c.name or c})" for c in checkouts}
+    niced = {
+        str(c): f"agent from a peer, agents at nice {args.nice} ({c.name or c})" for c in checkouts
+    }
+    names = ["mirror"] + [n for c in checkouts for n in (rows[str(c)], held[str(c)])]
+    names += [niced[str(c)] for c in checkouts] if args.nice else []
+    res: dict[str, list[float]] = {n: [] for n in names}
+    # CPU seconds of each process during the call (the machine may be shared: CPU says
+    # what each path costs where wall time is noisy).
+    cpu: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+
+    def mirror_row() -> None:
+        procs = Procs(seeder=seeder.proc.pid, mirror=mirror.pid)
+        took, client = snapshot(url, work / "client")
+        res["mirror"].append(took)
+        cpu["mirror"].append({"client": round(client, 2), **procs.delta()})
+
+    fell_back: dict[str, list[int]] = {}  # row -> bytes its agent took from the mirror
+
+    def agent_rows(c: Path, tag: str, nice: int) -> None:
+        b = CheckoutAgent(c, work / tag, "127.0.0.3", url, [seeder.peer])
+        try:
+            renice(b.proc.pid, nice)
+            renice(seeder.proc.pid, nice)
+            if nice:
+                calls: tuple[str, ...] = (niced[str(c)],)
+            else:
+                calls = (rows[str(c)], held[str(c)]) if args.held else (rows[str(c)],)
+            for row in calls:
+                procs = Procs(agent=b.proc.pid, seeder=seeder.proc.pid, mirror=mirror.pid)
+                took, client = snapshot(b.url, work / "client")
+                res[row].append(took)
+                cpu[row].append({"client": round(client, 2), **procs.delta()})
+            with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
+                status = json.load(answer)
+        finally:
+            renice(seeder.proc.pid, 0)
+            b.stop()
+        took = status["bytes_from_mirror"]
+        if took:  # the swarm stalled and the agent fell back: that round is no peer's
+            fell_back.setdefault(calls[0], []).append(took)
+            kept = work / f"fell-back-{tag}.log"
+            shutil.copy(b.log_path, kept)
+            print(f"  the agent of {c} took {took} bytes from the mirror ({calls[0]}; {kept})")
+        shutil.rmtree(b.root)
+
     try:
         for r in range(args.runs):
-            res["mirror"].append(snapshot(url, work / "client"))
-            for k, c in enumerate(checkouts):
-                b = CheckoutAgent(c, work / f"b-{r}-{k}", "127.0.0.3", url, [seeder.peer])
-                try:
-                    before = cpu_of(b.proc.pid)
-                    res[rows[str(c)]].append(snapshot(b.url, work / "client"))
-                    cpu[rows[str(c)]].append(cpu_of(b.proc.pid) - before)
-                    with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
-                        status = json.load(answer)
-                finally:
-                    b.stop()
-                shutil.rmtree(b.root)
-                took = status["bytes_from_mirror"]
-                assert took == 0, f"the agent of {c} took {took} bytes from the mirror"
-            print(f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items()))
+            # None: the mirror row; then each checkout at nice 0 (and at --nice)
+            order: list[tuple[Path | None, int]] = [(None, 0), *((c, 0) for c in checkouts)]
+            order += [(c, args.nice) for c in checkouts] if args.nice else []
+            order = order[r % len(order) :] + order[: r % len(order)]  # rotated per round
+            for k, (c, nice) in enumerate(order):
+                if c is None:
+                    mirror_row()
+                else:
+                    agent_rows(c, f"b-{r}-{k}", nice)
+            print(
+                f"  run {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items() if v),
+                flush=True,
+            )
         for t in range(args.timeline):
-            for k, c in enumerate(checkouts):
+            order = [None, *checkouts]
+            order = order[t % len(order) :] + order[: t % len(order)]
+            for k, c in enumerate(order):
+                if c is None:
+                    procs = Procs(seeder=seeder.proc.pid, mirror=mirror.pid)
+                    timeline("straight from the mirror", url, work / "client", procs, None)
+                    continue
                 b = CheckoutAgent(c, work / f"timeline-{t}-{k}", "127.0.0.3", url, [seeder.peer])
                 try:
-                    timeline(b, seeder, work / "client")
+                    procs = Procs(agent=b.proc.pid, seeder=seeder.proc.pid, mirror=mirror.pid)
+                    label = f"through an agent of {c.name or c}, from a peer"
+                    timeline(label, b.url, work / "client", procs, b)
                 finally:
                     b.stop()
                 shutil.rmtree(b.root)
     finally:
         teardown(mirror, seeder)
     med = {k: statistics.median(v) for k, v in res.items() if v}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items() if v}
-    print(json.dumps({"runs_s": res, "agent_cpu_s": cpu, "median_s": med}, indent=1))
+    print(json.dumps({"runs_s": res, "cpu_s": cpu, "median_s": med}, indent=1))
     print(
-        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} "
-        "| s | MB/s | vs mirror | agent CPU s |"
+        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} | s | "
+        "vs mirror | CPU s (median): client | agent | seeder | mirror | runs (s) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for k, v in med.items():
-        c = f"{med_cpu[k]:.2f}" if k in med_cpu else "-"
-        print(f"| {k} | {v:.2f} | {size / v / 1e6:.0f} | {v / med['mirror']:.2f}x | {c} |")
+        per = {p: statistics.median(cpu_col(cpu[k], p)) for p in cpu[k][0]}
+        cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
+        runs = ", ".join(f"{x:.2f}" for x in res[k])
+        print(f"| {k} | {v:.2f} | {v / med['mirror']:.2f}x | {cols} | {runs} |")
+    for k, v in fell_back.items():
+        print(f"NOT FROM A PEER ALONE: {k}: {len(v)} round(s) took {v} bytes from the mirror")
 
     if args.ttfb_runs:
         big = parse_size(args.ttfb_size)

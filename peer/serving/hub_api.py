@@ -117,7 +117,8 @@ from peer.hub.protocol import (
     with_last_commit,
 )
 from peer.manifests.revisions import is_local_repo
-from peer.serving.file_range import send_range
+from peer.serving.file_range import FileSender, send_range
+from peer.serving.limits import write_stall_of
 from peer.serving.sharing import Access, Visibility, repo_key
 from peer.transfer.inflight import FlightReader, InFlightBlob
 from peer.verification.hashing import SHA1_RE
@@ -128,8 +129,8 @@ log = logging.getLogger(__name__)
 # (X-Xet-* above all). Link and Location are rewritten, not copied.
 PASSED_HEADERS = ("X-Error-Code", "X-Error-Message", "X-Repo-Commit", "Retry-After")
 READ_CHUNK = 1 << 20
-# An in-flight body goes out by sendfile (no copy through the agent) this much at a
-# time, so the reader's position (which steers the swarm) follows it.
+# An in-flight body goes out by sendfile (no copy through the agent) at most this much
+# at a time, so the reader's position (which steers the swarm) follows it.
 SENDFILE_CHUNK = 8 << 20
 # A file up to this size is answered once its fetch returned, never streamed while it
 # runs: waiting costs a fraction of a second, and a bad copy then reaches the client as
@@ -964,14 +965,21 @@ class HubApi:
         resp.content_length = end - start
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        loop = asyncio.get_running_loop()
         fobj: BinaryIO | None = None
         fobj_path: Path | None = None
         pos = start
+        sender = FileSender(request, write_stall_of(request.transport), most=SENDFILE_CHUNK)
+        # For the debug log's time line: time spent waiting for checked bytes (the
+        # fetch behind the client) and in sendfile (the client behind the fetch).
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        waited = 0.0
         try:
             await resp.prepare(request)
             while pos < end:
+                t = loop.time()
                 window = await reader.readable(end)
+                waited += loop.time() - t
                 if window is None:  # the fetch returned
                     path, limit = task.result(), end  # raises if the fetch failed: cut below
                 else:
@@ -984,27 +992,29 @@ class HubApi:
                             raise
                         await reader.changed()  # renamed into blobs/, or void: moved / reset
                         continue
+                    await sender.aclose()  # its readahead holds the old fd
                     if fobj is not None:
                         fobj.close()
                     fobj, fobj_path = new, path
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("the client went away")
-                n = min(SENDFILE_CHUNK, limit - pos)
-                if os.fstat(fobj.fileno()).st_size < pos + n:
+                if os.fstat(fobj.fileno()).st_size < limit:
                     raise ConnectionResetError("short read of a checked range")
                 # The kernel copies the page-cache pages to the socket (os.sendfile);
                 # asyncio falls back to reads where it cannot. A source made void while
                 # they went out is caught just after: the connection is cut.
-                sent = await loop.sendfile(transport, fobj, pos, n)
-                if sent != n:
-                    raise ConnectionResetError("short send of a checked range")
+                n = await sender.send(fobj, pos, limit)
                 if not task.done():
                     reader.check()  # the bytes just sent may be of a source now void
                 self.backend.count_served(n)
                 pos += n
                 reader.advance(pos)
             await resp.write_eof()
+            log.debug(
+                "%s: streamed %d bytes in %.3f s, %.3f s of it waiting for checked bytes",
+                reader.blob_id[:12],
+                end - start,
+                loop.time() - t0,
+                waited,
+            )
         except (Exception, asyncio.CancelledError) as exc:
             # End the connection: a short body is never taken for a whole one.
             if not isinstance(exc, ConnectionResetError | asyncio.CancelledError):
@@ -1014,6 +1024,7 @@ class HubApi:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            await sender.aclose()
             if fobj is not None:
                 fobj.close()
         return resp
@@ -1026,7 +1037,10 @@ class HubApi:
         span: tuple[int, int] | None,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        """Bytes [start, end) of a verified blob: 1 MiB preads, one read ahead."""
+        """Bytes [start, end) of a verified blob: 1 MiB preads, one read ahead, written
+        through the transport. Not by sendfile: a client reading what sendfile sent of
+        a blob held here spent more CPU and took longer (docs/benchmarks.md 8.24), and
+        the answer waits for the client."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:

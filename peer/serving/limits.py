@@ -12,7 +12,8 @@ memory, so that no client can exhaust the process's fds or stall it.
   connection opening): a one-byte-a-second header (slowloris) is cut off. A request body
   must be complete within `body_timeout` of the head. Between requests aiohttp's
   keep-alive timeout applies. A client that reads nothing of a response for
-  `write_stall` seconds is dropped.
+  `write_stall` seconds is dropped (answers sent by sendfile ask `write_stall_of` and
+  bound each chunk themselves: sendfile bypasses the transport's ``pause_writing``).
 - Memory: request heads are bounded by aiohttp's line/field/count limits, bodies by each
   app's ``client_max_size``; responses wait for the client (the transport pauses the
   writer), and `StreamSlots` bounds how many large bodies stream at once.
@@ -249,6 +250,15 @@ class _Gate(asyncio.Protocol):
         if timer is not None:
             timer.cancel()
             setattr(self, name, None)
+
+
+def write_stall_of(transport: asyncio.BaseTransport | None) -> float:
+    """The `write_stall` of the listener a connection came in on (the default elsewhere):
+    for answers sent by sendfile, which bypasses ``pause_writing`` and its timer."""
+    gate = transport.get_protocol() if transport is not None else None
+    if isinstance(gate, _Gate):
+        return gate._listener.limits.write_stall
+    return ListenerLimits.write_stall
 
 
 @dataclass
