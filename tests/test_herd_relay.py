@@ -376,7 +376,7 @@ async def test_a_client_paused_across_the_refetch_never_completes_on_relayed_byt
     assert head.startswith(b"HTTP/1.1 200"), head
     assert relayed[0] > 0 and final["bans"] >= 1, (relayed, final)
     assert len(body) < BLOB or body == data, "a complete answer starting with a liar's bytes"
-    assert body[: MiB] != data[: MiB], "the client never got the liar's bytes: no test"
+    assert body[:MiB] != data[:MiB], "the client never got the liar's bytes: no test"
 
 
 async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(
