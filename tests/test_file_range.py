@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -176,3 +178,30 @@ async def test_the_listeners_write_stall_reaches_the_answer(tmp_path: Path, stal
             await runner.cleanup()
     assert srv.url and seen == [stall]
     assert write_stall_of(None) == ListenerLimits.write_stall
+
+
+async def test_a_client_that_leaves_after_the_headers_is_no_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that takes the headers and resets the connection (a Hub client that
+    gave up, Ctrl-C) is a client gone, never an 'Error handling request' with a
+    traceback: the transport it closed meanwhile made `loop.sendfile` raise
+    RuntimeError, not a ConnectionError."""
+    caplog.set_level(logging.ERROR, logger="aiohttp")
+    async with serving(tmp_path, 16 * MiB, write_stall=30.0) as srv:
+        loop = asyncio.get_running_loop()
+        for _ in range(40):
+            s = raw_get(srv.url, 64 << 10)
+            s.setblocking(False)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # a reset, at once
+        for _ in range(50):
+            if len(srv.ended) == 40:
+                break
+            await asyncio.sleep(0.1)
+    assert len(srv.ended) == 40
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors[:3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -316,6 +317,66 @@ async def test_a_ranged_read_through_hf_endpoint_never_completes_on_relayed_byte
     assert copied >= MiB, "the agent never copied the liar's relay"
     assert not complete or bytes(got) == data[:MiB], "a complete answer of a liar's bytes"
     assert len(got) == MiB - 1, len(got)  # it streamed all but the last byte
+
+
+async def test_a_client_paused_across_the_refetch_never_completes_on_relayed_bytes(
+    tmp_path: Path, slow_mirror: tuple[MirrorServer, bytes]
+) -> None:
+    """A client reading a shard through HF_ENDPOINT while its agent copies it from a
+    lying leader takes the first bytes, then reads nothing for a while (a slow sink,
+    within the write stall): meanwhile the copy fails its hash and the mirror's copy is
+    verified. The sendfile chunk that was out when the source went void ends after the
+    fetch returned; the answer must be cut there, never be completed from the verified
+    blob behind the liar's first bytes."""
+    mirror, data = slow_mirror
+    blob = sha256(data)
+    async with (
+        lying_leader("127.0.0.43", {blob: BLOB}) as (port, relayed),
+        agent_process(
+            tmp_path / "a",
+            "127.0.0.44",
+            mirror.url,
+            "--leader-timeout",
+            "3",
+            peers=(f"127.0.0.43:{port}",),
+        ) as a,
+    ):
+        await knows_a_peer(a)
+        host = a.local_url.split("/")[2]
+        ip, tcp = host.rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        s.setblocking(False)
+        await loop.sock_connect(s, (ip, int(tcp)))
+        await loop.sock_sendall(
+            s,
+            f"GET /org/relay/resolve/main/model.safetensors HTTP/1.1\r\nHost: {host}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        got = bytearray()
+        try:
+            while len(got) < 2 * MiB:  # the liar's first bytes ...
+                chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 16), 20)
+                assert chunk, bytes(got[:300])
+                got += chunk
+            # ... then nothing read until the agent's copy failed and the mirror's is in.
+            for _ in range(200):
+                if (await status(a))["bans"] and not (await status(a))["transfers"]:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 20):
+                    got += chunk
+        finally:
+            s.close()
+        final = await status(a)
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert relayed[0] > 0 and final["bans"] >= 1, (relayed, final)
+    assert len(body) < BLOB or body == data, "a complete answer starting with a liar's bytes"
+    assert body[:MiB] != data[:MiB], "the client never got the liar's bytes: no test"
 
 
 async def test_a_leader_trickling_its_relay_cannot_freeze_a_follower(

@@ -224,3 +224,29 @@ async def test_a_reader_that_waits_says_so_and_is_counted_until_woken() -> None:
             assert r.window(SIZE) is None  # a look alone does not count as waiting
             assert flight.waiting_count == 0
     assert seen == [(1, 0), (1, 1), (0, 0)]
+
+
+async def test_a_reader_of_a_void_source_is_cut_even_once_the_fetch_it_follows_is_done() -> None:
+    """Bytes of a source that went void (a lying swarm's result, fetched again from the
+    mirror) reached the client, and the refetch finished before the reader looked again
+    (its sendfile chunk took that long): the reader must still be cut, never go on
+    with the verified blob's rest and complete a body whose start was the liar's."""
+    flight = InFlightBlob("b", SIZE)
+    fetch: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+    flight.start(PART, from_peers=True)
+    flight.advance(400)
+    async with flight.reader(0, until=fetch) as r:
+        assert await r.readable(SIZE) == Window(PART, 400)  # the liar's bytes go out ...
+        # ... and while they do, the swarm's whole-file hash fails, the mirror
+        # fetches the blob again, it is verified and the fetch returns.
+        flight.reset()
+        flight.start(PART, from_peers=False)
+        flight.advance(SIZE)
+        flight.moved(BLOB)
+        fetch.set_result(BLOB)
+        r.advance(400)
+        with pytest.raises(StreamCut):
+            await r.readable(SIZE)
+    # A reader that sent nothing of the void source takes the verified blob.
+    async with flight.reader(0, until=fetch) as fresh:
+        assert await fresh.readable(SIZE) is None

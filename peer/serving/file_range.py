@@ -169,7 +169,12 @@ class FileSender:
                     transport.abort()  # and what the kernel still holds for it
                     raise ConnectionResetError(f"the client took nothing for {self._stall:.0f} s")
                 mark = now  # slower than the pace asked, but reading: on it goes
-            sent = job.result()
+            try:
+                sent = job.result()
+            except RuntimeError as exc:  # "Transport is closing": it went during the await
+                if transport.is_closing():
+                    raise ConnectionResetError("the client went away") from exc
+                raise
         finally:
             if not job.done():
                 job.cancel()

@@ -1002,8 +1002,9 @@ class HubApi:
                 # asyncio falls back to reads where it cannot. A source made void while
                 # they went out is caught just after: the connection is cut.
                 n = await sender.send(fobj, pos, limit)
-                if not task.done():
-                    reader.check()  # the bytes just sent may be of a source now void
+                # The bytes just sent may be of a source now void, also when the fetch
+                # returned meanwhile (a refetch shorter than this send): then cut.
+                reader.check()
                 self.backend.count_served(n)
                 pos += n
                 reader.advance(pos)

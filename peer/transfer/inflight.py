@@ -276,4 +276,8 @@ class FlightReader:
                 await self.changed()
             finally:
                 flight._waiting -= 1
+        # The fetch returned: its result is the verified blob, but bytes this reader sent
+        # before may be of a source that went void since (its last send outlasted the
+        # refetch): cut, never completed from the verified blob.
+        self.check()
         return None
