@@ -38,8 +38,9 @@ each host's CPU seconds (agent or bare process) and the seeder's, and the machin
 A bare variant changes what the bare seeder (``--bare-seeder``) or hosts do, one thing at
 a time (benchmarks/lan_bare.py's spec keys): ``lt`` libtorrent settings over the
 project's, ``swarm`` `SwarmSettings` fields, ``alone`` the bound told a torrent's only
-peer, ``super_seed``, ``stripe`` (each host its stripe of pieces first), ``feeders`` F
-(host k takes shard t from the seeder only if k < F x shards and k % shards == t).
+peer, ``super_seed``, ``max_uploads`` (a bare seeder's unchoke slots per torrent),
+``stripe`` (each host its stripe of pieces first), ``feeders`` F (host k takes shard t
+from the seeder only if k < F x shards and k % shards == t).
 
 Results: WORK/results.json (after every run) and markdown tables on stdout.
 """
