@@ -10,6 +10,8 @@ SPEC: {"ip", "port", "seeder" (its ip), "torrents": [paths], "out", "peers": [[i
 nothing), and for a study of one setting at a time, all optional: "lt" (libtorrent
 settings put over the project's), "swarm" (`SwarmSettings` fields), "alone" (the request
 bound told a torrent's only peer), "super_seed" (with "seed": libtorrent's super-seeding),
+"max_uploads" (with "seed": each torrent's own unchoke slots, libtorrent's
+`set_max_uploads`; the session's seed choking algorithm is an "lt" setting),
 "place" ([k, n]: host k of n takes its stripe first), "feeds" (the torrents, by place, for
 which to connect to the seeder; the others only to the hosts)}.
 Protocol on stdin/stdout (one JSON object a line): ``ready`` once the torrents are added
@@ -71,6 +73,11 @@ async def bare_host(spec: dict[str, Any], torrents: list[bytes]) -> None:
 
             for ih in ihs:
                 s._get(ih).handle.set_flags(lt.torrent_flags.super_seeding)
+        if seed and (slots := spec.get("max_uploads")):
+            # at most `slots` peers of one torrent unchoked at once ("feeders" the
+            # seeder picks); the session's unchoke_slots_limit still bounds them all
+            for ih in ihs:
+                s._get(ih).handle.set_max_uploads(int(slots))
         print(json.dumps({"ready": True}), flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         t0, c0 = time.monotonic(), cpu()
