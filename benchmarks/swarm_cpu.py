@@ -113,7 +113,13 @@ def env_for(checkout: Path) -> dict[str, str]:
 
 class Agent:
     def __init__(
-        self, checkout: Path, root: Path, ip: str, mirror: str, peers: list[str], level: str
+        self,
+        checkout: Path,
+        root: Path,
+        ip: str,
+        mirror: str,
+        peers: list[str],
+        level: str = "debug",  # hf_endpoint.py and leader_seed.py read its time line
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.checkout, self.root, self.ip = checkout, root, ip
