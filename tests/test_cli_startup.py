@@ -36,18 +36,23 @@ HEAVY = (
 )
 
 
-def test_a_download_through_an_agent_imports_none_of_the_agent() -> None:
+def _modules_after(probe: str) -> tuple[set[str], str]:
+    """The modules a fresh interpreter holds after running ``probe``, and its stderr."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", probe],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    modules = set(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert "peer.agent.client" in modules, out.stderr  # the agent path did run
-    assert "no hfswarm agent answers" in out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1])), out.stderr
+
+
+def test_a_download_through_an_agent_imports_none_of_the_agent() -> None:
+    modules, stderr = _modules_after(PROBE)
+    assert "peer.agent.client" in modules, stderr  # the agent path did run
+    assert "no hfswarm agent answers" in stderr
     assert not [m for m in HEAVY if m in modules]
 
 
@@ -79,15 +84,7 @@ AGENT_ONLY = (
 
 
 def test_a_download_with_no_agent_imports_none_of_the_swarm() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", NO_AGENT_PROBE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    modules = set(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert "peer.download" in modules, out.stderr  # the mirror-only path did run
-    assert "127.0.0.1:9" in out.stderr
+    modules, stderr = _modules_after(NO_AGENT_PROBE)
+    assert "peer.download" in modules, stderr  # the mirror-only path did run
+    assert "127.0.0.1:9" in stderr
     assert not [m for m in AGENT_ONLY if m in modules]

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_cache
 
 from peer.cli.main import main
+from peer.hub.metadata import RemoteFile, Snapshot
 from peer.mirror_server import Fault, RepoSource, ThreadedMirror
 from peer.verification.hashing import BlobHasher, HashKind
 
@@ -46,6 +48,13 @@ def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def _snapshot(mirror_url: str, repo: str, files: Iterable[RemoteFile]) -> Snapshot:
+    """``repo``'s main revision on the test mirror, as a `Snapshot` of ``files``."""
+    url = f"{mirror_url}/api/models/{repo}/revision/main"
+    answer = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())
+    return Snapshot("model", repo, "main", json.loads(answer)["sha"], tuple(files), mirror_url)
 
 
 def blob_of(data: bytes, lfs: bool) -> str:
@@ -521,7 +530,6 @@ async def test_the_range_memory_outlives_one_fetcher_and_spares_piece_requests(
 ) -> None:
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, RangeUnsupported, chunk_size_for
 
     rnd = __import__("random").Random(6)
@@ -534,11 +542,7 @@ async def test_the_range_memory_outlives_one_fetcher_and_spares_piece_requests(
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
         opts = DownloadOptions(connections=4)
         files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
-        url = f"{m.url}/api/models/org/r/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/r", "main", commit, tuple(files.values()), m.url)
+        snap = await _snapshot(m.url, "org/r", files.values())
         remembered: set[str] = set()
 
         async def fetch(name: str) -> bool:
@@ -582,7 +586,6 @@ async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
     raise the rate, so the fetcher adds them (and starts the next blob there)."""
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     rnd = __import__("random").Random(8)
@@ -593,11 +596,7 @@ async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
     with ThreadedMirror([RepoSource("model", "org/capped", src)], rate_cap=2 * MiB) as m:
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
         files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
-        url = f"{m.url}/api/models/org/capped/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/capped", "main", commit, tuple(files.values()), m.url)
+        snap = await _snapshot(m.url, "org/capped", files.values())
         async with MirrorFetcher(hub, DownloadOptions(connections=8)) as mf:
             for name, f in files.items():
                 with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
@@ -614,7 +613,6 @@ async def test_streams_reach_the_cap_early_where_requests_are_cheap(tmp_path: Pa
     GETs then; the ramp made a 256 MiB fetch 2x slower than 16 streams from the start)."""
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     data = __import__("random").Random(11).randbytes(32 * MiB)
@@ -622,11 +620,7 @@ async def test_streams_reach_the_cap_early_where_requests_are_cheap(tmp_path: Pa
     f = RemoteFile("c.bin", len(data), blob_of(data, lfs=True), True)
     with ThreadedMirror([RepoSource("model", "org/c", tmp_path / "src")], rate_cap=MiB) as m:
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
-        url = f"{m.url}/api/models/org/c/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/c", "main", commit, (f,), m.url)
+        snap = await _snapshot(m.url, "org/c", (f,))
         got = [0]
         gets_early: list[int] = []
 
@@ -650,7 +644,6 @@ async def test_a_blob_is_one_get_until_the_mirrors_request_cost_is_known(tmp_pat
     it)."""
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     rnd = __import__("random").Random(12)
@@ -661,11 +654,7 @@ async def test_a_blob_is_one_get_until_the_mirrors_request_cost_is_known(tmp_pat
     with ThreadedMirror([RepoSource("model", "org/g", src)]) as m:
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
         files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
-        url = f"{m.url}/api/models/org/g/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/g", "main", commit, tuple(files.values()), m.url)
+        snap = await _snapshot(m.url, "org/g", files.values())
         costs: dict[str, float] = {}
 
         async def gets_for(name: str, known: dict[str, float]) -> int:
@@ -691,7 +680,6 @@ async def test_a_small_blob_asks_after_a_much_larger_blobs_first_answer(tmp_path
     comes after the shard's; a file of similar size does not wait."""
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     rnd = __import__("random").Random(14)
@@ -704,11 +692,7 @@ async def test_a_small_blob_asks_after_a_much_larger_blobs_first_answer(tmp_path
         m.add_fault(Fault("delay", path_glob="big.bin", stall_seconds=1.0))
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
         files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
-        url = f"{m.url}/api/models/org/s/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/s", "main", commit, tuple(files.values()), m.url)
+        snap = await _snapshot(m.url, "org/s", files.values())
         first_bytes: list[str] = []
         first_at: dict[str, float] = {}
 
@@ -744,7 +728,6 @@ async def test_a_small_blob_waits_for_a_larger_blobs_answer_that_never_comes_at_
     as long as the shard's answer is held."""
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     src = tmp_path / "src"
@@ -756,11 +739,7 @@ async def test_a_small_blob_waits_for_a_larger_blobs_answer_that_never_comes_at_
         m.add_fault(Fault("delay", path_glob="big.bin", stall_seconds=3600.0, times=None))
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
         files = {n: RemoteFile(n, len(d), blob_of(d, lfs=True), True) for n, d in datas.items()}
-        url = f"{m.url}/api/models/org/s/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/s", "main", commit, tuple(files.values()), m.url)
+        snap = await _snapshot(m.url, "org/s", files.values())
         small = files["config.json"]
         async with MirrorFetcher(hub, DownloadOptions(read_timeout=2.0)) as mf:
             big = files["big.bin"]
@@ -810,7 +789,6 @@ async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: 
     again as bytes land."""
     from peer.cache.partial import JOURNAL_STEP, PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     data = __import__("random").Random(7).randbytes(8 * MiB)
@@ -829,11 +807,7 @@ async def test_runs_over_chunks_begun_earlier_ask_only_for_their_rest(tmp_path: 
     missing = f.size - 2 * chunk - sum(held.values())
     with ThreadedMirror([RepoSource("model", "org/r", tmp_path / "src")], client_rate=4 * MiB) as m:
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
-        url = f"{m.url}/api/models/org/r/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/r", "main", commit, (f,), m.url)
+        snap = await _snapshot(m.url, "org/r", (f,))
         with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk) as p:
             assert p.done == {0, 1} and p.held == held
             journal = p.journal_path.stat().st_size
@@ -870,7 +844,6 @@ async def test_a_mirror_fetch_cancelled_while_it_hashes_never_closes_the_fd_unde
 
     from peer.cache.partial import PartialBlob
     from peer.config import DownloadOptions, HubSettings
-    from peer.hub.metadata import RemoteFile, Snapshot
     from peer.transfer.mirror_ranges import MirrorFetcher, chunk_size_for
 
     data = __import__("random").Random(12).randbytes(8 * MiB)
@@ -884,11 +857,7 @@ async def test_a_mirror_fetch_cancelled_while_it_hashes_never_closes_the_fd_unde
 
     with ThreadedMirror([RepoSource("model", "org/h", tmp_path / "src")]) as m:
         hub = HubSettings(mirrors=(m.url,), token=None, cache_dir=tmp_path / "c")
-        url = f"{m.url}/api/models/org/h/revision/main"
-        commit = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))[
-            "sha"
-        ]
-        snap = Snapshot("model", "org/h", "main", commit, (f,), m.url)
+        snap = await _snapshot(m.url, "org/h", (f,))
         try:
             with PartialBlob(tmp_path / "p", f.blob_id, f.size, chunk_size_for(f.size)) as p:
                 async with MirrorFetcher(hub, DownloadOptions()) as mf:
