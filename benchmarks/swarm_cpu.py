@@ -365,35 +365,42 @@ def main() -> None:
                 f"| agent ({k}) | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / b['wall']:.2f}x"
                 f" | {m['cpu'] - b['cpu']:+.2f} | {m['cli_cpu']:.2f} |"
             )
+    if args.log_level != "debug":
+        # At info the log names only the ends: a table of its steps would be dashes.
+        print("\n(the time line of each step: --log-level debug)")
+        lines = {}
     for k, rounds in lines.items():
         print(f"\ntime line of the last agent download ({k}):")
         for label, at in rounds[-1]:
             print(f"  {at:7.3f} s  {label}")
-    # Each step's median over the rounds: the start-up steps do not depend on the
-    # machine's load as much as the piece stream does, which this splits off.
-    labels = [label for label, _ in next(iter(lines.values()))[-1]] if lines else []
-    print("\n| step, s after the CLI started (median of rounds) | "
-          + " | ".join(Path(k).name or k for k in lines) + " |")  # fmt: skip
-    print("|---|" + "---|" * len(lines))
-    for label in labels:
-        cells = []
-        for rounds in lines.values():
-            got = [at for tl in rounds for lb, at in tl if lb == label]
-            cells.append(f"{statistics.median(got):.3f}" if got else "-")
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    spans = [
-        ("swarm started", "last piece"),
-        ("last piece", "whole-file hash checked (then fsync, rename)"),
-        ("whole-file hash checked (then fsync, rename)", "hash matched, in blobs/"),
-        ("last piece", "hash matched, in blobs/"),
-        ("last piece", "CLI exited"),
-    ]
-    for a, b in spans:
-        cells = []
-        for rounds in lines.values():
-            got = [dict(tl)[b] - dict(tl)[a] for tl in rounds if a in dict(tl) and b in dict(tl)]
-            cells.append(f"{statistics.median(got):.3f}" if got else "-")
-        print(f"| {a} -> {b} | " + " | ".join(cells) + " |")
+    if lines:
+        # Each step's median over the rounds: the start-up steps do not depend on the
+        # machine's load as much as the piece stream does, which this splits off.
+        labels = [label for label, _ in next(iter(lines.values()))[-1]] if lines else []
+        print("\n| step, s after the CLI started (median of rounds) | "
+              + " | ".join(Path(k).name or k for k in lines) + " |")  # fmt: skip
+        print("|---|" + "---|" * len(lines))
+        for label in labels:
+            cells = []
+            for rounds in lines.values():
+                got = [at for tl in rounds for lb, at in tl if lb == label]
+                cells.append(f"{statistics.median(got):.3f}" if got else "-")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        spans = [
+            ("swarm started", "last piece"),
+            ("last piece", "whole-file hash checked (then fsync, rename)"),
+            ("whole-file hash checked (then fsync, rename)", "hash matched, in blobs/"),
+            ("last piece", "hash matched, in blobs/"),
+            ("last piece", "CLI exited"),
+        ]
+        for a, b in spans:
+            cells = []
+            for rounds in lines.values():
+                got = [
+                    dict(tl)[b] - dict(tl)[a] for tl in rounds if a in dict(tl) and b in dict(tl)
+                ]
+                cells.append(f"{statistics.median(got):.3f}" if got else "-")
+            print(f"| {a} -> {b} | " + " | ".join(cells) + " |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
