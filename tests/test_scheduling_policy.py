@@ -167,6 +167,7 @@ def test_pieces_nobody_has_go_to_the_mirror_before_stalled_ones() -> None:
     r = Run(6, grace_period=0.0, stall_timeout=5.0, mirror_parallel=2)
     out = r.at(0, PeerBitfield("p", frozenset({0, 1, 2, 3})))
     assert sorted(r.mirrored(out)) == [4, 5]
+    assert [d.stalled for d in out if isinstance(d, FetchFromMirror)] == [0]  # nobody has them
     # Later the peer stalls: its pieces become candidates too.
     r.at(1, PieceDone(4, MIRROR))
     r.at(2, PieceDone(5, MIRROR))
@@ -174,6 +175,7 @@ def test_pieces_nobody_has_go_to_the_mirror_before_stalled_ones() -> None:
     assert r.policy.next_wakeup() == T0 + 5.0
     out = r.at(5.0)
     assert len(r.mirrored(out)) == 2 and set(r.mirrored(out)) <= {0, 1, 2, 3}
+    assert [d.stalled for d in out if isinstance(d, FetchFromMirror)] == [2]  # their peer quiet
 
 
 # --- stalls ---------------------------------------------------------------------------------

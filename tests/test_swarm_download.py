@@ -252,6 +252,7 @@ def test_a_stalled_piece_goes_to_the_mirror_after_the_stall_timeout() -> None:
     assert not fed(r.until(3.9))
     out = r.until(4.0)
     assert fed(out) == [3]
+    assert [a.stalled for a in out if isinstance(a, FeedMirrorPiece)] == [True]  # for the log
     assert r.drv.policy is not None and r.drv.policy.mirror_in_flight == {3}
     assert r.at(4.5, MirrorPieceFed(3, PIECE - 100, ok=True)) == []
     assert r.done(4.5, 3, mirror=True) == [Finished()]
@@ -262,6 +263,7 @@ def test_a_mirror_piece_that_fails_is_tried_again_and_a_peer_may_win() -> None:
     r = Run(2, grace_period=0.0, stall_timeout=1.0, backoff_base=0.5)
     r.running()  # nobody has anything: both pieces go to the mirror once the grace ends
     assert sorted(fed([a for _, a in r.log])) == [0, 1]
+    assert not [a for _, a in r.log if isinstance(a, FeedMirrorPiece) and a.stalled]
     assert r.at(0.2, MirrorPieceError(0, "503")) == []
     assert fed(r.until(0.7)) == [0]  # after the backoff
     r.swarm.holders = {1: 1}

@@ -945,6 +945,12 @@ class BlobFetcher:
                     swarming.set()
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:
+                        log.debug(
+                            "%s: piece %d from the mirror (%s)",
+                            file.path,
+                            a.piece,
+                            "its peers went quiet" if a.stalled else "no peer has it",
+                        )
                         mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
                 elif isinstance(a, CancelMirrorPiece):
                     task = mirror_tasks.pop(a.piece, None)

@@ -217,7 +217,12 @@ Event = (
 
 @dataclass(frozen=True)
 class FetchFromMirror:
+    """Fetch these pieces from the mirror. The first ``len(pieces) - stalled`` no peer
+    had once the grace period ended; the last ``stalled`` had peers that went quiet
+    for ``stall_timeout`` (the agent's debug log says which, per piece)."""
+
     pieces: tuple[int, ...]
+    stalled: int = 0
 
 
 @dataclass(frozen=True)
@@ -584,7 +589,7 @@ class DownloadPolicy:
         for piece in chosen:
             self._inflight[piece] = now
         if chosen:
-            out.append(FetchFromMirror(tuple(chosen)))
+            out.append(FetchFromMirror(tuple(chosen), max(0, len(chosen) - len(nobody_has))))
         # Slots still free: the scan was complete, so next_check is exact.
         self._next_check = math.inf if len(chosen) >= free else next_check
 

@@ -158,6 +158,7 @@ class StartSwarming:
 @dataclass(frozen=True)
 class FeedMirrorPiece:
     piece: int
+    stalled: bool = False  # its peers went quiet (else no peer had it after the grace)
 
 
 @dataclass(frozen=True)
@@ -577,7 +578,8 @@ class SwarmDownload:
             return
         for d in self.policy.handle(event, now):
             if isinstance(d, pol.FetchFromMirror):
-                out += [FeedMirrorPiece(i) for i in d.pieces]
+                first_stalled = len(d.pieces) - d.stalled
+                out += [FeedMirrorPiece(i, k >= first_stalled) for k, i in enumerate(d.pieces)]
             elif isinstance(d, pol.CancelMirror):
                 out += [CancelMirrorPiece(i) for i in d.pieces]
             elif isinstance(d, pol.BanPeer):
