@@ -18,6 +18,7 @@ from peer.transfer import events as ev
 from peer.transfer.swarm import (
     ALERT_BATCH,
     ALONE_PEER_REQUESTS,
+    SHARED_CONFIRM,
     SHARED_HOLD,
     InvalidTorrent,
     RequestBound,
@@ -789,12 +790,39 @@ async def test_a_host_connecting_again_and_again_does_not_keep_a_seeders_peer_dr
                             if await hostile.peers(ih):
                                 break
                             await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(SHARED_CONFIRM + 0.5)  # past the seeder's check
                 await asyncio.sleep(SHARED_HOLD + 1.5)  # the seeder's hold is over
         finally:
             counter.cancel()
         connected = len(await one.peers(ih))
     assert (drops, connected) == (1, 1)
+
+
+def test_request_bound_names_a_torrent_only_if_it_still_has_several_peers_after_confirm() -> None:
+    """libtorrent reports a connection before it finds it a duplicate of one it has (a
+    seeder dialling an address its one downloader listens on) and closes it at once: a
+    torrent is named for a reconnect only if it still has several peers `confirm`
+    seconds after the turn, else its one downloader is dropped (and fetches from the
+    mirror while it is gone)."""
+    one, dup, two = (ev.Endpoint(f"10.0.0.{i}", i) for i in (1, 2, 3))
+    bound = RequestBound(alone=2000, shared=32, hold=5.0, confirm=0.5)
+    bound.feed(ev.PeerConnected("t1", one), 0.0)  # told 2000
+    assert bound.feed(ev.PeerConnected("t1", dup), 1.0) == 32
+    assert bound.next_tick() == 1.5  # the check
+    assert bound.reconnects() == []
+    bound.feed(ev.PeerDisconnected("t1", dup, "duplicate"), 1.01)
+    assert bound.tick(1.5) is None
+    assert bound.reconnects() == []  # one keeps its connection
+    # A second peer that stays: named once the check is due.
+    bound.feed(ev.PeerConnected("t1", two), 20.0)
+    assert bound.reconnects() == []
+    bound.tick(20.4)
+    assert bound.reconnects() == []
+    bound.tick(20.5)
+    assert bound.reconnects() == ["t1"]
+    assert bound.next_tick() is None  # shared for as long as it has two
+    bound.feed(ev.TorrentRemoved("t1"), 21.0)
+    assert bound._confirming == {}
 
 
 def test_request_bound_drops_a_torrents_peers_at_most_once_per_gap() -> None:

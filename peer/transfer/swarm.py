@@ -84,6 +84,10 @@ ALERT_BATCH = 0.005
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
 SHARED_HOLD = 5.0
+# A torrent turned shared is reconnected only if it still has several peers this long
+# after: a duplicate connection libtorrent closes at once must not drop our downloader
+# (it then took a blob's rest from the mirror; docs/benchmarks.md 8.27).
+SHARED_CONFIRM = 0.5
 # A torrent's peers are dropped for a reconnect at most once in this many seconds,
 # whatever comes and goes (a peer slower to connect again than the hold, told the alone
 # bound again, must not make it a loop).
@@ -577,13 +581,21 @@ class RequestBound:
     `reconnects`, so that its peers connect again and are told the short bound; `hold`
     keeps the bound short while they do. Only a peer there before the turn counts (not
     the newcomer, nor a second connection of its own), and a torrent is named at most
-    once per `gap`: a host connecting again and again cannot keep our peers dropped."""
+    once per `gap`: a host connecting again and again cannot keep our peers dropped.
+    With `confirm`, a torrent is named only if it still has several peers `confirm`
+    seconds after the turn: libtorrent reports a connection before it finds it a
+    duplicate of one it has (a seeder dialling a departed peer's address that the
+    downloader it serves now listens on) and closes it a moment later."""
 
-    def __init__(self, alone: int, shared: int, hold: float = 0.0, gap: float = 0.0) -> None:
+    def __init__(
+        self, alone: int, shared: int, hold: float = 0.0, gap: float = 0.0, confirm: float = 0.0
+    ) -> None:
         self.alone = alone
         self.shared = shared
         self.hold = hold
         self.gap = gap
+        self.confirm = confirm
+        self._confirming: dict[str, float] = {}  # torrents turned shared -> check when
         self._reconnected: dict[str, float] = {}  # torrent -> when it was last named
         self.bound = alone
         # info-hash -> connected peers -> the bound they were told in their handshake
@@ -602,6 +614,7 @@ class RequestBound:
             self._peers.clear()
             self._crowded.clear()
             self._reconnect.clear()
+            self._confirming.clear()
             return self._settle(now)
         ih = event.info_hash
         if isinstance(event, ev.PeerConnected):
@@ -613,6 +626,7 @@ class RequestBound:
             self._peers.pop(ih, None)
             self._crowded.pop(ih, None)
             self._reconnected.pop(ih, None)
+            self._confirming.pop(ih, None)
         peers = self._peers.get(ih, {})
         if len(peers) > 1:
             # Only a peer already there when the torrent turns shared is worth the drop:
@@ -628,10 +642,10 @@ class RequestBound:
                 and (last is None or now - last >= self.gap)
                 and any(told > self.shared for peer, told in peers.items() if peer != newcomer)
             ):
-                self._reconnect.append(ih)
-                self._reconnected[ih] = now
-                for endpoint in peers:
-                    peers[endpoint] = self.shared
+                if self.confirm > 0:
+                    self._confirming.setdefault(ih, now + self.confirm)
+                else:
+                    self._name(ih, now)
         else:
             if ih in self._crowded:
                 self._crowded[ih] = min(self._crowded[ih], now + self.hold)
@@ -644,9 +658,17 @@ class RequestBound:
         return self._settle(now)
 
     def next_tick(self) -> float | None:
-        """When the next hold ends (`tick` then), or None."""
+        """When the next hold ends or turn is confirmed (`tick` then), or None."""
         ends = [t for t in self._crowded.values() if t != math.inf]
+        ends += self._confirming.values()
         return min(ends) if ends else None
+
+    def _name(self, ih: str, now: float) -> None:
+        self._reconnect.append(ih)
+        self._reconnected[ih] = now
+        peers = self._peers.get(ih, {})
+        for endpoint in peers:
+            peers[endpoint] = self.shared
 
     def reconnects(self) -> list[str]:
         """Torrents turned shared with a peer told the alone bound (each named once)."""
@@ -654,6 +676,10 @@ class RequestBound:
         return out
 
     def _settle(self, now: float) -> int | None:
+        for ih in [ih for ih, at in self._confirming.items() if at <= now]:
+            del self._confirming[ih]
+            if len(self._peers.get(ih, {})) > 1:  # not a duplicate that came and went
+                self._name(ih, now)
         for ih in [ih for ih, until in self._crowded.items() if until <= now]:
             del self._crowded[ih]
         bound = self.shared if self._crowded else self.alone
@@ -722,7 +748,11 @@ class SwarmSession:
         self._waiters: list[_Waiter] = []
         self._banned: set[str] = set()
         self._bound = RequestBound(
-            ALONE_PEER_REQUESTS, settings.shared_peer_requests, hold=SHARED_HOLD, gap=RECONNECT_GAP
+            ALONE_PEER_REQUESTS,
+            settings.shared_peer_requests,
+            hold=SHARED_HOLD,
+            gap=RECONNECT_GAP,
+            confirm=SHARED_CONFIRM,
         )
         self._bound_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -949,6 +979,8 @@ class SwarmSession:
         if self._bound_timer is not None:
             self._bound_timer.cancel()
             self._bound_timer = None
+        for ih in self._bound.reconnects():
+            self._reconnect(ih)
         when = self._bound.next_tick()
         if when is not None and self._loop is not None:
             self._bound_timer = self._loop.call_later(
@@ -984,8 +1016,6 @@ class SwarmSession:
             event, ev.PeerConnected | ev.PeerDisconnected | ev.TorrentRemoved | ev.AlertsDropped
         ):
             self._apply_bound(self._bound.feed(event, time.monotonic()))
-            for ih in self._bound.reconnects():
-                self._reconnect(ih)
         for stream in self._streams:
             stream._push(event)
         if self._waiters:
