@@ -582,10 +582,9 @@ class RequestBound:
     keeps the bound short while they do. Only a peer there before the turn counts (not
     the newcomer, nor a second connection of its own), and a torrent is named at most
     once per `gap`: a host connecting again and again cannot keep our peers dropped.
-    With `confirm`, a torrent is named only if it still has several peers `confirm`
-    seconds after the turn: libtorrent reports a connection before it finds it a
-    duplicate of one it has (a seeder dialling a departed peer's address that the
-    downloader it serves now listens on) and closes it a moment later."""
+    A torrent is named only if it still has several peers `confirm` seconds after the
+    turn: libtorrent reports some connections it closes a moment later (seen: a seeder
+    dialling again the address of a peer it served before, while it serves one)."""
 
     def __init__(
         self, alone: int, shared: int, hold: float = 0.0, gap: float = 0.0, confirm: float = 0.0
@@ -642,10 +641,7 @@ class RequestBound:
                 and (last is None or now - last >= self.gap)
                 and any(told > self.shared for peer, told in peers.items() if peer != newcomer)
             ):
-                if self.confirm > 0:
-                    self._confirming.setdefault(ih, now + self.confirm)
-                else:
-                    self._name(ih, now)
+                self._confirming.setdefault(ih, now + self.confirm)  # `_settle` names it
         else:
             if ih in self._crowded:
                 self._crowded[ih] = min(self._crowded[ih], now + self.hold)

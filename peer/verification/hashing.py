@@ -169,19 +169,19 @@ class PrefixHasher:
             return
         start = self._h.fed
         with open(self.path, "rb", buffering=0) as f:
-            if FOLLOW_MAP_FLAGS is not None and _only_ours(os.fstat(f.fileno())):
-                self._hash_mapped(f.fileno(), end)
+            st = os.fstat(f.fileno())
+            if FOLLOW_MAP_FLAGS is not None and _only_ours(st):
+                self._hash_mapped(f.fileno(), min(end, st.st_size))
             if self._h.fed < end:
                 self._hash_read(f, end)  # no mapping here, or the file is short
             if self._hashed is not None and self._h.fed > start:
                 self._hashed(f.fileno(), start, self._h.fed - start)
 
-    def _hash_mapped(self, fd: int, end: int) -> None:
-        """Hash ``[fed, end)`` through read-only mappings of the page cache, never past
-        the file's end (a page beyond it would raise SIGBUS). A file shortened while it
-        is mapped would too: only its owner can do that (the partial is the agent's
-        own, docs/SECURITY.md), and such an owner can end the agent anyway."""
-        stop = min(end, os.fstat(fd).st_size)
+    def _hash_mapped(self, fd: int, stop: int) -> None:
+        """Hash ``[fed, stop)`` through read-only mappings of the page cache; ``stop`` is
+        never past the file's end (a page beyond it would raise SIGBUS). A file shortened
+        while it is mapped would too: only its owner can do that (the partial is the
+        agent's own, docs/SECURITY.md), and such an owner can end the agent anyway."""
         assert FOLLOW_MAP_FLAGS is not None
         while self._h.fed < stop:
             base = self._h.fed - self._h.fed % mmap.ALLOCATIONGRANULARITY
