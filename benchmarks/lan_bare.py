@@ -12,6 +12,8 @@ settings put over the project's), "swarm" (`SwarmSettings` fields), "alone" (the
 bound told a torrent's only peer), "super_seed" (with "seed": libtorrent's super-seeding),
 "max_uploads" (with "seed": each torrent's own unchoke slots, libtorrent's
 `set_max_uploads`; the session's seed choking algorithm is an "lt" setting),
+"max_connections" (with "seed": each torrent's own connection cap, libtorrent's
+`set_max_connections`: at most that many hosts take a torrent from the seeder at once),
 "place" ([k, n]: host k of n takes its stripe first), "feeds" (the torrents, by place, for
 which to connect to the seeder; the others only to the hosts)}.
 Protocol on stdin/stdout (one JSON object a line): ``ready`` once the torrents are added
@@ -78,6 +80,11 @@ async def bare_host(spec: dict[str, Any], torrents: list[bytes]) -> None:
             # seeder picks); the session's unchoke_slots_limit still bounds them all
             for ih in ihs:
                 s._get(ih).handle.set_max_uploads(int(slots))
+        if seed and (cap := spec.get("max_connections")):
+            # at most `cap` peers of one torrent connected at once: the others are
+            # refused ("too many connections") and must take it from the ones let in
+            for ih in ihs:
+                s._get(ih).handle.set_max_connections(int(cap))
         print(json.dumps({"ready": True}), flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         t0, c0 = time.monotonic(), cpu()

@@ -39,6 +39,7 @@ A bare variant changes what the bare seeder (``--bare-seeder``) or hosts do, one
 a time (benchmarks/lan_bare.py's spec keys): ``lt`` libtorrent settings over the
 project's, ``swarm`` `SwarmSettings` fields, ``alone`` the bound told a torrent's only
 peer, ``super_seed``, ``max_uploads`` (a bare seeder's unchoke slots per torrent),
+``max_connections`` (a bare seeder's connection cap per torrent),
 ``stripe`` (each host its stripe of pieces first), ``feeders`` F (host k takes shard t
 from the seeder only if k < F x shards and k % shards == t).
 
@@ -404,7 +405,8 @@ class Bench:
         seeder (the agent, or with ``--bare-seeder`` a bare session on its host seeding
         its blobs) and from each other, all told every address at once. `variant`: what
         the bare seeder and the hosts change (``seeder``, ``hosts``: benchmarks/lan_bare.py's
-        optional spec keys ``lt``, ``swarm``, ``alone``, ``super_seed``, ``max_uploads``)."""
+        optional spec keys ``lt``, ``swarm``, ``alone``, ``super_seed``, ``max_uploads``,
+        ``max_connections``)."""
         work = self.work / "runs" / tag
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -602,7 +604,8 @@ def main() -> None:
         metavar="NAME=JSON",
         help='repeatable; bare rows once per variant, e.g. s8={"seeder": {"lt": '
         '{"unchoke_slots_limit": 8}}} or ss={"seeder": {"super_seed": true}} (a bare seeder); '
-        "keys of seeder/hosts: lt, swarm, alone, super_seed, max_uploads (benchmarks/lan_bare.py)",
+        "keys of seeder/hosts: lt, swarm, alone, super_seed, max_uploads, max_connections "
+        "(benchmarks/lan_bare.py)",
     )
     args = ap.parse_args()
     args.variants = [("", {})] if not args.bare_variant else []
