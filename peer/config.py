@@ -180,6 +180,10 @@ DEFAULT_MEMBER_LISTEN = ("", MEMBER_PORT)
 DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
 STALL_TIMEOUT = 5.0
 PEER_GRACE = 2.0
+# Downloaders of a blob that take it from its complete holders (`peer.scheduling.feeders`):
+# with one seeder and 8 hosts, 2 made bare libtorrent 1.25x the 1 -> 1 time against 1.60x
+# with every host a feeder (docs/benchmarks.md 8.22).
+FEEDERS = 2
 HERD_SETTLE = 1.0
 HERD_LEADER_TIMEOUT = 15.0
 
@@ -209,6 +213,9 @@ class AgentConfig:
     stall_timeout: float = STALL_TIMEOUT
     # Seconds given to peers to connect and announce their pieces before the mirror is used.
     peer_grace: float = PEER_GRACE
+    # Downloaders of a blob that take it from its complete holders while several agents
+    # download it; the others take it from them (0: every downloader does).
+    feeders: int = FEEDERS
     # Caps in bytes/s (0: none), changed live with `hfswarm limits`: what LAN peers
     # get from us (BitTorrent and HTTP) and take from us, and what the mirror sends us.
     max_upload_rate: int = 0

@@ -405,6 +405,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "feeders",
+        parse_int(0),
+        "while several agents download a blob, only this many of them take it from the "
+        "agents that hold it whole; the others take it from them (0: every downloader does)",
+        metavar="N",
+    ),
+    Setting(
         "herd_settle",
         parse_seconds,
         "when several agents want a blob nobody has, how long their claims get to meet "

@@ -113,6 +113,7 @@ SAMPLES: dict[str, tuple[str, str, list[str], tuple[Any, Any, Any]]] = {
     "seeding": ('"pinned"', "none", ["--seeding", "always"], ("pinned", "none", "always")),
     "stall_timeout": ("7", "8.5", ["--stall-timeout", "9"], (7.0, 8.5, 9.0)),
     "peer_grace": ("0.5", "1", ["--peer-grace", "1.5"], (0.5, 1.0, 1.5)),
+    "feeders": ("0", "3", ["--feeders", "4"], (0, 3, 4)),
     "herd_settle": ("2", "3", ["--herd-settle", "4"], (2.0, 3.0, 4.0)),
     "herd_leader_timeout": ("20", "30", ["--leader-timeout", "40"], (20.0, 30.0, 40.0)),
     "audit_log": (

@@ -294,15 +294,19 @@ def test_a_mirror_fetch_without_answer_times_out() -> None:
 
 
 def test_losing_the_only_holder_sends_its_pieces_to_the_mirror() -> None:
-    r = Run(4, grace_period=1.0, mirror_parallel=4)
+    r = Run(4, grace_period=1.0, stall_timeout=5.0, mirror_parallel=4)
     r.at(0, PeerBitfield("a", frozenset({0, 1})))
     r.at(0, PeerBitfield("b", frozenset({1, 2, 3})))
     assert r.mirrored(r.at(1.0)) == []
-    out = r.at(2.0, PeerGone("a"))
-    assert r.mirrored(out) == [0]  # piece 1 still has b
+    # A holder that vanished may come back (a seeder pausing its torrent to reconnect
+    # its peers): its pieces count as held for stall_timeout, not the grace period.
+    assert r.mirrored(r.at(2.0, PeerGone("a"))) == []
+    # A banned one does not come back: its pieces go at once.
     out = r.at(3.0, PeerGone("b", banned=True))
     assert sorted(r.mirrored(out)) == [1, 2, 3]
     assert r.policy.banned == {"b"}
+    assert r.mirrored(r.at(6.9)) == []
+    assert r.mirrored(r.at(7.0)) == [0]  # a's piece: 5 s after a left
 
 
 def test_anonymous_availability_counts() -> None:
@@ -310,9 +314,11 @@ def test_anonymous_availability_counts() -> None:
     r.at(0, Availability((1, 1, 0)))
     assert r.policy.mirror_in_flight == {2}
     out = r.at(1, Availability((0, 1, 0)))
-    assert r.mirrored(out) == [0]
+    assert r.mirrored(out) == []  # its holder left: held for stall_timeout
+    assert r.mirrored(r.at(1 + r.config.stall_timeout - 0.01)) == [1]  # quiet since 0
+    assert r.mirrored(r.at(1 + r.config.stall_timeout)) == [0]
     with pytest.raises(ValueError):
-        r.at(2, Availability((1, 1)))
+        r.at(99, Availability((1, 1)))
 
 
 # --- completion and peer-only downloads ------------------------------------------------------

@@ -844,3 +844,52 @@ def test_request_bound_drops_a_torrents_peers_at_most_once_per_gap() -> None:
     assert named == [0.0, 33.0], named
     bound.feed(ev.TorrentRemoved("t1"), now)
     assert bound._reconnected == {}
+
+
+async def test_rejoin_leaves_the_banned_peers_out_of_one_torrent_and_keeps_its_pieces(
+    tmp_path: Path,
+) -> None:
+    """`rejoin`: the torrent again from its resume data, the banned holders refused by
+    it alone (the way a downloader that is not one of a blob's feeders drops them, as
+    the binding has no per-peer disconnect): the pieces it had stay had, its counters
+    go on, it completes from the other peers, and the seeder sends it nothing more,
+    not even by dialling it again."""
+    torrent, big = await random_blob(tmp_path, 24)
+    ih = info_hash_of(torrent)
+    # 3 MB/s: the feeder takes 8 s, past the seeder's `min_reconnect_time` (2 s)
+    slow = SwarmSettings(
+        listen_host="127.0.0.1", upload_rate_limit=3_000_000, limit_local_peers=True
+    )
+    async with (
+        SwarmSession(slow) as seeder,
+        session("127.0.0.2") as feeder,
+        session("127.0.0.3") as other,
+    ):
+        await seeder.add_torrent(torrent, big, seed_mode=True)
+        for s, d in ((feeder, "f"), (other, "o")):
+            await s.add_torrent(torrent, tmp_path / d)
+            s.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        other.connect_peer(ih, "127.0.0.2", feeder.listen_port)
+        async with asyncio.timeout(WAIT):
+            while sum(await other.have_pieces(ih)) < 4:  # noqa: ASYNC110 (libtorrent's state)
+                await asyncio.sleep(0.05)
+        stream = other.subscribe(ih)
+        before = await other.status(ih)
+        had = sum(await other.have_pieces(ih))
+        await other.rejoin(ih, banned=[("127.0.0.1", seeder.listen_port)])
+        assert (await other.status(ih)).paused
+        assert sum(await other.have_pieces(ih)) >= had  # nothing fetched again
+        other.connect_peer(ih, "127.0.0.1", seeder.listen_port)  # refused: banned here
+        other.connect_peer(ih, "127.0.0.2", feeder.listen_port)
+        other.resume(ih)
+        hosts: set[str] = set()
+        async with asyncio.timeout(4 * WAIT):
+            while not (await other.status(ih)).is_finished:
+                hosts |= {p.endpoint.host for p in await other.peers(ih)}
+                await asyncio.sleep(0.1)
+        after = await other.status(ih)
+        stream.close()
+        to_other = [p for p in await seeder.peers(ih) if p.endpoint.host == "127.0.0.3"]
+    assert hosts == {"127.0.0.2"}, hosts  # the feeder only, never the seeder again
+    assert not to_other
+    assert after.peer_payload_bytes >= before.peer_payload_bytes  # carried on

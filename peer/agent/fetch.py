@@ -38,6 +38,7 @@ from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import is_local_repo
+from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
@@ -56,12 +57,14 @@ from peer.transfer.swarm_download import (
     FlushForReaders,
     InOrder,
     Input,
+    Members,
     MirrorPieceError,
     MirrorPieceFed,
     PeerSample,
     PreferPieces,
     Readers,
     ReadersChanged,
+    Rejoined,
     SetPieceDeadline,
     StartSwarming,
     SwarmDownload,
@@ -81,6 +84,9 @@ PREFERRED = 7
 # swarming it since are connected too (downloaders that start together otherwise all see
 # only the first seeder, which then sends nearly every byte).
 RESURVEY_EVERY = 2.0
+# ... and first this soon, with feeders on: until then every downloader feeds (takes the
+# blob from its complete holders), the seeder's port spread over all of them.
+FIRST_RESURVEY = 0.5
 # A follower cut off near the end of a lead (or slower than the leader) takes the rest of
 # the blob from the leader for this long after the lead ended; after that the leader's
 # copy is one more seed, reached through the swarm like any other.
@@ -866,6 +872,14 @@ class BlobFetcher:
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
         has_mirror = bool(mirror.pool.mirrors)  # none for a local/* repo
+        feeders = None
+        if cfg.feeders:
+            feeders = FeederChoice(
+                self.peers.self_id,
+                file.blob_id,
+                time.monotonic(),
+                FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
+            )
         drv = SwarmDownload(
             file.size,
             meta.piece_size,
@@ -884,26 +898,42 @@ class BlobFetcher:
             holders=frozenset((o.peer.host, o.peer.bt_port) for o in offers if o.complete),
             streaming=flight is not None,
             follow_prefix=True,
+            feeders=feeders,
         )
         base = (counters.from_mirror, counters.hash_failures)
         inbox: asyncio.Queue[Input] = asyncio.Queue()  # swarm events, mirror results
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
         swarming = asyncio.Event()
 
+        # Every peer known to have the blob, whole or in part; the holders a
+        # non-feeder left are not connected (`DropHolders`).
+        known = {(o.peer.host, o.peer.bt_port) for o in offers}
+
+        def connect_known() -> None:
+            away = drv.feeders is not None and not drv.feeders.feeding
+            for key in known:
+                if not (away and key in drv.holders):
+                    self.swarm.connect_peer(ih, *key)
+
         async def resurvey() -> None:
-            known = {(o.peer.host, o.peer.bt_port) for o in offers}
             await swarming.wait()
+            # With feeders, the first soon: the downloaders learn who feeds.
+            every = FIRST_RESURVEY if feeders is not None else RESURVEY_EVERY
             while True:
                 # On a shared beat, so that the agent's swarms ask together (one batch).
-                await asyncio.sleep(RESURVEY_EVERY - time.monotonic() % RESURVEY_EVERY)
+                await asyncio.sleep(every - time.monotonic() % every)
+                every = RESURVEY_EVERY
                 try:
                     found = self._valid(file, await self.resurveys.offers(file.blob_id))
                 except (HfswarmError, OSError) as exc:
                     log.debug("%s: survey failed: %s", file.path, exc)
                     continue
+                found = [o for o in found if o.manifest.info_hash == ih]
+                fetching = frozenset(o.peer.agent_id for o in found if not o.complete)
+                inbox.put_nowait(Members(fetching))
                 for o in found:
                     key = (o.peer.host, o.peer.bt_port)
-                    if o.manifest.info_hash == ih and key not in known:
+                    if key not in known:
                         known.add(key)
                         log.debug("%s: new swarm member %s:%d", file.path, *key)
                         self.swarm.connect_peer(ih, *key)
@@ -972,6 +1002,20 @@ class BlobFetcher:
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
                 elif isinstance(a, InOrder):
                     self.swarm.set_in_order(ih, a.on)
+                elif isinstance(a, DropHolders | ConnectHolders):
+                    # Not one of the blob's feeders (or the holders come back): the
+                    # torrent again, with the holders refused or not, and the peers.
+                    log.debug(
+                        "%s: %s", file.path,
+                        "holders left to the feeders" if isinstance(a, DropHolders)
+                        else "holders again" + (" (stalled)" if a.stalled else ""),
+                    )  # fmt: skip
+                    dropped = isinstance(a, DropHolders)
+                    await self.swarm.rejoin(ih, banned=drv.holders if dropped else ())
+                    self.swarm.announce(ih)
+                    connect_known()
+                    self.swarm.resume(ih)
+                    todo += drv.handle(Rejoined(), time.monotonic())
                 elif isinstance(a, SwarmFailed):
                     hint = (
                         "retry later, or add another --mirror"

@@ -20,6 +20,11 @@ complete one, so the order is
 
 with one twist: during the start-up grace period, "peers may announce it" ranks above
 the mirror, since peers are still connecting and sending their bitfields.
+Holders known but not connected count as holders too: the blob's complete holders a
+downloader leaves to its feeders (`HoldersAway`, `peer.scheduling.feeders`) while the
+blob makes progress, and the holders of a piece that just vanished (a seeder pausing
+its torrent to reconnect its peers) for ``stall_timeout``; a piece goes to the mirror
+only once they stalled, not after the grace period.
 Peers holding a piece drop out of the ranking when they stalled (no progress for
 ``stall_timeout``) or after repeated hash failures on that piece; the mirror drops
 out while the piece waits for its retry backoff.
@@ -103,6 +108,8 @@ class PieceView:
     peers_untrusted: bool  # peers sent bad data for this piece too often
     in_grace: bool  # the download is younger than the grace period
     mirror_usable: bool  # mirror configured, not waiting for a retry, not exhausted
+    # holders known but not connected: away by choice (`HoldersAway`), or just vanished
+    away_holders: int = 0
 
 
 def rank_sources(view: PieceView) -> tuple[Source, ...]:
@@ -110,7 +117,7 @@ def rank_sources(view: PieceView) -> tuple[Source, ...]:
     peers (`Source.AWAIT_PEERS`) is always possible and always listed."""
     ranked: list[Source] = []
     if not (view.peers_stalled or view.peers_untrusted):
-        if view.complete_holders > 0:
+        if view.complete_holders > 0 or view.away_holders > 0:
             ranked.append(Source.COMPLETE_PEER)
         if view.partial_holders > 0:
             ranked.append(Source.PARTIAL_PEER)
@@ -188,6 +195,16 @@ class Availability:
 
 
 @dataclass(frozen=True)
+class HoldersAway:
+    """``count`` complete holders of the blob are known (the survey) but left
+    unconnected on purpose (this downloader is not one of its feeders; 0: they are
+    connected again). While the blob makes progress from peers, a piece no connected
+    peer has counts as held by them: the feeders are taking it."""
+
+    count: int
+
+
+@dataclass(frozen=True)
 class MirrorPieceFailed:
     """A mirror fetch of the piece failed (HTTP error, short body, timeout...)."""
 
@@ -208,6 +225,7 @@ Event = (
     | PeerHave
     | PeerGone
     | Availability
+    | HoldersAway
     | MirrorPieceFailed
     | Tick
 )
@@ -299,6 +317,13 @@ class DownloadPolicy:
         self._last_progress: dict[int, float] = {}
         self._last_peer_activity = now
         self._peer_hash_failures: dict[int, int] = {}
+        # Holders known but not connected (`HoldersAway`), since when; pieces whose
+        # last holder vanished, when; and when the holders were connected again (a new
+        # grace period for their handshakes).
+        self._away = 0
+        self._away_since = now
+        self._lost_at: dict[int, float] = {}
+        self._back_at = now
         # Mirror.
         self._inflight: dict[int, float] = {}
         self._mirror_failures: dict[int, int] = {}
@@ -381,7 +406,7 @@ class DownloadPolicy:
                 if peer not in self._banned:
                     self._set_peer(peer, self._peers.get(peer, frozenset()) | {piece}, now)
             case PeerGone(peer=peer, banned=banned):
-                self._drop_peer(peer, now)
+                self._drop_peer(peer, now, lost=not banned)
                 if banned:
                     self._banned.add(peer)
             case Availability(counts=counts, progressed=progressed):
@@ -393,6 +418,14 @@ class DownloadPolicy:
                     before = self._holders(p)
                     self._anon[p] = max(0, int(c))
                     self._availability_changed(p, before, now)
+            case HoldersAway(count=count):
+                count = max(0, int(count))
+                if count and not self._away:
+                    self._away_since = now
+                elif self._away and not count:
+                    self._back_at = now
+                self._away = count
+                self._dirty = True
             case MirrorPieceFailed(piece=piece, reason=reason):
                 self._check_piece(piece)
                 if piece in self._inflight:
@@ -425,6 +458,7 @@ class DownloadPolicy:
             return
         self._done.add(piece)
         self._last_progress.pop(piece, None)
+        self._lost_at.pop(piece, None)
         if origin is Origin.PEER:
             self._last_peer_activity = now
         if piece in self._inflight:
@@ -449,7 +483,7 @@ class DownloadPolicy:
         self._dirty = True
         if peer is not None and peer not in self._banned:
             self._banned.add(peer)
-            self._drop_peer(peer, now)
+            self._drop_peer(peer, now, lost=False)
             out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
 
     def _mirror_failed(self, piece: int, reason: str, now: float, out: list[Decision]) -> None:
@@ -487,12 +521,17 @@ class DownloadPolicy:
         # larger one is the better estimate, their sum would double count.
         return max(self._named[piece], self._anon[piece])
 
-    def _availability_changed(self, piece: int, before: int, now: float) -> None:
+    def _availability_changed(
+        self, piece: int, before: int, now: float, *, lost: bool = True
+    ) -> None:
         after = self._holders(piece)
         if before == 0 and after > 0:
             self._available_since[piece] = now
+            self._lost_at.pop(piece, None)
         elif before > 0 and after == 0:
             self._available_since.pop(piece, None)
+            if lost and piece not in self._done:
+                self._lost_at[piece] = now  # held for stall_timeout more
             self._dirty = True  # the piece may have just become a mirror candidate
 
     def _set_peer(self, peer: str, pieces: frozenset[int], now: float) -> None:
@@ -511,7 +550,9 @@ class DownloadPolicy:
         if len(pieces) == self.num_pieces:
             self._complete_peers += 1
 
-    def _drop_peer(self, peer: str, now: float) -> None:
+    def _drop_peer(self, peer: str, now: float, *, lost: bool = True) -> None:
+        """``lost``: the peer may come back (not banned), so its pieces count as held
+        for ``stall_timeout``."""
         old = self._peers.pop(peer, None)
         if old is None:
             return
@@ -520,7 +561,7 @@ class DownloadPolicy:
         for p in old:
             before = self._holders(p)
             self._named[p] -= 1
-            self._availability_changed(p, before, now)
+            self._availability_changed(p, before, now, lost=lost)
         self._dirty = True
 
     # -- evaluation --
@@ -531,8 +572,17 @@ class DownloadPolicy:
         cfg = self.config
         holders = self._holders(piece)
         complete = min(self._complete_peers, holders)
-        grace_end = self.start + cfg.grace_period
-        if piece in self._last_progress:
+        grace_end = max(self.start, self._back_at) + cfg.grace_period
+        away = 0
+        if holders == 0 and self._away:
+            # the feeders take it from the holders we leave to them, while the blob
+            # makes progress
+            away = self._away
+            alive = max(self._away_since, self._last_peer_activity)
+        elif holders == 0 and piece in self._lost_at:
+            away = 1  # its holder vanished: it may come back (a seeder's reconnect)
+            alive = max(self._lost_at[piece], self._last_progress.get(piece, -math.inf))
+        elif piece in self._last_progress:
             alive = self._last_progress[piece]
         else:
             since = self._available_since.get(piece, self.start)
@@ -544,14 +594,15 @@ class DownloadPolicy:
         view = PieceView(
             complete_holders=complete,
             partial_holders=holders - complete,
-            peers_stalled=holders > 0 and now >= stall_at,
+            peers_stalled=holders + away > 0 and now >= stall_at,
             peers_untrusted=untrusted,
             in_grace=now < grace_end,
             mirror_usable=cfg.mirror_enabled and not exhausted and now >= retry_at,
+            away_holders=away,
         )
         if not cfg.mirror_enabled:
             mirror_at = math.inf
-        elif holders > 0 and not untrusted:
+        elif holders + away > 0 and not untrusted:
             mirror_at = max(stall_at, retry_at)
         else:
             mirror_at = max(grace_end, retry_at)
@@ -579,7 +630,7 @@ class DownloadPolicy:
                 continue
             view, mirror_at = self._view(piece, now)
             if rank_sources(view)[0] is Source.MIRROR:
-                has_holders = view.complete_holders + view.partial_holders > 0
+                has_holders = view.complete_holders + view.partial_holders + view.away_holders > 0
                 (stalled if has_holders else nobody_has).append(piece)
                 if len(nobody_has) >= free:
                     break  # the best class alone fills the free slots
@@ -603,7 +654,7 @@ class DownloadPolicy:
             for p in range(self.num_pieces)
             if p not in self._done
             and (
-                self._holders(p) == 0
+                (self._holders(p) == 0 and not self._away)
                 or self._peer_hash_failures.get(p, 0) >= cfg.peer_hash_failures_max
             )
         ]

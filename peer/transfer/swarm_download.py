@@ -29,6 +29,14 @@ The phases of one download:
    ban; it is sampled (availability, per-piece progress) when its `next_wakeup` comes,
    when an event says something changed, and at least every ``heartbeat`` s.
 
+Feeders (`peer.scheduling.feeders`, when given a `FeederChoice` and holders): the
+blob's downloaders learned at each re-survey (`Members`) decide whether this one takes
+the blob from its complete holders; one that is not a feeder drops them
+(`DropHolders`: the caller adds the torrent again without them and says `Rejoined`),
+and the policy counts them as holders while the blob makes progress (`HoldersAway`),
+so that no piece goes to the mirror for want of a connected holder. A stall brings
+them back (`ConnectHolders`).
+
 A download without a mirror (a ``local/*`` repo) runs the policy with
 ``mirror_enabled=False``: a stalled piece waits for peers, and a piece no peer has fails
 the download with the policy's reason once peers had their time.
@@ -41,6 +49,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from peer.scheduling import policy as pol
+from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice
 from peer.transfer import events as ev
 
 CHECKING_STATES = frozenset({"checking_files", "checking_resume_data", "queued_for_checking"})
@@ -140,7 +149,29 @@ class ReadersChanged:
     readers: Readers
 
 
-Input = ev.SwarmEvent | SwarmSample | MirrorPieceFed | MirrorPieceError | Wake | ReadersChanged
+@dataclass(frozen=True)
+class Members:
+    """The agents a re-survey found downloading this blob (agent ids; not complete)."""
+
+    agents: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rejoined:
+    """The torrent was added again (a `DropHolders` or `ConnectHolders` carried out):
+    its piece priorities, deadlines and blocks in flight are gone."""
+
+
+Input = (
+    ev.SwarmEvent
+    | SwarmSample
+    | MirrorPieceFed
+    | MirrorPieceError
+    | Wake
+    | ReadersChanged
+    | Members
+    | Rejoined
+)
 
 # --- actions -------------------------------------------------------------------------------
 
@@ -222,6 +253,8 @@ Action = (
     | PreferPieces
     | SetPieceDeadline
     | InOrder
+    | DropHolders
+    | ConnectHolders
     | Finished
     | Failed
 )
@@ -277,6 +310,7 @@ class SwarmDownload:
         holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
         follow_prefix: bool = False,
+        feeders: FeederChoice | None = None,
     ) -> None:
         if piece_size < 1 or not (num_pieces - 1) * piece_size < size <= num_pieces * piece_size:
             raise ValueError(f"{num_pieces} pieces of {piece_size} bytes do not make {size}")
@@ -287,6 +321,8 @@ class SwarmDownload:
         self.holders = holders
         self.streaming = streaming
         self.follow_prefix = follow_prefix
+        # whether to take the blob from its holders (only if there are some)
+        self.feeders = feeders if holders else None
         self.progress = SwarmProgress()
         self.phase = Phase.CHECKING
         self.policy: pol.DownloadPolicy | None = None
@@ -332,6 +368,8 @@ class SwarmDownload:
                     times.append(wake)
         if self._stream_at is not None:
             times.append(self._stream_at)
+        if self.feeders is not None and (wake := self.feeders.next_wakeup()) is not None:
+            times.append(wake)
         soonest = min(times, default=math.inf)
         return None if math.isinf(soonest) else soonest
 
@@ -355,6 +393,12 @@ class SwarmDownload:
                     self.progress.from_mirror += nbytes
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
+            case Members(agents=agents):
+                if self.feeders is not None and self.phase is not Phase.CHECKING:
+                    had = self.progress.done / self.size
+                    self._feeder_action(self.feeders.learn(agents, had, now), now, out)
+            case Rejoined():
+                self._on_rejoined(now, out)
             case ev.SwarmEvent():
                 self._on_event(item, now, out)
             case _:
@@ -362,6 +406,10 @@ class SwarmDownload:
         return tuple(out)
 
     def _on_wake(self, readers: Readers | None, now: float, out: list[Action]) -> None:
+        if self.feeders is not None and self.phase is not Phase.CHECKING:
+            # before the sample below: the policy hears that the holders come back
+            # before it looks at pieces nobody connected has
+            self._feeder_action(self.feeders.tick(now), now, out)
         if self.phase is Phase.CHECKING and now >= self._deadline:
             self._start_swarming(now, out)  # the check took too long: go on anyway
         elif self.phase is Phase.SETTLING and now >= self._deadline:
@@ -382,6 +430,8 @@ class SwarmDownload:
 
     def _on_event(self, e: ev.SwarmEvent, now: float, out: list[Action]) -> None:
         if isinstance(e, ev.PieceFinished):
+            if self.feeders is not None and not e.fed_by_us:
+                self.feeders.progress(now)
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
@@ -454,7 +504,7 @@ class SwarmDownload:
 
     def _settled(self, s: SwarmSample) -> bool:
         connected = {(p.endpoint.host, p.endpoint.port) for p in s.peers}
-        if not self.holders:
+        if not self.holders or (self.feeders is not None and not self.feeders.feeding):
             return bool(connected)
         # A holder listed is not yet one whose bitfield arrived (libtorrent lists a
         # peer it is still connecting to): until then every piece looks like one nobody
@@ -562,6 +612,8 @@ class SwarmDownload:
             if blocks > self._received.get(piece, 0):
                 self._received[piece] = blocks
                 progressed.add(piece)
+        if progressed and self.feeders is not None:
+            self.feeders.progress(now)
         if len(s.availability) == self.num_pieces:
             # One event: the policy must not decide on fresh progress and stale holders.
             self._to_policy(pol.Availability(s.availability, frozenset(progressed)), now, out)
@@ -569,6 +621,27 @@ class SwarmDownload:
         for piece in sorted(progressed):
             self._to_policy(pol.PieceProgress(piece), now, out)
         self._to_policy(pol.Tick(), now, out)
+
+    def _feeder_action(
+        self, action: DropHolders | ConnectHolders | None, now: float, out: list[Action]
+    ) -> None:
+        if action is None:
+            return
+        away = len(self.holders) if isinstance(action, DropHolders) else 0
+        self._to_policy(pol.HoldersAway(away), now, out)
+        out.append(action)
+
+    def _on_rejoined(self, now: float, out: list[Action]) -> None:
+        """The torrent is new to libtorrent: what it was told is told again."""
+        self._received.clear()
+        self._asked.clear()
+        self._reconcile = True
+        self._look_now(now)
+        if self._in_order:
+            out.append(InOrder(True))
+        else:
+            self._preferred = 0
+            self._follow(now, out)
 
     def _to_policy(self, event: pol.Event, now: float, out: list[Action]) -> None:
         if self.policy is None:

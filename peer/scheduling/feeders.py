@@ -1,0 +1,132 @@
+"""Feeders: which downloaders of a blob take it from its complete holders.
+
+When several agents download one blob from one seeder at once, the seeder's port is
+what bounds them, and libtorrent lets each downloader ask the seeder for whatever it
+lacks: the seeder sent 1.6 copies of the repo to 8 hosts, and 1 -> 8 took 1.5-1.6x the
+1 -> 1 time even for bare libtorrent (docs/benchmarks.md 8.22). With feeders, only F of
+a blob's downloaders take it from the complete holders; the others take it from the
+downloaders alone, so the seeder sends each piece about once (bare: 1.25x).
+
+Each downloader decides for itself, with no message: the blob's members are the agents
+it knows to be downloading the blob (its re-surveys: offers that are not complete) and
+itself, ranked by sha256(agent id + blob id), so that every blob gets its own feeders;
+the first F feed. Nobody is known at the start, so everyone starts as a feeder (a lone
+downloader, the 1 -> 1 case, stays one); one that learns it is not a feeder drops the
+complete holders (`DropHolders`), once, unless it already has most of the blob. The
+choice sticks: a non-feeder connects the holders again (`ConnectHolders`) when it
+becomes a feeder (members change) or when the blob had no progress from peers for
+``stall_timeout`` (its feeders are gone or stuck), and then keeps them.
+
+Pure: no sockets, no clock. The driver (`peer.transfer.swarm_download`) feeds members,
+progress and ``now``, carries out the actions, and wakes it at `next_wakeup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Only constants: the agent's defaults are defined once, next to AgentConfig.
+from peer.config import FEEDERS, STALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class FeederConfig:
+    # Downloaders of a blob that take it from its complete holders; 0: every one does.
+    feeders: int = FEEDERS
+    # A non-feeder with no progress from peers this long connects the holders again.
+    stall_timeout: float = STALL_TIMEOUT
+    # Past this share of the blob had, a downloader keeps its holders: dropping them
+    # (the torrent is removed and added again) would save little of the seeder's port.
+    drop_before: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.feeders < 0:
+            raise ValueError("feeders must be >= 0")
+        if self.stall_timeout < 0 or not 0 <= self.drop_before <= 1:
+            raise ValueError("stall_timeout must be >= 0 and drop_before in 0-1")
+
+
+@dataclass(frozen=True)
+class DropHolders:
+    """Take the blob from the other downloaders only: leave its complete holders."""
+
+
+@dataclass(frozen=True)
+class ConnectHolders:
+    """Connect the complete holders again: this downloader became a feeder, or
+    (``stalled``) the blob had no progress from peers for ``stall_timeout``."""
+
+    stalled: bool
+
+
+FeederAction = DropHolders | ConnectHolders
+
+
+def feeder_rank(agent_id: str, blob_id: str) -> bytes:
+    """The order in which a blob's downloaders become its feeders (lowest first)."""
+    return hashlib.sha256(f"{agent_id}{blob_id}".encode()).digest()
+
+
+def feeders_of(members: Iterable[str], blob_id: str, count: int) -> frozenset[str]:
+    """The ``count`` feeders among ``members`` (agent ids) of ``blob_id``."""
+    ranked = sorted(set(members), key=lambda a: feeder_rank(a, blob_id))
+    return frozenset(ranked[:count])
+
+
+class FeederChoice:
+    """Whether this downloader (``self_id``) takes blob ``blob_id`` from the complete
+    holders. ``feeding``: the holders are connected (at the start: yes)."""
+
+    def __init__(
+        self, self_id: str, blob_id: str, now: float, config: FeederConfig | None = None
+    ) -> None:
+        self.config = config or FeederConfig()
+        self.self_id = self_id
+        self.blob_id = blob_id
+        self.feeding = True
+        self.fallback = False  # the holders came back for a stall: kept to the end
+        self.members: frozenset[str] = frozenset({self_id})
+        self._activity = now  # the last progress from peers (or when we dropped)
+
+    @property
+    def is_feeder(self) -> bool:
+        """One of the blob's feeders among the members known now (with feeders off,
+        everyone is)."""
+        n = self.config.feeders
+        return n == 0 or self.self_id in feeders_of(self.members, self.blob_id, n)
+
+    def next_wakeup(self) -> float | None:
+        """When a non-feeder would give up on the downloaders (None: it feeds)."""
+        if self.feeding:
+            return None
+        return self._activity + self.config.stall_timeout
+
+    def progress(self, now: float) -> None:
+        """Blocks or pieces came from peers."""
+        self._activity = max(self._activity, now)
+
+    def learn(self, members: Iterable[str], had: float, now: float) -> FeederAction | None:
+        """The agents known now to be downloading this blob (a re-survey), and the
+        share of the blob already had (0-1)."""
+        self.members = frozenset(members) | {self.self_id}
+        if self.feeding:
+            if self.fallback or self.is_feeder or had >= self.config.drop_before:
+                return None
+            self.feeding = False
+            self._activity = now  # the downloaders get their stall_timeout from here
+            return DropHolders()
+        if self.is_feeder:
+            self.feeding = True
+            return ConnectHolders(stalled=False)
+        return None
+
+    def tick(self, now: float) -> FeederAction | None:
+        """Time passed: a non-feeder whose blob stalled connects the holders again."""
+        wake = self.next_wakeup()
+        if wake is None or now < wake:
+            return None
+        self.feeding = True
+        self.fallback = True
+        return ConnectHolders(stalled=True)

@@ -1,0 +1,265 @@
+"""Feeders (peer.scheduling.feeders) and their place in the swarm driver, on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.scheduling import policy as pol
+from peer.scheduling.feeders import (
+    ConnectHolders,
+    DropHolders,
+    FeederChoice,
+    FeederConfig,
+    feeder_rank,
+    feeders_of,
+)
+from peer.transfer import events as ev
+from peer.transfer.swarm_download import (
+    FeedMirrorPiece,
+    InOrder,
+    Members,
+    PeerSample,
+    PreferPieces,
+    Rejoined,
+    StartSwarming,
+    SwarmDownload,
+    SwarmDownloadConfig,
+    SwarmSample,
+    TakeSample,
+    Wake,
+)
+
+T0 = 1000.0
+BLOB = "b" * 64
+AGENTS = [f"agent-{k}" for k in range(8)]
+
+
+def ranked() -> list[str]:
+    return sorted(AGENTS, key=lambda a: feeder_rank(a, BLOB))
+
+
+def test_the_feeders_are_the_lowest_ranks_and_differ_from_blob_to_blob() -> None:
+    assert feeders_of(AGENTS, BLOB, 2) == frozenset(ranked()[:2])
+    assert feeders_of(AGENTS, BLOB, 0) == frozenset()
+    others = {feeders_of(AGENTS, f"{k:064x}", 2) for k in range(8)}
+    assert len(others) > 1  # each blob its own feeders
+
+
+def test_a_lone_downloader_feeds_and_never_drops() -> None:
+    c = FeederChoice("me", BLOB, T0)
+    assert c.feeding and c.is_feeder
+    assert c.learn(set(), 0.0, T0 + 1) is None
+    assert c.next_wakeup() is None
+    assert c.tick(T0 + 99) is None
+
+
+def test_a_non_feeder_drops_its_holders_once_and_comes_back_on_a_stall() -> None:
+    me = ranked()[5]
+    c = FeederChoice(me, BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0))
+    assert c.learn(AGENTS, 0.1, T0 + 0.5) == DropHolders()
+    assert not c.feeding
+    assert c.learn(AGENTS, 0.2, T0 + 2.5) is None  # once
+    assert c.next_wakeup() == T0 + 5.5
+    c.progress(T0 + 3.0)  # the other downloaders deliver
+    assert c.tick(T0 + 5.5) is None
+    assert c.next_wakeup() == T0 + 8.0
+    assert c.tick(T0 + 8.0) == ConnectHolders(stalled=True)
+    assert c.feeding and c.fallback
+    # kept for the rest of the download, whatever the members
+    assert c.learn(AGENTS, 0.3, T0 + 9) is None
+    assert c.next_wakeup() is None
+
+
+def test_a_feeder_keeps_its_holders_and_a_non_feeder_that_becomes_one_takes_them_back() -> None:
+    r = ranked()
+    feeder = FeederChoice(r[0], BLOB, T0)
+    assert feeder.learn(AGENTS, 0.0, T0 + 0.5) is None and feeder.feeding
+    third = FeederChoice(r[2], BLOB, T0)
+    assert third.learn(AGENTS, 0.0, T0 + 0.5) == DropHolders()
+    # one feeder gone (no longer fetching, and not complete either): the third feeds
+    assert third.learn(set(AGENTS) - {r[0]}, 0.3, T0 + 2.5) == ConnectHolders(stalled=False)
+    assert third.feeding and not third.fallback
+
+
+def test_nothing_is_dropped_past_half_the_blob_or_with_feeders_off() -> None:
+    me = ranked()[5]
+    assert FeederChoice(me, BLOB, T0).learn(AGENTS, 0.5, T0 + 1) is None
+    off = FeederChoice(me, BLOB, T0, FeederConfig(feeders=0))
+    assert off.is_feeder and off.learn(AGENTS, 0.0, T0 + 1) is None
+    with pytest.raises(ValueError):
+        FeederConfig(feeders=-1)
+
+
+# --- the policy: holders away by choice, and holders that vanished ---------------------------
+
+
+def test_pieces_no_connected_peer_has_wait_for_the_feeders_while_the_blob_progresses() -> None:
+    cfg = pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_parallel=4)
+    p = pol.DownloadPolicy(8, T0, cfg)
+    p.handle(pol.HoldersAway(1), T0 + 0.5)
+    # The other downloaders have pieces 0-3; 4-7 only the holders we left.
+    counts = (1, 1, 1, 1, 0, 0, 0, 0)
+    assert p.handle(pol.Availability(counts), T0 + 3.0) == ()  # past the grace
+    for t in (4.0, 6.0, 8.0, 12.9):
+        progressed = frozenset({0, 1, 2, 3}) if t < 12 else frozenset()
+        out = p.handle(pol.Availability(counts, progressed), T0 + t)
+        assert out == (), t  # progress: the feeders are taking them
+    out = p.handle(pol.Availability(counts), T0 + 13.0)  # 5 s without progress
+    assert len(out) == 1 and isinstance(out[0], pol.FetchFromMirror)
+    assert len(out[0].pieces) == 4 and out[0].stalled == 4  # as stalled, not "nobody"
+
+
+def test_without_holders_away_the_same_pieces_go_to_the_mirror_after_the_grace() -> None:
+    """What the feeders change: the same run with nobody away mirrors pieces 4-7."""
+    cfg = pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_parallel=4)
+    p = pol.DownloadPolicy(8, T0, cfg)
+    out = p.handle(pol.Availability((1, 1, 1, 1, 0, 0, 0, 0)), T0 + 3.0)
+    assert out and sorted(out[0].pieces) == [4, 5, 6, 7]  # type: ignore[attr-defined]
+
+
+def test_holders_connected_again_get_a_grace_period_for_their_handshake() -> None:
+    cfg = pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_parallel=4)
+    p = pol.DownloadPolicy(4, T0, cfg)
+    p.handle(pol.HoldersAway(1), T0 + 0.5)
+    assert p.handle(pol.HoldersAway(0), T0 + 6.0) == ()
+    assert p.handle(pol.Availability((0, 0, 0, 0)), T0 + 7.9) == ()
+    out = p.handle(pol.Availability((0, 0, 0, 0)), T0 + 8.0)
+    assert out and sorted(out[0].pieces) == [0, 1, 2, 3]  # type: ignore[attr-defined]
+
+
+def test_a_holder_that_vanished_counts_for_stall_timeout_not_the_grace() -> None:
+    """A seeder that pauses its torrent to reconnect its peers (`RequestBound`) is gone
+    for a moment: its pieces are not sent to the mirror for that."""
+    cfg = pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_parallel=4)
+    p = pol.DownloadPolicy(4, T0, cfg)
+    p.handle(pol.Availability((1, 1, 1, 1)), T0 + 1.0)
+    assert p.handle(pol.Availability((0, 0, 0, 0), frozenset({0})), T0 + 3.0) == ()
+    assert p.handle(pol.Availability((0, 0, 0, 0)), T0 + 7.9) == ()
+    # back in time: nothing was mirrored
+    assert p.handle(pol.Availability((1, 1, 1, 1), frozenset({1})), T0 + 4.0 + 3.5) == ()
+    # gone for good: after stall_timeout
+    p2 = pol.DownloadPolicy(4, T0, cfg)
+    p2.handle(pol.Availability((1, 1, 1, 1), frozenset({0, 1, 2, 3})), T0 + 1.0)
+    p2.handle(pol.Availability((0, 0, 0, 0)), T0 + 3.0)
+    assert p2.handle(pol.Availability((0, 0, 0, 0)), T0 + 7.9) == ()
+    out = p2.handle(pol.Availability((0, 0, 0, 0)), T0 + 8.0)  # 5 s after it left
+    assert out and sorted(out[0].pieces) == [0, 1, 2, 3]  # type: ignore[attr-defined]
+
+
+# --- in the driver ---------------------------------------------------------------------------
+
+PIECE = 1 << 20
+HOLDER = ("10.0.0.1", 7852)
+PEER = ("10.0.0.2", 7852)
+
+
+def sample(
+    have: tuple[bool, ...], avail: tuple[int, ...], peers: tuple[tuple[str, int], ...]
+) -> SwarmSample:
+    return SwarmSample(
+        state="downloading",
+        is_finished=all(have),
+        have=have,
+        availability=avail,
+        partial=(),
+        peers=tuple(PeerSample(ev.Endpoint(h, p), 0) for h, p in peers),
+    )
+
+
+def driver(me: str, n: int = 8) -> SwarmDownload:
+    return SwarmDownload(
+        n * PIECE,
+        PIECE,
+        n,
+        T0,
+        SwarmDownloadConfig(policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0)),
+        holders=frozenset({HOLDER}),
+        follow_prefix=True,
+        feeders=FeederChoice(me, BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0)),
+    )
+
+
+def running(d: SwarmDownload, n: int = 8) -> None:
+    none = (False,) * n
+    assert TakeSample() in d.handle(Wake(), T0)
+    assert StartSwarming() in d.handle(sample(none, (0,) * n, ()), T0 + 0.05)
+    d.handle(Wake(), T0 + 0.3)
+    d.handle(sample(none, (1,) * n, (HOLDER,)), T0 + 0.3)  # settled: the policy runs
+
+
+def test_a_non_feeder_drops_its_holders_and_sends_nothing_to_the_mirror_meanwhile() -> None:
+    d = driver(ranked()[6], 16)
+    running(d, 16)
+    out = d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    assert DropHolders() in out
+    out = d.handle(Rejoined(), T0 + 0.6)
+    assert any(isinstance(a, PreferPieces) for a in out)  # its priorities told again
+    # Only the other downloaders now, with half of the pieces; a piece a second comes.
+    avail = (1,) * 8 + (0,) * 8
+    mirrored: list[int] = []
+    for t in range(1, 9):
+        acts = [*d.handle(Wake(), T0 + t)]
+        have = tuple(i < t - 1 for i in range(16))
+        acts += d.handle(sample(have, avail, (PEER,)), T0 + t)
+        acts += d.handle(ev.PieceFinished(BLOB_IH, t - 1, False), T0 + t)
+        mirrored += [a.piece for a in acts if isinstance(a, FeedMirrorPiece)]
+    assert mirrored == []  # 8 s, 6 past the grace: pieces 8-15 wait for the feeders
+    assert d.feeders is not None and not d.feeders.feeding
+
+
+def test_a_non_feeder_whose_downloaders_stall_takes_the_holders_back_not_the_mirror() -> None:
+    d = driver(ranked()[6])
+    running(d)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    d.handle(Rejoined(), T0 + 0.6)
+    have = (False,) * 8
+    got: list[object] = []
+    t = 1.0
+    while t <= 7.0:
+        got += d.handle(Wake(), T0 + t)
+        got += d.handle(sample(have, (0,) * 8, (PEER,)), T0 + t)
+        if ConnectHolders(stalled=True) in got:
+            break
+        t += 0.5
+    assert ConnectHolders(stalled=True) in got
+    assert t == 5.5  # dropped at 0.5, nothing from the downloaders since
+    assert not any(isinstance(a, FeedMirrorPiece) for a in got)
+    # Back with the holders: a grace for their handshake, then the usual policy.
+    d.handle(Rejoined(), T0 + t)
+    acts = d.handle(Wake(), T0 + t + 1.9)
+    acts += d.handle(sample(have, (0,) * 8, ()), T0 + t + 1.9)
+    assert not any(isinstance(a, FeedMirrorPiece) for a in acts)
+    acts = d.handle(Wake(), T0 + t + 2.0)
+    acts += d.handle(sample(have, (0,) * 8, ()), T0 + t + 2.0)
+    assert any(isinstance(a, FeedMirrorPiece) for a in acts)
+
+
+def test_a_feeder_and_a_lone_downloader_are_untouched() -> None:
+    d = driver(ranked()[0])
+    running(d)
+    assert d.handle(Members(frozenset(AGENTS)), T0 + 0.5) == ()
+    alone = driver("me")
+    running(alone)
+    assert alone.handle(Members(frozenset()), T0 + 0.5) == ()
+    # no holders (a swarm of downloaders only): nothing to drop
+    d = SwarmDownload(
+        4 * PIECE, PIECE, 4, T0, feeders=FeederChoice(ranked()[6], BLOB, T0), follow_prefix=True
+    )
+    assert d.feeders is None
+
+
+def test_in_order_is_told_again_after_a_rejoin() -> None:
+    d = SwarmDownload(
+        4 * PIECE,
+        PIECE,
+        4,
+        T0,
+        holders=frozenset({HOLDER}),
+        streaming=True,
+        feeders=FeederChoice(ranked()[6], BLOB, T0),
+    )
+    d._in_order = True  # a reader streams (set by `ReadersChanged`)
+    assert InOrder(True) in d.handle(Rejoined(), T0 + 1)
+
+
+BLOB_IH = "c" * 64
