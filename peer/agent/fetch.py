@@ -930,6 +930,8 @@ class BlobFetcher:
                     continue
                 found = [o for o in found if o.manifest.info_hash == ih]
                 fetching = frozenset(o.peer.agent_id for o in found if not o.complete)
+                if feeders is not None and fetching != feeders.members - {feeders.self_id}:
+                    log.debug("%s: %d others download it", file.path, len(fetching))
                 inbox.put_nowait(Members(fetching))
                 for o in found:
                     key = (o.peer.host, o.peer.bt_port)
