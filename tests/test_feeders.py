@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from peer.scheduling import policy as pol
@@ -263,3 +265,20 @@ def test_in_order_is_told_again_after_a_rejoin() -> None:
 
 
 BLOB_IH = "c" * 64
+
+
+def test_the_feeders_of_a_repos_blobs_are_dealt_evenly_and_alike_by_every_agent() -> None:
+    """8 agents, 4 shards, 2 feeders a shard: each agent feeds exactly one, and every
+    agent works out the same feeders for each shard (its own siblings list, same ids).
+    Ranked per blob alone, some agents fed two or three shards."""
+    shards = [hashlib.sha256(f"shard {k}".encode()).hexdigest() for k in range(4)]
+    dealt = {b: feeders_of(AGENTS, b, 2, shards) for b in shards}
+    duties = {a: sum(a in f for f in dealt.values()) for a in AGENTS}
+    assert set(duties.values()) == {1}, duties
+    for me in AGENTS:
+        for b in shards:
+            c = FeederChoice(me, b, T0, siblings=shards)
+            c.learn(AGENTS, 0.0, T0 + 0.5)
+            assert c.is_feeder == (me in dealt[b])
+    alone = {b: feeders_of(AGENTS, b, 2) for b in shards}
+    assert max(sum(a in f for f in alone.values()) for a in AGENTS) >= 2

@@ -879,6 +879,8 @@ class BlobFetcher:
                 file.blob_id,
                 time.monotonic(),
                 FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
+                # the snapshot's blobs that swarm too: the same for every agent
+                siblings=(f.blob_id for f in snapshot.files if f.size > meta.piece_size),
             )
         drv = SwarmDownload(
             file.size,
