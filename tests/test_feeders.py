@@ -83,6 +83,18 @@ def test_a_feeder_keeps_its_holders_and_a_non_feeder_that_becomes_one_takes_them
     assert third.feeding and not third.fallback
 
 
+def test_a_feeder_that_finished_stays_a_member_one_that_left_does_not() -> None:
+    r = ranked()
+    third = FeederChoice(r[2], BLOB, T0)
+    assert third.learn(AGENTS, 0.0, T0 + 0.5) == DropHolders()
+    # the first feeder finished: it offers the blob whole now, and still feeds
+    fetching = set(AGENTS) - {r[0]}
+    assert third.learn(fetching, 0.3, T0 + 2.5, present={r[0]}) is None
+    assert not third.feeding and r[0] in third.members
+    # then it is gone (offers nothing): the third is a feeder now
+    assert third.learn(fetching, 0.4, T0 + 4.5, present=()) == ConnectHolders(stalled=False)
+
+
 def test_nothing_is_dropped_past_half_the_blob_or_with_feeders_off() -> None:
     me = ranked()[5]
     assert FeederChoice(me, BLOB, T0).learn(AGENTS, 0.5, T0 + 1) is None

@@ -934,7 +934,8 @@ class BlobFetcher:
                 fetching = frozenset(o.peer.agent_id for o in found if not o.complete)
                 if feeders is not None and fetching != feeders.members - {feeders.self_id}:
                     log.debug("%s: %d others download it", file.path, len(fetching))
-                inbox.put_nowait(Members(fetching))
+                whole = frozenset(o.peer.agent_id for o in found if o.complete)
+                inbox.put_nowait(Members(fetching, whole))
                 for o in found:
                     key = (o.peer.host, o.peer.bt_port)
                     if key not in known:

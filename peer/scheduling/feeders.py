@@ -131,10 +131,20 @@ class FeederChoice:
         """Blocks or pieces came from peers."""
         self._activity = max(self._activity, now)
 
-    def learn(self, members: Iterable[str], had: float, now: float) -> FeederAction | None:
-        """The agents known now to be downloading this blob (a re-survey), and the
-        share of the blob already had (0-1)."""
-        self.members = frozenset(members) | {self.self_id}
+    def learn(
+        self,
+        members: Iterable[str],
+        had: float,
+        now: float,
+        present: Iterable[str] = (),
+    ) -> FeederAction | None:
+        """The agents known now to be downloading this blob (a re-survey), the share
+        of the blob already had (0-1), and the agents that offered it whole
+        (``present``): a member that finished stays one (or each feeder finishing
+        would make a non-feeder a feeder, and its rejoin drop every connection near
+        the end); one that offers nothing any more (gone) does not."""
+        kept = self.members & frozenset(present)
+        self.members = frozenset(members) | kept | {self.self_id}
         if self.feeding:
             if self.fallback or self.is_feeder or had >= self.config.drop_before:
                 return None

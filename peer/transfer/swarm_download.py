@@ -151,9 +151,11 @@ class ReadersChanged:
 
 @dataclass(frozen=True)
 class Members:
-    """The agents a re-survey found downloading this blob (agent ids; not complete)."""
+    """The agents a re-survey found downloading this blob (agent ids; not complete),
+    and those it found holding it whole."""
 
     agents: frozenset[str]
+    complete: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -393,10 +395,11 @@ class SwarmDownload:
                     self.progress.from_mirror += nbytes
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
-            case Members(agents=agents):
+            case Members(agents=agents, complete=complete):
                 if self.feeders is not None and self.phase is not Phase.CHECKING:
                     had = self.progress.done / self.size
-                    self._feeder_action(self.feeders.learn(agents, had, now), now, out)
+                    act = self.feeders.learn(agents, had, now, complete)
+                    self._feeder_action(act, now, out)
             case Rejoined():
                 self._on_rejoined(now, out)
             case ev.SwarmEvent():
