@@ -876,7 +876,8 @@ async def test_rejoin_leaves_the_banned_peers_out_of_one_torrent_and_keeps_its_p
         stream = other.subscribe(ih)
         before = await other.status(ih)
         had = sum(await other.have_pieces(ih))
-        await other.rejoin(ih, banned=[("127.0.0.1", seeder.listen_port)])
+        sent = await other.rejoin(ih, banned=[("127.0.0.1", seeder.listen_port)])
+        assert sent == before.uploaded_payload_bytes  # for the caller's removed tally
         assert (await other.status(ih)).paused
         assert sum(await other.have_pieces(ih)) >= had  # nothing fetched again
         other.connect_peer(ih, "127.0.0.1", seeder.listen_port)  # refused: banned here

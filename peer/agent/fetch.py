@@ -48,7 +48,13 @@ from peer.transfer.member_stream import MemberBusy, MemberStream
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
 from peer.transfer.mirror_ranges import MirrorFetcher
 from peer.transfer.rate import Throttle
-from peer.transfer.swarm import EventStream, SwarmError, SwarmSession, TorrentExists
+from peer.transfer.swarm import (
+    EventStream,
+    SwarmError,
+    SwarmSession,
+    TorrentExists,
+    UnknownTorrent,
+)
 from peer.transfer.swarm_download import (
     Action,
     BanHost,
@@ -941,7 +947,9 @@ class BlobFetcher:
                     if key not in known:
                         known.add(key)
                         log.debug("%s: new swarm member %s:%d", file.path, *key)
-                        self.swarm.connect_peer(ih, *key)
+                        # (a rejoin may be under way: it connects every known peer)
+                        with contextlib.suppress(UnknownTorrent):
+                            self.swarm.connect_peer(ih, *key)
 
         async def pump() -> None:
             first = True
@@ -1016,7 +1024,8 @@ class BlobFetcher:
                         else "holders again" + (" (stalled)" if a.stalled else ""),
                     )  # fmt: skip
                     dropped = isinstance(a, DropHolders)
-                    await self.swarm.rejoin(ih, banned=drv.holders if dropped else ())
+                    banned = drv.holders if dropped else frozenset()
+                    self.uploaded_by_removed += await self.swarm.rejoin(ih, banned=banned)
                     self.swarm.announce(ih)
                     connect_known()
                     self.swarm.resume(ih)

@@ -1347,14 +1347,17 @@ class SwarmSession:
                 hint="delete them by hand",
             )
 
-    async def rejoin(self, info_hash: str, *, banned: Iterable[tuple[str, int]] = ()) -> None:
+    async def rejoin(self, info_hash: str, *, banned: Iterable[tuple[str, int]] = ()) -> int:
         """Remove a torrent and add it again, paused, from its resume data, with the
         ``banned`` (host, port)s refused by this torrent alone (libtorrent matches them
         by address). libtorrent 2.1.1's binding has no per-peer disconnect and its bans
         are session-wide: this is how one torrent drops some peers (a downloader that
         is not one of a blob's feeders drops its complete holders, `peer.scheduling.
-        feeders`). Verified pieces stay, blocks in flight are lost; the byte counters go
-        on from where they were. The caller connects the peers it wants and `resume`s."""
+        feeders`). Verified pieces stay, blocks in flight are lost; the download counters
+        go on from where they were. Returns what the torrent had uploaded: its upload
+        counter starts again, as a removed torrent's would (the upload audit counts per
+        torrent and forgets a removed one). The caller connects the peers it wants and
+        `resume`s."""
         old = self._get(info_hash)
         st = await self.status(info_hash)
         data = await self.save_resume_data(info_hash)
@@ -1370,11 +1373,12 @@ class SwarmSession:
             atp, info_hash, old.meta, f"cannot add torrent {info_hash} again", announce=False
         )
         t = self._get(info_hash)
-        t.carried = (st.uploaded_payload_bytes, st.peer_payload_bytes, st.failed_bytes)
+        t.carried = (0, st.peer_payload_bytes, st.failed_bytes)
         t.fed_bytes, t.fed_failed_bytes = old.fed_bytes, old.fed_failed_bytes
         if self.settings.ssl is not None:
             ident = self.settings.ssl
             t.handle.set_ssl_certificate(ident.cert_path, ident.key_path, ident.dh_params_path)
+        return st.uploaded_payload_bytes
 
     def announce(self, info_hash: str) -> None:
         """Start announcing to the session's trackers (a torrent added without)."""
