@@ -22,6 +22,8 @@ from peer.transfer.swarm_download import (
     Members,
     PeerSample,
     PreferPieces,
+    Readers,
+    ReadersChanged,
     Rejoined,
     StartSwarming,
     SwarmDownload,
@@ -264,15 +266,17 @@ def test_a_feeder_and_a_lone_downloader_are_untouched() -> None:
 
 def test_in_order_is_told_again_after_a_rejoin() -> None:
     d = SwarmDownload(
-        4 * PIECE,
+        8 * PIECE,
         PIECE,
-        4,
+        8,
         T0,
         holders=frozenset({HOLDER}),
         streaming=True,
         feeders=FeederChoice(ranked()[6], BLOB, T0),
     )
-    d._in_order = True  # a reader streams (set by `ReadersChanged`)
+    running(d)
+    # a reader streams: pieces in order
+    assert InOrder(True) in d.handle(ReadersChanged(Readers(1, 0, 0, 1)), T0 + 0.4)
     assert InOrder(True) in d.handle(Rejoined(), T0 + 1)
 
 
