@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -49,12 +48,28 @@ from swarm_cpu import cpu_of
 from swarm_loopback import REPO, Agent, start_mirror
 
 CLIENT = """
-import sys, time
+import json, resource, sys, time
 from huggingface_hub import snapshot_download
 t0 = time.perf_counter()
 snapshot_download(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3], token=False)
-print(time.perf_counter() - t0)
+took = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"s": took, "user": ru.ru_utime, "sys": ru.ru_stime,
+                  "vcsw": ru.ru_nvcsw, "ivcsw": ru.ru_nivcsw, "minflt": ru.ru_minflt}))
 """
+# `--syscalls`: the client runs under `perf stat`, counting these (kernel tracepoints: a
+# count costs next to nothing, unlike strace, which would slow every call it counts).
+SYSCALLS = ("recvfrom", "poll", "write", "read", "openat")
+PERF_EVENTS = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+# `--profile`: the client under `perf record` (cpu-clock, PROFILE_HZ), and the CPU seconds
+# it spent in these functions (kernel ones named by what the client does in them).
+PROFILE_HZ = 1000
+PROFILED = {
+    "copy_folio_from_iter_atomic": "write: copy into its file's page cache",
+    "clear_page_erms": "zeroing new pages",
+    "_copy_to_iter": "recvfrom: copy out of the socket",
+    "__memmove_avx512_unaligned_erms": "memmove in user space (httpx joining reads)",
+}
 
 
 # The same call, timed inside the client (wall clock, to line up with the agent's debug
@@ -158,6 +173,22 @@ def timeline(
 
 PROCS = ("client", "agent", "seeder", "mirror")
 
+# `--beside KIND`: the mirror row again with one process beside the client that keeps a
+# core busy, each kind in another way, to tell which of what the swarm does beside the
+# client slows it: taking a core (cpu), copying memory that stays put (memcpy: 64 MiB
+# over and over), or writing new files into the page cache as libtorrent does (pagecache:
+# 1 GiB files of 1 MiB writes, each unlinked when written). Its CPU is the "agent" column.
+BURNERS = {
+    "cpu": "while True: pass",
+    "memcpy": "a = bytearray(64 << 20)\nb = bytearray(64 << 20)\nwhile True: b[:] = a",
+    "pagecache": (
+        "import os, sys\nblock = os.urandom(1 << 20)\nwhile True:\n"
+        "    with open(sys.argv[1], 'wb') as f:\n"
+        "        for _ in range(1024): f.write(block)\n"
+        "    os.unlink(sys.argv[1])"
+    ),
+}
+
 
 def cpu_col(rows: list[dict[str, float]], name: str) -> list[float]:
     return [r[name] for r in rows]
@@ -167,20 +198,64 @@ def _cpu_text(cpu: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
 
 
-def snapshot(endpoint: str, cache: Path) -> tuple[float, float]:
+def snapshot(
+    endpoint: str,
+    cache: Path,
+    syscalls: dict[str, float] | None = None,
+    profile: dict[str, float] | None = None,
+) -> tuple[float, float]:
     """Seconds spent in snapshot_download (a fresh client process and cache), and the
-    client process's CPU seconds (the only child reaped meanwhile)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client process's CPU seconds. `syscalls`: the client under `perf stat`, filled with
+    its system-call counts (`SYSCALLS`), its user and system CPU seconds and context
+    switches (voluntary: it waited for the socket; involuntary: another took the core).
+    `profile`: the client under `perf record` instead, filled with its CPU seconds in
+    each of `PROFILED` and in all ("sampled")."""
+    cmd = [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)]
+    stat = cache.parent / "perf-stat.csv"
+    data = cache.parent / "perf.data"
+    if profile is not None:
+        hz = str(PROFILE_HZ)
+        cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", hz, "-o", str(data), "--", *cmd]
+    elif syscalls is not None:
+        cmd = ["perf", "stat", "-x", ",", "-o", str(stat), "-e", PERF_EVENTS, "--", *cmd]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     shutil.rmtree(cache, ignore_errors=True)
-    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return float(out.stdout.strip().splitlines()[-1]), client
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if profile is not None:
+        report = subprocess.run(
+            [
+                "perf",
+                "report",
+                "-i",
+                str(data),
+                "--no-children",
+                "--sort",
+                "sym",
+                "-n",
+                "-q",
+                "-g",
+                "none",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        total = 0
+        for line in report.splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and fields[1].isdigit():
+                total += int(fields[1])
+                if fields[-1] in PROFILED:
+                    profile[fields[-1]] = int(fields[1]) / PROFILE_HZ
+        profile["sampled"] = total / PROFILE_HZ
+        data.unlink()
+    if syscalls is not None and profile is None:
+        for line in stat.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_"):
+                syscalls[fields[2].removeprefix("syscalls:sys_enter_")] = float(fields[0])
+        syscalls.update({k: got[k] for k in ("user", "sys", "vcsw", "ivcsw", "minflt")})
+    return float(got["s"]), got["user"] + got["sys"]
 
 
 def ttfb(endpoint: str, mirror: str) -> float:
@@ -209,6 +284,37 @@ def teardown(mirror: subprocess.Popen[str], seeder: Agent) -> None:
     shutil.rmtree(seeder.root, ignore_errors=True)
     mirror.send_signal(signal.SIGTERM)
     mirror.wait()
+
+
+def syscall_table(calls: dict[str, list[dict[str, float]]], size: int) -> None:
+    """The client's system calls and CPU per row (medians over the rounds)."""
+    print(
+        "\n| the client, median per call | recvfrom | KiB per recvfrom | poll | write | "
+        "read | user CPU s | system CPU s | voluntary / involuntary switches | minor faults |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row, got in calls.items():
+        if not got:
+            continue
+        med = {k: statistics.median(g[k] for g in got) for k in got[0]}
+        print(
+            f"| {row} | {med['recvfrom']:.0f} | {size / max(med['recvfrom'], 1) / 1024:.0f} | "
+            f"{med['poll']:.0f} | {med['write']:.0f} | {med['read']:.0f} | {med['user']:.2f} | "
+            f"{med['sys']:.2f} | {med['vcsw']:.0f} / {med['ivcsw']:.0f} | {med['minflt']:.0f} |"
+        )
+
+
+def profile_table(profiles: dict[str, list[dict[str, float]]]) -> None:
+    """Where the client's CPU went per row (medians over the rounds, `perf record`)."""
+    names = list(PROFILED)
+    head = " | ".join(f"{PROFILED[n]} (`{n}`)" for n in names)
+    print(f"\n| the client, CPU s, median per call | sampled | {head} |")
+    print("|---|---|" + "---|" * len(names))
+    for row, got in profiles.items():
+        if got:
+            med = {k: statistics.median(g.get(k, 0.0) for g in got) for k in ["sampled", *names]}
+            cols = " | ".join(f"{med[n]:.2f}" for n in names)
+            print(f"| {row} | {med['sampled']:.2f} | {cols} |")
 
 
 def main() -> None:
@@ -240,6 +346,26 @@ def main() -> None:
         action="store_true",
         help="after each agent's call, one more from it while it holds the blob",
     )
+    ap.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        choices=sorted(BURNERS),
+        help="repeatable: the mirror row again with this kind of load beside the client",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="the client under `perf record`: its CPU seconds in the kernel's page-cache "
+        "write, socket receive copy, page zeroing and user-space memmove, per row "
+        "(instead of --syscalls' counts)",
+    )
+    ap.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="the client under `perf stat`: its system calls, user/system CPU and "
+        "context switches per row",
+    )
     args = ap.parse_args()
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
@@ -254,16 +380,42 @@ def main() -> None:
     }
     names = ["mirror"] + [n for c in checkouts for n in (rows[str(c)], held[str(c)])]
     names += [niced[str(c)] for c in checkouts] if args.nice else []
+    names += [f"mirror, beside {kind}" for kind in args.beside]
     res: dict[str, list[float]] = {n: [] for n in names}
     # CPU seconds of each process during the call (the machine may be shared: CPU says
     # what each path costs where wall time is noisy).
     cpu: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    calls: dict[str, list[dict[str, float]]] = {n: [] for n in names}  # --syscalls
+    profiles: dict[str, list[dict[str, float]]] = {n: [] for n in names}  # --profile
 
-    def mirror_row() -> None:
-        procs = Procs(seeder=seeder.proc.pid, mirror=mirror.pid)
-        took, client = snapshot(url, work / "client")
-        res["mirror"].append(took)
-        cpu["mirror"].append({"client": round(client, 2), **procs.delta()})
+    def client_call(endpoint: str, row: str) -> tuple[float, float]:
+        counted: dict[str, float] | None = {} if args.syscalls else None
+        sampled: dict[str, float] | None = {} if args.profile else None
+        took, client = snapshot(endpoint, work / "client", counted, sampled)
+        if counted is not None:
+            calls[row].append(counted)
+        if sampled is not None:
+            profiles[row].append(sampled)
+        return took, client
+
+    def mirror_row(beside: str | None = None) -> None:
+        row = "mirror" if beside is None else f"mirror, beside {beside}"
+        burner = None
+        if beside is not None:
+            scratch = work / "burner.bin"
+            cmd = [sys.executable, "-c", BURNERS[beside], str(scratch)]
+            burner = subprocess.Popen(cmd)
+        try:
+            pids = {"agent": burner.pid} if burner else {}
+            procs = Procs(**pids, seeder=seeder.proc.pid, mirror=mirror.pid)
+            took, client = client_call(url, row)
+            res[row].append(took)
+            cpu[row].append({"client": round(client, 2), **procs.delta()})
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+                (work / "burner.bin").unlink(missing_ok=True)
 
     fell_back: dict[str, list[int]] = {}  # row -> bytes its agent took from the mirror
 
@@ -273,12 +425,12 @@ def main() -> None:
             renice(b.proc.pid, nice)
             renice(seeder.proc.pid, nice)
             if nice:
-                calls: tuple[str, ...] = (niced[str(c)],)
+                rows_now: tuple[str, ...] = (niced[str(c)],)
             else:
-                calls = (rows[str(c)], held[str(c)]) if args.held else (rows[str(c)],)
-            for row in calls:
+                rows_now = (rows[str(c)], held[str(c)]) if args.held else (rows[str(c)],)
+            for row in rows_now:
                 procs = Procs(agent=b.proc.pid, seeder=seeder.proc.pid, mirror=mirror.pid)
-                took, client = snapshot(b.url, work / "client")
+                took, client = client_call(b.url, row)
                 res[row].append(took)
                 cpu[row].append({"client": round(client, 2), **procs.delta()})
             with urllib.request.urlopen(f"{b.url}/v1/status") as answer:
@@ -288,20 +440,23 @@ def main() -> None:
             b.stop()
         took = status["bytes_from_mirror"]
         if took:  # the swarm stalled and the agent fell back: that round is no peer's
-            fell_back.setdefault(calls[0], []).append(took)
+            fell_back.setdefault(rows_now[0], []).append(took)
             kept = work / f"fell-back-{tag}.log"
             shutil.copy(b.log_path, kept)
-            print(f"  the agent of {c} took {took} bytes from the mirror ({calls[0]}; {kept})")
+            print(f"  the agent of {c} took {took} bytes from the mirror ({rows_now[0]}; {kept})")
         shutil.rmtree(b.root)
 
     try:
         for r in range(args.runs):
             # None: the mirror row; then each checkout at nice 0 (and at --nice)
-            order: list[tuple[Path | None, int]] = [(None, 0), *((c, 0) for c in checkouts)]
+            order: list[tuple[Path | str | None, int]] = [(None, 0), *((c, 0) for c in checkouts)]
             order += [(c, args.nice) for c in checkouts] if args.nice else []
+            order += [(kind, 0) for kind in args.beside]
             order = order[r % len(order) :] + order[: r % len(order)]  # rotated per round
             for k, (c, nice) in enumerate(order):
-                if c is None:
+                if isinstance(c, str):
+                    mirror_row(beside=c)
+                elif c is None:
                     mirror_row()
                 else:
                     agent_rows(c, f"b-{r}-{k}", nice)
@@ -328,7 +483,9 @@ def main() -> None:
     finally:
         teardown(mirror, seeder)
     med = {k: statistics.median(v) for k, v in res.items() if v}
-    print(json.dumps({"runs_s": res, "cpu_s": cpu, "median_s": med}, indent=1))
+    per_call = {"client_syscalls": calls, "client_profile": profiles}
+    got = {"runs_s": res, "cpu_s": cpu, "median_s": med, **per_call}
+    print(json.dumps(got, indent=1))
     print(
         f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} | s | "
         "vs mirror | CPU s (median): client | agent | seeder | mirror | runs (s) |"
@@ -339,6 +496,10 @@ def main() -> None:
         cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
         runs = ", ".join(f"{x:.2f}" for x in res[k])
         print(f"| {k} | {v:.2f} | {v / med['mirror']:.2f}x | {cols} | {runs} |")
+    if args.syscalls and not args.profile:
+        syscall_table(calls, size)
+    if args.profile:
+        profile_table(profiles)
     for k, v in fell_back.items():
         print(f"NOT FROM A PEER ALONE: {k}: {len(v)} round(s) took {v} bytes from the mirror")
 
