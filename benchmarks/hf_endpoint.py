@@ -40,6 +40,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
@@ -317,6 +318,105 @@ def profile_table(profiles: dict[str, list[dict[str, float]]]) -> None:
             print(f"| {row} | {med['sampled']:.2f} | {cols} |")
 
 
+def lan_rows(
+    rate: str, checkouts: list[Path], size: int, runs: int, work: Path
+) -> dict[str, list[float]]:
+    """The same calls on a simulated LAN (tests/netlab.py; root): the mirror on its own
+    host (netlab's `mir`, its link unshaped by delay: rtt 0), the seeder agent on h2, the
+    client and its agent on h1, every host's port and the mirror's link shaped to `rate`
+    both ways. Rows: the client on h1 straight from the mirror, and through a fresh agent
+    on h1 (one per checkout) whose bytes come from the seeder on h2. `runs` rounds, the
+    order rotated each round; the table and each round's CPU seconds printed."""
+    from herd_lan import agent_status, netlab, stop_all
+    from lan_swarm import Checkout, start_agent
+
+    folder = work / f"repo-{size}"
+    make_repo(folder, size)
+    rows = {str(c): f"agent on h1 from the seeder on h2, {rate} ({c.name or c})" for c in checkouts}
+    mirror_row = f"straight from the mirror, {rate}"
+    res: dict[str, list[float]] = {mirror_row: [], **{n: [] for n in rows.values()}}
+    cpu: dict[str, list[dict[str, float]]] = {n: [] for n in res}
+    fell_back: dict[str, list[int]] = {}
+
+    def client(lan: Any, endpoint: str, home: Path) -> dict[str, float]:
+        cache = home / "client"
+        out = lan.host(1).run(
+            [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)],
+            env=netlab.child_env(home / "hf-home"),
+            timeout=900,
+        )
+        shutil.rmtree(cache, ignore_errors=True)
+        got: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        return got
+
+    with netlab.Lan(hosts=2, lan_rate=rate, wan_rate=rate, wan_rtt_ms=0) as lan:
+        mirror = netlab.start_mirror(lan, [f"model:{REPO}={folder}"], work / "lan-mirror")
+        seeder = start_agent(lan, 2, work / "lan-seeder", mirror.url, Checkout(checkouts[-1]),
+                             mdns=False)  # fmt: skip
+        t0 = time.monotonic()
+        lan.host(2).run(seeder.download_cmd(REPO), env=seeder.env, timeout=900)
+        print(f"seeder on h2 took the repo in {time.monotonic() - t0:.1f} s", flush=True)
+        peer = f"{seeder.ip}:{seeder.info['peer_port']}"
+        try:
+            for r in range(runs):
+                order: list[Path | None] = [None, *checkouts]
+                order = order[r % len(order) :] + order[: r % len(order)]
+                for k, c in enumerate(order):
+                    home = work / f"lan-{r}-{k}"
+                    procs = Procs(seeder=seeder.proc.pid, mirror=mirror.proc.pid)
+                    if c is None:
+                        got = client(lan, mirror.url, home)
+                        res[mirror_row].append(got["s"])
+                        cpu[mirror_row].append(
+                            {"client": round(got["user"] + got["sys"], 2), **procs.delta()}
+                        )
+                        shutil.rmtree(home, ignore_errors=True)
+                        continue
+                    a = start_agent(lan, 1, home / "agent", mirror.url, Checkout(c),
+                                    mdns=False, peers=(peer,), level="debug")  # fmt: skip
+                    try:
+                        procs = Procs(
+                            agent=a.proc.pid, seeder=seeder.proc.pid, mirror=mirror.proc.pid
+                        )
+                        got = client(lan, a.local_url, home)
+                        row = rows[str(c)]
+                        res[row].append(got["s"])
+                        cpu[row].append(
+                            {"client": round(got["user"] + got["sys"], 2), **procs.delta()}
+                        )
+                        took = int(agent_status(a)["bytes_from_mirror"])
+                    finally:
+                        stop_all([a.proc])
+                    if took:
+                        fell_back.setdefault(row, []).append(took)
+                        kept = work / f"lan-fell-back-{r}-{k}.log"
+                        shutil.copy(a.log, kept)
+                        print(f"  the agent of {c} took {took} bytes from the mirror ({kept})")
+                    shutil.rmtree(home, ignore_errors=True)
+                print(
+                    f"  {rate} run {r + 1}: "
+                    + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in res.items() if v),
+                    flush=True,
+                )
+        finally:
+            stop_all([seeder.proc, mirror.proc])
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    print(json.dumps({"lan_rate": rate, "runs_s": res, "cpu_s": cpu}, indent=1))
+    print(
+        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, links {rate}, median of {runs} "
+        "| s | vs mirror | CPU s (median): client | agent | seeder | mirror | runs (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for k, v in med.items():
+        per = {p: statistics.median(cpu_col(cpu[k], p)) for p in cpu[k][0]}
+        cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
+        runs_text = ", ".join(f"{x:.2f}" for x in res[k])
+        print(f"| {k} | {v:.2f} | {v / med[mirror_row]:.2f}x | {cols} | {runs_text} |")
+    for k, bad in fell_back.items():
+        print(f"NOT FROM A PEER ALONE: {k}: {len(bad)} round(s) took {bad} bytes from the mirror")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1GiB")
@@ -366,11 +466,31 @@ def main() -> None:
         help="the client under `perf stat`: its system calls, user/system CPU and "
         "context switches per row",
     )
+    ap.add_argument(
+        "--lan-rate",
+        action="append",
+        default=[],
+        metavar="RATE",
+        help="repeatable (tc rate: 1gbit, 300mbit): instead of the loopback rows, the "
+        "same calls on a simulated LAN whose links are shaped to RATE (root; netns)",
+    )
     args = ap.parse_args()
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
     size = parse_size(args.size)
     print(f"repo {size} bytes, {args.runs} runs, work {work}", flush=True)
+    if args.lan_rate:
+        from herd_lan import netlab
+
+        if (why := netlab.unavailable_reason()) is not None:
+            raise SystemExit(f"--lan-rate: no simulated LAN here: {why}")
+        for rate in args.lan_rate:
+            print(f"load before the {rate} rows: {os.getloadavg()}", flush=True)
+            lan_rows(rate, checkouts, size, args.runs, work)
+            print(f"load after the {rate} rows: {os.getloadavg()}", flush=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     mirror, url, seeder = setup(size, work)
     rows = {str(c): f"agent from a peer ({c.name or c})" for c in checkouts}
