@@ -20,7 +20,26 @@ client reading a complete blob from the agent, against the mirror row. ``--nice 
 more row per checkout with both agents' threads at nice N. A round whose agent took
 bytes from the mirror (the swarm stalled) is reported, and that agent's log kept.
 
-Every process listens on 127.0.0.x; nothing leaves the machine.
+What the client spends its CPU on (docs/benchmarks.md 8.29):
+
+    python benchmarks/hf_endpoint.py --size 1GiB --runs 4 --ttfb-runs 0 --held --syscalls \
+        --beside cpu --beside memcpy --beside pagecache
+    python benchmarks/hf_endpoint.py --size 1GiB --runs 3 --ttfb-runs 0 --held --profile \
+        --beside cpu --beside memcpy --beside pagecache
+
+``--syscalls``: the client under `perf stat` (its system calls by kind, user and system
+CPU, context switches); ``--profile``: under `perf record` instead (its CPU in the
+page-cache write of its own file, the socket receive copy, page zeroing, memmove).
+``--beside KIND``: the mirror row again with one process beside the client keeping a core
+busy: a bare loop (cpu), a 64 MiB memory copy over and over (memcpy), or 1 GiB files
+written into the page cache as libtorrent writes a blob (pagecache).
+
+Every process listens on 127.0.0.x; nothing leaves the machine. Except with
+``--lan-rate RATE`` (repeatable; root): the rows instead run on a simulated LAN
+(tests/netlab.py), the mirror, the seeder agent and the client with its agent each on
+their own host, every link shaped to RATE both ways:
+
+    python benchmarks/hf_endpoint.py --size 1GiB --runs 5 --lan-rate 1gbit --lan-rate 300mbit
 """
 
 from __future__ import annotations
