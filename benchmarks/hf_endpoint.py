@@ -353,7 +353,9 @@ def lan_rows(
     make_repo(folder, size)
     rows = {str(c): f"agent on h1 from the seeder on h2, {rate} ({c.name or c})" for c in checkouts}
     mirror_row = f"straight from the mirror, {rate}"
+    link_row = f"curl of the shard from the mirror, {rate} (the link)"
     res: dict[str, list[float]] = {mirror_row: [], **{n: [] for n in rows.values()}}
+    res[link_row] = []
     cpu: dict[str, list[dict[str, float]]] = {n: [] for n in res}
     fell_back: dict[str, list[int]] = {}
 
@@ -376,13 +378,26 @@ def lan_rows(
         lan.host(2).run(seeder.download_cmd(REPO), env=seeder.env, timeout=900)
         print(f"seeder on h2 took the repo in {time.monotonic() - t0:.1f} s", flush=True)
         peer = f"{seeder.ip}:{seeder.info['peer_port']}"
+        meta = json.loads(
+            lan.host(1)
+            .run(["curl", "-sS", "--noproxy", "*", f"{mirror.url}/api/models/{REPO}"])
+            .stdout
+        )
+        shard = f"{mirror.url}/{REPO}/resolve/{meta['sha']}/model.safetensors"
         try:
             for r in range(runs):
-                order: list[Path | None] = [None, *checkouts]
+                order: list[Path | str | None] = [None, "curl", *checkouts]
                 order = order[r % len(order) :] + order[: r % len(order)]
                 for k, c in enumerate(order):
                     home = work / f"lan-{r}-{k}"
                     procs = Procs(seeder=seeder.proc.pid, mirror=mirror.proc.pid)
+                    if c == "curl":  # one TCP stream of the shard, nothing written
+                        argv = ["curl", "-sS", "--fail", "--noproxy", "*", "-o", "/dev/null"]
+                        t0 = time.monotonic()
+                        lan.host(1).run([*argv, shard], timeout=900)
+                        res[link_row].append(time.monotonic() - t0)
+                        cpu[link_row].append(procs.delta())
+                        continue
                     if c is None:
                         got = client(lan, mirror.url, home)
                         res[mirror_row].append(got["s"])
@@ -391,6 +406,7 @@ def lan_rows(
                         )
                         shutil.rmtree(home, ignore_errors=True)
                         continue
+                    assert isinstance(c, Path)
                     a = start_agent(lan, 1, home / "agent", mirror.url, Checkout(c),
                                     mdns=False, peers=(peer,), level="debug")  # fmt: skip
                     try:
