@@ -371,9 +371,9 @@ def lan_rows(
         return got
 
     with netlab.Lan(hosts=2, lan_rate=rate, wan_rate=rate, wan_rtt_ms=0) as lan:
-        mirror = netlab.start_mirror(lan, [f"model:{REPO}={folder}"], work / "lan-mirror")
-        seeder = start_agent(lan, 2, work / "lan-seeder", mirror.url, Checkout(checkouts[-1]),
-                             mdns=False)  # fmt: skip
+        mirror = netlab.start_mirror(lan, [f"model:{REPO}={folder}"], work / f"lan-mirror-{rate}")
+        seeder_root = work / f"lan-seeder-{rate}"
+        seeder = start_agent(lan, 2, seeder_root, mirror.url, Checkout(checkouts[-1]), mdns=False)
         t0 = time.monotonic()
         lan.host(2).run(seeder.download_cmd(REPO), env=seeder.env, timeout=900)
         print(f"seeder on h2 took the repo in {time.monotonic() - t0:.1f} s", flush=True)
