@@ -64,7 +64,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
 from swarm_cpu import Agent as CheckoutAgent
-from swarm_cpu import cpu_of
+from swarm_cpu import cpu_of, threads_cpu
 from swarm_loopback import REPO, Agent, start_mirror
 
 CLIENT = """
@@ -131,7 +131,10 @@ AGENT_MARKS = {
     "whole-file hash matched": "agent: whole-file hash matched",
 }
 # The agent's line at the end of a streamed answer (peer.serving.hub_api).
-STREAMED = re.compile(r": streamed (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it waiting")
+STREAMED = re.compile(
+    r": streamed (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it waiting"
+    r"[^(]*(?:\((\d+) waits, (\d+) sends\))?"
+)
 
 
 def renice(pid: int, nice: int) -> None:
@@ -413,7 +416,14 @@ def lan_rows(
                         procs = Procs(
                             agent=a.proc.pid, seeder=seeder.proc.pid, mirror=mirror.proc.pid
                         )
+                        threads = threads_cpu(a.proc.pid)
                         got = client(lan, a.local_url, home)
+                        spent = {
+                            k: round(v - threads.get(k, 0.0), 2)
+                            for k, v in threads_cpu(a.proc.pid).items()
+                            if v - threads.get(k, 0.0) >= 0.05
+                        }
+                        print(f"  the agent's threads, CPU s: {spent}", flush=True)
                         row = rows[str(c)]
                         res[row].append(got["s"])
                         cpu[row].append(
@@ -422,6 +432,9 @@ def lan_rows(
                         took = int(agent_status(a)["bytes_from_mirror"])
                     finally:
                         stop_all([a.proc])
+                    for line in a.log.read_text(errors="replace").splitlines():
+                        if m := STREAMED.search(line):
+                            print(f"  the streamed answer: {m[0].lstrip(': ')}", flush=True)
                     if took:
                         fell_back.setdefault(row, []).append(took)
                         kept = work / f"lan-fell-back-{r}-{k}.log"
