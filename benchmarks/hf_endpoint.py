@@ -221,6 +221,20 @@ def _cpu_text(cpu: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
 
 
+def perf_stat(cmd: list[str], out: Path) -> list[str]:
+    """`cmd` under `perf stat`, counting `SYSCALLS` into `out`."""
+    return ["perf", "stat", "-x", ",", "-o", str(out), "-e", PERF_EVENTS, "--", *cmd]
+
+
+def read_counts(stat: Path, got: dict[str, float], into: dict[str, float]) -> None:
+    """The system-call counts `perf_stat` wrote, and the client's own figures."""
+    for line in stat.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_"):
+            into[fields[2].removeprefix("syscalls:sys_enter_")] = float(fields[0])
+    into.update({k: got[k] for k in ("user", "sys", "vcsw", "ivcsw", "minflt")})
+
+
 def snapshot(
     endpoint: str,
     cache: Path,
@@ -240,7 +254,7 @@ def snapshot(
         hz = str(PROFILE_HZ)
         cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", hz, "-o", str(data), "--", *cmd]
     elif syscalls is not None:
-        cmd = ["perf", "stat", "-x", ",", "-o", str(stat), "-e", PERF_EVENTS, "--", *cmd]
+        cmd = perf_stat(cmd, stat)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     shutil.rmtree(cache, ignore_errors=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -273,11 +287,7 @@ def snapshot(
         profile["sampled"] = total / PROFILE_HZ
         data.unlink()
     if syscalls is not None and profile is None:
-        for line in stat.read_text().splitlines():
-            fields = line.split(",")
-            if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_"):
-                syscalls[fields[2].removeprefix("syscalls:sys_enter_")] = float(fields[0])
-        syscalls.update({k: got[k] for k in ("user", "sys", "vcsw", "ivcsw", "minflt")})
+        read_counts(stat, got, syscalls)
     return float(got["s"]), got["user"] + got["sys"]
 
 
@@ -341,14 +351,15 @@ def profile_table(profiles: dict[str, list[dict[str, float]]]) -> None:
 
 
 def lan_rows(
-    rate: str, checkouts: list[Path], size: int, runs: int, work: Path
+    rate: str, checkouts: list[Path], size: int, runs: int, work: Path, syscalls: bool = False
 ) -> dict[str, list[float]]:
     """The same calls on a simulated LAN (tests/netlab.py; root): the mirror on its own
     host (netlab's `mir`, its link unshaped by delay: rtt 0), the seeder agent on h2, the
     client and its agent on h1, every host's port and the mirror's link shaped to `rate`
     both ways. Rows: the client on h1 straight from the mirror, and through a fresh agent
     on h1 (one per checkout) whose bytes come from the seeder on h2. `runs` rounds, the
-    order rotated each round; the table and each round's CPU seconds printed."""
+    order rotated each round; the table and each round's CPU seconds printed.
+    `syscalls`: the client under `perf stat`, as `--syscalls` on loopback."""
     from herd_lan import agent_status, netlab, stop_all
     from lan_swarm import Checkout, start_agent
 
@@ -361,16 +372,21 @@ def lan_rows(
     res[link_row] = []
     cpu: dict[str, list[dict[str, float]]] = {n: [] for n in res}
     fell_back: dict[str, list[int]] = {}
+    calls: dict[str, list[dict[str, float]]] = {n: [] for n in res}
 
-    def client(lan: Any, endpoint: str, home: Path) -> dict[str, float]:
+    def client(lan: Any, endpoint: str, home: Path, row: str) -> dict[str, float]:
         cache = home / "client"
-        out = lan.host(1).run(
-            [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)],
-            env=netlab.child_env(home / "hf-home"),
-            timeout=900,
-        )
+        cmd = [sys.executable, "-c", CLIENT, REPO, endpoint, str(cache)]
+        stat = home / "perf-stat.csv"
+        if syscalls:
+            home.mkdir(parents=True, exist_ok=True)
+            cmd = perf_stat(cmd, stat)
+        out = lan.host(1).run(cmd, env=netlab.child_env(home / "hf-home"), timeout=900)
         shutil.rmtree(cache, ignore_errors=True)
         got: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        if syscalls:
+            calls[row].append({})
+            read_counts(stat, got, calls[row][-1])
         return got
 
     with netlab.Lan(hosts=2, lan_rate=rate, wan_rate=rate, wan_rtt_ms=0) as lan:
@@ -402,7 +418,7 @@ def lan_rows(
                         cpu[link_row].append(procs.delta())
                         continue
                     if c is None:
-                        got = client(lan, mirror.url, home)
+                        got = client(lan, mirror.url, home, mirror_row)
                         res[mirror_row].append(got["s"])
                         cpu[mirror_row].append(
                             {"client": round(got["user"] + got["sys"], 2), **procs.delta()}
@@ -417,7 +433,7 @@ def lan_rows(
                             agent=a.proc.pid, seeder=seeder.proc.pid, mirror=mirror.proc.pid
                         )
                         threads = threads_cpu(a.proc.pid)
-                        got = client(lan, a.local_url, home)
+                        got = client(lan, a.local_url, home, rows[str(c)])
                         spent = {
                             k: round(v - threads.get(k, 0.0), 2)
                             for k, v in threads_cpu(a.proc.pid).items()
@@ -460,6 +476,8 @@ def lan_rows(
         cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
         runs_text = ", ".join(f"{x:.2f}" for x in res[k])
         print(f"| {k} | {v:.2f} | {v / med[mirror_row]:.2f}x | {cols} | {runs_text} |")
+    if syscalls:
+        syscall_table(calls, size)
     for k, bad in fell_back.items():
         print(f"NOT FROM A PEER ALONE: {k}: {len(bad)} round(s) took {bad} bytes from the mirror")
     return res
@@ -534,7 +552,7 @@ def main() -> None:
             raise SystemExit(f"--lan-rate: no simulated LAN here: {why}")
         for rate in args.lan_rate:
             print(f"load before the {rate} rows: {os.getloadavg()}", flush=True)
-            lan_rows(rate, checkouts, size, args.runs, work)
+            lan_rows(rate, checkouts, size, args.runs, work, args.syscalls)
             print(f"load after the {rate} rows: {os.getloadavg()}", flush=True)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
