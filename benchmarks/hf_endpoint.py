@@ -541,6 +541,8 @@ def main() -> None:
         "same calls on a simulated LAN whose links are shaped to RATE (root; netns)",
     )
     args = ap.parse_args()
+    if (args.syscalls or args.profile) and shutil.which("perf") is None:
+        raise SystemExit("--syscalls and --profile run the client under perf: install it first")
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-endpoint-bench-"))
     size = parse_size(args.size)
