@@ -67,6 +67,16 @@ ROWS = [
         ],
     ),
     Row(
+        "hf_endpoint_lan",
+        "HF_ENDPOINT on a LAN shape: the same call, mirror, seeder and client each on their "
+        "own host, links at 1 Gbit/s and 300 Mbit/s",
+        lambda a, w: [
+            *("hf_endpoint.py", "--size", "1GiB", "--runs", str(a.runs)),
+            *("--lan-rate", "1gbit", "--lan-rate", "300mbit", "--work", str(w)),
+        ],
+        needs_netns=True,
+    ),
+    Row(
         "mirror_download",
         "first fetch from the project's mirror, unshaped and capped, vs hf download/aria2c/curl",
         lambda a, w: [

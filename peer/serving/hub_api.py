@@ -974,10 +974,13 @@ class HubApi:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         waited = 0.0
+        sends = waits = 0  # sendfile calls; times the fetch had nothing past `pos` yet
         try:
             await resp.prepare(request)
             while pos < end:
                 t = loop.time()
+                if not task.done() and reader.window(end) is None:
+                    waits += 1
                 window = await reader.readable(end)
                 waited += loop.time() - t
                 if window is None:  # the fetch returned
@@ -1002,6 +1005,7 @@ class HubApi:
                 # asyncio falls back to reads where it cannot. A source made void while
                 # they went out is caught just after: the connection is cut.
                 n = await sender.send(fobj, pos, limit)
+                sends += 1
                 # The bytes just sent may be of a source now void, also when the fetch
                 # returned meanwhile (a refetch shorter than this send): then cut.
                 reader.check()
@@ -1010,11 +1014,14 @@ class HubApi:
                 reader.advance(pos)
             await resp.write_eof()
             log.debug(
-                "%s: streamed %d bytes in %.3f s, %.3f s of it waiting for checked bytes",
+                "%s: streamed %d bytes in %.3f s, %.3f s of it waiting for checked bytes "
+                "(%d waits, %d sends)",
                 reader.blob_id[:12],
                 end - start,
                 loop.time() - t0,
                 waited,
+                waits,
+                sends,
             )
         except (Exception, asyncio.CancelledError) as exc:
             # End the connection: a short body is never taken for a whole one.
