@@ -64,7 +64,7 @@ def test_a_non_feeder_drops_its_holders_once_and_comes_back_on_a_stall() -> None
     assert not c.feeding
     assert c.learn(AGENTS, 0.2, T0 + 2.5) is None  # once
     assert c.next_wakeup() == T0 + 5.5
-    c.progress(T0 + 3.0)  # the other downloaders deliver
+    c.progress(T0 + 3.0, 4 << 20)  # the other downloaders deliver
     assert c.tick(T0 + 5.5) is None
     assert c.next_wakeup() == T0 + 8.0
     assert c.tick(T0 + 8.0) == ConnectHolders(stalled=True)
@@ -116,9 +116,10 @@ def test_pieces_no_connected_peer_has_wait_for_the_feeders_while_the_blob_progre
     # The other downloaders have pieces 0-3; 4-7 only the holders we left.
     counts = (1, 1, 1, 1, 0, 0, 0, 0)
     assert p.handle(pol.Availability(counts), T0 + 3.0) == ()  # past the grace
-    for t in (4.0, 6.0, 8.0, 12.9):
-        progressed = frozenset({0, 1, 2, 3}) if t < 12 else frozenset()
-        out = p.handle(pol.Availability(counts, progressed), T0 + t)
+    for k, t in enumerate((4.0, 6.0, 8.0, 12.9)):
+        if t < 12:  # a piece from the downloaders (blocks alone are not progress)
+            assert p.handle(pol.PieceDone(k, pol.Origin.PEER), T0 + t) == ()
+        out = p.handle(pol.Availability(counts), T0 + t)
         assert out == (), t  # progress: the feeders are taking them
     out = p.handle(pol.Availability(counts), T0 + 13.0)  # 5 s without progress
     assert len(out) == 1 and isinstance(out[0], pol.FetchFromMirror)
@@ -298,3 +299,44 @@ def test_the_feeders_of_a_repos_blobs_are_dealt_evenly_and_alike_by_every_agent(
             assert c.is_feeder == (me in dealt[b])
     alone = {b: feeders_of(AGENTS, b, 2) for b in shards}
     assert max(sum(a in f for f in alone.values()) for a in AGENTS) >= 2
+
+
+def test_a_peer_trickling_blocks_cannot_keep_a_non_feeder_off_its_holders() -> None:
+    """A fake downloader that ranks first (a member that claims to be fetching) joins
+    the swarm, claims every piece and sends one block every 4 s, never a whole piece.
+    The non-feeder must take the holders back before any piece goes to the WAN mirror
+    for want of them: before, each block counted as progress, so it never did, and
+    the policy sent every piece the trickler "held" to the mirror."""
+    d = driver(ranked()[6])
+    running(d)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    d.handle(Rejoined(), T0 + 0.6)
+    have = (False,) * 8
+    got: list[object] = []
+    t, blocks = 1.0, 0
+    while t <= 60.0 and ConnectHolders(stalled=True) not in got:
+        if t % 4 == 0:
+            blocks += 1
+        s = sample(have, (1,) * 8, (PEER,))
+        s = SwarmSample(s.state, s.is_finished, s.have, s.availability, ((0, blocks),), s.peers)
+        got += d.handle(Wake(), T0 + t)
+        got += d.handle(s, T0 + t)
+        t += 0.5
+    assert ConnectHolders(stalled=True) in got
+    first = got.index(ConnectHolders(stalled=True))
+    assert not any(isinstance(a, FeedMirrorPiece) for a in got[:first])
+
+
+def test_whole_pieces_trickled_below_the_floor_rate_bring_the_holders_back() -> None:
+    """The same liar with real bytes: a whole 1 MiB piece every 4 s (256 KiB/s, under
+    `MIN_FEED_RATE`) does not keep a non-feeder off its holders; 1 MiB/s does."""
+    me = ranked()[5]
+    for every, back in ((4.0, True), (1.0, False)):
+        c = FeederChoice(me, BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0))
+        assert c.learn(AGENTS, 0.0, T0 + 0.5) == DropHolders()
+        t, acts = T0 + 0.5, []
+        while t < T0 + 30:
+            t += every
+            c.progress(t, PIECE)
+            acts.append(c.tick(t + every - 0.01))
+        assert (ConnectHolders(stalled=True) in acts) is back, every

@@ -370,3 +370,38 @@ def test_bad_input_is_refused() -> None:
         PolicyConfig(mirror_parallel=0)
     with pytest.raises(TypeError):
         r.policy.handle("tick", T0)  # type: ignore[arg-type]
+
+
+def test_a_peer_trickling_blocks_of_one_piece_does_not_hold_the_others_from_the_mirror() -> None:
+    """One peer claims every piece and sends a block of piece 0 every 4 s (a slow host
+    capped at a few KiB/s, or a liar): the pieces nobody works on go to the mirror after
+    stall_timeout. Before, each block counted as the swarm's progress and nothing went
+    to the mirror for as long as the trickle lasted (an agent took an 8 MiB blob from an
+    8 KiB/s holder for minutes, with the mirror idle)."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_parallel=8)
+    p = DownloadPolicy(8, 0.0, cfg)
+    mirrored: list[int] = []
+    t = 0.5
+    while t < 30:
+        progressed = frozenset({0}) if t % 4 == 0 else frozenset()
+        for d in p.handle(Availability((1,) * 8, progressed), t):
+            if isinstance(d, FetchFromMirror):
+                mirrored += d.pieces
+        t += 0.5
+    assert sorted(mirrored) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_without_a_mirror_blocks_still_count_as_the_swarm_alive() -> None:
+    """No mirror (a ``local/*`` blob): a piece nobody connected has fails the download
+    only once peers went quiet; blocks still coming of another piece keep it waiting
+    (there is nothing better to do than wait)."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_enabled=False)
+    p = DownloadPolicy(4, 0.0, cfg)
+    t = 0.5
+    while t < 20:
+        progressed = frozenset({0}) if t % 2 == 0 else frozenset()
+        out = p.handle(Availability((1, 1, 1, 0), progressed), t)
+        assert not any(isinstance(d, Failed) for d in out), t
+        t += 0.5
+    out = p.handle(Availability((1, 1, 1, 0)), 25.0)  # quiet for 5 s: it fails
+    assert any(isinstance(d, Failed) for d in out)

@@ -894,3 +894,26 @@ async def test_rejoin_leaves_the_banned_peers_out_of_one_torrent_and_keeps_its_p
     assert hosts == {"127.0.0.2"}, hosts  # the feeder only, never the seeder again
     assert not to_other
     assert after.peer_payload_bytes >= before.peer_payload_bytes  # carried on
+
+
+async def test_resume_data_saved_after_a_rejoin_bans_nobody_in_the_next_run(
+    blob: Blob, tmp_path: Path
+) -> None:
+    """A non-feeder's `rejoin` bans the holders for its torrent; libtorrent writes those
+    bans into the resume data the agent saves every 10 s and at exit. Added again from
+    it (the agent restarted mid-download), the torrent must still take the blob from
+    the holder: before, the holder stayed refused and every byte went to the mirror
+    (a ``local/*`` blob, with no mirror, could not be had at all)."""
+    save = tmp_path / "dl"
+    async with session("127.0.0.1") as seeder, session("127.0.0.2") as s:
+        await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        ih = await s.add_torrent(blob.torrent, save, paused=True)
+        await s.rejoin(ih, banned=[("127.0.0.1", seeder.listen_port)])
+        resume = await s.save_resume_data(ih)
+        await s.remove_torrent(ih)
+        # the next run, with the holder the agent now wants
+        ih = await s.add_torrent(blob.torrent, save, resume_data=resume)
+        s.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        async with asyncio.timeout(WAIT):
+            while not (await s.status(ih)).is_finished:  # noqa: ASYNC110 (libtorrent's state)
+                await asyncio.sleep(0.05)

@@ -20,8 +20,9 @@ Nobody is known at the start, so everyone starts as a feeder (a lone downloader,
 1 -> 1 case, stays one); one that learns it is not a feeder drops the complete holders
 (`DropHolders`), once, unless it already has most of the blob. The choice sticks: a
 non-feeder connects the holders again (`ConnectHolders`) when it becomes a feeder
-(members change) or when the blob had no progress from peers for ``stall_timeout``
-(its feeders are gone or stuck), and then keeps them.
+(members change) or when the blob's verified pieces from peers came slower than
+``min_rate`` over the last ``stall_timeout`` (its feeders are gone, stuck or slow; a
+peer trickling a block now and then does not count), and then keeps them.
 
 Pure: no sockets, no clock. The driver (`peer.transfer.swarm_download`) feeds members,
 progress and ``now``, carries out the actions, and wakes it at `next_wakeup`.
@@ -30,11 +31,15 @@ progress and ``now``, carries out the actions, and wakes it at `next_wakeup`.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Only constants: the agent's defaults are defined once, next to AgentConfig.
 from peer.config import FEEDERS, STALL_TIMEOUT
+
+# A non-feeder's floor rate from peers (bytes/s): a LAN moves 20-200x that.
+MIN_FEED_RATE = float(512 << 10)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ class FeederConfig:
     feeders: int = FEEDERS
     # A non-feeder with no progress from peers this long connects the holders again.
     stall_timeout: float = STALL_TIMEOUT
+    # ... or whose verified pieces from peers come slower than this (bytes/s) over the
+    # last stall_timeout: the downloaders are taking the blob, not a member that lies
+    # about fetching it and trickles (blocks every few seconds kept it off its holders
+    # for good, and froze it: docs/SECURITY.md). 0: any piece is progress.
+    min_rate: float = MIN_FEED_RATE
     # Past this share of the blob had, a downloader keeps its holders: dropping them
     # (the torrent is removed and added again) would save little of the seeder's port.
     drop_before: float = 0.5
@@ -50,8 +60,8 @@ class FeederConfig:
     def __post_init__(self) -> None:
         if self.feeders < 0:
             raise ValueError("feeders must be >= 0")
-        if self.stall_timeout < 0 or not 0 <= self.drop_before <= 1:
-            raise ValueError("stall_timeout must be >= 0 and drop_before in 0-1")
+        if self.stall_timeout < 0 or self.min_rate < 0 or not 0 <= self.drop_before <= 1:
+            raise ValueError("stall_timeout and min_rate must be >= 0 and drop_before in 0-1")
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,8 @@ class FeederChoice:
         self.feeding = True
         self.fallback = False  # the holders came back for a stall: kept to the end
         self.members: frozenset[str] = frozenset({self_id})
-        self._activity = now  # the last progress from peers (or when we dropped)
+        self._activity = now  # when we dropped the holders
+        self._got: deque[tuple[float, int]] = deque()  # (when, bytes) of verified pieces
 
     @property
     def is_feeder(self) -> bool:
@@ -125,11 +136,22 @@ class FeederChoice:
         """When a non-feeder would give up on the downloaders (None: it feeds)."""
         if self.feeding:
             return None
-        return self._activity + self.config.stall_timeout
+        stall = self.config.stall_timeout
+        need = max(1.0, self.config.min_rate * stall)
+        # the first time the bytes of the last `stall` s are fewer than `need`
+        got, at = 0, self._activity
+        for when, nbytes in reversed(self._got):
+            got += nbytes
+            if got >= need:
+                at = max(at, when)
+                break
+        return at + stall
 
-    def progress(self, now: float) -> None:
-        """Blocks or pieces came from peers."""
-        self._activity = max(self._activity, now)
+    def progress(self, now: float, nbytes: int) -> None:
+        """A piece of ``nbytes`` from peers passed its hash check."""
+        self._got.append((now, nbytes))
+        while self._got and self._got[0][0] <= now - self.config.stall_timeout:
+            self._got.popleft()
 
     def learn(
         self,

@@ -315,7 +315,8 @@ class DownloadPolicy:
         self._banned: set[str] = set()
         self._available_since: dict[int, float] = {}
         self._last_progress: dict[int, float] = {}
-        self._last_peer_activity = now
+        self._last_peer_activity = now  # a piece from peers passed its check
+        self._last_block = now  # ... or blocks of one came
         self._peer_hash_failures: dict[int, int] = {}
         # Holders known but not connected (`HoldersAway`), since when; pieces whose
         # last holder vanished, when; and when the holders were connected again (a new
@@ -449,8 +450,12 @@ class DownloadPolicy:
     def _progress(self, piece: int, now: float) -> None:
         self._check_piece(piece)
         if piece not in self._done:
+            # That piece's own sign of life, not the swarm's: a block now and then is
+            # not the swarm delivering (a peer claiming every piece and sending a block
+            # every few seconds held every other piece from the mirror: a download
+            # froze). Without a mirror, waiting is all there is: it counts there.
             self._last_progress[piece] = now
-            self._last_peer_activity = now
+            self._last_block = now
 
     def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
         self._check_piece(piece)
@@ -648,7 +653,8 @@ class DownloadPolicy:
         """Without a mirror, a piece nobody has fails the download once peers had the
         grace period plus a stall timeout to show up and went quiet."""
         cfg = self.config
-        deadline = max(self.start + cfg.grace_period, self._last_peer_activity) + cfg.stall_timeout
+        last = max(self._last_peer_activity, self._last_block)
+        deadline = max(self.start + cfg.grace_period, last) + cfg.stall_timeout
         orphans = [
             p
             for p in range(self.num_pieces)

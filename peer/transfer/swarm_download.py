@@ -434,7 +434,7 @@ class SwarmDownload:
     def _on_event(self, e: ev.SwarmEvent, now: float, out: list[Action]) -> None:
         if isinstance(e, ev.PieceFinished):
             if self.feeders is not None and not e.fed_by_us:
-                self.feeders.progress(now)
+                self.feeders.progress(now, self.piece_length(e.piece))
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
@@ -615,8 +615,6 @@ class SwarmDownload:
             if blocks > self._received.get(piece, 0):
                 self._received[piece] = blocks
                 progressed.add(piece)
-        if progressed and self.feeders is not None:
-            self.feeders.progress(now)
         if len(s.availability) == self.num_pieces:
             # One event: the policy must not decide on fresh progress and stale holders.
             self._to_policy(pol.Availability(s.availability, frozenset(progressed)), now, out)
