@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import logging
 import math
@@ -491,15 +492,10 @@ class PartialPiece:
 # --- event delivery ---------------------------------------------------------------------
 
 
-class _Closed:
-    pass
-
-
-_CLOSED = _Closed()
-
-
 class EventStream:
-    """One subscriber's view of the events: ``async for event in stream``.
+    """One subscriber's view of the events: ``async for event in stream``, or, for a
+    consumer that wants all that came at once (one wake-up per alert drain, not one per
+    event), `take` when `on_ready`'s callback said something came.
 
     Bounded: when the consumer falls ``maxsize`` events behind, further events are
     dropped for it and an `EventsDropped` is delivered before the next one. The stream
@@ -516,7 +512,9 @@ class EventStream:
         self.info_hash = info_hash
         self._kinds = kinds
         self._maxsize = maxsize
-        self._queue: asyncio.Queue[ev.SwarmEvent | _Closed] = asyncio.Queue()
+        self._pending: collections.deque[ev.SwarmEvent] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None  # an `__anext__` waiting
+        self._ready: Callable[[], None] | None = None
         self._dropped = 0
         self._closed = False
 
@@ -530,32 +528,66 @@ class EventStream:
     def _push(self, event: ev.SwarmEvent) -> None:
         if self._closed or not self._wants(event):
             return
-        if self._queue.qsize() >= self._maxsize:
+        if len(self._pending) >= self._maxsize:
             self._dropped += 1
             return
-        self._queue.put_nowait(event)
+        self._pending.append(event)
+        if len(self._pending) == 1:  # the rest of this drain joins it: one wake-up
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._ready is not None:
+            self._ready()
 
     def _end(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put_nowait(_CLOSED)
+            self._wake()
 
     def close(self) -> None:
         self._owner._unsubscribe(self)
         self._end()
 
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop, inside the drain) when an event comes to
+        an empty stream, and when the stream ends; then `take` what came."""
+        self._ready = callback
+
+    def take(self) -> list[ev.SwarmEvent]:
+        """Every event that came since the last take, in order (an `EventsDropped`
+        first if some were dropped); empty if none."""
+        out: list[ev.SwarmEvent] = []
+        if self._dropped:
+            out.append(ev.EventsDropped(self._dropped))
+            self._dropped = 0
+        out += self._pending
+        self._pending.clear()
+        return out
+
+    @property
+    def ended(self) -> bool:
+        """Closed, and every event taken."""
+        return self._closed and not self._pending and not self._dropped
+
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> ev.SwarmEvent:
-        if self._dropped:
-            dropped, self._dropped = self._dropped, 0
-            return ev.EventsDropped(dropped)
-        item = await self._queue.get()
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)  # stay ended for later calls
-            raise StopAsyncIteration
-        return item
+        while True:
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                return ev.EventsDropped(dropped)
+            if self._pending:
+                return self._pending.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     async def __aenter__(self) -> EventStream:
         return self

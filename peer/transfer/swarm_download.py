@@ -37,6 +37,7 @@ the download with the policy's reason once peers had their time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -359,6 +360,17 @@ class SwarmDownload:
                 self._on_event(item, now, out)
             case _:
                 raise TypeError(f"not a swarm download input: {item!r}")
+        return tuple(out)
+
+    def handle_all(self, items: Iterable[Input], now: float) -> tuple[Action, ...]:
+        """Apply inputs that came together (one alert drain's events, what the driver's
+        tasks posted meanwhile) at ``now``, in order; their actions, in order. The caller
+        then asks `next_wakeup` once for the lot, not once per event."""
+        out: list[Action] = []
+        for item in items:
+            if self.outcome is not None:
+                break
+            out += self.handle(item, now)
         return tuple(out)
 
     def _on_wake(self, readers: Readers | None, now: float, out: list[Action]) -> None:
