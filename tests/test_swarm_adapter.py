@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,6 +362,68 @@ async def test_alerts_of_a_fast_download_are_drained_in_batches(
         # At most one drain per batch interval (and the few direct ones), not per piece.
         assert drains <= took / ALERT_BATCH + 20, (drains, took)
         assert drains < len(pieces) / 4, (drains, len(pieces))
+
+
+async def test_alerts_that_keep_coming_wake_the_loop_once_per_batch_and_a_taker_once_per_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While piece alerts keep coming, the pipe is left unwatched between batches and the
+    # timer alone wakes the loop (a timer started at each signal of the pipe woke it
+    # twice per batch); a subscriber that takes what came is told once per drain.
+    data = os.urandom(32 * PIECE)
+    src = tmp_path / "src"
+    src.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (src / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(src / blob_id, BLOCK)
+    counted: list[SwarmSession] = []
+    wakes = {"pipe": 0, "timer": 0, "drains": 0}
+    on_fd, on_timer, drain = (
+        SwarmSession._on_alert_fd,
+        SwarmSession._batched_drain,
+        SwarmSession._drain,
+    )
+
+    def counting(key: str, fn: Callable[[SwarmSession], object]) -> Callable[..., Any]:
+        def run(self: SwarmSession) -> Any:
+            if self in counted:
+                wakes[key] += 1
+            return fn(self)
+
+        return run
+
+    # On the class, before the sessions start: the pipe's reader is bound at start.
+    monkeypatch.setattr(SwarmSession, "_on_alert_fd", counting("pipe", on_fd))
+    monkeypatch.setattr(SwarmSession, "_batched_drain", counting("timer", on_timer))
+    monkeypatch.setattr(SwarmSession, "_drain", counting("drains", drain))
+    async with session() as seeder, session() as leecher:
+        await seeder.add_torrent(torrent, src, seed_mode=True)
+        stream = leecher.subscribe(info_hash_of(torrent))
+        ready = asyncio.Event()
+        told = 0
+
+        def on_ready() -> None:
+            nonlocal told
+            told += 1
+            ready.set()
+
+        stream.on_ready(on_ready)
+        counted.append(leecher)
+        ih = await leecher.add_torrent(torrent, tmp_path / "dl")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        seen: list[ev.SwarmEvent] = []
+        async with asyncio.timeout(WAIT):
+            while not any(is_(ev.TorrentFinished, ih)(e) for e in seen):
+                await ready.wait()
+                ready.clear()
+                seen += stream.take()
+        stream.close()
+        pieces = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
+        assert pieces == list(range(len(data) // BLOCK))  # every alert delivered, in order
+        assert told <= wakes["drains"] + 2, (told, wakes)
+        assert told < len(pieces) / 4, (told, len(pieces))
+        total = wakes["pipe"] + wakes["timer"]
+        assert wakes["pipe"] * 3 <= total, (told, wakes)
 
 
 async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:

@@ -582,3 +582,24 @@ def test_without_follow_prefix_nothing_is_flushed_or_preferred() -> None:
     for i in range(7):
         r.done(0.1 * i, i)
     assert not [a for _, a in r.log if isinstance(a, FlushForReaders | PreferPieces)]
+
+
+def test_a_drains_events_handled_together_act_as_one_by_one_and_stop_at_the_end() -> None:
+    # The fetch loop hands the driver all the events of one alert drain at once
+    # (`handle_all`): the same actions, in the same order, as one event at a time, and
+    # nothing for what comes after the download finished.
+    one, together = follow_run(8, step=3, window=4), follow_run(8, step=3, window=4)
+    for r in (one, together):
+        r.at(0)
+        r.swarm.peers[SEED] = 0
+        r.at(0, ev.PeerConnected(IH, SEED))
+        r.swarm.have = set(range(8))
+    drain: list[Input] = [ev.PieceFinished(IH, i, False) for i in (2, 1, 0, 4, 3, 5, 6, 7)]
+    drain += [ev.PieceFinished(IH, 7, False), ev.PeerDisconnected(IH, SEED, "done")]
+    expected = [a for item in drain for a in one.drv.handle(item, T0 + 1)]
+    got = together.drv.handle_all(drain, T0 + 1)
+    assert list(got) == expected
+    assert got[0] == FlushForReaders(3 * PIECE) and got[-1] == Finished()
+    assert together.drv.outcome == Finished()
+    assert together.drv.next_wakeup() is None
+    assert together.drv.handle_all([ev.PieceFinished(IH, 0, False)], T0 + 2) == ()

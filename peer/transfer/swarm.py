@@ -8,9 +8,11 @@ are translated into `SwarmError` here, at the edge.
 How the pieces fit:
 
 - Alerts reach asyncio through ``set_alert_fd`` on a non-blocking pipe watched with
-  ``loop.add_reader``. On every wake-up the pipe is emptied, and ``ALERT_BATCH`` later
-  ``pop_alerts()`` is drained until it returns nothing; each alert is copied at once
-  into a frozen event (an alert object dies at the next ``pop_alerts``).
+  ``loop.add_reader``. On a wake-up the pipe is emptied and ``pop_alerts()`` drained
+  until it returns nothing; then the pipe is left unwatched for ``ALERT_BATCH`` and
+  drained again by a timer, as long as alerts keep coming (one wake-up per batch). Each
+  alert is copied at once into a frozen event (an alert object dies at the next
+  ``pop_alerts``).
   ``set_alert_notify`` is avoided: it runs a Python callback on libtorrent's thread,
   which must take the GIL there.
 - Events fan out to subscribers (`SwarmSession.subscribe`, one bounded queue each) and
@@ -78,9 +80,11 @@ BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal pie
 # Requests one peer may queue with us while it is a torrent's only peer: libtorrent's
 # default (`SwarmSettings.shared_peer_requests` once a torrent has more than one).
 ALONE_PEER_REQUESTS = 2000
-# Alerts are drained at most this long after libtorrent signals the first of them: a fast
-# download posts a piece alert every 2-3 ms, and each drain wakes every subscriber's
-# task, so draining at once made a wake-up chain per piece (docs/benchmarks.md 8.23).
+# After a drain, the alert pipe is not watched for this long, and what came meanwhile is
+# drained in one go: a fast download posts a piece alert every 2-3 ms, and each drain
+# wakes every subscriber's task, so draining at once made a wake-up chain per piece
+# (docs/benchmarks.md 8.23); a timer started at the pipe's signal woke the loop twice per
+# batch (8.30). The first alert after a quiet spell is drained at once.
 ALERT_BATCH = 0.005
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
@@ -964,28 +968,45 @@ class SwarmSession:
             fut.cancel()  # no-op when resolved; drops it when our caller gave up
             self._waiters = [w for w in self._waiters if w.fut is not fut]
 
+    def _empty_pipe(self) -> None:
+        # Before a drain: libtorrent writes again once its queue goes from empty to
+        # non-empty, so nothing posted after the drain that follows is lost.
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while os.read(self._pipe[0], 4096):
+                    pass
+
     def _on_alert_fd(self) -> None:
-        if self._pipe is None:
+        # The first alert after a quiet spell: dispatched at once. Then the pipe is not
+        # watched for ALERT_BATCH, and what came meanwhile is drained in one go.
+        self._empty_pipe()
+        self._drain()
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._loop is None or self._pipe is None or self._ses is None:
             return
-        # Empty the pipe first: libtorrent writes again once the queue goes from
-        # empty to non-empty, so nothing posted after the drain below is lost.
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self._pipe[0], 4096):
-                pass
-        # What comes in the next ALERT_BATCH joins this drain (libtorrent does not write
-        # again until its queue was emptied: nothing waits longer than that).
-        if self._drain_timer is None and self._loop is not None:
-            self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
+        self._loop.remove_reader(self._pipe[0])
+        self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
 
     def _batched_drain(self) -> None:
         self._drain_timer = None
-        self._drain()
+        if self._loop is None or self._pipe is None or self._ses is None:
+            return
+        self._empty_pipe()
+        if self._drain():
+            self._stop_listening()  # alerts keep coming: one wake-up per batch
+        else:
+            self._loop.add_reader(self._pipe[0], self._on_alert_fd)  # quiet: listen again
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Dispatch every queued alert; how many there were."""
+        popped = 0
         while self._ses is not None:
             alerts = self._ses.pop_alerts()
             if not alerts:
-                return
+                return popped
+            popped += len(alerts)
             for alert in alerts:
                 handler = self._handlers.get(type(alert))
                 if handler is None:
@@ -998,6 +1019,7 @@ class SwarmSession:
                     continue
                 for event in produced:
                     self._dispatch(event)
+        return popped
 
     def _apply_bound(self, bound: int | None) -> None:
         if bound is not None and self._ses is not None:
