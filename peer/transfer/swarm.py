@@ -959,6 +959,8 @@ class SwarmSession:
             fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
         else:
             self._waiters.append(_Waiter(predicate, fut, info_hash))
+            if self._drain_timer is not None:
+                self._listen()  # someone waits for an alert: no batch delay for it
         return fut
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
@@ -981,7 +983,8 @@ class SwarmSession:
         # watched for ALERT_BATCH, and what came meanwhile is drained in one go.
         self._empty_pipe()
         self._drain()
-        self._stop_listening()
+        if not self._waiters:
+            self._stop_listening()
 
     def _stop_listening(self) -> None:
         if self._loop is None or self._pipe is None or self._ses is None:
@@ -989,15 +992,24 @@ class SwarmSession:
         self._loop.remove_reader(self._pipe[0])
         self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
 
+    def _listen(self) -> None:
+        """Watch the pipe again, now (alerts posted meanwhile signalled it: a wake-up
+        at once)."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self._loop is not None and self._pipe is not None and self._ses is not None:
+            self._loop.add_reader(self._pipe[0], self._on_alert_fd)
+
     def _batched_drain(self) -> None:
         self._drain_timer = None
         if self._loop is None or self._pipe is None or self._ses is None:
             return
         self._empty_pipe()
-        if self._drain():
+        if self._drain() and not self._waiters:
             self._stop_listening()  # alerts keep coming: one wake-up per batch
         else:
-            self._loop.add_reader(self._pipe[0], self._on_alert_fd)  # quiet: listen again
+            self._listen()  # quiet, or someone waits for an alert: at once
 
     def _drain(self) -> int:
         """Dispatch every queued alert; how many there were."""
