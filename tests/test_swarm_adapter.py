@@ -16,6 +16,7 @@ import pytest
 
 from peer.errors import LocalError
 from peer.transfer import events as ev
+from peer.transfer import swarm as swarm_module
 from peer.transfer.swarm import (
     ALERT_BATCH,
     ALONE_PEER_REQUESTS,
@@ -425,6 +426,26 @@ async def test_alerts_that_keep_coming_wake_the_loop_once_per_batch_and_a_taker_
         assert told < len(pieces) / 4, (told, len(pieces))
         total = wakes["pipe"] + wakes["timer"]
         assert wakes["pipe"] * 3 <= total, (told, wakes)
+
+
+async def test_an_awaited_alert_is_not_held_back_for_the_batch(
+    blob: Blob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Right after a drain the pipe is left unwatched for ALERT_BATCH; someone awaiting an
+    # alert (a flush, a fed piece) has it watched again at once.
+    monkeypatch.setattr(swarm_module, "ALERT_BATCH", 1.5)
+    async with session() as s:
+        ih = await s.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        await asyncio.sleep(1.6)  # quiet: the pipe is watched again
+        stream = s.subscribe(ih, kinds=(ev.TorrentPaused,))
+        s.pause(ih)
+        async with asyncio.timeout(WAIT):
+            await anext(stream)  # drained at once; the pipe now unwatched for 1.5 s
+        t0 = asyncio.get_running_loop().time()
+        await s.flush_cache(ih)
+        took = asyncio.get_running_loop().time() - t0
+        stream.close()
+    assert took < 0.5, took
 
 
 async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:
