@@ -265,6 +265,41 @@ async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> N
         assert not status.is_seeding and 0.0 <= status.progress < 1.0
 
 
+async def test_a_drivers_look_is_read_in_one_worker_hop(
+    blob: Blob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The download's driver samples status, availability, the download queue and the
+    # peers' hash failures together: one thread hop (each wakes a worker and the loop).
+    slow = SwarmSettings(
+        listen_host="127.0.0.1", upload_rate_limit=4_000_000, limit_local_peers=True
+    )
+    async with SwarmSession(slow) as seeder, session() as leecher:
+        await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        ih = await leecher.add_torrent(blob.torrent, tmp_path / "slow")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        async with asyncio.timeout(WAIT):
+            while True:  # libtorrent has no event for "a block arrived" in our mask
+                if (await leecher.look(ih)).partial:
+                    break
+                await asyncio.sleep(0.05)
+        hops = 0
+        to_thread = asyncio.to_thread
+
+        async def counted(fn: Callable[..., Any], /, *args: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return await to_thread(fn, *args)
+
+        monkeypatch.setattr(asyncio, "to_thread", counted)
+        look = await leecher.look(ih)
+        assert hops == 1
+        assert look.state == "downloading" and not look.is_finished
+        assert len(look.have) == blob.num_pieces and not all(look.have)
+        assert look.availability == (1,) * blob.num_pieces
+        assert all(0 <= p.piece < blob.num_pieces for p in look.partial)
+        assert look.hashfails == ((ev.Endpoint("127.0.0.1", seeder.listen_port), 0),)
+
+
 def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> None:
     a, b, c = (ev.Endpoint("10.0.0.1", p) for p in (1, 2, 3))
     bound = RequestBound(alone=2000, shared=32)

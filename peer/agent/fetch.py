@@ -1040,17 +1040,14 @@ class BlobFetcher:
         return Readers(flight.reader_count, pos or 0, flight.ready, flight.waiting_count)
 
     async def _sample(self, ih: str) -> SwarmSample:
-        st = await self.swarm.status(ih)
-        partial = await self.swarm.partial_pieces(ih)
+        look = await self.swarm.look(ih)  # one worker hop (was five)
         return SwarmSample(
-            state=st.state,
-            is_finished=st.is_finished,
-            have=await self.swarm.have_pieces(ih),
-            availability=await self.swarm.piece_availability(ih),
-            partial=tuple((p.piece, p.blocks_received) for p in partial),
-            peers=tuple(
-                PeerSample(p.endpoint, p.num_hashfails) for p in await self.swarm.peers(ih)
-            ),
+            state=look.state,
+            is_finished=look.is_finished,
+            have=look.have,
+            availability=look.availability,
+            partial=tuple((p.piece, p.blocks_received) for p in look.partial),
+            peers=tuple(PeerSample(e, fails) for e, fails in look.hashfails),
         )
 
     async def close(self) -> None:

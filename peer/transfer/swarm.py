@@ -487,6 +487,18 @@ class PeerSnapshot:
 
 
 @dataclass(frozen=True)
+class TorrentLook:
+    """One torrent at one instant, as a download's driver samples it (`SwarmSession.look`)."""
+
+    state: str
+    is_finished: bool
+    have: tuple[bool, ...]  # pieces that passed their check
+    availability: tuple[int, ...]  # per piece, connected peers that have it (empty: a seed)
+    partial: tuple[PartialPiece, ...]  # pieces in flight from peers
+    hashfails: tuple[tuple[ev.Endpoint, int], ...]  # per connected peer, its hash failures
+
+
+@dataclass(frozen=True)
 class PartialPiece:
     """A piece libtorrent is downloading from peers (its download queue)."""
 
@@ -1532,19 +1544,28 @@ class SwarmSession:
         slow piece from a stalled one (the scheduler's PieceProgress)."""
         t = self._get(info_hash)
         queue = await self._call(t.handle.get_download_queue, "reading the download queue")
-        out = []
-        for entry in queue:
-            states = [int(b["state"]) for b in entry["blocks"]]
-            out.append(
-                PartialPiece(
-                    piece=int(entry["piece_index"]),
-                    blocks_total=int(entry["blocks_in_piece"]),
-                    # libtorrent block states: 0 none, 1 requested, 2 writing, 3 finished
-                    blocks_requested=sum(1 for x in states if x == 1),
-                    blocks_received=sum(1 for x in states if x >= 2),
-                )
-            )
-        return tuple(out)
+        return tuple(_partial_piece(entry) for entry in queue)
+
+    async def look(self, info_hash: str) -> TorrentLook:
+        """What a download's driver samples (`TorrentLook`), read in one worker-thread
+        hop instead of one per libtorrent call (each hop wakes a worker and the loop)."""
+        t = self._get(info_hash)
+
+        def read() -> tuple[Any, Any, Any, Any]:
+            h = t.handle
+            return h.status(), h.piece_availability(), h.get_download_queue(), h.get_peer_info()
+
+        st, avail, queue, infos = await self._call(read, "reading torrent state")
+        return TorrentLook(
+            state=_enum_name(st.state),
+            is_finished=bool(st.is_finished),
+            have=tuple(bool(x) for x in st.pieces),
+            availability=tuple(int(x) for x in avail),
+            partial=tuple(_partial_piece(entry) for entry in queue),
+            hashfails=tuple(
+                (ev.Endpoint(str(p.ip[0]), int(p.ip[1])), int(p.num_hashfails)) for p in infos
+            ),
+        )
 
     async def status(self, info_hash: str) -> TorrentStatus:
         t = self._get(info_hash)
@@ -1746,6 +1767,18 @@ def _check_files_present(meta: TorrentMeta, save: Path) -> None:
                 f"cannot seed {meta.info_hash}: {path} has {size} bytes, the torrent says {f.size}",
                 hint="the file changed after it was verified; verify it again",
             )
+
+
+def _partial_piece(entry: Any) -> PartialPiece:
+    """One entry of libtorrent's download queue."""
+    states = [int(b["state"]) for b in entry["blocks"]]
+    return PartialPiece(
+        piece=int(entry["piece_index"]),
+        blocks_total=int(entry["blocks_in_piece"]),
+        # libtorrent block states: 0 none, 1 requested, 2 writing, 3 finished
+        blocks_requested=sum(1 for x in states if x == 1),
+        blocks_received=sum(1 for x in states if x >= 2),
+    )
 
 
 def _enum_name(value: Any) -> str:
