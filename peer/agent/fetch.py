@@ -42,7 +42,7 @@ from peer.manifests.revisions import is_local_repo
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
-from peer.transfer.events import PieceFinished
+from peer.transfer.events import PieceFinished, TorrentFinished
 from peer.transfer.inflight import InFlightBlob
 from peer.transfer.member_stream import MemberBusy, MemberStream
 from peer.transfer.mirror_blob import BlobCounters, from_mirror
@@ -70,6 +70,7 @@ from peer.transfer.swarm_download import (
     SwarmSample,
     TakeSample,
     Wake,
+    WatchTheEnd,
 )
 from peer.transfer.swarm_download import Failed as SwarmFailed
 from peer.verification.hashing import PrefixHasher, Verdict, hash_file
@@ -894,6 +895,7 @@ class BlobFetcher:
         stream.on_ready(woken.set)
         mirror_tasks: dict[int, asyncio.Task[None]] = {}
         swarming = asyncio.Event()
+        end: asyncio.Future[Any] | None = None  # awaited by nobody: see WatchTheEnd
 
         def post(item: Input) -> None:
             inbox.append(item)
@@ -930,6 +932,7 @@ class BlobFetcher:
                 mirror_tasks.pop(i, None)
 
         async def carry_out(actions: tuple[Action, ...]) -> None:
+            nonlocal end
             todo = list(actions)
             while todo:
                 a = todo.pop(0)
@@ -973,6 +976,12 @@ class BlobFetcher:
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
                 elif isinstance(a, InOrder):
                     self.swarm.set_in_order(ih, a.on)
+                elif isinstance(a, WatchTheEnd):
+                    # While someone waits for an alert the session drains each at once
+                    # (no batch): the last pieces reach the driver without delay.
+                    end = self.swarm.expect(
+                        lambda e: isinstance(e, TorrentFinished) and e.info_hash == ih
+                    )
                 elif isinstance(a, SwarmFailed):
                     hint = (
                         "retry later, or add another --mirror"
@@ -1028,6 +1037,8 @@ class BlobFetcher:
             raise primary_error(group) from None
         finally:
             watching.close()
+            if end is not None:
+                end.cancel()
             for t in list(mirror_tasks.values()):
                 t.cancel()
 
