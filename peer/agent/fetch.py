@@ -1039,6 +1039,8 @@ class BlobFetcher:
             watching.close()
             if end is not None:
                 end.cancel()
+                if not end.cancelled():
+                    end.exception()  # (a closed session failed it: nobody awaits it)
             for t in list(mirror_tasks.values()):
                 t.cancel()
 
