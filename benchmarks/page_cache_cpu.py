@@ -13,9 +13,9 @@ interrupts the cores that run them; in the agent, libtorrent's threads).
 rewrite: a 1 GiB file written (1 MiB writes) right after another 1 GiB file was deleted,
 or ``--pause`` seconds after: on a VM whose balloon reports free memory to the host,
 writing into memory handed back costs the writer its faults on the host.
-``--hold-freed-memory`` (root, machine-wide, restored on exit; see vm_memory.py) keeps
-freed memory with the guest meanwhile, and ``--prefault`` touches and frees 1.25 GiB
-right before each timed write (docs/benchmarks.md 8.30).
+``--hold-freed-memory`` (root, machine-wide, restored on exit; see vm_memory.py) holds
+free page reporting meanwhile, and ``--prefault`` touches and frees 1.25 GiB right before
+each timed write: probes, which did not keep the write cheap here (docs/benchmarks.md 8.30).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ trial ended, so that the memory that trial freed is always handed back to the ho
 (see `settle`). ``--drop-caches`` (root) also empties the page cache before every trial
 and reads the seeder's blob back in, so every trial starts from the same cache.
 ``--hold-freed-memory`` (root; machine-wide while it runs, restored on exit; see
-vm_memory.py) keeps freed memory with this VM instead, and touches and frees 1.25x the
-blob right before every trial, so that every trial writes into memory the VM holds
-(docs/benchmarks.md 8.30). An agent's row also gives its main thread's CPU and its
+vm_memory.py) holds this VM's free page reporting instead, and touches and frees 1.25x
+the blob right before every trial: a probe, which did not make the trials' page-cache
+cost stable here (docs/benchmarks.md 8.30). An agent's row also gives its main thread's CPU and its
 wake-ups (voluntary context switches: a count, which the machine's load moves less).
 """
 

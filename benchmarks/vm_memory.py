@@ -1,5 +1,5 @@
-"""Freed memory kept by this VM during a benchmark, so writes into fresh page cache cost
-the same in every trial (docs/benchmarks.md 8.23, 8.30).
+"""A probe: keep freed memory with this VM during a benchmark (docs/benchmarks.md 8.23,
+8.30). Opt-in; it did NOT make the fresh-page cost stable on the VM it was written on.
 
 This VM's balloon reports free memory to the host (free page reporting): memory freed in
 the guest is handed back a few seconds later, and the next write into it faults on the
@@ -10,9 +10,11 @@ ran before it.
 `hold_freed_memory` (opt-in, root, machine-wide) sets the kernel's
 ``page_reporting.min_free_ms`` (a parameter of this VM's kernel: a page is reported only
 after it has been free that long) for the benchmark's duration and restores the old
-value on exit, so memory a trial frees stays with the guest; the allocator hands out
-unreported pages first. `prefault` then touches and frees enough memory before a trial
-that the trial's writes land on memory the guest holds.
+value on exit; `prefault` touches and frees memory before a trial, so that its writes
+would land on memory the guest holds. Reporting did stop (``reported_kib`` stayed put),
+but on a quiet machine a 1 GiB write into memory freed 6 s before still cost 0.5-3.0
+CPU s with both (8.30): the host takes freed memory back some other way. Kept to re-test
+on another VM.
 """
 
 from __future__ import annotations
