@@ -23,6 +23,11 @@ over from one trial otherwise lands in the next (8.21 saw the bare pair alone sp
 trial ended, so that the memory that trial freed is always handed back to the host
 (see `settle`). ``--drop-caches`` (root) also empties the page cache before every trial
 and reads the seeder's blob back in, so every trial starts from the same cache.
+``--hold-freed-memory`` (root; machine-wide while it runs, restored on exit; see
+vm_memory.py) holds this VM's free page reporting instead, and touches and frees 1.25x
+the blob right before every trial: a probe, which did not make the trials' page-cache
+cost stable here (docs/benchmarks.md 8.30). An agent's row also gives its main thread's CPU and its
+wake-ups (voluntary context switches: a count, which the machine's load moves less).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
+from vm_memory import hold_freed_memory, prefault
 
 REPO = "bench/one-file"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -67,6 +73,14 @@ def threads_cpu(pid: int) -> dict[str, float]:
         key = "main" if task.name == str(pid) else f"{task.name} {name}"
         out[key] = (int(f[11]) + int(f[12])) / TICKS
     return out
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a live process's main thread (its sleeps)."""
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def dirty_bytes() -> int:
@@ -150,6 +164,7 @@ class Agent:
         """(wall s, agent CPU s, CLI CPU s) of one `hfswarm download --agent`."""
         before = cpu_of(self.proc.pid)
         threads_before = threads_cpu(self.proc.pid)
+        wakes_before = wakeups(self.proc.pid)
         self.started = time.time()
         t0 = time.perf_counter()
         cli = subprocess.Popen(
@@ -162,6 +177,8 @@ class Agent:
         wall = time.perf_counter() - t0
         self.ended = time.time()
         after = threads_cpu(self.proc.pid)
+        self.main_wakes = wakeups(self.proc.pid) - wakes_before
+        self.main_cpu = after["main"] - threads_before["main"]
         self.threads = {
             k: round(v - threads_before.get(k, 0.0), 2)
             for k, v in after.items()
@@ -279,11 +296,22 @@ def main() -> None:
         help="the downloading agents' log level (info: as users run them; debug adds the"
         " time line of every step)",
     )  # fmt: skip
+    ap.add_argument(
+        "--hold-freed-memory", action="store_true",
+        help="keep freed memory with this VM during the run and touch 1.25x the blob"
+        " before every trial (root; sets page_reporting.min_free_ms machine-wide,"
+        " restores it on exit)",
+    )  # fmt: skip
     ap.add_argument("--bare-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
         bare_child(Path(args.bare_child[0]), args.bare_child[1], Path(args.bare_child[2]))
         return
+    with hold_freed_memory(args.hold_freed_memory):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
     here = checkouts[-1]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-cpu-bench-"))
@@ -301,7 +329,7 @@ def main() -> None:
     seeder = Agent(here, work / "seeder", "127.0.0.2", url, [], "info")
     rows: dict[str, dict[str, list[float]]] = {"bare": {"wall": [], "cpu": []}}
     for c in checkouts:
-        rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": []}
+        rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": [], "main_cpu": [], "main_wakes": []}
     lines: dict[str, list[list[tuple[str, float]]]] = {}  # per checkout, per round
     try:
         seeder.download()
@@ -326,6 +354,8 @@ def main() -> None:
             # The order turns each round: no row always runs first, or right after another.
             for row in order[r % len(order) :] + order[: r % len(order)]:
                 waited.append(settle(blob, args.drop_caches, args.settle))
+                if args.hold_freed_memory:
+                    prefault(size + size // 4)
                 if row == "bare":
                     w, c = bare(here, torrent, bt_seeder, work / "bare")
                     rows["bare"]["wall"].append(w)
@@ -341,11 +371,13 @@ def main() -> None:
                 rows[row]["wall"].append(w)
                 rows[row]["cpu"].append(c)
                 rows[row]["cli_cpu"].append(cc)
+                rows[row]["main_cpu"].append(d.main_cpu)
+                rows[row]["main_wakes"].append(d.main_wakes)
                 lines.setdefault(row, []).append(timeline(d.log_path, d.started, d.ended))
                 if args.threads:
                     print(f"    {co.name} threads: {d.threads}", flush=True)
                 shutil.rmtree(d.root)
-                msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu")
+                msg.append(f"{co.name or co} {w:.2f} s / {c:.2f} cpu ({d.main_cpu:.2f} main)")
             print(f"  run {r + 1} (load {os.getloadavg()[0]:.1f}): " + ", ".join(msg), flush=True)
         print(f"  settled before each trial in {min(waited):.2f}-{max(waited):.2f} s", flush=True)
     finally:
@@ -356,15 +388,29 @@ def main() -> None:
     print(json.dumps({"size": size, "runs": rows, "median": med}, indent=1))
     b = med["bare"]
     print(f"\n| {size / (1 << 30):.2f} GiB, median of {args.runs} | wall s | CPU s "
-          "| wall vs bare | CPU - bare | CLI CPU s |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    print(f"| bare libtorrent | {b['wall']:.2f} | {b['cpu']:.2f} | 1.00x | +0.00 | - |")
+          "| wall vs bare | CPU - bare | CLI CPU s | main thread CPU s "
+          "| main thread wake-ups |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| bare libtorrent | {b['wall']:.2f} | {b['cpu']:.2f} | 1.00x | +0.00 | - | - | - |")
     for k, m in med.items():
         if k != "bare":
             print(
                 f"| agent ({k}) | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / b['wall']:.2f}x"
-                f" | {m['cpu'] - b['cpu']:+.2f} | {m['cli_cpu']:.2f} |"
+                f" | {m['cpu'] - b['cpu']:+.2f} | {m['cli_cpu']:.2f} | {m['main_cpu']:.2f}"
+                f" | {m['main_wakes']:.0f} |"
             )
+    # Paired by round (the rows of one round ran back to back): what the medians of
+    # rows taken from different rounds hide when the machine's load moves.
+    print(f"\n| per round | {' | '.join(map(str, range(1, args.runs + 1)))} |")
+    print("|---|" + "---|" * args.runs)
+    for k, row in rows.items():
+        if k != "bare":
+            d_cpu = [c - bc for c, bc in zip(row["cpu"], rows["bare"]["cpu"], strict=True)]
+            ratio = [w / bw for w, bw in zip(row["wall"], rows["bare"]["wall"], strict=True)]
+            print(f"| {k}: CPU - bare s | " + " | ".join(f"{x:+.2f}" for x in d_cpu) + " |")
+            print(f"| {k}: wall / bare | " + " | ".join(f"{x:.2f}x" for x in ratio) + " |")
+            print(f"| {k}: main thread CPU s | "
+                  + " | ".join(f"{x:.2f}" for x in row["main_cpu"]) + " |")  # fmt: skip
     if args.log_level != "debug":
         # At info the log names only the ends: a table of its steps would be dashes.
         print("\n(the time line of each step: --log-level debug)")

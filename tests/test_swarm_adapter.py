@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from peer.errors import LocalError
 from peer.transfer import events as ev
+from peer.transfer import swarm as swarm_module
 from peer.transfer.swarm import (
     ALERT_BATCH,
     ALONE_PEER_REQUESTS,
@@ -263,6 +265,41 @@ async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> N
         assert not status.is_seeding and 0.0 <= status.progress < 1.0
 
 
+async def test_a_drivers_look_is_read_in_one_worker_hop(
+    blob: Blob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The download's driver samples status, availability, the download queue and the
+    # peers' hash failures together: one thread hop (each wakes a worker and the loop).
+    slow = SwarmSettings(
+        listen_host="127.0.0.1", upload_rate_limit=4_000_000, limit_local_peers=True
+    )
+    async with SwarmSession(slow) as seeder, session() as leecher:
+        await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        ih = await leecher.add_torrent(blob.torrent, tmp_path / "slow")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        async with asyncio.timeout(WAIT):
+            while True:  # libtorrent has no event for "a block arrived" in our mask
+                if (await leecher.look(ih)).partial:
+                    break
+                await asyncio.sleep(0.05)
+        hops = 0
+        to_thread = asyncio.to_thread
+
+        async def counted(fn: Callable[..., Any], /, *args: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return await to_thread(fn, *args)
+
+        monkeypatch.setattr(asyncio, "to_thread", counted)
+        look = await leecher.look(ih)
+        assert hops == 1
+        assert look.state == "downloading" and not look.is_finished
+        assert len(look.have) == blob.num_pieces and not all(look.have)
+        assert look.availability == (1,) * blob.num_pieces
+        assert all(0 <= p.piece < blob.num_pieces for p in look.partial)
+        assert look.hashfails == ((ev.Endpoint("127.0.0.1", seeder.listen_port), 0),)
+
+
 def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> None:
     a, b, c = (ev.Endpoint("10.0.0.1", p) for p in (1, 2, 3))
     bound = RequestBound(alone=2000, shared=32)
@@ -343,10 +380,11 @@ async def test_alerts_of_a_fast_download_are_drained_in_batches(
         drains = 0
         drain = leecher._drain
 
-        def counted() -> None:
+        def counted() -> int:
             nonlocal drains
-            drains += 1
-            drain()
+            popped = drain()
+            drains += popped > 0  # (a timer that found nothing woke nobody)
+            return popped
 
         monkeypatch.setattr(leecher, "_drain", counted)
         stream = leecher.subscribe(info_hash_of(torrent))
@@ -361,6 +399,88 @@ async def test_alerts_of_a_fast_download_are_drained_in_batches(
         # At most one drain per batch interval (and the few direct ones), not per piece.
         assert drains <= took / ALERT_BATCH + 20, (drains, took)
         assert drains < len(pieces) / 4, (drains, len(pieces))
+
+
+async def test_alerts_that_keep_coming_wake_the_loop_once_per_batch_and_a_taker_once_per_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While piece alerts keep coming, the pipe is left unwatched between batches and the
+    # timer alone wakes the loop (a timer started at each signal of the pipe woke it
+    # twice per batch); a subscriber that takes what came is told once per drain.
+    data = os.urandom(32 * PIECE)
+    src = tmp_path / "src"
+    src.mkdir()
+    blob_id = hashlib.sha256(data).hexdigest()
+    (src / blob_id).write_bytes(data)
+    torrent = await create_v2_torrent(src / blob_id, BLOCK)
+    counted: list[SwarmSession] = []
+    wakes = {"pipe": 0, "timer": 0, "drains": 0}
+    on_fd, on_timer, drain = (
+        SwarmSession._on_alert_fd,
+        SwarmSession._batched_drain,
+        SwarmSession._drain,
+    )
+
+    def counting(key: str, fn: Callable[[SwarmSession], object]) -> Callable[..., Any]:
+        def run(self: SwarmSession) -> Any:
+            if self in counted:
+                wakes[key] += 1
+            return fn(self)
+
+        return run
+
+    # On the class, before the sessions start: the pipe's reader is bound at start.
+    monkeypatch.setattr(SwarmSession, "_on_alert_fd", counting("pipe", on_fd))
+    monkeypatch.setattr(SwarmSession, "_batched_drain", counting("timer", on_timer))
+    monkeypatch.setattr(SwarmSession, "_drain", counting("drains", drain))
+    async with session() as seeder, session() as leecher:
+        await seeder.add_torrent(torrent, src, seed_mode=True)
+        stream = leecher.subscribe(info_hash_of(torrent))
+        ready = asyncio.Event()
+        told = 0
+
+        def on_ready() -> None:
+            nonlocal told
+            told += 1
+            ready.set()
+
+        stream.on_ready(on_ready)
+        counted.append(leecher)
+        ih = await leecher.add_torrent(torrent, tmp_path / "dl")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        seen: list[ev.SwarmEvent] = []
+        async with asyncio.timeout(WAIT):
+            while not any(is_(ev.TorrentFinished, ih)(e) for e in seen):
+                await ready.wait()
+                ready.clear()
+                seen += stream.take()
+        stream.close()
+        pieces = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
+        assert pieces == list(range(len(data) // BLOCK))  # every alert delivered, in order
+        assert told <= wakes["drains"] + 2, (told, wakes)
+        assert told < len(pieces) / 4, (told, len(pieces))
+        total = wakes["pipe"] + wakes["timer"]
+        assert wakes["pipe"] * 3 <= total, (told, wakes)
+
+
+async def test_an_awaited_alert_is_not_held_back_for_the_batch(
+    blob: Blob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Right after a drain the pipe is left unwatched for ALERT_BATCH; someone awaiting an
+    # alert (a flush, a fed piece) has it watched again at once.
+    monkeypatch.setattr(swarm_module, "ALERT_BATCH", 1.5)
+    async with session() as s:
+        ih = await s.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
+        await asyncio.sleep(1.6)  # quiet: the pipe is watched again
+        stream = s.subscribe(ih, kinds=(ev.TorrentPaused,))
+        s.pause(ih)
+        async with asyncio.timeout(WAIT):
+            await anext(stream)  # drained at once; the pipe now unwatched for 1.5 s
+        t0 = asyncio.get_running_loop().time()
+        await s.flush_cache(ih)
+        took = asyncio.get_running_loop().time() - t0
+        stream.close()
+    assert took < 0.5, took
 
 
 async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:

@@ -34,6 +34,7 @@ from peer.transfer.swarm_download import (
     SwarmSample,
     TakeSample,
     Wake,
+    WatchTheEnd,
 )
 
 T0 = 500.0
@@ -85,7 +86,7 @@ class Run:
         self.swarm = FakeSwarm(n)
         cfg = SwarmDownloadConfig(
             policy=PolicyConfig(**policy),  # type: ignore[arg-type]
-            **(driver or {}),
+            **{"end_watch": 0, **(driver or {})},  # (its own test gives one)
         )
         self.drv = SwarmDownload(
             size if size is not None else n * PIECE - 100,
@@ -532,7 +533,7 @@ def follow_run(n: int, *, step: int, window: int) -> Run:
         PIECE,
         n,
         r.now,
-        SwarmDownloadConfig(hash_step=step * PIECE, prefer_window=window * PIECE),
+        SwarmDownloadConfig(hash_step=step * PIECE, prefer_window=window * PIECE, end_watch=0),
         follow_prefix=True,
     )
     r.swarm.holders = dict.fromkeys(range(n), 1)
@@ -582,3 +583,38 @@ def test_without_follow_prefix_nothing_is_flushed_or_preferred() -> None:
     for i in range(7):
         r.done(0.1 * i, i)
     assert not [a for _, a in r.log if isinstance(a, FlushForReaders | PreferPieces)]
+
+
+def test_a_drains_events_handled_together_act_as_one_by_one_and_stop_at_the_end() -> None:
+    # The fetch loop hands the driver all the events of one alert drain at once
+    # (`handle_all`): the same actions, in the same order, as one event at a time, and
+    # nothing for what comes after the download finished.
+    one, together = follow_run(8, step=3, window=4), follow_run(8, step=3, window=4)
+    for r in (one, together):
+        r.at(0)
+        r.swarm.peers[SEED] = 0
+        r.at(0, ev.PeerConnected(IH, SEED))
+        r.swarm.have = set(range(8))
+    drain: list[Input] = [ev.PieceFinished(IH, i, False) for i in (2, 1, 0, 4, 3, 5, 6, 7)]
+    drain += [ev.PieceFinished(IH, 7, False), ev.PeerDisconnected(IH, SEED, "done")]
+    expected = [a for item in drain for a in one.drv.handle(item, T0 + 1)]
+    got = together.drv.handle_all(drain, T0 + 1)
+    assert list(got) == expected
+    assert got[0] == FlushForReaders(3 * PIECE) and got[-1] == Finished()
+    assert together.drv.outcome == Finished()
+    assert together.drv.next_wakeup() is None
+    assert together.drv.handle_all([ev.PieceFinished(IH, 0, False)], T0 + 2) == ()
+
+
+def test_the_end_of_a_download_is_watched_closely_once() -> None:
+    # Once less than `end_watch` is left, the driver asks (once) for the swarm's events
+    # at once: the last piece must not wait for an alert batch.
+    r = Run(8, driver={"end_watch": 3 * PIECE})
+    r.swarm.holders = dict.fromkeys(range(8), 1)
+    r.running()
+    assert [a for i in range(4) for a in r.done(0.1 * i, i)] == []  # 4 pieces - 100 B left
+    assert r.done(0.5, 4) == [WatchTheEnd()]  # 3 pieces - 100 B left
+    assert r.done(0.6, 5) == [] and r.done(0.7, 6) == []
+    assert r.done(0.8, 7) == [Finished()]
+    small = Run(2, driver={"end_watch": 16 << 20})  # all of it under end_watch: at once
+    assert small.at(0) == [StartSwarming(), WatchTheEnd()]

@@ -8,9 +8,11 @@ are translated into `SwarmError` here, at the edge.
 How the pieces fit:
 
 - Alerts reach asyncio through ``set_alert_fd`` on a non-blocking pipe watched with
-  ``loop.add_reader``. On every wake-up the pipe is emptied, and ``ALERT_BATCH`` later
-  ``pop_alerts()`` is drained until it returns nothing; each alert is copied at once
-  into a frozen event (an alert object dies at the next ``pop_alerts``).
+  ``loop.add_reader``. On a wake-up the pipe is emptied and ``pop_alerts()`` drained
+  until it returns nothing; then the pipe is left unwatched for ``ALERT_BATCH`` and
+  drained again by a timer, as long as alerts keep coming (one wake-up per batch). Each
+  alert is copied at once into a frozen event (an alert object dies at the next
+  ``pop_alerts``).
   ``set_alert_notify`` is avoided: it runs a Python callback on libtorrent's thread,
   which must take the GIL there.
 - Events fan out to subscribers (`SwarmSession.subscribe`, one bounded queue each) and
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import logging
 import math
@@ -77,10 +80,15 @@ BLOCK_SIZE = 16 * 1024  # BitTorrent v2 merkle leaf size; the smallest legal pie
 # Requests one peer may queue with us while it is a torrent's only peer: libtorrent's
 # default (`SwarmSettings.shared_peer_requests` once a torrent has more than one).
 ALONE_PEER_REQUESTS = 2000
-# Alerts are drained at most this long after libtorrent signals the first of them: a fast
-# download posts a piece alert every 2-3 ms, and each drain wakes every subscriber's
-# task, so draining at once made a wake-up chain per piece (docs/benchmarks.md 8.23).
-ALERT_BATCH = 0.005
+# After a drain, the alert pipe is not watched for this long, and what came meanwhile is
+# drained in one go: a fast download posts a piece alert every 2-3 ms, and each drain
+# wakes every subscriber's task, so draining at once made a wake-up chain per piece
+# (docs/benchmarks.md 8.23). 20 ms, not 5: each batch costs the event loop a wake-up and
+# a turn of every subscriber, and at 5 ms a GiB took 450-500 of them (8.30). The first
+# alert after a quiet spell is drained at once, and so is every alert while someone
+# waits for one (`expect`: a flush, a fed piece), so the delay falls on events nobody
+# awaits: a download's driver sees its pieces up to 20 ms late.
+ALERT_BATCH = 0.02
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
 SHARED_HOLD = 5.0
@@ -484,6 +492,18 @@ class PeerSnapshot:
 
 
 @dataclass(frozen=True)
+class TorrentLook:
+    """One torrent at one instant, as a download's driver samples it (`SwarmSession.look`)."""
+
+    state: str
+    is_finished: bool
+    have: tuple[bool, ...]  # pieces that passed their check
+    availability: tuple[int, ...]  # per piece, connected peers that have it (empty: a seed)
+    partial: tuple[PartialPiece, ...]  # pieces in flight from peers
+    hashfails: tuple[tuple[ev.Endpoint, int], ...]  # per connected peer, its hash failures
+
+
+@dataclass(frozen=True)
 class PartialPiece:
     """A piece libtorrent is downloading from peers (its download queue)."""
 
@@ -496,15 +516,10 @@ class PartialPiece:
 # --- event delivery ---------------------------------------------------------------------
 
 
-class _Closed:
-    pass
-
-
-_CLOSED = _Closed()
-
-
 class EventStream:
-    """One subscriber's view of the events: ``async for event in stream``.
+    """One subscriber's view of the events: ``async for event in stream``, or, for a
+    consumer that wants all that came at once (one wake-up per alert drain, not one per
+    event), `take` when `on_ready`'s callback said something came.
 
     Bounded: when the consumer falls ``maxsize`` events behind, further events are
     dropped for it and an `EventsDropped` is delivered before the next one. The stream
@@ -521,7 +536,9 @@ class EventStream:
         self.info_hash = info_hash
         self._kinds = kinds
         self._maxsize = maxsize
-        self._queue: asyncio.Queue[ev.SwarmEvent | _Closed] = asyncio.Queue()
+        self._pending: collections.deque[ev.SwarmEvent] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None  # an `__anext__` waiting
+        self._ready: Callable[[], None] | None = None
         self._dropped = 0
         self._closed = False
 
@@ -535,32 +552,66 @@ class EventStream:
     def _push(self, event: ev.SwarmEvent) -> None:
         if self._closed or not self._wants(event):
             return
-        if self._queue.qsize() >= self._maxsize:
+        if len(self._pending) >= self._maxsize:
             self._dropped += 1
             return
-        self._queue.put_nowait(event)
+        self._pending.append(event)
+        if len(self._pending) == 1:  # the rest of this drain joins it: one wake-up
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._ready is not None:
+            self._ready()
 
     def _end(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put_nowait(_CLOSED)
+            self._wake()
 
     def close(self) -> None:
         self._owner._unsubscribe(self)
         self._end()
 
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop, inside the drain) when an event comes to
+        an empty stream, and when the stream ends; then `take` what came."""
+        self._ready = callback
+
+    def take(self) -> list[ev.SwarmEvent]:
+        """Every event that came since the last take, in order (an `EventsDropped`
+        first if some were dropped); empty if none."""
+        out: list[ev.SwarmEvent] = []
+        if self._dropped:
+            out.append(ev.EventsDropped(self._dropped))
+            self._dropped = 0
+        out += self._pending
+        self._pending.clear()
+        return out
+
+    @property
+    def ended(self) -> bool:
+        """Closed, and every event taken."""
+        return self._closed and not self._pending and not self._dropped
+
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> ev.SwarmEvent:
-        if self._dropped:
-            dropped, self._dropped = self._dropped, 0
-            return ev.EventsDropped(dropped)
-        item = await self._queue.get()
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)  # stay ended for later calls
-            raise StopAsyncIteration
-        return item
+        while True:
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                return ev.EventsDropped(dropped)
+            if self._pending:
+                return self._pending.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     async def __aenter__(self) -> EventStream:
         return self
@@ -928,6 +979,8 @@ class SwarmSession:
             fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
         else:
             self._waiters.append(_Waiter(predicate, fut, info_hash))
+            if self._drain_timer is not None:
+                self._listen()  # someone waits for an alert: no batch delay for it
         return fut
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
@@ -937,28 +990,55 @@ class SwarmSession:
             fut.cancel()  # no-op when resolved; drops it when our caller gave up
             self._waiters = [w for w in self._waiters if w.fut is not fut]
 
+    def _empty_pipe(self) -> None:
+        # Before a drain: libtorrent writes again once its queue goes from empty to
+        # non-empty, so nothing posted after the drain that follows is lost.
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while os.read(self._pipe[0], 4096):
+                    pass
+
     def _on_alert_fd(self) -> None:
-        if self._pipe is None:
+        # The first alert after a quiet spell: dispatched at once. Then the pipe is not
+        # watched for ALERT_BATCH, and what came meanwhile is drained in one go.
+        self._empty_pipe()
+        self._drain()
+        if not self._waiters:
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._loop is None or self._pipe is None or self._ses is None:
             return
-        # Empty the pipe first: libtorrent writes again once the queue goes from
-        # empty to non-empty, so nothing posted after the drain below is lost.
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self._pipe[0], 4096):
-                pass
-        # What comes in the next ALERT_BATCH joins this drain (libtorrent does not write
-        # again until its queue was emptied: nothing waits longer than that).
-        if self._drain_timer is None and self._loop is not None:
-            self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
+        self._loop.remove_reader(self._pipe[0])
+        self._drain_timer = self._loop.call_later(ALERT_BATCH, self._batched_drain)
+
+    def _listen(self) -> None:
+        """Watch the pipe again, now (alerts posted meanwhile signalled it: a wake-up
+        at once)."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self._loop is not None and self._pipe is not None and self._ses is not None:
+            self._loop.add_reader(self._pipe[0], self._on_alert_fd)
 
     def _batched_drain(self) -> None:
         self._drain_timer = None
-        self._drain()
+        if self._loop is None or self._pipe is None or self._ses is None:
+            return
+        self._empty_pipe()
+        if self._drain() and not self._waiters:
+            self._stop_listening()  # alerts keep coming: one wake-up per batch
+        else:
+            self._listen()  # quiet, or someone waits for an alert: at once
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Dispatch every queued alert; how many there were."""
+        popped = 0
         while self._ses is not None:
             alerts = self._ses.pop_alerts()
             if not alerts:
-                return
+                return popped
+            popped += len(alerts)
             for alert in alerts:
                 handler = self._handlers.get(type(alert))
                 if handler is None:
@@ -971,6 +1051,7 @@ class SwarmSession:
                     continue
                 for event in produced:
                     self._dispatch(event)
+        return popped
 
     def _apply_bound(self, bound: int | None) -> None:
         if bound is not None and self._ses is not None:
@@ -1504,19 +1585,28 @@ class SwarmSession:
         slow piece from a stalled one (the scheduler's PieceProgress)."""
         t = self._get(info_hash)
         queue = await self._call(t.handle.get_download_queue, "reading the download queue")
-        out = []
-        for entry in queue:
-            states = [int(b["state"]) for b in entry["blocks"]]
-            out.append(
-                PartialPiece(
-                    piece=int(entry["piece_index"]),
-                    blocks_total=int(entry["blocks_in_piece"]),
-                    # libtorrent block states: 0 none, 1 requested, 2 writing, 3 finished
-                    blocks_requested=sum(1 for x in states if x == 1),
-                    blocks_received=sum(1 for x in states if x >= 2),
-                )
-            )
-        return tuple(out)
+        return tuple(_partial_piece(entry) for entry in queue)
+
+    async def look(self, info_hash: str) -> TorrentLook:
+        """What a download's driver samples (`TorrentLook`), read in one worker-thread
+        hop instead of one per libtorrent call (each hop wakes a worker and the loop)."""
+        t = self._get(info_hash)
+
+        def read() -> tuple[Any, Any, Any, Any]:
+            h = t.handle
+            return h.status(), h.piece_availability(), h.get_download_queue(), h.get_peer_info()
+
+        st, avail, queue, infos = await self._call(read, "reading torrent state")
+        return TorrentLook(
+            state=_enum_name(st.state),
+            is_finished=bool(st.is_finished),
+            have=tuple(bool(x) for x in st.pieces),
+            availability=tuple(int(x) for x in avail),
+            partial=tuple(_partial_piece(entry) for entry in queue),
+            hashfails=tuple(
+                (ev.Endpoint(str(p.ip[0]), int(p.ip[1])), int(p.num_hashfails)) for p in infos
+            ),
+        )
 
     async def status(self, info_hash: str) -> TorrentStatus:
         t = self._get(info_hash)
@@ -1718,6 +1808,18 @@ def _check_files_present(meta: TorrentMeta, save: Path) -> None:
                 f"cannot seed {meta.info_hash}: {path} has {size} bytes, the torrent says {f.size}",
                 hint="the file changed after it was verified; verify it again",
             )
+
+
+def _partial_piece(entry: Any) -> PartialPiece:
+    """One entry of libtorrent's download queue."""
+    states = [int(b["state"]) for b in entry["blocks"]]
+    return PartialPiece(
+        piece=int(entry["piece_index"]),
+        blocks_total=int(entry["blocks_in_piece"]),
+        # libtorrent block states: 0 none, 1 requested, 2 writing, 3 finished
+        blocks_requested=sum(1 for x in states if x == 1),
+        blocks_received=sum(1 for x in states if x >= 2),
+    )
 
 
 def _enum_name(value: Any) -> str:

@@ -45,6 +45,7 @@ the download with the policy's reason once peers had their time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -81,6 +82,9 @@ class SwarmDownloadConfig:
     # ... and prefer the pieces this far after the prefix (rarest first among them,
     # so downloaders still trade), or the prefix would only grow at the very end.
     prefer_window: int = 64 << 20
+    # Once less than this is left to come, `WatchTheEnd` (the swarm's events at once:
+    # alert batches would hold the last piece back for up to 20 ms). 0: never.
+    end_watch: int = 16 << 20
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -236,6 +240,12 @@ class InOrder:
 
 
 @dataclass(frozen=True)
+class WatchTheEnd:
+    """The last ``end_watch`` bytes are coming (sent once): have the swarm's events
+    delivered at once from now on, not in batches (the end is the download's wall time)."""
+
+
+@dataclass(frozen=True)
 class Finished:
     """Every piece passed its check (flush the cache before reading the file)."""
 
@@ -257,6 +267,7 @@ Action = (
     | InOrder
     | DropHolders
     | ConnectHolders
+    | WatchTheEnd
     | Finished
     | Failed
 )
@@ -347,6 +358,7 @@ class SwarmDownload:
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
+        self._watching_end = False  # a WatchTheEnd was sent
 
     def piece_length(self, piece: int) -> int:
         return min(self.piece_size, self.size - piece * self.piece_size)
@@ -406,6 +418,17 @@ class SwarmDownload:
                 self._on_event(item, now, out)
             case _:
                 raise TypeError(f"not a swarm download input: {item!r}")
+        return tuple(out)
+
+    def handle_all(self, items: Iterable[Input], now: float) -> tuple[Action, ...]:
+        """Apply inputs that came together (one alert drain's events, what the driver's
+        tasks posted meanwhile) at ``now``, in order; their actions, in order. The caller
+        then asks `next_wakeup` once for the lot, not once per event."""
+        out: list[Action] = []
+        for item in items:
+            if self.outcome is not None:
+                break
+            out += self.handle(item, now)
         return tuple(out)
 
     def _on_wake(self, readers: Readers | None, now: float, out: list[Action]) -> None:
@@ -572,6 +595,9 @@ class SwarmDownload:
         ``stream_delay`` after it first grew), and prefer the pieces right after it."""
         if self.phase is Phase.CHECKING:
             return
+        if not self._watching_end and self.size - self.progress.done < self.config.end_watch:
+            self._watching_end = True
+            out.append(WatchTheEnd())
         ready = self._prefix_bytes()
         grown = ready - self._flushed
         for_reader = self._starved and ready > self._wanted
