@@ -369,12 +369,7 @@ async def test_alerts_of_a_fast_download_are_drained_in_batches(
 ) -> None:
     # Each drain wakes every subscriber's task: a piece alert every few ms must not
     # make a drain each. 32 MiB in 16 KiB pieces is 2048 piece alerts.
-    data = os.urandom(32 * PIECE)
-    src = tmp_path / "src"
-    src.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (src / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(src / blob_id, BLOCK)
+    torrent, src = await random_blob(tmp_path, 32, piece=BLOCK)
     async with session() as seeder, session() as leecher:
         await seeder.add_torrent(torrent, src, seed_mode=True)
         drains = 0
@@ -395,7 +390,7 @@ async def test_alerts_of_a_fast_download_are_drained_in_batches(
         took = asyncio.get_running_loop().time() - t0
         stream.close()
         pieces = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
-        assert pieces == list(range(len(data) // BLOCK))  # every alert still delivered
+        assert pieces == list(range(32 * PIECE // BLOCK))  # every alert still delivered
         # At most one drain per batch interval (and the few direct ones), not per piece.
         assert drains <= took / ALERT_BATCH + 20, (drains, took)
         assert drains < len(pieces) / 4, (drains, len(pieces))
@@ -407,12 +402,7 @@ async def test_alerts_that_keep_coming_wake_the_loop_once_per_batch_and_a_taker_
     # While piece alerts keep coming, the pipe is left unwatched between batches and the
     # timer alone wakes the loop (a timer started at each signal of the pipe woke it
     # twice per batch); a subscriber that takes what came is told once per drain.
-    data = os.urandom(32 * PIECE)
-    src = tmp_path / "src"
-    src.mkdir()
-    blob_id = hashlib.sha256(data).hexdigest()
-    (src / blob_id).write_bytes(data)
-    torrent = await create_v2_torrent(src / blob_id, BLOCK)
+    torrent, src = await random_blob(tmp_path, 32, piece=BLOCK)
     counted: list[SwarmSession] = []
     wakes = {"pipe": 0, "timer": 0, "drains": 0}
     on_fd, on_timer, drain = (
@@ -456,7 +446,7 @@ async def test_alerts_that_keep_coming_wake_the_loop_once_per_batch_and_a_taker_
                 seen += stream.take()
         stream.close()
         pieces = sorted(e.piece for e in seen if isinstance(e, ev.PieceFinished))
-        assert pieces == list(range(len(data) // BLOCK))  # every alert delivered, in order
+        assert pieces == list(range(32 * PIECE // BLOCK))  # every alert delivered, in order
         assert told <= wakes["drains"] + 2, (told, wakes)
         assert told < len(pieces) / 4, (told, len(pieces))
         total = wakes["pipe"] + wakes["timer"]
@@ -483,14 +473,15 @@ async def test_an_awaited_alert_is_not_held_back_for_the_batch(
     assert took < 0.5, took
 
 
-async def random_blob(tmp_path: Path, pieces: int) -> tuple[bytes, Path]:
-    """A blob of `pieces` random 1 MiB pieces in tmp_path/big, and its v2 torrent."""
-    data = os.urandom(pieces * PIECE)
+async def random_blob(tmp_path: Path, mib: int, *, piece: int = PIECE) -> tuple[bytes, Path]:
+    """A blob of `mib` random MiB in tmp_path/big, and its v2 torrent of `piece`-byte
+    pieces."""
+    data = os.urandom(mib * PIECE)
     big = tmp_path / "big"
     big.mkdir()
     blob_id = hashlib.sha256(data).hexdigest()
     (big / blob_id).write_bytes(data)
-    return await create_v2_torrent(big / blob_id, PIECE), big
+    return await create_v2_torrent(big / blob_id, piece), big
 
 
 async def test_a_seeder_tells_its_early_peer_the_short_bound_once_it_is_shared(
