@@ -204,6 +204,16 @@ def running(d: SwarmDownload, n: int = 8) -> None:
     d.handle(sample(none, (1,) * n, (HOLDER,)), T0 + 0.3)  # settled: the policy runs
 
 
+def dropped_non_feeder() -> SwarmDownload:
+    """A running download of a non-feeder that learnt the members and left its
+    holders (the rejoin done)."""
+    d = driver(ranked()[6])
+    running(d)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    d.handle(Rejoined(), T0 + 0.6)
+    return d
+
+
 def test_a_non_feeder_drops_its_holders_and_sends_nothing_to_the_mirror_meanwhile() -> None:
     d = driver(ranked()[6], 16)
     running(d, 16)
@@ -225,10 +235,7 @@ def test_a_non_feeder_drops_its_holders_and_sends_nothing_to_the_mirror_meanwhil
 
 
 def test_a_non_feeder_whose_downloaders_stall_takes_the_holders_back_not_the_mirror() -> None:
-    d = driver(ranked()[6])
-    running(d)
-    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
-    d.handle(Rejoined(), T0 + 0.6)
+    d = dropped_non_feeder()
     have = (False,) * 8
     got: list[object] = []
     t = 1.0
@@ -307,10 +314,7 @@ def test_a_peer_trickling_blocks_cannot_keep_a_non_feeder_off_its_holders() -> N
     The non-feeder must take the holders back before any piece goes to the WAN mirror
     for want of them: before, each block counted as progress, so it never did, and
     the policy sent every piece the trickler "held" to the mirror."""
-    d = driver(ranked()[6])
-    running(d)
-    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
-    d.handle(Rejoined(), T0 + 0.6)
+    d = dropped_non_feeder()
     have = (False,) * 8
     got: list[object] = []
     t, blocks = 1.0, 0

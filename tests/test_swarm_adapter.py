@@ -238,12 +238,15 @@ async def test_in_order_pieces_come_in_index_order_until_turned_off(
     assert inversions(orders[1]) > 24, orders[1]
 
 
-async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> None:
-    # A rate-limited seeder keeps the transfer going long enough to look at it.
-    slow = SwarmSettings(
+def slow_seeder() -> SwarmSettings:
+    """A rate-limited seeder: keeps a transfer going long enough to look at it."""
+    return SwarmSettings(
         listen_host="127.0.0.1", upload_rate_limit=4_000_000, limit_local_peers=True
     )
-    async with SwarmSession(slow) as seeder, session() as leecher:
+
+
+async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> None:
+    async with SwarmSession(slow_seeder()) as seeder, session() as leecher:
         await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
         ih = await leecher.add_torrent(blob.torrent, tmp_path / "slow")
         leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
@@ -270,10 +273,7 @@ async def test_a_drivers_look_is_read_in_one_worker_hop(
 ) -> None:
     # The download's driver samples status, availability, the download queue and the
     # peers' hash failures together: one thread hop (each wakes a worker and the loop).
-    slow = SwarmSettings(
-        listen_host="127.0.0.1", upload_rate_limit=4_000_000, limit_local_peers=True
-    )
-    async with SwarmSession(slow) as seeder, session() as leecher:
+    async with SwarmSession(slow_seeder()) as seeder, session() as leecher:
         await seeder.add_torrent(blob.torrent, blob.seed_dir, seed_mode=True)
         ih = await leecher.add_torrent(blob.torrent, tmp_path / "slow")
         leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
