@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import pytest
 
@@ -12,6 +13,7 @@ from peer.scheduling.feeders import (
     DropHolders,
     FeederChoice,
     FeederConfig,
+    deal_over,
     feeder_rank,
     feeders_of,
 )
@@ -302,10 +304,87 @@ def test_the_feeders_of_a_repos_blobs_are_dealt_evenly_and_alike_by_every_agent(
     for me in AGENTS:
         for b in shards:
             c = FeederChoice(me, b, T0, siblings=shards)
-            c.learn(AGENTS, 0.0, T0 + 0.5)
+            c.learn(AGENTS, 0.0, T0 + 0.5, deals=dict.fromkeys(AGENTS, deal_over(b, shards)))
             assert c.is_feeder == (me in dealt[b])
     alone = {b: feeders_of(AGENTS, b, 2) for b in shards}
     assert max(sum(a in f for f in alone.values()) for a in AGENTS) >= 2
+
+
+def feeders_counted(
+    views: dict[str, frozenset[str]], blob: str, count: int, said: bool = True
+) -> int:
+    """How many of ``blob``'s downloaders (the agents whose view holds it) find they
+    feed it, each dealing over its own view and told what the others said (``said``)."""
+    members = [a for a, v in views.items() if blob in v]
+    deals = {a: deal_over(blob, views[a]) for a in members} if said else {}
+    fed = 0
+    for me in members:
+        c = FeederChoice(me, blob, T0, FeederConfig(feeders=count), siblings=views[me])
+        c.learn(members, 0.0, T0 + 0.5, deals=deals)
+        fed += c.is_feeder
+    return fed
+
+
+def random_views(rng: random.Random) -> tuple[list[str], dict[str, frozenset[str]]]:
+    """A repo's swarmed blobs and what each agent fetches of it: the whole repo (the
+    CLI), an ``--include`` selection, or one file (HF_ENDPOINT asks one at a time)."""
+    blobs = [f"{rng.getrandbits(256):064x}" for _ in range(rng.randint(1, 6))]
+    views = {}
+    for k in range(rng.randint(2, 10)):
+        kind = rng.choice(("whole", "include", "one"))
+        if kind == "whole":
+            view = set(blobs)
+        elif kind == "include":
+            view = set(rng.sample(blobs, rng.randint(1, len(blobs))))
+        else:
+            view = {rng.choice(blobs)}
+        views[f"agent-{k}"] = frozenset(view)
+    return blobs, views
+
+
+def test_every_blob_gets_its_feeders_whatever_each_agent_fetches_of_the_repo() -> None:
+    """Agents that fetch different selections of a repo each deal over their own list;
+    told what the others deal over, they rank per blob where the lists differ, so every
+    blob gets exactly min(feeders, downloaders) feeders. Each dealing over its own list
+    with no word from the others (before `deal_over` was said), some blobs got none."""
+    rng = random.Random(12)
+    starved = 0
+    for _ in range(800):
+        blobs, views = random_views(rng)
+        count = rng.choice((1, 2, 3))
+        for b in blobs:
+            n = sum(b in v for v in views.values())
+            assert feeders_counted(views, b, count) == min(count, n), (views, b)
+            starved += n > 0 and feeders_counted_blind(views, b, count) == 0
+    assert starved > 0  # the test's mixes do reach the case the deal's digest fixes
+
+
+def feeders_counted_blind(views: dict[str, frozenset[str]], blob: str, count: int) -> int:
+    """`feeders_counted` as each agent dealt before `deal_over`: over its own view."""
+    members = [a for a, v in views.items() if blob in v]
+    return sum(me in feeders_of(members, blob, count, views[me]) for me in members)
+
+
+def test_a_member_that_says_nothing_or_finished_keeps_the_deal_consistent() -> None:
+    """A member whose deal is unknown (an older agent) makes the blob ranked per blob
+    alone; a finished member keeps what it said last."""
+    shards = [hashlib.sha256(f"shard {k}".encode()).hexdigest() for k in range(4)]
+    b = shards[1]
+    same = deal_over(b, shards)
+    me = AGENTS[0]
+    c = FeederChoice(me, b, T0, siblings=shards)
+    c.learn(AGENTS[1:], 0.0, T0 + 0.5, deals=dict.fromkeys(AGENTS[1:], same))
+    assert c.is_feeder == (me in feeders_of(AGENTS, b, 2, shards))
+    c.learn(AGENTS[1:], 0.0, T0 + 1, deals=dict.fromkeys(AGENTS[2:], same))  # none from 1
+    assert c.deals[AGENTS[1]] == same  # said before: kept
+    c2 = FeederChoice(me, b, T0, siblings=shards)
+    c2.learn(AGENTS[1:], 0.0, T0 + 0.5, deals=dict.fromkeys(AGENTS[2:], same))
+    assert c2.is_feeder == (me in feeders_of(AGENTS, b, 2))  # agent 1 said nothing
+    # a feeder that finished (offers it whole) keeps its word; one that left, not
+    c.learn(AGENTS[2:], 0.0, T0 + 2, present={AGENTS[1]})
+    assert c.deals.get(AGENTS[1]) == same
+    c.learn(AGENTS[3:], 0.0, T0 + 3)
+    assert AGENTS[1] not in c.deals and AGENTS[2] not in c.deals
 
 
 def test_a_peer_trickling_blocks_cannot_keep_a_non_feeder_off_its_holders() -> None:

@@ -39,7 +39,13 @@ from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import is_local_repo
-from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
+from peer.scheduling.feeders import (
+    ConnectHolders,
+    DropHolders,
+    FeederChoice,
+    FeederConfig,
+    deal_over,
+)
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
@@ -152,6 +158,12 @@ class ActiveFetch:
 OnBan = Callable[[str, str, str], None]
 
 
+def _siblings(snapshot: Snapshot, piece_size: int) -> list[str]:
+    """The snapshot's blobs that swarm (a blob's feeders are dealt over them): the same
+    for every agent fetching that snapshot."""
+    return [f.blob_id for f in snapshot.files if f.size > piece_size]
+
+
 class BlobFetcher:
     """Runs blob fetches for the agent; concurrent requests for one blob share a task."""
 
@@ -185,6 +197,7 @@ class BlobFetcher:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
+        self._deals: dict[str, str] = {}  # blob id -> what its feeders are dealt over
         # lookups: extra discovery (trackers) asked before peers, by the fetcher and the
         # herd, with the blob ids; on_change: our herd claims changed (tell the trackers).
         self.herd = Herd(
@@ -260,6 +273,10 @@ class BlobFetcher:
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
         return [self._swarming[b] for b in blob_ids if b in self._swarming]
+
+    def deals_for(self, blob_ids: tuple[str, ...]) -> list[wire.Deal]:
+        """Of those, the blobs it deals each one's feeders over (`feeders.deal_over`)."""
+        return [wire.Deal(blob_id=b, over=self._deals[b]) for b in blob_ids if b in self._deals]
 
     # -- entry point -----------------------------------------------------------------
 
@@ -796,6 +813,8 @@ class BlobFetcher:
             raise
         self._downloading.add(ih)
         self._swarming[file.blob_id] = manifest
+        siblings = _siblings(snapshot, manifest.piece_size)
+        self._deals[file.blob_id] = deal_over(file.blob_id, siblings)
         flight = self._flights.get(file.blob_id)
         if flight is not None:
             flight.reset()
@@ -830,6 +849,7 @@ class BlobFetcher:
             stream.close()
             self._downloading.discard(ih)
             self._swarming.pop(file.blob_id, None)
+            self._deals.pop(file.blob_id, None)
             with contextlib.suppress(SwarmError):
                 await self.swarm.remove_torrent(ih)
         # libtorrent reports a piece finished before its bytes reach the file (measured:
@@ -887,8 +907,7 @@ class BlobFetcher:
                 file.blob_id,
                 time.monotonic(),
                 FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
-                # the snapshot's blobs that swarm too: the same for every agent
-                siblings=(f.blob_id for f in snapshot.files if f.size > meta.piece_size),
+                siblings=_siblings(snapshot, meta.piece_size),
             )
         drv = SwarmDownload(
             file.size,
@@ -952,7 +971,8 @@ class BlobFetcher:
                 if feeders is not None and fetching != feeders.members - {feeders.self_id}:
                     log.debug("%s: %d others download it", file.path, len(fetching))
                 whole = frozenset(o.peer.agent_id for o in found if o.complete)
-                post(Members(fetching, whole))
+                deals = frozenset((o.peer.agent_id, o.deal) for o in found if o.deal)
+                post(Members(fetching, whole, deals))
                 for o in found:
                     key = (o.peer.host, o.peer.bt_port)
                     if key not in known:

@@ -156,10 +156,12 @@ class ReadersChanged:
 @dataclass(frozen=True)
 class Members:
     """The agents a re-survey found downloading this blob (agent ids; not complete),
-    and those it found holding it whole."""
+    those it found holding it whole, and what downloaders said they deal the blob's
+    feeders over ((agent id, `feeders.deal_over`) pairs)."""
 
     agents: frozenset[str]
     complete: frozenset[str] = frozenset()
+    deals: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -407,10 +409,10 @@ class SwarmDownload:
                     self.progress.from_mirror += nbytes
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
-            case Members(agents=agents, complete=complete):
+            case Members(agents=agents, complete=complete, deals=deals):
                 if self.feeders is not None and self.phase is not Phase.CHECKING:
                     had = self.progress.done / self.size
-                    act = self.feeders.learn(agents, had, now, complete)
+                    act = self.feeders.learn(agents, had, now, complete, dict(deals))
                     self._feeder_action(act, now, out)
             case Rejoined():
                 self._on_rejoined(now, out)
