@@ -236,6 +236,45 @@ def test_a_non_feeder_drops_its_holders_and_sends_nothing_to_the_mirror_meanwhil
     assert d.feeders is not None and not d.feeders.feeding
 
 
+def test_a_late_joiner_that_is_not_a_feeder_starts_without_its_holders() -> None:
+    """The first survey already shows the other downloaders (learnt before the torrent
+    is added): a non-feeder starts with the holders away, so it has nothing to drop,
+    waits for the feeders rather than the mirror while the blob progresses, and takes
+    the holders back (the first rejoin) only when the downloaders stall."""
+    choice = FeederChoice(ranked()[6], BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0))
+    assert choice.learn(frozenset(AGENTS), 0.0, T0) == DropHolders()
+    d = SwarmDownload(
+        16 * PIECE,
+        PIECE,
+        16,
+        T0,
+        SwarmDownloadConfig(policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0)),
+        holders=frozenset({HOLDER}),
+        follow_prefix=True,
+        feeders=choice,
+    )
+    none = (False,) * 16
+    avail = (1,) * 8 + (0,) * 8
+    assert TakeSample() in d.handle(Wake(), T0)
+    assert StartSwarming() in d.handle(sample(none, (0,) * 16, ()), T0 + 0.05)
+    d.handle(Wake(), T0 + 0.3)
+    d.handle(sample(none, avail, (PEER,)), T0 + 0.3)  # settled on a downloader alone
+    got: list[object] = []
+    for t in range(1, 9):
+        got += d.handle(Wake(), T0 + t)
+        have = tuple(i < t - 1 for i in range(16))
+        got += d.handle(sample(have, avail, (PEER,)), T0 + t)
+        got += d.handle(ev.PieceFinished(BLOB_IH, t - 1, False), T0 + t)
+    assert not any(isinstance(a, FeedMirrorPiece | DropHolders | ConnectHolders) for a in got)
+    for t in range(9, 20):  # the downloaders stop sending
+        got += d.handle(Wake(), T0 + t)
+        got += d.handle(sample(tuple(i < 8 for i in range(16)), avail, (PEER,)), T0 + t)
+        if ConnectHolders(stalled=True) in got:
+            break
+    assert t == 11  # stall_timeout after the pieces of the floor rate (2.5 MiB) last came
+    assert not any(isinstance(a, FeedMirrorPiece) for a in got)
+
+
 def test_a_non_feeder_whose_downloaders_stall_takes_the_holders_back_not_the_mirror() -> None:
     d = dropped_non_feeder()
     have = (False,) * 8

@@ -794,6 +794,14 @@ class BlobFetcher:
         # round (measured: 0-1 s, 0.5 s on average, before the first piece). A paused
         # torrent does not check its file, so one with something on disk runs.
         fresh = resume is None and not data_path.exists()
+        feeders = self._feeder_choice(snapshot, file, manifest, offers, fresh)
+        # A downloader that the first survey already shows is not a feeder never
+        # connects the holders (and so has no rejoin to drop them): they are refused
+        # from the torrent's first add.
+        holders = {(o.peer.host, o.peer.bt_port) for o in offers if o.complete}
+        away = holders if feeders is not None and not feeders.feeding else set()
+        if away:
+            log.debug("%s: holders left to the feeders from the start", file.path)
         try:
             try:
                 await self.swarm.add_torrent(
@@ -802,6 +810,7 @@ class BlobFetcher:
                     resume_data=resume,
                     announce=False,
                     paused=fresh,
+                    banned=away,
                 )
             except SwarmError:
                 if resume is None:
@@ -829,7 +838,7 @@ class BlobFetcher:
         log.debug("%s: swarming %s", file.path, ih[:12])
         try:
             await self._drive(
-                ih, snapshot, file, offers, mirror, counters, stream, flight, follower
+                ih, snapshot, file, offers, mirror, counters, stream, flight, follower, feeders
             )
             log.debug("%s: all pieces had (hashed %d)", file.path, follower.position)
             await self.swarm.flush_cache(ih)
@@ -882,6 +891,35 @@ class BlobFetcher:
         )
         return path
 
+    def _feeder_choice(
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        manifest: wire.Manifest,
+        offers: list[Offer],
+        fresh: bool,
+    ) -> FeederChoice | None:
+        """Whether this download takes the blob from its complete holders (None: feeders
+        off). A ``fresh`` download (nothing on disk) whose first survey already shows
+        other downloaders learns them now, before its torrent is added."""
+        cfg = self.config
+        if not cfg.feeders:
+            return None
+        now = time.monotonic()
+        choice = FeederChoice(
+            self.peers.self_id,
+            file.blob_id,
+            now,
+            FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
+            siblings=_siblings(snapshot, manifest.piece_size),
+        )
+        fetching = frozenset(o.peer.agent_id for o in offers if not o.complete)
+        if fresh and fetching and any(o.complete for o in offers):
+            whole = frozenset(o.peer.agent_id for o in offers if o.complete)
+            deals = {o.peer.agent_id: o.deal for o in offers if o.deal}
+            choice.learn(fetching, 0.0, now, whole, deals)
+        return choice
+
     async def _drive(
         self,
         ih: str,
@@ -893,6 +931,7 @@ class BlobFetcher:
         stream: EventStream,
         flight: InFlightBlob | None,
         follower: HashFollower,
+        feeders: FeederChoice | None,
     ) -> None:
         """Carry out what `SwarmDownload` decides until every piece is had: libtorrent
         pulls from peers on its own; the driver says when to connect them, which pieces
@@ -900,15 +939,6 @@ class BlobFetcher:
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
         has_mirror = bool(mirror.pool.mirrors)  # none for a local/* repo
-        feeders = None
-        if cfg.feeders:
-            feeders = FeederChoice(
-                self.peers.self_id,
-                file.blob_id,
-                time.monotonic(),
-                FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
-                siblings=_siblings(snapshot, meta.piece_size),
-            )
         drv = SwarmDownload(
             file.size,
             meta.piece_size,
@@ -1006,8 +1036,7 @@ class BlobFetcher:
                     # Only now may peers arrive through the trackers: what came before
                     # (libtorrent's check of the disk) was ours.
                     self.swarm.announce(ih)
-                    for o in offers:
-                        self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                    connect_known()  # (not the holders, if left to the feeders)
                     self.swarm.resume(ih)  # added paused (see `_swarm`): connect now
                     swarming.set()
                 elif isinstance(a, FeedMirrorPiece):

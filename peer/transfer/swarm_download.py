@@ -357,6 +357,9 @@ class SwarmDownload:
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
         self._early: list[pol.Event] = []  # for the policy, before it runs
+        if self.feeders is not None and not self.feeders.feeding:
+            # left to the feeders before the torrent's first add (a late joiner)
+            self._early.append(pol.HoldersAway(len(holders)))
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
