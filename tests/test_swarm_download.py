@@ -27,6 +27,7 @@ from peer.transfer.swarm_download import (
     PreferPieces,
     Readers,
     ReadersChanged,
+    Rejoined,
     SetPieceDeadline,
     StartSwarming,
     SwarmDownload,
@@ -319,6 +320,22 @@ def test_a_bad_piece_from_one_peer_bans_that_host() -> None:
         BanHost("10.0.0.3", str(OTHER), "sent piece 1, which failed its hash check")
     ]
     assert r.drv.policy is not None and str(OTHER) in r.drv.policy.banned
+
+
+def test_after_a_rejoin_a_bad_piece_is_blamed_on_its_sender_again() -> None:
+    """Two peers failed a piece together (nobody blamed), then the torrent was added
+    again (`Rejoined`: libtorrent's per-peer counts start from 0): the next bad piece
+    from one of them is blamed on it, though its count (1) is no higher than before."""
+    r = Run(4)
+    r.running()
+    r.swarm.peers = {SEED: 1, OTHER: 1}
+    r.at(0.2, ev.HashFailed(IH, 1, fed_by_us=False))
+    r.at(0.3, Rejoined())
+    r.swarm.peers = {SEED: 0, OTHER: 1}
+    out = r.at(0.5, ev.HashFailed(IH, 2, fed_by_us=False))
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost("10.0.0.3", str(OTHER), "sent piece 2, which failed its hash check")
+    ]
 
 
 def test_a_bad_piece_nobody_can_be_blamed_for_bans_nobody() -> None:

@@ -667,6 +667,9 @@ class SwarmDownload:
         """The torrent is new to libtorrent: what it was told is told again."""
         self._received.clear()
         self._asked.clear()
+        # Its peers' hash-failure counts start again from 0: a failure after the rejoin
+        # must be seen as a rise (the policy keeps what each peer was blamed for).
+        self._hashfails.clear()
         self._reconcile = True
         self._look_now(now)
         if self._in_order:
