@@ -977,6 +977,11 @@ class BlobFetcher:
         # non-feeder left are not connected (`DropHolders`).
         known = {(o.peer.host, o.peer.bt_port) for o in offers}
 
+        # Rejoins started, and whether none is under way (mirror pieces wait for one).
+        rejoins = 0
+        rejoined = asyncio.Event()
+        rejoined.set()
+
         def connect_known() -> None:
             away = drv.feeders is not None and not drv.feeders.feeding
             for key in known:
@@ -1016,7 +1021,17 @@ class BlobFetcher:
             start = i * meta.piece_size
             try:
                 data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
-                ok = await self.swarm.feed_piece(ih, i, data)
+                while True:
+                    before = rejoins
+                    try:
+                        ok = await self.swarm.feed_piece(ih, i, data)
+                        break
+                    except UnknownTorrent:
+                        # A rejoin removed the torrent while the piece came: it goes
+                        # to the torrent added again, not back to the WAN.
+                        if before == rejoins and rejoined.is_set():
+                            raise
+                        await rejoined.wait()
             except HfswarmError as exc:
                 post(MirrorPieceError(i, exc.one_line()))
             else:
@@ -1025,7 +1040,7 @@ class BlobFetcher:
                 mirror_tasks.pop(i, None)
 
         async def carry_out(actions: tuple[Action, ...]) -> None:
-            nonlocal end
+            nonlocal end, rejoins
             todo = list(actions)
             while todo:
                 a = todo.pop(0)
@@ -1078,10 +1093,15 @@ class BlobFetcher:
                     )  # fmt: skip
                     dropped = isinstance(a, DropHolders)
                     banned = drv.holders if dropped else frozenset()
-                    self.uploaded_by_removed += await self.swarm.rejoin(ih, banned=banned)
-                    self.swarm.announce(ih)
-                    connect_known()
-                    self.swarm.resume(ih)
+                    rejoins += 1
+                    rejoined.clear()
+                    try:
+                        self.uploaded_by_removed += await self.swarm.rejoin(ih, banned=banned)
+                        self.swarm.announce(ih)
+                        connect_known()
+                        self.swarm.resume(ih)
+                    finally:
+                        rejoined.set()
                     todo += drv.handle(Rejoined(), time.monotonic())
                 elif isinstance(a, WatchTheEnd):
                     # While someone waits for an alert the session drains each at once
