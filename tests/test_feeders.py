@@ -82,8 +82,10 @@ def test_a_feeder_keeps_its_holders_and_a_non_feeder_that_becomes_one_takes_them
     assert feeder.learn(AGENTS, 0.0, T0 + 0.5) is None and feeder.feeding
     third = FeederChoice(r[2], BLOB, T0)
     assert third.learn(AGENTS, 0.0, T0 + 0.5) == DropHolders()
-    # one feeder gone (no longer fetching, and not complete either): the third feeds
-    assert third.learn(set(AGENTS) - {r[0]}, 0.3, T0 + 2.5) == ConnectHolders(stalled=False)
+    # one feeder gone (no longer fetching, and not complete either) in two surveys in
+    # a row: the third feeds
+    assert third.learn(set(AGENTS) - {r[0]}, 0.3, T0 + 2.5) is None
+    assert third.learn(set(AGENTS) - {r[0]}, 0.3, T0 + 4.5) == ConnectHolders(stalled=False)
     assert third.feeding and not third.fallback
 
 
@@ -95,8 +97,10 @@ def test_a_feeder_that_finished_stays_a_member_one_that_left_does_not() -> None:
     fetching = set(AGENTS) - {r[0]}
     assert third.learn(fetching, 0.3, T0 + 2.5, present={r[0]}) is None
     assert not third.feeding and r[0] in third.members
-    # then it is gone (offers nothing): the third is a feeder now
-    assert third.learn(fetching, 0.4, T0 + 4.5, present=()) == ConnectHolders(stalled=False)
+    # then it offers nothing (between its download's end and its seed, or gone): kept
+    # for one survey; gone in two in a row, the third is a feeder now
+    assert third.learn(fetching, 0.4, T0 + 4.5, present=()) is None
+    assert third.learn(fetching, 0.5, T0 + 6.5, present=()) == ConnectHolders(stalled=False)
 
 
 def test_nothing_is_dropped_past_half_the_blob_or_with_feeders_off() -> None:
@@ -423,6 +427,7 @@ def test_a_member_that_says_nothing_or_finished_keeps_the_deal_consistent() -> N
     c.learn(AGENTS[2:], 0.0, T0 + 2, present={AGENTS[1]})
     assert c.deals.get(AGENTS[1]) == same
     c.learn(AGENTS[3:], 0.0, T0 + 3)
+    c.learn(AGENTS[3:], 0.0, T0 + 5)  # gone in two surveys in a row
     assert AGENTS[1] not in c.deals and AGENTS[2] not in c.deals
 
 

@@ -139,6 +139,7 @@ class FeederChoice:
         self.fallback = False  # the holders came back for a stall: kept to the end
         self.members: frozenset[str] = frozenset({self_id})
         self.deals: dict[str, str] = {}  # what each member said it deals over
+        self._missed: frozenset[str] = frozenset()  # members the last survey did not see
         self._activity = now  # when we dropped the holders
         self._got: deque[tuple[float, int]] = deque()  # (when, bytes) of verified pieces
 
@@ -188,9 +189,14 @@ class FeederChoice:
         of the blob already had (0-1), the agents that offered it whole (``present``):
         a member that finished stays one (or each feeder finishing would make a
         non-feeder a feeder, and its rejoin drop every connection near the end); one
-        that offers nothing any more (gone) does not; and what members said they deal
-        over (`deal_over`; a finished one keeps what it said last)."""
-        kept = self.members & frozenset(present)
+        that offers nothing in two surveys in a row (gone) does not: one that finished
+        offers nothing for a moment, from the end of its download until it seeds, and
+        a non-feeder that became a feeder then rejoined near its end; and what members
+        said they deal over (`deal_over`; a finished one keeps what it said last)."""
+        seen = frozenset(members) | frozenset(present)
+        missed = self.members - seen - {self.self_id}
+        kept = (self.members & seen) | (missed - self._missed)  # missed once: kept
+        self._missed = missed - self._missed
         self.members = frozenset(members) | kept | {self.self_id}
         self.deals = {a: d for a, d in {**self.deals, **(deals or {})}.items() if a in self.members}
         if self.feeding:
