@@ -19,6 +19,7 @@ from peer.scheduling.feeders import (
 )
 from peer.transfer import events as ev
 from peer.transfer.swarm_download import (
+    ConnectPeer,
     FeedMirrorPiece,
     InOrder,
     Members,
@@ -277,6 +278,12 @@ def test_a_late_joiner_that_is_not_a_feeder_starts_without_its_holders() -> None
             break
     assert t == 11  # stall_timeout after the pieces of the floor rate (2.5 MiB) last came
     assert not any(isinstance(a, FeedMirrorPiece) for a in got)
+
+
+def test_a_non_feeder_does_not_dial_again_the_holder_it_left() -> None:
+    d = dropped_non_feeder()
+    out = d.handle(ev.PeerDisconnected(BLOB_IH, ev.Endpoint(*HOLDER), "closed"), T0 + 0.7)
+    assert not any(isinstance(a, ConnectPeer) for a in out)
 
 
 def test_a_non_feeder_whose_downloaders_stall_takes_the_holders_back_not_the_mirror() -> None:

@@ -14,6 +14,7 @@ from peer.transfer.swarm_download import (
     Action,
     BanHost,
     CancelMirrorPiece,
+    ConnectPeer,
     Failed,
     FeedMirrorPiece,
     Finished,
@@ -301,6 +302,26 @@ def test_without_a_mirror_a_piece_nobody_has_fails_the_download_clearly() -> Non
     assert r.log[-1][0] == T0 + 4.0  # the grace period (1 s), then the stall timeout
     assert not fed([a for _, a in r.log])
     assert r.drv.next_wakeup() is None
+
+
+def test_a_holder_that_closed_the_connection_is_dialled_again_at_once_not_too_often() -> None:
+    """A seeder drops every peer of a torrent that turns shared (they learn its request
+    bound in a new handshake): the download dials it again at once, not at libtorrent's
+    next connect round; at most once per `redial_gap`; never a peer that is no holder
+    (libtorrent's own business), nor a banned one."""
+    r = Run(4, holders=HOLDER)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    closed = ev.PeerDisconnected(IH, SEED, "closed")
+    assert ConnectPeer(SEED.host, SEED.port) in r.at(0.5, closed)
+    assert ConnectPeer(SEED.host, SEED.port) not in r.at(1.0, closed)  # within the gap
+    assert ConnectPeer(SEED.host, SEED.port) in r.at(2.6, closed)
+    assert not any(
+        isinstance(a, ConnectPeer) for a in r.at(2.7, ev.PeerDisconnected(IH, OTHER, "closed"))
+    )
+    r.swarm.peers[SEED] = 1
+    r.at(3.0, ev.HashFailed(IH, 1, fed_by_us=False))  # the seeder sent a bad piece: banned
+    assert not any(isinstance(a, ConnectPeer) for a in r.at(5.0, closed))
 
 
 # --- bad data ------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from peer.transfer.swarm_download import (
     Action,
     BanHost,
     CancelMirrorPiece,
+    ConnectPeer,
     FeedMirrorPiece,
     FlushForReaders,
     InOrder,
@@ -1054,6 +1055,10 @@ class BlobFetcher:
                     connect_known()  # (not the holders, if left to the feeders)
                     self.swarm.resume(ih)  # added paused (see `_swarm`): connect now
                     swarming.set()
+                elif isinstance(a, ConnectPeer):
+                    log.debug("%s: holder %s:%d closed: dialled again", file.path, a.host, a.port)
+                    with contextlib.suppress(SwarmError):
+                        self.swarm.connect_peer(ih, a.host, a.port)
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:
                         log.debug(

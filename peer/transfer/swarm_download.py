@@ -82,6 +82,8 @@ class SwarmDownloadConfig:
     # ... and prefer the pieces this far after the prefix (rarest first among them,
     # so downloaders still trade), or the prefix would only grow at the very end.
     prefer_window: int = 64 << 20
+    # A holder that closed our connection is dialled again at once, at most this often.
+    redial_gap: float = 2.0
     # Once less than this is left to come, `WatchTheEnd` (the swarm's events at once:
     # alert batches would hold the last piece back for up to 20 ms). 0: never.
     end_watch: int = 16 << 20
@@ -195,6 +197,14 @@ class StartSwarming:
 
 
 @dataclass(frozen=True)
+class ConnectPeer:
+    """Dial this peer again now (libtorrent would wait for its next connect round)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class FeedMirrorPiece:
     piece: int
     stalled: bool = False  # its peers went quiet (else no peer had it after the grace)
@@ -260,6 +270,7 @@ class Failed:
 Action = (
     TakeSample
     | StartSwarming
+    | ConnectPeer
     | FeedMirrorPiece
     | CancelMirrorPiece
     | BanHost
@@ -364,6 +375,7 @@ class SwarmDownload:
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
         self._watching_end = False  # a WatchTheEnd was sent
+        self._redialed: dict[tuple[str, int], float] = {}  # holder -> when dialled again
 
     def piece_length(self, piece: int) -> int:
         return min(self.piece_size, self.size - piece * self.piece_size)
@@ -487,7 +499,27 @@ class SwarmDownload:
             self._reconcile = True
             self._look_now(now)
         elif isinstance(e, _LOOK_NOW):
+            if isinstance(e, ev.PeerDisconnected):
+                self._redial(e.endpoint, now, out)
             self._look_now(now)
+
+    def _redial(self, peer: ev.Endpoint, now: float, out: list[Action]) -> None:
+        """A holder we take the blob from closed the connection: dial it again at once,
+        at most once per `redial_gap`. A seeder drops every peer of a torrent that turns
+        shared so that they learn its request bound (`swarm.RequestBound`): libtorrent
+        dialled it again about 1 s later, the first second of a 1 -> 8 LAN row."""
+        key = (peer.host, peer.port)
+        if key not in self.holders or self.phase is Phase.CHECKING:
+            return
+        if self.feeders is not None and not self.feeders.feeding:
+            return  # left to the feeders
+        if self.policy is not None and str(peer) in self.policy.banned:
+            return
+        last = self._redialed.get(key)
+        if last is not None and now - last < self.config.redial_gap:
+            return
+        self._redialed[key] = now
+        out.append(ConnectPeer(*key))
 
     def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         self._sampling = False
