@@ -27,7 +27,9 @@ ranked per blob alone, which every member computes alike.
 
 Nobody is known at the start, so everyone starts as a feeder (a lone downloader, the
 1 -> 1 case, stays one); one that learns it is not a feeder drops the complete holders
-(`DropHolders`), once, unless it already has most of the blob. The choice sticks: a
+(`DropHolders`), once, unless it already has most of the blob. (One whose first survey,
+before its torrent is added, already shows other downloaders learns them then: a
+non-feeder never connects the holders.) The choice sticks: a
 non-feeder connects the holders again (`ConnectHolders`) when it becomes a feeder
 (members change) or when the blob's verified pieces from peers came slower than
 ``min_rate`` over the last ``stall_timeout`` (its feeders are gone, stuck or slow; a
