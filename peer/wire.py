@@ -123,6 +123,22 @@ class HaveResponse(Message):
     manifests: tuple[Manifest, ...]
     fetching: tuple[Manifest, ...] = ()
     claims: tuple[Claim, ...] = ()
+    # For blobs in ``fetching``: which blobs the peer deals their feeders over. Left
+    # out while empty (an older agent decodes an answer that has none).
+    deals: tuple[Deal, ...] = ()
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"deals"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deal(Message):
+    """A downloader of ``blob_id`` deals its feeders over the blobs whose sorted ids
+    hash to ``over`` (`peer.scheduling.feeders.deal_over`): members that say the same
+    list deal alike; any difference, and each ranks the blob's feeders per blob alone."""
+
+    TYPE: ClassVar[str] = "deal"
+
+    blob_id: str
+    over: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,6 +246,13 @@ class RevisionManifest(Message):
     signature: bytes = b""
 
 
+def _deals(v: Any) -> tuple[Deal, ...]:
+    deals: tuple[Deal, ...] = schema.list_of(schema.nested(Deal), MAX_MANIFESTS)(v)
+    if len({d.blob_id for d in deals}) != len(deals):
+        raise Invalid("a blob's deal is said twice")
+    return deals
+
+
 Manifest.SCHEMA = {
     "blob_id": schema.blob_id,
     "size": schema.integer(1, MAX_BLOB_SIZE),
@@ -244,7 +267,9 @@ HaveResponse.SCHEMA = {
     "manifests": schema.list_of(schema.nested(Manifest), MAX_MANIFESTS),
     "fetching": schema.list_of(schema.nested(Manifest), MAX_MANIFESTS),
     "claims": schema.list_of(schema.nested(Claim), MAX_BLOB_IDS),
+    "deals": _deals,
 }
+Deal.SCHEMA = {"blob_id": schema.blob_id, "over": schema.sha256_hex}
 Claim.SCHEMA = {
     "blob_id": schema.blob_id,
     "size": schema.integer(0, MAX_BLOB_SIZE),
@@ -336,6 +361,7 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = {
         HaveRequest,
         HaveResponse,
         Claim,
+        Deal,
         Health,
         StreamRequest,
         StreamAnswer,

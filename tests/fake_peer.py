@@ -32,6 +32,9 @@ class SilentPeer:
     def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
         return []
 
+    def deals_for(self, ids: tuple[str, ...]) -> list[wire.Deal]:
+        return []
+
     def claims_for(self, ids: tuple[str, ...]) -> list[wire.Claim]:
         return []
 

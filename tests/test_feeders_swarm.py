@@ -20,6 +20,7 @@ from agentkit import agent, config, fetch, peer_of
 from peer.agent.daemon import Agent
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.scheduling.feeders import feeders_of
+from peer.transfer import events as ev
 from peer.transfer.swarm import UnknownTorrent
 
 MiB = 1 << 20
@@ -160,3 +161,46 @@ async def test_non_feeders_whose_feeder_is_gone_take_the_holders_back(
         assert got.stat().st_size == BIG, r
         why = [ln for ln in caplog.text.splitlines() if "mirror" in ln or "holders" in ln]
         assert r["from_mirror"] == 0, "\n".join(why[:20])
+
+
+async def test_a_late_joiner_that_is_not_a_feeder_never_connects_the_holders(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """Two downloaders are already swarming when the third starts: its first survey
+    shows them fetching, so the third, not the blob's feeder, adds its torrent with
+    the seeder refused and is never connected to it (before, it connected the seeder
+    and dropped it at its first re-survey, a rejoin), and takes the blob from the two
+    with nothing from the mirror."""
+    async with swarm_of_three(tmp_path, mirror, feeders=1, stall_timeout=5.0) as (
+        seeder,
+        ds,
+        _,
+    ):
+        blob = big_blob_id(tmp_path)
+        (feeder,) = feeders_of([d.agent_id for d in ds], blob, 1)
+        late = next(d for d in ds if d.agent_id != feeder)
+        early = [d for d in ds if d is not late]
+        first = asyncio.gather(*(fetch(d) for d in early))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not all(blob in d.blobs.fetching_ids() for d in early):
+            assert loop.time() < deadline, "the first two never started swarming"
+            await asyncio.sleep(0.02)
+        holder = ev.Endpoint(SEEDER, seeder.swarm.listen_port)
+        seen: set[ev.Endpoint] = set()
+
+        async def watch() -> None:
+            while True:
+                for ih in late.swarm.torrents():
+                    with contextlib.suppress(UnknownTorrent):
+                        seen.update(p.endpoint for p in await late.swarm.peers(ih))
+                await asyncio.sleep(0.02)
+
+        watching = asyncio.create_task(watch())
+        result = await fetch(late)
+        watching.cancel()
+        results = [result, *await first]
+    assert seen and holder not in seen, seen
+    assert all(r["from_mirror"] == 0 for r in results), results
+    got = late.config.hub.cache_dir / "models--org--m/blobs" / blob
+    assert got.stat().st_size == BIG

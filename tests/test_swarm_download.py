@@ -14,6 +14,7 @@ from peer.transfer.swarm_download import (
     Action,
     BanHost,
     CancelMirrorPiece,
+    ConnectPeer,
     Failed,
     FeedMirrorPiece,
     Finished,
@@ -27,6 +28,7 @@ from peer.transfer.swarm_download import (
     PreferPieces,
     Readers,
     ReadersChanged,
+    Rejoined,
     SetPieceDeadline,
     StartSwarming,
     SwarmDownload,
@@ -302,6 +304,26 @@ def test_without_a_mirror_a_piece_nobody_has_fails_the_download_clearly() -> Non
     assert r.drv.next_wakeup() is None
 
 
+def test_a_holder_that_closed_the_connection_is_dialled_again_at_once_not_too_often() -> None:
+    """A seeder drops every peer of a torrent that turns shared (they learn its request
+    bound in a new handshake): the download dials it again at once, not at libtorrent's
+    next connect round; at most once per `redial_gap`; never a peer that is no holder
+    (libtorrent's own business), nor a banned one."""
+    r = Run(4, holders=HOLDER)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    closed = ev.PeerDisconnected(IH, SEED, "closed")
+    assert ConnectPeer(SEED.host, SEED.port) in r.at(0.5, closed)
+    assert ConnectPeer(SEED.host, SEED.port) not in r.at(1.0, closed)  # within the gap
+    assert ConnectPeer(SEED.host, SEED.port) in r.at(2.6, closed)
+    assert not any(
+        isinstance(a, ConnectPeer) for a in r.at(2.7, ev.PeerDisconnected(IH, OTHER, "closed"))
+    )
+    r.swarm.peers[SEED] = 1
+    r.at(3.0, ev.HashFailed(IH, 1, fed_by_us=False))  # the seeder sent a bad piece: banned
+    assert not any(isinstance(a, ConnectPeer) for a in r.at(5.0, closed))
+
+
 # --- bad data ------------------------------------------------------------------------------------
 
 
@@ -319,6 +341,22 @@ def test_a_bad_piece_from_one_peer_bans_that_host() -> None:
         BanHost("10.0.0.3", str(OTHER), "sent piece 1, which failed its hash check")
     ]
     assert r.drv.policy is not None and str(OTHER) in r.drv.policy.banned
+
+
+def test_after_a_rejoin_a_bad_piece_is_blamed_on_its_sender_again() -> None:
+    """Two peers failed a piece together (nobody blamed), then the torrent was added
+    again (`Rejoined`: libtorrent's per-peer counts start from 0): the next bad piece
+    from one of them is blamed on it, though its count (1) is no higher than before."""
+    r = Run(4)
+    r.running()
+    r.swarm.peers = {SEED: 1, OTHER: 1}
+    r.at(0.2, ev.HashFailed(IH, 1, fed_by_us=False))
+    r.at(0.3, Rejoined())
+    r.swarm.peers = {SEED: 0, OTHER: 1}
+    out = r.at(0.5, ev.HashFailed(IH, 2, fed_by_us=False))
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost("10.0.0.3", str(OTHER), "sent piece 2, which failed its hash check")
+    ]
 
 
 def test_a_bad_piece_nobody_can_be_blamed_for_bans_nobody() -> None:

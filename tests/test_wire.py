@@ -307,3 +307,23 @@ def test_fetching_manifests_are_checked_like_held_ones() -> None:
     assert decode_as(encode(msg), HaveResponse).fetching == (good,)
     bad = as_map(good) | {"info_hash": "zz"}
     rejected(pack({"type": "have_response", "version": 1, "manifests": [], "fetching": [bad]}))
+
+
+def test_a_downloaders_deals_are_optional_checked_and_said_once_per_blob() -> None:
+    """`HaveResponse.deals` (what a downloader deals a blob's feeders over): left out
+    while empty, so an older agent decodes the answer; a sha256 per blob, each blob once,
+    as many as manifests at most."""
+    assert "deals" not in as_map(HaveResponse(manifests=(), fetching=(manifest(),)))
+    deal = wire.Deal(blob_id=SHA256, over="d" * 64)
+    answer = HaveResponse(manifests=(), fetching=(manifest(),), deals=(deal,))
+    assert decode_as(encode(answer), HaveResponse) == answer
+    for field, value in (("over", "D" * 64), ("over", "d" * 63), ("over", 5), ("blob_id", "x")):
+        bad = as_map(answer)
+        bad["deals"][0][field] = value
+        rejected(pack(bad))
+    twice = as_map(answer)
+    twice["deals"].append(twice["deals"][0] | {"over": "e" * 64})
+    rejected(pack(twice), match="twice")
+    many = as_map(answer)
+    many["deals"] = [many["deals"][0] | {"blob_id": f"{k:064x}"} for k in range(257)]
+    rejected(pack(many))

@@ -39,7 +39,13 @@ from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import is_local_repo
-from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
+from peer.scheduling.feeders import (
+    ConnectHolders,
+    DropHolders,
+    FeederChoice,
+    FeederConfig,
+    deal_over,
+)
 from peer.scheduling.herd import HerdConfig
 from peer.scheduling.policy import PolicyConfig
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
@@ -60,6 +66,7 @@ from peer.transfer.swarm_download import (
     Action,
     BanHost,
     CancelMirrorPiece,
+    ConnectPeer,
     FeedMirrorPiece,
     FlushForReaders,
     InOrder,
@@ -152,6 +159,12 @@ class ActiveFetch:
 OnBan = Callable[[str, str, str], None]
 
 
+def _siblings(snapshot: Snapshot, piece_size: int) -> list[str]:
+    """The snapshot's blobs that swarm (a blob's feeders are dealt over them): the same
+    for every agent fetching that snapshot."""
+    return [f.blob_id for f in snapshot.files if f.size > piece_size]
+
+
 class BlobFetcher:
     """Runs blob fetches for the agent; concurrent requests for one blob share a task."""
 
@@ -185,6 +198,7 @@ class BlobFetcher:
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self._downloading: set[str] = set()  # info-hashes being downloaded (for resume)
         self._swarming: dict[str, wire.Manifest] = {}  # blob id -> manifest, in progress
+        self._deals: dict[str, str] = {}  # blob id -> what its feeders are dealt over
         # lookups: extra discovery (trackers) asked before peers, by the fetcher and the
         # herd, with the blob ids; on_change: our herd claims changed (tell the trackers).
         self.herd = Herd(
@@ -260,6 +274,10 @@ class BlobFetcher:
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]:
         """Blobs this agent is swarming now: peers may join and take verified pieces."""
         return [self._swarming[b] for b in blob_ids if b in self._swarming]
+
+    def deals_for(self, blob_ids: tuple[str, ...]) -> list[wire.Deal]:
+        """Of those, the blobs it deals each one's feeders over (`feeders.deal_over`)."""
+        return [wire.Deal(blob_id=b, over=self._deals[b]) for b in blob_ids if b in self._deals]
 
     # -- entry point -----------------------------------------------------------------
 
@@ -777,6 +795,14 @@ class BlobFetcher:
         # round (measured: 0-1 s, 0.5 s on average, before the first piece). A paused
         # torrent does not check its file, so one with something on disk runs.
         fresh = resume is None and not data_path.exists()
+        feeders = self._feeder_choice(snapshot, file, manifest, offers, fresh)
+        # A downloader that the first survey already shows is not a feeder never
+        # connects the holders (and so has no rejoin to drop them): they are refused
+        # from the torrent's first add.
+        holders = {(o.peer.host, o.peer.bt_port) for o in offers if o.complete}
+        away = holders if feeders is not None and not feeders.feeding else set()
+        if away:
+            log.debug("%s: holders left to the feeders from the start", file.path)
         try:
             try:
                 await self.swarm.add_torrent(
@@ -785,6 +811,7 @@ class BlobFetcher:
                     resume_data=resume,
                     announce=False,
                     paused=fresh,
+                    banned=away,
                 )
             except SwarmError:
                 if resume is None:
@@ -796,6 +823,8 @@ class BlobFetcher:
             raise
         self._downloading.add(ih)
         self._swarming[file.blob_id] = manifest
+        siblings = _siblings(snapshot, manifest.piece_size)
+        self._deals[file.blob_id] = deal_over(file.blob_id, siblings)
         flight = self._flights.get(file.blob_id)
         if flight is not None:
             flight.reset()
@@ -810,7 +839,7 @@ class BlobFetcher:
         log.debug("%s: swarming %s", file.path, ih[:12])
         try:
             await self._drive(
-                ih, snapshot, file, offers, mirror, counters, stream, flight, follower
+                ih, snapshot, file, offers, mirror, counters, stream, flight, follower, feeders
             )
             log.debug("%s: all pieces had (hashed %d)", file.path, follower.position)
             await self.swarm.flush_cache(ih)
@@ -830,6 +859,7 @@ class BlobFetcher:
             stream.close()
             self._downloading.discard(ih)
             self._swarming.pop(file.blob_id, None)
+            self._deals.pop(file.blob_id, None)
             with contextlib.suppress(SwarmError):
                 await self.swarm.remove_torrent(ih)
         # libtorrent reports a piece finished before its bytes reach the file (measured:
@@ -862,6 +892,35 @@ class BlobFetcher:
         )
         return path
 
+    def _feeder_choice(
+        self,
+        snapshot: Snapshot,
+        file: RemoteFile,
+        manifest: wire.Manifest,
+        offers: list[Offer],
+        fresh: bool,
+    ) -> FeederChoice | None:
+        """Whether this download takes the blob from its complete holders (None: feeders
+        off). A ``fresh`` download (nothing on disk) whose first survey already shows
+        other downloaders learns them now, before its torrent is added."""
+        cfg = self.config
+        if not cfg.feeders:
+            return None
+        now = time.monotonic()
+        choice = FeederChoice(
+            self.peers.self_id,
+            file.blob_id,
+            now,
+            FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
+            siblings=_siblings(snapshot, manifest.piece_size),
+        )
+        fetching = frozenset(o.peer.agent_id for o in offers if not o.complete)
+        if fresh and fetching and any(o.complete for o in offers):
+            whole = frozenset(o.peer.agent_id for o in offers if o.complete)
+            deals = {o.peer.agent_id: o.deal for o in offers if o.deal}
+            choice.learn(fetching, 0.0, now, whole, deals)
+        return choice
+
     async def _drive(
         self,
         ih: str,
@@ -873,6 +932,7 @@ class BlobFetcher:
         stream: EventStream,
         flight: InFlightBlob | None,
         follower: HashFollower,
+        feeders: FeederChoice | None,
     ) -> None:
         """Carry out what `SwarmDownload` decides until every piece is had: libtorrent
         pulls from peers on its own; the driver says when to connect them, which pieces
@@ -880,16 +940,6 @@ class BlobFetcher:
         meta = await self.swarm.torrent_meta(ih)
         cfg = self.config
         has_mirror = bool(mirror.pool.mirrors)  # none for a local/* repo
-        feeders = None
-        if cfg.feeders:
-            feeders = FeederChoice(
-                self.peers.self_id,
-                file.blob_id,
-                time.monotonic(),
-                FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
-                # the snapshot's blobs that swarm too: the same for every agent
-                siblings=(f.blob_id for f in snapshot.files if f.size > meta.piece_size),
-            )
         drv = SwarmDownload(
             file.size,
             meta.piece_size,
@@ -928,6 +978,11 @@ class BlobFetcher:
         # non-feeder left are not connected (`DropHolders`).
         known = {(o.peer.host, o.peer.bt_port) for o in offers}
 
+        # Rejoins started, and whether none is under way (mirror pieces wait for one).
+        rejoins = 0
+        rejoined = asyncio.Event()
+        rejoined.set()
+
         def connect_known() -> None:
             away = drv.feeders is not None and not drv.feeders.feeding
             for key in known:
@@ -952,7 +1007,8 @@ class BlobFetcher:
                 if feeders is not None and fetching != feeders.members - {feeders.self_id}:
                     log.debug("%s: %d others download it", file.path, len(fetching))
                 whole = frozenset(o.peer.agent_id for o in found if o.complete)
-                post(Members(fetching, whole))
+                deals = frozenset((o.peer.agent_id, o.deal) for o in found if o.deal)
+                post(Members(fetching, whole, deals))
                 for o in found:
                     key = (o.peer.host, o.peer.bt_port)
                     if key not in known:
@@ -966,7 +1022,17 @@ class BlobFetcher:
             start = i * meta.piece_size
             try:
                 data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
-                ok = await self.swarm.feed_piece(ih, i, data)
+                while True:
+                    before = rejoins
+                    try:
+                        ok = await self.swarm.feed_piece(ih, i, data)
+                        break
+                    except UnknownTorrent:
+                        # A rejoin removed the torrent while the piece came: it goes
+                        # to the torrent added again, not back to the WAN.
+                        if before == rejoins and rejoined.is_set():
+                            raise
+                        await rejoined.wait()
             except HfswarmError as exc:
                 post(MirrorPieceError(i, exc.one_line()))
             else:
@@ -975,7 +1041,7 @@ class BlobFetcher:
                 mirror_tasks.pop(i, None)
 
         async def carry_out(actions: tuple[Action, ...]) -> None:
-            nonlocal end
+            nonlocal end, rejoins
             todo = list(actions)
             while todo:
                 a = todo.pop(0)
@@ -986,10 +1052,13 @@ class BlobFetcher:
                     # Only now may peers arrive through the trackers: what came before
                     # (libtorrent's check of the disk) was ours.
                     self.swarm.announce(ih)
-                    for o in offers:
-                        self.swarm.connect_peer(ih, o.peer.host, o.peer.bt_port)
+                    connect_known()  # (not the holders, if left to the feeders)
                     self.swarm.resume(ih)  # added paused (see `_swarm`): connect now
                     swarming.set()
+                elif isinstance(a, ConnectPeer):
+                    log.debug("%s: holder %s:%d closed: dialled again", file.path, a.host, a.port)
+                    with contextlib.suppress(SwarmError):
+                        self.swarm.connect_peer(ih, a.host, a.port)
                 elif isinstance(a, FeedMirrorPiece):
                     if a.piece not in mirror_tasks:
                         log.debug(
@@ -1029,10 +1098,15 @@ class BlobFetcher:
                     )  # fmt: skip
                     dropped = isinstance(a, DropHolders)
                     banned = drv.holders if dropped else frozenset()
-                    self.uploaded_by_removed += await self.swarm.rejoin(ih, banned=banned)
-                    self.swarm.announce(ih)
-                    connect_known()
-                    self.swarm.resume(ih)
+                    rejoins += 1
+                    rejoined.clear()
+                    try:
+                        self.uploaded_by_removed += await self.swarm.rejoin(ih, banned=banned)
+                        self.swarm.announce(ih)
+                        connect_known()
+                        self.swarm.resume(ih)
+                    finally:
+                        rejoined.set()
                     todo += drv.handle(Rejoined(), time.monotonic())
                 elif isinstance(a, WatchTheEnd):
                     # While someone waits for an alert the session drains each at once

@@ -66,6 +66,9 @@ class PeerService:
             return []
         return self._signed(self.blobs.fetching_for(blob_ids))
 
+    def deals_for(self, blob_ids: tuple[str, ...]) -> list[wire.Deal]:
+        return self.blobs.deals_for(blob_ids) if self.seeding != "none" else []
+
     def _signed(self, manifests: list[wire.Manifest]) -> list[wire.Manifest]:
         return manifests if self.sign is None else [self.sign(m) for m in manifests]
 

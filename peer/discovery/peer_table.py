@@ -56,6 +56,7 @@ class Offer:
     peer: PeerInfo
     manifest: wire.Manifest
     complete: bool = True  # False: the peer is fetching it and serves what it verified
+    deal: str = ""  # fetching: what it deals the blob's feeders over ("": not said)
 
 
 Key = tuple[str, int]
@@ -413,11 +414,14 @@ class PeerTable:
             if answer is None:
                 continue
             answered.add(peer.agent_id)
-            for m, complete in [(m, True) for m in answer.manifests] + [
-                (m, False) for m in answer.fetching
-            ]:
+            deals = {d.blob_id: d.over for d in answer.deals}
+            for m in answer.manifests:
                 if m.blob_id in wanted:
-                    offers.setdefault(m.blob_id, []).append(Offer(peer, m, complete))
+                    offers.setdefault(m.blob_id, []).append(Offer(peer, m))
+            for m in answer.fetching:
+                if m.blob_id in wanted:
+                    offer = Offer(peer, m, False, deals.get(m.blob_id, ""))
+                    offers.setdefault(m.blob_id, []).append(offer)
             for c in answer.claims:
                 if c.blob_id in wanted:
                     claims.setdefault(c.blob_id, []).append((peer, c))
@@ -435,6 +439,7 @@ class PeerTable:
             manifests=tuple(m for p in parts if p for m in p.manifests),
             fetching=tuple(m for p in parts if p for m in p.fetching),
             claims=tuple(c for p in parts if p for c in p.claims),
+            deals=tuple(d for p in parts if p for d in p.deals),
         )
 
     async def _have_batch(

@@ -7,18 +7,29 @@ lacks: the seeder sent 1.6 copies of the repo to 8 hosts, and 1 -> 8 took 1.5-1.
 a blob's downloaders take it from the complete holders; the others take it from the
 downloaders alone, so the seeder sends each piece about once (bare: 1.25x).
 
-Each downloader decides for itself, with no message: the blob's members are the agents
-it knows to be downloading the blob (its re-surveys: offers that are not complete) and
-itself. The feeders are dealt blob by blob over the blob's siblings (the other blobs of
-its repo that swarm, the same list for every agent fetching that snapshot), as if they
-had the same members: each blob's F members with the fewest blobs dealt so far, ties
-broken by sha256(agent id + blob id). So each member feeds about F x blobs / members of
-them: ranked per blob alone, one host fed two or three shards of a repo while others
-fed none, and the shards it fed came last (benchmarks 8.28).
+Each downloader decides for itself: the blob's members are the agents it knows to be
+downloading the blob (its re-surveys: offers that are not complete) and itself. The
+feeders are dealt blob by blob over the blob's siblings (the other blobs of its repo
+that swarm), as if they had the same members: each blob's F members with the fewest
+blobs dealt so far, ties broken by sha256(agent id + blob id). So each member feeds
+about F x blobs / members of them: ranked per blob alone, one host fed two or three
+shards of a repo while others fed none, and the shards it fed came last (benchmarks
+8.28).
+
+The deal is only the same for every member if they deal over the same blobs, and
+agents that fetch different selections of a repo (`--include`; HF_ENDPOINT asks one
+file at a time) do not: dealt over different lists, a blob could get no feeder at all
+(its downloaders then wait ``stall_timeout`` for it). So each downloader says, in its
+survey answers, which blobs it deals over (`deal_over`: a digest of the sorted list,
+`wire.Deal`), and a blob's feeders are dealt over the siblings only when every member
+said the same list as this one; otherwise (or a member that said nothing) they are
+ranked per blob alone, which every member computes alike.
 
 Nobody is known at the start, so everyone starts as a feeder (a lone downloader, the
 1 -> 1 case, stays one); one that learns it is not a feeder drops the complete holders
-(`DropHolders`), once, unless it already has most of the blob. The choice sticks: a
+(`DropHolders`), once, unless it already has most of the blob. (One whose first survey,
+before its torrent is added, already shows other downloaders learns them then: a
+non-feeder never connects the holders.) The choice sticks: a
 non-feeder connects the holders again (`ConnectHolders`) when it becomes a feeder
 (members change) or when the blob's verified pieces from peers came slower than
 ``min_rate`` over the last ``stall_timeout`` (its feeders are gone, stuck or slow; a
@@ -32,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 # Only constants: the agent's defaults are defined once, next to AgentConfig.
@@ -85,6 +96,12 @@ def feeder_rank(agent_id: str, blob_id: str) -> bytes:
     return hashlib.sha256(f"{agent_id}{blob_id}".encode()).digest()
 
 
+def deal_over(blob_id: str, siblings: Iterable[str] = ()) -> str:
+    """What a downloader of ``blob_id`` says it deals the feeders over: the sha256 (hex)
+    of the sorted blob ids, itself among them."""
+    return hashlib.sha256("\n".join(sorted({*siblings, blob_id})).encode()).hexdigest()
+
+
 def feeders_of(
     members: Iterable[str], blob_id: str, count: int, siblings: Iterable[str] = ()
 ) -> frozenset[str]:
@@ -119,9 +136,12 @@ class FeederChoice:
         self.self_id = self_id
         self.blob_id = blob_id
         self.siblings = frozenset(siblings)
+        self.deal = deal_over(blob_id, self.siblings)  # said in survey answers
         self.feeding = True
         self.fallback = False  # the holders came back for a stall: kept to the end
         self.members: frozenset[str] = frozenset({self_id})
+        self.deals: dict[str, str] = {}  # what each member said it deals over
+        self._missed: frozenset[str] = frozenset()  # members the last survey did not see
         self._activity = now  # when we dropped the holders
         self._got: deque[tuple[float, int]] = deque()  # (when, bytes) of verified pieces
 
@@ -130,7 +150,13 @@ class FeederChoice:
         """One of the blob's feeders among the members known now (with feeders off,
         everyone is)."""
         n = self.config.feeders
-        return n == 0 or self.self_id in feeders_of(self.members, self.blob_id, n, self.siblings)
+        if n == 0:
+            return True
+        others = self.members - {self.self_id}
+        alike = all(self.deals.get(a) == self.deal for a in others)
+        return self.self_id in feeders_of(
+            self.members, self.blob_id, n, self.siblings if alike else ()
+        )
 
     def next_wakeup(self) -> float | None:
         """When a non-feeder would give up on the downloaders (None: it feeds)."""
@@ -159,14 +185,22 @@ class FeederChoice:
         had: float,
         now: float,
         present: Iterable[str] = (),
+        deals: Mapping[str, str] | None = None,
     ) -> FeederAction | None:
         """The agents known now to be downloading this blob (a re-survey), the share
-        of the blob already had (0-1), and the agents that offered it whole
-        (``present``): a member that finished stays one (or each feeder finishing
-        would make a non-feeder a feeder, and its rejoin drop every connection near
-        the end); one that offers nothing any more (gone) does not."""
-        kept = self.members & frozenset(present)
+        of the blob already had (0-1), the agents that offered it whole (``present``):
+        a member that finished stays one (or each feeder finishing would make a
+        non-feeder a feeder, and its rejoin drop every connection near the end); one
+        that offers nothing in two surveys in a row (gone) does not: one that finished
+        offers nothing for a moment, from the end of its download until it seeds, and
+        a non-feeder that became a feeder then rejoined near its end; and what members
+        said they deal over (`deal_over`; a finished one keeps what it said last)."""
+        seen = frozenset(members) | frozenset(present)
+        missed = self.members - seen - {self.self_id}
+        kept = (self.members & seen) | (missed - self._missed)  # missed once: kept
+        self._missed = missed - self._missed
         self.members = frozenset(members) | kept | {self.self_id}
+        self.deals = {a: d for a, d in {**self.deals, **(deals or {})}.items() if a in self.members}
         if self.feeding:
             if self.fallback or self.is_feeder or had >= self.config.drop_before:
                 return None

@@ -75,6 +75,10 @@ class PeerBackend(Protocol):
 
     def fetching_for(self, blob_ids: tuple[str, ...]) -> list[wire.Manifest]: ...
 
+    def deals_for(self, blob_ids: tuple[str, ...]) -> list[wire.Deal]:
+        """What this agent deals the feeders of the blobs it fetches over."""
+        ...
+
     def claims_for(self, blob_ids: tuple[str, ...]) -> list[wire.Claim]: ...
 
     def verified_blob_path(self, blob_id: str) -> Path | None: ...
@@ -151,8 +155,12 @@ def make_peer_app(
             )
         held, budget = _fit(backend.manifests_for(ids), ANSWER_BUDGET)
         fetching, _ = _fit(backend.fetching_for(ids), budget)
+        offered = {m.blob_id for m in fetching}
         answer = wire.HaveResponse(
-            manifests=tuple(held), fetching=tuple(fetching), claims=tuple(backend.claims_for(ids))
+            manifests=tuple(held),
+            fetching=tuple(fetching),
+            claims=tuple(backend.claims_for(ids)),
+            deals=tuple(d for d in backend.deals_for(ids) if d.blob_id in offered),
         )
         return web.Response(body=wire.encode(answer), content_type=MSGPACK)
 

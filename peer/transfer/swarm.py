@@ -1330,9 +1330,11 @@ class SwarmSession:
         resume_data: bytes | None = None,
         paused: bool = False,
         announce: bool = True,
+        banned: Iterable[tuple[str, int]] = (),
     ) -> str:
         """Add a torrent; returns its info-hash. ``announce=False``: not to the session's
         trackers yet (`announce` later), so no peer arrives before the caller is ready.
+        ``banned``: (host, port)s this torrent alone refuses (as `rejoin`'s).
 
         ``save_path`` is the directory that holds (or will hold) the torrent's file,
         named as in the torrent: for hfswarm's per-blob torrents, the file is
@@ -1367,6 +1369,7 @@ class SwarmSession:
                 atp = lt.load_torrent_buffer(bytes(torrent))
         except RuntimeError as e:
             raise _translate("cannot read the torrent or its resume data", e) from e
+        atp.banned_peers = [(h, int(p)) for h, p in banned]
         atp.save_path = str(save)
         flags = atp.flags
         if seed_mode:

@@ -82,6 +82,8 @@ class SwarmDownloadConfig:
     # ... and prefer the pieces this far after the prefix (rarest first among them,
     # so downloaders still trade), or the prefix would only grow at the very end.
     prefer_window: int = 64 << 20
+    # A holder that closed our connection is dialled again at once, at most this often.
+    redial_gap: float = 2.0
     # Once less than this is left to come, `WatchTheEnd` (the swarm's events at once:
     # alert batches would hold the last piece back for up to 20 ms). 0: never.
     end_watch: int = 16 << 20
@@ -156,10 +158,12 @@ class ReadersChanged:
 @dataclass(frozen=True)
 class Members:
     """The agents a re-survey found downloading this blob (agent ids; not complete),
-    and those it found holding it whole."""
+    those it found holding it whole, and what downloaders said they deal the blob's
+    feeders over ((agent id, `feeders.deal_over`) pairs)."""
 
     agents: frozenset[str]
     complete: frozenset[str] = frozenset()
+    deals: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,14 @@ class TakeSample:
 @dataclass(frozen=True)
 class StartSwarming:
     """The check is over: announce to the trackers and connect the offering peers."""
+
+
+@dataclass(frozen=True)
+class ConnectPeer:
+    """Dial this peer again now (libtorrent would wait for its next connect round)."""
+
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,7 @@ class Failed:
 Action = (
     TakeSample
     | StartSwarming
+    | ConnectPeer
     | FeedMirrorPiece
     | CancelMirrorPiece
     | BanHost
@@ -355,10 +368,14 @@ class SwarmDownload:
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
         self._early: list[pol.Event] = []  # for the policy, before it runs
+        if self.feeders is not None and not self.feeders.feeding:
+            # left to the feeders before the torrent's first add (a late joiner)
+            self._early.append(pol.HoldersAway(len(holders)))
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
         self._watching_end = False  # a WatchTheEnd was sent
+        self._redialed: dict[tuple[str, int], float] = {}  # holder -> when dialled again
 
     def piece_length(self, piece: int) -> int:
         return min(self.piece_size, self.size - piece * self.piece_size)
@@ -407,10 +424,10 @@ class SwarmDownload:
                     self.progress.from_mirror += nbytes
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
-            case Members(agents=agents, complete=complete):
+            case Members(agents=agents, complete=complete, deals=deals):
                 if self.feeders is not None and self.phase is not Phase.CHECKING:
                     had = self.progress.done / self.size
-                    act = self.feeders.learn(agents, had, now, complete)
+                    act = self.feeders.learn(agents, had, now, complete, dict(deals))
                     self._feeder_action(act, now, out)
             case Rejoined():
                 self._on_rejoined(now, out)
@@ -482,7 +499,27 @@ class SwarmDownload:
             self._reconcile = True
             self._look_now(now)
         elif isinstance(e, _LOOK_NOW):
+            if isinstance(e, ev.PeerDisconnected):
+                self._redial(e.endpoint, now, out)
             self._look_now(now)
+
+    def _redial(self, peer: ev.Endpoint, now: float, out: list[Action]) -> None:
+        """A holder we take the blob from closed the connection: dial it again at once,
+        at most once per `redial_gap`. A seeder drops every peer of a torrent that turns
+        shared so that they learn its request bound (`swarm.RequestBound`): libtorrent
+        dialled it again about 1 s later, the first second of a 1 -> 8 LAN row."""
+        key = (peer.host, peer.port)
+        if key not in self.holders or self.phase is Phase.CHECKING:
+            return
+        if self.feeders is not None and not self.feeders.feeding:
+            return  # left to the feeders
+        if self.policy is not None and str(peer) in self.policy.banned:
+            return
+        last = self._redialed.get(key)
+        if last is not None and now - last < self.config.redial_gap:
+            return
+        self._redialed[key] = now
+        out.append(ConnectPeer(*key))
 
     def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         self._sampling = False
@@ -662,6 +699,9 @@ class SwarmDownload:
         """The torrent is new to libtorrent: what it was told is told again."""
         self._received.clear()
         self._asked.clear()
+        # Its peers' hash-failure counts start again from 0: a failure after the rejoin
+        # must be seen as a rise (the policy keeps what each peer was blamed for).
+        self._hashfails.clear()
         self._reconcile = True
         self._look_now(now)
         if self._in_order:
