@@ -129,6 +129,12 @@ class HaveResponse(Message):
     OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"deals"})
 
 
+# A /v1/have asked with this query parameter gets the answerer's `Deal`s: an older
+# agent ignores the parameter (and answers none), an older asker does not send it (its
+# decoder refuses an unknown field, and with it every offer of the answer).
+DEALS_QUERY = ("deals", "1")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Deal(Message):
     """A downloader of ``blob_id`` deals its feeders over the blobs whose sorted ids

@@ -474,3 +474,31 @@ def test_whole_pieces_trickled_below_the_floor_rate_bring_the_holders_back() -> 
             c.progress(t, PIECE)
             acts.append(c.tick(t + every - 0.01))
         assert (ConnectHolders(stalled=True) in acts) is back, every
+
+
+def test_a_member_that_says_different_deals_to_different_askers_costs_stall_timeout() -> None:
+    """A liar (a member) that tells some downloaders it deals over their list and others
+    not makes them deal differently: a blob can get no honest feeder where the truth or
+    one lie told to all would give it one (as a lie about what it fetches can). Each of
+    those non-feeders connects the holders again once nothing came for stall_timeout."""
+    shards = [hashlib.sha256(f"shard {k}".encode()).hexdigest() for k in range(4)]
+    cfg = FeederConfig(feeders=1, stall_timeout=5.0)
+    starved = 0
+    for trial in range(100):
+        agents = [f"agent-{trial}-{k}" for k in range(4)]
+        liar, honest = agents[0], agents[1:]
+        for b in shards:
+            same = deal_over(b, shards)
+            choices = []
+            for k, me in enumerate(honest):
+                c = FeederChoice(me, b, T0, cfg, siblings=shards)
+                deals = dict.fromkeys(honest, same) | {liar: same if k % 2 else "0" * 64}
+                c.learn(agents, 0.0, T0 + 0.5, deals=deals)
+                choices.append(c)
+            if any(c.is_feeder for c in choices):
+                continue
+            starved += 1
+            for c in choices:
+                assert c.tick(T0 + 5.4) is None
+                assert c.tick(T0 + 5.5) == ConnectHolders(stalled=True)
+    assert starved > 0  # the case is reached

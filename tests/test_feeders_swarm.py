@@ -14,12 +14,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import msgpack
 import pytest
 from agentkit import agent, config, fetch, peer_of
+from aiohttp import web
+from fake_peer import SilentPeer
 
+from peer import wire
 from peer.agent.daemon import Agent
+from peer.discovery.peer_table import PeerTable
+from peer.manifests import VerifiedBlob, make_manifest
 from peer.mirror_server import MirrorServer, RepoSource
 from peer.scheduling.feeders import feeders_of
+from peer.serving.peer_api import make_peer_app
 from peer.transfer import events as ev
 from peer.transfer.swarm import UnknownTorrent
 
@@ -204,3 +212,44 @@ async def test_a_late_joiner_that_is_not_a_feeder_never_connects_the_holders(
     assert all(r["from_mirror"] == 0 for r in results), results
     got = late.config.hub.cache_dir / "models--org--m/blobs" / blob
     assert got.stat().st_size == BIG
+
+
+async def test_a_downloaders_deals_go_only_to_askers_that_read_them(tmp_path: Path) -> None:
+    """An agent before `wire.Deal` refuses an answer with a `deals` field (its decoder
+    refuses unknown fields) and with it every offer of that answer: the blobs the
+    downloader holds, the one it fetches, its claims. So a /v1/have answer carries the
+    deals only when asked with `wire.DEALS_QUERY` (an older agent ignores the query);
+    the agent's own survey asks, and gets each fetching offer's deal."""
+    data = random.Random(5).randbytes(2 * MiB + 1)
+    blob = hashlib.sha256(data).hexdigest()
+    (tmp_path / blob).write_bytes(data)
+    manifest = await make_manifest(VerifiedBlob(blob, len(data), tmp_path / blob), "d")
+    deal = wire.Deal(blob_id=blob, over="d" * 64)
+
+    class Downloader(SilentPeer):
+        def fetching_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return [manifest] if blob in ids else []
+
+        def deals_for(self, ids: tuple[str, ...]) -> list[wire.Deal]:
+            return [deal] if blob in ids else []
+
+    ip = "127.0.0.7"
+    runner = web.AppRunner(make_peer_app(Downloader()))
+    await runner.setup()
+    await web.TCPSite(runner, ip, 0).start()
+    port = runner.addresses[0][1]
+    try:
+        body = wire.encode(wire.HaveRequest(blob_ids=(blob,)))
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"http://{ip}:{port}/v1/have", data=body) as r,
+        ):
+            raw = msgpack.unpackb(await r.read(), raw=False)
+        assert "deals" not in raw and len(raw["fetching"]) == 1  # what an older agent reads
+        async with PeerTable("tester") as table:
+            table.offer(ip, port)
+            await table.check_all()
+            offers = await table.find((blob,))
+        assert [(o.complete, o.deal) for o in offers[blob]] == [(False, deal.over)]
+    finally:
+        await runner.cleanup()

@@ -449,7 +449,10 @@ class PeerTable:
         body = wire.encode(wire.HaveRequest(blob_ids=blob_ids))
         try:
             async with self._session.post(
-                f"{peer.api_url}/v1/have", data=body, headers={"Content-Type": MSGPACK}
+                f"{peer.api_url}/v1/have",
+                params=[wire.DEALS_QUERY],
+                data=body,
+                headers={"Content-Type": MSGPACK},
             ) as r:
                 self._member_of(r, peer.agent_id)
                 if r.status != 200:

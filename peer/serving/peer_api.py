@@ -156,11 +156,15 @@ def make_peer_app(
         held, budget = _fit(backend.manifests_for(ids), ANSWER_BUDGET)
         fetching, _ = _fit(backend.fetching_for(ids), budget)
         offered = {m.blob_id for m in fetching}
+        # Only to an asker that reads them (`wire.DEALS_QUERY`): an older agent's
+        # decoder refuses an unknown field, and with it the whole answer.
+        key, value = wire.DEALS_QUERY
+        deals = backend.deals_for(ids) if request.query.get(key) == value else []
         answer = wire.HaveResponse(
             manifests=tuple(held),
             fetching=tuple(fetching),
             claims=tuple(backend.claims_for(ids)),
-            deals=tuple(d for d in backend.deals_for(ids) if d.blob_id in offered),
+            deals=tuple(d for d in deals if d.blob_id in offered),
         )
         return web.Response(body=wire.encode(answer), content_type=MSGPACK)
 
