@@ -80,6 +80,7 @@ class Run:
         holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
         driver: dict[str, Any] | None = None,
+        piece_size: int = PIECE,
         **policy: object,
     ) -> None:
         self.now = T0
@@ -89,8 +90,8 @@ class Run:
             **{"end_watch": 0, **(driver or {})},  # (its own test gives one)
         )
         self.drv = SwarmDownload(
-            size if size is not None else n * PIECE - 100,
-            PIECE,
+            size if size is not None else n * piece_size - 100,
+            piece_size,
             n,
             self.now,
             cfg,
@@ -258,6 +259,26 @@ def test_a_stalled_piece_goes_to_the_mirror_after_the_stall_timeout() -> None:
     assert r.at(4.5, MirrorPieceFed(3, PIECE - 100, ok=True)) == []
     assert r.done(4.5, 3, mirror=True) == [Finished()]
     assert r.drv.progress.from_mirror == PIECE - 100
+
+
+def test_a_piece_trickled_below_the_floor_rate_goes_to_the_mirror() -> None:
+    """libtorrent's blocks of a piece in flight reach the policy as bytes (16 KiB each):
+    a holder sending one block of piece 3 every 2 s (8 KiB/s) keeps it alive for the
+    stall rule, but it falls behind the floor rate (512 KiB/s after stall_timeout of
+    credit) and the mirror races it. Before, the trickle held it: 1 MiB takes 128 s."""
+    r = Run(4, piece_size=1 << 20, grace_period=1.0, stall_timeout=3.0, mirror_parallel=2)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        r.done(0.5, i)
+    t, out = 1.0, []
+    while t < 30 and not fed(out):
+        r.swarm.partial[3] = r.swarm.partial.get(3, 0) + 1
+        out = r.until(t + 1.99)
+        t += 2.0
+    assert fed(out) == [3] and [a.stalled for a in out if isinstance(a, FeedMirrorPiece)] == [True]
+    # its first block seen at 1.0, its credit 3 s, then its blocks (16 KiB: 1/32 s) at the floor
+    assert T0 + 4.0 < r.log[-1][0] <= T0 + 4.2
 
 
 def test_a_mirror_piece_that_fails_is_tried_again_and_a_peer_may_win() -> None:

@@ -26,8 +26,9 @@ blob makes progress, and the holders of a piece that just vanished (a seeder pau
 its torrent to reconnect its peers) for ``stall_timeout``; a piece goes to the mirror
 only once they stalled, not after the grace period.
 Peers holding a piece drop out of the ranking when they stalled (no progress for
-``stall_timeout``) or after repeated hash failures on that piece; the mirror drops
-out while the piece waits for its retry backoff.
+``stall_timeout``, or its blocks came slower than ``min_piece_rate``: see `_view`) or
+after repeated hash failures on that piece; the mirror drops out while the piece waits
+for its retry backoff.
 
 Pieces sent to the mirror are picked "nobody has it" first, then stalled ones, each
 in an order scrambled by ``config.salt``, so that agents starting together fetch
@@ -45,6 +46,13 @@ from enum import Enum, IntEnum
 # Only constants: the agent's defaults are defined once, next to AgentConfig.
 from peer.config import PEER_GRACE, STALL_TIMEOUT
 
+# A piece's floor rate from peers (bytes/s), counted from its first block: a holder
+# that trickles blocks of a piece (a host capped at a few KiB/s, or a liar) kept it
+# from the mirror for as long as the trickle lasted (1 MiB at 8 KiB/s: 128 s). A LAN
+# peer sends a piece 4-200x faster; one at 2 MB/s split over 4 pieces at once still
+# keeps them.
+MIN_PIECE_RATE = float(512 << 10)
+
 # --- configuration -----------------------------------------------------------------------
 
 
@@ -54,6 +62,11 @@ class PolicyConfig:
     grace_period: float = PEER_GRACE
     # A piece whose peer download shows no sign of life this long goes to the mirror.
     stall_timeout: float = STALL_TIMEOUT
+    # ... and so does one whose bytes from peers (`PieceProgress.received`) fall behind
+    # this rate (bytes/s) counted from its first block, less stall_timeout of credit:
+    # it is had within stall_timeout + its size / min_piece_rate of its first block, or
+    # the mirror races the peers for it. 0: any block keeps it. Not with no mirror.
+    min_piece_rate: float = MIN_PIECE_RATE
     # Mirror pieces in flight at once.
     mirror_parallel: int = 4
     # A mirror fetch with no verdict after this long counts as failed (safety net;
@@ -75,7 +88,13 @@ class PolicyConfig:
             raise ValueError("mirror_parallel and mirror_max_failures must be >= 1")
         if self.peer_hash_failures_max < 1:
             raise ValueError("peer_hash_failures_max must be >= 1")
-        for name in ("grace_period", "stall_timeout", "mirror_timeout", "backoff_base"):
+        for name in (
+            "grace_period",
+            "stall_timeout",
+            "min_piece_rate",
+            "mirror_timeout",
+            "backoff_base",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.backoff_max < self.backoff_base:
@@ -157,9 +176,12 @@ class PieceHashFailed:
 
 @dataclass(frozen=True)
 class PieceProgress:
-    """Some blocks of a piece arrived from peers (a sign of life)."""
+    """Some blocks of a piece arrived from peers (a sign of life). ``received``: its
+    bytes arrived so far, when known (the floor rate, ``min_piece_rate``, judges them;
+    unknown, only the stall rule applies)."""
 
     piece: int
+    received: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +210,12 @@ class Availability:
     by name (libtorrent's piece_availability). Use it or per-peer events, not both.
     ``progressed``: pieces that got blocks since the last look, taken as `PieceProgress`
     before anything is decided (one look at libtorrent is one event, so a decision never
-    sees half of it)."""
+    sees half of it); ``received``: (piece, bytes arrived so far) of those whose bytes
+    are known (`PieceProgress.received`)."""
 
     counts: tuple[int, ...]
     progressed: frozenset[int] = frozenset()
+    received: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,7 +261,8 @@ Event = (
 class FetchFromMirror:
     """Fetch these pieces from the mirror. The first ``len(pieces) - stalled`` no peer
     had once the grace period ended; the last ``stalled`` had peers that went quiet
-    for ``stall_timeout`` (the agent's debug log says which, per piece)."""
+    for ``stall_timeout`` or sent them below ``min_piece_rate`` (the agent's debug log
+    says which, per piece)."""
 
     pieces: tuple[int, ...]
     stalled: int = 0
@@ -315,6 +340,9 @@ class DownloadPolicy:
         self._banned: set[str] = set()
         self._available_since: dict[int, float] = {}
         self._last_progress: dict[int, float] = {}
+        # Per piece being sent, once its bytes are known: since when, and how many.
+        self._first_progress: dict[int, float] = {}
+        self._received: dict[int, int] = {}
         self._last_peer_activity = now  # a piece from peers passed its check
         self._last_block = now  # ... or blocks of one came
         self._peer_hash_failures: dict[int, int] = {}
@@ -395,8 +423,8 @@ class DownloadPolicy:
                     )
                 else:
                     self._peer_hash_failed(piece, peer, now, out)
-            case PieceProgress(piece=piece):
-                self._progress(piece, now)
+            case PieceProgress(piece=piece, received=received):
+                self._progress(piece, now, received)
             case PeerBitfield(peer=peer, pieces=pieces):
                 if peer not in self._banned:
                     for p in pieces:
@@ -410,11 +438,12 @@ class DownloadPolicy:
                 self._drop_peer(peer, now, lost=not banned)
                 if banned:
                     self._banned.add(peer)
-            case Availability(counts=counts, progressed=progressed):
+            case Availability(counts=counts, progressed=progressed, received=received):
                 if len(counts) != self.num_pieces:
                     raise ValueError(f"{len(counts)} availability counts, want {self.num_pieces}")
-                for p in progressed:
-                    self._progress(p, now)
+                sizes = dict(received)
+                for p in progressed | frozenset(sizes):
+                    self._progress(p, now, sizes.get(p))
                 for p, c in enumerate(counts):
                     before = self._holders(p)
                     self._anon[p] = max(0, int(c))
@@ -447,7 +476,7 @@ class DownloadPolicy:
         if type(piece) is not int or not 0 <= piece < self.num_pieces:
             raise ValueError(f"piece {piece!r} is out of range 0-{self.num_pieces - 1}")
 
-    def _progress(self, piece: int, now: float) -> None:
+    def _progress(self, piece: int, now: float, received: int | None = None) -> None:
         self._check_piece(piece)
         if piece not in self._done:
             # That piece's own sign of life, not the swarm's: a block now and then is
@@ -456,13 +485,19 @@ class DownloadPolicy:
             # froze). Without a mirror, waiting is all there is: it counts there.
             self._last_progress[piece] = now
             self._last_block = now
+            if received is not None:
+                # Judged from the first bytes known (no earlier: the next check was
+                # set without them). The most seen: a count that went back (the
+                # torrent added again) must not take credit for bytes that came.
+                self._first_progress.setdefault(piece, now)
+                self._received[piece] = max(int(received), self._received.get(piece, 0))
 
     def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
         self._check_piece(piece)
         if piece in self._done:
             return
         self._done.add(piece)
-        self._last_progress.pop(piece, None)
+        self._forget_progress(piece)
         self._lost_at.pop(piece, None)
         if origin is Origin.PEER:
             self._last_peer_activity = now
@@ -484,12 +519,17 @@ class DownloadPolicy:
         if piece in self._done:
             return
         self._peer_hash_failures[piece] = self._peer_hash_failures.get(piece, 0) + 1
-        self._last_progress.pop(piece, None)  # the partial piece was thrown away
+        self._forget_progress(piece)  # the partial piece was thrown away
         self._dirty = True
         if peer is not None and peer not in self._banned:
             self._banned.add(peer)
             self._drop_peer(peer, now, lost=False)
             out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
+
+    def _forget_progress(self, piece: int) -> None:
+        self._last_progress.pop(piece, None)
+        self._first_progress.pop(piece, None)
+        self._received.pop(piece, None)
 
     def _mirror_failed(self, piece: int, reason: str, now: float, out: list[Decision]) -> None:
         self._inflight.pop(piece, None)
@@ -593,6 +633,16 @@ class DownloadPolicy:
             since = self._available_since.get(piece, self.start)
             alive = max(since, self._last_peer_activity, self.start)
         stall_at = alive + cfg.stall_timeout
+        if holders and piece in self._received and cfg.min_piece_rate and cfg.mirror_enabled:
+            # Blocks keep coming, but too slowly: its bytes fell behind the floor rate
+            # since its first block (stall_timeout of credit), so a holder trickling
+            # blocks holds it for stall_timeout + its size / floor at most.
+            behind_at = (
+                self._first_progress[piece]
+                + cfg.stall_timeout
+                + self._received[piece] / cfg.min_piece_rate
+            )
+            stall_at = min(stall_at, behind_at)
         untrusted = self._peer_hash_failures.get(piece, 0) >= cfg.peer_hash_failures_max
         retry_at = self._retry_at.get(piece, -math.inf)
         exhausted = self._mirror_failures.get(piece, 0) >= cfg.mirror_max_failures

@@ -54,6 +54,9 @@ from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice
 from peer.transfer import events as ev
 
 CHECKING_STATES = frozenset({"checking_files", "checking_resume_data", "queued_for_checking"})
+# What a block of `SwarmSample.partial` holds: libtorrent asks peers for 16 KiB (a piece's
+# last block may be shorter).
+BLOCK = 16 << 10
 
 # --- configuration -------------------------------------------------------------------------
 
@@ -636,17 +639,18 @@ class SwarmDownload:
             self._to_policy(pol.PieceHashFailed(piece, pol.Origin.PEER, sender), now, out)
 
     def _feed_policy(self, s: SwarmSample, now: float, out: list[Action]) -> None:
-        progressed = set()
+        received: dict[int, int] = {}  # progressed pieces: their bytes so far
         for piece, blocks in s.partial:
             if blocks > self._received.get(piece, 0):
                 self._received[piece] = blocks
-                progressed.add(piece)
+                received[piece] = min(blocks * BLOCK, self.piece_length(piece))
         if len(s.availability) == self.num_pieces:
             # One event: the policy must not decide on fresh progress and stale holders.
-            self._to_policy(pol.Availability(s.availability, frozenset(progressed)), now, out)
+            sizes = tuple(sorted(received.items()))
+            self._to_policy(pol.Availability(s.availability, frozenset(received), sizes), now, out)
             return
-        for piece in sorted(progressed):
-            self._to_policy(pol.PieceProgress(piece), now, out)
+        for piece, nbytes in sorted(received.items()):
+            self._to_policy(pol.PieceProgress(piece, nbytes), now, out)
         self._to_policy(pol.Tick(), now, out)
 
     def _feeder_action(
