@@ -261,6 +261,24 @@ def test_a_stalled_piece_goes_to_the_mirror_after_the_stall_timeout() -> None:
     assert r.drv.progress.from_mirror == PIECE - 100
 
 
+def test_the_mirror_piece_that_ends_the_download_counts_as_the_mirrors() -> None:
+    """libtorrent's verdict on a fed piece comes before `feed_piece` returns: the last
+    piece finishes the download before its `MirrorPieceFed`, which the finished driver
+    ignores. It counted nowhere (an 8 MiB download from a trickling holder: 7 MiB from
+    the mirror, 0 from peers); a fed piece a peer completed first counted as the
+    mirror's."""
+    r = Run(3, grace_period=0.0, stall_timeout=1.0, mirror_parallel=3)
+    r.running()  # nobody has anything: every piece goes to the mirror
+    assert sorted(fed([a for _, a in r.log])) == [0, 1, 2]
+    r.done(0.1, 0, mirror=True)
+    r.at(0.1, MirrorPieceFed(0, PIECE, ok=True))
+    r.done(0.2, 1)  # a peer's copy won the race
+    r.at(0.2, MirrorPieceFed(1, PIECE, ok=True))
+    assert r.done(0.3, 2, mirror=True) == [Finished()]
+    r.at(0.3, MirrorPieceFed(2, PIECE - 100, ok=True))
+    assert r.drv.progress.from_mirror == PIECE + PIECE - 100
+
+
 def test_a_piece_trickled_below_the_floor_rate_goes_to_the_mirror() -> None:
     """libtorrent's blocks of a piece in flight reach the policy as bytes (16 KiB each):
     a holder sending one block of piece 3 every 2 s (8 KiB/s) keeps it alive for the

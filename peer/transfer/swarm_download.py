@@ -282,7 +282,7 @@ class SwarmProgress:
 
     resumed: int = 0  # verified on disk when the check ended
     done: int = 0
-    from_mirror: int = 0  # mirror pieces that were fed and are had
+    from_mirror: int = 0  # pieces had from the data we fed (libtorrent's verdict)
     hash_failures: int = 0  # pieces from peers that failed their check
 
 
@@ -405,9 +405,11 @@ class SwarmDownload:
                 self._feed_readers(readers, now, out)
             case SwarmSample():
                 self._on_sample(item, now, out)
-            case MirrorPieceFed(piece=piece, nbytes=nbytes, ok=ok):
-                if ok:
-                    self.progress.from_mirror += nbytes
+            case MirrorPieceFed():
+                # What counts is libtorrent's verdict (`PieceFinished.fed_by_us`): this
+                # comes after it, after `Finished` for the last piece, and says ok when a
+                # peer's copy won the race too.
+                pass
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
             case Members(agents=agents, complete=complete):
@@ -464,6 +466,8 @@ class SwarmDownload:
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
+                if e.fed_by_us:
+                    self.progress.from_mirror += self.piece_length(e.piece)
                 self._follow(now, out)
             origin = pol.Origin.MIRROR if e.fed_by_us else pol.Origin.PEER
             if self.policy is not None:
