@@ -1,0 +1,68 @@
+"""A holder that trickles (real agents on loopback, a real libtorrent swarm, the
+project's mirror): the seeder's uploads are capped at 8 KiB/s, one 16 KiB block every
+2 s, so the piece libtorrent asks of it stays "alive" for the stall rule for as long as
+the trickle lasts. The piece's floor rate (`PolicyConfig.min_piece_rate`) sends it to
+the mirror anyway."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from agentkit import agent, config, fetch, peer_of
+
+from peer.mirror_server import MirrorServer, RepoSource
+
+MiB = 1 << 20
+BIG = 8 * MiB  # 8 pieces of 1 MiB
+SEEDER, DOWNLOADER = "127.0.0.2", "127.0.0.3"
+
+
+@pytest.fixture
+async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "trickle-test"}')
+    (src / "model.safetensors").write_bytes(random.Random(9).randbytes(BIG))
+    async with MirrorServer([RepoSource("model", "org/m", src)]) as m:
+        yield m
+
+
+async def test_a_holder_trickling_a_piece_does_not_hold_the_download(
+    tmp_path: Path, mirror: MirrorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seeder holds the repo and uploads at 8 KiB/s; the downloader knows it and
+    runs with the agent's own stall_timeout (5 s). The pieces the seeder is not sending
+    go to the mirror after stall_timeout, and the one it trickles too, once its blocks
+    fall behind the floor rate: the download ends in about grace + stall_timeout.
+    Before, that piece waited for the trickle (1 MiB at 8 KiB/s: 128 s)."""
+    caplog.set_level(logging.DEBUG, logger="peer.agent.fetch")
+    trickler = config(tmp_path / "s", SEEDER, mirror.url, max_upload_rate=8 << 10)
+    async with agent(trickler) as seeder:
+        await fetch(seeder)
+        cfg = config(tmp_path / "d", DOWNLOADER, mirror.url, peers=(peer_of(seeder),))
+        async with agent(dataclasses.replace(cfg, stall_timeout=5.0)) as d:
+            before = mirror.stats().blob_bytes
+            start = time.monotonic()
+            async with asyncio.timeout(60):  # (before: 128 s and more)
+                result = await fetch(d)
+            took = time.monotonic() - start
+            sent = 0
+            for ih in seeder.swarm.torrents():
+                sent += (await seeder.swarm.status(ih)).uploaded_payload_bytes
+    lines = [ln for ln in caplog.text.splitlines() if "from the mirror (" in ln]
+    print(f"from an 8 KiB/s holder: {took:.1f} s, {result}, the seeder sent {sent} bytes")
+    print("\n".join(lines))
+    blob = hashlib.sha256((tmp_path / "src/model.safetensors").read_bytes()).hexdigest()
+    assert (tmp_path / "d/cache/models--org--m/blobs" / blob).stat().st_size == BIG
+    # It did trickle: blocks came, and the piece they were of went to the mirror too.
+    assert 0 < sent < MiB
+    assert result["from_mirror"] == BIG and mirror.stats().blob_bytes - before >= BIG
+    assert took < 25, "\n".join(lines)
