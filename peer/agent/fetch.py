@@ -996,7 +996,7 @@ class BlobFetcher:
                             "%s: piece %d from the mirror (%s)",
                             file.path,
                             a.piece,
-                            "its peers went quiet" if a.stalled else "no peer has it",
+                            "its peers went quiet or too slow" if a.stalled else "no peer has it",
                         )
                         mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
                 elif isinstance(a, CancelMirrorPiece):

@@ -44,14 +44,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 # Only constants: the agent's defaults are defined once, next to AgentConfig.
-from peer.config import PEER_GRACE, STALL_TIMEOUT
-
-# A piece's floor rate from peers (bytes/s), counted from its first block: a holder
-# that trickles blocks of a piece (a host capped at a few KiB/s, or a liar) kept it
-# from the mirror for as long as the trickle lasted (1 MiB at 8 KiB/s: 128 s). A LAN
-# peer sends a piece 4-200x faster; one at 2 MB/s split over 4 pieces at once still
-# keeps them.
-MIN_PIECE_RATE = float(512 << 10)
+from peer.config import MIN_PIECE_RATE, PEER_GRACE, STALL_TIMEOUT
 
 # --- configuration -----------------------------------------------------------------------
 

@@ -198,7 +198,7 @@ class StartSwarming:
 @dataclass(frozen=True)
 class FeedMirrorPiece:
     piece: int
-    stalled: bool = False  # its peers went quiet (else no peer had it after the grace)
+    stalled: bool = False  # its peers went quiet or too slow (else none had it after the grace)
 
 
 @dataclass(frozen=True)
