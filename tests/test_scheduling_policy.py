@@ -544,3 +544,23 @@ def test_without_a_mirror_a_trickled_piece_still_waits_for_its_holder() -> None:
         assert not p.view(0, t).peers_stalled
         t += 2.0
     assert p.handle(PieceDone(0, PEER), t) == (Done(),)
+
+
+def test_a_mirror_copy_spoiled_by_peers_blocks_goes_again_at_once_and_bans_the_sender() -> None:
+    """Our copy, checked before it was fed, failed with blocks a peer had sent of the
+    piece (`Origin.MIXED`): not the mirror's failure (no backoff, none counted), the
+    sender banned, the piece's peers no longer trusted with it; a piece spoiled
+    mirror_max_failures times (by senders nobody can name) fails the download."""
+    r = Run(2, grace_period=0.0, stall_timeout=5.0, mirror_max_failures=3)
+    r.at(0, PeerBitfield("liar", everything(2)))
+    r.at(0.5, PeerBitfield("honest", everything(2)))
+    r.at(1.0, PieceDone(1, PEER))
+    r.at(1.5, PieceProgress(0, 16 * KiB))
+    assert r.mirrored(r.at(6.6)) == [0]  # trickled: behind the floor
+    out = r.at(7.0, PieceHashFailed(0, Origin.MIXED, "liar"))
+    assert BanPeer("liar", "sent blocks of piece 0 that failed its hash check") in out
+    assert r.mirrored(out) == [0]  # at once
+    assert r.policy.view(0, r.now).peers_untrusted
+    assert r.mirrored(r.at(7.5, PieceHashFailed(0, Origin.MIXED))) == [0]
+    out = r.at(8.0, PieceHashFailed(0, Origin.MIXED))
+    assert isinstance(out[-1], Failed) and "spoiled the mirror's copy 3 times" in out[-1].reason

@@ -377,13 +377,40 @@ def test_a_peer_libtorrent_banned_is_banned_session_wide() -> None:
 
 
 def test_bad_mirror_data_is_not_held_against_peers() -> None:
+    """The caller checks a mirror piece against its hash before feeding it: bad data
+    is a `MirrorPieceError`, retried after the backoff, nobody banned."""
     r = Run(2, grace_period=0.0, backoff_base=0.5)
     r.running()
     assert sorted(fed([a for _, a in r.log])) == [0, 1]
-    r.at(0.1, MirrorPieceFed(0, PIECE, ok=False))
-    assert r.at(0.1, ev.HashFailed(IH, 0, fed_by_us=True)) == []
+    assert r.at(0.1, MirrorPieceError(0, "the mirror sent data that fails its hash")) == []
     assert r.drv.progress.hash_failures == 0 and r.drv.progress.from_mirror == 0
+    assert fed(r.until(0.59)) == []
     assert fed(r.until(0.6)) == [0]
+    assert r.drv.policy is not None and not r.drv.policy.banned
+
+
+def test_a_fed_piece_spoiled_by_a_peers_blocks_bans_it_and_goes_again_at_once() -> None:
+    """libtorrent's add_piece keeps the blocks peers already sent of a piece: a holder
+    trickling wrong blocks, raced by the mirror, makes our (checked) copy fail. That is
+    the holder's doing: it is banned and the piece is fetched again at once. Before, it
+    counted as the mirror's failure (backoff, and 5 of them failed the download)."""
+    r = Run(2, piece_size=1 << 20, grace_period=0.0, stall_timeout=3.0, backoff_base=0.5)
+    r.swarm.holders = {0: 1, 1: 1}
+    r.running()
+    r.done(0.1, 1)
+    t = 0.5
+    while not fed([a for _, a in r.log]):
+        r.swarm.partial[0] = r.swarm.partial.get(0, 0) + 1  # a wrong block every 2 s
+        r.until(t + 1.99)
+        t += 2.0
+    r.swarm.peers[SEED] = 1  # libtorrent counted the failure against the trickler
+    r.at(t, MirrorPieceFed(0, 1 << 20, ok=False))
+    out = r.at(t, ev.HashFailed(IH, 0, fed_by_us=True))
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost(SEED.host, str(SEED), "sent blocks of piece 0 that failed its hash check")
+    ]
+    assert fed(out) == [0]  # at once, not after a backoff
+    assert r.drv.progress.hash_failures == 1
 
 
 # --- timing --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared, P
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.manifest import manifest_tree
+from peer.manifests.merkle import piece_hash
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
 from peer.scheduling.herd import HerdConfig
@@ -962,10 +963,20 @@ class BlobFetcher:
                         with contextlib.suppress(UnknownTorrent):
                             self.swarm.connect_peer(ih, *key)
 
+        layer: list[bytes] = []  # the manifest's piece hashes, read at the first mirror piece
+
         async def mirror_piece(i: int) -> None:
             start = i * meta.piece_size
             try:
                 data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
+                if not layer:
+                    layer.append(manifest_tree(offers[0].manifest).piece_layer)
+                # Checked before libtorrent gets it: add_piece keeps the blocks peers
+                # sent of the piece, so a fed piece that fails was spoiled by theirs (a
+                # trickler raced by the mirror), and they are blamed (`FeedMirrorPiece`).
+                got = await asyncio.to_thread(piece_hash, data, meta.piece_size)
+                if got != layer[0][32 * i : 32 * i + 32]:
+                    raise IntegrityError(f"piece {i} from the mirror fails its hash")
                 ok = await self.swarm.feed_piece(ih, i, data)
             except HfswarmError as exc:
                 post(MirrorPieceError(i, exc.one_line()))

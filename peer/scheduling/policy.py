@@ -148,6 +148,9 @@ def rank_sources(view: PieceView) -> tuple[Source, ...]:
 class Origin(Enum):
     PEER = "peer"
     MIRROR = "mirror"  # data we fed with add_piece
+    # Data we fed, checked against the piece's hash before, that libtorrent merged with
+    # blocks peers had sent of the piece (add_piece keeps those): a failure is theirs.
+    MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ class PieceDone:
 
 @dataclass(frozen=True)
 class PieceHashFailed:
-    """A piece failed its hash check; ``peer`` when the sender is known."""
+    """A piece failed its hash check; ``peer`` when the sender is known (for
+    `Origin.MIXED`: the one peer whose blocks were in it)."""
 
     piece: int
     origin: Origin
@@ -339,6 +343,7 @@ class DownloadPolicy:
         self._last_peer_activity = now  # a piece from peers passed its check
         self._last_block = now  # ... or blocks of one came
         self._peer_hash_failures: dict[int, int] = {}
+        self._spoils: dict[int, int] = {}  # our right copy failed, mixed with peers' blocks
         # Holders known but not connected (`HoldersAway`), since when; pieces whose
         # last holder vanished, when; and when the holders were connected again (a new
         # grace period for their handshakes).
@@ -414,6 +419,8 @@ class DownloadPolicy:
                     self._mirror_failed(
                         piece, "the mirror sent data that failed the hash", now, out
                     )
+                elif origin is Origin.MIXED:
+                    self._spoiled(piece, peer, now, out)
                 else:
                     self._peer_hash_failed(piece, peer, now, out)
             case PieceProgress(piece=piece, received=received):
@@ -518,6 +525,31 @@ class DownloadPolicy:
             self._banned.add(peer)
             self._drop_peer(peer, now, lost=False)
             out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
+
+    def _spoiled(self, piece: int, peer: str | None, now: float, out: list[Decision]) -> None:
+        """Our right copy of a piece failed with blocks peers had sent of it (a holder
+        trickling wrong blocks, raced by the mirror): not the mirror's failure. Its
+        peers are not trusted with it any more, so it goes to the mirror again at once,
+        the sender banned when known; a piece spoiled this often fails the download
+        (several senders at once, none of them known)."""
+        self._inflight.pop(piece, None)
+        if piece in self._done:
+            return
+        spoiled = self._spoils[piece] = self._spoils.get(piece, 0) + 1
+        failures = max(self._peer_hash_failures.get(piece, 0), self.config.peer_hash_failures_max)
+        self._peer_hash_failures[piece] = failures
+        self._forget_progress(piece)
+        self._dirty = True
+        if peer is not None and peer not in self._banned:
+            self._banned.add(peer)
+            self._drop_peer(peer, now, lost=False)
+            out.append(BanPeer(peer, f"sent blocks of piece {piece} that failed its hash check"))
+        if spoiled >= self.config.mirror_max_failures:
+            self._fail(
+                f"piece {piece}: blocks peers sent of it spoiled the mirror's copy {spoiled} times",
+                piece,
+                out,
+            )
 
     def _forget_progress(self, piece: int) -> None:
         self._last_progress.pop(piece, None)

@@ -197,6 +197,10 @@ class StartSwarming:
 
 @dataclass(frozen=True)
 class FeedMirrorPiece:
+    """Fetch this piece from the mirror, check it against the piece's hash (the
+    manifest's piece layer) and feed it: a fed piece that then fails is blamed on the
+    blocks peers had sent of it (libtorrent's add_piece keeps those)."""
+
     piece: int
     stalled: bool = False  # its peers went quiet or too slow (else none had it after the grace)
 
@@ -356,7 +360,8 @@ class SwarmDownload:
         self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
-        self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
+        # pieces that failed with peers' blocks in them (their origin), sender not yet known
+        self._blame: list[tuple[int, pol.Origin]] = []
         self._early: list[pol.Event] = []  # for the policy, before it runs
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
@@ -473,13 +478,12 @@ class SwarmDownload:
             if self.policy is not None:
                 self._to_policy(pol.PieceDone(e.piece, origin), now, out)
         elif isinstance(e, ev.HashFailed):
-            if e.fed_by_us:
-                self._to_policy(pol.PieceHashFailed(e.piece, pol.Origin.MIRROR), now, out)
-            else:
-                # Who sent it shows in the next sample: the one peer whose count rose.
-                self.progress.hash_failures += 1
-                self._blame.append(e.piece)
-                self._look_now(now)
+            # Who sent it shows in the next sample: the one peer whose count rose. Ours
+            # passed the piece's hash before it was fed (`FeedMirrorPiece`): it failed
+            # with wrong blocks a peer had sent of it (a trickler raced by the mirror).
+            self.progress.hash_failures += 1
+            self._blame.append((e.piece, pol.Origin.MIXED if e.fed_by_us else pol.Origin.PEER))
+            self._look_now(now)
         elif isinstance(e, ev.PeerBanned):
             # libtorrent banned it for this torrent (it alone sent a bad piece); make
             # that session-wide: no blob should come from that host now.
@@ -638,9 +642,9 @@ class SwarmDownload:
                 self._hashfails[key] = p.hashfails
                 culprits.append(key)
         pieces, self._blame = self._blame, []
-        for k, piece in enumerate(pieces):
+        for k, (piece, origin) in enumerate(pieces):
             sender = culprits[0] if len(culprits) == 1 and k == 0 else None
-            self._to_policy(pol.PieceHashFailed(piece, pol.Origin.PEER, sender), now, out)
+            self._to_policy(pol.PieceHashFailed(piece, origin, sender), now, out)
 
     def _feed_policy(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         received: dict[int, int] = {}  # progressed pieces: their bytes so far
