@@ -66,3 +66,38 @@ async def test_a_holder_trickling_a_piece_does_not_hold_the_download(
     assert 0 < sent < MiB
     assert result["from_mirror"] == BIG and mirror.stats().blob_bytes - before >= BIG
     assert took < 25, "\n".join(lines)
+
+
+async def test_a_holder_trickling_wrong_blocks_is_banned_and_the_download_ends(
+    tmp_path: Path, mirror: MirrorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, with wrong blocks: the seeder's blob changes on disk after it served
+    it once (libtorrent checks a seed's pieces only the first time it sends them), then
+    it uploads at 8 KiB/s. The mirror's copy of the trickled piece is checked, fed,
+    and fails with the seeder's blocks in it (libtorrent keeps them): the seeder is
+    banned and the piece fetched again, the download ends with the right bytes."""
+    caplog.set_level(logging.DEBUG, logger="peer.agent.fetch")
+    blob = hashlib.sha256((tmp_path / "src/model.safetensors").read_bytes()).hexdigest()
+    async with agent(config(tmp_path / "s", SEEDER, mirror.url)) as seeder:
+        await fetch(seeder)
+        first = config(tmp_path / "d1", "127.0.0.4", mirror.url, peers=(peer_of(seeder),))
+        async with agent(first) as d1:
+            assert (await fetch(d1))["from_peers"] >= BIG  # every piece sent (and checked)
+        held = tmp_path / "s/cache/models--org--m/blobs" / blob
+        with held.open("r+b") as f:
+            f.write(random.Random(1).randbytes(BIG))
+        seeder.limits.change(upload=8 << 10)
+        cfg = config(tmp_path / "d", DOWNLOADER, mirror.url, peers=(peer_of(seeder),))
+        async with agent(dataclasses.replace(cfg, stall_timeout=5.0)) as d:
+            start = time.monotonic()
+            async with asyncio.timeout(60):
+                result = await fetch(d)
+            took = time.monotonic() - start
+    lines = [ln for ln in caplog.text.splitlines() if "mirror (" in ln or "bann" in ln]
+    print(f"from an 8 KiB/s holder of wrong bytes: {took:.1f} s, {result}")
+    print("\n".join(lines))
+    got = tmp_path / "d/cache/models--org--m/blobs" / blob
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == blob
+    assert result["hash_failures"] >= 1 and result["from_mirror"] == BIG
+    assert any("banning peer" in ln for ln in lines), "\n".join(lines)
+    assert took < 25, "\n".join(lines)
