@@ -564,3 +564,11 @@ def test_a_mirror_copy_spoiled_by_peers_blocks_goes_again_at_once_and_bans_the_s
     assert r.mirrored(r.at(7.5, PieceHashFailed(0, Origin.MIXED))) == [0]
     out = r.at(8.0, PieceHashFailed(0, Origin.MIXED))
     assert isinstance(out[-1], Failed) and "spoiled the mirror's copy 3 times" in out[-1].reason
+
+
+def test_under_a_download_cap_the_floor_is_a_quarter_of_it() -> None:
+    from peer.scheduling.policy import MIN_PIECE_RATE, min_piece_rate_under
+
+    assert min_piece_rate_under(0) == MIN_PIECE_RATE == 512 * KiB  # no cap
+    assert min_piece_rate_under(100 << 20) == MIN_PIECE_RATE
+    assert min_piece_rate_under(128 * KiB) == 32 * KiB

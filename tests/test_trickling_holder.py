@@ -31,7 +31,11 @@ async def mirror(tmp_path: Path) -> AsyncIterator[MirrorServer]:
     src.mkdir()
     (src / "config.json").write_text('{"model_type": "trickle-test"}')
     (src / "model.safetensors").write_bytes(random.Random(9).randbytes(BIG))
-    async with MirrorServer([RepoSource("model", "org/m", src)]) as m:
+    small = tmp_path / "small"  # a whole 1 MiB piece and a short one
+    small.mkdir()
+    (small / "model.safetensors").write_bytes(random.Random(10).randbytes(MiB + 100))
+    repos = [RepoSource("model", "org/m", src), RepoSource("model", "org/small", small)]
+    async with MirrorServer(repos) as m:
         yield m
 
 
@@ -101,3 +105,30 @@ async def test_a_holder_trickling_wrong_blocks_is_banned_and_the_download_ends(
     assert result["hash_failures"] >= 1 and result["from_mirror"] == BIG
     assert any("banning peer" in ln for ln in lines), "\n".join(lines)
     assert took < 25, "\n".join(lines)
+
+
+async def test_under_a_download_cap_slow_pieces_stay_with_the_peers(
+    tmp_path: Path, mirror: MirrorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A downloader capped at 128 KiB/s from LAN peers (`max_download_rate`) takes a
+    1 MiB piece in 8 s: slow by the user's choice, not a trickle. The floor is a quarter
+    of the cap then, and the piece stays with the seeder (at the full 512 KiB/s floor it
+    went to the mirror after 2.7 s: stall_timeout 2 s / (1 - 128 / 512))."""
+    caplog.set_level(logging.DEBUG, logger="peer.agent.fetch")
+    async with agent(config(tmp_path / "s", SEEDER, mirror.url)) as seeder:
+        await fetch(seeder, "org/small")
+        cfg = config(
+            tmp_path / "d",
+            DOWNLOADER,
+            mirror.url,
+            peers=(peer_of(seeder),),
+            max_download_rate=128 << 10,
+            stall_timeout=2.0,
+        )
+        async with agent(cfg) as d:
+            start = time.monotonic()
+            result = await fetch(d, "org/small")
+            took = time.monotonic() - start
+    lines = [ln for ln in caplog.text.splitlines() if "from the mirror (" in ln]
+    print(f"capped at 128 KiB/s: {took:.1f} s, {result}")
+    assert result["from_mirror"] == 0 and result["from_peers"] == MiB + 100, "\n".join(lines)

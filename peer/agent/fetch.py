@@ -42,7 +42,7 @@ from peer.manifests.merkle import piece_hash
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
 from peer.scheduling.herd import HerdConfig
-from peer.scheduling.policy import PolicyConfig
+from peer.scheduling.policy import PolicyConfig, min_piece_rate_under
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
 from peer.transfer.events import PieceFinished, TorrentFinished
 from peer.transfer.inflight import InFlightBlob
@@ -902,6 +902,8 @@ class BlobFetcher:
                     stall_timeout=cfg.stall_timeout,
                     # this download's bound (a request may lower the agent's)
                     mirror_parallel=max(2, mirror.options.connections // 2),
+                    # under a LAN download cap pieces come slowly by choice
+                    min_piece_rate=min_piece_rate_under(self.member_download.rate),
                     mirror_enabled=has_mirror,
                     salt=int(self.peers.self_id[:8] or "0", 16),
                 )

@@ -49,6 +49,15 @@ from peer.config import MIN_PIECE_RATE, PEER_GRACE, STALL_TIMEOUT
 # --- configuration -----------------------------------------------------------------------
 
 
+def min_piece_rate_under(download_cap: int) -> float:
+    """The floor rate for a download under the agent's LAN download cap (bytes/s, 0:
+    none): a quarter of the cap when that is lower, since pieces then come slowly by
+    the user's choice (libtorrent may work on a few at once), not a trickler's."""
+    if download_cap <= 0:
+        return MIN_PIECE_RATE
+    return min(MIN_PIECE_RATE, download_cap / 4)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     # Time after the start during which a piece nobody has is not yet mirrored.
