@@ -397,8 +397,8 @@ SETTINGS: tuple[Setting, ...] = (
         "stall_timeout",
         parse_seconds,
         "a piece peers do not deliver for this long goes to the mirror, and so does one "
-        f"whose bytes fall behind {MIN_PIECE_RATE / 1024:g} KiB/s from its first block "
-        "after this long",
+        f"whose bytes fall behind {MIN_PIECE_RATE / 1024:g} KiB/s (a quarter of "
+        "max_download_rate when lower) from its first block after this long",
         metavar="SECONDS",
     ),
     Setting(
