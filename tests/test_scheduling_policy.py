@@ -572,3 +572,38 @@ def test_under_a_download_cap_the_floor_is_a_quarter_of_it() -> None:
     assert min_piece_rate_under(0) == MIN_PIECE_RATE == 512 * KiB  # no cap
     assert min_piece_rate_under(100 << 20) == MIN_PIECE_RATE
     assert min_piece_rate_under(128 * KiB) == 32 * KiB
+
+
+def one_piece_at_a_time(p: DownloadPolicy, rate: float, size: int, end: float) -> list[int]:
+    """A holder of every piece sends them one after another at ``rate``, from t = 1 s,
+    looked at every 0.5 s: the pieces that went to the mirror by ``end``."""
+    mirrored: list[int] = []
+    counts = (1,) * p.num_pieces
+    t, piece, start = 1.0, 0, 1.0
+    while t <= end and piece < p.num_pieces:
+        sent = min(size, int(rate * (t - start))) // BLOCK * BLOCK
+        out = list(p.handle(Availability(counts, received=((piece, sent),) if sent else ()), t))
+        if sent == size:
+            out += p.handle(PieceDone(piece, PEER), t)
+            piece, start = piece + 1, t
+        mirrored += [q for d in out if isinstance(d, FetchFromMirror) for q in d.pieces]
+        t += 0.5
+    return mirrored
+
+
+def test_pieces_slower_than_the_stall_timeout_at_the_floor_keep_the_others_waiting() -> None:
+    """Under a LAN download cap of 128 KiB/s (floor 32 KiB/s) each 1 MiB piece takes
+    8 s, longer than stall_timeout: the swarm still delivers at 4x the floor, so the
+    pieces not yet started wait for it. Before, only a verified piece counted and every
+    idle piece went to the mirror stall_timeout after the last one."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, min_piece_rate=32 * KiB)
+    p = DownloadPolicy(4, 0.0, cfg)
+    assert one_piece_at_a_time(p, 128 * KiB, MiB, 40.0) == []
+    assert p.finished
+
+
+def test_a_trickle_below_the_floor_does_not_keep_the_others_waiting() -> None:
+    """Bytes count for the swarm only at the floor rate: a holder trickling piece 0 at
+    8 KiB/s holds neither it nor the others (the default floor, 512 KiB/s)."""
+    p = DownloadPolicy(4, 0.0, PolicyConfig(grace_period=2.0, stall_timeout=5.0))
+    assert sorted(one_piece_at_a_time(p, 8 * KiB, MiB, 20.0)) == [0, 1, 2, 3]

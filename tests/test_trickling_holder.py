@@ -113,7 +113,10 @@ async def test_under_a_download_cap_slow_pieces_stay_with_the_peers(
     """A downloader capped at 128 KiB/s from LAN peers (`max_download_rate`) takes a
     1 MiB piece in 8 s: slow by the user's choice, not a trickle. The floor is a quarter
     of the cap then, and the piece stays with the seeder (at the full 512 KiB/s floor it
-    went to the mirror after 2.7 s: stall_timeout 2 s / (1 - 128 / 512))."""
+    went to the mirror after 5.3 s: stall_timeout 4 s / (1 - 128 / 512)); so does the
+    short piece, while the bytes come at the floor (when only a piece from peers kept
+    it waiting, it went to the mirror 4 s after the start when libtorrent left it for
+    last)."""
     caplog.set_level(logging.DEBUG, logger="peer.agent.fetch")
     async with agent(config(tmp_path / "s", SEEDER, mirror.url)) as seeder:
         await fetch(seeder, "org/small")
@@ -123,7 +126,7 @@ async def test_under_a_download_cap_slow_pieces_stay_with_the_peers(
             mirror.url,
             peers=(peer_of(seeder),),
             max_download_rate=128 << 10,
-            stall_timeout=2.0,
+            stall_timeout=4.0,
         )
         async with agent(cfg) as d:
             start = time.monotonic()
@@ -131,6 +134,4 @@ async def test_under_a_download_cap_slow_pieces_stay_with_the_peers(
             took = time.monotonic() - start
     lines = [ln for ln in caplog.text.splitlines() if "from the mirror (" in ln]
     print(f"capped at 128 KiB/s: {took:.1f} s, {result}")
-    # (the short piece may go to the mirror idle: no piece from peers for stall_timeout)
-    assert result["from_peers"] >= MiB, "\n".join(lines)
-    assert not any("piece 0 from the mirror" in ln for ln in lines), "\n".join(lines)
+    assert result["from_mirror"] == 0 and result["from_peers"] == MiB + 100, "\n".join(lines)

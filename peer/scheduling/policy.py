@@ -349,7 +349,12 @@ class DownloadPolicy:
         # Per piece being sent, once its bytes are known: since when, and how many.
         self._first_progress: dict[int, float] = {}
         self._received: dict[int, int] = {}
-        self._last_peer_activity = now  # a piece from peers passed its check
+        # a piece from peers passed its check, or min_piece_rate x stall_timeout more
+        # bytes came from them (pieces that take longer than stall_timeout each, under a
+        # LAN download cap: the swarm delivers at the floor, if not a piece at a time)
+        self._last_peer_activity = now
+        self._peer_bytes = 0  # bytes from peers of pieces in flight, as seen
+        self._marked_bytes = 0  # ... at the last activity they made
         self._last_block = now  # ... or blocks of one came
         self._peer_hash_failures: dict[int, int] = {}
         self._spoils: dict[int, int] = {}  # our right copy failed, mixed with peers' blocks
@@ -499,7 +504,13 @@ class DownloadPolicy:
                 # set without them). The most seen: a count that went back (the
                 # torrent added again) must not take credit for bytes that came.
                 self._first_progress.setdefault(piece, now)
-                self._received[piece] = max(int(received), self._received.get(piece, 0))
+                before = self._received.get(piece, 0)
+                self._received[piece] = max(int(received), before)
+                self._peer_bytes += self._received[piece] - before
+                step = self.config.min_piece_rate * self.config.stall_timeout
+                if self.config.min_piece_rate and self._peer_bytes - self._marked_bytes >= step:
+                    self._marked_bytes = self._peer_bytes
+                    self._last_peer_activity = now
 
     def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
         self._check_piece(piece)
