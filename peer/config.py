@@ -179,6 +179,12 @@ MEMBER_PORT = 7853
 DEFAULT_MEMBER_LISTEN = ("", MEMBER_PORT)
 DEFAULT_AGENT_URL = f"http://{format_hostport(DEFAULT_LOCAL_LISTEN)}"
 STALL_TIMEOUT = 5.0
+# A piece's floor rate from peers (bytes/s), counted from its first block after
+# STALL_TIMEOUT of credit (`PolicyConfig.min_piece_rate`): a holder that trickles blocks
+# of a piece (a host capped at a few KiB/s, or a liar) kept it from the mirror for as
+# long as the trickle lasted (1 MiB at 8 KiB/s: 128 s). A LAN peer sends a piece 4-200x
+# faster; one at 2 MB/s split over 4 pieces at once still keeps them.
+MIN_PIECE_RATE = float(512 << 10)
 PEER_GRACE = 2.0
 # Downloaders of a blob that take it from its complete holders (`peer.scheduling.feeders`):
 # with one seeder and 8 hosts, 2 made bare libtorrent 1.25x the 1 -> 1 time against 1.60x

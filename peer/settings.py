@@ -32,6 +32,7 @@ from peer.config import (
     BT_PORT,
     DEFAULT_ENDPOINT,
     MEMBER_PORT,
+    MIN_PIECE_RATE,
     SEEDING_POLICIES,
     AgentConfig,
     DownloadOptions,
@@ -395,7 +396,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "stall_timeout",
         parse_seconds,
-        "a piece peers do not deliver for this long goes to the mirror",
+        "a piece peers do not deliver for this long goes to the mirror, and so does one "
+        f"whose bytes fall behind {MIN_PIECE_RATE / 1024:g} KiB/s (a quarter of "
+        "max_download_rate when lower) from its first block after this long",
         metavar="SECONDS",
     ),
     Setting(

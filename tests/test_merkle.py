@@ -286,3 +286,21 @@ async def test_the_seed_index_makes_the_leaders_manifest_from_the_tree(tmp_path:
         assert not seeds._trees  # a tree lives only while its blob is being added
         none = SeedIndex(tmp_path / "cache", state, swarm, "me", policy="none")
         assert not none.would_offer(blob_id, len(data), held_for)
+
+
+@pytest.mark.parametrize("size", [3 * (64 << 10), 3 * (64 << 10) - 5, 2 * (64 << 10) + 100])
+def test_piece_hash_is_the_piece_layers_entry(size: int) -> None:
+    """One piece's hash from its bytes alone, the short last piece too (its leaves
+    padded with zero hashes to the piece's width), is the tree's layer entry."""
+    from peer.manifests.merkle import piece_hash
+
+    piece = 64 << 10
+    data = random.Random(size).randbytes(size)
+    b = V2TreeBuilder("x", size, piece_size=piece)
+    b.update(data)
+    layer = b.finish().piece_layer
+    for i in range(-(-size // piece)):
+        assert piece_hash(data[i * piece : (i + 1) * piece], piece) == layer[32 * i : 32 * i + 32]
+    assert piece_hash(b"\0" + data[1:piece], piece) != layer[:32]
+    with pytest.raises(ValueError):
+        piece_hash(data[: piece + 1], piece)

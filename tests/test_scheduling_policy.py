@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from peer.scheduling.policy import (
@@ -405,3 +407,203 @@ def test_without_a_mirror_blocks_still_count_as_the_swarm_alive() -> None:
         t += 0.5
     out = p.handle(Availability((1, 1, 1, 0)), 25.0)  # quiet for 5 s: it fails
     assert any(isinstance(d, Failed) for d in out)
+
+
+# --- a piece's floor rate --------------------------------------------------------------------
+
+KiB, MiB = 1 << 10, 1 << 20
+BLOCK = 16 * KiB
+
+
+def send(
+    p: DownloadPolicy,
+    rates: dict[int, float],
+    size: int,
+    start: float,
+    end: float,
+    already: int = 0,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Holders of every piece send ``rates[piece]`` bytes/s of each piece from ``start``
+    (``already`` bytes of each there), in whole 16 KiB blocks, looked at every 0.5 s (as
+    the driver samples libtorrent) until ``end``: when each piece went to the mirror
+    (which then wins the race), and when each was had from the peers."""
+    mirrored: dict[int, float] = {}
+    done: dict[int, float] = {}
+    sent = dict.fromkeys(rates, already)
+    t = start
+    while t <= end:
+        progressed = []
+        for piece, rate in rates.items():
+            blocks = min(size, already + int(rate * (t - start))) // BLOCK * BLOCK
+            if blocks > sent[piece] and piece not in done and piece not in mirrored:
+                sent[piece] = blocks
+                progressed.append((piece, blocks))
+        out = list(p.handle(Availability((1,) * p.num_pieces, received=tuple(progressed)), t))
+        for piece, n in progressed:
+            if n == size:
+                done[piece] = t
+                out += p.handle(PieceDone(piece, PEER), t)
+        for d in out:
+            if isinstance(d, FetchFromMirror):
+                for piece in d.pieces:
+                    mirrored.setdefault(piece, t)
+        t += 0.5
+    return mirrored, done
+
+
+@pytest.mark.parametrize(
+    ("size", "rate"),
+    [(1 * MiB, 8 * KiB), (16 * MiB, 8 * KiB), (16 * MiB, 64 * KiB), (16 * MiB, 256 * KiB)],
+)
+def test_a_piece_trickled_below_the_floor_rate_goes_to_the_mirror_in_bounded_time(
+    size: int, rate: float
+) -> None:
+    """A holder sends blocks of piece 0 steadily but slowly (a host capped at a few
+    KiB/s, or a liar keeping the piece "alive"): once its bytes fall behind the floor
+    rate counted from its first block, less stall_timeout of credit, it goes to the
+    mirror: within stall_timeout + its size / floor of the first block, whatever the
+    trickle, and at stall_timeout / (1 - rate / floor) for a steady one. Before, each
+    block kept it with the peer: an 8 KiB/s holder held a 1 MiB piece 128 s, a 16 MiB
+    one 34 minutes."""
+    floor, stall = 512 * KiB, 5.0
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=stall, min_piece_rate=floor)
+    p = DownloadPolicy(2, 0.0, cfg)
+    p.handle(PieceDone(1, PEER), 0.5)  # (the swarm delivers otherwise)
+    first = 1.0
+    mirrored, done = send(p, {0: rate}, size, first, 120.0)
+    assert not done and set(mirrored) == {0}
+    # (the first block lands BLOCK / rate after `first`: the bounds count from there)
+    began = first + math.ceil(BLOCK / rate / 0.5) * 0.5
+    assert began + stall <= mirrored[0] <= began + stall + size / floor
+    assert mirrored[0] <= began + stall / (1 - rate / floor) + 0.5
+
+
+@pytest.mark.parametrize("size", [4 * MiB, 16 * MiB])
+@pytest.mark.parametrize("at_once", [1, 4])
+def test_an_honest_slow_holder_keeps_its_pieces(size: int, at_once: int) -> None:
+    """A LAN holder at 2 MB/s, on one piece or split over 4 at once (500 KB/s each,
+    just under the floor: the credit covers it), sends every piece itself; nothing goes
+    to the mirror. A pause shorter than stall_timeout costs nothing either."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0)
+    assert cfg.min_piece_rate == 512 * KiB  # the default is what is tested
+    p = DownloadPolicy(at_once, 0.0, cfg)
+    rates = dict.fromkeys(range(at_once), 2e6 / at_once)
+    mirrored, done = send(p, rates, size, 1.0, 200.0)
+    assert mirrored == {} and sorted(done) == list(range(at_once))
+    assert p.finished
+
+
+def test_an_honest_holder_pausing_mid_piece_keeps_it() -> None:
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0)
+    p = DownloadPolicy(1, 0.0, cfg)
+    mirrored, _ = send(p, {0: 2e6}, 16 * MiB, 1.0, 4.0)  # 6 MB in 3 s
+    assert p.handle(Tick(), 8.5) == ()  # 4.5 s with nothing
+    more, done = send(p, {0: 2e6}, 16 * MiB, 8.5, 60.0, already=6_000_000 // BLOCK * BLOCK)
+    assert mirrored == more == {} and list(done) == [0]
+
+
+def test_the_floor_rate_sets_when_a_trickled_piece_goes() -> None:
+    cfg = PolicyConfig(grace_period=0.0, stall_timeout=5.0, min_piece_rate=512 * KiB)
+    p = DownloadPolicy(2, 0.0, cfg)
+    p.handle(Availability((1, 1)), 0.0)
+    p.handle(PieceDone(1, PEER), 0.0)
+    p.handle(Availability((1, 1), received=((0, 256 * KiB),)), 1.0)
+    p.handle(Availability((1, 1), received=((0, 512 * KiB),)), 3.0)
+    p.handle(Availability((1, 1), received=((0, 768 * KiB),)), 5.0)
+    # its credit (5 s) plus what it sent at the floor rate (1.5 s), from the first look
+    assert p.handle(Tick(), 7.4) == ()
+    assert (wake := p.next_wakeup()) is not None and wake <= 1.0 + 5.0 + 1.5
+    out = p.handle(Tick(), 7.5)
+    assert out == (FetchFromMirror((0,), stalled=1),)  # its peers' piece: for the log
+
+
+def test_progress_of_unknown_size_keeps_only_the_stall_rule() -> None:
+    """`PieceProgress` without bytes (a driver that cannot tell) is a sign of life only:
+    the floor needs bytes to judge."""
+    r = Run(1, grace_period=0.0, stall_timeout=5.0)
+    r.at(0, PeerBitfield("seed", everything(1)))
+    for t in range(1, 60, 2):
+        assert r.mirrored(r.at(t, PieceProgress(0))) == []
+    assert r.mirrored(r.at(61, PieceProgress(0, 16 * KiB))) == []  # the first it can judge
+    assert r.mirrored(r.at(63, PieceProgress(0, 32 * KiB))) == []
+    assert r.mirrored(r.at(66.0)) == []  # its credit from 61, and 32 KiB at the floor
+    assert r.mirrored(r.at(66.0625)) == [0]
+
+
+def test_without_a_mirror_a_trickled_piece_still_waits_for_its_holder() -> None:
+    """local/*: no mirror to race the trickle with; the piece waits and the download
+    does not fail while its blocks keep coming."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, mirror_enabled=False)
+    p = DownloadPolicy(2, 0.0, cfg)
+    p.handle(PieceDone(1, PEER), 0.5)
+    t, sent = 1.0, 0
+    while sent < MiB:
+        sent += BLOCK  # one 16 KiB block every 2 s: 8 KiB/s
+        out = p.handle(Availability((1, 1), received=((0, sent),)), t)
+        assert not any(isinstance(d, Failed) for d in out), t
+        assert not p.view(0, t).peers_stalled
+        t += 2.0
+    assert p.handle(PieceDone(0, PEER), t) == (Done(),)
+
+
+def test_a_mirror_copy_spoiled_by_peers_blocks_goes_again_at_once_and_bans_the_sender() -> None:
+    """Our copy, checked before it was fed, failed with blocks a peer had sent of the
+    piece (`Origin.MIXED`): not the mirror's failure (no backoff, none counted), the
+    sender banned, the piece's peers no longer trusted with it; a piece spoiled
+    mirror_max_failures times (by senders nobody can name) fails the download."""
+    r = Run(2, grace_period=0.0, stall_timeout=5.0, mirror_max_failures=3)
+    r.at(0, PeerBitfield("liar", everything(2)))
+    r.at(0.5, PeerBitfield("honest", everything(2)))
+    r.at(1.0, PieceDone(1, PEER))
+    r.at(1.5, PieceProgress(0, 16 * KiB))
+    assert r.mirrored(r.at(6.6)) == [0]  # trickled: behind the floor
+    out = r.at(7.0, PieceHashFailed(0, Origin.MIXED, "liar"))
+    assert BanPeer("liar", "sent blocks of piece 0 that failed its hash check") in out
+    assert r.mirrored(out) == [0]  # at once
+    assert r.policy.view(0, r.now).peers_untrusted
+    assert r.mirrored(r.at(7.5, PieceHashFailed(0, Origin.MIXED))) == [0]
+    out = r.at(8.0, PieceHashFailed(0, Origin.MIXED))
+    assert isinstance(out[-1], Failed) and "spoiled the mirror's copy 3 times" in out[-1].reason
+
+
+def test_under_a_download_cap_the_floor_is_a_quarter_of_it() -> None:
+    from peer.scheduling.policy import MIN_PIECE_RATE, min_piece_rate_under
+
+    assert min_piece_rate_under(0) == MIN_PIECE_RATE == 512 * KiB  # no cap
+    assert min_piece_rate_under(100 << 20) == MIN_PIECE_RATE
+    assert min_piece_rate_under(128 * KiB) == 32 * KiB
+
+
+def one_piece_at_a_time(p: DownloadPolicy, rate: float, size: int, end: float) -> list[int]:
+    """A holder of every piece sends them one after another at ``rate``, from t = 1 s,
+    looked at every 0.5 s: the pieces that went to the mirror by ``end``."""
+    mirrored: list[int] = []
+    counts = (1,) * p.num_pieces
+    t, piece, start = 1.0, 0, 1.0
+    while t <= end and piece < p.num_pieces:
+        sent = min(size, int(rate * (t - start))) // BLOCK * BLOCK
+        out = list(p.handle(Availability(counts, received=((piece, sent),) if sent else ()), t))
+        if sent == size:
+            out += p.handle(PieceDone(piece, PEER), t)
+            piece, start = piece + 1, t
+        mirrored += [q for d in out if isinstance(d, FetchFromMirror) for q in d.pieces]
+        t += 0.5
+    return mirrored
+
+
+def test_pieces_slower_than_the_stall_timeout_at_the_floor_keep_the_others_waiting() -> None:
+    """Under a LAN download cap of 128 KiB/s (floor 32 KiB/s) each 1 MiB piece takes
+    8 s, longer than stall_timeout: the swarm still delivers at 4x the floor, so the
+    pieces not yet started wait for it. Before, only a verified piece counted and every
+    idle piece went to the mirror stall_timeout after the last one."""
+    cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, min_piece_rate=32 * KiB)
+    p = DownloadPolicy(4, 0.0, cfg)
+    assert one_piece_at_a_time(p, 128 * KiB, MiB, 40.0) == []
+    assert p.finished
+
+
+def test_a_trickle_below_the_floor_does_not_keep_the_others_waiting() -> None:
+    """Bytes count for the swarm only at the floor rate: a holder trickling piece 0 at
+    8 KiB/s holds neither it nor the others (the default floor, 512 KiB/s)."""
+    p = DownloadPolicy(4, 0.0, PolicyConfig(grace_period=2.0, stall_timeout=5.0))
+    assert sorted(one_piece_at_a_time(p, 8 * KiB, MiB, 20.0)) == [0, 1, 2, 3]

@@ -268,6 +268,37 @@ async def test_peer_snapshots_while_downloading(blob: Blob, tmp_path: Path) -> N
         assert not status.is_seeding and 0.0 <= status.progress < 1.0
 
 
+async def test_a_fed_piece_keeps_the_blocks_a_peer_sent_of_it(blob: Blob, tmp_path: Path) -> None:
+    """What the swarm driver's blame rests on: ``add_piece`` fills only the blocks no
+    peer has sent yet. A seeder trickling wrong blocks (its file changed after its check:
+    it serves what is on disk) makes a right piece fed over them fail (`HashFailed`,
+    ``fed_by_us``), the failure counted against it; the same bytes fed again pass."""
+    trickler = SwarmSettings(
+        listen_host="127.0.0.1", upload_rate_limit=8 << 10, limit_local_peers=True
+    )
+    seed_dir = tmp_path / "liar"
+    shutil.copytree(blob.seed_dir, seed_dir)
+    async with SwarmSession(trickler) as seeder, session() as leecher:
+        await seeder.add_torrent(blob.torrent, seed_dir)
+        (seed_dir / blob.blob_id).write_bytes(os.urandom(SIZE))
+        stream = leecher.subscribe(blob.info_hash)
+        ih = await leecher.add_torrent(blob.torrent, tmp_path / "dl")
+        leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+        async with asyncio.timeout(WAIT):
+            while True:  # libtorrent has no event for "a block arrived" in our mask
+                sent = [p for p in await leecher.partial_pieces(ih) if p.blocks_received]
+                if sent:
+                    break
+                await asyncio.sleep(0.1)
+        piece = sent[0].piece
+        assert not await leecher.feed_piece(ih, piece, blob.piece(piece))
+        failed = [e for e in stream.take() if isinstance(e, ev.HashFailed)]
+        assert failed == [ev.HashFailed(ih, piece, fed_by_us=True)]
+        assert [p.num_hashfails for p in await leecher.peers(ih)] == [1]
+        assert await leecher.feed_piece(ih, piece, blob.piece(piece))
+        stream.close()
+
+
 async def test_a_drivers_look_is_read_in_one_worker_hop(
     blob: Blob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

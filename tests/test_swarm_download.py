@@ -82,6 +82,7 @@ class Run:
         holders: frozenset[tuple[str, int]] = frozenset(),
         streaming: bool = False,
         driver: dict[str, Any] | None = None,
+        piece_size: int = PIECE,
         **policy: object,
     ) -> None:
         self.now = T0
@@ -91,8 +92,8 @@ class Run:
             **{"end_watch": 0, **(driver or {})},  # (its own test gives one)
         )
         self.drv = SwarmDownload(
-            size if size is not None else n * PIECE - 100,
-            PIECE,
+            size if size is not None else n * piece_size - 100,
+            piece_size,
             n,
             self.now,
             cfg,
@@ -262,6 +263,44 @@ def test_a_stalled_piece_goes_to_the_mirror_after_the_stall_timeout() -> None:
     assert r.drv.progress.from_mirror == PIECE - 100
 
 
+def test_the_mirror_piece_that_ends_the_download_counts_as_the_mirrors() -> None:
+    """libtorrent's verdict on a fed piece comes before `feed_piece` returns: the last
+    piece finishes the download before its `MirrorPieceFed`, which the finished driver
+    ignores. It counted nowhere (an 8 MiB download from a trickling holder: 7 MiB from
+    the mirror, 0 from peers); a fed piece a peer completed first counted as the
+    mirror's."""
+    r = Run(3, grace_period=0.0, stall_timeout=1.0, mirror_parallel=3)
+    r.running()  # nobody has anything: every piece goes to the mirror
+    assert sorted(fed([a for _, a in r.log])) == [0, 1, 2]
+    r.done(0.1, 0, mirror=True)
+    r.at(0.1, MirrorPieceFed(0, PIECE, ok=True))
+    r.done(0.2, 1)  # a peer's copy won the race
+    r.at(0.2, MirrorPieceFed(1, PIECE, ok=True))
+    assert r.done(0.3, 2, mirror=True) == [Finished()]
+    r.at(0.3, MirrorPieceFed(2, PIECE - 100, ok=True))
+    assert r.drv.progress.from_mirror == PIECE + PIECE - 100
+
+
+def test_a_piece_trickled_below_the_floor_rate_goes_to_the_mirror() -> None:
+    """libtorrent's blocks of a piece in flight reach the policy as bytes (16 KiB each):
+    a holder sending one block of piece 3 every 2 s (8 KiB/s) keeps it alive for the
+    stall rule, but it falls behind the floor rate (512 KiB/s after stall_timeout of
+    credit) and the mirror races it. Before, the trickle held it: 1 MiB takes 128 s."""
+    r = Run(4, piece_size=1 << 20, grace_period=1.0, stall_timeout=3.0, mirror_parallel=2)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    for i in range(3):
+        r.done(0.5, i)
+    t, out = 1.0, []
+    while t < 30 and not fed(out):
+        r.swarm.partial[3] = r.swarm.partial.get(3, 0) + 1
+        out = r.until(t + 1.99)
+        t += 2.0
+    assert fed(out) == [3] and [a.stalled for a in out if isinstance(a, FeedMirrorPiece)] == [True]
+    # its first block seen at 1.0, its credit 3 s, then its blocks (16 KiB: 1/32 s) at the floor
+    assert T0 + 4.0 < r.log[-1][0] <= T0 + 4.2
+
+
 def test_a_mirror_piece_that_fails_is_tried_again_and_a_peer_may_win() -> None:
     r = Run(2, grace_period=0.0, stall_timeout=1.0, backoff_base=0.5)
     r.running()  # nobody has anything: both pieces go to the mirror once the grace ends
@@ -376,13 +415,40 @@ def test_a_peer_libtorrent_banned_is_banned_session_wide() -> None:
 
 
 def test_bad_mirror_data_is_not_held_against_peers() -> None:
+    """The caller checks a mirror piece against its hash before feeding it: bad data
+    is a `MirrorPieceError`, retried after the backoff, nobody banned."""
     r = Run(2, grace_period=0.0, backoff_base=0.5)
     r.running()
     assert sorted(fed([a for _, a in r.log])) == [0, 1]
-    r.at(0.1, MirrorPieceFed(0, PIECE, ok=False))
-    assert r.at(0.1, ev.HashFailed(IH, 0, fed_by_us=True)) == []
+    assert r.at(0.1, MirrorPieceError(0, "the mirror sent data that fails its hash")) == []
     assert r.drv.progress.hash_failures == 0 and r.drv.progress.from_mirror == 0
+    assert fed(r.until(0.59)) == []
     assert fed(r.until(0.6)) == [0]
+    assert r.drv.policy is not None and not r.drv.policy.banned
+
+
+def test_a_fed_piece_spoiled_by_a_peers_blocks_bans_it_and_goes_again_at_once() -> None:
+    """libtorrent's add_piece keeps the blocks peers already sent of a piece: a holder
+    trickling wrong blocks, raced by the mirror, makes our (checked) copy fail. That is
+    the holder's doing: it is banned and the piece is fetched again at once. Before, it
+    counted as the mirror's failure (backoff, and 5 of them failed the download)."""
+    r = Run(2, piece_size=1 << 20, grace_period=0.0, stall_timeout=3.0, backoff_base=0.5)
+    r.swarm.holders = {0: 1, 1: 1}
+    r.running()
+    r.done(0.1, 1)
+    t = 0.5
+    while not fed([a for _, a in r.log]):
+        r.swarm.partial[0] = r.swarm.partial.get(0, 0) + 1  # a wrong block every 2 s
+        r.until(t + 1.99)
+        t += 2.0
+    r.swarm.peers[SEED] = 1  # libtorrent counted the failure against the trickler
+    r.at(t, MirrorPieceFed(0, 1 << 20, ok=False))
+    out = r.at(t, ev.HashFailed(IH, 0, fed_by_us=True))
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost(SEED.host, str(SEED), "sent blocks of piece 0 that failed its hash check")
+    ]
+    assert fed(out) == [0]  # at once, not after a backoff
+    assert r.drv.progress.hash_failures == 1
 
 
 # --- timing --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared, P
 from peer.hub.metadata import RemoteFile, Snapshot
 from peer.manifests import V2Tree, check_manifest
 from peer.manifests.manifest import manifest_tree
+from peer.manifests.merkle import piece_hash
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.feeders import (
     ConnectHolders,
@@ -47,7 +48,7 @@ from peer.scheduling.feeders import (
     deal_over,
 )
 from peer.scheduling.herd import HerdConfig
-from peer.scheduling.policy import PolicyConfig
+from peer.scheduling.policy import PolicyConfig, min_piece_rate_under
 from peer.serving.sharing import Access, Provenance, Visibility, may_serve, repo_key
 from peer.transfer.events import PieceFinished, TorrentFinished
 from peer.transfer.inflight import InFlightBlob
@@ -951,6 +952,8 @@ class BlobFetcher:
                     stall_timeout=cfg.stall_timeout,
                     # this download's bound (a request may lower the agent's)
                     mirror_parallel=max(2, mirror.options.connections // 2),
+                    # under a LAN download cap pieces come slowly by choice
+                    min_piece_rate=min_piece_rate_under(self.member_download.rate),
                     mirror_enabled=has_mirror,
                     salt=int(self.peers.self_id[:8] or "0", 16),
                 )
@@ -1018,10 +1021,20 @@ class BlobFetcher:
                         with contextlib.suppress(UnknownTorrent):
                             self.swarm.connect_peer(ih, *key)
 
+        layer: list[bytes] = []  # the manifest's piece hashes, read at the first mirror piece
+
         async def mirror_piece(i: int) -> None:
             start = i * meta.piece_size
             try:
                 data = await mirror.fetch_range(snapshot, file, start, start + meta.piece_length(i))
+                if not layer:
+                    layer.append(manifest_tree(offers[0].manifest).piece_layer)
+                # Checked before libtorrent gets it: add_piece keeps the blocks peers
+                # sent of the piece, so a fed piece that fails was spoiled by theirs (a
+                # trickler raced by the mirror), and they are blamed (`FeedMirrorPiece`).
+                got = await asyncio.to_thread(piece_hash, data, meta.piece_size)
+                if got != layer[0][32 * i : 32 * i + 32]:
+                    raise IntegrityError(f"piece {i} from the mirror fails its hash")
                 while True:
                     before = rejoins
                     try:
@@ -1065,7 +1078,7 @@ class BlobFetcher:
                             "%s: piece %d from the mirror (%s)",
                             file.path,
                             a.piece,
-                            "its peers went quiet" if a.stalled else "no peer has it",
+                            "its peers went quiet or too slow" if a.stalled else "no peer has it",
                         )
                         mirror_tasks[a.piece] = asyncio.create_task(mirror_piece(a.piece))
                 elif isinstance(a, CancelMirrorPiece):

@@ -50,6 +50,18 @@ def _root(leaves: list[bytes], width: int, pad: bytes) -> bytes:
     return layer[0]
 
 
+def piece_hash(data: bytes | memoryview, piece_size: int) -> bytes:
+    """The v2 hash of one piece's bytes (the last piece of a blob may be short): what
+    the piece layer holds for it. A piece from elsewhere (the mirror) is checked with it
+    before libtorrent gets it, so a piece libtorrent then rejects was spoiled by blocks
+    peers had sent of it."""
+    view = memoryview(data).cast("B")
+    if not 0 < len(view) <= piece_size or piece_size % BLOCK_SIZE:
+        raise ValueError(f"{len(view)} bytes are not a piece of {piece_size}")
+    leaves = [_sha256(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)]
+    return _root(leaves, piece_size // BLOCK_SIZE, _ZERO)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -26,8 +26,9 @@ blob makes progress, and the holders of a piece that just vanished (a seeder pau
 its torrent to reconnect its peers) for ``stall_timeout``; a piece goes to the mirror
 only once they stalled, not after the grace period.
 Peers holding a piece drop out of the ranking when they stalled (no progress for
-``stall_timeout``) or after repeated hash failures on that piece; the mirror drops
-out while the piece waits for its retry backoff.
+``stall_timeout``, or its blocks came slower than ``min_piece_rate``: see `_view`) or
+after repeated hash failures on that piece; the mirror drops out while the piece waits
+for its retry backoff.
 
 Pieces sent to the mirror are picked "nobody has it" first, then stalled ones, each
 in an order scrambled by ``config.salt``, so that agents starting together fetch
@@ -43,9 +44,18 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 # Only constants: the agent's defaults are defined once, next to AgentConfig.
-from peer.config import PEER_GRACE, STALL_TIMEOUT
+from peer.config import MIN_PIECE_RATE, PEER_GRACE, STALL_TIMEOUT
 
 # --- configuration -----------------------------------------------------------------------
+
+
+def min_piece_rate_under(download_cap: int) -> float:
+    """The floor rate for a download under the agent's LAN download cap (bytes/s, 0:
+    none): a quarter of the cap when that is lower, since pieces then come slowly by
+    the user's choice (libtorrent may work on a few at once), not a trickler's."""
+    if download_cap <= 0:
+        return MIN_PIECE_RATE
+    return min(MIN_PIECE_RATE, download_cap / 4)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,11 @@ class PolicyConfig:
     grace_period: float = PEER_GRACE
     # A piece whose peer download shows no sign of life this long goes to the mirror.
     stall_timeout: float = STALL_TIMEOUT
+    # ... and so does one whose bytes from peers (`PieceProgress.received`) fall behind
+    # this rate (bytes/s) counted from its first block, less stall_timeout of credit:
+    # it is had within stall_timeout + its size / min_piece_rate of its first block, or
+    # the mirror races the peers for it. 0: any block keeps it. Not with no mirror.
+    min_piece_rate: float = MIN_PIECE_RATE
     # Mirror pieces in flight at once.
     mirror_parallel: int = 4
     # A mirror fetch with no verdict after this long counts as failed (safety net;
@@ -75,7 +90,13 @@ class PolicyConfig:
             raise ValueError("mirror_parallel and mirror_max_failures must be >= 1")
         if self.peer_hash_failures_max < 1:
             raise ValueError("peer_hash_failures_max must be >= 1")
-        for name in ("grace_period", "stall_timeout", "mirror_timeout", "backoff_base"):
+        for name in (
+            "grace_period",
+            "stall_timeout",
+            "min_piece_rate",
+            "mirror_timeout",
+            "backoff_base",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.backoff_max < self.backoff_base:
@@ -136,6 +157,9 @@ def rank_sources(view: PieceView) -> tuple[Source, ...]:
 class Origin(Enum):
     PEER = "peer"
     MIRROR = "mirror"  # data we fed with add_piece
+    # Data we fed, checked against the piece's hash before, that libtorrent merged with
+    # blocks peers had sent of the piece (add_piece keeps those): a failure is theirs.
+    MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -148,7 +172,8 @@ class PieceDone:
 
 @dataclass(frozen=True)
 class PieceHashFailed:
-    """A piece failed its hash check; ``peer`` when the sender is known."""
+    """A piece failed its hash check; ``peer`` when the sender is known (for
+    `Origin.MIXED`: the one peer whose blocks were in it)."""
 
     piece: int
     origin: Origin
@@ -157,9 +182,12 @@ class PieceHashFailed:
 
 @dataclass(frozen=True)
 class PieceProgress:
-    """Some blocks of a piece arrived from peers (a sign of life)."""
+    """Some blocks of a piece arrived from peers (a sign of life). ``received``: its
+    bytes arrived so far, when known (the floor rate, ``min_piece_rate``, judges them;
+    unknown, only the stall rule applies)."""
 
     piece: int
+    received: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +216,12 @@ class Availability:
     by name (libtorrent's piece_availability). Use it or per-peer events, not both.
     ``progressed``: pieces that got blocks since the last look, taken as `PieceProgress`
     before anything is decided (one look at libtorrent is one event, so a decision never
-    sees half of it)."""
+    sees half of it); ``received``: (piece, bytes arrived so far) of those whose bytes
+    are known (`PieceProgress.received`)."""
 
     counts: tuple[int, ...]
     progressed: frozenset[int] = frozenset()
+    received: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,7 +267,8 @@ Event = (
 class FetchFromMirror:
     """Fetch these pieces from the mirror. The first ``len(pieces) - stalled`` no peer
     had once the grace period ended; the last ``stalled`` had peers that went quiet
-    for ``stall_timeout`` (the agent's debug log says which, per piece)."""
+    for ``stall_timeout`` or sent them below ``min_piece_rate`` (the agent's debug log
+    says which, per piece)."""
 
     pieces: tuple[int, ...]
     stalled: int = 0
@@ -315,9 +346,18 @@ class DownloadPolicy:
         self._banned: set[str] = set()
         self._available_since: dict[int, float] = {}
         self._last_progress: dict[int, float] = {}
-        self._last_peer_activity = now  # a piece from peers passed its check
+        # Per piece being sent, once its bytes are known: since when, and how many.
+        self._first_progress: dict[int, float] = {}
+        self._received: dict[int, int] = {}
+        # a piece from peers passed its check, or min_piece_rate x stall_timeout more
+        # bytes came from them (pieces that take longer than stall_timeout each, under a
+        # LAN download cap: the swarm delivers at the floor, if not a piece at a time)
+        self._last_peer_activity = now
+        self._peer_bytes = 0  # bytes from peers of pieces in flight, as seen
+        self._marked_bytes = 0  # ... at the last activity they made
         self._last_block = now  # ... or blocks of one came
         self._peer_hash_failures: dict[int, int] = {}
+        self._spoils: dict[int, int] = {}  # our right copy failed, mixed with peers' blocks
         # Holders known but not connected (`HoldersAway`), since when; pieces whose
         # last holder vanished, when; and when the holders were connected again (a new
         # grace period for their handshakes).
@@ -393,10 +433,12 @@ class DownloadPolicy:
                     self._mirror_failed(
                         piece, "the mirror sent data that failed the hash", now, out
                     )
+                elif origin is Origin.MIXED:
+                    self._spoiled(piece, peer, now, out)
                 else:
                     self._peer_hash_failed(piece, peer, now, out)
-            case PieceProgress(piece=piece):
-                self._progress(piece, now)
+            case PieceProgress(piece=piece, received=received):
+                self._progress(piece, now, received)
             case PeerBitfield(peer=peer, pieces=pieces):
                 if peer not in self._banned:
                     for p in pieces:
@@ -410,11 +452,12 @@ class DownloadPolicy:
                 self._drop_peer(peer, now, lost=not banned)
                 if banned:
                     self._banned.add(peer)
-            case Availability(counts=counts, progressed=progressed):
+            case Availability(counts=counts, progressed=progressed, received=received):
                 if len(counts) != self.num_pieces:
                     raise ValueError(f"{len(counts)} availability counts, want {self.num_pieces}")
-                for p in progressed:
-                    self._progress(p, now)
+                sizes = dict(received)
+                for p in progressed | frozenset(sizes):
+                    self._progress(p, now, sizes.get(p))
                 for p, c in enumerate(counts):
                     before = self._holders(p)
                     self._anon[p] = max(0, int(c))
@@ -447,7 +490,7 @@ class DownloadPolicy:
         if type(piece) is not int or not 0 <= piece < self.num_pieces:
             raise ValueError(f"piece {piece!r} is out of range 0-{self.num_pieces - 1}")
 
-    def _progress(self, piece: int, now: float) -> None:
+    def _progress(self, piece: int, now: float, received: int | None = None) -> None:
         self._check_piece(piece)
         if piece not in self._done:
             # That piece's own sign of life, not the swarm's: a block now and then is
@@ -456,13 +499,25 @@ class DownloadPolicy:
             # froze). Without a mirror, waiting is all there is: it counts there.
             self._last_progress[piece] = now
             self._last_block = now
+            if received is not None:
+                # Judged from the first bytes known (no earlier: the next check was
+                # set without them). The most seen: a count that went back (the
+                # torrent added again) must not take credit for bytes that came.
+                self._first_progress.setdefault(piece, now)
+                before = self._received.get(piece, 0)
+                self._received[piece] = max(int(received), before)
+                self._peer_bytes += self._received[piece] - before
+                step = self.config.min_piece_rate * self.config.stall_timeout
+                if self.config.min_piece_rate and self._peer_bytes - self._marked_bytes >= step:
+                    self._marked_bytes = self._peer_bytes
+                    self._last_peer_activity = now
 
     def _on_done(self, piece: int, origin: Origin, now: float, out: list[Decision]) -> None:
         self._check_piece(piece)
         if piece in self._done:
             return
         self._done.add(piece)
-        self._last_progress.pop(piece, None)
+        self._forget_progress(piece)
         self._lost_at.pop(piece, None)
         if origin is Origin.PEER:
             self._last_peer_activity = now
@@ -484,12 +539,42 @@ class DownloadPolicy:
         if piece in self._done:
             return
         self._peer_hash_failures[piece] = self._peer_hash_failures.get(piece, 0) + 1
-        self._last_progress.pop(piece, None)  # the partial piece was thrown away
+        self._forget_progress(piece)  # the partial piece was thrown away
         self._dirty = True
         if peer is not None and peer not in self._banned:
             self._banned.add(peer)
             self._drop_peer(peer, now, lost=False)
             out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
+
+    def _spoiled(self, piece: int, peer: str | None, now: float, out: list[Decision]) -> None:
+        """Our right copy of a piece failed with blocks peers had sent of it (a holder
+        trickling wrong blocks, raced by the mirror): not the mirror's failure. Its
+        peers are not trusted with it any more, so it goes to the mirror again at once,
+        the sender banned when known; a piece spoiled this often fails the download
+        (several senders at once, none of them known)."""
+        self._inflight.pop(piece, None)
+        if piece in self._done:
+            return
+        spoiled = self._spoils[piece] = self._spoils.get(piece, 0) + 1
+        failures = max(self._peer_hash_failures.get(piece, 0), self.config.peer_hash_failures_max)
+        self._peer_hash_failures[piece] = failures
+        self._forget_progress(piece)
+        self._dirty = True
+        if peer is not None and peer not in self._banned:
+            self._banned.add(peer)
+            self._drop_peer(peer, now, lost=False)
+            out.append(BanPeer(peer, f"sent blocks of piece {piece} that failed its hash check"))
+        if spoiled >= self.config.mirror_max_failures:
+            self._fail(
+                f"piece {piece}: blocks peers sent of it spoiled the mirror's copy {spoiled} times",
+                piece,
+                out,
+            )
+
+    def _forget_progress(self, piece: int) -> None:
+        self._last_progress.pop(piece, None)
+        self._first_progress.pop(piece, None)
+        self._received.pop(piece, None)
 
     def _mirror_failed(self, piece: int, reason: str, now: float, out: list[Decision]) -> None:
         self._inflight.pop(piece, None)
@@ -593,6 +678,16 @@ class DownloadPolicy:
             since = self._available_since.get(piece, self.start)
             alive = max(since, self._last_peer_activity, self.start)
         stall_at = alive + cfg.stall_timeout
+        if holders and piece in self._received and cfg.min_piece_rate and cfg.mirror_enabled:
+            # Blocks keep coming, but too slowly: its bytes fell behind the floor rate
+            # since its first block (stall_timeout of credit), so a holder trickling
+            # blocks holds it for stall_timeout + its size / floor at most.
+            behind_at = (
+                self._first_progress[piece]
+                + cfg.stall_timeout
+                + self._received[piece] / cfg.min_piece_rate
+            )
+            stall_at = min(stall_at, behind_at)
         untrusted = self._peer_hash_failures.get(piece, 0) >= cfg.peer_hash_failures_max
         retry_at = self._retry_at.get(piece, -math.inf)
         exhausted = self._mirror_failures.get(piece, 0) >= cfg.mirror_max_failures

@@ -54,6 +54,9 @@ from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice
 from peer.transfer import events as ev
 
 CHECKING_STATES = frozenset({"checking_files", "checking_resume_data", "queued_for_checking"})
+# What a block of `SwarmSample.partial` holds: libtorrent asks peers for 16 KiB (a piece's
+# last block may be shorter).
+BLOCK = 16 << 10
 
 # --- configuration -------------------------------------------------------------------------
 
@@ -206,8 +209,12 @@ class ConnectPeer:
 
 @dataclass(frozen=True)
 class FeedMirrorPiece:
+    """Fetch this piece from the mirror, check it against the piece's hash (the
+    manifest's piece layer) and feed it: a fed piece that then fails is blamed on the
+    blocks peers had sent of it (libtorrent's add_piece keeps those)."""
+
     piece: int
-    stalled: bool = False  # its peers went quiet (else no peer had it after the grace)
+    stalled: bool = False  # its peers went quiet or too slow (else none had it after the grace)
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ class SwarmProgress:
 
     resumed: int = 0  # verified on disk when the check ended
     done: int = 0
-    from_mirror: int = 0  # mirror pieces that were fed and are had
+    from_mirror: int = 0  # pieces had from the data we fed (libtorrent's verdict)
     hash_failures: int = 0  # pieces from peers that failed their check
 
 
@@ -366,7 +373,8 @@ class SwarmDownload:
         self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
-        self._blame: list[int] = []  # pieces that failed from peers, sender not yet known
+        # pieces that failed with peers' blocks in them (their origin), sender not yet known
+        self._blame: list[tuple[int, pol.Origin]] = []
         self._early: list[pol.Event] = []  # for the policy, before it runs
         if self.feeders is not None and not self.feeders.feeding:
             # left to the feeders before the torrent's first add (a late joiner)
@@ -419,9 +427,11 @@ class SwarmDownload:
                 self._feed_readers(readers, now, out)
             case SwarmSample():
                 self._on_sample(item, now, out)
-            case MirrorPieceFed(piece=piece, nbytes=nbytes, ok=ok):
-                if ok:
-                    self.progress.from_mirror += nbytes
+            case MirrorPieceFed():
+                # What counts is libtorrent's verdict (`PieceFinished.fed_by_us`): this
+                # comes after it, after `Finished` for the last piece, and says ok when a
+                # peer's copy won the race too.
+                pass
             case MirrorPieceError(piece=piece, reason=reason):
                 self._to_policy(pol.MirrorPieceFailed(piece, reason), now, out)
             case Members(agents=agents, complete=complete, deals=deals):
@@ -478,18 +488,19 @@ class SwarmDownload:
             if not self._have[e.piece]:
                 self._have[e.piece] = True
                 self.progress.done += self.piece_length(e.piece)
+                if e.fed_by_us:
+                    self.progress.from_mirror += self.piece_length(e.piece)
                 self._follow(now, out)
             origin = pol.Origin.MIRROR if e.fed_by_us else pol.Origin.PEER
             if self.policy is not None:
                 self._to_policy(pol.PieceDone(e.piece, origin), now, out)
         elif isinstance(e, ev.HashFailed):
-            if e.fed_by_us:
-                self._to_policy(pol.PieceHashFailed(e.piece, pol.Origin.MIRROR), now, out)
-            else:
-                # Who sent it shows in the next sample: the one peer whose count rose.
-                self.progress.hash_failures += 1
-                self._blame.append(e.piece)
-                self._look_now(now)
+            # Who sent it shows in the next sample: the one peer whose count rose. Ours
+            # passed the piece's hash before it was fed (`FeedMirrorPiece`): it failed
+            # with wrong blocks a peer had sent of it (a trickler raced by the mirror).
+            self.progress.hash_failures += 1
+            self._blame.append((e.piece, pol.Origin.MIXED if e.fed_by_us else pol.Origin.PEER))
+            self._look_now(now)
         elif isinstance(e, ev.PeerBanned):
             # libtorrent banned it for this torrent (it alone sent a bad piece); make
             # that session-wide: no blob should come from that host now.
@@ -668,22 +679,23 @@ class SwarmDownload:
                 self._hashfails[key] = p.hashfails
                 culprits.append(key)
         pieces, self._blame = self._blame, []
-        for k, piece in enumerate(pieces):
+        for k, (piece, origin) in enumerate(pieces):
             sender = culprits[0] if len(culprits) == 1 and k == 0 else None
-            self._to_policy(pol.PieceHashFailed(piece, pol.Origin.PEER, sender), now, out)
+            self._to_policy(pol.PieceHashFailed(piece, origin, sender), now, out)
 
     def _feed_policy(self, s: SwarmSample, now: float, out: list[Action]) -> None:
-        progressed = set()
+        received: dict[int, int] = {}  # progressed pieces: their bytes so far
         for piece, blocks in s.partial:
             if blocks > self._received.get(piece, 0):
                 self._received[piece] = blocks
-                progressed.add(piece)
+                received[piece] = min(blocks * BLOCK, self.piece_length(piece))
         if len(s.availability) == self.num_pieces:
             # One event: the policy must not decide on fresh progress and stale holders.
-            self._to_policy(pol.Availability(s.availability, frozenset(progressed)), now, out)
+            sizes = tuple(sorted(received.items()))
+            self._to_policy(pol.Availability(s.availability, frozenset(received), sizes), now, out)
             return
-        for piece in sorted(progressed):
-            self._to_policy(pol.PieceProgress(piece), now, out)
+        for piece, nbytes in sorted(received.items()):
+            self._to_policy(pol.PieceProgress(piece, nbytes), now, out)
         self._to_policy(pol.Tick(), now, out)
 
     def _feeder_action(
