@@ -16,6 +16,7 @@ from peer.scheduling.policy import (
     Event,
     Failed,
     FetchFromMirror,
+    HoldersAway,
     MirrorPieceFailed,
     Origin,
     PeerBitfield,
@@ -607,3 +608,29 @@ def test_a_trickle_below_the_floor_does_not_keep_the_others_waiting() -> None:
     8 KiB/s holds neither it nor the others (the default floor, 512 KiB/s)."""
     p = DownloadPolicy(4, 0.0, PolicyConfig(grace_period=2.0, stall_timeout=5.0))
     assert sorted(one_piece_at_a_time(p, 8 * KiB, MiB, 20.0)) == [0, 1, 2, 3]
+
+
+def test_a_piece_begun_before_its_holders_were_left_to_the_feeders_keeps_its_floor_credit() -> None:
+    """A non-feeder got 1 MiB of piece 0 from the seeder before it left the holders to
+    the feeders (`HoldersAway`); the other pieces come from the downloaders. When one of
+    them has piece 0, 11 s later, it may send it at LAN speed: the floor counts from
+    then, not from the first block (which would send it to the mirror at once, its
+    holder just back and not yet asked). The same when the holders are connected again."""
+    for back in ("a downloader has it", "the holders connected again"):
+        cfg = PolicyConfig(grace_period=2.0, stall_timeout=5.0, min_piece_rate=512 * KiB)
+        p = DownloadPolicy(7, 0.0, cfg)
+        counts = (1,) * 7
+        assert p.handle(Availability(counts, received=((0, MiB),)), 0.3) == ()
+        p.handle(HoldersAway(1), 0.5)
+        ready = (0,) + (1,) * 6  # the downloaders have every piece but 0
+        for k, t in enumerate((1.0, 3.0, 5.0, 7.0, 9.0, 11.0), start=1):
+            assert p.handle(Availability(ready), t) == ()
+            assert p.handle(PieceDone(k, PEER), t) == (), t  # the blob makes progress
+        if back == "a downloader has it":
+            assert p.handle(Availability(counts), 11.5) == (), back
+        else:
+            assert p.handle(HoldersAway(0), 11.5) == (), back
+            assert p.handle(Availability(counts), 11.6) == (), back
+        # it comes at 2 MB/s from 12 s: nothing for the mirror
+        mirrored, done = send(p, {0: 2e6}, 4 * MiB, 12.0, 20.0, already=MiB)
+        assert mirrored == {} and list(done) == [0], back

@@ -301,6 +301,33 @@ def test_a_piece_trickled_below_the_floor_rate_goes_to_the_mirror() -> None:
     assert T0 + 4.0 < r.log[-1][0] <= T0 + 4.2
 
 
+def test_a_piece_that_failed_its_check_is_judged_by_the_floor_rate_when_it_comes_again() -> None:
+    """Piece 7 came whole from two peers and failed its check (nobody to blame); then
+    libtorrent starts it again from its first block, and a holder trickles it (one
+    block every 2 s) while the other pieces keep coming. Its new blocks are progress
+    (from 0 again), so the floor rate sends it to the mirror within stall_timeout and
+    a few blocks; before, they counted only past the 64 blocks of the failed copy, so
+    the piece waited for the trickle for as long as other pieces came."""
+    r = Run(8, piece_size=1 << 20, grace_period=1.0, stall_timeout=3.0, mirror_parallel=2)
+    r.swarm.holders = dict.fromkeys(range(8), 1)
+    r.running()
+    r.swarm.partial[7] = 64  # all of it, seen by the look a new peer brings
+    r.at(0.5, ev.PeerConnected(IH, OTHER))
+    r.swarm.peers = {SEED: 1, OTHER: 1}
+    r.swarm.partial.pop(7)
+    r.at(1.0, ev.HashFailed(IH, 7, fed_by_us=False))
+    t, out = 2.0, []
+    for i in range(7):
+        r.swarm.partial[7] = r.swarm.partial.get(7, 0) + 1
+        out += r.until(t - 0.01)
+        out += r.at(t)
+        out += r.done(t + 0.5, i)
+        t += 2.0
+    assert fed(out) == [7], out
+    first = next(when for when, a in r.log if isinstance(a, FeedMirrorPiece))
+    assert first <= T0 + 2.0 + 3.0 + 0.5, first - T0
+
+
 def test_a_mirror_piece_that_fails_is_tried_again_and_a_peer_may_win() -> None:
     r = Run(2, grace_period=0.0, stall_timeout=1.0, backoff_base=0.5)
     r.running()  # nobody has anything: both pieces go to the mirror once the grace ends

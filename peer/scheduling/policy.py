@@ -468,6 +468,8 @@ class DownloadPolicy:
                     self._away_since = now
                 elif self._away and not count:
                     self._back_at = now
+                    for piece in list(self._first_progress):
+                        self._restart_floor(piece, now)
                 self._away = count
                 self._dirty = True
             case MirrorPieceFailed(piece=piece, reason=reason):
@@ -571,6 +573,12 @@ class DownloadPolicy:
                 out,
             )
 
+    def _restart_floor(self, piece: int, now: float) -> None:
+        """The floor rate judges a piece's bytes from ``now`` on (``stall_timeout`` of
+        credit again): the bytes it has count as if they came at the floor."""
+        if piece in self._first_progress and self.config.min_piece_rate:
+            self._first_progress[piece] = now - self._received[piece] / self.config.min_piece_rate
+
     def _forget_progress(self, piece: int) -> None:
         self._last_progress.pop(piece, None)
         self._first_progress.pop(piece, None)
@@ -618,6 +626,10 @@ class DownloadPolicy:
         if before == 0 and after > 0:
             self._available_since[piece] = now
             self._lost_at.pop(piece, None)
+            if self._away:
+                # A downloader has it at last: its floor counts from now (the holders
+                # left to the feeders could not send it, and it waited by our choice).
+                self._restart_floor(piece, now)
         elif before > 0 and after == 0:
             self._available_since.pop(piece, None)
             if lost and piece not in self._done:

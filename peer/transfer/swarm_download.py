@@ -500,6 +500,9 @@ class SwarmDownload:
             # with wrong blocks a peer had sent of it (a trickler raced by the mirror).
             self.progress.hash_failures += 1
             self._blame.append((e.piece, pol.Origin.MIXED if e.fed_by_us else pol.Origin.PEER))
+            # libtorrent starts the piece again from its first block: blocks from 1 up
+            # are progress again (the policy forgets the failed copy's bytes too).
+            self._received.pop(e.piece, None)
             self._look_now(now)
         elif isinstance(e, ev.PeerBanned):
             # libtorrent banned it for this torrent (it alone sent a bad piece); make
