@@ -36,7 +36,7 @@ from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared, PeerMisbehaved
 from peer.hub.metadata import RemoteFile, Snapshot
-from peer.manifests import V2Tree, check_manifest
+from peer.manifests import CheckedManifests, V2Tree
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.revisions import is_local_repo
 from peer.scheduling.feeders import ConnectHolders, DropHolders, FeederChoice, FeederConfig
@@ -206,6 +206,8 @@ class BlobFetcher:
         self._transfers = asyncio.Semaphore(config.download.max_files)
         # The swarms' re-surveys, one question per peer for all of them (agent/survey.py).
         self.resurveys = SurveyBatch(self._find)
+        # Each re-survey finds the same manifests again: checked once (`_valid`).
+        self._check_manifest = CheckedManifests()
         # Swarm downloads start each hashed range's writeback (see `_swarm`).
         self._writeback = WritebackWorker()
 
@@ -594,7 +596,7 @@ class BlobFetcher:
         good: list[Offer] = []
         for offer in found:
             try:
-                meta = check_manifest(offer.manifest)
+                meta = self._check_manifest(offer.manifest)
             except HfswarmError as exc:
                 log.warning(
                     "peer %s sent a bad manifest for %s: %s",
