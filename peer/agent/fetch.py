@@ -982,7 +982,7 @@ class BlobFetcher:
             while todo:
                 a = todo.pop(0)
                 if isinstance(a, TakeSample):
-                    sample = await self._sample(ih)
+                    sample = await self._sample(ih, a.peers)
                     todo += drv.handle(sample, time.monotonic())
                 elif isinstance(a, StartSwarming):
                     # Only now may peers arrive through the trackers: what came before
@@ -1112,8 +1112,8 @@ class BlobFetcher:
         pos = flight.lowest_reader_position()
         return Readers(flight.reader_count, pos or 0, flight.ready, flight.waiting_count)
 
-    async def _sample(self, ih: str) -> SwarmSample:
-        look = await self.swarm.look(ih)  # one worker hop (was five)
+    async def _sample(self, ih: str, peers: bool = True) -> SwarmSample:
+        look = await self.swarm.look(ih, peers=peers)  # one worker hop (was five)
         return SwarmSample(
             state=look.state,
             is_finished=look.is_finished,
