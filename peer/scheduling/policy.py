@@ -311,7 +311,6 @@ class DownloadPolicy:
         self._peers: dict[str, frozenset[int]] = {}
         self._named = [0] * num_pieces
         self._anon = [0] * num_pieces
-        self._counts: tuple[int, ...] = ()  # the `Availability` counts `_anon` holds
         self._complete_peers = 0
         self._banned: set[str] = set()
         self._available_since: dict[int, float] = {}
@@ -416,14 +415,14 @@ class DownloadPolicy:
                     raise ValueError(f"{len(counts)} availability counts, want {self.num_pieces}")
                 for p in progressed:
                     self._progress(p, now)
-                # The counts as last applied change nothing: not walked again (each
-                # sample brings them, 1.5 ms a walk for 1024 pieces; benchmarks 8.33).
-                if counts != self._counts:
-                    self._counts = counts
-                    for p, c in enumerate(counts):
-                        before = self._holders(p)
-                        self._anon[p] = max(0, int(c))
-                        self._availability_changed(p, before, now)
+                for p, c in enumerate(counts):
+                    if c == self._anon[p]:
+                        # As it was (nearly every piece of every sample): nothing changes
+                        # (1.5 ms a walk of 1024 pieces, once a second; benchmarks 8.33).
+                        continue
+                    before = self._holders(p)
+                    self._anon[p] = max(0, int(c))
+                    self._availability_changed(p, before, now)
             case HoldersAway(count=count):
                 count = max(0, int(count))
                 if count and not self._away:
