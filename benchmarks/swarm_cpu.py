@@ -134,6 +134,7 @@ class Agent:
         mirror: str,
         peers: list[str],
         level: str = "debug",  # hf_endpoint.py and leader_seed.py read its time line
+        extra: tuple[str, ...] = (),
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.checkout, self.root, self.ip = checkout, root, ip
@@ -143,6 +144,7 @@ class Agent:
                "--mirror", mirror, "--no-mdns", "--config", os.devnull]  # fmt: skip
         for p in peers:
             cmd += ["--peer", p]
+        cmd += extra
         self.log_path = root / "agent.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -160,8 +162,24 @@ class Agent:
     def peer(self) -> str:
         return f"{self.ip}:{self.info['peer_port']}"
 
-    def download(self) -> tuple[float, float, float]:
-        """(wall s, agent CPU s, CLI CPU s) of one `hfswarm download --agent`."""
+    def download(self, profile: Path | None = None) -> tuple[float, float, float]:
+        """(wall s, agent CPU s, CLI CPU s) of one `hfswarm download --agent`; with
+        `profile`, py-spy samples the agent's threads meanwhile (collapsed stacks there)."""
+        spy = None
+        if profile is not None and profile.suffix == ".data":
+            spy = subprocess.Popen(
+                ["perf", "record", "-F", "499", "-g", "-p", str(self.proc.pid), "-o",
+                 str(profile)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # perf attaches
+        elif profile is not None:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(self.proc.pid), "--threads", "--native",
+                 "--gil", "--rate", "200", "--format", "raw", "--output", str(profile)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # py-spy attaches
         before = cpu_of(self.proc.pid)
         threads_before = threads_cpu(self.proc.pid)
         wakes_before = wakeups(self.proc.pid)
@@ -177,6 +195,9 @@ class Agent:
         wall = time.perf_counter() - t0
         self.ended = time.time()
         after = threads_cpu(self.proc.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
         self.main_wakes = wakeups(self.proc.pid) - wakes_before
         self.main_cpu = after["main"] - threads_before["main"]
         self.threads = {
@@ -200,12 +221,14 @@ class Agent:
 # --- the bare libtorrent downloader (a child process: this file with --bare-child) -------
 
 
-def bare_child(torrent: Path, seeder: str, out: Path) -> None:
+def bare_child(torrent: Path, seeder: str, out: Path, rate: int) -> None:
     import libtorrent as lt
 
     from peer.transfer.swarm import SwarmSettings
 
-    settings = SwarmSettings(listen_host="127.0.0.9", listen_port=0).to_libtorrent()
+    settings = SwarmSettings(
+        listen_host="127.0.0.9", listen_port=0, download_rate_limit=rate, limit_local_peers=True
+    ).to_libtorrent()
     ses = lt.session(settings)
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(lt.bdecode(torrent.read_bytes()))
@@ -234,10 +257,10 @@ def bare_child(torrent: Path, seeder: str, out: Path) -> None:
     )
 
 
-def bare(checkout: Path, torrent: Path, seeder: str, out: Path) -> tuple[float, float]:
+def bare(checkout: Path, torrent: Path, seeder: str, out: Path, rate: int) -> tuple[float, float]:
     out.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
-        [sys.executable, __file__, "--bare-child", str(torrent), seeder, str(out)],
+        [sys.executable, __file__, "--bare-child", str(torrent), seeder, str(out), str(rate)],
         check=True, capture_output=True, text=True, cwd=checkout, env=env_for(checkout),
     )  # fmt: skip
     got = json.loads(res.stdout.strip().splitlines()[-1])
@@ -302,10 +325,27 @@ def main() -> None:
         " before every trial (root; sets page_reporting.min_free_ms machine-wide,"
         " restores it on exit)",
     )  # fmt: skip
-    ap.add_argument("--bare-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--rate", default="0",
+        help="cap the downloaders (agents: --max-download-rate; the bare session: the same"
+        " libtorrent limit) at this many bytes/s (30MB): a long download on loopback, where"
+        " what costs CPU per second rather than per byte shows; 0: no cap",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profile", default=None, metavar="DIR",
+        help="profile each agent download (--profiler) into DIR/<checkout>-<round>.txt"
+        " (py-spy's collapsed stacks) or .data (perf's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profiler", choices=("py-spy", "perf"), default="py-spy",
+        help="--profile's tool: py-spy (Python stacks of the threads holding the GIL) or"
+        " perf record -g (every thread, libtorrent's too; perf report --sort tid,sym)",
+    )  # fmt: skip
+    ap.add_argument("--bare-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
-        bare_child(Path(args.bare_child[0]), args.bare_child[1], Path(args.bare_child[2]))
+        c = args.bare_child
+        bare_child(Path(c[0]), c[1], Path(c[2]), int(c[3]))
         return
     with hold_freed_memory(args.hold_freed_memory):
         run(args)
@@ -316,6 +356,11 @@ def run(args: argparse.Namespace) -> None:
     here = checkouts[-1]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-cpu-bench-"))
     size = parse_size(args.size)
+    rate = parse_size(args.rate) if args.rate != "0" else 0
+    extra = ("--max-download-rate", str(rate)) if rate else ()
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     folder = work / f"repo-{size}"
     make_repo(folder, size)
     mirror = subprocess.Popen(
@@ -357,15 +402,21 @@ def run(args: argparse.Namespace) -> None:
                 if args.hold_freed_memory:
                     prefault(size + size // 4)
                 if row == "bare":
-                    w, c = bare(here, torrent, bt_seeder, work / "bare")
+                    w, c = bare(here, torrent, bt_seeder, work / "bare", rate)
                     rows["bare"]["wall"].append(w)
                     rows["bare"]["cpu"].append(c)
                     msg.append(f"bare {w:.2f} s / {c:.2f} cpu")
                     continue
                 co = Path(row)
-                d = Agent(co, work / f"d-{r}", "127.0.0.3", url, [seeder.peer], args.log_level)
+                d = Agent(
+                    co, work / f"d-{r}", "127.0.0.3", url, [seeder.peer], args.log_level, extra
+                )
+                spy = None
+                if profile is not None:
+                    ext = "data" if args.profiler == "perf" else "txt"
+                    spy = profile / f"{co.name or 'root'}-{r + 1}.{ext}"
                 try:
-                    w, c, cc = d.download()
+                    w, c, cc = d.download(spy)
                 finally:
                     d.stop()
                 rows[row]["wall"].append(w)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 
 from peer.cli.main import agent_config, build_parser
@@ -79,3 +80,17 @@ def test_demo_moves_the_model_from_the_mirror_once_then_between_agents(tmp_path:
     assert rows["1"][0] == "0 B"  # agent 1: everything from the mirror
     assert rows["2"][1] == rows["3"][1] == "0 B"  # agents 2 and 3: nothing from it
     assert "(1.00x its size)" in done.stdout  # the mirror sent the model once for 3 copies
+
+
+async def test_the_agent_keeps_what_start_up_made_out_of_the_collectors_full_passes(
+    tmp_path: Path,
+) -> None:
+    # A full pass walked the agent's start-up objects again during each long download
+    # (30-70 ms, docs/benchmarks.md 8.33): once up, the agent freezes them.
+    cmd = [*procs.loopback_agent_command(tmp_path / "a", "127.0.0.1", "http://127.0.0.1:9")]
+    cmd += ["--log-level", "debug"]
+    async with procs.agent_process(tmp_path / "a", "127.0.0.1", "", cmd=cmd) as a:
+        pass  # (frozen right after its "ready" line, before it serves anything)
+    m = re.search(r"(\d+) start-up objects frozen", a.log.read_text())
+    assert m is not None, a.log.read_text()[-2000:]
+    assert int(m[1]) > 10_000  # modules, classes, aiohttp's and libtorrent's tables

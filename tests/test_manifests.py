@@ -13,6 +13,7 @@ import pytest
 from peer import wire
 from peer.errors import IntegrityError, PeerMisbehaved
 from peer.manifests import (
+    CheckedManifests,
     InvalidManifest,
     VerifiedBlob,
     canonical_info_hash,
@@ -210,3 +211,57 @@ async def test_canonical_info_hash_matches_libtorrent(good: wire.Manifest) -> No
     got = canonical_info_hash(good.blob_id, good.size, good.piece_size, root)
     assert got == good.info_hash
     assert canonical_info_hash(good.blob_id, good.size + 1, good.piece_size, root) != got
+
+
+# --- checked once: a re-survey's manifests ------------------------------------------------
+
+
+async def test_a_manifest_checked_once_is_not_parsed_again(good: wire.Manifest) -> None:
+    parsed: list[wire.Manifest] = []
+
+    def counting(m: wire.Manifest) -> object:
+        parsed.append(m)
+        return check_manifest(m)
+
+    checked = CheckedManifests(check=counting)  # type: ignore[arg-type]
+    first = checked(good)
+    # The same manifest as each re-survey gets it: decoded afresh from a peer's answer.
+    again = [checked(wire.decode_as(wire.encode(good), wire.Manifest)) for _ in range(5)]
+    assert len(parsed) == 1
+    assert all(meta == first for meta in again)
+
+
+async def test_a_changed_manifest_from_a_known_peer_is_checked_again_and_rejected(
+    tmp_path: Path, good: wire.Manifest
+) -> None:
+    checked = CheckedManifests()
+    checked(good)
+    other = await make_manifest(_blob(tmp_path, size=good.size), "agent-1")
+    layer = bytearray(good.torrent)
+    layer[-5] ^= 1  # a byte of the piece layer: no longer the pieces root's
+    changed = [
+        dataclasses.replace(good, info_hash="ab" * 32),
+        dataclasses.replace(good, size=good.size + 1),
+        dataclasses.replace(good, torrent=bytes(layer)),
+        dataclasses.replace(good, torrent=other.torrent),
+        dataclasses.replace(good, torrent=b"d8:announce20:http://evil.example/" + good.torrent[1:]),
+    ]
+    for m in changed:
+        for _ in range(2):  # a failure is not remembered: the next offer is checked again
+            with pytest.raises(InvalidManifest):
+                checked(m)
+    assert checked(good).info_hash == good.info_hash
+
+
+async def test_checked_manifests_stay_bounded(good: wire.Manifest) -> None:
+    parsed: list[str] = []
+
+    def counting(m: wire.Manifest) -> object:
+        parsed.append(m.made_by)
+        return check_manifest(m)
+
+    checked = CheckedManifests(limit=2, check=counting)  # type: ignore[arg-type]
+    a, b, c = (dataclasses.replace(good, made_by=n) for n in ("a", "b", "c"))
+    for m in (a, b, a, c, a, b):  # b was the least recently used when c came
+        checked(m)
+    assert parsed == ["a", "b", "c", "b"]

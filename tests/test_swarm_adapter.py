@@ -329,6 +329,11 @@ async def test_a_drivers_look_is_read_in_one_worker_hop(
         assert look.availability == (1,) * blob.num_pieces
         assert all(0 <= p.piece < blob.num_pieces for p in look.partial)
         assert look.hashfails == ((ev.Endpoint("127.0.0.1", seeder.listen_port), 0),)
+        # Without the peers (the driver's heartbeat): the rest as read, no peer list.
+        bare = await leecher.look(ih, peers=False)
+        assert hops == 2
+        assert bare.hashfails == () and len(bare.have) == blob.num_pieces
+        assert bare.availability == (1,) * blob.num_pieces
 
 
 def test_request_bound_is_shared_only_while_a_torrent_has_several_peers() -> None:

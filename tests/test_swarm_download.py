@@ -59,14 +59,14 @@ class FakeSwarm:
     holders: dict[int, int] = field(default_factory=dict)  # piece -> availability
     partial: dict[int, int] = field(default_factory=dict)  # piece -> blocks received
 
-    def sample(self) -> SwarmSample:
+    def sample(self, peers: bool = True) -> SwarmSample:
         return SwarmSample(
             state=self.state,
             is_finished=self.finished,
             have=tuple(i in self.have for i in range(self.n)),
             availability=tuple(self.holders.get(i, 0) for i in range(self.n)),
             partial=tuple(sorted(self.partial.items())),
-            peers=tuple(PeerSample(e, f) for e, f in self.peers.items()),
+            peers=tuple(PeerSample(e, f) for e, f in self.peers.items()) if peers else (),
         )
 
 
@@ -101,6 +101,7 @@ class Run:
             streaming=streaming,
         )
         self.samples = 0
+        self.asked: list[bool] = []  # each TakeSample's `peers`
         self.log: list[tuple[float, Action]] = []
 
     def at(self, t: float, item: Input | None = None) -> list[Action]:
@@ -117,7 +118,8 @@ class Run:
             a = todo.pop(0)
             if isinstance(a, TakeSample):
                 self.samples += 1
-                todo += self.drv.handle(self.swarm.sample(), self.now)
+                self.asked.append(a.peers)
+                todo += self.drv.handle(self.swarm.sample(a.peers), self.now)
             else:
                 done.append(a)
         self.log += [(self.now, a) for a in done]
@@ -432,6 +434,45 @@ def test_a_bad_piece_nobody_can_be_blamed_for_bans_nobody() -> None:
     out = r.at(0.2, ev.HashFailed(IH, 1, fed_by_us=False))
     assert not [a for a in out if isinstance(a, BanHost)]
     assert r.drv.policy is not None and not r.drv.policy.banned
+
+
+def test_the_peer_list_is_read_only_to_settle_and_to_find_who_sent_a_bad_piece() -> None:
+    r = Run(4, stall_timeout=30.0)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    assert r.asked and all(r.asked)  # the check and the settle: who is connected
+    r.asked.clear()
+    r.until(5.0)
+    assert len(r.asked) >= 4 and not any(r.asked)  # running: once a second, without
+    r.swarm.peers[OTHER] = 1  # libtorrent counted the failure against it
+    out = r.at(5.1, ev.HashFailed(IH, 1, fed_by_us=False))
+    assert r.asked[-1] is True
+    assert BanHost("10.0.0.3", str(OTHER), "sent piece 1, which failed its hash check") in out
+    r.asked.clear()
+    r.until(8.0)
+    assert r.asked and not any(r.asked)
+
+
+def test_a_piece_that_fails_while_a_sample_without_peers_is_out_is_blamed_on_the_next() -> None:
+    r = Run(4, stall_timeout=30.0)
+    r.swarm.holders = dict.fromkeys(range(4), 1)
+    r.running()
+    d = r.drv
+    wake = d.next_wakeup()
+    assert wake is not None
+    asked = [a for a in d.handle(Wake(), wake) if isinstance(a, TakeSample)]
+    assert asked == [TakeSample(peers=False)]
+    r.swarm.peers[OTHER] = 1
+    assert d.handle(ev.HashFailed(IH, 1, fed_by_us=False), wake) == ()
+    # The sample asked before the failure comes back without the peers: no verdict yet,
+    out = d.handle(r.swarm.sample(peers=False), wake)
+    assert not [a for a in out if isinstance(a, BanHost)]
+    assert d.next_wakeup() == wake  # ... but another look at once,
+    assert d.handle(Wake(), wake) == (TakeSample(peers=True),)
+    out = d.handle(r.swarm.sample(peers=True), wake)  # which tells who sent it
+    assert [a for a in out if isinstance(a, BanHost)] == [
+        BanHost("10.0.0.3", str(OTHER), "sent piece 1, which failed its hash check")
+    ]
 
 
 def test_a_peer_libtorrent_banned_is_banned_session_wide() -> None:

@@ -36,7 +36,7 @@ from peer.config import AgentConfig
 from peer.discovery.peer_table import Offer, PeerInfo, PeerTable
 from peer.errors import HfswarmError, IntegrityError, NetworkError, NotShared, PeerMisbehaved
 from peer.hub.metadata import RemoteFile, Snapshot
-from peer.manifests import V2Tree, check_manifest
+from peer.manifests import CheckedManifests, V2Tree
 from peer.manifests.manifest import manifest_tree
 from peer.manifests.merkle import piece_hash
 from peer.manifests.revisions import is_local_repo
@@ -221,6 +221,8 @@ class BlobFetcher:
         self._transfers = asyncio.Semaphore(config.download.max_files)
         # The swarms' re-surveys, one question per peer for all of them (agent/survey.py).
         self.resurveys = SurveyBatch(self._find)
+        # Each re-survey finds the same manifests again: checked once (`_valid`).
+        self._check_manifest = CheckedManifests()
         # Swarm downloads start each hashed range's writeback (see `_swarm`).
         self._writeback = WritebackWorker()
 
@@ -613,7 +615,7 @@ class BlobFetcher:
         good: list[Offer] = []
         for offer in found:
             try:
-                meta = check_manifest(offer.manifest)
+                meta = self._check_manifest(offer.manifest)
             except HfswarmError as exc:
                 log.warning(
                     "peer %s sent a bad manifest for %s: %s",
@@ -1059,7 +1061,7 @@ class BlobFetcher:
             while todo:
                 a = todo.pop(0)
                 if isinstance(a, TakeSample):
-                    sample = await self._sample(ih)
+                    sample = await self._sample(ih, a.peers)
                     todo += drv.handle(sample, time.monotonic())
                 elif isinstance(a, StartSwarming):
                     # Only now may peers arrive through the trackers: what came before
@@ -1197,8 +1199,8 @@ class BlobFetcher:
         pos = flight.lowest_reader_position()
         return Readers(flight.reader_count, pos or 0, flight.ready, flight.waiting_count)
 
-    async def _sample(self, ih: str) -> SwarmSample:
-        look = await self.swarm.look(ih)  # one worker hop (was five)
+    async def _sample(self, ih: str, peers: bool = True) -> SwarmSample:
+        look = await self.swarm.look(ih, peers=peers)  # one worker hop (was five)
         return SwarmSample(
             state=look.state,
             is_finished=look.is_finished,

@@ -12,6 +12,7 @@ from peer.manifests.piece_size import piece_size_for
 
 if TYPE_CHECKING:
     from peer.manifests.manifest import (
+        CheckedManifests,
         InvalidManifest,
         VerifiedBlob,
         canonical_info_hash,
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 _FROM_MANIFEST = frozenset(
     {
+        "CheckedManifests",
         "InvalidManifest",
         "VerifiedBlob",
         "canonical_info_hash",
@@ -41,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CheckedManifests",
     "InvalidManifest",
     "V2Tree",
     "V2TreeBuilder",

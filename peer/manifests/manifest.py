@@ -25,6 +25,8 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,37 @@ def check_manifest(m: wire.Manifest) -> TorrentMeta:
             "(extra keys or file attributes)"
         )
     return meta
+
+
+class CheckedManifests:
+    """`check_manifest`, remembered for the manifests that passed it (bounded, least
+    recently used out): a download's re-survey finds the same offers every 2 s, and
+    each check parses the torrent again (1-7 ms of the event loop per offer,
+    docs/benchmarks.md 8.30, 8.33). The key is the frozen manifest itself, so every
+    field (torrent bytes, info-hash, sizes, maker, signature) must be equal for a hit:
+    a manifest changed in any byte is checked again like a new one. Only this check is
+    remembered, which reads nothing but the manifest: cluster mode's signature check
+    depends on who offers it and on the CRL and is made on every answer (`PeerTable`).
+    Failures are not remembered (each bad one raises again). One per agent; not
+    thread-safe (the event loop's)."""
+
+    def __init__(
+        self, limit: int = 64, check: Callable[[wire.Manifest], TorrentMeta] | None = None
+    ) -> None:
+        self._limit = limit
+        self._check = check or check_manifest
+        self._ok: OrderedDict[wire.Manifest, TorrentMeta] = OrderedDict()
+
+    def __call__(self, m: wire.Manifest) -> TorrentMeta:
+        meta = self._ok.get(m)
+        if meta is not None:
+            self._ok.move_to_end(m)
+            return meta
+        meta = self._check(m)  # raises InvalidManifest: nothing remembered
+        self._ok[m] = meta
+        if len(self._ok) > self._limit:
+            self._ok.popitem(last=False)
+        return meta
 
 
 def manifest_tree(m: wire.Manifest) -> V2Tree:

@@ -500,7 +500,8 @@ class TorrentLook:
     have: tuple[bool, ...]  # pieces that passed their check
     availability: tuple[int, ...]  # per piece, connected peers that have it (empty: a seed)
     partial: tuple[PartialPiece, ...]  # pieces in flight from peers
-    hashfails: tuple[tuple[ev.Endpoint, int], ...]  # per connected peer, its hash failures
+    # per connected peer, its hash failures (empty unless `look` was asked for the peers)
+    hashfails: tuple[tuple[ev.Endpoint, int], ...]
 
 
 @dataclass(frozen=True)
@@ -1590,14 +1591,16 @@ class SwarmSession:
         queue = await self._call(t.handle.get_download_queue, "reading the download queue")
         return tuple(_partial_piece(entry) for entry in queue)
 
-    async def look(self, info_hash: str) -> TorrentLook:
+    async def look(self, info_hash: str, *, peers: bool = True) -> TorrentLook:
         """What a download's driver samples (`TorrentLook`), read in one worker-thread
-        hop instead of one per libtorrent call (each hop wakes a worker and the loop)."""
+        hop instead of one per libtorrent call (each hop wakes a worker and the loop).
+        Without ``peers`` its ``hashfails`` stay empty: the peer list is not read."""
         t = self._get(info_hash)
 
         def read() -> tuple[Any, Any, Any, Any]:
             h = t.handle
-            return h.status(), h.piece_availability(), h.get_download_queue(), h.get_peer_info()
+            infos = h.get_peer_info() if peers else ()
+            return h.status(), h.piece_availability(), h.get_download_queue(), infos
 
         st, avail, queue, infos = await self._call(read, "reading torrent state")
         return TorrentLook(

@@ -110,7 +110,7 @@ class SwarmSample:
     have: tuple[bool, ...]
     availability: tuple[int, ...]  # empty when libtorrent keeps no piece picker (a seed)
     partial: tuple[tuple[int, int], ...]  # (piece, blocks received) of pieces in flight
-    peers: tuple[PeerSample, ...]
+    peers: tuple[PeerSample, ...]  # empty unless its `TakeSample` asked for the peers
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,12 @@ Input = (
 
 @dataclass(frozen=True)
 class TakeSample:
-    """Read libtorrent's state and send it back as a `SwarmSample`."""
+    """Read libtorrent's state and send it back as a `SwarmSample`; its ``peers`` only
+    if ``peers`` (else left empty): the driver needs them to settle and to find who sent
+    a bad piece, and libtorrent's peer list costs about 1 ms per peer to read, once a
+    second for as long as the download runs (docs/benchmarks.md 8.33)."""
+
+    peers: bool = True
 
 
 @dataclass(frozen=True)
@@ -363,6 +368,7 @@ class SwarmDownload:
         self._have = [False] * num_pieces
         self._deadline = now + self.config.check_limit  # of the current phase
         self._sampling = False  # a TakeSample is out, its answer not in yet
+        self._peers_asked = True  # ... and it asked for the peers
         self._sample_at = now  # the next sample wanted
         self._reconcile = True  # take `have` from the next sample (events may be lost)
         self._starved = False  # a reader waits for bytes past what is flushed
@@ -479,7 +485,10 @@ class SwarmDownload:
         due = now >= self._sample_at or (wake is not None and now >= wake)
         if due and not self._sampling:
             self._sampling = True
-            out.append(TakeSample())
+            # The peers only while they decide something: who is connected (until the
+            # policy runs) and who sent a bad piece (blame).
+            self._peers_asked = self.phase is not Phase.RUNNING or bool(self._blame)
+            out.append(TakeSample(self._peers_asked))
 
     def _on_event(self, e: ev.SwarmEvent, now: float, out: list[Action]) -> None:
         if isinstance(e, ev.PieceFinished):
@@ -543,7 +552,8 @@ class SwarmDownload:
         ):
             self._take_have(s.have, now, out)
             self._reconcile = checking
-        self._resolve_blame(s.peers, now, out)
+        if self._peers_asked:
+            self._resolve_blame(s.peers, now, out)
         if self.outcome is not None:
             return
         if self.phase is Phase.CHECKING and not checking:
@@ -561,6 +571,8 @@ class SwarmDownload:
             self._feed_policy(s, now, out)
         period = self.config.heartbeat if self.phase is Phase.RUNNING else self.config.settle_poll
         self._sample_at = now + period
+        if self._blame:
+            self._look_now(now)  # a piece failed while a sample without peers was out
 
     # -- phases --
 
