@@ -319,6 +319,26 @@ def teardown(mirror: subprocess.Popen[str], seeder: Agent) -> None:
     mirror.wait()
 
 
+def rows_table(
+    title: str,
+    res: dict[str, list[float]],
+    cpu: dict[str, list[dict[str, float]]],
+    mirror_s: float,
+) -> None:
+    """The rows' table: median seconds, against the mirror's, and each process's CPU."""
+    head = "CPU s (median): client | agent | seeder | mirror"
+    print(f"\n| {title} | s | vs mirror | {head} | runs (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, times in res.items():
+        if not times:
+            continue
+        v = statistics.median(times)
+        per = {p: statistics.median(cpu_col(cpu[k], p)) for p in cpu[k][0]}
+        cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
+        runs = ", ".join(f"{x:.2f}" for x in times)
+        print(f"| {k} | {v:.2f} | {v / mirror_s:.2f}x | {cols} | {runs} |")
+
+
 def syscall_table(calls: dict[str, list[dict[str, float]]], size: int) -> None:
     """The client's system calls and CPU per row (medians over the rounds)."""
     print(
@@ -464,18 +484,9 @@ def lan_rows(
                 )
         finally:
             stop_all([seeder.proc, mirror.proc])
-    med = {k: statistics.median(v) for k, v in res.items() if v}
     print(json.dumps({"lan_rate": rate, "runs_s": res, "cpu_s": cpu}, indent=1))
-    print(
-        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, links {rate}, median of {runs} "
-        "| s | vs mirror | CPU s (median): client | agent | seeder | mirror | runs (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for k, v in med.items():
-        per = {p: statistics.median(cpu_col(cpu[k], p)) for p in cpu[k][0]}
-        cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
-        runs_text = ", ".join(f"{x:.2f}" for x in res[k])
-        print(f"| {k} | {v:.2f} | {v / med[mirror_row]:.2f}x | {cols} | {runs_text} |")
+    title = f"snapshot_download, {size / (1 << 30):.2f} GiB, links {rate}, median of {runs}"
+    rows_table(title, res, cpu, statistics.median(res[mirror_row]))
     if syscalls:
         syscall_table(calls, size)
     for k, bad in fell_back.items():
@@ -674,16 +685,8 @@ def main() -> None:
     per_call = {"client_syscalls": calls, "client_profile": profiles}
     got = {"runs_s": res, "cpu_s": cpu, "median_s": med, **per_call}
     print(json.dumps(got, indent=1))
-    print(
-        f"\n| snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs} | s | "
-        "vs mirror | CPU s (median): client | agent | seeder | mirror | runs (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for k, v in med.items():
-        per = {p: statistics.median(cpu_col(cpu[k], p)) for p in cpu[k][0]}
-        cols = " | ".join(f"{per[p]:.2f}" if p in per else "-" for p in PROCS)
-        runs = ", ".join(f"{x:.2f}" for x in res[k])
-        print(f"| {k} | {v:.2f} | {v / med['mirror']:.2f}x | {cols} | {runs} |")
+    title = f"snapshot_download, {size / (1 << 30):.2f} GiB, median of {args.runs}"
+    rows_table(title, res, cpu, med["mirror"])
     if args.syscalls and not args.profile:
         syscall_table(calls, size)
     if args.profile:

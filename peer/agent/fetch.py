@@ -798,7 +798,8 @@ class BlobFetcher:
         # round (measured: 0-1 s, 0.5 s on average, before the first piece). A paused
         # torrent does not check its file, so one with something on disk runs.
         fresh = resume is None and not data_path.exists()
-        feeders = self._feeder_choice(snapshot, file, manifest, offers, fresh)
+        siblings = _siblings(snapshot, manifest.piece_size)
+        feeders = self._feeder_choice(file, siblings, offers, fresh)
         # A downloader that the first survey already shows is not a feeder never
         # connects the holders (and so has no rejoin to drop them): they are refused
         # from the torrent's first add.
@@ -826,7 +827,6 @@ class BlobFetcher:
             raise
         self._downloading.add(ih)
         self._swarming[file.blob_id] = manifest
-        siblings = _siblings(snapshot, manifest.piece_size)
         self._deals[file.blob_id] = deal_over(file.blob_id, siblings)
         flight = self._flights.get(file.blob_id)
         if flight is not None:
@@ -896,12 +896,7 @@ class BlobFetcher:
         return path
 
     def _feeder_choice(
-        self,
-        snapshot: Snapshot,
-        file: RemoteFile,
-        manifest: wire.Manifest,
-        offers: list[Offer],
-        fresh: bool,
+        self, file: RemoteFile, siblings: list[str], offers: list[Offer], fresh: bool
     ) -> FeederChoice | None:
         """Whether this download takes the blob from its complete holders (None: feeders
         off). A ``fresh`` download (nothing on disk) whose first survey already shows
@@ -915,7 +910,7 @@ class BlobFetcher:
             file.blob_id,
             now,
             FeederConfig(feeders=cfg.feeders, stall_timeout=cfg.stall_timeout),
-            siblings=_siblings(snapshot, manifest.piece_size),
+            siblings=siblings,
         )
         fetching = frozenset(o.peer.agent_id for o in offers if not o.complete)
         if fresh and fetching and any(o.complete for o in offers):

@@ -547,10 +547,7 @@ class DownloadPolicy:
         self._peer_hash_failures[piece] = self._peer_hash_failures.get(piece, 0) + 1
         self._forget_progress(piece)  # the partial piece was thrown away
         self._dirty = True
-        if peer is not None and peer not in self._banned:
-            self._banned.add(peer)
-            self._drop_peer(peer, now, lost=False)
-            out.append(BanPeer(peer, f"sent piece {piece}, which failed its hash check"))
+        self._ban(peer, f"sent piece {piece}, which failed its hash check", now, out)
 
     def _spoiled(self, piece: int, peer: str | None, now: float, out: list[Decision]) -> None:
         """Our right copy of a piece failed with blocks peers had sent of it (a holder
@@ -566,16 +563,20 @@ class DownloadPolicy:
         self._peer_hash_failures[piece] = failures
         self._forget_progress(piece)
         self._dirty = True
-        if peer is not None and peer not in self._banned:
-            self._banned.add(peer)
-            self._drop_peer(peer, now, lost=False)
-            out.append(BanPeer(peer, f"sent blocks of piece {piece} that failed its hash check"))
+        self._ban(peer, f"sent blocks of piece {piece} that failed its hash check", now, out)
         if spoiled >= self.config.mirror_max_failures:
             self._fail(
                 f"piece {piece}: blocks peers sent of it spoiled the mirror's copy {spoiled} times",
                 piece,
                 out,
             )
+
+    def _ban(self, peer: str | None, reason: str, now: float, out: list[Decision]) -> None:
+        """The sender of bad data, when known: never used again (`BanPeer`)."""
+        if peer is not None and peer not in self._banned:
+            self._banned.add(peer)
+            self._drop_peer(peer, now, lost=False)
+            out.append(BanPeer(peer, reason))
 
     def _restart_floor(self, piece: int, now: float) -> None:
         """The floor rate judges a piece's bytes from ``now`` on (``stall_timeout`` of

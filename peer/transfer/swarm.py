@@ -1363,13 +1363,12 @@ class SwarmSession:
                         hint="drop the stale resume file; the data will be re-checked",
                     )
                 atp.ti = lt.torrent_info(bytes(torrent))
-                # libtorrent saves a torrent's banned peers in its resume data (a
-                # `rejoin`'s holders): whom to refuse is this run's choice, not the last.
-                atp.banned_peers = []
             else:
                 atp = lt.load_torrent_buffer(bytes(torrent))
         except RuntimeError as e:
             raise _translate("cannot read the torrent or its resume data", e) from e
+        # libtorrent saves a torrent's banned peers in its resume data (a `rejoin`'s
+        # holders): whom to refuse is this run's choice, not the last.
         atp.banned_peers = [(h, int(p)) for h, p in banned]
         atp.save_path = str(save)
         flags = atp.flags
