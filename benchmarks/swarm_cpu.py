@@ -26,8 +26,13 @@ and reads the seeder's blob back in, so every trial starts from the same cache.
 ``--hold-freed-memory`` (root; machine-wide while it runs, restored on exit; see
 vm_memory.py) holds this VM's free page reporting instead, and touches and frees 1.25x
 the blob right before every trial: a probe, which did not make the trials' page-cache
-cost stable here (docs/benchmarks.md 8.30). An agent's row also gives its main thread's CPU and its
-wake-ups (voluntary context switches: a count, which the machine's load moves less).
+cost stable here (docs/benchmarks.md 8.30). ``--prepare touch`` (8.37) touches and frees
+twice the blob's size of memory right before every trial's download, so that the trial
+writes into memory the guest holds (see vm_memory.py for ``order`` and ``compact``);
+what was done is printed. ``--bare-only --prepare A --prepare B`` runs bare rows only,
+one per preparation, to see which keeps the bare pair's spread small. An agent's row
+also gives its main thread's CPU and its wake-ups (voluntary context switches: a count,
+which the machine's load moves less).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
-from vm_memory import hold_freed_memory, prefault
+from vm_memory import MachinePrep, hold_freed_memory, parse_prep, prefault
 
 REPO = "bench/one-file"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -341,18 +346,42 @@ def main() -> None:
         help="--profile's tool: py-spy (Python stacks of the threads holding the GIL) or"
         " perf record -g (every thread, libtorrent's too; perf report --sort tid,sym)",
     )  # fmt: skip
+    ap.add_argument(
+        "--prepare", action="append", default=[], metavar="STEPS",
+        help="prepare the machine for every trial: none, or touch / order / compact joined"
+        " by + (vm_memory.py; order and compact need root and are machine-wide); repeat"
+        " with --bare-only for one bare row per preparation",
+    )  # fmt: skip
+    ap.add_argument(
+        "--bare-only", action="store_true",
+        help="no agent rows: the bare pair only (with several --prepare, one row each)",
+    )  # fmt: skip
     ap.add_argument("--bare-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
         c = args.bare_child
         bare_child(Path(c[0]), c[1], Path(c[2]), int(c[3]))
         return
-    with hold_freed_memory(args.hold_freed_memory):
-        run(args)
+    preps = [parse_prep(x) for x in args.prepare] or [frozenset()]
+    if len(preps) > 1 and not args.bare_only:
+        raise SystemExit("several --prepare: only with --bare-only (one bare row each)")
+    with (
+        hold_freed_memory(args.hold_freed_memory),
+        MachinePrep(preps, parse_size(args.size)) as prep,
+    ):
+        for line in prep.describe():
+            print(f"  machine prepared: {line}", flush=True)
+        run(args, prep)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, prep: MachinePrep) -> None:
     checkouts = [Path(c).resolve() for c in (args.checkout or ["."])]
+    # Row name -> its preparation: "bare" and the checkouts share the one given, or with
+    # --bare-only and several, one bare row per preparation ("bare touch", ...).
+    bare_rows = ["bare"]
+    if len(prep.variants) > 1:
+        bare_rows = ["bare " + ("+".join(sorted(v)) or "none") for v in prep.variants]
+    variant_of = dict(zip(bare_rows, prep.variants, strict=False))
     here = checkouts[-1]
     work = Path(args.work or tempfile.mkdtemp(prefix="hfswarm-cpu-bench-"))
     size = parse_size(args.size)
@@ -372,8 +401,8 @@ def run(args: argparse.Namespace) -> None:
     assert mirror.stdout is not None
     url = mirror.stdout.readline().strip()
     seeder = Agent(here, work / "seeder", "127.0.0.2", url, [], "info")
-    rows: dict[str, dict[str, list[float]]] = {"bare": {"wall": [], "cpu": []}}
-    for c in checkouts:
+    rows: dict[str, dict[str, list[float]]] = {b: {"wall": [], "cpu": []} for b in bare_rows}
+    for c in [] if args.bare_only else checkouts:
         rows[str(c)] = {"wall": [], "cpu": [], "cli_cpu": [], "main_cpu": [], "main_wakes": []}
     lines: dict[str, list[list[tuple[str, float]]]] = {}  # per checkout, per round
     try:
@@ -392,20 +421,23 @@ def run(args: argparse.Namespace) -> None:
             check=True, cwd=here, env=env_for(here),
         )  # fmt: skip
         bt_seeder = f"127.0.0.2:{seeder.info['bt_port']}"
-        order = ["bare", *map(str, checkouts)]
+        order = [*bare_rows, *([] if args.bare_only else map(str, checkouts))]
         waited: list[float] = []
         for r in range(args.runs):
             msg = []
             # The order turns each round: no row always runs first, or right after another.
             for row in order[r % len(order) :] + order[: r % len(order)]:
+                variant = variant_of.get(row, prep.variants[0])
                 waited.append(settle(blob, args.drop_caches, args.settle))
+                prep.before_trial(variant, blob)
                 if args.hold_freed_memory:
                     prefault(size + size // 4)
-                if row == "bare":
+                if row in variant_of:
+                    prep.before_download(variant)
                     w, c = bare(here, torrent, bt_seeder, work / "bare", rate)
-                    rows["bare"]["wall"].append(w)
-                    rows["bare"]["cpu"].append(c)
-                    msg.append(f"bare {w:.2f} s / {c:.2f} cpu")
+                    rows[row]["wall"].append(w)
+                    rows[row]["cpu"].append(c)
+                    msg.append(f"{row} {w:.2f} s / {c:.2f} cpu")
                     continue
                 co = Path(row)
                 d = Agent(
@@ -416,6 +448,7 @@ def run(args: argparse.Namespace) -> None:
                     ext = "data" if args.profiler == "perf" else "txt"
                     spy = profile / f"{co.name or 'root'}-{r + 1}.{ext}"
                 try:
+                    prep.before_download(variant)
                     w, c, cc = d.download(spy)
                 finally:
                     d.stop()
@@ -437,6 +470,21 @@ def run(args: argparse.Namespace) -> None:
         mirror.wait()
     med = {k: {m: statistics.median(v) for m, v in row.items()} for k, row in rows.items()}
     print(json.dumps({"size": size, "runs": rows, "median": med}, indent=1))
+    # How far each bare row spread: what decides whether the rows can be ranked at all.
+    print(f"\n| bare pair, {size / (1 << 30):.2f} GiB | wall s, median | max / min "
+          "| CPU s, median | max / min | wall s per round | CPU s per round |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for k in bare_rows:
+        w, c = rows[k]["wall"], rows[k]["cpu"]
+        print(
+            f"| {k} | {med[k]['wall']:.2f} | {max(w) / min(w):.2f}x | {med[k]['cpu']:.2f}"
+            f" | {max(c) / min(c):.2f}x | {', '.join(f'{x:.2f}' for x in w)}"
+            f" | {', '.join(f'{x:.2f}' for x in c)} |"
+        )
+    if args.bare_only:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     b = med["bare"]
     print(f"\n| {size / (1 << 30):.2f} GiB, median of {args.runs} | wall s | CPU s "
           "| wall vs bare | CPU - bare | CLI CPU s | main thread CPU s "
