@@ -163,3 +163,83 @@ def test_a_partial_others_may_write_is_read_not_mapped(tmp_path: Path) -> None:
         read = _bytes_read_by_syscalls() - before
         assert (read >= len(data)) is copied, (oct(mode), read)
         assert follower.verdict().ok
+
+
+# --- the swarm download's follower: the hasher on a thread of its own (HashFollower) -----
+
+
+def test_the_swarm_follower_hashes_its_steps_without_the_event_loop(tmp_path: Path) -> None:
+    # A step handed to the worker pool (`to_thread`) woke the event loop with its result:
+    # one more loop turn per 32 MiB of every download. The follower's thread takes each
+    # step directly; only the verdict goes through the loop (docs/benchmarks.md 8.37).
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peer.agent.fetch import HashFollower
+
+    data = random.Random(7).randbytes(40 * PIECE + 5)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / blob
+    path.write_bytes(data)
+    submitted: list[object] = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(Counting(max_workers=2))
+        follower = HashFollower(PrefixHasher(path, blob, len(data)))
+        for end in range(PIECE, len(data), PIECE):
+            follower.to(end)
+            await asyncio.sleep(0.005)  # the loop runs between steps, as in a download
+        follower.to(len(data))
+        v = await follower.verdict()
+        assert v.ok and v.actual == blob
+        assert follower.position == len(data)
+
+    asyncio.run(main())
+    assert len(submitted) == 1, f"{len(submitted)} hops through the loop's pool"
+
+
+def test_the_swarm_follower_waits_for_a_short_file_fails_it_and_can_be_cancelled(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from peer.agent.fetch import HashFollower
+
+    data = random.Random(8).randbytes(8 * PIECE)
+    blob = hashlib.sha256(data).hexdigest()
+    path = tmp_path / blob
+
+    async def main() -> None:
+        path.write_bytes(data[: 3 * PIECE])
+        follower = HashFollower(PrefixHasher(path, blob, len(data)))
+        follower.to(4 * PIECE)  # past the file's end (so far): hashed to its end
+        await asyncio.sleep(0.05)
+        assert follower.position == 3 * PIECE
+        path.write_bytes(data)  # it grew: a later step goes on from there
+        follower.to(len(data))
+        assert (await follower.verdict()).ok
+        # Short at the end: the verdict fails (the download then goes to the mirror).
+        path.write_bytes(data[: 5 * PIECE])
+        short = HashFollower(PrefixHasher(path, blob, len(data)))
+        short.to(len(data))
+        v = await short.verdict()
+        assert not v.ok and short.position == 5 * PIECE
+        # A read that fails is raised by the verdict; a cancelled follower's thread ends.
+        gone = HashFollower(PrefixHasher(tmp_path / "missing", blob, len(data)))
+        gone.to(PIECE)
+        with pytest.raises(FileNotFoundError):
+            await gone.verdict()
+        cut = HashFollower(PrefixHasher(path, blob, len(data)))
+        cut.to(2 * PIECE)
+        cut.cancel()
+        cut.to(len(data))  # after a cancel: nothing more
+        await asyncio.sleep(0.05)
+        assert cut._thread is not None and not cut._thread.is_alive()
+        assert cut.position <= 2 * PIECE
+
+    asyncio.run(main())
