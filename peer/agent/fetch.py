@@ -1129,7 +1129,9 @@ class BlobFetcher:
                     self.swarm.ban_peer(a.host)
                     self.on_ban(str(a.peer), a.reason, file.blob_id)
                 elif isinstance(a, FlushForReaders):
-                    await self.swarm.flush_cache(ih)
+                    # (its answer may come with the next alert batch: not one loop
+                    # turn per piece while it is awaited; the last flush is urgent)
+                    await self.swarm.flush_cache(ih, urgent=False)
                     if flight is not None:
                         flight.advance(a.ready)
                     follower.to(a.ready)

@@ -765,6 +765,9 @@ class _Waiter:
     predicate: Callable[[ev.SwarmEvent], bool]
     fut: asyncio.Future[Any]
     info_hash: str | None  # fail it if this torrent goes away
+    # Its alert drained at once (the pipe watched meanwhile); else it may wait for the
+    # next batch, up to ALERT_BATCH.
+    urgent: bool = True
 
 
 # States in which libtorrent has no piece picker and ignores add_piece.
@@ -967,22 +970,32 @@ class SwarmSession:
             self._streams.remove(stream)
 
     def expect(
-        self, predicate: Callable[[ev.SwarmEvent], bool], *, info_hash: str | None = None
+        self,
+        predicate: Callable[[ev.SwarmEvent], bool],
+        *,
+        info_hash: str | None = None,
+        urgent: bool = True,
     ) -> asyncio.Future[Any]:
         """A future resolved with the first later event matching ``predicate``.
 
         Register it BEFORE the action that triggers the event. Cancel it (or let
         ``asyncio.wait_for`` do so) when no longer needed. With ``info_hash``, it fails
         with `UnknownTorrent` if that torrent is removed first (instead of waiting
-        forever); it fails with `SwarmClosed` when the session closes."""
+        forever); it fails with `SwarmClosed` when the session closes. ``urgent``: every
+        alert is drained at once while it waits; not urgent, its alert may come with the
+        next batch (up to ``ALERT_BATCH`` later), and alerts meanwhile wake nobody one by
+        one."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._ses is None:
             fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
         else:
-            self._waiters.append(_Waiter(predicate, fut, info_hash))
-            if self._drain_timer is not None:
+            self._waiters.append(_Waiter(predicate, fut, info_hash, urgent))
+            if urgent and self._drain_timer is not None:
                 self._listen()  # someone waits for an alert: no batch delay for it
         return fut
+
+    def _urgent_waiting(self) -> bool:
+        return any(w.urgent and not w.fut.done() for w in self._waiters)
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         try:
@@ -1004,7 +1017,7 @@ class SwarmSession:
         # watched for ALERT_BATCH, and what came meanwhile is drained in one go.
         self._empty_pipe()
         self._drain()
-        if not self._waiters:
+        if not self._urgent_waiting():
             self._stop_listening()
 
     def _stop_listening(self) -> None:
@@ -1027,10 +1040,10 @@ class SwarmSession:
         if self._loop is None or self._pipe is None or self._ses is None:
             return
         self._empty_pipe()
-        if self._drain() and not self._waiters:
+        if self._drain() and not self._urgent_waiting():
             self._stop_listening()  # alerts keep coming: one wake-up per batch
         else:
-            self._listen()  # quiet, or someone waits for an alert: at once
+            self._listen()  # quiet, or someone waits for an alert urgently: at once
 
     def _drain(self) -> int:
         """Dispatch every queued alert; how many there were."""
@@ -1647,12 +1660,16 @@ class SwarmSession:
             await asyncio.to_thread(self._meta, t)
         return self._meta(t)
 
-    async def flush_cache(self, info_hash: str) -> None:
+    async def flush_cache(self, info_hash: str, *, urgent: bool = True) -> None:
         """Write this torrent's cached pieces to its file and wait until that is done.
 
         Call it after `TorrentFinished` (or after feeding pieces) and before hashing,
         linking or copying the file: libtorrent reports pieces finished before it has
-        written them."""
+        written them. Not ``urgent`` (a flush during a download, for its hash follower
+        or a streaming reader): its answer may wait for the next alert batch, up to
+        ``ALERT_BATCH``, and the piece alerts meanwhile do not wake the loop one by one
+        (urgent, each did: about one loop turn per piece while a reader streamed,
+        docs/benchmarks.md 8.33, 8.37)."""
         t = self._get(info_hash)
         # Dispatch what is already queued first, so an older CacheFlushed (libtorrent
         # sends one by itself when a torrent finishes) cannot answer this request.
@@ -1660,6 +1677,7 @@ class SwarmSession:
         done = self.expect(
             lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash,
             info_hash=info_hash,
+            urgent=urgent,
         )
         try:
             t.handle.flush_cache()
