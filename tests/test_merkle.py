@@ -288,6 +288,51 @@ async def test_the_seed_index_makes_the_leaders_manifest_from_the_tree(tmp_path:
         assert not none.would_offer(blob_id, len(data), held_for)
 
 
+async def test_a_swarm_download_is_seeded_with_the_manifest_it_came_with(tmp_path: Path) -> None:
+    """At the end of a swarm download the blob is held with the manifest its pieces
+    were checked against: its record is written, and not read back, fingerprinted and
+    decoded again before the seed is added (a hop and a parse per download; benchmarks
+    8.37)."""
+    from peer import wire
+    from peer.agent.seeding import SeedIndex
+    from peer.agent.state import Fingerprint, StateDir
+    from peer.serving.sharing import Visibility, repo_key
+    from peer.transfer.swarm import SwarmSession, SwarmSettings
+
+    class Counting(StateDir):
+        reads = 0
+
+        def verified(self, blob_id: str, current: Fingerprint) -> object:  # type: ignore[override]
+            Counting.reads += 1
+            return super().verified(blob_id, current)
+
+    data = random.Random(21).randbytes(2 * MiB + 7)
+    blob_id, path = blob_file(tmp_path / "blobs", data)
+    manifest = await make_manifest(VerifiedBlob(blob_id, len(data), path), made_by="peer")
+    held_for = (repo_key("model", "org/r"), Visibility.PUBLIC)
+    async with SwarmSession(SwarmSettings(listen_host="127.0.0.9", listen_port=0)) as swarm:
+        state = Counting(tmp_path / "state")
+        seeds = SeedIndex(tmp_path / "cache", state, swarm, "me")
+        await seeds.add_with_manifest(path, manifest, held_for)
+        assert seeds.held[blob_id].manifest == manifest
+        assert Counting.reads == 0
+        # Kept, not offered (private), then fetched for a public repo: the same.
+        other = random.Random(22).randbytes(MiB + 3)
+        other_id, other_path = blob_file(tmp_path / "blobs", other)
+        other_manifest = await make_manifest(
+            VerifiedBlob(other_id, len(other), other_path), made_by="peer"
+        )
+        private = (repo_key("model", "org/p"), Visibility.PRIVATE)
+        await seeds.add_with_manifest(other_path, other_manifest, private)
+        assert other_id in seeds.kept and other_id not in seeds.held
+        await seeds.add_with_manifest(other_path, other_manifest, held_for)
+        assert seeds.held[other_id].manifest == other_manifest
+        assert Counting.reads == 0
+        # The record is there for the next start (read back then, checked against the file).
+        record = state.verified(blob_id, Fingerprint.of(path))
+        assert record is not None and record.manifest == wire.encode(manifest)
+
+
 @pytest.mark.parametrize("size", [3 * (64 << 10), 3 * (64 << 10) - 5, 2 * (64 << 10) + 100])
 def test_piece_hash_is_the_piece_layers_entry(size: int) -> None:
     """One piece's hash from its bytes alone, the short last piece too (its leaves
