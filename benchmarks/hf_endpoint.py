@@ -64,7 +64,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mirror_download import make_repo, parse_size
 from swarm_cpu import Agent as CheckoutAgent
-from swarm_cpu import cpu_of, threads_cpu
+from swarm_cpu import cpu_of, threads_cpu, wakeups
 from swarm_loopback import REPO, Agent, start_mirror
 
 CLIENT = """
@@ -453,6 +453,7 @@ def lan_rows(
                             agent=a.proc.pid, seeder=seeder.proc.pid, mirror=mirror.proc.pid
                         )
                         threads = threads_cpu(a.proc.pid)
+                        wakes = wakeups(a.proc.pid)
                         got = client(lan, a.local_url, home, rows[str(c)])
                         spent = {
                             k: round(v - threads.get(k, 0.0), 2)
@@ -460,6 +461,11 @@ def lan_rows(
                             if v - threads.get(k, 0.0) >= 0.05
                         }
                         print(f"  the agent's threads, CPU s: {spent}", flush=True)
+                        print(
+                            "  the agent's main thread woke (voluntary switches):"
+                            f" {wakeups(a.proc.pid) - wakes}",
+                            flush=True,
+                        )
                         row = rows[str(c)]
                         res[row].append(got["s"])
                         cpu[row].append(
