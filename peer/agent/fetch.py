@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,79 +110,38 @@ RELAY_GRACE = 120.0
 
 
 class HashFollower:
-    """Runs a `PrefixHasher` on a thread of its own behind a swarm download: `to(end)`
-    once ``[0, end)`` is checked and flushed; `verdict` once every piece is.
-
-    The thread is told of each step directly (a condition variable) and tells the event
-    loop nothing until `verdict`: a `to_thread` per step woke the loop for its result,
-    one more loop turn per 32 MiB (docs/benchmarks.md 8.37)."""
+    """Runs a `PrefixHasher` in a thread behind a swarm download: `to(end)` once
+    ``[0, end)`` is checked and flushed; `verdict` once every piece is."""
 
     def __init__(self, hasher: PrefixHasher) -> None:
         self._hasher = hasher
         self._target = 0
-        self._cond = threading.Condition()
-        self._finishing = False  # the verdict is asked: hash up to the target, then end
-        self._cancelled = False  # end after the step under way
-        self._done = False  # the thread ended
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def to(self, end: int) -> None:
-        with self._cond:
-            if end <= self._target or self._finishing or self._cancelled:
-                return
-            self._target = end
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hash-follower", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+        self._target = max(self._target, end)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
 
-    def _run(self) -> None:
-        stuck = -1  # a target the file was too short for: wait for a later one
-        with self._cond:
-            try:
-                while not self._cancelled:
-                    if self._hasher.position >= self._target or self._target <= stuck:
-                        if self._finishing:
-                            return
-                        self._cond.wait()
-                        continue
-                    target, before = self._target, self._hasher.position
-                    self._cond.release()
-                    try:
-                        self._hasher.hash_to(target)
-                    finally:
-                        self._cond.acquire()
-                    if self._hasher.position == before:
-                        stuck = target  # the file is short (so far): the verdict says so
-            except BaseException as exc:  # raised by `verdict`, on the loop
-                self._error = exc
-            finally:
-                self._done = True
-                self._cond.notify_all()
-
-    def _finish(self) -> Verdict:
-        """Blocking: hash up to the last `to`, end the thread, and judge."""
-        with self._cond:
-            self._finishing = True
-            self._cond.notify_all()
-            while self._thread is not None and not self._done:
-                self._cond.wait()
-        if self._error is not None:
-            raise self._error
-        return self._hasher.verdict()
+    async def _run(self) -> None:
+        while self._hasher.position < self._target:
+            before = self._hasher.position
+            await asyncio.to_thread(self._hasher.hash_to, self._target)
+            if self._hasher.position == before:
+                return  # the file is short: the verdict says so
 
     async def verdict(self) -> Verdict:
-        return await asyncio.to_thread(self._finish)
+        if self._task is not None:
+            await self._task
+        return await asyncio.to_thread(self._hasher.verdict)
 
     @property
     def position(self) -> int:
         return self._hasher.position
 
     def cancel(self) -> None:
-        with self._cond:
-            self._cancelled = True
-            self._cond.notify_all()
+        if self._task is not None:
+            self._task.cancel()
 
 
 @dataclass
