@@ -249,6 +249,14 @@ class PreferPieces:
 
 
 @dataclass(frozen=True)
+class LowerPieces:
+    """Put these pieces back to the default priority, below the preferred ones: another
+    feeder's stripe (`FeederChoice.stripe`)."""
+
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SetPieceDeadline:
     piece: int
     ms: int
@@ -288,6 +296,7 @@ Action = (
     | BanHost
     | FlushForReaders
     | PreferPieces
+    | LowerPieces
     | SetPieceDeadline
     | InOrder
     | DropHolders
@@ -388,6 +397,7 @@ class SwarmDownload:
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
+        self._stripe: tuple[int, int] | None = None  # a feeder's (k, n): see `_restripe`
         self._watching_end = False  # a WatchTheEnd was sent
         self._redialed: dict[tuple[str, int], float] = {}  # holder -> when dialled again
 
@@ -445,6 +455,7 @@ class SwarmDownload:
                     had = self.progress.done / self.size
                     act = self.feeders.learn(agents, had, now, complete, dict(deals))
                     self._feeder_action(act, now, out)
+                    self._restripe(now, out)
             case Rejoined():
                 self._on_rejoined(now, out)
             case ev.SwarmEvent():
@@ -469,6 +480,7 @@ class SwarmDownload:
             # before the sample below: the policy hears that the holders come back
             # before it looks at pieces nobody connected has
             self._feeder_action(self.feeders.tick(now), now, out)
+            self._restripe(now, out)
         if self.phase is Phase.CHECKING and now >= self._deadline:
             self._start_swarming(now, out)  # the check took too long: go on anyway
         elif self.phase is Phase.SETTLING and now >= self._deadline:
@@ -679,9 +691,33 @@ class SwarmDownload:
         start = max(self._preferred, self._prefix)
         if end > start:
             self._preferred = end
-            pieces = tuple(i for i in range(start, end) if not self._have[i])
+            pieces = tuple(i for i in range(start, end) if not self._have[i] and self._mine(i))
             if pieces:
                 out.append(PreferPieces(pieces))
+
+    def _mine(self, piece: int) -> bool:
+        """Whether this download prefers ``piece``: all of them, unless it is a striped
+        feeder (then its stripe)."""
+        return self._stripe is None or piece % self._stripe[1] == self._stripe[0]
+
+    def _restripe(self, now: float, out: list[Action], again: bool = False) -> None:
+        """The feeder's stripe changed (or ``again``: the torrent is new to libtorrent):
+        of the pieces preferred so far, its stripe stays preferred and the others go
+        back to the default, so that it asks the holders for its stripe first and
+        takes the others from the other feeders (`FeederChoice.stripe`)."""
+        stripe = self.feeders.stripe if self.feeders is not None else None
+        if stripe == self._stripe and not (again and stripe is not None):
+            return
+        self._stripe = stripe
+        if self.phase is Phase.CHECKING or self._in_order or not self.follow_prefix:
+            return  # (in order: no priorities; `_follow` stripes what it prefers later)
+        pending = [i for i in range(self._prefix, self._preferred) if not self._have[i]]
+        own = tuple(i for i in pending if self._mine(i))
+        other = tuple(i for i in pending if not self._mine(i))
+        if own:
+            out.append(PreferPieces(own))
+        if other:
+            out.append(LowerPieces(other))
 
     def _resolve_blame(self, peers: tuple[PeerSample, ...], now: float, out: list[Action]) -> None:
         """The peer whose hash-failure count went up is the sender, if exactly one did."""
@@ -736,6 +772,7 @@ class SwarmDownload:
         else:
             self._preferred = 0
             self._follow(now, out)
+            self._restripe(now, out, again=True)  # (resume data may carry priorities)
 
     def _to_policy(self, event: pol.Event, now: float, out: list[Action]) -> None:
         if self.policy is None:
