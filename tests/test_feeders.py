@@ -600,3 +600,22 @@ def test_a_feeders_window_prefers_its_stripe_only() -> None:
         up |= u
         down |= w
     assert up == {8, 10, 12, 14} and down == set()
+
+
+def test_a_piece_already_coming_is_not_lowered_by_the_stripe() -> None:
+    """Lowered while blocks of it came, a piece waited behind the stripe for its other
+    blocks, fell under the floor rate and went to the mirror (benchmarks 8.36)."""
+    d = driver(ranked()[0])
+    running(d)
+    d.handle(Wake(), T0 + 0.4)
+    partial = SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * 8,
+        availability=(1,) * 8,
+        partial=((3, 5),),
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0),),
+    )
+    d.handle(partial, T0 + 0.4)
+    up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
+    assert (up, down) == ({0, 2, 4, 6}, {1, 5, 7})

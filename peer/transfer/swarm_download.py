@@ -713,7 +713,9 @@ class SwarmDownload:
             return  # (in order: no priorities; `_follow` stripes what it prefers later)
         pending = [i for i in range(self._prefix, self._preferred) if not self._have[i]]
         own = tuple(i for i in pending if self._mine(i))
-        other = tuple(i for i in pending if not self._mine(i))
+        # A piece already coming stays preferred: lowered, its missing blocks waited
+        # behind the stripe, fell under the policy's floor rate and went to the mirror.
+        other = tuple(i for i in pending if not self._mine(i) and i not in self._received)
         if own:
             out.append(PreferPieces(own))
         if other:
