@@ -387,6 +387,7 @@ class SwarmDownload:
         self._in_order = False  # an InOrder(True) is in force
         self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
+        self._coming: frozenset[int] = frozenset()  # in flight at the last sample
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         # pieces that failed with peers' blocks in them (their origin), sender not yet known
         self._blame: list[tuple[int, pol.Origin]] = []
@@ -558,6 +559,7 @@ class SwarmDownload:
 
     def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         self._sampling = False
+        self._coming = frozenset(piece for piece, _ in s.partial)
         checking = s.state in CHECKING_STATES
         if len(s.have) == self.num_pieces and (
             self._reconcile or s.is_finished or self.phase is not Phase.RUNNING
@@ -715,7 +717,8 @@ class SwarmDownload:
         own = tuple(i for i in pending if self._mine(i))
         # A piece already coming stays preferred: lowered, its missing blocks waited
         # behind the stripe, fell under the policy's floor rate and went to the mirror.
-        other = tuple(i for i in pending if not self._mine(i) and i not in self._received)
+        coming = self._coming | self._received.keys()
+        other = tuple(i for i in pending if not self._mine(i) and i not in coming)
         if own:
             out.append(PreferPieces(own))
         if other:
@@ -763,6 +766,7 @@ class SwarmDownload:
     def _on_rejoined(self, now: float, out: list[Action]) -> None:
         """The torrent is new to libtorrent: what it was told is told again."""
         self._received.clear()
+        self._coming = frozenset()
         self._asked.clear()
         # Its peers' hash-failure counts start again from 0: a failure after the rejoin
         # must be seen as a rise (the policy keeps what each peer was blamed for).
