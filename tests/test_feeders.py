@@ -619,3 +619,23 @@ def test_a_piece_already_coming_is_not_lowered_by_the_stripe() -> None:
     d.handle(partial, T0 + 0.4)
     up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
     assert (up, down) == ({0, 2, 4, 6}, {1, 5})
+
+
+def test_another_feeders_piece_that_began_to_come_is_preferred_again() -> None:
+    """Left lowered once blocks of it came (from the other feeder, or a downloader whose
+    port many share), it came below the policy's floor rate and went to the mirror."""
+    d = driver(ranked()[0])
+    running(d)
+    assert preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))[1] == {1, 3, 5, 7}
+    d.handle(Wake(), T0 + 1.5)
+    coming = SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * 8,
+        availability=(2,) * 8,
+        partial=((0, 3), (3, 1)),
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0), PeerSample(ev.Endpoint(*PEER), 0)),
+    )
+    assert preferred(d.handle(coming, T0 + 1.5)) == ({3}, set())
+    d.handle(Wake(), T0 + 2.5)
+    assert preferred(d.handle(coming, T0 + 2.5)) == (set(), set())  # once

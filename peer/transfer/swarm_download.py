@@ -388,6 +388,7 @@ class SwarmDownload:
         self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
         self._coming: frozenset[int] = frozenset()  # in flight at the last sample
+        self._lowered: set[int] = set()  # pieces of another feeder's stripe, still lowered
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         # pieces that failed with peers' blocks in them (their origin), sender not yet known
         self._blame: list[tuple[int, pol.Origin]] = []
@@ -560,6 +561,14 @@ class SwarmDownload:
     def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         self._sampling = False
         self._coming = frozenset(piece for piece, _ in s.partial)
+        if self._lowered & self._coming and not self._in_order:
+            # Another feeder's piece began to come (from it, or a downloader whose
+            # port is shared by many): preferred again, so the holders may finish it;
+            # left lowered, it came below the policy's floor rate and went to the
+            # mirror (2-4 MB a round, benchmarks 8.36).
+            back = self._lowered & self._coming
+            self._lowered -= back
+            out.append(PreferPieces(tuple(sorted(back))))
         checking = s.state in CHECKING_STATES
         if len(s.have) == self.num_pieces and (
             self._reconcile or s.is_finished or self.phase is not Phase.RUNNING
@@ -711,6 +720,7 @@ class SwarmDownload:
         if stripe == self._stripe and not (again and stripe is not None):
             return
         self._stripe = stripe
+        self._lowered.clear()
         if self.phase is Phase.CHECKING or self._in_order or not self.follow_prefix:
             return  # (in order: no priorities; `_follow` stripes what it prefers later)
         pending = [i for i in range(self._prefix, self._preferred) if not self._have[i]]
@@ -722,6 +732,7 @@ class SwarmDownload:
         if own:
             out.append(PreferPieces(own))
         if other:
+            self._lowered.update(other)
             out.append(LowerPieces(other))
 
     def _resolve_blame(self, peers: tuple[PeerSample, ...], now: float, out: list[Action]) -> None:
@@ -767,6 +778,7 @@ class SwarmDownload:
         """The torrent is new to libtorrent: what it was told is told again."""
         self._received.clear()
         self._coming = frozenset()
+        self._lowered.clear()  # (told again below)
         self._asked.clear()
         # Its peers' hash-failure counts start again from 0: a failure after the rejoin
         # must be seen as a rise (the policy keeps what each peer was blamed for).
@@ -813,9 +825,11 @@ class SwarmDownload:
                 self._preferred = 0  # (`InOrder` reset the priorities: prefer anew)
                 out.append(InOrder(False))
                 self._follow(now, out)
+                self._restripe(now, out, again=True)
             return
         if not self._in_order:
             self._in_order = True
+            self._lowered.clear()  # (every piece back at the default)
             out.append(InOrder(True))
         self._flushed = max(self._flushed, r.ready)
         self._starved = r.waiting > 0
