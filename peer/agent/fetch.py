@@ -1097,6 +1097,7 @@ class BlobFetcher:
                     for i in a.pieces:
                         self.swarm.set_piece_priority(ih, i, PREFERRED)
                 elif isinstance(a, LowerPieces):
+                    log.debug("%s: %d pieces left to the other feeders", file.path, len(a.pieces))
                     for i in a.pieces:
                         self.swarm.set_piece_priority(ih, i, DEFAULT_PRIORITY)
                 elif isinstance(a, SetPieceDeadline):
