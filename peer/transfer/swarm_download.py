@@ -481,8 +481,10 @@ class SwarmDownload:
         if self.feeders is not None and self.phase is not Phase.CHECKING:
             # before the sample below: the policy hears that the holders come back
             # before it looks at pieces nobody connected has
-            self._feeder_action(self.feeders.tick(now), now, out)
-            self._restripe(now, out)
+            act = self.feeders.tick(now)
+            if act is not None:  # (back on the holders for a stall: no stripe)
+                self._feeder_action(act, now, out)
+                self._restripe(now, out)
         if self.phase is Phase.CHECKING and now >= self._deadline:
             self._start_swarming(now, out)  # the check took too long: go on anyway
         elif self.phase is Phase.SETTLING and now >= self._deadline:
