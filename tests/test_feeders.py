@@ -639,3 +639,65 @@ def test_another_feeders_piece_that_began_to_come_is_preferred_again() -> None:
     assert preferred(d.handle(coming, T0 + 1.5)) == ({3}, set())
     d.handle(Wake(), T0 + 2.5)
     assert preferred(d.handle(coming, T0 + 2.5)) == (set(), set())  # once
+
+
+def striped_big(learnt_before_add: bool = False) -> SwarmDownload:
+    """A feeder (rank 0 of 2: pieces i % 2 == 0) of a 64-piece blob, 8-piece window."""
+    choice = FeederChoice(ranked()[0], BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0))
+    if learnt_before_add:  # (fetch.py's `_feeder_choice`: its first survey showed them)
+        choice.learn(frozenset(AGENTS) - {ranked()[0]}, 0.0, T0, frozenset(), {})
+    return SwarmDownload(
+        64 * PIECE,
+        PIECE,
+        64,
+        T0,
+        SwarmDownloadConfig(
+            policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0), prefer_window=8 * PIECE
+        ),
+        holders=frozenset({HOLDER}),
+        follow_prefix=True,
+        feeders=choice,
+    )
+
+
+def coming(pieces: tuple[tuple[int, int], ...], n: int = 64) -> SwarmSample:
+    return SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * n,
+        availability=(2,) * n,
+        partial=pieces,
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0), PeerSample(ev.Endpoint(*PEER), 0)),
+    )
+
+
+def test_another_feeders_piece_past_the_first_window_is_preferred_again_once_it_comes() -> None:
+    """The window moves on with the prefix and prefers only the feeder's stripe: the
+    other feeder's pieces it passes stay at the default, like those the stripe lowered,
+    and one of them that begins to come must be preferred again just the same (left
+    behind the stripe it fell under the floor rate and went to the mirror, 8.36)."""
+    d = striped_big()
+    running(d, 64)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    for i in range(8):
+        d.handle(ev.PieceFinished(BLOB_IH, i, False), T0 + 1 + i / 10)
+    d.handle(Wake(), T0 + 2.5)
+    assert preferred(d.handle(coming(((9, 1), (10, 2))), T0 + 2.5)) == ({9}, set())
+
+
+def test_a_feeder_that_knew_its_partner_before_the_add_stripes_from_the_start() -> None:
+    """The choice learnt the members from the first survey, before the torrent was
+    added: the pieces it prefers when swarming starts are its stripe already (not the
+    whole window until the first re-survey, both feeders asking the seeder for all)."""
+    d = striped_big(learnt_before_add=True)
+    assert d.feeders is not None and d.feeders.stripe == (0, 2)
+    assert TakeSample() in d.handle(Wake(), T0)
+    out = d.handle(sample((False,) * 64, (0,) * 64, ()), T0 + 0.05)
+    assert StartSwarming() in out
+    up, _ = preferred(out)
+    assert up == {0, 2, 4, 6}, up
+    # ... and the partner's pieces it skipped come back once they begin to come
+    d.handle(Wake(), T0 + 0.3)
+    d.handle(sample((False,) * 64, (1,) * 64, (HOLDER,)), T0 + 0.3)
+    d.handle(Wake(), T0 + 1.3)
+    assert preferred(d.handle(coming(((3, 1),)), T0 + 1.3)) == ({3}, set())

@@ -612,6 +612,10 @@ class SwarmDownload:
             self._in_order = True
             out.append(InOrder(True))
         out.append(StartSwarming())
+        if self.feeders is not None:
+            # (a choice that learnt the members before the add: striped from the first
+            # pieces it prefers, not after the first re-survey)
+            self._stripe = self.feeders.stripe
         self._follow(now, out)
         if self.streaming:
             self._stream_at = now  # a Wake at once: it brings the readers that came first
@@ -704,7 +708,12 @@ class SwarmDownload:
         start = max(self._preferred, self._prefix)
         if end > start:
             self._preferred = end
-            pieces = tuple(i for i in range(start, end) if not self._have[i] and self._mine(i))
+            pending = [i for i in range(start, end) if not self._have[i]]
+            # Another feeder's pieces stay at the default, lowered like the stripe's
+            # (`_restripe`): preferred again once they begin to come (`_on_sample`).
+            coming = self._coming | self._received.keys()
+            pieces = tuple(i for i in pending if self._mine(i) or i in coming)
+            self._lowered.update(i for i in pending if not self._mine(i) and i not in coming)
             if pieces:
                 out.append(PreferPieces(pieces))
 
