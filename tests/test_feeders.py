@@ -22,6 +22,7 @@ from peer.transfer.swarm_download import (
     ConnectPeer,
     FeedMirrorPiece,
     InOrder,
+    LowerPieces,
     Members,
     PeerSample,
     PreferPieces,
@@ -313,7 +314,8 @@ def test_a_non_feeder_whose_downloaders_stall_takes_the_holders_back_not_the_mir
 def test_a_feeder_and_a_lone_downloader_are_untouched() -> None:
     d = driver(ranked()[0])
     running(d)
-    assert d.handle(Members(frozenset(AGENTS)), T0 + 0.5) == ()
+    out = d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    assert not any(isinstance(a, DropHolders | ConnectHolders) for a in out)  # (its stripe)
     alone = driver("me")
     running(alone)
     assert alone.handle(Members(frozenset()), T0 + 0.5) == ()
@@ -502,3 +504,200 @@ def test_a_member_that_says_different_deals_to_different_askers_costs_stall_time
                 assert c.tick(T0 + 5.4) is None
                 assert c.tick(T0 + 5.5) == ConnectHolders(stalled=True)
     assert starved > 0  # the case is reached
+
+
+# -- a feeder's stripe -------------------------------------------------------------
+
+
+def test_the_feeders_of_a_blob_take_different_stripes_the_others_none() -> None:
+    """Each feeder asked the holders for whatever it lacked, so both feeders of a shard
+    often took the same piece from the seeder (1.2-1.3 copies of each shard): with
+    stripes each prefers its own share of the pieces."""
+    cfg = FeederConfig(feeders=2, stall_timeout=5.0)
+    stripes = {}
+    for me in AGENTS:
+        c = FeederChoice(me, BLOB, T0, cfg)
+        assert c.stripe is None  # nobody known yet: no stripe
+        c.learn(AGENTS, 0.0, T0 + 0.5)
+        stripes[me] = c.stripe
+    feeders = [a for a in AGENTS if stripes[a] is not None]
+    assert sorted(feeders) == sorted(ranked()[:2])
+    assert sorted(stripes[a] for a in feeders) == [(0, 2), (1, 2)]
+    # one feeder (or feeders off), a lone downloader: nothing to split
+    one = FeederChoice(ranked()[0], BLOB, T0, FeederConfig(feeders=1))
+    one.learn(AGENTS, 0.0, T0 + 0.5)
+    assert one.is_feeder and one.stripe is None
+    alone = FeederChoice("me", BLOB, T0, cfg)
+    alone.learn((), 0.0, T0 + 0.5)
+    assert alone.stripe is None
+    # a non-feeder back on the holders for a stall takes whatever it lacks
+    late = FeederChoice(ranked()[5], BLOB, T0, cfg)
+    late.learn(AGENTS, 0.0, T0 + 0.5)
+    assert late.tick(T0 + 99) == ConnectHolders(stalled=True)
+    assert late.stripe is None
+
+
+def preferred(actions: tuple[object, ...]) -> tuple[set[int], set[int]]:
+    up = {i for a in actions if isinstance(a, PreferPieces) for i in a.pieces}
+    down = {i for a in actions if isinstance(a, LowerPieces) for i in a.pieces}
+    return up, down
+
+
+def test_a_feeder_prefers_its_stripe_and_lowers_the_other_feeders() -> None:
+    for k, me in enumerate(ranked()[:2]):
+        d = driver(me)
+        running(d)
+        up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
+        mine = {i for i in range(8) if i % 2 == k}
+        assert (up, down) == (mine, set(range(8)) - mine)
+        # the torrent new to libtorrent (a rejoin): told again
+        up, down = preferred(d.handle(Rejoined(), T0 + 1))
+        assert (up, down) == (mine, set(range(8)) - mine)
+    # a non-feeder prefers every piece, as before
+    d = driver(ranked()[6])
+    running(d)
+    out = d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    assert DropHolders() in out and preferred(out) == (set(), set())
+    assert preferred(d.handle(Rejoined(), T0 + 0.6)) == (set(range(8)), set())
+
+
+def test_a_feeder_that_stops_being_one_prefers_every_piece_again() -> None:
+    me = ranked()[1]
+    d = driver(me)
+    running(d)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    d.handle(ev.PieceFinished(BLOB_IH, 1, False), T0 + 0.7)
+    # two more downloaders that rank first: no longer a feeder (it drops the holders)
+    first = [
+        a for a in (f"late-{k}" for k in range(200)) if feeder_rank(a, BLOB) < feeder_rank(me, BLOB)
+    ]
+    out = d.handle(Members(frozenset({*AGENTS, *first[:2]})), T0 + 2.5)
+    assert DropHolders() in out
+    assert preferred(out) == ({0, 2, 3, 4, 5, 6, 7}, set())
+
+
+def test_a_feeders_window_prefers_its_stripe_only() -> None:
+    """A blob larger than the preferred window: the pieces preferred as the prefix
+    grows are the feeder's stripe."""
+    d = SwarmDownload(
+        64 * PIECE,
+        PIECE,
+        64,
+        T0,
+        SwarmDownloadConfig(
+            policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0), prefer_window=8 * PIECE
+        ),
+        holders=frozenset({HOLDER}),
+        follow_prefix=True,
+        feeders=FeederChoice(ranked()[0], BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0)),
+    )
+    running(d, 64)
+    up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
+    assert (up, down) == ({0, 2, 4, 6}, {1, 3, 5, 7})
+    up, down = set(), set()
+    for i in range(8):
+        u, w = preferred(d.handle(ev.PieceFinished(BLOB_IH, i, False), T0 + 1 + i / 10))
+        up |= u
+        down |= w
+    assert up == {8, 10, 12, 14} and down == set()
+
+
+def test_a_piece_already_coming_is_not_lowered_by_the_stripe() -> None:
+    """Lowered while blocks of it came, a piece waited behind the stripe for its other
+    blocks, fell under the floor rate and went to the mirror (benchmarks 8.36)."""
+    d = driver(ranked()[0])
+    running(d)
+    d.handle(Wake(), T0 + 0.4)
+    partial = SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * 8,
+        availability=(1,) * 8,
+        partial=((3, 5), (7, 0)),  # 7: requested, no block yet
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0),),
+    )
+    d.handle(partial, T0 + 0.4)
+    up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
+    assert (up, down) == ({0, 2, 4, 6}, {1, 5})
+
+
+def test_another_feeders_piece_that_began_to_come_is_preferred_again() -> None:
+    """Left lowered once blocks of it came (from the other feeder, or a downloader whose
+    port many share), it came below the policy's floor rate and went to the mirror."""
+    d = driver(ranked()[0])
+    running(d)
+    assert preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))[1] == {1, 3, 5, 7}
+    d.handle(Wake(), T0 + 1.5)
+    coming = SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * 8,
+        availability=(2,) * 8,
+        partial=((0, 3), (3, 1)),
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0), PeerSample(ev.Endpoint(*PEER), 0)),
+    )
+    assert preferred(d.handle(coming, T0 + 1.5)) == ({3}, set())
+    d.handle(Wake(), T0 + 2.5)
+    assert preferred(d.handle(coming, T0 + 2.5)) == (set(), set())  # once
+
+
+def striped_big(learnt_before_add: bool = False) -> SwarmDownload:
+    """A feeder (rank 0 of 2: pieces i % 2 == 0) of a 64-piece blob, 8-piece window."""
+    choice = FeederChoice(ranked()[0], BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0))
+    if learnt_before_add:  # (fetch.py's `_feeder_choice`: its first survey showed them)
+        choice.learn(frozenset(AGENTS) - {ranked()[0]}, 0.0, T0, frozenset(), {})
+    return SwarmDownload(
+        64 * PIECE,
+        PIECE,
+        64,
+        T0,
+        SwarmDownloadConfig(
+            policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0), prefer_window=8 * PIECE
+        ),
+        holders=frozenset({HOLDER}),
+        follow_prefix=True,
+        feeders=choice,
+    )
+
+
+def coming(pieces: tuple[tuple[int, int], ...], n: int = 64) -> SwarmSample:
+    return SwarmSample(
+        state="downloading",
+        is_finished=False,
+        have=(False,) * n,
+        availability=(2,) * n,
+        partial=pieces,
+        peers=(PeerSample(ev.Endpoint(*HOLDER), 0), PeerSample(ev.Endpoint(*PEER), 0)),
+    )
+
+
+def test_another_feeders_piece_past_the_first_window_is_preferred_again_once_it_comes() -> None:
+    """The window moves on with the prefix and prefers only the feeder's stripe: the
+    other feeder's pieces it passes stay at the default, like those the stripe lowered,
+    and one of them that begins to come must be preferred again just the same (left
+    behind the stripe it fell under the floor rate and went to the mirror, 8.36)."""
+    d = striped_big()
+    running(d, 64)
+    d.handle(Members(frozenset(AGENTS)), T0 + 0.5)
+    for i in range(8):
+        d.handle(ev.PieceFinished(BLOB_IH, i, False), T0 + 1 + i / 10)
+    d.handle(Wake(), T0 + 2.5)
+    assert preferred(d.handle(coming(((9, 1), (10, 2))), T0 + 2.5)) == ({9}, set())
+
+
+def test_a_feeder_that_knew_its_partner_before_the_add_stripes_from_the_start() -> None:
+    """The choice learnt the members from the first survey, before the torrent was
+    added: the pieces it prefers when swarming starts are its stripe already (not the
+    whole window until the first re-survey, both feeders asking the seeder for all)."""
+    d = striped_big(learnt_before_add=True)
+    assert d.feeders is not None and d.feeders.stripe == (0, 2)
+    assert TakeSample() in d.handle(Wake(), T0)
+    out = d.handle(sample((False,) * 64, (0,) * 64, ()), T0 + 0.05)
+    assert StartSwarming() in out
+    up, _ = preferred(out)
+    assert up == {0, 2, 4, 6}, up
+    # ... and the partner's pieces it skipped come back once they begin to come
+    d.handle(Wake(), T0 + 0.3)
+    d.handle(sample((False,) * 64, (1,) * 64, (HOLDER,)), T0 + 0.3)
+    d.handle(Wake(), T0 + 1.3)
+    assert preferred(d.handle(coming(((3, 1),)), T0 + 1.3)) == ({3}, set())

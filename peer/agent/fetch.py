@@ -72,6 +72,7 @@ from peer.transfer.swarm_download import (
     FlushForReaders,
     InOrder,
     Input,
+    LowerPieces,
     Members,
     MirrorPieceError,
     MirrorPieceFed,
@@ -96,6 +97,7 @@ log = logging.getLogger(__name__)
 
 # libtorrent prefers pieces at priority 7 over its default 4.
 PREFERRED = 7
+DEFAULT_PRIORITY = 4
 # While a blob swarms, the live peers are asked again this often: those that started
 # swarming it since are connected too (downloaders that start together otherwise all see
 # only the first seeder, which then sends nearly every byte).
@@ -1094,6 +1096,10 @@ class BlobFetcher:
                 elif isinstance(a, PreferPieces):
                     for i in a.pieces:
                         self.swarm.set_piece_priority(ih, i, PREFERRED)
+                elif isinstance(a, LowerPieces):
+                    log.debug("%s: %d pieces left to the other feeders", file.path, len(a.pieces))
+                    for i in a.pieces:
+                        self.swarm.set_piece_priority(ih, i, DEFAULT_PRIORITY)
                 elif isinstance(a, SetPieceDeadline):
                     self.swarm.set_piece_deadline(ih, a.piece, a.ms)
                 elif isinstance(a, InOrder):

@@ -149,14 +149,32 @@ class FeederChoice:
     def is_feeder(self) -> bool:
         """One of the blob's feeders among the members known now (with feeders off,
         everyone is)."""
-        n = self.config.feeders
-        if n == 0:
-            return True
+        return self.config.feeders == 0 or self.self_id in self._chosen()
+
+    def _chosen(self) -> frozenset[str]:
+        """The blob's feeders among the members known now."""
         others = self.members - {self.self_id}
         alike = all(self.deals.get(a) == self.deal for a in others)
-        return self.self_id in feeders_of(
-            self.members, self.blob_id, n, self.siblings if alike else ()
-        )
+        siblings = self.siblings if alike else ()
+        return feeders_of(self.members, self.blob_id, self.config.feeders, siblings)
+
+    @property
+    def stripe(self) -> tuple[int, int] | None:
+        """``(k, n)``: this feeder is the k-th of the blob's n feeders (by `feeder_rank`),
+        and prefers the pieces ``i % n == k``, so that the feeders ask the holders for
+        different pieces and trade the rest: each asked the holders for whatever it
+        lacked, and both often for the same piece, so the seeder sent each shard 1.2-1.3
+        times to its two feeders (docs/benchmarks.md 8.36). None: not striped (not a
+        feeder, a fallback, the only feeder, or feeders off). A preference only: a
+        feeder still takes any piece from anyone, so a wrong stripe (members that
+        know different members, a liar) costs order, never a piece."""
+        if self.config.feeders < 2 or not self.feeding or self.fallback:
+            return None
+        chosen = self._chosen()
+        if self.self_id not in chosen or len(chosen) < 2:
+            return None
+        ranked = sorted(chosen, key=lambda a: feeder_rank(a, self.blob_id))
+        return ranked.index(self.self_id), len(ranked)
 
     def next_wakeup(self) -> float | None:
         """When a non-feeder would give up on the downloaders (None: it feeds)."""

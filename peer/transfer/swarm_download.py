@@ -249,6 +249,14 @@ class PreferPieces:
 
 
 @dataclass(frozen=True)
+class LowerPieces:
+    """Put these pieces back to the default priority, below the preferred ones: another
+    feeder's stripe (`FeederChoice.stripe`)."""
+
+    pieces: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SetPieceDeadline:
     piece: int
     ms: int
@@ -288,6 +296,7 @@ Action = (
     | BanHost
     | FlushForReaders
     | PreferPieces
+    | LowerPieces
     | SetPieceDeadline
     | InOrder
     | DropHolders
@@ -378,6 +387,8 @@ class SwarmDownload:
         self._in_order = False  # an InOrder(True) is in force
         self._readers = 0  # streaming readers, as last heard (also while checking)
         self._received: dict[int, int] = {}  # piece -> blocks received, to see progress
+        self._coming: frozenset[int] = frozenset()  # in flight at the last sample
+        self._lowered: set[int] = set()  # pieces of another feeder's stripe, still lowered
         self._hashfails: dict[str, int] = {}  # peer -> hash failures seen so far
         # pieces that failed with peers' blocks in them (their origin), sender not yet known
         self._blame: list[tuple[int, pol.Origin]] = []
@@ -388,6 +399,7 @@ class SwarmDownload:
         self._prefix = 0  # pieces had in order from the first
         self._flushed = 0  # bytes of that prefix a FlushForReaders made readable
         self._preferred = 0  # pieces before this one were given a PreferPieces
+        self._stripe: tuple[int, int] | None = None  # a feeder's (k, n): see `_restripe`
         self._watching_end = False  # a WatchTheEnd was sent
         self._redialed: dict[tuple[str, int], float] = {}  # holder -> when dialled again
 
@@ -445,6 +457,7 @@ class SwarmDownload:
                     had = self.progress.done / self.size
                     act = self.feeders.learn(agents, had, now, complete, dict(deals))
                     self._feeder_action(act, now, out)
+                    self._restripe(now, out)
             case Rejoined():
                 self._on_rejoined(now, out)
             case ev.SwarmEvent():
@@ -468,7 +481,10 @@ class SwarmDownload:
         if self.feeders is not None and self.phase is not Phase.CHECKING:
             # before the sample below: the policy hears that the holders come back
             # before it looks at pieces nobody connected has
-            self._feeder_action(self.feeders.tick(now), now, out)
+            act = self.feeders.tick(now)
+            if act is not None:  # (back on the holders for a stall: no stripe)
+                self._feeder_action(act, now, out)
+                self._restripe(now, out)
         if self.phase is Phase.CHECKING and now >= self._deadline:
             self._start_swarming(now, out)  # the check took too long: go on anyway
         elif self.phase is Phase.SETTLING and now >= self._deadline:
@@ -546,6 +562,15 @@ class SwarmDownload:
 
     def _on_sample(self, s: SwarmSample, now: float, out: list[Action]) -> None:
         self._sampling = False
+        self._coming = frozenset(piece for piece, _ in s.partial)
+        if self._lowered & self._coming and not self._in_order:
+            # Another feeder's piece began to come (from it, or a downloader whose
+            # port is shared by many): preferred again, so the holders may finish it;
+            # left lowered, it came below the policy's floor rate and went to the
+            # mirror (2-4 MB a round, benchmarks 8.36).
+            back = self._lowered & self._coming
+            self._lowered -= back
+            out.append(PreferPieces(tuple(sorted(back))))
         checking = s.state in CHECKING_STATES
         if len(s.have) == self.num_pieces and (
             self._reconcile or s.is_finished or self.phase is not Phase.RUNNING
@@ -587,6 +612,10 @@ class SwarmDownload:
             self._in_order = True
             out.append(InOrder(True))
         out.append(StartSwarming())
+        if self.feeders is not None:
+            # (a choice that learnt the members before the add: striped from the first
+            # pieces it prefers, not after the first re-survey)
+            self._stripe = self.feeders.stripe
         self._follow(now, out)
         if self.streaming:
             self._stream_at = now  # a Wake at once: it brings the readers that came first
@@ -679,9 +708,43 @@ class SwarmDownload:
         start = max(self._preferred, self._prefix)
         if end > start:
             self._preferred = end
-            pieces = tuple(i for i in range(start, end) if not self._have[i])
+            pending = [i for i in range(start, end) if not self._have[i]]
+            # Another feeder's pieces stay at the default, lowered like the stripe's
+            # (`_restripe`): preferred again once they begin to come (`_on_sample`).
+            coming = self._coming | self._received.keys()
+            pieces = tuple(i for i in pending if self._mine(i) or i in coming)
+            self._lowered.update(i for i in pending if not self._mine(i) and i not in coming)
             if pieces:
                 out.append(PreferPieces(pieces))
+
+    def _mine(self, piece: int) -> bool:
+        """Whether this download prefers ``piece``: all of them, unless it is a striped
+        feeder (then its stripe)."""
+        return self._stripe is None or piece % self._stripe[1] == self._stripe[0]
+
+    def _restripe(self, now: float, out: list[Action], again: bool = False) -> None:
+        """The feeder's stripe changed (or ``again``: the torrent is new to libtorrent):
+        of the pieces preferred so far, its stripe stays preferred and the others go
+        back to the default, so that it asks the holders for its stripe first and
+        takes the others from the other feeders (`FeederChoice.stripe`)."""
+        stripe = self.feeders.stripe if self.feeders is not None else None
+        if stripe == self._stripe and not (again and stripe is not None):
+            return
+        self._stripe = stripe
+        self._lowered.clear()
+        if self.phase is Phase.CHECKING or self._in_order or not self.follow_prefix:
+            return  # (in order: no priorities; `_follow` stripes what it prefers later)
+        pending = [i for i in range(self._prefix, self._preferred) if not self._have[i]]
+        own = tuple(i for i in pending if self._mine(i))
+        # A piece already coming stays preferred: lowered, its missing blocks waited
+        # behind the stripe, fell under the policy's floor rate and went to the mirror.
+        coming = self._coming | self._received.keys()
+        other = tuple(i for i in pending if not self._mine(i) and i not in coming)
+        if own:
+            out.append(PreferPieces(own))
+        if other:
+            self._lowered.update(other)
+            out.append(LowerPieces(other))
 
     def _resolve_blame(self, peers: tuple[PeerSample, ...], now: float, out: list[Action]) -> None:
         """The peer whose hash-failure count went up is the sender, if exactly one did."""
@@ -725,6 +788,8 @@ class SwarmDownload:
     def _on_rejoined(self, now: float, out: list[Action]) -> None:
         """The torrent is new to libtorrent: what it was told is told again."""
         self._received.clear()
+        self._coming = frozenset()
+        self._lowered.clear()  # (told again below)
         self._asked.clear()
         # Its peers' hash-failure counts start again from 0: a failure after the rejoin
         # must be seen as a rise (the policy keeps what each peer was blamed for).
@@ -736,6 +801,7 @@ class SwarmDownload:
         else:
             self._preferred = 0
             self._follow(now, out)
+            self._restripe(now, out, again=True)  # (resume data may carry priorities)
 
     def _to_policy(self, event: pol.Event, now: float, out: list[Action]) -> None:
         if self.policy is None:
@@ -770,9 +836,11 @@ class SwarmDownload:
                 self._preferred = 0  # (`InOrder` reset the priorities: prefer anew)
                 out.append(InOrder(False))
                 self._follow(now, out)
+                self._restripe(now, out, again=True)
             return
         if not self._in_order:
             self._in_order = True
+            self._lowered.clear()  # (every piece back at the default)
             out.append(InOrder(True))
         self._flushed = max(self._flushed, r.ready)
         self._starved = r.waiting > 0
