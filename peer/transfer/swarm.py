@@ -758,6 +758,8 @@ class _Torrent:
     # libtorrent restarts a torrent's byte counters when it resumes: what they had
     # counted before `_reconnect` paused it (payload up, payload down, failed).
     carried: tuple[int, int, int] = (0, 0, 0)
+    # One flush_cache at a time (see `flush_cache`).
+    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -1654,19 +1656,25 @@ class SwarmSession:
         linking or copying the file: libtorrent reports pieces finished before it has
         written them."""
         t = self._get(info_hash)
-        # Dispatch what is already queued first, so an older CacheFlushed (libtorrent
-        # sends one by itself when a torrent finishes) cannot answer this request.
-        self._drain()
-        done = self.expect(
-            lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash,
-            info_hash=info_hash,
-        )
-        try:
-            t.handle.flush_cache()
-        except RuntimeError as e:
-            done.cancel()
-            raise _translate(f"cannot flush torrent {info_hash}", e) from e
-        await self._await(done)
+        # After any flush of this torrent still under way: its answer, which names no
+        # request, would answer this one too, and it covers only the writes queued
+        # before that flush (the driver's flush and the resume save's met so).
+        async with t.flushing:
+            if self._get(info_hash) is not t:
+                raise UnknownTorrent(f"torrent {info_hash} was removed during the operation")
+            # Dispatch what is already queued first, so an older CacheFlushed (libtorrent
+            # sends one by itself when a torrent finishes) cannot answer this request.
+            self._drain()
+            done = self.expect(
+                lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash,
+                info_hash=info_hash,
+            )
+            try:
+                t.handle.flush_cache()
+            except RuntimeError as e:
+                done.cancel()
+                raise _translate(f"cannot flush torrent {info_hash}", e) from e
+            await self._await(done)
 
     async def save_resume_data(self, info_hash: str) -> bytes:
         """Bencoded resume data (with the info dict) for `add_torrent(resume_data=)`.
