@@ -623,3 +623,51 @@ async def test_a_download_connects_peers_that_start_swarming_after_it(
         / sha256((tmp_path / "src" / "model.safetensors").read_bytes())
     )
     assert got.stat().st_size == BIG
+
+
+async def test_a_small_blob_from_a_peer_is_not_seeded_with_a_manifest_its_bytes_never_met(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """A small blob (not above one piece) comes from a peer over HTTP, checked against
+    its id alone: no piece of it goes through the manifest's tree. The manifest that
+    peer offered (any tree for that id and size passes `check_manifest`) must not be the
+    one this agent then seeds and offers to others as its own."""
+    data = (tmp_path / "src" / "small.bin").read_bytes()
+    blob = sha256(data)
+    true_dir, lie_dir = tmp_path / "true", tmp_path / "lie"
+    true_dir.mkdir()
+    lie_dir.mkdir()
+    (true_dir / blob).write_bytes(data)
+    (lie_dir / blob).write_bytes(random.Random(98).randbytes(len(data)))
+    honest = await make_manifest(VerifiedBlob(blob, len(data), true_dir / blob), "peer")
+    bogus = await make_manifest(VerifiedBlob(blob, len(data), lie_dir / blob), "peer")
+    assert bogus.info_hash != honest.info_hash
+
+    class LyingPeer(SilentPeer):  # the right bytes, under a tree of other bytes
+        blobs = 1
+
+        def manifests_for(self, ids: tuple[str, ...]) -> list[wire.Manifest]:
+            return [bogus] if blob in ids else []
+
+        def verified_blob_path(self, blob_id: str) -> Path | None:
+            return true_dir / blob if blob_id == blob else None
+
+    from aiohttp import web
+
+    runner = web.AppRunner(make_peer_app(LyingPeer()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.6", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with agent(
+            config(tmp_path / "b", "127.0.0.3", mirror.url, peers=(("127.0.0.6", port),))
+        ) as b:
+            await fetch(b)
+            held = b.seeds.held.get(blob)
+            offered = b.seeds.held.keys()
+    finally:
+        await runner.cleanup()
+    assert mirror.stats().per_file.get("org/m/small.bin", 0) == 0  # (it came from the peer)
+    assert blob in offered and held is not None
+    assert held.manifest.info_hash == honest.info_hash, "seeded with the peer's unchecked tree"

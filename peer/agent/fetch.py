@@ -705,10 +705,12 @@ class BlobFetcher:
             counters.from_peers += len(data)
             counters.done = file.size
             path = await self._install(repo, tmp, file.blob_id)
-            with contextlib.suppress(SwarmError, OSError):
-                await self.seeds.add_with_manifest(
-                    path, offer.manifest, self._held_for(access, from_peers=True)
-                )
+            # Seeded with a manifest made from its bytes, not the peer's: only its id
+            # was checked (no piece went through that tree), and any tree for this id
+            # and size passes `check_manifest`. (One piece at most: a short hash pass.)
+            await self.seeds.offer_verified(
+                path, file.blob_id, file.size, self._held_for(access, from_peers=True)
+            )
             return path
         raise last or IntegrityError(f"no peer delivered {file.path}")
 
