@@ -546,6 +546,53 @@ async def test_a_flush_is_answered_by_its_own_cache_flushed_not_an_earlier_ones(
     assert min(rounds) >= 2, rounds  # one answer for each flush asked
 
 
+async def test_a_flush_that_is_not_urgent_leaves_the_piece_alerts_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A download's driver flushes for its hash follower and its streaming readers while
+    # pieces keep coming; an urgent flush has every alert drained at once while it waits
+    # (about one loop turn per piece while a reader streamed, docs/benchmarks.md 8.33).
+    # Not urgent, the alerts stay in batches, and each flush is still answered.
+    torrent, src = await random_blob(tmp_path, 32, piece=BLOCK)
+    counted: list[SwarmSession] = []
+    on_fd, on_timer = SwarmSession._on_alert_fd, SwarmSession._batched_drain
+
+    def counting(key: str, fn: Callable[[SwarmSession], object]) -> Callable[..., Any]:
+        def run(self: SwarmSession) -> Any:
+            if self in counted:
+                wakes[key] += 1
+            return fn(self)
+
+        return run
+
+    monkeypatch.setattr(SwarmSession, "_on_alert_fd", counting("pipe", on_fd))
+    monkeypatch.setattr(SwarmSession, "_batched_drain", counting("timer", on_timer))
+    got: dict[bool, tuple[dict[str, int], int]] = {}
+    for urgent in (False, True):
+        wakes = {"pipe": 0, "timer": 0}
+        async with session() as seeder, session() as leecher:
+            await seeder.add_torrent(torrent, src, seed_mode=True)
+            counted[:] = [leecher]
+            ih = await leecher.add_torrent(torrent, tmp_path / f"dl-{urgent}")
+            # (not urgent itself: this one waits for the end alone)
+            done = leecher.expect(is_(ev.TorrentFinished, ih), urgent=False)
+            leecher.connect_peer(ih, "127.0.0.1", seeder.listen_port)
+            flushes = 0
+            async with asyncio.timeout(WAIT):
+                while not done.done():
+                    await leecher.flush_cache(ih, urgent=urgent)  # back to back
+                    flushes += 1
+                await done
+            counted.clear()
+        got[urgent] = (wakes, flushes)
+    (calm, calm_flushes), (eager, _) = got[False], got[True]
+    assert calm_flushes > 3, got
+    # Not urgent: the timer wakes the loop, the pipe only after quiet spells.
+    assert calm["pipe"] * 3 <= calm["pipe"] + calm["timer"], got
+    # Urgent (as every flush was): the pipe, at once, most of the time.
+    assert eager["pipe"] > 2 * calm["pipe"], got
+
+
 async def random_blob(tmp_path: Path, mib: int, *, piece: int = PIECE) -> tuple[bytes, Path]:
     """A blob of `mib` random MiB in tmp_path/big, and its v2 torrent of `piece`-byte
     pieces."""

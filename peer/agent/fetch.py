@@ -1091,7 +1091,11 @@ class BlobFetcher:
                     self.swarm.ban_peer(a.host)
                     self.on_ban(str(a.peer), a.reason, file.blob_id)
                 elif isinstance(a, FlushForReaders):
-                    await self.swarm.flush_cache(ih)
+                    # Its answer may come with the next alert batch: not one loop turn
+                    # per piece while it is awaited (the last flush is urgent), except
+                    # a waiting reader's first bytes (its time to first byte).
+                    first = flight is not None and flight.ready == 0 and flight.reader_count
+                    await self.swarm.flush_cache(ih, urgent=bool(first))
                     if flight is not None:
                         flight.advance(a.ready)
                     follower.to(a.ready)

@@ -84,11 +84,14 @@ ALONE_PEER_REQUESTS = 2000
 # drained in one go: a fast download posts a piece alert every 2-3 ms, and each drain
 # wakes every subscriber's task, so draining at once made a wake-up chain per piece
 # (docs/benchmarks.md 8.23). 20 ms, not 5: each batch costs the event loop a wake-up and
-# a turn of every subscriber, and at 5 ms a GiB took 450-500 of them (8.30). The first
+# a turn of every subscriber, and at 5 ms a GiB took 450-500 of them (8.30). 50 ms, not
+# 20: 144 wake-ups of the downloading agent's main thread per GiB instead of 262 and
+# 0.05 s less of its CPU (8.37); a download's last 64 MiB are drained at once
+# (`WatchTheEnd`), which keeps its tail within 20 ms of what it was at 20 ms. The first
 # alert after a quiet spell is drained at once, and so is every alert while someone
-# waits for one (`expect`: a flush, a fed piece), so the delay falls on events nobody
-# awaits: a download's driver sees its pieces up to 20 ms late.
-ALERT_BATCH = 0.02
+# waits for one urgently (`expect`: a fed piece, the last flush), so the delay falls on
+# events nobody awaits: a download's driver sees its pieces up to 50 ms late.
+ALERT_BATCH = 0.05
 # How long a torrent counts as shared after its peers fell to one: longer than the peers
 # of a torrent we drop take to connect again (`min_reconnect_time` 2 s, `RequestBound`).
 SHARED_HOLD = 5.0
@@ -767,6 +770,9 @@ class _Waiter:
     predicate: Callable[[ev.SwarmEvent], bool]
     fut: asyncio.Future[Any]
     info_hash: str | None  # fail it if this torrent goes away
+    # Its alert drained at once (the pipe watched meanwhile); else it may wait for the
+    # next batch, up to ALERT_BATCH.
+    urgent: bool = True
 
 
 # States in which libtorrent has no piece picker and ignores add_piece.
@@ -969,22 +975,32 @@ class SwarmSession:
             self._streams.remove(stream)
 
     def expect(
-        self, predicate: Callable[[ev.SwarmEvent], bool], *, info_hash: str | None = None
+        self,
+        predicate: Callable[[ev.SwarmEvent], bool],
+        *,
+        info_hash: str | None = None,
+        urgent: bool = True,
     ) -> asyncio.Future[Any]:
         """A future resolved with the first later event matching ``predicate``.
 
         Register it BEFORE the action that triggers the event. Cancel it (or let
         ``asyncio.wait_for`` do so) when no longer needed. With ``info_hash``, it fails
         with `UnknownTorrent` if that torrent is removed first (instead of waiting
-        forever); it fails with `SwarmClosed` when the session closes."""
+        forever); it fails with `SwarmClosed` when the session closes. ``urgent``: every
+        alert is drained at once while it waits; not urgent, its alert may come with the
+        next batch (up to ``ALERT_BATCH`` later), and alerts meanwhile wake nobody one by
+        one."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._ses is None:
             fut.set_exception(SwarmClosed("the BitTorrent session is closed"))
         else:
-            self._waiters.append(_Waiter(predicate, fut, info_hash))
-            if self._drain_timer is not None:
+            self._waiters.append(_Waiter(predicate, fut, info_hash, urgent))
+            if urgent and self._drain_timer is not None:
                 self._listen()  # someone waits for an alert: no batch delay for it
         return fut
+
+    def _urgent_waiting(self) -> bool:
+        return any(w.urgent and not w.fut.done() for w in self._waiters)
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         try:
@@ -1006,7 +1022,7 @@ class SwarmSession:
         # watched for ALERT_BATCH, and what came meanwhile is drained in one go.
         self._empty_pipe()
         self._drain()
-        if not self._waiters:
+        if not self._urgent_waiting():
             self._stop_listening()
 
     def _stop_listening(self) -> None:
@@ -1029,10 +1045,10 @@ class SwarmSession:
         if self._loop is None or self._pipe is None or self._ses is None:
             return
         self._empty_pipe()
-        if self._drain() and not self._waiters:
+        if self._drain() and not self._urgent_waiting():
             self._stop_listening()  # alerts keep coming: one wake-up per batch
         else:
-            self._listen()  # quiet, or someone waits for an alert: at once
+            self._listen()  # quiet, or someone waits for an alert urgently: at once
 
     def _drain(self) -> int:
         """Dispatch every queued alert; how many there were."""
@@ -1649,12 +1665,16 @@ class SwarmSession:
             await asyncio.to_thread(self._meta, t)
         return self._meta(t)
 
-    async def flush_cache(self, info_hash: str) -> None:
+    async def flush_cache(self, info_hash: str, *, urgent: bool = True) -> None:
         """Write this torrent's cached pieces to its file and wait until that is done.
 
         Call it after `TorrentFinished` (or after feeding pieces) and before hashing,
         linking or copying the file: libtorrent reports pieces finished before it has
-        written them."""
+        written them. Not ``urgent`` (a flush during a download, for its hash follower
+        or a streaming reader): its answer may wait for the next alert batch, up to
+        ``ALERT_BATCH``, and the piece alerts meanwhile do not wake the loop one by one
+        (urgent, each did: about one loop turn per piece while a reader streamed,
+        docs/benchmarks.md 8.33, 8.37)."""
         t = self._get(info_hash)
         # After any flush of this torrent still under way: its answer, which names no
         # request, would answer this one too, and it covers only the writes queued
@@ -1668,6 +1688,7 @@ class SwarmSession:
             done = self.expect(
                 lambda e: isinstance(e, ev.CacheFlushed) and e.info_hash == info_hash,
                 info_hash=info_hash,
+                urgent=urgent,
             )
             try:
                 t.handle.flush_cache()

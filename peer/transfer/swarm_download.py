@@ -88,8 +88,10 @@ class SwarmDownloadConfig:
     # A holder that closed our connection is dialled again at once, at most this often.
     redial_gap: float = 2.0
     # Once less than this is left to come, `WatchTheEnd` (the swarm's events at once:
-    # alert batches would hold the last piece back for up to 20 ms). 0: never.
-    end_watch: int = 16 << 20
+    # alert batches would hold the last piece back for up to 50 ms, and the flushes for
+    # the hash with it, leaving more to hash after the last piece; 64 MiB, not 16: at
+    # 400 MB/s a batch alone is 20 MB; docs/benchmarks.md 8.37). 0: never.
+    end_watch: int = 64 << 20
 
 
 # --- inputs --------------------------------------------------------------------------------
