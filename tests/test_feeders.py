@@ -579,18 +579,7 @@ def test_a_feeder_that_stops_being_one_prefers_every_piece_again() -> None:
 def test_a_feeders_window_prefers_its_stripe_only() -> None:
     """A blob larger than the preferred window: the pieces preferred as the prefix
     grows are the feeder's stripe."""
-    d = SwarmDownload(
-        64 * PIECE,
-        PIECE,
-        64,
-        T0,
-        SwarmDownloadConfig(
-            policy=pol.PolicyConfig(grace_period=2.0, stall_timeout=5.0), prefer_window=8 * PIECE
-        ),
-        holders=frozenset({HOLDER}),
-        follow_prefix=True,
-        feeders=FeederChoice(ranked()[0], BLOB, T0, FeederConfig(feeders=2, stall_timeout=5.0)),
-    )
+    d = striped_big()
     running(d, 64)
     up, down = preferred(d.handle(Members(frozenset(AGENTS)), T0 + 0.5))
     assert (up, down) == ({0, 2, 4, 6}, {1, 3, 5, 7})
