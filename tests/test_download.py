@@ -579,6 +579,41 @@ def test_runs_cover_what_is_missing_in_consecutive_pieces() -> None:
     assert [(r.first, r.end) for r in split_runs([0, 1, 2, 3, 4], 1, {2})] == [(0, 2), (2, 5)]
 
 
+def test_a_blind_request_is_cut_only_for_a_stolen_half_worth_the_bytes_thrown_away(
+    tmp_path: Path,
+) -> None:
+    """A cut closes the stream's connection and throws away what it had in flight (up
+    to a few MiB, whatever the file's size). On a 3 MiB shard, a low first rate sample
+    had the fetcher cut for its last 1 MiB: the mirror sent 4 MiB of it (test_lan's
+    first fetch from the mirror once). A large blob's blind request is still cut."""
+    from collections import deque
+    from typing import Any, cast
+
+    from peer.cache.partial import PartialBlob
+    from peer.config import DownloadOptions, HubSettings
+    from peer.transfer.mirror_ranges import MirrorFetcher, _BlobJob, _Run, chunk_size_for
+
+    hub = HubSettings(mirrors=("http://127.0.0.1:9",), token=None, cache_dir=tmp_path / "c")
+    fetcher = MirrorFetcher(hub, DownloadOptions(connections=8))
+
+    def steal(size: int, rate: float) -> tuple[int, int] | None:
+        chunk = chunk_size_for(size)
+        chunks = -(-size // chunk)
+        blob = f"{size:064x}"
+        with PartialBlob(tmp_path / f"p{size}", blob, size, chunk) as p:
+            job = _BlobJob(
+                cast(Any, None), RemoteFile("a.bin", size, blob, True), p, deque(), print
+            )
+            job.request_cost = 0.01
+            # one stream, its request asked for the whole blob (the mirror's cost unknown)
+            job.active.append(_Run(0, chunks, 0, 0, asked=chunks, blind=True))
+            run = fetcher._steal(job, rate)
+            return None if run is None else (run.first, run.end)
+
+    assert steal(3 * MiB + 128, 1 * MiB) is None  # 1 MiB stolen at 1 MiB/s: not worth a cut
+    assert steal(64 * MiB, 1 * MiB) == (33, 64)  # half of what its stream has not reached: cut
+
+
 async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(
     tmp_path: Path,
 ) -> None:

@@ -104,6 +104,12 @@ FIRST_ASK = 4  # chunks a blob's first request asks of a mirror known to be chea
 # loaded loopback), which must stay a small part of what the new stream gains. A capped
 # mirror's streams are slow (a cut pays); a fast one's finish before a cut would.
 BLIND_CUT_SECONDS = 0.5
+# ... and only if the stolen half is at least this large: the bytes a cut throws away do
+# not shrink with the file (up to ~6 MiB of socket buffers on loopback), so on a small
+# file a cut could cost the WAN more than it gains, and the first fetch would take some
+# of the file from the mirror twice (a 3 MiB shard took 4 MiB when a 40 ms WAN's first
+# rate sample came in low).
+BLIND_CUT_MIN_BYTES = 8 << 20
 # A blob this many times smaller than one whose first request awaits its answer asks
 # only after that answer: olah works through requests one at a time on one event loop
 # (0.1-0.2 s of CPU each, an upstream check per request), so a config.json asked
@@ -550,8 +556,9 @@ class MirrorFetcher:
             # (it closes its connection, what it had in flight thrown away, once there)
             for r in job.active:
                 free = r.end - r.marked - 1  # chunks the stream has not reached yet
-                slow = (free // 2) * p.chunk_size / stream_rate >= BLIND_CUT_SECONDS
-                if r.blind and free >= 2 and slow and (best is None or free > best[0]):
+                stolen = (free // 2) * p.chunk_size
+                worth = stolen >= BLIND_CUT_MIN_BYTES and stolen / stream_rate >= BLIND_CUT_SECONDS
+                if r.blind and free >= 2 and worth and (best is None or free > best[0]):
                     best = (free, r)
         if best is None:
             return None
