@@ -585,7 +585,7 @@ def test_a_blind_request_is_cut_only_for_a_stolen_half_worth_the_bytes_thrown_aw
     """A cut closes the stream's connection and throws away what it had in flight (up
     to a few MiB, whatever the file's size). On a 3 MiB shard, a low first rate sample
     had the fetcher cut for its last 1 MiB: the mirror sent 4 MiB of it (test_lan's
-    first fetch from the mirror once). A large blob's blind request is still cut."""
+    first fetch from the mirror once). A larger blob's blind request is still cut."""
     from collections import deque
     from typing import Any, cast
 
@@ -612,6 +612,7 @@ def test_a_blind_request_is_cut_only_for_a_stolen_half_worth_the_bytes_thrown_aw
 
     assert steal(3 * MiB + 128, 1 * MiB) is None  # 1 MiB stolen at 1 MiB/s: not worth a cut
     assert steal(64 * MiB, 1 * MiB) == (33, 64)  # half of what its stream has not reached: cut
+    assert steal(16 * MiB, 1 * MiB) == (9, 16)  # a capped mirror's 16 MiB blob: cut too
 
 
 async def test_streams_grow_where_each_connection_is_capped_and_are_remembered(

@@ -105,11 +105,11 @@ FIRST_ASK = 4  # chunks a blob's first request asks of a mirror known to be chea
 # mirror's streams are slow (a cut pays); a fast one's finish before a cut would.
 BLIND_CUT_SECONDS = 0.5
 # ... and only if the stolen half is at least this large: the bytes a cut throws away do
-# not shrink with the file (up to ~6 MiB of socket buffers on loopback), so on a small
-# file a cut could cost the WAN more than it gains, and the first fetch would take some
-# of the file from the mirror twice (a 3 MiB shard took 4 MiB when a 40 ms WAN's first
-# rate sample came in low).
-BLIND_CUT_MIN_BYTES = 8 << 20
+# not shrink with the file, so a half of one 1 MiB chunk never pays for them (a 3 MiB
+# shard took 4 MiB from the mirror when a 40 ms WAN's first rate sample came in low).
+# Larger halves are still cut: on a mirror that caps each connection a 16 MiB blob
+# otherwise stays on one slow stream.
+BLIND_CUT_MIN_BYTES = 2 << 20
 # A blob this many times smaller than one whose first request awaits its answer asks
 # only after that answer: olah works through requests one at a time on one event loop
 # (0.1-0.2 s of CPU each, an upstream check per request), so a config.json asked
